@@ -1,0 +1,188 @@
+"""Per-block cost functions: each block letter owns its parameter, FLOP and activation formulas.
+
+Parameter counts follow what megatron-core 0.16.1 instantiates on one rank (local and TE specs
+hold the same counts: TE fuses the pre-norm into the following linear). FLOPs are forward FLOPs
+per token for the whole (unsharded) block. Activation bytes are what one rank keeps per token of
+a micro-batch for the backward pass; sources are given per formula.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megacpp.planner.layout import Context, Layout
+
+BF16 = 2
+FP32 = 4
+SSD_CHUNK = 256  # Mamba-2 SSD chunk size, megatron/core/ssm/mamba_mixer.py (chunk_size=128..256)
+RECURRENT_CHUNK = 64  # megacpp runtime R block: state checkpoint every 64 tokens
+
+
+@dataclass(frozen=True)
+class BlockParams:
+    dense: int  # replicated over DP (x CP) and sharded by TP
+    expert: int  # routed-expert weights, sharded by EP x ETP, replicated over EDP
+
+
+def norm_params(ctx: Context) -> int:
+    """RMSNorm has a weight; LayerNorm a weight and a bias."""
+    h = ctx.spec.model.hidden_size
+    return h if ctx.spec.model.normalization == "rmsnorm" else 2 * h
+
+
+def padded_vocab(ctx: Context, tp: int) -> int:
+    """Megatron-LM pads the vocabulary to a multiple of 128 * TP (vocab_utils.py:58-59)."""
+    multiple = 128 * tp
+    v = ctx.spec.model.vocab_size
+    return -(-v // multiple) * multiple
+
+
+def _mlp(h: int, f: int, gated: bool, split: int) -> int:
+    """fc1 (h -> f, or 2f gated) and fc2 (f -> h), both split by `split`; no bias."""
+    return h * f * (2 if gated else 1) // split + f // split * h
+
+
+def _mamba_dims(ctx: Context) -> tuple[int, int, int, int, int]:
+    m = ctx.spec.model.mamba
+    assert m is not None
+    heads = ctx.spec.model.mamba_heads
+    return heads * m.head_dim, heads, m.num_groups, m.state_dim, m.conv_kernel
+
+
+def block_params(ctx: Context, letter: str, lay: Layout) -> BlockParams:
+    """Parameters of one block held by one rank (tp / etp / ep from the layout)."""
+    model = ctx.spec.model
+    h, tp, norm = model.hidden_size, lay.tp, norm_params(ctx)
+    if letter == "A":
+        d, heads, groups = model.head_dim, model.attention.num_heads, model.query_groups  # type: ignore[union-attr]
+        # linear_qkv: h -> (heads + 2*groups)*d, linear_proj: heads*d -> h (attention.py)
+        return BlockParams(norm + h * (heads + 2 * groups) * d // tp + heads * d // tp * h, 0)
+    if letter == "D":
+        mlp = model.mlp
+        assert mlp is not None
+        return BlockParams(norm + _mlp(h, mlp.ffn_hidden_size, mlp.gated, tp), 0)
+    if letter == "E":
+        moe = model.moe
+        assert moe is not None
+        shared = _mlp(h, moe.shared_expert_ffn_hidden_size, moe.gated, tp) if moe.shared_expert_ffn_hidden_size else 0
+        router = moe.num_experts * h  # router.py: weight [num_experts, hidden]
+        experts = moe.num_experts // lay.ep * _mlp(h, moe.ffn_hidden_size, moe.gated, lay.etp)
+        return BlockParams(norm + router + shared, experts)
+    if letter == "M":
+        d_inner, heads, groups, state, kernel = _mamba_dims(ctx)
+        conv_dim = (d_inner + 2 * groups * state) // tp
+        in_proj = h * (2 * d_inner + 2 * groups * state + heads) // tp  # mamba_mixer.py:268-280
+        conv = conv_dim * kernel + conv_dim  # depthwise Conv1d weight + bias
+        per_head = 3 * (heads // tp)  # dt_bias, A_log, D
+        return BlockParams(norm + in_proj + conv + per_head + d_inner // tp + d_inner // tp * h, 0)
+    if letter == "R":
+        r = model.recurrent
+        assert r is not None
+        d_r, heads = r.num_heads * r.head_dim, r.num_heads
+        # megacpp runtime R block: in_proj h -> q,k,v,gate (4*d_r) + per-head decay; out_proj d_r -> h; gated norm d_r
+        return BlockParams(norm + h * (4 * d_r + heads) // tp + d_r // tp * h + d_r // tp, 0)
+    raise ValueError(letter)
+
+
+def embedding_params(ctx: Context, lay: Layout) -> int:
+    """Word embeddings (vocab split by TP) plus learned position embeddings (replicated)."""
+    h = ctx.spec.model.hidden_size
+    pos = ctx.seq * h if ctx.spec.model.position_embedding == "learned" else 0
+    return padded_vocab(ctx, lay.tp) // lay.tp * h + pos
+
+
+def head_params(ctx: Context, lay: Layout) -> int:
+    """Final norm plus the output layer; a tied head still holds its own copy when PP > 1."""
+    h = ctx.spec.model.hidden_size
+    tied_on_same_rank = ctx.spec.model.tie_embeddings and lay.pp == 1
+    return norm_params(ctx) + (0 if tied_on_same_rank else padded_vocab(ctx, lay.tp) // lay.tp * h)
+
+
+def block_flops(ctx: Context, letter: str) -> float:
+    """Forward FLOPs per token of one block (2 per multiply-add), whole block, causal attention."""
+    model = ctx.spec.model
+    h, s = model.hidden_size, ctx.seq
+    if letter == "A":
+        d, heads, groups = model.head_dim, model.attention.num_heads, model.query_groups  # type: ignore[union-attr]
+        # projections + QK^T and PV over a causal (half) context, Korthikanti et al. [R36]
+        return 2 * h * (heads + 2 * groups) * d + 2 * heads * d * h + 2 * heads * d * s
+    if letter == "D":
+        mlp = model.mlp
+        assert mlp is not None
+        return 2 * h * mlp.ffn_hidden_size * (3 if mlp.gated else 2)
+    if letter == "E":
+        moe = model.moe
+        assert moe is not None
+        per_expert = 2 * h * moe.ffn_hidden_size * (3 if moe.gated else 2)
+        shared = 2 * h * (moe.shared_expert_ffn_hidden_size or 0) * (3 if moe.gated else 2)
+        return 2 * h * moe.num_experts + moe.top_k * per_expert + shared
+    if letter == "M":
+        d_inner, heads, groups, state, kernel = _mamba_dims(ctx)
+        proj = 2 * h * (2 * d_inner + 2 * groups * state + heads) + 2 * d_inner * h
+        conv = 2 * (d_inner + 2 * groups * state) * kernel
+        # SSD: state update/readout (~6 d_inner N) plus the causal intra-chunk matmuls (DERIVED, [R31])
+        ssd = 6 * d_inner * state + SSD_CHUNK * d_inner
+        return proj + conv + ssd
+    if letter == "R":
+        r = model.recurrent
+        assert r is not None
+        d_r = r.num_heads * r.head_dim
+        return 2 * h * (4 * d_r + r.num_heads) + 2 * d_r * h + 4 * d_r * r.head_dim
+    raise ValueError(letter)
+
+
+def head_flops(ctx: Context) -> float:
+    return 2.0 * ctx.spec.model.hidden_size * ctx.spec.model.vocab_size
+
+
+def block_activation_bytes(ctx: Context, letter: str, lay: Layout) -> float:
+    """Bytes one rank keeps per local token (after CP) of one micro-batch for one block.
+
+    Terms follow Korthikanti et al. Table 2 [R36] split per block: tensors inside the TP region
+    are divided by TP; with SP the rest is divided by TP too. Full recompute keeps only the block
+    input; selective recompute drops the attention score/probability tensors.
+    """
+    model = ctx.spec.model
+    h, t = model.hidden_size, lay.tp
+    outside = 1 / t if lay.sp else 1.0  # norms, dropout masks, residual inputs
+    recompute = ctx.spec.training.recompute
+    if recompute == "full":
+        return BF16 * h * outside
+    if letter == "A":
+        d, heads, groups = model.head_dim, model.attention.num_heads, model.query_groups  # type: ignore[union-attr]
+        inside = BF16 * ((heads + 2 * max(groups, t)) * d + heads * d)  # q,k,v and core-attention output
+        keep = BF16 * 2 * h * outside + h * outside  # norm input, qkv input, dropout mask
+        scores = 0.0
+        if not ctx.te and recompute == "none":
+            scores = 5 * heads * ctx.seq / lay.cp  # unfused: scores, probs, mask (5as^2b)
+        return keep + (inside + scores) / t
+    if letter == "D":
+        mlp = model.mlp
+        assert mlp is not None
+        f = mlp.ffn_hidden_size
+        inside = BF16 * (f * (2 if mlp.gated else 1) + f)  # fc1 output, activation output
+        return BF16 * 2 * h * outside + h * outside + inside / t
+    if letter == "E":
+        moe = model.moe
+        assert moe is not None
+        f, e = moe.ffn_hidden_size, lay.etp
+        routed = moe.top_k * e * (BF16 * h * 2 + BF16 * (f * (2 if moe.gated else 1) + f) / e)  # permuted input + buffer, fc1/act
+        router = FP32 * 2 * moe.num_experts  # logits and probabilities
+        shared = 0.0
+        if moe.shared_expert_ffn_hidden_size:
+            fs = moe.shared_expert_ffn_hidden_size
+            shared = BF16 * h * outside + BF16 * (fs * (2 if moe.gated else 1) + fs) / t
+        factor = 1 / t if lay.sp else 1.0  # routed tokens per rank follow the SP shard
+        return BF16 * h * outside + h * outside + (routed + router) * factor + shared
+    if letter == "M":
+        d_inner, heads, groups, state, _ = _mamba_dims(ctx)
+        inside = BF16 * ((2 * d_inner + 2 * groups * state + heads) + (d_inner + 2 * groups * state) + 3 * d_inner)
+        chunk_states = FP32 * d_inner * state / SSD_CHUNK  # fp32 chunk states per token (DERIVED)
+        return BF16 * 2 * h * outside + (inside + chunk_states) / t
+    if letter == "R":
+        r = model.recurrent
+        assert r is not None
+        d_r = r.num_heads * r.head_dim
+        inside = BF16 * ((4 * d_r + r.num_heads) + 2 * d_r) + FP32 * d_r * r.head_dim / RECURRENT_CHUNK
+        return BF16 * 2 * h * outside + inside / t
+    raise ValueError(letter)

@@ -1,0 +1,293 @@
+"""Cost model: per-stage memory, per-axis communication and step time for one layout.
+
+Memory follows Megatron's bookkeeping (bf16 weights, fp32 gradient buffer, fp32 main params and
+Adam moments sharded by the distributed optimizer over DP*CP for dense and EDP for expert
+weights [R30]) plus activations x micro-batches in flight for the 1F1B / interleaved schedule
+[R37]. Communication is alpha-beta with nccl-tests bus-bandwidth factors [R1] on the link each
+group uses under Megatron's tp-cp-ep-dp-pp rank order. Constants marked ASSUMPTION are planner
+defaults until calibrated against measured runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megacpp.planner.blocks import (
+    BF16,
+    FP32,
+    block_activation_bytes,
+    block_flops,
+    block_params,
+    embedding_params,
+    head_flops,
+    head_params,
+    padded_vocab,
+)
+from megacpp.planner.layout import Context, Layout
+from megacpp.planner.stages import Stage
+
+GIB = float(1 << 30)
+
+
+@dataclass(frozen=True)
+class Efficiency:
+    """Tunable factors; `megacpp calibrate` fits them from measured runs."""
+
+    matmul: float = 0.70  # ASSUMPTION: fraction of MAMF a training step sustains
+    dp_exposed: float = 0.30  # ASSUMPTION: share of DP/EDP gradient traffic not hidden by backward
+    overhead_gib: float = 0.5  # ASSUMPTION: cuBLAS workspace and allocator slack inside max_memory_allocated
+
+
+DEFAULT_EFFICIENCY = Efficiency()
+
+
+@dataclass(frozen=True)
+class StageMemory:
+    pp_rank: int
+    params: int
+    params_expert: int
+    weights_gib: float
+    gradients_gib: float
+    optimizer_gib: float
+    activations_gib: float
+    buffers_gib: float
+    overhead_gib: float
+
+    @property
+    def total_gib(self) -> float:
+        return self.weights_gib + self.gradients_gib + self.optimizer_gib + self.activations_gib + self.buffers_gib + self.overhead_gib
+
+    def to_dict(self) -> dict[str, float | int]:
+        r = lambda x: round(x, 3)  # noqa: E731
+        return {
+            "pp_rank": self.pp_rank,
+            "params": self.params,
+            "params_expert": self.params_expert,
+            "weights_gib": r(self.weights_gib),
+            "gradients_gib": r(self.gradients_gib),
+            "optimizer_gib": r(self.optimizer_gib),
+            "activations_gib": r(self.activations_gib),
+            "buffers_gib": r(self.buffers_gib),
+            "overhead_gib": r(self.overhead_gib),
+            "total_gib": r(self.total_gib),
+        }
+
+
+@dataclass(frozen=True)
+class Comm:
+    axis: str
+    collective: str
+    group_size: int
+    bytes_per_step: float
+    link: str
+    seconds: float
+    exposed_seconds: float
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "axis": self.axis,
+            "collective": self.collective,
+            "group_size": self.group_size,
+            "bytes_per_step": int(self.bytes_per_step),
+            "link": self.link,
+            "seconds": round(self.seconds, 6),
+            "exposed_seconds": round(self.exposed_seconds, 6),
+        }
+
+
+@dataclass(frozen=True)
+class Estimate:
+    memory: list[StageMemory]
+    communication: list[Comm]
+    step_seconds: float
+    compute_seconds: float
+    bubble_fraction: float
+    tokens_per_second: float
+    mfu: float
+
+    @property
+    def peak_gib(self) -> float:
+        return max(m.total_gib for m in self.memory)
+
+
+def _rank_stages(stages: list[Stage], pp_rank: int) -> list[Stage]:
+    return [s for s in stages if s.pp_rank == pp_rank]
+
+
+def _tokens_per_mb(ctx: Context, lay: Layout) -> float:
+    """Tokens of one micro-batch held by one rank after the CP split."""
+    return lay.micro_batch_size * ctx.seq / lay.cp
+
+
+def _in_flight(lay: Layout, pp_rank: int) -> float:
+    """Micro-batches (in units of a full stage) whose activations one rank holds at peak [R37]."""
+    m = lay.num_microbatches
+    if lay.vpp == 1:
+        return min(m, lay.pp - pp_rank)
+    warmup_chunks = (lay.pp - pp_rank - 1) * 2 + (lay.vpp - 1) * lay.pp
+    return min(m * lay.vpp, warmup_chunks + 1) / lay.vpp
+
+
+def stage_memory(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency) -> list[StageMemory]:
+    out = []
+    distopt = ctx.spec.training.distributed_optimizer
+    tokens = _tokens_per_mb(ctx, lay)
+    for p in range(lay.pp):
+        mine = _rank_stages(stages, p)
+        dense = expert = 0
+        act_per_mb = 0.0
+        buffers = 0.0
+        for st in mine:
+            for letter in st.blocks:
+                bp = block_params(ctx, letter, lay)
+                dense += bp.dense
+                expert += bp.expert
+                act_per_mb += block_activation_bytes(ctx, letter, lay) * tokens
+            if st.embedding:
+                dense += embedding_params(ctx, lay)
+                act_per_mb += BF16 * ctx.spec.model.hidden_size * tokens / (lay.tp if lay.sp else 1)
+            if st.output_head:
+                dense += head_params(ctx, lay)
+                # bf16 logits plus fp32 logits and their gradient in the vocab-parallel loss
+                buffers += (BF16 + 2 * FP32) * tokens * padded_vocab(ctx, lay.tp) / lay.tp
+        total = dense + expert
+        dense_shard = lay.dp * lay.cp if distopt else 1
+        expert_shard = max(lay.edp, 1) if distopt else 1
+        out.append(
+            StageMemory(
+                pp_rank=p,
+                params=total,
+                params_expert=expert,
+                weights_gib=BF16 * total / GIB,
+                gradients_gib=FP32 * total / GIB,
+                optimizer_gib=(3 * FP32 * dense / dense_shard + 3 * FP32 * expert / expert_shard) / GIB,
+                activations_gib=act_per_mb * _in_flight(lay, p) / GIB,
+                buffers_gib=buffers / GIB,
+                overhead_gib=eff.overhead_gib,
+            )
+        )
+    return out
+
+
+def _link(ctx: Context, span: int) -> str:
+    """Groups whose ranks fit in one NVLink domain use NVLink, otherwise the NIC."""
+    return "nvlink" if span <= ctx.cluster.nvlink_domain else "nic"
+
+
+def _collective_seconds(ctx: Context, collective: str, link: str, n: int, size: float) -> float:
+    """alpha + factor * S / busbw, with nccl-tests factors [R1]."""
+    if n <= 1 or size <= 0:
+        return 0.0
+    c = ctx.cluster
+    if link == "nvlink":
+        bw = {
+            "all-reduce": c.nvlink_allreduce_gbps,
+            "all-gather": c.nvlink_allgather_gbps,
+            "reduce-scatter": c.nvlink_reducescatter_gbps,
+            "all-to-all": c.nvlink_alltoall_gbps,
+            "send-recv": c.nvlink_p2p_gbps,
+        }[collective]
+        alpha = c.nvlink_alpha_us
+    else:
+        bw, alpha = c.nic_busbw_gbps, c.nic_alpha_us
+    factor = {"all-reduce": 2 * (n - 1) / n, "send-recv": 1.0}.get(collective, (n - 1) / n)
+    return alpha * 1e-6 + factor * size / (bw * 1e9)
+
+
+def communication(
+    ctx: Context, lay: Layout, stages: list[Stage], mem: list[StageMemory], eff: Efficiency = DEFAULT_EFFICIENCY
+) -> list[Comm]:
+    """Per-axis traffic of the busiest pipeline rank in one step."""
+    h = ctx.spec.model.hidden_size
+    m = lay.num_microbatches
+    tokens = _tokens_per_mb(ctx, lay)
+    passes = 3 if ctx.spec.training.recompute == "full" else 2  # fwd, bwd (+ recompute fwd)
+    busiest = max(range(lay.pp), key=lambda p: sum(len(s.blocks) for s in _rank_stages(stages, p)))
+    blocks = "".join(s.blocks for s in _rank_stages(stages, busiest))
+    out: list[Comm] = []
+
+    def add(axis: str, collective: str, n: int, span: int, size: float, count: float, exposed: float = 1.0) -> None:
+        if n <= 1 or count <= 0:
+            return
+        link = _link(ctx, span)
+        sec = count * _collective_seconds(ctx, collective, link, n, size)
+        out.append(Comm(axis, collective, n, size * count, link, sec, sec * exposed))
+
+    act = BF16 * tokens * h  # one activation of a micro-batch on one rank
+    tp_collective = "all-gather + reduce-scatter" if lay.sp else "all-reduce"
+    if lay.tp > 1:
+        # one collective in forward, one in backward per block [R36]; AG+RS moves what AR moves
+        link = _link(ctx, lay.tp)
+        n = len(blocks) * m * passes
+        sec = n * _collective_seconds(ctx, "all-reduce", link, lay.tp, act)
+        out.append(Comm("tp", tp_collective, lay.tp, act * n, link, sec, sec))
+    if lay.cp > 1:
+        model = ctx.spec.model
+        if "A" in blocks:
+            kv = BF16 * tokens * 2 * model.query_groups * model.head_dim / min(lay.tp, model.query_groups)
+            # ring exchange of K,V in forward and dK,dV in backward, (cp-1) hops each
+            add("cp", "send-recv", lay.cp, lay.tp * lay.cp, kv, blocks.count("A") * m * 3 * (lay.cp - 1))
+        if "M" in blocks:
+            add("cp", "all-to-all", lay.cp, lay.tp * lay.cp, act / lay.tp * 2, blocks.count("M") * m * 2 * passes)
+    if lay.ep * lay.etp > 1 and "E" in blocks:
+        moe = ctx.spec.model.moe
+        assert moe is not None
+        routed = BF16 * moe.top_k * tokens / (lay.tp if lay.sp else 1) * h
+        # dispatch + combine in forward and again in backward
+        add("ep", "all-to-all", lay.ep * lay.etp, lay.ep * lay.etp, routed, blocks.count("E") * m * 2 * passes)
+    if lay.pp > 1:
+        add("pp", "send-recv", 2, ctx.world, act / (lay.tp if lay.sp else 1), 2 * m * lay.vpp)
+    big = mem[busiest]
+    dense, expert = big.params - big.params_expert, big.params_expert
+    dp_span = lay.tp * lay.cp * lay.dp
+    if lay.dp * lay.cp > 1 and dense:
+        if ctx.spec.training.distributed_optimizer:
+            add("dp", "reduce-scatter", lay.dp * lay.cp, dp_span, FP32 * dense, 1, eff.dp_exposed)
+            add("dp", "all-gather", lay.dp * lay.cp, dp_span, BF16 * dense, 1, eff.dp_exposed)
+        else:
+            add("dp", "all-reduce", lay.dp * lay.cp, dp_span, FP32 * dense, 1, eff.dp_exposed)
+    if lay.edp > 1 and expert:
+        if ctx.spec.training.distributed_optimizer:
+            add("edp", "reduce-scatter", lay.edp, dp_span, FP32 * expert, 1, eff.dp_exposed)
+            add("edp", "all-gather", lay.edp, dp_span, BF16 * expert, 1, eff.dp_exposed)
+        else:
+            add("edp", "all-reduce", lay.edp, dp_span, FP32 * expert, 1, eff.dp_exposed)
+    return out
+
+
+def estimate(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency = DEFAULT_EFFICIENCY) -> Estimate:
+    """Memory, communication and step time of one legal layout."""
+    mem = stage_memory(ctx, lay, stages, eff)
+    comms = communication(ctx, lay, stages, mem, eff)
+    precision = ctx.spec.training.precision
+    c = ctx.cluster
+    rate = (c.mamf_fp8_tflops if precision == "fp8" else c.mamf_bf16_tflops) * 1e12 * eff.matmul
+    tokens = _tokens_per_mb(ctx, lay)
+    passes = 4 if ctx.spec.training.recompute == "full" else 3
+    per_rank = []
+    for p in range(lay.pp):
+        flops = 0.0
+        for st in _rank_stages(stages, p):
+            flops += sum(block_flops(ctx, letter) for letter in st.blocks)
+            if st.output_head:
+                flops += head_flops(ctx)
+        per_rank.append(flops * tokens / lay.tp * passes / rate)
+    t_mb = max(per_rank)
+    m = lay.num_microbatches
+    pipeline_units = m + (lay.pp - 1) / lay.vpp
+    compute = pipeline_units * t_mb
+    per_mb_comm = sum(x.exposed_seconds for x in comms if x.axis in ("tp", "cp", "ep", "pp")) / m
+    step = pipeline_units * (t_mb + per_mb_comm) + sum(x.exposed_seconds for x in comms if x.axis in ("dp", "edp"))
+    bubble = (lay.pp - 1) / lay.vpp / pipeline_units
+    gbs_tokens = ctx.spec.training.global_batch_size * ctx.seq
+    model_flops = 3 * gbs_tokens * (sum(block_flops(ctx, b) for b in ctx.pattern.blocks) + head_flops(ctx))
+    peak = (c.fp8_tflops if precision == "fp8" else c.bf16_tflops) * 1e12
+    return Estimate(
+        memory=mem,
+        communication=comms,
+        step_seconds=step,
+        compute_seconds=compute,
+        bubble_fraction=bubble,
+        tokens_per_second=gbs_tokens / step,
+        mfu=model_flops / (step * ctx.world * peak),
+    )

@@ -1,0 +1,105 @@
+"""A parallel layout (one point of the search space) and the planning context it is judged in."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from functools import cached_property
+
+from megacpp.planner.clusters import Cluster
+from megacpp.planner.pattern import Pattern
+from megacpp.planner.spec import Spec
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """Degrees of every axis plus the micro-batching. `edp` is world / (etp * ep * pp)."""
+
+    tp: int = 1
+    pp: int = 1
+    vpp: int = 1
+    cp: int = 1
+    dp: int = 1
+    ep: int = 1
+    etp: int = 1
+    sp: bool = False
+    micro_batch_size: int = 1
+    num_microbatches: int = 1
+
+    @property
+    def edp(self) -> int:
+        dense = self.tp * self.cp * self.dp
+        return dense // (self.etp * self.ep) if dense % (self.etp * self.ep) == 0 else 0
+
+    @property
+    def world(self) -> int:
+        return self.tp * self.cp * self.dp * self.pp
+
+    def to_dict(self) -> dict[str, int | bool]:
+        d = asdict(self)
+        d["edp"] = self.edp
+        order = ["tp", "pp", "vpp", "cp", "dp", "ep", "etp", "edp", "sp", "micro_batch_size", "num_microbatches"]
+        return {k: d[k] for k in order}
+
+    def short(self) -> str:
+        return (
+            f"tp{self.tp} pp{self.pp}" + (f" vpp{self.vpp}" if self.vpp > 1 else "")
+            + (f" cp{self.cp}" if self.cp > 1 else "") + f" dp{self.dp}"
+            + (f" ep{self.ep}" if self.ep > 1 else "") + (f" etp{self.etp}" if self.etp != self.tp else "")
+            + (" sp" if self.sp else "") + f" mbs{self.micro_batch_size}"
+        )
+
+
+@dataclass(frozen=True)
+class Context:
+    """Everything about a spec that layouts are judged against, computed once."""
+
+    spec: Spec
+    cluster: Cluster
+
+    @property
+    def world(self) -> int:
+        return self.cluster.world_size
+
+    @property
+    def pattern(self) -> Pattern:
+        return self.spec.pattern
+
+    @cached_property
+    def letters(self) -> frozenset[str]:
+        return self.pattern.letters
+
+    @property
+    def dialect(self) -> str:
+        return self.spec.backend.megatron
+
+    @property
+    def te(self) -> bool:
+        return self.spec.backend.transformer_engine
+
+    @cached_property
+    def plain_transformer(self) -> bool:
+        """Only AD/AE pairs: Megatron's GPT path, one transformer layer per pair (DESIGN.md)."""
+        return self.pattern.is_plain_transformer
+
+    @cached_property
+    def units(self) -> list[str]:
+        """Pipeline units in depth order: Megatron layers (pairs on the GPT path, letters otherwise)."""
+        b = self.pattern.blocks
+        return [b[i : i + 2] for i in range(0, len(b), 2)] if self.plain_transformer else list(b)
+
+    @cached_property
+    def unit_cuts(self) -> tuple[int, ...]:
+        step = 2 if self.plain_transformer else 1
+        return tuple(c // step for c in self.pattern.cuts)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.units)
+
+    @property
+    def has_moe(self) -> bool:
+        return "E" in self.letters
+
+    @property
+    def seq(self) -> int:
+        return self.spec.training.seq_length

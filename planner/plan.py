@@ -1,0 +1,159 @@
+"""Build the plan document (DESIGN.md "Plan JSON"): ranked legal layouts and rejection counts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from megacpp.planner.clusters import Cluster, resolve_cluster
+from megacpp.planner.cost import DEFAULT_EFFICIENCY, Efficiency, estimate
+from megacpp.planner.errors import PlanError
+from megacpp.planner.layout import Context, Layout
+from megacpp.planner.rules import applicable, check_layout
+from megacpp.planner.search import search
+from megacpp.planner.spec import Spec
+from megacpp.planner.stages import assign_stages
+
+SCHEMA = "megacpp.plan/1"
+
+
+class _Doc(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+
+class Note(_Doc):
+    rule: str
+    message: str
+
+
+class Candidate(_Doc):
+    rank: int
+    layout: dict[str, Any]
+    split: dict[str, Any]
+    stages: list[dict[str, Any]]
+    memory: dict[str, Any]
+    communication: list[dict[str, Any]]
+    time: dict[str, float]
+    fits: bool
+    warnings: list[Note]
+
+
+class RejectedExample(_Doc):
+    layout: dict[str, Any]
+    rule: str
+    message: str
+
+
+class Rejected(_Doc):
+    count: int
+    by_rule: dict[str, int]
+    examples: list[RejectedExample]
+
+
+class Plan(_Doc):
+    schema_: str
+    spec: dict[str, Any]
+    cluster: dict[str, Any]
+    world_size: int
+    considered: int
+    legal_count: int
+    fitting_count: int
+    notes: list[Note]
+    candidates: list[Candidate]
+    rejected: Rejected
+
+    def to_json_dict(self) -> dict[str, Any]:
+        d = self.model_dump(mode="json")
+        d = {"schema": d.pop("schema_"), **d}
+        return d
+
+    @classmethod
+    def from_json_dict(cls, data: dict[str, Any]) -> Plan:
+        if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+            raise PlanError(f"not a megacpp plan: expected \"schema\": \"{SCHEMA}\"; create one with `megacpp plan SPEC --out PLAN.json`")
+        data = dict(data)
+        data["schema_"] = data.pop("schema")
+        return cls.model_validate(data)
+
+
+def make_context(spec: Spec, cluster: Cluster | None = None) -> Context:
+    return Context(spec=spec, cluster=cluster or resolve_cluster(spec.cluster))
+
+
+def _candidate(ctx: Context, lay: Layout, eff: Efficiency, warnings: list) -> tuple[Candidate, float, bool]:
+    split, stages = assign_stages(ctx, lay.pp, lay.vpp)
+    est = estimate(ctx, lay, stages, eff)
+    fits = est.peak_gib <= ctx.cluster.gpu_memory_gib
+    notes = [Note(rule=v.rule, message=v.message) for v in check_layout(ctx, lay, warnings)]
+    cand = Candidate(
+        rank=0,
+        layout=lay.to_dict(),
+        split={"kind": split.kind, "sizes": list(split.sizes), "first": split.first, "last": split.last},
+        stages=[s.to_dict() for s in stages],
+        memory={
+            "capacity_gib": ctx.cluster.gpu_memory_gib,
+            "peak_gib": round(est.peak_gib, 3),
+            "per_stage": [m.to_dict() for m in est.memory],
+        },
+        communication=[c.to_dict() for c in est.communication],
+        time={
+            "step_seconds": round(est.step_seconds, 6),
+            "compute_seconds": round(est.compute_seconds, 6),
+            "tokens_per_second": round(est.tokens_per_second, 1),
+            "mfu": round(est.mfu, 4),
+            "bubble_fraction": round(est.bubble_fraction, 4),
+        },
+        fits=fits,
+        warnings=notes,
+    )
+    return cand, est.step_seconds, fits
+
+
+def build_plan(spec: Spec, top: int = 10, eff: Efficiency = DEFAULT_EFFICIENCY) -> Plan:
+    """Search the layout space of `spec`, estimate every legal layout, and rank them.
+
+    Ranking: layouts that fit in memory first, then by estimated step time.
+    """
+    if top < 1:
+        raise PlanError(f"--top {top}: must be at least 1")
+    ctx = make_context(spec)
+    result = search(ctx)
+    rules = applicable(ctx)
+    warnings = [r for r in rules if r.severity == "warning" and r.axes]
+    spec_notes = [Note(rule=v.rule, message=v.message) for v in check_layout(ctx, Layout(), [r for r in rules if r.severity == "warning" and not r.axes])]
+    spec_notes += [
+        Note(rule="unused-sub-block", message=f"model.{k} is given but the pattern has no {dict(attention='A', mamba='M', moe='E', mlp='D', recurrent='R')[k]} block; it is ignored")
+        for k in spec.model.unused_sub_blocks()
+    ]
+    scored = []
+    for lay in result.legal:
+        cand, step, fits = _candidate(ctx, lay, eff, warnings)
+        scored.append((not fits, step, lay.short(), cand))
+    scored.sort(key=lambda t: (t[0], t[1], t[2]))
+    chosen = [c.model_copy(update={"rank": i}) for i, (*_, c) in enumerate(scored[:top])]
+    examples = [
+        RejectedExample(layout=lay.to_dict(), rule=rule_id, message=msg)
+        for rule_id, shown in result.rejections.examples.items()
+        for lay, msg in shown
+    ]
+    c = ctx.cluster
+    return Plan(
+        schema_=SCHEMA,
+        spec=spec.model_dump(mode="json"),
+        cluster={
+            "name": c.name, "nodes": c.nodes, "gpus_per_node": c.gpus_per_node, "nvlink_domain": c.nvlink_domain,
+            "gpu_memory_gib": c.gpu_memory_gib, "description": c.description,
+        },
+        world_size=ctx.world,
+        considered=result.considered,
+        legal_count=len(result.legal),
+        fitting_count=sum(1 for s in scored if not s[0]),
+        notes=spec_notes,
+        candidates=chosen,
+        rejected=Rejected(
+            count=result.rejections.count,
+            by_rule=dict(result.rejections.by_rule.most_common()),
+            examples=examples,
+        ),
+    )

@@ -1,0 +1,163 @@
+"""Pipeline stage assignment: contiguous, atomic block ranges per (virtual) stage.
+
+The embedding sits on the first stage and the output head on the last. Stages are balanced by
+forward FLOPs per unit (a Megatron layer), `|` cuts are honoured, and the split is always one the
+Megatron dialect can express:
+
+- GPT path (AD/AE pairs), both dialects: any split (`--pipeline-model-parallel-layout` when uneven);
+- hybrid on main: any split (`|` segments in `--hybrid-layer-pattern`);
+- hybrid on core_v0.16: an even split, or custom first/last stage sizes with equal middle stages
+  (`--decoder-first/last-pipeline-num-layers`), and no virtual stages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megacpp.planner.blocks import block_flops, head_flops
+from megacpp.planner.layout import Context
+
+
+@dataclass(frozen=True)
+class Split:
+    """How the stage split is expressed: kind is even | first_last | layout | pipes."""
+
+    kind: str
+    sizes: tuple[int, ...]  # units per global chunk, in chunk order (chunk k -> pp_rank k % pp)
+    first: int = 0
+    last: int = 0
+
+
+@dataclass(frozen=True)
+class Stage:
+    pp_rank: int
+    vp_stage: int
+    start: int  # first unit (Megatron layer) index
+    stop: int
+    blocks: str
+    embedding: bool
+    output_head: bool
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "pp_rank": self.pp_rank,
+            "vp_stage": self.vp_stage,
+            "layers": [self.start, self.stop],
+            "blocks": self.blocks,
+            "embedding": self.embedding,
+            "output_head": self.output_head,
+        }
+
+
+def unit_weights(ctx: Context) -> list[float]:
+    return [sum(block_flops(ctx, letter) for letter in unit) for unit in ctx.units]
+
+
+def _partition(weights: list[float], k: int, head: float) -> tuple[int, ...]:
+    """Split weights into k non-empty contiguous parts minimising the heaviest (head on the last part)."""
+    n = len(weights)
+
+    def parts_for(limit: float) -> list[int] | None:
+        sizes, acc, count = [], 0.0, 0
+        for i, w in enumerate(weights):
+            extra = head if i == n - 1 else 0.0
+            if count and acc + w + extra > limit:
+                sizes.append(count)
+                acc, count = 0.0, 0
+            acc += w + extra
+            count += 1
+            if acc > limit:
+                return None
+        sizes.append(count)
+        return sizes if len(sizes) <= k else None
+
+    lo, hi = max(weights), sum(weights) + head
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if parts_for(mid) is None:
+            lo = mid
+        else:
+            hi = mid
+    sizes = parts_for(hi) or [n]
+    while len(sizes) < k:  # split the largest part until there are k
+        i = max(range(len(sizes)), key=lambda j: sizes[j])
+        sizes[i : i + 1] = [sizes[i] - sizes[i] // 2, sizes[i] // 2]
+    return tuple(sizes)
+
+
+def _cost(weights: list[float], sizes: tuple[int, ...], head: float) -> float:
+    worst, start = 0.0, 0
+    for size in sizes:
+        worst = max(worst, sum(weights[start : start + size]))
+        start += size
+    return max(worst, sum(weights[start - sizes[-1] :]) + head)
+
+
+def _first_last_split(weights: list[float], pp: int, head: float) -> Split:
+    """Best even or first/last split (core_v0.16 hybrid stacks)."""
+    n = len(weights)
+    best: tuple[float, int, Split] | None = None
+    if n % pp == 0:
+        sizes = (n // pp,) * pp
+        best = (_cost(weights, sizes, head), 0, Split("even", sizes))
+    for first in range(1, n):
+        for last in range(1, n - first + 1):
+            middle = n - first - last
+            if pp == 2 and middle:
+                continue
+            if pp > 2 and (middle < pp - 2 or middle % (pp - 2)):
+                continue
+            sizes = (first, *(middle // (pp - 2),) * (pp - 2), last) if pp > 2 else (first, last)
+            cost = _cost(weights, sizes, head)
+            if best is None or cost < best[0] - 1e-9:
+                best = (cost, 1, Split("first_last", sizes, first, last))
+    assert best is not None
+    return best[2]
+
+
+def choose_split(ctx: Context, pp: int, vpp: int) -> Split:
+    """The stage split for pp x vpp chunks (rules have already checked it is expressible)."""
+    n, chunks = ctx.num_layers, pp * vpp
+    if ctx.unit_cuts:
+        bounds = [0, *ctx.unit_cuts, n]
+        sizes = tuple(b - a for a, b in zip(bounds, bounds[1:], strict=False))
+        kind = "pipes" if not ctx.plain_transformer and ctx.dialect == "main" else "layout"
+        if not ctx.plain_transformer and ctx.dialect == "core_v0.16":
+            kind = "even" if len(set(sizes)) == 1 else "first_last"
+            return Split(kind, sizes, sizes[0], sizes[-1])
+        return Split(kind, sizes)
+    if chunks == 1:
+        return Split("even", (n,))
+    weights = unit_weights(ctx)
+    head = head_flops(ctx)
+    if not ctx.plain_transformer and ctx.dialect == "core_v0.16":
+        return _first_last_split(weights, pp, head)
+    sizes = _partition(weights, chunks, head)
+    even = (n // chunks,) * chunks if n % chunks == 0 else None
+    if even and _cost(weights, even, head) <= _cost(weights, sizes, head) + 1e-9:
+        return Split("even", even)
+    return Split("pipes" if not ctx.plain_transformer else "layout", sizes)
+
+
+def assign_stages(ctx: Context, pp: int, vpp: int) -> tuple[Split, list[Stage]]:
+    """Stages in (pp_rank, vp_stage) order with their block strings."""
+    split = choose_split(ctx, pp, vpp)
+    step = 2 if ctx.plain_transformer else 1
+    blocks = ctx.pattern.blocks
+    stages, start = [], 0
+    for k, size in enumerate(split.sizes):
+        stop = start + size
+        stages.append(
+            Stage(
+                pp_rank=k % pp,
+                vp_stage=k // pp,
+                start=start,
+                stop=stop,
+                blocks=blocks[start * step : stop * step],
+                embedding=k == 0,
+                output_head=k == len(split.sizes) - 1,
+            )
+        )
+        start = stop
+    stages.sort(key=lambda s: (s.pp_rank, s.vp_stage))
+    return split, stages
