@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from megacpp.planner.clusters import Cluster, resolve_cluster
 from megacpp.planner.cost import DEFAULT_EFFICIENCY, Efficiency, estimate
@@ -74,7 +74,12 @@ class Plan(_Doc):
             raise PlanError(f"not a megacpp plan: expected \"schema\": \"{SCHEMA}\"; create one with `megacpp plan SPEC --out PLAN.json`")
         data = dict(data)
         data["schema_"] = data.pop("schema")
-        return cls.model_validate(data)
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise PlanError(f"malformed plan file: {where}: {first['msg']}; re-create it with `megacpp plan --out`") from None
 
 
 def make_context(spec: Spec, cluster: Cluster | None = None) -> Context:

@@ -5,10 +5,13 @@ Standalone (imports nothing from megacpp; speaks JSON only)::
 
     python tests/parity/megatron_probe.py CASES.json OUT.json --world W
 
-The parent process spawns W worker processes (gloo backend, MASTER_ADDR=127.0.0.1,
-free port picked here).  The workers walk every case in the same order inside one
-pool; per case each rank runs these stages, each wrapped so that an exception is
-captured as ``"ExcType: first line of message"`` together with the stage name:
+The parent process starts W worker processes itself (torch.multiprocessing,
+start method "fork" by default so megatron is imported once in the parent; "spawn"
+with --start-method spawn, ~25 s slower for W=8 on 2 cores), gloo backend,
+MASTER_ADDR=127.0.0.1 on a free port it picks; no torchrun.  The workers walk every
+case in the same order inside one pool; per case each rank runs these stages, each
+wrapped so that an exception is captured as ``"ExcType: first line of message"``
+together with the stage name:
 
   parallel_state  parallel_state.initialize_model_parallel(tp, pp, vpp, cp, ep, etp)
   config          TransformerConfig(...) (its __post_init__ validation)
@@ -25,27 +28,37 @@ ranks always leave a case at the same stage, and the number of process groups cr
 (torch.distributed.new_group is collective over the world) stays identical on every
 rank.  The "parallel_state" and "config" stages only depend on the case (no
 rank-dependent input); if one of them ever fails on only some ranks, or with different
-errors, the probe aborts the run (the groups might be out of step) instead of reporting
-garbage.  Between cases: destroy_model_parallel(), destroy every process group the case
-created (otherwise gloo sockets leak), reset the CUDA-RNG tracker and the
-num-microbatches calculator.
+errors, the probe aborts the whole run (non-zero exit, OUT.json not written) since
+the groups might be out of step.  "model" and "moe_forward" may legitimately fail on a
+subset of ranks (e.g. only the pipeline stages that hold MoE layers): see
+"failed_ranks".  Between cases: destroy_model_parallel(), destroy every process group
+the case created (otherwise gloo sockets leak), reset the CUDA-RNG tracker and the
+num-microbatches calculator, torch.manual_seed(1234).
 
 Result per case (list written to OUT.json, one entry per case, same order)::
 
-  {"id", "ok", "stage", "error", "where", "failed_ranks", "errors_agree",
-   "vpp_effective", "moe_forward": "raised"|"passed"|"not_applicable",
+  {"id", "ok", "stage", "error",
+   "where", "source",          # file:line and source line of the deepest megatron frame
+   "failed_ranks", "errors_agree",
+   "vpp_effective",            # vpp, or the one derived from the layout string
+   "moe_forward": "raised"|"passed"|"not_applicable",
+   "seconds",
    "ranks": [{"rank", "tp", "cp", "dp", "pp", "ep", "etp", "edp",
               "params", "params_expert", "params_routed_expert",
               "params_shared_expert", "layers", "chunks"}],
    "groups": {"tp", "cp", "dp", "pp", "ep", "etp", "edp", "dp_cp", "embd"}}
 
 "ranks"/"groups" are present whenever parallel_state succeeded (so also for cases that
-fail later; params/layers/chunks are null on ranks that did not build a model).
+fail later; params/layers/chunks are null there).  params_expert counts parameters
+whose name contains "experts" (routed *and* shared experts); the two are also given
+apart.
 
-CPU shims (no GPU available): ``torch.Tensor.cuda`` is turned into a no-op when CUDA
-is unavailable (megatron-core calls ``weight.data.cuda()`` before all-reducing the
-shared embedding between the first and last pipeline stage); no CUDA RNG seeding is
-done (use_cpu_initialization=True never touches the CUDA RNG tracker).
+CPU shims (CUDA unavailable), construction-only: ``torch.Tensor.cuda`` is a no-op
+(megatron-core does ``weight.data.cuda()`` before all-reducing the tied embedding
+between first and last pipeline stage) and ``torch.cuda.Stream`` is a dummy
+(MoEAlltoAllTokenDispatcher.__init__ creates a side stream).  No CUDA RNG seeding
+(use_cpu_initialization=True never touches the CUDA RNG tracker);
+perform_initialization=False since only shapes matter.
 """
 
 from __future__ import annotations

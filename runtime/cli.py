@@ -1,0 +1,168 @@
+"""The `megacpp` command line: parse, call one library function, print.
+
+Importing this module must stay cheap: no torch, no megatron (checked by a test).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from megacpp.planner.errors import MegacppError, PlanError, SpecError
+
+app = typer.Typer(
+    name="megacpp",
+    help="Plan, explain and launch Megatron-Core parallel layouts for hybrid attention/Mamba/MoE/recurrent models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+explain_app = typer.Typer(help="Explain a layout or a rule.", no_args_is_help=True)
+app.add_typer(explain_app, name="explain")
+
+# Shared options, defined once.
+SpecArg = Annotated[Optional[str], typer.Argument(help="Spec YAML, PLAN.json or recipe name (default: the bundled nam56r recipe).")]
+SetOpt = Annotated[list[str], typer.Option("--set", help="Override a spec key: --set parallel.tp=2 (repeatable).")]
+ClusterOpt = Annotated[Optional[str], typer.Option("--cluster", help="Cluster preset (see `megacpp clusters`).")]
+NodesOpt = Annotated[Optional[int], typer.Option("--nodes", min=1, help="Number of nodes.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the JSON document instead of tables.")]
+
+
+class Format(str, Enum):
+    text = "text"
+    json = "json"
+    github = "github"
+
+
+def _spec_or_plan(spec: str | None, sets: list[str], cluster: str | None, nodes: int | None):
+    from megacpp.runtime.inputs import cli_overrides, read_input
+
+    return read_input(spec, cli_overrides(sets, cluster, nodes))
+
+
+@app.command()
+def plan(
+    spec: SpecArg = None,
+    cluster: ClusterOpt = None,
+    nodes: NodesOpt = None,
+    set_: SetOpt = [],  # noqa: B006
+    top: Annotated[int, typer.Option("--top", min=1, help="How many ranked layouts to show/keep.")] = 10,
+    as_json: JsonOpt = False,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Write the plan document to this file.")] = None,
+) -> None:
+    """Solve a spec into every legal layout and rank them."""
+    from megacpp.planner.plan import Plan, build_plan
+    from megacpp.runtime import console
+
+    loaded = _spec_or_plan(spec, set_, cluster, nodes)
+    if isinstance(loaded, Plan):
+        raise PlanError(f"{spec}: is already a plan; pass the spec YAML to re-plan, or use `megacpp explain layout {spec}`")
+    result = build_plan(loaded, top=top)
+    text = json.dumps(result.to_json_dict(), indent=2)
+    if out is not None:
+        try:
+            out.write_text(text + "\n", encoding="utf-8")
+        except OSError as exc:
+            raise PlanError(f"--out {out}: cannot write ({exc.strerror})") from None
+    if as_json:
+        console.print_json(text)
+        return
+    console.plan_table(result, top)
+    if not result.legal_count:
+        raise PlanError("no legal layout; the counts above name the rules that rejected them (`megacpp explain rule RULE`)")
+    if out is not None:
+        console.out.print(f"wrote {out}")
+
+
+@app.command()
+def validate(
+    files: Annotated[list[Path], typer.Argument(help="Spec YAML or PLAN.json files.")],
+    fmt: Annotated[Format, typer.Option("--format", help="text, json, or github (::error annotations).")] = Format.text,
+) -> None:
+    """Check specs and plans; exit 0 when all are valid, 1 when any is not."""
+    from megacpp.planner.plan import Plan
+    from megacpp.planner.validation import validate_plan, validate_spec, validation_error
+    from megacpp.runtime import console
+    from megacpp.runtime.inputs import read_input
+
+    results = []
+    for path in files:
+        try:
+            loaded = read_input(str(path)) if path.exists() else read_input(str(path))
+            result = validate_plan(loaded) if isinstance(loaded, Plan) else validate_spec(loaded)
+        except MegacppError as exc:
+            result = validation_error(exc)
+        results.append({"file": str(path), **result})
+    if fmt == Format.json:
+        console.print_json(json.dumps(results, indent=2))
+    else:
+        console.validate_report(results, fmt.value)
+    if not all(r["valid"] for r in results):
+        raise typer.Exit(1)
+
+
+@app.command()
+def recipes() -> None:
+    """List the bundled recipes."""
+    from megacpp.planner.loading import load_spec_text
+    from megacpp.recipes import recipe_names, recipe_text
+    from megacpp.runtime import console
+
+    rows = []
+    for name in recipe_names():
+        s = load_spec_text(recipe_text(name), source=f"recipe {name}")
+        rows.append([name, s.model.pattern, f"{s.cluster.nodes} x {s.cluster.preset}", s.backend.megatron, s.name])
+    console.simple_table("bundled recipes (megacpp plan NAME)", ["recipe", "pattern", "cluster", "megatron", "name"], rows)
+
+
+@app.command()
+def clusters() -> None:
+    """List the cluster presets."""
+    from megacpp.planner.clusters import PRESETS
+    from megacpp.runtime import console
+
+    rows = [
+        [name, str(p["gpus_per_node"]), str(p["nvlink_domain"]), f"{p['gpu_memory_gib']:g}", f"{p['bf16_tflops']:g}", p["description"]]
+        for name, p in PRESETS.items()
+    ]
+    console.simple_table(
+        "cluster presets (--cluster NAME)", ["preset", "GPUs/node", "NVLink domain", "plan GiB", "BF16 TFLOP/s", "description"], rows
+    )
+
+
+@explain_app.command("rule")
+def explain_rule(
+    rule_id: Annotated[Optional[str], typer.Argument(metavar="RULE", help="Rule id, e.g. tp-divides-heads.")] = None,
+    list_all: Annotated[bool, typer.Option("--list", help="List every rule id.")] = False,
+) -> None:
+    """What a rule checks, where Megatron enforces it, and an example that fails and passes."""
+    from megacpp.planner.rules import RULES, get_rule
+    from megacpp.runtime import console
+
+    if list_all or rule_id is None:
+        console.simple_table("rules", ["rule", "severity", "where"], [[r.id, r.severity, r.where] for r in RULES])
+        return
+    r = get_rule(rule_id)
+    console.rule_text({"id": r.id, "severity": r.severity, "doc": r.doc, "where": r.where, "fails": r.fails, "passes": r.passes})
+
+
+def main() -> None:
+    """Console entry point: user errors become one line on stderr and exit code 1."""
+    try:
+        app()
+    except MegacppError as exc:
+        if os.environ.get("MEGACPP_DEBUG") == "1":
+            raise
+        from megacpp.runtime import console
+
+        console.error(str(exc))
+        sys.exit(1)
+
+
+__all__ = ["app", "main", "SpecError"]
