@@ -84,3 +84,20 @@ def moe_router_te_bug(ctx: Context, lay: Layout) -> str | None:
     """A bug of megatron-core 0.16.1, not a rule: without TE the MoE router raises NameError on
     `te_general_gemm`. megacpp's runtime supplies the missing function (adapter)."""
     return "megatron-core 0.16.1 without TE: the MoE router raises NameError te_general_gemm; megacpp's runtime patches it, stock Megatron-LM needs TE"
+
+
+@rule(
+    "one-gating-for-mlp-and-experts",
+    axes=(),
+    where="[V] megatron/core/transformer/transformer_config.py gated_linear_unit (one flag, --swiglu, for dense and expert MLPs)",
+    applies=lambda ctx: ctx.spec.model.mlp is not None and ctx.spec.model.moe is not None and "D" in ctx.letters and ctx.has_moe,
+    fails="mlp.gated=true, moe.gated=false",
+    passes="mlp.gated=true, moe.gated=true",
+)
+def one_gating(ctx: Context, lay: Layout) -> str | None:
+    """Megatron has a single gated_linear_unit switch shared by dense MLPs and experts."""
+    mlp, moe = ctx.spec.model.mlp, ctx.spec.model.moe
+    assert mlp is not None and moe is not None
+    if mlp.gated != moe.gated:
+        return f"mlp.gated={mlp.gated} but moe.gated={moe.gated}: Megatron has one gated_linear_unit flag for both; make them equal"
+    return None

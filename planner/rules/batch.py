@@ -16,7 +16,7 @@ from megacpp.planner.rules import rule
 def batch_divisible(ctx: Context, lay: Layout) -> str | None:
     """global batch size must be divisible by micro batch size times data parallel size."""
     gbs = ctx.spec.training.global_batch_size
-    if gbs % (lay.micro_batch_size * lay.dp):
+    if lay.dp and gbs % (lay.micro_batch_size * lay.dp):
         return (
             f"training.global_batch_size={gbs} is not divisible by micro_batch_size*dp = "
             f"{lay.micro_batch_size}*{lay.dp}; use a global batch that is a multiple of {lay.micro_batch_size * lay.dp}"
@@ -34,6 +34,6 @@ def batch_divisible(ctx: Context, lay: Layout) -> str | None:
 def vpp_microbatches(ctx: Context, lay: Layout) -> str | None:
     """The interleaved schedule needs the number of micro-batches to be a multiple of PP (and >= PP)."""
     m = lay.num_microbatches
-    if lay.vpp > 1 and (m < lay.pp or m % lay.pp):
+    if m and lay.vpp > 1 and (m < lay.pp or m % lay.pp):
         return f"vpp={lay.vpp}: {m} micro-batches per step is not a multiple of pp={lay.pp}; change global_batch_size or micro_batch_size"
     return None

@@ -72,7 +72,7 @@ import tempfile
 import time
 import traceback
 
-STAGES = ("parallel_state", "config", "model", "moe_forward")
+STAGES = ("parallel_state", "config", "model", "moe_forward", "batch")
 LAYOUT_DEFAULTS = {"tp": 1, "pp": 1, "vpp": 1, "cp": 1, "ep": 1, "etp": 1, "sp": False}
 MODEL_DEFAULTS = {
     "num_layers": 4,
@@ -136,7 +136,8 @@ def _normalise_case(case: dict) -> dict:
     layout = {**LAYOUT_DEFAULTS, **(case.get("layout") or {})}
     model = {**MODEL_DEFAULTS, **(case.get("model") or {})}
     pipeline = {**PIPELINE_DEFAULTS, **(case.get("pipeline") or {})}
-    return {"id": str(case["id"]), "layout": layout, "model": model, "pipeline": pipeline}
+    return {"id": str(case["id"]), "layout": layout, "model": model, "pipeline": pipeline,
+            "batch": case.get("batch")}
 
 
 def padded_vocab_size(vocab: int, tp: int) -> int:
@@ -430,6 +431,21 @@ def _stage_moe_forward(c, case, st):
     return "passed"
 
 
+def _stage_batch(c, case, st):
+    """Megatron's micro-batch calculator: global batch % (micro batch * DP) (num_microbatches_calculator.py:341)."""
+    batch = case.get("batch")
+    if not batch:
+        return "not_applicable"
+    dp = c.ps.get_data_parallel_world_size()
+    try:
+        c.nmc.init_num_microbatches_calculator(
+            0, None, batch["global_batch_size"], batch["micro_batch_size"], dp
+        )
+        return c.nmc.get_num_microbatches()
+    finally:
+        c.nmc.destroy_num_microbatches_calculator()
+
+
 def _run_case(c, rank, world, case):
     torch, dist = c.torch, c.torch.distributed
     from torch.distributed import distributed_c10d as c10d
@@ -518,6 +534,10 @@ def _run_case(c, rank, world, case):
                     res["moe_forward"] = "raised"
                 elif "passed" in vals:
                     res["moe_forward"] = "passed"
+            if ok:
+                ok, statuses = run_stage("batch", _stage_batch)
+                if ok:
+                    res["num_microbatches"] = statuses[0]["value"]
             res["ranks"] = gather(st["info"])
     finally:
         st.clear()

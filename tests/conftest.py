@@ -1,0 +1,60 @@
+"""Shared helpers: tiny specs and the path to the megatron-core probe."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from megacpp.planner.loading import spec_from_dict
+from megacpp.planner.spec import Spec
+
+ROOT = Path(__file__).resolve().parent.parent
+PROBE = ROOT / "tests" / "parity" / "megatron_probe.py"
+
+TINY_DENSE: dict[str, Any] = {
+    "name": "tiny-dense",
+    "model": {
+        "pattern": "(AD)*4",
+        "hidden_size": 64,
+        "vocab_size": 250,
+        "attention": {"num_heads": 4, "num_query_groups": 2, "head_dim": 16},
+        "mlp": {"ffn_hidden_size": 128, "gated": True},
+    },
+    "training": {"seq_length": 64, "global_batch_size": 16, "micro_batch_size": 1},
+    "cluster": {"preset": "h200-sxm-8", "nodes": 1},
+    "backend": {"transformer_engine": False, "megatron": "core_v0.16"},
+}
+
+TINY_MOE: dict[str, Any] = {
+    "name": "tiny-moe",
+    "model": {
+        "pattern": "(AE)*4",
+        "hidden_size": 64,
+        "vocab_size": 250,
+        "attention": {"num_heads": 4, "num_query_groups": 4, "head_dim": 16},
+        "moe": {"num_experts": 8, "top_k": 2, "ffn_hidden_size": 64, "gated": True},
+    },
+    "training": {"seq_length": 64, "global_batch_size": 16, "micro_batch_size": 1},
+    "cluster": {"preset": "h200-sxm-8", "nodes": 1},
+    "backend": {"transformer_engine": False, "megatron": "core_v0.16"},
+}
+
+
+def make_spec(base: dict[str, Any], **changes: Any) -> Spec:
+    """A copy of `base` with dotted-key changes, e.g. make_spec(TINY_DENSE, **{"model.hidden_size": 32})."""
+    data = copy.deepcopy(base)
+    for dotted, value in changes.items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return spec_from_dict(data)
+
+
+@pytest.fixture
+def dense_spec() -> Spec:
+    return make_spec(TINY_DENSE)

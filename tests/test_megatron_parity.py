@@ -1,0 +1,184 @@
+"""Legality and parameter parity against megatron-core 0.16.1 itself (CPU, gloo, local spec).
+
+Each case is a tiny spec plus a layout on 8 ranks. megacpp's verdict (errors from its rules) must
+equal Megatron's (process groups, TransformerConfig, GPTModel construction, the MoE forward
+SP check and the micro-batch calculator), and on legal layouts every rank's instantiated
+parameter count must equal megacpp's per-stage prediction.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+
+from megacpp.planner.cost import DEFAULT_EFFICIENCY, stage_memory
+from megacpp.planner.layout import Layout
+from megacpp.planner.plan import make_context
+from megacpp.planner.rules import check_layout
+from megacpp.planner.spec import Spec
+from megacpp.planner.stages import assign_stages
+from tests.conftest import PROBE, TINY_DENSE, TINY_MOE, make_spec
+
+pytest.importorskip("megatron.core", reason="megatron-core is installed by `make test`")
+
+WORLD = 8
+
+
+def L(tp=1, pp=1, vpp=1, cp=1, ep=1, etp=None, sp=False, mbs=1, gbs=16) -> Layout:
+    dp = WORLD // (tp * pp * cp) if WORLD % (tp * pp * cp) == 0 else 0
+    m = gbs // (mbs * dp) if dp and gbs % (mbs * dp) == 0 else 0
+    return Layout(tp=tp, pp=pp, vpp=vpp, cp=cp, dp=dp, ep=ep, etp=tp if etp is None else etp, sp=sp,
+                  micro_batch_size=mbs, num_microbatches=m)
+
+
+def cases() -> list[tuple[str, Spec, Layout]]:
+    d, m = TINY_DENSE, TINY_MOE
+    dense = make_spec(d)
+    gqa3 = make_spec(d, **{"model.hidden_size": 96, "model.attention": {"num_heads": 6, "num_query_groups": 3, "head_dim": 16}})
+    ffn100 = make_spec(d, **{"model.attention": {"num_heads": 8, "num_query_groups": 8, "head_dim": 8}, "model.mlp.ffn_hidden_size": 100})
+    five = make_spec(d, **{"model.pattern": "(AD)*5"})
+    seven = make_spec(d, **{"model.pattern": "(AD)*7"})
+    learned = make_spec(d, **{"model.position_embedding": "learned", "model.normalization": "layernorm", "model.tie_embeddings": True})
+    plain = make_spec(d, **{"model.mlp.gated": False, "model.attention.num_query_groups": 4})
+    moe = make_spec(m)
+    moe6 = make_spec(m, **{"model.moe.num_experts": 6})
+    shared = make_spec(m, **{"model.moe.shared_expert_ffn_hidden_size": 96})
+    ffn60 = make_spec(m, **{"model.moe.ffn_hidden_size": 60})
+    mixed = make_spec(m, **{"model.pattern": "AD (AE)*3", "model.mlp": {"ffn_hidden_size": 128, "gated": True}})
+    odd_batch = make_spec(d, **{"training.global_batch_size": 12})
+    return [
+        ("dense-tp1", dense, L()),
+        ("dense-tp2", dense, L(tp=2)),
+        ("dense-tp4-groups-replicated", dense, L(tp=4)),
+        ("dense-tp8-heads", dense, L(tp=8)),
+        ("dense-tp3-world", dense, L(tp=3)),
+        ("dense-pp2", dense, L(pp=2)),
+        ("dense-pp4", dense, L(pp=4)),
+        ("dense-pp8-too-deep", dense, L(pp=8)),
+        ("dense-tp2-pp2", dense, L(tp=2, pp=2)),
+        ("dense-pp2-vpp2", dense, L(pp=2, vpp=2)),
+        ("dense-pp1-vpp2", dense, L(vpp=2)),
+        ("dense-pp4-vpp2-too-deep", dense, L(pp=4, vpp=2)),
+        ("dense-cp2-local-attention", dense, L(cp=2)),
+        ("dense-tp2-sp-torch-norm", dense, L(tp=2, sp=True)),
+        ("dense-mbs2", dense, L(mbs=2)),
+        ("dense-batch-not-divisible", odd_batch, L(pp=1, mbs=1)),
+        ("dense-batch-ok-pp2", odd_batch, L(pp=2, tp=2)),
+        ("gqa3-tp2-groups", gqa3, L(tp=2)),
+        ("gqa3-tp1", gqa3, L()),
+        ("ffn100-tp8", ffn100, L(tp=8)),
+        ("ffn100-tp4", ffn100, L(tp=4)),
+        ("five-layers-pp2-uneven", five, L(pp=2)),
+        ("seven-layers-pp4-uneven", seven, L(pp=4)),
+        ("seven-layers-pp2-vpp2", seven, L(pp=2, vpp=2)),
+        ("learned-tied-pp2", learned, L(pp=2)),
+        ("learned-tied-tp2-pp1", learned, L(tp=2)),
+        ("plain-mlp-tp2-pp2", plain, L(tp=2, pp=2)),
+        ("moe-ep1", moe, L()),
+        ("moe-ep2", moe, L(ep=2)),
+        ("moe-ep4", moe, L(ep=4)),
+        ("moe-ep8", moe, L(ep=8)),
+        ("moe-ep16", moe, L(ep=16)),
+        ("moe-ep4-etp2", moe, L(ep=4, etp=2)),
+        ("moe-ep8-etp2-world", moe, L(ep=8, etp=2)),
+        ("moe-pp2-ep4", moe, L(pp=2, ep=4)),
+        ("moe-pp2-ep8-world", moe, L(pp=2, ep=8)),
+        ("moe-pp4-ep2", moe, L(pp=4, ep=2)),
+        ("moe-tp2-ep2-no-sp", moe, L(tp=2, ep=2)),
+        ("moe-tp2-ep4-sp-torch-norm", moe, L(tp=2, ep=4, etp=1, sp=True)),
+        ("moe6-ep4", moe6, L(ep=4)),
+        ("moe6-ep2", moe6, L(ep=2)),
+        ("moe-shared-ep2", shared, L(ep=2)),
+        ("moe-ffn60-etp8", ffn60, L(ep=1, etp=8)),
+        ("moe-ffn60-etp4", ffn60, L(ep=2, etp=4)),
+        ("moe-mixed-pp2-ep2", mixed, L(pp=2, ep=2)),
+        ("moe-mixed-ep8", mixed, L(ep=8)),
+    ]
+
+
+def probe_case(case_id: str, spec: Spec, lay: Layout) -> dict[str, Any]:
+    model = spec.model
+    ctx = make_context(spec)
+    units = ctx.units
+    gated = model.mlp.gated if model.mlp else model.moe.gated  # type: ignore[union-attr]
+    m: dict[str, Any] = {
+        "num_layers": len(units),
+        "hidden_size": model.hidden_size,
+        "num_attention_heads": model.attention.num_heads,  # type: ignore[union-attr]
+        "num_query_groups": model.query_groups,
+        "kv_channels": model.head_dim,
+        "ffn_hidden_size": model.mlp.ffn_hidden_size if model.mlp else model.moe.ffn_hidden_size,  # type: ignore[union-attr]
+        "gated_linear_unit": gated,
+        "vocab_size": model.vocab_size,
+        "position_embedding_type": {"rope": "rope", "learned": "learned_absolute", "none": "none"}[model.position_embedding],
+        "normalization": {"rmsnorm": "RMSNorm", "layernorm": "LayerNorm"}[model.normalization],
+        "share_embeddings_and_output_weights": model.tie_embeddings,
+        "seq_length": spec.training.seq_length,
+        "add_bias_linear": False,
+    }
+    if model.moe:
+        m.update(
+            num_moe_experts=model.moe.num_experts,
+            moe_ffn_hidden_size=model.moe.ffn_hidden_size,
+            moe_router_topk=model.moe.top_k,
+            moe_shared_expert_intermediate_size=model.moe.shared_expert_ffn_hidden_size,
+            moe_token_dispatcher_type=model.moe.dispatcher,
+            moe_layer_freq=[1 if u == "AE" else 0 for u in units],
+        )
+    pipeline: dict[str, Any] = {}
+    if not check_layout(ctx, lay) or all(v.severity != "error" for v in check_layout(ctx, lay)):
+        split, _ = assign_stages(ctx, lay.pp, lay.vpp)
+        if split.kind == "layout":
+            last = len(split.sizes) - 1
+            pipeline["pipeline_model_parallel_layout"] = "|".join(
+                ("E" if k == 0 else "") + "t" * n + ("L" if k == last else "") for k, n in enumerate(split.sizes)
+            )
+    layout = {"tp": lay.tp, "pp": lay.pp, "vpp": lay.vpp, "cp": lay.cp, "ep": lay.ep, "etp": lay.etp, "sp": lay.sp}
+    batch = {"global_batch_size": spec.training.global_batch_size, "micro_batch_size": lay.micro_batch_size}
+    return {"id": case_id, "layout": layout, "model": m, "pipeline": pipeline, "batch": batch}
+
+
+@pytest.fixture(scope="module")
+def megatron_results(tmp_path_factory) -> dict[str, dict[str, Any]]:
+    tmp = tmp_path_factory.mktemp("parity")
+    (tmp / "cases.json").write_text(json.dumps([probe_case(*c) for c in cases()]))
+    proc = subprocess.run(
+        [sys.executable, str(PROBE), str(tmp / "cases.json"), str(tmp / "out.json"), "--world", str(WORLD)],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {r["id"]: r for r in json.loads((tmp / "out.json").read_text())}
+
+
+def test_enough_cases_on_both_sides():
+    all_cases = cases()
+    verdicts = [not any(v.severity == "error" for v in check_layout(make_context(s), lay)) for _, s, lay in all_cases]
+    assert len(all_cases) >= 40
+    assert sum(verdicts) >= 15 and len(verdicts) - sum(verdicts) >= 15
+
+
+@pytest.mark.parametrize("case_id,spec,lay", cases(), ids=[c[0] for c in cases()])
+def test_verdict_matches_megatron(megatron_results, case_id, spec, lay):
+    errors = [v for v in check_layout(make_context(spec), lay) if v.severity == "error"]
+    result = megatron_results[case_id]
+    assert (not errors) == result["ok"], (
+        f"megacpp says {'legal' if not errors else [e.rule for e in errors]}, "
+        f"Megatron says {'ok' if result['ok'] else result['stage'] + ': ' + str(result['error'])}"
+    )
+
+
+@pytest.mark.parametrize("case_id,spec,lay", cases(), ids=[c[0] for c in cases()])
+def test_params_per_rank_match_megatron(megatron_results, case_id, spec, lay):
+    result = megatron_results[case_id]
+    if not result["ok"]:
+        pytest.skip("Megatron rejects this layout")
+    ctx = make_context(spec)
+    _, stages = assign_stages(ctx, lay.pp, lay.vpp)
+    predicted = stage_memory(ctx, lay, stages, DEFAULT_EFFICIENCY)
+    for rank in result["ranks"]:
+        stage = predicted[rank["pp"]]
+        assert (rank["params"], rank["params_routed_expert"]) == (stage.params, stage.params_expert), f"rank {rank['rank']}"
