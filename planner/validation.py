@@ -25,6 +25,11 @@ def validate_spec(spec: Spec) -> dict[str, Any]:
     plan = build_plan(spec, top=1)
     warnings = [n.message for n in plan.notes]
     if not plan.legal_count:
+        if plan.considered == 1 and plan.rejected.examples:  # fully pinned: report every broken rule
+            ctx = make_context(spec)
+            fields = {k: v for k, v in plan.rejected.examples[0].layout.items() if k != "edp"}
+            broken = [f"{v.rule}: {v.message}" for v in check_layout(ctx, Layout(**fields)) if v.severity == "error"]
+            return {"valid": False, "errors": broken, "warnings": warnings, "legal_count": 0}
         return {"valid": False, "errors": [_summary_of_rejection(plan)], "warnings": warnings, "legal_count": 0}
     best = plan.candidates[0]
     warnings += [w.message for w in best.warnings]

@@ -166,3 +166,7 @@ def main() -> None:
 
 
 __all__ = ["app", "main", "SpecError"]
+
+
+if __name__ == "__main__":
+    main()
