@@ -1,0 +1,66 @@
+"""Full layout search for NAM56R on 8, 1024 and 16384 H200 GPUs.
+
+Reports layouts considered per second (every layout of the space gets a verdict: legal, or the
+first rule that rejects it; sub-trees rejected by one rule are counted, not walked) and legal
+layouts fully estimated per second. Runs on one core; writes benchmarks/results/search.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from megacpp.planner.loading import load_spec_text
+from megacpp.planner.plan import build_plan
+from megacpp.recipes import recipe_text
+
+GPUS = (8, 1024, 16384)
+REPEATS = 5
+
+
+def main() -> int:
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # one core
+    rows = []
+    for gpus in GPUS:
+        spec = load_spec_text(recipe_text("nam56r"), overrides=[f"cluster.nodes={gpus // 8}"])
+        times = []
+        for _ in range(REPEATS):
+            start = time.perf_counter()
+            plan = build_plan(spec)
+            times.append(time.perf_counter() - start)
+        best, median = min(times), statistics.median(times)
+        rows.append({
+            "gpus": gpus,
+            "considered": plan.considered,
+            "legal": plan.legal_count,
+            "fit": plan.fitting_count,
+            "seconds_median": round(median, 4),
+            "seconds_best": round(best, 4),
+            "considered_per_second": round(plan.considered / median),
+            "legal_estimated_per_second": round(plan.legal_count / median),
+            "best_layout": plan.candidates[0].layout if plan.candidates else None,
+        })
+        print(f"{gpus:>6} GPUs: {plan.considered:>9,} considered, {plan.legal_count:>6,} legal, "
+              f"{plan.fitting_count:>6,} fit  median {median:.3f} s  "
+              f"({plan.considered / median:,.0f} considered/s, {plan.legal_count / median:,.0f} legal estimated/s)")
+    result = {
+        "benchmark": "nam56r full search (build_plan), one core",
+        "machine": {"python": sys.version.split()[0], "platform": platform.platform(), "processor": platform.processor() or platform.machine()},
+        "repeats": REPEATS,
+        "target": "under 1 s for 1024 GPUs",
+        "rows": rows,
+    }
+    out = Path(__file__).parent / "results" / "search.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0 if next(r for r in rows if r["gpus"] == 1024)["seconds_median"] < 1.0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
