@@ -1,0 +1,1 @@
+"""Jinja2 launch-script templates, one per target; rendered from typed contexts."""
