@@ -10,10 +10,9 @@ import os
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
-
 from megacpp.planner.errors import MegacppError, PlanError, SpecError
 
 app = typer.Typer(
@@ -27,10 +26,10 @@ explain_app = typer.Typer(help="Explain a layout or a rule.", no_args_is_help=Tr
 app.add_typer(explain_app, name="explain")
 
 # Shared options, defined once.
-SpecArg = Annotated[Optional[str], typer.Argument(help="Spec YAML, PLAN.json or recipe name (default: the bundled nam56r recipe).")]
+SpecArg = Annotated[str | None, typer.Argument(help="Spec YAML, PLAN.json or recipe name (default: the bundled nam56r recipe).")]
 SetOpt = Annotated[list[str], typer.Option("--set", help="Override a spec key: --set parallel.tp=2 (repeatable).")]
-ClusterOpt = Annotated[Optional[str], typer.Option("--cluster", help="Cluster preset (see `megacpp clusters`).")]
-NodesOpt = Annotated[Optional[int], typer.Option("--nodes", min=1, help="Number of nodes.")]
+ClusterOpt = Annotated[str | None, typer.Option("--cluster", help="Cluster preset (see `megacpp clusters`).")]
+NodesOpt = Annotated[int | None, typer.Option("--nodes", min=1, help="Number of nodes.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the JSON document instead of tables.")]
 
 
@@ -54,7 +53,7 @@ def plan(
     set_: SetOpt = [],  # noqa: B006
     top: Annotated[int, typer.Option("--top", min=1, help="How many ranked layouts to show/keep.")] = 10,
     as_json: JsonOpt = False,
-    out: Annotated[Optional[Path], typer.Option("--out", help="Write the plan document to this file.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Write the plan document to this file.")] = None,
 ) -> None:
     """Solve a spec into every legal layout and rank them."""
     from megacpp.planner.plan import Plan, build_plan
@@ -138,7 +137,7 @@ def clusters() -> None:
 
 @explain_app.command("rule")
 def explain_rule(
-    rule_id: Annotated[Optional[str], typer.Argument(metavar="RULE", help="Rule id, e.g. tp-divides-heads.")] = None,
+    rule_id: Annotated[str | None, typer.Argument(metavar="RULE", help="Rule id, e.g. tp-divides-heads.")] = None,
     list_all: Annotated[bool, typer.Option("--list", help="List every rule id.")] = False,
 ) -> None:
     """What a rule checks, where Megatron enforces it, and an example that fails and passes."""

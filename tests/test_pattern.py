@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from megacpp.planner.errors import SpecError
 from megacpp.planner.pattern import parse_pattern
 

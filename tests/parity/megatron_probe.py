@@ -64,6 +64,7 @@ perform_initialization=False since only shapes matter.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import socket
@@ -159,7 +160,6 @@ def _import_megatron():
     warnings.filterwarnings("ignore")
     import torch
     import torch.nn.functional as F
-
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import (
@@ -212,35 +212,25 @@ def _install_cpu_shims(torch):
 
 
 def _reset_globals(c, groups_before: set):
+    """Best-effort reset between cases; every step may legitimately find nothing to undo."""
     torch, ps = c.torch, c.ps
-    try:
+    with contextlib.suppress(Exception):
         ps.destroy_model_parallel()
-    except Exception:  # noqa: BLE001 - best effort
-        pass
     # destroy_model_parallel only drops references; with gloo every group holds
     # sockets, so destroy every group this case created.
-    try:
+    with contextlib.suppress(Exception):
         from torch.distributed import distributed_c10d as c10d
 
-        for pg in list(c10d._world.pg_map.keys()):
+        for pg in list(c10d._world.pg_map):
             if pg is c10d.GroupMember.WORLD or id(pg) in groups_before:
                 continue
-            try:
+            with contextlib.suppress(Exception):
                 torch.distributed.destroy_process_group(pg)
-            except Exception:  # noqa: BLE001
-                pass
-    except Exception:  # noqa: BLE001
-        pass
-    try:
-        tracker = c.tp_random.get_cuda_rng_tracker()
-        tracker.reset()
-    except Exception:  # noqa: BLE001
-        pass
+    with contextlib.suppress(Exception):
+        c.tp_random.get_cuda_rng_tracker().reset()
     if c.nmc is not None:
-        try:
+        with contextlib.suppress(Exception):
             c.nmc.destroy_num_microbatches_calculator()
-        except Exception:  # noqa: BLE001
-            pass
     torch.manual_seed(1234)
 
 
@@ -388,7 +378,7 @@ def _stage_model(c, case, st):
                     shared += n
                 else:
                     routed += n
-        ch_layers = [int(l.layer_number) for l in ch.decoder.layers]
+        ch_layers = [int(layer.layer_number) for layer in ch.decoder.layers]
         layers += ch_layers
         chunk_info.append(
             {"pre_process": bool(ch.pre_process), "post_process": bool(ch.post_process),
@@ -447,10 +437,10 @@ def _stage_batch(c, case, st):
 
 
 def _run_case(c, rank, world, case):
-    torch, dist = c.torch, c.torch.distributed
+    dist = c.torch.distributed
     from torch.distributed import distributed_c10d as c10d
 
-    groups_before = {id(pg) for pg in c10d._world.pg_map.keys()}
+    groups_before = {id(pg) for pg in c10d._world.pg_map}
     st = {"vpp": None, "info": {}}
     res = {"id": case["id"], "ok": True, "stage": None, "error": None, "where": None,
            "source": None,
@@ -580,10 +570,8 @@ def _worker(rank, world, port, cases, out_path, verbose):
             with open(out_path, "w") as f:
                 json.dump({"world": world, "seconds": round(time.perf_counter() - t_all, 3),
                            "results": results}, f)
-        try:
+        with contextlib.suppress(Exception):
             torch.distributed.destroy_process_group()
-        except Exception:  # noqa: BLE001
-            pass
 
 
 # --------------------------------------------------------------------------- parent
