@@ -6,9 +6,10 @@ are repeated in `SOURCES`. "ASSUMPTION" marks planner defaults that are not publ
 
 from __future__ import annotations
 
+from pydantic import BaseModel, ConfigDict
+
 from megacpp.planner.errors import SpecError, did_you_mean
 from megacpp.planner.spec import ClusterSpec
-from pydantic import BaseModel, ConfigDict
 
 
 class Cluster(BaseModel):

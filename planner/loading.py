@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Any, get_args
 
 import yaml
+from pydantic import BaseModel, ValidationError
+
 from megacpp.planner.errors import SpecError, did_you_mean
 from megacpp.planner.spec import Spec
-from pydantic import BaseModel, ValidationError
 
 MAX_SPEC_BYTES = 1 << 20
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, ValidationError
+
 from megacpp.planner.clusters import Cluster, resolve_cluster
 from megacpp.planner.cost import DEFAULT_EFFICIENCY, Efficiency, estimate
 from megacpp.planner.errors import PlanError
@@ -12,7 +14,6 @@ from megacpp.planner.rules import applicable, check_layout
 from megacpp.planner.search import search
 from megacpp.planner.spec import Spec
 from megacpp.planner.stages import assign_stages
-from pydantic import BaseModel, ConfigDict, ValidationError
 
 SCHEMA = "megacpp.plan/1"
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 from functools import cached_property
 from typing import Annotated, Literal
 
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
 from megacpp.planner.errors import SpecError
 from megacpp.planner.pattern import Pattern, parse_pattern
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 # Bounds keep absurd values out with a message naming the key. They are generous: the
 # largest published models are well inside them.

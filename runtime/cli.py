@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from megacpp.planner.errors import MegacppError, PlanError, SpecError
+
+from megacpp.planner.errors import LaunchError, MegacppError, PlanError, SpecError
 
 app = typer.Typer(
     name="megacpp",
@@ -104,6 +105,56 @@ def validate(
         console.validate_report(results, fmt.value)
     if not all(r["valid"] for r in results):
         raise typer.Exit(1)
+
+
+class Target(str, Enum):
+    torchrun = "torchrun"
+    slurm = "slurm"
+
+
+class Engine(str, Enum):
+    megatron_lm = "megatron-lm"
+    megacpp = "megacpp"
+
+
+@app.command()
+def launch(
+    spec: Annotated[str, typer.Argument(help="Spec YAML, PLAN.json or recipe name.")],
+    target: Annotated[Target, typer.Option("--target", help="torchrun (local or multi-node) or slurm (sbatch + srun).")] = Target.torchrun,
+    engine: Annotated[Engine, typer.Option("--engine", help="megatron-lm (needs $MEGATRON_LM) or megacpp's runtime worker.")] = Engine.megatron_lm,
+    rank: Annotated[int, typer.Option("--rank", min=0, help="Which ranked candidate of the plan to launch.")] = 0,
+    steps: Annotated[int, typer.Option("--steps", min=1, help="Training iterations.")] = 100,
+    construct_only: Annotated[bool, typer.Option("--construct-only", help="megacpp engine: build the model and report, no training.")] = False,
+    nproc_per_node: Annotated[int | None, typer.Option("--nproc-per-node", min=1, help="Processes per node (default: the cluster's GPUs per node).")] = None,
+    cpu: Annotated[bool, typer.Option("--cpu", help="Slurm: request CPUs, not GPUs (construction-mode jobs).")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Write and print the scripts; run nothing.")] = False,
+    out: Annotated[Path, typer.Option("--out", help="Folder for the scripts, plan.json, logs and report.")] = Path("megacpp-run"),
+    set_: SetOpt = [],  # noqa: B006
+) -> None:
+    """Render the chosen layout into launch scripts and run them (torchrun) or submit them (Slurm)."""
+    from megacpp.planner.megatron_args import TrainOptions
+    from megacpp.planner.plan import Plan, build_plan
+    from megacpp.planner.render import SCRIPT_NAMES, RenderOptions, render_launch
+    from megacpp.runtime import console, executors
+
+    loaded = _spec_or_plan(spec, set_, None, None)
+    plan_doc = loaded if isinstance(loaded, Plan) else build_plan(loaded, top=max(10, rank + 1))
+    opts = RenderOptions(
+        target=target.value, engine=engine.value, candidate=rank, train=TrainOptions(train_iters=steps),
+        nproc_per_node=nproc_per_node, cpu=cpu, construct_only=construct_only,
+    )
+    files = render_launch(plan_doc, opts)
+    executors.write_files(out, files)
+    script = out / SCRIPT_NAMES[target.value]
+    if dry_run:
+        console.print_json(files[script.name].rstrip("\n"))
+        console.err.print(f"wrote {script} and {out / 'plan.json'} (dry run: nothing started)")
+        return
+    code = executors.run_torchrun(script) if target == Target.torchrun else executors.submit_slurm(script)
+    if code != 0:
+        raise LaunchError(f"the job failed with exit code {code}; rank logs are under {out / 'logs'}" if target == Target.torchrun
+                          else f"the Slurm job failed with exit code {code}; see the megacpp-*.log in {out}")
+    console.err.print(f"job finished; outputs in {out}")
 
 
 @app.command()

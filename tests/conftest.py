@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from megacpp.planner.loading import spec_from_dict
 from megacpp.planner.spec import Spec
 

@@ -14,13 +14,13 @@ import sys
 from typing import Any
 
 import pytest
+
 from megacpp.planner.cost import DEFAULT_EFFICIENCY, stage_memory
 from megacpp.planner.layout import Layout
 from megacpp.planner.plan import make_context
 from megacpp.planner.rules import check_layout
 from megacpp.planner.spec import Spec
 from megacpp.planner.stages import assign_stages
-
 from tests.conftest import PROBE, TINY_DENSE, TINY_MOE, make_spec
 
 pytest.importorskip("megatron.core", reason="megatron-core is installed by `make test`")

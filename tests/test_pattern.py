@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from megacpp.planner.errors import SpecError
 from megacpp.planner.pattern import parse_pattern
 

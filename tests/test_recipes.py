@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from megacpp.planner.loading import load_spec_text
 from megacpp.planner.plan import build_plan
 from megacpp.planner.validation import validate_spec

@@ -1,0 +1,194 @@
+"""The one module that maps a plan onto Megatron-LM: entry point, flags and environment.
+
+Everything else in megacpp speaks its own vocabulary (Axis, Layout, Spec); Megatron's flag and
+field names live here. Every flag emitted is checked against the dialect's parser dump
+(planner/megatron_flags/*.txt, from Megatron-LM's add_megatron_arguments).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+
+from megacpp.planner.errors import LaunchError
+from megacpp.planner.layout import Context
+from megacpp.planner.plan import Candidate
+
+# Hybrid pattern symbols per dialect ([V] mamba_hybrid_layer_allocation.py:25-32; [M] hybrid_layer_allocation.py:14-27).
+HYBRID_SYMBOLS = {"A": "*", "M": "M", "E": "E", "D": "-", "R": "G"}
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """Run-length and data options that are not part of the plan."""
+
+    train_iters: int = 100
+    lr: float = 3e-4
+    data_path: str | None = None  # a Megatron indexed-dataset prefix; None uses --mock-data
+
+
+@cache
+def known_flags(dialect: str) -> frozenset[str]:
+    text = resources.files("megacpp.planner.megatron_flags").joinpath(f"{dialect}.txt").read_text()
+    return frozenset(line.strip() for line in text.splitlines() if line.startswith("--"))
+
+
+def entry_point(ctx: Context) -> str:
+    """pretrain_gpt.py for AD/AE stacks; the hybrid entry point of the dialect otherwise."""
+    if ctx.plain_transformer:
+        return "pretrain_gpt.py"
+    return "pretrain_mamba.py" if ctx.dialect == "core_v0.16" else "pretrain_hybrid.py"
+
+
+def _hybrid_pattern(ctx: Context, cand: Candidate) -> str:
+    blocks = ctx.pattern.blocks
+    if ctx.dialect == "core_v0.16":
+        if "R" in blocks:
+            raise LaunchError(
+                "R blocks have no Megatron layer in core_v0.16; launch with --engine megacpp, "
+                "or set backend.megatron: main (R renders as G, gated delta net)"
+            )
+        return "".join(HYBRID_SYMBOLS[b] for b in blocks)
+    sizes = cand.split["sizes"]
+    if len(sizes) == 1:
+        return "".join(HYBRID_SYMBOLS[b] for b in blocks)
+    # `|` segments in chunk order; Megatron assigns segment k to pp_rank k % PP, vp_stage k // PP
+    segments, start = [], 0
+    for size in sizes:
+        segments.append("".join(HYBRID_SYMBOLS[b] for b in blocks[start : start + size]))
+        start += size
+    return "|".join(segments)
+
+
+def _pipeline_flags(ctx: Context, cand: Candidate) -> list[str]:
+    split, lay = cand.split, cand.layout
+    if split["kind"] == "layout":
+        last = len(split["sizes"]) - 1
+        layout = "|".join(
+            ("E" if k == 0 else "") + "t" * n + ("L" if k == last else "") for k, n in enumerate(split["sizes"])
+        )
+        return ["--pipeline-model-parallel-layout", layout]
+    if split["kind"] == "first_last":
+        return [
+            "--decoder-first-pipeline-num-layers", str(split["first"]),
+            "--decoder-last-pipeline-num-layers", str(split["last"]),
+        ]
+    if split["kind"] == "even" and lay["vpp"] > 1 and ctx.plain_transformer:
+        return ["--num-virtual-stages-per-pipeline-rank", str(lay["vpp"])]
+    return []  # even split, or main-dialect `|` segments carried by the pattern
+
+
+def _moe_layer_freq(ctx: Context) -> str:
+    """`--moe-layer-freq` as Megatron's list expression, run-length encoded: ([0]*3+[1]*58)."""
+    flags = [1 if unit[1] == "E" else 0 for unit in ctx.units]
+    runs: list[list[int]] = []
+    for f in flags:
+        if runs and runs[-1][0] == f:
+            runs[-1][1] += 1
+        else:
+            runs.append([f, 1])
+    return "(" + "+".join(f"[{f}]*{n}" for f, n in runs) + ")"
+
+
+def megatron_args(ctx: Context, cand: Candidate, opts: TrainOptions) -> list[str]:
+    """The complete Megatron-LM argument list (unquoted) for one candidate of a plan."""
+    spec, model, lay = ctx.spec, ctx.spec.model, cand.layout
+    tr = spec.training
+    a: list[str] = [
+        "--tensor-model-parallel-size", str(lay["tp"]),
+        "--pipeline-model-parallel-size", str(lay["pp"]),
+        "--context-parallel-size", str(lay["cp"]),
+    ]
+    if lay["sp"] and lay["tp"] > 1:
+        a.append("--sequence-parallel")
+    a += _pipeline_flags(ctx, cand)
+    if ctx.plain_transformer:
+        a += ["--num-layers", str(ctx.num_layers)]
+    elif ctx.dialect == "core_v0.16":
+        a += ["--num-layers", str(ctx.num_layers), "--hybrid-override-pattern", _hybrid_pattern(ctx, cand), "--is-hybrid-model",
+              "--spec", "megatron.core.models.mamba.mamba_layer_specs", "mamba_stack_spec"]
+    else:
+        a += ["--hybrid-layer-pattern", _hybrid_pattern(ctx, cand),
+              "--spec", "megatron.core.models.hybrid.hybrid_layer_specs", "hybrid_stack_spec"]
+    a += ["--hidden-size", str(model.hidden_size), "--seq-length", str(tr.seq_length),
+          "--max-position-embeddings", str(tr.seq_length)]
+    if model.attention:
+        a += ["--num-attention-heads", str(model.attention.num_heads), "--kv-channels", str(model.head_dim)]
+        if model.query_groups != model.attention.num_heads:
+            a += ["--group-query-attention", "--num-query-groups", str(model.query_groups)]
+    else:
+        # Megatron needs a head count even without attention layers; it only shapes unused defaults
+        a += ["--num-attention-heads", "1"]
+    ffn = model.mlp.ffn_hidden_size if model.mlp else (model.moe.ffn_hidden_size if model.moe else 4 * model.hidden_size)
+    a += ["--ffn-hidden-size", str(ffn)]
+    gated = model.mlp.gated if model.mlp else (model.moe.gated if model.moe else True)
+    if gated:
+        a.append("--swiglu")
+    a += ["--normalization", {"rmsnorm": "RMSNorm", "layernorm": "LayerNorm"}[model.normalization],
+          "--position-embedding-type", {"rope": "rope", "learned": "learned_absolute", "none": "none"}[model.position_embedding],
+          "--disable-bias-linear"]
+    if not model.tie_embeddings:
+        a.append("--untie-embeddings-and-output-weights")
+    if model.mamba and "M" in ctx.letters:
+        m = model.mamba
+        a += ["--mamba-num-heads", str(model.mamba_heads), "--mamba-head-dim", str(m.head_dim),
+              "--mamba-state-dim", str(m.state_dim), "--mamba-num-groups", str(m.num_groups)]
+    if model.recurrent and "R" in ctx.letters:  # main only: R renders as G (gated delta net)
+        r = model.recurrent
+        a += ["--linear-num-key-heads", str(r.num_heads), "--linear-num-value-heads", str(r.num_heads),
+              "--linear-key-head-dim", str(r.head_dim), "--linear-value-head-dim", str(r.head_dim)]
+    if model.moe and ctx.has_moe:
+        moe = model.moe
+        a += ["--num-experts", str(moe.num_experts), "--moe-router-topk", str(moe.top_k),
+              "--moe-ffn-hidden-size", str(moe.ffn_hidden_size),
+              "--expert-model-parallel-size", str(lay["ep"]), "--expert-tensor-parallel-size", str(lay["etp"]),
+              "--moe-token-dispatcher-type", moe.dispatcher]
+        if moe.dispatcher == "flex":
+            a += ["--moe-flex-dispatcher-backend", moe.flex_backend]
+        if moe.shared_expert_ffn_hidden_size:
+            a += ["--moe-shared-expert-intermediate-size", str(moe.shared_expert_ffn_hidden_size)]
+        if moe.capacity_factor is not None:
+            a += ["--moe-expert-capacity-factor", f"{moe.capacity_factor:g}"]
+        if moe.num_experts >= 32:
+            a += ["--moe-router-dtype", "fp32"]  # transformer_config.py:3118-3127 warns otherwise
+        if ctx.plain_transformer and any(u[1] == "D" for u in ctx.units):
+            a += ["--moe-layer-freq", _moe_layer_freq(ctx)]
+        if ctx.te:
+            a.append("--moe-grouped-gemm")
+    a += ["--micro-batch-size", str(lay["micro_batch_size"]), "--global-batch-size", str(tr.global_batch_size), "--bf16"]
+    if tr.precision == "fp8":
+        a += ["--fp8-format", "hybrid"]
+    if tr.recompute == "selective":
+        a += ["--recompute-granularity", "selective"]
+    elif tr.recompute == "full":
+        a += ["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1"]
+    if tr.distributed_optimizer:
+        a += ["--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather"]
+    if ctx.te:
+        a += ["--transformer-impl", "transformer_engine"]
+    else:
+        # stock megatron-core 0.16.1 without TE fails at config or model build otherwise (DESIGN.md)
+        a += ["--transformer-impl", "local", "--no-persist-layer-norm", "--no-rope-fusion"]
+    a += ["--tokenizer-type", "NullTokenizer", "--vocab-size", str(model.vocab_size)]
+    a += ["--data-path", opts.data_path, "--split", "99,1,0"] if opts.data_path else ["--mock-data"]
+    a += ["--train-iters", str(opts.train_iters), "--lr", f"{opts.lr:g}", "--min-lr", f"{opts.lr / 10:g}",
+          "--lr-decay-style", "cosine", "--weight-decay", "0.1", "--clip-grad", "1.0",
+          "--log-interval", "1", "--eval-iters", "0", "--eval-interval", str(opts.train_iters)]
+    unknown = sorted({x for x in a if x.startswith("--")} - known_flags(ctx.dialect))
+    if unknown:
+        raise LaunchError(f"Megatron-LM {ctx.dialect} does not accept {', '.join(unknown)}")
+    return a
+
+
+def environment(ctx: Context, cand: Candidate) -> dict[str, str]:
+    """Environment for the job: Megatron's own requirements plus NCCL defaults for the cluster."""
+    lay, name = cand.layout, ctx.cluster.name
+    env = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}  # recommended in the MoE README [R28]
+    pre_blackwell = name in {"h100-sxm-8", "h200-sxm-8", "inline"}
+    if pre_blackwell and (lay["tp"] > 1 or lay["cp"] > 1):
+        env["CUDA_DEVICE_MAX_CONNECTIONS"] = "1"  # Megatron-LM arguments.py:1453-1481
+    if name == "gb10-spark":
+        # both PCIe halves of the ConnectX-7 port, or NCCL reaches half the link [R13]
+        env["NCCL_IB_HCA"] = "rocep1s0f0,roceP2p1s0f0"
+    return env

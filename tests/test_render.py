@@ -1,0 +1,127 @@
+"""Rendered launch scripts: golden files, Megatron flag existence, shell syntax, no injection.
+
+Regenerate the golden files after an intended change with MEGACPP_UPDATE_GOLDEN=1.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from megacpp.planner.errors import LaunchError
+from megacpp.planner.loading import load_spec_text
+from megacpp.planner.megatron_args import known_flags
+from megacpp.planner.plan import build_plan
+from megacpp.planner.render import RenderOptions, render_launch
+from megacpp.recipes import recipe_names, recipe_text
+from tests.conftest import ROOT, TINY_DENSE, make_spec
+
+GOLDEN = ROOT / "tests" / "golden" / "launch"
+UPDATE = os.environ.get("MEGACPP_UPDATE_GOLDEN") == "1"
+COMBOS = [(r, e, t) for r in recipe_names() for e in ("megatron-lm", "megacpp") for t in ("torchrun", "slurm")]
+
+
+def _plan(recipe: str, *overrides: str):
+    return build_plan(load_spec_text(recipe_text(recipe), overrides=list(overrides)), top=1)
+
+
+def _render(plan, engine, target):
+    try:
+        files = render_launch(plan, RenderOptions(target=target, engine=engine))
+    except LaunchError as exc:
+        return f"LaunchError: {exc}\n"
+    return files["launch.sh" if target == "torchrun" else "job.sbatch"]
+
+
+@pytest.mark.parametrize("recipe,engine,target", COMBOS, ids=["-".join(c) for c in COMBOS])
+def test_golden(recipe, engine, target):
+    text = _render(_plan(recipe), engine, target)
+    path = GOLDEN / f"{recipe}.{engine}.{target}.txt"
+    if UPDATE:
+        path.write_text(text)
+    assert path.exists(), f"missing golden file {path}; run with MEGACPP_UPDATE_GOLDEN=1"
+    assert text == path.read_text()
+
+
+def test_nam56r_on_main_renders_r_as_gated_delta_net():
+    text = _render(_plan("nam56r", "backend.megatron=main"), "megatron-lm", "torchrun")
+    assert "pretrain_hybrid.py" in text and "--hybrid-layer-pattern" in text
+    pattern = shlex.split(text.split("--hybrid-layer-pattern", 1)[1])[0]
+    assert pattern.replace("|", "").endswith("*EMG") and "--num-layers" not in text
+
+
+def test_r_blocks_refused_on_core_v016_megatron_lm_with_the_fix():
+    with pytest.raises(LaunchError, match="--engine megacpp"):
+        render_launch(_plan("nam56r"), RenderOptions(engine="megatron-lm"))
+
+
+@pytest.mark.parametrize("dialect", ["core_v0.16", "main"])
+@pytest.mark.parametrize("recipe", recipe_names())
+def test_every_megatron_flag_exists_in_the_dialects_parser(recipe, dialect):
+    try:
+        files = render_launch(_plan(recipe, f"backend.megatron={dialect}"), RenderOptions(engine="megatron-lm"))
+    except LaunchError:
+        pytest.skip("this recipe cannot run on stock Megatron-LM in this dialect (asserted elsewhere)")
+    tokens = shlex.split(files["launch.sh"], comments=True)
+    start = next(i for i, t in enumerate(tokens) if "/pretrain_" in t)
+    megatron = {t for t in tokens[start:] if t.startswith("--")}
+    assert megatron and megatron <= known_flags(dialect), megatron - known_flags(dialect)
+
+
+@pytest.mark.parametrize("recipe,engine,target", COMBOS, ids=["-".join(c) for c in COMBOS])
+def test_scripts_pass_bash_n(recipe, engine, target, tmp_path):
+    text = _render(_plan(recipe), engine, target)
+    if text.startswith("LaunchError"):
+        pytest.skip(text)
+    script = tmp_path / "s.sh"
+    script.write_text(text)
+    proc = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_uneven_pipeline_and_vpp_flags():
+    plan = build_plan(make_spec(TINY_DENSE, **{"model.pattern": "(AD)*7", "parallel": {"tp": 1, "pp": 2, "vpp": 1, "cp": 1}}))
+    text = render_launch(plan, RenderOptions(engine="megatron-lm"))["launch.sh"]
+    assert "--pipeline-model-parallel-layout" in text and "--transformer-impl local" in text
+    assert "--no-persist-layer-norm" in text and "--no-rope-fusion" in text
+
+
+HOSTILE = ['x"; touch PWNED; echo "', "$(touch PWNED)", "`touch PWNED`", "a'b; touch PWNED", "${IFS}touch${IFS}PWNED"]
+
+
+def _fake_bin(tmp: Path) -> Path:
+    """torchrun/srun/scontrol stand-ins that record their argv instead of launching anything."""
+    bin_dir = tmp / "bin"
+    bin_dir.mkdir()
+    for name, body in {
+        "torchrun": 'printf "%s\\n" "$@" > "$ARGV_OUT"',
+        "srun": 'printf "%s\\n" "$@" > "$ARGV_OUT"',
+        "scontrol": "echo node1",
+    }.items():
+        p = bin_dir / name
+        p.write_text(f"#!/usr/bin/env bash\n{body}\n")
+        p.chmod(p.stat().st_mode | stat.S_IEXEC)
+    return bin_dir
+
+
+@pytest.mark.parametrize("name", HOSTILE)
+@pytest.mark.parametrize("target", ["torchrun", "slurm"])
+@pytest.mark.parametrize("engine", ["megatron-lm", "megacpp"])
+def test_hostile_spec_name_executes_nothing(name, target, engine, tmp_path):
+    plan = build_plan(make_spec(TINY_DENSE, name=name), top=1)
+    files = render_launch(plan, RenderOptions(target=target, engine=engine))
+    script = tmp_path / "run" / ("launch.sh" if target == "torchrun" else "job.sbatch")
+    script.parent.mkdir()
+    script.write_text(files[script.name])
+    env = {**os.environ, "PATH": f"{_fake_bin(tmp_path)}:{os.environ['PATH']}", "ARGV_OUT": str(tmp_path / "argv"),
+           "MEGATRON_LM": str(tmp_path / "mlm"), "SLURM_JOB_NODELIST": "node1", "SLURM_NNODES": "1", "SLURM_JOB_ID": "7"}
+    proc = subprocess.run(["bash", str(script)], cwd=script.parent, env=env, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert not list(tmp_path.rglob("PWNED")) and not (ROOT / "PWNED").exists()
+    argv = (tmp_path / "argv").read_text().splitlines()
+    assert "--nproc-per-node" in argv  # the launcher really ran, with its arguments intact
