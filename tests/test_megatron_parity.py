@@ -18,6 +18,7 @@ import pytest
 from megacpp.planner.cost import DEFAULT_EFFICIENCY, stage_memory
 from megacpp.planner.layout import Layout
 from megacpp.planner.plan import make_context
+from megacpp.planner.ranks import process_groups, rank_coordinates
 from megacpp.planner.rules import check_layout
 from megacpp.planner.spec import Spec
 from megacpp.planner.stages import assign_stages
@@ -182,3 +183,20 @@ def test_params_per_rank_match_megatron(megatron_results, case_id, spec, lay):
     for rank in result["ranks"]:
         stage = predicted[rank["pp"]]
         assert (rank["params"], rank["params_routed_expert"]) == (stage.params, stage.params_expert), f"rank {rank['rank']}"
+
+
+@pytest.mark.parametrize("case_id,spec,lay", cases(), ids=[c[0] for c in cases()])
+def test_rank_map_matches_parallel_state(megatron_results, case_id, spec, lay):
+    """Coordinates and group memberships equal those megatron-core's parallel_state builds."""
+    result = megatron_results[case_id]
+    if result["groups"] is None:
+        pytest.skip("parallel_state rejected this layout")
+    groups = process_groups(lay)
+    for axis in ("tp", "cp", "dp", "dp_cp", "pp", "ep", "etp", "edp"):
+        assert groups[axis] == result["groups"][axis], axis
+    coords = rank_coordinates(lay, gpus_per_node=8)
+    for rank in result["ranks"]:
+        mine = coords[rank["rank"]]
+        assert {k: mine[k] for k in ("tp", "cp", "dp", "pp", "ep", "etp", "edp")} == {
+            k: rank[k] for k in ("tp", "cp", "dp", "pp", "ep", "etp", "edp")
+        }
