@@ -186,6 +186,38 @@ def clusters() -> None:
     )
 
 
+@explain_app.command("layout")
+def explain_layout_cmd(
+    spec: SpecArg = None,
+    rank: Annotated[int | None, typer.Option("--rank", min=0, help="Focus on one GPU: its stage, blocks, experts and peers.")] = None,
+    candidate: Annotated[int, typer.Option("--candidate", min=0, help="Which ranked candidate to explain.")] = 0,
+    as_json: JsonOpt = False,
+    svg: Annotated[Path | None, typer.Option("--svg", help="Write the rank-grid picture as SVG.")] = None,
+    png: Annotated[Path | None, typer.Option("--png", help="Write the rank-grid picture as PNG.")] = None,
+    cluster: ClusterOpt = None,
+    nodes: NodesOpt = None,
+    set_: SetOpt = [],  # noqa: B006
+) -> None:
+    """The rank map, who owns what, what each split cannot fix, and why the others lost."""
+    from megacpp.planner.explain import explain_layout
+    from megacpp.planner.plan import Plan, build_plan
+    from megacpp.runtime import console
+
+    loaded = _spec_or_plan(spec, set_, cluster, nodes)
+    plan_doc = loaded if isinstance(loaded, Plan) else build_plan(loaded, top=max(10, candidate + 1))
+    doc = explain_layout(plan_doc, candidate=candidate, rank=rank)
+    if svg is not None or png is not None:
+        from megacpp.runtime.picture import draw_layout
+
+        for path in (p for p in (svg, png) if p is not None):
+            draw_layout(doc, path)
+            console.err.print(f"wrote {path}")
+    if as_json:
+        console.print_json(json.dumps(doc, indent=2))
+    else:
+        console.explain_text(doc)
+
+
 @explain_app.command("rule")
 def explain_rule(
     rule_id: Annotated[str | None, typer.Argument(metavar="RULE", help="Rule id, e.g. tp-divides-heads.")] = None,

@@ -109,3 +109,116 @@ def rule_text(info: dict[str, str]) -> None:
         out.print(f"fails:  {info['fails']}")
     if info.get("passes"):
         out.print(f"passes: {info['passes']}")
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:,.1f}"
+
+
+def _bar(value: float, capacity: float, width: int = 30) -> str:
+    filled = min(width, round(width * value / capacity)) if capacity else 0
+    return "█" * filled + "·" * (width - filled)
+
+
+def _ranks_text(ranks: list[dict[str, int]], gpus_per_node: int, max_nodes: int = 8) -> None:
+    nodes = sorted({r["node"] for r in ranks})
+    table = Table(title="rank map (Megatron order tp-cp-ep-dp-pp; cell: rank tp.cp.dp.pp | ep.etp.edp)", header_style="bold", title_justify="left")
+    table.add_column("node")
+    for g in range(gpus_per_node):
+        table.add_column(f"gpu{g}")
+    shown = nodes if len(nodes) <= max_nodes else nodes[: max_nodes // 2] + nodes[-max_nodes // 2 :]
+    for node in shown:
+        cells = [
+            f"r{r['rank']} {r['tp']}.{r['cp']}.{r['dp']}.{r['pp']}|{r['ep']}.{r['etp']}.{r['edp']}"
+            for r in ranks if r["node"] == node
+        ]
+        table.add_row(str(node), *cells)
+        if len(nodes) > max_nodes and node == shown[max_nodes // 2 - 1]:
+            table.add_row("…", *["…"] * gpus_per_node)
+    out.print(table)
+    if len(nodes) > max_nodes:
+        out.print(f"[dim]{len(nodes) - max_nodes} of {len(nodes)} nodes elided; `--json` lists every rank, `--rank R` focuses one[/]")
+
+
+def explain_text(doc: dict[str, Any]) -> None:
+    """Human-readable explain document."""
+    lay = doc["layout"]
+    out.print(f"[bold]{doc['spec']}[/]  {doc['pattern']}  on {doc['world_size']} GPUs ({doc['cluster']['name']}) — candidate {doc['candidate']}: {_layout_cell(lay)}")
+    t = doc["time"]
+    out.print(f"step {t['step_seconds']:.2f} s, {t['tokens_per_second']:,.0f} tokens/s, MFU {t['mfu']:.0%}, bubble {t['bubble_fraction']:.1%}, "
+              f"{lay['num_microbatches']} micro-batches of {lay['micro_batch_size']}")
+
+    axes = Table(title="axes: what each split partitions here, what it costs, what it cannot fix", header_style="bold", title_justify="left")
+    for col in ("axis", "degree", "partitions", "collectives (link)", "GB/step", "s/step", "cannot fix"):
+        axes.add_column(col)
+    for a in doc["axes"]:
+        mark = " [bold red]← costliest[/]" if a["axis"] == doc["costliest_axis"] else ""
+        coll = ", ".join(dict.fromkeys(a["collectives"])) or "-"
+        axes.add_row(a["axis"], str(a["degree"]), a["partitions"], f"{coll} ({a['link']})", _gb(a["bytes_per_step"]),
+                     f"{a['seconds_per_step']:.3f}{mark}", a["cannot_fix"])
+    out.print(axes)
+
+    stages = Table(title="stage ownership", header_style="bold", title_justify="left")
+    for col in ("pp", "vp", "layers", "blocks", "owns", "notes"):
+        stages.add_column(col)
+    for s in doc["stages"]:
+        owns = ", ".join(x for x, on in (("embedding", s["embedding"]), ("head + loss", s["output_head"])) if on) or "-"
+        blocks = s["blocks"] if len(s["blocks"]) <= 40 else s["blocks"][:37] + "…"
+        stages.add_row(str(s["pp_rank"]), str(s["vp_stage"]), f"{s['layers'][0]}-{s['layers'][1] - 1}", blocks, owns, "; ".join(s["notes"]))
+    out.print(stages)
+
+    mem = doc["memory"]
+    out.print(f"[bold]memory per stage[/] (capacity {mem['capacity_gib']:g} GiB; predicts torch.cuda.max_memory_allocated)")
+    for m in mem["per_stage"]:
+        parts = " + ".join(f"{k.removesuffix('_gib')} {m[k]:.1f}" for k in
+                           ("weights_gib", "gradients_gib", "optimizer_gib", "activations_gib", "buffers_gib", "overhead_gib"))
+        out.print(f"  pp{m['pp_rank']} {_bar(m['total_gib'], mem['capacity_gib'])} {m['total_gib']:6.1f} GiB = {parts}")
+
+    _ranks_text(doc["ranks"], doc["cluster"]["gpus_per_node"])
+
+    if doc["experts"]:
+        out.print("[bold]experts[/] (which ranks hold each expert range, per E block)")
+        for e in doc["experts"][:6]:
+            owners = "; ".join(f"{o['experts'][0]}-{o['experts'][1]} → {_rank_list(o['ranks'])}" for o in e["owners"][:8])
+            more = f"; … {len(e['owners']) - 8} more" if len(e["owners"]) > 8 else ""
+            out.print(f"  E#{e['e_block']} (block {e['block_index']}, pp{e['pp_rank']}): {owners}{more}")
+        if len(doc["experts"]) > 6:
+            out.print(f"  … {len(doc['experts']) - 6} more E blocks; `--json` lists all")
+
+    why = Table(title="why not: each axis moved to its neighbours", header_style="bold", title_justify="left")
+    for col in ("change", "verdict", "rule / cost"):
+        why.add_column(col)
+    for w in doc["why_not"]:
+        if w["verdict"] == "rejected":
+            why.add_row(f"{w['axis']}={w['value']}", "[red]rejected[/]", f"{w['rule']}: {w['message']}")
+        else:
+            fits = "" if w["verdict"] == "legal" else " [red](does not fit)[/]"
+            why.add_row(f"{w['axis']}={w['value']}", "[green]legal[/]" + fits,
+                        f"step {w['step_delta']:+.1%} ({w['step_seconds']:.2f} s), peak {w['peak_gib']:.1f} GiB")
+    out.print(why)
+    if doc["runners_up"]:
+        out.print("[bold]runners-up[/]: " + "; ".join(
+            f"#{r['candidate']} {_layout_cell(r['layout'])} {r['step_delta']:+.1%}" for r in doc["runners_up"][:3]))
+    if "focus" in doc:
+        f = doc["focus"]
+        out.print(f"[bold]rank {f['rank']}[/] (node {f['node']}, gpu {f['local_rank']}): tp {f['tp']} cp {f['cp']} dp {f['dp']} pp {f['pp']} "
+                  f"ep {f['ep']} etp {f['etp']} edp {f['edp']}")
+        for s in f["stages"]:
+            out.print(f"  holds layers {s['layers'][0]}-{s['layers'][1] - 1}: {s['blocks']}")
+        for axis, peers in f["peers"].items():
+            out.print(f"  {axis} peers: {_rank_list(peers)}")
+        if f["experts"]:
+            spans = sorted({tuple(e["experts"]) for e in f["experts"]})
+            out.print(f"  experts: {', '.join(f'{a}-{b}' for a, b in spans)} of each of its {len(f['experts'])} E blocks")
+
+
+def _rank_list(ranks: list[int]) -> str:
+    """Compact rank lists: 0-7, or 0,8,16…(8 ranks, stride 8)."""
+    if len(ranks) <= 1:
+        return ",".join(map(str, ranks))
+    stride = ranks[1] - ranks[0]
+    if all(b - a == stride for a, b in zip(ranks, ranks[1:], strict=False)):
+        if stride == 1:
+            return f"{ranks[0]}-{ranks[-1]}"
+        return f"{ranks[0]},{ranks[1]},…,{ranks[-1]} (stride {stride})"
+    return ",".join(map(str, ranks[:12])) + ("…" if len(ranks) > 12 else "")
