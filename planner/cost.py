@@ -235,6 +235,10 @@ def communication(
         routed = BF16 * moe.top_k * tokens / (lay.tp if lay.sp else 1) * h
         # dispatch + combine in forward and again in backward
         add("ep", "all-to-all", lay.ep * lay.etp, lay.ep * lay.etp, routed, blocks.count("E") * m * 2 * passes)
+        if lay.etp > 1:
+            # expert TP gathers the routed tokens before the experts and reduce-scatters after
+            add("etp", "all-gather", lay.etp, lay.etp, routed * lay.etp, blocks.count("E") * m * passes)
+            add("etp", "reduce-scatter", lay.etp, lay.etp, routed * lay.etp, blocks.count("E") * m * passes)
     if lay.pp > 1:
         add("pp", "send-recv", 2, ctx.world, act / (lay.tp if lay.sp else 1), 2 * m * lay.vpp)
     big = mem[busiest]
@@ -276,7 +280,7 @@ def estimate(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency = D
     m = lay.num_microbatches
     pipeline_units = m + (lay.pp - 1) / lay.vpp
     compute = pipeline_units * t_mb
-    per_mb_comm = sum(x.exposed_seconds for x in comms if x.axis in ("tp", "cp", "ep", "pp")) / m
+    per_mb_comm = sum(x.exposed_seconds for x in comms if x.axis in ("tp", "cp", "ep", "etp", "pp")) / m
     step = pipeline_units * (t_mb + per_mb_comm) + sum(x.exposed_seconds for x in comms if x.axis in ("dp", "edp"))
     bubble = (lay.pp - 1) / lay.vpp / pipeline_units
     gbs_tokens = ctx.spec.training.global_batch_size * ctx.seq

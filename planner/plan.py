@@ -134,8 +134,9 @@ def build_plan(spec: Spec, top: int = 10, eff: Efficiency = DEFAULT_EFFICIENCY) 
     scored = []
     for lay in result.legal:
         cand, step, fits = _candidate(ctx, lay, eff, warnings)
-        scored.append((not fits, step, lay.short(), cand))
-    scored.sort(key=lambda t: (t[0], t[1], t[2]))
+        # fitting layouts first, then faster, then lighter on memory
+        scored.append((not fits, round(step, 9), cand.memory["peak_gib"], lay.short(), cand))
+    scored.sort(key=lambda t: t[:4])
     chosen = [c.model_copy(update={"rank": i}) for i, (*_, c) in enumerate(scored[:top])]
     examples = [
         RejectedExample(layout=lay.to_dict(), rule=rule_id, message=msg)
