@@ -10,6 +10,7 @@ defaults until calibrated against measured runs.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 from megacpp.planner.blocks import (
@@ -138,11 +139,11 @@ def stage_memory(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency
         act_per_mb = 0.0
         buffers = 0.0
         for st in mine:
-            for letter in st.blocks:
+            for letter, n in Counter(st.blocks).items():
                 bp = block_params(ctx, letter, lay)
-                dense += bp.dense
-                expert += bp.expert
-                act_per_mb += block_activation_bytes(ctx, letter, lay) * tokens
+                dense += n * bp.dense
+                expert += n * bp.expert
+                act_per_mb += n * block_activation_bytes(ctx, letter, lay) * tokens
             if st.embedding:
                 dense += embedding_params(ctx, lay)
                 act_per_mb += BF16 * ctx.spec.model.hidden_size * tokens / (lay.tp if lay.sp else 1)
@@ -268,11 +269,12 @@ def estimate(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency = D
     rate = (c.mamf_fp8_tflops if precision == "fp8" else c.mamf_bf16_tflops) * 1e12 * eff.matmul
     tokens = _tokens_per_mb(ctx, lay)
     passes = 4 if ctx.spec.training.recompute == "full" else 3
+    per_letter = {letter: block_flops(ctx, letter) for letter in ctx.letters}
     per_rank = []
     for p in range(lay.pp):
         flops = 0.0
         for st in _rank_stages(stages, p):
-            flops += sum(block_flops(ctx, letter) for letter in st.blocks)
+            flops += sum(n * per_letter[letter] for letter, n in Counter(st.blocks).items())
             if st.output_head:
                 flops += head_flops(ctx)
         per_rank.append(flops * tokens / lay.tp * passes / rate)
@@ -284,7 +286,7 @@ def estimate(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency = D
     step = pipeline_units * (t_mb + per_mb_comm) + sum(x.exposed_seconds for x in comms if x.axis in ("dp", "edp"))
     bubble = (lay.pp - 1) / lay.vpp / pipeline_units
     gbs_tokens = ctx.spec.training.global_batch_size * ctx.seq
-    model_flops = 3 * gbs_tokens * (sum(block_flops(ctx, b) for b in ctx.pattern.blocks) + head_flops(ctx))
+    model_flops = 3 * gbs_tokens * (sum(n * per_letter[b] for b, n in Counter(ctx.pattern.blocks).items()) + head_flops(ctx))
     peak = (c.fp8_tflops if precision == "fp8" else c.bf16_tflops) * 1e12
     return Estimate(
         memory=mem,

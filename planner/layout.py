@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import cached_property
+from typing import Any
 
 from megacpp.planner.clusters import Cluster
 from megacpp.planner.pattern import Pattern
@@ -55,6 +56,7 @@ class Context:
 
     spec: Spec
     cluster: Cluster
+    stage_cache: dict[Any, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def world(self) -> int:

@@ -7,7 +7,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from megacpp.planner.clusters import Cluster, resolve_cluster
-from megacpp.planner.cost import DEFAULT_EFFICIENCY, Efficiency, estimate
+from megacpp.planner.cost import DEFAULT_EFFICIENCY, Efficiency, Estimate, estimate
 from megacpp.planner.errors import PlanError
 from megacpp.planner.layout import Context, Layout
 from megacpp.planner.rules import applicable, check_layout
@@ -86,12 +86,10 @@ def make_context(spec: Spec, cluster: Cluster | None = None) -> Context:
     return Context(spec=spec, cluster=cluster or resolve_cluster(spec.cluster))
 
 
-def _candidate(ctx: Context, lay: Layout, eff: Efficiency, warnings: list) -> tuple[Candidate, float, bool]:
+def _candidate(ctx: Context, lay: Layout, est: Estimate, warnings: list) -> Candidate:
     split, stages = assign_stages(ctx, lay.pp, lay.vpp)
-    est = estimate(ctx, lay, stages, eff)
-    fits = est.peak_gib <= ctx.cluster.gpu_memory_gib
     notes = [Note(rule=v.rule, message=v.message) for v in check_layout(ctx, lay, warnings)]
-    cand = Candidate(
+    return Candidate(
         rank=0,
         layout=lay.to_dict(),
         split={"kind": split.kind, "sizes": list(split.sizes), "first": split.first, "last": split.last},
@@ -109,10 +107,9 @@ def _candidate(ctx: Context, lay: Layout, eff: Efficiency, warnings: list) -> tu
             "mfu": round(est.mfu, 4),
             "bubble_fraction": round(est.bubble_fraction, 4),
         },
-        fits=fits,
+        fits=est.peak_gib <= ctx.cluster.gpu_memory_gib,
         warnings=notes,
     )
-    return cand, est.step_seconds, fits
 
 
 def build_plan(spec: Spec, top: int = 10, eff: Efficiency = DEFAULT_EFFICIENCY) -> Plan:
@@ -132,12 +129,16 @@ def build_plan(spec: Spec, top: int = 10, eff: Efficiency = DEFAULT_EFFICIENCY) 
         for k in spec.model.unused_sub_blocks()
     ]
     scored = []
+    capacity = ctx.cluster.gpu_memory_gib
     for lay in result.legal:
-        cand, step, fits = _candidate(ctx, lay, eff, warnings)
+        est = estimate(ctx, lay, assign_stages(ctx, lay.pp, lay.vpp)[1], eff)
         # fitting layouts first, then faster, then lighter on memory
-        scored.append((not fits, round(step, 9), cand.memory["peak_gib"], lay.short(), cand))
+        scored.append((est.peak_gib > capacity, round(est.step_seconds, 9), round(est.peak_gib, 3), lay.short(), lay, est))
     scored.sort(key=lambda t: t[:4])
-    chosen = [c.model_copy(update={"rank": i}) for i, (*_, c) in enumerate(scored[:top])]
+    chosen = [
+        _candidate(ctx, lay, est, warnings).model_copy(update={"rank": i})
+        for i, (*_, lay, est) in enumerate(scored[:top])
+    ]
     examples = [
         RejectedExample(layout=lay.to_dict(), rule=rule_id, message=msg)
         for rule_id, shown in result.rejections.examples.items()

@@ -50,7 +50,8 @@ class Stage:
 
 
 def unit_weights(ctx: Context) -> list[float]:
-    return [sum(block_flops(ctx, letter) for letter in unit) for unit in ctx.units]
+    per_letter = {letter: block_flops(ctx, letter) for letter in ctx.letters}
+    return [sum(per_letter[letter] for letter in unit) for unit in ctx.units]
 
 
 def _partition(weights: list[float], k: int, head: float) -> tuple[int, ...]:
@@ -140,7 +141,14 @@ def choose_split(ctx: Context, pp: int, vpp: int) -> Split:
 
 
 def assign_stages(ctx: Context, pp: int, vpp: int) -> tuple[Split, list[Stage]]:
-    """Stages in (pp_rank, vp_stage) order with their block strings."""
+    """Stages in (pp_rank, vp_stage) order with their block strings (memoised per context)."""
+    key = (pp, vpp)
+    if key not in ctx.stage_cache:
+        ctx.stage_cache[key] = _assign(ctx, pp, vpp)
+    return ctx.stage_cache[key]
+
+
+def _assign(ctx: Context, pp: int, vpp: int) -> tuple[Split, list[Stage]]:
     split = choose_split(ctx, pp, vpp)
     step = 2 if ctx.plain_transformer else 1
     blocks = ctx.pattern.blocks

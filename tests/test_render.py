@@ -5,6 +5,7 @@ Regenerate the golden files after an intended change with MEGACPP_UPDATE_GOLDEN=
 
 from __future__ import annotations
 
+import functools
 import os
 import shlex
 import stat
@@ -26,6 +27,7 @@ UPDATE = os.environ.get("MEGACPP_UPDATE_GOLDEN") == "1"
 COMBOS = [(r, e, t) for r in recipe_names() for e in ("megatron-lm", "megacpp") for t in ("torchrun", "slurm")]
 
 
+@functools.cache
 def _plan(recipe: str, *overrides: str):
     return build_plan(load_spec_text(recipe_text(recipe), overrides=list(overrides)), top=1)
 
