@@ -1,0 +1,188 @@
+"""`megacpp explain layout`: golden text and JSON for every recipe, the newcomer's questions, --rank, pictures.
+
+Everything runs the real CLI in a subprocess, as a user would. Regenerate the golden files after an
+intended change with MEGACPP_UPDATE_GOLDEN=1.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+
+import pytest
+
+from megacpp.planner.loading import load_spec_text
+from megacpp.recipes import recipe_names, recipe_text
+from tests.conftest import ROOT
+
+GOLDEN = ROOT / "tests" / "golden" / "explain"
+UPDATE = os.environ.get("MEGACPP_UPDATE_GOLDEN") == "1"
+# rich honours these even when stdout is a pipe (colour codes, terminal width); a user's shell may set them
+TERMINAL_ENV = ("FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE", "COLUMNS", "LINES", "JUPYTER_COLUMNS")
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k not in TERMINAL_ENV} | {"PYTHONIOENCODING": "utf-8"}
+    return subprocess.run([sys.executable, "-m", "megacpp.runtime.cli", "explain", "layout", *args],
+                          capture_output=True, text=True, encoding="utf-8", env=env, timeout=120)
+
+
+@functools.cache
+def _explain(*args: str) -> subprocess.CompletedProcess[str]:
+    """Cached CLI runs: planning deepseek-v3-style takes seconds, and several tests read the same output."""
+    proc = _run(*args)
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+@functools.cache
+def _doc(*args: str) -> dict:
+    return json.loads(_explain(*args, "--json").stdout)
+
+
+def _num_experts(recipe: str) -> int:
+    moe = load_spec_text(recipe_text(recipe)).model.moe
+    assert moe is not None
+    return moe.num_experts
+
+
+@pytest.mark.parametrize("fmt", ["txt", "json"])
+@pytest.mark.parametrize("recipe", recipe_names())
+def test_golden(recipe, fmt):
+    out = _explain(recipe, *(["--json"] if fmt == "json" else [])).stdout
+    path = GOLDEN / f"{recipe}.{fmt}"
+    if UPDATE:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(out, encoding="utf-8")
+    assert path.exists(), f"missing golden file {path}; run with MEGACPP_UPDATE_GOLDEN=1"
+    assert out == path.read_text(encoding="utf-8")
+
+
+def test_text_output_is_the_same_on_every_run():
+    # a fresh interpreter (another hash seed) must print the same bytes as the cached run
+    assert _run("nam56r").stdout == _explain("nam56r").stdout
+
+
+NAM56R_64 = ("nam56r", "--nodes", "8")
+
+
+def test_newcomer_which_gpus_hold_expert_17_of_the_fifth_e_block():
+    doc = _doc(*NAM56R_64)
+    assert doc["world_size"] == 64 and doc["cluster"]["name"].startswith("h200")
+    fifth = doc["experts"][4]
+    assert fifth["e_block"] == 4
+    pattern_blocks = "".join(s["blocks"] for s in sorted(doc["stages"], key=lambda s: s["layers"][0]))
+    assert [i for i, b in enumerate(pattern_blocks) if b == "E"][4] == fifth["block_index"]
+    holders = [r for o in fifth["owners"] if o["experts"][0] <= 17 <= o["experts"][1] for r in o["ranks"]]
+    per_shard = _num_experts("nam56r") // doc["layout"]["ep"]
+    expected = [r["rank"] for r in doc["ranks"] if r["pp"] == fifth["pp_rank"] and r["ep"] == 17 // per_shard]
+    assert holders and holders == expected
+
+
+def test_newcomer_which_collective_costs_most():
+    doc = _doc(*NAM56R_64)
+    costliest = max(doc["axes"], key=lambda a: a["seconds_per_step"])
+    assert costliest["seconds_per_step"] > 0 and doc["costliest_axis"] == costliest["axis"]
+
+
+def test_newcomer_why_tp_16_was_rejected():
+    rows = [w for w in _doc(*NAM56R_64)["why_not"] if w["axis"] == "tp" and w["value"] == 16]
+    assert len(rows) == 1
+    row = rows[0]
+    assert row["verdict"] == "rejected" and row["rule"] == "tp-divides-mamba-groups"
+    assert "num_groups=8" in row["message"]
+
+
+def test_newcomer_facts_are_readable_in_the_text():
+    doc, text = _doc(*NAM56R_64), _explain(*NAM56R_64).stdout
+    lines = text.splitlines()
+    tp16 = [line for line in lines if "tp=16" in line]
+    assert tp16 and "rejected" in tp16[0] and "tp-divides-mamba-groups" in tp16[0] and "num_groups=8" in tp16[0]
+    costliest = [line for line in lines if "costliest" in line and line.startswith("│")]
+    assert len(costliest) == 1 and costliest[0].split("│")[1].strip() == doc["costliest_axis"]
+    fifth = doc["experts"][4]
+    e4 = [line.strip() for line in lines if line.strip().startswith("E#4 ")]
+    assert e4 == [f"E#4 (block {fifth['block_index']}, pp{fifth['pp_rank']}): 0-63 → 8-15"]
+
+
+@pytest.mark.parametrize("rank", [0, 13, 63])
+def test_rank_focus_peers_and_experts(rank):
+    doc = _doc("mixtral-8x7b", "--rank", str(rank))
+    focus, lay = doc["focus"], doc["layout"]
+    assert lay["ep"] > 1 and focus["rank"] == rank
+    assert focus == {**doc["ranks"][rank], **{k: focus[k] for k in ("stages", "peers", "experts")}}
+    axes_with_groups = {a["axis"]: a["groups"] for a in doc["axes"] if a["groups"]}
+    assert set(focus["peers"]) == set(axes_with_groups)
+    for axis, peers in focus["peers"].items():
+        assert rank in peers and peers in axes_with_groups[axis], axis
+    per_shard = _num_experts("mixtral-8x7b") // lay["ep"]
+    mine = [per_shard * focus["ep"], per_shard * (focus["ep"] + 1) - 1]
+    expected = [{"e_block": e["e_block"], "experts": mine} for e in doc["experts"] if e["pp_rank"] == focus["pp"]]
+    assert expected and focus["experts"] == expected
+    text = _explain("mixtral-8x7b", "--rank", str(rank)).stdout
+    assert f"rank {rank} (node {focus['node']}, gpu {focus['local_rank']})" in text
+    assert f"experts: {mine[0]}-{mine[1]} of each of its {len(expected)} E blocks" in text
+
+
+PICTURES = [
+    ("nam56r", "nam56r", []),
+    ("nam56r", "nam56r", ["--nodes", "8"]),
+    ("mixtral-8x7b", "mixtral-8x7b-1024", ["--nodes", "128"]),
+    ("mixtral-8x7b", "mixtral-8x7b-4096", ["--nodes", "512"]),
+]
+
+
+@pytest.mark.parametrize("recipe,label,extra", PICTURES, ids=[f"{p[0]}-{''.join(p[2]) or 'default'}" for p in PICTURES])
+def test_picture_renders(recipe, label, extra, tmp_path):
+    pytest.importorskip("matplotlib", reason="pictures need the viz extra: pip install 'megacpp[viz]'")
+    import numpy as np
+    from matplotlib.image import imread
+
+    from megacpp.runtime.picture import stage_colour
+
+    png, svg = tmp_path / f"{label}.png", tmp_path / f"{label}.svg"
+    proc = _run(recipe, *extra, "--json", "--png", str(png), "--svg", str(svg))
+    assert proc.returncode == 0, proc.stderr
+    assert f"wrote {png}" in proc.stderr and f"wrote {svg}" in proc.stderr
+    doc = json.loads(proc.stdout)
+    pixels = imread(png)
+    height, width = pixels.shape[:2]
+    assert width >= 800 and height >= 300
+    rgb = np.round(pixels[..., :3] * 255).astype(int)
+    assert rgb.std() > 20  # not blank
+    pp = doc["layout"]["pp"]
+    for stage in range(pp):  # every stage's fill colour covers a visible area
+        target = np.round(np.array(stage_colour(stage, pp)) * 255).astype(int)
+        assert (np.abs(rgb - target).max(axis=-1) <= 2).sum() >= 200, f"stage pp{stage} colour missing"
+    assert len({tuple(c) for c in rgb.reshape(-1, 3)[:: 7]}) >= pp + 2
+    root = ET.parse(svg).getroot()
+    assert root.tag.endswith("svg")
+    assert doc["spec"] in "".join(root.itertext())
+
+
+def test_bad_rank_is_one_line_and_exit_1():
+    proc = _run("nam56r", "--rank", "999")
+    assert proc.returncode == 1 and not proc.stdout
+    assert proc.stderr.strip().splitlines() == ["error: --rank 999: ranks are 0..7"]
+
+
+def test_bad_picture_suffix_names_it_and_the_choices(tmp_path):
+    out = tmp_path / "out.txt"
+    proc = _run("nam56r", "--png", str(out))
+    assert proc.returncode == 1 and not out.exists()
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "'.txt'" in lines[0] and ".svg or .png" in lines[0]
+
+
+def test_missing_matplotlib_says_how_to_install(tmp_path):
+    code = ("import sys; sys.modules['matplotlib'] = None; from megacpp.runtime.cli import main; "
+            f"sys.argv = ['megacpp', 'explain', 'layout', 'nam56r', '--png', {str(tmp_path / 'x.png')!r}]; main()")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'x.png'}: drawing pictures needs matplotlib; pip install 'megacpp[viz]'"
+    ]
