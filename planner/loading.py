@@ -55,6 +55,12 @@ def load_spec_text(text: str, source: str = "<spec>", overrides: list[str] | tup
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise SpecError(f"{source}: invalid YAML{where}: {problem}") from None
+    except RecursionError:
+        raise SpecError(f"{source}: invalid YAML: nested too deeply") from None
+    except (ValueError, OverflowError) as exc:  # PyYAML's own, e.g. an out-of-range \U escape
+        raise SpecError(f"{source}: invalid YAML: {str(exc).splitlines()[0][:120]}") from None
+    if data is None:
+        raise SpecError(f"{source}: is empty (only comments); a spec needs at least model, training and cluster")
     if not isinstance(data, dict):
         raise SpecError(f"{source}: the top level must be a mapping with model, training and cluster keys")
     for item in overrides:
@@ -83,36 +89,56 @@ def apply_override(data: dict[str, Any], item: str) -> None:
 
 
 def spec_from_dict(data: dict[str, Any], source: str = "<spec>") -> Spec:
-    _reject_non_finite(data, ())
     try:
+        _reject_non_finite(data, (), set())
         return Spec.model_validate(data)
     except ValidationError as exc:
-        raise SpecError(f"{source}: {_describe(exc.errors()[0])}") from None
+        # an unknown key explains a "missing" one next to it (a typo), so report unknown keys first
+        errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
+        raise SpecError(f"{source}: {_describe(errors[0])}") from None
+    except SpecError as exc:
+        message = str(exc)
+        raise SpecError(message if message.startswith(f"{source}: ") else f"{source}: {message}") from None
     except RecursionError:
         raise SpecError(f"{source}: nested too deeply") from None
 
 
-def _reject_non_finite(node: Any, path: tuple[str, ...]) -> None:
+def _reject_non_finite(node: Any, path: tuple[str, ...], seen: set[int]) -> None:
     if isinstance(node, float) and not math.isfinite(node):
         raise SpecError(f"{'.'.join(path)}: {node} is not a finite number")
-    if isinstance(node, dict):
-        for k, v in node.items():
-            _reject_non_finite(v, (*path, str(k)))
-    elif isinstance(node, list):
-        for i, v in enumerate(node):
-            _reject_non_finite(v, (*path, str(i)))
+    if isinstance(node, (dict, list)):
+        if id(node) in seen:
+            raise SpecError(f"{'.'.join(path) or 'spec'}: refers to itself (a YAML alias loop)")
+        seen.add(id(node))
+        items = node.items() if isinstance(node, dict) else enumerate(node)
+        for k, v in items:
+            _reject_non_finite(v, (*path, str(k)), seen)
+        seen.discard(id(node))
 
 
-def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
-    """The pydantic model class that owns the field at `loc` (for "did you mean")."""
+def _field_model(cls: type[BaseModel], name: str) -> type[BaseModel] | None:
+    annotation = cls.model_fields[name].annotation
+    candidates = [annotation, *get_args(annotation)]
+    return next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+
+
+def _clean_loc(loc: tuple[Any, ...], kind: str) -> tuple[list[str], type[BaseModel] | None]:
+    """The user's key path (pydantic's union-branch tags dropped) and the model owning its last key."""
     cls: type[BaseModel] | None = Spec
-    for part in loc:
-        if cls is None or part not in cls.model_fields:
-            return cls
-        annotation = cls.model_fields[part].annotation
-        candidates = [annotation, *get_args(annotation)]
-        cls = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
-    return cls
+    owner: type[BaseModel] | None = Spec
+    path: list[str] = []
+    for i, part in enumerate(loc):
+        if isinstance(part, int):
+            path.append(str(part))
+        elif cls is not None and part in cls.model_fields:
+            owner = cls
+            path.append(part)
+            cls = _field_model(cls, part)
+        elif cls is not None and kind == "extra_forbidden" and i == len(loc) - 1:
+            owner = cls
+            path.append(str(part))
+        # anything else is a union-branch tag such as 'constrained-int' or "literal['auto']"
+    return path, owner
 
 
 def _short(value: Any) -> str:
@@ -120,14 +146,20 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+EXPECTED = {"training.micro_batch_size": 'a positive integer or "auto"'}
+
+
 def _describe(err: dict[str, Any]) -> str:
-    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p in {"int", "str", "float", "bool"})))
-    key = ".".join(str(p) for p in loc) or "spec"
     kind, value, ctx = err["type"], err.get("input"), err.get("ctx") or {}
+    path, owner = _clean_loc(tuple(err["loc"]), kind)
+    key = ".".join(path) or "spec"
+    if not key.isprintable():
+        key = repr(key)[1:-1]
+    if key in EXPECTED and kind != "missing":
+        return f"{key}: expected {EXPECTED[key]}, got {_short(value)}"
     if kind == "extra_forbidden":
-        owner = _model_at(loc[:-1])
         fields = list(owner.model_fields) if owner else []
-        hint = did_you_mean(str(loc[-1]), fields) or (f"; valid keys: {', '.join(fields)}" if fields else "")
+        hint = did_you_mean(path[-1], fields) or (f"; valid keys: {', '.join(fields)}" if fields else "")
         return f"unknown key '{key}'{hint}"
     if kind == "missing":
         return f"{key}: required key is missing"

@@ -86,32 +86,60 @@ def _partition(weights: list[float], k: int, head: float) -> tuple[int, ...]:
     return tuple(sizes)
 
 
+def _prefix(weights: list[float]) -> list[float]:
+    out = [0.0]
+    for w in weights:
+        out.append(out[-1] + w)
+    return out
+
+
 def _cost(weights: list[float], sizes: tuple[int, ...], head: float) -> float:
+    prefix = _prefix(weights)
+    return _cost_prefix(prefix, sizes, head)
+
+
+def _cost_prefix(prefix: list[float], sizes: tuple[int, ...], head: float) -> float:
+    """The heaviest stage of a split, from prefix sums (head added to the last stage)."""
     worst, start = 0.0, 0
-    for size in sizes:
-        worst = max(worst, sum(weights[start : start + size]))
-        start += size
-    return max(worst, sum(weights[start - sizes[-1] :]) + head)
+    for i, size in enumerate(sizes):
+        stop = start + size
+        worst = max(worst, prefix[stop] - prefix[start] + (head if i == len(sizes) - 1 else 0.0))
+        start = stop
+    return worst
 
 
 def _first_last_split(weights: list[float], pp: int, head: float) -> Split:
-    """Best even or first/last split (core_v0.16 hybrid stacks)."""
-    n = len(weights)
+    """Best even or first/last split (core_v0.16 hybrid stacks).
+
+    For each middle-stage size, the first-stage size is found by bisection on prefix sums so the
+    first and last stages balance; its two neighbours are tried too. O(n/(pp-2) * (log n + pp)).
+    """
+    n, prefix = len(weights), _prefix(weights)
     best: tuple[float, int, Split] | None = None
     if n % pp == 0:
         sizes = (n // pp,) * pp
-        best = (_cost(weights, sizes, head), 0, Split("even", sizes))
-    for first in range(1, n):
-        for last in range(1, n - first + 1):
-            middle = n - first - last
-            if pp == 2 and middle:
+        best = (_cost_prefix(prefix, sizes, head), 0, Split("even", sizes))
+    middles = [0] if pp == 2 else range(1, (n - 2) // (pp - 2) + 1)
+    for middle in middles:
+        rest = n - middle * (pp - 2)  # layers left for the first and last stages
+        if rest < 2:
+            continue
+        # smallest first size whose weight reaches the last stage's (weight + head)
+        lo, hi = 1, rest - 1
+        while lo < hi:
+            mid = (lo + hi) // 2
+            last_weight = prefix[n] - prefix[n - (rest - mid)] + head
+            if prefix[mid] >= last_weight:
+                hi = mid
+            else:
+                lo = mid + 1
+        for first in {lo - 1, lo, lo + 1}:
+            if not 1 <= first <= rest - 1:
                 continue
-            if pp > 2 and (middle < pp - 2 or middle % (pp - 2)):
-                continue
-            sizes = (first, *(middle // (pp - 2),) * (pp - 2), last) if pp > 2 else (first, last)
-            cost = _cost(weights, sizes, head)
+            sizes = (first, *(middle,) * (pp - 2), rest - first)
+            cost = _cost_prefix(prefix, sizes, head)
             if best is None or cost < best[0] - 1e-9:
-                best = (cost, 1, Split("first_last", sizes, first, last))
+                best = (cost, 1, Split("first_last", sizes, first, rest - first))
     assert best is not None
     return best[2]
 

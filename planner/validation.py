@@ -52,16 +52,33 @@ def validate_plan(plan: Plan) -> dict[str, Any]:
         errors.append(f"world_size {plan.world_size} does not match the spec's cluster ({ctx.world} GPUs)")
     for cand in plan.candidates:
         fields = {k: v for k, v in cand.layout.items() if k != "edp"}
-        try:
-            lay = Layout(**fields)
-        except TypeError as exc:
-            errors.append(f"candidate {cand.rank}: malformed layout ({exc})")
+        bad = _malformed(fields)
+        if bad:
+            errors.append(f"candidate {cand.rank}: {bad}; re-create the plan with `megacpp plan --out`")
+            continue
+        lay = Layout(**fields)
+        if lay.world != plan.world_size:
+            errors.append(f"candidate {cand.rank}: tp*cp*dp*pp = {lay.world} != world_size {plan.world_size}")
             continue
         for v in check_layout(ctx, lay):
             if v.severity == "error":
                 errors.append(f"candidate {cand.rank}: {v.rule}: {v.message}")
     summary = f"{len(plan.candidates)} candidate layouts re-checked against the embedded spec"
     return {"valid": not errors, "errors": errors, "warnings": [], "legal_count": len(plan.candidates), "summary": summary}
+
+
+def _malformed(fields: dict[str, Any]) -> str | None:
+    """Why a layout dict from a file cannot be a Layout, or None."""
+    expected = set(Layout.__dataclass_fields__)
+    if set(fields) != expected:
+        return f"layout keys must be {', '.join(sorted(expected | {'edp'}))}"
+    for key, value in fields.items():
+        if key == "sp":
+            if not isinstance(value, bool):
+                return f"layout.sp must be true or false, got {value!r}"
+        elif isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            return f"layout.{key} must be a positive integer, got {value!r}"
+    return None
 
 
 def validation_error(exc: MegacppError) -> dict[str, Any]:

@@ -81,15 +81,18 @@ def validate_report(results: list[dict[str, Any]], fmt: str) -> None:
             for w in r["warnings"]:
                 print(f"::warning file={r['file']}::{w}")
         return
+    def strip(message: str, file: str) -> str:  # errors from loading already name the file
+        return message.removeprefix(f"{file}: ")
+
     for r in results:
         if r["valid"]:
-            out.print(f"[green]valid[/]   {r['file']}: {r['summary']}")
+            out.print(f"[green]valid[/]   {r['file']}: {r['summary']}", soft_wrap=True)
         else:
-            out.print(f"[red]invalid[/] {r['file']}: {r['errors'][0]}")
+            out.print(f"[red]invalid[/] {r['file']}: {strip(r['errors'][0], r['file'])}", soft_wrap=True)
             for e in r["errors"][1:]:
-                out.print(f"        {e}")
+                out.print(f"        {e}", soft_wrap=True)
         for w in r["warnings"]:
-            out.print(f"[yellow]warning[/] {r['file']}: {w}")
+            out.print(f"[yellow]warning[/] {r['file']}: {w}", soft_wrap=True)
 
 
 def simple_table(title: str, columns: list[str], rows: list[list[str]]) -> None:

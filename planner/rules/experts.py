@@ -41,8 +41,7 @@ def ep_divides_experts(ctx: Context, lay: Layout) -> str | None:
 @rule(
     "expert-grid-divides-world",
     axes=("tp", "cp", "dp", "pp", "ep", "etp"),
-    where="[V] megatron/core/parallel_state.py:785-795 (checked only in initialize_model_parallel)",
-    applies=lambda ctx: ctx.has_moe,
+    where="[V] megatron/core/parallel_state.py:785-795 (checked only in initialize_model_parallel, MoE or not)",
     fails="8 GPUs, tp=2, ep=8, etp=2",
     passes="etp=1",
 )
