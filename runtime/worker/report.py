@@ -1,0 +1,142 @@
+"""The run report (schema megacpp.run/1): what was built and measured, next to what the plan predicted.
+
+Every rank contributes its coordinates, parameter counts, peak memory, step times, losses and
+routed-token counts through one all_gather_object at the end; rank 0 writes the document.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+import megatron.core
+import torch
+from megatron.core.transformer.moe.moe_layer import MoELayer
+
+from megacpp.runtime.worker.adapters import MEGATRON_CORE_VERSION
+from megacpp.runtime.worker.job import Job
+
+SCHEMA = "megacpp.run/1"
+GIB = float(1 << 30)
+
+
+class ExpertTokenCounter:
+    """Per-expert routed-token counts of every MoE layer on this rank, from the router's routing map.
+
+    Counts stay on the device (no synchronisation per step). Under full recompute the router runs
+    twice per micro-batch; only the first (no-grad) forward is counted.
+    """
+
+    def __init__(self, chunks: list[torch.nn.Module], full_recompute: bool) -> None:
+        self.counts: dict[int, torch.Tensor] = {}
+        self.full_recompute = full_recompute
+        for chunk in chunks:
+            for module in chunk.modules():
+                if isinstance(module, MoELayer):
+                    module.router.register_forward_hook(self._hook(module.layer_number))
+
+    def _hook(self, layer_number: int):
+        def count(_module, _inputs, output) -> None:
+            if self.full_recompute and torch.is_grad_enabled():
+                return
+            routed = output[1].sum(dim=0, dtype=torch.int64)
+            previous = self.counts.get(layer_number)
+            self.counts[layer_number] = routed if previous is None else previous + routed
+
+        return count
+
+    def as_lists(self) -> dict[int, list[int]]:
+        """Counts per layer number, as plain lists (this synchronises with the device)."""
+        return {layer: c.tolist() for layer, c in sorted(self.counts.items())}
+
+
+def _merge_expert_counts(rank_infos: list[dict[str, Any]], sequence_parallel: bool) -> list[dict[str, Any]] | None:
+    """Sum each layer's counts over the ranks that route distinct tokens: every (dp, cp) replica,
+    and every TP rank only under SP (without SP, TP peers route the same tokens)."""
+    merged: dict[int, list[int]] = {}
+    for info in rank_infos:
+        if not sequence_parallel and info["tp"] != 0:
+            continue
+        for layer, counts in info["expert_tokens"].items():
+            acc = merged.setdefault(int(layer), [0] * len(counts))
+            merged[int(layer)] = [a + c for a, c in zip(acc, counts, strict=True)]
+    if not merged:
+        return None
+    return [{"layer": layer, "tokens_per_expert": merged[layer]} for layer in sorted(merged)]
+
+
+def rank_info(coords: dict[str, int], params: int, params_expert: int, layer_numbers: list[int], cuda: bool,
+              counter: ExpertTokenCounter | None, step_seconds: list[float], losses: list[float | None]) -> dict[str, Any]:
+    """Everything one rank contributes to the report."""
+    info: dict[str, Any] = {**coords, "params": params, "params_expert": params_expert, "layer_numbers": layer_numbers}
+    info["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / GIB, 4) if cuda else None
+    info["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / GIB, 4) if cuda else None
+    info["expert_tokens"] = counter.as_lists() if counter else {}
+    info["step_seconds"] = step_seconds
+    info["losses"] = losses
+    return info
+
+
+def gather(info: dict[str, Any]) -> list[dict[str, Any]]:
+    """All ranks' infos, in rank order, on every rank."""
+    out: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, info)
+    return out
+
+
+def build_report(job: Job, infos: list[dict[str, Any]], *, steps: int, warmup: int, construct_only: bool,
+                 adapters: list[str], backend: dict[str, Any], cuda: bool) -> dict[str, Any]:
+    """The megacpp.run/1 document from every rank's info."""
+    memory = sorted(job.candidate["memory"]["per_stage"], key=lambda m: m["pp_rank"])
+    predicted_peak = [m["total_gib"] for m in memory]
+    timed: list[float] = []
+    losses: list[float | None] = []
+    if not construct_only:
+        # a step ends when its slowest rank ends
+        per_step = [max(info["step_seconds"][i] for info in infos) for i in range(warmup + steps)]
+        timed = per_step[warmup:]
+        losses = next((info["losses"] for info in infos if any(x is not None for x in info["losses"])), [])
+    median = statistics.median(timed) if timed else None
+    training = job.spec.training
+    peaks = [info["peak_allocated_gib"] for info in infos if info["peak_allocated_gib"] is not None]
+    mismatched = [info["rank"] for info in infos
+                  if (info["params"], info["params_expert"]) != (memory[info["pp"]]["params"], memory[info["pp"]]["params_expert"])]
+    keys = ("rank", "tp", "cp", "dp", "pp", "ep", "etp", "edp", "params", "params_expert", "layer_numbers",
+            "peak_allocated_gib", "peak_reserved_gib")
+    return {
+        "schema": SCHEMA,
+        "layout": job.layout,
+        "pattern": job.spec.model.pattern,
+        "device": {"name": torch.cuda.get_device_name(), "count": torch.cuda.device_count()} if cuda else "cpu",
+        "world_size": len(infos),
+        "candidate": job.candidate_index,
+        "steps": 0 if construct_only else steps,
+        "warmup": 0 if construct_only else warmup,
+        "construct_only": construct_only,
+        "median_step_seconds": median,
+        "step_seconds": timed,  # each timed step, its slowest rank
+        "tokens_per_second": training.global_batch_size * training.seq_length / median if median else None,
+        "losses": losses,  # every step run, the first `warmup` of them untimed
+        "ranks": [{k: info[k] for k in keys} for info in infos],
+        "params_match_plan": not mismatched,
+        "params_mismatch_ranks": mismatched,
+        "expert_tokens": _merge_expert_counts(infos, bool(job.layout["sp"]) and job.layout["tp"] > 1),
+        "predicted": {"peak_gib": predicted_peak, "step_seconds": job.candidate["time"]["step_seconds"],
+                      "params": [m["params"] for m in memory], "params_expert": [m["params_expert"] for m in memory]},
+        "measured_peak_gib": max(peaks) if peaks else None,
+        "predicted_peak_gib": max(predicted_peak),
+        "measured_step_seconds": median,
+        "predicted_step_seconds": job.candidate["time"]["step_seconds"],
+        "backend": backend,
+        "adapters": adapters,
+        "adapters_written_for": MEGATRON_CORE_VERSION,
+        "megatron_core": megatron.core.__version__,
+        "torch": torch.__version__,
+    }
+
+
+def write_report(report: dict[str, Any], path: str | Path) -> None:
+    """Write the report as indented JSON."""
+    Path(path).write_text(json.dumps(report, indent=1) + "\n")

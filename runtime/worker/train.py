@@ -1,0 +1,146 @@
+"""GPU training: bf16 chunks under megatron DDP and optimizer, stepped by megatron's pipeline schedule.
+
+The wiring follows Megatron-LM core_v0.16.1 (megatron/training/training.py get_model,
+setup_model_and_optimizer, train_step; pretrain_gpt.py forward_step and loss_func) with the
+arguments a plan fixes; nothing here is specific to a block letter.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+from megatron.core import parallel_state as ps
+from megatron.core.distributed import (
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    finalize_model_grads,
+)
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer, get_standard_config_overrides
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.module import Float16Module
+from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
+from megatron.core.utils import get_attr_wrapped_model
+
+from megacpp.runtime.worker.data import SyntheticChain, TokenFile, microbatches
+from megacpp.runtime.worker.job import Job
+
+# Megatron-LM core_v0.16.1 examples/gpt3/train_gpt3_175b_distributed.sh:42-46
+WEIGHT_DECAY = 0.1
+ADAM_BETAS = (0.9, 0.95)
+CLIP_GRAD = 1.0
+LR_WARMUP_STEPS = 5  # linear warm-up, then constant
+DDP_MIN_BUCKET = 40_000_000  # Megatron-LM get_model: max(4e7, 1e6 * dp_cp) elements
+
+
+@dataclass
+class TrainResult:
+    """What one rank measured: wall time and loss of every step."""
+
+    step_seconds: list[float] = field(default_factory=list)  # every step, warm-up included
+    losses: list[float | None] = field(default_factory=list)  # per step; None off the last stage
+
+
+def wrap_for_training(chunks: list[torch.nn.Module], config, job: Job, lr: float, total_steps: int):
+    """Float16Module + DDP around each chunk, megatron's (distributed) Adam, a warm-up scheduler.
+
+    Returns (model chunks, optimizer, scheduler) and installs the config hooks the schedule calls.
+    """
+    for chunk in chunks:
+        chunk.cuda(torch.cuda.current_device())  # torch norms are created on the CPU
+    model = [Float16Module(config, chunk) for chunk in chunks] if config.bf16 else list(chunks)
+    distopt = job.spec.training.distributed_optimizer
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=True,
+        use_distributed_optimizer=distopt,
+        bucket_size=max(DDP_MIN_BUCKET, 1_000_000 * ps.get_data_parallel_world_size(with_context_parallel=True)),
+    )
+    model = [
+        DistributedDataParallel(config=config, ddp_config=ddp_config, module=chunk, disable_bucketing=index > 0)
+        for index, chunk in enumerate(model)
+    ]
+    opt_config = OptimizerConfig(
+        optimizer="adam", lr=lr, min_lr=lr, weight_decay=WEIGHT_DECAY, adam_beta1=ADAM_BETAS[0], adam_beta2=ADAM_BETAS[1],
+        clip_grad=CLIP_GRAD, bf16=config.bf16, params_dtype=config.params_dtype, use_distributed_optimizer=distopt,
+    )
+    optimizer = get_megatron_optimizer(opt_config, model, config_overrides=get_standard_config_overrides(opt_config))
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=lr, min_lr=lr, lr_warmup_steps=min(LR_WARMUP_STEPS, total_steps - 1),
+        lr_decay_steps=total_steps, lr_decay_style="constant", start_wd=WEIGHT_DECAY, end_wd=WEIGHT_DECAY,
+        wd_incr_steps=total_steps, wd_incr_style="constant",
+    )
+    # training.py train(): the hooks megatron's schedules call back into
+    config.grad_scale_func = optimizer.scale_loss
+    config.no_sync_func = [c.no_sync for c in model] if len(model) > 1 else model[0].no_sync
+    config.grad_sync_func = [c.start_grad_sync for c in model] if len(model) > 1 else model[0].start_grad_sync
+    config.finalize_model_grads_func = finalize_model_grads
+    return model, optimizer, scheduler
+
+
+def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    """pretrain_gpt.loss_func: summed loss, token count, and the pair for DP-averaged reporting."""
+    losses = output_tensor.view(-1).float()
+    mask = loss_mask.view(-1).float()
+    loss = torch.sum(losses * mask)
+    num_tokens = mask.sum().clone().detach().to(torch.int)
+    return loss, num_tokens, {"lm loss": torch.cat([loss.clone().detach().view(1), num_tokens.view(1)])}
+
+
+def forward_step(data_iterator, model):
+    """One micro-batch through one chunk; only chunks with the embedding or the head read data."""
+    pre = get_attr_wrapped_model(model, "pre_process")
+    post = get_attr_wrapped_model(model, "post_process")
+    if not (pre or post):
+        return model(None, None, None), partial(loss_func, None)
+    batch = next(data_iterator)
+    output = model(batch["tokens"] if pre else None, batch["position_ids"] if pre else None, batch["labels"] if post else None)
+    return output, partial(loss_func, batch["loss_mask"])
+
+
+def _step_loss(losses_reduced) -> float | None:
+    """Megatron-LM train_step: token-weighted mean over micro-batches and the DP x CP group."""
+    if not ps.is_pipeline_last_stage(ignore_virtual=True) or not losses_reduced:
+        return None
+    total = torch.vstack([x["lm loss"].view(-1) for x in losses_reduced]).sum(dim=0)
+    torch.distributed.all_reduce(total, group=ps.get_data_parallel_group(with_context_parallel=True))
+    return (total[0] / total[1]).item()
+
+
+def train(job: Job, chunks, config, *, steps: int, warmup: int, seed: int, lr: float, tokens: str | None) -> TrainResult:
+    """Run warmup + steps optimizer steps; time each one between two torch.cuda.synchronize()."""
+    total = warmup + steps
+    model, optimizer, scheduler = wrap_for_training(chunks, config, job, lr, total)
+    device = torch.device("cuda", torch.cuda.current_device())
+    vocab = job.spec.model.vocab_size
+    source = TokenFile(tokens, vocab, device) if tokens else SyntheticChain(vocab, seed, device)
+    lay, seq = job.layout, job.spec.training.seq_length
+    forward_backward = get_forward_backward_func()
+    result = TrainResult()
+    for step in range(total):
+        streams = [
+            microbatches(source, seed=seed, dp_rank=ps.get_data_parallel_rank(), step=step, count=lay["num_microbatches"],
+                         micro_batch_size=lay["micro_batch_size"], seq_length=seq)
+            for _ in model
+        ]
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for chunk in model:
+            chunk.zero_grad_buffer()
+        optimizer.zero_grad()
+        losses_reduced = forward_backward(
+            forward_step_func=forward_step, data_iterator=streams if len(model) > 1 else streams[0], model=model,
+            num_microbatches=lay["num_microbatches"], seq_length=seq, micro_batch_size=lay["micro_batch_size"],
+            decoder_seq_length=seq, forward_only=False,
+        )
+        update_successful, _, _ = optimizer.step()
+        if update_successful:
+            scheduler.step(increment=1)
+        torch.cuda.synchronize()
+        result.step_seconds.append(time.perf_counter() - start)
+        result.losses.append(_step_loss(losses_reduced))
+        clear_aux_losses_tracker()
+    return result
