@@ -37,6 +37,7 @@ class Efficiency:
     matmul: float = 0.70  # ASSUMPTION: fraction of MAMF a training step sustains
     dp_exposed: float = 0.30  # ASSUMPTION: share of DP/EDP gradient traffic not hidden by backward
     overhead_gib: float = 0.5  # ASSUMPTION: cuBLAS workspace and allocator slack inside max_memory_allocated
+    block_overhead_s: float = 0.0  # host/launch time per block per pass per micro-batch; fitted by calibrate
 
 
 DEFAULT_EFFICIENCY = Efficiency()
@@ -277,7 +278,8 @@ def estimate(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency = D
             flops += sum(n * per_letter[letter] for letter, n in Counter(st.blocks).items())
             if st.output_head:
                 flops += head_flops(ctx)
-        per_rank.append(flops * tokens / lay.tp * passes / rate)
+        blocks = sum(len(st.blocks) for st in _rank_stages(stages, p))
+        per_rank.append(flops * tokens / lay.tp * passes / rate + blocks * passes * eff.block_overhead_s)
     t_mb = max(per_rank)
     m = lay.num_microbatches
     pipeline_units = m + (lay.pp - 1) / lay.vpp

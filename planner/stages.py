@@ -17,6 +17,10 @@ from dataclasses import dataclass
 from megacpp.planner.blocks import block_flops, head_flops
 from megacpp.planner.layout import Context
 
+# Megatron's plain even split is kept unless a custom split shortens the slowest stage by more than
+# this: it needs no extra flags and does not pile layers onto the memory-heavy first stages.
+EVEN_TOLERANCE = 0.02
+
 
 @dataclass(frozen=True)
 class Split:
@@ -55,13 +59,18 @@ def unit_weights(ctx: Context) -> list[float]:
 
 
 def _partition(weights: list[float], k: int, head: float) -> tuple[int, ...]:
-    """Split weights into k non-empty contiguous parts minimising the heaviest (head on the last part)."""
+    """Split weights into k non-empty contiguous parts minimising the heaviest (head on the last part).
+
+    Among splits with the same heaviest part, later stages are filled first: under 1F1B stage p
+    holds pp - p micro-batches of activations, so spare layers cost least at the back.
+    """
     n = len(weights)
+    backwards = weights[::-1]
 
     def parts_for(limit: float) -> list[int] | None:
         sizes, acc, count = [], 0.0, 0
-        for i, w in enumerate(weights):
-            extra = head if i == n - 1 else 0.0
+        for i, w in enumerate(backwards):
+            extra = head if i == 0 else 0.0
             if count and acc + w + extra > limit:
                 sizes.append(count)
                 acc, count = 0.0, 0
@@ -80,10 +89,10 @@ def _partition(weights: list[float], k: int, head: float) -> tuple[int, ...]:
         else:
             hi = mid
     sizes = parts_for(hi) or [n]
-    while len(sizes) < k:  # split the largest part until there are k
-        i = max(range(len(sizes)), key=lambda j: sizes[j])
-        sizes[i : i + 1] = [sizes[i] - sizes[i] // 2, sizes[i] // 2]
-    return tuple(sizes)
+    while len(sizes) < k:  # split the largest part until there are k (front-most on ties)
+        i = max(range(len(sizes)), key=lambda j: (sizes[j], j))
+        sizes[i : i + 1] = [sizes[i] // 2, sizes[i] - sizes[i] // 2]
+    return tuple(sizes[::-1])
 
 
 def _prefix(weights: list[float]) -> list[float]:
@@ -116,9 +125,9 @@ def _first_last_split(weights: list[float], pp: int, head: float) -> Split:
     """
     n, prefix = len(weights), _prefix(weights)
     best: tuple[float, int, Split] | None = None
+    even: Split | None = None
     if n % pp == 0:
-        sizes = (n // pp,) * pp
-        best = (_cost_prefix(prefix, sizes, head), 0, Split("even", sizes))
+        even = Split("even", (n // pp,) * pp)
     middles = [0] if pp == 2 else range(1, (n - 2) // (pp - 2) + 1)
     for middle in middles:
         rest = n - middle * (pp - 2)  # layers left for the first and last stages
@@ -140,6 +149,8 @@ def _first_last_split(weights: list[float], pp: int, head: float) -> Split:
             cost = _cost_prefix(prefix, sizes, head)
             if best is None or cost < best[0] - 1e-9:
                 best = (cost, 1, Split("first_last", sizes, first, rest - first))
+    if even is not None and (best is None or _cost_prefix(prefix, even.sizes, head) <= best[0] * (1 + EVEN_TOLERANCE)):
+        return even
     assert best is not None
     return best[2]
 
@@ -163,7 +174,7 @@ def choose_split(ctx: Context, pp: int, vpp: int) -> Split:
         return _first_last_split(weights, pp, head)
     sizes = _partition(weights, chunks, head)
     even = (n // chunks,) * chunks if n % chunks == 0 else None
-    if even and _cost(weights, even, head) <= _cost(weights, sizes, head) + 1e-9:
+    if even and _cost(weights, even, head) <= _cost(weights, sizes, head) * (1 + EVEN_TOLERANCE):
         return Split("even", even)
     return Split("pipes" if not ctx.plain_transformer else "layout", sizes)
 

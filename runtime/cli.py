@@ -55,15 +55,18 @@ def plan(
     top: Annotated[int, typer.Option("--top", min=1, help="How many ranked layouts to show/keep.")] = 10,
     as_json: JsonOpt = False,
     out: Annotated[Path | None, typer.Option("--out", help="Write the plan document to this file.")] = None,
+    profile: Annotated[Path | None, typer.Option("--profile", help="Cluster profile from `megacpp calibrate`.")] = None,
 ) -> None:
     """Solve a spec into every legal layout and rank them."""
+    from megacpp.planner.cost import DEFAULT_EFFICIENCY
     from megacpp.planner.plan import Plan, build_plan
     from megacpp.runtime import console
 
     loaded = _spec_or_plan(spec, set_, cluster, nodes)
     if isinstance(loaded, Plan):
         raise PlanError(f"{spec}: is already a plan; pass the spec YAML to re-plan, or use `megacpp explain layout {spec}`")
-    result = build_plan(loaded, top=top)
+    eff = _read_profile(profile) if profile is not None else DEFAULT_EFFICIENCY
+    result = build_plan(loaded, top=top, eff=eff)
     text = json.dumps(result.to_json_dict(), indent=2)
     if out is not None:
         try:
@@ -105,6 +108,42 @@ def validate(
         console.validate_report(results, fmt.value)
     if not all(r["valid"] for r in results):
         raise typer.Exit(1)
+
+
+def _read_json(path: Path, what: str):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PlanError(f"{path}: no such {what} file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PlanError(f"{path}: not a readable JSON {what} ({exc})") from None
+
+
+def _read_profile(path: Path):
+    from megacpp.planner.calibration import efficiency_from_profile
+
+    return efficiency_from_profile(_read_json(path, "cluster profile"))
+
+
+@app.command()
+def calibrate(
+    reports: Annotated[list[Path], typer.Argument(help="Run reports (report.json from `megacpp launch --engine megacpp`, or a gpu_runs file).")],
+    out: Annotated[Path | None, typer.Option("--out", help="Write the cluster profile here (use with `plan --profile`).")] = None,
+) -> None:
+    """Fit the cluster's step-time factors (matmul efficiency, per-block overhead) from measured runs."""
+    from megacpp.planner.calibration import calibrate as fit_profile
+    from megacpp.runtime import console
+
+    runs = []
+    for path in reports:
+        doc = _read_json(path, "run report")
+        runs.extend(doc["runs"] if isinstance(doc, dict) and isinstance(doc.get("runs"), list) else [doc])
+    profile = fit_profile(runs)
+    if out is not None:
+        out.write_text(json.dumps(profile, indent=2) + "\n", encoding="utf-8")
+    console.calibration_table(profile)
+    if out is not None:
+        console.err.print(f"wrote {out}; use it with `megacpp plan SPEC --profile {out}`")
 
 
 class Target(str, Enum):

@@ -225,3 +225,17 @@ def _rank_list(ranks: list[int]) -> str:
             return f"{ranks[0]}-{ranks[-1]}"
         return f"{ranks[0]},{ranks[1]},…,{ranks[-1]} (stride {stride})"
     return ",".join(map(str, ranks[:12])) + ("…" if len(ranks) > 12 else "")
+
+
+def calibration_table(profile: dict[str, Any]) -> None:
+    out.print(f"[bold]{profile['cluster']}[/]: matmul efficiency {profile['matmul']:.3f} of MAMF, "
+              f"per-block overhead {profile['block_overhead_s'] * 1e3:.3f} ms per pass")
+    loo = {r["name"]: r for r in profile["leave_one_out"]}
+    table = Table(header_style="bold")
+    for col in ("run", "measured s", "uncalibrated s", "fitted s", "left-out fit s", "left-out error"):
+        table.add_column(col, justify="left" if col == "run" else "right")
+    for r in profile["fitted_on"]:
+        held = loo.get(r["name"])
+        table.add_row(r["name"], f"{r['measured_s']:.3f}", f"{r['uncalibrated_s']:.3f}", f"{r['fitted_s']:.3f}",
+                      f"{held['predicted_s']:.3f}" if held else "-", f"{held['error']:+.1%}" if held else "-")
+    out.print(table)

@@ -109,6 +109,7 @@ def build_report(job: Job, infos: list[dict[str, Any]], *, steps: int, warmup: i
         "schema": SCHEMA,
         "layout": job.layout,
         "pattern": job.spec.model.pattern,
+        "spec": job.spec.model_dump(mode="json"),  # lets `megacpp calibrate` re-estimate this run
         "device": {"name": torch.cuda.get_device_name(), "count": torch.cuda.device_count()} if cuda else "cpu",
         "world_size": len(infos),
         "candidate": job.candidate_index,
