@@ -37,7 +37,7 @@ def candidate_layout(cand: Candidate) -> Layout:
 
 def _axis_rows(ctx: Context, lay: Layout, cand: Candidate) -> list[dict[str, Any]]:
     groups = process_groups(lay)
-    comm = {}
+    comm: dict[str, dict[str, Any]] = {}
     for c in cand.communication:
         row = comm.setdefault(c["axis"], {"collectives": [], "bytes_per_step": 0, "seconds": 0.0, "links": set()})
         row["collectives"].append(c["collective"])

@@ -95,7 +95,7 @@ def spec_from_dict(data: dict[str, Any], source: str = "<spec>") -> Spec:
     except ValidationError as exc:
         # an unknown key explains a "missing" one next to it (a typo), so report unknown keys first
         errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
-        raise SpecError(f"{source}: {_describe(errors[0])}") from None
+        raise SpecError(f"{source}: {_describe(dict(errors[0]))}") from None
     except SpecError as exc:
         message = str(exc)
         raise SpecError(message if message.startswith(f"{source}: ") else f"{source}: {message}") from None

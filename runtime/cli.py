@@ -97,7 +97,7 @@ def validate(
     results = []
     for path in files:
         try:
-            loaded = read_input(str(path)) if path.exists() else read_input(str(path))
+            loaded = read_input(str(path))
             result = validate_plan(loaded) if isinstance(loaded, Plan) else validate_spec(loaded)
         except MegacppError as exc:
             result = validation_error(exc)
