@@ -12,6 +12,7 @@ from megatron.core import parallel_state as ps
 
 from megacpp.planner.errors import LaunchError
 from megacpp.runtime.worker.job import Job
+from megacpp.runtime.worker.megatron_config import parallel_sizes
 
 TIMEOUT_MINUTES = 10
 
@@ -67,12 +68,7 @@ def init_model_parallel(job: Job, process: Process) -> None:
     """megatron-core process groups for the plan's tp, pp, vpp, cp, ep and etp (order tp-cp-ep-dp-pp)."""
     lay = job.layout
     ps.initialize_model_parallel(
-        tensor_model_parallel_size=lay["tp"],
-        pipeline_model_parallel_size=lay["pp"],
-        virtual_pipeline_model_parallel_size=lay["vpp"] if lay["vpp"] > 1 else None,
-        context_parallel_size=lay["cp"],
-        expert_model_parallel_size=lay["ep"],
-        expert_tensor_parallel_size=lay["etp"],
+        **parallel_sizes(lay),
         distributed_timeout_minutes=TIMEOUT_MINUTES,
         # With gloo as the default backend the extra gloo groups would only duplicate it.
         create_gloo_process_groups=process.cuda,

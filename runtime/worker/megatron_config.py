@@ -39,6 +39,18 @@ class Backend:
     adapters: tuple[str, ...]  # adapter names this backend relies on
 
 
+
+def parallel_sizes(lay: dict) -> dict[str, int | None]:
+    """The layout as megatron-core's parallel-size keywords (initialize_model_parallel and TransformerConfig)."""
+    return {
+        "tensor_model_parallel_size": lay["tp"],
+        "pipeline_model_parallel_size": lay["pp"],
+        "virtual_pipeline_model_parallel_size": lay["vpp"] if lay["vpp"] > 1 else None,
+        "context_parallel_size": lay["cp"],
+        "expert_model_parallel_size": lay["ep"],
+        "expert_tensor_parallel_size": lay["etp"],
+    }
+
 def select_backend(job: Job) -> Backend:
     """TE modules when the spec asks for TE and it imports; megatron's local modules otherwise.
 
@@ -93,12 +105,7 @@ def transformer_config(job: Job, backend: Backend, *, cuda: bool, construct_only
     dtype = torch.bfloat16 if cuda else torch.float32
     kw: dict = dict(
         # parallel layout, exactly as the plan says
-        tensor_model_parallel_size=lay["tp"],
-        pipeline_model_parallel_size=lay["pp"],
-        virtual_pipeline_model_parallel_size=lay["vpp"] if lay["vpp"] > 1 else None,
-        context_parallel_size=lay["cp"],
-        expert_model_parallel_size=lay["ep"],
-        expert_tensor_parallel_size=lay["etp"],
+        **parallel_sizes(lay),
         sequence_parallel=bool(lay["sp"]) and lay["tp"] > 1,
         # model
         num_layers=job.ctx.num_layers,
