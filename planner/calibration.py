@@ -39,7 +39,7 @@ def observe(run: dict[str, Any]) -> Observation:
             raise PlanError(f"run report {run.get('name', '?')}: missing '{key}'; reports from `megacpp launch --engine megacpp` carry it")
     spec = spec_from_dict(run["spec"], source="run spec")
     ctx = make_context(spec)
-    lay = Layout(**{k: v for k, v in run["layout"].items() if k != "edp"})
+    lay = Layout.from_dict(run["layout"])
     _, stages = assign_stages(ctx, lay.pp, lay.vpp)
     est = estimate(ctx, lay, stages, RAW)
     passes = 4 if spec.training.recompute == "full" else 3

@@ -32,7 +32,7 @@ NEIGHBOUR_AXES = ("tp", "pp", "cp", "ep", "etp", "vpp")
 
 
 def candidate_layout(cand: Candidate) -> Layout:
-    return Layout(**{k: v for k, v in cand.layout.items() if k != "edp"})
+    return Layout.from_dict(cand.layout)
 
 
 def _axis_rows(ctx: Context, lay: Layout, cand: Candidate) -> list[dict[str, Any]]:

@@ -35,6 +35,11 @@ class Layout:
     def world(self) -> int:
         return self.tp * self.cp * self.dp * self.pp
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Layout:
+        """The inverse of to_dict: `edp` is derived, so it is dropped."""
+        return cls(**{k: v for k, v in data.items() if k != "edp"})
+
     def to_dict(self) -> dict[str, int | bool]:
         d = asdict(self)
         d["edp"] = self.edp

@@ -12,7 +12,7 @@ from megacpp.planner.errors import PlanError
 from megacpp.planner.layout import Context, Layout
 from megacpp.planner.rules import applicable, check_layout
 from megacpp.planner.search import search
-from megacpp.planner.spec import Spec
+from megacpp.planner.spec import SUB_BLOCK_LETTERS, Spec
 from megacpp.planner.stages import assign_stages
 
 SCHEMA = "megacpp.plan/1"
@@ -125,7 +125,7 @@ def build_plan(spec: Spec, top: int = 10, eff: Efficiency = DEFAULT_EFFICIENCY) 
     warnings = [r for r in rules if r.severity == "warning" and r.axes]
     spec_notes = [Note(rule=v.rule, message=v.message) for v in check_layout(ctx, Layout(), [r for r in rules if r.severity == "warning" and not r.axes])]
     spec_notes += [
-        Note(rule="unused-sub-block", message=f"model.{k} is given but the pattern has no {dict(attention='A', mamba='M', moe='E', mlp='D', recurrent='R')[k]} block; it is ignored")
+        Note(rule="unused-sub-block", message=f"model.{k} is given but the pattern has no {SUB_BLOCK_LETTERS[k]} block; it is ignored")
         for k in spec.model.unused_sub_blocks()
     ]
     scored = []

@@ -11,7 +11,6 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from megacpp.planner.errors import SpecError
 from megacpp.planner.pattern import Pattern, parse_pattern
 
 # Bounds keep absurd values out with a message naming the key. They are generous: the
@@ -20,6 +19,10 @@ Count = Annotated[int, Field(ge=1, le=1 << 20)]
 Dim = Annotated[int, Field(ge=1, le=1 << 20)]
 Tokens = Annotated[int, Field(ge=1, le=1 << 24)]
 Vocab = Annotated[int, Field(ge=1, le=1 << 24)]
+
+
+# Each sub-block key of model and the pattern letter that needs it.
+SUB_BLOCK_LETTERS = {"attention": "A", "mamba": "M", "moe": "E", "mlp": "D", "recurrent": "R"}
 
 
 class _Frozen(BaseModel):
@@ -105,8 +108,7 @@ class ModelSpec(_Frozen):
     @model_validator(mode="after")
     def _sub_blocks_match_pattern(self) -> ModelSpec:
         parsed = parse_pattern(self.pattern)
-        needs = {"A": "attention", "M": "mamba", "E": "moe", "D": "mlp", "R": "recurrent"}
-        for letter, key in needs.items():
+        for key, letter in SUB_BLOCK_LETTERS.items():
             if letter in parsed.letters and getattr(self, key) is None:
                 raise ValueError(f"the pattern uses {letter} blocks, so model.{key} is required")
         if self.attention and self.attention.head_dim is None and self.hidden_size % self.attention.num_heads:
@@ -143,8 +145,7 @@ class ModelSpec(_Frozen):
 
     def unused_sub_blocks(self) -> list[str]:
         letters = self.parsed.letters
-        pairs = {"attention": "A", "mamba": "M", "moe": "E", "mlp": "D", "recurrent": "R"}
-        return [k for k, letter in pairs.items() if getattr(self, k) is not None and letter not in letters]
+        return [k for k, letter in SUB_BLOCK_LETTERS.items() if getattr(self, k) is not None and letter not in letters]
 
 
 class TrainingSpec(_Frozen):
@@ -206,7 +207,3 @@ class Spec(_Frozen):
         return self.model.parsed
 
 
-def require(condition: bool, message: str) -> None:
-    """Raise SpecError(message) unless condition holds."""
-    if not condition:
-        raise SpecError(message)

@@ -27,8 +27,8 @@ def validate_spec(spec: Spec) -> dict[str, Any]:
     if not plan.legal_count:
         if plan.considered == 1 and plan.rejected.examples:  # fully pinned: report every broken rule
             ctx = make_context(spec)
-            fields = {k: v for k, v in plan.rejected.examples[0].layout.items() if k != "edp"}
-            broken = [f"{v.rule}: {v.message}" for v in check_layout(ctx, Layout(**fields)) if v.severity == "error"]
+            lay = Layout.from_dict(plan.rejected.examples[0].layout)
+            broken = [f"{v.rule}: {v.message}" for v in check_layout(ctx, lay) if v.severity == "error"]
             return {"valid": False, "errors": broken, "warnings": warnings, "legal_count": 0}
         return {"valid": False, "errors": [_summary_of_rejection(plan)], "warnings": warnings, "legal_count": 0}
     best = plan.candidates[0]
@@ -56,7 +56,7 @@ def validate_plan(plan: Plan) -> dict[str, Any]:
         if bad:
             errors.append(f"candidate {cand.rank}: {bad}; re-create the plan with `megacpp plan --out`")
             continue
-        lay = Layout(**fields)
+        lay = Layout.from_dict(fields)
         if lay.world != plan.world_size:
             errors.append(f"candidate {cand.rank}: tp*cp*dp*pp = {lay.world} != world_size {plan.world_size}")
             continue

@@ -215,7 +215,7 @@ def test_every_candidate_is_legal_and_covers_the_pattern(data: dict[str, Any]) -
             if pin is not None:
                 assert lay[axis] == pin, (axis, pin, lay)
 
-        layout = Layout(**{k: v for k, v in lay.items() if k != "edp"})
+        layout = Layout.from_dict(lay)
         assert layout.edp == edp
         errors = [v for v in check_layout(ctx, layout) if v.severity == "error"]
         assert not errors, (lay, errors)

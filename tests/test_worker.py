@@ -150,7 +150,7 @@ def test_layers_are_numbered_as_the_plan_splits_them(runs, name):
 @pytest.mark.parametrize("name", CASES)
 def test_rank_coordinates_are_the_planners_rank_map(runs, name):
     report, cand = runs[name]["result"], runs[name]["plan"]["candidates"][0]
-    lay = Layout(**{k: v for k, v in cand["layout"].items() if k != "edp"})
+    lay = Layout.from_dict(cand["layout"])
     expected = rank_coordinates(lay, gpus_per_node=CASES[name][0])
     keys = ("tp", "cp", "dp", "pp", "ep", "etp", "edp")
     assert [{k: r[k] for k in keys} for r in report["ranks"]] == [{k: r[k] for k in keys} for r in expected]
@@ -254,7 +254,7 @@ def test_recurrent_block_under_tp_and_sp_matches_one_process(runs):
 
 def test_recurrent_block_parameters_are_the_planners_formula(runs):
     job = Job(runs["forward"]["plan"], spec_from_dict(FORWARD), 0)
-    lay = Layout(**{k: v for k, v in job.layout.items() if k != "edp"})
+    lay = Layout.from_dict(job.layout)
     expected = block_params(job.ctx, "R", lay)
     assert expected.expert == 0
     assert {r["r_params"] for r in runs["forward"]["result"]} == {expected.dense}
