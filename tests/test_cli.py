@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -21,21 +20,18 @@ def run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return proc
 
 
-def test_help_is_fast_and_imports_neither_torch_nor_megatron():
+def test_help_imports_neither_torch_nor_megatron():
+    """`--help` stays light; its speed (under 1 s) is measured by `make bench`, not here."""
     code = (
-        "import sys, time; t = time.perf_counter();"
+        "import sys;"
         "from megacpp.runtime.cli import app;"
         "from typer.testing import CliRunner; r = CliRunner().invoke(app, ['--help']);"
         "assert r.exit_code == 0, r.output;"
-        "assert 'torch' not in sys.modules and not any(m.startswith('megatron') for m in sys.modules);"
-        "print(time.perf_counter() - t)"
+        "assert 'torch' not in sys.modules and not any(m.startswith('megatron') for m in sys.modules)"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    assert float(proc.stdout) < 1.0
-    start = time.perf_counter()
-    run("--help")
-    assert time.perf_counter() - start < 3.0  # whole interpreter start included
+    assert "plan" in run("--help").stdout
 
 
 def test_plan_default_recipe_prints_ranked_table():
