@@ -164,6 +164,7 @@ def launch(
     rank: Annotated[int, typer.Option("--rank", min=0, help="Which ranked candidate of the plan to launch.")] = 0,
     steps: Annotated[int, typer.Option("--steps", min=1, help="Training iterations.")] = 100,
     construct_only: Annotated[bool, typer.Option("--construct-only", help="megacpp engine: build the model and report, no training.")] = False,
+    profile: Annotated[bool, typer.Option("--profile", help="megacpp engine: time one extra step's kernels by kind into the report.")] = False,
     nproc_per_node: Annotated[int | None, typer.Option("--nproc-per-node", min=1, help="Processes per node (default: the cluster's GPUs per node).")] = None,
     cpu: Annotated[bool, typer.Option("--cpu", help="Slurm: request CPUs, not GPUs (construction-mode jobs).")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Write and print the scripts; run nothing.")] = False,
@@ -180,7 +181,7 @@ def launch(
     plan_doc = loaded if isinstance(loaded, Plan) else build_plan(loaded, top=max(10, rank + 1))
     opts = RenderOptions(
         target=target.value, engine=engine.value, candidate=rank, train=TrainOptions(train_iters=steps),
-        nproc_per_node=nproc_per_node, cpu=cpu, construct_only=construct_only,
+        nproc_per_node=nproc_per_node, cpu=cpu, construct_only=construct_only, profile=profile,
     )
     files = render_launch(plan_doc, opts)
     executors.write_files(out, files)

@@ -1,12 +1,16 @@
-"""Run the GPU evidence specs through `megacpp launch` and collect their run reports.
+"""Run GPU evidence specs through `megacpp launch` and collect their run reports.
 
-On a 4-GPU H200 host with megacpp and megatron-core installed (see benchmarks/gpu/README.md):
+On a GPU host with megacpp and megatron-core installed (see benchmarks/gpu/README.md):
 
-    python benchmarks/gpu/run_layouts.py --out DIR [--steps 12] [--only NAME,...] [--baseline NAME,...]
+    python benchmarks/gpu/run_layouts.py --out DIR [--specs DIR] [--steps 12] [--only NAME,...]
+        [--baseline NAME,...] [--rounds 1] [--profile]
 
-Each spec in benchmarks/gpu/specs is planned and launched with `--engine megacpp --target torchrun`.
-For the --baseline specs, benchmarks/plain_mcore_loop.py (megatron-core alone, no megacpp code)
-trains the same layout in the same call, for the tokens/s comparison. Writes DIR/gpu_runs.json.
+Each spec in --specs (default benchmarks/gpu/specs) is planned and launched with
+`--engine megacpp --target torchrun`. A spec with no legal layout is recorded as rejected, with
+the planner's reason. For the --baseline specs, benchmarks/plain_mcore_loop.py (megatron-core
+alone, no megacpp code) trains the same layout in the same call, for the tokens/s comparison;
+with --rounds K the pair runs K times, alternating which goes first, and the ratio is the median
+of the per-round ratios. Writes DIR/gpu_runs.json.
 """
 
 from __future__ import annotations
@@ -33,9 +37,14 @@ def run(cmd: list[str], log: Path, timeout: float) -> int:
             return 124
 
 
-def entry(name: str, report: dict, base: dict | None) -> dict:
+def finite(values: list) -> bool:
+    return bool(values) and all(isinstance(x, (int, float)) and x == x and abs(x) != float("inf") for x in values)
+
+
+def entry(name: str, report: dict) -> dict:
     losses = report.get("losses") or []
-    row = {
+    ranks = report.get("ranks", [])
+    return {
         "name": name,
         "layout": report["layout"],
         "pattern": report.get("pattern"),
@@ -48,65 +57,113 @@ def entry(name: str, report: dict, base: dict | None) -> dict:
         "measured_step_seconds": report.get("measured_step_seconds"),
         "tokens_per_second": report.get("tokens_per_second"),
         "losses": losses,
-        "losses_finite": bool(losses) and all(isinstance(x, (int, float)) and x == x and abs(x) != float("inf") for x in losses),
+        "losses_finite": finite(losses),
         "loss_falls": len(losses) > 3 and statistics.mean(losses[-3:]) < statistics.mean(losses[:3]),
         "adapters": report.get("adapters"),
-        "per_rank_peak_gib": [r.get("peak_allocated_gib") for r in report.get("ranks", [])],
-        "per_rank_reserved_gib": [r.get("peak_reserved_gib") for r in report.get("ranks", [])],
+        "predicted_peak_gib_per_stage": report.get("predicted", {}).get("peak_gib"),
+        "per_rank_peak_gib": [r.get("peak_allocated_gib") for r in ranks],
+        "per_rank_reserved_gib": [r.get("peak_reserved_gib") for r in ranks],
+        "per_rank_memory_phases": [r.get("memory_phases") for r in ranks],
+        "per_rank_forward_backward_seconds": [r.get("forward_backward_seconds") for r in ranks],
+        "per_rank_optimizer_seconds": [r.get("optimizer_seconds") for r in ranks],
+        "per_rank_profile": [r.get("profile") for r in ranks],
         "expert_tokens": report.get("expert_tokens"),
+        "spec": report.get("spec"),
     }
-    if base:
-        row["baseline_tokens_per_second"] = base.get("tokens_per_second")
-        row["baseline_step_seconds"] = base.get("measured_step_seconds") or base.get("median_step_seconds")
-        if base.get("tokens_per_second") and report.get("tokens_per_second"):
-            row["runtime_over_baseline"] = round(report["tokens_per_second"] / base["tokens_per_second"], 4)
-    return row
+
+
+def launch(spec: Path, rundir: Path, steps: int, profile: bool, log: Path, timeout: float) -> dict | None:
+    cmd = ["megacpp", "launch", str(spec), "--engine", "megacpp", "--target", "torchrun", "--steps", str(steps),
+           "--out", str(rundir)] + (["--profile"] if profile else [])
+    code = run(cmd, log, timeout)
+    path = rundir / "report.json"
+    return json.loads(path.read_text()) if code == 0 and path.exists() else None
+
+
+def baseline(rundir: Path, world: int, steps: int, log: Path, timeout: float, tag: str) -> dict | None:
+    path = rundir / f"baseline-{tag}.json"
+    run(["torchrun", "--standalone", "--nproc-per-node", str(world), str(HERE.parent / "plain_mcore_loop.py"),
+         "--plan", str(rundir / "plan.json"), "--steps", str(steps), "--report", str(path)], log, timeout)
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def compare(spec: Path, rundir: Path, first: dict, args, log: Path) -> dict:
+    """Alternate runtime and baseline for --rounds rounds; per-round tokens/s and their ratio."""
+    rounds = []
+    for k in range(args.rounds):
+        runtime_first = k % 2 == 1  # round 0: the runtime report already exists, the baseline runs after it
+        if k == 0:
+            rt, base = first, baseline(rundir, first["world_size"], args.steps, log, args.timeout, "0")
+        elif runtime_first:
+            rt = launch(spec, rundir / f"round{k}", args.steps, False, log, args.timeout)
+            base = baseline(rundir, first["world_size"], args.steps, log, args.timeout, str(k))
+        else:
+            base = baseline(rundir, first["world_size"], args.steps, log, args.timeout, str(k))
+            rt = launch(spec, rundir / f"round{k}", args.steps, False, log, args.timeout)
+        if not (rt and base):
+            continue
+        rounds.append({
+            "order": "runtime first" if k == 0 or runtime_first else "baseline first",
+            "runtime_tokens_per_second": rt["tokens_per_second"], "baseline_tokens_per_second": base["tokens_per_second"],
+            "runtime_over_baseline": round(rt["tokens_per_second"] / base["tokens_per_second"], 4),
+            "losses_identical": rt["losses"] == base["losses"],
+        })
+    ratios = [r["runtime_over_baseline"] for r in rounds]
+    return {"rounds": rounds, "runtime_over_baseline": round(statistics.median(ratios), 4) if ratios else None}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--specs", type=Path, default=HERE / "specs")
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--only", default="")
     ap.add_argument("--baseline", default="")
-    ap.add_argument("--timeout", type=float, default=150)
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--profile", action="store_true", help="profile one extra step's kernels in each launch")
+    ap.add_argument("--timeout", type=float, default=180)
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     log = args.out / "log.txt"
     work = Path("/tmp/megacpp-gpu-runs")
-    specs = sorted((HERE / "specs").glob("*.yaml"))
     only = {s for s in args.only.split(",") if s}
     baselines = {s for s in args.baseline.split(",") if s}
-    rows, failed = [], []
-    for spec in specs:
+    rows, failed, rejected = [], [], []
+
+    def save() -> None:
+        doc = {"runs": rows, "failed": failed, "rejected": rejected}
+        (args.out / "gpu_runs.json").write_text(json.dumps(doc, indent=1) + "\n")
+
+    for spec in sorted(args.specs.glob("*.yaml")):
         name = spec.stem
         if only and name not in only:
             continue
-        rundir = work / name
         start = time.time()
-        code = run(["megacpp", "launch", str(spec), "--engine", "megacpp", "--target", "torchrun",
-                    "--steps", str(args.steps), "--out", str(rundir)], log, args.timeout)
-        report_path = rundir / "report.json"
-        if code != 0 or not report_path.exists():
-            failed.append(name)
-            print(f"{name}: FAILED (exit {code}) after {time.time() - start:.0f} s", flush=True)
+        check = subprocess.run(["megacpp", "plan", str(spec), "--top", "1"], capture_output=True, text=True)
+        if check.returncode != 0:
+            reason = (check.stdout.strip().splitlines() or [""])[-1:] + (check.stderr.strip().splitlines() or [""])[-1:]
+            rejected.append({"name": name, "reason": " ".join(x for x in reason if x)})
+            print(f"{name}: rejected by the planner: {rejected[-1]['reason']}", flush=True)
+            save()
             continue
-        report = json.loads(report_path.read_text())
-        base = None
+        rundir = work / name
+        report = launch(spec, rundir, args.steps, args.profile, log, args.timeout)
+        if report is None:
+            failed.append(name)
+            print(f"{name}: FAILED after {time.time() - start:.0f} s (see {log})", flush=True)
+            save()
+            continue
+        row = entry(name, report)
         if name in baselines:
-            base_path = rundir / "baseline.json"
-            world = str(report["world_size"])
-            run(["torchrun", "--standalone", "--nproc-per-node", world, str(HERE.parent / "plain_mcore_loop.py"),
-                 "--plan", str(rundir / "plan.json"), "--steps", str(args.steps), "--report", str(base_path)], log, args.timeout)
-            base = json.loads(base_path.read_text()) if base_path.exists() else None
-        rows.append(entry(name, report, base))
-        r = rows[-1]
-        extra = f"  baseline ratio {r['runtime_over_baseline']:.3f}" if "runtime_over_baseline" in r else ""
-        print(f"{name}: peak {r['measured_peak_gib']:.2f} GiB (planned {r['predicted_peak_gib']:.2f}), "
-              f"step {r['measured_step_seconds']:.3f} s (planned {r['predicted_step_seconds']:.3f}), "
-              f"loss {r['losses'][0]:.2f} -> {r['losses'][-1]:.2f}{extra}  [{time.time() - start:.0f} s]", flush=True)
-        (args.out / "gpu_runs.json").write_text(json.dumps({"runs": rows, "failed": failed}, indent=1) + "\n")
-    (args.out / "gpu_runs.json").write_text(json.dumps({"runs": rows, "failed": failed}, indent=1) + "\n")
+            row["baseline_comparison"] = compare(spec, rundir, report, args, log)
+            row["runtime_over_baseline"] = row["baseline_comparison"]["runtime_over_baseline"]
+        rows.append(row)
+        extra = f"  runtime/baseline {row['runtime_over_baseline']}" if "runtime_over_baseline" in row else ""
+        print(f"{name}: peak {row['measured_peak_gib']:.2f} GiB (planned {row['predicted_peak_gib']:.2f}), "
+              f"step {row['measured_step_seconds']:.3f} s (planned {row['predicted_step_seconds']:.3f}), "
+              f"loss {row['losses'][0]:.2f} -> {row['losses'][-1]:.2f}{extra}  [{time.time() - start:.0f} s]", flush=True)
+        save()
+    save()
     return 1 if failed else 0
 
 

@@ -17,6 +17,7 @@ from megatron.core.transformer.moe.moe_layer import MoELayer
 
 from megacpp.runtime.worker.adapters import MEGATRON_CORE_VERSION
 from megacpp.runtime.worker.job import Job
+from megacpp.runtime.worker.train import TrainResult
 
 SCHEMA = "megacpp.run/1"
 GIB = float(1 << 30)
@@ -68,15 +69,24 @@ def _merge_expert_counts(rank_infos: list[dict[str, Any]], sequence_parallel: bo
 
 
 def rank_info(coords: dict[str, int], params: int, params_expert: int, layer_numbers: list[int], cuda: bool,
-              counter: ExpertTokenCounter | None, step_seconds: list[float], losses: list[float | None]) -> dict[str, Any]:
+              counter: ExpertTokenCounter | None, result: TrainResult) -> dict[str, Any]:
     """Everything one rank contributes to the report."""
     info: dict[str, Any] = {**coords, "params": params, "params_expert": params_expert, "layer_numbers": layer_numbers}
-    info["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / GIB, 4) if cuda else None
+    peak = max(torch.cuda.max_memory_allocated(), int(result.memory.get("peak_gib", 0) * GIB)) if cuda else None
+    info["peak_allocated_gib"] = round(peak / GIB, 4) if peak is not None else None
     info["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / GIB, 4) if cuda else None
     info["expert_tokens"] = counter.as_lists() if counter else {}
-    info["step_seconds"] = step_seconds
-    info["losses"] = losses
+    info["step_seconds"] = result.step_seconds
+    info["losses"] = result.losses
+    info["memory_phases"] = {k: v for k, v in result.memory.items() if k != "peak_gib"} or None
+    info["forward_backward_seconds"] = _median(result.forward_backward_seconds)
+    info["optimizer_seconds"] = _median(result.optimizer_seconds)
+    info["profile"] = result.profile
     return info
+
+
+def _median(values: list[float]) -> float | None:
+    return round(statistics.median(values), 6) if values else None
 
 
 def gather(info: dict[str, Any]) -> list[dict[str, Any]]:
@@ -104,7 +114,8 @@ def build_report(job: Job, infos: list[dict[str, Any]], *, steps: int, warmup: i
     mismatched = [info["rank"] for info in infos
                   if (info["params"], info["params_expert"]) != (memory[info["pp"]]["params"], memory[info["pp"]]["params_expert"])]
     keys = ("rank", "tp", "cp", "dp", "pp", "ep", "etp", "edp", "params", "params_expert", "layer_numbers",
-            "peak_allocated_gib", "peak_reserved_gib")
+            "peak_allocated_gib", "peak_reserved_gib", "memory_phases", "forward_backward_seconds", "optimizer_seconds",
+            "profile")
     return {
         "schema": SCHEMA,
         "layout": job.layout,

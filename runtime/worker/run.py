@@ -30,6 +30,7 @@ class Options:
     warmup: int = 3
     report: str | None = None
     construct_only: bool = False
+    profile: bool = False
     tokens: str | None = None
     seed: int = 1234
     lr: float = 1e-3
@@ -67,8 +68,9 @@ def run(opts: Options) -> dict | None:
     counter = ExpertTokenCounter(chunks, config.recompute_granularity == "full") if "E" in job.ctx.letters else None
     result = TrainResult()
     if not opts.construct_only:
-        result = train(job, chunks, config, steps=opts.steps, warmup=opts.warmup, seed=opts.seed, lr=opts.lr, tokens=opts.tokens)
-    info = rank_info(coordinates(process.rank), params, params_expert, layer_numbers, cuda, counter, result.step_seconds, result.losses)
+        result = train(job, chunks, config, steps=opts.steps, warmup=opts.warmup, seed=opts.seed, lr=opts.lr, tokens=opts.tokens,
+                       profile=opts.profile)
+    info = rank_info(coordinates(process.rank), params, params_expert, layer_numbers, cuda, counter, result)
     infos = gather(info)
     report = None
     if process.rank == 0:

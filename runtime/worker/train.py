@@ -34,14 +34,58 @@ ADAM_BETAS = (0.9, 0.95)
 CLIP_GRAD = 1.0
 LR_WARMUP_STEPS = 5  # linear warm-up, then constant
 DDP_MIN_BUCKET = 40_000_000  # Megatron-LM get_model: max(4e7, 1e6 * dp_cp) elements
+GIB = float(1 << 30)
 
 
 @dataclass
 class TrainResult:
-    """What one rank measured: wall time and loss of every step."""
+    """What one rank measured: wall time and loss of every step, and where memory and time went."""
 
     step_seconds: list[float] = field(default_factory=list)  # every step, warm-up included
     losses: list[float | None] = field(default_factory=list)  # per step; None off the last stage
+    forward_backward_seconds: list[float] = field(default_factory=list)  # per step, CUDA events
+    optimizer_seconds: list[float] = field(default_factory=list)
+    memory: dict = field(default_factory=dict)  # phases of the last step (see MemoryPhases)
+    profile: dict | None = None  # kernel time by kind over one extra step, with --profile
+
+
+class MemoryPhases:
+    """torch.cuda allocated bytes around the phases of a step: what stays resident between steps
+    (weights, gradient buffer, optimizer state), the peak of forward+backward, the peak of the
+    optimizer step, and the allocation at the start of every micro-batch's forward (activations
+    in flight, as the pipeline schedule holds them). Host-side counters only: no synchronisation."""
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self.last: dict = {}
+        self._mb: list[int] = []
+
+    def _read_peak(self) -> int:
+        value = torch.cuda.max_memory_allocated()
+        self.peak = max(self.peak, value)
+        torch.cuda.reset_peak_memory_stats()
+        return value
+
+    def begin(self) -> None:
+        self._read_peak()
+        self._static = torch.cuda.memory_allocated()
+        self._mb = []
+
+    def microbatch(self) -> None:
+        self._mb.append(torch.cuda.memory_allocated())
+
+    def after_forward_backward(self) -> None:
+        self._fwd_bwd = self._read_peak()
+
+    def end(self) -> None:
+        optimizer = self._read_peak()
+        gib = lambda b: round(b / GIB, 4)  # noqa: E731
+        self.last = {
+            "resident_gib": gib(self._static),
+            "forward_backward_peak_gib": gib(self._fwd_bwd),
+            "optimizer_peak_gib": gib(optimizer),
+            "microbatch_start_gib": [gib(b) for b in self._mb],
+        }
 
 
 def wrap_for_training(chunks: list[torch.nn.Module], config, job: Job, lr: float, total_steps: int):
@@ -90,8 +134,10 @@ def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     return loss, num_tokens, {"lm loss": torch.cat([loss.clone().detach().view(1), num_tokens.view(1)])}
 
 
-def forward_step(data_iterator, model):
+def forward_step(data_iterator, model, phases: MemoryPhases | None = None):
     """One micro-batch through one chunk; only chunks with the embedding or the head read data."""
+    if phases is not None:
+        phases.microbatch()
     pre = get_attr_wrapped_model(model, "pre_process")
     post = get_attr_wrapped_model(model, "post_process")
     if not (pre or post):
@@ -110,37 +156,105 @@ def _step_loss(losses_reduced) -> float | None:
     return (total[0] / total[1]).item()
 
 
-def train(job: Job, chunks, config, *, steps: int, warmup: int, seed: int, lr: float, tokens: str | None) -> TrainResult:
-    """Run warmup + steps optimizer steps; time each one between two torch.cuda.synchronize()."""
+def train(job: Job, chunks, config, *, steps: int, warmup: int, seed: int, lr: float, tokens: str | None,
+          profile: bool = False) -> TrainResult:
+    """Run warmup + steps optimizer steps; time each one between two torch.cuda.synchronize().
+
+    With `profile`, one more step runs under torch.profiler and its kernel time is summarised.
+    """
     total = warmup + steps
-    model, optimizer, scheduler = wrap_for_training(chunks, config, job, lr, total)
+    model, optimizer, scheduler = wrap_for_training(chunks, config, job, lr, total + int(profile))
     device = torch.device("cuda", torch.cuda.current_device())
     vocab = job.spec.model.vocab_size
     source = TokenFile(tokens, vocab, device) if tokens else SyntheticChain(vocab, seed, device)
     lay, seq = job.layout, job.spec.training.seq_length
     forward_backward = get_forward_backward_func()
+    phases = MemoryPhases()
+    step_func = partial(forward_step, phases=phases)
     result = TrainResult()
-    for step in range(total):
+
+    def one_step(step: int) -> None:
         streams = [
             microbatches(source, seed=seed, dp_rank=ps.get_data_parallel_rank(), step=step, count=lay["num_microbatches"],
                          micro_batch_size=lay["micro_batch_size"], seq_length=seq)
             for _ in model
         ]
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
         torch.cuda.synchronize()
         start = time.perf_counter()
         for chunk in model:
             chunk.zero_grad_buffer()
         optimizer.zero_grad()
+        phases.begin()
+        events[0].record()
         losses_reduced = forward_backward(
-            forward_step_func=forward_step, data_iterator=streams if len(model) > 1 else streams[0], model=model,
+            forward_step_func=step_func, data_iterator=streams if len(model) > 1 else streams[0], model=model,
             num_microbatches=lay["num_microbatches"], seq_length=seq, micro_batch_size=lay["micro_batch_size"],
             decoder_seq_length=seq, forward_only=False,
         )
+        events[1].record()
+        phases.after_forward_backward()
         update_successful, _, _ = optimizer.step()
         if update_successful:
             scheduler.step(increment=1)
+        events[2].record()
         torch.cuda.synchronize()
         result.step_seconds.append(time.perf_counter() - start)
+        phases.end()
+        result.forward_backward_seconds.append(events[0].elapsed_time(events[1]) / 1e3)
+        result.optimizer_seconds.append(events[1].elapsed_time(events[2]) / 1e3)
         result.losses.append(_step_loss(losses_reduced))
         clear_aux_losses_tracker()
+
+    for step in range(total):
+        one_step(step)
+    result.memory = {**phases.last, "peak_gib": round(phases.peak / GIB, 4)}
+    if profile:
+        result.profile = kernel_profile(lambda: one_step(total))
+        result.step_seconds.pop()
+        result.losses.pop()
+        result.forward_backward_seconds.pop()
+        result.optimizer_seconds.pop()
     return result
+
+
+# Kernel names by kind, matched in order against the lower-cased CUDA kernel name.
+KERNEL_KINDS = (
+    ("communication", ("nccl",)),
+    ("matmul", ("gemm", "cutlass", "cublas", "sm90_xmma", "nvjet", "matmul")),
+    ("attention_softmax", ("softmax", "flash", "fmha", "attn")),
+    ("copy", ("memcpy", "memset", "copy", "cat")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    lowered = name.lower()
+    return next((kind for kind, keys in KERNEL_KINDS if any(k in lowered for k in keys)), "other")
+
+
+def kernel_profile(run_step) -> dict:
+    """Run one step under torch.profiler; GPU kernel seconds by kind, kernel count, and the wall time.
+
+    GPU busy time well below the wall time means the step is bound by the host (Python, launches),
+    not by the kernels: the cost model's compute term cannot explain it.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        run_step()
+        wall = time.perf_counter() - start
+    by_kind: dict[str, float] = {}
+    launches = 0
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA and event.device_time_total > 0:
+            kind = kernel_kind(event.name)
+            by_kind[kind] = by_kind.get(kind, 0.0) + event.device_time_total / 1e6
+            launches += 1
+    compute = sum(v for k, v in by_kind.items() if k != "communication")
+    return {
+        "wall_seconds": round(wall, 6),
+        "kernels": launches,
+        "kernel_seconds": {k: round(v, 6) for k, v in sorted(by_kind.items())},
+        "compute_kernel_seconds": round(compute, 6),
+    }
