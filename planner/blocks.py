@@ -16,6 +16,21 @@ BF16 = 2
 FP32 = 4
 SSD_CHUNK = 256  # Mamba-2 SSD chunk size, megatron/core/ssm/mamba_mixer.py (chunk_size=128..256)
 RECURRENT_CHUNK = 64  # megacpp runtime R block: state checkpoint every 64 tokens
+# megatron-core's local (unfused) DotProductAttention on the torch softmax path
+# (fusions/fused_softmax.py forward_torch_softmax): scores go to fp32, softmax keeps its fp32
+# output and the bf16 cast of it feeds the PV matmul, so 4 + 2 bytes per score stay for backward.
+# Matches the per-micro-batch growth measured on the 8 x H200 PP runs (memory_phases in
+# benchmarks/results/gpu_runs_h200x8.json).
+UNFUSED_KEPT_BYTES = FP32 + BF16
+
+
+def unfused_scores(ctx: Context, lay: Layout) -> float:
+    """Attention score elements of one micro-batch on one rank (heads/TP x s x s); 0 with TE (fused)."""
+    if ctx.te or "A" not in ctx.letters:
+        return 0.0
+    heads = ctx.spec.model.attention.num_heads  # type: ignore[union-attr]
+    s = ctx.seq / lay.cp
+    return lay.micro_batch_size * heads / lay.tp * s * s
 
 
 @dataclass(frozen=True)
@@ -154,7 +169,8 @@ def block_activation_bytes(ctx: Context, letter: str, lay: Layout) -> float:
         keep = BF16 * 2 * h * outside + h * outside  # norm input, qkv input, dropout mask
         scores = 0.0
         if not ctx.te and recompute == "none":
-            scores = 5 * heads * ctx.seq / lay.cp  # unfused: scores, probs, mask (5as^2b)
+            # unfused: fp32 softmax output and its bf16 copy, both kept for backward (UNFUSED_KEPT_BYTES)
+            scores = UNFUSED_KEPT_BYTES * heads * ctx.seq / lay.cp
         return keep + (inside + scores) / t
     if letter == "D":
         mlp = model.mlp
@@ -182,7 +198,11 @@ def block_activation_bytes(ctx: Context, letter: str, lay: Layout) -> float:
     if letter == "R":
         r = model.recurrent
         assert r is not None
-        d_r = r.num_heads * r.head_dim
-        inside = BF16 * ((4 * d_r + r.num_heads) + 2 * d_r) + FP32 * d_r * r.head_dim / RECURRENT_CHUNK
+        d_r, c = r.num_heads * r.head_dim, RECURRENT_CHUNK
+        # what autograd keeps in runtime/worker/recurrent.py, per token: the bf16 projection and
+        # the four bf16 gate/output tensors; fp32 q, k, v, k*decay, q*decay and the pre-norm output;
+        # three fp32 chunk x chunk matrices per head; the fp32 chunk states and their carried sums
+        inside = (BF16 * ((4 * d_r + r.num_heads) + 4 * d_r) + FP32 * 6 * d_r + FP32 * 3 * r.num_heads * c
+                  + FP32 * 2 * d_r * r.head_dim / c)
         return BF16 * 2 * h * outside + inside / t
     raise ValueError(letter)

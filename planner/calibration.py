@@ -1,97 +1,126 @@
-"""`megacpp calibrate`: fit a cluster's efficiency factors from measured runs.
+"""`megacpp calibrate`: fit a cluster's per-block overheads from measured runs.
 
-The step-time model is  step = compute / matmul + blocks * passes * overhead + exposed comm,
-summed over the pipeline's (m + (p-1)/v) micro-batch slots on the busiest rank. Given measured
-step times, `fit` solves the two factors (1/matmul, overhead) by least squares; `leave_one_out`
-reports how well each run is predicted by a fit that did not see it.
+The step-time model (planner/cost.py) is, on the busiest pipeline rank,
+
+    step = sum over (m + (p-1)/v) micro-batch slots of
+           [matmul FLOPs / (MAMF * matmul) + softmax bytes / (HBM * hbm) + sum over blocks of overhead(letter)]
+           + exposed communication
+
+Everything but the per-letter overheads comes from the hardware preset and the formulas; the
+overheads (host work, kernel launches, the MoE dispatcher's synchronisation, small kernels) are
+what a run measures beyond them. `fit` solves them by least squares on relative error, keeping
+them non-negative; `leave_one_out` reports how well each run is predicted by a fit that did not
+see it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
-from megacpp.planner.cost import Efficiency, estimate
+from megacpp.planner.cost import DEFAULT_EFFICIENCY, Efficiency, estimate
 from megacpp.planner.errors import PlanError
 from megacpp.planner.layout import Layout
 from megacpp.planner.loading import spec_from_dict
 from megacpp.planner.plan import make_context
 from megacpp.planner.stages import assign_stages
 
-PROFILE_SCHEMA = "megacpp.profile/1"
-RAW = Efficiency(matmul=1.0, block_overhead_s=0.0)
+PROFILE_SCHEMA = "megacpp.profile/2"
+NO_OVERHEAD = replace(DEFAULT_EFFICIENCY, block_overhead_s=())
 
 
 @dataclass(frozen=True)
 class Observation:
     name: str
     cluster: str
-    compute_seconds: float  # at the cluster's best matmul rate (matmul = 1)
-    launch_units: float  # block executions on the busiest rank per step
-    fixed_seconds: float  # exposed communication, as modelled
+    base_seconds: float  # the model's step time with no block overhead
+    units: dict[str, float]  # block x micro-batch slots per letter on the busiest rank (x passes / 3)
     measured_seconds: float
 
 
 def observe(run: dict[str, Any]) -> Observation:
-    """Decompose one run report (with its spec) into the model's terms."""
+    """Decompose one run report (with its spec) into the model's terms, for the backend that ran."""
     for key in ("spec", "layout", "measured_step_seconds"):
         if run.get(key) is None:
             raise PlanError(f"run report {run.get('name', '?')}: missing '{key}'; reports from `megacpp launch --engine megacpp` carry it")
     spec = spec_from_dict(run["spec"], source="run spec")
+    used_te = bool((run.get("backend") or {}).get("transformer_engine_used", spec.backend.transformer_engine))
+    if used_te != spec.backend.transformer_engine:
+        spec = spec.model_copy(update={"backend": spec.backend.model_copy(update={"transformer_engine": used_te})})
     ctx = make_context(spec)
     lay = Layout.from_dict(run["layout"])
     _, stages = assign_stages(ctx, lay.pp, lay.vpp)
-    est = estimate(ctx, lay, stages, RAW)
-    passes = 4 if spec.training.recompute == "full" else 3
-    slots = lay.num_microbatches + (lay.pp - 1) / lay.vpp
-    busiest = max(sum(len(s.blocks) for s in stages if s.pp_rank == p) for p in range(lay.pp))
+    est = estimate(ctx, lay, stages, NO_OVERHEAD)
+    scale = (lay.num_microbatches + (lay.pp - 1) / lay.vpp) * (4 if spec.training.recompute == "full" else 3) / 3
+    counts = [{letter: "".join(s.blocks for s in stages if s.pp_rank == p).count(letter) for letter in ctx.letters}
+              for p in range(lay.pp)]
+    busiest = max(counts, key=lambda c: sum(c.values()))
     return Observation(
         name=str(run.get("name") or spec.name),
         cluster=ctx.cluster.name,
-        compute_seconds=est.compute_seconds,
-        launch_units=slots * busiest * passes,
-        fixed_seconds=est.step_seconds - est.compute_seconds,
+        base_seconds=est.step_seconds,
+        units={letter: n * scale for letter, n in busiest.items() if n},
         measured_seconds=float(run["measured_step_seconds"]),
     )
 
 
-def fit(observations: list[Observation]) -> Efficiency:
-    """Least-squares (1/matmul, overhead) for measured - fixed = compute/matmul + units*overhead."""
+def _solve(rows: list[list[float]], rhs: list[float]) -> list[float]:
+    """Least squares by the normal equations (a handful of unknowns), Gaussian elimination."""
+    k = len(rows[0])
+    a = [[sum(r[i] * r[j] for r in rows) for j in range(k)] + [sum(r[i] * b for r, b in zip(rows, rhs, strict=True))]
+         for i in range(k)]
+    for col in range(k):
+        pivot = max(range(col, k), key=lambda r: abs(a[r][col]))
+        if abs(a[pivot][col]) < 1e-18:
+            raise PlanError("calibrate: the runs do not separate the block kinds' overheads; add runs of other shapes")
+        a[col], a[pivot] = a[pivot], a[col]
+        for r in range(k):
+            if r != col:
+                f = a[r][col] / a[col][col]
+                a[r] = [x - f * y for x, y in zip(a[r], a[col], strict=True)]
+    return [a[i][k] / a[i][i] for i in range(k)]
+
+
+def fit(observations: list[Observation], base: Efficiency = DEFAULT_EFFICIENCY) -> Efficiency:
+    """Per-letter overheads minimising the relative error of measured - base = sum units * overhead."""
     if len(observations) < 2:
         raise PlanError("calibrate needs at least two measured runs")
-    sxx = sum(o.compute_seconds ** 2 for o in observations)
-    syy = sum(o.launch_units ** 2 for o in observations)
-    sxy = sum(o.compute_seconds * o.launch_units for o in observations)
-    bx = sum(o.compute_seconds * (o.measured_seconds - o.fixed_seconds) for o in observations)
-    by = sum(o.launch_units * (o.measured_seconds - o.fixed_seconds) for o in observations)
-    det = sxx * syy - sxy * sxy
-    if abs(det) < 1e-12 * max(sxx * syy, 1e-30):
-        raise PlanError("calibrate: the runs do not separate compute from per-block overhead; add runs of other shapes")
-    inv_matmul = (bx * syy - by * sxy) / det
-    overhead = (by * sxx - bx * sxy) / det
-    if inv_matmul <= 0 or overhead < 0:  # fall back to one factor each way, keeping both physical
-        inv_matmul = max(bx / sxx, 1e-6) if overhead < 0 else 1e-6
-        overhead = 0.0 if overhead < 0 else max(by / syy, 0.0)
-    return Efficiency(matmul=1.0 / inv_matmul, block_overhead_s=overhead)
+    free = sorted({letter for o in observations for letter in o.units})
+    while True:
+        if len(observations) < len(free):
+            raise PlanError(f"calibrate: {len(observations)} runs cannot fit {len(free)} block kinds ({', '.join(free)}); add runs")
+        rows = [[o.units.get(letter, 0.0) / o.measured_seconds for letter in free] for o in observations]
+        rhs = [(o.measured_seconds - o.base_seconds) / o.measured_seconds for o in observations]
+        values = dict(zip(free, _solve(rows, rhs), strict=True)) if free else {}
+        negative = [letter for letter, v in values.items() if v < 0]
+        if not negative:
+            break
+        free = [letter for letter in free if letter not in negative]  # clamp at zero and refit the rest
+    fitted = {**{letter: 0.0 for o in observations for letter in o.units}, **values}
+    kept = {letter: v for letter, v in base.block_overhead_s if letter not in fitted}
+    return replace(base, block_overhead_s=tuple(sorted({**kept, **fitted}.items())))
 
 
 def predict(o: Observation, eff: Efficiency) -> float:
-    return o.compute_seconds / eff.matmul + o.launch_units * eff.block_overhead_s + o.fixed_seconds
+    return o.base_seconds + sum(units * eff.overhead(letter) for letter, units in o.units.items())
 
 
 def leave_one_out(observations: list[Observation]) -> list[dict[str, Any]]:
-    """Each run predicted by a fit on all the others."""
+    """Each run predicted by a fit on all the others (None where the others cannot be fitted)."""
     rows = []
     for i, o in enumerate(observations):
-        eff = fit(observations[:i] + observations[i + 1 :])
-        p = predict(o, eff)
-        rows.append({"name": o.name, "measured_s": round(o.measured_seconds, 4), "predicted_s": round(p, 4),
-                     "error": round(p / o.measured_seconds - 1, 4)})
+        try:
+            p: float | None = predict(o, fit(observations[:i] + observations[i + 1 :]))
+        except PlanError:
+            p = None
+        rows.append({"name": o.name, "measured_s": round(o.measured_seconds, 4),
+                     "predicted_s": None if p is None else round(p, 4),
+                     "error": None if p is None else round(p / o.measured_seconds - 1, 4)})
     return rows
 
 
 def calibrate(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """The profile document: fitted factors, fit residuals and leave-one-out errors."""
+    """The profile document: fitted overheads, fit residuals and leave-one-out errors."""
     observations = [observe(r) for r in runs]
     clusters = sorted({o.cluster for o in observations})
     if len(clusters) > 1:
@@ -100,11 +129,10 @@ def calibrate(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "schema": PROFILE_SCHEMA,
         "cluster": clusters[0],
-        "matmul": round(eff.matmul, 6),
-        "block_overhead_s": round(eff.block_overhead_s, 9),
+        "block_overhead_s": {letter: round(v, 6) for letter, v in eff.block_overhead_s},
         "fitted_on": [
             {"name": o.name, "measured_s": round(o.measured_seconds, 4), "fitted_s": round(predict(o, eff), 4),
-             "uncalibrated_s": round(o.compute_seconds / Efficiency().matmul + o.fixed_seconds, 4)}
+             "uncalibrated_s": round(predict(o, DEFAULT_EFFICIENCY), 4)}
             for o in observations
         ],
         "leave_one_out": leave_one_out(observations) if len(observations) > 2 else [],
@@ -114,7 +142,8 @@ def calibrate(runs: list[dict[str, Any]]) -> dict[str, Any]:
 def efficiency_from_profile(profile: dict[str, Any]) -> Efficiency:
     if not isinstance(profile, dict) or profile.get("schema") != PROFILE_SCHEMA:
         raise PlanError(f"not a megacpp cluster profile: expected \"schema\": \"{PROFILE_SCHEMA}\" (made by `megacpp calibrate`)")
-    try:
-        return Efficiency(matmul=float(profile["matmul"]), block_overhead_s=float(profile["block_overhead_s"]))
-    except (KeyError, TypeError, ValueError):
-        raise PlanError("malformed cluster profile: needs numeric 'matmul' and 'block_overhead_s'") from None
+    overheads = profile.get("block_overhead_s")
+    if not isinstance(overheads, dict) or not all(isinstance(v, (int, float)) and v >= 0 for v in overheads.values()):
+        raise PlanError("malformed cluster profile: 'block_overhead_s' must map block letters to seconds >= 0")
+    merged = {**dict(DEFAULT_EFFICIENCY.block_overhead_s), **{str(k): float(v) for k, v in overheads.items()}}
+    return replace(DEFAULT_EFFICIENCY, block_overhead_s=tuple(sorted(merged.items())))

@@ -80,6 +80,10 @@ PRESETS: dict[str, dict] = {
         "nvlink_allreduce_gbps": 367.6,  # ring, 16 GiB, 8xH200 [R2][R3]
         "nvlink_allgather_gbps": 361.4,  # [R2]
         "nvlink_reducescatter_gbps": 362.9,  # [R2]
+        # per-call latency through torch.distributed, which is how megatron-core calls NCCL: median of
+        # the 8 KiB all-reduce/all-gather/reduce-scatter/all-to-all on 8 x H200 (71, 57, 45, 62 us),
+        # benchmarks/results/nccl_h200x8.json; nccl-tests' own 18 us [R3] leaves out the framework
+        "nvlink_alpha_us": 59.0,
     },
     "b200-sxm-8": {
         **_H100,

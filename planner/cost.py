@@ -23,6 +23,7 @@ from megacpp.planner.blocks import (
     head_flops,
     head_params,
     padded_vocab,
+    unfused_scores,
 )
 from megacpp.planner.layout import Context, Layout
 from megacpp.planner.stages import Stage
@@ -31,16 +32,56 @@ GIB = float(1 << 30)
 # torch.cuda.max_memory_reserved / max_memory_allocated per rank over the 40 ranks of the ten 4 x H200
 # runs in benchmarks/results/gpu_runs_h200x4.json: min 1.017, median 1.037, max 1.186.
 RESERVED_OVER_ALLOCATED = 1.037
+# Memory terms measured per phase (resident, forward+backward peak, optimizer peak) on the five
+# 8 x H200 runs in benchmarks/results/gpu_runs_h200x8.json:
+# - megatron-core's unfused attention reuses one global bf16 buffer of heads/TP x s x s scores per
+#   micro-batch (utils.GlobalMemoryBuffer, dot_product_attention.py); it stays allocated. The
+#   resident memory exceeded weights + gradients + optimizer by 0.20 GiB with a 0.125 GiB buffer
+#   and by 1.08 GiB with a 1.0 GiB buffer.
+SCORE_BUFFER_BYTES = BF16
+# - backward through one unfused attention holds fp32 gradients of the scores next to the kept
+#   softmax output: the peak exceeded the kept activations by this many bytes per score.
+UNFUSED_BACKWARD_BYTES = 12.0
+# - the distributed optimizer's step holds an fp32 copy of the larger of its two shards (dense over
+#   DP*CP, experts over EDP): 1.34 GiB = 4.0 B x 361M params on dense-tp8, 3.00 GiB = 4.0 B x 805M
+#   expert params on moe-ep8 and moe-tp2-ep4-sp.
+OPTIMIZER_STEP_BYTES = FP32
+# HBM traffic of the unfused softmax path per attention score, derived from the torch ops in
+# megatron-core's FusedScaleMaskSoftmax.forward_torch_softmax: forward reads bf16 scores and
+# writes fp32 (6), scales (8), masks (8), softmax (8) and casts back (6); backward runs the same
+# chain in reverse with softmax backward reading the gradient and the output (12).
+UNFUSED_SOFTMAX_BYTES_FORWARD = 36.0
+UNFUSED_SOFTMAX_BYTES_BACKWARD = 40.0
+
+
+# Host and launch time per block per micro-batch (forward + backward), by letter, for megacpp's
+# runtime on megatron-core 0.16.1 local modules on H200: what `megacpp calibrate
+# benchmarks/results/gpu_runs_h200x8.json benchmarks/results/gpu_runs_h200x4.json` fits to the 15
+# committed runs after every modelled term (matmul, softmax traffic, communication); README
+# "Cost model against the GPUs" gives its errors on those runs left out one at a time and on runs
+# outside the fit. E includes the dispatcher's host synchronisation on routed-token counts and the
+# per-expert loop; R is the runtime's chunked recurrence; A's launches fall inside its softmax
+# traffic term. M has no runs yet: ASSUMPTION, as R (a chunked scan of similar kernel count).
+MEASURED_BLOCK_OVERHEAD_S = (("A", 0.0), ("D", 3.69e-3), ("E", 14.45e-3), ("M", 8.31e-3), ("R", 8.31e-3))
 
 
 @dataclass(frozen=True)
 class Efficiency:
-    """Tunable factors; `megacpp calibrate` fits them from measured runs."""
+    """Tunable factors; `megacpp calibrate` fits the per-letter block overheads from measured runs."""
 
-    matmul: float = 0.70  # ASSUMPTION: fraction of MAMF a training step sustains
+    # fraction of MAMF a training step sustains: the profiled matmul kernel time of dense-tp8
+    # (0.259 s per step, benchmarks/results/gpu_runs_h200x8.json) equals the FLOP model's at 0.70
+    matmul: float = 0.70
+    hbm: float = 0.80  # ASSUMPTION: fraction of HBM bandwidth elementwise kernels sustain
     dp_exposed: float = 0.30  # ASSUMPTION: share of DP/EDP gradient traffic not hidden by backward
-    overhead_gib: float = 0.5  # ASSUMPTION: cuBLAS workspace and allocator slack inside max_memory_allocated
-    block_overhead_s: float = 0.0  # host/launch time per block per pass per micro-batch; fitted by calibrate
+    # allocated beyond weights, gradients, optimizer state and the score buffer between steps:
+    # 0.07-0.12 GiB on the five 8 x H200 runs (cuBLAS workspaces, RNG state, masks)
+    overhead_gib: float = 0.1
+    block_overhead_s: tuple[tuple[str, float], ...] = MEASURED_BLOCK_OVERHEAD_S
+
+    def overhead(self, letter: str) -> float:
+        """Seconds per block of this letter per micro-batch, forward and backward."""
+        return dict(self.block_overhead_s).get(letter, 0.0)
 
 
 DEFAULT_EFFICIENCY = Efficiency()
@@ -57,10 +98,18 @@ class StageMemory:
     activations_gib: float
     buffers_gib: float
     overhead_gib: float
+    transient_gib: float = 0.0  # largest short-lived allocation of forward+backward (loss, attention backward)
+    optimizer_step_gib: float = 0.0  # held only while the optimizer steps (activations are gone by then)
+
+    @property
+    def resident_gib(self) -> float:
+        """What stays allocated between steps."""
+        return self.weights_gib + self.gradients_gib + self.optimizer_gib + self.buffers_gib + self.overhead_gib
 
     @property
     def total_gib(self) -> float:
-        return self.weights_gib + self.gradients_gib + self.optimizer_gib + self.activations_gib + self.buffers_gib + self.overhead_gib
+        """Peak allocated: the larger of the forward+backward peak and the optimizer-step peak."""
+        return self.resident_gib + max(self.activations_gib + self.transient_gib, self.optimizer_step_gib)
 
     def to_dict(self) -> dict[str, float | int]:
         r = lambda x: round(x, 3)  # noqa: E731
@@ -73,7 +122,10 @@ class StageMemory:
             "optimizer_gib": r(self.optimizer_gib),
             "activations_gib": r(self.activations_gib),
             "buffers_gib": r(self.buffers_gib),
+            "transient_gib": r(self.transient_gib),
+            "optimizer_step_gib": r(self.optimizer_step_gib),
             "overhead_gib": r(self.overhead_gib),
+            "resident_gib": r(self.resident_gib),
             "total_gib": r(self.total_gib),
             "reserved_gib": r(self.total_gib * RESERVED_OVER_ALLOCATED),
         }
@@ -138,24 +190,31 @@ def stage_memory(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency
     out = []
     distopt = ctx.spec.training.distributed_optimizer
     tokens = _tokens_per_mb(ctx, lay)
+    recompute = ctx.spec.training.recompute
     for p in range(lay.pp):
         mine = _rank_stages(stages, p)
         dense = expert = 0
         act_per_mb = 0.0
-        buffers = 0.0
+        loss = 0.0
+        has_attention = False
         for st in mine:
             for letter, n in Counter(st.blocks).items():
                 bp = block_params(ctx, letter, lay)
                 dense += n * bp.dense
                 expert += n * bp.expert
                 act_per_mb += n * block_activation_bytes(ctx, letter, lay) * tokens
+            has_attention = has_attention or "A" in st.blocks
             if st.embedding:
                 dense += embedding_params(ctx, lay)
                 act_per_mb += BF16 * ctx.spec.model.hidden_size * tokens / (lay.tp if lay.sp else 1)
             if st.output_head:
                 dense += head_params(ctx, lay)
                 # bf16 logits plus fp32 logits and their gradient in the vocab-parallel loss
-                buffers += (BF16 + 2 * FP32) * tokens * padded_vocab(ctx, lay.tp) / lay.tp
+                loss = (BF16 + 2 * FP32) * tokens * padded_vocab(ctx, lay.tp) / lay.tp
+        scores = unfused_scores(ctx, lay) if has_attention else 0.0
+        attention_backward = UNFUSED_BACKWARD_BYTES * scores if recompute != "full" else 0.0
+        if recompute == "selective":  # the recomputed softmax output is alive during its backward
+            attention_backward += (FP32 + BF16) * scores
         total = dense + expert
         dense_shard = lay.dp * lay.cp if distopt else 1
         expert_shard = max(lay.edp, 1) if distopt else 1
@@ -168,8 +227,10 @@ def stage_memory(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency
                 gradients_gib=FP32 * total / GIB,
                 optimizer_gib=(3 * FP32 * dense / dense_shard + 3 * FP32 * expert / expert_shard) / GIB,
                 activations_gib=act_per_mb * _in_flight(lay, p) / GIB,
-                buffers_gib=buffers / GIB,
+                buffers_gib=SCORE_BUFFER_BYTES * scores / GIB,
                 overhead_gib=eff.overhead_gib,
+                transient_gib=max(loss, attention_backward) / GIB,
+                optimizer_step_gib=OPTIMIZER_STEP_BYTES * max(dense / dense_shard, expert / expert_shard) / GIB,
             )
         )
     return out
@@ -275,15 +336,22 @@ def estimate(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency = D
     tokens = _tokens_per_mb(ctx, lay)
     passes = 4 if ctx.spec.training.recompute == "full" else 3
     per_letter = {letter: block_flops(ctx, letter) for letter in ctx.letters}
+    # memory-bound softmax traffic of unfused attention (megatron-core's local spec)
+    recompute = ctx.spec.training.recompute
+    forwards = 1 if recompute == "none" else 2  # selective and full recompute repeat the forward
+    softmax_bytes = unfused_scores(ctx, lay) * (forwards * UNFUSED_SOFTMAX_BYTES_FORWARD + UNFUSED_SOFTMAX_BYTES_BACKWARD)
+    hbm = c.hbm_tbps * 1e12 * eff.hbm
     per_rank = []
     for p in range(lay.pp):
         flops = 0.0
+        attention = 0
         for st in _rank_stages(stages, p):
             flops += sum(n * per_letter[letter] for letter, n in Counter(st.blocks).items())
+            attention += st.blocks.count("A")
             if st.output_head:
                 flops += head_flops(ctx)
-        blocks = sum(len(st.blocks) for st in _rank_stages(stages, p))
-        per_rank.append(flops * tokens / lay.tp * passes / rate + blocks * passes * eff.block_overhead_s)
+        host = sum(eff.overhead(letter) for st in _rank_stages(stages, p) for letter in st.blocks)
+        per_rank.append(flops * tokens / lay.tp * passes / rate + attention * softmax_bytes / hbm + host * passes / 3)
     t_mb = max(per_rank)
     m = lay.num_microbatches
     pipeline_units = m + (lay.pp - 1) / lay.vpp

@@ -86,6 +86,18 @@ def make_context(spec: Spec, cluster: Cluster | None = None) -> Context:
     return Context(spec=spec, cluster=cluster or resolve_cluster(spec.cluster))
 
 
+def estimate_run(spec: Spec, layout: dict[str, Any], *, transformer_engine: bool | None = None,
+                 eff: Efficiency = DEFAULT_EFFICIENCY) -> Estimate:
+    """Re-estimate one layout of `spec` as it actually ran: with `transformer_engine` given, the
+    spec's backend is replaced (a run that asked for TE where it does not import runs megatron-core's
+    local modules, whose unfused attention holds more memory)."""
+    if transformer_engine is not None and transformer_engine != spec.backend.transformer_engine:
+        spec = spec.model_copy(update={"backend": spec.backend.model_copy(update={"transformer_engine": transformer_engine})})
+    ctx = make_context(spec)
+    lay = Layout.from_dict(layout)
+    return estimate(ctx, lay, assign_stages(ctx, lay.pp, lay.vpp)[1], eff)
+
+
 def _candidate(ctx: Context, lay: Layout, est: Estimate, warnings: list) -> Candidate:
     split, stages = assign_stages(ctx, lay.pp, lay.vpp)
     notes = [Note(rule=v.rule, message=v.message) for v in check_layout(ctx, lay, warnings)]

@@ -130,7 +130,7 @@ def calibrate(
     reports: Annotated[list[Path], typer.Argument(help="Run reports (report.json from `megacpp launch --engine megacpp`, or a gpu_runs file).")],
     out: Annotated[Path | None, typer.Option("--out", help="Write the cluster profile here (use with `plan --profile`).")] = None,
 ) -> None:
-    """Fit the cluster's step-time factors (matmul efficiency, per-block overhead) from measured runs."""
+    """Fit the cluster's per-block overheads (host, launch, synchronisation) from measured runs."""
     from megacpp.planner.calibration import calibrate as fit_profile
     from megacpp.runtime import console
 

@@ -174,7 +174,7 @@ def explain_text(doc: dict[str, Any]) -> None:
     out.print(f"[bold]memory per stage[/] (capacity {mem['capacity_gib']:g} GiB; predicts torch.cuda.max_memory_allocated)")
     for m in mem["per_stage"]:
         parts = " + ".join(f"{k.removesuffix('_gib')} {m[k]:.1f}" for k in
-                           ("weights_gib", "gradients_gib", "optimizer_gib", "activations_gib", "buffers_gib", "overhead_gib"))
+                           ("weights_gib", "gradients_gib", "optimizer_gib", "buffers_gib", "overhead_gib", "activations_gib", "transient_gib"))
         out.print(f"  pp{m['pp_rank']} {_bar(m['total_gib'], mem['capacity_gib'])} {m['total_gib']:6.1f} GiB = {parts}")
 
     _ranks_text(doc["ranks"], doc["cluster"]["gpus_per_node"])
@@ -228,8 +228,8 @@ def _rank_list(ranks: list[int]) -> str:
 
 
 def calibration_table(profile: dict[str, Any]) -> None:
-    out.print(f"[bold]{profile['cluster']}[/]: matmul efficiency {profile['matmul']:.3f} of MAMF, "
-              f"per-block overhead {profile['block_overhead_s'] * 1e3:.3f} ms per pass")
+    per_block = ", ".join(f"{letter} {v * 1e3:.2f} ms" for letter, v in profile["block_overhead_s"].items())
+    out.print(f"[bold]{profile['cluster']}[/]: overhead per block per micro-batch (forward + backward): {per_block}")
     loo = {r["name"]: r for r in profile["leave_one_out"]}
     table = Table(header_style="bold")
     for col in ("run", "measured s", "uncalibrated s", "fitted s", "left-out fit s", "left-out error"):
@@ -237,5 +237,6 @@ def calibration_table(profile: dict[str, Any]) -> None:
     for r in profile["fitted_on"]:
         held = loo.get(r["name"])
         table.add_row(r["name"], f"{r['measured_s']:.3f}", f"{r['uncalibrated_s']:.3f}", f"{r['fitted_s']:.3f}",
-                      f"{held['predicted_s']:.3f}" if held else "-", f"{held['error']:+.1%}" if held else "-")
+                      f"{held['predicted_s']:.3f}" if held and held["predicted_s"] is not None else "-",
+                      f"{held['error']:+.1%}" if held and held["error"] is not None else "-")
     out.print(table)

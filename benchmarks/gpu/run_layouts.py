@@ -60,6 +60,7 @@ def entry(name: str, report: dict) -> dict:
         "losses_finite": finite(losses),
         "loss_falls": len(losses) > 3 and statistics.mean(losses[-3:]) < statistics.mean(losses[:3]),
         "adapters": report.get("adapters"),
+        "backend": report.get("backend"),
         "predicted_peak_gib_per_stage": report.get("predicted", {}).get("peak_gib"),
         "per_rank_peak_gib": [r.get("peak_allocated_gib") for r in ranks],
         "per_rank_reserved_gib": [r.get("peak_reserved_gib") for r in ranks],
@@ -87,9 +88,11 @@ def baseline(rundir: Path, world: int, steps: int, log: Path, timeout: float, ta
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def compare(spec: Path, rundir: Path, first: dict, args, log: Path) -> dict:
-    """Alternate runtime and baseline for --rounds rounds; per-round tokens/s and their ratio."""
-    rounds = []
+def compare(spec: Path, rundir: Path, first: dict, args, log: Path, row: dict, save) -> None:
+    """Alternate runtime and baseline for --rounds rounds; per-round tokens/s and their ratio,
+    written into `row` (and saved) after every round."""
+    rounds: list[dict] = []
+    row["baseline_comparison"] = {"rounds": rounds, "runtime_over_baseline": None}
     for k in range(args.rounds):
         runtime_first = k % 2 == 1  # round 0: the runtime report already exists, the baseline runs after it
         if k == 0:
@@ -108,8 +111,9 @@ def compare(spec: Path, rundir: Path, first: dict, args, log: Path) -> dict:
             "runtime_over_baseline": round(rt["tokens_per_second"] / base["tokens_per_second"], 4),
             "losses_identical": rt["losses"] == base["losses"],
         })
-    ratios = [r["runtime_over_baseline"] for r in rounds]
-    return {"rounds": rounds, "runtime_over_baseline": round(statistics.median(ratios), 4) if ratios else None}
+        ratio = round(statistics.median(r["runtime_over_baseline"] for r in rounds), 4)
+        row["baseline_comparison"]["runtime_over_baseline"] = row["runtime_over_baseline"] = ratio
+        save()
 
 
 def main() -> int:
@@ -154,10 +158,9 @@ def main() -> int:
             save()
             continue
         row = entry(name, report)
-        if name in baselines:
-            row["baseline_comparison"] = compare(spec, rundir, report, args, log)
-            row["runtime_over_baseline"] = row["baseline_comparison"]["runtime_over_baseline"]
         rows.append(row)
+        if name in baselines:
+            compare(spec, rundir, report, args, log, row, save)
         extra = f"  runtime/baseline {row['runtime_over_baseline']}" if "runtime_over_baseline" in row else ""
         print(f"{name}: peak {row['measured_peak_gib']:.2f} GiB (planned {row['predicted_peak_gib']:.2f}), "
               f"step {row['measured_step_seconds']:.3f} s (planned {row['predicted_step_seconds']:.3f}), "

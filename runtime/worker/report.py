@@ -15,6 +15,7 @@ import megatron.core
 import torch
 from megatron.core.transformer.moe.moe_layer import MoELayer
 
+from megacpp.planner.plan import estimate_run
 from megacpp.runtime.worker.adapters import MEGATRON_CORE_VERSION
 from megacpp.runtime.worker.job import Job
 from megacpp.runtime.worker.train import TrainResult
@@ -98,8 +99,18 @@ def gather(info: dict[str, Any]) -> list[dict[str, Any]]:
 
 def build_report(job: Job, infos: list[dict[str, Any]], *, steps: int, warmup: int, construct_only: bool,
                  adapters: list[str], backend: dict[str, Any], cuda: bool) -> dict[str, Any]:
-    """The megacpp.run/1 document from every rank's info."""
+    """The megacpp.run/1 document from every rank's info.
+
+    The predictions are the plan's, except where the plan assumed Transformer Engine and this host
+    ran megatron-core's local modules instead: then the layout is re-estimated for what ran.
+    """
     memory = sorted(job.candidate["memory"]["per_stage"], key=lambda m: m["pp_rank"])
+    predicted_step = job.candidate["time"]["step_seconds"]
+    predicted_for = "plan"
+    if backend["transformer_engine_requested"] and not backend["transformer_engine_used"]:
+        est = estimate_run(job.spec, job.layout, transformer_engine=False)
+        memory, predicted_step = [m.to_dict() for m in est.memory], round(est.step_seconds, 6)
+        predicted_for = "re-estimated without Transformer Engine"
     predicted_peak = [m["total_gib"] for m in memory]
     timed: list[float] = []
     losses: list[float | None] = []
@@ -135,12 +146,12 @@ def build_report(job: Job, infos: list[dict[str, Any]], *, steps: int, warmup: i
         "params_match_plan": not mismatched,
         "params_mismatch_ranks": mismatched,
         "expert_tokens": _merge_expert_counts(infos, bool(job.layout["sp"]) and job.layout["tp"] > 1),
-        "predicted": {"peak_gib": predicted_peak, "step_seconds": job.candidate["time"]["step_seconds"],
+        "predicted": {"for": predicted_for, "peak_gib": predicted_peak, "step_seconds": predicted_step,
                       "params": [m["params"] for m in memory], "params_expert": [m["params_expert"] for m in memory]},
         "measured_peak_gib": max(peaks) if peaks else None,
         "predicted_peak_gib": max(predicted_peak),
         "measured_step_seconds": median,
-        "predicted_step_seconds": job.candidate["time"]["step_seconds"],
+        "predicted_step_seconds": predicted_step,
         "backend": backend,
         "adapters": adapters,
         "adapters_written_for": MEGATRON_CORE_VERSION,

@@ -1,0 +1,71 @@
+"""Predicted versus measured, for every committed GPU run, under the current cost model.
+
+    python benchmarks/gpu/compare.py [RESULTS.json ...] [--json OUT]
+
+Each run in benchmarks/results/gpu_runs_*.json carries its spec and layout; this re-estimates it
+with planner/cost.py as it is now (for the backend that actually ran: these hosts have no
+Transformer Engine, so megatron-core's local modules) and prints, per pipeline stage, predicted
+and measured peak allocated memory, and per run predicted and measured step time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from megacpp.planner.loading import spec_from_dict
+from megacpp.planner.plan import estimate_run
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+
+
+def te_used(run: dict) -> bool:
+    backend = run.get("backend") or {}
+    return bool(backend.get("transformer_engine_used", False))
+
+
+def compare(run: dict) -> list[dict]:
+    """One row per pipeline stage: predicted and measured peak (the stage's highest rank)."""
+    spec = spec_from_dict(run["spec"], source=f"run {run['name']}")
+    est = estimate_run(spec, run["layout"], transformer_engine=te_used(run))
+    lay = run["layout"]
+    per_stage = run["world_size"] // lay["pp"]
+    rows = []
+    for p, mem in enumerate(est.memory):
+        measured = max(run["per_rank_peak_gib"][p * per_stage:(p + 1) * per_stage])
+        rows.append({
+            "run": run["name"], "pp_rank": p, "predicted_peak_gib": round(mem.total_gib, 3), "measured_peak_gib": measured,
+            "memory_error": round(mem.total_gib / measured - 1, 4),
+            "predicted_step_seconds": round(est.step_seconds, 4), "measured_step_seconds": round(run["measured_step_seconds"], 4),
+            "step_error": round(est.step_seconds / run["measured_step_seconds"] - 1, 4),
+        })
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("results", nargs="*", type=Path)
+    ap.add_argument("--json", type=Path, help="also write the rows here")
+    args = ap.parse_args(argv)
+    files = args.results or sorted(RESULTS.glob("gpu_runs_*.json"))
+    rows = []
+    for path in files:
+        doc = json.loads(path.read_text())
+        for run in doc["runs"]:
+            for row in compare(run):
+                rows.append({"file": path.name, **row})
+    print(f"{'file':24} {'run':20} {'pp':>2} {'pred GiB':>9} {'meas GiB':>9} {'err':>7}   {'pred s':>7} {'meas s':>7} {'err':>7}")
+    for r in rows:
+        print(f"{r['file']:24} {r['run']:20} {r['pp_rank']:>2} {r['predicted_peak_gib']:9.2f} {r['measured_peak_gib']:9.2f} "
+              f"{r['memory_error']:+7.1%}   {r['predicted_step_seconds']:7.3f} {r['measured_step_seconds']:7.3f} {r['step_error']:+7.1%}")
+    within = sum(abs(r["memory_error"]) <= 0.05 for r in rows)
+    print(f"memory within 5%: {within} of {len(rows)} stages")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
