@@ -94,7 +94,7 @@ def compare(spec: Path, rundir: Path, first: dict, args, log: Path, row: dict, s
     rounds: list[dict] = []
     row["baseline_comparison"] = {"rounds": rounds, "runtime_over_baseline": None}
     for k in range(args.rounds):
-        runtime_first = k % 2 == 1  # round 0: the runtime report already exists, the baseline runs after it
+        runtime_first = k % 2 == 0  # round 0 reuses the runtime's first report; odd rounds start with the baseline
         if k == 0:
             rt, base = first, baseline(rundir, first["world_size"], args.steps, log, args.timeout, "0")
         elif runtime_first:
@@ -106,7 +106,7 @@ def compare(spec: Path, rundir: Path, first: dict, args, log: Path, row: dict, s
         if not (rt and base):
             continue
         rounds.append({
-            "order": "runtime first" if k == 0 or runtime_first else "baseline first",
+            "order": "runtime first" if runtime_first else "baseline first",
             "runtime_tokens_per_second": rt["tokens_per_second"], "baseline_tokens_per_second": base["tokens_per_second"],
             "runtime_over_baseline": round(rt["tokens_per_second"] / base["tokens_per_second"], 4),
             "losses_identical": rt["losses"] == base["losses"],
