@@ -62,7 +62,7 @@ UNFUSED_SOFTMAX_BYTES_BACKWARD = 40.0
 # outside the fit. E includes the dispatcher's host synchronisation on routed-token counts and the
 # per-expert loop; R is the runtime's chunked recurrence; A's launches fall inside its softmax
 # traffic term. M has no runs yet: ASSUMPTION, as R (a chunked scan of similar kernel count).
-MEASURED_BLOCK_OVERHEAD_S = (("A", 0.0), ("D", 3.69e-3), ("E", 14.45e-3), ("M", 8.31e-3), ("R", 8.31e-3))
+MEASURED_BLOCK_OVERHEAD_S = (("A", 0.0), ("D", 3.70e-3), ("E", 14.57e-3), ("M", 11.01e-3), ("R", 11.01e-3))
 
 
 @dataclass(frozen=True)
