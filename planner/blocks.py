@@ -113,8 +113,18 @@ def head_params(ctx: Context, lay: Layout) -> int:
     return norm_params(ctx) + (0 if tied_on_same_rank else padded_vocab(ctx, lay.tp) // lay.tp * h)
 
 
-def block_flops(ctx: Context, letter: str) -> float:
-    """Forward FLOPs per token of one block (2 per multiply-add), whole block, causal attention."""
+def routed_load(ctx: Context, imbalanced: bool) -> float:
+    """Routed tokens of the busiest expert-parallel rank over the mean: 1, or the spec's
+    moe.imbalance capped by the capacity factor (tokens over capacity are dropped)."""
+    moe = ctx.spec.model.moe
+    if not imbalanced or moe is None:
+        return 1.0
+    return min(moe.imbalance, moe.capacity_factor) if moe.capacity_factor else moe.imbalance
+
+
+def block_flops(ctx: Context, letter: str, load: float = 1.0) -> float:
+    """Forward FLOPs per token of one block (2 per multiply-add), whole block, causal attention;
+    `load` scales the routed experts' share (see routed_load)."""
     model = ctx.spec.model
     h, s = model.hidden_size, ctx.seq
     if letter == "A":
@@ -130,7 +140,7 @@ def block_flops(ctx: Context, letter: str) -> float:
         assert moe is not None
         per_expert = 2 * h * moe.ffn_hidden_size * (3 if moe.gated else 2)
         shared = 2 * h * (moe.shared_expert_ffn_hidden_size or 0) * (3 if moe.gated else 2)
-        return 2 * h * moe.num_experts + moe.top_k * per_expert + shared
+        return 2 * h * moe.num_experts + moe.top_k * per_expert * load + shared
     if letter == "M":
         d_inner, heads, groups, state, kernel = _mamba_dims(ctx)
         proj = 2 * h * (2 * d_inner + 2 * groups * state + heads) + 2 * d_inner * h
@@ -150,7 +160,7 @@ def head_flops(ctx: Context) -> float:
     return 2.0 * ctx.spec.model.hidden_size * ctx.spec.model.vocab_size
 
 
-def block_activation_bytes(ctx: Context, letter: str, lay: Layout) -> float:
+def block_activation_bytes(ctx: Context, letter: str, lay: Layout, load: float = 1.0) -> float:
     """Bytes one rank keeps per local token (after CP) of one micro-batch for one block.
 
     Terms follow Korthikanti et al. Table 2 [R36] split per block: tensors inside the TP region
@@ -189,7 +199,7 @@ def block_activation_bytes(ctx: Context, letter: str, lay: Layout) -> float:
             fs = moe.shared_expert_ffn_hidden_size
             shared = BF16 * h * outside + BF16 * (fs * (2 if moe.gated else 1) + fs) / t
         factor = 1 / t if lay.sp else 1.0  # routed tokens per rank follow the SP shard
-        return BF16 * h * outside + h * outside + (routed + router) * factor + shared
+        return BF16 * h * outside + h * outside + (routed * load + router) * factor + shared
     if letter == "M":
         d_inner, heads, groups, state, _ = _mamba_dims(ctx)
         inside = BF16 * ((2 * d_inner + 2 * groups * state + heads) + (d_inner + 2 * groups * state) + 3 * d_inner)

@@ -26,13 +26,14 @@ from megacpp.planner.plan import make_context
 from megacpp.planner.stages import assign_stages
 
 PROFILE_SCHEMA = "megacpp.profile/2"
-NO_OVERHEAD = replace(DEFAULT_EFFICIENCY, block_overhead_s=())
+NO_OVERHEAD = replace(DEFAULT_EFFICIENCY, block_overhead_s=(), te_block_overhead_s=())
 
 
 @dataclass(frozen=True)
 class Observation:
     name: str
     cluster: str
+    te: bool  # the run used Transformer Engine modules
     base_seconds: float  # the model's step time with no block overhead
     units: dict[str, float]  # block x micro-batch slots per letter on the busiest rank (x passes / 3)
     measured_seconds: float
@@ -58,6 +59,7 @@ def observe(run: dict[str, Any]) -> Observation:
     return Observation(
         name=str(run.get("name") or spec.name),
         cluster=ctx.cluster.name,
+        te=used_te,
         base_seconds=est.step_seconds,
         units={letter: n * scale for letter, n in busiest.items() if n},
         measured_seconds=float(run["measured_step_seconds"]),
@@ -85,6 +87,9 @@ def fit(observations: list[Observation], base: Efficiency = DEFAULT_EFFICIENCY) 
     """Per-letter overheads minimising the relative error of measured - base = sum units * overhead."""
     if len(observations) < 2:
         raise PlanError("calibrate needs at least two measured runs")
+    te = observations[0].te
+    if any(o.te != te for o in observations):
+        raise PlanError("calibrate runs with and without Transformer Engine separately; their overheads differ")
     free = sorted({letter for o in observations for letter in o.units})
     while True:
         if len(observations) < len(free):
@@ -97,12 +102,13 @@ def fit(observations: list[Observation], base: Efficiency = DEFAULT_EFFICIENCY) 
             break
         free = [letter for letter in free if letter not in negative]  # clamp at zero and refit the rest
     fitted = {**{letter: 0.0 for o in observations for letter in o.units}, **values}
-    kept = {letter: v for letter, v in base.block_overhead_s if letter not in fitted}
-    return replace(base, block_overhead_s=tuple(sorted({**kept, **fitted}.items())))
+    table = "te_block_overhead_s" if te else "block_overhead_s"
+    kept = {letter: v for letter, v in getattr(base, table) if letter not in fitted}
+    return replace(base, **{table: tuple(sorted({**kept, **fitted}.items()))})
 
 
 def predict(o: Observation, eff: Efficiency) -> float:
-    return o.base_seconds + sum(units * eff.overhead(letter) for letter, units in o.units.items())
+    return o.base_seconds + sum(units * eff.overhead(letter, o.te) for letter, units in o.units.items())
 
 
 def leave_one_out(observations: list[Observation]) -> list[dict[str, Any]]:
@@ -126,10 +132,12 @@ def calibrate(runs: list[dict[str, Any]]) -> dict[str, Any]:
     if len(clusters) > 1:
         raise PlanError(f"calibrate one cluster at a time; these runs span {', '.join(clusters)}")
     eff = fit(observations)
+    te = observations[0].te
     return {
         "schema": PROFILE_SCHEMA,
         "cluster": clusters[0],
-        "block_overhead_s": {letter: round(v, 6) for letter, v in eff.block_overhead_s},
+        "transformer_engine": te,
+        "block_overhead_s": {letter: round(v, 6) for letter, v in (eff.te_block_overhead_s if te else eff.block_overhead_s)},
         "fitted_on": [
             {"name": o.name, "measured_s": round(o.measured_seconds, 4), "fitted_s": round(predict(o, eff), 4),
              "uncalibrated_s": round(predict(o, DEFAULT_EFFICIENCY), 4)}
@@ -145,5 +153,6 @@ def efficiency_from_profile(profile: dict[str, Any]) -> Efficiency:
     overheads = profile.get("block_overhead_s")
     if not isinstance(overheads, dict) or not all(isinstance(v, (int, float)) and v >= 0 for v in overheads.values()):
         raise PlanError("malformed cluster profile: 'block_overhead_s' must map block letters to seconds >= 0")
-    merged = {**dict(DEFAULT_EFFICIENCY.block_overhead_s), **{str(k): float(v) for k, v in overheads.items()}}
-    return replace(DEFAULT_EFFICIENCY, block_overhead_s=tuple(sorted(merged.items())))
+    table = "te_block_overhead_s" if profile.get("transformer_engine") else "block_overhead_s"
+    merged = {**dict(getattr(DEFAULT_EFFICIENCY, table)), **{str(k): float(v) for k, v in overheads.items()}}
+    return replace(DEFAULT_EFFICIENCY, **{table: tuple(sorted(merged.items()))})

@@ -62,7 +62,7 @@ UNFUSED_SOFTMAX_BYTES_BACKWARD = 40.0
 # outside the fit. E includes the dispatcher's host synchronisation on routed-token counts and the
 # per-expert loop; R is the runtime's chunked recurrence; A's launches fall inside its softmax
 # traffic term. M has no runs yet: ASSUMPTION, as R (a chunked scan of similar kernel count).
-MEASURED_BLOCK_OVERHEAD_S = (("A", 0.0), ("D", 3.70e-3), ("E", 14.57e-3), ("M", 11.01e-3), ("R", 11.01e-3))
+MEASURED_BLOCK_OVERHEAD_S = (("A", 0.0), ("D", 3.705e-3), ("E", 13.97e-3), ("M", 12.11e-3), ("R", 12.11e-3))
 
 
 @dataclass(frozen=True)
@@ -77,11 +77,14 @@ class Efficiency:
     # allocated beyond weights, gradients, optimizer state and the score buffer between steps:
     # 0.07-0.12 GiB on the five 8 x H200 runs (cuBLAS workspaces, RNG state, masks)
     overhead_gib: float = 0.1
-    block_overhead_s: tuple[tuple[str, float], ...] = MEASURED_BLOCK_OVERHEAD_S
+    block_overhead_s: tuple[tuple[str, float], ...] = MEASURED_BLOCK_OVERHEAD_S  # local modules
+    # with Transformer Engine (fused attention, grouped expert GEMMs) nothing is measured yet:
+    # ASSUMPTION 0 until `megacpp calibrate` sees TE runs
+    te_block_overhead_s: tuple[tuple[str, float], ...] = ()
 
-    def overhead(self, letter: str) -> float:
+    def overhead(self, letter: str, te: bool = False) -> float:
         """Seconds per block of this letter per micro-batch, forward and backward."""
-        return dict(self.block_overhead_s).get(letter, 0.0)
+        return dict(self.te_block_overhead_s if te else self.block_overhead_s).get(letter, 0.0)
 
 
 DEFAULT_EFFICIENCY = Efficiency()
@@ -186,7 +189,7 @@ def _in_flight(lay: Layout, pp_rank: int) -> float:
     return min(m * lay.vpp, warmup_chunks + 1) / lay.vpp
 
 
-def stage_memory(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency) -> list[StageMemory]:
+def stage_memory(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency, load: float = 1.0) -> list[StageMemory]:
     out = []
     distopt = ctx.spec.training.distributed_optimizer
     tokens = _tokens_per_mb(ctx, lay)
@@ -202,7 +205,7 @@ def stage_memory(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency
                 bp = block_params(ctx, letter, lay)
                 dense += n * bp.dense
                 expert += n * bp.expert
-                act_per_mb += n * block_activation_bytes(ctx, letter, lay) * tokens
+                act_per_mb += n * block_activation_bytes(ctx, letter, lay, load) * tokens
             has_attention = has_attention or "A" in st.blocks
             if st.embedding:
                 dense += embedding_params(ctx, lay)
@@ -262,7 +265,8 @@ def _collective_seconds(ctx: Context, collective: str, link: str, n: int, size: 
 
 
 def communication(
-    ctx: Context, lay: Layout, stages: list[Stage], mem: list[StageMemory], eff: Efficiency = DEFAULT_EFFICIENCY
+    ctx: Context, lay: Layout, stages: list[Stage], mem: list[StageMemory], eff: Efficiency = DEFAULT_EFFICIENCY,
+    load: float = 1.0,
 ) -> list[Comm]:
     """Per-axis traffic of the busiest pipeline rank in one step."""
     h = ctx.spec.model.hidden_size
@@ -299,7 +303,7 @@ def communication(
     if lay.ep * lay.etp > 1 and "E" in blocks:
         moe = ctx.spec.model.moe
         assert moe is not None
-        routed = BF16 * moe.top_k * tokens / (lay.tp if lay.sp else 1) * h
+        routed = BF16 * moe.top_k * tokens / (lay.tp if lay.sp else 1) * h * load
         # dispatch + combine in forward and again in backward
         add("ep", "all-to-all", lay.ep * lay.etp, lay.ep * lay.etp, routed, blocks.count("E") * m * 2 * passes)
         if lay.etp > 1:
@@ -326,16 +330,18 @@ def communication(
     return out
 
 
-def estimate(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency = DEFAULT_EFFICIENCY) -> Estimate:
-    """Memory, communication and step time of one legal layout."""
-    mem = stage_memory(ctx, lay, stages, eff)
-    comms = communication(ctx, lay, stages, mem, eff)
+def estimate(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency = DEFAULT_EFFICIENCY,
+             load: float = 1.0) -> Estimate:
+    """Memory, communication and step time of one legal layout; `load` > 1 prices the busiest
+    expert-parallel rank under routing imbalance (blocks.routed_load)."""
+    mem = stage_memory(ctx, lay, stages, eff, load)
+    comms = communication(ctx, lay, stages, mem, eff, load)
     precision = ctx.spec.training.precision
     c = ctx.cluster
     rate = (c.mamf_fp8_tflops if precision == "fp8" else c.mamf_bf16_tflops) * 1e12 * eff.matmul
     tokens = _tokens_per_mb(ctx, lay)
     passes = 4 if ctx.spec.training.recompute == "full" else 3
-    per_letter = {letter: block_flops(ctx, letter) for letter in ctx.letters}
+    per_letter = {letter: block_flops(ctx, letter, load) for letter in ctx.letters}
     # memory-bound softmax traffic of unfused attention (megatron-core's local spec)
     recompute = ctx.spec.training.recompute
     forwards = 1 if recompute == "none" else 2  # selective and full recompute repeat the forward
@@ -350,7 +356,7 @@ def estimate(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency = D
             attention += st.blocks.count("A")
             if st.output_head:
                 flops += head_flops(ctx)
-        host = sum(eff.overhead(letter) for st in _rank_stages(stages, p) for letter in st.blocks)
+        host = sum(eff.overhead(letter, ctx.te) for st in _rank_stages(stages, p) for letter in st.blocks)
         per_rank.append(flops * tokens / lay.tp * passes / rate + attention * softmax_bytes / hbm + host * passes / 3)
     t_mb = max(per_rank)
     m = lay.num_microbatches
@@ -360,7 +366,8 @@ def estimate(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency = D
     step = pipeline_units * (t_mb + per_mb_comm) + sum(x.exposed_seconds for x in comms if x.axis in ("dp", "edp"))
     bubble = (lay.pp - 1) / lay.vpp / pipeline_units
     gbs_tokens = ctx.spec.training.global_batch_size * ctx.seq
-    model_flops = 3 * gbs_tokens * (sum(n * per_letter[b] for b, n in Counter(ctx.pattern.blocks).items()) + head_flops(ctx))
+    useful = {letter: block_flops(ctx, letter) for letter in ctx.letters}
+    model_flops = 3 * gbs_tokens * (sum(n * useful[b] for b, n in Counter(ctx.pattern.blocks).items()) + head_flops(ctx))
     peak = (c.fp8_tflops if precision == "fp8" else c.bf16_tflops) * 1e12
     return Estimate(
         memory=mem,

@@ -6,6 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from megacpp.planner.blocks import routed_load
 from megacpp.planner.clusters import Cluster, resolve_cluster
 from megacpp.planner.cost import DEFAULT_EFFICIENCY, Efficiency, Estimate, estimate
 from megacpp.planner.errors import PlanError
@@ -98,28 +99,40 @@ def estimate_run(spec: Spec, layout: dict[str, Any], *, transformer_engine: bool
     return estimate(ctx, lay, assign_stages(ctx, lay.pp, lay.vpp)[1], eff)
 
 
-def _candidate(ctx: Context, lay: Layout, est: Estimate, warnings: list) -> Candidate:
+def _candidate(ctx: Context, lay: Layout, est: Estimate, warnings: list, eff: Efficiency) -> Candidate:
     split, stages = assign_stages(ctx, lay.pp, lay.vpp)
     notes = [Note(rule=v.rule, message=v.message) for v in check_layout(ctx, lay, warnings)]
+    memory: dict[str, Any] = {
+        "capacity_gib": ctx.cluster.gpu_memory_gib,
+        "peak_gib": round(est.peak_gib, 3),
+        "per_stage": [m.to_dict() for m in est.memory],
+    }
+    timing = {
+        "step_seconds": round(est.step_seconds, 6),
+        "compute_seconds": round(est.compute_seconds, 6),
+        "tokens_per_second": round(est.tokens_per_second, 1),
+        "mfu": round(est.mfu, 4),
+        "bubble_fraction": round(est.bubble_fraction, 4),
+    }
+    peak = est.peak_gib
+    load = routed_load(ctx, imbalanced=True)
+    if load > 1 and lay.ep > 1:  # the band's top: the busiest expert-parallel rank
+        high = estimate(ctx, lay, stages, eff, load)
+        memory["routed_load"] = load
+        memory["peak_gib_high"] = round(high.peak_gib, 3)
+        for row, m in zip(memory["per_stage"], high.memory, strict=True):
+            row["total_gib_high"] = round(m.total_gib, 3)
+        timing["step_seconds_high"] = round(high.step_seconds, 6)
+        peak = high.peak_gib
     return Candidate(
         rank=0,
         layout=lay.to_dict(),
         split={"kind": split.kind, "sizes": list(split.sizes), "first": split.first, "last": split.last},
         stages=[s.to_dict() for s in stages],
-        memory={
-            "capacity_gib": ctx.cluster.gpu_memory_gib,
-            "peak_gib": round(est.peak_gib, 3),
-            "per_stage": [m.to_dict() for m in est.memory],
-        },
+        memory=memory,
         communication=[c.to_dict() for c in est.communication],
-        time={
-            "step_seconds": round(est.step_seconds, 6),
-            "compute_seconds": round(est.compute_seconds, 6),
-            "tokens_per_second": round(est.tokens_per_second, 1),
-            "mfu": round(est.mfu, 4),
-            "bubble_fraction": round(est.bubble_fraction, 4),
-        },
-        fits=est.peak_gib <= ctx.cluster.gpu_memory_gib,
+        time=timing,
+        fits=peak <= ctx.cluster.gpu_memory_gib,
         warnings=notes,
     )
 
@@ -142,13 +155,17 @@ def build_plan(spec: Spec, top: int = 10, eff: Efficiency = DEFAULT_EFFICIENCY) 
     ]
     scored = []
     capacity = ctx.cluster.gpu_memory_gib
+    load = routed_load(ctx, imbalanced=True)
     for lay in result.legal:
-        est = estimate(ctx, lay, assign_stages(ctx, lay.pp, lay.vpp)[1], eff)
+        stages = assign_stages(ctx, lay.pp, lay.vpp)[1]
+        est = estimate(ctx, lay, stages, eff)
+        # a layout fits when its busiest expert-parallel rank fits (the band's top under moe.imbalance)
+        peak = estimate(ctx, lay, stages, eff, load).peak_gib if load > 1 and lay.ep > 1 else est.peak_gib
         # fitting layouts first, then faster, then lighter on memory
-        scored.append((est.peak_gib > capacity, round(est.step_seconds, 9), round(est.peak_gib, 3), lay.short(), lay, est))
+        scored.append((peak > capacity, round(est.step_seconds, 9), round(est.peak_gib, 3), lay.short(), lay, est))
     scored.sort(key=lambda t: t[:4])
     chosen = [
-        _candidate(ctx, lay, est, warnings).model_copy(update={"rank": i})
+        _candidate(ctx, lay, est, warnings, eff).model_copy(update={"rank": i})
         for i, (*_, lay, est) in enumerate(scored[:top])
     ]
     examples = [

@@ -66,6 +66,9 @@ class MoESpec(_Frozen):
     capacity_factor: Annotated[float, Field(gt=0, le=1024)] | None = None  # None: dropless
     dispatcher: Literal["allgather", "alltoall", "flex"] = "alltoall"
     flex_backend: Literal["deepep", "hybridep"] = "deepep"  # used when dispatcher is flex
+    # routed tokens on the busiest expert-parallel rank over the mean; above 1 the plan gives the
+    # memory and step time of that rank as the top of a band (capacity_factor caps it)
+    imbalance: Annotated[float, Field(ge=1, le=1024)] = 1.0
 
     @model_validator(mode="after")
     def _topk_within_experts(self) -> MoESpec:

@@ -58,7 +58,8 @@ def plan_table(plan: Any, top: int) -> None:
         stages = "-" if len(sizes) == 1 else "/".join(map(str, sizes))
         table.add_row(
             str(cand.rank), _layout_cell(lay), str(lay["micro_batch_size"]), str(lay["num_microbatches"]), stages,
-            f"{cand.memory['peak_gib']:.1f}", f"{cand.time['step_seconds']:.2f}", f"{cand.time['tokens_per_second']:,.0f}",
+            _band(cand.memory["peak_gib"], cand.memory.get("peak_gib_high"), 1),
+            _band(cand.time["step_seconds"], cand.time.get("step_seconds_high"), 2), f"{cand.time['tokens_per_second']:,.0f}",
             f"{cand.time['mfu']:.0%}", f"{cand.time['bubble_fraction']:.1%}",
             "[green]yes[/]" if cand.fits else "[red]no[/]", ", ".join(sorted({w.rule for w in cand.warnings})),
         )
@@ -175,7 +176,8 @@ def explain_text(doc: dict[str, Any]) -> None:
     for m in mem["per_stage"]:
         parts = " + ".join(f"{k.removesuffix('_gib')} {m[k]:.1f}" for k in
                            ("weights_gib", "gradients_gib", "optimizer_gib", "buffers_gib", "overhead_gib", "activations_gib", "transient_gib"))
-        out.print(f"  pp{m['pp_rank']} {_bar(m['total_gib'], mem['capacity_gib'])} {m['total_gib']:6.1f} GiB = {parts}")
+        high = f" (up to {m['total_gib_high']:.1f} with moe.imbalance)" if "total_gib_high" in m else ""
+        out.print(f"  pp{m['pp_rank']} {_bar(m['total_gib'], mem['capacity_gib'])} {m['total_gib']:6.1f} GiB = {parts}{high}")
 
     _ranks_text(doc["ranks"], doc["cluster"]["gpus_per_node"])
 
@@ -225,6 +227,11 @@ def _rank_list(ranks: list[int]) -> str:
             return f"{ranks[0]}-{ranks[-1]}"
         return f"{ranks[0]},{ranks[1]},…,{ranks[-1]} (stride {stride})"
     return ",".join(map(str, ranks[:12])) + ("…" if len(ranks) > 12 else "")
+
+
+def _band(value: float, high: float | None, digits: int) -> str:
+    """A point estimate, or its band under moe.imbalance ("52.9-53.7")."""
+    return f"{value:.{digits}f}" if high is None else f"{value:.{digits}f}-{high:.{digits}f}"
 
 
 def calibration_table(profile: dict[str, Any]) -> None:

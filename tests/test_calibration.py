@@ -1,4 +1,4 @@
-"""`megacpp calibrate`: the fit recovers known factors, and `plan --profile` uses them."""
+"""`megacpp calibrate`: the fit recovers known per-letter overheads, and `plan --profile` uses them."""
 
 from __future__ import annotations
 
@@ -16,66 +16,78 @@ from megacpp.planner.calibration import (
     leave_one_out,
     predict,
 )
-from megacpp.planner.cost import Efficiency
+from megacpp.planner.cost import DEFAULT_EFFICIENCY
 from megacpp.planner.errors import PlanError
 from tests.conftest import ROOT
 
-GPU_RUNS = ROOT / "benchmarks" / "results" / "gpu_runs_h200x4.json"
+RESULTS = ROOT / "benchmarks" / "results"
+GPU_RUNS = [RESULTS / "gpu_runs_h200x8.json", RESULTS / "gpu_runs_h200x4.json"]
+TRUTH = {"A": 2e-3, "E": 9e-3, "R": 5e-3}
 
 
-def _synthetic(truth: Efficiency) -> list[Observation]:
-    shapes = [(0.05, 200, 0.01), (0.2, 100, 0.0), (0.1, 900, 0.02), (0.4, 300, 0.005), (0.02, 1200, 0.0)]
-    return [
-        Observation(f"run{i}", "h200-sxm-8", c, u, f, c / truth.matmul + u * truth.block_overhead_s + f)
-        for i, (c, u, f) in enumerate(shapes)
-    ]
+def _synthetic() -> list[Observation]:
+    shapes = [(0.5, {"A": 40, "E": 40}), (0.2, {"A": 96, "E": 0}), (0.9, {"A": 60, "R": 60}),
+              (0.4, {"A": 30, "E": 30, "R": 30}), (0.1, {"A": 16, "E": 48})]
+    return [Observation(f"run{i}", "h200-sxm-8", False, base, units, base + sum(units[k] * TRUTH[k] for k in units))
+            for i, (base, units) in enumerate(shapes)]
 
 
-def test_fit_recovers_known_factors_and_predicts_held_out_runs():
-    truth = Efficiency(matmul=0.45, block_overhead_s=4e-4)
-    obs = _synthetic(truth)
+def test_fit_recovers_known_overheads_and_predicts_held_out_runs():
+    obs = _synthetic()
     got = fit(obs)
-    assert got.matmul == pytest.approx(0.45, rel=1e-6)
-    assert got.block_overhead_s == pytest.approx(4e-4, rel=1e-6)
+    for letter, value in TRUTH.items():
+        assert got.overhead(letter) == pytest.approx(value, rel=1e-6)
+    assert got.overhead("D") == DEFAULT_EFFICIENCY.overhead("D")  # letters without runs keep the default
     assert all(abs(row["error"]) < 1e-6 for row in leave_one_out(obs))
     assert predict(obs[0], got) == pytest.approx(obs[0].measured_seconds)
 
 
-def test_fit_needs_runs_that_separate_the_factors():
+def test_fit_clamps_negative_overheads_and_needs_enough_runs():
+    obs = _synthetic()
+    faster = [Observation(o.name, o.cluster, o.te, o.base_seconds, o.units, o.base_seconds + o.units.get("A", 0) * 1e-3) for o in obs]
+    got = fit(faster)
+    assert got.overhead("A") == pytest.approx(1e-3, rel=1e-6) and got.overhead("E") == 0.0 and got.overhead("R") == 0.0
     with pytest.raises(PlanError, match="at least two"):
-        fit(_synthetic(Efficiency())[:1])
-    same = [Observation("a", "x", 0.1, 100, 0, 0.3), Observation("b", "x", 0.2, 200, 0, 0.6)]
+        fit(obs[:1])
+    with pytest.raises(PlanError, match="cannot fit 3 block kinds"):
+        fit([obs[3], obs[2]])
+    same = [Observation("a", "x", False, 0.1, {"A": 10, "E": 10}, 0.3), Observation("b", "x", False, 0.2, {"A": 20, "E": 20}, 0.6)]
     with pytest.raises(PlanError, match="do not separate"):
         fit(same)
+    with pytest.raises(PlanError, match="separately"):
+        fit([obs[0], Observation("te", "x", True, 0.1, {"A": 1}, 0.2)])
 
 
-def test_calibrate_the_committed_gpu_runs():
-    runs = json.loads(GPU_RUNS.read_text())["runs"]
+def test_calibrate_the_committed_gpu_runs_reproduces_the_shipped_defaults():
+    runs = [r for path in GPU_RUNS for r in json.loads(path.read_text())["runs"]]
     profile = calibrate(runs)
-    assert profile["cluster"] == "h200-sxm-8" and len(profile["fitted_on"]) == len(runs) >= 8
-    assert profile["matmul"] > 0 and profile["block_overhead_s"] >= 0
-    # the uncalibrated model is optimistic on these launch-bound runs; the fit moves every run towards them
-    for row in profile["fitted_on"]:
-        assert row["uncalibrated_s"] < row["measured_s"]
-    err_before = sum(abs(r["uncalibrated_s"] / r["measured_s"] - 1) for r in profile["fitted_on"])
-    err_after = sum(abs(r["fitted_s"] / r["measured_s"] - 1) for r in profile["fitted_on"])
-    assert err_after < err_before
+    assert profile["cluster"] == "h200-sxm-8" and len(profile["fitted_on"]) == len(runs) >= 15
+    # planner/cost.py MEASURED_BLOCK_OVERHEAD_S is this fit, rounded
+    for letter in ("A", "D", "E", "R"):
+        assert profile["block_overhead_s"][letter] == pytest.approx(DEFAULT_EFFICIENCY.overhead(letter), abs=5e-5)
+    errors = [abs(r["error"]) for r in profile["leave_one_out"]]
+    assert len(errors) == len(runs) and sorted(errors)[len(errors) // 2] < 0.15  # median left-out error
 
 
 def test_profile_round_trip_and_bad_profiles():
-    profile = calibrate(json.loads(GPU_RUNS.read_text())["runs"])
+    profile = calibrate(json.loads(GPU_RUNS[0].read_text())["runs"])
     eff = efficiency_from_profile(json.loads(json.dumps(profile)))
-    assert eff.matmul == pytest.approx(profile["matmul"])
+    assert eff.overhead("E") == pytest.approx(profile["block_overhead_s"]["E"])
     with pytest.raises(PlanError, match="not a megacpp cluster profile"):
         efficiency_from_profile({"schema": "other"})
+    with pytest.raises(PlanError, match="block_overhead_s"):
+        efficiency_from_profile({"schema": profile["schema"], "block_overhead_s": {"E": -1}})
 
 
 def test_cli_calibrate_then_plan_with_profile(tmp_path):
     cli = [sys.executable, "-m", "megacpp.runtime.cli"]
     prof = tmp_path / "h200.json"
-    done = subprocess.run([*cli, "calibrate", str(GPU_RUNS), "--out", str(prof)], capture_output=True, text=True, cwd=ROOT)
+    done = subprocess.run([*cli, "calibrate", str(GPU_RUNS[0]), "--out", str(prof)], capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     assert "left-out error" in done.stdout
+    doubled = json.loads(prof.read_text())
+    doubled["block_overhead_s"] = {k: 2 * v + 1e-3 for k, v in doubled["block_overhead_s"].items()}
+    prof.write_text(json.dumps(doubled))
     spec = str(ROOT / "benchmarks" / "gpu" / "specs" / "dense-tp2.yaml")
     plain = json.loads(subprocess.run([*cli, "plan", spec, "--json"], capture_output=True, text=True, cwd=ROOT).stdout)
     tuned = json.loads(subprocess.run([*cli, "plan", spec, "--json", "--profile", str(prof)], capture_output=True, text=True, cwd=ROOT).stdout)

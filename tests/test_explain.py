@@ -106,7 +106,9 @@ def test_newcomer_facts_are_readable_in_the_text():
     assert len(costliest) == 1 and costliest[0].split("│")[1].strip() == doc["costliest_axis"]
     fifth = doc["experts"][4]
     e4 = [line.strip() for line in lines if line.strip().startswith("E#4 ")]
-    assert e4 == [f"E#4 (block {fifth['block_index']}, pp{fifth['pp_rank']}): 0-63 → 8-15"]
+    owner = next(o for o in fifth["owners"] if o["experts"][0] <= 17 <= o["experts"][1])
+    assert len(e4) == 1 and e4[0].startswith(f"E#4 (block {fifth['block_index']}, pp{fifth['pp_rank']}): ")
+    assert f"{owner['experts'][0]}-{owner['experts'][1]} → {owner['ranks'][0]}" in e4[0]
 
 
 @pytest.mark.parametrize("rank", [0, 13, 63])

@@ -1,0 +1,82 @@
+"""The cost model's memory terms, the imbalance band, and agreement with the committed GPU runs."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+
+from benchmarks.gpu.compare import compare
+from megacpp.planner.blocks import unfused_scores
+from megacpp.planner.cost import GIB, OPTIMIZER_STEP_BYTES, SCORE_BUFFER_BYTES
+from megacpp.planner.layout import Layout
+from megacpp.planner.loading import load_spec
+from megacpp.planner.plan import build_plan, estimate_run, make_context
+from tests.conftest import ROOT
+
+SPECS = ROOT / "benchmarks" / "gpu"
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def _spec(name: str, *overrides: str):
+    return load_spec(next(SPECS.glob(f"specs*/{name}.yaml")), list(overrides))
+
+
+def _stage(spec, layout=None):
+    layout = layout or build_plan(spec, top=1).candidates[0].layout
+    return estimate_run(spec, layout).memory[0], layout
+
+
+def test_unfused_attention_keeps_a_score_buffer_and_te_does_not():
+    local, lay = _stage(_spec("moe-ep8"))
+    fused, _ = _stage(_spec("moe-ep8", "backend.transformer_engine=true"), lay)
+    # 32 heads x 4096^2 scores of one micro-batch, bf16: megatron-core's global buffer, 1 GiB
+    assert local.buffers_gib == pytest.approx(SCORE_BUFFER_BYTES * 32 * 4096**2 / GIB)
+    assert fused.buffers_gib == 0 and fused.activations_gib < local.activations_gib / 5
+    assert local.total_gib > fused.total_gib + 20  # the s^2 terms dominate this layout without TE
+
+
+def test_peak_is_the_larger_of_forward_backward_and_optimizer_step():
+    mem, _ = _stage(_spec("dense-tp8", "training.recompute=full"))
+    assert mem.total_gib == pytest.approx(mem.resident_gib + max(mem.activations_gib + mem.transient_gib, mem.optimizer_step_gib))
+    # tp8 x dp1: the optimizer holds an fp32 copy of the whole local shard while it steps
+    assert mem.optimizer_step_gib == pytest.approx(OPTIMIZER_STEP_BYTES * mem.params / GIB)
+
+
+def test_scores_scale_with_heads_per_rank_and_sequence():
+    spec = _spec("dense-tp8")
+    base = build_plan(spec, top=1)
+    ctx = make_context(spec.model_copy(update={"backend": spec.backend.model_copy(update={"transformer_engine": False})}))
+    lay = Layout.from_dict(base.candidates[0].layout)
+    assert unfused_scores(ctx, lay) == 1 * 32 / 8 * 4096 * 4096
+
+
+def test_imbalance_turns_memory_and_time_into_a_band():
+    point = build_plan(_spec("moe-ep8"), top=1).candidates[0]
+    band = build_plan(_spec("moe-ep8", "model.moe.imbalance=1.5"), top=1).candidates[0]
+    assert "peak_gib_high" not in point.memory and "step_seconds_high" not in point.time
+    assert band.memory["peak_gib"] == pytest.approx(point.memory["peak_gib"])
+    assert band.memory["peak_gib_high"] > band.memory["peak_gib"]
+    assert band.time["step_seconds_high"] > band.time["step_seconds"]
+    assert all(s["total_gib_high"] >= s["total_gib"] for s in band.memory["per_stage"])
+    capped = build_plan(_spec("moe-ep8", "model.moe.imbalance=1.5", "model.moe.capacity_factor=1.1"), top=1).candidates[0]
+    assert capped.memory["routed_load"] == 1.1 and capped.memory["peak_gib_high"] < band.memory["peak_gib_high"]
+    one_rank = build_plan(_spec("moe-1gpu", "model.moe.imbalance=1.5"), top=1).candidates[0]
+    assert "peak_gib_high" not in one_rank.memory  # one EP rank holds every expert: no busiest rank
+
+
+def _committed_runs():
+    for path in sorted(RESULTS.glob("gpu_runs_*.json")):
+        for run in json.loads(path.read_text())["runs"]:
+            yield path.name, run
+
+
+def test_predictions_stay_close_to_every_committed_gpu_run():
+    """Regression guard on the measured evidence (benchmarks/gpu/compare.py prints the table):
+    every pipeline stage's peak within 10%, and the median step-time error within 15%."""
+    rows = [row for _, run in _committed_runs() for row in compare(run)]
+    assert len(rows) >= 25
+    worst = max(rows, key=lambda r: abs(r["memory_error"]))
+    assert abs(worst["memory_error"]) <= 0.10, worst
+    assert statistics.median(abs(r["step_error"]) for r in rows) <= 0.15
