@@ -221,6 +221,13 @@ def stage_memory(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency
         total = dense + expert
         dense_shard = lay.dp * lay.cp if distopt else 1
         expert_shard = max(lay.edp, 1) if distopt else 1
+        if lay.ep == 1:
+            # with EP=1 megatron-core flags expert weights allreduce=True (tensor_parallel/layers.py
+            # ColumnParallelLinear: "allreduce", not (is_expert and expert_parallel)), so DDP and
+            # the distributed optimizer treat them as dense: one buffer, sharded over DP*CP
+            sharded = ((dense + expert, dense_shard), (0, 1))
+        else:
+            sharded = ((dense, dense_shard), (expert, expert_shard))
         out.append(
             StageMemory(
                 pp_rank=p,
@@ -228,12 +235,12 @@ def stage_memory(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency
                 params_expert=expert,
                 weights_gib=BF16 * total / GIB,
                 gradients_gib=FP32 * total / GIB,
-                optimizer_gib=(3 * FP32 * dense / dense_shard + 3 * FP32 * expert / expert_shard) / GIB,
+                optimizer_gib=sum(3 * FP32 * n / shard for n, shard in sharded) / GIB,
                 activations_gib=act_per_mb * _in_flight(lay, p) / GIB,
                 buffers_gib=SCORE_BUFFER_BYTES * scores / GIB,
                 overhead_gib=eff.overhead_gib,
                 transient_gib=max(loss, attention_backward) / GIB,
-                optimizer_step_gib=OPTIMIZER_STEP_BYTES * max(dense / dense_shard, expert / expert_shard) / GIB,
+                optimizer_step_gib=OPTIMIZER_STEP_BYTES * max(n / shard for n, shard in sharded) / GIB,
             )
         )
     return out
