@@ -56,13 +56,14 @@ UNFUSED_SOFTMAX_BYTES_BACKWARD = 40.0
 
 # Host and launch time per block per micro-batch (forward + backward), by letter, for megacpp's
 # runtime on megatron-core 0.16.1 local modules on H200: what `megacpp calibrate
-# benchmarks/results/gpu_runs_h200x8.json benchmarks/results/gpu_runs_h200x4.json` fits to the 15
-# committed runs after every modelled term (matmul, softmax traffic, communication); README
-# "Cost model against the GPUs" gives its errors on those runs left out one at a time and on runs
-# outside the fit. E includes the dispatcher's host synchronisation on routed-token counts and the
-# per-expert loop; R is the runtime's chunked recurrence; A's launches fall inside its softmax
-# traffic term. M has no runs yet: ASSUMPTION, as R (a chunked scan of similar kernel count).
-MEASURED_BLOCK_OVERHEAD_S = (("A", 0.0), ("D", 3.705e-3), ("E", 13.97e-3), ("M", 12.11e-3), ("R", 12.11e-3))
+# benchmarks/results/gpu_runs_h200x8.json benchmarks/results/gpu_runs_h200x4.json
+# benchmarks/results/gpu_runs_h200x1.json` fits to the 23 runs there after every modelled term
+# (matmul, softmax traffic, communication); README "Cost model against the GPUs" gives its errors
+# on those runs left out one at a time and on the 2 x H200 runs outside the fit. E includes the
+# dispatcher's host synchronisation on routed-token counts and the per-expert loop; R is the
+# runtime's chunked recurrence; A's launches fall mostly inside its softmax traffic term. M has no
+# runs yet: ASSUMPTION, as R (a chunked scan of similar kernel count).
+MEASURED_BLOCK_OVERHEAD_S = (("A", 0.25e-3), ("D", 3.11e-3), ("E", 14.12e-3), ("M", 6.17e-3), ("R", 6.17e-3))
 
 
 @dataclass(frozen=True)

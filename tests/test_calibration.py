@@ -21,7 +21,7 @@ from megacpp.planner.errors import PlanError
 from tests.conftest import ROOT
 
 RESULTS = ROOT / "benchmarks" / "results"
-GPU_RUNS = [RESULTS / "gpu_runs_h200x8.json", RESULTS / "gpu_runs_h200x4.json"]
+GPU_RUNS = [RESULTS / "gpu_runs_h200x8.json", RESULTS / "gpu_runs_h200x4.json", RESULTS / "gpu_runs_h200x1.json"]
 TRUTH = {"A": 2e-3, "E": 9e-3, "R": 5e-3}
 
 
@@ -61,7 +61,7 @@ def test_fit_clamps_negative_overheads_and_needs_enough_runs():
 def test_calibrate_the_committed_gpu_runs_reproduces_the_shipped_defaults():
     runs = [r for path in GPU_RUNS for r in json.loads(path.read_text())["runs"]]
     profile = calibrate(runs)
-    assert profile["cluster"] == "h200-sxm-8" and len(profile["fitted_on"]) == len(runs) >= 15
+    assert profile["cluster"] == "h200-sxm-8" and len(profile["fitted_on"]) == len(runs) >= 23
     # planner/cost.py MEASURED_BLOCK_OVERHEAD_S is this fit, rounded
     for letter in ("A", "D", "E", "R"):
         assert profile["block_overhead_s"][letter] == pytest.approx(DEFAULT_EFFICIENCY.overhead(letter), abs=5e-5)
