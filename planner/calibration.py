@@ -22,7 +22,8 @@ from megacpp.planner.cost import DEFAULT_EFFICIENCY, Efficiency, estimate
 from megacpp.planner.errors import PlanError
 from megacpp.planner.layout import Layout
 from megacpp.planner.loading import spec_from_dict
-from megacpp.planner.plan import make_context
+from megacpp.planner.plan import make_context, with_transformer_engine
+from megacpp.planner.spec import Spec
 from megacpp.planner.stages import assign_stages
 
 PROFILE_SCHEMA = "megacpp.profile/2"
@@ -39,15 +40,19 @@ class Observation:
     measured_seconds: float
 
 
+def run_spec(run: dict[str, Any]) -> Spec:
+    """A run report's spec with the backend that actually ran (its "backend" record)."""
+    spec = spec_from_dict(run["spec"], source=f"run {run.get('name', '?')} spec")
+    used = (run.get("backend") or {}).get("transformer_engine_used", spec.backend.transformer_engine)
+    return with_transformer_engine(spec, bool(used))
+
+
 def observe(run: dict[str, Any]) -> Observation:
     """Decompose one run report (with its spec) into the model's terms, for the backend that ran."""
     for key in ("spec", "layout", "measured_step_seconds"):
         if run.get(key) is None:
             raise PlanError(f"run report {run.get('name', '?')}: missing '{key}'; reports from `megacpp launch --engine megacpp` carry it")
-    spec = spec_from_dict(run["spec"], source="run spec")
-    used_te = bool((run.get("backend") or {}).get("transformer_engine_used", spec.backend.transformer_engine))
-    if used_te != spec.backend.transformer_engine:
-        spec = spec.model_copy(update={"backend": spec.backend.model_copy(update={"transformer_engine": used_te})})
+    spec = run_spec(run)
     ctx = make_context(spec)
     lay = Layout.from_dict(run["layout"])
     _, stages = assign_stages(ctx, lay.pp, lay.vpp)
@@ -59,7 +64,7 @@ def observe(run: dict[str, Any]) -> Observation:
     return Observation(
         name=str(run.get("name") or spec.name),
         cluster=ctx.cluster.name,
-        te=used_te,
+        te=spec.backend.transformer_engine,
         base_seconds=est.step_seconds,
         units={letter: n * scale for letter, n in busiest.items() if n},
         measured_seconds=float(run["measured_step_seconds"]),

@@ -374,7 +374,7 @@ def estimate(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency = D
     step = pipeline_units * (t_mb + per_mb_comm) + sum(x.exposed_seconds for x in comms if x.axis in ("dp", "edp"))
     bubble = (lay.pp - 1) / lay.vpp / pipeline_units
     gbs_tokens = ctx.spec.training.global_batch_size * ctx.seq
-    useful = {letter: block_flops(ctx, letter) for letter in ctx.letters}
+    useful = per_letter if load == 1 else {letter: block_flops(ctx, letter) for letter in ctx.letters}
     model_flops = 3 * gbs_tokens * (sum(n * useful[b] for b, n in Counter(ctx.pattern.blocks).items()) + head_flops(ctx))
     peak = (c.fp8_tflops if precision == "fp8" else c.bf16_tflops) * 1e12
     return Estimate(

@@ -87,19 +87,23 @@ def make_context(spec: Spec, cluster: Cluster | None = None) -> Context:
     return Context(spec=spec, cluster=cluster or resolve_cluster(spec.cluster))
 
 
-def estimate_run(spec: Spec, layout: dict[str, Any], *, transformer_engine: bool | None = None,
-                 eff: Efficiency = DEFAULT_EFFICIENCY) -> Estimate:
-    """Re-estimate one layout of `spec` as it actually ran: with `transformer_engine` given, the
-    spec's backend is replaced (a run that asked for TE where it does not import runs megatron-core's
-    local modules, whose unfused attention holds more memory)."""
-    if transformer_engine is not None and transformer_engine != spec.backend.transformer_engine:
-        spec = spec.model_copy(update={"backend": spec.backend.model_copy(update={"transformer_engine": transformer_engine})})
+def with_transformer_engine(spec: Spec, transformer_engine: bool) -> Spec:
+    """`spec` as it ran: a run that asked for TE where it does not import runs megatron-core's
+    local modules, whose unfused attention holds more memory and moves more bytes."""
+    if transformer_engine == spec.backend.transformer_engine:
+        return spec
+    return spec.model_copy(update={"backend": spec.backend.model_copy(update={"transformer_engine": transformer_engine})})
+
+
+def estimate_run(spec: Spec, layout: dict[str, Any], eff: Efficiency = DEFAULT_EFFICIENCY) -> Estimate:
+    """Estimate one layout of `spec` (a plan's layout dict or a run report's) outside a search."""
     ctx = make_context(spec)
     lay = Layout.from_dict(layout)
     return estimate(ctx, lay, assign_stages(ctx, lay.pp, lay.vpp)[1], eff)
 
 
-def _candidate(ctx: Context, lay: Layout, est: Estimate, warnings: list, eff: Efficiency) -> Candidate:
+def _candidate(ctx: Context, lay: Layout, est: Estimate, high: Estimate | None, warnings: list) -> Candidate:
+    """One ranked layout; `high` is its estimate at the top of the moe.imbalance band, if any."""
     split, stages = assign_stages(ctx, lay.pp, lay.vpp)
     notes = [Note(rule=v.rule, message=v.message) for v in check_layout(ctx, lay, warnings)]
     memory: dict[str, Any] = {
@@ -114,16 +118,12 @@ def _candidate(ctx: Context, lay: Layout, est: Estimate, warnings: list, eff: Ef
         "mfu": round(est.mfu, 4),
         "bubble_fraction": round(est.bubble_fraction, 4),
     }
-    peak = est.peak_gib
-    load = routed_load(ctx, imbalanced=True)
-    if load > 1 and lay.ep > 1:  # the band's top: the busiest expert-parallel rank
-        high = estimate(ctx, lay, stages, eff, load)
-        memory["routed_load"] = load
+    if high is not None:
+        memory["routed_load"] = routed_load(ctx, imbalanced=True)
         memory["peak_gib_high"] = round(high.peak_gib, 3)
         for row, m in zip(memory["per_stage"], high.memory, strict=True):
             row["total_gib_high"] = round(m.total_gib, 3)
         timing["step_seconds_high"] = round(high.step_seconds, 6)
-        peak = high.peak_gib
     return Candidate(
         rank=0,
         layout=lay.to_dict(),
@@ -132,7 +132,7 @@ def _candidate(ctx: Context, lay: Layout, est: Estimate, warnings: list, eff: Ef
         memory=memory,
         communication=[c.to_dict() for c in est.communication],
         time=timing,
-        fits=peak <= ctx.cluster.gpu_memory_gib,
+        fits=(high or est).peak_gib <= ctx.cluster.gpu_memory_gib,
         warnings=notes,
     )
 
@@ -159,14 +159,15 @@ def build_plan(spec: Spec, top: int = 10, eff: Efficiency = DEFAULT_EFFICIENCY) 
     for lay in result.legal:
         stages = assign_stages(ctx, lay.pp, lay.vpp)[1]
         est = estimate(ctx, lay, stages, eff)
-        # a layout fits when its busiest expert-parallel rank fits (the band's top under moe.imbalance)
-        peak = estimate(ctx, lay, stages, eff, load).peak_gib if load > 1 and lay.ep > 1 else est.peak_gib
+        # the busiest expert-parallel rank under moe.imbalance: the band's top, which must fit
+        high = estimate(ctx, lay, stages, eff, load) if load > 1 and lay.ep > 1 else None
         # fitting layouts first, then faster, then lighter on memory
-        scored.append((peak > capacity, round(est.step_seconds, 9), round(est.peak_gib, 3), lay.short(), lay, est))
+        scored.append(((high or est).peak_gib > capacity, round(est.step_seconds, 9), round(est.peak_gib, 3), lay.short(),
+                       lay, est, high))
     scored.sort(key=lambda t: t[:4])
     chosen = [
-        _candidate(ctx, lay, est, warnings, eff).model_copy(update={"rank": i})
-        for i, (*_, lay, est) in enumerate(scored[:top])
+        _candidate(ctx, lay, est, high, warnings).model_copy(update={"rank": i})
+        for i, (*_, lay, est, high) in enumerate(scored[:top])
     ]
     examples = [
         RejectedExample(layout=lay.to_dict(), rule=rule_id, message=msg)

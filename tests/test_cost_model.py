@@ -12,7 +12,7 @@ from megacpp.planner.blocks import unfused_scores
 from megacpp.planner.cost import GIB, OPTIMIZER_STEP_BYTES, SCORE_BUFFER_BYTES
 from megacpp.planner.layout import Layout
 from megacpp.planner.loading import load_spec
-from megacpp.planner.plan import build_plan, estimate_run, make_context
+from megacpp.planner.plan import build_plan, estimate_run, make_context, with_transformer_engine
 from tests.conftest import ROOT
 
 SPECS = ROOT / "benchmarks" / "gpu"
@@ -47,7 +47,7 @@ def test_peak_is_the_larger_of_forward_backward_and_optimizer_step():
 def test_scores_scale_with_heads_per_rank_and_sequence():
     spec = _spec("dense-tp8")
     base = build_plan(spec, top=1)
-    ctx = make_context(spec.model_copy(update={"backend": spec.backend.model_copy(update={"transformer_engine": False})}))
+    ctx = make_context(with_transformer_engine(spec, False))
     lay = Layout.from_dict(base.candidates[0].layout)
     assert unfused_scores(ctx, lay) == 1 * 32 / 8 * 4096 * 4096
 

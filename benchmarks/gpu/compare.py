@@ -15,21 +15,15 @@ import json
 import sys
 from pathlib import Path
 
-from megacpp.planner.loading import spec_from_dict
+from megacpp.planner.calibration import run_spec
 from megacpp.planner.plan import estimate_run
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 
 
-def te_used(run: dict) -> bool:
-    backend = run.get("backend") or {}
-    return bool(backend.get("transformer_engine_used", False))
-
-
 def compare(run: dict) -> list[dict]:
     """One row per pipeline stage: predicted and measured peak (the stage's highest rank)."""
-    spec = spec_from_dict(run["spec"], source=f"run {run['name']}")
-    est = estimate_run(spec, run["layout"], transformer_engine=te_used(run))
+    est = estimate_run(run_spec(run), run["layout"])
     lay = run["layout"]
     per_stage = run["world_size"] // lay["pp"]
     rows = []
