@@ -160,46 +160,72 @@ def head_flops(ctx: Context) -> float:
     return 2.0 * ctx.spec.model.hidden_size * ctx.spec.model.vocab_size
 
 
+def norm_stats_bytes(ctx: Context) -> int:
+    """Per-token statistics a norm keeps for backward: fp32 rstd (RMSNorm), fp32 mean and rstd (LayerNorm)."""
+    return FP32 if ctx.spec.model.normalization == "rmsnorm" else 2 * FP32
+
+
+def mlp_saved_bytes(f: float, gated: bool) -> float:
+    """What megatron-core's MLP (transformer/mlp.py) keeps per token between fc1 and fc2. Gated:
+    the fc1 output (2f, kept whole by the silu's view of it), silu(x_glu), x_linear +
+    glu_linear_offset (a new tensor even at offset 0) and their product, the fc2 input: 5f bf16.
+    Plain: the fc1 output and the activation: 2f. Read off benchmarks/activation_audit.py."""
+    return BF16 * f * (5 if gated else 2)
+
+
 def block_activation_bytes(ctx: Context, letter: str, lay: Layout, load: float = 1.0) -> float:
     """Bytes one rank keeps per local token (after CP) of one micro-batch for one block.
 
-    Terms follow Korthikanti et al. Table 2 [R36] split per block: tensors inside the TP region
-    are divided by TP; with SP the rest is divided by TP too. Full recompute keeps only the block
-    input; selective recompute drops the attention score/probability tensors.
+    The split follows Korthikanti et al. [R36]: tensors inside the TP region are divided by TP;
+    with SP the rest is divided by TP too. The tensors themselves are what autograd keeps in
+    megatron-core 0.16.1's local modules (benchmarks/activation_audit.py lists them per block; the
+    runtime trains with dropout 0, so no dropout masks). Full recompute keeps only the block input;
+    selective recompute keeps core attention's inputs instead of its score tensors.
     """
     model = ctx.spec.model
     h, t = model.hidden_size, lay.tp
-    outside = 1 / t if lay.sp else 1.0  # norms, dropout masks, residual inputs
+    outside = 1 / t if lay.sp else 1.0  # norm inputs and the linear inputs after them
     recompute = ctx.spec.training.recompute
     if recompute == "full":
         return BF16 * h * outside
+    norm_and_input = (BF16 * 2 * h + norm_stats_bytes(ctx)) * outside  # norm input, its output (the first linear's input)
     if letter == "A":
         d, heads, groups = model.head_dim, model.attention.num_heads, model.query_groups  # type: ignore[union-attr]
-        inside = BF16 * ((heads + 2 * max(groups, t)) * d + heads * d)  # q,k,v and core-attention output
-        keep = BF16 * 2 * h * outside + h * outside  # norm input, qkv input, dropout mask
+        # rotary: cos and sin tables for q and for k, per sequence position (rope_utils.py)
+        rope = 4 * BF16 * d / lay.micro_batch_size if model.position_embedding == "rope" else 0.0
+        heads_r, groups_r = heads / t, max(groups, t) / t
+        if ctx.te:
+            qkv = (heads_r + 2 * groups_r) * d  # TE's fused attention keeps q, k, v and its output
+        elif recompute == "selective":
+            # checkpointed core attention keeps its inputs: rotated q and k, and v, a view that
+            # holds the whole fused qkv projection output
+            qkv = (heads_r + groups_r + heads_r + 2 * groups_r) * d
+        elif groups_r < heads_r:
+            qkv = 3 * heads_r * d  # q; k and v repeated to every head (GQA, dot_product_attention.py)
+        else:
+            qkv = (2 * heads_r + 3 * heads_r) * d  # rotated q and k; v holds the whole qkv output
         scores = 0.0
         if not ctx.te and recompute == "none":
             # unfused: fp32 softmax output and its bf16 copy, both kept for backward (UNFUSED_KEPT_BYTES)
-            scores = UNFUSED_KEPT_BYTES * heads * ctx.seq / lay.cp
-        return keep + (inside + scores) / t
+            scores = UNFUSED_KEPT_BYTES * heads_r * ctx.seq / lay.cp
+        return norm_and_input + rope + BF16 * (qkv + heads_r * d) + scores
     if letter == "D":
         mlp = model.mlp
         assert mlp is not None
-        f = mlp.ffn_hidden_size
-        inside = BF16 * (f * (2 if mlp.gated else 1) + f)  # fc1 output, activation output
-        return BF16 * 2 * h * outside + h * outside + inside / t
+        return norm_and_input + mlp_saved_bytes(mlp.ffn_hidden_size / t, mlp.gated)
     if letter == "E":
         moe = model.moe
         assert moe is not None
-        f, e = moe.ffn_hidden_size, lay.etp
-        routed = moe.top_k * e * (BF16 * h * 2 + BF16 * (f * (2 if moe.gated else 1) + f) / e)  # permuted input + buffer, fc1/act
-        router = FP32 * 2 * moe.num_experts  # logits and probabilities
-        shared = 0.0
-        if moe.shared_expert_ffn_hidden_size:
-            fs = moe.shared_expert_ffn_hidden_size
-            shared = BF16 * h * outside + BF16 * (fs * (2 if moe.gated else 1) + fs) / t
+        f, e = moe.ffn_hidden_size / lay.etp, lay.etp
+        # per routed token: the expert's input, its fp32 routing probability, the MLP's tensors and
+        # the probability-scaled fc1 output (SequentialMLP applies probs before fc2)
+        routed = moe.top_k * e * (BF16 * h + FP32 + mlp_saved_bytes(f, moe.gated) + BF16 * f)
+        # router: fp32 scores and aux-loss scores, the dispatcher's bool map and fp32 probs per
+        # expert; int64 top-k indices (twice), fp32 top-k probs, int64 permutation indices
+        router = (3 * FP32 + 1) * moe.num_experts + (3 * 8 + FP32) * moe.top_k
+        shared = mlp_saved_bytes(moe.shared_expert_ffn_hidden_size / t, moe.gated) if moe.shared_expert_ffn_hidden_size else 0.0
         factor = 1 / t if lay.sp else 1.0  # routed tokens per rank follow the SP shard
-        return BF16 * h * outside + h * outside + (routed * load + router) * factor + shared
+        return norm_and_input + (routed * load + router) * factor + shared
     if letter == "M":
         d_inner, heads, groups, state, _ = _mamba_dims(ctx)
         inside = BF16 * ((2 * d_inner + 2 * groups * state + heads) + (d_inner + 2 * groups * state) + 3 * d_inner)

@@ -39,9 +39,11 @@ RESERVED_OVER_ALLOCATED = 1.037
 #   resident memory exceeded weights + gradients + optimizer by 0.20 GiB with a 0.125 GiB buffer
 #   and by 1.08 GiB with a 1.0 GiB buffer.
 SCORE_BUFFER_BYTES = BF16
-# - backward through one unfused attention holds fp32 gradients of the scores next to the kept
-#   softmax output: the peak exceeded the kept activations by this many bytes per score.
-UNFUSED_BACKWARD_BYTES = 12.0
+# - backward through one unfused attention holds gradients of the scores next to the kept softmax
+#   output: the forward+backward peak exceeded resident memory plus the kept activations (as
+#   blocks.block_activation_bytes counts them) by 6.4-8.7 B per score, median 7.0, on the 17
+#   stages without expert parallelism and without recompute in benchmarks/results/gpu_runs_h200x*.json.
+UNFUSED_BACKWARD_BYTES = 7.0
 # - the distributed optimizer's step holds an fp32 copy of the larger of its two shards (dense over
 #   DP*CP, experts over EDP): 1.34 GiB = 4.0 B x 361M params on dense-tp8, 3.00 GiB = 4.0 B x 805M
 #   expert params on moe-ep8 and moe-tp2-ep4-sp.

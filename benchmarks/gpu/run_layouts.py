@@ -3,7 +3,7 @@
 On a GPU host with megacpp and megatron-core installed (see benchmarks/gpu/README.md):
 
     python benchmarks/gpu/run_layouts.py --out DIR [--specs DIR] [--steps 12] [--only NAME,...]
-        [--baseline NAME,...] [--rounds 1] [--profile]
+        [--baseline NAME,...] [--rounds 1] [--profile] [--memory-peak]
 
 Each spec in --specs (default benchmarks/gpu/specs) is planned and launched with
 `--engine megacpp --target torchrun`. A spec with no legal layout is recorded as rejected, with
@@ -68,14 +68,15 @@ def entry(name: str, report: dict) -> dict:
         "per_rank_forward_backward_seconds": [r.get("forward_backward_seconds") for r in ranks],
         "per_rank_optimizer_seconds": [r.get("optimizer_seconds") for r in ranks],
         "per_rank_profile": [r.get("profile") for r in ranks],
+        "per_rank_memory_peak": [r.get("memory_peak") for r in ranks],
         "expert_tokens": report.get("expert_tokens"),
         "spec": report.get("spec"),
     }
 
 
-def launch(spec: Path, rundir: Path, steps: int, profile: bool, log: Path, timeout: float) -> dict | None:
+def launch(spec: Path, rundir: Path, steps: int, extras: list[str], log: Path, timeout: float) -> dict | None:
     cmd = ["megacpp", "launch", str(spec), "--engine", "megacpp", "--target", "torchrun", "--steps", str(steps),
-           "--out", str(rundir)] + (["--profile"] if profile else [])
+           "--out", str(rundir), *extras]
     code = run(cmd, log, timeout)
     path = rundir / "report.json"
     return json.loads(path.read_text()) if code == 0 and path.exists() else None
@@ -98,11 +99,11 @@ def compare(spec: Path, rundir: Path, first: dict, args, log: Path, row: dict, s
         if k == 0:
             rt, base = first, baseline(rundir, first["world_size"], args.steps, log, args.timeout, "0")
         elif runtime_first:
-            rt = launch(spec, rundir / f"round{k}", args.steps, False, log, args.timeout)
+            rt = launch(spec, rundir / f"round{k}", args.steps, [], log, args.timeout)
             base = baseline(rundir, first["world_size"], args.steps, log, args.timeout, str(k))
         else:
             base = baseline(rundir, first["world_size"], args.steps, log, args.timeout, str(k))
-            rt = launch(spec, rundir / f"round{k}", args.steps, False, log, args.timeout)
+            rt = launch(spec, rundir / f"round{k}", args.steps, [], log, args.timeout)
         if not (rt and base):
             continue
         rounds.append({
@@ -125,9 +126,11 @@ def main() -> int:
     ap.add_argument("--baseline", default="")
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--profile", action="store_true", help="profile one extra step's kernels in each launch")
+    ap.add_argument("--memory-peak", action="store_true", help="break one extra step's peak memory down by allocation site")
     ap.add_argument("--timeout", type=float, default=180)
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    extras = ["--profile"] * args.profile + ["--memory-peak"] * args.memory_peak
     log = args.out / "log.txt"
     work = Path("/tmp/megacpp-gpu-runs")
     only = {s for s in args.only.split(",") if s}
@@ -151,7 +154,7 @@ def main() -> int:
             save()
             continue
         rundir = work / name
-        report = launch(spec, rundir, args.steps, args.profile, log, args.timeout)
+        report = launch(spec, rundir, args.steps, extras, log, args.timeout)
         if report is None:
             failed.append(name)
             print(f"{name}: FAILED after {time.time() - start:.0f} s (see {log})", flush=True)

@@ -26,13 +26,15 @@ def parse_args(argv: list[str] | None = None):
     ap.add_argument("--construct-only", action="store_true", help="build the model and report parameters; no training (works on CPU)")
     ap.add_argument("--tokens", help="token ids to train on: .npy (integer array) or .bin (raw uint16); default synthetic")
     ap.add_argument("--profile", action="store_true", help="run one more step under torch.profiler; kernel seconds by kind per rank")
+    ap.add_argument("--memory-peak", action="store_true",
+                    help="run one more step under the CUDA allocator's history; its peak by allocation site per rank")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--lr", type=float, default=1e-3, help="peak Adam learning rate after a 5-step warm-up (default 1e-3)")
     args = ap.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
         ap.error("--steps must be at least 1 and --warmup at least 0")
     return Options(plan=args.plan, candidate=args.candidate, steps=args.steps, warmup=args.warmup, report=args.report,
-                   construct_only=args.construct_only, profile=args.profile, tokens=args.tokens, seed=args.seed, lr=args.lr)
+                   construct_only=args.construct_only, profile=args.profile, memory_peak=args.memory_peak, tokens=args.tokens, seed=args.seed, lr=args.lr)
 
 
 def main(argv: list[str] | None = None) -> int:

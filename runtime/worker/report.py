@@ -83,6 +83,7 @@ def rank_info(coords: dict[str, int], params: int, params_expert: int, layer_num
     info["forward_backward_seconds"] = _median(result.forward_backward_seconds)
     info["optimizer_seconds"] = _median(result.optimizer_seconds)
     info["profile"] = result.profile
+    info["memory_peak"] = result.memory_peak
     return info
 
 
@@ -126,7 +127,7 @@ def build_report(job: Job, infos: list[dict[str, Any]], *, steps: int, warmup: i
                   if (info["params"], info["params_expert"]) != (memory[info["pp"]]["params"], memory[info["pp"]]["params_expert"])]
     keys = ("rank", "tp", "cp", "dp", "pp", "ep", "etp", "edp", "params", "params_expert", "layer_numbers",
             "peak_allocated_gib", "peak_reserved_gib", "memory_phases", "forward_backward_seconds", "optimizer_seconds",
-            "profile")
+            "profile", "memory_peak")
     return {
         "schema": SCHEMA,
         "layout": job.layout,

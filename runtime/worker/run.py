@@ -31,6 +31,7 @@ class Options:
     report: str | None = None
     construct_only: bool = False
     profile: bool = False
+    memory_peak: bool = False
     tokens: str | None = None
     seed: int = 1234
     lr: float = 1e-3
@@ -69,7 +70,7 @@ def run(opts: Options) -> dict | None:
     result = TrainResult()
     if not opts.construct_only:
         result = train(job, chunks, config, steps=opts.steps, warmup=opts.warmup, seed=opts.seed, lr=opts.lr, tokens=opts.tokens,
-                       profile=opts.profile)
+                       profile=opts.profile, memory_peak=opts.memory_peak)
     info = rank_info(coordinates(process.rank), params, params_expert, layer_numbers, cuda, counter, result)
     infos = gather(info)
     report = None

@@ -47,6 +47,7 @@ class TrainResult:
     optimizer_seconds: list[float] = field(default_factory=list)
     memory: dict = field(default_factory=dict)  # phases of the last step (see MemoryPhases)
     profile: dict | None = None  # kernel time by kind over one extra step, with --profile
+    memory_peak: dict | None = None  # what is allocated at one extra step's peak, with --memory-peak
 
 
 class MemoryPhases:
@@ -157,13 +158,15 @@ def _step_loss(losses_reduced) -> float | None:
 
 
 def train(job: Job, chunks, config, *, steps: int, warmup: int, seed: int, lr: float, tokens: str | None,
-          profile: bool = False) -> TrainResult:
+          profile: bool = False, memory_peak: bool = False) -> TrainResult:
     """Run warmup + steps optimizer steps; time each one between two torch.cuda.synchronize().
 
-    With `profile`, one more step runs under torch.profiler and its kernel time is summarised.
+    With `profile`, one more step runs under torch.profiler and its kernel time is summarised; with
+    `memory_peak`, one more step runs under the CUDA allocator's history and its peak is broken
+    down by allocation site. Neither extra step counts in the timings or losses.
     """
     total = warmup + steps
-    model, optimizer, scheduler = wrap_for_training(chunks, config, job, lr, total + int(profile))
+    model, optimizer, scheduler = wrap_for_training(chunks, config, job, lr, total + int(profile) + int(memory_peak))
     device = torch.device("cuda", torch.cuda.current_device())
     vocab = job.spec.model.vocab_size
     source = TokenFile(tokens, vocab, device) if tokens else SyntheticChain(vocab, seed, device)
@@ -209,13 +212,70 @@ def train(job: Job, chunks, config, *, steps: int, warmup: int, seed: int, lr: f
     for step in range(total):
         one_step(step)
     result.memory = {**phases.last, "peak_gib": round(phases.peak / GIB, 4)}
-    if profile:
-        result.profile = kernel_profile(lambda: one_step(total))
-        result.step_seconds.pop()
-        result.losses.pop()
-        result.forward_backward_seconds.pop()
-        result.optimizer_seconds.pop()
+    extra = {"profile": kernel_profile, "memory_peak": memory_peak_sites}
+    for name, wanted in (("profile", profile), ("memory_peak", memory_peak)):
+        if wanted:
+            timed = len(result.step_seconds)
+            setattr(result, name, extra[name](partial(one_step, timed)))
+            for record in (result.step_seconds, result.losses, result.forward_backward_seconds, result.optimizer_seconds):
+                del record[timed:]  # the extra step's own numbers are distorted by the recording
     return result
+
+
+# Frames of these files say nothing about which model code asked for the memory.
+PLUMBING = ("torch/autograd/", "torch/utils/", "torch/_", "torch/nn/modules/module.py", "torch/cuda/", "torch/overrides.py")
+
+
+def allocation_site(frames: list[dict]) -> str:
+    """The innermost frame outside autograd/allocator plumbing, as 'package/file.py:line function'."""
+    for frame in frames:
+        name = frame.get("filename", "")
+        if name.endswith(".py") and not any(p in name for p in PLUMBING):
+            short = name.split("site-packages/")[-1]
+            return f"{short}:{frame.get('line')} {frame.get('name')}"
+    return "(no Python frame: autograd engine)" if frames else "(unknown)"
+
+
+def peak_breakdown(trace: list[dict], allocated_at_start: int, top: int = 15) -> dict:
+    """Replay one step's allocator events; at the highest allocation, sum live blocks by site."""
+    live: dict[int, tuple[int, str]] = {}
+    current = peak = allocated_at_start
+    at_peak: dict[int, tuple[int, str]] = {}
+    for event in trace:
+        action, addr, size = event.get("action"), event.get("addr"), event.get("size", 0)
+        if action == "alloc":
+            live[addr] = (size, allocation_site(event.get("frames") or []))
+            current += size
+            if current > peak:
+                peak, at_peak = current, dict(live)
+        elif action == "free_requested" and addr in live:
+            current -= live.pop(addr)[0]
+    sites: dict[str, int] = {}
+    for size, site in at_peak.values():
+        sites[site] = sites.get(site, 0) + size
+    ranked = sorted(sites.items(), key=lambda kv: -kv[1])
+    rest = sum(size for _, size in ranked[top:])
+    return {
+        "peak_gib": round(peak / GIB, 4),
+        "before_step_gib": round(allocated_at_start / GIB, 4),
+        "sites_gib": {site: round(size / GIB, 4) for site, size in ranked[:top]} | ({"(other sites)": round(rest / GIB, 4)} if rest else {}),
+    }
+
+
+def memory_peak_sites(run_step) -> dict:
+    """Run one step under torch.cuda.memory._record_memory_history and break its peak down by the
+    code that allocated each live block (allocations from before the step count as before_step)."""
+    torch.cuda.synchronize()
+    start = torch.cuda.memory_allocated()
+    torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
+    try:
+        run_step()
+        torch.cuda.synchronize()
+        snapshot = torch.cuda.memory._snapshot()
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)
+    trace = snapshot["device_traces"][torch.cuda.current_device()]
+    return peak_breakdown(trace, start)
 
 
 # Kernel names by kind, matched in order against the lower-cased CUDA kernel name.

@@ -1,0 +1,121 @@
+"""What autograd keeps per token for each block, measured on CPU against planner/blocks.py.
+
+    python benchmarks/activation_audit.py SPEC.yaml [--json OUT]
+
+Builds the spec's first pipeline stage with the runtime worker (megatron-core local modules, one
+gloo rank, bf16 weights on CPU), runs one micro-batch forward under
+`torch.autograd.graph.saved_tensors_hooks`, and charges every storage autograd saves to the block
+whose forward saved it first. Parameters, the causal mask and the rotary table (allocated once,
+not per micro-batch) are left out. Prints, per block letter, the measured bytes per token next to
+`blocks.block_activation_bytes`. The spec must fit on one rank with TP = CP = EP = 1 (pin the
+axes in its `parallel` section); the layout's sizes are what the formula is evaluated at.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+
+def audit(spec: dict[str, Any]) -> dict[str, Any]:
+    """Saved bytes per token of every block in the first stage, with the formula's figure."""
+    import torch
+    from megatron.core import parallel_state as ps
+    from megatron.core.transformer.module import Float16Module
+
+    from megacpp.planner.blocks import block_activation_bytes
+    from megacpp.planner.layout import Layout
+    from megacpp.planner.loading import spec_from_dict
+    from megacpp.planner.plan import build_plan, make_context
+    from megacpp.runtime.worker import adapters
+    from megacpp.runtime.worker.data import SyntheticChain, microbatches
+    from megacpp.runtime.worker.distributed import init_model_parallel, init_process, shutdown
+    from megacpp.runtime.worker.job import Job
+    from megacpp.runtime.worker.megatron_config import select_backend, transformer_config
+    from megacpp.runtime.worker.model import build_chunks, causal_mask
+
+    plan = build_plan(spec_from_dict(spec)).to_json_dict()
+    if not plan["candidates"]:
+        raise SystemExit(f"activation_audit: the planner accepts no layout for {spec.get('name')}: {plan.get('rejected')}")
+    job = Job(plan=plan, spec=spec_from_dict(plan["spec"]), candidate_index=0)
+    lay = Layout.from_dict(job.layout)
+    if (lay.tp, lay.cp, lay.ep, job.world_size) != (1, 1, 1, 1):
+        raise SystemExit("activation_audit: pin parallel.tp, cp and ep to 1 on one GPU (the audit runs one CPU rank)")
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29531"))
+    process = init_process(job)
+    adapters.install_cpu_shims()
+    adapters.install_router_gemm()
+    init_model_parallel(job, process)
+    torch.manual_seed(0)
+    backend = select_backend(job)
+    config = transformer_config(job, backend, cuda=False, construct_only=False)
+    config.bf16 = True  # the GPU runs train in bf16: the same dtypes make the same saved tensors
+    (chunk,) = build_chunks(job, config, backend)[:1]
+    model = Float16Module(config, chunk).train()  # as the worker wraps it (train.py)
+    seq = job.spec.training.seq_length
+    source = SyntheticChain(job.spec.model.vocab_size, 0, torch.device("cpu"))
+    batch = next(microbatches(source, seed=0, dp_rank=ps.get_data_parallel_rank(), step=0, count=1,
+                              micro_batch_size=lay.micro_batch_size, seq_length=seq))
+    once = {t.untyped_storage().data_ptr() for t in model.parameters()}
+    once.add(causal_mask(seq, torch.device("cpu")).untyped_storage().data_ptr())
+    if chunk.rotary_pos_emb is not None:
+        once.add(chunk.rotary_pos_emb(seq).untyped_storage().data_ptr())
+
+    current = {"block": -1}  # -1: the embedding, before the first block
+    for i, layer in enumerate(chunk.layers):
+        layer.register_forward_pre_hook(lambda _m, _a, i=i: current.update(block=i))
+    saved: dict[int, tuple[int, int]] = {}  # storage -> (bytes, block that saved it first)
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr not in once and ptr not in saved and storage.nbytes():
+            saved[ptr] = (storage.nbytes(), current["block"])
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(batch["tokens"], batch["position_ids"], batch["labels"])
+    per_block: dict[int, int] = defaultdict(int)
+    for nbytes, block in saved.values():
+        per_block[block] += nbytes
+    shutdown()
+
+    ctx = make_context(job.spec)
+    tokens = lay.micro_batch_size * seq
+    letters = job.plan["candidates"][0]["stages"][0]["blocks"]
+    rows: dict[str, dict[str, float]] = {}
+    for i, letter in enumerate(letters):
+        row = rows.setdefault(letter, {"blocks": 0, "measured": 0.0})
+        row["blocks"] += 1
+        row["measured"] += per_block[i] / tokens
+    for letter, row in rows.items():
+        row["measured"] /= row["blocks"]
+        row["formula"] = block_activation_bytes(ctx, letter, lay)
+        row["error"] = row["formula"] / row["measured"] - 1 if row["measured"] else 0.0
+    return {"name": job.spec.name, "tokens": tokens, "recompute": job.spec.training.recompute, "per_letter": rows}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("spec", type=Path)
+    ap.add_argument("--json", type=Path, help="also write the result here")
+    args = ap.parse_args(argv)
+    import yaml
+
+    result = audit(yaml.safe_load(args.spec.read_text()))
+    print(f"{result['name']} ({result['tokens']} tokens, recompute {result['recompute']}): saved bytes per token per block")
+    print(f"{'block':>5} {'measured':>10} {'formula':>10} {'error':>7}")
+    for letter, row in result["per_letter"].items():
+        print(f"{letter:>5} {row['measured']:10.0f} {row['formula']:10.0f} {row['error']:+7.1%}")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
