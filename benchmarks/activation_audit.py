@@ -6,7 +6,7 @@ Builds the spec's first pipeline stage with the runtime worker (megatron-core lo
 gloo rank, bf16 weights on CPU), runs one micro-batch forward under
 `torch.autograd.graph.saved_tensors_hooks`, and charges every storage autograd saves to the block
 whose forward saved it first. Parameters, the causal mask and the rotary table (allocated once,
-not per micro-batch) are left out. Prints, per block letter, the measured bytes per token next to
+not per micro-batch), the embedding and the output head are left out. Prints, per block letter, the measured bytes per token next to
 `blocks.block_activation_bytes`. The spec must fit on one rank with TP = CP = EP = 1 (pin the
 axes in its `parallel` section); the layout's sizes are what the formula is evaluated at.
 """
@@ -66,9 +66,10 @@ def audit(spec: dict[str, Any]) -> dict[str, Any]:
     if chunk.rotary_pos_emb is not None:
         once.add(chunk.rotary_pos_emb(seq).untyped_storage().data_ptr())
 
-    current = {"block": -1}  # -1: the embedding, before the first block
+    current = {"block": -1}  # -1: outside every block (the embedding, the output head and loss)
     for i, layer in enumerate(chunk.layers):
         layer.register_forward_pre_hook(lambda _m, _a, i=i: current.update(block=i))
+        layer.register_forward_hook(lambda _m, _a, _o: current.update(block=-1))
     saved: dict[int, tuple[int, int]] = {}  # storage -> (bytes, block that saved it first)
 
     def pack(t: torch.Tensor) -> torch.Tensor:

@@ -169,7 +169,9 @@ def mlp_saved_bytes(f: float, gated: bool) -> float:
     """What megatron-core's MLP (transformer/mlp.py) keeps per token between fc1 and fc2. Gated:
     the fc1 output (2f, kept whole by the silu's view of it), silu(x_glu), x_linear +
     glu_linear_offset (a new tensor even at offset 0) and their product, the fc2 input: 5f bf16.
-    Plain: the fc1 output and the activation: 2f. Read off benchmarks/activation_audit.py."""
+    Plain: the fc1 output and the activation: 2f. Read off benchmarks/activation_audit.py; the
+    runtime builds megatron-core without the fused bias-SwiGLU. Megatron-LM's default fused
+    bias-SwiGLU keeps 3f instead, so for its scripts this errs high by 2f bf16 per gated MLP."""
     return BF16 * f * (5 if gated else 2)
 
 
@@ -194,21 +196,27 @@ def block_activation_bytes(ctx: Context, letter: str, lay: Layout, load: float =
         # rotary: cos and sin tables for q and for k, per sequence position (rope_utils.py)
         rope = 4 * BF16 * d / lay.micro_batch_size if model.position_embedding == "rope" else 0.0
         heads_r, groups_r = heads / t, max(groups, t) / t
+        qkv = (heads_r + 2 * groups_r) * d  # what the fused qkv projection writes
         if ctx.te:
-            qkv = (heads_r + 2 * groups_r) * d  # TE's fused attention keeps q, k, v and its output
-        elif recompute == "selective":
-            # checkpointed core attention keeps its inputs: rotated q and k, and v, a view that
-            # holds the whole fused qkv projection output
-            qkv = (heads_r + groups_r + heads_r + 2 * groups_r) * d
-        elif groups_r < heads_r:
-            qkv = 3 * heads_r * d  # q; k and v repeated to every head (GQA, dot_product_attention.py)
+            kept = qkv  # TE's fused attention keeps q, k, v and its output
         else:
-            qkv = (2 * heads_r + 3 * heads_r) * d  # rotated q and k; v holds the whole qkv output
+            # dot_product_attention.py: q and k are new tensors after rotary, else views of the qkv
+            # output; with GQA k and v are repeated to every head (new tensors). A view keeps the
+            # whole qkv output alive. Selective recompute keeps core attention's inputs (before
+            # the repeat) instead.
+            rotated = model.position_embedding == "rope"
+            if recompute == "selective":
+                new, view = ((heads_r + groups_r) * d if rotated else 0.0), True
+            elif groups_r < heads_r:
+                new, view = (3 if rotated else 2) * heads_r * d, not rotated
+            else:
+                new, view = (2 * heads_r * d if rotated else 0.0), True
+            kept = new + (qkv if view else 0.0)
         scores = 0.0
         if not ctx.te and recompute == "none":
             # unfused: fp32 softmax output and its bf16 copy, both kept for backward (UNFUSED_KEPT_BYTES)
             scores = UNFUSED_KEPT_BYTES * heads_r * ctx.seq / lay.cp
-        return norm_and_input + rope + BF16 * (qkv + heads_r * d) + scores
+        return norm_and_input + rope + BF16 * (kept + heads_r * d) + scores
     if letter == "D":
         mlp = model.mlp
         assert mlp is not None
@@ -234,11 +242,16 @@ def block_activation_bytes(ctx: Context, letter: str, lay: Layout, load: float =
     if letter == "R":
         r = model.recurrent
         assert r is not None
-        d_r, c = r.num_heads * r.head_dim, RECURRENT_CHUNK
-        # what autograd keeps in runtime/worker/recurrent.py, per token: the bf16 projection and
-        # the four bf16 gate/output tensors; fp32 q, k, v, k*decay, q*decay and the pre-norm output;
-        # three fp32 chunk x chunk matrices per head; the fp32 chunk states and their carried sums
-        inside = (BF16 * ((4 * d_r + r.num_heads) + 4 * d_r) + FP32 * 6 * d_r + FP32 * 3 * r.num_heads * c
-                  + FP32 * 2 * d_r * r.head_dim / c)
-        return BF16 * 2 * h * outside + inside / t
+        heads, d, c = r.num_heads / t, r.head_dim, RECURRENT_CHUNK
+        d_r, chunks = heads * d, ctx.seq / lay.cp / c
+        # what autograd keeps in runtime/worker/recurrent.py, per token (benchmarks/activation_audit.py):
+        # fp32: q, k and v as read by the chunked scan and their decay-weighted copies, the output
+        # (9 x d_r); the in-chunk scores, decay mask and their product (3 x heads x chunk); the
+        # decay logits and their logsigmoid, two decay exponentials, the norm's rstd (5 x heads);
+        # the chunk states and their carried sums (2 x d_r x d / chunk); the chunk-to-chunk decay
+        # (heads x chunks / chunk). bf16: the in_proj output (4 d_r + heads, kept whole by the
+        # gate's view), the cast output, silu(gate) and two gated products (4 x d_r).
+        kept = (FP32 * (9 * d_r + 3 * heads * c + 5 * heads + 2 * d_r * d / c + heads * chunks / c)
+                + BF16 * (4 * d_r + heads + 4 * d_r))
+        return norm_and_input + kept
     raise ValueError(letter)

@@ -39,11 +39,16 @@ RESERVED_OVER_ALLOCATED = 1.037
 #   resident memory exceeded weights + gradients + optimizer by 0.20 GiB with a 0.125 GiB buffer
 #   and by 1.08 GiB with a 1.0 GiB buffer.
 SCORE_BUFFER_BYTES = BF16
-# - backward through one unfused attention holds gradients of the scores next to the kept softmax
-#   output: the forward+backward peak exceeded resident memory plus the kept activations (as
-#   blocks.block_activation_bytes counts them) by 6.4-8.7 B per score, median 7.0, on the 17
-#   stages without expert parallelism and without recompute in benchmarks/results/gpu_runs_h200x*.json.
-UNFUSED_BACKWARD_BYTES = 7.0
+# - the forward+backward peak comes in the backward of a rank's last unfused attention, with every
+#   activation still held but those of the blocks after it (already back-propagated). Broken down
+#   by allocation site (launch --memory-peak, benchmarks/results/gpu_runs_h200x4_peaks.json):
+#   without recompute the autograd engine holds three fp32 score-sized gradients (12 B per score;
+#   6.06 GiB at 0.5 G scores on moe-ep1-h4096 and moe-ep4-h4096) while the bf16 probabilities
+#   (2 B) are already freed; under selective recompute the recomputed fp32 softmax output (4 B)
+#   and the checkpoint's backward (12 B: the recomputed bf16 copy and the gradients; 1.00 + 3.02
+#   GiB at 0.25 G scores on hybrid-nam-pp2-ep2) come on top of the kept activations.
+UNFUSED_BACKWARD_BYTES = 12.0 - BF16
+SELECTIVE_BACKWARD_BYTES = FP32 + 12.0
 # - the distributed optimizer's step holds an fp32 copy of the larger of its two shards (dense over
 #   DP*CP, experts over EDP): 1.34 GiB = 4.0 B x 361M params on dense-tp8, 3.00 GiB = 4.0 B x 805M
 #   expert params on moe-ep8 and moe-tp2-ep4-sp.
@@ -215,12 +220,19 @@ def stage_memory(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency
                 act_per_mb += BF16 * ctx.spec.model.hidden_size * tokens / (lay.tp if lay.sp else 1)
             if st.output_head:
                 dense += head_params(ctx, lay)
-                # bf16 logits plus fp32 logits and their gradient in the vocab-parallel loss
-                loss = (BF16 + 2 * FP32) * tokens * padded_vocab(ctx, lay.tp) / lay.tp
+                # the vocab-parallel loss's fp32 logits (softmax and its gradient are computed in
+                # place in them) next to the bf16 logits: the forward+backward peak of the last
+                # stages of sweep-dense-h1024, hybrid-ader-pp2, dense-pp2 and dense-pp4 exceeds
+                # resident memory plus activations by 5.6-6.1 B per logit (gpu_runs_h200x*.json)
+                loss = (BF16 + FP32) * tokens * padded_vocab(ctx, lay.tp) / lay.tp
         scores = unfused_scores(ctx, lay) if has_attention else 0.0
-        attention_backward = UNFUSED_BACKWARD_BYTES * scores if recompute != "full" else 0.0
-        if recompute == "selective":  # the recomputed softmax output is alive during its backward
-            attention_backward += (FP32 + BF16) * scores
+        attention_backward = 0.0
+        if recompute != "full" and scores:
+            blocks = "".join(st.blocks for st in mine)
+            after = blocks[blocks.rindex("A") + 1:]  # back-propagated, so freed, before the last A
+            freed = sum(block_activation_bytes(ctx, letter, lay, load) for letter in after) * tokens
+            per_score = SELECTIVE_BACKWARD_BYTES if recompute == "selective" else UNFUSED_BACKWARD_BYTES
+            attention_backward = max(0.0, per_score * scores - freed)
         total = dense + expert
         dense_shard = lay.dp * lay.cp if distopt else 1
         expert_shard = max(lay.edp, 1) if distopt else 1

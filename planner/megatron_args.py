@@ -127,7 +127,10 @@ def megatron_args(ctx: Context, cand: Candidate, opts: TrainOptions) -> list[str
         a.append("--swiglu")
     a += ["--normalization", {"rmsnorm": "RMSNorm", "layernorm": "LayerNorm"}[model.normalization],
           "--position-embedding-type", {"rope": "rope", "learned": "learned_absolute", "none": "none"}[model.position_embedding],
-          "--disable-bias-linear"]
+          "--disable-bias-linear",
+          # no dropout, as the megacpp runtime trains: both engines keep the same activations and
+          # the cost model counts no dropout masks (blocks.block_activation_bytes)
+          "--hidden-dropout", "0.0", "--attention-dropout", "0.0"]
     if not model.tie_embeddings:
         a.append("--untie-embeddings-and-output-weights")
     if model.mamba and "M" in ctx.letters:
