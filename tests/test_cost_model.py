@@ -73,10 +73,35 @@ def _committed_runs():
 
 
 def test_predictions_stay_close_to_every_committed_gpu_run():
-    """Regression guard on the measured evidence (benchmarks/gpu/compare.py prints the table):
-    every pipeline stage's peak within 10%, and the median step-time error within 15%."""
-    rows = [row for _, run in _committed_runs() for row in compare(run)]
-    assert len(rows) >= 25
+    """Regression guard on the measured evidence (benchmarks/gpu/compare.py prints the table): every
+    stage without expert parallelism within 2% (no routing in its peak), every stage within 8%,
+    and the median step-time error within 15%."""
+    rows, expert_parallel = [], []
+    for _, run in _committed_runs():
+        for row in compare(run):
+            rows.append(row)
+            expert_parallel.append(run["layout"]["ep"] > 1)
+    assert len(rows) >= 40
+    steady = [r for r, ep in zip(rows, expert_parallel, strict=True) if not ep]
+    assert len(steady) >= 25
+    worst = max(steady, key=lambda r: abs(r["memory_error"]))
+    assert abs(worst["memory_error"]) <= 0.02, worst
     worst = max(rows, key=lambda r: abs(r["memory_error"]))
-    assert abs(worst["memory_error"]) <= 0.10, worst
+    assert abs(worst["memory_error"]) <= 0.08, worst
     assert statistics.median(abs(r["step_error"]) for r in rows) <= 0.15
+
+
+def test_peak_breakdown_attributes_expert_parallel_misses_to_routed_tensors():
+    """launch --memory-peak on the same shape at EP1 and EP4: the attention tensors at the peak are
+    the same; the routed experts' tensors vary by rank with EP4 (routing in each rank's peak
+    micro-batch: 0.7-1.5x EP1's) and order the ranks' peaks, which is what moe.imbalance bands."""
+    runs = {run["name"]: run for name, run in _committed_runs() if name == "gpu_runs_h200x4_peaks.json"}
+    ep1, ep4 = runs["moe-ep1-h4096"], runs["moe-ep4-h4096"]
+    site = "megatron/core/transformer/mlp.py:224 glu"  # x_linear + glu_linear_offset, one per routed token
+    routed = lambda peak: next(v for k, v in peak["sites_gib"].items() if k.endswith(site))  # noqa: E731
+    base = routed(ep1["per_rank_memory_peak"][0])
+    ranks = ep4["per_rank_memory_peak"]
+    assert max(routed(p) for p in ranks) > 1.2 * base
+    assert sorted(ranks, key=routed) == sorted(ranks, key=lambda p: p["peak_gib"])
+    softmax = lambda peak: next(v for k, v in peak["sites_gib"].items() if "functional.py" in k and k.endswith("softmax"))  # noqa: E731
+    assert {softmax(p) for p in ep1["per_rank_memory_peak"] + ep4["per_rank_memory_peak"]} == {8.0}
