@@ -55,7 +55,7 @@ def audit(spec: dict[str, Any]) -> dict[str, Any]:
     backend = select_backend(job)
     config = transformer_config(job, backend, cuda=False, construct_only=False)
     config.bf16 = True  # the GPU runs train in bf16: the same dtypes make the same saved tensors
-    (chunk,) = build_chunks(job, config, backend)[:1]
+    (chunk,) = build_chunks(job, config, backend)  # one rank, one pipeline stage
     model = Float16Module(config, chunk).train()  # as the worker wraps it (train.py)
     seq = job.spec.training.seq_length
     source = SyntheticChain(job.spec.model.vocab_size, 0, torch.device("cpu"))

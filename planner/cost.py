@@ -202,6 +202,7 @@ def stage_memory(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency
     distopt = ctx.spec.training.distributed_optimizer
     tokens = _tokens_per_mb(ctx, lay)
     recompute = ctx.spec.training.recompute
+    kept = {letter: block_activation_bytes(ctx, letter, lay, load) * tokens for letter in ctx.letters}  # per micro-batch
     for p in range(lay.pp):
         mine = _rank_stages(stages, p)
         dense = expert = 0
@@ -213,7 +214,7 @@ def stage_memory(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency
                 bp = block_params(ctx, letter, lay)
                 dense += n * bp.dense
                 expert += n * bp.expert
-                act_per_mb += n * block_activation_bytes(ctx, letter, lay, load) * tokens
+                act_per_mb += n * kept[letter]
             has_attention = has_attention or "A" in st.blocks
             if st.embedding:
                 dense += embedding_params(ctx, lay)
@@ -230,7 +231,7 @@ def stage_memory(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency
         if recompute != "full" and scores:
             blocks = "".join(st.blocks for st in mine)
             after = blocks[blocks.rindex("A") + 1:]  # back-propagated, so freed, before the last A
-            freed = sum(block_activation_bytes(ctx, letter, lay, load) for letter in after) * tokens
+            freed = sum(kept[letter] for letter in after)
             per_score = SELECTIVE_BACKWARD_BYTES if recompute == "selective" else UNFUSED_BACKWARD_BYTES
             attention_backward = max(0.0, per_score * scores - freed)
         total = dense + expert

@@ -212,11 +212,10 @@ def train(job: Job, chunks, config, *, steps: int, warmup: int, seed: int, lr: f
     for step in range(total):
         one_step(step)
     result.memory = {**phases.last, "peak_gib": round(phases.peak / GIB, 4)}
-    extra = {"profile": kernel_profile, "memory_peak": memory_peak_sites}
-    for name, wanted in (("profile", profile), ("memory_peak", memory_peak)):
+    for name, record_step, wanted in (("profile", kernel_profile, profile), ("memory_peak", memory_peak_sites, memory_peak)):
         if wanted:
             timed = len(result.step_seconds)
-            setattr(result, name, extra[name](partial(one_step, timed)))
+            setattr(result, name, record_step(partial(one_step, timed)))
             for record in (result.step_seconds, result.losses, result.forward_backward_seconds, result.optimizer_seconds):
                 del record[timed:]  # the extra step's own numbers are distorted by the recording
     return result
@@ -236,23 +235,32 @@ def allocation_site(frames: list[dict]) -> str:
     return "(no Python frame: autograd engine)" if frames else "(unknown)"
 
 
+def _replay(trace: list[dict], allocated_at_start: int, stop: int | None = None) -> tuple[int, int | None, dict[int, dict]]:
+    """Allocator events in order (up to index `stop`): the highest allocation, the index of the
+    event that first reached it (None if none rose above the start), and the live blocks."""
+    live: dict[int, dict] = {}
+    current = peak = allocated_at_start
+    at = None
+    for i, event in enumerate(trace[: None if stop is None else stop + 1]):
+        action, addr = event.get("action"), event.get("addr")
+        if action == "alloc":
+            live[addr] = event
+            current += event.get("size", 0)
+            if current > peak:
+                peak, at = current, i
+        elif action == "free_requested" and addr in live:
+            current -= live.pop(addr).get("size", 0)
+    return peak, at, live
+
+
 def peak_breakdown(trace: list[dict], allocated_at_start: int, top: int = 15) -> dict:
     """Replay one step's allocator events; at the highest allocation, sum live blocks by site."""
-    live: dict[int, tuple[int, str]] = {}
-    current = peak = allocated_at_start
-    at_peak: dict[int, tuple[int, str]] = {}
-    for event in trace:
-        action, addr, size = event.get("action"), event.get("addr"), event.get("size", 0)
-        if action == "alloc":
-            live[addr] = (size, allocation_site(event.get("frames") or []))
-            current += size
-            if current > peak:
-                peak, at_peak = current, dict(live)
-        elif action == "free_requested" and addr in live:
-            current -= live.pop(addr)[0]
+    peak, at, _ = _replay(trace, allocated_at_start)
+    at_peak = _replay(trace, allocated_at_start, at)[2] if at is not None else {}
     sites: dict[str, int] = {}
-    for size, site in at_peak.values():
-        sites[site] = sites.get(site, 0) + size
+    for event in at_peak.values():
+        site = allocation_site(event.get("frames") or [])
+        sites[site] = sites.get(site, 0) + event.get("size", 0)
     ranked = sorted(sites.items(), key=lambda kv: -kv[1])
     rest = sum(size for _, size in ranked[top:])
     return {
