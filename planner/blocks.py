@@ -156,6 +156,72 @@ def block_flops(ctx: Context, letter: str, load: float = 1.0) -> float:
     raise ValueError(letter)
 
 
+@dataclass(frozen=True)
+class Gemms:
+    """One block's forward matmuls on one rank for one micro-batch: Linear GEMMs as (M, K, N, how
+    many), unfused core attention and the R block's chunked scan as (batch x heads, tokens, head
+    dim), and the FLOPs of what is not a Linear (Mamba's conv and SSD scan, the R block's
+    recurrence, fused attention)."""
+
+    linears: tuple[tuple[float, int, int, int], ...] = ()
+    attention: tuple[int, int, int] | None = None
+    recurrence: tuple[int, int, int] | None = None
+    other_flops: float = 0.0
+
+    @property
+    def flops(self) -> float:
+        """Forward FLOPs, the unfused attention counted causal (half its s x s) as block_flops does."""
+        core = 2.0 * self.attention[0] * self.attention[1] ** 2 * self.attention[2] if self.attention else 0.0
+        return 2.0 * sum(m * k * n * count for m, k, n, count in self.linears) + core + self.other_flops
+
+
+def block_gemms(ctx: Context, letter: str, lay: Layout, load: float = 1.0) -> Gemms:
+    """The shapes behind block_flops on one rank: M is the micro-batch's tokens on the rank (the
+    whole sequence under TP, gathered under SP), N and K are split by TP (ETP for experts); routed
+    experts each take top_k x EP x ETP / (TP x E) of the tokens (x `load` on the busiest rank).
+    Summed, 2 M K N over the linears plus the attention and other FLOPs equal
+    block_flops x tokens / TP."""
+    model = ctx.spec.model
+    h, tp = model.hidden_size, lay.tp
+    t = lay.micro_batch_size * ctx.seq / lay.cp
+    if letter == "A":
+        d, heads, groups = model.head_dim, model.attention.num_heads, model.query_groups  # type: ignore[union-attr]
+        linears = ((t, h, (heads + 2 * groups) * d // tp, 1), (t, heads * d // tp, h, 1))
+        core = 2 * heads * d * ctx.seq * t / tp  # causal QK^T and PV, as block_flops counts them
+        if ctx.te:
+            return Gemms(linears, other_flops=core)
+        return Gemms(linears, attention=(lay.micro_batch_size * heads // tp, ctx.seq // lay.cp, d))
+    if letter == "D":
+        mlp = model.mlp
+        assert mlp is not None
+        f = mlp.ffn_hidden_size
+        return Gemms(((t, h, f * (2 if mlp.gated else 1) // tp, 1), (t, f // tp, h, 1)))
+    if letter == "E":
+        moe = model.moe
+        assert moe is not None
+        f, g = moe.ffn_hidden_size, 2 if moe.gated else 1
+        local = moe.num_experts // lay.ep
+        per_expert = t / tp * moe.top_k * lay.ep * lay.etp / moe.num_experts * load
+        routed = ((t / tp, h, moe.num_experts, 1),
+                  (per_expert, h, f * g // lay.etp, local), (per_expert, f // lay.etp, h, local))
+        fs = moe.shared_expert_ffn_hidden_size or 0
+        shared = ((t, h, fs * g // tp, 1), (t, fs // tp, h, 1)) if fs else ()
+        return Gemms(routed + shared)
+    if letter == "M":
+        d_inner, heads, groups, state, kernel = _mamba_dims(ctx)
+        linears = ((t, h, (2 * d_inner + 2 * groups * state + heads) // tp, 1), (t, d_inner // tp, h, 1))
+        rest = 2 * (d_inner + 2 * groups * state) * kernel + 6 * d_inner * state + SSD_CHUNK * d_inner
+        return Gemms(linears, other_flops=rest * t / tp)
+    if letter == "R":
+        r = model.recurrent
+        assert r is not None
+        d_r = r.num_heads * r.head_dim
+        linears = ((t, h, (4 * d_r + r.num_heads) // tp, 1), (t, d_r // tp, h, 1))
+        scan = (lay.micro_batch_size * r.num_heads // tp, ctx.seq, r.head_dim)
+        return Gemms(linears, recurrence=scan, other_flops=4 * d_r * r.head_dim * t / tp)
+    raise ValueError(letter)
+
+
 def head_flops(ctx: Context) -> float:
     return 2.0 * ctx.spec.model.hidden_size * ctx.spec.model.vocab_size
 

@@ -16,8 +16,10 @@ from dataclasses import dataclass
 from megacpp.planner.blocks import (
     BF16,
     FP32,
+    Gemms,
     block_activation_bytes,
     block_flops,
+    block_gemms,
     block_params,
     embedding_params,
     head_flops,
@@ -25,6 +27,7 @@ from megacpp.planner.blocks import (
     padded_vocab,
     unfused_scores,
 )
+from megacpp.planner.kernel_rates import kernel_rates
 from megacpp.planner.layout import Context, Layout
 from megacpp.planner.stages import Stage
 
@@ -65,22 +68,27 @@ UNFUSED_SOFTMAX_BYTES_BACKWARD = 40.0
 # runtime on megatron-core 0.16.1 local modules on H200: what `megacpp calibrate
 # benchmarks/results/gpu_runs_h200x8.json benchmarks/results/gpu_runs_h200x4.json
 # benchmarks/results/gpu_runs_h200x1.json` fits to the 23 runs there after every modelled term
-# (matmul, softmax traffic, communication); README "Cost model against the GPUs" gives its errors
-# on those runs left out one at a time and on the 2 x H200 runs outside the fit. E includes the
-# dispatcher's host synchronisation on routed-token counts and the per-expert loop; R is the
-# runtime's chunked recurrence; A's launches fall mostly inside its softmax traffic term. M has no
-# runs yet: ASSUMPTION, as R (a chunked scan of similar kernel count).
-MEASURED_BLOCK_OVERHEAD_S = (("A", 0.25e-3), ("D", 3.11e-3), ("E", 14.12e-3), ("M", 6.17e-3), ("R", 6.17e-3))
+# (matmul and the R block's scan from the measured kernel-rate table, softmax traffic,
+# communication); README "Cost model against the GPUs" gives its errors on those runs left out one
+# at a time and on the 2 x H200 runs outside the fit. E includes the dispatcher's host
+# synchronisation on routed-token counts and the per-expert loop; A's launches fall inside its
+# softmax traffic term. M has no runs yet: ASSUMPTION, as R (the other block built around a
+# chunked scan).
+MEASURED_BLOCK_OVERHEAD_S = (("A", 0.0), ("D", 3.45e-3), ("E", 14.36e-3), ("M", 4.44e-3), ("R", 4.44e-3))
 
 
 @dataclass(frozen=True)
 class Efficiency:
     """Tunable factors; `megacpp calibrate` fits the per-letter block overheads from measured runs."""
 
-    # fraction of MAMF a training step sustains: the profiled matmul kernel time of dense-tp8
-    # (0.259 s per step, benchmarks/results/gpu_runs_h200x8.json) equals the FLOP model's at 0.70
+    # fraction of MAMF a training step sustains, for presets without a kernel-rate table (fp8, and
+    # GPUs not measured): the profiled matmul kernel time of dense-tp8 (0.259 s per step,
+    # benchmarks/results/gpu_runs_h200x8.json) equals the FLOP model's at 0.70
     matmul: float = 0.70
-    hbm: float = 0.80  # ASSUMPTION: fraction of HBM bandwidth elementwise kernels sustain
+    # fraction of HBM bandwidth the unfused softmax chain sustains: fp32 softmax over >= 256 MiB
+    # ran at 3.76-3.95 TB/s on H200 (0.78-0.82 of 4.8) and 2.56-2.96 TB/s on H100 (0.76-0.88 of
+    # 3.35), planner/rates/h200.json and h100.json
+    hbm: float = 0.80
     dp_exposed: float = 0.30  # ASSUMPTION: share of DP/EDP gradient traffic not hidden by backward
     # allocated beyond weights, gradients, optimizer state and the score buffer between steps:
     # 0.07-0.12 GiB on the five 8 x H200 runs (cuBLAS workspaces, RNG state, masks)
@@ -353,6 +361,31 @@ def communication(
     return out
 
 
+def matmul_seconds(ctx: Context, lay: Layout, letter: str, eff: Efficiency, load: float = 1.0) -> float:
+    """GPU seconds of one block's matmuls ("head": the output layer) per micro-batch on one rank,
+    forward and backward plus what recompute repeats: from the preset's measured kernel-rate table
+    (planner/kernel_rates.py) in bf16, else FLOPs at MAMF x Efficiency.matmul."""
+    c = ctx.cluster
+    fp8 = ctx.spec.training.precision == "fp8"
+    rate = (c.mamf_fp8_tflops if fp8 else c.mamf_bf16_tflops) * 1e12 * eff.matmul
+    recompute = ctx.spec.training.recompute
+    again = 4 / 3 if recompute == "full" else 1.0  # full recompute repeats every forward
+    if letter == "head":
+        t = lay.micro_batch_size * ctx.seq / lay.cp
+        gemms = Gemms(((t, ctx.spec.model.hidden_size, padded_vocab(ctx, lay.tp) // lay.tp, 1),))
+        again = 1.0  # the output layer is outside the recomputed blocks
+    else:
+        gemms = block_gemms(ctx, letter, lay, load)
+    rates = kernel_rates(c.name)
+    if rates is None or fp8:
+        return 3 * gemms.flops * again / rate
+    linears = sum(n * rates.linear_seconds(m, k, nn) for m, k, nn, n in gemms.linears)
+    attention = rates.attention_seconds(*gemms.attention) if gemms.attention else 0.0
+    attention_again = 4 / 3 if recompute != "none" else 1.0  # selective recompute repeats core attention
+    other = rates.recurrence_seconds(*gemms.recurrence) if gemms.recurrence else 3 * gemms.other_flops / rate
+    return (linears + other) * again + attention * attention_again
+
+
 def estimate(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency = DEFAULT_EFFICIENCY,
              load: float = 1.0) -> Estimate:
     """Memory, communication and step time of one legal layout; `load` > 1 prices the busiest
@@ -361,10 +394,9 @@ def estimate(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency = D
     comms = communication(ctx, lay, stages, mem, eff, load)
     precision = ctx.spec.training.precision
     c = ctx.cluster
-    rate = (c.mamf_fp8_tflops if precision == "fp8" else c.mamf_bf16_tflops) * 1e12 * eff.matmul
-    tokens = _tokens_per_mb(ctx, lay)
     passes = 4 if ctx.spec.training.recompute == "full" else 3
     per_letter = {letter: block_flops(ctx, letter, load) for letter in ctx.letters}
+    matmul = {letter: matmul_seconds(ctx, lay, letter, eff, load) for letter in [*ctx.letters, "head"]}
     # memory-bound softmax traffic of unfused attention (megatron-core's local spec)
     recompute = ctx.spec.training.recompute
     forwards = 1 if recompute == "none" else 2  # selective and full recompute repeat the forward
@@ -372,15 +404,11 @@ def estimate(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency = D
     hbm = c.hbm_tbps * 1e12 * eff.hbm
     per_rank = []
     for p in range(lay.pp):
-        flops = 0.0
-        attention = 0
-        for st in _rank_stages(stages, p):
-            flops += sum(n * per_letter[letter] for letter, n in Counter(st.blocks).items())
-            attention += st.blocks.count("A")
-            if st.output_head:
-                flops += head_flops(ctx)
-        host = sum(eff.overhead(letter, ctx.te) for st in _rank_stages(stages, p) for letter in st.blocks)
-        per_rank.append(flops * tokens / lay.tp * passes / rate + attention * softmax_bytes / hbm + host * passes / 3)
+        blocks = "".join(st.blocks for st in _rank_stages(stages, p))
+        head = any(st.output_head for st in _rank_stages(stages, p))
+        gemm = sum(matmul[letter] for letter in blocks) + (matmul["head"] if head else 0.0)
+        host = sum(eff.overhead(letter, ctx.te) for letter in blocks)
+        per_rank.append(gemm + blocks.count("A") * softmax_bytes / hbm + host * passes / 3)
     t_mb = max(per_rank)
     m = lay.num_microbatches
     pipeline_units = m + (lay.pp - 1) / lay.vpp

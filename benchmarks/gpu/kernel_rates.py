@@ -1,0 +1,186 @@
+"""Measured rates of the kernels a megatron-core training step is made of, on one GPU.
+
+    python benchmarks/gpu/kernel_rates.py --out FILE.json
+
+Three tables of GPU time (each case captured in a CUDA graph and replayed, so host launch time is
+left out; the median of five replays):
+
+- `linear`: forward plus backward of `torch.nn.functional.linear` (input [M, K], weight [N, K]),
+  i.e. the three GEMMs autograd runs for every Linear layer (forward, data gradient, weight
+  gradient), 6 M K N FLOPs, over a grid of M, K, N in powers of two;
+- `attention`: forward plus backward of megatron-core's unfused core attention matmuls
+  (`torch.baddbmm` of the scores and `torch.bmm` of the context, on the same transposed views
+  as transformer/dot_product_attention.py), 8 B S^2 D FLOPs for B batch x heads, S tokens, D head dim;
+- `recurrence`: forward plus backward of the R block's chunked scan
+  (runtime/worker/recurrent.py, fp32) for H heads of head dim D over S tokens, one sequence;
+- `elementwise`: bandwidth of a copy, an add and an fp32 softmax by tensor size.
+
+Needs torch, and megacpp with megatron-core installed for the recurrence. The output for a preset
+is committed as planner/rates/<gpu>.json, which planner/kernel_rates.py reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+LINEAR_M = (512, 1024, 2048, 4096, 8192, 16384, 32768)
+LINEAR_KN = (128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+ATTENTION_B = (4, 8, 16, 32, 64)
+ATTENTION_S = (512, 1024, 2048, 4096, 8192)
+ATTENTION_D = (64, 128)
+RECURRENCE_H = (4, 8, 16, 32, 64)
+RECURRENCE_S = (1024, 2048, 4096, 8192)
+RECURRENCE_D = (64, 128)
+ELEMENTWISE_MIB = (1, 4, 16, 64, 256, 1024, 4096)
+
+
+def timed(fn, min_seconds: float = 0.005) -> float:
+    """GPU seconds per call of `fn`: captured `calls` times in a CUDA graph and replayed, so that
+    the host's launch time (which the step model prices separately) is left out; the median of
+    five replays."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture, as torch.cuda.graph requires
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    calls = max(1, min(100, int(min_seconds / max(start.elapsed_time(end) / 1e3, 1e-6))))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    replays = []
+    for _ in range(5):
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        replays.append(start.elapsed_time(end) / 1e3 / calls)
+    del graph
+    return statistics.median(replays)
+
+
+def linear_rows(dtype: torch.dtype) -> list[dict]:
+    rows = []
+    for m in LINEAR_M:
+        for k in LINEAR_KN:
+            for n in LINEAR_KN:
+                x = torch.randn(m, k, device="cuda", dtype=dtype, requires_grad=True)
+                w = torch.randn(n, k, device="cuda", dtype=dtype, requires_grad=True)
+                g = torch.randn(m, n, device="cuda", dtype=dtype)
+
+                def step(x=x, w=w, g=g) -> None:
+                    torch.nn.functional.linear(x, w).backward(g)
+                    x.grad = w.grad = None
+
+                seconds = timed(step)
+                rows.append({"m": m, "k": k, "n": n, "seconds": seconds, "tflops": round(6 * m * k * n / seconds / 1e12, 1)})
+                del x, w, g
+    return rows
+
+
+def attention_rows(dtype: torch.dtype) -> list[dict]:
+    rows = []
+    for b in ATTENTION_B:
+        for s in ATTENTION_S:
+            for d in ATTENTION_D:
+                if b * s * s * 2 * 6 > 60 * 2**30:  # scores, their gradient and the softmax copies
+                    continue
+                # [s, b, d] as megatron-core lays out query, key and value (sequence first)
+                q, k, v = (torch.randn(s, b, d, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
+                buffer = torch.empty(b, s, s, device="cuda", dtype=dtype)
+                g = torch.randn(b, s, d, device="cuda", dtype=dtype)
+
+                def step(q=q, k=k, v=v, buffer=buffer, g=g) -> None:
+                    scores = torch.baddbmm(buffer, q.transpose(0, 1), k.transpose(0, 1).transpose(1, 2), beta=0.0, alpha=0.125)
+                    context = torch.bmm(scores, v.transpose(0, 1))
+                    context.backward(g)
+                    q.grad = k.grad = v.grad = None
+
+                seconds = timed(step)
+                rows.append({"b": b, "s": s, "d": d, "seconds": seconds, "tflops": round(8 * b * s * s * d / seconds / 1e12, 1)})
+                del q, k, v, buffer, g
+                torch.cuda.empty_cache()
+    return rows
+
+
+def recurrence_rows() -> list[dict]:
+    from megacpp.runtime.worker.recurrent import chunked_gated_linear_recurrence
+
+    rows = []
+    for h in RECURRENCE_H:
+        for s in RECURRENCE_S:
+            for d in RECURRENCE_D:
+                q, k, v = (torch.randn(1, h, s, d, device="cuda", requires_grad=True) for _ in range(3))
+                logits = torch.randn(1, h, s, device="cuda", requires_grad=True)
+                g = torch.randn(1, h, s, d, device="cuda")
+
+                def step(q=q, k=k, v=v, logits=logits, g=g) -> None:
+                    log_decay = torch.nn.functional.logsigmoid(logits)
+                    chunked_gated_linear_recurrence(q, k, v, log_decay).backward(g)
+                    q.grad = k.grad = v.grad = logits.grad = None
+
+                rows.append({"h": h, "s": s, "d": d, "seconds": timed(step)})
+                del q, k, v, logits, g
+    return rows
+
+
+def elementwise_rows() -> list[dict]:
+    rows = []
+    for mib in ELEMENTWISE_MIB:
+        n = mib * 2**20 // 2  # bf16 elements
+        a = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+        b = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+        out = torch.empty_like(a)
+        f32 = torch.randn(n // 2048, 2048, device="cuda", dtype=torch.float32)  # same element count
+        cases = (
+            ("copy", lambda a=a, out=out: out.copy_(a), 2 * a.nbytes),
+            ("add", lambda a=a, b=b, out=out: torch.add(a, b, out=out), 3 * a.nbytes),
+            ("softmax_fp32", lambda f32=f32: torch.softmax(f32, dim=-1), 2 * f32.nbytes),
+        )
+        for name, fn, nbytes in cases:
+            seconds = timed(fn)
+            rows.append({"op": name, "mib": mib, "bytes": nbytes, "seconds": seconds, "tbps": round(nbytes / seconds / 1e12, 3)})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args(argv)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    props = torch.cuda.get_device_properties(0)
+    doc = {
+        "what": "forward+backward rates of Linear GEMMs, unfused attention matmuls and elementwise kernels, bf16",
+        "command": "python benchmarks/gpu/kernel_rates.py --out FILE",
+        "device": props.name,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "elementwise": elementwise_rows(),
+        "attention": attention_rows(torch.bfloat16),
+        "recurrence": recurrence_rows(),
+        "linear": linear_rows(torch.bfloat16),
+    }
+    args.out.write_text(json.dumps(doc, indent=1) + "\n")
+    best = max(doc["linear"], key=lambda r: r["tflops"])
+    print(f"{props.name}: linear best {best['tflops']} TFLOP/s at {best['m']}x{best['k']}x{best['n']}; "
+          f"attention best {max(r['tflops'] for r in doc['attention'])} TFLOP/s; "
+          f"copy at 4 GiB {next(r['tbps'] for r in doc['elementwise'] if r['op'] == 'copy' and r['mib'] == 4096)} TB/s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

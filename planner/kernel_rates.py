@@ -1,0 +1,100 @@
+"""Measured GPU time of a training step's matmuls, for presets with a kernel-rate table.
+
+`benchmarks/gpu/kernel_rates.py` times on the GPU itself (CUDA graphs, so the host's launch time,
+which the step model prices separately, is left out):
+
+- the forward plus backward of one Linear layer (three GEMMs) over a grid of M x K x N;
+- megatron-core's unfused core-attention matmuls (baddbmm and bmm, forward plus backward) over
+  batch x heads and sequence length;
+- the R block's chunked scan (runtime/worker/recurrent.py, fp32, forward plus backward) over
+  heads and sequence length.
+
+Its output for a preset is committed as `rates/<preset>.json` and read here. A GEMM between grid
+points takes the log-linear interpolation of its neighbours' times; beyond the largest grid value
+time grows in proportion (M, K, N, batch) or with the square (sequence), below the smallest it is
+the smallest's (a kernel does not get faster than its launch). Presets without a table price
+matmuls at FLOPs / (MAMF x Efficiency.matmul).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from bisect import bisect_right
+from dataclasses import dataclass
+from functools import cache
+from itertools import product
+from pathlib import Path
+
+RATES_DIR = Path(__file__).parent / "rates"
+# measured on one GPU of each kind, 2026-11-22, with benchmarks/gpu/kernel_rates.py
+TABLES = {"h200-sxm-8": "h200.json", "h100-sxm-8": "h100.json"}
+
+
+@dataclass(frozen=True)
+class Grid:
+    """log(seconds) on a grid of axes; `growth` is each axis's exponent beyond its last value."""
+
+    axes: tuple[tuple[float, ...], ...]
+    log_seconds: dict[tuple[float, ...], float]
+    growth: tuple[int, ...]
+
+    def seconds(self, point: tuple[float, ...]) -> float:
+        scale = 1.0
+        corners = []
+        for value, axis, power in zip(point, self.axes, self.growth, strict=True):
+            if value > axis[-1]:
+                scale *= (value / axis[-1]) ** power
+                value = axis[-1]
+            value = max(value, axis[0])
+            i = min(bisect_right(axis, value), len(axis) - 1)
+            lo, hi = axis[i - 1], axis[i]
+            w = math.log(value / lo) / math.log(hi / lo)
+            corners.append(((lo, 1 - w), (hi, w)))
+        log_t = sum(math.prod(w for _, w in combo) * self.log_seconds[tuple(v for v, _ in combo)]
+                    for combo in product(*corners))
+        return scale * math.exp(log_t)
+
+
+@dataclass(frozen=True)
+class KernelRates:
+    source: str
+    linear: Grid  # (M, K, N) -> forward + backward seconds of one Linear
+    attention: dict[int, Grid]  # head dim -> (batch x heads, tokens) -> forward + backward seconds
+    recurrence: dict[int, Grid]  # the same for the R block's scan
+
+    def linear_seconds(self, m: float, k: int, n: int) -> float:
+        return self.linear.seconds((m, k, n)) if m and k and n else 0.0
+
+    def attention_seconds(self, batch_heads: int, tokens: int, head_dim: int) -> float:
+        return _by_head_dim(self.attention, head_dim).seconds((batch_heads, tokens))
+
+    def recurrence_seconds(self, batch_heads: int, tokens: int, head_dim: int) -> float:
+        return _by_head_dim(self.recurrence, head_dim).seconds((batch_heads, tokens))
+
+
+def _by_head_dim(grids: dict[int, Grid], head_dim: int) -> Grid:
+    return grids[min(grids, key=lambda d: abs(math.log(d / head_dim)))]
+
+
+def _grid(rows: list[dict], keys: tuple[str, ...], growth: tuple[int, ...]) -> Grid:
+    axes = tuple(tuple(sorted({float(r[k]) for r in rows})) for k in keys)
+    return Grid(axes, {tuple(float(r[k]) for k in keys): math.log(r["seconds"]) for r in rows}, growth)
+
+
+@cache
+def kernel_rates(cluster_name: str) -> KernelRates | None:
+    """The measured table for a preset, or None where none was measured."""
+    if cluster_name not in TABLES:
+        return None
+    doc = json.loads((RATES_DIR / TABLES[cluster_name]).read_text())
+    return KernelRates(
+        source=f"{doc['device']}, {doc['command']}",
+        linear=_grid(doc["linear"], ("m", "k", "n"), (1, 1, 1)),
+        attention=_per_head_dim(doc["attention"], "b", 2),
+        recurrence=_per_head_dim(doc["recurrence"], "h", 1),
+    )
+
+
+def _per_head_dim(rows: list[dict], batch: str, sequence_growth: int) -> dict[int, Grid]:
+    return {d: _grid([r for r in rows if r["d"] == d], (batch, "s"), (1, sequence_growth)) for d in sorted({r["d"] for r in rows})}

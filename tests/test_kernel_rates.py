@@ -1,0 +1,86 @@
+"""Matmul time from the measured kernel-rate tables, against the GEMM shapes and the GPU profiles."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+
+import pytest
+
+from megacpp.planner.blocks import block_flops, block_gemms
+from megacpp.planner.calibration import run_spec
+from megacpp.planner.cost import DEFAULT_EFFICIENCY, matmul_seconds
+from megacpp.planner.kernel_rates import RATES_DIR, TABLES, kernel_rates
+from megacpp.planner.layout import Layout
+from megacpp.planner.plan import make_context
+from megacpp.planner.stages import assign_stages
+from tests.conftest import ROOT
+
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def _runs():
+    for path in sorted(RESULTS.glob("gpu_runs_*.json")):
+        yield from json.loads(path.read_text())["runs"]
+
+
+def test_block_gemm_shapes_add_up_to_the_block_flops():
+    """Every committed run's layout: the per-rank GEMM shapes of each block carry exactly the
+    block's FLOPs share (TP, SP, EP, ETP, GQA, gated and plain MLPs, shared experts, top-k, R)."""
+    checked = 0
+    for run in _runs():
+        ctx, lay = make_context(run_spec(run)), Layout.from_dict(run["layout"])
+        tokens = lay.micro_batch_size * ctx.seq / lay.cp
+        for letter in ctx.letters:
+            assert block_gemms(ctx, letter, lay).flops == pytest.approx(block_flops(ctx, letter) * tokens / lay.tp, rel=1e-9)
+            checked += 1
+    assert checked >= 60
+
+
+@pytest.mark.parametrize("preset", sorted(TABLES))
+def test_table_reproduces_its_measurements_and_extrapolates_by_work(preset):
+    rates = kernel_rates(preset)
+    doc = json.loads((RATES_DIR / TABLES[preset]).read_text())
+    for row in doc["linear"][::17]:
+        assert rates.linear_seconds(row["m"], row["k"], row["n"]) == pytest.approx(row["seconds"], rel=1e-9)
+    for row in doc["attention"]:
+        assert rates.attention_seconds(row["b"], row["s"], row["d"]) == pytest.approx(row["seconds"], rel=1e-9)
+    top_m = max(r["m"] for r in doc["linear"])
+    assert rates.linear_seconds(2 * top_m, 4096, 4096) == pytest.approx(2 * rates.linear_seconds(top_m, 4096, 4096))
+    assert rates.attention_seconds(8, 16384, 128) == pytest.approx(4 * rates.attention_seconds(8, 8192, 128))
+    assert rates.linear_seconds(64, 4096, 4096) == rates.linear_seconds(512, 4096, 4096)  # no faster than its launch
+    between = [rates.linear_seconds(m, 3072, 3072) for m in (1000, 3000, 6000, 12000, 24000)]
+    assert between == sorted(between)
+    assert all(math.isfinite(t) and t > 0 for t in between)
+
+
+def test_presets_without_a_table_price_matmuls_at_mamf():
+    assert kernel_rates("b200-sxm-8") is None and kernel_rates("h200-sxm-8") is not None
+
+
+def test_matmul_time_matches_the_profiled_matmul_kernels():
+    """The runs with a kernel profile (one extra step under torch.profiler): the table's matmul
+    time per stage against the GPU time of the step's GEMM kernels, which no host speed affects.
+    Stages with R blocks are left out: the table times the whole R scan, elementwise work included."""
+    errors = []
+    for run in _runs():
+        profiles = run.get("per_rank_profile") or []
+        if not profiles or not profiles[0]:
+            continue
+        ctx, lay = make_context(run_spec(run)), Layout.from_dict(run["layout"])
+        _, stages = assign_stages(ctx, lay.pp, lay.vpp)
+        per_stage = run["world_size"] // lay.pp
+        for p in range(lay.pp):
+            mine = [s for s in stages if s.pp_rank == p]
+            blocks = "".join(s.blocks for s in mine)
+            if "R" in blocks:
+                continue
+            seconds = sum(matmul_seconds(ctx, lay, b, DEFAULT_EFFICIENCY) for b in blocks)
+            if any(s.output_head for s in mine):
+                seconds += matmul_seconds(ctx, lay, "head", DEFAULT_EFFICIENCY)
+            measured = statistics.median(q["kernel_seconds"]["matmul"] for q in profiles[p * per_stage:(p + 1) * per_stage])
+            errors.append(seconds * lay.num_microbatches / measured - 1)
+    assert len(errors) >= 20
+    assert max(map(abs, errors)) <= 0.20
+    assert statistics.median(map(abs, errors)) <= 0.10
