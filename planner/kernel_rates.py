@@ -9,11 +9,11 @@ which the step model prices separately, is left out):
 - the R block's chunked scan (runtime/worker/recurrent.py, fp32, forward plus backward) over
   heads and sequence length.
 
-Its output for a preset is committed as `rates/<preset>.json` and read here. A GEMM between grid
-points takes the log-linear interpolation of its neighbours' times; beyond the largest grid value
-time grows in proportion (M, K, N, batch) or with the square (sequence), below the smallest it is
-the smallest's (a kernel does not get faster than its launch). Presets without a table price
-matmuls at FLOPs / (MAMF x Efficiency.matmul).
+Its output on one GPU of a kind is committed as `rates/<gpu>.json` and read here for the presets
+in TABLES. A GEMM between grid points takes the log-linear interpolation of its neighbours' times;
+beyond the largest grid value time grows in proportion (M, K, N, batch) or with the square
+(sequence), below the smallest it is the smallest's (a kernel does not get faster than its
+launch). Presets without a table price matmuls at FLOPs / (MAMF x Efficiency.matmul).
 """
 
 from __future__ import annotations
