@@ -175,6 +175,11 @@ class Gemms:
         return 2.0 * sum(m * k * n * count for m, k, n, count in self.linears) + core + self.other_flops
 
 
+def micro_batch_tokens(ctx: Context, lay: Layout) -> float:
+    """Tokens of one micro-batch held by one rank after the CP split."""
+    return lay.micro_batch_size * ctx.seq / lay.cp
+
+
 def block_gemms(ctx: Context, letter: str, lay: Layout, load: float = 1.0) -> Gemms:
     """The shapes behind block_flops on one rank: M is the micro-batch's tokens on the rank (the
     whole sequence under TP, gathered under SP), N and K are split by TP (ETP for experts); routed
@@ -183,7 +188,7 @@ def block_gemms(ctx: Context, letter: str, lay: Layout, load: float = 1.0) -> Ge
     block_flops x tokens / TP."""
     model = ctx.spec.model
     h, tp = model.hidden_size, lay.tp
-    t = lay.micro_batch_size * ctx.seq / lay.cp
+    t = micro_batch_tokens(ctx, lay)
     if letter == "A":
         d, heads, groups = model.head_dim, model.attention.num_heads, model.query_groups  # type: ignore[union-attr]
         linears = ((t, h, (heads + 2 * groups) * d // tp, 1), (t, heads * d // tp, h, 1))
@@ -224,6 +229,12 @@ def block_gemms(ctx: Context, letter: str, lay: Layout, load: float = 1.0) -> Ge
 
 def head_flops(ctx: Context) -> float:
     return 2.0 * ctx.spec.model.hidden_size * ctx.spec.model.vocab_size
+
+
+def head_gemms(ctx: Context, lay: Layout) -> Gemms:
+    """The output layer's GEMM on one rank: the padded vocabulary split by TP."""
+    t = micro_batch_tokens(ctx, lay)
+    return Gemms(((t, ctx.spec.model.hidden_size, padded_vocab(ctx, lay.tp) // lay.tp, 1),))
 
 
 def norm_stats_bytes(ctx: Context) -> int:

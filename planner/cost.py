@@ -16,14 +16,15 @@ from dataclasses import dataclass
 from megacpp.planner.blocks import (
     BF16,
     FP32,
-    Gemms,
     block_activation_bytes,
     block_flops,
     block_gemms,
     block_params,
     embedding_params,
     head_flops,
+    head_gemms,
     head_params,
+    micro_batch_tokens,
     padded_vocab,
     unfused_scores,
 )
@@ -191,11 +192,6 @@ def _rank_stages(stages: list[Stage], pp_rank: int) -> list[Stage]:
     return [s for s in stages if s.pp_rank == pp_rank]
 
 
-def _tokens_per_mb(ctx: Context, lay: Layout) -> float:
-    """Tokens of one micro-batch held by one rank after the CP split."""
-    return lay.micro_batch_size * ctx.seq / lay.cp
-
-
 def _in_flight(lay: Layout, pp_rank: int) -> float:
     """Micro-batches (in units of a full stage) whose activations one rank holds at peak [R37]."""
     m = lay.num_microbatches
@@ -208,7 +204,7 @@ def _in_flight(lay: Layout, pp_rank: int) -> float:
 def stage_memory(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency, load: float = 1.0) -> list[StageMemory]:
     out = []
     distopt = ctx.spec.training.distributed_optimizer
-    tokens = _tokens_per_mb(ctx, lay)
+    tokens = micro_batch_tokens(ctx, lay)
     recompute = ctx.spec.training.recompute
     kept = {letter: block_activation_bytes(ctx, letter, lay, load) * tokens for letter in ctx.letters}  # per micro-batch
     for p in range(lay.pp):
@@ -302,7 +298,7 @@ def communication(
     """Per-axis traffic of the busiest pipeline rank in one step."""
     h = ctx.spec.model.hidden_size
     m = lay.num_microbatches
-    tokens = _tokens_per_mb(ctx, lay)
+    tokens = micro_batch_tokens(ctx, lay)
     passes = 3 if ctx.spec.training.recompute == "full" else 2  # fwd, bwd (+ recompute fwd)
     busiest = max(range(lay.pp), key=lambda p: sum(len(s.blocks) for s in _rank_stages(stages, p)))
     blocks = "".join(s.blocks for s in _rank_stages(stages, busiest))
@@ -371,8 +367,7 @@ def matmul_seconds(ctx: Context, lay: Layout, letter: str, eff: Efficiency, load
     recompute = ctx.spec.training.recompute
     again = 4 / 3 if recompute == "full" else 1.0  # full recompute repeats every forward
     if letter == "head":
-        t = lay.micro_batch_size * ctx.seq / lay.cp
-        gemms = Gemms(((t, ctx.spec.model.hidden_size, padded_vocab(ctx, lay.tp) // lay.tp, 1),))
+        gemms = head_gemms(ctx, lay)
         again = 1.0  # the output layer is outside the recomputed blocks
     else:
         gemms = block_gemms(ctx, letter, lay, load)
@@ -404,8 +399,9 @@ def estimate(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency = D
     hbm = c.hbm_tbps * 1e12 * eff.hbm
     per_rank = []
     for p in range(lay.pp):
-        blocks = "".join(st.blocks for st in _rank_stages(stages, p))
-        head = any(st.output_head for st in _rank_stages(stages, p))
+        mine = _rank_stages(stages, p)
+        blocks = "".join(st.blocks for st in mine)
+        head = any(st.output_head for st in mine)
         gemm = sum(matmul[letter] for letter in blocks) + (matmul["head"] if head else 0.0)
         host = sum(eff.overhead(letter, ctx.te) for letter in blocks)
         per_rank.append(gemm + blocks.count("A") * softmax_bytes / hbm + host * passes / 3)

@@ -58,7 +58,6 @@ class Grid:
 
 @dataclass(frozen=True)
 class KernelRates:
-    source: str
     linear: Grid  # (M, K, N) -> forward + backward seconds of one Linear
     attention: dict[int, Grid]  # head dim -> (batch x heads, tokens) -> forward + backward seconds
     recurrence: dict[int, Grid]  # the same for the R block's scan
@@ -89,7 +88,6 @@ def kernel_rates(cluster_name: str) -> KernelRates | None:
         return None
     doc = json.loads((RATES_DIR / TABLES[cluster_name]).read_text())
     return KernelRates(
-        source=f"{doc['device']}, {doc['command']}",
         linear=_grid(doc["linear"], ("m", "k", "n"), (1, 1, 1)),
         attention=_per_head_dim(doc["attention"], "b", 2),
         recurrence=_per_head_dim(doc["recurrence"], "h", 1),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,14 @@ from megacpp.planner.loading import spec_from_dict
 from megacpp.planner.spec import Spec
 
 ROOT = Path(__file__).resolve().parent.parent
+GPU_RESULTS = ROOT / "benchmarks" / "results"
+
+
+def committed_gpu_runs():
+    """(file name, run) for every run in the committed benchmarks/results/gpu_runs_*.json."""
+    for path in sorted(GPU_RESULTS.glob("gpu_runs_*.json")):
+        for run in json.loads(path.read_text())["runs"]:
+            yield path.name, run
 PROBE = ROOT / "tests" / "parity" / "megatron_probe.py"
 
 TINY_DENSE: dict[str, Any] = {

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import statistics
 
 import pytest
@@ -13,10 +12,9 @@ from megacpp.planner.cost import GIB, OPTIMIZER_STEP_BYTES, SCORE_BUFFER_BYTES
 from megacpp.planner.layout import Layout
 from megacpp.planner.loading import load_spec
 from megacpp.planner.plan import build_plan, estimate_run, make_context, with_transformer_engine
-from tests.conftest import ROOT
+from tests.conftest import ROOT, committed_gpu_runs
 
 SPECS = ROOT / "benchmarks" / "gpu"
-RESULTS = ROOT / "benchmarks" / "results"
 
 
 def _spec(name: str, *overrides: str):
@@ -66,18 +64,12 @@ def test_imbalance_turns_memory_and_time_into_a_band():
     assert "peak_gib_high" not in one_rank.memory  # one EP rank holds every expert: no busiest rank
 
 
-def _committed_runs():
-    for path in sorted(RESULTS.glob("gpu_runs_*.json")):
-        for run in json.loads(path.read_text())["runs"]:
-            yield path.name, run
-
-
 def test_predictions_stay_close_to_every_committed_gpu_run():
     """Regression guard on the measured evidence (benchmarks/gpu/compare.py prints the table): every
     stage without expert parallelism within 2% (no routing in its peak), every stage within 8%,
     and the median step-time error within 15%."""
     rows, expert_parallel = [], []
-    for _, run in _committed_runs():
+    for _, run in committed_gpu_runs():
         for row in compare(run):
             rows.append(row)
             expert_parallel.append(run["layout"]["ep"] > 1)
@@ -100,7 +92,7 @@ def test_peak_breakdown_attributes_expert_parallel_misses_to_routed_tensors():
     """launch --memory-peak on the same shape at EP1 and EP4: the attention tensors at the peak are
     the same; the routed experts' tensors vary by rank with EP4 (routing in each rank's peak
     micro-batch: 0.7-1.5x EP1's) and order the ranks' peaks, which is what moe.imbalance bands."""
-    runs = {run["name"]: run for name, run in _committed_runs() if name == "gpu_runs_h200x4_peaks.json"}
+    runs = {run["name"]: run for name, run in committed_gpu_runs() if name == "gpu_runs_h200x4_peaks.json"}
     ep1, ep4 = runs["moe-ep1-h4096"], runs["moe-ep4-h4096"]
 
     def routed(peak):  # x_linear + glu_linear_offset, one per routed token

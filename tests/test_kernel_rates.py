@@ -8,30 +8,23 @@ import statistics
 
 import pytest
 
-from megacpp.planner.blocks import block_flops, block_gemms
+from megacpp.planner.blocks import block_flops, block_gemms, micro_batch_tokens
 from megacpp.planner.calibration import run_spec
 from megacpp.planner.cost import DEFAULT_EFFICIENCY, matmul_seconds
 from megacpp.planner.kernel_rates import RATES_DIR, TABLES, kernel_rates
 from megacpp.planner.layout import Layout
 from megacpp.planner.plan import make_context
 from megacpp.planner.stages import assign_stages
-from tests.conftest import ROOT
-
-RESULTS = ROOT / "benchmarks" / "results"
-
-
-def _runs():
-    for path in sorted(RESULTS.glob("gpu_runs_*.json")):
-        yield from json.loads(path.read_text())["runs"]
+from tests.conftest import committed_gpu_runs
 
 
 def test_block_gemm_shapes_add_up_to_the_block_flops():
     """Every committed run's layout: the per-rank GEMM shapes of each block carry exactly the
     block's FLOPs share (TP, SP, EP, ETP, GQA, gated and plain MLPs, shared experts, top-k, R)."""
     checked = 0
-    for run in _runs():
+    for _, run in committed_gpu_runs():
         ctx, lay = make_context(run_spec(run)), Layout.from_dict(run["layout"])
-        tokens = lay.micro_batch_size * ctx.seq / lay.cp
+        tokens = micro_batch_tokens(ctx, lay)
         for letter in ctx.letters:
             assert block_gemms(ctx, letter, lay).flops == pytest.approx(block_flops(ctx, letter) * tokens / lay.tp, rel=1e-9)
             checked += 1
@@ -64,7 +57,7 @@ def test_matmul_time_matches_the_profiled_matmul_kernels():
     time per stage against the GPU time of the step's GEMM kernels, which no host speed affects.
     Stages with R blocks are left out: the table times the whole R scan, elementwise work included."""
     errors = []
-    for run in _runs():
+    for _, run in committed_gpu_runs():
         profiles = run.get("per_rank_profile") or []
         if not profiles or not profiles[0]:
             continue
