@@ -11,11 +11,15 @@ left out; the median of five replays):
 - `attention`: forward plus backward of megatron-core's unfused core attention matmuls
   (`torch.baddbmm` of the scores and `torch.bmm` of the context, on the same transposed views
   as transformer/dot_product_attention.py), 8 B S^2 D FLOPs for B batch x heads, S tokens, D head dim;
+- `softmax`: megatron-core's scale-mask-softmax on the torch path, as its local DotProductAttention
+  runs it for a causal mask in bf16 (fusions/fused_softmax.py FusedScaleMaskSoftmax: fp32 cast,
+  masked_fill, softmax, bf16 cast; no scale, no fused kernel), forward alone and forward plus
+  backward, for B batch x heads and S tokens (B S^2 scores);
 - `recurrence`: forward plus backward of the R block's chunked scan
   (runtime/worker/recurrent.py, fp32) for H heads of head dim D over S tokens, one sequence;
 - `elementwise`: bandwidth of a copy, an add and an fp32 softmax by tensor size.
 
-Needs torch, and megacpp with megatron-core installed for the recurrence. The output for a preset
+Needs torch, and megacpp with megatron-core installed for the softmax and the recurrence. The output for a preset
 is committed as planner/rates/<gpu>.json, which planner/kernel_rates.py reads.
 """
 
@@ -117,6 +121,38 @@ def attention_rows(dtype: torch.dtype) -> list[dict]:
     return rows
 
 
+def softmax_rows() -> list[dict]:
+    from megatron.core.fusions.fused_softmax import FusedScaleMaskSoftmax
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.utils import attention_mask_func
+
+    # what DotProductAttention builds from the runtime's TransformerConfig (bf16, fp32 softmax,
+    # no query-key layer scaling, masked_softmax_fusion off where the fused kernel is absent)
+    softmax = FusedScaleMaskSoftmax(input_in_fp16=False, input_in_bf16=True, attn_mask_type=AttnMaskType.causal,
+                                    scaled_masked_softmax_fusion=False, mask_func=attention_mask_func,
+                                    softmax_in_fp32=True, scale=None)
+    rows = []
+    for b in ATTENTION_B:
+        for s in ATTENTION_S:
+            if b * s * s * 16 > 60 * 2**30:  # bf16 scores and probabilities, fp32 copies and gradients
+                continue
+            scores = torch.randn(1, b, s, s, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            g = torch.randn(1, b, s, s, device="cuda", dtype=torch.bfloat16)
+
+            def forward(scores=scores) -> None:
+                with torch.no_grad():
+                    softmax(scores, None)
+
+            def step(scores=scores, g=g) -> None:
+                softmax(scores, None).backward(g)
+                scores.grad = None
+
+            rows.append({"b": b, "s": s, "forward_seconds": timed(forward), "seconds": timed(step)})
+            del scores, g
+            torch.cuda.empty_cache()
+    return rows
+
+
 def recurrence_rows() -> list[dict]:
     from megacpp.runtime.worker.recurrent import chunked_gated_linear_recurrence
 
@@ -164,13 +200,14 @@ def main(argv: list[str] | None = None) -> int:
     torch.backends.cuda.matmul.allow_tf32 = False
     props = torch.cuda.get_device_properties(0)
     doc = {
-        "what": "forward+backward rates of Linear GEMMs, unfused attention matmuls and elementwise kernels, bf16",
+        "what": "forward+backward rates of Linear GEMMs, unfused attention matmuls and softmax, the R scan and elementwise kernels, bf16",
         "command": "python benchmarks/gpu/kernel_rates.py --out FILE",
         "device": props.name,
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "elementwise": elementwise_rows(),
         "attention": attention_rows(torch.bfloat16),
+        "softmax": softmax_rows(),
         "recurrence": recurrence_rows(),
         "linear": linear_rows(torch.bfloat16),
     }
@@ -178,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     best = max(doc["linear"], key=lambda r: r["tflops"])
     print(f"{props.name}: linear best {best['tflops']} TFLOP/s at {best['m']}x{best['k']}x{best['n']}; "
           f"attention best {max(r['tflops'] for r in doc['attention'])} TFLOP/s; "
+          f"softmax {min(r['seconds'] / (r['b'] * r['s'] ** 2) for r in doc['softmax']) * 1e9:.2f} ns per score at best; "
           f"copy at 4 GiB {next(r['tbps'] for r in doc['elementwise'] if r['op'] == 'copy' and r['mib'] == 4096)} TB/s")
     return 0
 
