@@ -57,25 +57,27 @@ SELECTIVE_BACKWARD_BYTES = FP32 + 12.0
 #   DP*CP, experts over EDP): 1.34 GiB = 4.0 B x 361M params on dense-tp8, 3.00 GiB = 4.0 B x 805M
 #   expert params on moe-ep8 and moe-tp2-ep4-sp.
 OPTIMIZER_STEP_BYTES = FP32
-# HBM traffic of the unfused softmax path per attention score, derived from the torch ops in
-# megatron-core's FusedScaleMaskSoftmax.forward_torch_softmax: forward reads bf16 scores and
-# writes fp32 (6), scales (8), masks (8), softmax (8) and casts back (6); backward runs the same
-# chain in reverse with softmax backward reading the gradient and the output (12).
-UNFUSED_SOFTMAX_BYTES_FORWARD = 36.0
-UNFUSED_SOFTMAX_BYTES_BACKWARD = 40.0
+# HBM traffic of the unfused softmax path per attention score, for presets without a kernel-rate
+# table: the torch ops of megatron-core's FusedScaleMaskSoftmax.forward_torch_softmax as
+# DotProductAttention configures it (no scale unless apply_query_key_layer_scaling): forward reads
+# bf16 scores and writes fp32 (6), masks in place (8), softmax (8) and casts back (6); backward
+# runs the chain in reverse, softmax backward reading the gradient and the output (6 + 12 + 8 + 6).
+UNFUSED_SOFTMAX_BYTES_FORWARD = 28.0
+UNFUSED_SOFTMAX_BYTES_BACKWARD = 32.0
 
 
 # Host and launch time per block per micro-batch (forward + backward), by letter, for megacpp's
 # runtime on megatron-core 0.16.1 local modules on H200: what `megacpp calibrate
 # benchmarks/results/gpu_runs_h200x8.json benchmarks/results/gpu_runs_h200x4.json
 # benchmarks/results/gpu_runs_h200x1.json` fits to the 23 runs there after every modelled term
-# (matmul and the R block's scan from the measured kernel-rate table, softmax traffic,
+# (matmul, the unfused softmax and the R block's scan from the measured kernel-rate table,
 # communication); README "Cost model against the GPUs" gives its errors on those runs left out one
-# at a time and on the 2 x H200 runs outside the fit. E includes the dispatcher's host
-# synchronisation on routed-token counts and the per-expert loop; A's launches fall inside its
-# softmax traffic term. M has no runs yet: ASSUMPTION, as R (the other block built around a
-# chunked scan).
-MEASURED_BLOCK_OVERHEAD_S = (("A", 0.0), ("D", 3.45e-3), ("E", 14.36e-3), ("M", 4.44e-3), ("R", 4.44e-3))
+# at a time and on the 2 x H200 runs outside the fit. It also holds the GPU time of the small
+# kernels (norms, residual adds, activations, rotary, the optimizer) that the table does not price.
+# E includes the dispatcher's host synchronisation on routed-token counts and the per-expert loop;
+# A's launches fall inside its softmax term. M has no runs yet: ASSUMPTION, as R (the other block
+# built around a chunked scan).
+MEASURED_BLOCK_OVERHEAD_S = (("A", 0.0), ("D", 3.22e-3), ("E", 13.73e-3), ("M", 3.22e-3), ("R", 3.22e-3))
 
 
 @dataclass(frozen=True)
@@ -86,10 +88,10 @@ class Efficiency:
     # GPUs not measured): the profiled matmul kernel time of dense-tp8 (0.259 s per step,
     # benchmarks/results/gpu_runs_h200x8.json) equals the FLOP model's at 0.70
     matmul: float = 0.70
-    # fraction of HBM bandwidth the unfused softmax chain sustains: fp32 softmax over >= 256 MiB
-    # ran at 3.76-3.95 TB/s on H200 (0.78-0.82 of 4.8) and 2.56-2.96 TB/s on H100 (0.76-0.88 of
-    # 3.35), planner/rates/h200.json and h100.json
-    hbm: float = 0.80
+    # fraction of HBM bandwidth the unfused softmax chain sustains, for presets without a kernel-rate
+    # table: the whole chain (the "softmax" rows of planner/rates/h200.json and h100.json, >= 1 G
+    # scores) moved its 60 B per score at 0.45-0.47 of HBM on H200 and 0.53-0.56 on H100
+    hbm: float = 0.50
     dp_exposed: float = 0.30  # ASSUMPTION: share of DP/EDP gradient traffic not hidden by backward
     # allocated beyond weights, gradients, optimizer state and the score buffer between steps:
     # 0.07-0.12 GiB on the five 8 x H200 runs (cuBLAS workspaces, RNG state, masks)
@@ -381,6 +383,22 @@ def matmul_seconds(ctx: Context, lay: Layout, letter: str, eff: Efficiency, load
     return (linears + other) * again + attention * attention_again
 
 
+def softmax_seconds(ctx: Context, lay: Layout, eff: Efficiency) -> float:
+    """GPU seconds of one unfused attention's softmax chain per micro-batch on one rank, forward and
+    backward plus the forward recompute repeats (0 with TE's fused attention): from the preset's
+    kernel-rate table, else its HBM traffic at HBM x Efficiency.hbm."""
+    scores = unfused_scores(ctx, lay)
+    if not scores:
+        return 0.0
+    forwards = 1 if ctx.spec.training.recompute == "none" else 2  # selective and full recompute repeat it
+    rates = kernel_rates(ctx.cluster.name)
+    if rates is not None:
+        heads = ctx.spec.model.attention.num_heads  # type: ignore[union-attr]
+        return rates.softmax_seconds(lay.micro_batch_size * heads // lay.tp, ctx.seq // lay.cp, forwards)
+    traffic = scores * (forwards * UNFUSED_SOFTMAX_BYTES_FORWARD + UNFUSED_SOFTMAX_BYTES_BACKWARD)
+    return traffic / (ctx.cluster.hbm_tbps * 1e12 * eff.hbm)
+
+
 def estimate(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency = DEFAULT_EFFICIENCY,
              load: float = 1.0) -> Estimate:
     """Memory, communication and step time of one legal layout; `load` > 1 prices the busiest
@@ -392,11 +410,7 @@ def estimate(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency = D
     passes = 4 if ctx.spec.training.recompute == "full" else 3
     per_letter = {letter: block_flops(ctx, letter, load) for letter in ctx.letters}
     matmul = {letter: matmul_seconds(ctx, lay, letter, eff, load) for letter in [*ctx.letters, "head"]}
-    # memory-bound softmax traffic of unfused attention (megatron-core's local spec)
-    recompute = ctx.spec.training.recompute
-    forwards = 1 if recompute == "none" else 2  # selective and full recompute repeat the forward
-    softmax_bytes = unfused_scores(ctx, lay) * (forwards * UNFUSED_SOFTMAX_BYTES_FORWARD + UNFUSED_SOFTMAX_BYTES_BACKWARD)
-    hbm = c.hbm_tbps * 1e12 * eff.hbm
+    softmax = softmax_seconds(ctx, lay, eff)
     per_rank = []
     for p in range(lay.pp):
         mine = _rank_stages(stages, p)
@@ -404,7 +418,7 @@ def estimate(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency = D
         head = any(st.output_head for st in mine)
         gemm = sum(matmul[letter] for letter in blocks) + (matmul["head"] if head else 0.0)
         host = sum(eff.overhead(letter, ctx.te) for letter in blocks)
-        per_rank.append(gemm + blocks.count("A") * softmax_bytes / hbm + host * passes / 3)
+        per_rank.append(gemm + blocks.count("A") * softmax + host * passes / 3)
     t_mb = max(per_rank)
     m = lay.num_microbatches
     pipeline_units = m + (lay.pp - 1) / lay.vpp

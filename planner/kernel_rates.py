@@ -6,6 +6,8 @@ which the step model prices separately, is left out):
 - the forward plus backward of one Linear layer (three GEMMs) over a grid of M x K x N;
 - megatron-core's unfused core-attention matmuls (baddbmm and bmm, forward plus backward) over
   batch x heads and sequence length;
+- megatron-core's scale-mask-softmax on its torch path (fp32 cast, causal masked_fill, softmax,
+  bf16 cast), forward alone and forward plus backward, over batch x heads and sequence length;
 - the R block's chunked scan (runtime/worker/recurrent.py, fp32, forward plus backward) over
   heads and sequence length.
 
@@ -61,12 +63,19 @@ class KernelRates:
     linear: Grid  # (M, K, N) -> forward + backward seconds of one Linear
     attention: dict[int, Grid]  # head dim -> (batch x heads, tokens) -> forward + backward seconds
     recurrence: dict[int, Grid]  # the same for the R block's scan
+    softmax: Grid  # (batch x heads, tokens) -> forward + backward seconds of the unfused softmax
+    softmax_forward: Grid  # the same, forward alone
 
     def linear_seconds(self, m: float, k: int, n: int) -> float:
         return self.linear.seconds((m, k, n)) if m and k and n else 0.0
 
     def attention_seconds(self, batch_heads: int, tokens: int, head_dim: int) -> float:
         return _by_head_dim(self.attention, head_dim).seconds((batch_heads, tokens))
+
+    def softmax_seconds(self, batch_heads: int, tokens: int, forwards: int = 1) -> float:
+        """The unfused softmax's forward and backward, plus the forwards that recompute repeats."""
+        point = (batch_heads, tokens)
+        return self.softmax.seconds(point) + (forwards - 1) * self.softmax_forward.seconds(point)
 
     def recurrence_seconds(self, batch_heads: int, tokens: int, head_dim: int) -> float:
         return _by_head_dim(self.recurrence, head_dim).seconds((batch_heads, tokens))
@@ -77,8 +86,20 @@ def _by_head_dim(grids: dict[int, Grid], head_dim: int) -> Grid:
 
 
 def _grid(rows: list[dict], keys: tuple[str, ...], growth: tuple[int, ...]) -> Grid:
+    """The rows as a grid; a point the benchmark skipped (too large for the GPU's memory) takes the
+    nearest smaller measured point along one axis, grown by that axis's exponent."""
     axes = tuple(tuple(sorted({float(r[k]) for r in rows})) for k in keys)
-    return Grid(axes, {tuple(float(r[k]) for k in keys): math.log(r["seconds"]) for r in rows}, growth)
+    log_seconds = {tuple(float(r[k]) for k in keys): math.log(r["seconds"]) for r in rows}
+    for point in product(*axes):
+        if point in log_seconds:
+            continue
+        for i, power in enumerate(growth):
+            below = [p for p in log_seconds if p[:i] + p[i + 1:] == point[:i] + point[i + 1:] and p[i] < point[i]]
+            if below:
+                near = max(below, key=lambda p: p[i])
+                log_seconds[point] = log_seconds[near] + power * math.log(point[i] / near[i])
+                break
+    return Grid(axes, log_seconds, growth)
 
 
 @cache
@@ -91,6 +112,8 @@ def kernel_rates(cluster_name: str) -> KernelRates | None:
         linear=_grid(doc["linear"], ("m", "k", "n"), (1, 1, 1)),
         attention=_per_head_dim(doc["attention"], "b", 2),
         recurrence=_per_head_dim(doc["recurrence"], "h", 1),
+        softmax=_grid(doc["softmax"], ("b", "s"), (1, 2)),
+        softmax_forward=_grid([{**r, "seconds": r["forward_seconds"]} for r in doc["softmax"]], ("b", "s"), (1, 2)),
     )
 
 

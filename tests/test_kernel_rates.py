@@ -1,4 +1,4 @@
-"""Matmul time from the measured kernel-rate tables, against the GEMM shapes and the GPU profiles."""
+"""Matmul and softmax time from the measured kernel-rate tables, against the GEMM shapes and the GPU profiles."""
 
 from __future__ import annotations
 
@@ -10,10 +10,17 @@ import pytest
 
 from megacpp.planner.blocks import block_flops, block_gemms, micro_batch_tokens
 from megacpp.planner.calibration import run_spec
-from megacpp.planner.cost import DEFAULT_EFFICIENCY, matmul_seconds
+from megacpp.planner.clusters import resolve_cluster
+from megacpp.planner.cost import (
+    DEFAULT_EFFICIENCY,
+    UNFUSED_SOFTMAX_BYTES_BACKWARD,
+    UNFUSED_SOFTMAX_BYTES_FORWARD,
+    matmul_seconds,
+)
 from megacpp.planner.kernel_rates import RATES_DIR, TABLES, kernel_rates
 from megacpp.planner.layout import Layout
 from megacpp.planner.plan import make_context
+from megacpp.planner.spec import ClusterSpec
 from megacpp.planner.stages import assign_stages
 from tests.conftest import committed_gpu_runs
 
@@ -39,6 +46,15 @@ def test_table_reproduces_its_measurements_and_extrapolates_by_work(preset):
         assert rates.linear_seconds(row["m"], row["k"], row["n"]) == pytest.approx(row["seconds"], rel=1e-9)
     for row in doc["attention"]:
         assert rates.attention_seconds(row["b"], row["s"], row["d"]) == pytest.approx(row["seconds"], rel=1e-9)
+    for row in doc["softmax"]:
+        assert rates.softmax_seconds(row["b"], row["s"]) == pytest.approx(row["seconds"], rel=1e-9)
+        assert rates.softmax_seconds(row["b"], row["s"], forwards=2) == pytest.approx(row["seconds"] + row["forward_seconds"], rel=1e-9)
+    assert rates.softmax_seconds(8, 16384) == pytest.approx(4 * rates.softmax_seconds(8, 8192))
+    measured = {(r["b"], r["s"]) for r in doc["softmax"]}
+    for b, s in {(b, s) for b in {r["b"] for r in doc["softmax"]} for s in {r["s"] for r in doc["softmax"]}} - measured:
+        # skipped for memory: the nearest smaller batch, grown in proportion
+        near = max(x for x, y in measured if y == s and x < b)
+        assert rates.softmax_seconds(b, s) == pytest.approx(b / near * rates.softmax_seconds(near, s))
     top_m = max(r["m"] for r in doc["linear"])
     assert rates.linear_seconds(2 * top_m, 4096, 4096) == pytest.approx(2 * rates.linear_seconds(top_m, 4096, 4096))
     assert rates.attention_seconds(8, 16384, 128) == pytest.approx(4 * rates.attention_seconds(8, 8192, 128))
@@ -50,6 +66,16 @@ def test_table_reproduces_its_measurements_and_extrapolates_by_work(preset):
 
 def test_presets_without_a_table_price_matmuls_at_mamf():
     assert kernel_rates("b200-sxm-8") is None and kernel_rates("h200-sxm-8") is not None
+
+
+@pytest.mark.parametrize("preset", sorted(TABLES))
+def test_softmax_bytes_at_the_fallback_bandwidth_match_the_measured_softmax(preset):
+    """Presets without a table price the unfused softmax by its torch ops' HBM traffic at
+    Efficiency.hbm; on the measured GPUs that agrees with the timed chain at >= 1 G scores."""
+    rates, cluster = kernel_rates(preset), resolve_cluster(ClusterSpec(preset=preset, nodes=1, gpus_per_node=8))
+    per_score = (UNFUSED_SOFTMAX_BYTES_FORWARD + UNFUSED_SOFTMAX_BYTES_BACKWARD) / (cluster.hbm_tbps * 1e12 * DEFAULT_EFFICIENCY.hbm)
+    for b, s in ((16, 8192), (32, 8192), (64, 4096)):
+        assert per_score * b * s * s == pytest.approx(rates.softmax_seconds(b, s), rel=0.15)
 
 
 def test_matmul_time_matches_the_profiled_matmul_kernels():
