@@ -252,19 +252,20 @@ def mlp_saved_bytes(f: float, gated: bool) -> float:
     return BF16 * f * (5 if gated else 2)
 
 
-def block_activation_bytes(ctx: Context, letter: str, lay: Layout, load: float = 1.0) -> float:
+def block_activation_bytes(ctx: Context, letter: str, lay: Layout, load: float = 1.0, recompute: str | None = None) -> float:
     """Bytes one rank keeps per local token (after CP) of one micro-batch for one block.
 
     The split follows Korthikanti et al. [R36]: tensors inside the TP region are divided by TP;
     with SP the rest is divided by TP too. The tensors themselves are what autograd keeps in
     megatron-core 0.16.1's local modules (benchmarks/activation_audit.py lists them per block; the
     runtime trains with dropout 0, so no dropout masks). Full recompute keeps only the block input;
-    selective recompute keeps core attention's inputs instead of its score tensors.
+    selective recompute keeps core attention's inputs instead of its score tensors. `recompute`
+    overrides the spec's (what a recomputed block holds again during its backward is its "none").
     """
     model = ctx.spec.model
     h, t = model.hidden_size, lay.tp
     outside = 1 / t if lay.sp else 1.0  # norm inputs and the linear inputs after them
-    recompute = ctx.spec.training.recompute
+    recompute = recompute or ctx.spec.training.recompute
     if recompute == "full":
         return BF16 * h * outside
     norm_and_input = (BF16 * 2 * h + norm_stats_bytes(ctx)) * outside  # norm input, its output (the first linear's input)

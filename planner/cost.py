@@ -234,8 +234,18 @@ def stage_memory(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency
                 loss = (BF16 + FP32) * tokens * padded_vocab(ctx, lay.tp) / lay.tp
         scores = unfused_scores(ctx, lay) if has_attention else 0.0
         attention_backward = 0.0
-        if recompute != "full" and scores:
-            blocks = "".join(st.blocks for st in mine)
+        blocks = "".join(st.blocks for st in mine)
+        if recompute == "full":
+            # the backward of a fully recomputed block re-runs its forward: its activations as
+            # without recompute come back on top of the checkpoints, and for A the score gradients
+            # too: the forward+backward peak of large-dense-full-mbs2 is 16.82 GiB above resident,
+            # predicted 0.56 of checkpoints + 16.38 (benchmarks/results/gpu_runs_h200x2_large.json)
+            attention_backward = max(
+                block_activation_bytes(ctx, letter, lay, load, recompute="none") * tokens
+                + (UNFUSED_BACKWARD_BYTES * scores if letter == "A" else 0.0)
+                for letter in set(blocks)
+            ) if blocks else 0.0
+        elif scores:
             after = blocks[blocks.rindex("A") + 1:]  # back-propagated, so freed, before the last A
             freed = sum(kept[letter] for letter in after)
             per_score = SELECTIVE_BACKWARD_BYTES if recompute == "selective" else UNFUSED_BACKWARD_BYTES
