@@ -1,6 +1,6 @@
 """Predicted versus measured, for every committed GPU run, under the current cost model.
 
-    python benchmarks/gpu/compare.py [RESULTS.json ...] [--json OUT]
+    python benchmarks/gpu/compare.py [RESULTS.json ...] [--json OUT] [--markdown]
 
 Each run in benchmarks/results/gpu_runs_*.json carries its spec and layout; this re-estimates it
 with planner/cost.py as it is now (for the backend that actually ran: these hosts have no
@@ -30,7 +30,7 @@ def compare(run: dict) -> list[dict]:
     for p, mem in enumerate(est.memory):
         measured = max(run["per_rank_peak_gib"][p * per_stage:(p + 1) * per_stage])
         rows.append({
-            "run": run["name"], "pp_rank": p, "predicted_peak_gib": round(mem.total_gib, 3), "measured_peak_gib": measured,
+            "run": run["name"], "layout": layout_label(lay), "pp_rank": p, "predicted_peak_gib": round(mem.total_gib, 3), "measured_peak_gib": measured,
             "memory_error": round(mem.total_gib / measured - 1, 4),
             "predicted_step_seconds": round(est.step_seconds, 4), "measured_step_seconds": round(run["measured_step_seconds"], 4),
             "step_error": round(est.step_seconds / run["measured_step_seconds"] - 1, 4),
@@ -38,10 +38,35 @@ def compare(run: dict) -> list[dict]:
     return rows
 
 
+def host_label(file: str) -> str:
+    """gpu_runs_h200x4_peaks.json -> "4 x H200 (peaks)": the host size and the evidence set."""
+    stem = file.removeprefix("gpu_runs_").removesuffix(".json")
+    gpu, _, rest = stem.partition("x")
+    count, _, tag = rest.partition("_")
+    return f"{count} x {gpu.upper()}" + (f" ({tag})" if tag else "")
+
+
+def layout_label(layout: dict) -> str:
+    parts = [f"{axis}{layout[axis]}" for axis in ("tp", "pp", "vpp", "cp", "dp", "ep", "etp") if layout.get(axis, 1) > 1]
+    return " ".join(parts + (["sp"] if layout.get("sp") else [])) or "1 GPU"
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| host | run | layout | pp | peak GiB measured | predicted | error | step s measured | predicted | error |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        step = (f"{r['measured_step_seconds']:.3f} | {r['predicted_step_seconds']:.3f} | {r['step_error']:+.1%}"
+                if r["pp_rank"] == 0 else " | | ")
+        lines.append(f"| {host_label(r['file'])} | {r['run']} | {r['layout']} | {r['pp_rank']} | {r['measured_peak_gib']:.2f} | "
+                     f"{r['predicted_peak_gib']:.2f} | {r['memory_error']:+.1%} | {step} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("results", nargs="*", type=Path)
     ap.add_argument("--json", type=Path, help="also write the rows here")
+    ap.add_argument("--markdown", action="store_true", help="print the table as the README shows it")
     args = ap.parse_args(argv)
     files = args.results or sorted(RESULTS.glob("gpu_runs_*.json"))
     rows = []
@@ -50,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
         for run in doc["runs"]:
             for row in compare(run):
                 rows.append({"file": path.name, **row})
+    if args.markdown:
+        print(markdown(rows))
+        return 0
     print(f"{'file':24} {'run':20} {'pp':>2} {'pred GiB':>9} {'meas GiB':>9} {'err':>7}   {'pred s':>7} {'meas s':>7} {'err':>7}")
     for r in rows:
         print(f"{r['file']:24} {r['run']:20} {r['pp_rank']:>2} {r['predicted_peak_gib']:9.2f} {r['measured_peak_gib']:9.2f} "
