@@ -184,6 +184,8 @@ class Estimate:
     bubble_fraction: float
     tokens_per_second: float
     mfu: float
+    # step_seconds by term on the busiest pipeline rank; the terms add up to the step
+    breakdown: tuple[tuple[str, float], ...] = ()
 
     @property
     def peak_gib(self) -> float:
@@ -421,21 +423,31 @@ def estimate(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency = D
     per_letter = {letter: block_flops(ctx, letter, load) for letter in ctx.letters}
     matmul = {letter: matmul_seconds(ctx, lay, letter, eff, load) for letter in [*ctx.letters, "head"]}
     softmax = softmax_seconds(ctx, lay, eff)
-    per_rank = []
+    per_rank = []  # (matmul, softmax, block overhead) per micro-batch on each pipeline rank
     for p in range(lay.pp):
         mine = _rank_stages(stages, p)
         blocks = "".join(st.blocks for st in mine)
         head = any(st.output_head for st in mine)
         gemm = sum(matmul[letter] for letter in blocks) + (matmul["head"] if head else 0.0)
         host = sum(eff.overhead(letter, ctx.te) for letter in blocks)
-        per_rank.append(gemm + blocks.count("A") * softmax + host * passes / 3)
-    t_mb = max(per_rank)
+        per_rank.append((gemm, blocks.count("A") * softmax, host * passes / 3))
+    terms = max(per_rank, key=sum)
+    t_mb = sum(terms)
     m = lay.num_microbatches
     pipeline_units = m + (lay.pp - 1) / lay.vpp
     compute = pipeline_units * t_mb
     per_mb_comm = sum(x.exposed_seconds for x in comms if x.axis in ("tp", "cp", "ep", "etp", "pp")) / m
-    step = pipeline_units * (t_mb + per_mb_comm) + sum(x.exposed_seconds for x in comms if x.axis in ("dp", "edp"))
+    data_parallel = sum(x.exposed_seconds for x in comms if x.axis in ("dp", "edp"))
+    step = pipeline_units * (t_mb + per_mb_comm) + data_parallel
     bubble = (lay.pp - 1) / lay.vpp / pipeline_units
+    breakdown = (
+        ("matmul", m * terms[0]),
+        ("softmax", m * terms[1]),
+        ("block_overhead", m * terms[2]),
+        ("communication", m * per_mb_comm),
+        ("bubble", (pipeline_units - m) * (t_mb + per_mb_comm)),
+        ("data_parallel", data_parallel),
+    )
     gbs_tokens = ctx.spec.training.global_batch_size * ctx.seq
     useful = per_letter if load == 1 else {letter: block_flops(ctx, letter) for letter in ctx.letters}
     model_flops = 3 * gbs_tokens * (sum(n * useful[b] for b, n in Counter(ctx.pattern.blocks).items()) + head_flops(ctx))
@@ -448,4 +460,5 @@ def estimate(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency = D
         bubble_fraction=bubble,
         tokens_per_second=gbs_tokens / step,
         mfu=model_flops / (step * ctx.world * peak),
+        breakdown=breakdown,
     )

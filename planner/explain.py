@@ -182,6 +182,7 @@ def explain_layout(plan: Plan, candidate: int = 0, rank: int | None = None) -> d
         "candidate": candidate,
         "layout": cand.layout,
         "time": cand.time,
+        "step_breakdown": cand.step_breakdown,
         "ranks": coords,
         "stages": _stage_rows(ctx, lay, cand),
         "axes": axes,

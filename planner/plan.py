@@ -36,6 +36,9 @@ class Candidate(_Doc):
     memory: dict[str, Any]
     communication: list[dict[str, Any]]
     time: dict[str, float]
+    # the step on the busiest pipeline rank by term (matmul, softmax, block_overhead,
+    # communication, bubble, data_parallel), in seconds; the terms add up to time.step_seconds
+    step_breakdown: dict[str, float] = {}
     fits: bool
     warnings: list[Note]
 
@@ -132,6 +135,7 @@ def _candidate(ctx: Context, lay: Layout, est: Estimate, high: Estimate | None, 
         memory=memory,
         communication=[c.to_dict() for c in est.communication],
         time=timing,
+        step_breakdown={term: round(seconds, 6) for term, seconds in est.breakdown},
         fits=(high or est).peak_gib <= ctx.cluster.gpu_memory_gib,
         warnings=notes,
     )

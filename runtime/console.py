@@ -151,6 +151,9 @@ def explain_text(doc: dict[str, Any]) -> None:
     t = doc["time"]
     out.print(f"step {t['step_seconds']:.2f} s, {t['tokens_per_second']:,.0f} tokens/s, MFU {t['mfu']:.0%}, bubble {t['bubble_fraction']:.1%}, "
               f"{lay['num_microbatches']} micro-batches of {lay['micro_batch_size']}")
+    terms = [f"{term.replace('_', ' ')} {seconds:.2f}" for term, seconds in doc.get("step_breakdown", {}).items() if seconds >= 0.005]
+    if terms:
+        out.print(f"step on the busiest rank = {' + '.join(terms)} s")
 
     axes = Table(title="axes: what each split partitions here, what it costs, what it cannot fix", header_style="bold", title_justify="left")
     for col in ("axis", "degree", "partitions", "collectives (link)", "GB/step", "s/step", "cannot fix"):

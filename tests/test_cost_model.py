@@ -8,6 +8,7 @@ import pytest
 
 from benchmarks.gpu.compare import compare, host_label, markdown
 from megacpp.planner.blocks import unfused_scores
+from megacpp.planner.calibration import run_spec
 from megacpp.planner.cost import GIB, OPTIMIZER_STEP_BYTES, SCORE_BUFFER_BYTES
 from megacpp.planner.layout import Layout
 from megacpp.planner.loading import load_spec
@@ -81,6 +82,20 @@ def test_predictions_stay_close_to_every_committed_gpu_run():
     worst = max(rows, key=lambda r: abs(r["memory_error"]))
     assert abs(worst["memory_error"]) <= 0.08, worst
     assert statistics.median(abs(r["step_error"]) for r in rows) <= 0.10
+
+
+def test_step_breakdown_adds_up_to_the_step():
+    """step_breakdown (plan JSON, `explain layout`) splits the step into its terms."""
+    for name, run in committed_gpu_runs():
+        est = estimate_run(run_spec(run), run["layout"])
+        terms = dict(est.breakdown)
+        assert sum(terms.values()) == pytest.approx(est.step_seconds, rel=1e-9), (name, run["name"])
+        assert all(v >= 0 for v in terms.values())
+        lay = run["layout"]
+        assert (terms["bubble"] > 0) == (lay["pp"] > 1)
+        assert (terms["softmax"] > 0) == ("A" in run["spec"]["model"]["pattern"])
+    plan = build_plan(load_spec(ROOT / "recipes" / "llama-8b-dense.yaml"), top=1).candidates[0]
+    assert sum(plan.step_breakdown.values()) == pytest.approx(plan.time["step_seconds"], abs=1e-5)
 
 
 def test_readme_table_has_a_row_per_stage_and_the_step_once_per_run():
