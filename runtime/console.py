@@ -8,6 +8,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from megacpp.planner.cost import HOST_BOUND_ERROR, HOST_BOUND_SHARE
+
 out = Console(highlight=False, soft_wrap=False, width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -154,6 +156,10 @@ def explain_text(doc: dict[str, Any]) -> None:
     terms = [f"{term.replace('_', ' ')} {seconds:.2f}" for term, seconds in doc.get("step_breakdown", {}).items() if seconds >= 0.005]
     if terms:
         out.print(f"step on the busiest rank = {' + '.join(terms)} s")
+    share = doc.get("step_breakdown", {}).get("block_overhead", 0.0) / t["step_seconds"] if t["step_seconds"] else 0.0
+    if share >= HOST_BOUND_SHARE:
+        out.print(f"[yellow]host-bound: {share:.0%} of the step is per-block overhead; measured steps like this came within "
+                  f"±{HOST_BOUND_ERROR:.0%} and move with the host: `megacpp calibrate` runs from this cluster[/]")
 
     axes = Table(title="axes: what each split partitions here, what it costs, what it cannot fix", header_style="bold", title_justify="left")
     for col in ("axis", "degree", "partitions", "collectives (link)", "GB/step", "s/step", "cannot fix"):

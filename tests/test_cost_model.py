@@ -9,7 +9,13 @@ import pytest
 from benchmarks.gpu.compare import compare, host_label, markdown
 from megacpp.planner.blocks import unfused_scores
 from megacpp.planner.calibration import run_spec
-from megacpp.planner.cost import GIB, OPTIMIZER_STEP_BYTES, SCORE_BUFFER_BYTES
+from megacpp.planner.cost import (
+    GIB,
+    HOST_BOUND_ERROR,
+    HOST_BOUND_SHARE,
+    OPTIMIZER_STEP_BYTES,
+    SCORE_BUFFER_BYTES,
+)
 from megacpp.planner.layout import Layout
 from megacpp.planner.loading import load_spec
 from megacpp.planner.plan import build_plan, estimate_run, make_context, with_transformer_engine
@@ -96,6 +102,20 @@ def test_step_breakdown_adds_up_to_the_step():
         assert (terms["softmax"] > 0) == ("A" in run["spec"]["model"]["pattern"])
     plan = build_plan(load_spec(ROOT / "recipes" / "llama-8b-dense.yaml"), top=1).candidates[0]
     assert sum(plan.step_breakdown.values()) == pytest.approx(plan.time["step_seconds"], abs=1e-5)
+
+
+def test_gpu_bound_steps_are_the_accurate_ones():
+    """What `explain layout` tells a user about a host-bound step holds on the evidence: below
+    HOST_BOUND_SHARE of per-block overhead every run is within 10%, and every run within
+    HOST_BOUND_ERROR."""
+    bound, free = [], []
+    for _, run in committed_gpu_runs():
+        est = estimate_run(run_spec(run), run["layout"])
+        error = abs(est.step_seconds / run["measured_step_seconds"] - 1)
+        (bound if dict(est.breakdown)["block_overhead"] >= HOST_BOUND_SHARE * est.step_seconds else free).append(error)
+    assert len(free) >= 10 and len(bound) >= 20
+    assert max(free) <= 0.10 and statistics.median(free) <= 0.05
+    assert max(bound) <= HOST_BOUND_ERROR
 
 
 def test_readme_table_has_a_row_per_stage_and_the_step_once_per_run():

@@ -188,3 +188,12 @@ def test_missing_matplotlib_says_how_to_install(tmp_path):
     assert proc.stderr.strip().splitlines() == [
         f"error: {tmp_path / 'x.png'}: drawing pictures needs matplotlib; pip install 'megacpp[viz]'"
     ]
+
+
+def test_host_bound_steps_say_so():
+    """Small shapes on local modules are bound by per-block overhead; the explain text says how far
+    such predictions were off on the measured runs. GPU-bound ones carry no such line."""
+    small = _explain(str(ROOT / "benchmarks" / "gpu" / "specs" / "moe-ep4-alltoall.yaml")).stdout
+    assert "host-bound:" in small and "megacpp calibrate" in small
+    large = _explain(str(ROOT / "benchmarks" / "gpu" / "specs_h200x2_large" / "large-dense-dp2.yaml")).stdout
+    assert "step on the busiest rank = matmul" in large and "host-bound" not in large
