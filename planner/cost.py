@@ -81,9 +81,9 @@ MEASURED_BLOCK_OVERHEAD_S = (("A", 0.0), ("D", 3.22e-3), ("E", 13.73e-3), ("M", 
 
 
 # A step whose per-block overhead is at least this share of it is bound by the host and by
-# synchronisation rather than by the GPU. Over the 49 committed runs (benchmarks/gpu/compare.py):
-# below the share, 13 runs within 7.2% (median 2.8%); at or above it, 36 runs with a median error
-# of 8.9% and up to 40%, and host-bound steps moved 8-29% between hosts of the same kind.
+# synchronisation rather than by the GPU. Over the 53 committed runs (benchmarks/gpu/compare.py):
+# below the share, 16 runs within 8.3% (median 3.4%); at or above it, 37 runs with a median error
+# of 8.4% and up to 40%, and host-bound steps moved 8-29% between hosts of the same kind.
 HOST_BOUND_SHARE = 0.30
 HOST_BOUND_ERROR = 0.40
 
