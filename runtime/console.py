@@ -38,6 +38,14 @@ def _layout_cell(layout: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
+def _host_share(time: dict[str, Any], breakdown: dict[str, float]) -> float:
+    """Per-block overhead's share of the step; at HOST_BOUND_SHARE or above the step is host-bound."""
+    return breakdown.get("block_overhead", 0.0) / time["step_seconds"] if time["step_seconds"] else 0.0
+
+
+HOST_BOUND_ADVICE = f"such steps came within ±{HOST_BOUND_ERROR:.0%} on measured runs and move with the host; `megacpp calibrate` fits this cluster"
+
+
 def plan_table(plan: Any, top: int) -> None:
     """Ranked candidates, then why the rest were rejected."""
     c = plan.cluster
@@ -54,8 +62,13 @@ def plan_table(plan: Any, top: int) -> None:
         ("bubble", "right"), ("fits", "center"), ("warnings", "left"),
     ]:
         table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    host_bound = False
     for cand in plan.candidates[:top]:
         lay = cand.layout
+        flags = sorted({w.rule for w in cand.warnings})
+        if _host_share(cand.time, cand.step_breakdown) >= HOST_BOUND_SHARE:
+            flags.append("host-bound")
+            host_bound = True
         sizes = cand.split["sizes"]
         stages = "-" if len(sizes) == 1 else "/".join(map(str, sizes))
         table.add_row(
@@ -63,9 +76,11 @@ def plan_table(plan: Any, top: int) -> None:
             _band(cand.memory["peak_gib"], cand.memory.get("peak_gib_high"), 1),
             _band(cand.time["step_seconds"], cand.time.get("step_seconds_high"), 2), f"{cand.time['tokens_per_second']:,.0f}",
             f"{cand.time['mfu']:.0%}", f"{cand.time['bubble_fraction']:.1%}",
-            "[green]yes[/]" if cand.fits else "[red]no[/]", ", ".join(sorted({w.rule for w in cand.warnings})),
+            "[green]yes[/]" if cand.fits else "[red]no[/]", ", ".join(flags),
         )
     out.print(table)
+    if host_bound:
+        out.print(f"[yellow]host-bound[/]: {HOST_BOUND_SHARE:.0%}+ of the step is per-block overhead; {HOST_BOUND_ADVICE}")
     rej = plan.rejected
     reasons = ", ".join(f"{rule} {n}" for rule, n in list(rej.by_rule.items())[:5])
     out.print(
@@ -156,10 +171,9 @@ def explain_text(doc: dict[str, Any]) -> None:
     terms = [f"{term.replace('_', ' ')} {seconds:.2f}" for term, seconds in doc.get("step_breakdown", {}).items() if seconds >= 0.005]
     if terms:
         out.print(f"step on the busiest rank = {' + '.join(terms)} s")
-    share = doc.get("step_breakdown", {}).get("block_overhead", 0.0) / t["step_seconds"] if t["step_seconds"] else 0.0
+    share = _host_share(t, doc.get("step_breakdown", {}))
     if share >= HOST_BOUND_SHARE:
-        out.print(f"[yellow]host-bound: {share:.0%} of the step is per-block overhead; measured steps like this came within "
-                  f"±{HOST_BOUND_ERROR:.0%} and move with the host: `megacpp calibrate` runs from this cluster[/]")
+        out.print(f"[yellow]host-bound: {share:.0%} of the step is per-block overhead; {HOST_BOUND_ADVICE}[/]")
 
     axes = Table(title="axes: what each split partitions here, what it costs, what it cannot fix", header_style="bold", title_justify="left")
     for col in ("axis", "degree", "partitions", "collectives (link)", "GB/step", "s/step", "cannot fix"):

@@ -197,3 +197,6 @@ def test_host_bound_steps_say_so():
     assert "host-bound:" in small and "megacpp calibrate" in small
     large = _explain(str(ROOT / "benchmarks" / "gpu" / "specs_h200x2_large" / "large-dense-dp2.yaml")).stdout
     assert "step on the busiest rank = matmul" in large and "host-bound" not in large
+    planned = subprocess.run([sys.executable, "-m", "megacpp.runtime.cli", "plan", str(ROOT / "benchmarks" / "gpu" / "specs" / "moe-ep4-alltoall.yaml")],
+                             capture_output=True, text=True, cwd=ROOT).stdout
+    assert "host-bound" in planned.split("considered")[0] and "megacpp calibrate" in planned
