@@ -219,6 +219,9 @@ def stage_memory(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency
     tokens = micro_batch_tokens(ctx, lay)
     recompute = ctx.spec.training.recompute
     kept = {letter: block_activation_bytes(ctx, letter, lay, load) * tokens for letter in ctx.letters}  # per micro-batch
+    # what the backward of a fully recomputed block holds again: its activations as without recompute
+    rebuilt = {letter: block_activation_bytes(ctx, letter, lay, load, recompute="none") * tokens
+               for letter in ctx.letters} if recompute == "full" else {}
     for p in range(lay.pp):
         mine = _rank_stages(stages, p)
         dense = expert = 0
@@ -251,10 +254,9 @@ def stage_memory(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency
             # too: the forward+backward peak of large-dense-full-mbs2 is 16.82 GiB above resident,
             # predicted 0.56 of checkpoints + 16.38 (benchmarks/results/gpu_runs_h200x2_large.json)
             attention_backward = max(
-                block_activation_bytes(ctx, letter, lay, load, recompute="none") * tokens
-                + (UNFUSED_BACKWARD_BYTES * scores if letter == "A" else 0.0)
-                for letter in set(blocks)
-            ) if blocks else 0.0
+                (rebuilt[letter] + (UNFUSED_BACKWARD_BYTES * scores if letter == "A" else 0.0) for letter in set(blocks)),
+                default=0.0,
+            )
         elif scores:
             after = blocks[blocks.rindex("A") + 1:]  # back-propagated, so freed, before the last A
             freed = sum(kept[letter] for letter in after)
