@@ -98,11 +98,12 @@ def with_transformer_engine(spec: Spec, transformer_engine: bool) -> Spec:
     return spec.model_copy(update={"backend": spec.backend.model_copy(update={"transformer_engine": transformer_engine})})
 
 
-def estimate_run(spec: Spec, layout: dict[str, Any], eff: Efficiency = DEFAULT_EFFICIENCY) -> Estimate:
-    """Estimate one layout of `spec` (a plan's layout dict or a run report's) outside a search."""
+def estimate_run(spec: Spec, layout: dict[str, Any], eff: Efficiency = DEFAULT_EFFICIENCY, load: float = 1.0) -> Estimate:
+    """Estimate one layout of `spec` (a plan's layout dict or a run report's) outside a search;
+    `load` is the busiest expert-parallel rank's routed tokens over the mean (cost.estimate)."""
     ctx = make_context(spec)
     lay = Layout.from_dict(layout)
-    return estimate(ctx, lay, assign_stages(ctx, lay.pp, lay.vpp)[1], eff)
+    return estimate(ctx, lay, assign_stages(ctx, lay.pp, lay.vpp)[1], eff, load)
 
 
 def _candidate(ctx: Context, lay: Layout, est: Estimate, high: Estimate | None, warnings: list) -> Candidate:

@@ -6,7 +6,7 @@ import statistics
 
 import pytest
 
-from benchmarks.gpu.compare import compare, host_label, markdown
+from benchmarks.gpu.compare import compare, host_label, in_flight_load, markdown, routing_errors
 from megacpp.planner.blocks import unfused_scores
 from megacpp.planner.calibration import run_spec
 from megacpp.planner.cost import (
@@ -126,6 +126,27 @@ def test_readme_table_has_a_row_per_stage_and_the_step_once_per_run():
     pp2 = [line for line in lines if "| large-dense-pp2 |" in line]
     assert [line.split("|")[3].strip() for line in pp2] == ["pp2", "pp2"]
     assert pp2[0].count("%") == 2 and pp2[1].count("%") == 1  # memory per stage, step time once
+
+
+def test_in_flight_load_is_the_heaviest_window_of_micro_batches():
+    assert in_flight_load([0.5, 1.5, 1.0, 0.7], 1) == 1.5  # PP1 (or the last stage): one at a time
+    assert in_flight_load([0.5, 1.5, 1.0, 0.7], 2) == 1.25
+    assert in_flight_load([0.5, 1.5], 4) == 1.0  # fewer micro-batches than the window
+
+
+def test_expert_parallel_peaks_follow_the_recorded_routing():
+    """Runs that recorded routing per micro-batch: each step's peak on each rank, predicted at the
+    load that rank received in that step, is within 1%, closer than the balanced estimate; the
+    recorded loads swing well past 1 (what moe.imbalance is for)."""
+    runs = [run for _, run in committed_gpu_runs() if run.get("routed_load")]
+    assert len(runs) >= 3
+    for run in runs:
+        errors = routing_errors(run)
+        balanced = [abs(row["memory_error"]) for row in compare(run)]
+        assert errors and max(abs(e) for e in errors.values()) <= 0.01, (run["name"], errors)
+        assert max(abs(e) for e in errors.values()) < max(balanced)
+        loads = [x for stage in run["routed_load"] for step in stage["steps"] for mb in step for x in mb]
+        assert max(loads) > 1.4 and sum(loads) / len(loads) == pytest.approx(1.0, abs=1e-3)
 
 
 def _site_gib(peak: dict, site: str) -> float:

@@ -45,7 +45,8 @@ from megacpp.runtime.worker.recurrent import (  # noqa: E402
     chunked_gated_linear_recurrence,
     sequential_gated_linear_recurrence,
 )
-from megacpp.runtime.worker.report import ExpertTokenCounter  # noqa: E402
+from megacpp.runtime.worker.report import ExpertTokenCounter, _merge_expert_counts, routed_load  # noqa: E402
+from megacpp.runtime.worker.run import summary  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN_TIMEOUT = 240
@@ -211,6 +212,7 @@ def forward_check(plan: str, out: str) -> None:
     batch = next(microbatches(source, seed=7, dp_rank=ps.get_data_parallel_rank(), step=0, count=1, micro_batch_size=1, seq_length=seq))
     loss = chunk(batch["tokens"], batch["position_ids"], batch["labels"])
     loss.mean().backward()
+    counter.end_step()
 
     block = next(m for m in chunk.modules() if isinstance(m, RecurrentBlock))
     tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
@@ -224,6 +226,7 @@ def forward_check(plan: str, out: str) -> None:
         "loss": loss.mean().item(),
         "missing_grads": [n for n, p in chunk.named_parameters() if p.grad is None],
         "expert_tokens": counter.as_lists(),
+        "expert_tokens_by_microbatch": counter.by_microbatch(),
         "r_params": sum(p.numel() for p in block.parameters()),
         "r_max_error": (y - reference).abs().max().item(),
         "r_scale": reference.abs().max().item(),
@@ -245,6 +248,31 @@ def test_cpu_forward_backward_through_every_block(runs):
     for r in results:
         ((layer, counts),) = r["expert_tokens"].items()
         assert layer == "2" and sum(counts) == 64 // 2 * 2  # E is the second layer of A E D R
+        assert r["expert_tokens_by_microbatch"] == {layer: [[counts]]}  # one step of one micro-batch
+
+
+def test_routed_load_per_stage_step_and_microbatch():
+    # two ranks (dp 0 and 1) of one stage route 4 experts over EP2: experts 0-1 on EP rank 0
+    infos = [
+        {"tp": 0, "pp": 0, "layer_numbers": [1, 2], "expert_tokens": {1: [[[3, 1, 2, 2], [4, 4, 0, 0]]], 2: [[[1, 1, 1, 1], [2, 2, 2, 2]]]}},
+        {"tp": 0, "pp": 0, "layer_numbers": [1, 2], "expert_tokens": {1: [[[1, 1, 2, 2], [0, 0, 4, 4]]], 2: [[[1, 1, 1, 1], [0, 0, 4, 4]]]}},
+        {"tp": 1, "pp": 0, "layer_numbers": [1, 2], "expert_tokens": {1: [[[9, 9, 9, 9], [9, 9, 9, 9]]], 2: [[[9] * 4, [9] * 4]]}},
+    ]
+    merged = _merge_expert_counts(infos, sequence_parallel=False)  # the TP peer routes the same tokens: skipped
+    assert merged == {1: [[[4, 2, 4, 4], [4, 4, 4, 4]]], 2: [[[2, 2, 2, 2], [2, 2, 6, 6]]]}
+    (stage,) = routed_load(merged, {1: 0, 2: 0}, ep=2)
+    # micro-batch 0: EP rank 0 receives 4+2+2+2 = 10 of 22; micro-batch 1: 4+4+2+2 = 12 of 32
+    assert stage == {"pp_rank": 0, "steps": [[[round(10 / 11, 4), round(12 / 11, 4)], [0.75, 1.25]]]}
+    assert _merge_expert_counts(infos, sequence_parallel=True)[1][0][0] == [13, 11, 13, 13]
+
+
+def test_run_summary_names_the_heaviest_routed_load():
+    layout = {"tp": 1, "pp": 1, "vpp": 1, "cp": 1, "dp": 2, "ep": 2, "etp": 1}
+    report = {"layout": layout, "params_mismatch_ranks": [], "construct_only": False, "pattern": "AE", "median_step_seconds": 1.0,
+              "predicted_step_seconds": 1.1, "tokens_per_second": 8192.0, "measured_peak_gib": 20.0, "predicted_peak_gib": 19.8,
+              "losses": [10.9, 10.1], "routed_load": [{"pp_rank": 0, "steps": [[[0.5, 1.5]], [[1.79, 0.21], [1.0, 1.0]]]}]}
+    assert summary(report).endswith("took up to 1.79x the mean routed tokens in one micro-batch (moe.imbalance bands it)")
+    assert "routed" not in summary({**report, "routed_load": None})
 
 
 def test_recurrent_block_under_tp_and_sp_matches_one_process(runs):

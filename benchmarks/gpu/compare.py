@@ -6,6 +6,10 @@ Each run in benchmarks/results/gpu_runs_*.json carries its spec and layout; this
 with planner/cost.py as it is now (for the backend that actually ran: these hosts have no
 Transformer Engine, so megatron-core's local modules) and prints, per pipeline stage, predicted
 and measured peak allocated memory, and per run predicted and measured step time.
+
+Runs that recorded routing per micro-batch and the peak of every step (`routed_load`,
+`step_peak_gib`) also get `memory_error_at_routing`: every step's peak on every rank predicted at
+the routed load that rank received in that step, and the worst of those errors.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from functools import cache
 from pathlib import Path
 
 from megacpp.planner.calibration import run_spec
@@ -26,16 +31,46 @@ def compare(run: dict) -> list[dict]:
     est = estimate_run(run_spec(run), run["layout"])
     lay = run["layout"]
     per_stage = run["world_size"] // lay["pp"]
+    at_routing = routing_errors(run)
     rows = []
     for p, mem in enumerate(est.memory):
         measured = max(run["per_rank_peak_gib"][p * per_stage:(p + 1) * per_stage])
         rows.append({
             "run": run["name"], "layout": layout_label(lay), "pp_rank": p, "predicted_peak_gib": round(mem.total_gib, 3), "measured_peak_gib": measured,
-            "memory_error": round(mem.total_gib / measured - 1, 4),
+            "memory_error": round(mem.total_gib / measured - 1, 4), "memory_error_at_routing": at_routing.get(p),
             "predicted_step_seconds": round(est.step_seconds, 4), "measured_step_seconds": round(run["measured_step_seconds"], 4),
             "step_error": round(est.step_seconds / run["measured_step_seconds"] - 1, 4),
         })
     return rows
+
+
+def in_flight_load(per_microbatch: list[float], window: int) -> float:
+    """The heaviest mean load over `window` consecutive micro-batches: the activations a stage
+    holds at once under 1F1B (window = PP - stage, at most the micro-batch count)."""
+    window = min(window, len(per_microbatch))
+    return max(sum(per_microbatch[j:j + window]) / window for j in range(len(per_microbatch) - window + 1))
+
+
+def routing_errors(run: dict) -> dict[int, float]:
+    """Per pipeline stage, the worst error over its ranks and the steps after the first (which has
+    no optimizer state yet) when each step's peak is predicted at the load its rank received
+    then. Empty for runs without per-micro-batch routing and per-step peaks."""
+    phases = run.get("per_rank_memory_phases") or []
+    if not run.get("routed_load") or not all(ph and ph.get("step_peak_gib") for ph in phases):
+        return {}
+    spec, lay = run_spec(run), run["layout"]
+    memory = cache(lambda load: [m.total_gib for m in estimate_run(spec, lay, load=load).memory])
+    loads = {stage["pp_rank"]: stage["steps"] for stage in run["routed_load"]}
+    worst: dict[int, float] = {}
+    for coords, ph in zip(run["per_rank_coordinates"], phases, strict=True):
+        p = coords["pp"]
+        for step, peak in enumerate(ph["step_peak_gib"][1:], start=1):
+            mbs = loads.get(p)  # a stage without MoE layers routes nothing
+            load = in_flight_load([mb[coords["ep"]] for mb in mbs[step]], lay["pp"] - p) if mbs else 1.0
+            error = round(memory(round(load, 2))[p] / peak - 1, 4)
+            if abs(error) > abs(worst.get(p, 0.0)):
+                worst[p] = error
+    return worst
 
 
 def host_label(file: str) -> str:
@@ -52,13 +87,14 @@ def layout_label(layout: dict) -> str:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| host | run | layout | pp | peak GiB measured | predicted | error | step s measured | predicted | error |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| host | run | layout | pp | peak GiB measured | predicted | error | at its routing | step s measured | predicted | error |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         step = (f"{r['measured_step_seconds']:.3f} | {r['predicted_step_seconds']:.3f} | {r['step_error']:+.1%}"
                 if r["pp_rank"] == 0 else " | | ")
+        routing = "" if r.get("memory_error_at_routing") is None else f"{r['memory_error_at_routing']:+.1%}"
         lines.append(f"| {host_label(r['file'])} | {r['run']} | {r['layout']} | {r['pp_rank']} | {r['measured_peak_gib']:.2f} | "
-                     f"{r['predicted_peak_gib']:.2f} | {r['memory_error']:+.1%} | {step} |")
+                     f"{r['predicted_peak_gib']:.2f} | {r['memory_error']:+.1%} | {routing} | {step} |")
     return "\n".join(lines)
 
 

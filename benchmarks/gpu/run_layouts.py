@@ -70,6 +70,8 @@ def entry(name: str, report: dict) -> dict:
         "per_rank_profile": [r.get("profile") for r in ranks],
         "per_rank_memory_peak": [r.get("memory_peak") for r in ranks],
         "expert_tokens": report.get("expert_tokens"),
+        "routed_load": report.get("routed_load"),
+        "per_rank_coordinates": [{axis: r.get(axis) for axis in ("tp", "pp", "dp", "ep")} for r in ranks],
         "spec": report.get("spec"),
     }
 

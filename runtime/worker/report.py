@@ -25,14 +25,17 @@ GIB = float(1 << 30)
 
 
 class ExpertTokenCounter:
-    """Per-expert routed-token counts of every MoE layer on this rank, from the router's routing map.
+    """Per-expert routed-token counts of every MoE layer on this rank, from the router's routing map,
+    kept for every micro-batch of every step: the busiest expert-parallel rank's share moves from
+    one micro-batch to the next, and the memory peak follows it.
 
     Counts stay on the device (no synchronisation per step). Under full recompute the router runs
-    twice per micro-batch; only the first (no-grad) forward is counted.
+    twice per micro-batch; only the first (no-grad) forward is counted. `end_step` closes a step.
     """
 
     def __init__(self, chunks: list[torch.nn.Module], full_recompute: bool) -> None:
-        self.counts: dict[int, torch.Tensor] = {}
+        self.steps: list[dict[int, list[torch.Tensor]]] = []
+        self._step: dict[int, list[torch.Tensor]] = {}
         self.full_recompute = full_recompute
         for chunk in chunks:
             for module in chunk.modules():
@@ -43,30 +46,71 @@ class ExpertTokenCounter:
         def count(_module, _inputs, output) -> None:
             if self.full_recompute and torch.is_grad_enabled():
                 return
-            routed = output[1].sum(dim=0, dtype=torch.int64)
-            previous = self.counts.get(layer_number)
-            self.counts[layer_number] = routed if previous is None else previous + routed
+            self._step.setdefault(layer_number, []).append(output[1].sum(dim=0, dtype=torch.int64))
 
         return count
 
+    def end_step(self) -> None:
+        self.steps.append(self._step)
+        self._step = {}
+
+    def by_microbatch(self) -> dict[int, list[list[list[int]]]]:
+        """Counts per layer number as [step][micro-batch][expert] (this synchronises with the
+        device); a step still open counts as the last one."""
+        steps = self.steps + ([self._step] if self._step else [])
+        layers = sorted({layer for step in steps for layer in step})
+        return {layer: [torch.stack(step[layer]).tolist() if step.get(layer) else [] for step in steps] for layer in layers}
+
     def as_lists(self) -> dict[int, list[int]]:
-        """Counts per layer number, as plain lists (this synchronises with the device)."""
-        return {layer: c.tolist() for layer, c in sorted(self.counts.items())}
+        """Counts per layer number summed over every micro-batch and step."""
+        return {layer: _add_over_steps(steps) for layer, steps in self.by_microbatch().items()}
 
 
-def _merge_expert_counts(rank_infos: list[dict[str, Any]], sequence_parallel: bool) -> list[dict[str, Any]] | None:
-    """Sum each layer's counts over the ranks that route distinct tokens: every (dp, cp) replica,
-    and every TP rank only under SP (without SP, TP peers route the same tokens)."""
-    merged: dict[int, list[int]] = {}
+def _add(a: Any, b: Any) -> Any:
+    """Element-wise sum of two equally nested lists of counts."""
+    return a + b if isinstance(a, int) else [_add(x, y) for x, y in zip(a, b, strict=True)]
+
+
+def _merge_expert_counts(rank_infos: list[dict[str, Any]], sequence_parallel: bool) -> dict[int, list]:
+    """Each layer's [step][micro-batch][expert] counts summed over the ranks that route distinct
+    tokens: every (dp, cp) replica, and every TP rank only under SP (without SP, TP peers route
+    the same tokens)."""
+    merged: dict[int, list] = {}
     for info in rank_infos:
         if not sequence_parallel and info["tp"] != 0:
             continue
         for layer, counts in info["expert_tokens"].items():
-            acc = merged.setdefault(int(layer), [0] * len(counts))
-            merged[int(layer)] = [a + c for a, c in zip(acc, counts, strict=True)]
-    if not merged:
-        return None
-    return [{"layer": layer, "tokens_per_expert": merged[layer]} for layer in sorted(merged)]
+            merged[int(layer)] = _add(merged[int(layer)], counts) if int(layer) in merged else counts
+    return dict(sorted(merged.items()))
+
+
+def _add_over_steps(counts: list[list[list[int]]]) -> list[int]:
+    """[step][micro-batch][expert] counts summed to one count per expert."""
+    return [sum(col) for col in zip(*(mb for step in counts for mb in step), strict=True)]
+
+
+def routed_load(merged: dict[int, list], stage_of_layer: dict[int, int], ep: int) -> list[dict[str, Any]]:
+    """Per pipeline stage, step and micro-batch: the routed tokens each expert-parallel rank
+    receives over the stage's MoE layers, over the mean (1.0 is balanced). EP rank r holds experts
+    [r*E/EP, (r+1)*E/EP). With several EP groups (EDP > 1) the counts are their sum, so this is
+    the groups' average."""
+    stages: dict[int, list[int]] = {}
+    for layer in merged:
+        stages.setdefault(stage_of_layer[layer], []).append(layer)
+    out = []
+    for pp, layers in sorted(stages.items()):
+        steps = []
+        for s in range(len(merged[layers[0]])):
+            per_mb = []
+            for m in range(len(merged[layers[0]][s])):
+                counts = [merged[layer][s][m] for layer in layers]
+                local = len(counts[0]) // ep
+                received = [sum(sum(c[r * local:(r + 1) * local]) for c in counts) for r in range(ep)]
+                mean = sum(received) / ep
+                per_mb.append([round(x / mean, 4) if mean else 1.0 for x in received])
+            steps.append(per_mb)
+        out.append({"pp_rank": pp, "steps": steps})
+    return out
 
 
 def rank_info(coords: dict[str, int], params: int, params_expert: int, layer_numbers: list[int], cuda: bool,
@@ -76,7 +120,7 @@ def rank_info(coords: dict[str, int], params: int, params_expert: int, layer_num
     peak = max(torch.cuda.max_memory_allocated(), int(result.memory.get("peak_gib", 0) * GIB)) if cuda else None
     info["peak_allocated_gib"] = round(peak / GIB, 4) if peak is not None else None
     info["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / GIB, 4) if cuda else None
-    info["expert_tokens"] = counter.as_lists() if counter else {}
+    info["expert_tokens"] = counter.by_microbatch() if counter else {}
     info["step_seconds"] = result.step_seconds
     info["losses"] = result.losses
     info["memory_phases"] = {k: v for k, v in result.memory.items() if k != "peak_gib"} or None
@@ -128,6 +172,8 @@ def build_report(job: Job, infos: list[dict[str, Any]], *, steps: int, warmup: i
     keys = ("rank", "tp", "cp", "dp", "pp", "ep", "etp", "edp", "params", "params_expert", "layer_numbers",
             "peak_allocated_gib", "peak_reserved_gib", "memory_phases", "forward_backward_seconds", "optimizer_seconds",
             "profile", "memory_peak")
+    experts = _merge_expert_counts(infos, bool(job.layout["sp"]) and job.layout["tp"] > 1)
+    stage_of_layer = {layer: info["pp"] for info in infos for layer in info["layer_numbers"]}
     return {
         "schema": SCHEMA,
         "layout": job.layout,
@@ -146,7 +192,9 @@ def build_report(job: Job, infos: list[dict[str, Any]], *, steps: int, warmup: i
         "ranks": [{k: info[k] for k in keys} for info in infos],
         "params_match_plan": not mismatched,
         "params_mismatch_ranks": mismatched,
-        "expert_tokens": _merge_expert_counts(infos, bool(job.layout["sp"]) and job.layout["tp"] > 1),
+        "expert_tokens": [{"layer": layer, "tokens_per_expert": _add_over_steps(counts)} for layer, counts in experts.items()] or None,
+        "expert_tokens_by_microbatch": [{"layer": layer, "steps": counts} for layer, counts in experts.items()] or None,
+        "routed_load": routed_load(experts, stage_of_layer, job.layout["ep"]) if experts else None,
         "predicted": {"for": predicted_for, "peak_gib": predicted_peak, "step_seconds": predicted_step,
                       "params": [m["params"] for m in memory], "params_expert": [m["params_expert"] for m in memory]},
         "measured_peak_gib": max(peaks) if peaks else None,

@@ -70,7 +70,7 @@ def run(opts: Options) -> dict | None:
     result = TrainResult()
     if not opts.construct_only:
         result = train(job, chunks, config, steps=opts.steps, warmup=opts.warmup, seed=opts.seed, lr=opts.lr, tokens=opts.tokens,
-                       profile=opts.profile, memory_peak=opts.memory_peak)
+                       profile=opts.profile, memory_peak=opts.memory_peak, on_step_end=counter.end_step if counter else None)
     info = rank_info(coordinates(process.rank), params, params_expert, layer_numbers, cuda, counter, result)
     infos = gather(info)
     report = None
@@ -95,4 +95,12 @@ def summary(report: dict) -> str:
     return (f"trained {report['pattern']} as {shape}: {params}; median step {report['median_step_seconds']:.4f}s "
             f"(planned {report['predicted_step_seconds']:.4f}s), {report['tokens_per_second']:.0f} tokens/s, "
             f"peak {report['measured_peak_gib']:.2f} GiB (planned {report['predicted_peak_gib']:.2f}), "
-            f"loss {report['losses'][0]:.3f} -> {report['losses'][-1]:.3f}")
+            f"loss {report['losses'][0]:.3f} -> {report['losses'][-1]:.3f}{_routing(report)}")
+
+
+def _routing(report: dict) -> str:
+    """The heaviest routed load any expert-parallel rank took in one micro-batch, if it routed."""
+    loads = [x for stage in report.get("routed_load") or [] for step in stage["steps"] for mb in step for x in mb]
+    if report["layout"]["ep"] < 2 or not loads:
+        return ""
+    return f"; busiest expert-parallel rank took up to {max(loads):.2f}x the mean routed tokens in one micro-batch (moe.imbalance bands it)"

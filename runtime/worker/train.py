@@ -8,6 +8,7 @@ arguments a plan fixes; nothing here is specific to a block letter.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -58,6 +59,7 @@ class MemoryPhases:
 
     def __init__(self) -> None:
         self.peak = 0
+        self.step_peaks: list[int] = []  # every step run, warm-up and extra recorded steps included
         self.last: dict = {}
         self._mb: list[int] = []
 
@@ -80,8 +82,10 @@ class MemoryPhases:
 
     def end(self) -> None:
         optimizer = self._read_peak()
+        self.step_peaks.append(max(self._fwd_bwd, optimizer))
         gib = lambda b: round(b / GIB, 4)  # noqa: E731
         self.last = {
+            "step_peak_gib": [gib(b) for b in self.step_peaks],
             "resident_gib": gib(self._static),
             "forward_backward_peak_gib": gib(self._fwd_bwd),
             "optimizer_peak_gib": gib(optimizer),
@@ -158,12 +162,13 @@ def _step_loss(losses_reduced) -> float | None:
 
 
 def train(job: Job, chunks, config, *, steps: int, warmup: int, seed: int, lr: float, tokens: str | None,
-          profile: bool = False, memory_peak: bool = False) -> TrainResult:
+          profile: bool = False, memory_peak: bool = False, on_step_end: Callable[[], None] | None = None) -> TrainResult:
     """Run warmup + steps optimizer steps; time each one between two torch.cuda.synchronize().
 
     With `profile`, one more step runs under torch.profiler and its kernel time is summarised; with
     `memory_peak`, one more step runs under the CUDA allocator's history and its peak is broken
-    down by allocation site. Neither extra step counts in the timings or losses.
+    down by allocation site. Neither extra step counts in the timings or losses. `on_step_end` is
+    called after every step run, the extra ones included.
     """
     total = warmup + steps
     model, optimizer, scheduler = wrap_for_training(chunks, config, job, lr, total + int(profile) + int(memory_peak))
@@ -208,6 +213,8 @@ def train(job: Job, chunks, config, *, steps: int, warmup: int, seed: int, lr: f
         result.optimizer_seconds.append(events[1].elapsed_time(events[2]) / 1e3)
         result.losses.append(_step_loss(losses_reduced))
         clear_aux_losses_tracker()
+        if on_step_end is not None:
+            on_step_end()
 
     for step in range(total):
         one_step(step)
