@@ -98,6 +98,11 @@ def with_transformer_engine(spec: Spec, transformer_engine: bool) -> Spec:
     return spec.model_copy(update={"backend": spec.backend.model_copy(update={"transformer_engine": transformer_engine})})
 
 
+# The heaviest routed load (busiest expert-parallel rank over the mean, one micro-batch) that the
+# committed runs recorded: benchmarks/results/gpu_runs_h200x2_routing.json, MoE top-1 on EP2.
+MEASURED_ROUTED_LOAD = 1.8
+
+
 def estimate_run(spec: Spec, layout: dict[str, Any], eff: Efficiency = DEFAULT_EFFICIENCY, load: float = 1.0) -> Estimate:
     """Estimate one layout of `spec` (a plan's layout dict or a run report's) outside a search;
     `load` is the busiest expert-parallel rank's routed tokens over the mean (cost.estimate)."""
@@ -174,6 +179,12 @@ def build_plan(spec: Spec, top: int = 10, eff: Efficiency = DEFAULT_EFFICIENCY) 
         _candidate(ctx, lay, est, high, warnings).model_copy(update={"rank": i})
         for i, (*_, lay, est, high) in enumerate(scored[:top])
     ]
+    moe = spec.model.moe
+    if moe is not None and moe.imbalance == 1.0 and any(c.layout["ep"] > 1 for c in chosen):
+        spec_notes.append(Note(rule="moe-balanced-routing", message=(
+            "model.moe.imbalance is 1 (balanced routing): expert-parallel ranks are planned for the mean routed tokens, "
+            f"but on the measured runs the busiest rank took up to {MEASURED_ROUTED_LOAD:g}x the mean in one micro-batch "
+            f"early in training; set model.moe.imbalance (e.g. {MEASURED_ROUTED_LOAD:g}) to plan for it")))
     examples = [
         RejectedExample(layout=lay.to_dict(), rule=rule_id, message=msg)
         for rule_id, shown in result.rejections.examples.items()

@@ -18,7 +18,13 @@ from megacpp.planner.cost import (
 )
 from megacpp.planner.layout import Layout
 from megacpp.planner.loading import load_spec
-from megacpp.planner.plan import build_plan, estimate_run, make_context, with_transformer_engine
+from megacpp.planner.plan import (
+    MEASURED_ROUTED_LOAD,
+    build_plan,
+    estimate_run,
+    make_context,
+    with_transformer_engine,
+)
 from tests.conftest import ROOT, committed_gpu_runs
 
 SPECS = ROOT / "benchmarks" / "gpu"
@@ -147,6 +153,20 @@ def test_expert_parallel_peaks_follow_the_recorded_routing():
         assert max(abs(e) for e in errors.values()) < max(balanced)
         loads = [x for stage in run["routed_load"] for step in stage["steps"] for mb in step for x in mb]
         assert max(loads) > 1.4 and sum(loads) / len(loads) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_balanced_routing_is_pointed_out_where_expert_parallel_layouts_are_shown():
+    def notes(name: str, *overrides: str) -> list[str]:
+        return [n.rule for n in build_plan(_spec(name, *overrides), top=3).notes]
+
+    assert "moe-balanced-routing" in notes("moe-ep8")
+    assert "moe-balanced-routing" not in notes("moe-ep8", "model.moe.imbalance=1.8")
+    assert "moe-balanced-routing" not in notes("moe-1gpu")  # one rank holds every expert
+    assert "moe-balanced-routing" not in notes("dense-tp8")
+    # the load the note quotes is the heaviest one the committed runs recorded
+    loads = [x for _, run in committed_gpu_runs() for stage in run.get("routed_load") or []
+             for step in stage["steps"] for mb in step for x in mb]
+    assert round(max(loads), 1) == MEASURED_ROUTED_LOAD
 
 
 def _site_gib(peak: dict, site: str) -> float:
