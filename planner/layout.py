@@ -46,13 +46,15 @@ class Layout:
         order = ["tp", "pp", "vpp", "cp", "dp", "ep", "etp", "edp", "sp", "micro_batch_size", "num_microbatches"]
         return {k: d[k] for k in order}
 
-    def short(self) -> str:
-        return (
-            f"tp{self.tp} pp{self.pp}" + (f" vpp{self.vpp}" if self.vpp > 1 else "")
-            + (f" cp{self.cp}" if self.cp > 1 else "") + f" dp{self.dp}"
-            + (f" ep{self.ep}" if self.ep > 1 else "") + (f" etp{self.etp}" if self.etp != self.tp else "")
-            + (" sp" if self.sp else "") + f" mbs{self.micro_batch_size}"
-        )
+    def short(self, mbs: bool = True, compact: bool = False) -> str:
+        """"tp2 pp1 dp4 ep2 etp1 sp mbs1": tp, pp and dp always, vpp, cp and ep above 1, etp where
+        it differs from tp. `compact` drops every axis of size 1 ("1 GPU" when nothing is left)."""
+        axes = (("tp", self.tp, True), ("pp", self.pp, True), ("vpp", self.vpp, False), ("cp", self.cp, False),
+                ("dp", self.dp, True), ("ep", self.ep, False))
+        parts = [f"{name}{size}" for name, size, always in axes if size > 1 or (always and not compact)]
+        parts += ([f"etp{self.etp}"] if self.etp != self.tp else []) + (["sp"] if self.sp else [])
+        parts += [f"mbs{self.micro_batch_size}"] if mbs else []
+        return " ".join(parts) or "1 GPU"
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from megacpp.planner.cost import HOST_BOUND_ERROR, HOST_BOUND_SHARE
+from megacpp.planner.layout import Layout
 
 out = Console(highlight=False, soft_wrap=False, width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -23,19 +24,7 @@ def print_json(text: str) -> None:
 
 
 def _layout_cell(layout: dict[str, Any]) -> str:
-    parts = [f"tp{layout['tp']}", f"pp{layout['pp']}"]
-    if layout["vpp"] > 1:
-        parts.append(f"vpp{layout['vpp']}")
-    if layout["cp"] > 1:
-        parts.append(f"cp{layout['cp']}")
-    parts.append(f"dp{layout['dp']}")
-    if layout["ep"] > 1:
-        parts.append(f"ep{layout['ep']}")
-    if layout["etp"] != layout["tp"]:
-        parts.append(f"etp{layout['etp']}")
-    if layout["sp"]:
-        parts.append("sp")
-    return " ".join(parts)
+    return Layout.from_dict(layout).short(mbs=False)
 
 
 def _host_share(time: dict[str, Any], breakdown: dict[str, float]) -> float:

@@ -21,6 +21,7 @@ from functools import cache
 from pathlib import Path
 
 from megacpp.planner.calibration import run_spec
+from megacpp.planner.layout import Layout
 from megacpp.planner.plan import estimate_run
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
@@ -82,8 +83,8 @@ def host_label(file: str) -> str:
 
 
 def layout_label(layout: dict) -> str:
-    parts = [f"{axis}{layout[axis]}" for axis in ("tp", "pp", "vpp", "cp", "dp", "ep", "etp") if layout.get(axis, 1) > 1]
-    return " ".join(parts + (["sp"] if layout.get("sp") else [])) or "1 GPU"
+    """The README's compact label: axes above 1 only."""
+    return Layout.from_dict(layout).short(mbs=False, compact=True)
 
 
 def markdown(rows: list[dict]) -> str:
