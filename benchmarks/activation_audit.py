@@ -32,12 +32,11 @@ def audit(spec: dict[str, Any]) -> dict[str, Any]:
     from megacpp.planner.layout import Layout
     from megacpp.planner.loading import spec_from_dict
     from megacpp.planner.plan import build_plan, make_context
-    from megacpp.runtime.worker import adapters
     from megacpp.runtime.worker.data import SyntheticChain, microbatches
-    from megacpp.runtime.worker.distributed import init_model_parallel, init_process, shutdown
+    from megacpp.runtime.worker.distributed import shutdown
     from megacpp.runtime.worker.job import Job
-    from megacpp.runtime.worker.megatron_config import select_backend, transformer_config
-    from megacpp.runtime.worker.model import build_chunks, causal_mask
+    from megacpp.runtime.worker.model import causal_mask
+    from megacpp.runtime.worker.run import build_rank
 
     plan = build_plan(spec_from_dict(spec)).to_json_dict()
     if not plan["candidates"]:
@@ -47,15 +46,9 @@ def audit(spec: dict[str, Any]) -> dict[str, Any]:
     if (lay.tp, lay.cp, lay.ep, job.world_size) != (1, 1, 1, 1):
         raise SystemExit("activation_audit: pin parallel.tp, cp and ep to 1 on one GPU (the audit runs one CPU rank)")
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29531"))
-    process = init_process(job)
-    adapters.install_cpu_shims()
-    adapters.install_router_gemm()
-    init_model_parallel(job, process)
-    torch.manual_seed(0)
-    backend = select_backend(job)
-    config = transformer_config(job, backend, cuda=False, construct_only=False)
-    config.bf16 = True  # the GPU runs train in bf16: the same dtypes make the same saved tensors
-    (chunk,) = build_chunks(job, config, backend)  # one rank, one pipeline stage
+    # bf16 as the GPU runs train: the same dtypes make the same saved tensors
+    built = build_rank(job, seed=0, cuda=False, bf16=True)
+    config, (chunk,) = built.config, built.chunks  # one rank, one pipeline stage
     model = Float16Module(config, chunk).train()  # as the worker wraps it (train.py)
     seq = job.spec.training.seq_length
     source = SyntheticChain(job.spec.model.vocab_size, 0, torch.device("cpu"))

@@ -36,17 +36,16 @@ from megacpp.planner.ranks import rank_coordinates  # noqa: E402
 from megacpp.runtime.worker import adapters  # noqa: E402
 from megacpp.runtime.worker.blocks import letter_specs  # noqa: E402
 from megacpp.runtime.worker.data import SyntheticChain, microbatches  # noqa: E402
-from megacpp.runtime.worker.distributed import init_model_parallel, init_process, shutdown  # noqa: E402
+from megacpp.runtime.worker.distributed import init_process, shutdown  # noqa: E402
 from megacpp.runtime.worker.job import Job, load_job  # noqa: E402
 from megacpp.runtime.worker.megatron_config import select_backend, transformer_config  # noqa: E402
-from megacpp.runtime.worker.model import build_chunks  # noqa: E402
 from megacpp.runtime.worker.recurrent import (  # noqa: E402
     RecurrentBlock,
     chunked_gated_linear_recurrence,
     sequential_gated_linear_recurrence,
 )
 from megacpp.runtime.worker.report import ExpertTokenCounter, _merge_expert_counts, routed_load  # noqa: E402
-from megacpp.runtime.worker.run import summary  # noqa: E402
+from megacpp.runtime.worker.run import build_rank, summary  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN_TIMEOUT = 240
@@ -199,13 +198,8 @@ def _recurrent_reference(block: RecurrentBlock, x: torch.Tensor, tp: int) -> tor
 def forward_check(plan: str, out: str) -> None:
     """One rank of the 2-rank forward check; `runs` starts it under torchrun (see the end of this file)."""
     job = load_job(plan)
-    process = init_process(job)
-    adapters.install_cpu_shims()
-    adapters.install_router_gemm()
-    init_model_parallel(job, process)
-    torch.manual_seed(7)
-    backend = select_backend(job)
-    (chunk,) = build_chunks(job, transformer_config(job, backend, cuda=False, construct_only=False), backend)
+    built = build_rank(job, seed=7, cuda=False)
+    process, (chunk,) = built.process, built.chunks
     counter = ExpertTokenCounter([chunk], full_recompute=False)
     seq = job.spec.training.seq_length
     source = SyntheticChain(job.spec.model.vocab_size, 7, torch.device("cpu"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -12,9 +13,15 @@ from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
 from megacpp.planner.errors import LaunchError
 from megacpp.runtime.worker.adapters import install_cpu_shims, install_router_gemm
-from megacpp.runtime.worker.distributed import coordinates, init_model_parallel, init_process, shutdown
-from megacpp.runtime.worker.job import load_job
-from megacpp.runtime.worker.megatron_config import select_backend, transformer_config
+from megacpp.runtime.worker.distributed import (
+    Process,
+    coordinates,
+    init_model_parallel,
+    init_process,
+    shutdown,
+)
+from megacpp.runtime.worker.job import Job, load_job
+from megacpp.runtime.worker.megatron_config import Backend, select_backend, transformer_config
 from megacpp.runtime.worker.model import build_chunks, count_params
 from megacpp.runtime.worker.report import ExpertTokenCounter, build_report, gather, rank_info, write_report
 from megacpp.runtime.worker.train import TrainResult, train
@@ -48,22 +55,44 @@ def _seed(seed: int, cuda: bool) -> None:
         model_parallel_cuda_manual_seed(seed)
 
 
+@dataclass(frozen=True)
+class Rank:
+    """This process's part of a plan, built: process groups, module family, config, model chunks,
+    and the adapters installed on the way."""
+
+    process: Process
+    backend: Backend
+    config: Any
+    chunks: list[torch.nn.Module]
+    adapters: list[str]
+
+
+def build_rank(job: Job, *, seed: int, cuda: bool, construct_only: bool = False, bf16: bool | None = None) -> Rank:
+    """Process groups, then the seed, then this rank's chunks (Megatron-LM's initialize_megatron,
+    _set_random_seed, get_model), with the adapters this host needs. `bf16` overrides the config's
+    mixed precision (bf16 on CUDA): modules read it when they are built."""
+    process = init_process(job)
+    adapters = ["cpu_shims"] if install_cpu_shims() else []
+    init_model_parallel(job, process)
+    _seed(seed, cuda)
+    backend = select_backend(job)
+    adapters += backend.adapters
+    if "E" in job.ctx.letters and install_router_gemm():
+        adapters.append("te_general_gemm")
+    config = transformer_config(job, backend, cuda=cuda, construct_only=construct_only)
+    if bf16 is not None:
+        config.bf16 = bf16
+    return Rank(process, backend, config, build_chunks(job, config, backend), adapters)
+
+
 def run(opts: Options) -> dict | None:
     """Run one worker process; returns the report on rank 0 (None elsewhere)."""
     job = load_job(opts.plan, opts.candidate)
     cuda = torch.cuda.is_available()
     if not opts.construct_only and not cuda:
         raise LaunchError("training needs CUDA GPUs and none is visible; on a CPU-only host pass --construct-only")
-    process = init_process(job)
-    adapters = ["cpu_shims"] if install_cpu_shims() else []
-    init_model_parallel(job, process)
-    _seed(opts.seed, cuda)
-    backend = select_backend(job)
-    adapters += backend.adapters
-    if "E" in job.ctx.letters and install_router_gemm():
-        adapters.append("te_general_gemm")
-    config = transformer_config(job, backend, cuda=cuda, construct_only=opts.construct_only)
-    chunks = build_chunks(job, config, backend)
+    rank = build_rank(job, seed=opts.seed, cuda=cuda, construct_only=opts.construct_only)
+    process, backend, config, chunks, adapters = rank.process, rank.backend, rank.config, rank.chunks, rank.adapters
     params, params_expert = count_params(chunks)
     layer_numbers = [layer.layer_number for chunk in chunks for layer in chunk.layers]
     counter = ExpertTokenCounter(chunks, config.recompute_granularity == "full") if "E" in job.ctx.letters else None
