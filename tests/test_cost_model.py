@@ -6,7 +6,7 @@ import statistics
 
 import pytest
 
-from benchmarks.gpu.compare import compare, host_label, in_flight_load, markdown, routing_errors
+from benchmarks.gpu.compare import compare, host_label, in_flight_load, markdown, routing_pairs
 from megacpp.planner.blocks import unfused_scores
 from megacpp.planner.calibration import run_spec
 from megacpp.planner.cost import (
@@ -142,17 +142,24 @@ def test_in_flight_load_is_the_heaviest_window_of_micro_batches():
 
 def test_expert_parallel_peaks_follow_the_recorded_routing():
     """Runs that recorded routing per micro-batch: each step's peak on each rank, predicted at the
-    load that rank received in that step, is within 1%, closer than the balanced estimate; the
-    recorded loads swing well past 1 (what moe.imbalance is for)."""
+    load that rank received in that step, is within 4% (median within 1%) and closer than the
+    balanced estimate; the peak grows with the load at the model's rate (least-squares slope
+    within 20%); and the recorded loads swing well past 1, which is what moe.imbalance is for."""
     runs = [run for _, run in committed_gpu_runs() if run.get("routed_load")]
-    assert len(runs) >= 3
+    assert len(runs) >= 5
     for run in runs:
-        errors = routing_errors(run)
+        pairs = routing_pairs(run)
+        errors = [p["predicted_gib"] / p["measured_gib"] - 1 for p in pairs]
         balanced = [abs(row["memory_error"]) for row in compare(run)]
-        assert errors and max(abs(e) for e in errors.values()) <= 0.01, (run["name"], errors)
-        assert max(abs(e) for e in errors.values()) < max(balanced)
+        assert max(map(abs, errors)) <= 0.04 and statistics.median(map(abs, errors)) <= 0.01, run["name"]
+        assert max(map(abs, errors)) < max(balanced)
+        x, y = [p["load"] for p in pairs], [p["measured_gib"] for p in pairs]
+        measured_slope = statistics.linear_regression(x, y).slope
+        spec, lay = run_spec(run), run["layout"]
+        model_slope = estimate_run(spec, lay, load=2.0).memory[0].total_gib - estimate_run(spec, lay).memory[0].total_gib
+        assert measured_slope == pytest.approx(model_slope, rel=0.20), run["name"]
         loads = [x for stage in run["routed_load"] for step in stage["steps"] for mb in step for x in mb]
-        assert max(loads) > 1.4 and sum(loads) / len(loads) == pytest.approx(1.0, abs=1e-3)
+        assert max(loads) > 1.3 and sum(loads) / len(loads) == pytest.approx(1.0, abs=1e-3)
 
 
 def test_balanced_routing_is_pointed_out_where_expert_parallel_layouts_are_shown():

@@ -52,25 +52,32 @@ def in_flight_load(per_microbatch: list[float], window: int) -> float:
     return max(sum(per_microbatch[j:j + window]) / window for j in range(len(per_microbatch) - window + 1))
 
 
-def routing_errors(run: dict) -> dict[int, float]:
-    """Per pipeline stage, the worst error over its ranks and the steps after the first (which has
-    no optimizer state yet) when each step's peak is predicted at the load its rank received
-    then. Empty for runs without per-micro-batch routing and per-step peaks."""
+def routing_pairs(run: dict) -> list[dict]:
+    """Every step after the first (which has no optimizer state yet) on every rank: the routed load
+    the rank received (in_flight_load), its measured peak, and the stage's peak predicted at that
+    load. Empty for runs without per-micro-batch routing and per-step peaks."""
     phases = run.get("per_rank_memory_phases") or []
     if not run.get("routed_load") or not all(ph and ph.get("step_peak_gib") for ph in phases):
-        return {}
+        return []
     spec, lay = run_spec(run), run["layout"]
     memory = cache(lambda load: [m.total_gib for m in estimate_run(spec, lay, load=load).memory])
     loads = {stage["pp_rank"]: stage["steps"] for stage in run["routed_load"]}
-    worst: dict[int, float] = {}
+    pairs = []
     for coords, ph in zip(run["per_rank_coordinates"], phases, strict=True):
-        p = coords["pp"]
+        p, mbs = coords["pp"], loads.get(coords["pp"])  # a stage without MoE layers routes nothing
         for step, peak in enumerate(ph["step_peak_gib"][1:], start=1):
-            mbs = loads.get(p)  # a stage without MoE layers routes nothing
             load = in_flight_load([mb[coords["ep"]] for mb in mbs[step]], lay["pp"] - p) if mbs else 1.0
-            error = round(memory(round(load, 2))[p] / peak - 1, 4)
-            if abs(error) > abs(worst.get(p, 0.0)):
-                worst[p] = error
+            pairs.append({"pp_rank": p, "load": load, "measured_gib": peak, "predicted_gib": memory(round(load, 2))[p]})
+    return pairs
+
+
+def routing_errors(run: dict) -> dict[int, float]:
+    """Per pipeline stage, the worst error of routing_pairs."""
+    worst: dict[int, float] = {}
+    for pair in routing_pairs(run):
+        error = round(pair["predicted_gib"] / pair["measured_gib"] - 1, 4)
+        if abs(error) > abs(worst.get(pair["pp_rank"], 0.0)):
+            worst[pair["pp_rank"]] = error
     return worst
 
 
