@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 from megatron.core import parallel_state as ps
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megacpp.planner.errors import LaunchError
 from megacpp.runtime.worker.adapters import install_cpu_shims, install_router_gemm
@@ -62,7 +62,7 @@ class Rank:
 
     process: Process
     backend: Backend
-    config: Any
+    config: TransformerConfig
     chunks: list[torch.nn.Module]
     adapters: list[str]
 
