@@ -204,7 +204,7 @@ def _rank_stages(stages: list[Stage], pp_rank: int) -> list[Stage]:
     return [s for s in stages if s.pp_rank == pp_rank]
 
 
-def _in_flight(lay: Layout, pp_rank: int) -> float:
+def in_flight(lay: Layout, pp_rank: int) -> float:
     """Micro-batches (in units of a full stage) whose activations one rank holds at peak [R37]."""
     m = lay.num_microbatches
     if lay.vpp == 1:
@@ -280,7 +280,7 @@ def stage_memory(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency
                 weights_gib=BF16 * total / GIB,
                 gradients_gib=FP32 * total / GIB,
                 optimizer_gib=sum(3 * FP32 * n / shard for n, shard in sharded) / GIB,
-                activations_gib=act_per_mb * _in_flight(lay, p) / GIB,
+                activations_gib=act_per_mb * in_flight(lay, p) / GIB,
                 buffers_gib=SCORE_BUFFER_BYTES * scores / GIB,
                 overhead_gib=eff.overhead_gib,
                 transient_gib=max(loss, attention_backward) / GIB,

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from functools import cache
 from pathlib import Path
 
 from megacpp.planner.calibration import run_spec
+from megacpp.planner.cost import in_flight
 from megacpp.planner.layout import Layout
 from megacpp.planner.plan import estimate_run
 
@@ -46,8 +48,8 @@ def compare(run: dict) -> list[dict]:
 
 
 def in_flight_load(per_microbatch: list[float], window: int) -> float:
-    """The heaviest mean load over `window` consecutive micro-batches: the activations a stage
-    holds at once under 1F1B (window = PP - stage, at most the micro-batch count)."""
+    """The heaviest mean load over `window` consecutive micro-batches (at most the micro-batch
+    count): the activations a stage holds at once, cost.in_flight of them."""
     window = min(window, len(per_microbatch))
     return max(sum(per_microbatch[j:j + window]) / window for j in range(len(per_microbatch) - window + 1))
 
@@ -60,13 +62,15 @@ def routing_pairs(run: dict) -> list[dict]:
     if not run.get("routed_load") or not all(ph and ph.get("step_peak_gib") for ph in phases):
         return []
     spec, lay = run_spec(run), run["layout"]
+    layout = Layout.from_dict(lay)
     memory = cache(lambda load: [m.total_gib for m in estimate_run(spec, lay, load=load).memory])
     loads = {stage["pp_rank"]: stage["steps"] for stage in run["routed_load"]}
     pairs = []
     for coords, ph in zip(run["per_rank_coordinates"], phases, strict=True):
         p, mbs = coords["pp"], loads.get(coords["pp"])  # a stage without MoE layers routes nothing
+        window = math.ceil(in_flight(layout, p))
         for step, peak in enumerate(ph["step_peak_gib"][1:], start=1):
-            load = in_flight_load([mb[coords["ep"]] for mb in mbs[step]], lay["pp"] - p) if mbs else 1.0
+            load = in_flight_load([mb[coords["ep"]] for mb in mbs[step]], window) if mbs else 1.0
             pairs.append({"pp_rank": p, "load": load, "measured_gib": peak, "predicted_gib": memory(round(load, 2))[p]})
     return pairs
 
