@@ -46,7 +46,7 @@ class TrainResult:
     losses: list[float | None] = field(default_factory=list)  # per step; None off the last stage
     forward_backward_seconds: list[float] = field(default_factory=list)  # per step, CUDA events
     optimizer_seconds: list[float] = field(default_factory=list)
-    memory: dict = field(default_factory=dict)  # phases of the last step (see MemoryPhases)
+    memory: dict = field(default_factory=dict)  # phases of the last step (see MemoryPhases), every step's peak
     profile: dict | None = None  # kernel time by kind over one extra step, with --profile
     memory_peak: dict | None = None  # what is allocated at one extra step's peak, with --memory-peak
 
@@ -59,7 +59,7 @@ class MemoryPhases:
 
     def __init__(self) -> None:
         self.peak = 0
-        self.step_peaks: list[int] = []  # every step run, warm-up and extra recorded steps included
+        self.step_peaks: list[int] = []  # every step run, in order
         self.last: dict = {}
         self._mb: list[int] = []
 
@@ -85,7 +85,6 @@ class MemoryPhases:
         self.step_peaks.append(max(self._fwd_bwd, optimizer))
         gib = lambda b: round(b / GIB, 4)  # noqa: E731
         self.last = {
-            "step_peak_gib": [gib(b) for b in self.step_peaks],
             "resident_gib": gib(self._static),
             "forward_backward_peak_gib": gib(self._fwd_bwd),
             "optimizer_peak_gib": gib(optimizer),
@@ -218,7 +217,9 @@ def train(job: Job, chunks, config, *, steps: int, warmup: int, seed: int, lr: f
 
     for step in range(total):
         one_step(step)
-    result.memory = {**phases.last, "peak_gib": round(phases.peak / GIB, 4)}
+    # the peak of every warm-up and timed step (the extra recorded steps below come after)
+    result.memory = {**phases.last, "step_peak_gib": [round(b / GIB, 4) for b in phases.step_peaks],
+                     "peak_gib": round(phases.peak / GIB, 4)}
     for name, record_step, wanted in (("profile", kernel_profile, profile), ("memory_peak", memory_peak_sites, memory_peak)):
         if wanted:
             timed = len(result.step_seconds)
