@@ -3,7 +3,8 @@
     python benchmarks/activation_audit.py SPEC.yaml [--json OUT]
 
 Builds the spec's first pipeline stage with the runtime worker (megatron-core local modules, one
-gloo rank, bf16 weights on CPU), runs one micro-batch forward under
+gloo rank, bf16 weights on CPU; with --cuda one rank on the GPU, which M blocks need: their scan
+and conv kernels exist only for CUDA), runs one micro-batch forward under
 `torch.autograd.graph.saved_tensors_hooks`, and charges every storage autograd saves to the block
 whose forward saved it first. Parameters, the causal mask and the rotary table (allocated once,
 not per micro-batch), the embedding and the output head are left out. Prints, per block letter, the measured bytes per token next to
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 
-def audit(spec: dict[str, Any]) -> dict[str, Any]:
+def audit(spec: dict[str, Any], cuda: bool = False) -> dict[str, Any]:
     """Saved bytes per token of every block in the first stage, with the formula's figure."""
     import torch
     from megatron.core import parallel_state as ps
@@ -47,15 +48,20 @@ def audit(spec: dict[str, Any]) -> dict[str, Any]:
         raise SystemExit("activation_audit: pin parallel.tp, cp and ep to 1 on one GPU (the audit runs one CPU rank)")
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29531"))
     # bf16 as the GPU runs train: the same dtypes make the same saved tensors
-    built = build_rank(job, seed=0, cuda=False, bf16=True)
+    device = torch.device("cuda" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(0)
+    built = build_rank(job, seed=0, cuda=cuda, bf16=True)
     config, (chunk,) = built.config, built.chunks  # one rank, one pipeline stage
+    if cuda:
+        chunk.cuda()  # as get_model does: torch norms are built on the CPU
     model = Float16Module(config, chunk).train()  # as the worker wraps it (train.py)
     seq = job.spec.training.seq_length
-    source = SyntheticChain(job.spec.model.vocab_size, 0, torch.device("cpu"))
+    source = SyntheticChain(job.spec.model.vocab_size, 0, device)
     batch = next(microbatches(source, seed=0, dp_rank=ps.get_data_parallel_rank(), step=0, count=1,
                               micro_batch_size=lay.micro_batch_size, seq_length=seq))
     once = {t.untyped_storage().data_ptr() for t in model.parameters()}
-    once.add(causal_mask(seq, torch.device("cpu")).untyped_storage().data_ptr())
+    once.add(causal_mask(seq, device).untyped_storage().data_ptr())
     if chunk.rotary_pos_emb is not None:
         once.add(chunk.rotary_pos_emb(seq).untyped_storage().data_ptr())
 
@@ -98,10 +104,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("spec", type=Path)
     ap.add_argument("--json", type=Path, help="also write the result here")
+    ap.add_argument("--cuda", action="store_true", help="build and run the rank on the GPU (needed for M blocks)")
     args = ap.parse_args(argv)
     import yaml
 
-    result = audit(yaml.safe_load(args.spec.read_text()))
+    result = audit(yaml.safe_load(args.spec.read_text()), cuda=args.cuda)
     print(f"{result['name']} ({result['tokens']} tokens, recompute {result['recompute']}): saved bytes per token per block")
     print(f"{'block':>5} {'measured':>10} {'formula':>10} {'error':>7}")
     for letter, row in result["per_letter"].items():

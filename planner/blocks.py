@@ -14,7 +14,7 @@ from megacpp.planner.layout import Context, Layout
 
 BF16 = 2
 FP32 = 4
-SSD_CHUNK = 256  # Mamba-2 SSD chunk size, megatron/core/ssm/mamba_mixer.py (chunk_size=128..256)
+SSD_CHUNK = 128  # Mamba-2 SSD chunk size: MambaMixer(chunk_size=128), megatron/core/ssm/mamba_mixer.py:164
 RECURRENT_CHUNK = 64  # megacpp runtime R block: state checkpoint every 64 tokens
 # megatron-core's local (unfused) DotProductAttention on the torch softmax path
 # (fusions/fused_softmax.py forward_torch_softmax): scores go to fp32, softmax keeps its fp32
@@ -160,12 +160,13 @@ def block_flops(ctx: Context, letter: str, load: float = 1.0) -> float:
 class Gemms:
     """One block's forward matmuls on one rank for one micro-batch: Linear GEMMs as (M, K, N, how
     many), unfused core attention and the R block's chunked scan as (batch x heads, tokens, head
-    dim), and the FLOPs of what is not a Linear (Mamba's conv and SSD scan, the R block's
+    dim), the M block's conv and SSD scan as (heads, tokens, head dim, state), and the FLOPs of what is not a Linear (Mamba's conv and SSD scan, the R block's
     recurrence, fused attention)."""
 
     linears: tuple[tuple[float, int, int, int], ...] = ()
     attention: tuple[int, int, int] | None = None
     recurrence: tuple[int, int, int] | None = None
+    ssd: tuple[int, int, int, int] | None = None  # M: (heads, tokens, head dim, state) on one rank
     other_flops: float = 0.0
 
     @property
@@ -216,7 +217,8 @@ def block_gemms(ctx: Context, letter: str, lay: Layout, load: float = 1.0) -> Ge
         d_inner, heads, groups, state, kernel = _mamba_dims(ctx)
         linears = ((t, h, (2 * d_inner + 2 * groups * state + heads) // tp, 1), (t, d_inner // tp, h, 1))
         rest = 2 * (d_inner + 2 * groups * state) * kernel + 6 * d_inner * state + SSD_CHUNK * d_inner
-        return Gemms(linears, other_flops=rest * t / tp)
+        head_dim = d_inner // heads
+        return Gemms(linears, ssd=(heads // tp, int(t), head_dim, state), other_flops=rest * t / tp)
     if letter == "R":
         r = model.recurrent
         assert r is not None
@@ -314,9 +316,14 @@ def block_activation_bytes(ctx: Context, letter: str, lay: Layout, load: float =
         return norm_and_input + (routed * load + router) * factor + shared
     if letter == "M":
         d_inner, heads, groups, state, _ = _mamba_dims(ctx)
-        inside = BF16 * ((2 * d_inner + 2 * groups * state + heads) + (d_inner + 2 * groups * state) + 3 * d_inner)
-        chunk_states = FP32 * d_inner * state / SSD_CHUNK  # fp32 chunk states per token (DERIVED)
-        return BF16 * 2 * h * outside + (inside + chunk_states) / t
+        # what autograd keeps in MambaMixer's training path (mamba_split_conv1d_scan_combined, the
+        # memory-efficient kernel: conv and chunk states are recomputed in backward), measured with
+        # benchmarks/activation_audit.py --cuda on one H200 (53412 B per token at h 2048, d_inner
+        # 4096, 8 groups, state 128, 64 heads; exact): the contiguous in_proj output zxBCdt, the
+        # scan output, its contiguous (l b d) copy that the gated RMSNorm keeps, the norm's output
+        # (out_proj's input), all bf16 d_inner wide, and the norm's fp32 rstd per group
+        inside = BF16 * ((2 * d_inner + 2 * groups * state + heads) + 3 * d_inner) + FP32 * groups
+        return norm_and_input + inside / t
     if letter == "R":
         r = model.recurrent
         assert r is not None

@@ -63,6 +63,7 @@ class KernelRates:
     linear: Grid  # (M, K, N) -> forward + backward seconds of one Linear
     attention: dict[int, Grid]  # head dim -> (batch x heads, tokens) -> forward + backward seconds
     recurrence: dict[int, Grid]  # the same for the R block's scan
+    ssd: dict[int, Grid]  # state size -> (heads, tokens) -> the M block's conv + SSD scan, head dim 64 (may be empty)
     softmax: Grid  # (batch x heads, tokens) -> forward + backward seconds of the unfused softmax
     softmax_forward: Grid  # the same, forward alone
 
@@ -79,6 +80,13 @@ class KernelRates:
 
     def recurrence_seconds(self, batch_heads: int, tokens: int, head_dim: int) -> float:
         return _by_head_dim(self.recurrence, head_dim).seconds((batch_heads, tokens))
+
+    def ssd_seconds(self, heads: int, tokens: int, head_dim: int, state: int) -> float | None:
+        """Forward and backward of mamba_split_conv1d_scan_combined on one rank, or None where the
+        table has no SSD rows. Measured at head dim 64; other head dims scale the width linearly."""
+        if not self.ssd:
+            return None
+        return _by_head_dim(self.ssd, state).seconds((heads * head_dim / 64, tokens))
 
 
 def _by_head_dim(grids: dict[int, Grid], head_dim: int) -> Grid:
@@ -112,6 +120,8 @@ def kernel_rates(cluster_name: str) -> KernelRates | None:
         linear=_grid(doc["linear"], ("m", "k", "n"), (1, 1, 1)),
         attention=_per_head_dim(doc["attention"], "b", 2),
         recurrence=_per_head_dim(doc["recurrence"], "h", 1),
+        ssd={n: _grid([r for r in doc.get("ssd", []) if r["n"] == n], ("h", "s"), (1, 1))
+             for n in sorted({r["n"] for r in doc.get("ssd", [])})},
         softmax=_grid(doc["softmax"], ("b", "s"), (1, 2)),
         softmax_forward=_grid([{**r, "seconds": r["forward_seconds"]} for r in doc["softmax"]], ("b", "s"), (1, 2)),
     )

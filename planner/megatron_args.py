@@ -43,6 +43,11 @@ def entry_point(ctx: Context) -> str:
 
 def _hybrid_pattern(ctx: Context, cand: Candidate) -> str:
     blocks = ctx.pattern.blocks
+    if "M" in blocks and not ctx.te:
+        raise LaunchError(
+            "M blocks without Transformer Engine: Megatron-LM's mamba_stack_spec needs TE; "
+            "launch with --engine megacpp, or set backend.transformer_engine: true"
+        )
     if ctx.dialect == "core_v0.16":
         if "R" in blocks:
             raise LaunchError(

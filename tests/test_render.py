@@ -62,6 +62,13 @@ def test_r_blocks_refused_on_core_v016_megatron_lm_with_the_fix():
         render_launch(_plan("nam56r"), RenderOptions(engine="megatron-lm"))
 
 
+def test_m_blocks_without_te_render_for_the_runtime_only():
+    plan = _plan("nam56r", "backend.megatron=main", "backend.transformer_engine=false")
+    with pytest.raises(LaunchError, match="M blocks without Transformer Engine.*--engine megacpp"):
+        render_launch(plan, RenderOptions(engine="megatron-lm"))
+    assert "megacpp.runtime.worker" in render_launch(plan, RenderOptions(engine="megacpp"))["launch.sh"]
+
+
 @pytest.mark.parametrize("dialect", ["core_v0.16", "main"])
 @pytest.mark.parametrize("recipe", recipe_names())
 def test_every_megatron_flag_exists_in_the_dialects_parser(recipe, dialect):

@@ -86,7 +86,8 @@ def test_mamba_rules():
     assert "tp-divides-mamba-groups" in errors(spec, tp=8, etp=1, sp=True)
     assert "mamba-cp-heads" not in errors(spec, tp=2, cp=2, etp=1, sp=True)
     no_te = make_spec(HYBRID, **{"backend.transformer_engine": False})
-    assert "mamba-needs-te" in errors(no_te)
+    assert "mamba-needs-te" not in errors(no_te) and "mamba-needs-te" in warnings(no_te)
+    assert "mamba-needs-te" not in warnings(spec)
 
 
 def test_recurrent_blocks_forbid_cp_and_warn_on_core_v016():

@@ -17,6 +17,11 @@ left out; the median of five replays):
   backward, for B batch x heads and S tokens (B S^2 scores);
 - `recurrence`: forward plus backward of the R block's chunked scan
   (runtime/worker/recurrent.py, fp32) for H heads of head dim D over S tokens, one sequence;
+- `ssd`: forward plus backward of the M block's core between its two projections, as
+  megatron-core's MambaMixer trains it (ssm/mamba_mixer.py _ssm_training): mamba-ssm's
+  `mamba_split_conv1d_scan_combined` (causal conv, SSD chunked scan with chunk 128, D skip and the
+  silu(z) gate) for H heads of head dim 64, 8 groups and state N over S tokens; only with
+  mamba-ssm and causal-conv1d installed;
 - `elementwise`: bandwidth of a copy, an add and an fp32 softmax by tensor size.
 
 Needs torch, and megacpp with megatron-core installed for the softmax and the recurrence. The output for a preset
@@ -42,6 +47,10 @@ RECURRENCE_H = (4, 8, 16, 32, 64)
 RECURRENCE_S = (1024, 2048, 4096, 8192)
 RECURRENCE_D = (64, 128)
 ELEMENTWISE_MIB = (1, 4, 16, 64, 256, 1024, 4096)
+SSD_H = (8, 16, 32, 64, 128)
+SSD_S = (2048, 4096, 8192, 16384, 32768)
+SSD_N = (64, 128)
+SSD_HEAD_DIM, SSD_GROUPS, SSD_CHUNK, SSD_CONV = 64, 8, 128, 4  # MambaMixer's defaults
 
 
 def timed(fn, min_seconds: float = 0.005) -> float:
@@ -174,6 +183,37 @@ def recurrence_rows() -> list[dict]:
     return rows
 
 
+def ssd_rows() -> list[dict]:
+    """Empty where mamba-ssm or causal-conv1d is missing (the M block cannot be built there either)."""
+    try:
+        from mamba_ssm.ops.triton.ssd_combined import mamba_split_conv1d_scan_combined
+    except ImportError:
+        return []
+    rows = []
+    p, g = SSD_HEAD_DIM, SSD_GROUPS
+    for h in SSD_H:
+        for n in SSD_N:
+            for s in SSD_S:
+                d, conv = h * p, h * p + 2 * g * n
+                zxbcdt = torch.randn(1, s, 2 * d + 2 * g * n + h, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                weight = torch.randn(conv, SSD_CONV, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                bias = torch.randn(conv, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                dt_bias, a_log, skip = (torch.randn(h, device="cuda", requires_grad=True) for _ in range(3))
+                grad = torch.randn(1, s, d, device="cuda", dtype=torch.bfloat16)
+
+                def step(x=zxbcdt, w=weight, b=bias, dt=dt_bias, a=a_log, dd=skip, gy=grad) -> None:
+                    y = mamba_split_conv1d_scan_combined(x, w, b, dt, -torch.exp(a), dd, chunk_size=SSD_CHUNK,
+                                                         activation="silu", headdim=p, ngroups=g, norm_before_gate=False)
+                    y.backward(gy)
+                    for t in (x, w, b, dt, a, dd):
+                        t.grad = None
+
+                rows.append({"h": h, "s": s, "n": n, "d": p, "seconds": timed(step)})
+                del zxbcdt, weight, bias, dt_bias, a_log, skip, grad
+            torch.cuda.empty_cache()
+    return rows
+
+
 def elementwise_rows() -> list[dict]:
     rows = []
     for mib in ELEMENTWISE_MIB:
@@ -196,7 +236,14 @@ def elementwise_rows() -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--only", choices=["ssd"], help="measure this table alone and merge it into --out")
     args = ap.parse_args(argv)
+    if args.only:
+        doc = json.loads(args.out.read_text()) if args.out.exists() else {}
+        doc[args.only] = ssd_rows()
+        args.out.write_text(json.dumps(doc, indent=1) + "\n")
+        print(f"{args.only}: {len(doc[args.only])} rows")
+        return 0
     torch.backends.cuda.matmul.allow_tf32 = False
     props = torch.cuda.get_device_properties(0)
     doc = {
@@ -209,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         "attention": attention_rows(torch.bfloat16),
         "softmax": softmax_rows(),
         "recurrence": recurrence_rows(),
+        "ssd": ssd_rows(),
         "linear": linear_rows(torch.bfloat16),
     }
     args.out.write_text(json.dumps(doc, indent=1) + "\n")

@@ -9,16 +9,20 @@ from megacpp.planner.rules import rule
 @rule(
     "mamba-needs-te",
     axes=(),
+    severity="warning",
     where="[V] megatron/core/models/mamba/mamba_layer_specs.py:3 (imports megatron.core.extensions.transformer_engine)",
     applies=lambda ctx: "M" in ctx.letters,
     fails="pattern with M, backend.transformer_engine=false",
     passes="backend.transformer_engine=true",
 )
 def mamba_needs_te(ctx: Context, lay: Layout) -> str | None:
-    """Megatron's Mamba layer spec (mamba_stack_spec) is built from Transformer Engine modules, so a
-    pattern with M blocks cannot be built without TE."""
+    """Megatron-LM's Mamba layer spec (mamba_stack_spec) is built from Transformer Engine modules, so
+    pretrain_mamba.py cannot build M blocks without TE. megacpp's runtime builds the same MambaLayer
+    and MambaMixer with megatron-core's local linears and norms (runtime/worker/blocks.py), so such
+    a plan runs only through `megacpp launch --engine megacpp`."""
     if not ctx.te:
-        return "M blocks need Transformer Engine: Megatron's mamba_stack_spec imports TE modules; set backend.transformer_engine: true"
+        return ("M blocks without Transformer Engine: Megatron-LM's mamba_stack_spec imports TE modules; "
+                "run with `megacpp launch --engine megacpp`, or set backend.transformer_engine: true")
     return None
 
 
