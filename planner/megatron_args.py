@@ -123,8 +123,9 @@ def megatron_args(ctx: Context, cand: Candidate, opts: TrainOptions) -> list[str
         if model.query_groups != model.attention.num_heads:
             a += ["--group-query-attention", "--num-query-groups", str(model.query_groups)]
     else:
-        # Megatron needs a head count even without attention layers; it only shapes unused defaults
-        a += ["--num-attention-heads", "1"]
+        # Megatron needs a head count even without attention layers; it only shapes unused defaults,
+        # but TransformerConfig checks it against TP (transformer_config.py:925): one head per TP rank
+        a += ["--num-attention-heads", str(int(cand.layout["tp"]))]
     ffn = model.mlp.ffn_hidden_size if model.mlp else (model.moe.ffn_hidden_size if model.moe else 4 * model.hidden_size)
     a += ["--ffn-hidden-size", str(ffn)]
     gated = model.mlp.gated if model.mlp else (model.moe.gated if model.moe else True)

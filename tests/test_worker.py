@@ -80,6 +80,8 @@ CASES: dict[str, tuple[int, dict[str, Any]]] = {
     # hybrid with R and a shared expert; TP2 + SP needs TE norms in the spec, the worker uses the SP-norm adapter
     "hybrid-tp2-sp-ep2-pp2": (4, spec_dict("(AEDR)*2", 4, {"tp": 2, "pp": 2, "ep": 2, "sp": True}, te=True, mlp=MLP,
                                            moe={**MOE, "shared_expert_ffn_hidden_size": 48}, recurrent=RECURRENT)),
+    # no A blocks under TP2: megatron still checks its (unused) head count against TP
+    "recurrent-tp2-no-attention": (2, spec_dict("(RD)*2", 2, {"tp": 2}, attention=None, mlp=MLP, recurrent=RECURRENT)),
 }
 # forward/backward on 2 CPU ranks: the allgather dispatcher (alltoall needs CUDA copies in forward)
 FORWARD = spec_dict("AEDR", 2, {"tp": 2, "ep": 2, "sp": True}, te=True, mlp=MLP,

@@ -138,8 +138,9 @@ def transformer_config(job: Job, backend: Backend, *, cuda: bool, construct_only
     )
     if model.attention is not None:
         kw.update(num_attention_heads=model.attention.num_heads, num_query_groups=model.query_groups, kv_channels=model.head_dim)
-    else:  # no A blocks: the attention fields are required but unused
-        kw.update(num_attention_heads=1, kv_channels=model.hidden_size)
+    else:  # no A blocks: the attention fields are required but unused; TransformerConfig still
+        # checks num_attention_heads % TP (transformer_config.py:925), so give one head per TP rank
+        kw.update(num_attention_heads=job.layout["tp"], kv_channels=model.hidden_size // job.layout["tp"])
     if model.moe is not None and "E" in letters:
         moe = model.moe
         kw.update(
