@@ -158,6 +158,29 @@ def test_rank_coordinates_are_the_planners_rank_map(runs, name):
     assert [{k: r[k] for k in keys} for r in report["ranks"]] == [{k: r[k] for k in keys} for r in expected]
 
 
+MAMBA = {"num_heads": 8, "head_dim": 16, "state_dim": 16, "num_groups": 2}
+MAMBA_CASES = {
+    "mamba-tp1": (1, spec_dict("(AMDM)*1", 1, {}, mlp=MLP, mamba=MAMBA)),  # local modules, no TE
+    "mamba-tp2-pp2-sp": (4, spec_dict("(AMEM)*2", 4, {"tp": 2, "pp": 2, "sp": True}, te=True, mlp=MLP, moe=MOE, mamba=MAMBA)),
+}
+
+
+@pytest.mark.parametrize("name", MAMBA_CASES)
+def test_mamba_ranks_hold_the_planned_parameters(tmp_path, name):
+    """megatron-core's MambaMixer needs mamba-ssm (with triton) to be built at all; where it imports,
+    every rank's M-block parameters equal the plan's."""
+    pytest.importorskip("mamba_ssm.ops.triton.ssd_combined", reason="M blocks need mamba-ssm and triton")
+    world, spec = MAMBA_CASES[name]
+    plan, report = write_plan(tmp_path / "plan.json", spec), tmp_path / "run.json"
+    proc = _torchrun(world, "megacpp.runtime.worker", "--plan", str(plan), "--construct-only", "--report", str(report))
+    log = proc.communicate(timeout=RUN_TIMEOUT)[0]
+    assert proc.returncode == 0, log[-4000:]
+    result, cand = json.loads(report.read_text()), json.loads(plan.read_text())["candidates"][0]
+    planned = {m["pp_rank"]: (m["params"], m["params_expert"]) for m in cand["memory"]["per_stage"]}
+    for rank in result["ranks"]:
+        assert (rank["params"], rank["params_expert"]) == planned[rank["pp"]], f"rank {rank['rank']}"
+
+
 def test_construction_report_names_the_adapters_it_used(runs):
     hybrid, dense = runs["hybrid-tp2-sp-ep2-pp2"]["result"], runs["dense-tp2"]["result"]
     assert set(hybrid["adapters"]) == {"cpu_shims", "sequence_parallel_norm", "te_general_gemm"}
