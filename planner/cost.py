@@ -402,11 +402,12 @@ def matmul_seconds(ctx: Context, lay: Layout, letter: str, eff: Efficiency, load
     linears = sum(n * rates.linear_seconds(m, k, nn) for m, k, nn, n in gemms.linears)
     attention = rates.attention_seconds(*gemms.attention) if gemms.attention else 0.0
     attention_again = 4 / 3 if recompute != "none" else 1.0  # selective recompute repeats core attention
-    scan = rates.ssd_seconds(*gemms.ssd) if gemms.ssd else None  # None: the table has no SSD rows
     if gemms.recurrence:
         other = rates.recurrence_seconds(*gemms.recurrence)
-    else:
-        other = scan if scan is not None else 3 * gemms.other_flops / rate
+    elif gemms.ssd and (scan := rates.ssd_seconds(*gemms.ssd)) is not None:
+        other = scan
+    else:  # fused attention, or a table without SSD rows
+        other = 3 * gemms.other_flops / rate
     return (linears + other) * again + attention * attention_again
 
 

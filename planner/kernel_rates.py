@@ -71,7 +71,7 @@ class KernelRates:
         return self.linear.seconds((m, k, n)) if m and k and n else 0.0
 
     def attention_seconds(self, batch_heads: int, tokens: int, head_dim: int) -> float:
-        return _by_head_dim(self.attention, head_dim).seconds((batch_heads, tokens))
+        return _nearest(self.attention, head_dim).seconds((batch_heads, tokens))
 
     def softmax_seconds(self, batch_heads: int, tokens: int, forwards: int = 1) -> float:
         """The unfused softmax's forward and backward, plus the forwards that recompute repeats."""
@@ -79,18 +79,19 @@ class KernelRates:
         return self.softmax.seconds(point) + (forwards - 1) * self.softmax_forward.seconds(point)
 
     def recurrence_seconds(self, batch_heads: int, tokens: int, head_dim: int) -> float:
-        return _by_head_dim(self.recurrence, head_dim).seconds((batch_heads, tokens))
+        return _nearest(self.recurrence, head_dim).seconds((batch_heads, tokens))
 
     def ssd_seconds(self, heads: int, tokens: int, head_dim: int, state: int) -> float | None:
         """Forward and backward of mamba_split_conv1d_scan_combined on one rank, or None where the
         table has no SSD rows. Measured at head dim 64; other head dims scale the width linearly."""
         if not self.ssd:
             return None
-        return _by_head_dim(self.ssd, state).seconds((heads * head_dim / 64, tokens))
+        return _nearest(self.ssd, state).seconds((heads * head_dim / 64, tokens))
 
 
-def _by_head_dim(grids: dict[int, Grid], head_dim: int) -> Grid:
-    return grids[min(grids, key=lambda d: abs(math.log(d / head_dim)))]
+def _nearest(grids: dict[int, Grid], size: int) -> Grid:
+    """The grid measured at the size (head dim, SSD state) closest to `size` on a log scale."""
+    return grids[min(grids, key=lambda d: abs(math.log(d / size)))]
 
 
 def _grid(rows: list[dict], keys: tuple[str, ...], growth: tuple[int, ...]) -> Grid:
