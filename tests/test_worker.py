@@ -128,13 +128,18 @@ def runs(tmp_path_factory) -> dict[str, dict[str, Any]]:
 # --------------------------------------------------------------------------- construction
 
 
+def assert_planned_params(report: dict[str, Any], cand: dict[str, Any]) -> None:
+    """Every rank's instantiated (params, expert params) equal its stage's in the plan."""
+    planned = {m["pp_rank"]: (m["params"], m["params_expert"]) for m in cand["memory"]["per_stage"]}
+    for rank in report["ranks"]:
+        assert (rank["params"], rank["params_expert"]) == planned[rank["pp"]], f"rank {rank['rank']}"
+
+
 @pytest.mark.parametrize("name", CASES)
 def test_every_rank_holds_the_planned_parameters(runs, name):
     report, cand = runs[name]["result"], runs[name]["plan"]["candidates"][0]
-    planned = {m["pp_rank"]: (m["params"], m["params_expert"]) for m in cand["memory"]["per_stage"]}
     assert len(report["ranks"]) == CASES[name][0]
-    for rank in report["ranks"]:
-        assert (rank["params"], rank["params_expert"]) == planned[rank["pp"]], f"rank {rank['rank']}"
+    assert_planned_params(report, cand)
     assert report["params_match_plan"]
     assert "params match the plan on every rank" in runs[name]["log"]
 
@@ -175,10 +180,7 @@ def test_mamba_ranks_hold_the_planned_parameters(tmp_path, name):
     proc = _torchrun(world, "megacpp.runtime.worker", "--plan", str(plan), "--construct-only", "--report", str(report))
     log = proc.communicate(timeout=RUN_TIMEOUT)[0]
     assert proc.returncode == 0, log[-4000:]
-    result, cand = json.loads(report.read_text()), json.loads(plan.read_text())["candidates"][0]
-    planned = {m["pp_rank"]: (m["params"], m["params_expert"]) for m in cand["memory"]["per_stage"]}
-    for rank in result["ranks"]:
-        assert (rank["params"], rank["params_expert"]) == planned[rank["pp"]], f"rank {rank['rank']}"
+    assert_planned_params(json.loads(report.read_text()), json.loads(plan.read_text())["candidates"][0])
 
 
 def test_construction_report_names_the_adapters_it_used(runs):

@@ -236,11 +236,12 @@ def elementwise_rows() -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--only", choices=["ssd"], help="measure this table alone and merge it into --out")
+    alone = {"ssd": ssd_rows}  # tables that can be measured into an existing file
+    ap.add_argument("--only", choices=sorted(alone), help="measure this table alone and merge it into --out")
     args = ap.parse_args(argv)
     if args.only:
         doc = json.loads(args.out.read_text()) if args.out.exists() else {}
-        doc[args.only] = ssd_rows()
+        doc[args.only] = alone[args.only]()
         args.out.write_text(json.dumps(doc, indent=1) + "\n")
         print(f"{args.only}: {len(doc[args.only])} rows")
         return 0
