@@ -68,6 +68,7 @@ def entry(name: str, report: dict) -> dict:
         "per_rank_forward_backward_seconds": [r.get("forward_backward_seconds") for r in ranks],
         "per_rank_optimizer_seconds": [r.get("optimizer_seconds") for r in ranks],
         "per_rank_profile": [r.get("profile") for r in ranks],
+        "per_rank_host": [r.get("host") for r in ranks],
         "per_rank_memory_peak": [r.get("memory_peak") for r in ranks],
         "expert_tokens": report.get("expert_tokens"),
         "routed_load": report.get("routed_load"),
@@ -167,6 +168,8 @@ def main() -> int:
         if name in baselines:
             compare(spec, rundir, report, args, log, row, save)
         extra = f"  runtime/baseline {row['runtime_over_baseline']}" if "runtime_over_baseline" in row else ""
+        launch_us = [h["launch_us"] for h in row["per_rank_host"] if h]
+        extra += f"  host {max(launch_us):.1f} us/op" if launch_us else ""
         print(f"{name}: peak {row['measured_peak_gib']:.2f} GiB (planned {row['predicted_peak_gib']:.2f}), "
               f"step {row['measured_step_seconds']:.3f} s (planned {row['predicted_step_seconds']:.3f}), "
               f"loss {row['losses'][0]:.2f} -> {row['losses'][-1]:.2f}{extra}  [{time.time() - start:.0f} s]", flush=True)

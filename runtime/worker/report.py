@@ -128,6 +128,7 @@ def rank_info(coords: dict[str, int], params: int, params_expert: int, layer_num
     info["optimizer_seconds"] = _median(result.optimizer_seconds)
     info["profile"] = result.profile
     info["memory_peak"] = result.memory_peak
+    info["host"] = result.host
     return info
 
 
@@ -171,7 +172,7 @@ def build_report(job: Job, infos: list[dict[str, Any]], *, steps: int, warmup: i
                   if (info["params"], info["params_expert"]) != (memory[info["pp"]]["params"], memory[info["pp"]]["params_expert"])]
     keys = ("rank", "tp", "cp", "dp", "pp", "ep", "etp", "edp", "params", "params_expert", "layer_numbers",
             "peak_allocated_gib", "peak_reserved_gib", "memory_phases", "forward_backward_seconds", "optimizer_seconds",
-            "profile", "memory_peak")
+            "profile", "memory_peak", "host")
     experts = _merge_expert_counts(infos, bool(job.layout["sp"]) and job.layout["tp"] > 1)
     stage_of_layer = {layer: info["pp"] for info in infos for layer in info["layer_numbers"]}
     return {

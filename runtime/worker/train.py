@@ -7,6 +7,8 @@ arguments a plan fixes; nothing here is specific to a block letter.
 
 from __future__ import annotations
 
+import platform
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -49,6 +51,7 @@ class TrainResult:
     memory: dict = field(default_factory=dict)  # phases of the last step (see MemoryPhases), every step's peak
     profile: dict | None = None  # kernel time by kind over one extra step, with --profile
     memory_peak: dict | None = None  # what is allocated at one extra step's peak, with --memory-peak
+    host: dict | None = None  # how fast this host issues work (host_probe), measured before the first step
 
 
 class MemoryPhases:
@@ -177,8 +180,8 @@ def train(job: Job, chunks, config, *, steps: int, warmup: int, seed: int, lr: f
     lay, seq = job.layout, job.spec.training.seq_length
     forward_backward = get_forward_backward_func()
     phases = MemoryPhases()
+    result = TrainResult(host=host_probe(device))
     step_func = partial(forward_step, phases=phases)
-    result = TrainResult()
 
     def one_step(step: int) -> None:
         streams = [
@@ -227,6 +230,32 @@ def train(job: Job, chunks, config, *, steps: int, warmup: int, seed: int, lr: f
             for record in (result.step_seconds, result.losses, result.forward_backward_seconds, result.optimizer_seconds):
                 del record[timed:]  # the extra step's own numbers are distorted by the recording
     return result
+
+
+def host_probe(device: torch.device, ops: int = 1000, rounds: int = 7) -> dict:
+    """How fast this host issues GPU work: its CPU's model name and the median host time per tiny
+    CUDA op (an in-place add on one element, queued without waiting for it), over `rounds` rounds
+    of `ops` ops. Every rank probes at once, sharing the host as in training. A step whose time is
+    mostly per-block overhead (planner/cost.py's host-bound share) moves with this number."""
+    x = torch.zeros(1, device=device)
+    per_op = []
+    for _ in range(rounds):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(ops):
+            x.add_(1)
+        per_op.append((time.perf_counter() - start) / ops)
+    torch.cuda.synchronize()
+    return {"cpu": cpu_model(), "launch_us": round(statistics.median(per_op) * 1e6, 3)}
+
+
+def cpu_model() -> str:
+    """The first "model name" of /proc/cpuinfo, or platform.processor() where there is none."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), platform.processor())
+    except OSError:
+        return platform.processor()
 
 
 # Frames of these files say nothing about which model code asked for the memory.
