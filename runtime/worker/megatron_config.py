@@ -132,6 +132,13 @@ def transformer_config(job: Job, backend: Backend, *, cuda: bool, construct_only
         transformer_impl="transformer_engine" if backend.use_te else "local",
         attention_backend=AttnBackend.auto if backend.use_te else AttnBackend.local,
         deallocate_pipeline_outputs=True,
+        # pipeline send/recv as Megatron-LM sets them (arguments.py: --overlap-p2p-communication is on
+        # and only kept for the interleaved schedule; core_transformer_config_from_args: batch_p2p_comm
+        # = not overlap_p2p_comm). Batched, the interleaved schedule's steady state at PP=2 posts a
+        # forward and a backward transfer to the same peer in one batch, NCCL pairs them by order,
+        # and activations land in gradient buffers: the loss stops falling without any error.
+        overlap_p2p_comm=lay["vpp"] > 1,
+        batch_p2p_comm=lay["vpp"] == 1,
         # construction
         use_cpu_initialization=not cuda,
         perform_initialization=not construct_only,
