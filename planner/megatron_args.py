@@ -177,8 +177,16 @@ def megatron_args(ctx: Context, cand: Candidate, opts: TrainOptions) -> list[str
     if ctx.te:
         a += ["--transformer-impl", "transformer_engine"]
     else:
-        # stock megatron-core 0.16.1 without TE fails at config or model build otherwise (DESIGN.md)
-        a += ["--transformer-impl", "local", "--no-persist-layer-norm", "--no-rope-fusion"]
+        # stock megatron-core 0.16.1 without TE fails at config or model build otherwise (DESIGN.md).
+        # Gradient-accumulation fusion and the masked-softmax kernel are Apex CUDA extensions that
+        # Megatron-LM turns on by default: without them ColumnParallelLinear refuses to build
+        # (layers.py:925, seen on 2 x H200) and the first causal softmax imports a missing module
+        # (fused_softmax.py:31). Off, the local path runs the torch softmax the cost model prices,
+        # in fp32 as megatron-core's TransformerConfig and megacpp's runtime run it: Megatron-LM
+        # alone defaults it to bf16 (arguments.py lists attention_softmax_in_fp32 among its
+        # "incompatible defaults"), which on 2 x H200 put the peak 29-35% under the plan.
+        a += ["--transformer-impl", "local", "--no-persist-layer-norm", "--no-rope-fusion",
+              "--no-gradient-accumulation-fusion", "--no-masked-softmax-fusion", "--attention-softmax-in-fp32"]
     a += ["--tokenizer-type", "NullTokenizer", "--vocab-size", str(model.vocab_size)]
     a += ["--data-path", opts.data_path, "--split", "99,1,0"] if opts.data_path else ["--mock-data"]
     a += ["--train-iters", str(opts.train_iters), "--lr", f"{opts.lr:g}", "--min-lr", f"{opts.lr / 10:g}",

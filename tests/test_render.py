@@ -100,6 +100,18 @@ def test_uneven_pipeline_and_vpp_flags():
     assert "--no-persist-layer-norm" in text and "--no-rope-fusion" in text
 
 
+@pytest.mark.parametrize("te", [False, True])
+def test_local_modules_run_without_apex(te):
+    """Megatron-LM defaults gradient-accumulation fusion and the masked-softmax kernel on; both are
+    Apex CUDA extensions, and without them a local-module run fails at model build (seen on
+    2 x H200). The softmax runs in fp32, as megatron-core's config and the runtime run it and the
+    cost model prices it (Megatron-LM alone defaults it to bf16). A TE render leaves these alone."""
+    plan = build_plan(make_spec(TINY_DENSE, **{"backend.transformer_engine": te}))
+    text = render_launch(plan, RenderOptions(engine="megatron-lm"))["launch.sh"]
+    for flag in ("--no-gradient-accumulation-fusion", "--no-masked-softmax-fusion", "--attention-softmax-in-fp32"):
+        assert (flag in text) is not te
+
+
 HOSTILE = ['x"; touch PWNED; echo "', "$(touch PWNED)", "`touch PWNED`", "a'b; touch PWNED", "${IFS}touch${IFS}PWNED"]
 
 

@@ -1,0 +1,147 @@
+"""Run the Megatron-LM launch that megacpp renders, and record what it held and how fast it ran.
+
+On a GPU host with megacpp, megatron-core and a Megatron-LM checkout of the spec's dialect:
+
+    MEGATRON_LM=/path/to/Megatron-LM python benchmarks/gpu/megatron_lm_runs.py --out DIR --specs DIR
+        [--only NAME,...] [--steps 12]
+
+Each spec is rendered with `megacpp launch SPEC --engine megatron-lm --target torchrun --dry-run`
+and its launch.sh is run as a user would run it. Megatron-LM prints no steady-state memory peak,
+so a sitecustomize.py on the run's PYTHONPATH makes every rank print
+torch.cuda.max_memory_allocated() and max_memory_reserved() when it exits. The step time is the
+median of Megatron-LM's "elapsed time per iteration" after the first three iterations; the
+losses are its "lm loss" values. Writes DIR/gpu_runs.json in run_layouts.py's format, so
+compare.py re-estimates these runs beside the runtime's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from anywhere
+from benchmarks.gpu.run_layouts import finite, run  # noqa: E402
+
+PROBE = '''import atexit
+import os
+
+
+def _report():
+    import torch
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        print(f"[megacpp-probe] rank {os.environ.get('RANK')} max_allocated_gib {torch.cuda.max_memory_allocated() / 2**30:.4f} "
+              f"max_reserved_gib {torch.cuda.max_memory_reserved() / 2**30:.4f}", flush=True)
+
+
+atexit.register(_report)
+'''
+PROBE_LINE = re.compile(r"\[megacpp-probe\] rank (\d+) max_allocated_gib ([\d.]+) max_reserved_gib ([\d.]+)")
+ITERATION = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*?elapsed time per iteration \(ms\): ([\d.]+).*?lm loss: ([\d.Ee+-]+)")
+WARMUP_ITERATIONS = 3
+
+
+def parse_logs(text: str, world: int) -> dict:
+    """Per-rank peaks from the probe lines, and per-iteration times and losses from Megatron-LM's
+    log (each line may appear twice: the console and the per-rank log files)."""
+    peaks: dict[int, tuple[float, float]] = {}
+    for rank, allocated, reserved in PROBE_LINE.findall(text):
+        peaks[int(rank)] = (float(allocated), float(reserved))
+    iterations: dict[int, tuple[float, float]] = {}
+    for it, ms, loss in ITERATION.findall(text):
+        iterations[int(it)] = (float(ms) / 1e3, float(loss))
+    if sorted(peaks) != list(range(world)) or not iterations:
+        raise ValueError(f"ranks reported {sorted(peaks)} of {world}, {len(iterations)} iterations logged")
+    ordered = [iterations[i] for i in sorted(iterations)]
+    timed = [sec for sec, _ in ordered[WARMUP_ITERATIONS:]] or [sec for sec, _ in ordered]
+    return {
+        "per_rank_peak_gib": [peaks[r][0] for r in range(world)],
+        "per_rank_reserved_gib": [peaks[r][1] for r in range(world)],
+        "iteration_seconds": [sec for sec, _ in ordered],
+        "losses": [loss for _, loss in ordered],
+        "measured_step_seconds": statistics.median(timed),
+    }
+
+
+def entry(name: str, plan: dict, parsed: dict, device: dict) -> dict:
+    cand = plan["candidates"][0]
+    te = plan["spec"]["backend"]["transformer_engine"]
+    losses = parsed["losses"]
+    return {
+        "name": name,
+        "engine": "megatron-lm",
+        "layout": cand["layout"],
+        "pattern": plan["spec"]["model"]["pattern"],
+        "device": device,
+        "world_size": len(parsed["per_rank_peak_gib"]),
+        "steps": len(losses),
+        "predicted_peak_gib": cand["memory"]["peak_gib"],
+        "measured_peak_gib": max(parsed["per_rank_peak_gib"]),
+        "predicted_step_seconds": cand["time"]["step_seconds"],
+        "measured_step_seconds": parsed["measured_step_seconds"],
+        "iteration_seconds": parsed["iteration_seconds"],
+        "losses": losses,
+        "losses_finite": finite(losses),
+        "loss_falls": len(losses) > 3 and statistics.mean(losses[-3:]) < statistics.mean(losses[:3]),
+        "backend": {"transformer_engine_requested": te, "transformer_engine_used": te},
+        "per_rank_peak_gib": parsed["per_rank_peak_gib"],
+        "per_rank_reserved_gib": parsed["per_rank_reserved_gib"],
+        "spec": plan["spec"],
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--specs", type=Path, required=True)
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--only", default="")
+    ap.add_argument("--timeout", type=float, default=240)
+    args = ap.parse_args()
+    if not os.environ.get("MEGATRON_LM"):
+        print("set MEGATRON_LM to a Megatron-LM checkout of the specs' dialect", file=sys.stderr)
+        return 1
+    args.out.mkdir(parents=True, exist_ok=True)
+    log = args.out / "log.txt"
+    probe = args.out / "probe"
+    probe.mkdir(exist_ok=True)
+    (probe / "sitecustomize.py").write_text(PROBE)
+    env_path = f"{probe}:{os.environ['PYTHONPATH']}" if os.environ.get("PYTHONPATH") else str(probe)
+    only = {s for s in args.only.split(",") if s}
+    rows, failed = [], []
+    import torch
+
+    device = {"name": torch.cuda.get_device_name(), "count": torch.cuda.device_count()}
+    for spec in sorted(args.specs.glob("*.yaml")):
+        name = spec.stem
+        if only and name not in only:
+            continue
+        rundir = args.out / name
+        if run(["megacpp", "launch", str(spec), "--engine", "megatron-lm", "--target", "torchrun", "--dry-run",
+                "--steps", str(args.steps), "--out", str(rundir)], log, args.timeout) != 0:
+            failed.append(name)
+            continue
+        code = run(["env", f"PYTHONPATH={env_path}", "bash", str(rundir / "launch.sh")], log, args.timeout)
+        text = "\n".join(p.read_text(errors="replace") for p in sorted((rundir / "logs").rglob("*")) if p.is_file())
+        plan = json.loads((rundir / "plan.json").read_text())
+        try:
+            row = entry(name, plan, parse_logs(text, plan["world_size"]), device)
+        except ValueError as exc:
+            print(f"{name}: FAILED (exit {code}): {exc} (see {log})", flush=True)
+            failed.append(name)
+            continue
+        rows.append(row)
+        print(f"{name}: peak {row['measured_peak_gib']:.2f} GiB (planned {row['predicted_peak_gib']:.2f}), "
+              f"step {row['measured_step_seconds']:.3f} s (planned {row['predicted_step_seconds']:.3f}), "
+              f"loss {row['losses'][0]:.2f} -> {row['losses'][-1]:.2f}", flush=True)
+        (args.out / "gpu_runs.json").write_text(json.dumps({"runs": rows, "failed": failed}, indent=1) + "\n")
+    (args.out / "gpu_runs.json").write_text(json.dumps({"runs": rows, "failed": failed}, indent=1) + "\n")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
