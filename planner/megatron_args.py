@@ -184,7 +184,7 @@ def megatron_args(ctx: Context, cand: Candidate, opts: TrainOptions) -> list[str
         # (fused_softmax.py:31). Off, the local path runs the torch softmax the cost model prices,
         # in fp32 as megatron-core's TransformerConfig and megacpp's runtime run it: Megatron-LM
         # alone defaults it to bf16 (arguments.py lists attention_softmax_in_fp32 among its
-        # "incompatible defaults"), which on 2 x H200 put the peak 29-35% under the plan.
+        # "incompatible defaults"), which on 2 x H200 put the peak 27-37% under the plan.
         a += ["--transformer-impl", "local", "--no-persist-layer-norm", "--no-rope-fusion",
               "--no-gradient-accumulation-fusion", "--no-masked-softmax-fusion", "--attention-softmax-in-fp32"]
     a += ["--tokenizer-type", "NullTokenizer", "--vocab-size", str(model.vocab_size)]

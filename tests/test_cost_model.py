@@ -79,16 +79,21 @@ def test_imbalance_turns_memory_and_time_into_a_band():
 
 def test_predictions_stay_close_to_every_committed_gpu_run():
     """Regression guard on the measured evidence (benchmarks/gpu/compare.py prints the table): every
-    stage without expert parallelism within 2% (no routing in its peak), every stage within 8%,
-    and the median step-time error within 10%."""
-    rows, expert_parallel = [], []
+    runtime stage without expert parallelism within 2% (no routing in its peak), every stage within
+    8%, and the median step-time error within 10%. Megatron-LM's own runs of the rendered launch
+    (gpu_runs_h200x2_megatronlm.json) hold 0.2-1.3 GiB less than the runtime on the same layouts:
+    within 5% of the plan, never above it."""
+    rows, expert_parallel, megatron_lm = [], [], []
     for _, run in committed_gpu_runs():
         for row in compare(run):
             rows.append(row)
             expert_parallel.append(run["layout"]["ep"] > 1)
+            megatron_lm.append(run.get("engine") == "megatron-lm")
     assert len(rows) >= 40
-    steady = [r for r, ep in zip(rows, expert_parallel, strict=True) if not ep]
+    steady = [r for r, ep, mlm in zip(rows, expert_parallel, megatron_lm, strict=True) if not (ep or mlm)]
     assert len(steady) >= 25
+    stock = [r for r, mlm in zip(rows, megatron_lm, strict=True) if mlm]
+    assert len(stock) >= 4 and all(0 <= r["memory_error"] <= 0.05 for r in stock), stock
     worst = max(steady, key=lambda r: abs(r["memory_error"]))
     assert abs(worst["memory_error"]) <= 0.02, worst
     worst = max(rows, key=lambda r: abs(r["memory_error"]))
@@ -129,7 +134,7 @@ def test_readme_table_has_a_row_per_stage_and_the_step_once_per_run():
     rows = [{"file": name, **row} for name, run in committed_gpu_runs() for row in compare(run)]
     lines = markdown(rows).splitlines()
     assert len(lines) == 2 + len(rows)
-    pp2 = [line for line in lines if "| large-dense-pp2 |" in line]
+    pp2 = [line for line in lines if "| 2 x H200 (large) | large-dense-pp2 |" in line]
     assert [line.split("|")[3].strip() for line in pp2] == ["pp2", "pp2"]
     assert pp2[0].count("%") == 2 and pp2[1].count("%") == 1  # memory per stage, step time once
 
