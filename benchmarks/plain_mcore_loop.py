@@ -204,6 +204,9 @@ def build_config(args):
         masked_softmax_fusion=False, bias_activation_fusion=False, bias_dropout_fusion=False, apply_rope_fusion=False,
         persist_layer_norm=False, gradient_accumulation_fusion=False, transformer_impl="local",
         attention_backend=AttnBackend.local, deallocate_pipeline_outputs=True,
+        # Megatron-LM's p2p settings: batched only without interleaving (at PP=2 with VPP a batch
+        # pairs a forward and a backward transfer to the same peer by order and swaps them)
+        overlap_p2p_comm=args.vpp > 1, batch_p2p_comm=args.vpp == 1,
     )
     if args.recompute == "selective":
         kw.update(recompute_granularity="selective")
