@@ -113,6 +113,10 @@ def main() -> int:
     env_path = f"{probe}:{os.environ['PYTHONPATH']}" if os.environ.get("PYTHONPATH") else str(probe)
     only = {s for s in args.only.split(",") if s}
     rows, failed = [], []
+
+    def save() -> None:
+        (args.out / "gpu_runs.json").write_text(json.dumps({"runs": rows, "failed": failed}, indent=1) + "\n")
+
     import torch
 
     device = {"name": torch.cuda.get_device_name(), "count": torch.cuda.device_count()}
@@ -138,8 +142,8 @@ def main() -> int:
         print(f"{name}: peak {row['measured_peak_gib']:.2f} GiB (planned {row['predicted_peak_gib']:.2f}), "
               f"step {row['measured_step_seconds']:.3f} s (planned {row['predicted_step_seconds']:.3f}), "
               f"loss {row['losses'][0]:.2f} -> {row['losses'][-1]:.2f}", flush=True)
-        (args.out / "gpu_runs.json").write_text(json.dumps({"runs": rows, "failed": failed}, indent=1) + "\n")
-    (args.out / "gpu_runs.json").write_text(json.dumps({"runs": rows, "failed": failed}, indent=1) + "\n")
+        save()
+    save()
     return 1 if failed else 0
 
 
