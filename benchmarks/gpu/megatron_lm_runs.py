@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from anywhere
-from benchmarks.gpu.run_layouts import finite, run  # noqa: E402
+from benchmarks.gpu.run_layouts import loss_record, run, summary  # noqa: E402
 
 PROBE = '''import atexit
 import os
@@ -70,7 +70,6 @@ def parse_logs(text: str, world: int) -> dict:
 def entry(name: str, plan: dict, parsed: dict, device: dict) -> dict:
     cand = plan["candidates"][0]
     te = plan["spec"]["backend"]["transformer_engine"]
-    losses = parsed["losses"]
     return {
         "name": name,
         "engine": "megatron-lm",
@@ -78,15 +77,13 @@ def entry(name: str, plan: dict, parsed: dict, device: dict) -> dict:
         "pattern": plan["spec"]["model"]["pattern"],
         "device": device,
         "world_size": len(parsed["per_rank_peak_gib"]),
-        "steps": len(losses),
+        "steps": len(parsed["losses"]),
         "predicted_peak_gib": cand["memory"]["peak_gib"],
         "measured_peak_gib": max(parsed["per_rank_peak_gib"]),
         "predicted_step_seconds": cand["time"]["step_seconds"],
         "measured_step_seconds": parsed["measured_step_seconds"],
         "iteration_seconds": parsed["iteration_seconds"],
-        "losses": losses,
-        "losses_finite": finite(losses),
-        "loss_falls": len(losses) > 3 and statistics.mean(losses[-3:]) < statistics.mean(losses[:3]),
+        **loss_record(parsed["losses"]),
         "backend": {"transformer_engine_requested": te, "transformer_engine_used": te},
         "per_rank_peak_gib": parsed["per_rank_peak_gib"],
         "per_rank_reserved_gib": parsed["per_rank_reserved_gib"],
@@ -139,9 +136,7 @@ def main() -> int:
             failed.append(name)
             continue
         rows.append(row)
-        print(f"{name}: peak {row['measured_peak_gib']:.2f} GiB (planned {row['predicted_peak_gib']:.2f}), "
-              f"step {row['measured_step_seconds']:.3f} s (planned {row['predicted_step_seconds']:.3f}), "
-              f"loss {row['losses'][0]:.2f} -> {row['losses'][-1]:.2f}", flush=True)
+        print(summary(name, row), flush=True)
         save()
     save()
     return 1 if failed else 0

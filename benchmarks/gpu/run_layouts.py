@@ -41,8 +41,23 @@ def finite(values: list) -> bool:
     return bool(values) and all(isinstance(x, (int, float)) and x == x and abs(x) != float("inf") for x in values)
 
 
+def loss_record(losses: list) -> dict:
+    """A run's losses, whether they are all finite, and whether the last three average below the first three."""
+    return {
+        "losses": losses,
+        "losses_finite": finite(losses),
+        "loss_falls": len(losses) > 3 and statistics.mean(losses[-3:]) < statistics.mean(losses[:3]),
+    }
+
+
+def summary(name: str, row: dict, extra: str = "") -> str:
+    """One console line per run: peak and step against the plan, first and last loss."""
+    return (f"{name}: peak {row['measured_peak_gib']:.2f} GiB (planned {row['predicted_peak_gib']:.2f}), "
+            f"step {row['measured_step_seconds']:.3f} s (planned {row['predicted_step_seconds']:.3f}), "
+            f"loss {row['losses'][0]:.2f} -> {row['losses'][-1]:.2f}{extra}")
+
+
 def entry(name: str, report: dict) -> dict:
-    losses = report.get("losses") or []
     ranks = report.get("ranks", [])
     return {
         "name": name,
@@ -56,9 +71,7 @@ def entry(name: str, report: dict) -> dict:
         "predicted_step_seconds": report.get("predicted_step_seconds"),
         "measured_step_seconds": report.get("measured_step_seconds"),
         "tokens_per_second": report.get("tokens_per_second"),
-        "losses": losses,
-        "losses_finite": finite(losses),
-        "loss_falls": len(losses) > 3 and statistics.mean(losses[-3:]) < statistics.mean(losses[:3]),
+        **loss_record(report.get("losses") or []),
         "adapters": report.get("adapters"),
         "backend": report.get("backend"),
         "predicted_peak_gib_per_stage": report.get("predicted", {}).get("peak_gib"),
@@ -170,9 +183,7 @@ def main() -> int:
         extra = f"  runtime/baseline {row['runtime_over_baseline']}" if "runtime_over_baseline" in row else ""
         launch_us = [h["launch_us"] for h in row["per_rank_host"] if h]
         extra += f"  host {max(launch_us):.1f} us/op" if launch_us else ""
-        print(f"{name}: peak {row['measured_peak_gib']:.2f} GiB (planned {row['predicted_peak_gib']:.2f}), "
-              f"step {row['measured_step_seconds']:.3f} s (planned {row['predicted_step_seconds']:.3f}), "
-              f"loss {row['losses'][0]:.2f} -> {row['losses'][-1]:.2f}{extra}  [{time.time() - start:.0f} s]", flush=True)
+        print(summary(name, row, f"{extra}  [{time.time() - start:.0f} s]"), flush=True)
         save()
     save()
     return 1 if failed else 0
