@@ -22,7 +22,11 @@ left out; the median of five replays):
   `mamba_split_conv1d_scan_combined` (causal conv, SSD chunked scan with chunk 128, D skip and the
   silu(z) gate) for H heads of head dim 64, 8 groups and state N over S tokens; only with
   mamba-ssm and causal-conv1d installed;
-- `elementwise`: bandwidth of a copy, an add and an fp32 softmax by tensor size.
+- `elementwise`: bandwidth of a copy, an add and an fp32 softmax by tensor size;
+- `fused_attention`: forward plus backward of Transformer Engine's DotProductAttention (causal,
+  bf16, sequence-first, 4 query heads per KV group as in the GQA recipes; only with Transformer
+  Engine installed) for B batch x heads, S tokens and head dim D, the core attention that
+  megatron-core's TE layer spec runs instead of the unfused matmuls and softmax.
 
 Needs torch, and megacpp with megatron-core installed for the softmax and the recurrence. The output for a preset
 is committed as planner/rates/<gpu>.json, which planner/kernel_rates.py reads.
@@ -84,6 +88,23 @@ def timed(fn, min_seconds: float = 0.005) -> float:
         replays.append(start.elapsed_time(end) / 1e3 / calls)
     del graph
     return statistics.median(replays)
+
+
+def timed_eagerly(fn, calls: int = 20) -> float:
+    """GPU-clock seconds per call of `fn` run `calls` times back to back without a graph (the
+    host runs ahead of large kernels, so their launches hide); the median of five rounds."""
+    for _ in range(3):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    rounds = []
+    for _ in range(5):
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        rounds.append(start.elapsed_time(end) / 1e3 / calls)
+    return statistics.median(rounds)
 
 
 def linear_rows(dtype: torch.dtype) -> list[dict]:
@@ -214,6 +235,42 @@ def ssd_rows() -> list[dict]:
     return rows
 
 
+FUSED_B = (8, 16, 32, 64, 128)
+FUSED_S = (1024, 2048, 4096, 8192, 16384)
+FUSED_D = (64, 128)
+FUSED_QUERY_PER_GROUP = 4
+
+
+def fused_attention_rows() -> list[dict]:
+    import transformer_engine.pytorch as te
+
+    rows = []
+    for d in FUSED_D:
+        for b in FUSED_B:
+            groups = max(1, b // FUSED_QUERY_PER_GROUP)
+            attention = te.DotProductAttention(b, d, num_gqa_groups=groups, attn_mask_type="causal", qkv_format="sbhd")
+            for s in FUSED_S:
+                # one sequence of b heads, [s, 1, heads, d] as megatron-core's TE attention lays it out
+                q = torch.randn(s, 1, b, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                k, v = (torch.randn(s, 1, groups, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+                g = torch.randn(s, 1, b * d, device="cuda", dtype=torch.bfloat16)
+
+                def step(q=q, k=k, v=v, g=g, attention=attention) -> None:
+                    attention(q, k, v).backward(g)
+                    q.grad = k.grad = v.grad = None
+
+                try:
+                    seconds = timed(step)
+                except RuntimeError:  # a cuDNN graph that will not be captured: time it eagerly
+                    torch.cuda.synchronize()
+                    seconds = timed_eagerly(step)
+                # causal: half of the 4 B S^2 D forward FLOPs, x 3.5 with the backward's five matmuls
+                rows.append({"b": b, "s": s, "d": d, "seconds": seconds, "tflops": round(7 * b * s * s * d / seconds / 1e12, 1)})
+                del q, k, v, g
+            torch.cuda.empty_cache()
+    return rows
+
+
 def elementwise_rows() -> list[dict]:
     rows = []
     for mib in ELEMENTWISE_MIB:
@@ -236,7 +293,7 @@ def elementwise_rows() -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
-    alone = {"ssd": ssd_rows}  # tables that can be measured into an existing file
+    alone = {"ssd": ssd_rows, "fused_attention": fused_attention_rows}  # tables that can be measured into an existing file
     ap.add_argument("--only", choices=sorted(alone), help="measure this table alone and merge it into --out")
     args = ap.parse_args(argv)
     if args.only:
