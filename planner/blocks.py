@@ -168,6 +168,7 @@ class Gemms:
     attention: tuple[int, int, int] | None = None
     recurrence: tuple[int, int, int] | None = None
     ssd: tuple[int, int, int, int] | None = None  # M: (heads, tokens, head dim, state) on one rank
+    fused_attention: tuple[int, int, int, int] | None = None  # A with TE: (batch x heads, sequence, head dim, CP)
     other_flops: float = 0.0
 
     @property
@@ -196,7 +197,7 @@ def block_gemms(ctx: Context, letter: str, lay: Layout, load: float = 1.0) -> Ge
         linears = ((t, h, (heads + 2 * groups) * d // tp, 1), (t, heads * d // tp, h, 1))
         core = 2 * heads * d * ctx.seq * t / tp  # causal QK^T and PV, as block_flops counts them
         if ctx.te:
-            return Gemms(linears, other_flops=core)
+            return Gemms(linears, fused_attention=(lay.micro_batch_size * heads // tp, ctx.seq, d, lay.cp), other_flops=core)
         return Gemms(linears, attention=(lay.micro_batch_size * heads // tp, ctx.seq // lay.cp, d))
     if letter == "D":
         mlp = model.mlp

@@ -73,15 +73,20 @@ def observe(run: dict[str, Any]) -> Observation:
     )
 
 
-def _solve(rows: list[list[float]], rhs: list[float]) -> list[float]:
-    """Least squares by the normal equations (a handful of unknowns), Gaussian elimination."""
+def _normal_equations(rows: list[list[float]], rhs: list[float]) -> list[list[float]]:
     k = len(rows[0])
-    a = [[sum(r[i] * r[j] for r in rows) for j in range(k)] + [sum(r[i] * b for r, b in zip(rows, rhs, strict=True))]
-         for i in range(k)]
+    return [[sum(r[i] * r[j] for r in rows) for j in range(k)] + [sum(r[i] * b for r, b in zip(rows, rhs, strict=True))]
+            for i in range(k)]
+
+
+def _eliminate(a: list[list[float]]) -> list[float] | None:
+    """Gauss-Jordan on an augmented k x (k+1) system; None where a column is a combination of the others."""
+    k = len(a)
+    scale = max(abs(a[i][i]) for i in range(k))
     for col in range(k):
         pivot = max(range(col, k), key=lambda r: abs(a[r][col]))
-        if abs(a[pivot][col]) < 1e-18:
-            raise PlanError("calibrate: the runs do not separate the block kinds' overheads; add runs of other shapes")
+        if abs(a[pivot][col]) <= 1e-12 * scale:
+            return None
         a[col], a[pivot] = a[pivot], a[col]
         for r in range(k):
             if r != col:
@@ -90,26 +95,68 @@ def _solve(rows: list[list[float]], rhs: list[float]) -> list[float]:
     return [a[i][k] / a[i][i] for i in range(k)]
 
 
+def _solve(rows: list[list[float]], rhs: list[float], prior: list[float]) -> tuple[list[float], bool]:
+    """Least squares by the normal equations (a handful of unknowns), and whether the runs determine
+    every unknown. Where they do not (one letter's count a combination of the others' in every
+    run), the undetermined combination keeps `prior`: a ridge term 1e-9 of the largest diagonal
+    pulls toward it, which moves determined overheads by far less than their rounding."""
+    a = _normal_equations(rows, rhs)
+    determined = _eliminate([row[:] for row in a]) is not None
+    lam = 1e-9 * max(a[i][i] for i in range(len(a)))
+    for i, p in enumerate(prior):
+        a[i][i] += lam
+        a[i][-1] += lam * p
+    x = _eliminate(a)
+    if x is None:  # no run has any unit of these letters
+        raise PlanError("calibrate: the runs do not separate the block kinds' overheads; add runs of other shapes")
+    return x, determined
+
+
+def tied(observations: list[Observation]) -> list[tuple[str, ...]]:
+    """The block letters grouped by their unit columns: letters whose units are proportional in
+    every run (A and D in runs of dense (AD) layers only) cannot be told apart by any fit, so they
+    share one overhead per block."""
+    letters = sorted({letter for o in observations for letter in o.units})
+    groups: dict[tuple[float, ...], list[str]] = {}
+    for letter in letters:
+        column = [o.units.get(letter, 0.0) for o in observations]
+        top = max(column)
+        groups.setdefault(tuple(round(u / top, 9) for u in column), []).append(letter)
+    return [tuple(g) for g in groups.values()]
+
+
+def determined(observations: list[Observation]) -> bool:
+    """Whether the runs pin every (tied) letter's overhead down, rather than only combinations."""
+    groups = tied(observations)
+    rows = [[sum(o.units.get(letter, 0.0) for letter in g) / o.measured_seconds for g in groups] for o in observations]
+    return len(observations) >= len(groups) and _solve(rows, [0.0] * len(rows), [0.0] * len(groups))[1]
+
+
 def fit(observations: list[Observation], base: Efficiency = DEFAULT_EFFICIENCY) -> Efficiency:
-    """Per-letter overheads minimising the relative error of measured - base = sum units * overhead."""
+    """Per-letter overheads minimising the relative error of measured - base = sum units * overhead;
+    tied letters (see `tied`) get one shared overhead."""
     if len(observations) < 2:
         raise PlanError("calibrate needs at least two measured runs")
     te = observations[0].te
     if any(o.te != te for o in observations):
         raise PlanError("calibrate runs with and without Transformer Engine separately; their overheads differ")
-    free = sorted({letter for o in observations for letter in o.units})
+    free = tied(observations)
+    table = "te_block_overhead_s" if te else "block_overhead_s"
+    prior_table = dict(getattr(base, table) or base.block_overhead_s)  # TE without its own defaults: the local ones
     while True:
         if len(observations) < len(free):
-            raise PlanError(f"calibrate: {len(observations)} runs cannot fit {len(free)} block kinds ({', '.join(free)}); add runs")
-        rows = [[o.units.get(letter, 0.0) / o.measured_seconds for letter in free] for o in observations]
+            kinds = ", ".join("=".join(g) for g in free)
+            raise PlanError(f"calibrate: {len(observations)} runs cannot fit {len(free)} block kinds ({kinds}); add runs")
+        rows = [[sum(o.units.get(letter, 0.0) for letter in g) / o.measured_seconds for g in free] for o in observations]
         rhs = [(o.measured_seconds - o.base_seconds) / o.measured_seconds for o in observations]
-        values = dict(zip(free, _solve(rows, rhs), strict=True)) if free else {}
-        negative = [letter for letter, v in values.items() if v < 0]
+        prior = [sum(prior_table.get(letter, 0.0) for letter in g) / len(g) for g in free]
+        values = dict(zip(free, _solve(rows, rhs, prior)[0], strict=True)) if free else {}
+        negative = [g for g, v in values.items() if v < 0]
         if not negative:
             break
-        free = [letter for letter in free if letter not in negative]  # clamp at zero and refit the rest
-    fitted = {**{letter: 0.0 for o in observations for letter in o.units}, **values}
-    table = "te_block_overhead_s" if te else "block_overhead_s"
+        free = [g for g in free if g not in negative]  # clamp at zero and refit the rest
+    fitted = {**{letter: 0.0 for o in observations for letter in o.units},
+              **{letter: v for g, v in values.items() for letter in g}}
     kept = {letter: v for letter, v in getattr(base, table) if letter not in fitted}
     return replace(base, **{table: tuple(sorted({**kept, **fitted}.items()))})
 
@@ -145,6 +192,8 @@ def calibrate(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "cluster": clusters[0],
         "transformer_engine": te,
         "block_overhead_s": {letter: round(v, 6) for letter, v in (eff.te_block_overhead_s if te else eff.block_overhead_s)},
+        "tied": ["".join(g) for g in tied(observations) if len(g) > 1],
+        "determined": determined(observations),
         "fitted_on": [
             {"name": o.name, "measured_s": round(o.measured_seconds, 4), "fitted_s": round(predict(o, eff), 4),
              "uncalibrated_s": round(predict(o, DEFAULT_EFFICIENCY), 4)}

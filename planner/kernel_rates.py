@@ -9,7 +9,9 @@ which the step model prices separately, is left out):
 - megatron-core's scale-mask-softmax on its torch path (fp32 cast, causal masked_fill, softmax,
   bf16 cast), forward alone and forward plus backward, over batch x heads and sequence length;
 - the R block's chunked scan (runtime/worker/recurrent.py, fp32, forward plus backward) over
-  heads and sequence length.
+  heads and sequence length;
+- Transformer Engine's fused causal attention (DotProductAttention, cuDNN, forward plus backward)
+  over batch x heads and sequence length, where the table has it.
 
 Its output on one GPU of a kind is committed as `rates/<gpu>.json` and read here for the presets
 in TABLES. A GEMM between grid points takes the log-linear interpolation of its neighbours' times;
@@ -66,6 +68,7 @@ class KernelRates:
     ssd: dict[int, Grid]  # state size -> (heads, tokens) -> the M block's conv + SSD scan, head dim 64 (may be empty)
     softmax: Grid  # (batch x heads, tokens) -> forward + backward seconds of the unfused softmax
     softmax_forward: Grid  # the same, forward alone
+    fused_attention: dict[int, Grid]  # head dim -> (batch x heads, tokens) -> TE's fused attention (may be empty)
 
     def linear_seconds(self, m: float, k: int, n: int) -> float:
         return self.linear.seconds((m, k, n)) if m and k and n else 0.0
@@ -77,6 +80,16 @@ class KernelRates:
         """The unfused softmax's forward and backward, plus the forwards that recompute repeats."""
         point = (batch_heads, tokens)
         return self.softmax.seconds(point) + (forwards - 1) * self.softmax_forward.seconds(point)
+
+    def fused_attention_seconds(self, batch_heads: int, tokens: int, head_dim: int, cp: int = 1) -> float | None:
+        """TE's fused causal attention forward and backward on one rank, or None where the table
+        has no such rows. Under context parallelism a rank computes 1/cp of the sequence's causal
+        attention (TE's load-balanced ring): priced as that share of the whole sequence's kernel
+        time (on 2 x H200, CP2 at sequence 4096 and 16384: -5% and -12% of the profiled attention
+        kernels, benchmarks/results/gpu_runs_h200x2_te.json)."""
+        if not self.fused_attention:
+            return None
+        return _nearest(self.fused_attention, head_dim).seconds((batch_heads, tokens)) / cp
 
     def recurrence_seconds(self, batch_heads: int, tokens: int, head_dim: int) -> float:
         return _nearest(self.recurrence, head_dim).seconds((batch_heads, tokens))
@@ -125,6 +138,7 @@ def kernel_rates(cluster_name: str) -> KernelRates | None:
              for n in sorted({r["n"] for r in doc.get("ssd", [])})},
         softmax=_grid(doc["softmax"], ("b", "s"), (1, 2)),
         softmax_forward=_grid([{**r, "seconds": r["forward_seconds"]} for r in doc["softmax"]], ("b", "s"), (1, 2)),
+        fused_attention=_per_head_dim(doc.get("fused_attention", []), "b", 2),
     )
 
 

@@ -46,6 +46,9 @@ def _template(name: str) -> jinja2.Template:
     return env.from_string(text)
 
 
+APEX_PROBE = "NO_APEX_FUSION"
+
+
 def _arg_lines(args: list[str]) -> list[str]:
     """Group `--flag value...` onto one line each, every token shell-quoted."""
     lines: list[list[str]] = []
@@ -86,6 +89,14 @@ def render_launch(plan: Plan, opts: RenderOptions) -> dict[str, str]:
         ]
         program = f'"$MEGATRON_LM/{entry_point(ctx)}"'  # a fixed file name, never spec text
         command = [program, *_arg_lines(megatron_args(ctx, cand, opts.train))]
+        if ctx.te:
+            # Megatron-LM turns gradient-accumulation fusion on by default; its output layer (a
+            # ColumnParallelLinear even under TE) then needs Apex's fused_weight_gradient_mlp_cuda
+            # and refuses to build without it (layers.py:925, seen on 2 x H200 with TE 2.20 and no
+            # Apex). Keep the fusion where Apex has the kernel (NGC images), turn it off elsewhere.
+            preamble.append(f'{APEX_PROBE}=""; python3 -c "import fused_weight_gradient_mlp_cuda" 2>/dev/null '
+                            f'|| {APEX_PROBE}="--no-gradient-accumulation-fusion"')
+            command.append(f"${APEX_PROBE}")  # unquoted on purpose: empty, or the one fixed flag
     else:
         preamble = []
         worker = ["-m", "megacpp.runtime.worker", "--plan", "plan.json", "--candidate", str(opts.candidate),

@@ -249,6 +249,12 @@ def _band(value: float, high: float | None, digits: int) -> str:
 def calibration_table(profile: dict[str, Any]) -> None:
     per_block = ", ".join(f"{letter} {v * 1e3:.2f} ms" for letter, v in profile["block_overhead_s"].items())
     out.print(f"[bold]{profile['cluster']}[/]: overhead per block per micro-batch (forward + backward): {per_block}")
+    if not profile.get("determined", True):
+        out.print("these runs do not separate every block kind (one kind's count is a combination of the others' in "
+                  "every run): what they leave open keeps the shipped overheads; add runs of other shapes to fit it")
+    for group in profile.get("tied", []):
+        out.print(f"{', '.join(group)} come in the same proportion in every run, so no fit can tell them apart: "
+                  "they share one overhead; add runs where they differ to separate them")
     loo = {r["name"]: r for r in profile["leave_one_out"]}
     table = Table(header_style="bold")
     for col in ("run", "measured s", "uncalibrated s", "fitted s", "left-out fit s", "left-out error"):

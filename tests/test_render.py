@@ -105,11 +105,34 @@ def test_local_modules_run_without_apex(te):
     """Megatron-LM defaults gradient-accumulation fusion and the masked-softmax kernel on; both are
     Apex CUDA extensions, and without them a local-module run fails at model build (seen on
     2 x H200). The softmax runs in fp32, as megatron-core's config and the runtime run it and the
-    cost model prices it (Megatron-LM alone defaults it to bf16). A TE render leaves these alone."""
+    cost model prices it (Megatron-LM alone defaults it to bf16). A TE render leaves the softmax
+    alone and probes for Apex before it turns the fusion off (the test below)."""
     plan = build_plan(make_spec(TINY_DENSE, **{"backend.transformer_engine": te}))
     text = render_launch(plan, RenderOptions(engine="megatron-lm"))["launch.sh"]
-    for flag in ("--no-gradient-accumulation-fusion", "--no-masked-softmax-fusion", "--attention-softmax-in-fp32"):
+    for flag in ("--no-gradient-accumulation-fusion \\", "--no-masked-softmax-fusion", "--attention-softmax-in-fp32"):
         assert (flag in text) is not te
+
+
+@pytest.mark.parametrize("apex", [False, True])
+def test_te_launch_keeps_gradient_fusion_only_where_apex_has_it(apex, tmp_path):
+    """Under TE, Megatron-LM's output layer needs Apex's fused wgrad kernel for its default
+    gradient-accumulation fusion (a TE run without Apex failed at model build on 2 x H200). The
+    script probes for the kernel and turns the fusion off only where it is missing."""
+    plan = build_plan(make_spec(TINY_DENSE, **{"backend.transformer_engine": True}), top=1)
+    script = tmp_path / "run" / "launch.sh"
+    script.parent.mkdir()
+    script.write_text(render_launch(plan, RenderOptions(engine="megatron-lm"))["launch.sh"])
+    site = tmp_path / "site"
+    site.mkdir()
+    if apex:
+        (site / "fused_weight_gradient_mlp_cuda.py").write_text("")
+    env = {**os.environ, "PATH": f"{_fake_bin(tmp_path)}:{os.environ['PATH']}", "ARGV_OUT": str(tmp_path / "argv"),
+           "MEGATRON_LM": str(tmp_path / "mlm"), "PYTHONPATH": str(site)}
+    proc = subprocess.run(["bash", str(script)], cwd=script.parent, env=env, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    argv = (tmp_path / "argv").read_text().splitlines()
+    assert "--transformer-impl" in argv and argv[-1] != ""
+    assert ("--no-gradient-accumulation-fusion" in argv) is not apex
 
 
 HOSTILE = ['x"; touch PWNED; echo "', "$(touch PWNED)", "`touch PWNED`", "a'b; touch PWNED", "${IFS}touch${IFS}PWNED"]
