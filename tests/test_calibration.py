@@ -97,6 +97,19 @@ def test_calibrate_the_committed_gpu_runs_reproduces_the_shipped_defaults():
     assert len(errors) == len(runs) and sorted(errors)[len(errors) // 2] < 0.10  # median left-out error (0.074 when fitted)
 
 
+def test_calibrate_the_committed_te_runs_reproduces_the_shipped_te_defaults():
+    """planner/cost.py MEASURED_TE_BLOCK_OVERHEAD_S (A, D, E) is the fit on the ten TE runs."""
+    runs = [r for name in ("gpu_runs_h200x1_te.json", "gpu_runs_h200x2_te.json")
+            for r in json.loads((RESULTS / name).read_text())["runs"]]
+    profile = calibrate(runs)
+    assert profile["transformer_engine"] is True and len(profile["fitted_on"]) == 10
+    for letter in ("A", "D", "E"):
+        assert profile["block_overhead_s"][letter] == pytest.approx(DEFAULT_EFFICIENCY.overhead(letter, te=True), abs=5e-5)
+    assert DEFAULT_EFFICIENCY.overhead("E", te=True) != DEFAULT_EFFICIENCY.overhead("E")  # its own table
+    errors = sorted(abs(r["error"]) for r in profile["leave_one_out"])
+    assert errors[len(errors) // 2] < 0.10 and sum(e <= 0.15 for e in errors) >= 7
+
+
 def test_profile_round_trip_and_bad_profiles():
     profile = calibrate([r for path in GPU_RUNS for r in json.loads(path.read_text())["runs"]])
     eff = efficiency_from_profile(json.loads(json.dumps(profile)))

@@ -82,7 +82,8 @@ def test_matmul_time_matches_the_profiled_matmul_kernels():
     """The runs with a kernel profile (one extra step under torch.profiler): the table's matmul
     time per stage against the GPU time of the step's GEMM kernels, which no host speed affects.
     Stages with R or M blocks are left out: the table times the whole R scan and the M block's conv
-    and SSD scan (Triton kernels), elementwise work included."""
+    and SSD scan (Triton kernels), elementwise work included. With Transformer Engine the matmul
+    term holds the fused attention too, which the profile files with the attention kernels."""
     errors = []
     for _, run in committed_gpu_runs():
         profiles = run.get("per_rank_profile") or []
@@ -99,8 +100,36 @@ def test_matmul_time_matches_the_profiled_matmul_kernels():
             seconds = sum(matmul_seconds(ctx, lay, b, DEFAULT_EFFICIENCY) for b in blocks)
             if any(s.output_head for s in mine):
                 seconds += matmul_seconds(ctx, lay, "head", DEFAULT_EFFICIENCY)
-            measured = statistics.median(q["kernel_seconds"]["matmul"] for q in profiles[p * per_stage:(p + 1) * per_stage])
+            kinds = ("matmul", "attention_softmax") if ctx.te else ("matmul",)
+            measured = statistics.median(sum(q["kernel_seconds"].get(k, 0.0) for k in kinds)
+                                         for q in profiles[p * per_stage:(p + 1) * per_stage])
             errors.append(seconds * lay.num_microbatches / measured - 1)
     assert len(errors) >= 20
     assert max(map(abs, errors)) <= 0.20
     assert statistics.median(map(abs, errors)) <= 0.10
+
+
+def test_fused_attention_time_matches_the_profiled_attention_kernels():
+    """TE runs with a kernel profile: the fused-attention table's time per stage (1/CP of the
+    whole sequence's causal attention under CP) against the GPU time of the step's attention
+    kernels."""
+    errors = []
+    for _, run in committed_gpu_runs():
+        profiles = run.get("per_rank_profile") or []
+        if not profiles or not profiles[0] or not run["backend"]["transformer_engine_used"]:
+            continue
+        ctx, lay = make_context(run_spec(run)), Layout.from_dict(run["layout"])
+        rates = kernel_rates(ctx.cluster.name)
+        _, stages = assign_stages(ctx, lay.pp, lay.vpp)
+        gemms = block_gemms(ctx, "A", lay)
+        assert gemms.fused_attention is not None and gemms.attention is None
+        per_block = rates.fused_attention_seconds(*gemms.fused_attention)
+        again = 4 / 3 if ctx.spec.training.recompute != "none" else 1.0  # recompute repeats the forward
+        per_stage = run["world_size"] // lay.pp
+        for p in range(lay.pp):
+            count = "".join(s.blocks for s in stages if s.pp_rank == p).count("A")
+            measured = statistics.median(q["kernel_seconds"]["attention_softmax"] for q in profiles[p * per_stage:(p + 1) * per_stage])
+            errors.append(count * per_block * again * lay.num_microbatches / measured - 1)
+    assert len(errors) >= 15
+    assert max(map(abs, errors)) <= 0.25 and statistics.median(map(abs, errors)) <= 0.10, errors
+
