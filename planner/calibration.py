@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
-from megacpp.planner.cost import DEFAULT_EFFICIENCY, Efficiency, estimate
+from megacpp.planner.cost import DEFAULT_EFFICIENCY, Efficiency, estimate, small_kernel_seconds
 from megacpp.planner.errors import PlanError
 from megacpp.planner.layout import Layout
 from megacpp.planner.loading import spec_from_dict
@@ -29,7 +29,9 @@ from megacpp.planner.spec import Spec
 from megacpp.planner.stages import assign_stages
 
 PROFILE_SCHEMA = "megacpp.profile/2"
-NO_OVERHEAD = replace(DEFAULT_EFFICIENCY, block_overhead_s=(), te_block_overhead_s=())
+NO_OVERHEAD = replace(DEFAULT_EFFICIENCY, block_overhead_s=(), te_block_overhead_s=(), small_kernel_traffic=0.0,
+                      te_small_kernel_traffic=0.0)
+SMALL = ("small kernels",)  # the fit's column for Efficiency.traffic, beside the letters' groups
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,7 @@ class Observation:
     base_seconds: float  # the model's step time with no block overhead
     units: dict[str, float]  # block x micro-batch slots per letter on the busiest rank (x passes / 3)
     measured_seconds: float
+    small_units: float = 0.0  # cost.small_kernel_seconds of the busiest rank's blocks, x the same slots
 
 
 def run_spec(run: dict[str, Any]) -> Spec:
@@ -63,6 +66,7 @@ def observe(run: dict[str, Any]) -> Observation:
     counts = [{letter: "".join(s.blocks for s in stages if s.pp_rank == p).count(letter) for letter in ctx.letters}
               for p in range(lay.pp)]
     busiest = max(counts, key=lambda c: sum(c.values()))
+    blocks = max(("".join(s.blocks for s in stages if s.pp_rank == p) for p in range(lay.pp)), key=len)
     return Observation(
         name=str(run.get("name") or spec.name),
         cluster=ctx.cluster.name,
@@ -70,6 +74,7 @@ def observe(run: dict[str, Any]) -> Observation:
         base_seconds=est.step_seconds,
         units={letter: n * scale for letter, n in busiest.items() if n},
         measured_seconds=float(run["measured_step_seconds"]),
+        small_units=small_kernel_seconds(ctx, lay, blocks) * scale,
     )
 
 
@@ -98,18 +103,24 @@ def _eliminate(a: list[list[float]]) -> list[float] | None:
 def _solve(rows: list[list[float]], rhs: list[float], prior: list[float]) -> tuple[list[float], bool]:
     """Least squares by the normal equations (a handful of unknowns), and whether the runs determine
     every unknown. Where they do not (one letter's count a combination of the others' in every
-    run), the undetermined combination keeps `prior`: a ridge term 1e-9 of the largest diagonal
-    pulls toward it, which moves determined overheads by far less than their rounding."""
-    a = _normal_equations(rows, rhs)
+    run), the answer is the least-squares solution nearest `prior`, measured in units that give
+    every unknown's column the same norm: iterated Tikhonov from the prior with a 1e-9 ridge, which
+    leaves determined values exact to far below their rounding."""
+    k = len(rows[0])
+    norms = [max(sum(r[i] ** 2 for r in rows), 1e-300) ** 0.5 for i in range(k)]
+    scaled = [[r[i] / norms[i] for i in range(k)] for r in rows]
+    a = _normal_equations(scaled, rhs)
     determined = _eliminate([row[:] for row in a]) is not None
-    lam = 1e-9 * max(a[i][i] for i in range(len(a)))
-    for i, p in enumerate(prior):
-        a[i][i] += lam
-        a[i][-1] += lam * p
-    x = _eliminate(a)
-    if x is None:  # no run has any unit of these letters
-        raise PlanError("calibrate: the runs do not separate the block kinds' overheads; add runs of other shapes")
-    return x, determined
+    y = [p * n for p, n in zip(prior, norms, strict=True)]
+    for _ in range(4):
+        ridged = [row[:k] + [row[k] + 1e-9 * y[i]] for i, row in enumerate(a)]
+        for i in range(k):
+            ridged[i][i] += 1e-9
+        solved = _eliminate(ridged)
+        if solved is None:
+            raise PlanError("calibrate: the runs do not separate the block kinds' overheads; add runs of other shapes")
+        y = solved
+    return [v / n for v, n in zip(y, norms, strict=True)], determined
 
 
 def tied(observations: list[Observation]) -> list[tuple[str, ...]]:
@@ -125,44 +136,58 @@ def tied(observations: list[Observation]) -> list[tuple[str, ...]]:
     return [tuple(g) for g in groups.values()]
 
 
+def _columns(observations: list[Observation]) -> list[tuple[str, ...]]:
+    """What a fit solves for: one overhead per group of tied letters, and the small kernels' traffic."""
+    return tied(observations) + ([SMALL] if any(o.small_units for o in observations) else [])
+
+
+def _units(o: Observation, column: tuple[str, ...]) -> float:
+    return o.small_units if column == SMALL else sum(o.units.get(letter, 0.0) for letter in column)
+
+
 def determined(observations: list[Observation]) -> bool:
-    """Whether the runs pin every (tied) letter's overhead down, rather than only combinations."""
-    groups = tied(observations)
-    rows = [[sum(o.units.get(letter, 0.0) for letter in g) / o.measured_seconds for g in groups] for o in observations]
-    return len(observations) >= len(groups) and _solve(rows, [0.0] * len(rows), [0.0] * len(groups))[1]
+    """Whether the runs pin every (tied) letter's overhead and the small kernels' traffic down,
+    rather than only combinations."""
+    columns = _columns(observations)
+    rows = [[_units(o, c) / o.measured_seconds for c in columns] for o in observations]
+    return len(observations) >= len(columns) and _solve(rows, [0.0] * len(rows), [0.0] * len(columns))[1]
 
 
 def fit(observations: list[Observation], base: Efficiency = DEFAULT_EFFICIENCY) -> Efficiency:
-    """Per-letter overheads minimising the relative error of measured - base = sum units * overhead;
-    tied letters (see `tied`) get one shared overhead."""
+    """Per-letter overheads and the small kernels' traffic minimising the relative error of
+    measured - base = sum units * overhead + small units * traffic; tied letters (see `tied`) get
+    one shared overhead."""
     if len(observations) < 2:
         raise PlanError("calibrate needs at least two measured runs")
     te = observations[0].te
     if any(o.te != te for o in observations):
         raise PlanError("calibrate runs with and without Transformer Engine separately; their overheads differ")
-    free = tied(observations)
+    free = _columns(observations)
     table = "te_block_overhead_s" if te else "block_overhead_s"
     prior_table = dict(getattr(base, table) or base.block_overhead_s)  # TE without its own defaults: the local ones
     while True:
         if len(observations) < len(free):
             kinds = ", ".join("=".join(g) for g in free)
             raise PlanError(f"calibrate: {len(observations)} runs cannot fit {len(free)} block kinds ({kinds}); add runs")
-        rows = [[sum(o.units.get(letter, 0.0) for letter in g) / o.measured_seconds for g in free] for o in observations]
+        rows = [[_units(o, c) / o.measured_seconds for c in free] for o in observations]
         rhs = [(o.measured_seconds - o.base_seconds) / o.measured_seconds for o in observations]
-        prior = [sum(prior_table.get(letter, 0.0) for letter in g) / len(g) for g in free]
+        prior = [base.traffic(te) if g == SMALL else sum(prior_table.get(letter, 0.0) for letter in g) / len(g) for g in free]
         values = dict(zip(free, _solve(rows, rhs, prior)[0], strict=True)) if free else {}
         negative = [g for g, v in values.items() if v < 0]
         if not negative:
             break
         free = [g for g in free if g not in negative]  # clamp at zero and refit the rest
+    traffic = values.pop(SMALL, 0.0)
     fitted = {**{letter: 0.0 for o in observations for letter in o.units},
               **{letter: v for g, v in values.items() for letter in g}}
     kept = {letter: v for letter, v in getattr(base, table) if letter not in fitted}
-    return replace(base, **{table: tuple(sorted({**kept, **fitted}.items()))})
+    return replace(base, **{table: tuple(sorted({**kept, **fitted}.items())),
+                            "te_small_kernel_traffic" if te else "small_kernel_traffic": traffic})
 
 
 def predict(o: Observation, eff: Efficiency) -> float:
-    return o.base_seconds + sum(units * eff.overhead(letter, o.te) for letter, units in o.units.items())
+    return (o.base_seconds + sum(units * eff.overhead(letter, o.te) for letter, units in o.units.items())
+            + o.small_units * eff.traffic(o.te))
 
 
 def leave_one_out(observations: list[Observation]) -> list[dict[str, Any]]:
@@ -192,6 +217,7 @@ def calibrate(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "cluster": clusters[0],
         "transformer_engine": te,
         "block_overhead_s": {letter: round(v, 6) for letter, v in (eff.te_block_overhead_s if te else eff.block_overhead_s)},
+        "small_kernel_traffic": round(eff.traffic(te), 4),
         "tied": ["".join(g) for g in tied(observations) if len(g) > 1],
         "determined": determined(observations),
         "fitted_on": [
@@ -209,6 +235,11 @@ def efficiency_from_profile(profile: dict[str, Any]) -> Efficiency:
     overheads = profile.get("block_overhead_s")
     if not isinstance(overheads, dict) or not all(isinstance(v, (int, float)) and v >= 0 for v in overheads.values()):
         raise PlanError("malformed cluster profile: 'block_overhead_s' must map block letters to seconds >= 0")
-    table = "te_block_overhead_s" if profile.get("transformer_engine") else "block_overhead_s"
+    te = bool(profile.get("transformer_engine"))
+    traffic = profile.get("small_kernel_traffic", DEFAULT_EFFICIENCY.traffic(te))  # profiles made before it: the default
+    if not isinstance(traffic, (int, float)) or traffic < 0:
+        raise PlanError("malformed cluster profile: 'small_kernel_traffic' must be a number >= 0")
+    table = "te_block_overhead_s" if te else "block_overhead_s"
     merged = {**dict(getattr(DEFAULT_EFFICIENCY, table)), **{str(k): float(v) for k, v in overheads.items()}}
-    return replace(DEFAULT_EFFICIENCY, **{table: tuple(sorted(merged.items()))})
+    return replace(DEFAULT_EFFICIENCY, **{table: tuple(sorted(merged.items())),
+                                          "te_small_kernel_traffic" if te else "small_kernel_traffic": float(traffic)})

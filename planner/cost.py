@@ -83,17 +83,19 @@ UNFUSED_SOFTMAX_BYTES_BACKWARD = 32.0
 # values, to the five Mamba runs in benchmarks/results/gpu_runs_h200x1_mamba.json after the SSD
 # table's scan time (least squares on relative error; left out one at a time it moves 1.7-2.7 ms).
 MEASURED_BLOCK_OVERHEAD_S = (("A", 0.0), ("D", 3.22e-3), ("E", 13.73e-3), ("M", 2.09e-3), ("R", 3.22e-3))
-# The same with Transformer Engine 2.20 modules on H200: what `megacpp calibrate
-# benchmarks/results/gpu_runs_h200x1_te.json benchmarks/results/gpu_runs_h200x2_te.json` fits to
-# the ten runs there after the fused-attention table's time. Mostly GPU time of the small kernels
-# (the profiled "other" and "copy" kernels were 0.13-0.15 s of the 0.46 s dense steps), and for E
-# the dispatcher's synchronisation as without TE. In those runs A's count is D's plus E's, so only
-# combinations are determined; the undetermined one stays at the local values (calibration.py).
-# Left out one at a time the fit predicts 8 of the 10 within 15% (median 9%; README). M is fitted
-# alone, the other letters held at these values, to the two hybrid Mamba stacks in
-# benchmarks/results/gpu_runs_h200x1_te_mamba.json (+5.1% and -7.7%; left out one at a time
-# +16.8% and -11.1%).
-MEASURED_TE_BLOCK_OVERHEAD_S = (("A", 0.00119), ("D", 0.0034), ("E", 0.0148), ("M", 0.00462))
+# The same with Transformer Engine 2.20 modules on H200, with the small kernels' GPU time as a term
+# of its own (Efficiency.te_small_kernel_traffic, cost.small_kernel_seconds): what `megacpp
+# calibrate benchmarks/results/gpu_runs_h200x1_te.json benchmarks/results/gpu_runs_h200x2_te.json`
+# fits to the ten runs there after the fused-attention table's time. TE's dense steps are
+# GPU-bound (kernels busy 94% of the step) and their small kernels take 0.13-0.15 s of 0.46 s;
+# E keeps the dispatcher's synchronisation as without TE. In those runs A's count is D's plus
+# E's, so only combinations are determined: the fit is its own fixed point, the undetermined
+# combination held at these values (calibration.py). Left out one at a time it predicts 9 of the
+# 10 within 15% (median 7.6%; README). M is fitted alone, the rest held at these values, to the
+# two hybrid Mamba stacks in benchmarks/results/gpu_runs_h200x1_te_mamba.json (+5.4% and -8.2%;
+# left out one at a time +17.7% and -11.7%).
+MEASURED_TE_SMALL_KERNEL_TRAFFIC = 8.413
+MEASURED_TE_BLOCK_OVERHEAD_S = (("A", 0.0004707), ("D", 0.002996), ("E", 0.01447), ("M", 0.00367))
 
 
 # A step whose per-block overhead is at least this share of it is bound by the host and by
@@ -124,11 +126,19 @@ class Efficiency:
     # with Transformer Engine modules (fused attention, TE norms and linears, grouped expert GEMMs);
     # R, which has no TE run, takes the local modules' value (ASSUMPTION)
     te_block_overhead_s: tuple[tuple[str, float], ...] = MEASURED_TE_BLOCK_OVERHEAD_S
+    # GPU time of the small kernels (norms, activations, rotary, casts, residual adds) as HBM
+    # traffic per byte of saved activations (small_kernel_seconds); `megacpp calibrate` fits it
+    # with the overheads: 0 for local modules, whose small kernels hide behind their host time
+    small_kernel_traffic: float = 0.0
+    te_small_kernel_traffic: float = MEASURED_TE_SMALL_KERNEL_TRAFFIC
 
     def overhead(self, letter: str, te: bool = False) -> float:
         """Seconds per block of this letter per micro-batch, forward and backward."""
         local = dict(self.block_overhead_s).get(letter, 0.0)
         return dict(self.te_block_overhead_s).get(letter, local) if te else local
+
+    def traffic(self, te: bool = False) -> float:
+        return self.te_small_kernel_traffic if te else self.small_kernel_traffic
 
 
 DEFAULT_EFFICIENCY = Efficiency()
@@ -446,6 +456,17 @@ def softmax_seconds(ctx: Context, lay: Layout, eff: Efficiency) -> float:
     return traffic / (ctx.cluster.hbm_tbps * 1e12 * eff.hbm)
 
 
+def small_kernel_seconds(ctx: Context, lay: Layout, blocks: str, load: float = 1.0) -> float:
+    """Seconds of one micro-batch's small kernels on one rank per unit of Efficiency.traffic: the
+    blocks' saved activation bytes (as without recompute; block_activation_bytes) over HBM
+    bandwidth. Those kernels read and write tensors of the activations' sizes, so their time
+    follows the tokens of a micro-batch, not the micro-batch count: on the dense TE runs of
+    benchmarks/results/gpu_runs_h200x1_te.json the profiled small kernels took 0.13-0.15 s per step
+    at eight micro-batches of 4096 tokens and four of 8192 alike."""
+    saved = sum(block_activation_bytes(ctx, letter, lay, load, recompute="none") for letter in blocks)
+    return saved * micro_batch_tokens(ctx, lay) / (ctx.cluster.hbm_tbps * 1e12)
+
+
 def estimate(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency = DEFAULT_EFFICIENCY,
              load: float = 1.0) -> Estimate:
     """Memory, communication and step time of one legal layout; `load` > 1 prices the busiest
@@ -458,14 +479,15 @@ def estimate(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency = D
     per_letter = {letter: block_flops(ctx, letter, load) for letter in ctx.letters}
     matmul = {letter: matmul_seconds(ctx, lay, letter, eff, load) for letter in [*ctx.letters, "head"]}
     softmax = softmax_seconds(ctx, lay, eff)
-    per_rank = []  # (matmul, softmax, block overhead) per micro-batch on each pipeline rank
+    per_rank = []  # (matmul, softmax, block overhead, small kernels) per micro-batch on each pipeline rank
     for p in range(lay.pp):
         mine = _rank_stages(stages, p)
         blocks = "".join(st.blocks for st in mine)
         head = any(st.output_head for st in mine)
         gemm = sum(matmul[letter] for letter in blocks) + (matmul["head"] if head else 0.0)
         host = sum(eff.overhead(letter, ctx.te) for letter in blocks)
-        per_rank.append((gemm, blocks.count("A") * softmax, host * passes / 3))
+        small = eff.traffic(ctx.te) * small_kernel_seconds(ctx, lay, blocks, load) if eff.traffic(ctx.te) else 0.0
+        per_rank.append((gemm, blocks.count("A") * softmax, host * passes / 3, small * passes / 3))
     terms = max(per_rank, key=sum)
     t_mb = sum(terms)
     m = lay.num_microbatches
@@ -479,6 +501,7 @@ def estimate(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency = D
         ("matmul", m * terms[0]),
         ("softmax", m * terms[1]),
         ("block_overhead", m * terms[2]),
+        ("small_kernels", m * terms[3]),
         ("communication", m * per_mb_comm),
         ("bubble", (pipeline_units - m) * (t_mb + per_mb_comm)),
         ("data_parallel", data_parallel),

@@ -248,7 +248,8 @@ def _band(value: float, high: float | None, digits: int) -> str:
 
 def calibration_table(profile: dict[str, Any]) -> None:
     per_block = ", ".join(f"{letter} {v * 1e3:.2f} ms" for letter, v in profile["block_overhead_s"].items())
-    out.print(f"[bold]{profile['cluster']}[/]: overhead per block per micro-batch (forward + backward): {per_block}")
+    out.print(f"[bold]{profile['cluster']}[/]: overhead per block per micro-batch (forward + backward): {per_block}; "
+              f"small kernels' traffic {profile.get('small_kernel_traffic', 0.0):g} x the saved activations")
     if not profile.get("determined", True):
         out.print("these runs do not separate every block kind (one kind's count is a combination of the others' in "
                   "every run): what they leave open keeps the shipped overheads; add runs of other shapes to fit it")
