@@ -3,16 +3,17 @@
 The step-time model (planner/cost.py) is, on the busiest pipeline rank,
 
     step = sum over (m + (p-1)/v) micro-batch slots of
-           [matmul time + softmax time + sum over blocks of overhead(letter)]
+           [matmul time + softmax time + sum over blocks of overhead(letter)
+            + traffic x small_kernel_seconds(blocks)]
            + exposed communication
 
 with matmul and softmax time from the preset's measured kernel-rate table (planner/kernel_rates.py;
 FLOPs at MAMF x matmul and bytes at HBM x hbm where a preset has none). Everything but the
-per-letter overheads comes from the tables, the hardware preset and the formulas; the overheads
-(host work, kernel launches, the MoE dispatcher's synchronisation, small kernels) are what a run
-measures beyond them. `fit` solves them by least squares on relative error, keeping
-them non-negative; `leave_one_out` reports how well each run is predicted by a fit that did not
-see it.
+per-letter overheads and the small kernels' traffic comes from the tables, the hardware preset and
+the formulas; the overheads (host work, kernel launches, the MoE dispatcher's synchronisation)
+and the small kernels' GPU time are what a run measures beyond them. `fit` solves them by least
+squares on relative error, keeping them non-negative; `leave_one_out` reports how well each run is
+predicted by a fit that did not see it.
 """
 
 from __future__ import annotations
