@@ -18,6 +18,7 @@ predicted by a fit that did not see it.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -64,16 +65,13 @@ def observe(run: dict[str, Any]) -> Observation:
     _, stages = assign_stages(ctx, lay.pp, lay.vpp)
     est = estimate(ctx, lay, stages, NO_OVERHEAD)
     scale = (lay.num_microbatches + (lay.pp - 1) / lay.vpp) * (4 if spec.training.recompute == "full" else 3) / 3
-    counts = [{letter: "".join(s.blocks for s in stages if s.pp_rank == p).count(letter) for letter in ctx.letters}
-              for p in range(lay.pp)]
-    busiest = max(counts, key=lambda c: sum(c.values()))
-    blocks = max(("".join(s.blocks for s in stages if s.pp_rank == p) for p in range(lay.pp)), key=len)
+    blocks = max(("".join(s.blocks for s in stages if s.pp_rank == p) for p in range(lay.pp)), key=len)  # the busiest rank's
     return Observation(
         name=str(run.get("name") or spec.name),
         cluster=ctx.cluster.name,
         te=spec.backend.transformer_engine,
         base_seconds=est.step_seconds,
-        units={letter: n * scale for letter, n in busiest.items() if n},
+        units={letter: n * scale for letter, n in Counter(blocks).items()},
         measured_seconds=float(run["measured_step_seconds"]),
         small_units=small_kernel_seconds(ctx, lay, blocks) * scale,
     )
@@ -101,17 +99,28 @@ def _eliminate(a: list[list[float]]) -> list[float] | None:
     return [a[i][k] / a[i][i] for i in range(k)]
 
 
-def _solve(rows: list[list[float]], rhs: list[float], prior: list[float]) -> tuple[list[float], bool]:
-    """Least squares by the normal equations (a handful of unknowns), and whether the runs determine
-    every unknown. Where they do not (one letter's count a combination of the others' in every
-    run), the answer is the least-squares solution nearest `prior`, measured in units that give
-    every unknown's column the same norm: iterated Tikhonov from the prior with a 1e-9 ridge, which
-    leaves determined values exact to far below their rounding."""
+def _scaled(rows: list[list[float]]) -> tuple[list[list[float]], list[float]]:
+    """The rows with every unknown's column scaled to norm 1, and the norms."""
     k = len(rows[0])
     norms = [max(sum(r[i] ** 2 for r in rows), 1e-300) ** 0.5 for i in range(k)]
-    scaled = [[r[i] / norms[i] for i in range(k)] for r in rows]
+    return [[r[i] / norms[i] for i in range(k)] for r in rows], norms
+
+
+def _separable(rows: list[list[float]]) -> bool:
+    """Whether the rows determine every unknown (no column a combination of the others)."""
+    scaled, _ = _scaled(rows)
+    return _eliminate(_normal_equations(scaled, [0.0] * len(rows))) is not None
+
+
+def _solve(rows: list[list[float]], rhs: list[float], prior: list[float]) -> list[float]:
+    """Least squares by the normal equations (a handful of unknowns). Where the runs do not
+    determine every unknown (one letter's count a combination of the others' in every run), the
+    answer is the least-squares solution nearest `prior`, measured in units that give every
+    unknown's column the same norm: iterated Tikhonov from the prior with a 1e-9 ridge, which
+    leaves determined values exact to far below their rounding."""
+    k = len(rows[0])
+    scaled, norms = _scaled(rows)
     a = _normal_equations(scaled, rhs)
-    determined = _eliminate([row[:] for row in a]) is not None
     y = [p * n for p, n in zip(prior, norms, strict=True)]
     for _ in range(4):
         ridged = [row[:k] + [row[k] + 1e-9 * y[i]] for i, row in enumerate(a)]
@@ -121,7 +130,7 @@ def _solve(rows: list[list[float]], rhs: list[float], prior: list[float]) -> tup
         if solved is None:
             raise PlanError("calibrate: the runs do not separate the block kinds' overheads; add runs of other shapes")
         y = solved
-    return [v / n for v, n in zip(y, norms, strict=True)], determined
+    return [v / n for v, n in zip(y, norms, strict=True)]
 
 
 def tied(observations: list[Observation]) -> list[tuple[str, ...]]:
@@ -151,7 +160,7 @@ def determined(observations: list[Observation]) -> bool:
     rather than only combinations."""
     columns = _columns(observations)
     rows = [[_units(o, c) / o.measured_seconds for c in columns] for o in observations]
-    return len(observations) >= len(columns) and _solve(rows, [0.0] * len(rows), [0.0] * len(columns))[1]
+    return len(observations) >= len(columns) and _separable(rows)
 
 
 def fit(observations: list[Observation], base: Efficiency = DEFAULT_EFFICIENCY) -> Efficiency:
@@ -173,7 +182,7 @@ def fit(observations: list[Observation], base: Efficiency = DEFAULT_EFFICIENCY) 
         rows = [[_units(o, c) / o.measured_seconds for c in free] for o in observations]
         rhs = [(o.measured_seconds - o.base_seconds) / o.measured_seconds for o in observations]
         prior = [base.traffic(te) if g == SMALL else sum(prior_table.get(letter, 0.0) for letter in g) / len(g) for g in free]
-        values = dict(zip(free, _solve(rows, rhs, prior)[0], strict=True)) if free else {}
+        values = dict(zip(free, _solve(rows, rhs, prior), strict=True)) if free else {}
         negative = [g for g, v in values.items() if v < 0]
         if not negative:
             break

@@ -463,7 +463,7 @@ def small_kernel_seconds(ctx: Context, lay: Layout, blocks: str, load: float = 1
     follows the tokens of a micro-batch, not the micro-batch count: on the dense TE runs of
     benchmarks/results/gpu_runs_h200x1_te.json the profiled small kernels took 0.13-0.15 s per step
     at eight micro-batches of 4096 tokens and four of 8192 alike."""
-    saved = sum(block_activation_bytes(ctx, letter, lay, load, recompute="none") for letter in blocks)
+    saved = sum(n * block_activation_bytes(ctx, letter, lay, load, recompute="none") for letter, n in Counter(blocks).items())
     return saved * micro_batch_tokens(ctx, lay) / (ctx.cluster.hbm_tbps * 1e12)
 
 
@@ -486,7 +486,8 @@ def estimate(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency = D
         head = any(st.output_head for st in mine)
         gemm = sum(matmul[letter] for letter in blocks) + (matmul["head"] if head else 0.0)
         host = sum(eff.overhead(letter, ctx.te) for letter in blocks)
-        small = eff.traffic(ctx.te) * small_kernel_seconds(ctx, lay, blocks, load) if eff.traffic(ctx.te) else 0.0
+        traffic = eff.traffic(ctx.te)
+        small = traffic * small_kernel_seconds(ctx, lay, blocks, load) if traffic else 0.0
         per_rank.append((gemm, blocks.count("A") * softmax, host * passes / 3, small * passes / 3))
     terms = max(per_rank, key=sum)
     t_mb = sum(terms)
