@@ -2,27 +2,37 @@
 
 The step-time model (planner/cost.py) is, on the busiest pipeline rank,
 
-    step = sum over (m + (p-1)/v) micro-batch slots of
-           [matmul time + softmax time + sum over blocks of overhead(letter)
-            + traffic x small_kernel_seconds(blocks)]
-           + exposed communication
+    step = sum over (m + (p-1)/v) micro-batch slots of per-micro-batch time + exposed communication
+    GPU time  = matmul time + softmax time + traffic x small_kernel_seconds(blocks)
+    host time = sum over blocks of overhead(letter)
+    per-micro-batch time = GPU time + host time            (local modules)
+                         = the longer of GPU and host time (Transformer Engine)
 
 with matmul and softmax time from the preset's measured kernel-rate table (planner/kernel_rates.py;
 FLOPs at MAMF x matmul and bytes at HBM x hbm where a preset has none). Everything but the
 per-letter overheads and the small kernels' traffic comes from the tables, the hardware preset and
 the formulas; the overheads (host work, kernel launches, the MoE dispatcher's synchronisation)
-and the small kernels' GPU time are what a run measures beyond them. `fit` solves them by least
-squares on relative error, keeping them non-negative; `leave_one_out` reports how well each run is
-predicted by a fit that did not see it.
+and the small kernels' GPU time are what a run measures beyond them. The local modules' overheads
+also hold their small kernels (their traffic is 0); under TE the small kernels are a term of
+their own and the host runs ahead of the GPU (cost.exposed_host_seconds). `fit` solves them by
+least squares on relative error, keeping them non-negative; `leave_one_out` reports how well each
+run is predicted by a fit that did not see it.
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from megacpp.planner.cost import DEFAULT_EFFICIENCY, Efficiency, estimate, small_kernel_seconds
+from megacpp.planner.cost import (
+    DEFAULT_EFFICIENCY,
+    Efficiency,
+    estimate,
+    exposed_host_seconds,
+    small_kernel_seconds,
+)
 from megacpp.planner.errors import PlanError
 from megacpp.planner.layout import Layout
 from megacpp.planner.loading import spec_from_dict
@@ -45,6 +55,7 @@ class Observation:
     units: dict[str, float]  # block x micro-batch slots per letter on the busiest rank (x passes / 3)
     measured_seconds: float
     small_units: float = 0.0  # cost.small_kernel_seconds of the busiest rank's blocks, x the same slots
+    compute_seconds: float = 0.0  # the matmul and softmax part of base_seconds (the rest is communication)
 
 
 def run_spec(run: dict[str, Any]) -> Spec:
@@ -74,6 +85,7 @@ def observe(run: dict[str, Any]) -> Observation:
         units={letter: n * scale for letter, n in Counter(blocks).items()},
         measured_seconds=float(run["measured_step_seconds"]),
         small_units=small_kernel_seconds(ctx, lay, blocks) * scale,
+        compute_seconds=est.compute_seconds,
     )
 
 
@@ -155,49 +167,117 @@ def _units(o: Observation, column: tuple[str, ...]) -> float:
     return o.small_units if column == SMALL else sum(o.units.get(letter, 0.0) for letter in column)
 
 
-def determined(observations: list[Observation]) -> bool:
+def determined(observations: list[Observation], eff: Efficiency = DEFAULT_EFFICIENCY) -> bool:
     """Whether the runs pin every (tied) letter's overhead and the small kernels' traffic down,
-    rather than only combinations."""
+    rather than only combinations. Under Transformer Engine, with `eff` the fit: the traffic by
+    the GPU-bound runs, and every letter's overhead by the host-bound ones."""
+    if observations and observations[0].te:
+        host = [o for o in observations if host_bound(o, eff)]
+        gpu = [o for o in observations if o not in host]
+        letters = {letter for o in observations for letter in o.units}
+        return (any(o.small_units for o in gpu) and letters <= {letter for o in host for letter in o.units}
+                and determined([replace(o, small_units=0.0, te=False) for o in host]))
     columns = _columns(observations)
     rows = [[_units(o, c) / o.measured_seconds for c in columns] for o in observations]
     return len(observations) >= len(columns) and _separable(rows)
 
 
 def fit(observations: list[Observation], base: Efficiency = DEFAULT_EFFICIENCY) -> Efficiency:
-    """Per-letter overheads and the small kernels' traffic minimising the relative error of
-    measured - base = sum units * overhead + small units * traffic; tied letters (see `tied`) get
-    one shared overhead."""
+    """Per-letter overheads and the small kernels' traffic that best reproduce the runs, by least
+    squares on relative error, non-negative; tied letters (see `tied`) get one shared overhead."""
     if len(observations) < 2:
         raise PlanError("calibrate needs at least two measured runs")
     te = observations[0].te
     if any(o.te != te for o in observations):
         raise PlanError("calibrate runs with and without Transformer Engine separately; their overheads differ")
-    free = _columns(observations)
-    table = "te_block_overhead_s" if te else "block_overhead_s"
-    prior_table = dict(getattr(base, table) or base.block_overhead_s)  # TE without its own defaults: the local ones
-    while True:
-        if len(observations) < len(free):
-            kinds = ", ".join("=".join(g) for g in free)
-            raise PlanError(f"calibrate: {len(observations)} runs cannot fit {len(free)} block kinds ({kinds}); add runs")
+    return _fit_overlapped(observations, base) if te else _fit_added(observations, base)
+
+
+def _nonnegative(observations: list[Observation], free: list[tuple[str, ...]], excess: Callable[[Observation], float],
+                 prior: dict[tuple[str, ...], float]) -> dict[tuple[str, ...], float]:
+    """Values per column minimising the relative error of excess(o) = sum of units x value;
+    negative ones are clamped at zero (left out of the answer) and the rest refitted."""
+    while free:
         rows = [[_units(o, c) / o.measured_seconds for c in free] for o in observations]
-        rhs = [(o.measured_seconds - o.base_seconds) / o.measured_seconds for o in observations]
-        prior = [base.traffic(te) if g == SMALL else sum(prior_table.get(letter, 0.0) for letter in g) / len(g) for g in free]
-        values = dict(zip(free, _solve(rows, rhs, prior), strict=True)) if free else {}
-        negative = [g for g, v in values.items() if v < 0]
+        rhs = [excess(o) / o.measured_seconds for o in observations]
+        values = dict(zip(free, _solve(rows, rhs, [prior[c] for c in free]), strict=True))
+        negative = [c for c, v in values.items() if v < 0]
         if not negative:
-            break
-        free = [g for g in free if g not in negative]  # clamp at zero and refit the rest
-    traffic = values.pop(SMALL, 0.0)
-    fitted = {**{letter: 0.0 for o in observations for letter in o.units},
-              **{letter: v for g, v in values.items() for letter in g}}
-    kept = {letter: v for letter, v in getattr(base, table) if letter not in fitted}
-    return replace(base, **{table: tuple(sorted({**kept, **fitted}.items())),
+            return values
+        free = [c for c in free if c not in negative]
+    return {}
+
+
+def _prior(base: Efficiency, group: tuple[str, ...], te: bool) -> float:
+    return base.traffic(te) if group == SMALL else sum(base.overhead(letter, te) for letter in group) / len(group)
+
+
+def _with(base: Efficiency, te: bool, overheads: dict[str, float], traffic: float) -> Efficiency:
+    table = "te_block_overhead_s" if te else "block_overhead_s"
+    merged = {**dict(getattr(base, table)), **overheads}
+    return replace(base, **{table: tuple(sorted(merged.items())),
                             "te_small_kernel_traffic" if te else "small_kernel_traffic": traffic})
 
 
+def _fit_added(observations: list[Observation], base: Efficiency) -> Efficiency:
+    """Local modules: measured - base = sum units x overhead + small units x traffic."""
+    free = _columns(observations)
+    if len(observations) < len(free):
+        kinds = ", ".join("=".join(g) for g in free)
+        raise PlanError(f"calibrate: {len(observations)} runs cannot fit {len(free)} block kinds ({kinds}); add runs")
+    values = _nonnegative(observations, free, lambda o: o.measured_seconds - o.base_seconds,
+                          {g: _prior(base, g, False) for g in free})
+    traffic = values.pop(SMALL, 0.0)
+    fitted = {**{letter: 0.0 for o in observations for letter in o.units}, **{letter: v for g, v in values.items() for letter in g}}
+    return _with(base, False, fitted, traffic)
+
+
+def host_bound(o: Observation, eff: Efficiency) -> bool:
+    """Whether the run's host time exceeds its GPU time (cost.exposed_host_seconds)."""
+    return _host_seconds(o, eff) > _gpu_seconds(o, eff)
+
+
+def _fit_overlapped(observations: list[Observation], base: Efficiency) -> Efficiency:
+    """Transformer Engine: a run takes the longer of its GPU time (compute + small units x
+    traffic) and its host time (sum of units x overhead), plus communication. The GPU-bound runs
+    fit the traffic, the host-bound ones the overheads; which run is which follows the fit, so it
+    is refitted until the split repeats, and the split whose fit reproduces the runs best is kept.
+    Letters no host-bound run has keep `base`'s values: their host time hides behind the GPU."""
+    eff, best, splits = base, None, set()
+    while True:
+        split = tuple(host_bound(o, eff) for o in observations)
+        if split in splits:
+            break
+        splits.add(split)
+        gpu = [o for o, h in zip(observations, split, strict=True) if not h]
+        host = [o for o, h in zip(observations, split, strict=True) if h]
+        traffic = eff.traffic(True)
+        if any(o.small_units for o in gpu):
+            traffic = _nonnegative(gpu, [SMALL], lambda o: o.measured_seconds - o.base_seconds, {SMALL: traffic}).get(SMALL, 0.0)
+        overheads: dict[str, float] = {}
+        if host:
+            groups = tied(host)
+            values = _nonnegative(host, groups, lambda o: o.measured_seconds - o.base_seconds + o.compute_seconds,
+                                  {g: _prior(eff, g, True) for g in groups})
+            overheads = {letter: values.get(g, 0.0) for g in groups for letter in g}
+        eff = _with(base, True, {**dict(eff.te_block_overhead_s), **overheads}, traffic)
+        error = sum((predict(o, eff) / o.measured_seconds - 1) ** 2 for o in observations)
+        if best is None or error < best[0]:
+            best = (error, eff)
+    return best[1] if best else base
+
+
+def _gpu_seconds(o: Observation, eff: Efficiency) -> float:
+    return o.compute_seconds + o.small_units * eff.traffic(o.te)
+
+
+def _host_seconds(o: Observation, eff: Efficiency) -> float:
+    return sum(units * eff.overhead(letter, o.te) for letter, units in o.units.items())
+
+
 def predict(o: Observation, eff: Efficiency) -> float:
-    return (o.base_seconds + sum(units * eff.overhead(letter, o.te) for letter, units in o.units.items())
-            + o.small_units * eff.traffic(o.te))
+    gpu = _gpu_seconds(o, eff)
+    return o.base_seconds - o.compute_seconds + gpu + exposed_host_seconds(gpu, _host_seconds(o, eff), o.te)
 
 
 def leave_one_out(observations: list[Observation]) -> list[dict[str, Any]]:
@@ -228,11 +308,13 @@ def calibrate(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "transformer_engine": te,
         "block_overhead_s": {letter: round(v, 6) for letter, v in (eff.te_block_overhead_s if te else eff.block_overhead_s)},
         "small_kernel_traffic": round(eff.traffic(te), 4),
-        "tied": ["".join(g) for g in tied(observations) if len(g) > 1],
-        "determined": determined(observations),
+        # how host time and GPU time compose (cost.exposed_host_seconds)
+        "composition": "longer of host and GPU" if te else "added",
+        "tied": ["".join(g) for g in tied([o for o in observations if not te or host_bound(o, eff)]) if len(g) > 1],
+        "determined": determined(observations, eff),
         "fitted_on": [
             {"name": o.name, "measured_s": round(o.measured_seconds, 4), "fitted_s": round(predict(o, eff), 4),
-             "uncalibrated_s": round(predict(o, DEFAULT_EFFICIENCY), 4)}
+             "uncalibrated_s": round(predict(o, DEFAULT_EFFICIENCY), 4), **({"host_bound": host_bound(o, eff)} if te else {})}
             for o in observations
         ],
         "leave_one_out": leave_one_out(observations) if len(observations) > 2 else [],

@@ -126,6 +126,7 @@ def _candidate(ctx: Context, lay: Layout, est: Estimate, high: Estimate | None, 
         "tokens_per_second": round(est.tokens_per_second, 1),
         "mfu": round(est.mfu, 4),
         "bubble_fraction": round(est.bubble_fraction, 4),
+        "host_seconds": round(est.host_seconds, 6),  # per-block host time, hidden behind the GPU or not
     }
     if high is not None:
         memory["routed_load"] = routed_load(ctx, imbalanced=True)

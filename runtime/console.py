@@ -28,11 +28,13 @@ def _layout_cell(layout: dict[str, Any]) -> str:
 
 
 def _host_share(time: dict[str, Any], breakdown: dict[str, float]) -> float:
-    """Per-block overhead's share of the step; at HOST_BOUND_SHARE or above the step is host-bound."""
-    return breakdown.get("block_overhead", 0.0) / time["step_seconds"] if time["step_seconds"] else 0.0
+    """Per-block host time's share of the step, hidden behind the GPU or not (plans made before
+    host_seconds: the overhead in the breakdown); at HOST_BOUND_SHARE or above the step is host-bound."""
+    host = time.get("host_seconds", breakdown.get("block_overhead", 0.0))
+    return host / time["step_seconds"] if time["step_seconds"] else 0.0
 
 
-HOST_BOUND_ADVICE = f"such steps came within ±{HOST_BOUND_ERROR:.0%} on measured runs and move with the host; `megacpp calibrate` fits this cluster"
+HOST_BOUND_ADVICE = f"such steps came within ±{HOST_BOUND_ERROR:.0%} on the runtime's measured runs and move with the host; `megacpp calibrate` fits this cluster"
 
 
 def plan_table(plan: Any, top: int) -> None:
@@ -69,7 +71,7 @@ def plan_table(plan: Any, top: int) -> None:
         )
     out.print(table)
     if host_bound:
-        out.print(f"[yellow]host-bound[/]: {HOST_BOUND_SHARE:.0%}+ of the step is per-block overhead; {HOST_BOUND_ADVICE}")
+        out.print(f"[yellow]host-bound[/]: per-block host time is {HOST_BOUND_SHARE:.0%}+ of the step; {HOST_BOUND_ADVICE}")
     rej = plan.rejected
     reasons = ", ".join(f"{rule} {n}" for rule, n in list(rej.by_rule.items())[:5])
     out.print(
@@ -162,7 +164,7 @@ def explain_text(doc: dict[str, Any]) -> None:
         out.print(f"step on the busiest rank = {' + '.join(terms)} s")
     share = _host_share(t, doc.get("step_breakdown", {}))
     if share >= HOST_BOUND_SHARE:
-        out.print(f"[yellow]host-bound: {share:.0%} of the step is per-block overhead; {HOST_BOUND_ADVICE}[/]")
+        out.print(f"[yellow]host-bound: per-block host time is {share:.0%} of the step; {HOST_BOUND_ADVICE}[/]")
 
     axes = Table(title="axes: what each split partitions here, what it costs, what it cannot fix", header_style="bold", title_justify="left")
     for col in ("axis", "degree", "partitions", "collectives (link)", "GB/step", "s/step", "cannot fix"):
