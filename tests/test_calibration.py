@@ -102,14 +102,15 @@ def test_calibrate_the_committed_gpu_runs_reproduces_the_shipped_defaults():
 
 
 TE_RUNS = ["gpu_runs_h200x1_te.json", "gpu_runs_h200x2_te.json", "gpu_runs_h200x2_te_heldout.json",
-           "gpu_runs_h200x1_te_mamba.json", "gpu_runs_h200x2_te_blind.json", "gpu_runs_h200x2_te_repeat.json"]
+           "gpu_runs_h200x1_te_mamba.json", "gpu_runs_h200x2_te_blind.json", "gpu_runs_h200x2_te_repeat.json",
+           "gpu_runs_h200x2_te_blind2.json"]
 
 
 def test_calibrate_the_committed_te_runs_reproduces_the_shipped_te_defaults():
-    """planner/cost.py MEASURED_TE_BLOCK_OVERHEAD_S and the TE traffic are the fit on the 26 TE runs."""
+    """planner/cost.py MEASURED_TE_BLOCK_OVERHEAD_S and the TE traffic are the fit on the 32 TE runs."""
     runs = [r for name in TE_RUNS for r in json.loads((RESULTS / name).read_text())["runs"]]
     profile = calibrate(runs)
-    assert profile["transformer_engine"] is True and len(profile["fitted_on"]) == 26
+    assert profile["transformer_engine"] is True and len(profile["fitted_on"]) == 32 and profile["determined"]
     assert profile["composition"] == "longer of host and GPU"
     for letter in "ADEMR":
         assert profile["block_overhead_s"][letter] == pytest.approx(DEFAULT_EFFICIENCY.overhead(letter, te=True), abs=5e-5)
@@ -118,7 +119,7 @@ def test_calibrate_the_committed_te_runs_reproduces_the_shipped_te_defaults():
     bound = {r["name"] for r in profile["fitted_on"] if r["host_bound"]}
     assert "te-dense" not in bound and {"te-moe", "blind-te-nam-small-ep2"} <= bound  # dense GPU-bound, MoE host-bound
     errors = sorted(abs(r["error"]) for r in profile["leave_one_out"])
-    assert errors[len(errors) // 2] < 0.06 and sum(e <= 0.15 for e in errors) >= 21
+    assert errors[len(errors) // 2] < 0.09 and sum(e <= 0.15 for e in errors) >= 28 and errors[-1] < 0.30
 
 
 def _te_synthetic() -> list[Observation]:
