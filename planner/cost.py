@@ -100,9 +100,9 @@ MEASURED_TE_BLOCK_OVERHEAD_S = (("A", 8.66e-3), ("D", 0.0), ("E", 12.70e-3), ("M
 
 # A step whose per-block host time (Estimate.host_seconds, hidden behind the GPU or not) is at
 # least this share of it is bound by the host and by synchronisation rather than by the GPU, or
-# near it. Over the 106 committed runs of megacpp's runtime (benchmarks/gpu/compare.py): below
-# the share, 30 runs within 18.3% (median 3.4%); at or above it, 76 runs with a median error of
-# 7.8% and up to 40%, and host-bound steps moved 8-55% between hosts of the same kind.
+# near it. Over the 118 committed runs of megacpp's runtime (benchmarks/gpu/compare.py): below
+# the share, 28 runs within 18.3% (median 3.3%); at or above it, 90 runs with a median error of
+# 7.9% and up to 40%, and host-bound steps moved 8-55% between hosts of the same kind.
 HOST_BOUND_SHARE = 0.30
 HOST_BOUND_ERROR = 0.40
 
