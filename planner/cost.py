@@ -43,6 +43,15 @@ RESERVED_OVER_ALLOCATED = 1.037
 #   resident memory exceeded weights + gradients + optimizer by 0.20 GiB with a 0.125 GiB buffer
 #   and by 1.08 GiB with a 1.0 GiB buffer.
 SCORE_BUFFER_BYTES = BF16
+# Transformer Engine's grouped GEMMs (the experts' GroupedLinear, which megacpp's runtime and the
+# rendered Megatron-LM launch use under TE: --moe-grouped-gemm) run on its multi-stream cuBLAS
+# path, which allocates one workspace per compute stream once per process and keeps it:
+# nvte_get_num_compute_streams() = 4 streams (transformer_engine/common/util/multi_stream.cpp) of
+# get_cublas_workspace_size_bytes() = 32 MiB + 256 B on Hopper and later
+# (transformer_engine/pytorch/module/base.py, get_multi_stream_cublas_workspace). Without it the
+# resident memory of every TE run with MoE exceeded the plan by 0.12-0.15 GiB, and of none without
+# (benchmarks/results/gpu_runs_h200x*_te*.json, gpu_runs_h100x1_te.json).
+TE_GROUPED_GEMM_WORKSPACE_BYTES = 4 * (32 * 2**20 + 256)
 # - the forward+backward peak comes in the backward of a rank's last unfused attention, with every
 #   activation still held but those of the blocks after it (already back-propagated). Broken down
 #   by allocation site (launch --memory-peak, benchmarks/results/gpu_runs_h200x4_peaks.json):
@@ -100,9 +109,9 @@ MEASURED_TE_BLOCK_OVERHEAD_S = (("A", 8.66e-3), ("D", 0.0), ("E", 12.70e-3), ("M
 
 # A step whose per-block host time (Estimate.host_seconds, hidden behind the GPU or not) is at
 # least this share of it is bound by the host and by synchronisation rather than by the GPU, or
-# near it. Over the 118 committed runs of megacpp's runtime (benchmarks/gpu/compare.py): below
-# the share, 28 runs within 18.3% (median 3.3%); at or above it, 90 runs with a median error of
-# 7.9% and up to 40%, and host-bound steps moved 8-55% between hosts of the same kind.
+# near it. Over the 120 committed runs of megacpp's runtime (benchmarks/gpu/compare.py): below
+# the share, 28 runs within 18.3% (median 3.3%); at or above it, 92 runs with a median error of
+# 8.1% and up to 40%, and host-bound steps moved 8-55% between hosts of the same kind.
 HOST_BOUND_SHARE = 0.30
 HOST_BOUND_ERROR = 0.40
 
@@ -311,7 +320,7 @@ def stage_memory(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency
                 gradients_gib=FP32 * total / GIB,
                 optimizer_gib=sum(3 * FP32 * n / shard for n, shard in sharded) / GIB,
                 activations_gib=act_per_mb * in_flight(lay, p) / GIB,
-                buffers_gib=SCORE_BUFFER_BYTES * scores / GIB,
+                buffers_gib=(SCORE_BUFFER_BYTES * scores + (TE_GROUPED_GEMM_WORKSPACE_BYTES if ctx.te and "E" in blocks else 0)) / GIB,
                 overhead_gib=eff.overhead_gib,
                 transient_gib=max(loss, attention_backward) / GIB,
                 optimizer_step_gib=0.0 if ctx.te else OPTIMIZER_STEP_BYTES * max(n / shard for n, shard in sharded) / GIB,
