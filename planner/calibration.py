@@ -242,7 +242,8 @@ def _fit_overlapped(observations: list[Observation], base: Efficiency) -> Effici
     traffic) and its host time (sum of units x overhead), plus communication. The GPU-bound runs
     fit the traffic, the host-bound ones the overheads; which run is which follows the fit, so it
     is refitted until the split repeats, and the split whose fit reproduces the runs best is kept.
-    Letters no host-bound run has keep `base`'s values: their host time hides behind the GPU."""
+    The split starts from `base`'s values; letters no host-bound run has keep the values they had
+    (at first `base`'s): their host time hides behind the GPU, so the runs say nothing of it."""
     eff, best, splits = base, None, set()
     while True:
         split = tuple(host_bound(o, eff) for o in observations)
