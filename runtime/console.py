@@ -164,7 +164,14 @@ def explain_text(doc: dict[str, Any]) -> None:
         out.print(f"step on the busiest rank = {' + '.join(terms)} s")
     share = _host_share(t, doc.get("step_breakdown", {}))
     if share >= HOST_BOUND_SHARE:
-        out.print(f"[yellow]host-bound: per-block host time is {share:.0%} of the step; {HOST_BOUND_ADVICE}[/]")
+        shown = doc.get("step_breakdown", {}).get("block_overhead", 0.0) / t["step_seconds"]
+        if share - shown < 0.005:
+            overlap = ""  # the host time adds to the GPU's (local modules)
+        elif shown < 0.005:
+            overlap = " (the GPU's work hides it)"
+        else:
+            overlap = f" ({shown:.0%} of the step beyond the GPU's work)"
+        out.print(f"[yellow]host-bound: per-block host time is {share:.0%} of the step{overlap}; {HOST_BOUND_ADVICE}[/]")
 
     axes = Table(title="axes: what each split partitions here, what it costs, what it cannot fix", header_style="bold", title_justify="left")
     for col in ("axis", "degree", "partitions", "collectives (link)", "GB/step", "s/step", "cannot fix"):
