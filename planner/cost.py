@@ -109,9 +109,9 @@ MEASURED_TE_BLOCK_OVERHEAD_S = (("A", 8.66e-3), ("D", 0.0), ("E", 12.70e-3), ("M
 
 # A step whose per-block host time (Estimate.host_seconds, hidden behind the GPU or not) is at
 # least this share of it is bound by the host and by synchronisation rather than by the GPU, or
-# near it. Over the 120 committed runs of megacpp's runtime (benchmarks/gpu/compare.py): below
-# the share, 28 runs within 18.3% (median 3.3%); at or above it, 92 runs with a median error of
-# 8.1% and up to 40%, and host-bound steps moved 8-55% between hosts of the same kind.
+# near it. Over the 125 committed runs of megacpp's runtime (benchmarks/gpu/compare.py): below
+# the share, 28 runs within 18.3% (median 3.3%); at or above it, 97 runs with a median error of
+# 8.0% and up to 40%, and host-bound steps moved 8-55% between hosts of the same kind.
 HOST_BOUND_SHARE = 0.30
 HOST_BOUND_ERROR = 0.40
 
