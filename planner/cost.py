@@ -98,8 +98,9 @@ MEASURED_BLOCK_OVERHEAD_S = (("A", 0.0), ("D", 3.22e-3), ("E", 13.73e-3), ("M", 
 # the 32 runs of benchmarks/results/gpu_runs_h200x1_te.json, gpu_runs_h200x2_te.json,
 # gpu_runs_h200x2_te_heldout.json, gpu_runs_h200x1_te_mamba.json, gpu_runs_h200x2_te_blind.json,
 # gpu_runs_h200x2_te_repeat.json and gpu_runs_h200x2_te_blind2.json after the fused-attention and
-# SSD tables' time. The GPU-bound runs (the dense ones: kernels busy 82-97% of the step) fit the
-# traffic, the host-bound ones (MoE, the hybrids, TP2+SP and CP2 at sequence 4096) the overheads.
+# SSD tables' time. The 17 GPU-bound runs (the dense stacks but two, the (MD) Mamba stack and R on
+# PP2) fit the traffic, the 15 host-bound ones (MoE, the hybrids, R on DP2, and the dense stacks
+# on TP2+SP and CP2 at sequence 4096 with 16 micro-batches) the overheads.
 # A and D come together in every host-bound run but one hybrid, so their split is loosely held
 # (D fits at 0 and A carries the pair's host time). Left out one at a time it predicts 28 of the 32
 # within 15% (median 7.4%, worst 29%; README).
