@@ -266,12 +266,17 @@ def calibration_table(profile: dict[str, Any]) -> None:
         out.print(f"{', '.join(group)} come in the same proportion in every run, so no fit can tell them apart: "
                   "they share one overhead; add runs where they differ to separate them")
     loo = {r["name"]: r for r in profile["leave_one_out"]}
+    bound = any("host_bound" in r for r in profile["fitted_on"])  # TE: the longer of host and GPU time
+    if bound:
+        out.print("a step takes the longer of its GPU and host time here: GPU-bound runs fit the small kernels' traffic, "
+                  "host-bound ones the overheads (column 'bound by')")
     table = Table(header_style="bold")
-    for col in ("run", "measured s", "uncalibrated s", "fitted s", "left-out fit s", "left-out error"):
-        table.add_column(col, justify="left" if col == "run" else "right")
+    for col in ("run", *(["bound by"] if bound else []), "measured s", "uncalibrated s", "fitted s", "left-out fit s", "left-out error"):
+        table.add_column(col, justify="left" if col in ("run", "bound by") else "right")
     for r in profile["fitted_on"]:
         held = loo.get(r["name"])
-        table.add_row(r["name"], f"{r['measured_s']:.3f}", f"{r['uncalibrated_s']:.3f}", f"{r['fitted_s']:.3f}",
+        table.add_row(r["name"], *([("host" if r["host_bound"] else "GPU")] if bound else []),
+                      f"{r['measured_s']:.3f}", f"{r['uncalibrated_s']:.3f}", f"{r['fitted_s']:.3f}",
                       f"{held['predicted_s']:.3f}" if held and held["predicted_s"] is not None else "-",
                       f"{held['error']:+.1%}" if held and held["error"] is not None else "-")
     out.print(table)

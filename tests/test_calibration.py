@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from dataclasses import replace
@@ -190,3 +191,15 @@ def test_cli_calibrate_then_plan_with_profile(tmp_path):
     assert tuned["candidates"][0]["time"]["step_seconds"] > plain["candidates"][0]["time"]["step_seconds"]
     bad = subprocess.run([*cli, "plan", spec, "--profile", str(tmp_path / "missing.json")], capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 1 and "no such cluster profile" in bad.stderr
+
+
+def test_cli_calibrate_says_which_te_runs_are_host_bound():
+    cli = [sys.executable, "-m", "megacpp.runtime.cli"]
+    done = subprocess.run([*cli, "calibrate", str(RESULTS / "gpu_runs_h200x1_te.json"), str(RESULTS / "gpu_runs_h200x2_te.json")],
+                          capture_output=True, text=True, cwd=ROOT, env={**os.environ, "COLUMNS": "200"})
+    assert done.returncode == 0, done.stderr
+    assert "bound by" in done.stdout and "longer of its GPU and host time" in done.stdout
+    rows = {line.split("│")[1].strip(): line.split("│")[2].strip() for line in done.stdout.splitlines() if line.count("│") > 5}
+    assert rows["te-dense"] == "GPU" and rows["te-moe"] == "host"
+    local = subprocess.run([*cli, "calibrate", *map(str, GPU_RUNS)], capture_output=True, text=True, cwd=ROOT)
+    assert local.returncode == 0 and "bound by" not in local.stdout  # local modules: host and GPU time add
