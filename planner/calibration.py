@@ -303,6 +303,8 @@ def calibrate(runs: list[dict[str, Any]]) -> dict[str, Any]:
         raise PlanError(f"calibrate one cluster at a time; these runs span {', '.join(clusters)}")
     eff = fit(observations)
     te = observations[0].te
+    bound = [te and host_bound(o, eff) for o in observations]  # under TE the overheads come from the host-bound runs
+    fitted_runs = [o for o, b in zip(observations, bound, strict=True) if b] if te else observations
     return {
         "schema": PROFILE_SCHEMA,
         "cluster": clusters[0],
@@ -311,12 +313,12 @@ def calibrate(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "small_kernel_traffic": round(eff.traffic(te), 4),
         # how host time and GPU time compose (cost.exposed_host_seconds)
         "composition": "longer of host and GPU" if te else "added",
-        "tied": ["".join(g) for g in tied([o for o in observations if not te or host_bound(o, eff)]) if len(g) > 1],
+        "tied": ["".join(g) for g in tied(fitted_runs) if len(g) > 1],
         "determined": determined(observations, eff),
         "fitted_on": [
             {"name": o.name, "measured_s": round(o.measured_seconds, 4), "fitted_s": round(predict(o, eff), 4),
-             "uncalibrated_s": round(predict(o, DEFAULT_EFFICIENCY), 4), **({"host_bound": host_bound(o, eff)} if te else {})}
-            for o in observations
+             "uncalibrated_s": round(predict(o, DEFAULT_EFFICIENCY), 4), **({"host_bound": b} if te else {})}
+            for o, b in zip(observations, bound, strict=True)
         ],
         "leave_one_out": leave_one_out(observations) if len(observations) > 2 else [],
     }

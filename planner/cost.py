@@ -516,8 +516,8 @@ def estimate(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency = D
         host = sum(eff.overhead(letter, ctx.te) for letter in blocks) * passes / 3
         traffic = eff.traffic(ctx.te)
         small = traffic * small_kernel_seconds(ctx, lay, blocks, load) * passes / 3 if traffic else 0.0
-        gpu = (gemm, blocks.count("A") * softmax, small)
-        per_rank.append((gpu[0], gpu[1], exposed_host_seconds(sum(gpu), host, ctx.te), gpu[2], host))
+        scores = blocks.count("A") * softmax
+        per_rank.append((gemm, scores, exposed_host_seconds(gemm + scores + small, host, ctx.te), small, host))
     *terms, host = max(per_rank, key=lambda r: sum(r[:4]))
     t_mb = sum(terms)
     m = lay.num_microbatches

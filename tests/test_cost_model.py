@@ -255,6 +255,6 @@ def test_te_moe_resident_memory_holds_the_grouped_gemm_workspaces():
         per_stage = run["world_size"] // run["layout"]["pp"]
         measured = max(p["resident_gib"] for p in run["per_rank_memory_phases"][:per_stage])
         assert est.memory[0].resident_gib == pytest.approx(measured, abs=0.03), run["name"]
-        assert est.memory[0].buffers_gib == pytest.approx(TE_GROUPED_GEMM_WORKSPACE_BYTES / 2**30)
+        assert est.memory[0].buffers_gib == pytest.approx(TE_GROUPED_GEMM_WORKSPACE_BYTES / GIB)
         checked += 1
     assert checked >= 12
