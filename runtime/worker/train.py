@@ -274,7 +274,8 @@ def allocation_site(frames: list[dict]) -> str:
 
 def _replay(trace: list[dict], allocated_at_start: int, stop: int | None = None) -> tuple[int, int | None, dict[int, dict]]:
     """Allocator events in order (up to index `stop`): the highest allocation, the index of the
-    event that first reached it (None if none rose above the start), and the live blocks."""
+    event that first reached it (None if none rose above the start), and the live blocks the step
+    allocated. Blocks from before the step that it frees lower the allocation too."""
     live: dict[int, dict] = {}
     current = peak = allocated_at_start
     at = None
@@ -285,25 +286,55 @@ def _replay(trace: list[dict], allocated_at_start: int, stop: int | None = None)
             current += event.get("size", 0)
             if current > peak:
                 peak, at = current, i
-        elif action == "free_requested" and addr in live:
-            current -= live.pop(addr).get("size", 0)
+        elif action == "free_requested":
+            current -= live.pop(addr)["size"] if addr in live else event.get("size", 0)
     return peak, at, live
 
 
-def peak_breakdown(trace: list[dict], allocated_at_start: int, top: int = 15) -> dict:
-    """Replay one step's allocator events; at the highest allocation, sum live blocks by site."""
-    peak, at, _ = _replay(trace, allocated_at_start)
-    at_peak = _replay(trace, allocated_at_start, at)[2] if at is not None else {}
+def _by_site(blocks: list[dict], top: int) -> dict[str, float]:
+    """GiB per allocation site, the `top` largest and the rest as "(other sites)"."""
     sites: dict[str, int] = {}
-    for event in at_peak.values():
+    for event in blocks:
         site = allocation_site(event.get("frames") or [])
         sites[site] = sites.get(site, 0) + event.get("size", 0)
     ranked = sorted(sites.items(), key=lambda kv: -kv[1])
     rest = sum(size for _, size in ranked[top:])
+    return {site: round(size / GIB, 4) for site, size in ranked[:top]} | ({"(other sites)": round(rest / GIB, 4)} if rest else {})
+
+
+def _freed_from_before(trace: list[dict], stop: int | None) -> int:
+    """Bytes of blocks allocated before the step that it frees up to event `stop`."""
+    mine: set[int] = set()
+    freed = 0
+    for event in trace[: None if stop is None else stop + 1]:
+        if event.get("action") == "alloc":
+            mine.add(event.get("addr"))
+        elif event.get("action") == "free_requested":
+            if event.get("addr") in mine:
+                mine.discard(event.get("addr"))
+            else:
+                freed += event.get("size", 0)
+    return freed
+
+
+def peak_breakdown(trace: list[dict], allocated_at_start: int, top: int = 15) -> dict:
+    """Replay one step's allocator events; at the highest allocation, sum live blocks by site, with
+    the sizes of each top site's largest blocks (which tensors they are follows from their sizes).
+    Also what the step leaves allocated when it ends, by site, and how much of what was allocated
+    before it the step freed up to its peak: memory a step keeps until the next one frees it."""
+    peak, at, left = _replay(trace, allocated_at_start)
+    at_peak = list(_replay(trace, allocated_at_start, at)[2].values()) if at is not None else []
+    sites = _by_site(at_peak, top)
+    blocks_mib = {site: sorted((round(e.get("size", 0) / 2**20, 1) for e in at_peak
+                                if allocation_site(e.get("frames") or []) == site), reverse=True)[:6]
+                  for site in sites if site != "(other sites)"}
     return {
         "peak_gib": round(peak / GIB, 4),
         "before_step_gib": round(allocated_at_start / GIB, 4),
-        "sites_gib": {site: round(size / GIB, 4) for site, size in ranked[:top]} | ({"(other sites)": round(rest / GIB, 4)} if rest else {}),
+        "sites_gib": sites,
+        "largest_blocks_mib": blocks_mib,
+        "left_after_step_gib": _by_site(list(left.values()), top),
+        "freed_from_before_step_gib": round(_freed_from_before(trace, at) / GIB, 4) if at is not None else 0.0,
     }
 
 
