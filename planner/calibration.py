@@ -31,6 +31,7 @@ from megacpp.planner.cost import (
     Efficiency,
     estimate,
     exposed_host_seconds,
+    host_repeats,
     small_kernel_seconds,
 )
 from megacpp.planner.errors import PlanError
@@ -52,7 +53,7 @@ class Observation:
     cluster: str
     te: bool  # the run used Transformer Engine modules
     base_seconds: float  # the model's step time with no block overhead
-    units: dict[str, float]  # block x micro-batch slots per letter on the busiest rank (x passes / 3)
+    units: dict[str, float]  # block x micro-batch slots per letter on the busiest rank (x cost.host_repeats)
     measured_seconds: float
     small_units: float = 0.0  # cost.small_kernel_seconds of the busiest rank's blocks, x the same slots
     compute_seconds: float = 0.0  # the matmul and softmax part of base_seconds (the rest is communication)
@@ -75,16 +76,17 @@ def observe(run: dict[str, Any]) -> Observation:
     lay = Layout.from_dict(run["layout"])
     _, stages = assign_stages(ctx, lay.pp, lay.vpp)
     est = estimate(ctx, lay, stages, NO_OVERHEAD)
-    scale = (lay.num_microbatches + (lay.pp - 1) / lay.vpp) * (4 if spec.training.recompute == "full" else 3) / 3
+    slots = lay.num_microbatches + (lay.pp - 1) / lay.vpp
+    passes = (4 if spec.training.recompute == "full" else 3) / 3  # full recompute repeats every forward on the GPU
     blocks = max(("".join(s.blocks for s in stages if s.pp_rank == p) for p in range(lay.pp)), key=len)  # the busiest rank's
     return Observation(
         name=str(run.get("name") or spec.name),
         cluster=ctx.cluster.name,
         te=spec.backend.transformer_engine,
         base_seconds=est.step_seconds,
-        units={letter: n * scale for letter, n in Counter(blocks).items()},
+        units={letter: n * slots * host_repeats(spec.training.recompute, ctx.te) for letter, n in Counter(blocks).items()},
         measured_seconds=float(run["measured_step_seconds"]),
-        small_units=small_kernel_seconds(ctx, lay, blocks) * scale,
+        small_units=small_kernel_seconds(ctx, lay, blocks) * slots * passes,
         compute_seconds=est.compute_seconds,
     )
 

@@ -7,7 +7,7 @@ import statistics
 import pytest
 
 from benchmarks.gpu.compare import compare, host_label, in_flight_load, markdown, routing_pairs
-from megacpp.planner.blocks import unfused_scores
+from megacpp.planner.blocks import expert_backward_bytes, micro_batch_tokens, unfused_scores
 from megacpp.planner.calibration import run_spec
 from megacpp.planner.cost import (
     GIB,
@@ -171,11 +171,11 @@ def test_expert_parallel_peaks_follow_the_recorded_routing():
     load that rank received in that step, is within 4% (median within 2%) and closer than the
     balanced estimate; the peak grows with the load at the model's rate (least-squares slope
     within 30%, where one unit of load moves it by 0.3 GiB or more); and the recorded loads swing
-    well past 1 on most runs, which is what moe.imbalance is for. One layout misses, untraced: the
-    MEAE hybrid under full recompute with TE and EP2 is up to 6.4% under at its routing (README;
-    without recompute the same layout is within 0.2%); it is held to that, so a change that widens
-    the miss fails here."""
-    known_miss = {"blind2-te-hybrid-meae-ep2": 0.07, "trace-te-meae-ep2-full": 0.07}
+    well past 1 on most runs, which is what moe.imbalance is for. Under full recompute the peak is
+    one recomputed expert layer's backward, so it follows that layer's load, while the record
+    averages the stage's MoE layers: those runs are within 5% (the worst single layer's load at a
+    --memory-peak peak was 1.72 where the record averages at most 1.39), and their peaks rise
+    faster than the average load, so the slope is checked on the other runs."""
     runs = [run for _, run in committed_gpu_runs() if run.get("routed_load") and run["layout"]["ep"] > 1]
     assert len(runs) >= 5
     heaviest = []
@@ -183,17 +183,17 @@ def test_expert_parallel_peaks_follow_the_recorded_routing():
         pairs = routing_pairs(run)
         errors = [p["predicted_gib"] / p["measured_gib"] - 1 for p in pairs]
         balanced = [abs(row["memory_error"]) for row in compare(run)]
-        if run["name"] in known_miss:
-            assert max(map(abs, errors)) <= known_miss[run["name"]], run["name"]
-        else:
-            assert max(map(abs, errors)) <= 0.04 and statistics.median(map(abs, errors)) <= 0.02, run["name"]
-            # closer than balanced, unless balanced routing already explains the peak
-            assert max(map(abs, errors)) < max(balanced) or max(balanced) <= 0.005, run["name"]
+        full = run["spec"]["training"]["recompute"] == "full"
+        assert max(map(abs, errors)) <= (0.05 if full else 0.04) and statistics.median(map(abs, errors)) <= 0.02, run["name"]
+        # closer than balanced, unless balanced routing already explains the peak
+        assert max(map(abs, errors)) < max(balanced) or max(balanced) <= 0.005, run["name"]
         x, y = [p["load"] for p in pairs], [p["measured_gib"] for p in pairs]
         measured_slope = statistics.linear_regression(x, y).slope
         spec, lay = run_spec(run), run["layout"]
-        model_slope = estimate_run(spec, lay, load=2.0).memory[0].total_gib - estimate_run(spec, lay).memory[0].total_gib
-        if model_slope >= 0.3:  # below that (large-hybrid-ader-tp2-ep2-sp: 0.22 GiB) allocator noise hides the slope
+        low, high = round(min(x), 2), round(max(x), 2)  # the model's slope over the loads the run saw
+        model_slope = (estimate_run(spec, lay, load=high).memory[0].total_gib
+                       - estimate_run(spec, lay, load=low).memory[0].total_gib) / (high - low)
+        if model_slope >= 0.3 and not full:  # below that (large-hybrid-ader-tp2-ep2-sp: 0.22 GiB) allocator noise hides the slope
             # within 20% on the five 2-GPU runs; EP4 (large-moe-ep4) measured 0.94 GiB per unit of load, model 1.31
             assert measured_slope == pytest.approx(model_slope, rel=0.30), run["name"]
         loads = [x for stage in run["routed_load"] for step in stage["steps"] for mb in step for x in mb]
@@ -241,6 +241,24 @@ def test_peak_breakdown_attributes_expert_parallel_misses_to_routed_tensors():
     assert {softmax(p) for p in ep1["per_rank_memory_peak"] + ep4["per_rank_memory_peak"]} == {8.0}
 
 
+def test_a_fully_recomputed_expert_backward_holds_the_gradients_the_plan_counts():
+    """launch --memory-peak under full recompute on one GPU: at the peak, the checkpoint's backward
+    holds, besides hidden-sized gradients (20 MiB each here), the routed tokens' gradients that
+    blocks.expert_backward_bytes counts (three 128 MiB and one 64 MiB at 8192 routed tokens);
+    with them the plan's peak is within 0.5%. Without them it was the loss's logits that set the
+    plan's peak, and the EP2 runs of the same layers came out 5-6% under."""
+    runs = {run["name"]: run for name, run in committed_gpu_runs() if name == "gpu_runs_h200x2_te_trace2.json"}
+    for name in ("trace2-te-ae-1gpu-full", "trace2-te-meae-1gpu-full"):
+        run = runs[name]
+        peak = run["per_rank_memory_peak"][0]
+        site = next(k for k in peak["largest_blocks_mib"] if k.endswith("tensor_parallel/random.py:566 backward"))
+        routed = sum(b for b in peak["largest_blocks_mib"][site] if b > 32)
+        ctx, lay = make_context(run_spec(run)), Layout.from_dict(run["layout"])
+        assert routed == pytest.approx(expert_backward_bytes(ctx, lay) * micro_batch_tokens(ctx, lay) / 2**20, rel=0.01)
+        est = estimate_run(run_spec(run), run["layout"])
+        assert est.memory[0].total_gib == pytest.approx(run["measured_peak_gib"], rel=0.005), name
+
+
 def test_te_moe_resident_memory_holds_the_grouped_gemm_workspaces():
     """Under TE the experts' grouped GEMMs keep four 32 MiB cuBLAS workspaces for good: with them
     the plan's resident memory (weights, gradients, optimizer state, buffers, overhead) matches
@@ -258,3 +276,16 @@ def test_te_moe_resident_memory_holds_the_grouped_gemm_workspaces():
         assert est.memory[0].buffers_gib == pytest.approx(TE_GROUPED_GEMM_WORKSPACE_BYTES / GIB)
         checked += 1
     assert checked >= 12
+
+
+def test_full_recompute_repeats_gpu_work_and_only_the_local_modules_host_time():
+    """Full recompute runs every forward again on the GPU; under TE it adds no host time (the first
+    forward runs without autograd; cost.host_repeats), while the local modules' overheads, which
+    hold GPU time too, grow by a third."""
+    for te in ("true", "false"):
+        spec = _spec("trace2-te-meae-1gpu-full", f"backend.transformer_engine={te}", "training.recompute=none")
+        full = _spec("trace2-te-meae-1gpu-full", f"backend.transformer_engine={te}")
+        layout = build_plan(spec, top=1).candidates[0].layout
+        without, again = estimate_run(spec, layout), estimate_run(full, layout)
+        assert dict(again.breakdown)["matmul"] > 1.2 * dict(without.breakdown)["matmul"]
+        assert again.host_seconds == pytest.approx(without.host_seconds * (1 if te == "true" else 4 / 3))
