@@ -258,19 +258,21 @@ def mlp_saved_bytes(f: float, gated: bool) -> float:
 
 def expert_backward_bytes(ctx: Context, lay: Layout, load: float = 1.0) -> float:
     """Bytes of gradients an E block's backward holds at once per local token (after CP) of one
-    micro-batch, beside the activations it kept: per routed token three tensors as wide as the fc1
-    output and one as wide as the fc2 input, bf16. That is 7f for a gated expert: the blocks the
-    checkpoint's backward held at the peak of trace2-te-meae-1gpu-full and trace2-te-ae-1gpu-full
-    (three of 128 MiB and one of 64 MiB at 8192 routed tokens, f 4096;
-    benchmarks/results/gpu_runs_h200x2_te_trace2.json), 1.44x that on the busiest EP2 rank whose
-    peak micro-batch routed it 1.44x the mean."""
+    micro-batch, beside the activations it kept: 7f bf16 per routed token (three tensors of 2f
+    and one of f), gated or not. Read off the blocks the backward held at the peak with launch
+    --memory-peak: three of 128 MiB and one of 64 MiB at 8192 routed tokens and f 4096 under full
+    recompute (benchmarks/results/gpu_runs_h200x2_te_trace2.json, 1.44x that on the EP2 rank whose
+    peak micro-batch routed it 1.44x the mean), three of 256 MiB and one of 128 MiB at f 8192,
+    gated and not, with and without recompute (gpu_runs_h200x1_expert_grads.json). Those are TE's
+    grouped experts, which run every local expert at once; the local modules' SequentialMLP runs
+    them one after another, so its backward holds one expert's share."""
     moe = ctx.spec.model.moe
     if moe is None:
         return 0.0
     f = moe.ffn_hidden_size / lay.etp
-    fc1 = 2 * f if moe.gated else f
     factor = 1 / lay.tp if lay.sp else 1.0  # routed tokens per rank follow the SP shard
-    return moe.top_k * lay.etp * BF16 * (3 * fc1 + f) * load * factor
+    at_once = 1.0 if ctx.te else lay.ep / moe.num_experts
+    return moe.top_k * lay.etp * BF16 * 7 * f * load * factor * at_once
 
 
 def block_activation_bytes(ctx: Context, letter: str, lay: Layout, load: float = 1.0, recompute: str | None = None) -> float:

@@ -107,10 +107,21 @@ def test_predictions_stay_close_to_every_committed_gpu_run():
             expert_parallel.append(run["layout"]["ep"] > 1)
             megatron_lm.append(run.get("engine") == "megatron-lm")
     assert len(rows) >= 40
-    steady = [r for r, ep, mlm in zip(rows, expert_parallel, megatron_lm, strict=True) if not (ep or mlm)]
+    # local modules on a host with TE installed: megatron-core's optimizer takes TE's multi-tensor
+    # kernels there and holds no fp32 copy, which the plan (not knowing the host) counts: +2.1%
+    # over, and its forward-backward peak, which set the measured one, is within 0.4%
+    copy_not_held = {"eg-local-none-gated"}
+    steady = [r for r, ep, mlm in zip(rows, expert_parallel, megatron_lm, strict=True)
+              if not (ep or mlm or r["run"] in copy_not_held)]
     assert len(steady) >= 25
     stock = [r for r, mlm in zip(rows, megatron_lm, strict=True) if mlm]
     assert len(stock) >= 4 and all(0 <= r["memory_error"] <= 0.05 for r in stock), stock
+    for _, run in committed_gpu_runs():
+        if run["name"] in copy_not_held:
+            mem = estimate_run(run_spec(run), run["layout"]).memory[0]
+            assert mem.optimizer_step_gib > mem.activations_gib + mem.transient_gib  # the copy sets the plan's peak
+            fb = run["per_rank_memory_phases"][0]["forward_backward_peak_gib"]
+            assert mem.resident_gib + mem.activations_gib + mem.transient_gib == pytest.approx(fb, rel=0.005)
     worst = max(steady, key=lambda r: abs(r["memory_error"]))
     assert abs(worst["memory_error"]) <= 0.02, worst
     worst = max(rows, key=lambda r: abs(r["memory_error"]))
@@ -241,22 +252,27 @@ def test_peak_breakdown_attributes_expert_parallel_misses_to_routed_tensors():
     assert {softmax(p) for p in ep1["per_rank_memory_peak"] + ep4["per_rank_memory_peak"]} == {8.0}
 
 
-def test_a_fully_recomputed_expert_backward_holds_the_gradients_the_plan_counts():
-    """launch --memory-peak under full recompute on one GPU: at the peak, the checkpoint's backward
-    holds, besides hidden-sized gradients (20 MiB each here), the routed tokens' gradients that
-    blocks.expert_backward_bytes counts (three 128 MiB and one 64 MiB at 8192 routed tokens);
-    with them the plan's peak is within 0.5%. Without them it was the loss's logits that set the
-    plan's peak, and the EP2 runs of the same layers came out 5-6% under."""
-    runs = {run["name"]: run for name, run in committed_gpu_runs() if name == "gpu_runs_h200x2_te_trace2.json"}
-    for name in ("trace2-te-ae-1gpu-full", "trace2-te-meae-1gpu-full"):
+def test_an_expert_backward_holds_the_gradients_the_plan_counts():
+    """launch --memory-peak on one GPU with TE's grouped experts: at the peak the backward holds
+    7f bf16 per routed token (blocks.expert_backward_bytes; three blocks of 2f and one of f),
+    gated or not, with and without full recompute, and with it the plan's peak is within 1.2%.
+    Without the term those runs came out 0.4-6.5% under (the loss's logits set the plan's peak).
+    The planned-blind runs (gpu_runs_h200x1_expert_grads.json) give the gradients the peak; the
+    local modules' experts run one at a time, so there the score gradients still set it."""
+    runs = {run["name"]: run for name, run in committed_gpu_runs()
+            if name in ("gpu_runs_h200x2_te_trace2.json", "gpu_runs_h200x1_expert_grads.json")}
+    for name in ("trace2-te-ae-1gpu-full", "trace2-te-meae-1gpu-full", "eg-te-none-gated", "eg-te-none-plain", "eg-te-full-plain"):
         run = runs[name]
-        peak = run["per_rank_memory_peak"][0]
-        site = next(k for k in peak["largest_blocks_mib"] if k.endswith("tensor_parallel/random.py:566 backward"))
-        routed = sum(b for b in peak["largest_blocks_mib"][site] if b > 32)
         ctx, lay = make_context(run_spec(run)), Layout.from_dict(run["layout"])
-        assert routed == pytest.approx(expert_backward_bytes(ctx, lay) * micro_batch_tokens(ctx, lay) / 2**20, rel=0.01)
+        held = expert_backward_bytes(ctx, lay) * micro_batch_tokens(ctx, lay) / 2**20  # MiB
+        peak = run["per_rank_memory_peak"][0]
+        site = next(k for k in peak["largest_blocks_mib"] if k.endswith("random.py:566 backward") or k == "(unknown)")
+        assert sum(b for b in peak["largest_blocks_mib"][site] if b >= held / 7 * 0.99) == pytest.approx(held, rel=0.01), name
         est = estimate_run(run_spec(run), run["layout"])
-        assert est.memory[0].total_gib == pytest.approx(run["measured_peak_gib"], rel=0.005), name
+        assert est.memory[0].total_gib == pytest.approx(run["measured_peak_gib"], rel=0.012), name
+    local = runs["eg-local-none-gated"]
+    est = estimate_run(run_spec(local), local["layout"])
+    assert est.memory[0].total_gib == pytest.approx(local["measured_peak_gib"], rel=0.025)
 
 
 def test_te_moe_resident_memory_holds_the_grouped_gemm_workspaces():
