@@ -99,8 +99,10 @@ def with_transformer_engine(spec: Spec, transformer_engine: bool) -> Spec:
 
 
 # The heaviest routed load (busiest expert-parallel rank over the mean, one micro-batch) that the
-# committed runs recorded: benchmarks/results/gpu_runs_h200x2_routing.json, MoE top-1 on EP2.
-MEASURED_ROUTED_LOAD = 1.8
+# committed runs recorded: 1.87, the AMEM hybrid on EP2 with two sequences per micro-batch
+# (benchmarks/results/gpu_runs_h200x2_te_blind4.json); MoE top-1 on EP2 reached 1.79
+# (gpu_runs_h200x2_routing.json).
+MEASURED_ROUTED_LOAD = 1.9
 
 
 def estimate_run(spec: Spec, layout: dict[str, Any], eff: Efficiency = DEFAULT_EFFICIENCY, load: float = 1.0) -> Estimate:

@@ -17,6 +17,7 @@ from megacpp.planner.calibration import (
     fit,
     host_bound,
     leave_one_out,
+    observe,
     predict,
 )
 from megacpp.planner.cost import DEFAULT_EFFICIENCY
@@ -104,14 +105,21 @@ def test_calibrate_the_committed_gpu_runs_reproduces_the_shipped_defaults():
 
 TE_RUNS = ["gpu_runs_h200x1_te.json", "gpu_runs_h200x2_te.json", "gpu_runs_h200x2_te_heldout.json",
            "gpu_runs_h200x1_te_mamba.json", "gpu_runs_h200x2_te_blind.json", "gpu_runs_h200x2_te_repeat.json",
-           "gpu_runs_h200x2_te_blind2.json"]
+           "gpu_runs_h200x2_te_blind2.json", "gpu_runs_h200x2_te_trace.json", "gpu_runs_h200x2_te_trace2.json",
+           "gpu_runs_h200x1_expert_grads.json"]
+# planned blind and kept out of the fit: how the shipped TE defaults predict layouts they never saw
+TE_BLIND = ["gpu_runs_h200x1_te_blind3.json", "gpu_runs_h100x1_te_blind.json", "gpu_runs_h200x2_te_blind4.json"]
+
+
+def _te_runs(names: list[str]) -> list[dict]:
+    return [r for name in names for r in json.loads((RESULTS / name).read_text())["runs"]
+            if r["backend"]["transformer_engine_used"] and not r["name"].endswith("-repeat")]
 
 
 def test_calibrate_the_committed_te_runs_reproduces_the_shipped_te_defaults():
-    """planner/cost.py MEASURED_TE_BLOCK_OVERHEAD_S and the TE traffic are the fit on the 32 TE runs."""
-    runs = [r for name in TE_RUNS for r in json.loads((RESULTS / name).read_text())["runs"]]
-    profile = calibrate(runs)
-    assert profile["transformer_engine"] is True and len(profile["fitted_on"]) == 32 and profile["determined"]
+    """planner/cost.py MEASURED_TE_BLOCK_OVERHEAD_S and the TE traffic are the fit on the 42 TE runs."""
+    profile = calibrate(_te_runs(TE_RUNS))
+    assert profile["transformer_engine"] is True and len(profile["fitted_on"]) == 42 and profile["determined"]
     assert profile["composition"] == "longer of host and GPU"
     for letter in "ADEMR":
         assert profile["block_overhead_s"][letter] == pytest.approx(DEFAULT_EFFICIENCY.overhead(letter, te=True), abs=5e-5)
@@ -120,7 +128,15 @@ def test_calibrate_the_committed_te_runs_reproduces_the_shipped_te_defaults():
     bound = {r["name"] for r in profile["fitted_on"] if r["host_bound"]}
     assert "te-dense" not in bound and {"te-moe", "blind-te-nam-small-ep2"} <= bound  # dense GPU-bound, MoE host-bound
     errors = sorted(abs(r["error"]) for r in profile["leave_one_out"])
-    assert errors[len(errors) // 2] < 0.06 and sum(e <= 0.15 for e in errors) >= 27 and errors[-1] < 0.36
+    assert errors[len(errors) // 2] < 0.12 and sum(e <= 0.15 for e in errors) >= 28 and errors[-1] < 0.40
+
+
+def test_the_shipped_te_defaults_predict_the_blind_sets_they_were_not_fitted_on():
+    """Layouts planned and committed before they ran, on H200 and H100, none of them in the fit:
+    15 of 16 steps within 15% (the miss: the AMEM hybrid under selective recompute on H100, -15.6%)."""
+    errors = [abs(predict(o, DEFAULT_EFFICIENCY) / o.measured_seconds - 1)
+              for o in map(observe, _te_runs(TE_BLIND))]
+    assert len(errors) == 16 and sum(e <= 0.15 for e in errors) >= 15 and max(errors) < 0.20
 
 
 def _te_synthetic() -> list[Observation]:
