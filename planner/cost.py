@@ -31,6 +31,7 @@ from megacpp.planner.blocks import (
 )
 from megacpp.planner.kernel_rates import kernel_rates
 from megacpp.planner.layout import Context, Layout
+from megacpp.planner.pattern import BLOCK_LETTERS
 from megacpp.planner.stages import Stage
 
 GIB = float(1 << 30)
@@ -168,8 +169,9 @@ class StageMemory:
     activations_gib: float
     buffers_gib: float
     overhead_gib: float
-    transient_gib: float = 0.0  # largest short-lived allocation of forward+backward (loss, attention backward)
+    transient_gib: float = 0.0  # largest short-lived allocation of forward+backward (loss, a block's backward)
     optimizer_step_gib: float = 0.0  # held only while the optimizer steps (activations are gone by then)
+    transient_from: str = "nothing beyond the activations"  # what the transient is
 
     @property
     def resident_gib(self) -> float:
@@ -193,6 +195,7 @@ class StageMemory:
             "activations_gib": r(self.activations_gib),
             "buffers_gib": r(self.buffers_gib),
             "transient_gib": r(self.transient_gib),
+            "transient_from": self.transient_from,
             "optimizer_step_gib": r(self.optimizer_step_gib),
             "overhead_gib": r(self.overhead_gib),
             "resident_gib": r(self.resident_gib),
@@ -294,16 +297,23 @@ def stage_memory(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency
         # unfused attention, and the routed tokens' gradients of an expert block
         grads = {"A": (SELECTIVE_BACKWARD_BYTES if recompute == "selective" else UNFUSED_BACKWARD_BYTES) * scores,
                  "E": expert_backward_bytes(ctx, lay, load) * tokens}
+        # what the transient is, in words (StageMemory.transient_from), by size
+        candidates = [(loss, "the loss's logits")]
         if recompute == "full":
             # the backward of a fully recomputed block re-runs its forward: its activations as
             # without recompute come back on top of the checkpoints, with its gradients: the
             # forward+backward peak of large-dense-full-mbs2 is 16.82 GiB above resident,
             # predicted 0.56 of checkpoints + 16.38 (benchmarks/results/gpu_runs_h200x2_large.json)
-            backward = max((rebuilt[letter] + grads.get(letter, 0.0) for letter in set(blocks)), default=0.0)
+            candidates += [(rebuilt[letter] + grads.get(letter, 0.0), f"the backward of a recomputed {BLOCK_LETTERS[letter]} block")
+                           for letter in sorted(set(blocks))]
         else:
             # the last block of a kind is back-propagated first, after the blocks behind it freed theirs
-            backward = max([0.0] + [grads[letter] - sum(kept[x] for x in blocks[blocks.rindex(letter) + 1:])
-                                    for letter in grads if letter in blocks])
+            candidates += [(grads[letter] - sum(kept[x] for x in blocks[blocks.rindex(letter) + 1:]),
+                            f"the gradients of the last {BLOCK_LETTERS[letter]} block's backward")
+                           for letter in grads if letter in blocks]
+        transient, transient_from = max(candidates, key=lambda c: c[0])
+        if transient <= 0:
+            transient, transient_from = 0.0, "nothing beyond the activations"
         total = dense + expert
         dense_shard = lay.dp * lay.cp if distopt else 1
         expert_shard = max(lay.edp, 1) if distopt else 1
@@ -325,7 +335,8 @@ def stage_memory(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency
                 activations_gib=act_per_mb * in_flight(lay, p) / GIB,
                 buffers_gib=(SCORE_BUFFER_BYTES * scores + (TE_GROUPED_GEMM_WORKSPACE_BYTES if ctx.te and "E" in blocks else 0)) / GIB,
                 overhead_gib=eff.overhead_gib,
-                transient_gib=max(loss, backward) / GIB,
+                transient_gib=transient / GIB,
+                transient_from=transient_from,
                 optimizer_step_gib=0.0 if ctx.te else OPTIMIZER_STEP_BYTES * max(n / shard for n, shard in sharded) / GIB,
             )
         )

@@ -199,6 +199,8 @@ def explain_text(doc: dict[str, Any]) -> None:
                            ("weights_gib", "gradients_gib", "optimizer_gib", "buffers_gib", "overhead_gib", "activations_gib", "transient_gib"))
         high = f" (up to {m['total_gib_high']:.1f} with moe.imbalance)" if "total_gib_high" in m else ""
         out.print(f"  pp{m['pp_rank']} {_bar(m['total_gib'], mem['capacity_gib'])} {m['total_gib']:6.1f} GiB = {parts}{high}")
+    for why, stages_ in _peak_notes(mem["per_stage"]).items():
+        out.print(f"  pp{_rank_list(stages_)}: {why}")
 
     _ranks_text(doc["ranks"], doc["cluster"]["gpus_per_node"])
 
@@ -236,6 +238,19 @@ def explain_text(doc: dict[str, Any]) -> None:
         if f["experts"]:
             spans = sorted({tuple(e["experts"]) for e in f["experts"]})
             out.print(f"  experts: {', '.join(f'{a}-{b}' for a, b in spans)} of each of its {len(f['experts'])} E blocks")
+
+
+def _peak_notes(per_stage: list[dict]) -> dict[str, list[int]]:
+    """What the memory lines' sums do not say, with the pipeline stages it holds for: what the
+    transient is, and where the optimizer step's copy rather than the activations sets the peak."""
+    notes: dict[str, list[int]] = {}
+    for m in per_stage:
+        if m["transient_gib"] > 0 and "transient_from" in m:
+            notes.setdefault(f"transient: {m['transient_from']}", []).append(m["pp_rank"])
+        if m["optimizer_step_gib"] > m["activations_gib"] + m["transient_gib"]:
+            notes.setdefault("the optimizer step's fp32 copy (made only where neither TE nor Apex is installed) "
+                             "outgrows activations + transient and sets the peak", []).append(m["pp_rank"])
+    return notes
 
 
 def _rank_list(ranks: list[int]) -> str:

@@ -305,3 +305,17 @@ def test_full_recompute_repeats_gpu_work_and_only_the_local_modules_host_time():
         without, again = estimate_run(spec, layout), estimate_run(full, layout)
         assert dict(again.breakdown)["matmul"] > 1.2 * dict(without.breakdown)["matmul"]
         assert again.host_seconds == pytest.approx(without.host_seconds * (1 if te == "true" else 4 / 3))
+
+
+def test_the_plan_says_what_sets_each_stage_transient():
+    """memory.per_stage[].transient_from names the short-lived allocation on top of the activations."""
+    moe, _ = _stage(_spec("eg-te-none-gated"))  # a large expert ffn and a small vocabulary
+    assert moe.transient_from == "the gradients of the last MoE FFN block's backward"
+    assert moe.transient_gib > 0.8
+    small_experts, _ = _stage(_spec("eg-te-none-gated", "model.moe.ffn_hidden_size=512", "model.vocab_size=64000"))
+    assert small_experts.transient_from == "the loss's logits"
+    full, _ = _stage(_spec("trace2-te-meae-1gpu-full"))
+    assert full.transient_from == "the backward of a recomputed MoE FFN block"
+    local, _ = _stage(_spec("moe-ep8"))  # unfused attention at sequence 4096
+    assert local.transient_from == "the gradients of the last self-attention block's backward"
+    assert local.to_dict()["transient_from"] == local.transient_from

@@ -200,3 +200,19 @@ def test_host_bound_steps_say_so():
     planned = subprocess.run([sys.executable, "-m", "megacpp.runtime.cli", "plan", str(ROOT / "benchmarks" / "gpu" / "specs" / "moe-ep4-alltoall.yaml")],
                              capture_output=True, text=True, cwd=ROOT).stdout
     assert "host-bound" in planned.split("considered")[0] and "megacpp calibrate" in planned
+
+
+def test_explain_says_what_the_memory_sums_leave_out():
+    """Under each stage's memory sum, `explain layout` says what the transient is (grouped over the
+    stages it holds for) and where the optimizer step's copy, not the activations, sets the peak."""
+    from megacpp.runtime.console import _peak_notes
+
+    stage = {"transient_gib": 0.2, "transient_from": "the loss's logits", "activations_gib": 2.6}
+    notes = _peak_notes([{**stage, "pp_rank": 0, "optimizer_step_gib": 3.2},
+                         {**stage, "pp_rank": 1, "optimizer_step_gib": 1.0},
+                         {**stage, "pp_rank": 2, "transient_gib": 0.0, "optimizer_step_gib": 0.0}])
+    assert notes["transient: the loss's logits"] == [0, 1]
+    copy = next(k for k in notes if k.startswith("the optimizer step's fp32 copy"))
+    assert notes[copy] == [0]
+    text = (ROOT / "tests" / "golden" / "explain" / "nam56r.txt").read_text()
+    assert "pp0-6: transient: the gradients of the last MoE FFN block's backward" in text
