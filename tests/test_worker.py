@@ -283,7 +283,10 @@ def test_routed_load_per_stage_step_and_microbatch():
     assert merged == {1: [[[4, 2, 4, 4], [4, 4, 4, 4]]], 2: [[[2, 2, 2, 2], [2, 2, 6, 6]]]}
     (stage,) = routed_load(merged, {1: 0, 2: 0}, ep=2)
     # micro-batch 0: EP rank 0 receives 4+2+2+2 = 10 of 22; micro-batch 1: 4+4+2+2 = 12 of 32
-    assert stage == {"pp_rank": 0, "steps": [[[round(10 / 11, 4), round(12 / 11, 4)], [0.75, 1.25]]]}
+    assert stage["pp_rank"] == 0 and stage["steps"] == [[[round(10 / 11, 4), round(12 / 11, 4)], [0.75, 1.25]]]
+    # the most unbalanced layer on each rank: micro-batch 0, layer 1 gives EP rank 0 6 of 14 and
+    # rank 1 8 of 14; micro-batch 1, layer 2 gives EP rank 1 12 of 16
+    assert stage["heaviest_layer_steps"] == [[[1.0, round(8 / 7, 4)], [1.0, 1.5]]]
     assert _merge_expert_counts(infos, sequence_parallel=True)[1][0][0] == [13, 11, 13, 13]
 
 

@@ -64,11 +64,15 @@ def routing_pairs(run: dict) -> list[dict]:
     spec, lay = run_spec(run), run["layout"]
     layout = Layout.from_dict(lay)
     memory = cache(lambda load: [m.total_gib for m in estimate_run(spec, lay, load=load).memory])
-    loads = {stage["pp_rank"]: stage["steps"] for stage in run["routed_load"]}
+    # under full recompute the peak rebuilds one layer of one micro-batch: its heaviest layer's
+    # load where the run recorded it (runs before that recorded the stage's average only)
+    full = spec.training.recompute == "full"
+    by_layer = full and all("heaviest_layer_steps" in stage for stage in run["routed_load"])
+    loads = {stage["pp_rank"]: stage["heaviest_layer_steps" if by_layer else "steps"] for stage in run["routed_load"]}
     pairs = []
     for coords, ph in zip(run["per_rank_coordinates"], phases, strict=True):
         p, mbs = coords["pp"], loads.get(coords["pp"])  # a stage without MoE layers routes nothing
-        window = math.ceil(in_flight(layout, p))
+        window = 1 if by_layer else math.ceil(in_flight(layout, p))
         for step, peak in enumerate(ph["step_peak_gib"][1:], start=1):
             load = in_flight_load([mb[coords["ep"]] for mb in mbs[step]], window) if mbs else 1.0
             pairs.append({"pp_rank": p, "load": load, "measured_gib": peak, "predicted_gib": memory(round(load, 2))[p]})

@@ -89,27 +89,37 @@ def _add_over_steps(counts: list[list[list[int]]]) -> list[int]:
     return [sum(col) for col in zip(*(mb for step in counts for mb in step), strict=True)]
 
 
+def _loads(counts: list[list[int]], ep: int) -> list[float]:
+    """The routed tokens each EP rank receives from these layers' counts, over the mean."""
+    local = len(counts[0]) // ep
+    received = [sum(sum(c[r * local:(r + 1) * local]) for c in counts) for r in range(ep)]
+    mean = sum(received) / ep
+    return [round(x / mean, 4) if mean else 1.0 for x in received]
+
+
 def routed_load(merged: dict[int, list], stage_of_layer: dict[int, int], ep: int) -> list[dict[str, Any]]:
     """Per pipeline stage, step and micro-batch: the routed tokens each expert-parallel rank
-    receives over the stage's MoE layers, over the mean (1.0 is balanced). EP rank r holds experts
-    [r*E/EP, (r+1)*E/EP). With several EP groups (EDP > 1) the counts are their sum, so this is
-    the groups' average."""
+    receives over the stage's MoE layers, over the mean (1.0 is balanced), in "steps"; and in
+    "heaviest_layer_steps" the same for the stage's most unbalanced layer on each rank, which is
+    what a fully recomputed stage's peak follows (it rebuilds one layer at a time). EP rank r
+    holds experts [r*E/EP, (r+1)*E/EP). With several EP groups (EDP > 1) the counts are their
+    sum, so this is the groups' average."""
     stages: dict[int, list[int]] = {}
     for layer in merged:
         stages.setdefault(stage_of_layer[layer], []).append(layer)
     out = []
     for pp, layers in sorted(stages.items()):
-        steps = []
+        steps, heaviest = [], []
         for s in range(len(merged[layers[0]])):
-            per_mb = []
+            per_mb, per_mb_heaviest = [], []
             for m in range(len(merged[layers[0]][s])):
                 counts = [merged[layer][s][m] for layer in layers]
-                local = len(counts[0]) // ep
-                received = [sum(sum(c[r * local:(r + 1) * local]) for c in counts) for r in range(ep)]
-                mean = sum(received) / ep
-                per_mb.append([round(x / mean, 4) if mean else 1.0 for x in received])
+                per_mb.append(_loads(counts, ep))
+                by_layer = [_loads([c], ep) for c in counts]
+                per_mb_heaviest.append([max(loads[r] for loads in by_layer) for r in range(ep)])
             steps.append(per_mb)
-        out.append({"pp_rank": pp, "steps": steps})
+            heaviest.append(per_mb_heaviest)
+        out.append({"pp_rank": pp, "steps": steps, "heaviest_layer_steps": heaviest})
     return out
 
 
