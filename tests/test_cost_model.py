@@ -184,9 +184,10 @@ def test_expert_parallel_peaks_follow_the_recorded_routing():
     within 30%, where one unit of load moves it by 0.3 GiB or more); and the recorded loads swing
     well past 1 on most runs, which is what moe.imbalance is for. Under full recompute the peak is
     one recomputed expert layer's backward, so it follows that layer's load, while the record
-    averages the stage's MoE layers: those runs are within 5% (the worst single layer's load at a
-    --memory-peak peak was 1.72 where the record averages at most 1.39), and their peaks rise
-    faster than the average load, so the slope is checked on the other runs."""
+    averages the stage's MoE layers: runs that recorded only the average are within 5%, and their
+    peaks rise faster than the average load, so the slope is checked on the other runs. Reports
+    now record each stage's most unbalanced layer (heaviest_layer_steps); priced at it, the four
+    full-recompute EP2 runs that have it are within 1.1% (gpu_runs_h200x2_te_layers.json)."""
     runs = [run for _, run in committed_gpu_runs() if run.get("routed_load") and run["layout"]["ep"] > 1]
     assert len(runs) >= 5
     heaviest = []
@@ -195,7 +196,9 @@ def test_expert_parallel_peaks_follow_the_recorded_routing():
         errors = [p["predicted_gib"] / p["measured_gib"] - 1 for p in pairs]
         balanced = [abs(row["memory_error"]) for row in compare(run)]
         full = run["spec"]["training"]["recompute"] == "full"
-        assert max(map(abs, errors)) <= (0.05 if full else 0.04) and statistics.median(map(abs, errors)) <= 0.02, run["name"]
+        by_layer = all("heaviest_layer_steps" in stage for stage in run["routed_load"])
+        worst = (0.015 if by_layer else 0.05) if full else 0.04
+        assert max(map(abs, errors)) <= worst and statistics.median(map(abs, errors)) <= 0.02, run["name"]
         # closer than balanced, unless balanced routing already explains the peak
         assert max(map(abs, errors)) < max(balanced) or max(balanced) <= 0.005, run["name"]
         x, y = [p["load"] for p in pairs], [p["measured_gib"] for p in pairs]
