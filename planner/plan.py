@@ -103,6 +103,10 @@ def with_transformer_engine(spec: Spec, transformer_engine: bool) -> Spec:
 # (benchmarks/results/gpu_runs_h200x2_te_blind4.json); MoE top-1 on EP2 reached 1.79
 # (gpu_runs_h200x2_routing.json).
 MEASURED_ROUTED_LOAD = 1.9
+# The same for a single MoE layer (routed_load heaviest_layer_steps), which is what the peak of a
+# fully recomputed stage follows: 2.0, every routed token of a layer on one of two EP ranks, in
+# the full-recompute EP2 runs of benchmarks/results/gpu_runs_h200x2_te_layers.json.
+MEASURED_LAYER_ROUTED_LOAD = 2.0
 
 
 def estimate_run(spec: Spec, layout: dict[str, Any], eff: Efficiency = DEFAULT_EFFICIENCY, load: float = 1.0) -> Estimate:
@@ -184,10 +188,12 @@ def build_plan(spec: Spec, top: int = 10, eff: Efficiency = DEFAULT_EFFICIENCY) 
     ]
     moe = spec.model.moe
     if moe is not None and moe.imbalance == 1.0 and any(c.layout["ep"] > 1 for c in chosen):
+        full = spec.training.recompute == "full"  # the peak follows one layer's load
+        load, where = (MEASURED_LAYER_ROUTED_LOAD, "one layer of one micro-batch") if full else (MEASURED_ROUTED_LOAD, "one micro-batch")
         spec_notes.append(Note(rule="moe-balanced-routing", message=(
             "model.moe.imbalance is 1 (balanced routing): expert-parallel ranks are planned for the mean routed tokens, "
-            f"but on the measured runs the busiest rank took up to {MEASURED_ROUTED_LOAD:g}x the mean in one micro-batch "
-            f"early in training; set model.moe.imbalance (e.g. {MEASURED_ROUTED_LOAD:g}) to plan for it")))
+            f"but on the measured runs the busiest rank took up to {load:g}x the mean in {where} "
+            f"early in training; set model.moe.imbalance (e.g. {load:g}) to plan for it")))
     examples = [
         RejectedExample(layout=lay.to_dict(), rule=rule_id, message=msg)
         for rule_id, shown in result.rejections.examples.items()

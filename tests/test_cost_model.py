@@ -20,6 +20,7 @@ from megacpp.planner.cost import (
 from megacpp.planner.layout import Layout
 from megacpp.planner.loading import load_spec
 from megacpp.planner.plan import (
+    MEASURED_LAYER_ROUTED_LOAD,
     MEASURED_ROUTED_LOAD,
     build_plan,
     estimate_run,
@@ -228,6 +229,12 @@ def test_balanced_routing_is_pointed_out_where_expert_parallel_layouts_are_shown
     loads = [x for _, run in committed_gpu_runs() for stage in run.get("routed_load") or []
              for step in stage["steps"] for mb in step for x in mb]
     assert round(max(loads), 1) == MEASURED_ROUTED_LOAD
+    # under full recompute the note quotes the heaviest single layer the runs recorded
+    layer = [x for _, run in committed_gpu_runs() for stage in run.get("routed_load") or []
+             for step in stage.get("heaviest_layer_steps", []) for mb in step for x in mb]
+    assert round(max(layer), 1) == MEASURED_LAYER_ROUTED_LOAD
+    note = next(n.message for n in build_plan(_spec("trace2-te-meae-ep2-full"), top=3).notes if n.rule == "moe-balanced-routing")
+    assert f"{MEASURED_LAYER_ROUTED_LOAD:g}x the mean in one layer of one micro-batch" in note
 
 
 def _site_gib(peak: dict, site: str) -> float:
