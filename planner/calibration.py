@@ -31,6 +31,7 @@ from megacpp.planner.cost import (
     Efficiency,
     estimate,
     exposed_host_seconds,
+    gpu_repeats,
     host_repeats,
     small_kernel_seconds,
 )
@@ -77,7 +78,6 @@ def observe(run: dict[str, Any]) -> Observation:
     _, stages = assign_stages(ctx, lay.pp, lay.vpp)
     est = estimate(ctx, lay, stages, NO_OVERHEAD)
     slots = lay.num_microbatches + (lay.pp - 1) / lay.vpp
-    passes = (4 if spec.training.recompute == "full" else 3) / 3  # full recompute repeats every forward on the GPU
     blocks = max(("".join(s.blocks for s in stages if s.pp_rank == p) for p in range(lay.pp)), key=len)  # the busiest rank's
     return Observation(
         name=str(run.get("name") or spec.name),
@@ -86,7 +86,7 @@ def observe(run: dict[str, Any]) -> Observation:
         base_seconds=est.step_seconds,
         units={letter: n * slots * host_repeats(spec.training.recompute, ctx.te) for letter, n in Counter(blocks).items()},
         measured_seconds=float(run["measured_step_seconds"]),
-        small_units=small_kernel_seconds(ctx, lay, blocks) * slots * passes,
+        small_units=small_kernel_seconds(ctx, lay, blocks) * slots * gpu_repeats(spec.training.recompute),
         compute_seconds=est.compute_seconds,
     )
 

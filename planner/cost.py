@@ -442,7 +442,7 @@ def matmul_seconds(ctx: Context, lay: Layout, letter: str, eff: Efficiency, load
     fp8 = ctx.spec.training.precision == "fp8"
     rate = (c.mamf_fp8_tflops if fp8 else c.mamf_bf16_tflops) * 1e12 * eff.matmul
     recompute = ctx.spec.training.recompute
-    again = 4 / 3 if recompute == "full" else 1.0  # full recompute repeats every forward
+    again = gpu_repeats(recompute)
     if letter == "head":
         gemms = head_gemms(ctx, lay)
         again = 1.0  # the output layer is outside the recomputed blocks
@@ -493,6 +493,12 @@ def small_kernel_seconds(ctx: Context, lay: Layout, blocks: str, load: float = 1
     return saved * micro_batch_tokens(ctx, lay) / (ctx.cluster.hbm_tbps * 1e12)
 
 
+def gpu_repeats(recompute: str) -> float:
+    """A block's forward + backward GPU work under a recompute mode, in units of it without
+    recompute: full recompute runs every forward again (forward 1, backward 2, so 4/3)."""
+    return 4 / 3 if recompute == "full" else 1.0
+
+
 def host_repeats(recompute: str, te: bool) -> float:
     """The per-block overhead of one micro-batch under a recompute mode, in units of its overhead
     without recompute. Full recompute runs every forward again: 4/3 for the local modules, whose
@@ -503,7 +509,7 @@ def host_repeats(recompute: str, te: bool) -> float:
     and repeated 0.935 s, and on a faster host (gpu_runs_h200x2_te_trace2.json) its (AE), (AMDM)
     and MEAE stacks took 0.35-0.59 s where repeated host time said 0.60-0.94 s. The first forward
     runs without autograd, which records nothing for the backward."""
-    return 1.0 if te or recompute != "full" else 4 / 3
+    return 1.0 if te else gpu_repeats(recompute)
 
 
 def exposed_host_seconds(gpu: float, host: float, te: bool) -> float:
@@ -529,7 +535,6 @@ def estimate(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency = D
     comms = communication(ctx, lay, stages, mem, eff, load)
     precision = ctx.spec.training.precision
     c = ctx.cluster
-    passes = 4 if ctx.spec.training.recompute == "full" else 3
     per_letter = {letter: block_flops(ctx, letter, load) for letter in ctx.letters}
     matmul = {letter: matmul_seconds(ctx, lay, letter, eff, load) for letter in [*ctx.letters, "head"]}
     softmax = softmax_seconds(ctx, lay, eff)
@@ -541,7 +546,7 @@ def estimate(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency = D
         gemm = sum(matmul[letter] for letter in blocks) + (matmul["head"] if head else 0.0)
         host = sum(eff.overhead(letter, ctx.te) for letter in blocks) * host_repeats(ctx.spec.training.recompute, ctx.te)
         traffic = eff.traffic(ctx.te)
-        small = traffic * small_kernel_seconds(ctx, lay, blocks, load) * passes / 3 if traffic else 0.0
+        small = traffic * small_kernel_seconds(ctx, lay, blocks, load) * gpu_repeats(ctx.spec.training.recompute) if traffic else 0.0
         scores = blocks.count("A") * softmax
         per_rank.append((gemm, scores, exposed_host_seconds(gemm + scores + small, host, ctx.te), small, host))
     *terms, host = max(per_rank, key=lambda r: sum(r[:4]))
