@@ -272,13 +272,15 @@ def allocation_site(frames: list[dict]) -> str:
     return "(no Python frame: autograd engine)" if frames else "(unknown)"
 
 
-def _replay(trace: list[dict], allocated_at_start: int, stop: int | None = None) -> tuple[int, int | None, dict[int, dict]]:
+def _replay(trace: list[dict], allocated_at_start: int, stop: int | None = None) -> tuple[int, int | None, dict[int, dict], int]:
     """Allocator events in order (up to index `stop`): the highest allocation, the index of the
-    event that first reached it (None if none rose above the start), and the live blocks the step
-    allocated. Blocks from before the step that it frees lower the allocation too."""
+    event that first reached it (None if none rose above the start), the live blocks the step
+    allocated, and the bytes of blocks from before the step that it freed (which lower the
+    allocation too)."""
     live: dict[int, dict] = {}
     current = peak = allocated_at_start
     at = None
+    freed_before = 0
     for i, event in enumerate(trace[: None if stop is None else stop + 1]):
         action, addr = event.get("action"), event.get("addr")
         if action == "alloc":
@@ -287,34 +289,27 @@ def _replay(trace: list[dict], allocated_at_start: int, stop: int | None = None)
             if current > peak:
                 peak, at = current, i
         elif action == "free_requested":
-            current -= live.pop(addr)["size"] if addr in live else event.get("size", 0)
-    return peak, at, live
+            if addr in live:
+                current -= live.pop(addr)["size"]
+            else:
+                current -= event.get("size", 0)
+                freed_before += event.get("size", 0)
+    return peak, at, live, freed_before
 
 
-def _by_site(blocks: list[dict], top: int) -> dict[str, float]:
-    """GiB per allocation site, the `top` largest and the rest as "(other sites)"."""
-    sites: dict[str, int] = {}
+def _sizes_by_site(blocks: list[dict]) -> dict[str, list[int]]:
+    """The blocks' sizes per allocation site."""
+    sites: dict[str, list[int]] = {}
     for event in blocks:
-        site = allocation_site(event.get("frames") or [])
-        sites[site] = sites.get(site, 0) + event.get("size", 0)
-    ranked = sorted(sites.items(), key=lambda kv: -kv[1])
+        sites.setdefault(allocation_site(event.get("frames") or []), []).append(event.get("size", 0))
+    return sites
+
+
+def _by_site(sites: dict[str, list[int]], top: int) -> dict[str, float]:
+    """GiB per allocation site, the `top` largest and the rest as "(other sites)"."""
+    ranked = sorted(((site, sum(sizes)) for site, sizes in sites.items()), key=lambda kv: -kv[1])
     rest = sum(size for _, size in ranked[top:])
     return {site: round(size / GIB, 4) for site, size in ranked[:top]} | ({"(other sites)": round(rest / GIB, 4)} if rest else {})
-
-
-def _freed_from_before(trace: list[dict], stop: int | None) -> int:
-    """Bytes of blocks allocated before the step that it frees up to event `stop`."""
-    mine: set[int] = set()
-    freed = 0
-    for event in trace[: None if stop is None else stop + 1]:
-        if event.get("action") == "alloc":
-            mine.add(event.get("addr"))
-        elif event.get("action") == "free_requested":
-            if event.get("addr") in mine:
-                mine.discard(event.get("addr"))
-            else:
-                freed += event.get("size", 0)
-    return freed
 
 
 def peak_breakdown(trace: list[dict], allocated_at_start: int, top: int = 15) -> dict:
@@ -322,19 +317,18 @@ def peak_breakdown(trace: list[dict], allocated_at_start: int, top: int = 15) ->
     the sizes of each top site's largest blocks (which tensors they are follows from their sizes).
     Also what the step leaves allocated when it ends, by site, and how much of what was allocated
     before it the step freed up to its peak: memory a step keeps until the next one frees it."""
-    peak, at, left = _replay(trace, allocated_at_start)
-    at_peak = list(_replay(trace, allocated_at_start, at)[2].values()) if at is not None else []
-    sites = _by_site(at_peak, top)
-    blocks_mib = {site: sorted((round(e.get("size", 0) / 2**20, 1) for e in at_peak
-                                if allocation_site(e.get("frames") or []) == site), reverse=True)[:6]
-                  for site in sites if site != "(other sites)"}
+    peak, at, left, _ = _replay(trace, allocated_at_start)
+    at_peak, freed_before = ({}, 0) if at is None else _replay(trace, allocated_at_start, at)[2:]
+    by_site = _sizes_by_site(list(at_peak.values()))
+    sites = _by_site(by_site, top)
     return {
         "peak_gib": round(peak / GIB, 4),
         "before_step_gib": round(allocated_at_start / GIB, 4),
         "sites_gib": sites,
-        "largest_blocks_mib": blocks_mib,
-        "left_after_step_gib": _by_site(list(left.values()), top),
-        "freed_from_before_step_gib": round(_freed_from_before(trace, at) / GIB, 4) if at is not None else 0.0,
+        "largest_blocks_mib": {site: sorted((round(size / 2**20, 1) for size in by_site[site]), reverse=True)[:6]
+                               for site in sites if site != "(other sites)"},
+        "left_after_step_gib": _by_site(_sizes_by_site(list(left.values())), top),
+        "freed_from_before_step_gib": round(freed_before / GIB, 4),
     }
 
 
