@@ -36,6 +36,10 @@ class Cluster(BaseModel):
     nvlink_alltoall_gbps: float
     nvlink_p2p_gbps: float
     nvlink_alpha_us: float
+    # the same for a group of two GPUs, where it was measured: collective -> busbw, and the per-call
+    # latency; NCCL moves less per GPU between two ranks than across the whole fabric
+    nvlink_pair_gbps: dict[str, float] = {}
+    nvlink_pair_alpha_us: float | None = None
     # per-GPU bus bandwidth across the NIC (scale-out)
     nic_busbw_gbps: float
     nic_alpha_us: float
@@ -84,6 +88,12 @@ PRESETS: dict[str, dict] = {
         # the 8 KiB all-reduce/all-gather/reduce-scatter/all-to-all on 8 x H200 (71, 57, 45, 62 us),
         # benchmarks/results/nccl_h200x8.json; nccl-tests' own 18 us [R3] leaves out the framework
         "nvlink_alpha_us": 59.0,
+        # two H200s through torch.distributed, 1 GiB busbw and the median 8 KiB latency of the four
+        # collectives (benchmarks/results/nccl_h200x2.json): 27-28% below the 8-GPU rates for
+        # all-gather and reduce-scatter, which tensor parallelism on two GPUs runs
+        "nvlink_pair_gbps": {"all-reduce": 329.2, "all-gather": 265.4, "reduce-scatter": 259.1,
+                             "all-to-all": 330.8, "send-recv": 360.0},
+        "nvlink_pair_alpha_us": 23.5,
     },
     "b200-sxm-8": {
         **_H100,
@@ -205,6 +215,7 @@ def resolve_cluster(spec: ClusterSpec, nodes: int | None = None) -> Cluster:
     if spec.intra_node_busbw_gbps is not None:
         for key in ("allreduce", "allgather", "reducescatter", "alltoall", "p2p"):
             base[f"nvlink_{key}_gbps"] = spec.intra_node_busbw_gbps
+        base["nvlink_pair_gbps"] = {}  # the stated rate holds for every group size
     if spec.nvlink_domain is None and spec.preset is None:
         base["nvlink_domain"] = base["gpus_per_node"]
     base["nodes"] = nodes if nodes is not None else spec.nodes

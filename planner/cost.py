@@ -91,9 +91,9 @@ UNFUSED_SOFTMAX_BYTES_BACKWARD = 32.0
 # kernels (norms, residual adds, activations, rotary, the optimizer) that the table does not price.
 # E includes the dispatcher's host synchronisation on routed-token counts and the per-expert loop;
 # A's launches fall inside its softmax term. M is fitted alone, the other letters held at these
-# values, to the five Mamba runs in benchmarks/results/gpu_runs_h200x1_mamba.json after the SSD
+# values, to the first five Mamba runs in benchmarks/results/gpu_runs_h200x1_mamba.json after the SSD
 # table's scan time (least squares on relative error; left out one at a time it moves 1.7-2.7 ms).
-MEASURED_BLOCK_OVERHEAD_S = (("A", 0.0), ("D", 3.22e-3), ("E", 13.73e-3), ("M", 2.09e-3), ("R", 3.22e-3))
+MEASURED_BLOCK_OVERHEAD_S = (("A", 0.0), ("D", 3.24e-3), ("E", 13.75e-3), ("M", 2.07e-3), ("R", 3.20e-3))
 # The same with Transformer Engine 2.20 modules on H200, where the overhead is host time alone and
 # runs ahead of the GPU (exposed_host_seconds), and the small kernels' GPU time is a term of its
 # own (Efficiency.te_small_kernel_traffic, small_kernel_seconds): what `megacpp calibrate` fits to
@@ -105,18 +105,19 @@ MEASURED_BLOCK_OVERHEAD_S = (("A", 0.0), ("D", 3.22e-3), ("E", 13.73e-3), ("M", 
 # fit the traffic, the 25 host-bound ones (MoE, the hybrids, R on DP2, the dense stacks on TP2+SP
 # and CP2 at sequence 4096 with 16 micro-batches) the overheads. A and D come together in every
 # host-bound run but two, so their split is loosely held. Full recompute adds no host time under TE
-# (host_repeats). Left out one at a time it predicts 28 of the 42 within 15% (median 11%, worst
-# 39%); the blind sets it did not see (gpu_runs_h200x1_te_blind3.json, gpu_runs_h100x1_te_blind.json
-# and the blind runs of gpu_runs_h200x2_te_blind4.json) 15 of 16 within 15% (README).
-MEASURED_TE_SMALL_KERNEL_TRAFFIC = 23.28
-MEASURED_TE_BLOCK_OVERHEAD_S = (("A", 7.45e-3), ("D", 1.46e-3), ("E", 13.38e-3), ("M", 8.07e-3), ("R", 0.66e-3))
+# (host_repeats). Two-GPU groups are priced at the measured pair rates (clusters.py). Left out one
+# at a time it predicts 29 of the 42 within 15% (median 11%, worst 39%); the blind sets it did not
+# see (gpu_runs_h200x1_te_blind3.json, gpu_runs_h100x1_te_blind.json and the blind runs of
+# gpu_runs_h200x2_te_blind4.json) 15 of 16 within 15% (README).
+MEASURED_TE_SMALL_KERNEL_TRAFFIC = 23.16
+MEASURED_TE_BLOCK_OVERHEAD_S = (("A", 7.34e-3), ("D", 1.55e-3), ("E", 13.53e-3), ("M", 8.07e-3), ("R", 0.76e-3))
 
 
 # A step whose per-block host time (Estimate.host_seconds, hidden behind the GPU or not) is at
 # least this share of it is bound by the host and by synchronisation rather than by the GPU, or
-# near it. Over the 140 committed runs of megacpp's runtime (benchmarks/gpu/compare.py): below
-# the share, 28 runs within 18.3% (median 3.1%); at or above it, 112 runs with a median error of
-# 8.1% and up to 40%, and host-bound steps moved 8-55% between hosts of the same kind.
+# near it. Over the 144 committed runs of megacpp's runtime (benchmarks/gpu/compare.py): below
+# the share, 28 runs within 18.0% (median 3.3%); at or above it, 116 runs with a median error of
+# 8.0% and up to 39%, and host-bound steps moved 8-55% between hosts of the same kind.
 HOST_BOUND_SHARE = 0.30
 HOST_BOUND_ERROR = 0.40
 
@@ -349,11 +350,15 @@ def _link(ctx: Context, span: int) -> str:
 
 
 def _collective_seconds(ctx: Context, collective: str, link: str, n: int, size: float) -> float:
-    """alpha + factor * S / busbw, with nccl-tests factors [R1]."""
+    """alpha + factor * S / busbw, with nccl-tests factors [R1]; a two-GPU group on NVLink at the
+    preset's pair rates where it has them (Cluster.nvlink_pair_gbps)."""
     if n <= 1 or size <= 0:
         return 0.0
     c = ctx.cluster
-    if link == "nvlink":
+    if link == "nvlink" and n == 2 and c.nvlink_pair_gbps:
+        bw = c.nvlink_pair_gbps[collective]
+        alpha = c.nvlink_alpha_us if c.nvlink_pair_alpha_us is None else c.nvlink_pair_alpha_us
+    elif link == "nvlink":
         bw = {
             "all-reduce": c.nvlink_allreduce_gbps,
             "all-gather": c.nvlink_allgather_gbps,
@@ -391,10 +396,13 @@ def communication(
     act = BF16 * tokens * h  # one activation of a micro-batch on one rank
     tp_collective = "all-gather + reduce-scatter" if lay.sp else "all-reduce"
     if lay.tp > 1:
-        # one collective in forward, one in backward per block [R36]; AG+RS moves what AR moves
+        # one collective in forward, one in backward per block [R36]; AG+RS moves what AR moves,
+        # each at its own rate
         link = _link(ctx, lay.tp)
         n = len(blocks) * m * passes
-        sec = n * _collective_seconds(ctx, "all-reduce", link, lay.tp, act)
+        each = (_collective_seconds(ctx, "all-gather", link, lay.tp, act) + _collective_seconds(ctx, "reduce-scatter", link, lay.tp, act)
+                if lay.sp else _collective_seconds(ctx, "all-reduce", link, lay.tp, act))
+        sec = n * each
         out.append(Comm("tp", tp_collective, lay.tp, act * n, link, sec, sec))
     if lay.cp > 1:
         model = ctx.spec.model

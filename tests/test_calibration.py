@@ -128,12 +128,12 @@ def test_calibrate_the_committed_te_runs_reproduces_the_shipped_te_defaults():
     bound = {r["name"] for r in profile["fitted_on"] if r["host_bound"]}
     assert "te-dense" not in bound and {"te-moe", "blind-te-nam-small-ep2"} <= bound  # dense GPU-bound, MoE host-bound
     errors = sorted(abs(r["error"]) for r in profile["leave_one_out"])
-    assert errors[len(errors) // 2] < 0.12 and sum(e <= 0.15 for e in errors) >= 28 and errors[-1] < 0.40
+    assert errors[len(errors) // 2] < 0.12 and sum(e <= 0.15 for e in errors) >= 29 and errors[-1] < 0.40
 
 
 def test_the_shipped_te_defaults_predict_the_blind_sets_they_were_not_fitted_on():
     """Layouts planned and committed before they ran, on H200 and H100, none of them in the fit:
-    15 of 16 steps within 15% (the miss: the AMEM hybrid under selective recompute on H100, -15.6%)."""
+    15 of 16 steps within 15% (the miss: the AMEM hybrid under selective recompute on H100, -15.5%)."""
     errors = [abs(predict(o, DEFAULT_EFFICIENCY) / o.measured_seconds - 1)
               for o in map(observe, _te_runs(TE_BLIND))]
     assert len(errors) == 16 and sum(e <= 0.15 for e in errors) >= 15 and max(errors) < 0.20

@@ -329,3 +329,38 @@ def test_the_plan_says_what_sets_each_stage_transient():
     local, _ = _stage(_spec("moe-ep8"))  # unfused attention at sequence 4096
     assert local.transient_from == "the gradients of the last self-attention block's backward"
     assert local.to_dict()["transient_from"] == local.transient_from
+
+
+def test_two_gpu_groups_use_the_pair_rates_measured_on_two_h200s():
+    """The h200-sxm-8 preset's pair rates are the 1 GiB rows and the median 8 KiB latency of
+    benchmarks/results/nccl_h200x2.json; tensor parallelism on two GPUs is priced at them (all-gather
+    plus reduce-scatter under SP), larger groups at the 8-GPU rates, and a stated busbw replaces both."""
+    import json
+
+    from megacpp.planner.clusters import PRESETS
+    from megacpp.planner.cost import _collective_seconds
+
+    doc = json.loads((ROOT / "benchmarks" / "results" / "nccl_h200x2.json").read_text())
+    assert doc["world_size"] == 2
+    rows = {r["collective"]: r for r in doc["rows"] if r["bytes"] == 1 << 30}
+    preset = PRESETS["h200-sxm-8"]
+    assert preset["nvlink_pair_gbps"] == pytest.approx({k: r["busbw_gbps"] for k, r in rows.items()}, abs=0.05)
+    latency = statistics.median(r["seconds"] * 1e6 for r in doc["rows"] if r["bytes"] == 8 << 10 and r["collective"] != "send-recv")
+    assert preset["nvlink_pair_alpha_us"] == pytest.approx(latency, abs=0.1)
+
+    spec = _spec("te-dense-tp2-sp")
+    ctx = make_context(spec)
+    size = 64 << 20
+    pair = _collective_seconds(ctx, "all-gather", "nvlink", 2, size)
+    assert pair == pytest.approx(23.5e-6 + size / 2 / 265.4e9)
+    assert _collective_seconds(ctx, "all-gather", "nvlink", 4, size) == pytest.approx(59e-6 + size * 3 / 4 / 361.4e9)
+    layout = {"tp": 2, "pp": 1, "vpp": 1, "cp": 1, "dp": 1, "ep": 1, "etp": 1, "edp": 2, "sp": True,
+              "micro_batch_size": 1, "num_microbatches": 16}
+    tp = next(c for c in estimate_run(spec, layout).communication if c.axis == "tp")
+    act = 2 * 4096 * spec.model.hidden_size  # one bf16 activation of a micro-batch
+    calls = 8 * 16 * 2  # blocks x micro-batches x (forward, backward)
+    each = _collective_seconds(ctx, "all-gather", "nvlink", 2, act) + _collective_seconds(ctx, "reduce-scatter", "nvlink", 2, act)
+    assert tp.seconds == pytest.approx(calls * each)
+    stated = make_context(_spec("te-dense-tp2-sp", "cluster.intra_node_busbw_gbps=100"))
+    assert _collective_seconds(stated, "all-gather", "nvlink", 2, size) == pytest.approx(59e-6 + size / 2 / 100e9)
+

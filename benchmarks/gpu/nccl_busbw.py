@@ -4,7 +4,9 @@
 
 For each collective and message size: 5 warm-up and 20 timed calls between CUDA events; algbw =
 bytes / time and busbw = algbw x (2(n-1)/n for all-reduce, (n-1)/n for all-gather,
-reduce-scatter and all-to-all), nccl-tests' definitions (doc/PERFORMANCE.md). The smallest size
+reduce-scatter and all-to-all, 1 for send-recv), nccl-tests' definitions (doc/PERFORMANCE.md).
+Send-recv is the ring exchange that context parallelism and the pipeline make: every rank sends
+the buffer to the next rank and receives one from the previous, in one batched call. The smallest size
 gives the per-call latency the cost model's alpha stands for. Uses torch.distributed only; the
 preset numbers are read from megacpp's cluster table.
 """
@@ -18,9 +20,10 @@ import os
 import torch
 import torch.distributed as dist
 
-SIZES = [8 << 10, 64 << 10, 1 << 20, 16 << 20, 128 << 20, 1 << 30]
+SIZES = [8 << 10, 64 << 10, 1 << 20, 4 << 20, 16 << 20, 32 << 20, 64 << 20, 128 << 20, 1 << 30]
 PRESET_KEYS = {"all-reduce": "nvlink_allreduce_gbps", "all-gather": "nvlink_allgather_gbps",
-               "reduce-scatter": "nvlink_reducescatter_gbps", "all-to-all": "nvlink_alltoall_gbps"}
+               "reduce-scatter": "nvlink_reducescatter_gbps", "all-to-all": "nvlink_alltoall_gbps",
+               "send-recv": "nvlink_p2p_gbps"}
 
 
 def timed(fn, iters: int = 20, warmup: int = 5) -> float:
@@ -47,11 +50,19 @@ def collectives(size: int, n: int) -> dict:
     gathered = torch.empty(elems // n * n, dtype=torch.bfloat16, device="cuda")
     shard = torch.empty(elems // n, dtype=torch.bfloat16, device="cuda")
     out = torch.empty_like(x)
+    rank = dist.get_rank()
+    ring = [dist.P2POp(dist.isend, x, (rank + 1) % n), dist.P2POp(dist.irecv, out, (rank - 1) % n)]
+
+    def exchange() -> None:
+        for req in dist.batch_isend_irecv(ring):
+            req.wait()
+
     return {
         "all-reduce": (lambda: dist.all_reduce(x), 2 * (n - 1) / n),
         "all-gather": (lambda: dist.all_gather_into_tensor(gathered, x[: elems // n]), (n - 1) / n),
         "reduce-scatter": (lambda: dist.reduce_scatter_tensor(shard, x), (n - 1) / n),
         "all-to-all": (lambda: dist.all_to_all_single(out, x), (n - 1) / n),
+        "send-recv": (exchange, 1.0),
     }
 
 
