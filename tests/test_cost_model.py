@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import statistics
 
 import pytest
@@ -9,6 +10,7 @@ import pytest
 from benchmarks.gpu.compare import compare, host_label, in_flight_load, markdown, routing_pairs
 from megacpp.planner.blocks import expert_backward_bytes, micro_batch_tokens, unfused_scores
 from megacpp.planner.calibration import run_spec
+from megacpp.planner.clusters import PRESETS
 from megacpp.planner.cost import (
     GIB,
     HOST_BOUND_ERROR,
@@ -16,6 +18,7 @@ from megacpp.planner.cost import (
     OPTIMIZER_STEP_BYTES,
     SCORE_BUFFER_BYTES,
     TE_GROUPED_GEMM_WORKSPACE_BYTES,
+    _collective_seconds,
 )
 from megacpp.planner.layout import Layout
 from megacpp.planner.loading import load_spec
@@ -335,11 +338,6 @@ def test_two_gpu_groups_use_the_pair_rates_measured_on_two_h200s():
     """The h200-sxm-8 preset's pair rates are the 1 GiB rows and the median 8 KiB latency of
     benchmarks/results/nccl_h200x2.json; tensor parallelism on two GPUs is priced at them (all-gather
     plus reduce-scatter under SP), larger groups at the 8-GPU rates, and a stated busbw replaces both."""
-    import json
-
-    from megacpp.planner.clusters import PRESETS
-    from megacpp.planner.cost import _collective_seconds
-
     doc = json.loads((ROOT / "benchmarks" / "results" / "nccl_h200x2.json").read_text())
     assert doc["world_size"] == 2
     rows = {r["collective"]: r for r in doc["rows"] if r["bytes"] == 1 << 30}
