@@ -89,7 +89,7 @@ PRESETS: dict[str, dict] = {
         # benchmarks/results/nccl_h200x8.json; nccl-tests' own 18 us [R3] leaves out the framework
         "nvlink_alpha_us": 59.0,
         # two H200s through torch.distributed, 1 GiB busbw and the median 8 KiB latency of the four
-        # collectives (benchmarks/results/nccl_h200x2.json): 27-28% below the 8-GPU rates for
+        # collectives (benchmarks/results/nccl_h200x2.json): 27-29% below the 8-GPU rates above for
         # all-gather and reduce-scatter, which tensor parallelism on two GPUs runs
         "nvlink_pair_gbps": {"all-reduce": 329.2, "all-gather": 265.4, "reduce-scatter": 259.1,
                              "all-to-all": 330.8, "send-recv": 360.0},
