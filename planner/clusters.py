@@ -11,6 +11,15 @@ from pydantic import BaseModel, ConfigDict
 from megacpp.planner.errors import SpecError, did_you_mean
 from megacpp.planner.spec import ClusterSpec
 
+# the Cluster field that holds each collective's NVLink bus bandwidth
+NVLINK_BUSBW_FIELDS = {
+    "all-reduce": "nvlink_allreduce_gbps",
+    "all-gather": "nvlink_allgather_gbps",
+    "reduce-scatter": "nvlink_reducescatter_gbps",
+    "all-to-all": "nvlink_alltoall_gbps",
+    "send-recv": "nvlink_p2p_gbps",
+}
+
 
 class Cluster(BaseModel):
     """A fully resolved cluster: hardware numbers per GPU and per link, plus the node count."""
@@ -49,6 +58,14 @@ class Cluster(BaseModel):
     @property
     def world_size(self) -> int:
         return self.nodes * self.gpus_per_node
+
+    def nvlink(self, collective: str, n: int) -> tuple[float, float]:
+        """Bus bandwidth (GB/s) and per-call latency (us) of a collective among `n` GPUs of the
+        NVLink domain: a pair at the pair rates where the preset has them, else the fabric's."""
+        if n == 2 and self.nvlink_pair_gbps:
+            alpha = self.nvlink_alpha_us if self.nvlink_pair_alpha_us is None else self.nvlink_pair_alpha_us
+            return self.nvlink_pair_gbps[collective], alpha
+        return getattr(self, NVLINK_BUSBW_FIELDS[collective]), self.nvlink_alpha_us
 
 
 _H100 = dict(
@@ -213,8 +230,8 @@ def resolve_cluster(spec: ClusterSpec, nodes: int | None = None) -> Cluster:
         ratio = PRESETS.get(spec.preset or "h100-sxm-8", _H100)
         base["mamf_bf16_tflops"] = spec.bf16_tflops * ratio["mamf_bf16_tflops"] / ratio["bf16_tflops"]
     if spec.intra_node_busbw_gbps is not None:
-        for key in ("allreduce", "allgather", "reducescatter", "alltoall", "p2p"):
-            base[f"nvlink_{key}_gbps"] = spec.intra_node_busbw_gbps
+        for field in NVLINK_BUSBW_FIELDS.values():
+            base[field] = spec.intra_node_busbw_gbps
         base["nvlink_pair_gbps"] = {}  # the stated rate holds for every group size
     if spec.nvlink_domain is None and spec.preset is None:
         base["nvlink_domain"] = base["gpus_per_node"]

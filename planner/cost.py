@@ -350,25 +350,12 @@ def _link(ctx: Context, span: int) -> str:
 
 
 def _collective_seconds(ctx: Context, collective: str, link: str, n: int, size: float) -> float:
-    """alpha + factor * S / busbw, with nccl-tests factors [R1]; a two-GPU group on NVLink at the
-    preset's pair rates where it has them (Cluster.nvlink_pair_gbps)."""
+    """alpha + factor * S / busbw, with nccl-tests factors [R1]; NVLink rates per group size from
+    Cluster.nvlink."""
     if n <= 1 or size <= 0:
         return 0.0
     c = ctx.cluster
-    if link == "nvlink" and n == 2 and c.nvlink_pair_gbps:
-        bw = c.nvlink_pair_gbps[collective]
-        alpha = c.nvlink_alpha_us if c.nvlink_pair_alpha_us is None else c.nvlink_pair_alpha_us
-    elif link == "nvlink":
-        bw = {
-            "all-reduce": c.nvlink_allreduce_gbps,
-            "all-gather": c.nvlink_allgather_gbps,
-            "reduce-scatter": c.nvlink_reducescatter_gbps,
-            "all-to-all": c.nvlink_alltoall_gbps,
-            "send-recv": c.nvlink_p2p_gbps,
-        }[collective]
-        alpha = c.nvlink_alpha_us
-    else:
-        bw, alpha = c.nic_busbw_gbps, c.nic_alpha_us
+    bw, alpha = c.nvlink(collective, n) if link == "nvlink" else (c.nic_busbw_gbps, c.nic_alpha_us)
     factor = {"all-reduce": 2 * (n - 1) / n, "send-recv": 1.0}.get(collective, (n - 1) / n)
     return alpha * 1e-6 + factor * size / (bw * 1e9)
 

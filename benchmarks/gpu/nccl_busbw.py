@@ -21,9 +21,6 @@ import torch
 import torch.distributed as dist
 
 SIZES = [8 << 10, 64 << 10, 1 << 20, 4 << 20, 16 << 20, 32 << 20, 64 << 20, 128 << 20, 1 << 30]
-PRESET_KEYS = {"all-reduce": "nvlink_allreduce_gbps", "all-gather": "nvlink_allgather_gbps",
-               "reduce-scatter": "nvlink_reducescatter_gbps", "all-to-all": "nvlink_alltoall_gbps",
-               "send-recv": "nvlink_p2p_gbps"}
 
 
 def timed(fn, iters: int = 20, warmup: int = 5) -> float:
@@ -83,11 +80,11 @@ def main() -> int:
             rows.append({"collective": name, "bytes": size, "seconds": round(seconds, 7), "algbw_gbps": round(algbw, 2),
                          "busbw_gbps": round(algbw * factor, 2)})
     if rank == 0:
-        from megacpp.planner.clusters import PRESETS
+        from megacpp.planner.clusters import NVLINK_BUSBW_FIELDS, PRESETS
 
         preset = PRESETS[args.preset]
         doc = {"world_size": n, "device": torch.cuda.get_device_name(), "nccl": ".".join(map(str, torch.cuda.nccl.version())),
-               "preset": args.preset, "preset_busbw_gbps": {k: preset.get(v) for k, v in PRESET_KEYS.items()},
+               "preset": args.preset, "preset_busbw_gbps": {k: preset.get(v) for k, v in NVLINK_BUSBW_FIELDS.items()},
                "preset_alpha_us": preset.get("nvlink_alpha_us"), "rows": rows}
         for r in rows:
             print(f"{r['collective']:>15} {r['bytes']:>11} B  {r['seconds'] * 1e6:9.1f} us  busbw {r['busbw_gbps']:7.1f} GB/s")
