@@ -2,7 +2,7 @@
 
 import pytest
 
-from benchmarks.gpu.megatron_lm_runs import parse_logs
+from benchmarks.gpu.megatron_lm_runs import append_arguments, parse_logs, trace_summary
 
 LOG = """
  [2026-11-22 19:20:01] iteration        1/      12 | consumed samples:           16 | elapsed time per iteration (ms): 6482.9 | learning rate: 3.0E-04 | global batch size:    16 | lm loss: 1.119415E+01 | loss scale: 1.0 |
@@ -26,3 +26,39 @@ def test_peaks_by_rank_losses_and_the_median_after_warmup():
 def test_a_rank_that_did_not_report_is_an_error():
     with pytest.raises(ValueError, match=r"ranks reported \[0, 1\] of 4"):
         parse_logs(LOG, world=4)
+
+
+def test_the_profiled_tail_is_left_out_of_the_step_time():
+    parsed = parse_logs(LOG, world=2, tail=1)  # iterations 4 and 5 timed, the 5th profiled
+    assert parsed["measured_step_seconds"] == pytest.approx(0.9136)
+    assert len(parsed["iteration_seconds"]) == 5
+
+
+def test_extra_arguments_end_the_rendered_command_quoted():
+    script = 'exec torchrun \\\n  "$MEGATRON_LM/pretrain_gpt.py" \\\n  --bf16 \\\n  $MEGACPP_NO_GA_FUSION\n'
+    out = append_arguments(script, ["--no-create-attention-mask-in-dataloader", "a b;rm"])
+    assert out.endswith("$MEGACPP_NO_GA_FUSION --no-create-attention-mask-in-dataloader 'a b;rm'\n")
+    assert out.count("\n") == script.count("\n")
+
+
+def test_trace_summary_counts_busy_gpu_time_once_across_streams_and_the_host_waits():
+    def x(name, cat, ts, dur):
+        return {"ph": "X", "name": name, "cat": cat, "ts": ts, "dur": dur}
+
+    trace = {"traceEvents": [
+        x("ProfilerStep#9", "user_annotation", 0, 10_000),
+        x("nvjet_tst_128x256_64x4", "kernel", 100, 1_000),          # matmul, stream 7
+        x("ncclDevKernel_AllReduce_Sum_bf16", "kernel", 600, 1_000),  # overlaps it on another stream
+        x("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16", "kernel", 3_000, 500),
+        x("Memcpy DtoH (Device -> Pinned)", "gpu_memcpy", 4_000, 100),
+        x("cudaStreamSynchronize", "cuda_runtime", 3_900, 700),
+        x("cudaLaunchKernel", "cuda_runtime", 50, 5),
+        {"ph": "i", "name": "marker", "ts": 5},                        # not a complete event
+    ]}
+    summary = trace_summary(trace)
+    assert summary["wall_seconds"] == pytest.approx(0.010)
+    assert summary["kernels"] == 4
+    assert summary["kernel_seconds"] == {"attention_softmax": 0.0005, "communication": 0.001, "copy": 0.0001, "matmul": 0.001}
+    assert summary["compute_kernel_seconds"] == pytest.approx(0.0016)
+    assert summary["gpu_busy_seconds"] == pytest.approx(0.0015 + 0.0005 + 0.0001)  # 100..1600, 3000..3500, 4000..4100
+    assert (summary["host_waits"], summary["host_wait_seconds"]) == (1, 0.0007)

@@ -16,7 +16,7 @@ import pytest
 
 from megacpp.planner.errors import LaunchError
 from megacpp.planner.loading import load_spec_text
-from megacpp.planner.megatron_args import known_flags
+from megacpp.planner.megatron_args import TrainOptions, known_flags
 from megacpp.planner.plan import build_plan
 from megacpp.planner.render import RenderOptions, render_launch
 from megacpp.recipes import recipe_names, recipe_text
@@ -111,6 +111,16 @@ def test_local_modules_run_without_apex(te):
     text = render_launch(plan, RenderOptions(engine="megatron-lm"))["launch.sh"]
     for flag in ("--no-gradient-accumulation-fusion \\", "--no-masked-softmax-fusion", "--attention-softmax-in-fp32"):
         assert (flag in text) is not te
+
+
+@pytest.mark.parametrize("te", [False, True])
+@pytest.mark.parametrize("data_path", [None, "/data/corpus_text_document"])
+def test_the_dataloader_builds_no_attention_mask(te, data_path):
+    """Both attention paths make their own causal mask, so the s x s mask Megatron-LM's dataloader
+    builds by default per sample is left out, with mock data and with a corpus alike."""
+    plan = build_plan(make_spec(TINY_DENSE, **{"backend.transformer_engine": te}))
+    text = render_launch(plan, RenderOptions(engine="megatron-lm", train=TrainOptions(data_path=data_path)))["launch.sh"]
+    assert text.count("--no-create-attention-mask-in-dataloader") == 1
 
 
 @pytest.mark.parametrize("apex", [False, True])

@@ -3,7 +3,7 @@
 On a GPU host with megacpp, megatron-core and a Megatron-LM checkout of the spec's dialect:
 
     MEGATRON_LM=/path/to/Megatron-LM python benchmarks/gpu/megatron_lm_runs.py --out DIR --specs DIR
-        [--only NAME,...] [--steps 12]
+        [--only NAME,...] [--steps 12] [--extra "FLAGS" --tag SUFFIX] [--profile]
 
 Each spec is rendered with `megacpp launch SPEC --engine megatron-lm --target torchrun --dry-run`
 and its launch.sh is run as a user would run it. Megatron-LM prints no steady-state memory peak,
@@ -12,6 +12,13 @@ torch.cuda.max_memory_allocated() and max_memory_reserved() when it exits. The s
 median of Megatron-LM's "elapsed time per iteration" after the first three iterations; the
 losses are its "lm loss" values. Writes DIR/gpu_runs.json in run_layouts.py's format, so
 compare.py re-estimates these runs beside the runtime's.
+
+--extra appends Megatron-LM arguments to the rendered command (to measure a flag the render does
+not set; the run's name gets --tag). --profile runs rank 0's second-to-last iteration under
+Megatron-LM's own torch profiler (--profile --use-pytorch-profiler) and summarises its trace as
+run_layouts.py's --profile does, adding the GPU's busy time and the host's waits on the GPU; the
+last three iterations (profiler warm-up, the profiled one, the trace's export) are left out of
+the step time.
 """
 
 from __future__ import annotations
@@ -20,11 +27,12 @@ import argparse
 import json
 import os
 import re
+import shlex
 import statistics
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from anywhere
+sys.path.append(str(Path(__file__).resolve().parents[2]))  # run as a script from anywhere; an installed megacpp comes first
 from benchmarks.gpu.run_layouts import loss_record, run, summary  # noqa: E402
 
 PROBE = '''import atexit
@@ -43,11 +51,13 @@ atexit.register(_report)
 PROBE_LINE = re.compile(r"\[megacpp-probe\] rank (\d+) max_allocated_gib ([\d.]+) max_reserved_gib ([\d.]+)")
 ITERATION = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*?elapsed time per iteration \(ms\): ([\d.]+).*?lm loss: ([\d.Ee+-]+)")
 WARMUP_ITERATIONS = 3
+PROFILED_TAIL = 3  # with --profile: the profiler's warm-up iteration, the profiled one, the trace's export
 
 
-def parse_logs(text: str, world: int) -> dict:
+def parse_logs(text: str, world: int, tail: int = 0) -> dict:
     """Per-rank peaks from the probe lines, and per-iteration times and losses from Megatron-LM's
-    log (each line may appear twice: the console and the per-rank log files)."""
+    log (each line may appear twice: the console and the per-rank log files). The step time is the
+    median after the warm-up iterations and before the last `tail` ones."""
     peaks: dict[int, tuple[float, float]] = {}
     for rank, allocated, reserved in PROBE_LINE.findall(text):
         peaks[int(rank)] = (float(allocated), float(reserved))
@@ -57,7 +67,7 @@ def parse_logs(text: str, world: int) -> dict:
     if sorted(peaks) != list(range(world)) or not iterations:
         raise ValueError(f"ranks reported {sorted(peaks)} of {world}, {len(iterations)} iterations logged")
     ordered = [iterations[i] for i in sorted(iterations)]
-    timed = [sec for sec, _ in ordered[WARMUP_ITERATIONS:]] or [sec for sec, _ in ordered]
+    timed = [sec for sec, _ in ordered[WARMUP_ITERATIONS:len(ordered) - tail]] or [sec for sec, _ in ordered]
     return {
         "per_rank_peak_gib": [peaks[r][0] for r in range(world)],
         "per_rank_reserved_gib": [peaks[r][1] for r in range(world)],
@@ -65,6 +75,24 @@ def parse_logs(text: str, world: int) -> dict:
         "losses": [loss for _, loss in ordered],
         "measured_step_seconds": statistics.median(timed),
     }
+
+
+def trace_summary(trace: dict) -> dict:
+    """The profiled iteration of torch's Chrome trace, summarised as the runtime's --profile is."""
+    from megacpp.runtime.worker.train import HOST_WAITS, gpu_activity
+
+    events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X"]
+    wall = max((e["dur"] for e in events if str(e.get("name", "")).startswith("ProfilerStep#")), default=0.0) / 1e6
+    gpu = [(e["name"], e["ts"], e["dur"]) for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+    waits = [e["dur"] for e in events if e.get("cat") == "cuda_runtime" and e.get("name") in HOST_WAITS]
+    return gpu_activity(wall, gpu, waits)
+
+
+def append_arguments(script: str, extra: list[str]) -> str:
+    """The launch script with `extra` (shell-quoted) added to the end of its command."""
+    lines = script.rstrip("\n").split("\n")
+    lines[-1] += "".join(f" {shlex.quote(a)}" for a in extra)
+    return "\n".join(lines) + "\n"
 
 
 def entry(name: str, plan: dict, parsed: dict, device: dict) -> dict:
@@ -98,7 +126,11 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--only", default="")
     ap.add_argument("--timeout", type=float, default=240)
+    ap.add_argument("--extra", default="", help="Megatron-LM arguments appended to the rendered command")
+    ap.add_argument("--tag", default="", help="appended to each run's name (with --extra)")
+    ap.add_argument("--profile", action="store_true", help="profile rank 0's second-to-last iteration")
     args = ap.parse_args()
+    extra = shlex.split(args.extra)
     if not os.environ.get("MEGATRON_LM"):
         print("set MEGATRON_LM to a Megatron-LM checkout of the specs' dialect", file=sys.stderr)
         return 1
@@ -126,17 +158,33 @@ def main() -> int:
                 "--steps", str(args.steps), "--out", str(rundir)], log, args.timeout) != 0:
             failed.append(name)
             continue
-        code = run(["env", f"PYTHONPATH={env_path}", "bash", str(rundir / "launch.sh")], log, args.timeout)
+        trace_dir = rundir / "trace"
+        profile = ["--profile", "--use-pytorch-profiler", "--profile-ranks", "0", "--tensorboard-dir", str(trace_dir),
+                   "--profile-step-start", str(args.steps - 1), "--profile-step-end", str(args.steps)]
+        script = rundir / "launch.sh"
+        script.write_text(append_arguments(script.read_text(), extra + profile * args.profile))
+        code = run(["env", f"PYTHONPATH={env_path}", "bash", str(script)], log, args.timeout)
         text = "\n".join(p.read_text(errors="replace") for p in sorted((rundir / "logs").rglob("*")) if p.is_file())
         plan = json.loads((rundir / "plan.json").read_text())
         try:
-            row = entry(name, plan, parse_logs(text, plan["world_size"]), device)
+            row = entry(name + args.tag, plan, parse_logs(text, plan["world_size"], PROFILED_TAIL * args.profile), device)
+            row["extra_arguments"] = extra
+            if args.profile:
+                traces = sorted(trace_dir.glob("*.pt.trace.json"))
+                if not traces:
+                    raise ValueError(f"no profiler trace in {trace_dir}")
+                row["per_rank_profile"] = [trace_summary(json.loads(traces[-1].read_text()))]
+                for trace in traces:
+                    trace.unlink()  # tens of MB each; the summary is what is kept
         except ValueError as exc:
             print(f"{name}: FAILED (exit {code}): {exc} (see {log})", flush=True)
             failed.append(name)
             continue
         rows.append(row)
-        print(summary(name, row), flush=True)
+        prof = (row.get("per_rank_profile") or [None])[0]
+        note = (f"; profiled: wall {prof['wall_seconds']:.3f} s, GPU busy {prof['gpu_busy_seconds']:.3f} s, "
+                f"{prof['host_waits']} host waits {prof['host_wait_seconds']:.3f} s") if prof else ""
+        print(summary(row["name"], row, note), flush=True)
         save()
     save()
     return 1 if failed else 0

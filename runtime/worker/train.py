@@ -363,7 +363,7 @@ def kernel_kind(name: str) -> str:
 
 
 def kernel_profile(run_step) -> dict:
-    """Run one step under torch.profiler; GPU kernel seconds by kind, kernel count, and the wall time.
+    """Run one step under torch.profiler and summarise it (gpu_activity).
 
     GPU busy time well below the wall time means the step is bound by the host (Python, launches),
     not by the kernels: the cost model's compute term cannot explain it.
@@ -374,17 +374,36 @@ def kernel_profile(run_step) -> dict:
         start = time.perf_counter()
         run_step()
         wall = time.perf_counter() - start
+    events = prof.events()
+    gpu = [(e.name, e.time_range.start, e.time_range.elapsed_us()) for e in events
+           if e.device_type == torch.autograd.DeviceType.CUDA and e.device_time_total > 0]
+    waits = [e.time_range.elapsed_us() for e in events if e.name in HOST_WAITS]
+    return gpu_activity(wall, gpu, waits)
+
+
+# CUDA runtime calls in which the host waits for the GPU (a .item(), a bool of a GPU tensor, a
+# synchronize): while in them the host queues nothing ahead
+HOST_WAITS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+
+
+def gpu_activity(wall: float, gpu: list[tuple[str, float, float]], waits: list[float]) -> dict:
+    """A profiled step: its wall time, GPU kernel seconds by kind over `gpu` (name, start us,
+    duration us, kernels and copies alike), their count, the GPU's busy time (the union of their
+    intervals over every stream) and the host's waits on the GPU (`waits`, durations in us)."""
     by_kind: dict[str, float] = {}
-    launches = 0
-    for event in prof.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA and event.device_time_total > 0:
-            kind = kernel_kind(event.name)
-            by_kind[kind] = by_kind.get(kind, 0.0) + event.device_time_total / 1e6
-            launches += 1
+    busy, end = 0.0, float("-inf")
+    for name, start, dur in sorted(gpu, key=lambda g: g[1]):
+        kind = kernel_kind(name)
+        by_kind[kind] = by_kind.get(kind, 0.0) + dur / 1e6
+        busy += max(start + dur - max(start, end), 0.0) / 1e6
+        end = max(end, start + dur)
     compute = sum(v for k, v in by_kind.items() if k != "communication")
     return {
         "wall_seconds": round(wall, 6),
-        "kernels": launches,
+        "kernels": len(gpu),
         "kernel_seconds": {k: round(v, 6) for k, v in sorted(by_kind.items())},
         "compute_kernel_seconds": round(compute, 6),
+        "gpu_busy_seconds": round(busy, 6),
+        "host_waits": len(waits),
+        "host_wait_seconds": round(sum(waits) / 1e6, 6),
     }
