@@ -192,9 +192,10 @@ def megatron_args(ctx: Context, cand: Candidate, opts: TrainOptions) -> list[str
     # Every attention rendered here is causal and makes its own mask (TE's fused attention; the
     # local softmax's get_default_causal_mask, fused_softmax.py:323), so the [b, 1, s, s] boolean
     # mask the dataloader builds by default (gpt_dataset.py:739) is only host work and a copy per
-    # micro-batch; NVIDIA's own llama3 and mamba example scripts turn it off. On 2 x H200, with
-    # Megatron-LM's NaN check on the loss also off, TE steps at sequence 4096 ran 13-18% faster
-    # (README "Megatron-LM itself").
+    # micro-batch; NVIDIA's own llama3 and mamba example scripts turn it off. Alternating the
+    # render with and without it on one 2 x H200 host, TE with CP2 at sequence 4096 stepped in
+    # 0.784 and 0.750 s with it, 0.678 and 0.738 s without
+    # (benchmarks/results/gpu_runs_h200x2_megatronlm_te_host2.json).
     a.append("--no-create-attention-mask-in-dataloader")
     a += ["--train-iters", str(opts.train_iters), "--lr", f"{opts.lr:g}", "--min-lr", f"{opts.lr / 10:g}",
           "--lr-decay-style", "cosine", "--weight-decay", "0.1", "--clip-grad", "1.0",
