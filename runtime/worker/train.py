@@ -272,29 +272,33 @@ def allocation_site(frames: list[dict]) -> str:
     return "(no Python frame: autograd engine)" if frames else "(unknown)"
 
 
-def _replay(trace: list[dict], allocated_at_start: int, stop: int | None = None) -> tuple[int, int | None, dict[int, dict], int]:
-    """Allocator events in order (up to index `stop`): the highest allocation, the index of the
-    event that first reached it (None if none rose above the start), the live blocks the step
-    allocated, and the bytes of blocks from before the step that it freed (which lower the
-    allocation too)."""
-    live: dict[int, dict] = {}
+def _replay(trace: list[dict], allocated_at_start: int) -> tuple[int, list[dict], list[dict], int]:
+    """Allocator events in order, in one pass: the highest allocation, the blocks the step
+    allocated that were live there (none if nothing rose above the start) and those live at the
+    end, both in allocation order, and the bytes of blocks from before the step that it freed up
+    to the peak (which lower the allocation too)."""
+    live: dict[int, tuple[int, dict]] = {}  # address -> (event index, alloc event)
+    ended: list[tuple[int, dict, int]] = []  # (alloc index, alloc event, free index)
     current = peak = allocated_at_start
-    at = None
-    freed_before = 0
-    for i, event in enumerate(trace[: None if stop is None else stop + 1]):
+    at, freed_before, freed_at_peak = -1, 0, 0
+    for i, event in enumerate(trace):
         action, addr = event.get("action"), event.get("addr")
         if action == "alloc":
-            live[addr] = event
+            live[addr] = (i, event)
             current += event.get("size", 0)
             if current > peak:
-                peak, at = current, i
+                peak, at, freed_at_peak = current, i, freed_before
         elif action == "free_requested":
             if addr in live:
-                current -= live.pop(addr)["size"]
+                start, block = live.pop(addr)
+                current -= block["size"]
+                ended.append((start, block, i))
             else:
                 current -= event.get("size", 0)
                 freed_before += event.get("size", 0)
-    return peak, at, live, freed_before
+    at_peak = sorted([(s, e) for s, e, stop in ended if s <= at < stop] + [(s, e) for s, e in live.values() if s <= at],
+                     key=lambda se: se[0])
+    return peak, [e for _, e in at_peak], [e for _, e in live.values()], freed_at_peak
 
 
 def _sizes_by_site(blocks: list[dict]) -> dict[str, list[int]]:
@@ -317,9 +321,8 @@ def peak_breakdown(trace: list[dict], allocated_at_start: int, top: int = 15) ->
     the sizes of each top site's largest blocks (which tensors they are follows from their sizes).
     Also what the step leaves allocated when it ends, by site, and how much of what was allocated
     before it the step freed up to its peak: memory a step keeps until the next one frees it."""
-    peak, at, left, _ = _replay(trace, allocated_at_start)
-    at_peak, freed_before = ({}, 0) if at is None else _replay(trace, allocated_at_start, at)[2:]
-    by_site = _sizes_by_site(list(at_peak.values()))
+    peak, at_peak, left, freed_before = _replay(trace, allocated_at_start)
+    by_site = _sizes_by_site(at_peak)
     sites = _by_site(by_site, top)
     return {
         "peak_gib": round(peak / GIB, 4),
@@ -327,7 +330,7 @@ def peak_breakdown(trace: list[dict], allocated_at_start: int, top: int = 15) ->
         "sites_gib": sites,
         "largest_blocks_mib": {site: sorted((round(size / 2**20, 1) for size in by_site[site]), reverse=True)[:6]
                                for site in sites if site != "(other sites)"},
-        "left_after_step_gib": _by_site(_sizes_by_site(list(left.values())), top),
+        "left_after_step_gib": _by_site(_sizes_by_site(left), top),
         "freed_from_before_step_gib": round(freed_before / GIB, 4),
     }
 
