@@ -246,14 +246,17 @@ def norm_stats_bytes(ctx: Context) -> int:
     return FP32 if ctx.spec.model.normalization == "rmsnorm" else 2 * FP32
 
 
-def mlp_saved_bytes(f: float, gated: bool) -> float:
-    """What megatron-core's MLP (transformer/mlp.py) keeps per token between fc1 and fc2. Gated:
-    the fc1 output (2f, kept whole by the silu's view of it), silu(x_glu), x_linear +
-    glu_linear_offset (a new tensor even at offset 0) and their product, the fc2 input: 5f bf16.
-    Plain: the fc1 output and the activation: 2f. Read off benchmarks/activation_audit.py; the
-    runtime builds megatron-core without the fused bias-SwiGLU. Megatron-LM's default fused
-    bias-SwiGLU keeps 3f instead, so for its scripts this errs high by 2f bf16 per gated MLP."""
-    return BF16 * f * (5 if gated else 2)
+def mlp_saved_bytes(f: float, gated: bool, fused: bool) -> float:
+    """What megatron-core's MLP (transformer/mlp.py) keeps per token between fc1 and fc2. Gated
+    with Megatron-LM's default bias-SwiGLU fusion (fused_bias_swiglu.SwiGLUFunction and its
+    probability-weighted twin for experts): the fc1 output (2f) and the product, the fc2 input
+    (f): 3f bf16. Gated unfused (backend.fusions false): the fc1 output (2f, kept whole by the
+    silu's view of it), silu(x_glu), x_linear + glu_linear_offset (a new tensor even at offset 0)
+    and their product: 5f. Plain (no fusion without biases): the fc1 output and the activation:
+    2f. Read off benchmarks/activation_audit.py."""
+    if not gated:
+        return BF16 * f * 2
+    return BF16 * f * (3 if fused else 5)
 
 
 def expert_backward_bytes(ctx: Context, lay: Layout, load: float = 1.0) -> float:
@@ -294,8 +297,10 @@ def block_activation_bytes(ctx: Context, letter: str, lay: Layout, load: float =
     norm_and_input = (BF16 * 2 * h + norm_stats_bytes(ctx)) * outside  # norm input, its output (the first linear's input)
     if letter == "A":
         d, heads, groups = model.head_dim, model.attention.num_heads, model.query_groups  # type: ignore[union-attr]
-        # rotary: cos and sin tables for q and for k, per sequence position (rope_utils.py)
-        rope = 4 * BF16 * d / lay.micro_batch_size if model.position_embedding == "rope" else 0.0
+        # rotary: unfused, cos and sin tables for q and for k, per sequence position
+        # (rope_utils.py); TE's fused kernel keeps only the rotary table, made once per run
+        unfused_rope = model.position_embedding == "rope" and not (ctx.te and ctx.fused)
+        rope = 4 * BF16 * d / lay.micro_batch_size if unfused_rope else 0.0
         heads_r, groups_r = heads / t, max(groups, t) / t
         qkv = (heads_r + 2 * groups_r) * d  # what the fused qkv projection writes
         if ctx.te:
@@ -321,18 +326,20 @@ def block_activation_bytes(ctx: Context, letter: str, lay: Layout, load: float =
     if letter == "D":
         mlp = model.mlp
         assert mlp is not None
-        return norm_and_input + mlp_saved_bytes(mlp.ffn_hidden_size / t, mlp.gated)
+        return norm_and_input + mlp_saved_bytes(mlp.ffn_hidden_size / t, mlp.gated, ctx.fused)
     if letter == "E":
         moe = model.moe
         assert moe is not None
         f, e = moe.ffn_hidden_size / lay.etp, lay.etp
-        # per routed token: the expert's input, its fp32 routing probability, the MLP's tensors and
-        # the probability-scaled fc1 output (SequentialMLP applies probs before fc2)
-        routed = moe.top_k * e * (BF16 * h + FP32 + mlp_saved_bytes(f, moe.gated) + BF16 * f)
+        # per routed token: the expert's input, its fp32 routing probability, the MLP's tensors and,
+        # unless the fused SwiGLU weights its output itself, the probability-scaled activation
+        # (the experts apply probs before fc2)
+        scaled = 0.0 if moe.gated and ctx.fused else BF16 * f
+        routed = moe.top_k * e * (BF16 * h + FP32 + mlp_saved_bytes(f, moe.gated, ctx.fused) + scaled)
         # router: fp32 scores and aux-loss scores, the dispatcher's bool map and fp32 probs per
         # expert; int64 top-k indices (twice), fp32 top-k probs, int64 permutation indices
         router = (3 * FP32 + 1) * moe.num_experts + (3 * 8 + FP32) * moe.top_k
-        shared = mlp_saved_bytes(moe.shared_expert_ffn_hidden_size / t, moe.gated) if moe.shared_expert_ffn_hidden_size else 0.0
+        shared = mlp_saved_bytes(moe.shared_expert_ffn_hidden_size / t, moe.gated, ctx.fused) if moe.shared_expert_ffn_hidden_size else 0.0
         factor = 1 / t if lay.sp else 1.0  # routed tokens per rank follow the SP shard
         return norm_and_input + (routed * load + router) * factor + shared
     if letter == "M":

@@ -38,7 +38,7 @@ from megacpp.planner.cost import (
 from megacpp.planner.errors import PlanError
 from megacpp.planner.layout import Layout
 from megacpp.planner.loading import spec_from_dict
-from megacpp.planner.plan import make_context, with_transformer_engine
+from megacpp.planner.plan import make_context, with_backend
 from megacpp.planner.spec import Spec
 from megacpp.planner.stages import assign_stages
 
@@ -61,10 +61,14 @@ class Observation:
 
 
 def run_spec(run: dict[str, Any]) -> Spec:
-    """A run report's spec with the backend that actually ran (its "backend" record)."""
+    """A run report's spec with the backend that actually ran (its "backend" record). Reports
+    without `fusions_used` predate backend.fusions: megacpp's runtime ran without Megatron's
+    fusions then, and Megatron-LM's launches (engine "megatron-lm") with its defaults."""
     spec = spec_from_dict(run["spec"], source=f"run {run.get('name', '?')} spec")
-    used = (run.get("backend") or {}).get("transformer_engine_used", spec.backend.transformer_engine)
-    return with_transformer_engine(spec, bool(used))
+    backend = run.get("backend") or {}
+    te = backend.get("transformer_engine_used", spec.backend.transformer_engine)
+    fused = backend.get("fusions_used", run.get("engine") == "megatron-lm")
+    return with_backend(spec, transformer_engine=bool(te), fusions=bool(fused))
 
 
 def observe(run: dict[str, Any]) -> Observation:

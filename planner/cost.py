@@ -97,20 +97,24 @@ MEASURED_BLOCK_OVERHEAD_S = (("A", 0.0), ("D", 3.24e-3), ("E", 13.75e-3), ("M", 
 # The same with Transformer Engine 2.20 modules on H200, where the overhead is host time alone and
 # runs ahead of the GPU (exposed_host_seconds), and the small kernels' GPU time is a term of its
 # own (Efficiency.te_small_kernel_traffic, small_kernel_seconds): what `megacpp calibrate` fits to
-# the 42 TE runs of benchmarks/results/gpu_runs_h200x1_te.json, gpu_runs_h200x2_te.json,
+# the 59 TE runs of benchmarks/results/gpu_runs_h200x1_te.json, gpu_runs_h200x2_te.json,
 # gpu_runs_h200x2_te_heldout.json, gpu_runs_h200x1_te_mamba.json, gpu_runs_h200x2_te_blind.json,
 # gpu_runs_h200x2_te_repeat.json, gpu_runs_h200x2_te_blind2.json, gpu_runs_h200x2_te_trace.json,
-# gpu_runs_h200x2_te_trace2.json and gpu_runs_h200x1_expert_grads.json after the fused-attention
-# and SSD tables' time. The 17 GPU-bound runs (the dense stacks, the (MD) Mamba stack and R on PP2)
-# fit the traffic, the 25 host-bound ones (MoE, the hybrids, R on DP2, the dense stacks on TP2+SP
-# and CP2 at sequence 4096 with 16 micro-batches) the overheads. A and D come together in every
-# host-bound run but two, so their split is loosely held. Full recompute adds no host time under TE
-# (host_repeats). Two-GPU groups are priced at the measured pair rates (clusters.py). Left out one
-# at a time it predicts 29 of the 42 within 15% (median 11%, worst 39%); the blind sets it did not
-# see (gpu_runs_h200x1_te_blind3.json, gpu_runs_h100x1_te_blind.json and the blind runs of
-# gpu_runs_h200x2_te_blind4.json) 15 of 16 within 15% (README).
-MEASURED_TE_SMALL_KERNEL_TRAFFIC = 23.16
-MEASURED_TE_BLOCK_OVERHEAD_S = (("A", 7.34e-3), ("D", 1.55e-3), ("E", 13.53e-3), ("M", 8.07e-3), ("R", 0.76e-3))
+# gpu_runs_h200x2_te_trace2.json, the TE runs of gpu_runs_h200x1_expert_grads.json, and
+# gpu_runs_h200x2_te_fused.json and gpu_runs_h200x2_te_fusions.json (the runtime with Megatron's
+# fusions, and their unfused twins), after the fused-attention and SSD tables' time. Each run is
+# priced for the fusions it ran (calibration.run_spec): the fused SwiGLU's smaller activations
+# mean fewer small-kernel bytes. The GPU-bound runs (the dense stacks, the (MD) Mamba stack and R
+# on PP2) fit the traffic, the host-bound ones (MoE, the hybrids, R on DP2, the dense stacks on
+# TP2+SP and CP2 at sequence 4096 with 16 micro-batches) the overheads. A and D come together in
+# every host-bound run but two, so their split is loosely held. Full recompute adds no host time
+# under TE (host_repeats). Two-GPU groups are priced at the measured pair rates (clusters.py). Left
+# out one at a time it predicts 45 of the 59 within 15% (22 within 5%, median 7.7%, worst 39%);
+# before the 17 runs with fusions it was 29 of 42 (median 11%). The blind sets it did not see are
+# gpu_runs_h200x1_te_blind3.json, gpu_runs_h100x1_te_blind.json and the blind runs of
+# gpu_runs_h200x2_te_blind4.json (README).
+MEASURED_TE_SMALL_KERNEL_TRAFFIC = 24.14
+MEASURED_TE_BLOCK_OVERHEAD_S = (("A", 5.64e-3), ("D", 3.47e-3), ("E", 14.38e-3), ("M", 8.04e-3), ("R", 2.46e-3))
 
 
 # A step whose per-block host time (Estimate.host_seconds, hidden behind the GPU or not) is at

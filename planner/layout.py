@@ -85,6 +85,11 @@ class Context:
     def te(self) -> bool:
         return self.spec.backend.transformer_engine
 
+    @property
+    def fused(self) -> bool:
+        """Megatron-LM's default kernel fusions (backend.fusions)."""
+        return self.spec.backend.fusions
+
     @cached_property
     def plain_transformer(self) -> bool:
         """Only AD/AE pairs: Megatron's GPT path, one transformer layer per pair (DESIGN.md)."""

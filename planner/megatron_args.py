@@ -17,6 +17,9 @@ from megacpp.planner.plan import Candidate
 
 # Hybrid pattern symbols per dialect ([V] mamba_hybrid_layer_allocation.py:25-32; [M] hybrid_layer_allocation.py:14-27).
 HYBRID_SYMBOLS = {"A": "*", "M": "M", "E": "E", "D": "-", "R": "G"}
+# The MoE load-balancing loss coefficient both engines train with: Megatron-LM core_v0.16.1
+# examples/mixtral/train_mixtral_8x7b_distributed.sh:54.
+MOE_AUX_LOSS_COEFF = 1e-2
 
 
 @dataclass(frozen=True)
@@ -159,8 +162,10 @@ def megatron_args(ctx: Context, cand: Candidate, opts: TrainOptions) -> list[str
             a += ["--moe-shared-expert-intermediate-size", str(moe.shared_expert_ffn_hidden_size)]
         if moe.capacity_factor is not None:
             a += ["--moe-expert-capacity-factor", f"{moe.capacity_factor:g}"]
-        if moe.num_experts >= 32:
-            a += ["--moe-router-dtype", "fp32"]  # transformer_config.py:3118-3127 warns otherwise
+        # the router in fp32 (transformer_config.py:3118-3127 warns without it from 32 experts on)
+        # and a load-balancing loss: Megatron-LM's --moe-aux-loss-coeff defaults to 0, which leaves
+        # routing unbalanced (megacpp's runtime trains with the same two)
+        a += ["--moe-router-dtype", "fp32", "--moe-aux-loss-coeff", f"{MOE_AUX_LOSS_COEFF:g}"]
         if ctx.plain_transformer and any(u[1] == "D" for u in ctx.units):
             a += ["--moe-layer-freq", _moe_layer_freq(ctx)]
         if ctx.te:
@@ -174,6 +179,8 @@ def megatron_args(ctx: Context, cand: Candidate, opts: TrainOptions) -> list[str
         a += ["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1"]
     if tr.distributed_optimizer:
         a += ["--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather"]
+    if not spec.backend.fusions:
+        a += ["--no-bias-swiglu-fusion", "--no-bias-dropout-fusion"] + ["--no-rope-fusion"] * ctx.te
     if ctx.te:
         a += ["--transformer-impl", "transformer_engine"]
     else:

@@ -90,12 +90,13 @@ def make_context(spec: Spec, cluster: Cluster | None = None) -> Context:
     return Context(spec=spec, cluster=cluster or resolve_cluster(spec.cluster))
 
 
-def with_transformer_engine(spec: Spec, transformer_engine: bool) -> Spec:
-    """`spec` as it ran: a run that asked for TE where it does not import runs megatron-core's
-    local modules, whose unfused attention holds more memory and moves more bytes."""
-    if transformer_engine == spec.backend.transformer_engine:
+def with_backend(spec: Spec, **ran: bool) -> Spec:
+    """`spec` with the backend that actually ran (BackendSpec fields): a run that asked for TE
+    where it does not import runs megatron-core's local modules, whose unfused attention holds more
+    memory and moves more bytes; one without Megatron's fusions keeps more activations."""
+    if all(getattr(spec.backend, k) == v for k, v in ran.items()):
         return spec
-    return spec.model_copy(update={"backend": spec.backend.model_copy(update={"transformer_engine": transformer_engine})})
+    return spec.model_copy(update={"backend": spec.backend.model_copy(update=ran)})
 
 
 # The heaviest routed load (busiest expert-parallel rank over the mean, one micro-batch) that the

@@ -176,6 +176,10 @@ class ClusterSpec(_Frozen):
 class BackendSpec(_Frozen):
     transformer_engine: bool = True
     megatron: Literal["core_v0.16", "main"] = "core_v0.16"
+    # Megatron-LM's default kernel fusions: bias-SwiGLU, bias-dropout-add and, with Transformer
+    # Engine, rotary embeddings. False renders --no-bias-swiglu-fusion --no-bias-dropout-fusion
+    # --no-rope-fusion, the runtime runs the same unfused ops, and the plan counts what they keep.
+    fusions: bool = True
 
 
 class ParallelPins(_Frozen):

@@ -2,8 +2,9 @@
 
 benchmarks/activation_audit.py builds one stage with the runtime worker on CPU (bf16, one gloo
 rank), runs a forward under saved-tensor hooks and charges every saved storage to its block. The
-two specs cover rotary and learned positions, GQA and plain multi-head attention, gated and plain
-MLPs, top-2 with a shared expert and top-1 routing, and the R block. LayerNorm keeps the same
+specs cover rotary and learned positions, GQA and plain multi-head attention, gated and plain
+MLPs, top-2 with a shared expert and top-1 routing, the R block, and Megatron's fused bias-SwiGLU and
+bias-dropout-add against the unfused ops. LayerNorm keeps the same
 tensors on CPU and GPU; torch's CPU RMSNorm is a composite that keeps fp32 copies the fused CUDA
 kernel does not, so the audit specs use LayerNorm.
 """
@@ -44,6 +45,9 @@ SPECS = {
         "recurrent": {"num_heads": 8, "head_dim": 32},
     },
 }
+# the same blocks without Megatron's fusions (backend.fusions false): the unfused SwiGLU keeps 5f
+SPECS["rope-gqa-gated-unfused"] = SPECS["rope-gqa-gated"]
+UNFUSED = {"rope-gqa-gated-unfused"}
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +56,8 @@ def audits(tmp_path_factory) -> dict[str, dict]:
     procs = {}
     for port, (name, model) in enumerate(SPECS.items(), start=29541):
         spec = tmp / f"{name}.yaml"
-        spec.write_text(yaml.safe_dump({"name": name, "model": model, **BASE}))
+        backend = {**BASE["backend"], "fusions": name not in UNFUSED}
+        spec.write_text(yaml.safe_dump({"name": name, "model": model, **BASE, "backend": backend}))
         env = {**os.environ, "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
         env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
         cmd = [sys.executable, str(ROOT / "benchmarks" / "activation_audit.py"), str(spec), "--json", str(tmp / f"{name}.json")]

@@ -28,7 +28,7 @@ from megacpp.planner.plan import (
     build_plan,
     estimate_run,
     make_context,
-    with_transformer_engine,
+    with_backend,
 )
 from tests.conftest import ROOT, committed_gpu_runs
 
@@ -79,7 +79,7 @@ def test_te_optimizer_step_holds_no_copy_as_measured():
 def test_scores_scale_with_heads_per_rank_and_sequence():
     spec = _spec("dense-tp8")
     base = build_plan(spec, top=1)
-    ctx = make_context(with_transformer_engine(spec, False))
+    ctx = make_context(with_backend(spec, transformer_engine=False))
     lay = Layout.from_dict(base.candidates[0].layout)
     assert unfused_scores(ctx, lay) == 1 * 32 / 8 * 4096 * 4096
 
@@ -102,8 +102,9 @@ def test_predictions_stay_close_to_every_committed_gpu_run():
     """Regression guard on the measured evidence (benchmarks/gpu/compare.py prints the table): every
     runtime stage without expert parallelism within 2% (no routing in its peak), every stage within
     8%, and the median step-time error within 10%. Megatron-LM's own runs of the rendered launch
-    (gpu_runs_h200x2_megatronlm.json) hold 0.1-1.3 GiB less than the runtime on the same layouts:
-    within 5% of the plan, never above it."""
+    (gpu_runs_h200x2_megatronlm*.json) are held to the same bounds: they run Megatron's fused
+    bias-SwiGLU, whose smaller activations the plan counts (backend.fusions), and at least one
+    of them runs with expert parallelism."""
     rows, expert_parallel, megatron_lm = [], [], []
     for _, run in committed_gpu_runs():
         for row in compare(run):
@@ -115,11 +116,10 @@ def test_predictions_stay_close_to_every_committed_gpu_run():
     # kernels there and holds no fp32 copy, which the plan (not knowing the host) counts: +2.1%
     # over, and its forward-backward peak, which set the measured one, is within 0.4%
     copy_not_held = {"eg-local-none-gated"}
-    steady = [r for r, ep, mlm in zip(rows, expert_parallel, megatron_lm, strict=True)
-              if not (ep or mlm or r["run"] in copy_not_held)]
+    steady = [r for r, ep in zip(rows, expert_parallel, strict=True) if not (ep or r["run"] in copy_not_held)]
     assert len(steady) >= 25
-    stock = [r for r, mlm in zip(rows, megatron_lm, strict=True) if mlm]
-    assert len(stock) >= 4 and all(0 <= r["memory_error"] <= 0.05 for r in stock), stock
+    stock = [(r, ep) for r, ep, mlm in zip(rows, expert_parallel, megatron_lm, strict=True) if mlm]
+    assert len(stock) >= 4 and any(ep for _, ep in stock) and any(r in steady for r, _ in stock)
     for _, run in committed_gpu_runs():
         if run["name"] in copy_not_held:
             mem = estimate_run(run_spec(run), run["layout"]).memory[0]
@@ -328,7 +328,7 @@ def test_the_plan_says_what_sets_each_stage_transient():
     assert moe.transient_gib > 0.8
     small_experts, _ = _stage(_spec("eg-te-none-gated", "model.moe.ffn_hidden_size=512", "model.vocab_size=64000"))
     assert small_experts.transient_from == "the loss's logits"
-    full, _ = _stage(_spec("trace2-te-meae-1gpu-full"))
+    full, _ = _stage(_spec("trace2-te-meae-1gpu-full", "backend.fusions=false"))  # as it ran
     assert full.transient_from == "the backward of a recomputed MoE FFN block"
     local, _ = _stage(_spec("moe-ep8"))  # unfused attention at sequence 4096
     assert local.transient_from == "the gradients of the last self-attention block's backward"

@@ -62,3 +62,5 @@ def test_trace_summary_counts_busy_gpu_time_once_across_streams_and_the_host_wai
     assert summary["compute_kernel_seconds"] == pytest.approx(0.0016)
     assert summary["gpu_busy_seconds"] == pytest.approx(0.0015 + 0.0005 + 0.0001)  # 100..1600, 3000..3500, 4000..4100
     assert (summary["host_waits"], summary["host_wait_seconds"]) == (1, 0.0007)
+    assert summary["most_launched"][0] == ["Memcpy DtoH (Device -> Pinned)", 1, 0.0001]  # ties by name
+    assert ["nvjet_tst_128x256_64x4", 1, 0.001] in summary["most_launched"]

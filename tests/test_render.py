@@ -16,11 +16,11 @@ import pytest
 
 from megacpp.planner.errors import LaunchError
 from megacpp.planner.loading import load_spec_text
-from megacpp.planner.megatron_args import TrainOptions, known_flags
+from megacpp.planner.megatron_args import MOE_AUX_LOSS_COEFF, TrainOptions, known_flags
 from megacpp.planner.plan import build_plan
 from megacpp.planner.render import RenderOptions, render_launch
 from megacpp.recipes import recipe_names, recipe_text
-from tests.conftest import ROOT, TINY_DENSE, make_spec
+from tests.conftest import ROOT, TINY_DENSE, TINY_MOE, make_spec
 
 GOLDEN = ROOT / "tests" / "golden" / "launch"
 UPDATE = os.environ.get("MEGACPP_UPDATE_GOLDEN") == "1"
@@ -121,6 +121,27 @@ def test_the_dataloader_builds_no_attention_mask(te, data_path):
     plan = build_plan(make_spec(TINY_DENSE, **{"backend.transformer_engine": te}))
     text = render_launch(plan, RenderOptions(engine="megatron-lm", train=TrainOptions(data_path=data_path)))["launch.sh"]
     assert text.count("--no-create-attention-mask-in-dataloader") == 1
+
+
+@pytest.mark.parametrize("te", [False, True])
+@pytest.mark.parametrize("fusions", [False, True])
+def test_fusions_off_render_megatron_lm_unfused(te, fusions):
+    """backend.fusions false turns off the fusions Megatron-LM takes by default, each flag once
+    (a local render turns rope fusion off anyway); true leaves its defaults."""
+    plan = build_plan(make_spec(TINY_DENSE, **{"backend.transformer_engine": te, "backend.fusions": fusions}))
+    args = shlex.split(render_launch(plan, RenderOptions(engine="megatron-lm"))["launch.sh"].replace("\\\n", " "))
+    for flag in ("--no-bias-swiglu-fusion", "--no-bias-dropout-fusion", "--no-rope-fusion"):
+        expected = 0 if fusions and (te or flag != "--no-rope-fusion") else 1
+        assert args.count(flag) == expected, flag
+
+
+def test_moe_launch_balances_routing_as_the_runtime_trains():
+    """Megatron-LM's aux-loss coefficient defaults to 0 (no load balancing); the render passes the
+    runtime's, and an fp32 router as the runtime runs it, for any expert count."""
+    plan = build_plan(make_spec(TINY_MOE))
+    args = shlex.split(render_launch(plan, RenderOptions(engine="megatron-lm"))["launch.sh"].replace("\\\n", " "))
+    assert args[args.index("--moe-aux-loss-coeff") + 1] == f"{MOE_AUX_LOSS_COEFF:g}"
+    assert args[args.index("--moe-router-dtype") + 1] == "fp32"
 
 
 @pytest.mark.parametrize("apex", [False, True])

@@ -186,7 +186,7 @@ def test_mamba_ranks_hold_the_planned_parameters(tmp_path, name):
 def test_construction_report_names_the_adapters_it_used(runs):
     hybrid, dense = runs["hybrid-tp2-sp-ep2-pp2"]["result"], runs["dense-tp2"]["result"]
     assert set(hybrid["adapters"]) == {"cpu_shims", "sequence_parallel_norm", "te_general_gemm"}
-    assert hybrid["backend"] == {"transformer_engine_requested": True, "transformer_engine_used": False}
+    assert hybrid["backend"] == {"transformer_engine_requested": True, "transformer_engine_used": False, "fusions_used": True}
     assert dense["adapters"] == ["cpu_shims"]
     assert hybrid["schema"] == "megacpp.run/1" and hybrid["construct_only"] and hybrid["device"] == "cpu"
     assert hybrid["predicted"]["peak_gib"] and hybrid["measured_step_seconds"] is None and hybrid["losses"] == []
@@ -469,6 +469,19 @@ def test_interleaved_pipelines_send_each_direction_on_its_own(tmp_path, vpp):
     job = _job(tmp_path, spec_dict("(AD)*4", 2, {"pp": 2, "vpp": vpp}, mlp=MLP))
     config = transformer_config(job, select_backend(job), cuda=False, construct_only=True)
     assert (config.batch_p2p_comm, config.overlap_p2p_comm) == ((True, False) if vpp == 1 else (False, True))
+
+
+@pytest.mark.parametrize("fusions", [False, True])
+@pytest.mark.parametrize("gated", [False, True])
+def test_runtime_takes_the_fusions_megatron_lm_takes(tmp_path, fusions, gated):
+    """The runtime's config is what Megatron-LM builds from the rendered launch: bias-SwiGLU fused
+    for gated MLPs (no GELU fusion without biases), bias-dropout-add fused, rope fused only with
+    TE (its kernel; a local render turns it off), and none of them with backend.fusions false."""
+    spec = spec_dict("(AD)*2", 1, {}, mlp={**MLP, "gated": gated})
+    spec["backend"]["fusions"] = fusions
+    job = _job(tmp_path, spec)
+    config = transformer_config(job, select_backend(job), cuda=False, construct_only=True)
+    assert (config.bias_activation_fusion, config.bias_dropout_fusion, config.apply_rope_fusion) == (fusions and gated, fusions, False)
 
 
 def test_token_file_windows_and_its_errors(tmp_path):

@@ -3,7 +3,8 @@
 This is the one runtime module that speaks Megatron's field names (STYLE.md #4). Every value
 comes from the plan's spec and layout; the rest are the settings a run without Apex and without
 Megatron's compiled kernels needs (no fused softmax, no gradient-accumulation fusion, no rope
-fusion), the same ones DESIGN.md lists for stock Megatron-LM on the validation GPUs.
+fusion without TE), the same ones DESIGN.md lists for stock Megatron-LM on the validation GPUs;
+the fusions Megatron-LM takes by default otherwise are on unless the spec's backend.fusions is false.
 """
 
 from __future__ import annotations
@@ -21,12 +22,12 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megacpp.planner.blocks import padded_vocab
 from megacpp.planner.errors import LaunchError
+from megacpp.planner.megatron_args import MOE_AUX_LOSS_COEFF
 from megacpp.runtime.worker.adapters import SequenceParallelNorm
 from megacpp.runtime.worker.job import Job
 
 POSITION_EMBEDDING = {"rope": "rope", "learned": "learned_absolute", "none": "none"}
 NORMALIZATION = {"rmsnorm": "RMSNorm", "layernorm": "LayerNorm"}
-MOE_AUX_LOSS_COEFF = 1e-2  # Megatron-LM core_v0.16.1 examples/mixtral/train_mixtral_8x7b_distributed.sh:54
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,7 @@ def transformer_config(job: Job, backend: Backend, *, cuda: bool, construct_only
     gated = mlp.gated if mlp else False
     ffn = mlp.ffn_hidden_size if mlp else 4 * model.hidden_size
     dtype = torch.bfloat16 if cuda else torch.float32
+    fused = job.spec.backend.fusions
     kw: dict = dict(
         # parallel layout, exactly as the plan says
         **parallel_sizes(lay),
@@ -122,11 +124,15 @@ def transformer_config(job: Job, backend: Backend, *, cuda: bool, construct_only
         bf16=cuda,
         params_dtype=dtype,
         pipeline_dtype=dtype,
-        # no Apex / compiled-kernel fusions (DESIGN.md "Runtime on the validation GPUs")
+        # Megatron-LM's fusions that need neither Apex nor Megatron's compiled kernels, as its
+        # launch takes them (arguments.py: bias_swiglu_fusion for --swiglu, bias_gelu_fusion off
+        # without biases, bias_dropout_fusion, rope fusion through TE): torch.compile'd bias-SwiGLU
+        # and bias-dropout-add (megatron/core/jit.py), TE's fused rotary kernel. The Apex ones stay
+        # off (DESIGN.md "Runtime on the validation GPUs"), as the rendered launch turns them off.
         masked_softmax_fusion=importlib.util.find_spec("scaled_upper_triang_masked_softmax_cuda") is not None,
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        apply_rope_fusion=False,
+        bias_activation_fusion=fused and gated,
+        bias_dropout_fusion=fused,
+        apply_rope_fusion=fused and backend.use_te and model.position_embedding == "rope",
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
         transformer_impl="transformer_engine" if backend.use_te else "local",

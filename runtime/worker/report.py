@@ -15,7 +15,7 @@ import megatron.core
 import torch
 from megatron.core.transformer.moe.moe_layer import MoELayer
 
-from megacpp.planner.plan import estimate_run, with_transformer_engine
+from megacpp.planner.plan import estimate_run, with_backend
 from megacpp.runtime.worker.adapters import MEGATRON_CORE_VERSION
 from megacpp.runtime.worker.job import Job
 from megacpp.runtime.worker.train import TrainResult
@@ -164,7 +164,7 @@ def build_report(job: Job, infos: list[dict[str, Any]], *, steps: int, warmup: i
     predicted_step = job.candidate["time"]["step_seconds"]
     predicted_for = "plan"
     if backend["transformer_engine_requested"] and not backend["transformer_engine_used"]:
-        est = estimate_run(with_transformer_engine(job.spec, False), job.layout)
+        est = estimate_run(with_backend(job.spec, transformer_engine=False), job.layout)
         memory, predicted_step = [m.to_dict() for m in est.memory], round(est.step_seconds, 6)
         predicted_for = "re-estimated without Transformer Engine"
     predicted_peak = [m["total_gib"] for m in memory]

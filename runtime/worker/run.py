@@ -104,7 +104,8 @@ def run(opts: Options) -> dict | None:
     infos = gather(info)
     report = None
     if process.rank == 0:
-        backend_info = {"transformer_engine_requested": backend.te_requested, "transformer_engine_used": backend.use_te}
+        backend_info = {"transformer_engine_requested": backend.te_requested, "transformer_engine_used": backend.use_te,
+                        "fusions_used": job.spec.backend.fusions}
         report = build_report(job, infos, steps=opts.steps, warmup=opts.warmup, construct_only=opts.construct_only,
                               adapters=adapters, backend=backend_info, cuda=cuda)
         if opts.report:

@@ -389,15 +389,24 @@ def kernel_profile(run_step) -> dict:
 HOST_WAITS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
 
 
+MOST_LAUNCHED = 15  # kernel names a profile lists by launch count
+MOST_LAUNCHED_NAME = 90  # characters of each name kept (templated kernel names run to thousands)
+
+
 def gpu_activity(wall: float, gpu: list[tuple[str, float, float]], waits: list[float]) -> dict:
     """A profiled step: its wall time, GPU kernel seconds by kind over `gpu` (name, start us,
     duration us, kernels and copies alike), their count, the GPU's busy time (the union of their
-    intervals over every stream) and the host's waits on the GPU (`waits`, durations in us)."""
+    intervals over every stream), the host's waits on the GPU (`waits`, durations in us) and the
+    most launched kernels (name, count, seconds), which say where a step's launches go."""
     by_kind: dict[str, float] = {}
+    by_name: dict[str, list[float]] = {}
     busy, end = 0.0, float("-inf")
     for name, start, dur in sorted(gpu, key=lambda g: g[1]):
         kind = kernel_kind(name)
         by_kind[kind] = by_kind.get(kind, 0.0) + dur / 1e6
+        count_seconds = by_name.setdefault(name[:MOST_LAUNCHED_NAME], [0, 0.0])
+        count_seconds[0] += 1
+        count_seconds[1] += dur / 1e6
         busy += max(start + dur - max(start, end), 0.0) / 1e6
         end = max(end, start + dur)
     compute = sum(v for k, v in by_kind.items() if k != "communication")
@@ -409,4 +418,6 @@ def gpu_activity(wall: float, gpu: list[tuple[str, float, float]], waits: list[f
         "gpu_busy_seconds": round(busy, 6),
         "host_waits": len(waits),
         "host_wait_seconds": round(sum(waits) / 1e6, 6),
+        "most_launched": [[name, int(n), round(sec, 6)] for name, (n, sec) in
+                          sorted(by_name.items(), key=lambda kv: (-kv[1][0], kv[0]))[:MOST_LAUNCHED]],
     }
