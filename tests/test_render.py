@@ -40,6 +40,11 @@ def _render(plan, engine, target):
     return files["launch.sh" if target == "torchrun" else "job.sbatch"]
 
 
+def _megatron_lm_words(plan) -> list[str]:
+    """The words of the Megatron-LM launch.sh rendered for `plan`, its line continuations joined."""
+    return shlex.split(render_launch(plan, RenderOptions(engine="megatron-lm"))["launch.sh"].replace("\\\n", " "))
+
+
 @pytest.mark.parametrize("recipe,engine,target", COMBOS, ids=["-".join(c) for c in COMBOS])
 def test_golden(recipe, engine, target):
     text = _render(_plan(recipe), engine, target)
@@ -129,7 +134,7 @@ def test_fusions_off_render_megatron_lm_unfused(te, fusions):
     """backend.fusions false turns off the fusions Megatron-LM takes by default, each flag once
     (a local render turns rope fusion off anyway); true leaves its defaults."""
     plan = build_plan(make_spec(TINY_DENSE, **{"backend.transformer_engine": te, "backend.fusions": fusions}))
-    args = shlex.split(render_launch(plan, RenderOptions(engine="megatron-lm"))["launch.sh"].replace("\\\n", " "))
+    args = _megatron_lm_words(plan)
     for flag in ("--no-bias-swiglu-fusion", "--no-bias-dropout-fusion", "--no-rope-fusion"):
         expected = 0 if fusions and (te or flag != "--no-rope-fusion") else 1
         assert args.count(flag) == expected, flag
@@ -139,7 +144,7 @@ def test_moe_launch_balances_routing_as_the_runtime_trains():
     """Megatron-LM's aux-loss coefficient defaults to 0 (no load balancing); the render passes the
     runtime's, and an fp32 router as the runtime runs it, for any expert count."""
     plan = build_plan(make_spec(TINY_MOE))
-    args = shlex.split(render_launch(plan, RenderOptions(engine="megatron-lm"))["launch.sh"].replace("\\\n", " "))
+    args = _megatron_lm_words(plan)
     assert args[args.index("--moe-aux-loss-coeff") + 1] == f"{MOE_AUX_LOSS_COEFF:g}"
     assert args[args.index("--moe-router-dtype") + 1] == "fp32"
 
