@@ -10,9 +10,10 @@ layout, in the same GPU call::
 With --plan, the model, batch and layout come from the plan file (read with json only) and any
 flag given explicitly overrides them. Only Megatron's GPT path is supported: patterns made of AD
 and AE pairs. Everything else mirrors the worker: bf16 params, DDP with fp32 gradient reduction
-(overlapped), megatron's Adam (distributed when the plan says so), a 5-step warm-up, the pipeline
-schedule from get_forward_backward_func, synthetic tokens following one random cycle through the
-vocabulary, and each step timed between two torch.cuda.synchronize() calls.
+(overlapped, as the parameter all-gather under the distributed optimizer), megatron's Adam
+(distributed when the plan says so), a 5-step warm-up, the pipeline schedule from
+get_forward_backward_func, synthetic tokens following one random cycle through the vocabulary,
+and each step timed between two torch.cuda.synchronize() calls.
 
 Two pieces are copied inline from megacpp's adapters because stock megatron-core 0.16.1 cannot
 otherwise run these layouts without Transformer Engine: the router's `te_general_gemm` (undefined
@@ -266,13 +267,15 @@ def wrap(args, config, chunks, total_steps):
     model = [Float16Module(config, c) for c in chunks]
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, overlap_grad_reduce=True, use_distributed_optimizer=args.distributed_optimizer,
+        overlap_param_gather=args.distributed_optimizer, align_param_gather=args.distributed_optimizer and len(chunks) > 1,
         bucket_size=max(40_000_000, 1_000_000 * ps.get_data_parallel_world_size(with_context_parallel=True)),
     )
     model = [DistributedDataParallel(config=config, ddp_config=ddp_config, module=c, disable_bucketing=i > 0)
              for i, c in enumerate(model)]
     opt_config = OptimizerConfig(optimizer="adam", lr=args.lr, min_lr=args.lr, weight_decay=0.1, adam_beta1=0.9,
                                  adam_beta2=0.95, clip_grad=1.0, bf16=True, params_dtype=torch.bfloat16,
-                                 use_distributed_optimizer=args.distributed_optimizer)
+                                 use_distributed_optimizer=args.distributed_optimizer,
+                                 overlap_param_gather=args.distributed_optimizer)
     optimizer = get_megatron_optimizer(opt_config, model)
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=args.lr, min_lr=args.lr, lr_warmup_steps=min(5, total_steps - 1),
@@ -281,6 +284,8 @@ def wrap(args, config, chunks, total_steps):
     config.grad_scale_func = optimizer.scale_loss
     config.no_sync_func = [c.no_sync for c in model] if len(model) > 1 else model[0].no_sync
     config.grad_sync_func = [c.start_grad_sync for c in model] if len(model) > 1 else model[0].start_grad_sync
+    if ddp_config.align_param_gather:
+        config.param_sync_func = [c.start_param_sync for c in model]
     config.finalize_model_grads_func = finalize_model_grads
     return model, optimizer, scheduler
 

@@ -10,6 +10,7 @@ defaults until calibrated against measured runs.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass
 
@@ -86,44 +87,48 @@ UNFUSED_SOFTMAX_BYTES_BACKWARD = 32.0
 # benchmarks/results/gpu_runs_h200x8.json benchmarks/results/gpu_runs_h200x4.json
 # benchmarks/results/gpu_runs_h200x1.json` fits to the 23 runs there after every modelled term
 # (matmul, the unfused softmax and the R block's scan from the measured kernel-rate table,
-# communication); README "Cost model against the GPUs" gives its errors on those runs left out one
-# at a time and on the 2 x H200 runs outside the fit. It also holds the GPU time of the small
-# kernels (norms, residual adds, activations, rotary, the optimizer) that the table does not price.
+# communication, the optimizer step); README "Cost model against the GPUs" gives its errors on
+# those runs left out one at a time and on the 2 x H200 runs outside the fit. It also holds the GPU
+# time of the small kernels (norms, residual adds, activations, rotary) that the table does not price.
 # E includes the dispatcher's host synchronisation on routed-token counts and the per-expert loop;
 # A's launches fall inside its softmax term. M is fitted alone, the other letters held at these
 # values, to the first five Mamba runs in benchmarks/results/gpu_runs_h200x1_mamba.json after the SSD
-# table's scan time (least squares on relative error; left out one at a time it moves 1.7-2.7 ms).
-MEASURED_BLOCK_OVERHEAD_S = (("A", 0.0), ("D", 3.24e-3), ("E", 13.75e-3), ("M", 2.07e-3), ("R", 3.20e-3))
+# table's scan time (least squares on relative error; left out one at a time it moves 1.0-2.0 ms).
+MEASURED_BLOCK_OVERHEAD_S = (("A", 0.0), ("D", 3.09e-3), ("E", 13.34e-3), ("M", 1.37e-3), ("R", 2.91e-3))
 # The same with Transformer Engine 2.20 modules on H200, where the overhead is host time alone and
 # runs ahead of the GPU (exposed_host_seconds), and the small kernels' GPU time is a term of its
 # own (Efficiency.te_small_kernel_traffic, small_kernel_seconds): what `megacpp calibrate` fits to
-# the 59 TE runs of benchmarks/results/gpu_runs_h200x1_te.json, gpu_runs_h200x2_te.json,
+# the 63 TE runs of benchmarks/results/gpu_runs_h200x1_te.json, gpu_runs_h200x2_te.json,
 # gpu_runs_h200x2_te_heldout.json, gpu_runs_h200x1_te_mamba.json, gpu_runs_h200x2_te_blind.json,
 # gpu_runs_h200x2_te_repeat.json, gpu_runs_h200x2_te_blind2.json, gpu_runs_h200x2_te_trace.json,
 # gpu_runs_h200x2_te_trace2.json, the TE runs of gpu_runs_h200x1_expert_grads.json, and
 # gpu_runs_h200x2_te_fused.json and gpu_runs_h200x2_te_fusions.json (the runtime with Megatron's
-# fusions, and their unfused twins), after the fused-attention and SSD tables' time. Each run is
+# fusions, and their unfused twins) and gpu_runs_h200x2_dp_overlap.json (its data-parallel overlap
+# as Megatron-LM's, but for the runs of the runtime before it), after the fused-attention and SSD
+# tables' time, communication and the optimizer step. Each run is
 # priced for the fusions it ran (calibration.run_spec): the fused SwiGLU's smaller activations
 # mean fewer small-kernel bytes. The GPU-bound runs (the dense stacks, the (MD) Mamba stack and R
 # on PP2) fit the traffic, the host-bound ones (MoE, the hybrids, R on DP2, the dense stacks on
 # TP2+SP and CP2 at sequence 4096 with 16 micro-batches) the overheads. A and D come together in
 # every host-bound run but two, so their split is loosely held. Full recompute adds no host time
 # under TE (host_repeats). Two-GPU groups are priced at the measured pair rates (clusters.py). Left
-# out one at a time it predicts 45 of the 59 within 15% (22 within 5%, median 7.7%, worst 39%);
-# before the 17 runs with fusions it was 29 of 42 (median 11%). The blind sets it did not see are
+# out one at a time it predicts 49 of the 63 within 15% (21 within 5%, median 8.3%, worst 38%);
+# before the optimizer step was a term of its own, 45 of 59 (median 7.7%), and before the 17 runs
+# with fusions 29 of 42 (median 11%). The blind sets it did not see are
 # gpu_runs_h200x1_te_blind3.json, gpu_runs_h100x1_te_blind.json and the blind runs of
 # gpu_runs_h200x2_te_blind4.json (README).
-MEASURED_TE_SMALL_KERNEL_TRAFFIC = 24.14
-MEASURED_TE_BLOCK_OVERHEAD_S = (("A", 5.64e-3), ("D", 3.47e-3), ("E", 14.38e-3), ("M", 8.04e-3), ("R", 2.46e-3))
+MEASURED_TE_SMALL_KERNEL_TRAFFIC = 23.12
+MEASURED_TE_BLOCK_OVERHEAD_S = (("A", 5.00e-3), ("D", 3.99e-3), ("E", 14.45e-3), ("M", 7.85e-3), ("R", 3.06e-3))
 
 
 # A step whose per-block host time (Estimate.host_seconds, hidden behind the GPU or not) is at
 # least this share of it is bound by the host and by synchronisation rather than by the GPU, or
-# near it. Over the 144 committed runs of megacpp's runtime (benchmarks/gpu/compare.py): below
-# the share, 28 runs within 18.0% (median 3.3%); at or above it, 116 runs with a median error of
-# 8.0% and up to 39%, and host-bound steps moved 8-55% between hosts of the same kind.
+# near it. Over the 173 committed runs of megacpp's runtime (benchmarks/gpu/compare.py): below
+# the share, 38 runs within 17.4% (median 4.2%); at or above it, 135 runs with a median error of
+# 7.0% and up to 42% (moe-ep2-top1, gpu_runs_h200x2.json), and host-bound steps moved 8-55%
+# between hosts of the same kind.
 HOST_BOUND_SHARE = 0.30
-HOST_BOUND_ERROR = 0.40
+HOST_BOUND_ERROR = 0.42
 
 
 @dataclass(frozen=True)
@@ -138,7 +143,31 @@ class Efficiency:
     # table: the whole chain (the "softmax" rows of planner/rates/h200.json and h100.json, >= 1 G
     # scores) moved its 60 B per score at 0.45-0.47 of HBM on H200 and 0.53-0.56 on H100
     hbm: float = 0.50
-    dp_exposed: float = 0.30  # ASSUMPTION: share of DP/EDP gradient traffic not hidden by backward
+    # Data-parallel collectives overlap compute (the render's --overlap-grad-reduce and, with the
+    # distributed optimizer, --overlap-param-gather; the runtime's DDP alike): gradients reduce
+    # bucket by bucket during the last micro-batch's backward, parameters gather during the first
+    # micro-batch's forward. What the step still waits on is this share of the collective, or its
+    # excess over that window where the window is shorter (communication, `hidden`). Profiled on 2 x
+    # H200 (benchmarks/results/gpu_runs_h200x2_dp_overlap.json, exposed_communication_seconds: NCCL
+    # time no other kernel covers), on a 3.9 B-parameter dense stack at DP2: the reduce-scatter
+    # exposed 2.3-3.8 ms of the 30.5 ms priced (0.10; the same at 2 and 8 micro-batches), the
+    # all-reduce without the distributed optimizer 4.9-7.2 ms of 48 ms (0.125), the all-gather
+    # 3.6-6.5 ms of 14.9 ms (0.30). The last parameters' gradients (the embedding's, 7% of them
+    # there) come out at the very end of the backward, the first bucket's parameters are gathered
+    # before the forward can start.
+    grad_reduce_exposed: float = 0.11
+    param_gather_exposed: float = 0.30
+    # The optimizer step (Adam over this rank's shard, the gradient norm and clipping): seconds =
+    # optimizer state bytes x traffic / HBM bandwidth + fixed, per backend. Fitted to the measured
+    # optimizer time of every committed run without pipeline stages waiting on each other
+    # (per_rank_optimizer_seconds, benchmarks/results/): with TE installed Megatron steps with TE's
+    # FusedAdam, 5.38 bytes per byte of state + 1.0 ms (39 runs on H200 and H100, median error 4.8%),
+    # without it with torch's Adam, 9.13 + 5.5 ms (33 runs, median 8.0%; small shards under TP4 and
+    # TP8 take up to twice that, in launches).
+    optimizer_traffic: float = 5.38
+    optimizer_fixed_s: float = 1.0e-3
+    local_optimizer_traffic: float = 9.13
+    local_optimizer_fixed_s: float = 5.5e-3
     # allocated beyond weights, gradients, optimizer state and the score buffer between steps:
     # 0.07-0.12 GiB on the five 8 x H200 runs (cuBLAS workspaces, RNG state, masks)
     overhead_gib: float = 0.1
@@ -158,6 +187,10 @@ class Efficiency:
 
     def traffic(self, te: bool = False) -> float:
         return self.te_small_kernel_traffic if te else self.small_kernel_traffic
+
+    def optimizer(self, te: bool = False) -> tuple[float, float]:
+        """(bytes moved per byte of optimizer state, fixed seconds) of one optimizer step."""
+        return (self.optimizer_traffic, self.optimizer_fixed_s) if te else (self.local_optimizer_traffic, self.local_optimizer_fixed_s)
 
 
 DEFAULT_EFFICIENCY = Efficiency()
@@ -366,9 +399,10 @@ def _collective_seconds(ctx: Context, collective: str, link: str, n: int, size: 
 
 def communication(
     ctx: Context, lay: Layout, stages: list[Stage], mem: list[StageMemory], eff: Efficiency = DEFAULT_EFFICIENCY,
-    load: float = 1.0,
+    load: float = 1.0, window: tuple[float, float] = (math.inf, math.inf),
 ) -> list[Comm]:
-    """Per-axis traffic of the busiest pipeline rank in one step."""
+    """Per-axis traffic of the busiest pipeline rank in one step; `window` is the (forward,
+    backward) GPU seconds of one micro-batch there, which the data-parallel collectives overlap."""
     h = ctx.spec.model.hidden_size
     m = lay.num_microbatches
     tokens = micro_batch_tokens(ctx, lay)
@@ -377,12 +411,14 @@ def communication(
     blocks = "".join(s.blocks for s in _rank_stages(stages, busiest))
     out: list[Comm] = []
 
-    def add(axis: str, collective: str, n: int, span: int, size: float, count: float, exposed: float = 1.0) -> None:
+    def add(axis: str, collective: str, n: int, span: int, size: float, count: float, exposed: float = 1.0,
+            hidden: float = math.inf) -> None:
+        """`exposed` of the collective's time adds to the step, or all of it beyond `hidden` seconds."""
         if n <= 1 or count <= 0:
             return
         link = _link(ctx, span)
         sec = count * _collective_seconds(ctx, collective, link, n, size)
-        out.append(Comm(axis, collective, n, size * count, link, sec, sec * exposed))
+        out.append(Comm(axis, collective, n, size * count, link, sec, max(sec * exposed, sec - hidden)))
 
     act = BF16 * tokens * h  # one activation of a micro-batch on one rank
     tp_collective = "all-gather + reduce-scatter" if lay.sp else "all-reduce"
@@ -418,18 +454,14 @@ def communication(
     big = mem[busiest]
     dense, expert = big.params - big.params_expert, big.params_expert
     dp_span = lay.tp * lay.cp * lay.dp
-    if lay.dp * lay.cp > 1 and dense:
-        if ctx.spec.training.distributed_optimizer:
-            add("dp", "reduce-scatter", lay.dp * lay.cp, dp_span, FP32 * dense, 1, eff.dp_exposed)
-            add("dp", "all-gather", lay.dp * lay.cp, dp_span, BF16 * dense, 1, eff.dp_exposed)
-        else:
-            add("dp", "all-reduce", lay.dp * lay.cp, dp_span, FP32 * dense, 1, eff.dp_exposed)
-    if lay.edp > 1 and expert:
-        if ctx.spec.training.distributed_optimizer:
-            add("edp", "reduce-scatter", lay.edp, dp_span, FP32 * expert, 1, eff.dp_exposed)
-            add("edp", "all-gather", lay.edp, dp_span, BF16 * expert, 1, eff.dp_exposed)
-        else:
-            add("edp", "all-reduce", lay.edp, dp_span, FP32 * expert, 1, eff.dp_exposed)
+    forward, backward = window
+    for axis, n, params in (("dp", lay.dp * lay.cp, dense), ("edp", lay.edp, expert)):
+        if n > 1 and params:
+            if ctx.spec.training.distributed_optimizer:
+                add(axis, "reduce-scatter", n, dp_span, FP32 * params, 1, eff.grad_reduce_exposed, backward)
+                add(axis, "all-gather", n, dp_span, BF16 * params, 1, eff.param_gather_exposed, forward)
+            else:
+                add(axis, "all-reduce", n, dp_span, FP32 * params, 1, eff.grad_reduce_exposed, backward)
     return out
 
 
@@ -526,12 +558,19 @@ def exposed_host_seconds(gpu: float, host: float, te: bool) -> float:
     return max(host - gpu, 0.0) if te else host
 
 
+def optimizer_seconds(ctx: Context, stage: StageMemory, eff: Efficiency) -> float:
+    """One optimizer step of a stage's rank: its optimizer state (fp32 main parameters and Adam
+    moments, sharded with the distributed optimizer) read and written, with the gradients and
+    the bf16 parameters, at HBM bandwidth (Efficiency.optimizer)."""
+    traffic, fixed = eff.optimizer(ctx.te)
+    return stage.optimizer_gib * GIB * traffic / (ctx.cluster.hbm_tbps * 1e12) + fixed
+
+
 def estimate(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency = DEFAULT_EFFICIENCY,
              load: float = 1.0) -> Estimate:
     """Memory, communication and step time of one legal layout; `load` > 1 prices the busiest
     expert-parallel rank under routing imbalance (blocks.routed_load)."""
     mem = stage_memory(ctx, lay, stages, eff, load)
-    comms = communication(ctx, lay, stages, mem, eff, load)
     precision = ctx.spec.training.precision
     c = ctx.cluster
     per_letter = {letter: block_flops(ctx, letter, load) for letter in ctx.letters}
@@ -550,12 +589,16 @@ def estimate(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency = D
         per_rank.append((gemm, scores, exposed_host_seconds(gemm + scores + small, host, ctx.te), small, host))
     *terms, host = max(per_rank, key=lambda r: sum(r[:4]))
     t_mb = sum(terms)
+    gpu_mb = terms[0] + terms[1] + terms[3]
+    forward = gpu_mb / (3 * gpu_repeats(ctx.spec.training.recompute))  # forward 1, backward 2 (+1 recomputed)
+    comms = communication(ctx, lay, stages, mem, eff, load, window=(forward, gpu_mb - forward))
     m = lay.num_microbatches
     pipeline_units = m + (lay.pp - 1) / lay.vpp
     compute = pipeline_units * t_mb
     per_mb_comm = sum(x.exposed_seconds for x in comms if x.axis in ("tp", "cp", "ep", "etp", "pp")) / m
     data_parallel = sum(x.exposed_seconds for x in comms if x.axis in ("dp", "edp"))
-    step = pipeline_units * (t_mb + per_mb_comm) + data_parallel
+    optimizer = max(optimizer_seconds(ctx, stage, eff) for stage in mem)  # the stages step at once
+    step = pipeline_units * (t_mb + per_mb_comm) + data_parallel + optimizer
     bubble = (lay.pp - 1) / lay.vpp / pipeline_units
     breakdown = (
         ("matmul", m * terms[0]),
@@ -565,6 +608,7 @@ def estimate(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency = D
         ("communication", m * per_mb_comm),
         ("bubble", (pipeline_units - m) * (t_mb + per_mb_comm)),
         ("data_parallel", data_parallel),
+        ("optimizer", optimizer),
     )
     gbs_tokens = ctx.spec.training.global_batch_size * ctx.seq
     useful = per_letter if load == 1 else {letter: block_flops(ctx, letter) for letter in ctx.letters}

@@ -37,7 +37,7 @@ class Candidate(_Doc):
     communication: list[dict[str, Any]]
     time: dict[str, float]
     # the step on the busiest pipeline rank by term (matmul, softmax, block_overhead,
-    # communication, bubble, data_parallel), in seconds; the terms add up to time.step_seconds
+    # communication, bubble, data_parallel, optimizer), in seconds; the terms add up to time.step_seconds
     step_breakdown: dict[str, float] = {}
     fits: bool
     warnings: list[Note]

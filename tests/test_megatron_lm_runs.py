@@ -64,3 +64,21 @@ def test_trace_summary_counts_busy_gpu_time_once_across_streams_and_the_host_wai
     assert (summary["host_waits"], summary["host_wait_seconds"]) == (1, 0.0007)
     assert summary["most_launched"][0] == ["Memcpy DtoH (Device -> Pinned)", 1, 0.0001]  # ties by name
     assert ["nvjet_tst_128x256_64x4", 1, 0.001] in summary["most_launched"]
+
+
+def test_exposed_communication_is_collective_time_no_other_kernel_covers():
+    from megacpp.runtime.worker.train import gpu_activity
+
+    gpu = [
+        ("nvjet_tst_128x256_64x4", 100, 1_000),                          # compute 100..1100
+        ("ncclDevKernel_AllReduce_Sum_bf16_RING_LL", 600, 1_000),         # 600..1600: 500 under compute
+        ("ncclDevKernel_ReduceScatter_Sum_f32_RING_LL", 2_000, 400),      # alone: all exposed
+        ("ncclDevKernel_ReduceScatter_Sum_f32_RING_LL", 2_200, 400),      # overlaps the one before
+        ("vectorized_elementwise_kernel", 2_500, 50),                     # covers 50 of them
+        ("ncclDevKernel_AllGather_RING_LL", 3_000, 200),
+        ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop", 2_900, 400),  # covers the all-gather
+    ]
+    summary = gpu_activity(0.01, gpu, [])
+    assert summary["communication_seconds"] == {"allgather": 0.0002, "allreduce": 0.001, "reducescatter": 0.0006}
+    assert summary["exposed_communication_seconds"] == {"allgather": 0.0, "allreduce": 0.0005, "reducescatter": 0.00055}
+    assert summary["gpu_busy_seconds"] == pytest.approx(0.0015 + 0.0006 + 0.0004)

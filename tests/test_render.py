@@ -149,6 +149,17 @@ def test_moe_launch_balances_routing_as_the_runtime_trains():
     assert args[args.index("--moe-router-dtype") + 1] == "fp32"
 
 
+@pytest.mark.parametrize("distopt", [False, True])
+def test_launch_overlaps_data_parallel_communication_as_the_runtime(distopt):
+    """Gradients reduce during the backward with or without the distributed optimizer (Megatron-LM
+    defaults to after it), and the parameters gather during the next forward with it, as
+    megacpp's runtime trains; Megatron-LM refuses --overlap-param-gather without it."""
+    plan = build_plan(make_spec(TINY_DENSE, **{"training.distributed_optimizer": distopt}))
+    args = _megatron_lm_words(plan)
+    assert args.count("--overlap-grad-reduce") == 1
+    assert args.count("--overlap-param-gather") == args.count("--use-distributed-optimizer") == int(distopt)
+
+
 @pytest.mark.parametrize("apex", [False, True])
 def test_te_launch_keeps_gradient_fusion_only_where_apex_has_it(apex, tmp_path):
     """Under TE, Megatron-LM's output layer needs Apex's fused wgrad kernel for its default

@@ -471,6 +471,23 @@ def test_interleaved_pipelines_send_each_direction_on_its_own(tmp_path, vpp):
     assert (config.batch_p2p_comm, config.overlap_p2p_comm) == ((True, False) if vpp == 1 else (False, True))
 
 
+@pytest.mark.parametrize("distopt", [False, True])
+@pytest.mark.parametrize("vpp", [1, 2])
+def test_data_parallel_overlaps_as_the_rendered_launch(tmp_path, distopt, vpp):
+    """DDP as Megatron-LM builds it from the render (--overlap-grad-reduce, and
+    --overlap-param-gather with the distributed optimizer): gradients reduce during the backward,
+    parameters gather during the next forward, aligned across interleaved chunks only."""
+    from megacpp.runtime.worker.train import data_parallel_config
+
+    spec = spec_dict("(AD)*4", 2, {"pp": 2, "vpp": vpp}, mlp=MLP)
+    spec["training"]["distributed_optimizer"] = distopt
+    ddp = data_parallel_config(_job(tmp_path, spec), chunks=vpp, dp_cp=1)
+    assert ddp.grad_reduce_in_fp32 and ddp.overlap_grad_reduce
+    assert (ddp.use_distributed_optimizer, ddp.overlap_param_gather) == (distopt, distopt)
+    assert ddp.align_param_gather == (distopt and vpp > 1)
+    assert ddp.bucket_size == 40_000_000
+
+
 @pytest.mark.parametrize("fusions", [False, True])
 @pytest.mark.parametrize("gated", [False, True])
 def test_runtime_takes_the_fusions_megatron_lm_takes(tmp_path, fusions, gated):

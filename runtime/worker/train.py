@@ -95,6 +95,22 @@ class MemoryPhases:
         }
 
 
+def data_parallel_config(job: Job, chunks: int, dp_cp: int) -> DistributedDataParallelConfig:
+    """DDP as the rendered Megatron-LM launch has it (planner/megatron_args.py): fp32 gradients
+    reduced bucket by bucket during the backward; with the distributed optimizer the updated
+    parameters gathered bucket by bucket during the next forward, aligned across the chunks of an
+    interleaved schedule (arguments.py turns align_param_gather off without one)."""
+    distopt = job.spec.training.distributed_optimizer
+    return DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=True,
+        overlap_param_gather=distopt,
+        align_param_gather=distopt and chunks > 1,
+        use_distributed_optimizer=distopt,
+        bucket_size=max(DDP_MIN_BUCKET, 1_000_000 * dp_cp),
+    )
+
+
 def wrap_for_training(chunks: list[torch.nn.Module], config, job: Job, lr: float, total_steps: int):
     """Float16Module + DDP around each chunk, megatron's (distributed) Adam, a warm-up scheduler.
 
@@ -104,12 +120,7 @@ def wrap_for_training(chunks: list[torch.nn.Module], config, job: Job, lr: float
         chunk.cuda(torch.cuda.current_device())  # torch norms are created on the CPU
     model = [Float16Module(config, chunk) for chunk in chunks] if config.bf16 else list(chunks)
     distopt = job.spec.training.distributed_optimizer
-    ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True,
-        overlap_grad_reduce=True,
-        use_distributed_optimizer=distopt,
-        bucket_size=max(DDP_MIN_BUCKET, 1_000_000 * ps.get_data_parallel_world_size(with_context_parallel=True)),
-    )
+    ddp_config = data_parallel_config(job, len(chunks), ps.get_data_parallel_world_size(with_context_parallel=True))
     model = [
         DistributedDataParallel(config=config, ddp_config=ddp_config, module=chunk, disable_bucketing=index > 0)
         for index, chunk in enumerate(model)
@@ -117,6 +128,7 @@ def wrap_for_training(chunks: list[torch.nn.Module], config, job: Job, lr: float
     opt_config = OptimizerConfig(
         optimizer="adam", lr=lr, min_lr=lr, weight_decay=WEIGHT_DECAY, adam_beta1=ADAM_BETAS[0], adam_beta2=ADAM_BETAS[1],
         clip_grad=CLIP_GRAD, bf16=config.bf16, params_dtype=config.params_dtype, use_distributed_optimizer=distopt,
+        overlap_param_gather=distopt,
     )
     optimizer = get_megatron_optimizer(opt_config, model, config_overrides=get_standard_config_overrides(opt_config))
     scheduler = OptimizerParamScheduler(
@@ -128,6 +140,8 @@ def wrap_for_training(chunks: list[torch.nn.Module], config, job: Job, lr: float
     config.grad_scale_func = optimizer.scale_loss
     config.no_sync_func = [c.no_sync for c in model] if len(model) > 1 else model[0].no_sync
     config.grad_sync_func = [c.start_grad_sync for c in model] if len(model) > 1 else model[0].start_grad_sync
+    if ddp_config.align_param_gather:
+        config.param_sync_func = [c.start_param_sync for c in model]
     config.finalize_model_grads_func = finalize_model_grads
     return model, optimizer, scheduler
 
@@ -397,27 +411,77 @@ def gpu_activity(wall: float, gpu: list[tuple[str, float, float]], waits: list[f
     """A profiled step: its wall time, GPU kernel seconds by kind over `gpu` (name, start us,
     duration us, kernels and copies alike), their count, the GPU's busy time (the union of their
     intervals over every stream), the host's waits on the GPU (`waits`, durations in us) and the
-    most launched kernels (name, count, seconds), which say where a step's launches go."""
+    most launched kernels (name, count, seconds), which say where a step's launches go.
+
+    Per collective (all-reduce, reduce-scatter, ...): the seconds its kernels ran (their union)
+    and the seconds of those in which no other kernel ran, which is the communication the step
+    waited on rather than hid behind compute."""
     by_kind: dict[str, float] = {}
     by_name: dict[str, list[float]] = {}
-    busy, end = 0.0, float("-inf")
-    for name, start, dur in sorted(gpu, key=lambda g: g[1]):
+    collectives: dict[str, list[tuple[float, float]]] = {}
+    others: list[tuple[float, float]] = []
+    for name, start, dur in gpu:
         kind = kernel_kind(name)
         by_kind[kind] = by_kind.get(kind, 0.0) + dur / 1e6
         count_seconds = by_name.setdefault(name[:MOST_LAUNCHED_NAME], [0, 0.0])
         count_seconds[0] += 1
         count_seconds[1] += dur / 1e6
-        busy += max(start + dur - max(start, end), 0.0) / 1e6
-        end = max(end, start + dur)
+        span = (start, start + dur)
+        if kind == "communication":
+            collectives.setdefault(collective(name), []).append(span)
+        else:
+            others.append(span)
     compute = sum(v for k, v in by_kind.items() if k != "communication")
+    computing = _merged(others)
+    comm = {c: _merged(spans) for c, spans in sorted(collectives.items())}
+    every = _merged([span for spans in collectives.values() for span in spans] + others)
     return {
         "wall_seconds": round(wall, 6),
         "kernels": len(gpu),
         "kernel_seconds": {k: round(v, 6) for k, v in sorted(by_kind.items())},
         "compute_kernel_seconds": round(compute, 6),
-        "gpu_busy_seconds": round(busy, 6),
+        "gpu_busy_seconds": round(_length(every) / 1e6, 6),
+        "communication_seconds": {c: round(_length(m) / 1e6, 6) for c, m in comm.items()},
+        "exposed_communication_seconds": {c: round((_length(m) - _overlap(m, computing)) / 1e6, 6) for c, m in comm.items()},
         "host_waits": len(waits),
         "host_wait_seconds": round(sum(waits) / 1e6, 6),
         "most_launched": [[name, int(n), round(sec, 6)] for name, (n, sec) in
                           sorted(by_name.items(), key=lambda kv: (-kv[1][0], kv[0]))[:MOST_LAUNCHED]],
     }
+
+
+# NCCL kernel names (ncclDevKernel_ReduceScatter_Sum_f32_RING_LL, ncclKernel_SendRecv, ...) by
+# collective, matched in order against the lower-cased name without underscores
+COLLECTIVES = ("allreduce", "reducescatter", "allgather", "alltoall", "sendrecv", "broadcast", "reduce")
+
+
+def collective(name: str) -> str:
+    lowered = name.lower().replace("_", "")
+    return next((c for c in COLLECTIVES if c in lowered), "other")
+
+
+def _merged(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The union of intervals, as sorted disjoint intervals."""
+    out: list[tuple[float, float]] = []
+    for start, end in sorted(spans):
+        if out and start <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], end))
+        else:
+            out.append((start, end))
+    return out
+
+
+def _length(merged: list[tuple[float, float]]) -> float:
+    return sum(end - start for start, end in merged)
+
+
+def _overlap(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> float:
+    """The length of the intersection of two unions of intervals (each from _merged)."""
+    total, i, j = 0.0, 0, 0
+    while i < len(a) and j < len(b):
+        total += max(min(a[i][1], b[j][1]) - max(a[i][0], b[j][0]), 0.0)
+        if a[i][1] < b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return total
