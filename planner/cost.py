@@ -162,8 +162,8 @@ class Efficiency:
     # optimizer time of every committed run without pipeline stages waiting on each other
     # (per_rank_optimizer_seconds, benchmarks/results/): with TE installed Megatron steps with TE's
     # FusedAdam, 5.38 bytes per byte of state + 1.0 ms (39 runs on H200 and H100, median error 4.8%),
-    # without it with torch's Adam, 9.13 + 5.5 ms (33 runs, median 8.0%; small shards under TP4 and
-    # TP8 take up to twice that, in launches).
+    # without it with torch's Adam, 9.13 + 5.5 ms (33 runs, median 8.0%; the small shards of TP4
+    # and TP8 up to 34% off).
     optimizer_traffic: float = 5.38
     optimizer_fixed_s: float = 1.0e-3
     local_optimizer_traffic: float = 9.13

@@ -179,7 +179,7 @@ def megatron_args(ctx: Context, cand: Candidate, opts: TrainOptions) -> list[str
         a += ["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1"]
     # gradients reduce bucket by bucket during the backward, and with the distributed optimizer
     # the parameters gather during the next forward, as megacpp's runtime and the cost model's
-    # exposed data-parallel share (cost.Efficiency.dp_exposed) have them
+    # exposed data-parallel shares (cost.Efficiency.grad_reduce_exposed, param_gather_exposed) have them
     if tr.distributed_optimizer:
         a += ["--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather"]
     else:

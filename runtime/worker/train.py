@@ -414,8 +414,8 @@ def gpu_activity(wall: float, gpu: list[tuple[str, float, float]], waits: list[f
     most launched kernels (name, count, seconds), which say where a step's launches go.
 
     Per collective (all-reduce, reduce-scatter, ...): the seconds its kernels ran (their union)
-    and the seconds of those in which no other kernel ran, which is the communication the step
-    waited on rather than hid behind compute."""
+    and the part of those in which no compute or copy kernel ran, which is the communication the
+    step waited on rather than hid behind compute."""
     by_kind: dict[str, float] = {}
     by_name: dict[str, list[float]] = {}
     collectives: dict[str, list[tuple[float, float]]] = {}
