@@ -161,8 +161,8 @@ def test_optimizer_step_time_follows_the_optimizer_state_measured_on_every_run()
     errors: dict[bool, list[float]] = {True: [], False: []}
     for name, run in committed_gpu_runs():
         lay = run["layout"]
-        gathered_in_step = (lay["dp"] * lay["cp"] > 1 and run["spec"]["training"].get("distributed_optimizer", True)
-                            and "dp_overlap" not in name or run["name"].endswith("+previous-runtime"))
+        gathered_in_step = ((lay["dp"] * lay["cp"] > 1 and run["spec"]["training"].get("distributed_optimizer", True)
+                             and "dp_overlap" not in name) or run["name"].endswith("+previous-runtime"))
         if run.get("engine") == "megatron-lm" or lay["pp"] > 1 or gathered_in_step or run["name"] == "eg-local-none-gated":
             continue
         spec = run_spec(run)
@@ -186,8 +186,7 @@ def test_data_parallel_collectives_hide_a_share_until_they_outlast_the_micro_bat
     nvlink = {c.collective: c for c in estimate_run(spec, lay).communication}
     assert nvlink["reduce-scatter"].exposed_seconds == pytest.approx(eff.grad_reduce_exposed * nvlink["reduce-scatter"].seconds)
     assert nvlink["all-gather"].exposed_seconds == pytest.approx(eff.param_gather_exposed * nvlink["all-gather"].seconds)
-    nic = load_spec(next(SPECS.glob("specs*/dp-h8192-distopt-m2.yaml")),
-                    ["cluster.nodes=2", "cluster.gpus_per_node=1", "cluster.nvlink_domain=1"])
+    nic = _spec("dp-h8192-distopt-m2", "cluster.nodes=2", "cluster.gpus_per_node=1", "cluster.nvlink_domain=1")
     est = estimate_run(nic, lay)
     over = {c.collective: c for c in est.communication}
     gpu = dict(est.breakdown)

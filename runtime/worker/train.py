@@ -119,7 +119,6 @@ def wrap_for_training(chunks: list[torch.nn.Module], config, job: Job, lr: float
     for chunk in chunks:
         chunk.cuda(torch.cuda.current_device())  # torch norms are created on the CPU
     model = [Float16Module(config, chunk) for chunk in chunks] if config.bf16 else list(chunks)
-    distopt = job.spec.training.distributed_optimizer
     ddp_config = data_parallel_config(job, len(chunks), ps.get_data_parallel_world_size(with_context_parallel=True))
     model = [
         DistributedDataParallel(config=config, ddp_config=ddp_config, module=chunk, disable_bucketing=index > 0)
@@ -127,8 +126,8 @@ def wrap_for_training(chunks: list[torch.nn.Module], config, job: Job, lr: float
     ]
     opt_config = OptimizerConfig(
         optimizer="adam", lr=lr, min_lr=lr, weight_decay=WEIGHT_DECAY, adam_beta1=ADAM_BETAS[0], adam_beta2=ADAM_BETAS[1],
-        clip_grad=CLIP_GRAD, bf16=config.bf16, params_dtype=config.params_dtype, use_distributed_optimizer=distopt,
-        overlap_param_gather=distopt,
+        clip_grad=CLIP_GRAD, bf16=config.bf16, params_dtype=config.params_dtype,
+        use_distributed_optimizer=ddp_config.use_distributed_optimizer, overlap_param_gather=ddp_config.overlap_param_gather,
     )
     optimizer = get_megatron_optimizer(opt_config, model, config_overrides=get_standard_config_overrides(opt_config))
     scheduler = OptimizerParamScheduler(
