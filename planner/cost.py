@@ -87,14 +87,16 @@ UNFUSED_SOFTMAX_BYTES_BACKWARD = 32.0
 # benchmarks/results/gpu_runs_h200x8.json benchmarks/results/gpu_runs_h200x4.json
 # benchmarks/results/gpu_runs_h200x1.json` fits to the 23 runs there after every modelled term
 # (matmul, the unfused softmax and the R block's scan from the measured kernel-rate table,
-# communication, the optimizer step); README "Cost model against the GPUs" gives its errors on
+# communication, the gradient accumulation, the optimizer step); README "Cost model against the GPUs" gives its errors on
 # those runs left out one at a time and on the 2 x H200 runs outside the fit. It also holds the GPU
 # time of the small kernels (norms, residual adds, activations, rotary) that the table does not price.
 # E includes the dispatcher's host synchronisation on routed-token counts and the per-expert loop;
 # A's launches fall inside its softmax term. M is fitted alone, the other letters held at these
 # values, to the first five Mamba runs in benchmarks/results/gpu_runs_h200x1_mamba.json after the SSD
-# table's scan time (least squares on relative error; left out one at a time it moves 1.0-2.0 ms).
-MEASURED_BLOCK_OVERHEAD_S = (("A", 0.0), ("D", 3.09e-3), ("E", 13.34e-3), ("M", 1.37e-3), ("R", 2.91e-3))
+# table's scan time (least squares on relative error; left out one at a time it moves 0.56-1.42 ms).
+# Before the gradient accumulation was a term of its own these were D 3.09, E 13.34, M 1.37 and
+# R 2.91 ms, left out one at a time a median error of 6.6% on the 23 runs (now 6.2%).
+MEASURED_BLOCK_OVERHEAD_S = (("A", 0.0), ("D", 2.93e-3), ("E", 12.88e-3), ("M", 0.95e-3), ("R", 2.78e-3))
 # The same with Transformer Engine 2.20 modules on H200, where the overhead is host time alone and
 # runs ahead of the GPU (exposed_host_seconds), and the small kernels' GPU time is a term of its
 # own (Efficiency.te_small_kernel_traffic, small_kernel_seconds): what `megacpp calibrate` fits to
@@ -105,30 +107,31 @@ MEASURED_BLOCK_OVERHEAD_S = (("A", 0.0), ("D", 3.09e-3), ("E", 13.34e-3), ("M", 
 # gpu_runs_h200x2_te_fused.json and gpu_runs_h200x2_te_fusions.json (the runtime with Megatron's
 # fusions, and their unfused twins) and gpu_runs_h200x2_dp_overlap.json (its data-parallel overlap
 # as Megatron-LM's, but for the runs of the runtime before it), after the fused-attention and SSD
-# tables' time, communication and the optimizer step. Each run is
+# tables' time, communication, the gradient accumulation and the optimizer step. Each run is
 # priced for the fusions it ran (calibration.run_spec): the fused SwiGLU's smaller activations
 # mean fewer small-kernel bytes. The GPU-bound runs (the dense stacks, the (MD) Mamba stack and R
 # on PP2) fit the traffic, the host-bound ones (MoE, the hybrids, R on DP2, the dense stacks on
 # TP2+SP and CP2 at sequence 4096 with 16 micro-batches) the overheads. A and D come together in
 # every host-bound run but two, so their split is loosely held. Full recompute adds no host time
 # under TE (host_repeats). Two-GPU groups are priced at the measured pair rates (clusters.py). Left
-# out one at a time it predicts 49 of the 63 within 15% (21 within 5%, median 8.3%, worst 38%);
-# before the optimizer step was a term of its own, 45 of 59 (median 7.7%), and before the 17 runs
+# out one at a time it predicts 50 of the 63 within 15% (28 within 5%, median 5.7%, worst 38%);
+# before the gradient accumulation was a term of its own (traffic 23.12, the overheads as now)
+# 49 (21 within 5%, median 8.3%), before the optimizer step was, 45 of 59 (median 7.7%), and before the 17 runs
 # with fusions 29 of 42 (median 11%). The blind sets it did not see are
 # gpu_runs_h200x1_te_blind3.json, gpu_runs_h100x1_te_blind.json and the blind runs of
 # gpu_runs_h200x2_te_blind4.json (README).
-MEASURED_TE_SMALL_KERNEL_TRAFFIC = 23.12
+MEASURED_TE_SMALL_KERNEL_TRAFFIC = 18.60
 MEASURED_TE_BLOCK_OVERHEAD_S = (("A", 5.00e-3), ("D", 3.99e-3), ("E", 14.45e-3), ("M", 7.85e-3), ("R", 3.06e-3))
 
 
 # A step whose per-block host time (Estimate.host_seconds, hidden behind the GPU or not) is at
 # least this share of it is bound by the host and by synchronisation rather than by the GPU, or
 # near it. Over the 173 committed runs of megacpp's runtime (benchmarks/gpu/compare.py): below
-# the share, 38 runs within 17.4% (median 4.2%); at or above it, 135 runs with a median error of
-# 7.0% and up to 42% (moe-ep2-top1, gpu_runs_h200x2.json), and host-bound steps moved 8-55%
+# the share, 40 runs within 16.4% (median 3.4%); at or above it, 133 runs with a median error of
+# 6.2% and up to 43% (moe-ep2-top1, gpu_runs_h200x2.json), and host-bound steps moved 8-55%
 # between hosts of the same kind.
 HOST_BOUND_SHARE = 0.30
-HOST_BOUND_ERROR = 0.42
+HOST_BOUND_ERROR = 0.43
 
 
 @dataclass(frozen=True)
@@ -164,6 +167,17 @@ class Efficiency:
     # FusedAdam, 5.38 bytes per byte of state + 1.0 ms (39 runs on H200 and H100, median error 4.8%),
     # without it with torch's Adam, 9.13 + 5.5 ms (33 runs, median 8.0%; the small shards of TP4
     # and TP8 up to 34% off).
+    # Without gradient-accumulation fusion (the render passes --no-gradient-accumulation-fusion, it
+    # needs Apex; the runtime sets it off alike) every weight gradient comes out of its backward in
+    # bf16 and megatron-core's DDP hook adds it into the fp32 main_grad buffer
+    # (distributed_data_parallel.py: param.main_grad.add_(param.grad.data)): one elementwise add per
+    # weight per micro-batch, reading the buffer and the gradient and writing the buffer (10 B per
+    # parameter). Profiled (most_launched, the fp32 CUDAFunctor_add kernels: one per weight tensor per
+    # micro-batch) on 2 x H200 it moved those bytes at 2.12-2.75 TB/s, median 2.49 over 19 runs of
+    # the runtime and of Megatron-LM (benchmarks/results/gpu_runs_h200x2_dp_overlap.json,
+    # gpu_runs_h200x2_megatronlm_dp_overlap.json, gpu_runs_h200x2_te_fusions.json,
+    # gpu_runs_h200x2_megatronlm_te_host3.json): this share of HBM bandwidth (grad_accumulation_seconds).
+    grad_accumulation_hbm: float = 0.52
     optimizer_traffic: float = 5.38
     optimizer_fixed_s: float = 1.0e-3
     local_optimizer_traffic: float = 9.13
@@ -566,6 +580,13 @@ def optimizer_seconds(ctx: Context, stage: StageMemory, eff: Efficiency) -> floa
     return stage.optimizer_gib * GIB * traffic / (ctx.cluster.hbm_tbps * 1e12) + fixed
 
 
+def grad_accumulation_seconds(ctx: Context, stage: StageMemory, eff: Efficiency) -> float:
+    """One micro-batch's weight gradients of a stage's rank added into the gradient buffer
+    (Efficiency.grad_accumulation_hbm): the buffer read and written, the bf16 gradient read."""
+    moved = 2 * stage.gradients_gib * GIB + BF16 * stage.params
+    return moved / (ctx.cluster.hbm_tbps * 1e12 * eff.grad_accumulation_hbm)
+
+
 def estimate(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency = DEFAULT_EFFICIENCY,
              load: float = 1.0) -> Estimate:
     """Memory, communication and step time of one legal layout; `load` > 1 prices the busiest
@@ -576,7 +597,9 @@ def estimate(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency = D
     per_letter = {letter: block_flops(ctx, letter, load) for letter in ctx.letters}
     matmul = {letter: matmul_seconds(ctx, lay, letter, eff, load) for letter in [*ctx.letters, "head"]}
     softmax = softmax_seconds(ctx, lay, eff)
-    per_rank = []  # (matmul, softmax, exposed block overhead, small kernels, host) per micro-batch on each pipeline rank
+    # (matmul, softmax, exposed block overhead, small kernels, gradient accumulation, host) per
+    # micro-batch on each pipeline rank
+    per_rank = []
     for p in range(lay.pp):
         mine = _rank_stages(stages, p)
         blocks = "".join(st.blocks for st in mine)
@@ -586,11 +609,13 @@ def estimate(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency = D
         traffic = eff.traffic(ctx.te)
         small = traffic * small_kernel_seconds(ctx, lay, blocks, load) * gpu_repeats(ctx.spec.training.recompute) if traffic else 0.0
         scores = blocks.count("A") * softmax
-        per_rank.append((gemm, scores, exposed_host_seconds(gemm + scores + small, host, ctx.te), small, host))
-    *terms, host = max(per_rank, key=lambda r: sum(r[:4]))
+        accumulate = grad_accumulation_seconds(ctx, mem[p], eff)
+        per_rank.append((gemm, scores, exposed_host_seconds(gemm + scores + small + accumulate, host, ctx.te), small, accumulate, host))
+    *terms, host = max(per_rank, key=lambda r: sum(r[:5]))
     t_mb = sum(terms)
-    gpu_mb = terms[0] + terms[1] + terms[3]
-    forward = gpu_mb / (3 * gpu_repeats(ctx.spec.training.recompute))  # forward 1, backward 2 (+1 recomputed)
+    gpu_mb = terms[0] + terms[1] + terms[3] + terms[4]
+    # forward 1, backward 2 (+1 recomputed); the gradients accumulate in the backward
+    forward = (gpu_mb - terms[4]) / (3 * gpu_repeats(ctx.spec.training.recompute))
     comms = communication(ctx, lay, stages, mem, eff, load, window=(forward, gpu_mb - forward))
     m = lay.num_microbatches
     pipeline_units = m + (lay.pp - 1) / lay.vpp
@@ -605,6 +630,7 @@ def estimate(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency = D
         ("softmax", m * terms[1]),
         ("block_overhead", m * terms[2]),
         ("small_kernels", m * terms[3]),
+        ("grad_accumulation", m * terms[4]),
         ("communication", m * per_mb_comm),
         ("bubble", (pipeline_units - m) * (t_mb + per_mb_comm)),
         ("data_parallel", data_parallel),
