@@ -99,6 +99,44 @@ def block_params(ctx: Context, letter: str, lay: Layout) -> BlockParams:
     raise ValueError(letter)
 
 
+def weight_gradient_bytes(ctx: Context, letter: str, lay: Layout) -> float:
+    """The largest bf16 weight gradient one block's backward produces at once on one rank. Without
+    gradient-accumulation fusion each weight's gradient is a tensor of the weight's size until
+    megatron-core's DDP hook adds it into the fp32 main_grad buffer and frees it. TE's grouped
+    experts compute every local expert's gradient in one grouped GEMM, the local modules'
+    SequentialMLP one expert after another. On 2 x H200 the forward+backward peak of dense stacks
+    at hidden 8192 (fc1 h x 2 x 28672) exceeded resident memory plus activations by 0.77-0.84 GiB
+    where fc1's gradient is 0.875 GiB, by 0.46 GiB under TP2 (0.44 GiB), and the MoE with eight
+    local experts at f 14336 by 1.67 GiB (1.75 GiB) (benchmarks/results/gpu_runs_h200x2_te_blind5.json)."""
+    model = ctx.spec.model
+    h, tp = model.hidden_size, lay.tp
+    gate = lambda gated: 2 if gated else 1  # noqa: E731
+    if letter == "A":
+        d, heads, groups = model.head_dim, model.attention.num_heads, model.query_groups  # type: ignore[union-attr]
+        weights = [h * (heads + 2 * groups) * d / tp, heads * d / tp * h]
+    elif letter == "D":
+        mlp = model.mlp
+        assert mlp is not None
+        weights = [h * mlp.ffn_hidden_size * gate(mlp.gated) / tp]
+    elif letter == "E":
+        moe = model.moe
+        assert moe is not None
+        at_once = moe.num_experts // lay.ep if ctx.te else 1
+        weights = [at_once * h * moe.ffn_hidden_size * gate(moe.gated) / lay.etp, moe.num_experts * h]
+        if moe.shared_expert_ffn_hidden_size:
+            weights.append(h * moe.shared_expert_ffn_hidden_size * gate(moe.gated) / tp)
+    elif letter == "M":
+        d_inner, heads, groups, state, _ = _mamba_dims(ctx)
+        weights = [h * (2 * d_inner + 2 * groups * state + heads) / tp, d_inner / tp * h]
+    elif letter == "R":
+        r = model.recurrent
+        assert r is not None
+        weights = [h * (4 * r.num_heads * r.head_dim + r.num_heads) / tp]
+    else:
+        raise ValueError(letter)
+    return BF16 * max(weights)
+
+
 def embedding_params(ctx: Context, lay: Layout) -> int:
     """Word embeddings (vocab split by TP) plus learned position embeddings (replicated)."""
     h = ctx.spec.model.hidden_size

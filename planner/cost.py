@@ -29,6 +29,7 @@ from megacpp.planner.blocks import (
     micro_batch_tokens,
     padded_vocab,
     unfused_scores,
+    weight_gradient_bytes,
 )
 from megacpp.planner.kernel_rates import kernel_rates
 from megacpp.planner.layout import Context, Layout
@@ -95,8 +96,9 @@ UNFUSED_SOFTMAX_BYTES_BACKWARD = 32.0
 # values, to the first five Mamba runs in benchmarks/results/gpu_runs_h200x1_mamba.json after the SSD
 # table's scan time (least squares on relative error; left out one at a time it moves 0.56-1.42 ms).
 # Before the gradient accumulation was a term of its own these were D 3.09, E 13.34, M 1.37 and
-# R 2.91 ms, left out one at a time a median error of 6.6% on the 23 runs (now 6.2%).
-MEASURED_BLOCK_OVERHEAD_S = (("A", 0.0), ("D", 2.93e-3), ("E", 12.88e-3), ("M", 0.95e-3), ("R", 2.78e-3))
+# R 2.91 ms, left out one at a time a median error of 6.6% on the 23 runs (now 6.2%). Two-GPU groups
+# under SP are priced with the backward's second all-gather (communication).
+MEASURED_BLOCK_OVERHEAD_S = (("A", 0.0), ("D", 2.93e-3), ("E", 12.86e-3), ("M", 0.95e-3), ("R", 2.78e-3))
 # The same with Transformer Engine 2.20 modules on H200, where the overhead is host time alone and
 # runs ahead of the GPU (exposed_host_seconds), and the small kernels' GPU time is a term of its
 # own (Efficiency.te_small_kernel_traffic, small_kernel_seconds): what `megacpp calibrate` fits to
@@ -114,21 +116,22 @@ MEASURED_BLOCK_OVERHEAD_S = (("A", 0.0), ("D", 2.93e-3), ("E", 12.88e-3), ("M", 
 # TP2+SP and CP2 at sequence 4096 with 16 micro-batches) the overheads. A and D come together in
 # every host-bound run but two, so their split is loosely held. Full recompute adds no host time
 # under TE (host_repeats). Two-GPU groups are priced at the measured pair rates (clusters.py). Left
-# out one at a time it predicts 50 of the 63 within 15% (28 within 5%, median 5.7%, worst 38%);
-# before the gradient accumulation was a term of its own (traffic 23.12, the overheads as now)
-# 49 (21 within 5%, median 8.3%), before the optimizer step was, 45 of 59 (median 7.7%), and before the 17 runs
+# out one at a time it predicts 50 of the 63 within 15% (27 within 5%, median 5.5%, worst 38%);
+# before the gradient accumulation was a term of its own and SP's backward all-gather counted
+# (A 5.00, D 3.99, E 14.45, M 7.85, R 3.06 ms, traffic 23.12) 49 (21 within 5%, median 8.3%),
+# before the optimizer step was, 45 of 59 (median 7.7%), and before the 17 runs
 # with fusions 29 of 42 (median 11%). The blind sets it did not see are
-# gpu_runs_h200x1_te_blind3.json, gpu_runs_h100x1_te_blind.json and the blind runs of
-# gpu_runs_h200x2_te_blind4.json (README).
-MEASURED_TE_SMALL_KERNEL_TRAFFIC = 18.60
-MEASURED_TE_BLOCK_OVERHEAD_S = (("A", 5.00e-3), ("D", 3.99e-3), ("E", 14.45e-3), ("M", 7.85e-3), ("R", 3.06e-3))
+# gpu_runs_h200x1_te_blind3.json, gpu_runs_h100x1_te_blind.json, the blind runs of
+# gpu_runs_h200x2_te_blind4.json and gpu_runs_h200x2_te_blind5.json (README).
+MEASURED_TE_SMALL_KERNEL_TRAFFIC = 18.44
+MEASURED_TE_BLOCK_OVERHEAD_S = (("A", 5.00e-3), ("D", 3.91e-3), ("E", 14.44e-3), ("M", 7.88e-3), ("R", 3.06e-3))
 
 
 # A step whose per-block host time (Estimate.host_seconds, hidden behind the GPU or not) is at
 # least this share of it is bound by the host and by synchronisation rather than by the GPU, or
-# near it. Over the 173 committed runs of megacpp's runtime (benchmarks/gpu/compare.py): below
-# the share, 40 runs within 16.4% (median 3.4%); at or above it, 133 runs with a median error of
-# 6.2% and up to 43% (moe-ep2-top1, gpu_runs_h200x2.json), and host-bound steps moved 8-55%
+# near it. Over the 178 committed runs of megacpp's runtime (benchmarks/gpu/compare.py): below
+# the share, 41 runs within 16.4% (median 3.4%); at or above it, 137 runs with a median error of
+# 6.4% and up to 43% (moe-ep2-top1, gpu_runs_h200x2.json), and host-bound steps moved 8-55%
 # between hosts of the same kind.
 HOST_BOUND_SHARE = 0.30
 HOST_BOUND_ERROR = 0.43
@@ -363,6 +366,11 @@ def stage_memory(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency
             candidates += [(grads[letter] - sum(kept[x] for x in blocks[blocks.rindex(letter) + 1:]),
                             f"the gradients of the last {BLOCK_LETTERS[letter]} block's backward")
                            for letter in grads if letter in blocks]
+        # a weight's bf16 gradient until it is added into main_grad (blocks.weight_gradient_bytes),
+        # the largest in the last block of its kind, after the blocks behind it freed theirs
+        candidates += [(weight_gradient_bytes(ctx, letter, lay) - sum(kept[x] for x in blocks[blocks.rindex(letter) + 1:]),
+                        f"the bf16 gradient of the last {BLOCK_LETTERS[letter]} block's largest weight")
+                       for letter in sorted(set(blocks))]
         transient, transient_from = max(candidates, key=lambda c: c[0])
         if transient <= 0:
             transient, transient_from = 0.0, "nothing beyond the activations"
@@ -438,13 +446,21 @@ def communication(
     tp_collective = "all-gather + reduce-scatter" if lay.sp else "all-reduce"
     if lay.tp > 1:
         # one collective in forward, one in backward per block [R36]; AG+RS moves what AR moves,
-        # each at its own rate
+        # each at its own rate. Under SP the backward also gathers each block's input again for
+        # its weight gradient: the forward kept only the rank's shard of it (megatron-core's
+        # LinearWithGradAccumulationAndAsyncCommunication.backward, TE's Linear alike). Profiled on
+        # 2 x H200, TP2+SP: 3 all-gathers and 2 reduce-scatters per block per micro-batch
+        # (b5-te-h8192-seq2048-m16-tp2-sp, benchmarks/results/gpu_runs_h200x2_te_blind5.json).
         link = _link(ctx, lay.tp)
         n = len(blocks) * m * passes
-        each = (_collective_seconds(ctx, "all-gather", link, lay.tp, act) + _collective_seconds(ctx, "reduce-scatter", link, lay.tp, act)
-                if lay.sp else _collective_seconds(ctx, "all-reduce", link, lay.tp, act))
-        sec = n * each
-        out.append(Comm("tp", tp_collective, lay.tp, act * n, link, sec, sec))
+        if lay.sp:
+            gather = _collective_seconds(ctx, "all-gather", link, lay.tp, act)
+            regathers = len(blocks) * m
+            sec = n * (gather + _collective_seconds(ctx, "reduce-scatter", link, lay.tp, act)) + regathers * gather
+            moved = act * (n + regathers / 2)  # an all-gather moves half of what an AG+RS pair does
+        else:
+            sec, moved = n * _collective_seconds(ctx, "all-reduce", link, lay.tp, act), act * n
+        out.append(Comm("tp", tp_collective, lay.tp, moved, link, sec, sec))
     if lay.cp > 1:
         model = ctx.spec.model
         if "A" in blocks:

@@ -109,7 +109,8 @@ TE_RUNS = ["gpu_runs_h200x1_te.json", "gpu_runs_h200x2_te.json", "gpu_runs_h200x
            "gpu_runs_h200x1_expert_grads.json", "gpu_runs_h200x2_te_fused.json", "gpu_runs_h200x2_te_fusions.json",
            "gpu_runs_h200x2_dp_overlap.json"]
 # planned blind and kept out of the fit: how the shipped TE defaults predict layouts they never saw
-TE_BLIND = ["gpu_runs_h200x1_te_blind3.json", "gpu_runs_h100x1_te_blind.json", "gpu_runs_h200x2_te_blind4.json"]
+TE_BLIND = ["gpu_runs_h200x1_te_blind3.json", "gpu_runs_h100x1_te_blind.json", "gpu_runs_h200x2_te_blind4.json",
+            "gpu_runs_h200x2_te_blind5.json"]
 
 
 def _te_runs(names: list[str]) -> list[dict]:
@@ -137,10 +138,12 @@ def test_calibrate_the_committed_te_runs_reproduces_the_shipped_te_defaults():
 
 def test_the_shipped_te_defaults_predict_the_blind_sets_they_were_not_fitted_on():
     """Layouts planned and committed before they ran, on H200 and H100, none of them in the fit:
-    15 of 16 steps within 15% (the miss, on H100: the AMEM hybrid under selective recompute, -17.8%)."""
+    20 of 21 steps within 15% (the miss, on H100: the AMEM hybrid under selective recompute, -17.6%;
+    blind set 5, wide dense stacks where the gradient accumulation is 17-30% of the step and a
+    wide-expert MoE, is within -2.2% to -14.9%)."""
     errors = [abs(predict(o, DEFAULT_EFFICIENCY) / o.measured_seconds - 1)
               for o in map(observe, _te_runs(TE_BLIND))]
-    assert len(errors) == 16 and sum(e <= 0.15 for e in errors) >= 15 and max(errors) < 0.20
+    assert len(errors) == 21 and sum(e <= 0.15 for e in errors) >= 20 and max(errors) < 0.20
 
 
 def _te_synthetic() -> list[Observation]:

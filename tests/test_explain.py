@@ -215,4 +215,4 @@ def test_explain_says_what_the_memory_sums_leave_out():
     copy = next(k for k in notes if k.startswith("the optimizer step's fp32 copy"))
     assert notes[copy] == [0]
     text = (ROOT / "tests" / "golden" / "explain" / "qwen-moe-style.txt").read_text()
-    assert "pp0-6: transient: the gradients of the last MoE FFN block's backward" in text
+    assert "pp0-6: transient: the bf16 gradient of the last MoE FFN block's largest weight" in text
