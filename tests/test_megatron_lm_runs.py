@@ -66,6 +66,26 @@ def test_trace_summary_counts_busy_gpu_time_once_across_streams_and_the_host_wai
     assert ["nvjet_tst_128x256_64x4", 1, 0.001] in summary["most_launched"]
 
 
+def test_the_runtime_profile_counts_kernels_not_the_annotations_over_them():
+    """c10d's "nccl:all_to_all" annotation sits on the GPU timeline over its SendRecv kernel with
+    the same span: the runtime's profile counts the kernel once, as Megatron-LM's trace is read."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from megacpp.runtime.worker.train import gpu_work
+
+    def event(name, start, dur, device="CUDA", annotation=False, device_time=None):
+        return SimpleNamespace(name=name, device_type=getattr(torch.autograd.DeviceType, device), is_user_annotation=annotation,
+                               device_time_total=dur if device_time is None else device_time,
+                               time_range=SimpleNamespace(start=start, elapsed_us=lambda d=dur: d))
+
+    events = [event("nccl:all_to_all", 100, 500, annotation=True), event("ncclDevKernel_SendRecv", 100, 500),
+              event("aten::mm", 0, 50, device="CPU"), event("nvjet_tst_128x256_64x4", 700, 200),
+              event("cudaLaunchKernel", 0, 5, device_time=0)]
+    assert gpu_work(events) == [("ncclDevKernel_SendRecv", 100, 500), ("nvjet_tst_128x256_64x4", 700, 200)]
+
+
 def test_exposed_communication_is_collective_time_no_other_kernel_covers():
     from megacpp.runtime.worker.train import gpu_activity
 

@@ -391,10 +391,18 @@ def kernel_profile(run_step) -> dict:
         run_step()
         wall = time.perf_counter() - start
     events = prof.events()
-    gpu = [(e.name, e.time_range.start, e.time_range.elapsed_us()) for e in events
-           if e.device_type == torch.autograd.DeviceType.CUDA and e.device_time_total > 0]
     waits = [e.time_range.elapsed_us() for e in events if e.name in HOST_WAITS]
-    return gpu_activity(wall, gpu, waits)
+    return gpu_activity(wall, gpu_work(events), waits)
+
+
+def gpu_work(events) -> list[tuple[str, float, float]]:
+    """(name, start us, duration us) of the profiled kernels, copies and memsets. Left out: the
+    user annotations torch also places on the GPU timeline (c10d's "nccl:all_to_all" over its
+    ncclDevKernel_SendRecv, spanning the same time), which would count that time twice; torch's own
+    device-time totals leave them out alike (profiler_util.py), and Megatron-LM's traces are read
+    for kernel, copy and memset events only (megatron_lm_runs.trace_summary)."""
+    return [(e.name, e.time_range.start, e.time_range.elapsed_us()) for e in events
+            if e.device_type == torch.autograd.DeviceType.CUDA and e.device_time_total > 0 and not e.is_user_annotation]
 
 
 # CUDA runtime calls in which the host waits for the GPU (a .item(), a bool of a GPU tensor, a
