@@ -52,9 +52,9 @@ def padded_vocab(ctx: Context, tp: int) -> int:
     return -(-v // multiple) * multiple
 
 
-def _mlp(h: int, f: int, gated: bool, split: int) -> int:
+def _mlp(h: int, f: int, gated: bool, split: int) -> list[int]:
     """fc1 (h -> f, or 2f gated) and fc2 (f -> h), both split by `split`; no bias."""
-    return h * f * (2 if gated else 1) // split + f // split * h
+    return [h * f * (2 if gated else 1) // split, f // split * h]
 
 
 def _mamba_dims(ctx: Context) -> tuple[int, int, int, int, int]:
@@ -64,39 +64,63 @@ def _mamba_dims(ctx: Context) -> tuple[int, int, int, int, int]:
     return heads * m.head_dim, heads, m.num_groups, m.state_dim, m.conv_kernel
 
 
-def block_params(ctx: Context, letter: str, lay: Layout) -> BlockParams:
-    """Parameters of one block held by one rank (tp / etp / ep from the layout)."""
+@dataclass(frozen=True)
+class Linears:
+    """One block's linear weights on one rank, parameters each: `dense` once per block, `expert`
+    once per local expert (`local` of them)."""
+
+    dense: list[int]
+    expert: list[int]
+    local: int = 0
+
+
+def block_linears(ctx: Context, letter: str, lay: Layout) -> Linears:
+    """The linear weights of one block held by one rank (tp / etp / ep from the layout)."""
     model = ctx.spec.model
-    h, tp, norm = model.hidden_size, lay.tp, norm_params(ctx)
+    h, tp = model.hidden_size, lay.tp
     if letter == "A":
         d, heads, groups = model.head_dim, model.attention.num_heads, model.query_groups  # type: ignore[union-attr]
         # linear_qkv: h -> (heads + 2*groups)*d, linear_proj: heads*d -> h (attention.py)
-        return BlockParams(norm + h * (heads + 2 * groups) * d // tp + heads * d // tp * h, 0)
+        return Linears([h * (heads + 2 * groups) * d // tp, heads * d // tp * h], [])
     if letter == "D":
         mlp = model.mlp
         assert mlp is not None
-        return BlockParams(norm + _mlp(h, mlp.ffn_hidden_size, mlp.gated, tp), 0)
+        return Linears(_mlp(h, mlp.ffn_hidden_size, mlp.gated, tp), [])
     if letter == "E":
         moe = model.moe
         assert moe is not None
-        shared = _mlp(h, moe.shared_expert_ffn_hidden_size, moe.gated, tp) if moe.shared_expert_ffn_hidden_size else 0
+        shared = _mlp(h, moe.shared_expert_ffn_hidden_size, moe.gated, tp) if moe.shared_expert_ffn_hidden_size else []
         router = moe.num_experts * h  # router.py: weight [num_experts, hidden]
-        experts = moe.num_experts // lay.ep * _mlp(h, moe.ffn_hidden_size, moe.gated, lay.etp)
-        return BlockParams(norm + router + shared, experts)
+        return Linears([router, *shared], _mlp(h, moe.ffn_hidden_size, moe.gated, lay.etp), moe.num_experts // lay.ep)
     if letter == "M":
-        d_inner, heads, groups, state, kernel = _mamba_dims(ctx)
-        conv_dim = (d_inner + 2 * groups * state) // tp
+        d_inner, heads, groups, state, _ = _mamba_dims(ctx)
         in_proj = h * (2 * d_inner + 2 * groups * state + heads) // tp  # mamba_mixer.py:268-280
-        conv = conv_dim * kernel + conv_dim  # depthwise Conv1d weight + bias
-        per_head = 3 * (heads // tp)  # dt_bias, A_log, D
-        return BlockParams(norm + in_proj + conv + per_head + d_inner // tp + d_inner // tp * h, 0)
+        return Linears([in_proj, d_inner // tp * h], [])
     if letter == "R":
         r = model.recurrent
         assert r is not None
         d_r, heads = r.num_heads * r.head_dim, r.num_heads
-        # megacpp runtime R block: in_proj h -> q,k,v,gate (4*d_r) + per-head decay; out_proj d_r -> h; gated norm d_r
-        return BlockParams(norm + h * (4 * d_r + heads) // tp + d_r // tp * h + d_r // tp, 0)
+        # megacpp runtime R block: in_proj h -> q,k,v,gate (4*d_r) + per-head decay; out_proj d_r -> h
+        return Linears([h * (4 * d_r + heads) // tp, d_r // tp * h], [])
     raise ValueError(letter)
+
+
+def block_params(ctx: Context, letter: str, lay: Layout) -> BlockParams:
+    """Parameters of one block held by one rank: its linears (block_linears) and the rest."""
+    model = ctx.spec.model
+    linears = block_linears(ctx, letter, lay)
+    rest = norm_params(ctx)
+    if letter == "M":
+        d_inner, heads, groups, state, kernel = _mamba_dims(ctx)
+        conv_dim = (d_inner + 2 * groups * state) // lay.tp
+        conv = conv_dim * kernel + conv_dim  # depthwise Conv1d weight + bias
+        per_head = 3 * (heads // lay.tp)  # dt_bias, A_log, D
+        rest += conv + per_head + d_inner // lay.tp  # and the gated norm's weight
+    elif letter == "R":
+        r = model.recurrent
+        assert r is not None
+        rest += r.num_heads * r.head_dim // lay.tp  # gated norm d_r
+    return BlockParams(rest + sum(linears.dense), linears.local * sum(linears.expert))
 
 
 def weight_gradient_bytes(ctx: Context, letter: str, lay: Layout) -> float:
@@ -108,33 +132,9 @@ def weight_gradient_bytes(ctx: Context, letter: str, lay: Layout) -> float:
     at hidden 8192 (fc1 h x 2 x 28672) exceeded resident memory plus activations by 0.77-0.84 GiB
     where fc1's gradient is 0.875 GiB, by 0.46 GiB under TP2 (0.44 GiB), and the MoE with eight
     local experts at f 14336 by 1.67 GiB (1.75 GiB) (benchmarks/results/gpu_runs_h200x2_te_blind5.json)."""
-    model = ctx.spec.model
-    h, tp = model.hidden_size, lay.tp
-    gate = lambda gated: 2 if gated else 1  # noqa: E731
-    if letter == "A":
-        d, heads, groups = model.head_dim, model.attention.num_heads, model.query_groups  # type: ignore[union-attr]
-        weights = [h * (heads + 2 * groups) * d / tp, heads * d / tp * h]
-    elif letter == "D":
-        mlp = model.mlp
-        assert mlp is not None
-        weights = [h * mlp.ffn_hidden_size * gate(mlp.gated) / tp]
-    elif letter == "E":
-        moe = model.moe
-        assert moe is not None
-        at_once = moe.num_experts // lay.ep if ctx.te else 1
-        weights = [at_once * h * moe.ffn_hidden_size * gate(moe.gated) / lay.etp, moe.num_experts * h]
-        if moe.shared_expert_ffn_hidden_size:
-            weights.append(h * moe.shared_expert_ffn_hidden_size * gate(moe.gated) / tp)
-    elif letter == "M":
-        d_inner, heads, groups, state, _ = _mamba_dims(ctx)
-        weights = [h * (2 * d_inner + 2 * groups * state + heads) / tp, d_inner / tp * h]
-    elif letter == "R":
-        r = model.recurrent
-        assert r is not None
-        weights = [h * (4 * r.num_heads * r.head_dim + r.num_heads) / tp]
-    else:
-        raise ValueError(letter)
-    return BF16 * max(weights)
+    linears = block_linears(ctx, letter, lay)
+    at_once = linears.local if ctx.te else 1
+    return BF16 * max([*linears.dense, *(at_once * n for n in linears.expert)])
 
 
 def embedding_params(ctx: Context, lay: Layout) -> int:

@@ -36,8 +36,9 @@ class Candidate(_Doc):
     memory: dict[str, Any]
     communication: list[dict[str, Any]]
     time: dict[str, float]
-    # the step on the busiest pipeline rank by term (matmul, softmax, block_overhead,
-    # communication, bubble, data_parallel, optimizer), in seconds; the terms add up to time.step_seconds
+    # the step on the busiest pipeline rank by term (matmul, softmax, block_overhead, small_kernels,
+    # grad_accumulation, communication, bubble, data_parallel, optimizer), in seconds; the terms add
+    # up to time.step_seconds
     step_breakdown: dict[str, float] = {}
     fits: bool
     warnings: list[Note]
