@@ -352,6 +352,8 @@ def stage_memory(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency
         # unfused attention, and the routed tokens' gradients of an expert block
         grads = {"A": (SELECTIVE_BACKWARD_BYTES if recompute == "selective" else UNFUSED_BACKWARD_BYTES) * scores,
                  "E": expert_backward_bytes(ctx, lay, load) * tokens}
+        # the last block of a kind is back-propagated first, after the blocks behind it freed theirs
+        freed_behind = {letter: sum(kept[x] for x in blocks[blocks.rindex(letter) + 1:]) for letter in set(blocks)}
         # what the transient is, in words (StageMemory.transient_from), by size
         candidates = [(loss, "the loss's logits")]
         if recompute == "full":
@@ -362,13 +364,12 @@ def stage_memory(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency
             candidates += [(rebuilt[letter] + grads.get(letter, 0.0), f"the backward of a recomputed {BLOCK_LETTERS[letter]} block")
                            for letter in sorted(set(blocks))]
         else:
-            # the last block of a kind is back-propagated first, after the blocks behind it freed theirs
-            candidates += [(grads[letter] - sum(kept[x] for x in blocks[blocks.rindex(letter) + 1:]),
+            candidates += [(grads[letter] - freed_behind[letter],
                             f"the gradients of the last {BLOCK_LETTERS[letter]} block's backward")
                            for letter in grads if letter in blocks]
         # a weight's bf16 gradient until it is added into main_grad (blocks.weight_gradient_bytes),
-        # the largest in the last block of its kind, after the blocks behind it freed theirs
-        candidates += [(weight_gradient_bytes(ctx, letter, lay) - sum(kept[x] for x in blocks[blocks.rindex(letter) + 1:]),
+        # the largest in the last block of its kind
+        candidates += [(weight_gradient_bytes(ctx, letter, lay) - freed_behind[letter],
                         f"the bf16 gradient of the last {BLOCK_LETTERS[letter]} block's largest weight")
                        for letter in sorted(set(blocks))]
         transient, transient_from = max(candidates, key=lambda c: c[0])
