@@ -197,12 +197,14 @@ def block_flops(ctx: Context, letter: str, load: float = 1.0) -> float:
 @dataclass(frozen=True)
 class Gemms:
     """One block's forward matmuls on one rank for one micro-batch: Linear GEMMs as (M, K, N, how
-    many), unfused core attention and the R block's chunked scan as (batch x heads, tokens, head
+    many), the routed experts under Transformer Engine as grouped GEMMs (M tokens per expert, K, N,
+    local experts: one GroupedLinear each for fc1 and fc2), unfused core attention and the R block's chunked scan as (batch x heads, tokens, head
     dim), the M block's conv and SSD scan as (heads, tokens, head dim, state), and the FLOPs of
     what is not a Linear (Mamba's conv and SSD scan, priced by them where a preset has no SSD
     table; the R block's recurrence; fused attention)."""
 
     linears: tuple[tuple[float, int, int, int], ...] = ()
+    grouped: tuple[tuple[float, int, int, int], ...] = ()
     attention: tuple[int, int, int] | None = None
     recurrence: tuple[int, int, int] | None = None
     ssd: tuple[int, int, int, int] | None = None  # M: (heads, tokens, head dim, state) on one rank
@@ -213,7 +215,7 @@ class Gemms:
     def flops(self) -> float:
         """Forward FLOPs, the unfused attention counted causal (half its s x s) as block_flops does."""
         core = 2.0 * self.attention[0] * self.attention[1] ** 2 * self.attention[2] if self.attention else 0.0
-        return 2.0 * sum(m * k * n * count for m, k, n, count in self.linears) + core + self.other_flops
+        return 2.0 * sum(m * k * n * count for m, k, n, count in self.linears + self.grouped) + core + self.other_flops
 
 
 def micro_batch_tokens(ctx: Context, lay: Layout) -> float:
@@ -248,11 +250,13 @@ def block_gemms(ctx: Context, letter: str, lay: Layout, load: float = 1.0) -> Ge
         f, g = moe.ffn_hidden_size, 2 if moe.gated else 1
         local = moe.num_experts // lay.ep
         per_expert = t / tp * moe.top_k * lay.ep * lay.etp / moe.num_experts * load
-        routed = ((t / tp, h, moe.num_experts, 1),
-                  (per_expert, h, f * g // lay.etp, local), (per_expert, f // lay.etp, h, local))
+        router = ((t / tp, h, moe.num_experts, 1),)
+        experts = ((per_expert, h, f * g // lay.etp, local), (per_expert, f // lay.etp, h, local))
         fs = moe.shared_expert_ffn_hidden_size or 0
         shared = ((t, h, fs * g // tp, 1), (t, fs // tp, h, 1)) if fs else ()
-        return Gemms(routed + shared)
+        if ctx.te:  # TEGroupedMLP: each of fc1 and fc2 is one GroupedLinear over the local experts
+            return Gemms(router + shared, grouped=experts)
+        return Gemms(router + experts + shared)  # SequentialMLP: one expert after another
     if letter == "M":
         d_inner, heads, groups, state, kernel = _mamba_dims(ctx)
         linears = ((t, h, (2 * d_inner + 2 * groups * state + heads) // tp, 1), (t, d_inner // tp, h, 1))

@@ -514,6 +514,7 @@ def matmul_seconds(ctx: Context, lay: Layout, letter: str, eff: Efficiency, load
     if rates is None or fp8:
         return 3 * gemms.flops * again / rate
     linears = sum(n * rates.linear_seconds(m, k, nn) for m, k, nn, n in gemms.linears)
+    linears += sum(rates.grouped_linear_seconds(g, m, k, n) for m, k, n, g in gemms.grouped)
     attention = rates.attention_seconds(*gemms.attention) if gemms.attention else 0.0
     fused = rates.fused_attention_seconds(*gemms.fused_attention) if gemms.fused_attention else None
     attention_again = 4 / 3 if recompute != "none" else 1.0  # selective recompute repeats core attention

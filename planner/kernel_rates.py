@@ -11,7 +11,9 @@ which the step model prices separately, is left out):
 - the R block's chunked scan (runtime/worker/recurrent.py, fp32, forward plus backward) over
   heads and sequence length;
 - Transformer Engine's fused causal attention (DotProductAttention, cuDNN, forward plus backward)
-  over batch x heads and sequence length, where the table has it.
+  over batch x heads and sequence length, where the table has it;
+- Transformer Engine's GroupedLinear (the routed experts' fc1 or fc2 under TE, forward plus
+  backward) over local experts x tokens per expert x K x N, where the table has it.
 
 Its output on one GPU of a kind is committed as `rates/<gpu>.json` and read here for the presets
 in TABLES. A GEMM between grid points takes the log-linear interpolation of its neighbours' times;
@@ -69,6 +71,7 @@ class KernelRates:
     softmax: Grid  # (batch x heads, tokens) -> forward + backward seconds of the unfused softmax
     softmax_forward: Grid  # the same, forward alone
     fused_attention: dict[int, Grid]  # head dim -> (batch x heads, tokens) -> TE's fused attention (may be empty)
+    grouped_linear: Grid | None  # (G, M, K, N) -> TE's GroupedLinear of G GEMMs of M tokens (None where not measured)
 
     def linear_seconds(self, m: float, k: int, n: int) -> float:
         return self.linear.seconds((m, k, n)) if m and k and n else 0.0
@@ -80,6 +83,15 @@ class KernelRates:
         """The unfused softmax's forward and backward, plus the forwards that recompute repeats."""
         point = (batch_heads, tokens)
         return self.softmax.seconds(point) + (forwards - 1) * self.softmax_forward.seconds(point)
+
+    def grouped_linear_seconds(self, g: int, m: float, k: int, n: int) -> float:
+        """Forward and backward of TE's GroupedLinear over `g` experts of `m` tokens each: from the
+        grouped table where the table has it, else `g` Linears of that shape one after another."""
+        if not (g and m and k and n):
+            return 0.0
+        if self.grouped_linear is None:
+            return g * self.linear_seconds(m, k, n)
+        return self.grouped_linear.seconds((g, m, k, n))
 
     def fused_attention_seconds(self, batch_heads: int, tokens: int, head_dim: int, cp: int = 1) -> float | None:
         """TE's fused causal attention forward and backward on one rank, or None where the table
@@ -139,6 +151,7 @@ def kernel_rates(cluster_name: str) -> KernelRates | None:
         softmax=_grid(doc["softmax"], ("b", "s"), (1, 2)),
         softmax_forward=_grid([{**r, "seconds": r["forward_seconds"]} for r in doc["softmax"]], ("b", "s"), (1, 2)),
         fused_attention=_per_head_dim(doc.get("fused_attention", []), "b", 2),
+        grouped_linear=_grid(doc["grouped_linear"], ("g", "m", "k", "n"), (1, 1, 1, 1)) if doc.get("grouped_linear") else None,
     )
 
 

@@ -26,7 +26,11 @@ left out; the median of five replays):
 - `fused_attention`: forward plus backward of Transformer Engine's DotProductAttention (causal,
   bf16, sequence-first, 4 query heads per KV group as in the GQA recipes; only with Transformer
   Engine installed) for B batch x heads, S tokens and head dim D, the core attention that
-  megatron-core's TE layer spec runs instead of the unfused matmuls and softmax.
+  megatron-core's TE layer spec runs instead of the unfused matmuls and softmax;
+- `grouped_linear`: forward plus backward of Transformer Engine's GroupedLinear (bf16, no bias,
+  only with Transformer Engine installed), G GEMMs of M tokens each with weights [N, K], 6 G M K N
+  FLOPs: the routed experts of an E block as megatron-core's TEGroupedMLP runs them (fc1 and fc2
+  are one GroupedLinear each; TE spreads the G GEMMs over its multi-stream cuBLAS path).
 
 Needs torch, and megacpp with megatron-core installed for the softmax and the recurrence. The output for a preset
 is committed as planner/rates/<gpu>.json, which planner/kernel_rates.py reads.
@@ -105,6 +109,16 @@ def timed_eagerly(fn, calls: int = 20) -> float:
         torch.cuda.synchronize()
         rounds.append(start.elapsed_time(end) / 1e3 / calls)
     return statistics.median(rounds)
+
+
+def timed_or_eagerly(fn) -> tuple[float, str]:
+    """`timed`, or `timed_eagerly` where the work will not be captured in a CUDA graph; with the
+    timer used ("graph" or "eager")."""
+    try:
+        return timed(fn), "graph"
+    except RuntimeError:
+        torch.cuda.synchronize()
+        return timed_eagerly(fn), "eager"
 
 
 def linear_rows(dtype: torch.dtype) -> list[dict]:
@@ -259,15 +273,49 @@ def fused_attention_rows() -> list[dict]:
                     attention(q, k, v).backward(g)
                     q.grad = k.grad = v.grad = None
 
-                try:
-                    seconds = timed(step)
-                except RuntimeError:  # a cuDNN graph that will not be captured: time it eagerly
-                    torch.cuda.synchronize()
-                    seconds = timed_eagerly(step)
+                seconds, timer = timed_or_eagerly(step)
                 # causal: half of the 4 B S^2 D forward FLOPs, x 3.5 with the backward's five matmuls
-                rows.append({"b": b, "s": s, "d": d, "seconds": seconds, "tflops": round(7 * b * s * s * d / seconds / 1e12, 1)})
+                rows.append({"b": b, "s": s, "d": d, "seconds": seconds, "timer": timer,
+                             "tflops": round(7 * b * s * s * d / seconds / 1e12, 1)})
                 del q, k, v, g
             torch.cuda.empty_cache()
+    return rows
+
+
+GROUPED_G = (1, 4, 16, 64)
+GROUPED_M = (128, 512, 2048, 8192)
+GROUPED_KN = (512, 1024, 2048, 4096, 8192, 16384)
+GROUPED_BYTES = 48 * 2**30  # skip points whose tensors (inputs, weights, outputs, gradients) exceed this
+GROUPED_FLOPS = 2e14  # and those that take more than about 0.3 s a call; the planner grows time linearly past them
+
+
+def grouped_linear_rows() -> list[dict]:
+    import transformer_engine.pytorch as te
+
+    rows = []
+    for g in GROUPED_G:
+        for k in GROUPED_KN:
+            for n in GROUPED_KN:
+                layer = te.GroupedLinear(g, k, n, bias=False, params_dtype=torch.bfloat16, device="cuda")
+                for m in GROUPED_M:
+                    if 2 * (2 * g * m * (k + n) + 2 * g * k * n) > GROUPED_BYTES or 6 * g * m * k * n > GROUPED_FLOPS:
+                        continue
+                    x = torch.randn(g * m, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                    grad = torch.randn(g * m, n, device="cuda", dtype=torch.bfloat16)
+                    splits = [m] * g
+
+                    def step(x=x, grad=grad, splits=splits, layer=layer) -> None:
+                        layer(x, splits).backward(grad)
+                        x.grad = None
+                        for w in layer.parameters():
+                            w.grad = None
+
+                    seconds, timer = timed_or_eagerly(step)
+                    rows.append({"g": g, "m": m, "k": k, "n": n, "seconds": seconds, "timer": timer,
+                                 "tflops": round(6 * g * m * k * n / seconds / 1e12, 1)})
+                    del x, grad
+                del layer
+                torch.cuda.empty_cache()
     return rows
 
 
@@ -293,7 +341,7 @@ def elementwise_rows() -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
-    alone = {"ssd": ssd_rows, "fused_attention": fused_attention_rows}  # tables that can be measured into an existing file
+    alone = {"ssd": ssd_rows, "fused_attention": fused_attention_rows, "grouped_linear": grouped_linear_rows}  # tables that can be measured into an existing file
     ap.add_argument("--only", choices=sorted(alone), help="measure this table alone and merge it into --out")
     args = ap.parse_args(argv)
     if args.only:
