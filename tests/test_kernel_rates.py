@@ -140,3 +140,35 @@ def test_fused_attention_time_matches_the_profiled_attention_kernels():
     assert len(errors) >= 15
     assert max(map(abs, errors)) <= 0.25 and statistics.median(map(abs, errors)) <= 0.11, errors
 
+
+
+def test_routed_experts_are_grouped_under_transformer_engine_and_sequential_without():
+    """TEGroupedMLP runs each of fc1 and fc2 as one GroupedLinear over the local experts; the
+    local modules' SequentialMLP runs the experts one after another: the same shapes either way."""
+    checked = 0
+    for _, run in committed_gpu_runs():
+        if "E" not in run["pattern"]:
+            continue
+        spec, lay = run_spec(run), Layout.from_dict(run["layout"])
+        backend = {te: spec.model_copy(update={"backend": spec.backend.model_copy(update={"transformer_engine": te})})
+                   for te in (True, False)}
+        grouped, sequential = (block_gemms(make_context(backend[te]), "E", lay) for te in (True, False))
+        local = spec.model.moe.num_experts // lay.ep
+        assert len(grouped.grouped) == 2 and all(g == local for *_, g in grouped.grouped) and not sequential.grouped
+        assert sorted(sequential.linears) == sorted(grouped.linears + grouped.grouped)
+        checked += 1
+    assert checked >= 20
+
+
+@pytest.mark.parametrize("preset", sorted(TABLES))
+def test_grouped_table_reproduces_its_measurements_or_falls_back_to_linears(preset):
+    rates = kernel_rates(preset)
+    doc = json.loads((RATES_DIR / TABLES[preset]).read_text())
+    if not doc.get("grouped_linear"):
+        assert rates.grouped_linear is None
+        assert rates.grouped_linear_seconds(8, 1024, 4096, 14336) == pytest.approx(8 * rates.linear_seconds(1024, 4096, 14336))
+        return
+    for row in doc["grouped_linear"]:
+        assert rates.grouped_linear_seconds(row["g"], row["m"], row["k"], row["n"]) == pytest.approx(row["seconds"], rel=1e-9)
+    more = [rates.grouped_linear_seconds(g, 1000, 4096, 14336) for g in (1, 2, 3, 8, 12, 32)]
+    assert more == sorted(more) and all(math.isfinite(t) and t > 0 for t in more)
