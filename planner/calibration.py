@@ -21,7 +21,6 @@ run is predicted by a fit that did not see it.
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -33,6 +32,7 @@ from megacpp.planner.cost import (
     exposed_host_seconds,
     gpu_repeats,
     host_repeats,
+    host_units,
     small_kernel_seconds,
 )
 from megacpp.planner.errors import PlanError
@@ -88,7 +88,7 @@ def observe(run: dict[str, Any]) -> Observation:
         cluster=ctx.cluster.name,
         te=spec.backend.transformer_engine,
         base_seconds=est.step_seconds,
-        units={letter: n * slots * host_repeats(spec.training.recompute, ctx.te) for letter, n in Counter(blocks).items()},
+        units={key: n * slots * host_repeats(spec.training.recompute, ctx.te) for key, n in host_units(ctx, lay, blocks).items()},
         measured_seconds=float(run["measured_step_seconds"]),
         small_units=small_kernel_seconds(ctx, lay, blocks) * slots * gpu_repeats(spec.training.recompute),
         compute_seconds=est.compute_seconds,

@@ -99,32 +99,44 @@ UNFUSED_SOFTMAX_BYTES_BACKWARD = 32.0
 # R 2.91 ms, left out one at a time a median error of 6.6% on the 23 runs (now 6.2%). Two-GPU groups
 # under SP are priced with the backward's second all-gather (communication).
 MEASURED_BLOCK_OVERHEAD_S = (("A", 0.0), ("D", 2.93e-3), ("E", 12.86e-3), ("M", 0.95e-3), ("R", 2.78e-3))
-# The same with Transformer Engine 2.20 modules on H200, where the overhead is host time alone and
-# runs ahead of the GPU (exposed_host_seconds), and the small kernels' GPU time is a term of its
-# own (Efficiency.te_small_kernel_traffic, small_kernel_seconds): what `megacpp calibrate` fits to
-# the 63 TE runs of benchmarks/results/gpu_runs_h200x1_te.json, gpu_runs_h200x2_te.json,
+EXPERT = "expert"  # overhead key: one local expert of an E block, per micro-batch (host_units)
+# The same with Transformer Engine 2.20 modules, where the overhead is host time alone and runs
+# ahead of the GPU (exposed_host_seconds), and the small kernels' GPU time is a term of its own
+# (Efficiency.te_small_kernel_traffic, small_kernel_seconds): what `megacpp calibrate`'s fit gives on
+# the 63 TE runs on H200 of benchmarks/results/gpu_runs_h200x1_te.json, gpu_runs_h200x2_te.json,
 # gpu_runs_h200x2_te_heldout.json, gpu_runs_h200x1_te_mamba.json, gpu_runs_h200x2_te_blind.json,
 # gpu_runs_h200x2_te_repeat.json, gpu_runs_h200x2_te_blind2.json, gpu_runs_h200x2_te_trace.json,
 # gpu_runs_h200x2_te_trace2.json, the TE runs of gpu_runs_h200x1_expert_grads.json, and
 # gpu_runs_h200x2_te_fused.json and gpu_runs_h200x2_te_fusions.json (the runtime with Megatron's
 # fusions, and their unfused twins) and gpu_runs_h200x2_dp_overlap.json (its data-parallel overlap
-# as Megatron-LM's, but for the runs of the runtime before it), after the fused-attention and SSD
-# tables' time, communication, the gradient accumulation and the optimizer step. Each run is
-# priced for the fusions it ran (calibration.run_spec): the fused SwiGLU's smaller activations
-# mean fewer small-kernel bytes. The GPU-bound runs (the dense stacks, the (MD) Mamba stack and R
-# on PP2) fit the traffic, the host-bound ones (MoE, the hybrids, R on DP2, the dense stacks on
-# TP2+SP and CP2 at sequence 4096 with 16 micro-batches) the overheads. A and D come together in
-# every host-bound run but two, so their split is loosely held. Full recompute adds no host time
-# under TE (host_repeats). Two-GPU groups are priced at the measured pair rates (clusters.py). Left
-# out one at a time it predicts 50 of the 63 within 15% (27 within 5%, median 5.5%, worst 38%);
-# before the gradient accumulation was a term of its own and SP's backward all-gather counted
-# (A 5.00, D 3.99, E 14.45, M 7.85, R 3.06 ms, traffic 23.12) 49 (21 within 5%, median 8.3%),
-# before the optimizer step was, 45 of 59 (median 7.7%), and before the 17 runs
-# with fusions 29 of 42 (median 11%). The blind sets it did not see are
-# gpu_runs_h200x1_te_blind3.json, gpu_runs_h100x1_te_blind.json, the blind runs of
-# gpu_runs_h200x2_te_blind4.json and gpu_runs_h200x2_te_blind5.json (README).
-MEASURED_TE_SMALL_KERNEL_TRAFFIC = 18.44
-MEASURED_TE_BLOCK_OVERHEAD_S = (("A", 5.00e-3), ("D", 3.91e-3), ("E", 14.44e-3), ("M", 7.88e-3), ("R", 3.06e-3))
+# as Megatron-LM's, but for the runs of the runtime before it), with the five MoE runs on one H100
+# of gpu_runs_h100x1_te_grouped.json (8 to 64 local experts; host time is the host's, whichever
+# GPU), after the fused-attention, SSD and grouped-GEMM tables' time, communication, the gradient
+# accumulation and the optimizer step. Each run is priced for the fusions it ran
+# (calibration.run_spec): the fused SwiGLU's smaller activations mean fewer small-kernel bytes. The
+# GPU-bound runs (the dense stacks, the (MD) Mamba stack and R on PP2) fit the traffic, the
+# host-bound ones (MoE, the hybrids, R on DP2, the dense stacks on TP2+SP and CP2 at sequence 4096
+# with 16 micro-batches) the overheads. A and D come together in every host-bound run but two, so
+# their split is loosely held. Full recompute adds no host time under TE (host_repeats). Two-GPU
+# groups are priced at the measured pair rates (clusters.py).
+# EXPERT is each local expert's share of an E block's host time: TE's GroupedLinear issues its
+# GEMMs one expert at a time (three per expert for fc1 and three for fc2, forward and backward) and
+# the DDP hook adds each expert's weight gradients into main_grad one tensor at a time. Planned
+# with a per-block E overhead alone, the H100 runs with 32 and 64 local experts came 25-48% under
+# their steps (10-13 thousand kernels per step, the GPU busy for 0.34-0.63 s of 0.74-0.86 s); with
+# 0.43 ms per local expert, E falls from 14.44 to 12.22 ms.
+# Left out one at a time it predicts 54 of the 68 within 15% (30 within 5%, median 6.1%, worst
+# +33%, the MEAE hybrid on EP2 without recompute); on the 63 before the
+# expert term (A 5.00, D 3.91, E 14.44, M 7.88, R 3.06 ms, traffic 18.44) 50 (27 within 5%, median
+# 5.5%), before the gradient accumulation was a term of its own and SP's backward all-gather
+# counted (A 5.00, D 3.99, E 14.45, M 7.85, R 3.06 ms, traffic 23.12) 49 (21 within 5%, median
+# 8.3%), before the optimizer step was, 45 of 59 (median 7.7%), and before the 17 runs with fusions
+# 29 of 42 (median 11%). The blind sets it did not see are gpu_runs_h200x1_te_blind3.json,
+# gpu_runs_h100x1_te_blind.json, the blind runs of gpu_runs_h200x2_te_blind4.json and
+# gpu_runs_h200x2_te_blind5.json (README).
+MEASURED_TE_SMALL_KERNEL_TRAFFIC = 18.87
+MEASURED_TE_BLOCK_OVERHEAD_S = (("A", 4.86e-3), ("D", 4.06e-3), ("E", 12.22e-3), ("M", 7.80e-3), ("R", 3.18e-3),
+                                (EXPERT, 0.43e-3))
 
 
 # A step whose per-block host time (Estimate.host_seconds, hidden behind the GPU or not) is at
@@ -575,6 +587,16 @@ def host_repeats(recompute: str, te: bool) -> float:
     return 1.0 if te else gpu_repeats(recompute)
 
 
+def host_units(ctx: Context, lay: Layout, blocks: str) -> Counter[str]:
+    """What one micro-batch's host time is counted in on a rank: its blocks per letter and, under
+    Transformer Engine, the local experts of its E blocks (EXPERT), each at its overhead
+    (Efficiency.overhead)."""
+    units = Counter(blocks)
+    if ctx.te and units["E"]:
+        units[EXPERT] = units["E"] * ctx.spec.model.moe.num_experts // lay.ep  # type: ignore[union-attr]
+    return units
+
+
 def exposed_host_seconds(gpu: float, host: float, te: bool) -> float:
     """The part of a micro-batch's per-block overhead (`host`) that adds to its GPU time (`gpu`).
 
@@ -623,7 +645,8 @@ def estimate(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency = D
         blocks = "".join(st.blocks for st in mine)
         head = any(st.output_head for st in mine)
         gemm = sum(matmul[letter] for letter in blocks) + (matmul["head"] if head else 0.0)
-        host = sum(eff.overhead(letter, ctx.te) for letter in blocks) * host_repeats(ctx.spec.training.recompute, ctx.te)
+        host = sum(n * eff.overhead(key, ctx.te) for key, n in host_units(ctx, lay, blocks).items())
+        host *= host_repeats(ctx.spec.training.recompute, ctx.te)
         traffic = eff.traffic(ctx.te)
         small = traffic * small_kernel_seconds(ctx, lay, blocks, load) * gpu_repeats(ctx.spec.training.recompute) if traffic else 0.0
         scores = blocks.count("A") * softmax
