@@ -49,6 +49,11 @@ class Cluster(BaseModel):
     # latency; NCCL moves less per GPU between two ranks than across the whole fabric
     nvlink_pair_gbps: dict[str, float] = {}
     nvlink_pair_alpha_us: float | None = None
+    # rate (TB/s, bytes read and written) of megatron-core's DDP hook adding a bf16 weight gradient
+    # into the fp32 main_grad buffer, where it was measured on the GPU; else cost.Efficiency's share
+    # of hbm_tbps. On Hopper the add runs at about the same rate on H100 and H200, well under the
+    # H200's HBM bandwidth (cost.grad_accumulation_seconds)
+    grad_accumulation_tbps: float | None = None
     # per-GPU bus bandwidth across the NIC (scale-out)
     nic_busbw_gbps: float
     nic_alpha_us: float
@@ -90,9 +95,16 @@ _H100 = dict(
 )
 
 PRESETS: dict[str, dict] = {
-    "h100-sxm-8": _H100,
+    # the fp32 main_grad adds' median rate in the eight profiled MoE runs on one H100 (2.09-2.45 TB/s,
+    # most_launched CUDAFunctor_add<float>; benchmarks/results/gpu_runs_h100x1_te_grouped.json and
+    # gpu_runs_h100x1_te_experts.json)
+    "h100-sxm-8": {**_H100, "grad_accumulation_tbps": 2.31},
     "h200-sxm-8": {
         **_H100,
+        # the same on 2 x H200, median of 19 profiled runs of the runtime and of Megatron-LM (2.12-2.75
+        # TB/s; gpu_runs_h200x2_dp_overlap.json, gpu_runs_h200x2_megatronlm_dp_overlap.json,
+        # gpu_runs_h200x2_te_fusions.json, gpu_runs_h200x2_megatronlm_te_host3.json)
+        "grad_accumulation_tbps": 2.49,
         "description": "HGX/DGX H200 SXM, 8 GPUs per node on NVSwitch, 1x400G NIC per GPU",
         "gpu_memory_gib": 135.0,  # ASSUMPTION: 140.4 GiB total [R51] minus headroom
         "gpu_memory_total_gib": 140.4,  # nvidia-smi 143771 MiB [R51]

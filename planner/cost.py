@@ -109,34 +109,38 @@ EXPERT = "expert"  # overhead key: one local expert of an E block, per micro-bat
 # gpu_runs_h200x2_te_trace2.json, the TE runs of gpu_runs_h200x1_expert_grads.json, and
 # gpu_runs_h200x2_te_fused.json and gpu_runs_h200x2_te_fusions.json (the runtime with Megatron's
 # fusions, and their unfused twins) and gpu_runs_h200x2_dp_overlap.json (its data-parallel overlap
-# as Megatron-LM's, but for the runs of the runtime before it), with the five MoE runs on one H100
-# of gpu_runs_h100x1_te_grouped.json (8 to 64 local experts; host time is the host's, whichever
-# GPU), after the fused-attention, SSD and grouped-GEMM tables' time, communication, the gradient
-# accumulation and the optimizer step. Each run is priced for the fusions it ran
-# (calibration.run_spec): the fused SwiGLU's smaller activations mean fewer small-kernel bytes. The
-# GPU-bound runs (the dense stacks, the (MD) Mamba stack and R on PP2) fit the traffic, the
-# host-bound ones (MoE, the hybrids, R on DP2, the dense stacks on TP2+SP and CP2 at sequence 4096
-# with 16 micro-batches) the overheads. A and D come together in every host-bound run but two, so
-# their split is loosely held. Full recompute adds no host time under TE (host_repeats). Two-GPU
-# groups are priced at the measured pair rates (clusters.py).
-# EXPERT is each local expert's share of an E block's host time: TE's GroupedLinear issues its
-# GEMMs one expert at a time (three per expert for fc1 and three for fc2, forward and backward) and
-# the DDP hook adds each expert's weight gradients into main_grad one tensor at a time. Planned
-# with a per-block E overhead alone, the H100 runs with 32 and 64 local experts came 25-48% under
-# their steps (10-13 thousand kernels per step, the GPU busy for 0.34-0.63 s of 0.74-0.86 s); with
-# 0.43 ms per local expert, E falls from 14.44 to 12.22 ms.
-# Left out one at a time it predicts 54 of the 68 within 15% (30 within 5%, median 6.1%, worst
-# +33%, the MEAE hybrid on EP2 without recompute); on the 63 before the
-# expert term (A 5.00, D 3.91, E 14.44, M 7.88, R 3.06 ms, traffic 18.44) 50 (27 within 5%, median
-# 5.5%), before the gradient accumulation was a term of its own and SP's backward all-gather
-# counted (A 5.00, D 3.99, E 14.45, M 7.85, R 3.06 ms, traffic 23.12) 49 (21 within 5%, median
-# 8.3%), before the optimizer step was, 45 of 59 (median 7.7%), and before the 17 runs with fusions
-# 29 of 42 (median 11%). The blind sets it did not see are gpu_runs_h200x1_te_blind3.json,
-# gpu_runs_h100x1_te_blind.json, the blind runs of gpu_runs_h200x2_te_blind4.json and
+# as Megatron-LM's, but for the runs of the runtime before it), with the eight MoE runs on one H100
+# of gpu_runs_h100x1_te_grouped.json and gpu_runs_h100x1_te_experts.json (8 to 128 local experts;
+# host time is the host's, whichever GPU), after the fused-attention, SSD and grouped-GEMM tables'
+# time, communication, the gradient accumulation and the optimizer step. Each run is priced for
+# the fusions it ran (calibration.run_spec): the fused SwiGLU's smaller activations mean fewer
+# small-kernel bytes. The GPU-bound runs (the dense stacks, the (MD) Mamba stack and R on PP2) fit
+# the traffic, the host-bound ones (MoE, the hybrids, R on DP2, the dense stacks on TP2+SP and CP2
+# at sequence 4096 with 16 micro-batches) the overheads. A and D come together in every host-bound
+# run but two, so their split is loosely held. Full recompute adds no host time under TE
+# (host_repeats). Two-GPU groups are priced at the measured pair rates (clusters.py).
+# EXPERT is each local expert's share of an E block's host time: the DDP hook adds each expert's
+# weight gradients into main_grad one tensor at a time (two fp32 adds per expert per micro-batch in
+# the profiles) and TE's GroupedLinear handles its weights, splits and GEMMs per expert. Planned with
+# a per-block E overhead alone, the H100 runs with 32 and 64 local experts came 25-48% under their
+# steps (10-13 thousand kernels per step, the GPU busy for 0.34-0.63 s of 0.74-0.86 s). Fitted on
+# those five (0.43 ms, E 12.22 ms), the next three, planned blind, came -3.1% (24 experts), +28.6%
+# (40) and +36.1% (128), where the overheads without the term said -29.9%, -14.5% and -61.6%: the
+# host time per expert read off the eight runs ranges from 0.18 to 0.54 ms, so the term is a
+# first-order fit, fitted now on all eight.
+# Left out one at a time it predicts 52 of the 71 within 15% (31 within 5%, median 7.1%, worst
+# +35%, the MEAE hybrid on EP2), and without the expert term 49 (26 within 5%, median 7.0%, worst
+# 61%; the eight H100 MoE runs a median 27% against 18%). On the 63 H200 runs before the expert term (A 5.00, D 3.91, E 14.44,
+# M 7.88, R 3.06 ms, traffic 18.44) 50 of 63 (27 within 5%, median 5.5%), before the gradient
+# accumulation was a term of its own and SP's backward all-gather counted (A 5.00, D 3.99, E 14.45,
+# M 7.85, R 3.06 ms, traffic 23.12) 49 (21 within 5%, median 8.3%), before the optimizer step was,
+# 45 of 59 (median 7.7%), and before the 17 runs with fusions 29 of 42 (median 11%). The blind sets
+# it did not see are gpu_runs_h200x1_te_blind3.json, gpu_runs_h100x1_te_blind.json, the blind runs
+# of gpu_runs_h200x2_te_blind4.json and
 # gpu_runs_h200x2_te_blind5.json (README).
-MEASURED_TE_SMALL_KERNEL_TRAFFIC = 18.87
-MEASURED_TE_BLOCK_OVERHEAD_S = (("A", 4.86e-3), ("D", 4.06e-3), ("E", 12.22e-3), ("M", 7.80e-3), ("R", 3.18e-3),
-                                (EXPERT, 0.43e-3))
+MEASURED_TE_SMALL_KERNEL_TRAFFIC = 19.08
+MEASURED_TE_BLOCK_OVERHEAD_S = (("A", 5.10e-3), ("D", 3.73e-3), ("E", 12.66e-3), ("M", 7.85e-3), ("R", 2.95e-3),
+                                (EXPERT, 0.32e-3))
 
 
 # A step whose per-block host time (Estimate.host_seconds, hidden behind the GPU or not) is at
@@ -191,7 +195,10 @@ class Efficiency:
     # micro-batch) on 2 x H200 it moved those bytes at 2.12-2.75 TB/s, median 2.49 over 19 runs of
     # the runtime and of Megatron-LM (benchmarks/results/gpu_runs_h200x2_dp_overlap.json,
     # gpu_runs_h200x2_megatronlm_dp_overlap.json, gpu_runs_h200x2_te_fusions.json,
-    # gpu_runs_h200x2_megatronlm_te_host3.json): this share of HBM bandwidth (grad_accumulation_seconds).
+    # gpu_runs_h200x2_megatronlm_te_host3.json), and on one H100 at 2.09-2.45 TB/s, median 2.31 over
+    # eight (gpu_runs_h100x1_te_grouped.json, gpu_runs_h100x1_te_experts.json): about the same rate on
+    # both, so those presets carry it (Cluster.grad_accumulation_tbps). Presets without a measured
+    # rate take the H200's share of HBM bandwidth (grad_accumulation_seconds).
     grad_accumulation_hbm: float = 0.52
     optimizer_traffic: float = 5.38
     optimizer_fixed_s: float = 1.0e-3
@@ -622,9 +629,12 @@ def optimizer_seconds(ctx: Context, stage: StageMemory, eff: Efficiency) -> floa
 
 def grad_accumulation_seconds(ctx: Context, stage: StageMemory, eff: Efficiency) -> float:
     """One micro-batch's weight gradients of a stage's rank added into the gradient buffer
-    (Efficiency.grad_accumulation_hbm): the buffer read and written, the bf16 gradient read."""
+    at the rate measured on the preset's GPU (Cluster.grad_accumulation_tbps), else at
+    Efficiency.grad_accumulation_hbm of its HBM bandwidth: the buffer read and written, the bf16
+    gradient read."""
     moved = 2 * stage.gradients_gib * GIB + BF16 * stage.params
-    return moved / (ctx.cluster.hbm_tbps * 1e12 * eff.grad_accumulation_hbm)
+    rate = ctx.cluster.grad_accumulation_tbps or ctx.cluster.hbm_tbps * eff.grad_accumulation_hbm
+    return moved / (rate * 1e12)
 
 
 def estimate(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency = DEFAULT_EFFICIENCY,

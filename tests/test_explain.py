@@ -214,5 +214,7 @@ def test_explain_says_what_the_memory_sums_leave_out():
     assert notes["transient: the loss's logits"] == [0, 1]
     copy = next(k for k in notes if k.startswith("the optimizer step's fp32 copy"))
     assert notes[copy] == [0]
-    text = (ROOT / "tests" / "golden" / "explain" / "qwen-moe-style.txt").read_text()
-    assert "pp0-6: transient: the bf16 gradient of the last MoE FFN block's largest weight" in text
+    text = (ROOT / "tests" / "golden" / "explain" / "llama-8b-dense.txt").read_text()
+    assert "pp0: transient: the bf16 gradient of the last dense MLP block's largest weight" in text
+    text = (ROOT / "tests" / "golden" / "explain" / "mixtral-8x7b.txt").read_text()
+    assert "pp0-1: transient: the gradients of the last MoE FFN block's backward" in text
