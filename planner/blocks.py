@@ -198,9 +198,9 @@ def block_flops(ctx: Context, letter: str, load: float = 1.0) -> float:
 class Gemms:
     """One block's forward matmuls on one rank for one micro-batch: Linear GEMMs as (M, K, N, how
     many), the routed experts under Transformer Engine as grouped GEMMs (M tokens per expert, K, N,
-    local experts: one GroupedLinear each for fc1 and fc2), unfused core attention and the R block's chunked scan as (batch x heads, tokens, head
-    dim), the M block's conv and SSD scan as (heads, tokens, head dim, state), and the FLOPs of
-    what is not a Linear (Mamba's conv and SSD scan, priced by them where a preset has no SSD
+    local experts: one GroupedLinear each for fc1 and fc2), unfused core attention and the R
+    block's chunked scan as (batch x heads, tokens, head dim), the M block's conv and SSD scan as
+    (heads, tokens, head dim, state), and the FLOPs of what is not a Linear (Mamba's conv and SSD scan, priced by them where a preset has no SSD
     table; the R block's recurrence; fused attention)."""
 
     linears: tuple[tuple[float, int, int, int], ...] = ()

@@ -121,22 +121,22 @@ EXPERT = "expert"  # overhead key: one local expert of an E block, per micro-bat
 # (host_repeats). Two-GPU groups are priced at the measured pair rates (clusters.py).
 # EXPERT is each local expert's share of an E block's host time: the DDP hook adds each expert's
 # weight gradients into main_grad one tensor at a time (two fp32 adds per expert per micro-batch in
-# the profiles) and TE's GroupedLinear handles its weights, splits and GEMMs per expert. Planned with
-# a per-block E overhead alone, the H100 runs with 32 and 64 local experts came 25-48% under their
-# steps (10-13 thousand kernels per step, the GPU busy for 0.34-0.63 s of 0.74-0.86 s). Fitted on
-# those five (0.43 ms, E 12.22 ms), the next three, planned blind, came -3.1% (24 experts), +28.6%
-# (40) and +36.1% (128), where the overheads without the term said -29.9%, -14.5% and -61.6%: the
-# host time per expert read off the eight runs ranges from 0.18 to 0.54 ms, so the term is a
-# first-order fit, fitted now on all eight.
+# the profiles), beside TE GroupedLinear's own work per expert. Planned with a per-block E overhead
+# alone, the H100 runs with 32 and 64 local experts came 25-48% under their steps (10-13 thousand
+# kernels per step, the GPU busy for 0.34-0.63 s of 0.74-0.86 s). Fitted on those five (0.43 ms,
+# E 12.22 ms), the next three, planned blind, came -3.1% (24 experts), +28.6% (40) and +36.1%
+# (128), where the overheads without the term said -29.9%, -14.5% and -61.6%: the host time per
+# expert read off the eight runs ranges from 0.18 to 0.54 ms, so the term is a first-order fit,
+# fitted now on all eight.
 # Left out one at a time it predicts 52 of the 71 within 15% (31 within 5%, median 7.1%, worst
 # +35%, the MEAE hybrid on EP2), and without the expert term 49 (26 within 5%, median 7.0%, worst
-# 61%; the eight H100 MoE runs a median 27% against 18%). On the 63 H200 runs before the expert term (A 5.00, D 3.91, E 14.44,
-# M 7.88, R 3.06 ms, traffic 18.44) 50 of 63 (27 within 5%, median 5.5%), before the gradient
-# accumulation was a term of its own and SP's backward all-gather counted (A 5.00, D 3.99, E 14.45,
-# M 7.85, R 3.06 ms, traffic 23.12) 49 (21 within 5%, median 8.3%), before the optimizer step was,
-# 45 of 59 (median 7.7%), and before the 17 runs with fusions 29 of 42 (median 11%). The blind sets
-# it did not see are gpu_runs_h200x1_te_blind3.json, gpu_runs_h100x1_te_blind.json, the blind runs
-# of gpu_runs_h200x2_te_blind4.json and
+# 61%; the eight H100 MoE runs a median 27% against 18%). On the 63 H200 runs before the expert
+# term (A 5.00, D 3.91, E 14.44, M 7.88, R 3.06 ms, traffic 18.44) 50 of 63 (27 within 5%, median
+# 5.5%), before the gradient accumulation was a term of its own and SP's backward all-gather
+# counted (A 5.00, D 3.99, E 14.45, M 7.85, R 3.06 ms, traffic 23.12) 49 (21 within 5%, median
+# 8.3%), before the optimizer step was, 45 of 59 (median 7.7%), and before the 17 runs with fusions
+# 29 of 42 (median 11%). The blind sets it did not see are gpu_runs_h200x1_te_blind3.json,
+# gpu_runs_h100x1_te_blind.json, the blind runs of gpu_runs_h200x2_te_blind4.json and
 # gpu_runs_h200x2_te_blind5.json (README).
 MEASURED_TE_SMALL_KERNEL_TRAFFIC = 19.08
 MEASURED_TE_BLOCK_OVERHEAD_S = (("A", 5.10e-3), ("D", 3.73e-3), ("E", 12.66e-3), ("M", 7.85e-3), ("R", 2.95e-3),
