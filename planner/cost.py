@@ -314,6 +314,8 @@ class Estimate:
     # the busiest rank's per-block host time over the step's micro-batches, hidden or not: under
     # TE only its excess over the GPU time is in the breakdown (exposed_host_seconds)
     host_seconds: float = 0.0
+    # the part of host_seconds that the local experts' own host work takes (EXPERT; TE only)
+    expert_host_seconds: float = 0.0
 
     @property
     def peak_gib(self) -> float:
@@ -647,22 +649,25 @@ def estimate(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency = D
     per_letter = {letter: block_flops(ctx, letter, load) for letter in ctx.letters}
     matmul = {letter: matmul_seconds(ctx, lay, letter, eff, load) for letter in [*ctx.letters, "head"]}
     softmax = softmax_seconds(ctx, lay, eff)
-    # (matmul, softmax, exposed block overhead, small kernels, gradient accumulation, host) per
-    # micro-batch on each pipeline rank
+    # (matmul, softmax, exposed block overhead, small kernels, gradient accumulation, host, the
+    # local experts' host) per micro-batch on each pipeline rank
     per_rank = []
     for p in range(lay.pp):
         mine = _rank_stages(stages, p)
         blocks = "".join(st.blocks for st in mine)
         head = any(st.output_head for st in mine)
         gemm = sum(matmul[letter] for letter in blocks) + (matmul["head"] if head else 0.0)
-        host = sum(n * eff.overhead(key, ctx.te) for key, n in host_units(ctx, lay, blocks).items())
-        host *= host_repeats(ctx.spec.training.recompute, ctx.te)
+        units = host_units(ctx, lay, blocks)
+        repeats = host_repeats(ctx.spec.training.recompute, ctx.te)
+        host = sum(n * eff.overhead(key, ctx.te) for key, n in units.items()) * repeats
+        experts = units[EXPERT] * eff.overhead(EXPERT, ctx.te) * repeats
         traffic = eff.traffic(ctx.te)
         small = traffic * small_kernel_seconds(ctx, lay, blocks, load) * gpu_repeats(ctx.spec.training.recompute) if traffic else 0.0
         scores = blocks.count("A") * softmax
         accumulate = grad_accumulation_seconds(ctx, mem[p], eff)
-        per_rank.append((gemm, scores, exposed_host_seconds(gemm + scores + small + accumulate, host, ctx.te), small, accumulate, host))
-    *terms, host = max(per_rank, key=lambda r: sum(r[:5]))
+        per_rank.append((gemm, scores, exposed_host_seconds(gemm + scores + small + accumulate, host, ctx.te), small, accumulate,
+                         host, experts))
+    *terms, host, experts = max(per_rank, key=lambda r: sum(r[:5]))
     t_mb = sum(terms)
     gpu_mb = terms[0] + terms[1] + terms[3] + terms[4]
     # forward 1, backward 2 (+1 recomputed); the gradients accumulate in the backward
@@ -701,4 +706,5 @@ def estimate(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency = D
         mfu=model_flops / (step * ctx.world * peak),
         breakdown=breakdown,
         host_seconds=lay.num_microbatches * host,
+        expert_host_seconds=lay.num_microbatches * experts,
     )

@@ -135,6 +135,7 @@ def _candidate(ctx: Context, lay: Layout, est: Estimate, high: Estimate | None, 
         "mfu": round(est.mfu, 4),
         "bubble_fraction": round(est.bubble_fraction, 4),
         "host_seconds": round(est.host_seconds, 6),  # per-block host time, hidden behind the GPU or not
+        "expert_host_seconds": round(est.expert_host_seconds, 6),  # of which the local experts' own (TE)
     }
     if high is not None:
         memory["routed_load"] = routed_load(ctx, imbalanced=True)

@@ -172,6 +172,10 @@ def explain_text(doc: dict[str, Any]) -> None:
         else:
             overlap = f" ({shown:.0%} of the step beyond the GPU's work)"
         out.print(f"[yellow]host-bound: per-block host time is {share:.0%} of the step{overlap}; {HOST_BOUND_ADVICE}[/]")
+        experts = t.get("expert_host_seconds", 0.0) / (share * t["step_seconds"])
+        if experts >= 0.1:
+            out.print(f"[yellow]the routed experts' per-expert host work is {experts:.0%} of that host time; "
+                      "expert parallelism divides it (fewer experts per GPU)[/]")
 
     axes = Table(title="axes: what each split partitions here, what it costs, what it cannot fix", header_style="bold", title_justify="left")
     for col in ("axis", "degree", "partitions", "collectives (link)", "GB/step", "s/step", "cannot fix"):

@@ -13,6 +13,7 @@ from megacpp.planner.calibration import run_spec
 from megacpp.planner.clusters import PRESETS
 from megacpp.planner.cost import (
     DEFAULT_EFFICIENCY,
+    EXPERT,
     GIB,
     HOST_BOUND_ERROR,
     HOST_BOUND_SHARE,
@@ -33,7 +34,7 @@ from megacpp.planner.plan import (
     make_context,
     with_backend,
 )
-from tests.conftest import ROOT, committed_gpu_runs
+from tests.conftest import ROOT, TINY_MOE, committed_gpu_runs, make_spec
 
 SPECS = ROOT / "benchmarks" / "gpu"
 
@@ -467,3 +468,21 @@ def test_two_gpu_groups_use_the_pair_rates_measured_on_two_h200s():
     stated = make_context(_spec("te-dense-tp2-sp", "cluster.intra_node_busbw_gbps=100"))
     assert _collective_seconds(stated, "all-gather", "nvlink", 2, size) == pytest.approx(59e-6 + size / 2 / 100e9)
 
+
+
+def test_under_te_each_local_expert_adds_host_time_that_expert_parallelism_divides():
+    """With Transformer Engine an E block's host time grows with its local experts (EXPERT): the
+    plan says how much of the host time that is, and EP8 leaves an eighth of the experts, and of
+    that time per micro-batch, on each GPU. Local modules price experts by the E overhead alone."""
+    spec = make_spec(TINY_MOE, **{"model.moe.num_experts": 64, "backend.transformer_engine": True})
+    base = {"tp": 1, "pp": 1, "vpp": 1, "cp": 1, "etp": 1, "sp": False, "micro_batch_size": 1, "num_microbatches": 2}
+    one, eight = (estimate_run(spec, {**base, "dp": 8, "ep": ep, "edp": 8 // ep}) for ep in (1, 8))
+    per_expert = DEFAULT_EFFICIENCY.overhead(EXPERT, te=True)
+    assert one.expert_host_seconds == pytest.approx(2 * 4 * 64 * per_expert)  # micro-batches x E blocks x experts
+    assert eight.expert_host_seconds == pytest.approx(one.expert_host_seconds / 8)
+    assert one.host_seconds - eight.host_seconds == pytest.approx(one.expert_host_seconds - eight.expert_host_seconds)
+    local = estimate_run(with_backend(spec, transformer_engine=False), {**base, "dp": 8, "ep": 1, "edp": 8})
+    assert local.expert_host_seconds == 0.0 and DEFAULT_EFFICIENCY.overhead(EXPERT) == 0.0
+    plan = build_plan(make_spec(TINY_MOE, **{"model.moe.num_experts": 64, "backend.transformer_engine": True,
+                                             "cluster.nodes": 1}), top=50)
+    assert all(c.time["expert_host_seconds"] <= c.time["host_seconds"] for c in plan.candidates)
