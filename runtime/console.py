@@ -173,7 +173,7 @@ def explain_text(doc: dict[str, Any]) -> None:
             overlap = f" ({shown:.0%} of the step beyond the GPU's work)"
         out.print(f"[yellow]host-bound: per-block host time is {share:.0%} of the step{overlap}; {HOST_BOUND_ADVICE}[/]")
         experts = t.get("expert_host_seconds", 0.0) / (share * t["step_seconds"])
-        if experts >= 0.1:
+        if experts >= 0.1 and shown >= 0.005:  # only where the host time shows in the step
             out.print(f"[yellow]the routed experts' per-expert host work is {experts:.0%} of that host time; "
                       "expert parallelism divides it (fewer experts per GPU)[/]")
 
