@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import math
 from bisect import bisect_right
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from itertools import product
 from pathlib import Path
@@ -44,8 +44,15 @@ class Grid:
     axes: tuple[tuple[float, ...], ...]
     log_seconds: dict[tuple[float, ...], float]
     growth: tuple[int, ...]
+    # points already interpolated: a search prices the same GEMM shapes for many layouts
+    memo: dict[tuple[float, ...], float] = field(default_factory=dict, compare=False, repr=False)
 
     def seconds(self, point: tuple[float, ...]) -> float:
+        if (known := self.memo.get(point)) is None:
+            known = self.memo[point] = self._interpolate(point)
+        return known
+
+    def _interpolate(self, point: tuple[float, ...]) -> float:
         scale = 1.0
         corners = []
         for value, axis, power in zip(point, self.axes, self.growth, strict=True):
