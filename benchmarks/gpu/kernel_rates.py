@@ -282,18 +282,18 @@ def fused_attention_rows() -> list[dict]:
     return rows
 
 
-GROUPED_G = (1, 4, 16, 64)
+GROUPED_G = (1, 4, 16, 64, 256)
 GROUPED_M = (128, 512, 2048, 8192)
 GROUPED_KN = (512, 1024, 2048, 4096, 8192, 16384)
 GROUPED_BYTES = 48 * 2**30  # skip points whose tensors (inputs, weights, outputs, gradients) exceed this
 GROUPED_FLOPS = 2e14  # and those that take more than about 0.3 s a call; the planner grows time linearly past them
 
 
-def grouped_linear_rows() -> list[dict]:
+def grouped_linear_rows(experts: tuple[int, ...] = GROUPED_G) -> list[dict]:
     import transformer_engine.pytorch as te
 
     rows = []
-    for g in GROUPED_G:
+    for g in experts:
         for k in GROUPED_KN:
             for n in GROUPED_KN:
                 layer = te.GroupedLinear(g, k, n, bias=False, params_dtype=torch.bfloat16, device="cuda")
@@ -343,10 +343,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, required=True)
     alone = {"ssd": ssd_rows, "fused_attention": fused_attention_rows, "grouped_linear": grouped_linear_rows}  # tables that can be measured into an existing file
     ap.add_argument("--only", choices=sorted(alone), help="measure this table alone and merge it into --out")
+    ap.add_argument("--grouped-g", type=int, nargs="+", metavar="G",
+                    help="with --only grouped_linear: measure these local-expert counts alone and replace their rows in --out")
     args = ap.parse_args(argv)
+    if args.grouped_g and args.only != "grouped_linear":
+        ap.error("--grouped-g needs --only grouped_linear")
     if args.only:
         doc = json.loads(args.out.read_text()) if args.out.exists() else {}
-        doc[args.only] = alone[args.only]()
+        if args.grouped_g:
+            kept = [r for r in doc.get("grouped_linear", []) if r["g"] not in args.grouped_g]
+            doc["grouped_linear"] = sorted(kept + grouped_linear_rows(tuple(args.grouped_g)),
+                                           key=lambda r: (r["g"], r["k"], r["n"], r["m"]))
+        else:
+            doc[args.only] = alone[args.only]()
         args.out.write_text(json.dumps(doc, indent=1) + "\n")
         print(f"{args.only}: {len(doc[args.only])} rows")
         return 0
