@@ -123,6 +123,33 @@ def block_params(ctx: Context, letter: str, lay: Layout) -> BlockParams:
     return BlockParams(rest + sum(linears.dense), linears.local * sum(linears.expert))
 
 
+def block_param_tensors(ctx: Context, letter: str, lay: Layout) -> int:
+    """Parameter tensors of one block on one rank (no linear has a bias: add_bias_linear=False):
+    the optimizer step does host work per tensor (Efficiency.optimizer_tensor_s). Each norm is a
+    weight (and a bias for LayerNorm); TE fuses the pre-norm into the next linear and keeps it as a
+    tensor of that module, so the count is the same under either spec. E: the router and one fc1
+    and one fc2 weight per local expert (TEGroupedMLP's weight0..weightG-1, SequentialMLP's
+    experts alike), plus the shared expert's fc1 and fc2. M (mamba_mixer.py): in_proj, the conv1d's
+    weight and bias, dt_bias, A_log, D, the gated norm and out_proj. R (runtime/worker/recurrent.py):
+    in_proj, out_proj and the gate norm's weight."""
+    norm = 2 if ctx.spec.model.normalization == "layernorm" else 1
+    if letter == "E":
+        linears = block_linears(ctx, letter, lay)
+        return norm + len(linears.dense) + len(linears.expert) * linears.local
+    return norm + {"A": 2, "D": 2, "M": 8, "R": 3}[letter]
+
+
+def embedding_param_tensors(ctx: Context) -> int:
+    """The word embeddings, and the learned position embeddings where the model has them."""
+    return 1 + (ctx.spec.model.position_embedding == "learned")
+
+
+def head_param_tensors(ctx: Context, lay: Layout) -> int:
+    """The final norm, and the output layer unless it is the embedding's on the same rank."""
+    tied_on_same_rank = ctx.spec.model.tie_embeddings and lay.pp == 1
+    return (2 if ctx.spec.model.normalization == "layernorm" else 1) + (0 if tied_on_same_rank else 1)
+
+
 def weight_gradient_bytes(ctx: Context, letter: str, lay: Layout) -> float:
     """The largest bf16 weight gradient one block's backward produces at once on one rank. Without
     gradient-accumulation fusion each weight's gradient is a tensor of the weight's size until

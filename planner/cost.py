@@ -20,11 +20,14 @@ from megacpp.planner.blocks import (
     block_activation_bytes,
     block_flops,
     block_gemms,
+    block_param_tensors,
     block_params,
+    embedding_param_tensors,
     embedding_params,
     expert_backward_bytes,
     head_flops,
     head_gemms,
+    head_param_tensors,
     head_params,
     micro_batch_tokens,
     padded_vocab,
@@ -109,28 +112,35 @@ EXPERT = "expert"  # overhead key: one local expert of an E block, per micro-bat
 # gpu_runs_h200x2_te_trace2.json, the TE runs of gpu_runs_h200x1_expert_grads.json, and
 # gpu_runs_h200x2_te_fused.json and gpu_runs_h200x2_te_fusions.json (the runtime with Megatron's
 # fusions, and their unfused twins) and gpu_runs_h200x2_dp_overlap.json (its data-parallel overlap
-# as Megatron-LM's, but for the runs of the runtime before it), with the eight MoE runs on one H100
-# of gpu_runs_h100x1_te_grouped.json and gpu_runs_h100x1_te_experts.json (8 to 128 local experts;
-# host time is the host's, whichever GPU), after the fused-attention, SSD and grouped-GEMM tables'
-# time, communication, the gradient accumulation and the optimizer step. Each run is priced for
+# as Megatron-LM's, but for the runs of the runtime before it), with 18 runs on H100 hosts (host
+# time is the host's, whichever GPU): the eight MoE runs of gpu_runs_h100x1_te_grouped.json and
+# gpu_runs_h100x1_te_experts.json (8 to 128 local experts), and the ten host probes of
+# gpu_runs_h100x1_te_host.json and gpu_runs_h100x1_te_host2.json (the same five stacks at hidden 512
+# on two hosts: the GPU busy for 1-8% of the step, so the step is host time), after the
+# fused-attention, SSD and grouped-GEMM tables' time, communication, the gradient accumulation and
+# the optimizer step. Each run is priced for
 # the fusions it ran (calibration.run_spec): the fused SwiGLU's smaller activations mean fewer
 # small-kernel bytes. The GPU-bound runs (the dense stacks, the (MD) Mamba stack and R on PP2) fit
 # the traffic, the host-bound ones (MoE, the hybrids, R on DP2, the dense stacks on TP2+SP and CP2
-# at sequence 4096 with 16 micro-batches) the overheads. A and D come together in every host-bound
-# run but two, so their split is loosely held. Full recompute adds no host time under TE
+# at sequence 4096 with 16 micro-batches) the overheads. D shows only beside A, in ten of the 51
+# host-bound runs, so the split between the two is loosely held. Full recompute adds no host time under TE
 # (host_repeats). Two-GPU groups are priced at the measured pair rates (clusters.py).
 # EXPERT is each local expert's share of an E block's host time: the DDP hook adds each expert's
 # weight gradients into main_grad one tensor at a time (two fp32 adds per expert per micro-batch in
-# the profiles), beside TE GroupedLinear's own work per expert. Planned with a per-block E overhead
-# alone, the H100 runs with 32 and 64 local experts came 25-48% under their steps (10-13 thousand
-# kernels per step, the GPU busy for 0.34-0.63 s of 0.74-0.86 s). Fitted on those five (0.43 ms,
-# E 12.22 ms), the next three, planned blind, came -3.1% (24 experts), +28.6% (40) and +36.1%
-# (128), where the overheads without the term said -29.9%, -14.5% and -61.6%: the host time per
-# expert read off the eight runs ranges from 0.18 to 0.54 ms, so the term is a first-order fit,
-# fitted now on all eight.
-# Left out one at a time it predicts 52 of the 71 within 15% (31 within 5%, median 7.1%, worst
-# +35%, the MEAE hybrid on EP2), and without the expert term 49 (26 within 5%, median 7.0%, worst
-# 61%; the eight H100 MoE runs a median 27% against 18%). On the 63 H200 runs before the expert
+# the profiles), beside TE GroupedLinear's own work per expert (about seven kernels per expert per
+# micro-batch in the host probes). Planned with a per-block E overhead alone, the H100 runs with 32
+# and 64 local experts came 25-48% under their steps (10-13 thousand kernels per step, the GPU busy
+# for 0.34-0.63 s of 0.74-0.86 s). Fitted on those five (0.43 ms, E 12.22 ms), the next three,
+# planned blind, came -3.1% (24 experts), +28.6% (40) and +36.1% (128), where the overheads without
+# the term said -29.9%, -14.5% and -61.6%. Read off the host probes, where the GPU idles, 8 -> 32
+# local experts added 0.11-0.14 ms of forward and backward per expert and 32 -> 128 added
+# 0.17-0.24 ms, on both hosts: growing a little faster than the expert count, so one number per
+# expert is a first-order term. The second host ran every probe 7-39% faster than the first.
+# Left out one at a time the fit predicts 54 of the 81 within 15% (34 within 5%, median 7.4%,
+# worst +45%, the dense probe on the faster host); the 63 H200 runs 47 (median 4.7%). Fitted on
+# the 71 runs before the host probes (A 5.10, D 3.73, E 12.66, M 7.85, R 2.95 ms, expert 0.32 ms,
+# traffic 19.08; 52 of 71 within 15%, median 7.1%) it had put the probes 4% under to 51% over. On
+# the 63 H200 runs before the expert
 # term (A 5.00, D 3.91, E 14.44, M 7.88, R 3.06 ms, traffic 18.44) 50 of 63 (27 within 5%, median
 # 5.5%), before the gradient accumulation was a term of its own and SP's backward all-gather
 # counted (A 5.00, D 3.99, E 14.45, M 7.85, R 3.06 ms, traffic 23.12) 49 (21 within 5%, median
@@ -138,17 +148,17 @@ EXPERT = "expert"  # overhead key: one local expert of an E block, per micro-bat
 # 29 of 42 (median 11%). The blind sets it did not see are gpu_runs_h200x1_te_blind3.json,
 # gpu_runs_h100x1_te_blind.json, the blind runs of gpu_runs_h200x2_te_blind4.json and
 # gpu_runs_h200x2_te_blind5.json (README).
-MEASURED_TE_SMALL_KERNEL_TRAFFIC = 19.08
-MEASURED_TE_BLOCK_OVERHEAD_S = (("A", 5.10e-3), ("D", 3.73e-3), ("E", 12.66e-3), ("M", 7.85e-3), ("R", 2.95e-3),
-                                (EXPERT, 0.32e-3))
+MEASURED_TE_SMALL_KERNEL_TRAFFIC = 19.07
+MEASURED_TE_BLOCK_OVERHEAD_S = (("A", 5.10e-3), ("D", 2.92e-3), ("E", 12.97e-3), ("M", 8.23e-3), ("R", 2.92e-3),
+                                (EXPERT, 0.225e-3))
 
 
 # A step whose per-block host time (Estimate.host_seconds, hidden behind the GPU or not) is at
 # least this share of it is bound by the host and by synchronisation rather than by the GPU, or
-# near it. Over the 178 committed runs of megacpp's runtime (benchmarks/gpu/compare.py): below
-# the share, 41 runs within 16.4% (median 3.4%); at or above it, 137 runs with a median error of
-# 6.4% and up to 43% (moe-ep2-top1, gpu_runs_h200x2.json), and host-bound steps moved 8-55%
-# between hosts of the same kind.
+# near it. Over the 196 committed runs of megacpp's runtime (benchmarks/gpu/compare.py): below
+# the share, 44 runs within 16.4% (median 3.6%); at or above it, 152 runs with a median error of
+# 8.1% and up to 43% (moe-ep2-top1, gpu_runs_h200x2.json), and host-bound steps moved 7-55%
+# between hosts of the same kind (the host probes, gpu_runs_h100x1_te_host*.json, 7-39%).
 HOST_BOUND_SHARE = 0.30
 HOST_BOUND_ERROR = 0.43
 
@@ -200,6 +210,14 @@ class Efficiency:
     # both, so those presets carry it (Cluster.grad_accumulation_tbps). Presets without a measured
     # rate take the H200's share of HBM bandwidth (grad_accumulation_seconds).
     grad_accumulation_hbm: float = 0.52
+    # With TE the optimizer step's host work grows with the rank's parameter tensors
+    # (StageMemory.param_tensors): megatron-core's distributed optimizer copies gradients into and
+    # parameters out of its shards tensor by tensor, and the gradient norm and FusedAdam take lists
+    # of them. On two H100 hosts, stacks so small that the GPU idles (hidden 512, 15 to 525 tensors:
+    # 8 to 128 local experts, benchmarks/results/gpu_runs_h100x1_te_host.json) stepped in 1 ms plus
+    # 42-112 us per tensor (72 us by least squares over the ten runs). That host work overlaps the
+    # state's HBM traffic: the step takes the longer of the two (optimizer_seconds).
+    optimizer_tensor_s: float = 70e-6
     optimizer_traffic: float = 5.38
     optimizer_fixed_s: float = 1.0e-3
     local_optimizer_traffic: float = 9.13
@@ -246,6 +264,7 @@ class StageMemory:
     transient_gib: float = 0.0  # largest short-lived allocation of forward+backward (loss, a block's backward)
     optimizer_step_gib: float = 0.0  # held only while the optimizer steps (activations are gone by then)
     transient_from: str = "nothing beyond the activations"  # what the transient is
+    param_tensors: int = 0  # parameter tensors on the rank (blocks.block_param_tensors): the optimizer's host work
 
     @property
     def resident_gib(self) -> float:
@@ -263,6 +282,7 @@ class StageMemory:
             "pp_rank": self.pp_rank,
             "params": self.params,
             "params_expert": self.params_expert,
+            "param_tensors": self.param_tensors,
             "weights_gib": r(self.weights_gib),
             "gradients_gib": r(self.gradients_gib),
             "optimizer_gib": r(self.optimizer_gib),
@@ -346,7 +366,7 @@ def stage_memory(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency
                for letter in ctx.letters} if recompute == "full" else {}
     for p in range(lay.pp):
         mine = _rank_stages(stages, p)
-        dense = expert = 0
+        dense = expert = tensors = 0
         act_per_mb = 0.0
         loss = 0.0
         has_attention = False
@@ -355,13 +375,16 @@ def stage_memory(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency
                 bp = block_params(ctx, letter, lay)
                 dense += n * bp.dense
                 expert += n * bp.expert
+                tensors += n * block_param_tensors(ctx, letter, lay)
                 act_per_mb += n * kept[letter]
             has_attention = has_attention or "A" in st.blocks
             if st.embedding:
                 dense += embedding_params(ctx, lay)
+                tensors += embedding_param_tensors(ctx)
                 act_per_mb += BF16 * ctx.spec.model.hidden_size * tokens / (lay.tp if lay.sp else 1)
             if st.output_head:
                 dense += head_params(ctx, lay)
+                tensors += head_param_tensors(ctx, lay)
                 # the vocab-parallel loss's fp32 logits (softmax and its gradient are computed in
                 # place in them) next to the bf16 logits: the forward+backward peak of the last
                 # stages of sweep-dense-h1024, hybrid-ader-pp2, dense-pp2 and dense-pp4 exceeds
@@ -420,6 +443,7 @@ def stage_memory(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency
                 transient_gib=transient / GIB,
                 transient_from=transient_from,
                 optimizer_step_gib=0.0 if ctx.te else OPTIMIZER_STEP_BYTES * max(n / shard for n, shard in sharded) / GIB,
+                param_tensors=tensors,
             )
         )
     return out
@@ -624,9 +648,13 @@ def exposed_host_seconds(gpu: float, host: float, te: bool) -> float:
 def optimizer_seconds(ctx: Context, stage: StageMemory, eff: Efficiency) -> float:
     """One optimizer step of a stage's rank: its optimizer state (fp32 main parameters and Adam
     moments, sharded with the distributed optimizer) read and written, with the gradients and
-    the bf16 parameters, at HBM bandwidth (Efficiency.optimizer)."""
+    the bf16 parameters, at HBM bandwidth (Efficiency.optimizer); with TE, or the host's work
+    per parameter tensor where that is longer (Efficiency.optimizer_tensor_s: hundreds of small
+    expert weights)."""
     traffic, fixed = eff.optimizer(ctx.te)
-    return stage.optimizer_gib * GIB * traffic / (ctx.cluster.hbm_tbps * 1e12) + fixed
+    state = stage.optimizer_gib * GIB * traffic / (ctx.cluster.hbm_tbps * 1e12)
+    host = stage.param_tensors * eff.optimizer_tensor_s if ctx.te else 0.0
+    return max(state, host) + fixed
 
 
 def grad_accumulation_seconds(ctx: Context, stage: StageMemory, eff: Efficiency) -> float:

@@ -110,6 +110,8 @@ TE_RUNS = ["gpu_runs_h200x1_te.json", "gpu_runs_h200x2_te.json", "gpu_runs_h200x
            "gpu_runs_h200x2_dp_overlap.json"]
 # MoE with 8 to 128 local experts on one H100, each set planned blind and then fitted
 TE_EXPERTS = ["gpu_runs_h100x1_te_grouped.json", "gpu_runs_h100x1_te_experts.json"]
+# the same five tiny TE stacks (the GPU idles, the step is host work) on two H100 hosts
+TE_HOST = ["gpu_runs_h100x1_te_host.json", "gpu_runs_h100x1_te_host2.json"]
 # planned blind and kept out of the fit: how the shipped TE defaults predict layouts they never saw
 TE_BLIND = ["gpu_runs_h200x1_te_blind3.json", "gpu_runs_h100x1_te_blind.json", "gpu_runs_h200x2_te_blind4.json",
             "gpu_runs_h200x2_te_blind5.json"]
@@ -125,16 +127,17 @@ def _te_runs(names: list[str]) -> list[dict]:
 def test_calibrate_the_committed_te_runs_reproduces_the_shipped_te_defaults():
     """planner/cost.py MEASURED_TE_BLOCK_OVERHEAD_S and the TE traffic are the fit on the 63 TE runs
     on H200 (18 of them with Megatron's fusions, each priced for the fusions it ran) and the eight
-    MoE runs on one H100 with 8 to 128 local experts, which pin the per-local-expert host time
-    (EXPERT): host time is the host's, whichever GPU the step runs on. Left out one at a time, 52
-    of the 71 within 15%, median 7.1%."""
+    MoE runs on one H100 with 8 to 128 local experts and the ten host probes on two H100 hosts,
+    which pin the per-local-expert host time (EXPERT): host time is the host's, whichever GPU the
+    step runs on. Left out one at a time, 54 of the 81 within 15%, median 7.4%; the worst is a
+    probe on the faster of the two hosts (+45%)."""
     h200 = calibrate(_te_runs(TE_RUNS))
     assert h200["transformer_engine"] is True and len(h200["fitted_on"]) == 63 and h200["determined"]
     assert h200["composition"] == "longer of host and GPU"
     bound = {r["name"] for r in h200["fitted_on"] if r["host_bound"]}
     assert "te-dense" not in bound and {"te-moe", "blind-te-nam-small-ep2"} <= bound  # dense GPU-bound, MoE host-bound
-    observations = [observe(r) for r in _te_runs(TE_RUNS + TE_EXPERTS)]
-    assert len(observations) == 71 and {o.cluster for o in observations} == {"h200-sxm-8", "h100-sxm-8"}
+    observations = [observe(r) for r in _te_runs(TE_RUNS + TE_EXPERTS + TE_HOST)]
+    assert len(observations) == 81 and {o.cluster for o in observations} == {"h200-sxm-8", "h100-sxm-8"}
     eff = fit(observations)
     for key in [*"ADEMR", EXPERT]:
         assert eff.overhead(key, te=True) == pytest.approx(DEFAULT_EFFICIENCY.overhead(key, te=True), abs=5e-6)
@@ -142,19 +145,18 @@ def test_calibrate_the_committed_te_runs_reproduces_the_shipped_te_defaults():
     assert DEFAULT_EFFICIENCY.overhead("E", te=True) != DEFAULT_EFFICIENCY.overhead("E")  # its own table
     assert DEFAULT_EFFICIENCY.overhead(EXPERT) == 0.0 < DEFAULT_EFFICIENCY.overhead(EXPERT, te=True)
     errors = sorted(abs(r["error"]) for r in leave_one_out(observations))
-    assert errors[len(errors) // 2] < 0.075 and sum(e <= 0.15 for e in errors) >= 52 and errors[-1] < 0.35
+    assert errors[len(errors) // 2] < 0.075 and sum(e <= 0.15 for e in errors) >= 54 and errors[-1] < 0.46
 
 
 def test_the_shipped_te_defaults_predict_the_blind_sets_they_were_not_fitted_on():
     """Layouts planned and committed before they ran, on H200 and H100, none of them in the fit:
-    19 of 21 steps within 15%, all within 17% (the misses, on H100: the AMEM hybrid under
-    selective recompute, -15.8%, and the MoE at hidden 3072 with 16 local experts, +15.5%, which the
-    per-local-expert host time moved from +10.7%; before that term 20 of 21 within 15%, the AMEM
-    hybrid at -17.6%; blind set 5, wide dense stacks where the gradient accumulation is 17-30% of
-    the step and a wide-expert MoE, is within -2.0% to -11.1%)."""
+    20 of 21 steps within 15%, all within 16% (the miss, on H100: the AMEM hybrid under selective
+    recompute, -15.1%; before the host probes joined the fit 19 of 21, with the MoE at hidden 3072
+    and 16 local experts at +15.5%, now +13.0%; blind set 5, wide dense stacks where the gradient
+    accumulation is 17-30% of the step and a wide-expert MoE, is within -2.0% to -12.9%)."""
     errors = [abs(predict(o, DEFAULT_EFFICIENCY) / o.measured_seconds - 1)
               for o in map(observe, _te_runs(TE_BLIND))]
-    assert len(errors) == 21 and sum(e <= 0.15 for e in errors) >= 19 and max(errors) < 0.17
+    assert len(errors) == 21 and sum(e <= 0.15 for e in errors) >= 20 and max(errors) < 0.16
 
 
 def _te_synthetic() -> list[Observation]:

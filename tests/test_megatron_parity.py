@@ -183,6 +183,8 @@ def test_params_per_rank_match_megatron(megatron_results, case_id, spec, lay):
     for rank in result["ranks"]:
         stage = predicted[rank["pp"]]
         assert (rank["params"], rank["params_routed_expert"]) == (stage.params, stage.params_expert), f"rank {rank['rank']}"
+        # the tensors the optimizer step does host work for (Efficiency.optimizer_tensor_s)
+        assert rank["param_tensors"] == stage.param_tensors, f"rank {rank['rank']}"
 
 
 @pytest.mark.parametrize("case_id,spec,lay", cases(), ids=[c[0] for c in cases()])

@@ -296,6 +296,8 @@ def grouped_linear_rows(experts: tuple[int, ...] = GROUPED_G) -> list[dict]:
     for g in experts:
         for k in GROUPED_KN:
             for n in GROUPED_KN:
+                if 2 * (2 * g * GROUPED_M[0] * (k + n) + 2 * g * k * n) > GROUPED_BYTES:
+                    continue  # the weights alone (256 experts of 16384 x 16384) do not fit
                 layer = te.GroupedLinear(g, k, n, bias=False, params_dtype=torch.bfloat16, device="cuda")
                 for m in GROUPED_M:
                     if 2 * (2 * g * m * (k + n) + 2 * g * k * n) > GROUPED_BYTES or 6 * g * m * k * n > GROUPED_FLOPS:

@@ -45,7 +45,7 @@ Result per case (list written to OUT.json, one entry per case, same order)::
    "seconds",
    "ranks": [{"rank", "tp", "cp", "dp", "pp", "ep", "etp", "edp",
               "params", "params_expert", "params_routed_expert",
-              "params_shared_expert", "layers", "chunks"}],
+              "params_shared_expert", "param_tensors", "layers", "chunks"}],
    "groups": {"tp", "cp", "dp", "pp", "ep", "etp", "edp", "dp_cp", "embd"}}
 
 "ranks"/"groups" are present whenever parallel_state succeeded (so also for cases that
@@ -385,7 +385,7 @@ def _stage_model(c, case, st):
              "layers": ch_layers}
         )
     st["info"].update(
-        params=total, params_expert=expert, params_routed_expert=routed,
+        params=total, params_expert=expert, params_routed_expert=routed, param_tensors=len(seen),
         params_shared_expert=shared, layers=layers, chunks=chunk_info,
     )
 
@@ -512,7 +512,7 @@ def _run_case(c, rank, world, case):
             }
             res["groups"] = {k: [list(t) for t in v] for k, v in res["groups"].items()}
             for key in ("params", "params_expert", "params_routed_expert",
-                        "params_shared_expert", "layers", "chunks"):
+                        "params_shared_expert", "param_tensors", "layers", "chunks"):
                 st["info"][key] = None
             ok, _ = run_stage("config", _stage_config)
             if ok:
