@@ -258,16 +258,26 @@ def _fit_overlapped(observations: list[Observation], base: Efficiency) -> Effici
         splits.add(split)
         gpu = [o for o, h in zip(observations, split, strict=True) if not h]
         host = [o for o, h in zip(observations, split, strict=True) if h]
-        traffic = eff.traffic(True)
-        if any(o.small_units for o in gpu):
-            traffic = _nonnegative(gpu, [SMALL], lambda o: o.measured_seconds - o.base_seconds, {SMALL: traffic}).get(SMALL, 0.0)
-        overheads: dict[str, float] = {}
-        if host:
-            groups = tied(host)
-            values = _nonnegative(host, groups, lambda o: o.measured_seconds - o.base_seconds + o.compute_seconds,
-                                  {g: _prior(eff, g, True) for g in groups})
-            overheads = {letter: values.get(g, 0.0) for g in groups for letter in g}
-        eff = _with(base, True, {**dict(eff.te_block_overhead_s), **overheads}, traffic)
+        # the synchronised share (exposed_host_seconds) couples the two fits: a GPU-bound run
+        # shows some host time, a host-bound one some GPU time; solved to a fixed point
+        for _ in range(100):
+            current = eff
+            traffic = eff.traffic(True)
+            if any(o.small_units for o in gpu):
+                traffic = _nonnegative(gpu, [SMALL], lambda o, e=current: o.measured_seconds - o.base_seconds - _synced(o, e) * _host_seconds(o, e),
+                                       {SMALL: traffic}).get(SMALL, 0.0)
+            overheads: dict[str, float] = {}
+            if host:
+                groups = tied(host)
+                with_traffic = _with(base, True, dict(eff.te_block_overhead_s), traffic)
+                values = _nonnegative(host, groups, lambda o, e=with_traffic: (o.measured_seconds - o.base_seconds + o.compute_seconds
+                                                                              - _synced(o, e) * _gpu_seconds(o, e)),
+                                      {g: _prior(eff, g, True) for g in groups})
+                overheads = {letter: values.get(g, 0.0) for g in groups for letter in g}
+            eff = _with(base, True, {**dict(eff.te_block_overhead_s), **overheads}, traffic)
+            if all(abs(a[1] - b[1]) <= 1e-12 for a, b in zip(eff.te_block_overhead_s, current.te_block_overhead_s, strict=True)) \
+                    and abs(eff.traffic(True) - current.traffic(True)) <= 1e-9:
+                break
         error = sum((predict(o, eff) / o.measured_seconds - 1) ** 2 for o in observations)
         if best is None or error < best[0]:
             best = (error, eff)
@@ -282,9 +292,14 @@ def _host_seconds(o: Observation, eff: Efficiency) -> float:
     return sum(units * eff.overhead(letter, o.te) for letter, units in o.units.items())
 
 
+def _synced(o: Observation, eff: Efficiency) -> float:
+    """Efficiency.te_sync_exposed on runs whose busiest rank has E blocks, else 0."""
+    return eff.te_sync_exposed if o.units.get("E") else 0.0
+
+
 def predict(o: Observation, eff: Efficiency) -> float:
     gpu = _gpu_seconds(o, eff)
-    return o.base_seconds - o.compute_seconds + gpu + exposed_host_seconds(gpu, _host_seconds(o, eff), o.te)
+    return o.base_seconds - o.compute_seconds + gpu + exposed_host_seconds(gpu, _host_seconds(o, eff), o.te, _synced(o, eff))
 
 
 def leave_one_out(observations: list[Observation]) -> list[dict[str, Any]]:

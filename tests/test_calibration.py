@@ -129,8 +129,9 @@ def test_calibrate_the_committed_te_runs_reproduces_the_shipped_te_defaults():
     on H200 (18 of them with Megatron's fusions, each priced for the fusions it ran) and the eight
     MoE runs on one H100 with 8 to 128 local experts and the ten host probes on two H100 hosts,
     which pin the per-local-expert host time (EXPERT): host time is the host's, whichever GPU the
-    step runs on. Left out one at a time, 54 of the 81 within 15%, median 7.4%; the worst is a
-    probe on the faster of the two hosts (+45%)."""
+    step runs on; with the synchronised share of host and GPU time on MoE ranks at its shipped
+    0.4. Left out one at a time, 57 of the 81 within 15%, median 5.3%; the worst is a probe on the
+    faster of the two hosts (+46%)."""
     h200 = calibrate(_te_runs(TE_RUNS))
     assert h200["transformer_engine"] is True and len(h200["fitted_on"]) == 63 and h200["determined"]
     assert h200["composition"] == "longer of host and GPU"
@@ -145,28 +146,33 @@ def test_calibrate_the_committed_te_runs_reproduces_the_shipped_te_defaults():
     assert DEFAULT_EFFICIENCY.overhead("E", te=True) != DEFAULT_EFFICIENCY.overhead("E")  # its own table
     assert DEFAULT_EFFICIENCY.overhead(EXPERT) == 0.0 < DEFAULT_EFFICIENCY.overhead(EXPERT, te=True)
     errors = sorted(abs(r["error"]) for r in leave_one_out(observations))
-    assert errors[len(errors) // 2] < 0.075 and sum(e <= 0.15 for e in errors) >= 54 and errors[-1] < 0.46
+    assert errors[len(errors) // 2] < 0.055 and sum(e <= 0.15 for e in errors) >= 57 and errors[-1] < 0.46
 
 
 def test_the_shipped_te_defaults_predict_the_blind_sets_they_were_not_fitted_on():
     """Layouts planned and committed before they ran, on H200 and H100, none of them in the fit:
-    20 of 21 steps within 15%, all within 16% (the miss, on H100: the AMEM hybrid under selective
-    recompute, -15.1%; before the host probes joined the fit 19 of 21, with the MoE at hidden 3072
-    and 16 local experts at +15.5%, now +13.0%; blind set 5, wide dense stacks where the gradient
-    accumulation is 17-30% of the step and a wide-expert MoE, is within -2.0% to -12.9%)."""
+    all 21 steps within 14% (before the synchronised share of host and GPU time on MoE ranks, 20,
+    the AMEM hybrid under selective recompute on H100 at -15.1%; before the host probes joined the
+    fit 19; blind set 5, wide dense stacks where the gradient accumulation is 17-30% of the step
+    and a wide-expert MoE, is within -2.0% to -12.9%)."""
     errors = [abs(predict(o, DEFAULT_EFFICIENCY) / o.measured_seconds - 1)
               for o in map(observe, _te_runs(TE_BLIND))]
-    assert len(errors) == 21 and sum(e <= 0.15 for e in errors) >= 20 and max(errors) < 0.16
+    assert len(errors) == 21 and max(errors) < 0.14
 
 
 def _te_synthetic() -> list[Observation]:
-    """TE runs built with host overheads A 3 ms, E 15 ms and traffic 20: two GPU-bound, three host-bound."""
+    """TE runs built with host overheads A 3 ms, E 15 ms and traffic 20: two GPU-bound, three
+    host-bound; where there are E blocks the shipped synchronised share of the shorter of host and
+    GPU time adds to the longer."""
     truth, traffic, comm = {"A": 3e-3, "E": 15e-3}, 20.0, 0.02
     shapes = [(0.4, 0.005, {"A": 32}), (0.3, 0.004, {"A": 20}), (0.2, 0.004, {"A": 32, "E": 32}),
               (0.17, 0.004, {"A": 16, "E": 32}), (0.05, 0.0025, {"A": 40, "E": 10})]
-    return [Observation(f"te{i}", "x", True, compute + comm, units,
-                        comm + max(compute + small * traffic, sum(n * truth[k] for k, n in units.items())), small, compute)
-            for i, (compute, small, units) in enumerate(shapes)]
+    runs = []
+    for i, (compute, small, units) in enumerate(shapes):
+        gpu, host = compute + small * traffic, sum(n * truth[k] for k, n in units.items())
+        synced = DEFAULT_EFFICIENCY.te_sync_exposed if "E" in units else 0.0
+        runs.append(Observation(f"te{i}", "x", True, compute + comm, units, comm + max(gpu, host) + synced * min(gpu, host), small, compute))
+    return runs
 
 
 def test_te_fit_takes_the_longer_of_host_and_gpu_time():
