@@ -6,7 +6,9 @@ The step-time model (planner/cost.py) is, on the busiest pipeline rank,
     GPU time  = matmul time + softmax time + traffic x small_kernel_seconds(blocks)
     host time = sum over blocks of overhead(letter)
     per-micro-batch time = GPU time + host time            (local modules)
-                         = the longer of GPU and host time (Transformer Engine)
+                         = the longer of GPU and host time (Transformer Engine), plus
+                           Efficiency.te_sync_exposed of the shorter on ranks with E blocks
+                           (the MoE dispatcher's host synchronisation)
 
 with matmul and softmax time from the preset's measured kernel-rate table (planner/kernel_rates.py;
 FLOPs at MAMF x matmul and bytes at HBM x hbm where a preset has none). Everything but the
@@ -261,27 +263,40 @@ def _fit_overlapped(observations: list[Observation], base: Efficiency) -> Effici
         # the synchronised share (exposed_host_seconds) couples the two fits: a GPU-bound run
         # shows some host time, a host-bound one some GPU time; solved to a fixed point
         for _ in range(100):
-            current = eff
-            traffic = eff.traffic(True)
-            if any(o.small_units for o in gpu):
-                traffic = _nonnegative(gpu, [SMALL], lambda o, e=current: o.measured_seconds - o.base_seconds - _synced(o, e) * _host_seconds(o, e),
-                                       {SMALL: traffic}).get(SMALL, 0.0)
-            overheads: dict[str, float] = {}
-            if host:
-                groups = tied(host)
-                with_traffic = _with(base, True, dict(eff.te_block_overhead_s), traffic)
-                values = _nonnegative(host, groups, lambda o, e=with_traffic: (o.measured_seconds - o.base_seconds + o.compute_seconds
-                                                                              - _synced(o, e) * _gpu_seconds(o, e)),
-                                      {g: _prior(eff, g, True) for g in groups})
-                overheads = {letter: values.get(g, 0.0) for g in groups for letter in g}
-            eff = _with(base, True, {**dict(eff.te_block_overhead_s), **overheads}, traffic)
-            if all(abs(a[1] - b[1]) <= 1e-12 for a, b in zip(eff.te_block_overhead_s, current.te_block_overhead_s, strict=True)) \
-                    and abs(eff.traffic(True) - current.traffic(True)) <= 1e-9:
+            current, eff = eff, _refit_split(gpu, host, eff, base)
+            if _settled(eff, current):
                 break
         error = sum((predict(o, eff) / o.measured_seconds - 1) ** 2 for o in observations)
         if best is None or error < best[0]:
             best = (error, eff)
     return best[1] if best else base
+
+
+def _refit_split(gpu: list[Observation], host: list[Observation], eff: Efficiency, base: Efficiency) -> Efficiency:
+    """One pass of the TE fit for a fixed split: the traffic from the GPU-bound runs (less the
+    synchronised share of their host time at `eff`), then the overheads from the host-bound ones
+    (less the synchronised share of their GPU time at that traffic)."""
+    traffic = eff.traffic(True)
+    if any(o.small_units for o in gpu):
+        def gpu_excess(o: Observation) -> float:
+            return o.measured_seconds - o.base_seconds - _synced(o, eff) * _host_seconds(o, eff)
+        traffic = _nonnegative(gpu, [SMALL], gpu_excess, {SMALL: traffic}).get(SMALL, 0.0)
+    overheads: dict[str, float] = {}
+    if host:
+        groups = tied(host)
+        priced = _with(base, True, dict(eff.te_block_overhead_s), traffic)
+
+        def host_excess(o: Observation) -> float:
+            return o.measured_seconds - o.base_seconds + o.compute_seconds - _synced(o, priced) * _gpu_seconds(o, priced)
+        values = _nonnegative(host, groups, host_excess, {g: _prior(eff, g, True) for g in groups})
+        overheads = {letter: values.get(g, 0.0) for g in groups for letter in g}
+    return _with(base, True, {**dict(eff.te_block_overhead_s), **overheads}, traffic)
+
+
+def _settled(eff: Efficiency, before: Efficiency) -> bool:
+    """Whether a pass of _refit_split left the overheads and the traffic where they were."""
+    return (all(abs(a - b) <= 1e-12 for (_, a), (_, b) in zip(eff.te_block_overhead_s, before.te_block_overhead_s, strict=True))
+            and abs(eff.traffic(True) - before.traffic(True)) <= 1e-9)
 
 
 def _gpu_seconds(o: Observation, eff: Efficiency) -> float:
@@ -334,6 +349,8 @@ def calibrate(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "small_kernel_traffic": round(eff.traffic(te), 4),
         # how host time and GPU time compose (cost.exposed_host_seconds)
         "composition": "longer of host and GPU" if te else "added",
+        # the share of the shorter that adds on ranks with E blocks (cost.exposed_host_seconds)
+        **({"synchronised_share": eff.te_sync_exposed} if te else {}),
         "tied": ["".join(g) for g in tied(fitted_runs) if len(g) > 1],
         "determined": determined(observations, eff),
         "fitted_on": [

@@ -134,7 +134,7 @@ def test_calibrate_the_committed_te_runs_reproduces_the_shipped_te_defaults():
     faster of the two hosts (+46%)."""
     h200 = calibrate(_te_runs(TE_RUNS))
     assert h200["transformer_engine"] is True and len(h200["fitted_on"]) == 63 and h200["determined"]
-    assert h200["composition"] == "longer of host and GPU"
+    assert h200["composition"] == "longer of host and GPU" and h200["synchronised_share"] == DEFAULT_EFFICIENCY.te_sync_exposed
     bound = {r["name"] for r in h200["fitted_on"] if r["host_bound"]}
     assert "te-dense" not in bound and {"te-moe", "blind-te-nam-small-ep2"} <= bound  # dense GPU-bound, MoE host-bound
     observations = [observe(r) for r in _te_runs(TE_RUNS + TE_EXPERTS + TE_HOST)]
