@@ -317,12 +317,12 @@ def predict(o: Observation, eff: Efficiency) -> float:
     return o.base_seconds - o.compute_seconds + gpu + exposed_host_seconds(gpu, _host_seconds(o, eff), o.te, _synced(o, eff))
 
 
-def leave_one_out(observations: list[Observation]) -> list[dict[str, Any]]:
+def leave_one_out(observations: list[Observation], base: Efficiency = DEFAULT_EFFICIENCY) -> list[dict[str, Any]]:
     """Each run predicted by a fit on all the others (None where the others cannot be fitted)."""
     rows = []
     for i, o in enumerate(observations):
         try:
-            p: float | None = predict(o, fit(observations[:i] + observations[i + 1 :]))
+            p: float | None = predict(o, fit(observations[:i] + observations[i + 1 :], base))
         except PlanError:
             p = None
         rows.append({"name": o.name, "measured_s": round(o.measured_seconds, 4),
@@ -331,13 +331,40 @@ def leave_one_out(observations: list[Observation]) -> list[dict[str, Any]]:
     return rows
 
 
+# the synchronised shares (Efficiency.te_sync_exposed) calibrate tries for a cluster's MoE runs
+SYNC_SHARES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+
+
+def sync_share(observations: list[Observation]) -> tuple[float | None, list[dict[str, Any]]]:
+    """The share of the shorter of host and GPU time that shows on this cluster's MoE ranks under
+    TE (Efficiency.te_sync_exposed): of SYNC_SHARES, the one whose fit predicts the runs left out
+    one at a time best (lowest median error; the smaller share on a tie), with those predictions.
+    None (the shipped share stays) where no run has E blocks, or under the local modules, where
+    host time adds whole."""
+    if not observations[0].te or not any(o.units.get("E") for o in observations) or len(observations) < 3:
+        return None, leave_one_out(observations) if len(observations) > 2 else []
+    best: tuple[float, float, list[dict[str, Any]]] | None = None
+    for share in SYNC_SHARES:
+        rows = leave_one_out(observations, replace(DEFAULT_EFFICIENCY, te_sync_exposed=share))
+        errors = sorted(abs(r["error"]) for r in rows if r["error"] is not None)
+        median = errors[len(errors) // 2] if errors else float("inf")
+        if best is None or median < best[0]:
+            best = (median, share, rows)
+    assert best is not None
+    return best[1], best[2]
+
+
 def calibrate(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """The profile document: fitted overheads, fit residuals and leave-one-out errors."""
+    """The profile document: fitted overheads (and, for MoE runs under TE, the synchronised
+    share), fit residuals and leave-one-out errors."""
     observations = [observe(r) for r in runs]
     clusters = sorted({o.cluster for o in observations})
     if len(clusters) > 1:
         raise PlanError(f"calibrate one cluster at a time; these runs span {', '.join(clusters)}")
-    eff = fit(observations)
+    if len(observations) < 2:
+        raise PlanError("calibrate needs at least two measured runs")
+    share, held_out = sync_share(observations)
+    eff = fit(observations, DEFAULT_EFFICIENCY if share is None else replace(DEFAULT_EFFICIENCY, te_sync_exposed=share))
     te = observations[0].te
     bound = [te and host_bound(o, eff) for o in observations]  # under TE the overheads come from the host-bound runs
     fitted_runs = [o for o, b in zip(observations, bound, strict=True) if b] if te else observations
@@ -349,8 +376,9 @@ def calibrate(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "small_kernel_traffic": round(eff.traffic(te), 4),
         # how host time and GPU time compose (cost.exposed_host_seconds)
         "composition": "longer of host and GPU" if te else "added",
-        # the share of the shorter that adds on ranks with E blocks (cost.exposed_host_seconds)
-        **({"synchronised_share": eff.te_sync_exposed} if te else {}),
+        # the share of the shorter that adds on ranks with E blocks (cost.exposed_host_seconds),
+        # chosen by the runs left out one at a time (sync_share)
+        **({"synchronised_share": share} if share is not None else {}),
         "tied": ["".join(g) for g in tied(fitted_runs) if len(g) > 1],
         "determined": determined(observations, eff),
         "fitted_on": [
@@ -358,7 +386,7 @@ def calibrate(runs: list[dict[str, Any]]) -> dict[str, Any]:
              "uncalibrated_s": round(predict(o, DEFAULT_EFFICIENCY), 4), **({"host_bound": b} if te else {})}
             for o, b in zip(observations, bound, strict=True)
         ],
-        "leave_one_out": leave_one_out(observations) if len(observations) > 2 else [],
+        "leave_one_out": held_out,
     }
 
 
@@ -372,7 +400,11 @@ def efficiency_from_profile(profile: dict[str, Any]) -> Efficiency:
     traffic = profile.get("small_kernel_traffic", DEFAULT_EFFICIENCY.traffic(te))  # profiles made before it: the default
     if not isinstance(traffic, (int, float)) or traffic < 0:
         raise PlanError("malformed cluster profile: 'small_kernel_traffic' must be a number >= 0")
+    share = profile.get("synchronised_share", DEFAULT_EFFICIENCY.te_sync_exposed)  # profiles made before it: the default
+    if not isinstance(share, (int, float)) or not 0 <= share <= 1:
+        raise PlanError("malformed cluster profile: 'synchronised_share' must be a number from 0 to 1")
     table = "te_block_overhead_s" if te else "block_overhead_s"
     merged = {**dict(getattr(DEFAULT_EFFICIENCY, table)), **{str(k): float(v) for k, v in overheads.items()}}
     return replace(DEFAULT_EFFICIENCY, **{table: tuple(sorted(merged.items())),
-                                          "te_small_kernel_traffic" if te else "small_kernel_traffic": float(traffic)})
+                                          "te_small_kernel_traffic" if te else "small_kernel_traffic": float(traffic),
+                                          "te_sync_exposed": float(share)})

@@ -278,6 +278,9 @@ def calibration_table(profile: dict[str, Any]) -> None:
     per_block = ", ".join(f"{letter} {v * 1e3:.2f} ms" for letter, v in profile["block_overhead_s"].items())
     out.print(f"[bold]{profile['cluster']}[/]: overhead per block per micro-batch (forward + backward): {per_block}; "
               f"small kernels' traffic {profile.get('small_kernel_traffic', 0.0):g} x the saved activations")
+    if profile.get("synchronised_share") is not None:
+        out.print(f"on ranks with MoE blocks {profile['synchronised_share']:.0%} of the shorter of host and GPU time adds to the longer "
+                  "(the dispatcher makes the host wait for the GPU), the share whose fit best predicts the runs left out one at a time")
     if not profile.get("determined", True):
         out.print("these runs do not separate every block kind (one kind's count is a combination of the others' in "
                   "every run): what they leave open keeps the shipped overheads; add runs of other shapes to fit it")
