@@ -45,6 +45,11 @@ def norm_params(ctx: Context) -> int:
     return h if ctx.spec.model.normalization == "rmsnorm" else 2 * h
 
 
+def norm_tensors(ctx: Context) -> int:
+    """RMSNorm is one tensor (its weight); LayerNorm two (and its bias)."""
+    return 2 if ctx.spec.model.normalization == "layernorm" else 1
+
+
 def padded_vocab(ctx: Context, tp: int) -> int:
     """Megatron-LM pads the vocabulary to a multiple of 128 * TP (vocab_utils.py:58-59)."""
     multiple = 128 * tp
@@ -132,11 +137,10 @@ def block_param_tensors(ctx: Context, letter: str, lay: Layout) -> int:
     experts alike), plus the shared expert's fc1 and fc2. M (mamba_mixer.py): in_proj, the conv1d's
     weight and bias, dt_bias, A_log, D, the gated norm and out_proj. R (runtime/worker/recurrent.py):
     in_proj, out_proj and the gate norm's weight."""
-    norm = 2 if ctx.spec.model.normalization == "layernorm" else 1
     if letter == "E":
         linears = block_linears(ctx, letter, lay)
-        return norm + len(linears.dense) + len(linears.expert) * linears.local
-    return norm + {"A": 2, "D": 2, "M": 8, "R": 3}[letter]
+        return norm_tensors(ctx) + len(linears.dense) + len(linears.expert) * linears.local
+    return norm_tensors(ctx) + {"A": 2, "D": 2, "M": 8, "R": 3}[letter]
 
 
 def embedding_param_tensors(ctx: Context) -> int:
@@ -147,7 +151,7 @@ def embedding_param_tensors(ctx: Context) -> int:
 def head_param_tensors(ctx: Context, lay: Layout) -> int:
     """The final norm, and the output layer unless it is the embedding's on the same rank."""
     tied_on_same_rank = ctx.spec.model.tie_embeddings and lay.pp == 1
-    return (2 if ctx.spec.model.normalization == "layernorm" else 1) + (0 if tied_on_same_rank else 1)
+    return norm_tensors(ctx) + (0 if tied_on_same_rank else 1)
 
 
 def weight_gradient_bytes(ctx: Context, letter: str, lay: Layout) -> float:

@@ -341,7 +341,7 @@ def sync_share(observations: list[Observation]) -> tuple[float | None, list[dict
     one at a time best (lowest median error; the smaller share on a tie), with those predictions.
     None (the shipped share stays) where no run has E blocks, or under the local modules, where
     host time adds whole."""
-    if not observations[0].te or not any(o.units.get("E") for o in observations) or len(observations) < 3:
+    if len(observations) < 3 or not observations[0].te or not any(o.units.get("E") for o in observations):
         return None, leave_one_out(observations) if len(observations) > 2 else []
     best: tuple[float, float, list[dict[str, Any]]] | None = None
     for share in SYNC_SHARES:
@@ -361,9 +361,7 @@ def calibrate(runs: list[dict[str, Any]]) -> dict[str, Any]:
     clusters = sorted({o.cluster for o in observations})
     if len(clusters) > 1:
         raise PlanError(f"calibrate one cluster at a time; these runs span {', '.join(clusters)}")
-    if len(observations) < 2:
-        raise PlanError("calibrate needs at least two measured runs")
-    share, held_out = sync_share(observations)
+    share, held_out = sync_share(observations)  # fit refuses fewer than two runs
     eff = fit(observations, DEFAULT_EFFICIENCY if share is None else replace(DEFAULT_EFFICIENCY, te_sync_exposed=share))
     te = observations[0].te
     bound = [te and host_bound(o, eff) for o in observations]  # under TE the overheads come from the host-bound runs

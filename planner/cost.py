@@ -192,6 +192,7 @@ class Efficiency:
     # there) come out at the very end of the backward, the first bucket's parameters are gathered
     # before the forward can start.
     grad_reduce_exposed: float = 0.11
+    param_gather_exposed: float = 0.30
     # MoE under TE: megatron-core's token dispatchers copy the routed-token counts to the host in
     # every MoE layer's forward (TE's grouped GEMM takes the split sizes as a host list), so the
     # host waits for the GPU there and cannot run ahead across it. On ranks with E blocks this
@@ -203,7 +204,6 @@ class Efficiency:
     # when the value was chosen; it moved its MoE runs from -23%, -40% and -6.6% to -16%, -32% and
     # -3.2%.
     te_sync_exposed: float = 0.4
-    param_gather_exposed: float = 0.30
     # The optimizer step (Adam over this rank's shard, the gradient norm and clipping): seconds =
     # optimizer state bytes x traffic / HBM bandwidth + fixed, per backend. Fitted to the measured
     # optimizer time of every committed run without pipeline stages waiting on each other

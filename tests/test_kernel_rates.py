@@ -19,7 +19,7 @@ from megacpp.planner.cost import (
 )
 from megacpp.planner.kernel_rates import RATES_DIR, TABLES, kernel_rates
 from megacpp.planner.layout import Layout
-from megacpp.planner.plan import make_context
+from megacpp.planner.plan import make_context, with_backend
 from megacpp.planner.spec import ClusterSpec
 from megacpp.planner.stages import assign_stages
 from tests.conftest import committed_gpu_runs
@@ -147,7 +147,6 @@ def test_fused_attention_time_matches_the_profiled_attention_kernels():
     assert max(map(abs, errors)) <= 0.25 and statistics.median(map(abs, errors)) <= 0.11, errors
 
 
-
 def test_routed_experts_are_grouped_under_transformer_engine_and_sequential_without():
     """TEGroupedMLP runs each of fc1 and fc2 as one GroupedLinear over the local experts; the
     local modules' SequentialMLP runs the experts one after another: the same shapes either way."""
@@ -156,9 +155,7 @@ def test_routed_experts_are_grouped_under_transformer_engine_and_sequential_with
         if "E" not in run["pattern"]:
             continue
         spec, lay = run_spec(run), Layout.from_dict(run["layout"])
-        backend = {te: spec.model_copy(update={"backend": spec.backend.model_copy(update={"transformer_engine": te})})
-                   for te in (True, False)}
-        grouped, sequential = (block_gemms(make_context(backend[te]), "E", lay) for te in (True, False))
+        grouped, sequential = (block_gemms(make_context(with_backend(spec, transformer_engine=te)), "E", lay) for te in (True, False))
         local = spec.model.moe.num_experts // lay.ep
         assert len(grouped.grouped) == 2 and all(g == local for *_, g in grouped.grouped) and not sequential.grouped
         assert sorted(sequential.linears) == sorted(grouped.linears + grouped.grouped)
