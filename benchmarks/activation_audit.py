@@ -70,12 +70,18 @@ def audit(spec: dict[str, Any], cuda: bool = False) -> dict[str, Any]:
         layer.register_forward_pre_hook(lambda _m, _a, i=i: current.update(block=i))
         layer.register_forward_hook(lambda _m, _a, _o: current.update(block=-1))
     saved: dict[int, tuple[int, int]] = {}  # storage -> (bytes, block that saved it first)
+    # the storages charged, held until the audit ends: a saved storage whose graph the forward
+    # drops is freed, and the allocator may hand its address to a later one, which keying by
+    # address would then skip (the E block of tests/test_activation_audit.py's rope-gqa-gated came
+    # out 8-16 B per token short or not with the heap's layout, e.g. under MALLOC_MMAP_THRESHOLD_)
+    held: list[torch.UntypedStorage] = []
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
         ptr = storage.data_ptr()
         if ptr not in once and ptr not in saved and storage.nbytes():
             saved[ptr] = (storage.nbytes(), current["block"])
+            held.append(storage)
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
