@@ -37,6 +37,7 @@ class RenderOptions:
     construct_only: bool = False  # megacpp engine: build the model and report, no training
     profile: bool = False  # megacpp engine: one extra step under torch.profiler, summarised in the report
     memory_peak: bool = False  # megacpp engine: one extra step's peak memory by allocation site, in the report
+    trace: bool = False  # megacpp engine: with profile, each rank's profiled step as a Chrome trace under traces/
     master_port: int = 29500
 
 
@@ -103,6 +104,7 @@ def render_launch(plan: Plan, opts: RenderOptions) -> dict[str, str]:
                   "--report", "report.json"]
         worker += ["--construct-only"] if opts.construct_only else ["--steps", str(opts.train.train_iters)]
         worker += ["--profile"] if opts.profile and not opts.construct_only else []
+        worker += ["--trace", "traces"] if opts.trace and opts.profile and not opts.construct_only else []
         worker += ["--memory-peak"] if opts.memory_peak and not opts.construct_only else []
         command = [" ".join(shlex.quote(t) for t in worker)]
 

@@ -165,6 +165,7 @@ def launch(
     steps: Annotated[int, typer.Option("--steps", min=1, help="Training iterations.")] = 100,
     construct_only: Annotated[bool, typer.Option("--construct-only", help="megacpp engine: build the model and report, no training.")] = False,
     profile: Annotated[bool, typer.Option("--profile", help="megacpp engine: time one extra step's kernels by kind into the report.")] = False,
+    trace: Annotated[bool, typer.Option("--trace", help="megacpp engine: with --profile, also write each rank's profiled step as a Chrome trace under OUT/traces.")] = False,
     memory_peak: Annotated[bool, typer.Option("--memory-peak", help="megacpp engine: break one extra step's peak memory down by allocation site in the report.")] = False,
     nproc_per_node: Annotated[int | None, typer.Option("--nproc-per-node", min=1, help="Processes per node (default: the cluster's GPUs per node).")] = None,
     cpu: Annotated[bool, typer.Option("--cpu", help="Slurm: request CPUs, not GPUs (construction-mode jobs).")] = False,
@@ -182,8 +183,8 @@ def launch(
     plan_doc = loaded if isinstance(loaded, Plan) else build_plan(loaded, top=max(10, rank + 1))
     opts = RenderOptions(
         target=target.value, engine=engine.value, candidate=rank, train=TrainOptions(train_iters=steps),
-        nproc_per_node=nproc_per_node, cpu=cpu, construct_only=construct_only, profile=profile,
-        memory_peak=memory_peak,
+        nproc_per_node=nproc_per_node, cpu=cpu, construct_only=construct_only, profile=profile or trace,
+        memory_peak=memory_peak, trace=trace,
     )
     files = render_launch(plan_doc, opts)
     executors.write_files(out, files)

@@ -216,3 +216,18 @@ def test_hostile_spec_name_executes_nothing(name, target, engine, tmp_path):
     assert not list(tmp_path.rglob("PWNED")) and not (ROOT / "PWNED").exists()
     argv = (tmp_path / "argv").read_text().splitlines()
     assert "--nproc-per-node" in argv  # the launcher really ran, with its arguments intact
+
+
+def test_the_runtime_worker_gets_profile_and_trace_only_when_asked():
+    """launch --trace writes each rank's profiled step as a Chrome trace under a fixed folder of
+    the run (no user text reaches the script); without --profile there is no profiled step."""
+    plan = _plan("nam56r")
+
+    def worker(**opts) -> list[str]:
+        text = render_launch(plan, RenderOptions(engine="megacpp", **opts))["launch.sh"]
+        return shlex.split(text.split("megacpp.runtime.worker", 1)[1].split("\n", 1)[0])
+
+    assert "--profile" not in worker() and "--trace" not in worker(trace=True)
+    args = worker(profile=True, trace=True)
+    assert "--profile" in args and args[args.index("--trace") + 1] == "traces"
+    assert "--trace" not in worker(profile=True) and "--trace" not in worker(profile=True, trace=True, construct_only=True)

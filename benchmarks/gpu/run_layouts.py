@@ -3,7 +3,7 @@
 On a GPU host with megacpp and megatron-core installed (see benchmarks/gpu/README.md):
 
     python benchmarks/gpu/run_layouts.py --out DIR [--specs DIR] [--steps 12] [--only NAME,...]
-        [--baseline NAME,...] [--rounds 1] [--profile] [--memory-peak]
+        [--baseline NAME,...] [--rounds 1] [--profile] [--trace] [--memory-peak]
 
 Each spec in --specs (default benchmarks/gpu/specs) is planned and launched with
 `--engine megacpp --target torchrun`. A spec with no legal layout is recorded as rejected, with
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -143,10 +144,11 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--profile", action="store_true", help="profile one extra step's kernels in each launch")
     ap.add_argument("--memory-peak", action="store_true", help="break one extra step's peak memory down by allocation site")
+    ap.add_argument("--trace", action="store_true", help="with the profiled step, keep its Chrome traces under OUT/traces/NAME")
     ap.add_argument("--timeout", type=float, default=180)
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    extras = ["--profile"] * args.profile + ["--memory-peak"] * args.memory_peak
+    extras = ["--profile"] * (args.profile or args.trace) + ["--trace"] * args.trace + ["--memory-peak"] * args.memory_peak
     log = args.out / "log.txt"
     work = Path("/tmp/megacpp-gpu-runs")
     only = {s for s in args.only.split(",") if s}
@@ -176,6 +178,8 @@ def main() -> int:
             print(f"{name}: FAILED after {time.time() - start:.0f} s (see {log})", flush=True)
             save()
             continue
+        if args.trace:
+            shutil.copytree(rundir / "traces", args.out / "traces" / name, dirs_exist_ok=True)
         row = entry(name, report)
         rows.append(row)
         if name in baselines:

@@ -26,6 +26,7 @@ def parse_args(argv: list[str] | None = None):
     ap.add_argument("--construct-only", action="store_true", help="build the model and report parameters; no training (works on CPU)")
     ap.add_argument("--tokens", help="token ids to train on: .npy (integer array) or .bin (raw uint16); default synthetic")
     ap.add_argument("--profile", action="store_true", help="run one more step under torch.profiler; kernel seconds by kind per rank")
+    ap.add_argument("--trace", metavar="DIR", help="with --profile: write each rank's profiled step as a Chrome trace, DIR/trace-rankN.json.gz")
     ap.add_argument("--memory-peak", action="store_true",
                     help="run one more step under the CUDA allocator's history; its peak by allocation site per rank")
     ap.add_argument("--seed", type=int, default=1234)
@@ -33,8 +34,10 @@ def parse_args(argv: list[str] | None = None):
     args = ap.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
         ap.error("--steps must be at least 1 and --warmup at least 0")
+    if args.trace and not args.profile:
+        ap.error("--trace writes the profiled step: pass --profile with it")
     return Options(plan=args.plan, candidate=args.candidate, steps=args.steps, warmup=args.warmup, report=args.report,
-                   construct_only=args.construct_only, profile=args.profile, memory_peak=args.memory_peak, tokens=args.tokens, seed=args.seed, lr=args.lr)
+                   construct_only=args.construct_only, profile=args.profile, memory_peak=args.memory_peak, trace=args.trace, tokens=args.tokens, seed=args.seed, lr=args.lr)
 
 
 def main(argv: list[str] | None = None) -> int:

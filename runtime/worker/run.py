@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -39,6 +40,7 @@ class Options:
     construct_only: bool = False
     profile: bool = False
     memory_peak: bool = False
+    trace: str | None = None  # with profile: this rank's profiled step as a Chrome trace in this folder
     tokens: str | None = None
     seed: int = 1234
     lr: float = 1e-3
@@ -99,7 +101,8 @@ def run(opts: Options) -> dict | None:
     result = TrainResult()
     if not opts.construct_only:
         result = train(job, chunks, config, steps=opts.steps, warmup=opts.warmup, seed=opts.seed, lr=opts.lr, tokens=opts.tokens,
-                       profile=opts.profile, memory_peak=opts.memory_peak, on_step_end=counter.end_step if counter else None)
+                       profile=opts.profile, memory_peak=opts.memory_peak, on_step_end=counter.end_step if counter else None,
+                       trace=Path(opts.trace) / f"trace-rank{process.rank}.json.gz" if opts.trace else None)
     info = rank_info(coordinates(process.rank), params, params_expert, layer_numbers, cuda, counter, result)
     infos = gather(info)
     report = None

@@ -7,12 +7,16 @@ arguments a plan fixes; nothing here is specific to a block letter.
 
 from __future__ import annotations
 
+import gzip
 import platform
+import shutil
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 
 import torch
 from megatron.core import parallel_state as ps
@@ -177,7 +181,8 @@ def _step_loss(losses_reduced) -> float | None:
 
 
 def train(job: Job, chunks, config, *, steps: int, warmup: int, seed: int, lr: float, tokens: str | None,
-          profile: bool = False, memory_peak: bool = False, on_step_end: Callable[[], None] | None = None) -> TrainResult:
+          profile: bool = False, memory_peak: bool = False, on_step_end: Callable[[], None] | None = None,
+          trace: Path | None = None) -> TrainResult:
     """Run warmup + steps optimizer steps; time each one between two torch.cuda.synchronize().
 
     With `profile`, one more step runs under torch.profiler and its kernel time is summarised; with
@@ -236,7 +241,8 @@ def train(job: Job, chunks, config, *, steps: int, warmup: int, seed: int, lr: f
     # the peak of every warm-up and timed step (the extra recorded steps below come after)
     result.memory = {**phases.last, "step_peak_gib": [round(b / GIB, 4) for b in phases.step_peaks],
                      "peak_gib": round(phases.peak / GIB, 4)}
-    for name, record_step, wanted in (("profile", kernel_profile, profile), ("memory_peak", memory_peak_sites, memory_peak)):
+    for name, record_step, wanted in (("profile", partial(kernel_profile, trace=trace), profile),
+                                      ("memory_peak", memory_peak_sites, memory_peak)):
         if wanted:
             timed = len(result.step_seconds)
             setattr(result, name, record_step(partial(one_step, timed)))
@@ -378,8 +384,10 @@ def kernel_kind(name: str) -> str:
     return next((kind for kind, keys in KERNEL_KINDS if any(k in lowered for k in keys)), "other")
 
 
-def kernel_profile(run_step) -> dict:
-    """Run one step under torch.profiler and summarise it (gpu_activity).
+def kernel_profile(run_step, trace: Path | None = None) -> dict:
+    """Run one step under torch.profiler and summarise it (gpu_activity); with `trace`, also
+    write the step's Chrome trace (host threads, CUDA runtime calls and kernels; open it in
+    Perfetto) there, gzipped.
 
     GPU busy time well below the wall time means the step is bound by the host (Python, launches),
     not by the kernels: the cost model's compute term cannot explain it.
@@ -390,9 +398,21 @@ def kernel_profile(run_step) -> dict:
         start = time.perf_counter()
         run_step()
         wall = time.perf_counter() - start
+    if trace is not None:
+        write_trace(prof, trace)
     events = prof.events()
     waits = [e.time_range.elapsed_us() for e in events if e.name in HOST_WAITS]
     return gpu_activity(wall, gpu_work(events), waits)
+
+
+def write_trace(prof, path: Path) -> None:
+    """The profiled step's Chrome trace, gzipped (a step's trace is tens of MB of JSON)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(raw))
+        with raw.open("rb") as src, gzip.open(path, "wb") as dst:
+            shutil.copyfileobj(src, dst)
 
 
 def gpu_work(events) -> list[tuple[str, float, float]]:
