@@ -202,7 +202,10 @@ class Efficiency:
     # (median 7.4, 6.7, 5.3, 5.6, 6.1 and 7.0%), and 20, 21, 21, 20, 19 and 18 of the 21 blind
     # runs. Blind set 6 on one H100 (gpu_runs_h100x1_te_blind6.json) had run, planned without it,
     # when the value was chosen; it moved its MoE runs from -23%, -40% and -6.6% to -16%, -32% and
-    # -3.2%.
+    # -3.2%. Traced (benchmarks/results/trace_phases_h100x1_te.json, benchmarks/gpu/trace_phases.py),
+    # an MoE rank's forward is host-bound (the GPU idles 60-66% of it, ten waits per micro-batch)
+    # and its backward GPU-bound where the experts are wide; the longer of host and GPU time taken
+    # per phase instead fitted no better (README, "Traces of where the time goes").
     te_sync_exposed: float = 0.4
     # The optimizer step (Adam over this rank's shard, the gradient norm and clipping): seconds =
     # optimizer state bytes x traffic / HBM bandwidth + fixed, per backend. Fitted to the measured
