@@ -159,12 +159,15 @@ MEASURED_TE_BLOCK_OVERHEAD_S = (("A", 5.14e-3), ("D", 2.89e-3), ("E", 9.21e-3), 
 
 # A step whose per-block host time (Estimate.host_seconds, hidden behind the GPU or not) is at
 # least this share of it is bound by the host and by synchronisation rather than by the GPU, or
-# near it. Over the 200 committed runs of megacpp's runtime (benchmarks/gpu/compare.py): below
-# the share, 44 runs within 16.4% (median 3.5%); at or above it, 156 runs with a median error of
-# 6.7% and up to 43% (moe-ep2-top1, gpu_runs_h200x2.json), and host-bound steps moved 7-55%
-# between hosts of the same kind (the host probes, gpu_runs_h100x1_te_host*.json, 7-39%).
+# near it. Over the 218 committed runs of megacpp's runtime (benchmarks/gpu/compare.py): below
+# the share, 44 runs within 16.4% (median 3.5%); at or above it, 174 runs with a median error of
+# 7.6% and up to 62% (hp-h100-te-e128 on the third host of the probes,
+# gpu_runs_h100x1_te_host3.json: planned 0.779 s, measured 0.480). Host-bound steps move with the
+# host: the five host probes (gpu_runs_h100x1_te_host*.json) took 1.3-2.0 times as long on the
+# slowest of three H100 hosts as on the fastest (four E blocks of 32 experts: 0.982, 0.605 and
+# 0.484 s), where one plan cannot be within 15% of both.
 HOST_BOUND_SHARE = 0.30
-HOST_BOUND_ERROR = 0.43
+HOST_BOUND_ERROR = 0.63
 
 
 @dataclass(frozen=True)
@@ -234,7 +237,9 @@ class Efficiency:
     # of them. On two H100 hosts, stacks so small that the GPU idles (hidden 512, 15 to 525 tensors:
     # 8 to 128 local experts, benchmarks/results/gpu_runs_h100x1_te_host.json) stepped in 1 ms plus
     # 42-112 us per tensor (72 us by least squares over the ten runs). That host work overlaps the
-    # state's HBM traffic: the step takes the longer of the two (optimizer_seconds).
+    # state's HBM traffic: the step takes the longer of the two (optimizer_seconds). A third host
+    # (gpu_runs_h100x1_te_host3.json, not in the value) stepped the same probes at 38-55 us per
+    # tensor (21.5 ms for 525 tensors, 41.1 and 37.6 ms on the first two).
     optimizer_tensor_s: float = 70e-6
     optimizer_traffic: float = 5.38
     optimizer_fixed_s: float = 1.0e-3

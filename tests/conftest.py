@@ -18,7 +18,7 @@ GPU_RESULTS = ROOT / "benchmarks" / "results"
 
 # stacks so small (hidden 512, 512 tokens) that the GPU idles: they measure host time, and their
 # kernels are launch-sized, below what the kernel tables and the bandwidth terms describe
-HOST_PROBES = ("gpu_runs_h100x1_te_host.json", "gpu_runs_h100x1_te_host2.json")
+HOST_PROBES = ("gpu_runs_h100x1_te_host.json", "gpu_runs_h100x1_te_host2.json", "gpu_runs_h100x1_te_host3.json")
 
 
 def committed_gpu_runs(host_probes: bool = True):

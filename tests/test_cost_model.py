@@ -165,8 +165,9 @@ def test_optimizer_step_time_follows_the_optimizer_state_measured_on_every_run()
     modules on a host with TE installed, where megatron-core steps with TE's FusedAdam: left out.
     Under TE a rank's many small expert weights cost host time per tensor: 128 local experts at
     f 512 (525 tensors) stepped in 39.6 ms, 37.8 ms planned, where the state's bytes alone say
-    19.5 ms. The host probes, whose state is tiny, take the per-tensor time alone, and the two
-    hosts they ran on differ by up to 2x in it: within 32% under and 57% over."""
+    19.5 ms. The host probes, whose state is tiny, take the per-tensor time alone, and the three
+    hosts they ran on differ by up to 2.4x in it (four E blocks of 32 experts: 28.0, 13.5 and
+    11.7 ms): within 32% under and 76% over."""
     errors: dict[bool, list[float]] = {True: [], False: []}
     probes: list[float] = []
     for name, run in committed_gpu_runs():
@@ -181,10 +182,10 @@ def test_optimizer_step_time_follows_the_optimizer_state_measured_on_every_run()
         error = planned / statistics.median(run["per_rank_optimizer_seconds"]) - 1
         (probes if name in HOST_PROBES else errors[ctx.te]).append(error)
     fused, local = ([abs(e) for e in errors[te]] for te in (True, False))
-    assert len(fused) >= 45 and len(local) >= 30 and len(probes) == 10
+    assert len(fused) >= 45 and len(local) >= 30 and len(probes) == 15
     assert statistics.median(fused) <= 0.06 and max(fused) <= 0.27
     assert statistics.median(local) <= 0.08 and max(local) <= 0.35
-    assert -0.32 <= min(probes) < 0 < max(probes) <= 0.57
+    assert -0.32 <= min(probes) < 0 < max(probes) <= 0.77
     without_tensors = replace(DEFAULT_EFFICIENCY, optimizer_tensor_s=0.0)
     run = next(r for _, r in committed_gpu_runs() if r["name"] == "x100-te-moe-h2048-e128-f512-top8")
     spec = run_spec(run)
@@ -265,7 +266,8 @@ def test_data_parallel_collectives_hide_a_share_until_they_outlast_the_micro_bat
 def test_gpu_bound_steps_are_the_accurate_ones():
     """What `explain layout` tells a user about a host-bound step holds on the runtime's evidence:
     below HOST_BOUND_SHARE of per-block host time every run is within 20% (the worst the Mamba
-    hybrid on PP2, +16%; median within 5%), and every run within HOST_BOUND_ERROR. (Megatron-LM's
+    hybrid on PP2, +16%; median within 5%), and every run within HOST_BOUND_ERROR (the worst a
+    128-expert host probe on the fastest of three H100 hosts, +62%). (Megatron-LM's
     own runs are left out: their host time is Megatron-LM's, which on one host ran TE layouts
     13-47% slower than the runtime and on another up to 19% faster; the README compares them.)"""
     bound, free = [], []
