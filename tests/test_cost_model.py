@@ -267,7 +267,7 @@ def test_gpu_bound_steps_are_the_accurate_ones():
     """What `explain layout` tells a user about a host-bound step holds on the runtime's evidence:
     below HOST_BOUND_SHARE of per-block host time every run is within 20% (the worst the Mamba
     hybrid on PP2, +16%; median within 5%), and every run within HOST_BOUND_ERROR (the worst a
-    128-expert host probe on the fastest of three H100 hosts, +62%). (Megatron-LM's
+    128-expert host probe on the fastest of three H100 hosts, +63%). (Megatron-LM's
     own runs are left out: their host time is Megatron-LM's, which on one host ran TE layouts
     13-47% slower than the runtime and on another up to 19% faster; the README compares them.)"""
     bound, free = [], []

@@ -20,24 +20,11 @@ import json
 import sys
 from pathlib import Path
 
+from megacpp.runtime.worker.intervals import merged, overlap
+
 GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
 WAITS = ("cudaStreamSynchronize", "cudaEventSynchronize", "cudaDeviceSynchronize")
 BACKWARD_OP = "autograd::engine::evaluate_function"
-
-
-def merged(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    out: list[tuple[float, float]] = []
-    for a, b in sorted(spans):
-        if out and a <= out[-1][1]:
-            out[-1] = (out[-1][0], max(out[-1][1], b))
-        else:
-            out.append((a, b))
-    return out
-
-
-def covered(spans: list[tuple[float, float]], lo: float, hi: float) -> float:
-    """Length of the union `spans` (merged) inside [lo, hi]."""
-    return sum(max(0.0, min(b, hi) - max(a, lo)) for a, b in spans)
 
 
 def backward_windows(ops: list[dict], gap_us: float) -> list[tuple[float, float]]:
@@ -83,7 +70,7 @@ def phases(trace: dict, gap_us: float = 2000.0) -> dict:
         waits = [e["dur"] for e in calls if e["tid"] == tid and e["name"] in WAITS and lo <= e["ts"] < hi]
         row["windows"] += 1
         row["wall_s"] += (hi - lo) / 1e6
-        row["gpu_busy_s"] += covered(busy, lo, hi) / 1e6
+        row["gpu_busy_s"] += overlap(busy, [(lo, hi)]) / 1e6
         row["waits"] += len(waits)
         row["wait_s"] += sum(waits) / 1e6
     for e in gpu:
@@ -91,7 +78,7 @@ def phases(trace: dict, gap_us: float = 2000.0) -> dict:
         phase = next((p for p, lo, hi in windows if ts is not None and lo <= ts < hi), None)
         if phase is not None:
             out[phase]["launched_gpu_s"] += e["dur"] / 1e6
-    total = {"wall_s": round((end - start) / 1e6, 6), "gpu_busy_s": round(covered(busy, start, end) / 1e6, 6),
+    total = {"wall_s": round((end - start) / 1e6, 6), "gpu_busy_s": round(overlap(busy, [(start, end)]) / 1e6, 6),
              "micro_batches": len(windows) // 2}
     return {"total": total, **{p: {k: round(v, 6) if isinstance(v, float) else v for k, v in row.items()} for p, row in out.items()}}
 

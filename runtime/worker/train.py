@@ -33,6 +33,7 @@ from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
 from megatron.core.utils import get_attr_wrapped_model
 
 from megacpp.runtime.worker.data import SyntheticChain, TokenFile, microbatches
+from megacpp.runtime.worker.intervals import length, merged, overlap
 from megacpp.runtime.worker.job import Job
 
 # Megatron-LM core_v0.16.1 examples/gpt3/train_gpt3_175b_distributed.sh:42-46
@@ -459,17 +460,17 @@ def gpu_activity(wall: float, gpu: list[tuple[str, float, float]], waits: list[f
         else:
             others.append(span)
     compute = sum(v for k, v in by_kind.items() if k != "communication")
-    computing = _merged(others)
-    comm = {c: _merged(spans) for c, spans in sorted(collectives.items())}
-    every = _merged([span for spans in collectives.values() for span in spans] + others)
+    computing = merged(others)
+    comm = {c: merged(spans) for c, spans in sorted(collectives.items())}
+    every = merged([span for spans in collectives.values() for span in spans] + others)
     return {
         "wall_seconds": round(wall, 6),
         "kernels": len(gpu),
         "kernel_seconds": {k: round(v, 6) for k, v in sorted(by_kind.items())},
         "compute_kernel_seconds": round(compute, 6),
-        "gpu_busy_seconds": round(_length(every) / 1e6, 6),
-        "communication_seconds": {c: round(_length(m) / 1e6, 6) for c, m in comm.items()},
-        "exposed_communication_seconds": {c: round((_length(m) - _overlap(m, computing)) / 1e6, 6) for c, m in comm.items()},
+        "gpu_busy_seconds": round(length(every) / 1e6, 6),
+        "communication_seconds": {c: round(length(m) / 1e6, 6) for c, m in comm.items()},
+        "exposed_communication_seconds": {c: round((length(m) - overlap(m, computing)) / 1e6, 6) for c, m in comm.items()},
         "host_waits": len(waits),
         "host_wait_seconds": round(sum(waits) / 1e6, 6),
         "most_launched": [[name, int(n), round(sec, 6)] for name, (n, sec) in
@@ -485,30 +486,3 @@ COLLECTIVES = ("allreduce", "reducescatter", "allgather", "alltoall", "sendrecv"
 def collective(name: str) -> str:
     lowered = name.lower().replace("_", "")
     return next((c for c in COLLECTIVES if c in lowered), "other")
-
-
-def _merged(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    """The union of intervals, as sorted disjoint intervals."""
-    out: list[tuple[float, float]] = []
-    for start, end in sorted(spans):
-        if out and start <= out[-1][1]:
-            out[-1] = (out[-1][0], max(out[-1][1], end))
-        else:
-            out.append((start, end))
-    return out
-
-
-def _length(merged: list[tuple[float, float]]) -> float:
-    return sum(end - start for start, end in merged)
-
-
-def _overlap(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> float:
-    """The length of the intersection of two unions of intervals (each from _merged)."""
-    total, i, j = 0.0, 0, 0
-    while i < len(a) and j < len(b):
-        total += max(min(a[i][1], b[j][1]) - max(a[i][0], b[j][0]), 0.0)
-        if a[i][1] < b[j][1]:
-            i += 1
-        else:
-            j += 1
-    return total
