@@ -376,14 +376,18 @@ def block_activation_bytes(ctx: Context, letter: str, lay: Layout, load: float =
         rope = 4 * BF16 * d / lay.micro_batch_size if unfused_rope else 0.0
         heads_r, groups_r = heads / t, max(groups, t) / t
         qkv = (heads_r + 2 * groups_r) * d  # what the fused qkv projection writes
-        if ctx.te:
+        rotated = model.position_embedding == "rope"
+        if ctx.te and recompute != "selective":
             kept = qkv  # TE's fused attention keeps q, k, v and its output
         else:
+            # Under selective recompute TE's core attention is checkpointed alike: its inputs, the
+            # rotated q and k and v, a view that keeps the whole qkv output alive (blind set 7's
+            # MHA stack at sequence 8192: 0.5 GiB of rotary outputs beside 0.75 GiB of qkv outputs
+            # at the peak, benchmarks/results/gpu_runs_h100x1_te_blind7_peak.json; -3.5% -> -0.2%).
             # dot_product_attention.py: q and k are new tensors after rotary, else views of the qkv
             # output; with GQA k and v are repeated to every head (new tensors). A view keeps the
             # whole qkv output alive. Selective recompute keeps core attention's inputs (before
             # the repeat) instead.
-            rotated = model.position_embedding == "rope"
             if recompute == "selective":
                 new, view = ((heads_r + groups_r) * d if rotated else 0.0), True
             elif groups_r < heads_r:

@@ -173,15 +173,16 @@ MEASURED_TE_BLOCK_OVERHEAD_S = (("A", 5.25e-3), ("D", 2.13e-3), ("E", 9.00e-3), 
 
 # A step whose per-block host time (Estimate.host_seconds, hidden behind the GPU or not) is at
 # least this share of it is bound by the host and by synchronisation rather than by the GPU, or
-# near it. Over the 218 committed runs of megacpp's runtime (benchmarks/gpu/compare.py): below
-# the share, 45 runs within 16.4% (median 3.6%); at or above it, 173 runs with a median error of
-# 7.7% and up to 63% (hp-h100-te-e128 on the third host of the probes,
-# gpu_runs_h100x1_te_host3.json: planned 0.779 s, measured 0.480). Host-bound steps move with the
+# near it. Over the 231 committed runs of megacpp's runtime (benchmarks/gpu/compare.py): below
+# the share, 45 runs within 16.4% (median 3.6%); at or above it, 186 runs with a median error of
+# 8.2% and up to 66% (b7-h100-te-moe-e8-top1-plain-mbs4, blind set 7,
+# gpu_runs_h100x1_te_blind7.json: planned 0.474 s, measured 0.285; and hp-h100-te-e128 on the third
+# host of the probes, gpu_runs_h100x1_te_host3.json, 0.779 s against 0.480). Host-bound steps move with the
 # host: the five host probes (gpu_runs_h100x1_te_host*.json) took 1.3-2.0 times as long on the
 # slowest of three H100 hosts as on the fastest (four E blocks of 32 experts: 0.982, 0.605 and
 # 0.484 s), where one plan cannot be within 15% of both.
 HOST_BOUND_SHARE = 0.30
-HOST_BOUND_ERROR = 0.64
+HOST_BOUND_ERROR = 0.66
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from megacpp.planner.calibration import (
 )
 from megacpp.planner.cost import CP_STEP, DEFAULT_EFFICIENCY, EXPERT
 from megacpp.planner.errors import PlanError
-from tests.conftest import HOST_PROBES, ROOT
+from tests.conftest import ROOT
 
 RESULTS = ROOT / "benchmarks" / "results"
 GPU_RUNS = [RESULTS / "gpu_runs_h200x8.json", RESULTS / "gpu_runs_h200x4.json", RESULTS / "gpu_runs_h200x1.json"]
@@ -112,6 +112,9 @@ TE_RUNS = ["gpu_runs_h200x1_te.json", "gpu_runs_h200x2_te.json", "gpu_runs_h200x
 TE_EXPERTS = ["gpu_runs_h100x1_te_grouped.json", "gpu_runs_h100x1_te_experts.json"]
 # the same five tiny TE stacks (the GPU idles, the step is host work) on two H100 hosts
 TE_HOST = ["gpu_runs_h100x1_te_host.json", "gpu_runs_h100x1_te_host2.json"]
+# the TE runs on four H100 hosts, up to blind set 7, that are not host probes
+H100_TE = ["gpu_runs_h100x1_te.json", "gpu_runs_h100x1_te_blind.json", "gpu_runs_h100x1_te_blind6.json", *TE_EXPERTS,
+           "gpu_runs_h100x1_te_sync.json", "gpu_runs_h100x1_te_trace.json", "gpu_runs_h100x1_te_trace2.json"]
 # planned blind and kept out of the fit: how the shipped TE defaults predict layouts they never saw
 TE_BLIND = ["gpu_runs_h200x1_te_blind3.json", "gpu_runs_h100x1_te_blind.json", "gpu_runs_h200x2_te_blind4.json",
             "gpu_runs_h200x2_te_blind5.json"]
@@ -165,7 +168,7 @@ def test_calibrate_fits_the_cluster_s_synchronisation_share(h200):
     assert h200["synchronised_share"] == DEFAULT_EFFICIENCY.te_sync_exposed == 0.4
     fitted = sorted(abs(r["error"]) for r in h200["leave_one_out"])
     assert fitted[len(fitted) // 2] < 0.042 and sum(e <= 0.15 for e in fitted) >= 50
-    h100_runs = _te_runs(sorted(path.name for path in RESULTS.glob("gpu_runs_h100x1_te*.json") if path.name not in HOST_PROBES))
+    h100_runs = _te_runs(H100_TE)
     h100 = calibrate(h100_runs)
     assert len(h100["fitted_on"]) == 32 and h100["synchronised_share"] == 1.0
     fitted = sorted(abs(r["error"]) for r in h100["leave_one_out"])
