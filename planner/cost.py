@@ -216,7 +216,7 @@ class Efficiency:
     # host waits for the GPU there and cannot run ahead across it. On ranks with E blocks this
     # share of the shorter of host and GPU time adds to the longer (exposed_host_seconds). Chosen
     # by leave-one-out over the pooled TE fit (MEASURED_TE_BLOCK_OVERHEAD_S, refitted at each
-    # value): 0.0, 0.2, 0.4, 0.6, 0.8 and 1.0 put 54, 56, 57, 56, 54 and 55 of the 81 within 15%
+    # value; before CP_STEP): 0.0, 0.2, 0.4, 0.6, 0.8 and 1.0 put 54, 56, 57, 56, 54 and 55 of the 81 within 15%
     # (median 7.4, 6.7, 5.3, 5.6, 6.1 and 7.0%), and 20, 21, 21, 20, 19 and 18 of the 21 blind
     # runs. Blind set 6 on one H100 (gpu_runs_h100x1_te_blind6.json) had run, planned without it,
     # when the value was chosen; it moved its MoE runs from -23%, -40% and -6.6% to -16%, -32% and
