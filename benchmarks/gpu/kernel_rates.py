@@ -289,6 +289,11 @@ GROUPED_BYTES = 48 * 2**30  # skip points whose tensors (inputs, weights, output
 GROUPED_FLOPS = 2e14  # and those that take more than about 0.3 s a call; the planner grows time linearly past them
 
 
+def grouped_bytes(g: int, m: int, k: int, n: int) -> int:
+    """bf16 bytes of a GroupedLinear point's inputs and outputs, weights, and their gradients."""
+    return 2 * (2 * g * m * (k + n) + 2 * g * k * n)
+
+
 def grouped_linear_rows(experts: tuple[int, ...] = GROUPED_G) -> list[dict]:
     import transformer_engine.pytorch as te
 
@@ -296,11 +301,11 @@ def grouped_linear_rows(experts: tuple[int, ...] = GROUPED_G) -> list[dict]:
     for g in experts:
         for k in GROUPED_KN:
             for n in GROUPED_KN:
-                if 2 * (2 * g * GROUPED_M[0] * (k + n) + 2 * g * k * n) > GROUPED_BYTES:
+                if grouped_bytes(g, GROUPED_M[0], k, n) > GROUPED_BYTES:
                     continue  # the weights alone (256 experts of 16384 x 16384) do not fit
                 layer = te.GroupedLinear(g, k, n, bias=False, params_dtype=torch.bfloat16, device="cuda")
                 for m in GROUPED_M:
-                    if 2 * (2 * g * m * (k + n) + 2 * g * k * n) > GROUPED_BYTES or 6 * g * m * k * n > GROUPED_FLOPS:
+                    if grouped_bytes(g, m, k, n) > GROUPED_BYTES or 6 * g * m * k * n > GROUPED_FLOPS:
                         continue
                     x = torch.randn(g * m, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                     grad = torch.randn(g * m, n, device="cuda", dtype=torch.bfloat16)

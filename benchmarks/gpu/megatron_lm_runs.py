@@ -79,11 +79,12 @@ def parse_logs(text: str, world: int, tail: int = 0) -> dict:
 
 def trace_summary(trace: dict) -> dict:
     """The profiled iteration of torch's Chrome trace, summarised as the runtime's --profile is."""
-    from megacpp.runtime.worker.train import HOST_WAITS, gpu_activity
+    from megacpp.runtime.worker.timeline import HOST_WAITS, TRACE_GPU_CATEGORIES
+    from megacpp.runtime.worker.train import gpu_activity
 
     events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X"]
     wall = max((e["dur"] for e in events if str(e.get("name", "")).startswith("ProfilerStep#")), default=0.0) / 1e6
-    gpu = [(e["name"], e["ts"], e["dur"]) for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+    gpu = [(e["name"], e["ts"], e["dur"]) for e in events if e.get("cat") in TRACE_GPU_CATEGORIES]
     waits = [e["dur"] for e in events if e.get("cat") == "cuda_runtime" and e.get("name") in HOST_WAITS]
     return gpu_activity(wall, gpu, waits)
 

@@ -20,10 +20,8 @@ import json
 import sys
 from pathlib import Path
 
-from megacpp.runtime.worker.intervals import merged, overlap
+from megacpp.runtime.worker.timeline import HOST_WAITS, TRACE_GPU_CATEGORIES, merged, overlap
 
-GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
-WAITS = ("cudaStreamSynchronize", "cudaEventSynchronize", "cudaDeviceSynchronize")
 BACKWARD_OP = "autograd::engine::evaluate_function"
 
 
@@ -51,7 +49,7 @@ def phases(trace: dict, gap_us: float = 2000.0) -> dict:
                    key=lambda t: sum(e.get("dur", 0) for e in cpu if e["tid"] == t))
     calls = [e for e in events if e.get("cat") in ("cuda_runtime", "cuda_driver")]
     launched_at = {e["args"]["correlation"]: e["ts"] for e in calls if "correlation" in e.get("args", {})}
-    gpu = [e for e in events if e.get("cat") in GPU_CATEGORIES]
+    gpu = [e for e in events if e.get("cat") in TRACE_GPU_CATEGORIES]
     busy = merged([(e["ts"], e["ts"] + e["dur"]) for e in gpu])
     main_ops = [e for e in cpu if e["tid"] == main_tid]
     start = min(e["ts"] for e in main_ops)
@@ -67,7 +65,7 @@ def phases(trace: dict, gap_us: float = 2000.0) -> dict:
     for phase, lo, hi in windows:
         row = out[phase]
         tid = backward_tid if phase == "backward" else main_tid
-        waits = [e["dur"] for e in calls if e["tid"] == tid and e["name"] in WAITS and lo <= e["ts"] < hi]
+        waits = [e["dur"] for e in calls if e["tid"] == tid and e["name"] in HOST_WAITS and lo <= e["ts"] < hi]
         row["windows"] += 1
         row["wall_s"] += (hi - lo) / 1e6
         row["gpu_busy_s"] += overlap(busy, [(lo, hi)]) / 1e6

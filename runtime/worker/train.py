@@ -33,8 +33,8 @@ from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
 from megatron.core.utils import get_attr_wrapped_model
 
 from megacpp.runtime.worker.data import SyntheticChain, TokenFile, microbatches
-from megacpp.runtime.worker.intervals import length, merged, overlap
 from megacpp.runtime.worker.job import Job
+from megacpp.runtime.worker.timeline import HOST_WAITS, length, merged, overlap
 
 # Megatron-LM core_v0.16.1 examples/gpt3/train_gpt3_175b_distributed.sh:42-46
 WEIGHT_DECAY = 0.1
@@ -424,11 +424,6 @@ def gpu_work(events) -> list[tuple[str, float, float]]:
     for kernel, copy and memset events only (megatron_lm_runs.trace_summary)."""
     return [(e.name, e.time_range.start, e.time_range.elapsed_us()) for e in events
             if e.device_type == torch.autograd.DeviceType.CUDA and e.device_time_total > 0 and not e.is_user_annotation]
-
-
-# CUDA runtime calls in which the host waits for the GPU (a .item(), a bool of a GPU tensor, a
-# synchronize): while in them the host queues nothing ahead
-HOST_WAITS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
 
 
 MOST_LAUNCHED = 15  # kernel names a profile lists by launch count

@@ -1,9 +1,16 @@
-"""Unions of time intervals (start, end), for a profiled step's GPU busy time and its overlaps.
-Pure Python: the trace tools read them without torch."""
+"""What a profiled step's timeline is read with, in pure Python (the trace tools use it without
+torch): unions of time intervals (start, end), for GPU busy time and its overlaps; the CUDA calls
+in which the host waits for the GPU; and the GPU events of torch's Chrome traces."""
 
 from __future__ import annotations
 
 Spans = list[tuple[float, float]]
+
+# CUDA runtime calls in which the host waits for the GPU (a .item(), a bool of a GPU tensor, a
+# synchronize): while in them the host queues nothing ahead
+HOST_WAITS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+# the "cat" of the GPU's own work in torch's Chrome traces: kernels, copies and memsets
+TRACE_GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
 
 
 def merged(spans: Spans) -> Spans:
