@@ -1,4 +1,4 @@
-"""What autograd keeps per token for each block, measured on CPU against planner/blocks.py.
+"""What autograd keeps per token for each block, measured on CPU against planner/cost/blocks.py.
 
     python benchmarks/activation_audit.py SPEC.yaml [--json OUT]
 
@@ -29,10 +29,10 @@ def audit(spec: dict[str, Any], cuda: bool = False) -> dict[str, Any]:
     from megatron.core import parallel_state as ps
     from megatron.core.transformer.module import Float16Module
 
-    from megacpp.planner.blocks import block_activation_bytes
-    from megacpp.planner.layout import Layout
-    from megacpp.planner.loading import spec_from_dict
+    from megacpp.planner.cost.blocks import block_activation_bytes
     from megacpp.planner.plan import build_plan, make_context
+    from megacpp.planner.search.layout import Layout
+    from megacpp.planner.spec.loading import spec_from_dict
     from megacpp.runtime.worker.data import SyntheticChain, microbatches
     from megacpp.runtime.worker.distributed import shutdown
     from megacpp.runtime.worker.job import Job

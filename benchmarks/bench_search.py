@@ -16,8 +16,8 @@ import sys
 import time
 from pathlib import Path
 
-from megacpp.planner.loading import load_spec_text
 from megacpp.planner.plan import build_plan
+from megacpp.planner.spec.loading import load_spec_text
 from megacpp.recipes import recipe_text
 
 GPUS = (8, 1024, 16384)

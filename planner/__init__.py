@@ -4,9 +4,9 @@ Nothing in this package imports torch, rich, typer or subprocess, or writes file
 """
 
 from megacpp.planner.errors import LaunchError, MegacppError, PlanError, SpecError
-from megacpp.planner.loading import load_spec, load_spec_text, spec_from_dict
 from megacpp.planner.plan import build_plan
-from megacpp.planner.spec import Spec
+from megacpp.planner.spec.loading import load_spec, load_spec_text, spec_from_dict
+from megacpp.planner.spec.models import Spec
 
 __all__ = [
     "LaunchError",

@@ -8,14 +8,14 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from megacpp.planner.cost import estimate
+from megacpp.planner.cost.model import estimate
 from megacpp.planner.errors import PlanError
-from megacpp.planner.layout import Context, Layout
-from megacpp.planner.loading import spec_from_dict
 from megacpp.planner.plan import Candidate, Plan, make_context
-from megacpp.planner.ranks import process_groups, rank_coordinates
-from megacpp.planner.rules import check_layout, divisors
-from megacpp.planner.stages import assign_stages
+from megacpp.planner.search.layout import Context, Layout
+from megacpp.planner.search.ranks import process_groups, rank_coordinates
+from megacpp.planner.search.rules import check_layout, divisors
+from megacpp.planner.search.stages import assign_stages
+from megacpp.planner.spec.loading import spec_from_dict
 
 # The split taxonomy (DESIGN.md): what each axis partitions, its main traffic, what it cannot fix.
 TAXONOMY = {

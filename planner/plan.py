@@ -6,15 +6,15 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from megacpp.planner.blocks import routed_load
-from megacpp.planner.clusters import Cluster, resolve_cluster
-from megacpp.planner.cost import DEFAULT_EFFICIENCY, Efficiency, Estimate, estimate
+from megacpp.planner.cost.blocks import routed_load
+from megacpp.planner.cost.model import DEFAULT_EFFICIENCY, Efficiency, Estimate, estimate
 from megacpp.planner.errors import PlanError
-from megacpp.planner.layout import Context, Layout
-from megacpp.planner.rules import applicable, check_layout
-from megacpp.planner.search import search
-from megacpp.planner.spec import SUB_BLOCK_LETTERS, Spec
-from megacpp.planner.stages import assign_stages
+from megacpp.planner.search.layout import Context, Layout
+from megacpp.planner.search.rules import applicable, check_layout
+from megacpp.planner.search.space import search
+from megacpp.planner.search.stages import assign_stages
+from megacpp.planner.spec.clusters import Cluster, resolve_cluster
+from megacpp.planner.spec.models import SUB_BLOCK_LETTERS, Spec
 
 SCHEMA = "megacpp.plan/1"
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from megacpp.planner.errors import MegacppError
-from megacpp.planner.layout import Layout
-from megacpp.planner.loading import spec_from_dict
 from megacpp.planner.plan import Plan, build_plan, make_context
-from megacpp.planner.rules import check_layout
-from megacpp.planner.spec import Spec
+from megacpp.planner.search.layout import Layout
+from megacpp.planner.search.rules import check_layout
+from megacpp.planner.spec.loading import spec_from_dict
+from megacpp.planner.spec.models import Spec
 
 
 def _summary_of_rejection(plan: Plan) -> str:

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from megacpp.planner.loading import spec_from_dict
-from megacpp.planner.spec import Spec
+from megacpp.planner.spec.loading import spec_from_dict
+from megacpp.planner.spec.models import Spec
 
 ROOT = Path(__file__).resolve().parent.parent
 GPU_RESULTS = ROOT / "benchmarks" / "results"

@@ -10,7 +10,7 @@ from dataclasses import replace
 
 import pytest
 
-from megacpp.planner.calibration import (
+from megacpp.planner.calibrate.fit import (
     Observation,
     calibrate,
     efficiency_from_profile,
@@ -20,7 +20,7 @@ from megacpp.planner.calibration import (
     observe,
     predict,
 )
-from megacpp.planner.cost import CP_STEP, DEFAULT_EFFICIENCY, EXPERT
+from megacpp.planner.cost.model import CP_STEP, DEFAULT_EFFICIENCY, EXPERT
 from megacpp.planner.errors import PlanError
 from tests.conftest import ROOT
 
@@ -96,7 +96,7 @@ def test_calibrate_the_committed_gpu_runs_reproduces_the_shipped_defaults():
     runs = [r for path in GPU_RUNS for r in json.loads(path.read_text())["runs"]]
     profile = calibrate(runs)
     assert profile["cluster"] == "h200-sxm-8" and len(profile["fitted_on"]) == len(runs) >= 23
-    # planner/cost.py MEASURED_BLOCK_OVERHEAD_S is this fit, rounded
+    # planner/cost/model.py MEASURED_BLOCK_OVERHEAD_S is this fit, rounded
     for letter in ("A", "D", "E", "R"):
         assert profile["block_overhead_s"][letter] == pytest.approx(DEFAULT_EFFICIENCY.overhead(letter), abs=5e-5)
     errors = [abs(r["error"]) for r in profile["leave_one_out"]]
@@ -134,7 +134,7 @@ def h200() -> dict:
 
 
 def test_calibrate_the_committed_te_runs_reproduces_the_shipped_te_defaults(h200):
-    """planner/cost.py MEASURED_TE_BLOCK_OVERHEAD_S and the TE traffic are the fit on the 63 TE runs
+    """planner/cost/model.py MEASURED_TE_BLOCK_OVERHEAD_S and the TE traffic are the fit on the 63 TE runs
     on H200 (18 of them with Megatron's fusions, each priced for the fusions it ran) and the eight
     MoE runs on one H100 with 8 to 128 local experts and the ten host probes on two H100 hosts,
     which pin the per-local-expert host time (EXPERT): host time is the host's, whichever GPU the

@@ -9,10 +9,9 @@ from dataclasses import replace
 import pytest
 
 from benchmarks.gpu.compare import compare, host_label, in_flight_load, markdown, routing_pairs
-from megacpp.planner.blocks import expert_backward_bytes, micro_batch_tokens, unfused_scores
-from megacpp.planner.calibration import run_spec
-from megacpp.planner.clusters import PRESETS
-from megacpp.planner.cost import (
+from megacpp.planner.calibrate.fit import run_spec
+from megacpp.planner.cost.blocks import expert_backward_bytes, micro_batch_tokens, unfused_scores
+from megacpp.planner.cost.model import (
     DEFAULT_EFFICIENCY,
     EXPERT,
     GIB,
@@ -26,8 +25,6 @@ from megacpp.planner.cost import (
     grad_accumulation_seconds,
     optimizer_seconds,
 )
-from megacpp.planner.layout import Layout
-from megacpp.planner.loading import load_spec
 from megacpp.planner.plan import (
     MEASURED_LAYER_ROUTED_LOAD,
     MEASURED_ROUTED_LOAD,
@@ -36,7 +33,10 @@ from megacpp.planner.plan import (
     make_context,
     with_backend,
 )
-from megacpp.planner.stages import assign_stages
+from megacpp.planner.search.layout import Layout
+from megacpp.planner.search.stages import assign_stages
+from megacpp.planner.spec.clusters import PRESETS
+from megacpp.planner.spec.loading import load_spec
 from tests.conftest import HOST_PROBES, ROOT, TINY_DENSE, TINY_MOE, committed_gpu_runs, make_spec
 
 SPECS = ROOT / "benchmarks" / "gpu"

@@ -15,7 +15,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from megacpp.planner.loading import load_spec_text
+from megacpp.planner.spec.loading import load_spec_text
 from megacpp.recipes import recipe_names, recipe_text
 from tests.conftest import ROOT
 
@@ -144,7 +144,7 @@ def test_picture_renders(recipe, label, extra, tmp_path):
     import numpy as np
     from matplotlib.image import imread
 
-    from megacpp.runtime.picture import stage_colour
+    from megacpp.runtime.cli.picture import stage_colour
 
     png, svg = tmp_path / f"{label}.png", tmp_path / f"{label}.svg"
     proc = _run(recipe, *extra, "--json", "--png", str(png), "--svg", str(svg))
@@ -205,7 +205,7 @@ def test_host_bound_steps_say_so():
 def test_explain_says_what_the_memory_sums_leave_out():
     """Under each stage's memory sum, `explain layout` says what the transient is (grouped over the
     stages it holds for) and where the optimizer step's copy, not the activations, sets the peak."""
-    from megacpp.runtime.console import _peak_notes
+    from megacpp.runtime.cli.console import _peak_notes
 
     stage = {"transient_gib": 0.2, "transient_from": "the loss's logits", "activations_gib": 2.6}
     notes = _peak_notes([{**stage, "pp_rank": 0, "optimizer_step_gib": 3.2},

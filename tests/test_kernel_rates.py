@@ -8,20 +8,20 @@ import statistics
 
 import pytest
 
-from megacpp.planner.blocks import block_flops, block_gemms, micro_batch_tokens
-from megacpp.planner.calibration import run_spec
-from megacpp.planner.clusters import resolve_cluster
-from megacpp.planner.cost import (
+from megacpp.planner.calibrate.fit import run_spec
+from megacpp.planner.cost.blocks import block_flops, block_gemms, micro_batch_tokens
+from megacpp.planner.cost.kernel_rates import RATES_DIR, TABLES, kernel_rates
+from megacpp.planner.cost.model import (
     DEFAULT_EFFICIENCY,
     UNFUSED_SOFTMAX_BYTES_BACKWARD,
     UNFUSED_SOFTMAX_BYTES_FORWARD,
     matmul_seconds,
 )
-from megacpp.planner.kernel_rates import RATES_DIR, TABLES, kernel_rates
-from megacpp.planner.layout import Layout
 from megacpp.planner.plan import make_context, with_backend
-from megacpp.planner.spec import ClusterSpec
-from megacpp.planner.stages import assign_stages
+from megacpp.planner.search.layout import Layout
+from megacpp.planner.search.stages import assign_stages
+from megacpp.planner.spec.clusters import resolve_cluster
+from megacpp.planner.spec.models import ClusterSpec
 from tests.conftest import committed_gpu_runs
 
 

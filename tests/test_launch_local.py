@@ -57,7 +57,7 @@ def test_two_rank_cpu_job_through_megacpp_launch(tmp_path: Path) -> None:
 
 
 def test_a_failing_rank_fails_the_launch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from megacpp.runtime import executors
+    from megacpp.runtime.cli import executors
 
     spec = tmp_path / "spec.yaml"
     spec.write_text(SPEC)

@@ -73,7 +73,7 @@ def test_the_runtime_profile_counts_kernels_not_the_annotations_over_them():
 
     import torch
 
-    from megacpp.runtime.worker.train import gpu_work
+    from megacpp.runtime.worker.measure.profile import gpu_work
 
     def event(name, start, dur, device="CUDA", annotation=False, device_time=None):
         return SimpleNamespace(name=name, device_type=getattr(torch.autograd.DeviceType, device), is_user_annotation=annotation,
@@ -87,7 +87,7 @@ def test_the_runtime_profile_counts_kernels_not_the_annotations_over_them():
 
 
 def test_exposed_communication_is_collective_time_no_other_kernel_covers():
-    from megacpp.runtime.worker.train import gpu_activity
+    from megacpp.runtime.worker.measure.profile import gpu_activity
 
     gpu = [
         ("nvjet_tst_128x256_64x4", 100, 1_000),                          # compute 100..1100

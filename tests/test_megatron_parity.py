@@ -15,13 +15,13 @@ from typing import Any
 
 import pytest
 
-from megacpp.planner.cost import DEFAULT_EFFICIENCY, stage_memory
-from megacpp.planner.layout import Layout
+from megacpp.planner.cost.model import DEFAULT_EFFICIENCY, stage_memory
 from megacpp.planner.plan import make_context
-from megacpp.planner.ranks import process_groups, rank_coordinates
-from megacpp.planner.rules import check_layout
-from megacpp.planner.spec import Spec
-from megacpp.planner.stages import assign_stages
+from megacpp.planner.search.layout import Layout
+from megacpp.planner.search.ranks import process_groups, rank_coordinates
+from megacpp.planner.search.rules import check_layout
+from megacpp.planner.search.stages import assign_stages
+from megacpp.planner.spec.models import Spec
 from tests.conftest import PROBE, TINY_DENSE, TINY_MOE, make_spec
 
 pytest.importorskip("megatron.core", reason="megatron-core is installed by `make test`")

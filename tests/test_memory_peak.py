@@ -1,11 +1,11 @@
-"""The --memory-peak breakdown (runtime/worker/train.py peak_breakdown) on allocator traces built
+"""The --memory-peak breakdown (runtime/worker/measure/memory.py peak_breakdown) on allocator traces built
 by hand: what it says a step's peak holds and what a step leaves for the next one to free."""
 
 from __future__ import annotations
 
 import pytest
 
-train = pytest.importorskip("megacpp.runtime.worker.train")
+memory = pytest.importorskip("megacpp.runtime.worker.measure.memory")
 
 MIB = 2**20
 
@@ -31,7 +31,7 @@ def test_a_block_from_the_previous_step_freed_during_this_one_lowers_its_peak():
         _alloc(4, 160, "pkg/keep.py"),  # left for the next step
         _free(3, 50),
     ]
-    out = train.peak_breakdown(trace, start)
+    out = memory.peak_breakdown(trace, start)
     # 1000 + 100 - 160 + 200 + 50 = 1190 MiB; without counting the free of block 9 it would be 1350
     assert out["peak_gib"] == pytest.approx(1190 / 1024, abs=1e-4)
     assert out["sites_gib"] == {"pkg/act.py:1 f": pytest.approx(300 / 1024, abs=1e-4),
@@ -42,7 +42,7 @@ def test_a_block_from_the_previous_step_freed_during_this_one_lowers_its_peak():
 
 
 def test_a_step_that_never_rises_above_its_start_has_no_sites():
-    out = train.peak_breakdown([_free(9, 10), _alloc(1, 5, "pkg/a.py")], 100 * MIB)
+    out = memory.peak_breakdown([_free(9, 10), _alloc(1, 5, "pkg/a.py")], 100 * MIB)
     assert out["peak_gib"] == pytest.approx(100 / 1024, abs=1e-4)
     assert out["sites_gib"] == {} and out["largest_blocks_mib"] == {}
     assert out["left_after_step_gib"] == {"pkg/a.py:1 f": pytest.approx(5 / 1024, abs=1e-4)}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from megacpp.planner.errors import SpecError
-from megacpp.planner.pattern import parse_pattern
+from megacpp.planner.spec.pattern import parse_pattern
 
 
 @pytest.mark.parametrize(

@@ -19,14 +19,14 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from megacpp.planner.clusters import PRESETS
 from megacpp.planner.errors import MegacppError
-from megacpp.planner.layout import Layout
-from megacpp.planner.loading import apply_override, load_spec_bytes, load_spec_text, spec_from_dict
-from megacpp.planner.pattern import parse_pattern
 from megacpp.planner.plan import build_plan, make_context
-from megacpp.planner.rules import check_layout
-from megacpp.planner.spec import Spec
+from megacpp.planner.search.layout import Layout
+from megacpp.planner.search.rules import check_layout
+from megacpp.planner.spec.clusters import PRESETS
+from megacpp.planner.spec.loading import apply_override, load_spec_bytes, load_spec_text, spec_from_dict
+from megacpp.planner.spec.models import Spec
+from megacpp.planner.spec.pattern import parse_pattern
 from tests.conftest import TINY_DENSE, TINY_MOE
 
 LETTERS = "ADEMR"
@@ -335,7 +335,7 @@ def mutated_spec_dicts(draw: st.DrawFn) -> dict[str, Any]:
 
 def _plan_if_small(spec: Spec) -> None:
     """Plan specs of a size that keeps the test fast (huge but accepted specs are out of scope here)."""
-    from megacpp.planner.clusters import resolve_cluster
+    from megacpp.planner.spec.clusters import resolve_cluster
 
     cluster = resolve_cluster(spec.cluster)
     if len(spec.pattern.blocks) <= 64 and cluster.world_size <= 64:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from megacpp.planner.loading import load_spec_text
 from megacpp.planner.plan import build_plan
+from megacpp.planner.spec.loading import load_spec_text
 from megacpp.planner.validation import validate_spec
 from megacpp.recipes import DEFAULT_RECIPE, recipe_names, recipe_text
 

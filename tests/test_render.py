@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 
 from megacpp.planner.errors import LaunchError
-from megacpp.planner.loading import load_spec_text
-from megacpp.planner.megatron_args import MOE_AUX_LOSS_COEFF, TrainOptions, known_flags
+from megacpp.planner.megatron.args import MOE_AUX_LOSS_COEFF, TrainOptions, known_flags
+from megacpp.planner.megatron.render import RenderOptions, render_launch
 from megacpp.planner.plan import build_plan
-from megacpp.planner.render import RenderOptions, render_launch
+from megacpp.planner.spec.loading import load_spec_text
 from megacpp.recipes import recipe_names, recipe_text
 from tests.conftest import ROOT, TINY_DENSE, TINY_MOE, make_spec
 

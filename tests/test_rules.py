@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from megacpp.planner.errors import PlanError
-from megacpp.planner.layout import Layout
 from megacpp.planner.plan import build_plan, make_context
-from megacpp.planner.rules import RULES, check_layout, get_rule
+from megacpp.planner.search.layout import Layout
+from megacpp.planner.search.rules import RULES, check_layout, get_rule
 from megacpp.planner.validation import validate_spec
 from tests.conftest import TINY_DENSE, TINY_MOE, make_spec
 

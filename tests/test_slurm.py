@@ -115,7 +115,7 @@ def test_construct_only_job_end_to_end(slurm_cluster: SlurmCluster, tmp_path: Pa
 @needs_torch
 def test_failing_rank_fails_the_job(slurm_cluster: SlurmCluster, tmp_path: Path, capsys: pytest.CaptureFixture,
                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    from megacpp.runtime import executors
+    from megacpp.runtime.cli import executors
 
     out = tmp_path / "run"
     proc = _launch(slurm_cluster, out, "--dry-run", timeout=60)

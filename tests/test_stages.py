@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from megacpp.planner.plan import make_context
-from megacpp.planner.stages import assign_stages
+from megacpp.planner.search.stages import assign_stages
 from tests.conftest import TINY_DENSE, make_spec
 
 HYBRID_MODEL = {

@@ -27,12 +27,12 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from megatron.core import parallel_state as ps  # noqa: E402
 
-from megacpp.planner.blocks import block_params  # noqa: E402
+from megacpp.planner.cost.blocks import block_params  # noqa: E402
 from megacpp.planner.errors import LaunchError  # noqa: E402
-from megacpp.planner.layout import Layout  # noqa: E402
-from megacpp.planner.loading import spec_from_dict  # noqa: E402
 from megacpp.planner.plan import build_plan  # noqa: E402
-from megacpp.planner.ranks import rank_coordinates  # noqa: E402
+from megacpp.planner.search.layout import Layout  # noqa: E402
+from megacpp.planner.search.ranks import rank_coordinates  # noqa: E402
+from megacpp.planner.spec.loading import spec_from_dict  # noqa: E402
 from megacpp.runtime.worker import adapters  # noqa: E402
 from megacpp.runtime.worker.blocks import letter_specs  # noqa: E402
 from megacpp.runtime.worker.data import SyntheticChain, microbatches  # noqa: E402

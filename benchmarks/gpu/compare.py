@@ -3,7 +3,7 @@
     python benchmarks/gpu/compare.py [RESULTS.json ...] [--json OUT] [--markdown]
 
 Each run in benchmarks/results/gpu_runs_*.json carries its spec and layout; this re-estimates it
-with planner/cost.py as it is now (for the backend that actually ran: these hosts have no
+with planner/cost/model.py as it is now (for the backend that actually ran: these hosts have no
 Transformer Engine, so megatron-core's local modules) and prints, per pipeline stage, predicted
 and measured peak allocated memory, and per run predicted and measured step time.
 
@@ -21,10 +21,10 @@ import sys
 from functools import cache
 from pathlib import Path
 
-from megacpp.planner.calibration import run_spec
-from megacpp.planner.cost import in_flight
-from megacpp.planner.layout import Layout
+from megacpp.planner.calibrate.fit import run_spec
+from megacpp.planner.cost.model import in_flight
 from megacpp.planner.plan import estimate_run
+from megacpp.planner.search.layout import Layout
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 

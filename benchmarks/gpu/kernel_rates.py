@@ -33,7 +33,7 @@ left out; the median of five replays):
   are one GroupedLinear each; TE spreads the G GEMMs over its multi-stream cuBLAS path).
 
 Needs torch, and megacpp with megatron-core installed for the softmax and the recurrence. The output for a preset
-is committed as planner/rates/<gpu>.json, which planner/kernel_rates.py reads.
+is committed as planner/cost/rates/<gpu>.json, which planner/cost/kernel_rates.py reads.
 """
 
 from __future__ import annotations

@@ -79,8 +79,8 @@ def parse_logs(text: str, world: int, tail: int = 0) -> dict:
 
 def trace_summary(trace: dict) -> dict:
     """The profiled iteration of torch's Chrome trace, summarised as the runtime's --profile is."""
-    from megacpp.runtime.worker.timeline import HOST_WAITS, TRACE_GPU_CATEGORIES
-    from megacpp.runtime.worker.train import gpu_activity
+    from megacpp.runtime.worker.measure.profile import gpu_activity
+    from megacpp.runtime.worker.measure.timeline import HOST_WAITS, TRACE_GPU_CATEGORIES
 
     events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X"]
     wall = max((e["dur"] for e in events if str(e.get("name", "")).startswith("ProfilerStep#")), default=0.0) / 1e6

@@ -80,7 +80,7 @@ def main() -> int:
             rows.append({"collective": name, "bytes": size, "seconds": round(seconds, 7), "algbw_gbps": round(algbw, 2),
                          "busbw_gbps": round(algbw * factor, 2)})
     if rank == 0:
-        from megacpp.planner.clusters import NVLINK_BUSBW_FIELDS, PRESETS
+        from megacpp.planner.spec.clusters import NVLINK_BUSBW_FIELDS, PRESETS
 
         preset = PRESETS[args.preset]
         doc = {"world_size": n, "device": torch.cuda.get_device_name(), "nccl": ".".join(map(str, torch.cuda.nccl.version())),

@@ -20,7 +20,7 @@ import json
 import sys
 from pathlib import Path
 
-from megacpp.runtime.worker.timeline import HOST_WAITS, TRACE_GPU_CATEGORIES, merged, overlap
+from megacpp.runtime.worker.measure.timeline import HOST_WAITS, TRACE_GPU_CATEGORIES, merged, overlap
 
 BACKWARD_OP = "autograd::engine::evaluate_function"
 

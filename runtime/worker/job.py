@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from megacpp.planner.errors import LaunchError, PlanError
-from megacpp.planner.layout import Context
-from megacpp.planner.loading import spec_from_dict
 from megacpp.planner.plan import Plan, make_context
-from megacpp.planner.spec import Spec
+from megacpp.planner.search.layout import Context
+from megacpp.planner.spec.loading import spec_from_dict
+from megacpp.planner.spec.models import Spec
 
 
 @dataclass(frozen=True)

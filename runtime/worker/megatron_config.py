@@ -20,9 +20,9 @@ from megatron.core.transformer.enums import AttnBackend
 from megatron.core.transformer.moe import fused_a2a
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megacpp.planner.blocks import padded_vocab
+from megacpp.planner.cost.blocks import padded_vocab
 from megacpp.planner.errors import LaunchError
-from megacpp.planner.megatron_args import MOE_AUX_LOSS_COEFF
+from megacpp.planner.megatron.args import MOE_AUX_LOSS_COEFF
 from megacpp.runtime.worker.adapters import SequenceParallelNorm
 from megacpp.runtime.worker.job import Job
 

@@ -7,7 +7,7 @@ Per head h with head_dim d, at every token t::
     o_t     = q_t S_t
 
 followed by a per-head RMS norm of o (weight only), an output gate silu(g_t), and the output
-projection. Parameters on one rank (planner/blocks.py, letter R)::
+projection. Parameters on one rank (planner/cost/blocks.py, letter R)::
 
     norm + h * (4*d_r + H) / tp  (in_proj: q, k, v, g and H decay logits)
          + d_r / tp * h          (out_proj)
@@ -32,7 +32,7 @@ from megatron.core import tensor_parallel
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.module import MegatronModule
 
-from megacpp.planner.blocks import RECURRENT_CHUNK
+from megacpp.planner.cost.blocks import RECURRENT_CHUNK
 from megacpp.planner.errors import LaunchError
 
 GATED_NORM_EPS = 1e-6

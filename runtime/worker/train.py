@@ -7,11 +7,6 @@ arguments a plan fixes; nothing here is specific to a block letter.
 
 from __future__ import annotations
 
-import gzip
-import platform
-import shutil
-import statistics
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,7 +29,9 @@ from megatron.core.utils import get_attr_wrapped_model
 
 from megacpp.runtime.worker.data import SyntheticChain, TokenFile, microbatches
 from megacpp.runtime.worker.job import Job
-from megacpp.runtime.worker.timeline import HOST_WAITS, length, merged, overlap
+from megacpp.runtime.worker.measure.host import host_probe
+from megacpp.runtime.worker.measure.memory import memory_peak_sites
+from megacpp.runtime.worker.measure.profile import kernel_profile
 
 # Megatron-LM core_v0.16.1 examples/gpt3/train_gpt3_175b_distributed.sh:42-46
 WEIGHT_DECAY = 0.1
@@ -101,7 +98,7 @@ class MemoryPhases:
 
 
 def data_parallel_config(job: Job, chunks: int, dp_cp: int) -> DistributedDataParallelConfig:
-    """DDP as the rendered Megatron-LM launch has it (planner/megatron_args.py): fp32 gradients
+    """DDP as the rendered Megatron-LM launch has it (planner/megatron/args.py): fp32 gradients
     reduced bucket by bucket during the backward; with the distributed optimizer the updated
     parameters gathered bucket by bucket during the next forward, aligned across the chunks of an
     interleaved schedule (arguments.py turns align_param_gather off without one)."""
@@ -250,234 +247,3 @@ def train(job: Job, chunks, config, *, steps: int, warmup: int, seed: int, lr: f
             for record in (result.step_seconds, result.losses, result.forward_backward_seconds, result.optimizer_seconds):
                 del record[timed:]  # the extra step's own numbers are distorted by the recording
     return result
-
-
-def host_probe(device: torch.device, ops: int = 1000, rounds: int = 7) -> dict:
-    """How fast this host issues GPU work: its CPU's model name and the median host time per tiny
-    CUDA op (an in-place add on one element, queued without waiting for it), over `rounds` rounds
-    of `ops` ops. Every rank probes at once, sharing the host as in training. A step whose time is
-    mostly per-block overhead (planner/cost.py's host-bound share) moves with this number."""
-    x = torch.zeros(1, device=device)
-    per_op = []
-    for _ in range(rounds):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(ops):
-            x.add_(1)
-        per_op.append((time.perf_counter() - start) / ops)
-    torch.cuda.synchronize()
-    return {"cpu": cpu_model(), "launch_us": round(statistics.median(per_op) * 1e6, 3)}
-
-
-def cpu_model() -> str:
-    """The first "model name" of /proc/cpuinfo, or platform.processor() where there is none."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), platform.processor())
-    except OSError:
-        return platform.processor()
-
-
-# Frames of these files say nothing about which model code asked for the memory.
-PLUMBING = ("torch/autograd/", "torch/utils/", "torch/_", "torch/nn/modules/module.py", "torch/cuda/", "torch/overrides.py")
-
-
-def allocation_site(frames: list[dict]) -> str:
-    """The innermost frame outside autograd/allocator plumbing, as 'package/file.py:line function'."""
-    for frame in frames:
-        name = frame.get("filename", "")
-        if name.endswith(".py") and not any(p in name for p in PLUMBING):
-            short = name.split("site-packages/")[-1]
-            return f"{short}:{frame.get('line')} {frame.get('name')}"
-    return "(no Python frame: autograd engine)" if frames else "(unknown)"
-
-
-def _replay(trace: list[dict], allocated_at_start: int) -> tuple[int, list[dict], list[dict], int]:
-    """Allocator events in order, in one pass: the highest allocation, the blocks the step
-    allocated that were live there (none if nothing rose above the start) and those live at the
-    end, both in allocation order, and the bytes of blocks from before the step that it freed up
-    to the peak (which lower the allocation too)."""
-    live: dict[int, tuple[int, dict]] = {}  # address -> (event index, alloc event)
-    ended: list[tuple[int, dict, int]] = []  # (alloc index, alloc event, free index)
-    current = peak = allocated_at_start
-    at, freed_before, freed_at_peak = -1, 0, 0
-    for i, event in enumerate(trace):
-        action, addr = event.get("action"), event.get("addr")
-        if action == "alloc":
-            live[addr] = (i, event)
-            current += event.get("size", 0)
-            if current > peak:
-                peak, at, freed_at_peak = current, i, freed_before
-        elif action == "free_requested":
-            if addr in live:
-                start, block = live.pop(addr)
-                current -= block["size"]
-                ended.append((start, block, i))
-            else:
-                current -= event.get("size", 0)
-                freed_before += event.get("size", 0)
-    at_peak = sorted([(s, e) for s, e, stop in ended if s <= at < stop] + [(s, e) for s, e in live.values() if s <= at],
-                     key=lambda se: se[0])
-    return peak, [e for _, e in at_peak], [e for _, e in live.values()], freed_at_peak
-
-
-def _sizes_by_site(blocks: list[dict]) -> dict[str, list[int]]:
-    """The blocks' sizes per allocation site."""
-    sites: dict[str, list[int]] = {}
-    for event in blocks:
-        sites.setdefault(allocation_site(event.get("frames") or []), []).append(event.get("size", 0))
-    return sites
-
-
-def _by_site(sites: dict[str, list[int]], top: int) -> dict[str, float]:
-    """GiB per allocation site, the `top` largest and the rest as "(other sites)"."""
-    ranked = sorted(((site, sum(sizes)) for site, sizes in sites.items()), key=lambda kv: -kv[1])
-    rest = sum(size for _, size in ranked[top:])
-    return {site: round(size / GIB, 4) for site, size in ranked[:top]} | ({"(other sites)": round(rest / GIB, 4)} if rest else {})
-
-
-def peak_breakdown(trace: list[dict], allocated_at_start: int, top: int = 15) -> dict:
-    """Replay one step's allocator events; at the highest allocation, sum live blocks by site, with
-    the sizes of each top site's largest blocks (which tensors they are follows from their sizes).
-    Also what the step leaves allocated when it ends, by site, and how much of what was allocated
-    before it the step freed up to its peak: memory a step keeps until the next one frees it."""
-    peak, at_peak, left, freed_before = _replay(trace, allocated_at_start)
-    by_site = _sizes_by_site(at_peak)
-    sites = _by_site(by_site, top)
-    return {
-        "peak_gib": round(peak / GIB, 4),
-        "before_step_gib": round(allocated_at_start / GIB, 4),
-        "sites_gib": sites,
-        "largest_blocks_mib": {site: sorted((round(size / 2**20, 1) for size in by_site[site]), reverse=True)[:6]
-                               for site in sites if site != "(other sites)"},
-        "left_after_step_gib": _by_site(_sizes_by_site(left), top),
-        "freed_from_before_step_gib": round(freed_before / GIB, 4),
-    }
-
-
-def memory_peak_sites(run_step) -> dict:
-    """Run one step under torch.cuda.memory._record_memory_history and break its peak down by the
-    code that allocated each live block (allocations from before the step count as before_step)."""
-    torch.cuda.synchronize()
-    start = torch.cuda.memory_allocated()
-    torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
-    try:
-        run_step()
-        torch.cuda.synchronize()
-        snapshot = torch.cuda.memory._snapshot()
-    finally:
-        torch.cuda.memory._record_memory_history(enabled=None)
-    trace = snapshot["device_traces"][torch.cuda.current_device()]
-    return peak_breakdown(trace, start)
-
-
-# Kernel names by kind, matched in order against the lower-cased CUDA kernel name.
-KERNEL_KINDS = (
-    ("communication", ("nccl",)),
-    ("matmul", ("gemm", "cutlass", "cublas", "sm90_xmma", "nvjet", "matmul")),
-    ("attention_softmax", ("softmax", "flash", "fmha", "attn")),
-    ("copy", ("memcpy", "memset", "copy", "cat")),
-)
-
-
-def kernel_kind(name: str) -> str:
-    lowered = name.lower()
-    return next((kind for kind, keys in KERNEL_KINDS if any(k in lowered for k in keys)), "other")
-
-
-def kernel_profile(run_step, trace: Path | None = None) -> dict:
-    """Run one step under torch.profiler and summarise it (gpu_activity); with `trace`, also
-    write the step's Chrome trace (host threads, CUDA runtime calls and kernels; open it in
-    Perfetto) there, gzipped.
-
-    GPU busy time well below the wall time means the step is bound by the host (Python, launches),
-    not by the kernels: the cost model's compute term cannot explain it.
-    """
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        start = time.perf_counter()
-        run_step()
-        wall = time.perf_counter() - start
-    if trace is not None:
-        write_trace(prof, trace)
-    events = prof.events()
-    waits = [e.time_range.elapsed_us() for e in events if e.name in HOST_WAITS]
-    return gpu_activity(wall, gpu_work(events), waits)
-
-
-def write_trace(prof, path: Path) -> None:
-    """The profiled step's Chrome trace, gzipped (a step's trace is tens of MB of JSON)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        raw = Path(tmp) / "trace.json"
-        prof.export_chrome_trace(str(raw))
-        with raw.open("rb") as src, gzip.open(path, "wb") as dst:
-            shutil.copyfileobj(src, dst)
-
-
-def gpu_work(events) -> list[tuple[str, float, float]]:
-    """(name, start us, duration us) of the profiled kernels, copies and memsets. Left out: the
-    user annotations torch also places on the GPU timeline (c10d's "nccl:all_to_all" over its
-    ncclDevKernel_SendRecv, spanning the same time), which would count that time twice; torch's own
-    device-time totals leave them out alike (profiler_util.py), and Megatron-LM's traces are read
-    for kernel, copy and memset events only (megatron_lm_runs.trace_summary)."""
-    return [(e.name, e.time_range.start, e.time_range.elapsed_us()) for e in events
-            if e.device_type == torch.autograd.DeviceType.CUDA and e.device_time_total > 0 and not e.is_user_annotation]
-
-
-MOST_LAUNCHED = 15  # kernel names a profile lists by launch count
-MOST_LAUNCHED_NAME = 90  # characters of each name kept (templated kernel names run to thousands)
-
-
-def gpu_activity(wall: float, gpu: list[tuple[str, float, float]], waits: list[float]) -> dict:
-    """A profiled step: its wall time, GPU kernel seconds by kind over `gpu` (name, start us,
-    duration us, kernels and copies alike), their count, the GPU's busy time (the union of their
-    intervals over every stream), the host's waits on the GPU (`waits`, durations in us) and the
-    most launched kernels (name, count, seconds), which say where a step's launches go.
-
-    Per collective (all-reduce, reduce-scatter, ...): the seconds its kernels ran (their union)
-    and the part of those in which no compute or copy kernel ran, which is the communication the
-    step waited on rather than hid behind compute."""
-    by_kind: dict[str, float] = {}
-    by_name: dict[str, list[float]] = {}
-    collectives: dict[str, list[tuple[float, float]]] = {}
-    others: list[tuple[float, float]] = []
-    for name, start, dur in gpu:
-        kind = kernel_kind(name)
-        by_kind[kind] = by_kind.get(kind, 0.0) + dur / 1e6
-        count_seconds = by_name.setdefault(name[:MOST_LAUNCHED_NAME], [0, 0.0])
-        count_seconds[0] += 1
-        count_seconds[1] += dur / 1e6
-        span = (start, start + dur)
-        if kind == "communication":
-            collectives.setdefault(collective(name), []).append(span)
-        else:
-            others.append(span)
-    compute = sum(v for k, v in by_kind.items() if k != "communication")
-    computing = merged(others)
-    comm = {c: merged(spans) for c, spans in sorted(collectives.items())}
-    every = merged([span for spans in collectives.values() for span in spans] + others)
-    return {
-        "wall_seconds": round(wall, 6),
-        "kernels": len(gpu),
-        "kernel_seconds": {k: round(v, 6) for k, v in sorted(by_kind.items())},
-        "compute_kernel_seconds": round(compute, 6),
-        "gpu_busy_seconds": round(length(every) / 1e6, 6),
-        "communication_seconds": {c: round(length(m) / 1e6, 6) for c, m in comm.items()},
-        "exposed_communication_seconds": {c: round((length(m) - overlap(m, computing)) / 1e6, 6) for c, m in comm.items()},
-        "host_waits": len(waits),
-        "host_wait_seconds": round(sum(waits) / 1e6, 6),
-        "most_launched": [[name, int(n), round(sec, 6)] for name, (n, sec) in
-                          sorted(by_name.items(), key=lambda kv: (-kv[1][0], kv[0]))[:MOST_LAUNCHED]],
-    }
-
-
-# NCCL kernel names (ncclDevKernel_ReduceScatter_Sum_f32_RING_LL, ncclKernel_SendRecv, ...) by
-# collective, matched in order against the lower-cased name without underscores
-COLLECTIVES = ("allreduce", "reducescatter", "allgather", "alltoall", "sendrecv", "broadcast", "reduce")
-
-
-def collective(name: str) -> str:
-    lowered = name.lower().replace("_", "")
-    return next((c for c in COLLECTIVES if c in lowered), "other")

@@ -1,0 +1,412 @@
+"""NVIDIA's published Megatron runs on H100 and B200, turned into megacpp specs.
+
+Three pure steps over the truth files committed next to this module (copies of
+shared/scale_truth, each row with its source_url):
+
+- select: the newest published run of each distinct configuration;
+- split: a deterministic held-out third, so that fits of the cost model tune on the rest only;
+- convert: each selected run to a spec with its published layout pinned, marked exact,
+  approximated (a feature the spec cannot express, planned without it and named) or skipped
+  (a feature that cannot be planned around, named).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+RUNS_FILE = HERE / "published_runs.json"
+MODELS_FILE = HERE / "models.json"
+
+PRESETS = {"H100": "h100-sxm-8", "B200": "b200-sxm-8"}
+GPUS_PER_NODE = 8  # DGX H100 and DGX B200
+CONFIG_FIELDS = ("model_key", "system", "num_gpus", "precision", "gbs", "mbs", "seq_length",
+                 "tp", "pp", "cp", "vp", "ep", "etp", "fsdp")
+HELD_OUT_MODULUS = 3  # one third of the configurations is held out
+
+# Hybrid-pattern symbols of Megatron (models.json _meta.hybrid_pattern_legend) -> megacpp letters.
+HYBRID_LETTERS = {"M": "M", "*": "A", "-": "D", "E": "E"}
+
+APPROXIMATIONS = {
+    "mla-as-gqa": "multi-latent attention planned as grouped-query attention with the same heads, query "
+                  "groups and head dim (no q/kv low-rank projections, no rope sub-head)",
+    "mtp-dropped": "multi-token-prediction layers and their extra output heads are not planned",
+    "fsdp-as-distributed-optimizer": "Megatron-FSDP planned as DDP with the distributed optimizer: weights "
+                                     "and gradients unsharded, no per-layer parameter all-gathers",
+    "recompute-modules": "selective recompute of a module list other than core attention planned as "
+                         "megacpp's selective recompute (core attention)",
+    "recompute-partial-layers": "full recompute of only some layers (recompute_num_layers) planned as "
+                                "full recompute of every layer",
+    "activation-offload-dropped": "activation offloading to the host not planned (the activations stay on the GPU)",
+    "bf16-adam-moments": "BF16 Adam moments (precision-aware optimizer) planned as FP32",
+    "pp-layout-balanced": "the published pipeline layout leaves a virtual stage without transformer layers "
+                          "(MTP and loss only), which a pattern cannot pin; megacpp's own split over the same "
+                          "pp x vpp stages is used",
+    "sliding-window-as-full": "sliding-window attention layers planned as full causal attention",
+    "capacity-padding": "expert inputs padded to a capacity factor above 1 planned at the routed load",
+}
+
+SKIPS = {
+    "nvfp4": "NVFP4 precision: the spec has bf16 and fp8 only",
+    "latent-moe": "latent MoE (routed experts in a narrower latent space, with projections around the "
+                  "dispatch): the spec's experts work at hidden size, so FLOPs and all-to-all bytes of "
+                  "the experts would be several times too large",
+    "no-architecture": "models.json has no architecture for this model",
+    "layout-does-not-divide": "num_gpus is not a multiple of tp x pp x cp",
+}
+
+
+@cache
+def load_runs() -> tuple[dict[str, Any], ...]:
+    return tuple(json.loads(RUNS_FILE.read_text()))
+
+
+@cache
+def load_models() -> dict[str, Any]:
+    return json.loads(MODELS_FILE.read_text())
+
+
+# ---------------------------------------------------------------------------------------------
+# selection and split
+
+
+def config_key(row: dict[str, Any]) -> tuple[Any, ...]:
+    """The distinct-configuration key. Nulls that mean a default are normalised so that tables
+    which print "n/a" and tables which print the default name one configuration: vp null = 1
+    (truth README), ep null = 1 (no expert parallelism), fsdp null = 0 (not used). A null etp stays
+    null: it is "not published", and Megatron's default for it (= tp) is an assumption."""
+    norm = {"vp": row["vp"] or 1, "ep": row["ep"] or 1, "fsdp": row["fsdp"] or 0}
+    return tuple(norm.get(k, row[k]) for k in CONFIG_FIELDS)
+
+
+def config_key_text(row: dict[str, Any]) -> str:
+    """The key as text, e.g. "model_key=llama3_70b|system=H100|...|fsdp=0": what the split hashes."""
+    return "|".join(f"{k}={v}" for k, v in zip(CONFIG_FIELDS, config_key(row), strict=True))
+
+
+def held_out(key_text: str) -> bool:
+    """Held out when the SHA-1 of the key text, read as an integer, is 0 modulo 3."""
+    return int(hashlib.sha1(key_text.encode()).hexdigest(), 16) % HELD_OUT_MODULUS == 0
+
+
+def release_order(release: str) -> tuple[int, ...]:
+    """'25.09' < '26.02' < '26.02.01' < 'main@2026-08 (...)': a main snapshot sorts by its month,
+    after any numbered release of that month."""
+    main = re.match(r"main@(\d{4})-(\d{2})", release)
+    if main:
+        return (int(main[1]) - 2000, int(main[2]), 0, 1)
+    parts = [int(p) for p in release.split(".")]
+    return (*parts, *[0] * (3 - len(parts)), 0)
+
+
+@dataclass(frozen=True)
+class Selected:
+    row: dict[str, Any]
+    key_text: str
+    held_out: bool
+    superseded: tuple[int, ...]  # row ids of older releases of the same configuration
+
+    @property
+    def half(self) -> str:
+        return "held-out" if self.held_out else "tuning"
+
+
+def select_newest(rows: tuple[dict[str, Any], ...] | list[dict[str, Any]]) -> list[Selected]:
+    """The newest release of each distinct configuration (ties: the lower row id), by row id."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(config_key_text(row), []).append(row)
+    out = []
+    for key, group in groups.items():
+        newest = max(group, key=lambda r: (release_order(r["release"]), -r["row_id"]))
+        older = tuple(sorted(r["row_id"] for r in group if r is not newest))
+        out.append(Selected(newest, key, held_out(key), older))
+    return sorted(out, key=lambda s: s.row["row_id"])
+
+
+# ---------------------------------------------------------------------------------------------
+# what each run's recipe says
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The settings of a published run that the spec can carry, read from its settings_compact
+    text and its recipe record. `published` is False for rows whose recipe was not matched (the
+    NeMo 25.02 page): their recompute and dispatcher are assumptions."""
+
+    published: bool
+    recompute: str | None  # none | selective | full; None: not stated
+    recompute_modules: tuple[str, ...]
+    recompute_layers: int | None
+    dispatcher: str | None  # alltoall | flex; None: not stated
+    flex_backend: str | None
+    capacity_factor: float | None
+    padded: bool
+    pp_layout: str | None
+    pp_layout_mentioned: bool  # a run script names a layout the table's layout does not show
+    activation_offload: bool
+    bf16_moments: bool
+    fsdp: bool
+    runtime: tuple[str, ...]  # optimisations megacpp does not price
+
+
+def _modules(text: str | None) -> tuple[str, ...]:
+    return tuple(m.strip(" '\"") for m in (text or "").split(",") if m.strip(" '\""))
+
+
+def read_recipe(row: dict[str, Any]) -> Recipe:
+    sc = row["settings_compact"]
+    rc = row["recipe"]
+    summary = rc.get("settings_summary") or {}
+    overrides = rc.get("model_overrides") or {}
+    family = " ".join(line for lines in (rc.get("family_settings") or {}).values() for line in lines)
+    published = bool(summary or overrides or rc.get("function"))
+
+    recompute, modules, layers = None, (), None
+    stated = re.search(r"recompute=(none|selective|full)(?:\[([^\]]*)\])?(?:/block x(\d+))?", sc)
+    listed = re.search(r"recompute_modules \[([^\]]*)\]", sc)
+    if stated:
+        recompute, modules = stated[1], _modules(stated[2])
+        layers = int(stated[3]) if stated[3] else None
+    elif summary.get("recompute_num_layers"):
+        recompute, layers = "full", summary["recompute_num_layers"]
+    elif summary.get("recompute_modules"):
+        recompute, modules = "selective", tuple(summary["recompute_modules"])
+    elif "recompute_granularity=selective" in sc or overrides.get("recompute_granularity") == "selective" \
+            or "recompute_granularity = 'selective'" in family:
+        recompute, modules = "selective", _modules(listed[1] if listed else None)
+    elif published:
+        recompute = "none"  # the recipe sets no recompute: Megatron's default
+
+    dispatcher, backend = None, None
+    named = re.search(r"dispatcher=(flex/hybridep|flex/deepep|alltoall)", sc)
+    if named:
+        dispatcher, _, flex = named[1].partition("/")
+        backend = flex or None
+    elif "DeepEP flex dispatcher" in sc:
+        dispatcher, backend = "flex", "deepep"
+    elif "alltoall dispatcher" in sc:
+        dispatcher = "alltoall"
+
+    factor = re.search(r"capacity_factor=([\d.]+)", sc)
+    token_drop = bool(re.search(r"token-drop|apply_moe_token_drop", sc + family)) or "(tokendrop)" in row["model"]
+    # Megatron-Bridge's apply_moe_token_drop: capacity factor 1.0, inputs padded to capacity
+    capacity = float(factor[1]) if factor else (1.0 if token_drop else None)
+    padded = "padded" in sc or token_drop
+
+    layout = re.search(r"(?:pp_layout|pipeline_model_parallel_layout)=([^;\s]+)", sc)
+    pp_layout = layout[1] if layout else (summary.get("pp_layout") or overrides.get("pipeline_model_parallel_layout"))
+
+    runtime = []
+    if re.search(r"cuda_graph=(transformer_engine|local)|cuda_graphs=True", sc):
+        runtime.append("CUDA graphs")
+    if "ep_a2a_overlap=on" in sc or "EP A2A overlap (" in sc:
+        runtime.append("EP all-to-all overlap")
+    if row["tp"] > 1 and re.search(r"tp_comm_overlap=True", sc + family):
+        runtime.append("TP communication overlap")
+    if re.search(r"overlap_grad_reduce[ =]False", sc):
+        runtime.append("no gradient-reduce overlap")
+
+    return Recipe(
+        published=published, recompute=recompute, recompute_modules=modules, recompute_layers=layers,
+        dispatcher=dispatcher, flex_backend=backend, capacity_factor=capacity, padded=padded,
+        pp_layout=pp_layout, pp_layout_mentioned=pp_layout is None and "PP layout" in sc,
+        activation_offload="activation_offload=" in sc, bf16_moments="BF16 Adam moments" in sc,
+        fsdp=bool(row["fsdp"]) or "megatron_fsdp=on" in sc, runtime=tuple(runtime),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Megatron pipeline layouts ("Et*4|(t*4|)*14tmL")
+
+
+def expand_pp_layout(layout: str) -> list[str]:
+    """The stages of a Megatron pipeline_model_parallel_layout string, each as its symbols
+    (E embedding, t transformer layer, m MTP layer, L loss), with `x*N` and `(...)*N` expanded."""
+    def expand(text: str) -> str:
+        while "(" in text:
+            text = re.sub(r"\(([^()]*)\)\*(\d+)", lambda m: m[1] * int(m[2]), text)
+        return re.sub(r"([A-Za-z])\*(\d+)", lambda m: m[1] * int(m[2]), text)
+    return expand(layout).split("|")
+
+
+# ---------------------------------------------------------------------------------------------
+# row -> spec
+
+
+@dataclass(frozen=True)
+class Conversion:
+    status: str  # exact | approximated | skipped
+    spec: dict[str, Any] | None  # the published layout pinned
+    search_spec: dict[str, Any] | None  # the same with every axis free (micro-batch size kept)
+    approximations: tuple[str, ...] = ()
+    assumptions: tuple[str, ...] = ()
+    skip_reason: str | None = None
+    not_modelled: tuple[str, ...] = ()  # runtime optimisations and small details, for the reader
+
+
+def _runs(unit: str, n: int) -> str:
+    return "" if n == 0 else unit if n == 1 else f"({unit})*{n}"
+
+
+def _pairs_text(pairs: list[str]) -> str:
+    """Run-length text of a list of "AD"/"AE" pairs: ["AD", "AD", "AE"] -> "(AD)*2 AE"."""
+    out: list[str] = []
+    i = 0
+    while i < len(pairs):
+        j = i
+        while j < len(pairs) and pairs[j] == pairs[i]:
+            j += 1
+        out.append(_runs(pairs[i], j - i))
+        i = j
+    return " ".join(out)
+
+
+def _gpt_pattern(pairs: list[str], stage_layers: list[int] | None) -> str:
+    if stage_layers is None:
+        return _pairs_text(pairs)
+    stages, start = [], 0
+    for n in stage_layers:
+        stages.append(_pairs_text(pairs[start:start + n]))
+        start += n
+    return " | ".join(stages)
+
+
+def _model(m: dict[str, Any], recipe: Recipe, stage_layers: list[int] | None) -> tuple[dict[str, Any], str]:
+    """The spec's model block and its pattern without pipeline cuts."""
+    if "hybrid_override_pattern" in m:
+        pattern = plain = "".join(HYBRID_LETTERS[c] for c in m["hybrid_override_pattern"])
+    else:
+        moe_layers = m["num_layers"] - (m.get("first_k_dense") or 0) if m.get("num_moe_experts") else 0
+        pairs = ["AD"] * (m["num_layers"] - moe_layers) + ["AE"] * moe_layers
+        pattern, plain = _gpt_pattern(pairs, stage_layers), _gpt_pattern(pairs, None)
+    model: dict[str, Any] = {
+        "pattern": pattern,
+        "hidden_size": m["hidden_size"],
+        "vocab_size": m["vocab_size"],
+        "normalization": "layernorm" if m["normalization"].lower().startswith("layernorm") else "rmsnorm",
+        "position_embedding": "none" if m["position_embedding"] == "none" else "rope",
+        "tie_embeddings": bool(m["tied_embeddings"]),
+        "attention": {"num_heads": m["num_attention_heads"], "num_query_groups": m["num_query_groups"],
+                      "head_dim": m["kv_channels"]},
+    }
+    if "D" in plain:
+        model["mlp"] = {"ffn_hidden_size": m["ffn_hidden_size"], "gated": bool(m["gated_linear_unit"])}
+    if "E" in plain:
+        moe: dict[str, Any] = {
+            "num_experts": m["num_moe_experts"], "top_k": m["moe_router_topk"],
+            "ffn_hidden_size": m["moe_ffn_hidden_size"], "gated": bool(m["gated_linear_unit"]),
+            "dispatcher": recipe.dispatcher or "alltoall",
+        }
+        if m.get("moe_shared_expert_intermediate_size"):
+            moe["shared_expert_ffn_hidden_size"] = m["moe_shared_expert_intermediate_size"]
+        if recipe.dispatcher == "flex":
+            moe["flex_backend"] = recipe.flex_backend
+        if recipe.capacity_factor is not None:
+            moe["capacity_factor"] = recipe.capacity_factor
+        model["moe"] = moe
+    if "M" in plain:
+        model["mamba"] = {"num_heads": m["mamba_num_heads"], "head_dim": m["mamba_head_dim"],
+                          "state_dim": m["mamba_state_dim"], "num_groups": m["mamba_num_groups"]}
+    return model, plain
+
+
+def _skip(reason: str, recipe_runtime: tuple[str, ...] = ()) -> Conversion:
+    return Conversion("skipped", None, None, skip_reason=reason, not_modelled=recipe_runtime)
+
+
+def convert(row: dict[str, Any], models: dict[str, Any] | None = None) -> Conversion:
+    """The spec of one published run with its layout pinned, or the named reason it is skipped."""
+    models = load_models() if models is None else models
+    recipe = read_recipe(row)
+    m = models.get(row["model_key"], {})
+    if row["precision"] == "nvfp4":
+        return _skip("nvfp4", recipe.runtime)
+    if "hidden_size" not in m:
+        return _skip("no-architecture", recipe.runtime)
+    if m.get("moe_latent_size"):
+        return _skip("latent-moe", recipe.runtime)
+    tp, pp, cp = row["tp"], row["pp"], row["cp"]
+    if row["num_gpus"] % (tp * pp * cp):
+        return _skip("layout-does-not-divide", recipe.runtime)
+    vpp = row["vp"] or 1
+
+    approx: list[str] = []
+    assume: list[str] = []
+    details: list[str] = list(recipe.runtime)
+    if m.get("multi_latent_attention"):
+        approx.append("mla-as-gqa")
+    if (m.get("mtp_num_layers") or 0) > 0 and "w/o MTP" not in row["model"]:
+        approx.append("mtp-dropped")
+    if m.get("sliding_window"):
+        approx.append("sliding-window-as-full")
+    if recipe.fsdp:
+        approx.append("fsdp-as-distributed-optimizer")
+    if recipe.recompute == "selective" and set(recipe.recompute_modules or ("core_attn",)) != {"core_attn"}:
+        approx.append("recompute-modules")
+    if recipe.recompute == "full" and recipe.recompute_layers and recipe.recompute_layers < m["num_layers"]:
+        approx.append("recompute-partial-layers")
+    if recipe.activation_offload:
+        approx.append("activation-offload-dropped")
+    if recipe.bf16_moments:
+        approx.append("bf16-adam-moments")
+    if recipe.padded and (recipe.capacity_factor or 1.0) > 1.0:
+        approx.append("capacity-padding")
+
+    stage_layers = None
+    if recipe.pp_layout:
+        stages = expand_pp_layout(recipe.pp_layout)
+        counts = [s.count("t") for s in stages]
+        if len(stages) != pp * vpp or sum(counts) != m["num_layers"]:
+            assume.append(f"pipeline layout {recipe.pp_layout} does not match pp x vp = {pp * vpp} stages of "
+                          f"{m['num_layers']} layers; megacpp's split used")
+        elif min(counts) == 0:
+            approx.append("pp-layout-balanced")
+        else:
+            stage_layers = counts  # pinned as `|` cuts
+    if recipe.pp_layout_mentioned:
+        assume.append("the run script names a DeepSeek pipeline layout that the table's pp/vp does not show; "
+                      "the table's layout is planned")
+    if not recipe.published:
+        assume.append("recipe settings not published for this row: no recompute and the alltoall dispatcher assumed")
+    elif recipe.recompute is None:
+        assume.append("recompute not stated: none assumed")
+    moe = bool(m.get("num_moe_experts"))
+    if moe and recipe.published and recipe.dispatcher is None:
+        assume.append("dispatcher not stated: alltoall assumed (the cost model prices every dispatcher alike)")
+    if moe and row["etp"] is None:
+        assume.append("etp not published: Megatron's default etp = tp pinned")
+    if m.get("qk_layernorm"):
+        details.append("QK layernorm")
+    if m.get("add_bias_linear"):
+        details.append("linear biases")
+
+    model, plain = _model(m, recipe, stage_layers)
+    parallel: dict[str, Any] = {"tp": tp, "pp": pp, "cp": cp, "dp": row["num_gpus"] // (tp * pp * cp)}
+    if vpp > 1:
+        parallel["vpp"] = vpp
+    parallel["ep"] = row["ep"] or 1
+    if moe:
+        parallel["etp"] = row["etp"] if row["etp"] is not None else tp
+    spec = {
+        "name": f"{row['model_key']}-{row['system'].lower()}x{row['num_gpus']}-{row['precision']}-row{row['row_id']}",
+        "model": model,
+        "training": {
+            "seq_length": row["seq_length"],
+            "global_batch_size": row["gbs"],
+            "micro_batch_size": row["mbs"],
+            "precision": "fp8" if row["precision"].startswith("fp8") else "bf16",
+            "recompute": recipe.recompute or "none",
+        },
+        "cluster": {"preset": PRESETS[row["system"]], "nodes": row["num_gpus"] // GPUS_PER_NODE},
+        "parallel": parallel,
+    }
+    search_spec = {**spec, "name": spec["name"] + "-search", "model": {**model, "pattern": plain}, "parallel": {}}
+    return Conversion("approximated" if approx else "exact", spec, search_spec, tuple(approx), tuple(assume),
+                      None, tuple(details))

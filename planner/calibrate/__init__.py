@@ -1,0 +1,1 @@
+"""`megacpp calibrate`: fit the step-time model's overheads to measured runs and write a profile."""

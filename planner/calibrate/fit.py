@@ -1,0 +1,408 @@
+"""`megacpp calibrate`: fit a cluster's per-block overheads from measured runs.
+
+The step-time model (planner/cost/model.py) is, on the busiest pipeline rank,
+
+    step = sum over (m + (p-1)/v) micro-batch slots of per-micro-batch time + exposed communication
+    GPU time  = matmul time + softmax time + traffic x small_kernel_seconds(blocks)
+    host time = sum over blocks of overhead(letter)
+    per-micro-batch time = GPU time + host time            (local modules)
+                         = the longer of GPU and host time (Transformer Engine), plus
+                           Efficiency.te_sync_exposed of the shorter on ranks with E blocks
+                           (the MoE dispatcher's host synchronisation)
+
+with matmul and softmax time from the preset's measured kernel-rate table (planner/cost/kernel_rates.py;
+FLOPs at MAMF x matmul and bytes at HBM x hbm where a preset has none). Everything but the
+per-letter overheads and the small kernels' traffic comes from the tables, the hardware preset and
+the formulas; the overheads (host work, kernel launches, the MoE dispatcher's synchronisation)
+and the small kernels' GPU time are what a run measures beyond them. The local modules' overheads
+also hold their small kernels (their traffic is 0); under TE the small kernels are a term of
+their own and the host runs ahead of the GPU (cost.exposed_host_seconds). `fit` solves them by
+least squares on relative error, keeping them non-negative; `leave_one_out` reports how well each
+run is predicted by a fit that did not see it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+from megacpp.planner.cost.model import (
+    DEFAULT_EFFICIENCY,
+    Efficiency,
+    estimate,
+    exposed_host_seconds,
+    gpu_repeats,
+    host_repeats,
+    host_units,
+    small_kernel_seconds,
+)
+from megacpp.planner.errors import PlanError
+from megacpp.planner.plan import make_context, with_backend
+from megacpp.planner.search.layout import Layout
+from megacpp.planner.search.stages import assign_stages
+from megacpp.planner.spec.loading import spec_from_dict
+from megacpp.planner.spec.models import Spec
+
+PROFILE_SCHEMA = "megacpp.profile/2"
+NO_OVERHEAD = replace(DEFAULT_EFFICIENCY, block_overhead_s=(), te_block_overhead_s=(), small_kernel_traffic=0.0,
+                      te_small_kernel_traffic=0.0)
+SMALL = ("small kernels",)  # the fit's column for Efficiency.traffic, beside the letters' groups
+
+
+@dataclass(frozen=True)
+class Observation:
+    name: str
+    cluster: str
+    te: bool  # the run used Transformer Engine modules
+    base_seconds: float  # the model's step time with no block overhead
+    units: dict[str, float]  # block x micro-batch slots per letter on the busiest rank (x cost.host_repeats)
+    measured_seconds: float
+    small_units: float = 0.0  # cost.small_kernel_seconds of the busiest rank's blocks, x the same slots
+    compute_seconds: float = 0.0  # the matmul and softmax part of base_seconds (the rest is communication)
+
+
+def run_spec(run: dict[str, Any]) -> Spec:
+    """A run report's spec with the backend that actually ran (its "backend" record). Reports
+    without `fusions_used` predate backend.fusions: megacpp's runtime ran without Megatron's
+    fusions then, and Megatron-LM's launches (engine "megatron-lm") with its defaults."""
+    spec = spec_from_dict(run["spec"], source=f"run {run.get('name', '?')} spec")
+    backend = run.get("backend") or {}
+    te = backend.get("transformer_engine_used", spec.backend.transformer_engine)
+    fused = backend.get("fusions_used", run.get("engine") == "megatron-lm")
+    return with_backend(spec, transformer_engine=bool(te), fusions=bool(fused))
+
+
+def observe(run: dict[str, Any]) -> Observation:
+    """Decompose one run report (with its spec) into the model's terms, for the backend that ran."""
+    for key in ("spec", "layout", "measured_step_seconds"):
+        if run.get(key) is None:
+            raise PlanError(f"run report {run.get('name', '?')}: missing '{key}'; reports from `megacpp launch --engine megacpp` carry it")
+    spec = run_spec(run)
+    ctx = make_context(spec)
+    lay = Layout.from_dict(run["layout"])
+    _, stages = assign_stages(ctx, lay.pp, lay.vpp)
+    est = estimate(ctx, lay, stages, NO_OVERHEAD)
+    slots = lay.num_microbatches + (lay.pp - 1) / lay.vpp
+    blocks = max(("".join(s.blocks for s in stages if s.pp_rank == p) for p in range(lay.pp)), key=len)  # the busiest rank's
+    return Observation(
+        name=str(run.get("name") or spec.name),
+        cluster=ctx.cluster.name,
+        te=spec.backend.transformer_engine,
+        base_seconds=est.step_seconds,
+        units={key: n * slots * host_repeats(spec.training.recompute, ctx.te) for key, n in host_units(ctx, lay, blocks).items()},
+        measured_seconds=float(run["measured_step_seconds"]),
+        small_units=small_kernel_seconds(ctx, lay, blocks) * slots * gpu_repeats(spec.training.recompute),
+        compute_seconds=est.compute_seconds,
+    )
+
+
+def _normal_equations(rows: list[list[float]], rhs: list[float]) -> list[list[float]]:
+    k = len(rows[0])
+    return [[sum(r[i] * r[j] for r in rows) for j in range(k)] + [sum(r[i] * b for r, b in zip(rows, rhs, strict=True))]
+            for i in range(k)]
+
+
+def _eliminate(a: list[list[float]]) -> list[float] | None:
+    """Gauss-Jordan on an augmented k x (k+1) system; None where a column is a combination of the others."""
+    k = len(a)
+    scale = max(abs(a[i][i]) for i in range(k))
+    for col in range(k):
+        pivot = max(range(col, k), key=lambda r: abs(a[r][col]))
+        if abs(a[pivot][col]) <= 1e-12 * scale:
+            return None
+        a[col], a[pivot] = a[pivot], a[col]
+        for r in range(k):
+            if r != col:
+                f = a[r][col] / a[col][col]
+                a[r] = [x - f * y for x, y in zip(a[r], a[col], strict=True)]
+    return [a[i][k] / a[i][i] for i in range(k)]
+
+
+def _scaled(rows: list[list[float]]) -> tuple[list[list[float]], list[float]]:
+    """The rows with every unknown's column scaled to norm 1, and the norms."""
+    k = len(rows[0])
+    norms = [max(sum(r[i] ** 2 for r in rows), 1e-300) ** 0.5 for i in range(k)]
+    return [[r[i] / norms[i] for i in range(k)] for r in rows], norms
+
+
+def _separable(rows: list[list[float]]) -> bool:
+    """Whether the rows determine every unknown (no column a combination of the others)."""
+    scaled, _ = _scaled(rows)
+    return _eliminate(_normal_equations(scaled, [0.0] * len(rows))) is not None
+
+
+def _solve(rows: list[list[float]], rhs: list[float], prior: list[float]) -> list[float]:
+    """Least squares by the normal equations (a handful of unknowns). Where the runs do not
+    determine every unknown (one letter's count a combination of the others' in every run), the
+    answer is the least-squares solution nearest `prior`, measured in units that give every
+    unknown's column the same norm: iterated Tikhonov from the prior with a 1e-9 ridge, which
+    leaves determined values exact to far below their rounding."""
+    k = len(rows[0])
+    scaled, norms = _scaled(rows)
+    a = _normal_equations(scaled, rhs)
+    y = [p * n for p, n in zip(prior, norms, strict=True)]
+    for _ in range(4):
+        ridged = [row[:k] + [row[k] + 1e-9 * y[i]] for i, row in enumerate(a)]
+        for i in range(k):
+            ridged[i][i] += 1e-9
+        solved = _eliminate(ridged)
+        if solved is None:
+            raise PlanError("calibrate: the runs do not separate the block kinds' overheads; add runs of other shapes")
+        y = solved
+    return [v / n for v, n in zip(y, norms, strict=True)]
+
+
+def tied(observations: list[Observation]) -> list[tuple[str, ...]]:
+    """The block letters grouped by their unit columns: letters whose units are proportional in
+    every run (A and D in runs of dense (AD) layers only) cannot be told apart by any fit, so they
+    share one overhead per block."""
+    letters = sorted({letter for o in observations for letter in o.units})
+    groups: dict[tuple[float, ...], list[str]] = {}
+    for letter in letters:
+        column = [o.units.get(letter, 0.0) for o in observations]
+        top = max(column)
+        groups.setdefault(tuple(round(u / top, 9) for u in column), []).append(letter)
+    return [tuple(g) for g in groups.values()]
+
+
+def _columns(observations: list[Observation]) -> list[tuple[str, ...]]:
+    """What a fit solves for: one overhead per group of tied letters, and the small kernels' traffic."""
+    return tied(observations) + ([SMALL] if any(o.small_units for o in observations) else [])
+
+
+def _units(o: Observation, column: tuple[str, ...]) -> float:
+    return o.small_units if column == SMALL else sum(o.units.get(letter, 0.0) for letter in column)
+
+
+def determined(observations: list[Observation], eff: Efficiency = DEFAULT_EFFICIENCY) -> bool:
+    """Whether the runs pin every (tied) letter's overhead and the small kernels' traffic down,
+    rather than only combinations. Under Transformer Engine, with `eff` the fit: the traffic by
+    the GPU-bound runs, and every letter's overhead by the host-bound ones."""
+    if observations and observations[0].te:
+        host = [o for o in observations if host_bound(o, eff)]
+        gpu = [o for o in observations if o not in host]
+        letters = {letter for o in observations for letter in o.units}
+        return (any(o.small_units for o in gpu) and letters <= {letter for o in host for letter in o.units}
+                and determined([replace(o, small_units=0.0, te=False) for o in host]))
+    columns = _columns(observations)
+    rows = [[_units(o, c) / o.measured_seconds for c in columns] for o in observations]
+    return len(observations) >= len(columns) and _separable(rows)
+
+
+def fit(observations: list[Observation], base: Efficiency = DEFAULT_EFFICIENCY) -> Efficiency:
+    """Per-letter overheads and the small kernels' traffic that best reproduce the runs, by least
+    squares on relative error, non-negative; tied letters (see `tied`) get one shared overhead."""
+    if len(observations) < 2:
+        raise PlanError("calibrate needs at least two measured runs")
+    te = observations[0].te
+    if any(o.te != te for o in observations):
+        raise PlanError("calibrate runs with and without Transformer Engine separately; their overheads differ")
+    return _fit_overlapped(observations, base) if te else _fit_added(observations, base)
+
+
+def _nonnegative(observations: list[Observation], free: list[tuple[str, ...]], excess: Callable[[Observation], float],
+                 prior: dict[tuple[str, ...], float]) -> dict[tuple[str, ...], float]:
+    """Values per column minimising the relative error of excess(o) = sum of units x value;
+    negative ones are clamped at zero (left out of the answer) and the rest refitted."""
+    while free:
+        rows = [[_units(o, c) / o.measured_seconds for c in free] for o in observations]
+        rhs = [excess(o) / o.measured_seconds for o in observations]
+        values = dict(zip(free, _solve(rows, rhs, [prior[c] for c in free]), strict=True))
+        negative = [c for c, v in values.items() if v < 0]
+        if not negative:
+            return values
+        free = [c for c in free if c not in negative]
+    return {}
+
+
+def _prior(base: Efficiency, group: tuple[str, ...], te: bool) -> float:
+    return base.traffic(te) if group == SMALL else sum(base.overhead(letter, te) for letter in group) / len(group)
+
+
+def _with(base: Efficiency, te: bool, overheads: dict[str, float], traffic: float) -> Efficiency:
+    table = "te_block_overhead_s" if te else "block_overhead_s"
+    merged = {**dict(getattr(base, table)), **overheads}
+    return replace(base, **{table: tuple(sorted(merged.items())),
+                            "te_small_kernel_traffic" if te else "small_kernel_traffic": traffic})
+
+
+def _fit_added(observations: list[Observation], base: Efficiency) -> Efficiency:
+    """Local modules: measured - base = sum units x overhead + small units x traffic."""
+    free = _columns(observations)
+    if len(observations) < len(free):
+        kinds = ", ".join("=".join(g) for g in free)
+        raise PlanError(f"calibrate: {len(observations)} runs cannot fit {len(free)} block kinds ({kinds}); add runs")
+    values = _nonnegative(observations, free, lambda o: o.measured_seconds - o.base_seconds,
+                          {g: _prior(base, g, False) for g in free})
+    traffic = values.pop(SMALL, 0.0)
+    fitted = {**{letter: 0.0 for o in observations for letter in o.units}, **{letter: v for g, v in values.items() for letter in g}}
+    return _with(base, False, fitted, traffic)
+
+
+def host_bound(o: Observation, eff: Efficiency) -> bool:
+    """Whether the run's host time exceeds its GPU time (cost.exposed_host_seconds)."""
+    return _host_seconds(o, eff) > _gpu_seconds(o, eff)
+
+
+def _fit_overlapped(observations: list[Observation], base: Efficiency) -> Efficiency:
+    """Transformer Engine: a run takes the longer of its GPU time (compute + small units x
+    traffic) and its host time (sum of units x overhead), plus communication. The GPU-bound runs
+    fit the traffic, the host-bound ones the overheads; which run is which follows the fit, so it
+    is refitted until the split repeats, and the split whose fit reproduces the runs best is kept.
+    The split starts from `base`'s values; letters no host-bound run has keep the values they had
+    (at first `base`'s): their host time hides behind the GPU, so the runs say nothing of it."""
+    eff, best, splits = base, None, set()
+    while True:
+        split = tuple(host_bound(o, eff) for o in observations)
+        if split in splits:
+            break
+        splits.add(split)
+        gpu = [o for o, h in zip(observations, split, strict=True) if not h]
+        host = [o for o, h in zip(observations, split, strict=True) if h]
+        # the synchronised share (exposed_host_seconds) couples the two fits: a GPU-bound run
+        # shows some host time, a host-bound one some GPU time; solved to a fixed point
+        for _ in range(100):
+            current, eff = eff, _refit_split(gpu, host, eff, base)
+            if _settled(eff, current):
+                break
+        error = sum((predict(o, eff) / o.measured_seconds - 1) ** 2 for o in observations)
+        if best is None or error < best[0]:
+            best = (error, eff)
+    return best[1] if best else base
+
+
+def _refit_split(gpu: list[Observation], host: list[Observation], eff: Efficiency, base: Efficiency) -> Efficiency:
+    """One pass of the TE fit for a fixed split: the traffic from the GPU-bound runs (less the
+    synchronised share of their host time at `eff`), then the overheads from the host-bound ones
+    (less the synchronised share of their GPU time at that traffic)."""
+    traffic = eff.traffic(True)
+    if any(o.small_units for o in gpu):
+        def gpu_excess(o: Observation) -> float:
+            return o.measured_seconds - o.base_seconds - _synced(o, eff) * _host_seconds(o, eff)
+        traffic = _nonnegative(gpu, [SMALL], gpu_excess, {SMALL: traffic}).get(SMALL, 0.0)
+    overheads: dict[str, float] = {}
+    if host:
+        groups = tied(host)
+        priced = _with(base, True, dict(eff.te_block_overhead_s), traffic)
+
+        def host_excess(o: Observation) -> float:
+            return o.measured_seconds - o.base_seconds + o.compute_seconds - _synced(o, priced) * _gpu_seconds(o, priced)
+        values = _nonnegative(host, groups, host_excess, {g: _prior(eff, g, True) for g in groups})
+        overheads = {letter: values.get(g, 0.0) for g in groups for letter in g}
+    return _with(base, True, {**dict(eff.te_block_overhead_s), **overheads}, traffic)
+
+
+def _settled(eff: Efficiency, before: Efficiency) -> bool:
+    """Whether a pass of _refit_split left the overheads and the traffic where they were."""
+    return (all(abs(a - b) <= 1e-12 for (_, a), (_, b) in zip(eff.te_block_overhead_s, before.te_block_overhead_s, strict=True))
+            and abs(eff.traffic(True) - before.traffic(True)) <= 1e-9)
+
+
+def _gpu_seconds(o: Observation, eff: Efficiency) -> float:
+    return o.compute_seconds + o.small_units * eff.traffic(o.te)
+
+
+def _host_seconds(o: Observation, eff: Efficiency) -> float:
+    return sum(units * eff.overhead(letter, o.te) for letter, units in o.units.items())
+
+
+def _synced(o: Observation, eff: Efficiency) -> float:
+    """Efficiency.te_sync_exposed on runs whose busiest rank has E blocks, else 0."""
+    return eff.te_sync_exposed if o.units.get("E") else 0.0
+
+
+def predict(o: Observation, eff: Efficiency) -> float:
+    gpu = _gpu_seconds(o, eff)
+    return o.base_seconds - o.compute_seconds + gpu + exposed_host_seconds(gpu, _host_seconds(o, eff), o.te, _synced(o, eff))
+
+
+def leave_one_out(observations: list[Observation], base: Efficiency = DEFAULT_EFFICIENCY) -> list[dict[str, Any]]:
+    """Each run predicted by a fit on all the others (None where the others cannot be fitted)."""
+    rows = []
+    for i, o in enumerate(observations):
+        try:
+            p: float | None = predict(o, fit(observations[:i] + observations[i + 1 :], base))
+        except PlanError:
+            p = None
+        rows.append({"name": o.name, "measured_s": round(o.measured_seconds, 4),
+                     "predicted_s": None if p is None else round(p, 4),
+                     "error": None if p is None else round(p / o.measured_seconds - 1, 4)})
+    return rows
+
+
+# the synchronised shares (Efficiency.te_sync_exposed) calibrate tries for a cluster's MoE runs
+SYNC_SHARES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+
+
+def sync_share(observations: list[Observation]) -> tuple[float | None, list[dict[str, Any]]]:
+    """The share of the shorter of host and GPU time that shows on this cluster's MoE ranks under
+    TE (Efficiency.te_sync_exposed): of SYNC_SHARES, the one whose fit predicts the runs left out
+    one at a time best (lowest median error; the smaller share on a tie), with those predictions.
+    None (the shipped share stays) where no run has E blocks, or under the local modules, where
+    host time adds whole."""
+    if len(observations) < 3 or not observations[0].te or not any(o.units.get("E") for o in observations):
+        return None, leave_one_out(observations) if len(observations) > 2 else []
+    best: tuple[float, float, list[dict[str, Any]]] | None = None
+    for share in SYNC_SHARES:
+        rows = leave_one_out(observations, replace(DEFAULT_EFFICIENCY, te_sync_exposed=share))
+        errors = sorted(abs(r["error"]) for r in rows if r["error"] is not None)
+        median = errors[len(errors) // 2] if errors else float("inf")
+        if best is None or median < best[0]:
+            best = (median, share, rows)
+    assert best is not None
+    return best[1], best[2]
+
+
+def calibrate(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The profile document: fitted overheads (and, for MoE runs under TE, the synchronised
+    share), fit residuals and leave-one-out errors."""
+    observations = [observe(r) for r in runs]
+    clusters = sorted({o.cluster for o in observations})
+    if len(clusters) > 1:
+        raise PlanError(f"calibrate one cluster at a time; these runs span {', '.join(clusters)}")
+    share, held_out = sync_share(observations)  # fit refuses fewer than two runs
+    eff = fit(observations, DEFAULT_EFFICIENCY if share is None else replace(DEFAULT_EFFICIENCY, te_sync_exposed=share))
+    te = observations[0].te
+    bound = [te and host_bound(o, eff) for o in observations]  # under TE the overheads come from the host-bound runs
+    fitted_runs = [o for o, b in zip(observations, bound, strict=True) if b] if te else observations
+    return {
+        "schema": PROFILE_SCHEMA,
+        "cluster": clusters[0],
+        "transformer_engine": te,
+        "block_overhead_s": {letter: round(v, 6) for letter, v in (eff.te_block_overhead_s if te else eff.block_overhead_s)},
+        "small_kernel_traffic": round(eff.traffic(te), 4),
+        # how host time and GPU time compose (cost.exposed_host_seconds)
+        "composition": "longer of host and GPU" if te else "added",
+        # the share of the shorter that adds on ranks with E blocks (cost.exposed_host_seconds),
+        # chosen by the runs left out one at a time (sync_share)
+        **({"synchronised_share": share} if share is not None else {}),
+        "tied": ["".join(g) for g in tied(fitted_runs) if len(g) > 1],
+        "determined": determined(observations, eff),
+        "fitted_on": [
+            {"name": o.name, "measured_s": round(o.measured_seconds, 4), "fitted_s": round(predict(o, eff), 4),
+             "uncalibrated_s": round(predict(o, DEFAULT_EFFICIENCY), 4), **({"host_bound": b} if te else {})}
+            for o, b in zip(observations, bound, strict=True)
+        ],
+        "leave_one_out": held_out,
+    }
+
+
+def efficiency_from_profile(profile: dict[str, Any]) -> Efficiency:
+    if not isinstance(profile, dict) or profile.get("schema") != PROFILE_SCHEMA:
+        raise PlanError(f"not a megacpp cluster profile: expected \"schema\": \"{PROFILE_SCHEMA}\" (made by `megacpp calibrate`)")
+    overheads = profile.get("block_overhead_s")
+    if not isinstance(overheads, dict) or not all(isinstance(v, (int, float)) and v >= 0 for v in overheads.values()):
+        raise PlanError("malformed cluster profile: 'block_overhead_s' must map block letters to seconds >= 0")
+    te = bool(profile.get("transformer_engine"))
+    traffic = profile.get("small_kernel_traffic", DEFAULT_EFFICIENCY.traffic(te))  # profiles made before it: the default
+    if not isinstance(traffic, (int, float)) or traffic < 0:
+        raise PlanError("malformed cluster profile: 'small_kernel_traffic' must be a number >= 0")
+    share = profile.get("synchronised_share", DEFAULT_EFFICIENCY.te_sync_exposed)  # profiles made before it: the default
+    if not isinstance(share, (int, float)) or not 0 <= share <= 1:
+        raise PlanError("malformed cluster profile: 'synchronised_share' must be a number from 0 to 1")
+    table = "te_block_overhead_s" if te else "block_overhead_s"
+    merged = {**dict(getattr(DEFAULT_EFFICIENCY, table)), **{str(k): float(v) for k, v in overheads.items()}}
+    return replace(DEFAULT_EFFICIENCY, **{table: tuple(sorted(merged.items())),
+                                          "te_small_kernel_traffic" if te else "small_kernel_traffic": float(traffic),
+                                          "te_sync_exposed": float(share)})

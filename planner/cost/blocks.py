@@ -1,0 +1,447 @@
+"""Per-block cost functions: each block letter owns its parameter, FLOP and activation formulas.
+
+Parameter counts follow what megatron-core 0.16.1 instantiates on one rank (local and TE specs
+hold the same counts: TE fuses the pre-norm into the following linear). FLOPs are forward FLOPs
+per token for the whole (unsharded) block. Activation bytes are what one rank keeps per token of
+a micro-batch for the backward pass; sources are given per formula.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megacpp.planner.search.layout import Context, Layout
+
+BF16 = 2
+FP32 = 4
+SSD_CHUNK = 128  # Mamba-2 SSD chunk size: MambaMixer(chunk_size=128), megatron/core/ssm/mamba_mixer.py:164
+RECURRENT_CHUNK = 64  # megacpp runtime R block: state checkpoint every 64 tokens
+# megatron-core's local (unfused) DotProductAttention on the torch softmax path
+# (fusions/fused_softmax.py forward_torch_softmax): scores go to fp32, softmax keeps its fp32
+# output and the bf16 cast of it feeds the PV matmul, so 4 + 2 bytes per score stay for backward.
+# Matches the per-micro-batch growth measured on the 8 x H200 PP runs (memory_phases in
+# benchmarks/results/gpu_runs_h200x8.json).
+UNFUSED_KEPT_BYTES = FP32 + BF16
+
+
+def unfused_scores(ctx: Context, lay: Layout) -> float:
+    """Attention score elements of one micro-batch on one rank (heads/TP x s x s); 0 with TE (fused)."""
+    if ctx.te or "A" not in ctx.letters:
+        return 0.0
+    heads = ctx.spec.model.attention.num_heads  # type: ignore[union-attr]
+    s = ctx.seq / lay.cp
+    return lay.micro_batch_size * heads / lay.tp * s * s
+
+
+@dataclass(frozen=True)
+class BlockParams:
+    dense: int  # replicated over DP (x CP) and sharded by TP
+    expert: int  # routed-expert weights, sharded by EP x ETP, replicated over EDP
+
+
+def norm_params(ctx: Context) -> int:
+    """RMSNorm has a weight; LayerNorm a weight and a bias."""
+    h = ctx.spec.model.hidden_size
+    return h if ctx.spec.model.normalization == "rmsnorm" else 2 * h
+
+
+def norm_tensors(ctx: Context) -> int:
+    """RMSNorm is one tensor (its weight); LayerNorm two (and its bias)."""
+    return 2 if ctx.spec.model.normalization == "layernorm" else 1
+
+
+def padded_vocab(ctx: Context, tp: int) -> int:
+    """Megatron-LM pads the vocabulary to a multiple of 128 * TP (vocab_utils.py:58-59)."""
+    multiple = 128 * tp
+    v = ctx.spec.model.vocab_size
+    return -(-v // multiple) * multiple
+
+
+def _mlp(h: int, f: int, gated: bool, split: int) -> list[int]:
+    """fc1 (h -> f, or 2f gated) and fc2 (f -> h), both split by `split`; no bias."""
+    return [h * f * (2 if gated else 1) // split, f // split * h]
+
+
+def _mamba_dims(ctx: Context) -> tuple[int, int, int, int, int]:
+    m = ctx.spec.model.mamba
+    assert m is not None
+    heads = ctx.spec.model.mamba_heads
+    return heads * m.head_dim, heads, m.num_groups, m.state_dim, m.conv_kernel
+
+
+@dataclass(frozen=True)
+class Linears:
+    """One block's linear weights on one rank, parameters each: `dense` once per block, `expert`
+    once per local expert (`local` of them)."""
+
+    dense: list[int]
+    expert: list[int]
+    local: int = 0
+
+
+def block_linears(ctx: Context, letter: str, lay: Layout) -> Linears:
+    """The linear weights of one block held by one rank (tp / etp / ep from the layout)."""
+    model = ctx.spec.model
+    h, tp = model.hidden_size, lay.tp
+    if letter == "A":
+        d, heads, groups = model.head_dim, model.attention.num_heads, model.query_groups  # type: ignore[union-attr]
+        # linear_qkv: h -> (heads + 2*groups)*d, linear_proj: heads*d -> h (attention.py)
+        return Linears([h * (heads + 2 * groups) * d // tp, heads * d // tp * h], [])
+    if letter == "D":
+        mlp = model.mlp
+        assert mlp is not None
+        return Linears(_mlp(h, mlp.ffn_hidden_size, mlp.gated, tp), [])
+    if letter == "E":
+        moe = model.moe
+        assert moe is not None
+        shared = _mlp(h, moe.shared_expert_ffn_hidden_size, moe.gated, tp) if moe.shared_expert_ffn_hidden_size else []
+        router = moe.num_experts * h  # router.py: weight [num_experts, hidden]
+        return Linears([router, *shared], _mlp(h, moe.ffn_hidden_size, moe.gated, lay.etp), moe.num_experts // lay.ep)
+    if letter == "M":
+        d_inner, heads, groups, state, _ = _mamba_dims(ctx)
+        in_proj = h * (2 * d_inner + 2 * groups * state + heads) // tp  # mamba_mixer.py:268-280
+        return Linears([in_proj, d_inner // tp * h], [])
+    if letter == "R":
+        r = model.recurrent
+        assert r is not None
+        d_r, heads = r.num_heads * r.head_dim, r.num_heads
+        # megacpp runtime R block: in_proj h -> q,k,v,gate (4*d_r) + per-head decay; out_proj d_r -> h
+        return Linears([h * (4 * d_r + heads) // tp, d_r // tp * h], [])
+    raise ValueError(letter)
+
+
+def block_params(ctx: Context, letter: str, lay: Layout) -> BlockParams:
+    """Parameters of one block held by one rank: its linears (block_linears) and the rest."""
+    model = ctx.spec.model
+    linears = block_linears(ctx, letter, lay)
+    rest = norm_params(ctx)
+    if letter == "M":
+        d_inner, heads, groups, state, kernel = _mamba_dims(ctx)
+        conv_dim = (d_inner + 2 * groups * state) // lay.tp
+        conv = conv_dim * kernel + conv_dim  # depthwise Conv1d weight + bias
+        per_head = 3 * (heads // lay.tp)  # dt_bias, A_log, D
+        rest += conv + per_head + d_inner // lay.tp  # and the gated norm's weight
+    elif letter == "R":
+        r = model.recurrent
+        assert r is not None
+        rest += r.num_heads * r.head_dim // lay.tp  # gated norm d_r
+    return BlockParams(rest + sum(linears.dense), linears.local * sum(linears.expert))
+
+
+def block_param_tensors(ctx: Context, letter: str, lay: Layout) -> int:
+    """Parameter tensors of one block on one rank (no linear has a bias: add_bias_linear=False):
+    the optimizer step does host work per tensor (Efficiency.optimizer_tensor_s). Each norm is a
+    weight (and a bias for LayerNorm); TE fuses the pre-norm into the next linear and keeps it as a
+    tensor of that module, so the count is the same under either spec. E: the router and one fc1
+    and one fc2 weight per local expert (TEGroupedMLP's weight0..weightG-1, SequentialMLP's
+    experts alike), plus the shared expert's fc1 and fc2. M (mamba_mixer.py): in_proj, the conv1d's
+    weight and bias, dt_bias, A_log, D, the gated norm and out_proj. R (runtime/worker/recurrent.py):
+    in_proj, out_proj and the gate norm's weight."""
+    if letter == "E":
+        linears = block_linears(ctx, letter, lay)
+        return norm_tensors(ctx) + len(linears.dense) + len(linears.expert) * linears.local
+    return norm_tensors(ctx) + {"A": 2, "D": 2, "M": 8, "R": 3}[letter]
+
+
+def embedding_param_tensors(ctx: Context) -> int:
+    """The word embeddings, and the learned position embeddings where the model has them."""
+    return 1 + (ctx.spec.model.position_embedding == "learned")
+
+
+def head_param_tensors(ctx: Context, lay: Layout) -> int:
+    """The final norm, and the output layer unless it is the embedding's on the same rank."""
+    tied_on_same_rank = ctx.spec.model.tie_embeddings and lay.pp == 1
+    return norm_tensors(ctx) + (0 if tied_on_same_rank else 1)
+
+
+def weight_gradient_bytes(ctx: Context, letter: str, lay: Layout) -> float:
+    """The largest bf16 weight gradient one block's backward produces at once on one rank. Without
+    gradient-accumulation fusion each weight's gradient is a tensor of the weight's size until
+    megatron-core's DDP hook adds it into the fp32 main_grad buffer and frees it. TE's grouped
+    experts compute every local expert's gradient in one grouped GEMM, the local modules'
+    SequentialMLP one expert after another. On 2 x H200 the forward+backward peak of dense stacks
+    at hidden 8192 (fc1 h x 2 x 28672) exceeded resident memory plus activations by 0.77-0.84 GiB
+    where fc1's gradient is 0.875 GiB, by 0.46 GiB under TP2 (0.44 GiB), and the MoE with eight
+    local experts at f 14336 by 1.67 GiB (1.75 GiB) (benchmarks/results/gpu_runs_h200x2_te_blind5.json)."""
+    linears = block_linears(ctx, letter, lay)
+    at_once = linears.local if ctx.te else 1
+    return BF16 * max([*linears.dense, *(at_once * n for n in linears.expert)])
+
+
+def embedding_params(ctx: Context, lay: Layout) -> int:
+    """Word embeddings (vocab split by TP) plus learned position embeddings (replicated)."""
+    h = ctx.spec.model.hidden_size
+    pos = ctx.seq * h if ctx.spec.model.position_embedding == "learned" else 0
+    return padded_vocab(ctx, lay.tp) // lay.tp * h + pos
+
+
+def head_params(ctx: Context, lay: Layout) -> int:
+    """Final norm plus the output layer; a tied head still holds its own copy when PP > 1."""
+    h = ctx.spec.model.hidden_size
+    tied_on_same_rank = ctx.spec.model.tie_embeddings and lay.pp == 1
+    return norm_params(ctx) + (0 if tied_on_same_rank else padded_vocab(ctx, lay.tp) // lay.tp * h)
+
+
+def routed_load(ctx: Context, imbalanced: bool) -> float:
+    """Routed tokens of the busiest expert-parallel rank over the mean: 1, or the spec's
+    moe.imbalance capped by the capacity factor (tokens over capacity are dropped)."""
+    moe = ctx.spec.model.moe
+    if not imbalanced or moe is None:
+        return 1.0
+    return min(moe.imbalance, moe.capacity_factor) if moe.capacity_factor else moe.imbalance
+
+
+def block_flops(ctx: Context, letter: str, load: float = 1.0) -> float:
+    """Forward FLOPs per token of one block (2 per multiply-add), whole block, causal attention;
+    `load` scales the routed experts' share (see routed_load)."""
+    model = ctx.spec.model
+    h, s = model.hidden_size, ctx.seq
+    if letter == "A":
+        d, heads, groups = model.head_dim, model.attention.num_heads, model.query_groups  # type: ignore[union-attr]
+        # projections + QK^T and PV over a causal (half) context, Korthikanti et al. [R36]
+        return 2 * h * (heads + 2 * groups) * d + 2 * heads * d * h + 2 * heads * d * s
+    if letter == "D":
+        mlp = model.mlp
+        assert mlp is not None
+        return 2 * h * mlp.ffn_hidden_size * (3 if mlp.gated else 2)
+    if letter == "E":
+        moe = model.moe
+        assert moe is not None
+        per_expert = 2 * h * moe.ffn_hidden_size * (3 if moe.gated else 2)
+        shared = 2 * h * (moe.shared_expert_ffn_hidden_size or 0) * (3 if moe.gated else 2)
+        return 2 * h * moe.num_experts + moe.top_k * per_expert * load + shared
+    if letter == "M":
+        d_inner, heads, groups, state, kernel = _mamba_dims(ctx)
+        proj = 2 * h * (2 * d_inner + 2 * groups * state + heads) + 2 * d_inner * h
+        conv = 2 * (d_inner + 2 * groups * state) * kernel
+        # SSD: state update/readout (~6 d_inner N) plus the causal intra-chunk matmuls (DERIVED, [R31])
+        ssd = 6 * d_inner * state + SSD_CHUNK * d_inner
+        return proj + conv + ssd
+    if letter == "R":
+        r = model.recurrent
+        assert r is not None
+        d_r = r.num_heads * r.head_dim
+        return 2 * h * (4 * d_r + r.num_heads) + 2 * d_r * h + 4 * d_r * r.head_dim
+    raise ValueError(letter)
+
+
+@dataclass(frozen=True)
+class Gemms:
+    """One block's forward matmuls on one rank for one micro-batch: Linear GEMMs as (M, K, N, how
+    many), the routed experts under Transformer Engine as grouped GEMMs (M tokens per expert, K, N,
+    local experts: one GroupedLinear each for fc1 and fc2), unfused core attention and the R
+    block's chunked scan as (batch x heads, tokens, head dim), the M block's conv and SSD scan as
+    (heads, tokens, head dim, state), and the FLOPs of what is not a Linear (Mamba's conv and SSD scan, priced by them where a preset has no SSD
+    table; the R block's recurrence; fused attention)."""
+
+    linears: tuple[tuple[float, int, int, int], ...] = ()
+    grouped: tuple[tuple[float, int, int, int], ...] = ()
+    attention: tuple[int, int, int] | None = None
+    recurrence: tuple[int, int, int] | None = None
+    ssd: tuple[int, int, int, int] | None = None  # M: (heads, tokens, head dim, state) on one rank
+    fused_attention: tuple[int, int, int, int] | None = None  # A with TE: (batch x heads, sequence, head dim, CP)
+    other_flops: float = 0.0
+
+    @property
+    def flops(self) -> float:
+        """Forward FLOPs, the unfused attention counted causal (half its s x s) as block_flops does."""
+        core = 2.0 * self.attention[0] * self.attention[1] ** 2 * self.attention[2] if self.attention else 0.0
+        return 2.0 * sum(m * k * n * count for m, k, n, count in self.linears + self.grouped) + core + self.other_flops
+
+
+def micro_batch_tokens(ctx: Context, lay: Layout) -> float:
+    """Tokens of one micro-batch held by one rank after the CP split."""
+    return lay.micro_batch_size * ctx.seq / lay.cp
+
+
+def block_gemms(ctx: Context, letter: str, lay: Layout, load: float = 1.0) -> Gemms:
+    """The shapes behind block_flops on one rank: M is the micro-batch's tokens on the rank (the
+    whole sequence under TP, gathered under SP), N and K are split by TP (ETP for experts); routed
+    experts each take top_k x EP x ETP / (TP x E) of the tokens (x `load` on the busiest rank).
+    Summed, 2 M K N over the linears plus the attention and other FLOPs equal
+    block_flops x tokens / TP."""
+    model = ctx.spec.model
+    h, tp = model.hidden_size, lay.tp
+    t = micro_batch_tokens(ctx, lay)
+    if letter == "A":
+        d, heads, groups = model.head_dim, model.attention.num_heads, model.query_groups  # type: ignore[union-attr]
+        linears = ((t, h, (heads + 2 * groups) * d // tp, 1), (t, heads * d // tp, h, 1))
+        core = 2 * heads * d * ctx.seq * t / tp  # causal QK^T and PV, as block_flops counts them
+        if ctx.te:
+            return Gemms(linears, fused_attention=(lay.micro_batch_size * heads // tp, ctx.seq, d, lay.cp), other_flops=core)
+        return Gemms(linears, attention=(lay.micro_batch_size * heads // tp, ctx.seq // lay.cp, d))
+    if letter == "D":
+        mlp = model.mlp
+        assert mlp is not None
+        f = mlp.ffn_hidden_size
+        return Gemms(((t, h, f * (2 if mlp.gated else 1) // tp, 1), (t, f // tp, h, 1)))
+    if letter == "E":
+        moe = model.moe
+        assert moe is not None
+        f, g = moe.ffn_hidden_size, 2 if moe.gated else 1
+        local = moe.num_experts // lay.ep
+        per_expert = t / tp * moe.top_k * lay.ep * lay.etp / moe.num_experts * load
+        router = ((t / tp, h, moe.num_experts, 1),)
+        experts = ((per_expert, h, f * g // lay.etp, local), (per_expert, f // lay.etp, h, local))
+        fs = moe.shared_expert_ffn_hidden_size or 0
+        shared = ((t, h, fs * g // tp, 1), (t, fs // tp, h, 1)) if fs else ()
+        if ctx.te:  # TEGroupedMLP: each of fc1 and fc2 is one GroupedLinear over the local experts
+            return Gemms(router + shared, grouped=experts)
+        return Gemms(router + experts + shared)  # SequentialMLP: one expert after another
+    if letter == "M":
+        d_inner, heads, groups, state, kernel = _mamba_dims(ctx)
+        linears = ((t, h, (2 * d_inner + 2 * groups * state + heads) // tp, 1), (t, d_inner // tp, h, 1))
+        rest = 2 * (d_inner + 2 * groups * state) * kernel + 6 * d_inner * state + SSD_CHUNK * d_inner
+        head_dim = d_inner // heads
+        return Gemms(linears, ssd=(heads // tp, int(t), head_dim, state), other_flops=rest * t / tp)
+    if letter == "R":
+        r = model.recurrent
+        assert r is not None
+        d_r = r.num_heads * r.head_dim
+        linears = ((t, h, (4 * d_r + r.num_heads) // tp, 1), (t, d_r // tp, h, 1))
+        scan = (lay.micro_batch_size * r.num_heads // tp, ctx.seq, r.head_dim)
+        return Gemms(linears, recurrence=scan, other_flops=4 * d_r * r.head_dim * t / tp)
+    raise ValueError(letter)
+
+
+def head_flops(ctx: Context) -> float:
+    return 2.0 * ctx.spec.model.hidden_size * ctx.spec.model.vocab_size
+
+
+def head_gemms(ctx: Context, lay: Layout) -> Gemms:
+    """The output layer's GEMM on one rank: the padded vocabulary split by TP."""
+    t = micro_batch_tokens(ctx, lay)
+    return Gemms(((t, ctx.spec.model.hidden_size, padded_vocab(ctx, lay.tp) // lay.tp, 1),))
+
+
+def norm_stats_bytes(ctx: Context) -> int:
+    """Per-token statistics a norm keeps for backward: fp32 rstd (RMSNorm), fp32 mean and rstd (LayerNorm)."""
+    return FP32 if ctx.spec.model.normalization == "rmsnorm" else 2 * FP32
+
+
+def mlp_saved_bytes(f: float, gated: bool, fused: bool) -> float:
+    """What megatron-core's MLP (transformer/mlp.py) keeps per token between fc1 and fc2. Gated
+    with Megatron-LM's default bias-SwiGLU fusion (fused_bias_swiglu.SwiGLUFunction and its
+    probability-weighted twin for experts): the fc1 output (2f) and the product, the fc2 input
+    (f): 3f bf16. Gated unfused (backend.fusions false): the fc1 output (2f, kept whole by the
+    silu's view of it), silu(x_glu), x_linear + glu_linear_offset (a new tensor even at offset 0)
+    and their product: 5f. Plain (no fusion without biases): the fc1 output and the activation:
+    2f. Read off benchmarks/activation_audit.py."""
+    if not gated:
+        return BF16 * f * 2
+    return BF16 * f * (3 if fused else 5)
+
+
+def expert_backward_bytes(ctx: Context, lay: Layout, load: float = 1.0) -> float:
+    """Bytes of gradients an E block's backward holds at once per local token (after CP) of one
+    micro-batch, beside the activations it kept: 7f bf16 per routed token (three tensors of 2f
+    and one of f), gated or not. Read off the blocks the backward held at the peak with launch
+    --memory-peak: three of 128 MiB and one of 64 MiB at 8192 routed tokens and f 4096 under full
+    recompute (benchmarks/results/gpu_runs_h200x2_te_trace2.json, 1.44x that on the EP2 rank whose
+    peak micro-batch routed it 1.44x the mean), three of 256 MiB and one of 128 MiB at f 8192,
+    gated and not, with and without recompute (gpu_runs_h200x1_expert_grads.json). Those are TE's
+    grouped experts, which run every local expert at once; the local modules' SequentialMLP runs
+    them one after another, so its backward holds one expert's share."""
+    moe = ctx.spec.model.moe
+    if moe is None:
+        return 0.0
+    f = moe.ffn_hidden_size / lay.etp
+    factor = 1 / lay.tp if lay.sp else 1.0  # routed tokens per rank follow the SP shard
+    at_once = 1.0 if ctx.te else lay.ep / moe.num_experts
+    return moe.top_k * lay.etp * BF16 * 7 * f * load * factor * at_once
+
+
+def block_activation_bytes(ctx: Context, letter: str, lay: Layout, load: float = 1.0, recompute: str | None = None) -> float:
+    """Bytes one rank keeps per local token (after CP) of one micro-batch for one block.
+
+    The split follows Korthikanti et al. [R36]: tensors inside the TP region are divided by TP;
+    with SP the rest is divided by TP too. The tensors themselves are what autograd keeps in
+    megatron-core 0.16.1's local modules (benchmarks/activation_audit.py lists them per block; the
+    runtime trains with dropout 0, so no dropout masks). Full recompute keeps only the block input;
+    selective recompute keeps core attention's inputs instead of its score tensors. `recompute`
+    overrides the spec's (what a recomputed block holds again during its backward is its "none").
+    """
+    model = ctx.spec.model
+    h, t = model.hidden_size, lay.tp
+    outside = 1 / t if lay.sp else 1.0  # norm inputs and the linear inputs after them
+    recompute = recompute or ctx.spec.training.recompute
+    if recompute == "full":
+        return BF16 * h * outside
+    norm_and_input = (BF16 * 2 * h + norm_stats_bytes(ctx)) * outside  # norm input, its output (the first linear's input)
+    if letter == "A":
+        d, heads, groups = model.head_dim, model.attention.num_heads, model.query_groups  # type: ignore[union-attr]
+        # rotary: unfused, cos and sin tables for q and for k, per sequence position
+        # (rope_utils.py); TE's fused kernel keeps only the rotary table, made once per run
+        unfused_rope = model.position_embedding == "rope" and not (ctx.te and ctx.fused)
+        rope = 4 * BF16 * d / lay.micro_batch_size if unfused_rope else 0.0
+        heads_r, groups_r = heads / t, max(groups, t) / t
+        qkv = (heads_r + 2 * groups_r) * d  # what the fused qkv projection writes
+        rotated = model.position_embedding == "rope"
+        if ctx.te and recompute != "selective":
+            kept = qkv  # TE's fused attention keeps q, k, v and its output
+        else:
+            # Under selective recompute TE's core attention is checkpointed alike: its inputs, the
+            # rotated q and k and v, a view that keeps the whole qkv output alive (blind set 7's
+            # MHA stack at sequence 8192: 0.5 GiB of rotary outputs beside 0.75 GiB of qkv outputs
+            # at the peak, benchmarks/results/gpu_runs_h100x1_te_blind7_peak.json; -3.5% -> -0.2%).
+            # dot_product_attention.py: q and k are new tensors after rotary, else views of the qkv
+            # output; with GQA k and v are repeated to every head (new tensors). A view keeps the
+            # whole qkv output alive. Selective recompute keeps core attention's inputs (before
+            # the repeat) instead.
+            if recompute == "selective":
+                new, view = ((heads_r + groups_r) * d if rotated else 0.0), True
+            elif groups_r < heads_r:
+                new, view = (3 if rotated else 2) * heads_r * d, not rotated
+            else:
+                new, view = (2 * heads_r * d if rotated else 0.0), True
+            kept = new + (qkv if view else 0.0)
+        scores = 0.0
+        if not ctx.te and recompute == "none":
+            # unfused: fp32 softmax output and its bf16 copy, both kept for backward (UNFUSED_KEPT_BYTES)
+            scores = UNFUSED_KEPT_BYTES * heads_r * ctx.seq / lay.cp
+        return norm_and_input + rope + BF16 * (kept + heads_r * d) + scores
+    if letter == "D":
+        mlp = model.mlp
+        assert mlp is not None
+        return norm_and_input + mlp_saved_bytes(mlp.ffn_hidden_size / t, mlp.gated, ctx.fused)
+    if letter == "E":
+        moe = model.moe
+        assert moe is not None
+        f, e = moe.ffn_hidden_size / lay.etp, lay.etp
+        # per routed token: the expert's input, its fp32 routing probability, the MLP's tensors and,
+        # unless the fused SwiGLU weights its output itself, the probability-scaled activation
+        # (the experts apply probs before fc2)
+        scaled = 0.0 if moe.gated and ctx.fused else BF16 * f
+        routed = moe.top_k * e * (BF16 * h + FP32 + mlp_saved_bytes(f, moe.gated, ctx.fused) + scaled)
+        # router: fp32 scores and aux-loss scores, the dispatcher's bool map and fp32 probs per
+        # expert; int64 top-k indices (twice), fp32 top-k probs, int64 permutation indices
+        router = (3 * FP32 + 1) * moe.num_experts + (3 * 8 + FP32) * moe.top_k
+        shared = mlp_saved_bytes(moe.shared_expert_ffn_hidden_size / t, moe.gated, ctx.fused) if moe.shared_expert_ffn_hidden_size else 0.0
+        factor = 1 / t if lay.sp else 1.0  # routed tokens per rank follow the SP shard
+        return norm_and_input + (routed * load + router) * factor + shared
+    if letter == "M":
+        d_inner, heads, groups, state, _ = _mamba_dims(ctx)
+        # what autograd keeps in MambaMixer's training path (mamba_split_conv1d_scan_combined, the
+        # memory-efficient kernel: conv and chunk states are recomputed in backward), measured with
+        # benchmarks/activation_audit.py --cuda on one H200 (53412 B per token at h 2048, d_inner
+        # 4096, 8 groups, state 128, 64 heads; exact): the contiguous in_proj output zxBCdt, the
+        # scan output, its contiguous (l b d) copy that the gated RMSNorm keeps, the norm's output
+        # (out_proj's input), all bf16 d_inner wide, and the norm's fp32 rstd per group
+        inside = BF16 * ((2 * d_inner + 2 * groups * state + heads) + 3 * d_inner) + FP32 * groups
+        return norm_and_input + inside / t
+    if letter == "R":
+        r = model.recurrent
+        assert r is not None
+        heads, d, c = r.num_heads / t, r.head_dim, RECURRENT_CHUNK
+        d_r, chunks = heads * d, ctx.seq / lay.cp / c
+        # what autograd keeps in runtime/worker/recurrent.py, per token (benchmarks/activation_audit.py):
+        # fp32: q, k and v as read by the chunked scan and their decay-weighted copies, the output
+        # (9 x d_r); the in-chunk scores, decay mask and their product (3 x heads x chunk); the
+        # decay logits and their logsigmoid, two decay exponentials, the norm's rstd (5 x heads);
+        # the chunk states and their carried sums (2 x d_r x d / chunk); the chunk-to-chunk decay
+        # (heads x chunks / chunk). bf16: the in_proj output (4 d_r + heads, kept whole by the
+        # gate's view), the cast output, silu(gate) and two gated products (4 x d_r).
+        kept = (FP32 * (9 * d_r + 3 * heads * c + 5 * heads + 2 * d_r * d / c + heads * chunks / c)
+                + BF16 * (4 * d_r + heads + 4 * d_r))
+        return norm_and_input + kept
+    raise ValueError(letter)

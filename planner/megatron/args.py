@@ -1,0 +1,231 @@
+"""The one module that maps a plan onto Megatron-LM: entry point, flags and environment.
+
+Everything else in megacpp speaks its own vocabulary (Axis, Layout, Spec); Megatron's flag and
+field names live here. Every flag emitted is checked against the dialect's parser dump
+(planner/megatron/flags/*.txt, from Megatron-LM's add_megatron_arguments).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+
+from megacpp.planner.errors import LaunchError
+from megacpp.planner.plan import Candidate
+from megacpp.planner.search.layout import Context
+
+# Hybrid pattern symbols per dialect ([V] mamba_hybrid_layer_allocation.py:25-32; [M] hybrid_layer_allocation.py:14-27).
+HYBRID_SYMBOLS = {"A": "*", "M": "M", "E": "E", "D": "-", "R": "G"}
+# The MoE load-balancing loss coefficient both engines train with: Megatron-LM core_v0.16.1
+# examples/mixtral/train_mixtral_8x7b_distributed.sh:54.
+MOE_AUX_LOSS_COEFF = 1e-2
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """Run-length and data options that are not part of the plan."""
+
+    train_iters: int = 100
+    lr: float = 3e-4
+    data_path: str | None = None  # a Megatron indexed-dataset prefix; None uses --mock-data
+
+
+@cache
+def known_flags(dialect: str) -> frozenset[str]:
+    text = resources.files("megacpp.planner.megatron.flags").joinpath(f"{dialect}.txt").read_text()
+    return frozenset(line.strip() for line in text.splitlines() if line.startswith("--"))
+
+
+def entry_point(ctx: Context) -> str:
+    """pretrain_gpt.py for AD/AE stacks; the hybrid entry point of the dialect otherwise."""
+    if ctx.plain_transformer:
+        return "pretrain_gpt.py"
+    return "pretrain_mamba.py" if ctx.dialect == "core_v0.16" else "pretrain_hybrid.py"
+
+
+def _hybrid_pattern(ctx: Context, cand: Candidate) -> str:
+    blocks = ctx.pattern.blocks
+    if "M" in blocks and not ctx.te:
+        raise LaunchError(
+            "M blocks without Transformer Engine: Megatron-LM's mamba_stack_spec needs TE; "
+            "launch with --engine megacpp, or set backend.transformer_engine: true"
+        )
+    if ctx.dialect == "core_v0.16":
+        if "R" in blocks:
+            raise LaunchError(
+                "R blocks have no Megatron layer in core_v0.16; launch with --engine megacpp, "
+                "or set backend.megatron: main (R renders as G, gated delta net)"
+            )
+        return "".join(HYBRID_SYMBOLS[b] for b in blocks)
+    sizes = cand.split["sizes"]
+    if len(sizes) == 1:
+        return "".join(HYBRID_SYMBOLS[b] for b in blocks)
+    # `|` segments in chunk order; Megatron assigns segment k to pp_rank k % PP, vp_stage k // PP
+    segments, start = [], 0
+    for size in sizes:
+        segments.append("".join(HYBRID_SYMBOLS[b] for b in blocks[start : start + size]))
+        start += size
+    return "|".join(segments)
+
+
+def _pipeline_flags(ctx: Context, cand: Candidate) -> list[str]:
+    split, lay = cand.split, cand.layout
+    if split["kind"] == "layout":
+        last = len(split["sizes"]) - 1
+        layout = "|".join(
+            ("E" if k == 0 else "") + "t" * n + ("L" if k == last else "") for k, n in enumerate(split["sizes"])
+        )
+        return ["--pipeline-model-parallel-layout", layout]
+    if split["kind"] == "first_last":
+        return [
+            "--decoder-first-pipeline-num-layers", str(split["first"]),
+            "--decoder-last-pipeline-num-layers", str(split["last"]),
+        ]
+    if split["kind"] == "even" and lay["vpp"] > 1 and ctx.plain_transformer:
+        return ["--num-virtual-stages-per-pipeline-rank", str(lay["vpp"])]
+    return []  # even split, or main-dialect `|` segments carried by the pattern
+
+
+def _moe_layer_freq(ctx: Context) -> str:
+    """`--moe-layer-freq` as Megatron's list expression, run-length encoded: ([0]*3+[1]*58)."""
+    flags = [1 if unit[1] == "E" else 0 for unit in ctx.units]
+    runs: list[list[int]] = []
+    for f in flags:
+        if runs and runs[-1][0] == f:
+            runs[-1][1] += 1
+        else:
+            runs.append([f, 1])
+    return "(" + "+".join(f"[{f}]*{n}" for f, n in runs) + ")"
+
+
+def megatron_args(ctx: Context, cand: Candidate, opts: TrainOptions) -> list[str]:
+    """The complete Megatron-LM argument list (unquoted) for one candidate of a plan."""
+    spec, model, lay = ctx.spec, ctx.spec.model, cand.layout
+    tr = spec.training
+    a: list[str] = [
+        "--tensor-model-parallel-size", str(lay["tp"]),
+        "--pipeline-model-parallel-size", str(lay["pp"]),
+        "--context-parallel-size", str(lay["cp"]),
+    ]
+    if lay["sp"] and lay["tp"] > 1:
+        a.append("--sequence-parallel")
+    a += _pipeline_flags(ctx, cand)
+    if ctx.plain_transformer:
+        a += ["--num-layers", str(ctx.num_layers)]
+    elif ctx.dialect == "core_v0.16":
+        a += ["--num-layers", str(ctx.num_layers), "--hybrid-override-pattern", _hybrid_pattern(ctx, cand), "--is-hybrid-model",
+              "--spec", "megatron.core.models.mamba.mamba_layer_specs", "mamba_stack_spec"]
+    else:
+        a += ["--hybrid-layer-pattern", _hybrid_pattern(ctx, cand),
+              "--spec", "megatron.core.models.hybrid.hybrid_layer_specs", "hybrid_stack_spec"]
+    a += ["--hidden-size", str(model.hidden_size), "--seq-length", str(tr.seq_length),
+          "--max-position-embeddings", str(tr.seq_length)]
+    if model.attention:
+        a += ["--num-attention-heads", str(model.attention.num_heads), "--kv-channels", str(model.head_dim)]
+        if model.query_groups != model.attention.num_heads:
+            a += ["--group-query-attention", "--num-query-groups", str(model.query_groups)]
+    else:
+        # Megatron needs a head count even without attention layers; it only shapes unused defaults,
+        # but TransformerConfig checks it against TP (transformer_config.py:925): one head per TP rank
+        a += ["--num-attention-heads", str(int(cand.layout["tp"]))]
+    ffn = model.mlp.ffn_hidden_size if model.mlp else (model.moe.ffn_hidden_size if model.moe else 4 * model.hidden_size)
+    a += ["--ffn-hidden-size", str(ffn)]
+    gated = model.mlp.gated if model.mlp else (model.moe.gated if model.moe else True)
+    if gated:
+        a.append("--swiglu")
+    a += ["--normalization", {"rmsnorm": "RMSNorm", "layernorm": "LayerNorm"}[model.normalization],
+          "--position-embedding-type", {"rope": "rope", "learned": "learned_absolute", "none": "none"}[model.position_embedding],
+          "--disable-bias-linear",
+          # no dropout, as the megacpp runtime trains: both engines keep the same activations and
+          # the cost model counts no dropout masks (blocks.block_activation_bytes)
+          "--hidden-dropout", "0.0", "--attention-dropout", "0.0"]
+    if not model.tie_embeddings:
+        a.append("--untie-embeddings-and-output-weights")
+    if model.mamba and "M" in ctx.letters:
+        m = model.mamba
+        a += ["--mamba-num-heads", str(model.mamba_heads), "--mamba-head-dim", str(m.head_dim),
+              "--mamba-state-dim", str(m.state_dim), "--mamba-num-groups", str(m.num_groups)]
+    if model.recurrent and "R" in ctx.letters:  # main only: R renders as G (gated delta net)
+        r = model.recurrent
+        a += ["--linear-num-key-heads", str(r.num_heads), "--linear-num-value-heads", str(r.num_heads),
+              "--linear-key-head-dim", str(r.head_dim), "--linear-value-head-dim", str(r.head_dim)]
+    if model.moe and ctx.has_moe:
+        moe = model.moe
+        a += ["--num-experts", str(moe.num_experts), "--moe-router-topk", str(moe.top_k),
+              "--moe-ffn-hidden-size", str(moe.ffn_hidden_size),
+              "--expert-model-parallel-size", str(lay["ep"]), "--expert-tensor-parallel-size", str(lay["etp"]),
+              "--moe-token-dispatcher-type", moe.dispatcher]
+        if moe.dispatcher == "flex":
+            a += ["--moe-flex-dispatcher-backend", moe.flex_backend]
+        if moe.shared_expert_ffn_hidden_size:
+            a += ["--moe-shared-expert-intermediate-size", str(moe.shared_expert_ffn_hidden_size)]
+        if moe.capacity_factor is not None:
+            a += ["--moe-expert-capacity-factor", f"{moe.capacity_factor:g}"]
+        # the router in fp32 (transformer_config.py:3118-3127 warns without it from 32 experts on)
+        # and a load-balancing loss: Megatron-LM's --moe-aux-loss-coeff defaults to 0, which leaves
+        # routing unbalanced (megacpp's runtime trains with the same two)
+        a += ["--moe-router-dtype", "fp32", "--moe-aux-loss-coeff", f"{MOE_AUX_LOSS_COEFF:g}"]
+        if ctx.plain_transformer and any(u[1] == "D" for u in ctx.units):
+            a += ["--moe-layer-freq", _moe_layer_freq(ctx)]
+        if ctx.te:
+            a.append("--moe-grouped-gemm")
+    a += ["--micro-batch-size", str(lay["micro_batch_size"]), "--global-batch-size", str(tr.global_batch_size), "--bf16"]
+    if tr.precision == "fp8":
+        a += ["--fp8-format", "hybrid"]
+    if tr.recompute == "selective":
+        a += ["--recompute-granularity", "selective"]
+    elif tr.recompute == "full":
+        a += ["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1"]
+    # gradients reduce bucket by bucket during the backward, and with the distributed optimizer
+    # the parameters gather during the next forward, as megacpp's runtime and the cost model's
+    # exposed data-parallel shares (cost.Efficiency.grad_reduce_exposed, param_gather_exposed) have them
+    if tr.distributed_optimizer:
+        a += ["--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather"]
+    else:
+        a.append("--overlap-grad-reduce")
+    if not spec.backend.fusions:
+        a += ["--no-bias-swiglu-fusion", "--no-bias-dropout-fusion"] + ["--no-rope-fusion"] * ctx.te
+    if ctx.te:
+        a += ["--transformer-impl", "transformer_engine"]
+    else:
+        # stock megatron-core 0.16.1 without TE fails at config or model build otherwise (DESIGN.md).
+        # Gradient-accumulation fusion and the masked-softmax kernel are Apex CUDA extensions that
+        # Megatron-LM turns on by default: without them ColumnParallelLinear refuses to build
+        # (layers.py:925, seen on 2 x H200) and the first causal softmax imports a missing module
+        # (fused_softmax.py:31). Off, the local path runs the torch softmax the cost model prices,
+        # in fp32 as megatron-core's TransformerConfig and megacpp's runtime run it: Megatron-LM
+        # alone defaults it to bf16 (arguments.py lists attention_softmax_in_fp32 among its
+        # "incompatible defaults"), which on 2 x H200 put the peak 27-37% under the plan.
+        a += ["--transformer-impl", "local", "--no-persist-layer-norm", "--no-rope-fusion",
+              "--no-gradient-accumulation-fusion", "--no-masked-softmax-fusion", "--attention-softmax-in-fp32"]
+    a += ["--tokenizer-type", "NullTokenizer", "--vocab-size", str(model.vocab_size)]
+    a += ["--data-path", opts.data_path, "--split", "99,1,0"] if opts.data_path else ["--mock-data"]
+    # Every attention rendered here is causal and makes its own mask (TE's fused attention; the
+    # local softmax's get_default_causal_mask, fused_softmax.py:323), so the [b, 1, s, s] boolean
+    # mask the dataloader builds by default (gpt_dataset.py:739) is only host work and a copy per
+    # micro-batch; NVIDIA's own llama3 and mamba example scripts turn it off. Alternating the
+    # render with and without it on one 2 x H200 host, TE with CP2 at sequence 4096 stepped in
+    # 0.784 and 0.750 s with it, 0.678 and 0.738 s without
+    # (benchmarks/results/gpu_runs_h200x2_megatronlm_te_host2.json).
+    a.append("--no-create-attention-mask-in-dataloader")
+    a += ["--train-iters", str(opts.train_iters), "--lr", f"{opts.lr:g}", "--min-lr", f"{opts.lr / 10:g}",
+          "--lr-decay-style", "cosine", "--weight-decay", "0.1", "--clip-grad", "1.0",
+          "--log-interval", "1", "--eval-iters", "0", "--eval-interval", str(opts.train_iters)]
+    unknown = sorted({x for x in a if x.startswith("--")} - known_flags(ctx.dialect))
+    if unknown:
+        raise LaunchError(f"Megatron-LM {ctx.dialect} does not accept {', '.join(unknown)}")
+    return a
+
+
+def environment(ctx: Context, cand: Candidate) -> dict[str, str]:
+    """Environment for the job: Megatron's own requirements plus NCCL defaults for the cluster."""
+    lay, name = cand.layout, ctx.cluster.name
+    env = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}  # recommended in the MoE README [R28]
+    pre_blackwell = name in {"h100-sxm-8", "h200-sxm-8", "inline"}
+    if pre_blackwell and (lay["tp"] > 1 or lay["cp"] > 1):
+        env["CUDA_DEVICE_MAX_CONNECTIONS"] = "1"  # Megatron-LM arguments.py:1453-1481
+    if name == "gb10-spark":
+        # both PCIe halves of the ConnectX-7 port, or NCCL reaches half the link [R13]
+        env["NCCL_IB_HCA"] = "rocep1s0f0,roceP2p1s0f0"
+    return env

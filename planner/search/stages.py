@@ -1,0 +1,210 @@
+"""Pipeline stage assignment: contiguous, atomic block ranges per (virtual) stage.
+
+The embedding sits on the first stage and the output head on the last. Stages are balanced by
+forward FLOPs per unit (a Megatron layer), `|` cuts are honoured, and the split is always one the
+Megatron dialect can express:
+
+- GPT path (AD/AE pairs), both dialects: any split (`--pipeline-model-parallel-layout` when uneven);
+- hybrid on main: any split (`|` segments in `--hybrid-layer-pattern`);
+- hybrid on core_v0.16: an even split, or custom first/last stage sizes with equal middle stages
+  (`--decoder-first/last-pipeline-num-layers`), and no virtual stages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megacpp.planner.cost.blocks import block_flops, head_flops
+from megacpp.planner.search.layout import Context
+
+# Megatron's plain even split is kept unless a custom split shortens the slowest stage by more than
+# this: it needs no extra flags and does not pile layers onto the memory-heavy first stages.
+EVEN_TOLERANCE = 0.02
+
+
+@dataclass(frozen=True)
+class Split:
+    """How the stage split is expressed: kind is even | first_last | layout | pipes."""
+
+    kind: str
+    sizes: tuple[int, ...]  # units per global chunk, in chunk order (chunk k -> pp_rank k % pp)
+    first: int = 0
+    last: int = 0
+
+
+@dataclass(frozen=True)
+class Stage:
+    pp_rank: int
+    vp_stage: int
+    start: int  # first unit (Megatron layer) index
+    stop: int
+    blocks: str
+    embedding: bool
+    output_head: bool
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "pp_rank": self.pp_rank,
+            "vp_stage": self.vp_stage,
+            "layers": [self.start, self.stop],
+            "blocks": self.blocks,
+            "embedding": self.embedding,
+            "output_head": self.output_head,
+        }
+
+
+def unit_weights(ctx: Context) -> list[float]:
+    per_letter = {letter: block_flops(ctx, letter) for letter in ctx.letters}
+    return [sum(per_letter[letter] for letter in unit) for unit in ctx.units]
+
+
+def _partition(weights: list[float], k: int, head: float) -> tuple[int, ...]:
+    """Split weights into k non-empty contiguous parts minimising the heaviest (head on the last part).
+
+    Among splits with the same heaviest part, later stages are filled first: under 1F1B stage p
+    holds pp - p micro-batches of activations, so spare layers cost least at the back.
+    """
+    n = len(weights)
+    backwards = weights[::-1]
+
+    def parts_for(limit: float) -> list[int] | None:
+        sizes, acc, count = [], 0.0, 0
+        for i, w in enumerate(backwards):
+            extra = head if i == 0 else 0.0
+            if count and acc + w + extra > limit:
+                sizes.append(count)
+                acc, count = 0.0, 0
+            acc += w + extra
+            count += 1
+            if acc > limit:
+                return None
+        sizes.append(count)
+        return sizes if len(sizes) <= k else None
+
+    lo, hi = max(weights), sum(weights) + head
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if parts_for(mid) is None:
+            lo = mid
+        else:
+            hi = mid
+    sizes = parts_for(hi) or [n]
+    while len(sizes) < k:  # split the largest part until there are k (front-most on ties)
+        i = max(range(len(sizes)), key=lambda j: (sizes[j], j))
+        sizes[i : i + 1] = [sizes[i] // 2, sizes[i] - sizes[i] // 2]
+    return tuple(sizes[::-1])
+
+
+def _prefix(weights: list[float]) -> list[float]:
+    out = [0.0]
+    for w in weights:
+        out.append(out[-1] + w)
+    return out
+
+
+def _cost(weights: list[float], sizes: tuple[int, ...], head: float) -> float:
+    prefix = _prefix(weights)
+    return _cost_prefix(prefix, sizes, head)
+
+
+def _cost_prefix(prefix: list[float], sizes: tuple[int, ...], head: float) -> float:
+    """The heaviest stage of a split, from prefix sums (head added to the last stage)."""
+    worst, start = 0.0, 0
+    for i, size in enumerate(sizes):
+        stop = start + size
+        worst = max(worst, prefix[stop] - prefix[start] + (head if i == len(sizes) - 1 else 0.0))
+        start = stop
+    return worst
+
+
+def _first_last_split(weights: list[float], pp: int, head: float) -> Split:
+    """Best even or first/last split (core_v0.16 hybrid stacks).
+
+    For each middle-stage size, the first-stage size is found by bisection on prefix sums so the
+    first and last stages balance; its two neighbours are tried too. O(n/(pp-2) * (log n + pp)).
+    """
+    n, prefix = len(weights), _prefix(weights)
+    best: tuple[float, int, Split] | None = None
+    even: Split | None = None
+    if n % pp == 0:
+        even = Split("even", (n // pp,) * pp)
+    middles = [0] if pp == 2 else range(1, (n - 2) // (pp - 2) + 1)
+    for middle in middles:
+        rest = n - middle * (pp - 2)  # layers left for the first and last stages
+        if rest < 2:
+            continue
+        # smallest first size whose weight reaches the last stage's (weight + head)
+        lo, hi = 1, rest - 1
+        while lo < hi:
+            mid = (lo + hi) // 2
+            last_weight = prefix[n] - prefix[n - (rest - mid)] + head
+            if prefix[mid] >= last_weight:
+                hi = mid
+            else:
+                lo = mid + 1
+        for first in {lo - 1, lo, lo + 1}:
+            if not 1 <= first <= rest - 1:
+                continue
+            sizes = (first, *(middle,) * (pp - 2), rest - first)
+            cost = _cost_prefix(prefix, sizes, head)
+            if best is None or cost < best[0] - 1e-9:
+                best = (cost, 1, Split("first_last", sizes, first, rest - first))
+    if even is not None and (best is None or _cost_prefix(prefix, even.sizes, head) <= best[0] * (1 + EVEN_TOLERANCE)):
+        return even
+    assert best is not None
+    return best[2]
+
+
+def choose_split(ctx: Context, pp: int, vpp: int) -> Split:
+    """The stage split for pp x vpp chunks (rules have already checked it is expressible)."""
+    n, chunks = ctx.num_layers, pp * vpp
+    if ctx.unit_cuts:
+        bounds = [0, *ctx.unit_cuts, n]
+        sizes = tuple(b - a for a, b in zip(bounds, bounds[1:], strict=False))
+        kind = "pipes" if not ctx.plain_transformer and ctx.dialect == "main" else "layout"
+        if not ctx.plain_transformer and ctx.dialect == "core_v0.16":
+            kind = "even" if len(set(sizes)) == 1 else "first_last"
+            return Split(kind, sizes, sizes[0], sizes[-1])
+        return Split(kind, sizes)
+    if chunks == 1:
+        return Split("even", (n,))
+    weights = unit_weights(ctx)
+    head = head_flops(ctx)
+    if not ctx.plain_transformer and ctx.dialect == "core_v0.16":
+        return _first_last_split(weights, pp, head)
+    sizes = _partition(weights, chunks, head)
+    even = (n // chunks,) * chunks if n % chunks == 0 else None
+    if even and _cost(weights, even, head) <= _cost(weights, sizes, head) * (1 + EVEN_TOLERANCE):
+        return Split("even", even)
+    return Split("pipes" if not ctx.plain_transformer else "layout", sizes)
+
+
+def assign_stages(ctx: Context, pp: int, vpp: int) -> tuple[Split, list[Stage]]:
+    """Stages in (pp_rank, vp_stage) order with their block strings (memoised per context)."""
+    key = (pp, vpp)
+    if key not in ctx.stage_cache:
+        ctx.stage_cache[key] = _assign(ctx, pp, vpp)
+    return ctx.stage_cache[key]
+
+
+def _assign(ctx: Context, pp: int, vpp: int) -> tuple[Split, list[Stage]]:
+    split = choose_split(ctx, pp, vpp)
+    step = 2 if ctx.plain_transformer else 1
+    blocks = ctx.pattern.blocks
+    stages, start = [], 0
+    for k, size in enumerate(split.sizes):
+        stop = start + size
+        stages.append(
+            Stage(
+                pp_rank=k % pp,
+                vp_stage=k // pp,
+                start=start,
+                stop=stop,
+                blocks=blocks[start * step : stop * step],
+                embedding=k == 0,
+                output_head=k == len(split.sizes) - 1,
+            )
+        )
+        start = stop
+    stages.sort(key=lambda s: (s.pp_rank, s.vp_stage))
+    return split, stages

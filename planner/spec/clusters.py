@@ -1,0 +1,251 @@
+"""Cluster presets and the resolved cluster the planner works with.
+
+Every number carries its source tag; tags resolve in ../shared/reference/hardware_comm.md §8 and
+are repeated in `SOURCES`. "ASSUMPTION" marks planner defaults that are not published facts.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+
+from megacpp.planner.errors import SpecError, did_you_mean
+from megacpp.planner.spec.models import ClusterSpec
+
+# the Cluster field that holds each collective's NVLink bus bandwidth
+NVLINK_BUSBW_FIELDS = {
+    "all-reduce": "nvlink_allreduce_gbps",
+    "all-gather": "nvlink_allgather_gbps",
+    "reduce-scatter": "nvlink_reducescatter_gbps",
+    "all-to-all": "nvlink_alltoall_gbps",
+    "send-recv": "nvlink_p2p_gbps",
+}
+
+
+class Cluster(BaseModel):
+    """A fully resolved cluster: hardware numbers per GPU and per link, plus the node count."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    description: str
+    nodes: int
+    gpus_per_node: int
+    nvlink_domain: int  # GPUs that share one NVLink/NVSwitch fabric
+    gpu_memory_gib: float  # planning capacity per GPU (after context/NCCL/fragmentation headroom)
+    gpu_memory_total_gib: float
+    bf16_tflops: float  # dense peak
+    mamf_bf16_tflops: float  # best achievable matmul rate
+    fp8_tflops: float
+    mamf_fp8_tflops: float
+    hbm_tbps: float
+    # bus bandwidth (nccl-tests busbw, GB/s) inside the NVLink domain
+    nvlink_allreduce_gbps: float
+    nvlink_allgather_gbps: float
+    nvlink_reducescatter_gbps: float
+    nvlink_alltoall_gbps: float
+    nvlink_p2p_gbps: float
+    nvlink_alpha_us: float
+    # the same for a group of two GPUs, where it was measured: collective -> busbw, and the per-call
+    # latency; NCCL moves less per GPU between two ranks than across the whole fabric
+    nvlink_pair_gbps: dict[str, float] = {}
+    nvlink_pair_alpha_us: float | None = None
+    # rate (TB/s, bytes read and written) of megatron-core's DDP hook adding a bf16 weight gradient
+    # into the fp32 main_grad buffer, where it was measured on the GPU; else cost.Efficiency's share
+    # of hbm_tbps. On Hopper the add runs at about the same rate on H100 and H200, well under the
+    # H200's HBM bandwidth (cost.grad_accumulation_seconds)
+    grad_accumulation_tbps: float | None = None
+    # per-GPU bus bandwidth across the NIC (scale-out)
+    nic_busbw_gbps: float
+    nic_alpha_us: float
+    unified_memory: bool = False
+    sources: dict[str, str] = {}
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+    def nvlink(self, collective: str, n: int) -> tuple[float, float]:
+        """Bus bandwidth (GB/s) and per-call latency (us) of a collective among `n` GPUs of the
+        NVLink domain: a pair at the pair rates where the preset has them, else the fabric's."""
+        if n == 2 and self.nvlink_pair_gbps:
+            alpha = self.nvlink_alpha_us if self.nvlink_pair_alpha_us is None else self.nvlink_pair_alpha_us
+            return self.nvlink_pair_gbps[collective], alpha
+        return getattr(self, NVLINK_BUSBW_FIELDS[collective]), self.nvlink_alpha_us
+
+
+_H100 = dict(
+    description="HGX/DGX H100 SXM, 8 GPUs per node on NVSwitch, 1x400G NIC per GPU",
+    gpus_per_node=8,  # [R5]
+    nvlink_domain=8,  # 4x NVSwitch gen3 per node [R5][R2]
+    gpu_memory_gib=75.0,  # ASSUMPTION: 79.21 GiB CUDA-visible [R11] minus ctx/NCCL/fragmentation
+    gpu_memory_total_gib=79.65,  # nvidia-smi 81559 MiB [R11]
+    bf16_tflops=989.0,  # dense [R4]
+    mamf_bf16_tflops=794.5,  # [R4]
+    fp8_tflops=1979.0,  # dense [R4]
+    mamf_fp8_tflops=1402.6,  # [R4]
+    hbm_tbps=3.35,  # [R4][R50]
+    nvlink_allreduce_gbps=370.0,  # ring, NVLS off [R43]
+    nvlink_allgather_gbps=361.0,  # [R2]
+    nvlink_reducescatter_gbps=363.0,  # [R2]
+    nvlink_alltoall_gbps=370.0,  # "non-allreduce ops ~370" [R43]
+    nvlink_p2p_gbps=370.0,  # ASSUMPTION: effective NVLink4 rate, as non-allreduce ops [R43]
+    nvlink_alpha_us=18.0,  # DERIVED from the 32 KiB all-reduce on 8xH200 [R3]
+    nic_busbw_gbps=47.0,  # 46-48 GB/s per NDR NIC in nccl-tests [R46][R45]
+    nic_alpha_us=100.0,  # DERIVED, order of magnitude [R3]
+)
+
+PRESETS: dict[str, dict] = {
+    # the fp32 main_grad adds' median rate in the eight profiled MoE runs on one H100 (2.09-2.45 TB/s,
+    # most_launched CUDAFunctor_add<float>; benchmarks/results/gpu_runs_h100x1_te_grouped.json and
+    # gpu_runs_h100x1_te_experts.json)
+    "h100-sxm-8": {**_H100, "grad_accumulation_tbps": 2.31},
+    "h200-sxm-8": {
+        **_H100,
+        # the same on 2 x H200, median of 19 profiled runs of the runtime and of Megatron-LM (2.12-2.75
+        # TB/s; gpu_runs_h200x2_dp_overlap.json, gpu_runs_h200x2_megatronlm_dp_overlap.json,
+        # gpu_runs_h200x2_te_fusions.json, gpu_runs_h200x2_megatronlm_te_host3.json)
+        "grad_accumulation_tbps": 2.49,
+        "description": "HGX/DGX H200 SXM, 8 GPUs per node on NVSwitch, 1x400G NIC per GPU",
+        "gpu_memory_gib": 135.0,  # ASSUMPTION: 140.4 GiB total [R51] minus headroom
+        "gpu_memory_total_gib": 140.4,  # nvidia-smi 143771 MiB [R51]
+        "mamf_fp8_tflops": 1453.4,  # [R4]
+        "hbm_tbps": 4.8,  # [R4]
+        "nvlink_allreduce_gbps": 367.6,  # ring, 16 GiB, 8xH200 [R2][R3]
+        "nvlink_allgather_gbps": 361.4,  # [R2]
+        "nvlink_reducescatter_gbps": 362.9,  # [R2]
+        # per-call latency through torch.distributed, which is how megatron-core calls NCCL: median of
+        # the 8 KiB all-reduce/all-gather/reduce-scatter/all-to-all on 8 x H200 (71, 57, 45, 62 us),
+        # benchmarks/results/nccl_h200x8.json; nccl-tests' own 18 us [R3] leaves out the framework
+        "nvlink_alpha_us": 59.0,
+        # two H200s through torch.distributed, 1 GiB busbw and the median 8 KiB latency of the four
+        # collectives (benchmarks/results/nccl_h200x2.json): 27-29% below the 8-GPU rates above for
+        # all-gather and reduce-scatter, which tensor parallelism on two GPUs runs
+        "nvlink_pair_gbps": {"all-reduce": 329.2, "all-gather": 265.4, "reduce-scatter": 259.1,
+                             "all-to-all": 330.8, "send-recv": 360.0},
+        "nvlink_pair_alpha_us": 23.5,
+    },
+    "b200-sxm-8": {
+        **_H100,
+        "description": "HGX/DGX B200, 8 GPUs per node on NVLink5 switches, 1x400G NIC per GPU",
+        "gpu_memory_gib": 172.0,  # ASSUMPTION: 179.06 GiB total [R51] minus headroom
+        "gpu_memory_total_gib": 179.06,  # [R51]
+        "bf16_tflops": 2250.0,  # [R4][R49]
+        "mamf_bf16_tflops": 1745.0,  # [R4]
+        "fp8_tflops": 4500.0,  # [R4]
+        "mamf_fp8_tflops": 3432.5,  # [R4]
+        "hbm_tbps": 8.0,  # [R4]
+        "nvlink_allreduce_gbps": 682.0,  # ring, 8 GPUs, 8 GiB [R2]
+        "nvlink_allgather_gbps": 682.0,  # ASSUMPTION: ring rate as all-reduce [R2]
+        "nvlink_reducescatter_gbps": 682.0,  # ASSUMPTION: as above
+        "nvlink_alltoall_gbps": 682.0,  # ASSUMPTION: as above
+        "nvlink_p2p_gbps": 682.0,  # ASSUMPTION: as above
+    },
+    "gb200-nvl72": {
+        **_H100,
+        "description": "GB200 NVL72 rack: 4 GPUs per compute tray, one 72-GPU NVLink5 domain",
+        "gpus_per_node": 4,  # compute tray [R10][R2]
+        "nvlink_domain": 72,  # [R7]
+        "gpu_memory_gib": 178.0,  # ASSUMPTION: 185.0 GiB total [R51] minus headroom
+        "gpu_memory_total_gib": 185.0,  # [R51]
+        "bf16_tflops": 2500.0,  # [R4][R49]
+        "mamf_bf16_tflops": 1822.0,  # [R4]
+        "fp8_tflops": 5000.0,  # [R4]
+        "mamf_fp8_tflops": 3615.6,  # [R4]
+        "hbm_tbps": 8.0,  # [R4]
+        "nvlink_allreduce_gbps": 680.0,  # NVL72 ring all-reduce, GTC25 slide via [R2]
+        "nvlink_allgather_gbps": 680.0,  # ASSUMPTION: ring rate as all-reduce [R2]
+        "nvlink_reducescatter_gbps": 680.0,  # ASSUMPTION: as above
+        "nvlink_alltoall_gbps": 550.0,  # HybridEP dispatch algbw upper range [R24]
+        "nvlink_p2p_gbps": 680.0,  # ASSUMPTION
+    },
+    "gb10-spark": {
+        "description": "NVIDIA DGX Spark (GB10): one GPU per box, 128 GB unified memory, boxes linked at 200 GbE",
+        "gpus_per_node": 1,
+        "nvlink_domain": 1,  # no GPU peers; NVLink-C2C to the CPU only [R17]
+        "gpu_memory_gib": 105.0,  # ASSUMPTION: 119.2 GiB addressable [R19], OS and CPU share the pool [R52]
+        "gpu_memory_total_gib": 119.2,  # [R19]
+        "bf16_tflops": 125.0,  # DERIVED from 1 PFLOP sparse FP4 [R16][R17]
+        "mamf_bf16_tflops": 92.3,  # measured BF16 matmul [R18]
+        "fp8_tflops": 250.0,  # DERIVED [R16][R17]
+        "mamf_fp8_tflops": 184.6,  # ASSUMPTION: 2x the measured BF16 rate
+        "hbm_tbps": 0.273,  # LPDDR5x [R12]
+        "nvlink_allreduce_gbps": 1.0,  # unused: the NVLink domain is one GPU
+        "nvlink_allgather_gbps": 1.0,
+        "nvlink_reducescatter_gbps": 1.0,
+        "nvlink_alltoall_gbps": 1.0,
+        "nvlink_p2p_gbps": 1.0,
+        "nvlink_alpha_us": 0.0,
+        "nic_busbw_gbps": 22.0,  # NCCL all_gather busbw 20-24 GB/s over one 200G QSFP link [R13]
+        "nic_alpha_us": 30.0,  # ASSUMPTION: not published [R14]
+        "unified_memory": True,
+    },
+}
+
+SOURCES = {
+    "R2": "stas00/ml-engineering network/README.md (NVLink and SHARP measurements)",
+    "R3": "stas00/ml-engineering network/benchmarks/README.md (8xH200 all-reduce sweep)",
+    "R4": "stas00/ml-engineering compute/accelerator/README.md (dense TFLOPS, MAMF, memory)",
+    "R5": "NVIDIA DGX BasePOD reference architecture, core components",
+    "R7": "NVIDIA DGX GB200 user guide, networking",
+    "R10": "MLCommons inference v6.1 GB200-NVL72 system description",
+    "R11": "nvidia-smi capture of H100 SXM (thamada/nvidia-smi)",
+    "R12": "NVIDIA dgx-spark-playbooks cutile-kernels README (GB10 sm_121, 273 GB/s)",
+    "R13": "NVIDIA dgx-spark-playbooks nccl README (two Sparks, 20-24 GB/s busbw)",
+    "R14": "NVIDIA dgx-spark-playbooks connect-two-sparks benchmarking guide",
+    "R16": "NVIDIA DGX Spark product page (1 PFLOP FP4, sparse)",
+    "R17": "Hot Chips 2025 GB10 report (NVLink-C2C, TDP)",
+    "R18": "huggingface/kernels PR #283 (GB10 92.3 TFLOPS BF16 matmul measured)",
+    "R19": "Entrpi/qwen3.5-122B-A10B-on-spark README (128 GB / 119 GiB)",
+    "R24": "deepseek-ai/DeepEP hybrid-ep README",
+    "R43": "NVIDIA/nccl-tests issue #212 (NVLink4 ~370 GB/s effective)",
+    "R45": "NVIDIA/nccl-tests issue #267 (alltoall cannot aggregate NICs)",
+    "R46": "NVIDIA/nccl-tests issue #290 (NDR 46-48 GB/s per NIC)",
+    "R49": "glennklockwood.com B200 page (B200/GB200 dense rates)",
+    "R50": "NVIDIA H100 datasheet reproduction (sparse vs dense)",
+    "R51": "public nvidia-smi captures (H200/B200/GB200 memory totals)",
+    "R52": "NVIDIA dgx-spark-playbooks multi-agent-chatbot README",
+}
+
+_INLINE_REQUIRED = ("gpus_per_node", "gpu_memory_gib", "bf16_tflops")
+
+
+def resolve_cluster(spec: ClusterSpec, nodes: int | None = None) -> Cluster:
+    """Merge a preset with inline overrides; an inline cluster needs at least the core numbers."""
+    if spec.preset is not None:
+        if spec.preset not in PRESETS:
+            raise SpecError(
+                f"cluster.preset: unknown preset {spec.preset!r}{did_you_mean(spec.preset, PRESETS)}; "
+                f"choose one of {', '.join(PRESETS)} (see `megacpp clusters`)"
+            )
+        base = dict(PRESETS[spec.preset])
+        name = spec.preset
+    else:
+        missing = [k for k in _INLINE_REQUIRED if getattr(spec, k) is None]
+        if missing:
+            raise SpecError(
+                f"cluster: an inline cluster needs {', '.join('cluster.' + k for k in missing)}; "
+                f"or set cluster.preset to one of {', '.join(PRESETS)}"
+            )
+        base = dict(PRESETS["h100-sxm-8"], description="inline cluster (link numbers from h100-sxm-8)")
+        base["gpu_memory_total_gib"] = spec.gpu_memory_gib
+        name = "inline"
+    overrides = {
+        "gpus_per_node": spec.gpus_per_node,
+        "gpu_memory_gib": spec.gpu_memory_gib,
+        "nvlink_domain": spec.nvlink_domain,
+        "bf16_tflops": spec.bf16_tflops,
+        "nic_busbw_gbps": spec.inter_node_busbw_gbps,
+    }
+    base.update({k: v for k, v in overrides.items() if v is not None})
+    if spec.bf16_tflops is not None:
+        # ASSUMPTION: keep the preset's achievable/peak ratio (MAMF is 72-80% of peak [R4]).
+        ratio = PRESETS.get(spec.preset or "h100-sxm-8", _H100)
+        base["mamf_bf16_tflops"] = spec.bf16_tflops * ratio["mamf_bf16_tflops"] / ratio["bf16_tflops"]
+    if spec.intra_node_busbw_gbps is not None:
+        for field in NVLINK_BUSBW_FIELDS.values():
+            base[field] = spec.intra_node_busbw_gbps
+        base["nvlink_pair_gbps"] = {}  # the stated rate holds for every group size
+    if spec.nvlink_domain is None and spec.preset is None:
+        base["nvlink_domain"] = base["gpus_per_node"]
+    base["nodes"] = nodes if nodes is not None else spec.nodes
+    return Cluster(name=name, sources=SOURCES, **base)

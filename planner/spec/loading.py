@@ -1,0 +1,190 @@
+"""Turn YAML text (plus `--set key=value` overrides) into a Spec, with one-line errors.
+
+Every failure becomes a SpecError naming the key, the offending value and the fix.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, get_args
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from megacpp.planner.errors import SpecError, did_you_mean
+from megacpp.planner.spec.models import Spec
+
+MAX_SPEC_BYTES = 1 << 20
+
+
+def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Spec:
+    """Read a spec file and apply overrides."""
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except FileNotFoundError:
+        raise SpecError(f"{path}: no such file; pass a spec YAML or a recipe name (see `megacpp recipes`)") from None
+    except IsADirectoryError:
+        raise SpecError(f"{path}: is a directory; pass a spec YAML file") from None
+    except OSError as exc:
+        raise SpecError(f"{path}: cannot be read ({exc.strerror})") from None
+    return load_spec_bytes(raw, source=str(path), overrides=overrides)
+
+
+def load_spec_bytes(raw: bytes, source: str = "<spec>", overrides: list[str] | tuple[str, ...] = ()) -> Spec:
+    if len(raw) > MAX_SPEC_BYTES:
+        raise SpecError(f"{source}: {len(raw)} bytes is too large for a spec (limit {MAX_SPEC_BYTES})")
+    if b"\x00" in raw:
+        raise SpecError(f"{source}: is a binary file, not a YAML spec")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise SpecError(f"{source}: is not UTF-8 text; save the spec as UTF-8 YAML") from None
+    return load_spec_text(text, source=source, overrides=overrides)
+
+
+def load_spec_text(text: str, source: str = "<spec>", overrides: list[str] | tuple[str, ...] = ()) -> Spec:
+    """Parse YAML text into a Spec."""
+    if not text.strip():
+        raise SpecError(f"{source}: is empty; a spec needs at least model, training and cluster")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise SpecError(f"{source}: invalid YAML{where}: {problem}") from None
+    except RecursionError:
+        raise SpecError(f"{source}: invalid YAML: nested too deeply") from None
+    except (ValueError, OverflowError) as exc:  # PyYAML's own, e.g. an out-of-range \U escape
+        raise SpecError(f"{source}: invalid YAML: {str(exc).splitlines()[0][:120]}") from None
+    if data is None:
+        raise SpecError(f"{source}: is empty (only comments); a spec needs at least model, training and cluster")
+    if not isinstance(data, dict):
+        raise SpecError(f"{source}: the top level must be a mapping with model, training and cluster keys")
+    for item in overrides:
+        apply_override(data, item)
+    return spec_from_dict(data, source=source)
+
+
+def apply_override(data: dict[str, Any], item: str) -> None:
+    """Apply one `dotted.key=value` override in place; the value is parsed as YAML."""
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise SpecError(f"--set {item!r}: expected key=value, e.g. --set parallel.tp=2")
+    parts = key.strip().split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise SpecError(f"--set {item!r}: {part} is not a mapping")
+        node = child
+    try:
+        node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        node[parts[-1]] = value
+
+
+def spec_from_dict(data: dict[str, Any], source: str = "<spec>") -> Spec:
+    try:
+        _reject_non_finite(data, (), set())
+        return Spec.model_validate(data)
+    except ValidationError as exc:
+        # an unknown key explains a "missing" one next to it (a typo), so report unknown keys first
+        errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
+        raise SpecError(f"{source}: {_describe(dict(errors[0]))}") from None
+    except SpecError as exc:
+        message = str(exc)
+        raise SpecError(message if message.startswith(f"{source}: ") else f"{source}: {message}") from None
+    except RecursionError:
+        raise SpecError(f"{source}: nested too deeply") from None
+
+
+def _reject_non_finite(node: Any, path: tuple[str, ...], seen: set[int]) -> None:
+    if isinstance(node, float) and not math.isfinite(node):
+        raise SpecError(f"{'.'.join(path)}: {node} is not a finite number")
+    if isinstance(node, (dict, list)):
+        if id(node) in seen:
+            raise SpecError(f"{'.'.join(path) or 'spec'}: refers to itself (a YAML alias loop)")
+        seen.add(id(node))
+        items = node.items() if isinstance(node, dict) else enumerate(node)
+        for k, v in items:
+            _reject_non_finite(v, (*path, str(k)), seen)
+        seen.discard(id(node))
+
+
+def _field_model(cls: type[BaseModel], name: str) -> type[BaseModel] | None:
+    annotation = cls.model_fields[name].annotation
+    candidates = [annotation, *get_args(annotation)]
+    return next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+
+
+def _clean_loc(loc: tuple[Any, ...], kind: str) -> tuple[list[str], type[BaseModel] | None]:
+    """The user's key path (pydantic's union-branch tags dropped) and the model owning its last key."""
+    cls: type[BaseModel] | None = Spec
+    owner: type[BaseModel] | None = Spec
+    path: list[str] = []
+    for i, part in enumerate(loc):
+        if isinstance(part, int):
+            path.append(str(part))
+        elif cls is not None and part in cls.model_fields:
+            owner = cls
+            path.append(part)
+            cls = _field_model(cls, part)
+        elif cls is not None and kind == "extra_forbidden" and i == len(loc) - 1:
+            owner = cls
+            path.append(str(part))
+        # anything else is a union-branch tag such as 'constrained-int' or "literal['auto']"
+    return path, owner
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+EXPECTED = {"training.micro_batch_size": 'a positive integer or "auto"'}
+
+
+def _describe(err: dict[str, Any]) -> str:
+    kind, value, ctx = err["type"], err.get("input"), err.get("ctx") or {}
+    path, owner = _clean_loc(tuple(err["loc"]), kind)
+    key = ".".join(path) or "spec"
+    if not key.isprintable():
+        key = repr(key)[1:-1]
+    if key in EXPECTED and kind != "missing":
+        return f"{key}: expected {EXPECTED[key]}, got {_short(value)}"
+    if kind == "extra_forbidden":
+        fields = list(owner.model_fields) if owner else []
+        hint = did_you_mean(path[-1], fields) or (f"; valid keys: {', '.join(fields)}" if fields else "")
+        return f"unknown key '{key}'{hint}"
+    if kind == "missing":
+        return f"{key}: required key is missing"
+    if kind in {"int_type", "int_parsing", "int_from_float"}:
+        return f"{key}: expected an integer, got {_short(value)}"
+    if kind in {"float_type", "float_parsing", "finite_number"}:
+        return f"{key}: expected a finite number, got {_short(value)}"
+    if kind in {"bool_type", "bool_parsing"}:
+        return f"{key}: expected true or false, got {_short(value)}"
+    if kind in {"string_type"}:
+        return f"{key}: expected text, got {_short(value)}"
+    if kind in {"model_type", "model_attributes_type", "dict_type"}:
+        return f"{key}: expected a mapping of keys, got {_short(value)}"
+    if kind == "literal_error":
+        return f"{key}: {_short(value)} is not one of {ctx.get('expected')}"
+    if kind in {"greater_than_equal", "greater_than"}:
+        bound = ctx.get("ge", ctx.get("gt"))
+        op = ">=" if kind == "greater_than_equal" else ">"
+        return f"{key}: must be {op} {bound}, got {_short(value)}"
+    if kind in {"less_than_equal", "less_than"}:
+        bound = ctx.get("le", ctx.get("lt"))
+        return f"{key}: {_short(value)} is absurdly large (limit {bound})"
+    if kind == "value_error":
+        msg = str(ctx.get("error", err["msg"]))
+        return f"{key}: {msg}" if key != "spec" else msg
+    if kind == "union_tag_invalid" or kind.startswith("union"):
+        return f"{key}: invalid value {_short(value)}"
+    return f"{key}: {err['msg']} (got {_short(value)})"

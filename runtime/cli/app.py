@@ -1,0 +1,294 @@
+"""The `megacpp` command line: parse, call one library function, print.
+
+Importing this module must stay cheap: no torch, no megatron (checked by a test).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from megacpp.planner.errors import LaunchError, MegacppError, PlanError, SpecError
+
+app = typer.Typer(
+    name="megacpp",
+    help="Plan, explain and launch Megatron-Core parallel layouts for hybrid attention/Mamba/MoE/recurrent models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+explain_app = typer.Typer(help="Explain a layout or a rule.", no_args_is_help=True)
+app.add_typer(explain_app, name="explain")
+
+# Shared options, defined once.
+SpecArg = Annotated[str | None, typer.Argument(help="Spec YAML, PLAN.json or recipe name (default: the bundled nam56r recipe).")]
+SetOpt = Annotated[list[str], typer.Option("--set", help="Override a spec key: --set parallel.tp=2 (repeatable).")]
+ClusterOpt = Annotated[str | None, typer.Option("--cluster", help="Cluster preset (see `megacpp clusters`).")]
+NodesOpt = Annotated[int | None, typer.Option("--nodes", min=1, help="Number of nodes.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the JSON document instead of tables.")]
+
+
+class Format(str, Enum):
+    text = "text"
+    json = "json"
+    github = "github"
+
+
+def _spec_or_plan(spec: str | None, sets: list[str], cluster: str | None, nodes: int | None):
+    from megacpp.runtime.cli.inputs import cli_overrides, read_input
+
+    return read_input(spec, cli_overrides(sets, cluster, nodes))
+
+
+@app.command()
+def plan(
+    spec: SpecArg = None,
+    cluster: ClusterOpt = None,
+    nodes: NodesOpt = None,
+    set_: SetOpt = [],  # noqa: B006
+    top: Annotated[int, typer.Option("--top", min=1, help="How many ranked layouts to show/keep.")] = 10,
+    as_json: JsonOpt = False,
+    out: Annotated[Path | None, typer.Option("--out", help="Write the plan document to this file.")] = None,
+    profile: Annotated[Path | None, typer.Option("--profile", help="Cluster profile from `megacpp calibrate`.")] = None,
+) -> None:
+    """Solve a spec into every legal layout and rank them."""
+    from megacpp.planner.cost.model import DEFAULT_EFFICIENCY
+    from megacpp.planner.plan import Plan, build_plan
+    from megacpp.runtime.cli import console
+
+    loaded = _spec_or_plan(spec, set_, cluster, nodes)
+    if isinstance(loaded, Plan):
+        raise PlanError(f"{spec}: is already a plan; pass the spec YAML to re-plan, or use `megacpp explain layout {spec}`")
+    eff = _read_profile(profile) if profile is not None else DEFAULT_EFFICIENCY
+    result = build_plan(loaded, top=top, eff=eff)
+    text = json.dumps(result.to_json_dict(), indent=2)
+    if out is not None:
+        try:
+            out.write_text(text + "\n", encoding="utf-8")
+        except OSError as exc:
+            raise PlanError(f"--out {out}: cannot write ({exc.strerror})") from None
+    if as_json:
+        console.print_json(text)
+        return
+    console.plan_table(result, top)
+    if not result.legal_count:
+        raise PlanError("no legal layout; the counts above name the rules that rejected them (`megacpp explain rule RULE`)")
+    if out is not None:
+        console.out.print(f"wrote {out}")
+
+
+@app.command()
+def validate(
+    files: Annotated[list[Path], typer.Argument(help="Spec YAML or PLAN.json files.")],
+    fmt: Annotated[Format, typer.Option("--format", help="text, json, or github (::error annotations).")] = Format.text,
+) -> None:
+    """Check specs and plans; exit 0 when all are valid, 1 when any is not."""
+    from megacpp.planner.plan import Plan
+    from megacpp.planner.validation import validate_plan, validate_spec, validation_error
+    from megacpp.runtime.cli import console
+    from megacpp.runtime.cli.inputs import read_input
+
+    results = []
+    for path in files:
+        try:
+            loaded = read_input(str(path))
+            result = validate_plan(loaded) if isinstance(loaded, Plan) else validate_spec(loaded)
+        except MegacppError as exc:
+            result = validation_error(exc)
+        results.append({"file": str(path), **result})
+    if fmt == Format.json:
+        console.print_json(json.dumps(results, indent=2))
+    else:
+        console.validate_report(results, fmt.value)
+    if not all(r["valid"] for r in results):
+        raise typer.Exit(1)
+
+
+def _read_json(path: Path, what: str):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PlanError(f"{path}: no such {what} file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PlanError(f"{path}: not a readable JSON {what} ({exc})") from None
+
+
+def _read_profile(path: Path):
+    from megacpp.planner.calibrate.fit import efficiency_from_profile
+
+    return efficiency_from_profile(_read_json(path, "cluster profile"))
+
+
+@app.command()
+def calibrate(
+    reports: Annotated[list[Path], typer.Argument(help="Run reports (report.json from `megacpp launch --engine megacpp`, or a gpu_runs file).")],
+    out: Annotated[Path | None, typer.Option("--out", help="Write the cluster profile here (use with `plan --profile`).")] = None,
+) -> None:
+    """Fit the cluster's per-block overheads (host, launch, synchronisation) from measured runs."""
+    from megacpp.planner.calibrate.fit import calibrate as fit_profile
+    from megacpp.runtime.cli import console
+
+    runs = []
+    for path in reports:
+        doc = _read_json(path, "run report")
+        runs.extend(doc["runs"] if isinstance(doc, dict) and isinstance(doc.get("runs"), list) else [doc])
+    profile = fit_profile(runs)
+    if out is not None:
+        out.write_text(json.dumps(profile, indent=2) + "\n", encoding="utf-8")
+    console.calibration_table(profile)
+    if out is not None:
+        console.err.print(f"wrote {out}; use it with `megacpp plan SPEC --profile {out}`")
+
+
+class Target(str, Enum):
+    torchrun = "torchrun"
+    slurm = "slurm"
+
+
+class Engine(str, Enum):
+    megatron_lm = "megatron-lm"
+    megacpp = "megacpp"
+
+
+@app.command()
+def launch(
+    spec: Annotated[str, typer.Argument(help="Spec YAML, PLAN.json or recipe name.")],
+    target: Annotated[Target, typer.Option("--target", help="torchrun (local or multi-node) or slurm (sbatch + srun).")] = Target.torchrun,
+    engine: Annotated[Engine, typer.Option("--engine", help="megatron-lm (needs $MEGATRON_LM) or megacpp's runtime worker.")] = Engine.megatron_lm,
+    rank: Annotated[int, typer.Option("--rank", min=0, help="Which ranked candidate of the plan to launch.")] = 0,
+    steps: Annotated[int, typer.Option("--steps", min=1, help="Training iterations.")] = 100,
+    construct_only: Annotated[bool, typer.Option("--construct-only", help="megacpp engine: build the model and report, no training.")] = False,
+    profile: Annotated[bool, typer.Option("--profile", help="megacpp engine: time one extra step's kernels by kind into the report.")] = False,
+    trace: Annotated[bool, typer.Option("--trace", help="megacpp engine: with --profile, also write each rank's profiled step as a Chrome trace under OUT/traces.")] = False,
+    memory_peak: Annotated[bool, typer.Option("--memory-peak", help="megacpp engine: break one extra step's peak memory down by allocation site in the report.")] = False,
+    nproc_per_node: Annotated[int | None, typer.Option("--nproc-per-node", min=1, help="Processes per node (default: the cluster's GPUs per node).")] = None,
+    cpu: Annotated[bool, typer.Option("--cpu", help="Slurm: request CPUs, not GPUs (construction-mode jobs).")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Write and print the scripts; run nothing.")] = False,
+    out: Annotated[Path, typer.Option("--out", help="Folder for the scripts, plan.json, logs and report.")] = Path("megacpp-run"),
+    set_: SetOpt = [],  # noqa: B006
+) -> None:
+    """Render the chosen layout into launch scripts and run them (torchrun) or submit them (Slurm)."""
+    from megacpp.planner.megatron.args import TrainOptions
+    from megacpp.planner.megatron.render import SCRIPT_NAMES, RenderOptions, render_launch
+    from megacpp.planner.plan import Plan, build_plan
+    from megacpp.runtime.cli import console, executors
+
+    loaded = _spec_or_plan(spec, set_, None, None)
+    plan_doc = loaded if isinstance(loaded, Plan) else build_plan(loaded, top=max(10, rank + 1))
+    opts = RenderOptions(
+        target=target.value, engine=engine.value, candidate=rank, train=TrainOptions(train_iters=steps),
+        nproc_per_node=nproc_per_node, cpu=cpu, construct_only=construct_only, profile=profile or trace,
+        memory_peak=memory_peak, trace=trace,
+    )
+    files = render_launch(plan_doc, opts)
+    executors.write_files(out, files)
+    script = out / SCRIPT_NAMES[target.value]
+    if dry_run:
+        console.print_json(files[script.name].rstrip("\n"))
+        console.err.print(f"wrote {script} and {out / 'plan.json'} (dry run: nothing started)")
+        return
+    code = executors.run_torchrun(script) if target == Target.torchrun else executors.submit_slurm(script)
+    if code != 0:
+        raise LaunchError(f"the job failed with exit code {code}; rank logs are under {out / 'logs'}" if target == Target.torchrun
+                          else f"the Slurm job failed with exit code {code}; see the megacpp-*.log in {out}")
+    console.err.print(f"job finished; outputs in {out}")
+
+
+@app.command()
+def recipes() -> None:
+    """List the bundled recipes."""
+    from megacpp.planner.spec.loading import load_spec_text
+    from megacpp.recipes import recipe_names, recipe_text
+    from megacpp.runtime.cli import console
+
+    rows = []
+    for name in recipe_names():
+        s = load_spec_text(recipe_text(name), source=f"recipe {name}")
+        rows.append([name, s.model.pattern, f"{s.cluster.nodes} x {s.cluster.preset}", s.backend.megatron, s.name])
+    console.simple_table("bundled recipes (megacpp plan NAME)", ["recipe", "pattern", "cluster", "megatron", "name"], rows)
+
+
+@app.command()
+def clusters() -> None:
+    """List the cluster presets."""
+    from megacpp.planner.spec.clusters import PRESETS
+    from megacpp.runtime.cli import console
+
+    rows = [
+        [name, str(p["gpus_per_node"]), str(p["nvlink_domain"]), f"{p['gpu_memory_gib']:g}", f"{p['bf16_tflops']:g}", p["description"]]
+        for name, p in PRESETS.items()
+    ]
+    console.simple_table(
+        "cluster presets (--cluster NAME)", ["preset", "GPUs/node", "NVLink domain", "plan GiB", "BF16 TFLOP/s", "description"], rows
+    )
+
+
+@explain_app.command("layout")
+def explain_layout_cmd(
+    spec: SpecArg = None,
+    rank: Annotated[int | None, typer.Option("--rank", min=0, help="Focus on one GPU: its stage, blocks, experts and peers.")] = None,
+    candidate: Annotated[int, typer.Option("--candidate", min=0, help="Which ranked candidate to explain.")] = 0,
+    as_json: JsonOpt = False,
+    svg: Annotated[Path | None, typer.Option("--svg", help="Write the rank-grid picture as SVG.")] = None,
+    png: Annotated[Path | None, typer.Option("--png", help="Write the rank-grid picture as PNG.")] = None,
+    cluster: ClusterOpt = None,
+    nodes: NodesOpt = None,
+    set_: SetOpt = [],  # noqa: B006
+) -> None:
+    """The rank map, who owns what, what each split cannot fix, and why the others lost."""
+    from megacpp.planner.explain import explain_layout
+    from megacpp.planner.plan import Plan, build_plan
+    from megacpp.runtime.cli import console
+
+    loaded = _spec_or_plan(spec, set_, cluster, nodes)
+    plan_doc = loaded if isinstance(loaded, Plan) else build_plan(loaded, top=max(10, candidate + 1))
+    doc = explain_layout(plan_doc, candidate=candidate, rank=rank)
+    if svg is not None or png is not None:
+        from megacpp.runtime.cli.picture import draw_layout
+
+        for path in (p for p in (svg, png) if p is not None):
+            draw_layout(doc, path)
+            console.err.print(f"wrote {path}")
+    if as_json:
+        console.print_json(json.dumps(doc, indent=2))
+    else:
+        console.explain_text(doc)
+
+
+@explain_app.command("rule")
+def explain_rule(
+    rule_id: Annotated[str | None, typer.Argument(metavar="RULE", help="Rule id, e.g. tp-divides-heads.")] = None,
+    list_all: Annotated[bool, typer.Option("--list", help="List every rule id.")] = False,
+) -> None:
+    """What a rule checks, where Megatron enforces it, and an example that fails and passes."""
+    from megacpp.planner.search.rules import RULES, get_rule
+    from megacpp.runtime.cli import console
+
+    if list_all or rule_id is None:
+        console.simple_table("rules", ["rule", "severity", "where"], [[r.id, r.severity, r.where] for r in RULES])
+        return
+    r = get_rule(rule_id)
+    console.rule_text({"id": r.id, "severity": r.severity, "doc": r.doc, "where": r.where, "fails": r.fails, "passes": r.passes})
+
+
+def main() -> None:
+    """Console entry point: user errors become one line on stderr and exit code 1."""
+    try:
+        app()
+    except MegacppError as exc:
+        if os.environ.get("MEGACPP_DEBUG") == "1":
+            raise
+        from megacpp.runtime.cli import console
+
+        console.error(str(exc))
+        sys.exit(1)
+
+
+__all__ = ["app", "main", "SpecError"]
+

@@ -1,0 +1,304 @@
+"""The only module that imports rich: tables and messages for the CLI."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from megacpp.planner.cost.model import HOST_BOUND_ERROR, HOST_BOUND_SHARE
+from megacpp.planner.search.layout import Layout
+
+out = Console(highlight=False, soft_wrap=False, width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def error(message: str) -> None:
+    err.print(f"[bold red]error:[/] {message}", markup=True, highlight=False) if err.is_terminal else print(f"error: {message}", file=sys.stderr)
+
+
+def print_json(text: str) -> None:
+    sys.stdout.write(text + "\n")
+
+
+def _layout_cell(layout: dict[str, Any]) -> str:
+    return Layout.from_dict(layout).short(mbs=False)
+
+
+def _host_share(time: dict[str, Any], breakdown: dict[str, float]) -> float:
+    """Per-block host time's share of the step, hidden behind the GPU or not (plans made before
+    host_seconds: the overhead in the breakdown); at HOST_BOUND_SHARE or above the step is host-bound."""
+    host = time.get("host_seconds", breakdown.get("block_overhead", 0.0))
+    return host / time["step_seconds"] if time["step_seconds"] else 0.0
+
+
+HOST_BOUND_ADVICE = f"such steps came within ±{HOST_BOUND_ERROR:.0%} on the runtime's measured runs and move with the host; `megacpp calibrate` fits this cluster"
+
+
+def plan_table(plan: Any, top: int) -> None:
+    """Ranked candidates, then why the rest were rejected."""
+    c = plan.cluster
+    out.print(
+        f"[bold]{plan.spec['name']}[/]  {plan.spec['model']['pattern']}  on {c['nodes']} x {c['name']} "
+        f"({plan.world_size} GPUs, {c['gpu_memory_gib']:g} GiB planned per GPU)"
+    )
+    for note in plan.notes:
+        out.print(f"[yellow]note[/] {note.message}  [dim]({note.rule})[/]")
+    table = Table(show_lines=False, header_style="bold")
+    for name, justify in [
+        ("#", "right"), ("layout", "left"), ("mbs", "right"), ("M", "right"), ("stages", "left"),
+        ("peak GiB", "right"), ("step s", "right"), ("tok/s", "right"), ("MFU", "right"),
+        ("bubble", "right"), ("fits", "center"), ("warnings", "left"),
+    ]:
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    host_bound = False
+    for cand in plan.candidates[:top]:
+        lay = cand.layout
+        flags = sorted({w.rule for w in cand.warnings})
+        if _host_share(cand.time, cand.step_breakdown) >= HOST_BOUND_SHARE:
+            flags.append("host-bound")
+            host_bound = True
+        sizes = cand.split["sizes"]
+        stages = "-" if len(sizes) == 1 else "/".join(map(str, sizes))
+        table.add_row(
+            str(cand.rank), _layout_cell(lay), str(lay["micro_batch_size"]), str(lay["num_microbatches"]), stages,
+            _band(cand.memory["peak_gib"], cand.memory.get("peak_gib_high"), 1),
+            _band(cand.time["step_seconds"], cand.time.get("step_seconds_high"), 2), f"{cand.time['tokens_per_second']:,.0f}",
+            f"{cand.time['mfu']:.0%}", f"{cand.time['bubble_fraction']:.1%}",
+            "[green]yes[/]" if cand.fits else "[red]no[/]", ", ".join(flags),
+        )
+    out.print(table)
+    if host_bound:
+        out.print(f"[yellow]host-bound[/]: per-block host time is {HOST_BOUND_SHARE:.0%}+ of the step; {HOST_BOUND_ADVICE}")
+    rej = plan.rejected
+    reasons = ", ".join(f"{rule} {n}" for rule, n in list(rej.by_rule.items())[:5])
+    out.print(
+        f"considered {plan.considered:,} layouts: {plan.legal_count:,} legal, {plan.fitting_count:,} fit in memory; "
+        f"rejected {rej.count:,}" + (f" ({reasons})" if reasons else "")
+    )
+    if plan.candidates:
+        out.print("[dim]next: `megacpp explain rule RULE` for a rejection, `megacpp plan ... --out plan.json` to save[/]")
+
+
+def validate_report(results: list[dict[str, Any]], fmt: str) -> None:
+    if fmt == "github":
+        for r in results:
+            for e in r["errors"]:
+                print(f"::error file={r['file']}::{e}")
+            for w in r["warnings"]:
+                print(f"::warning file={r['file']}::{w}")
+        return
+    def strip(message: str, file: str) -> str:  # errors from loading already name the file
+        return message.removeprefix(f"{file}: ")
+
+    for r in results:
+        if r["valid"]:
+            out.print(f"[green]valid[/]   {r['file']}: {r['summary']}", soft_wrap=True)
+        else:
+            out.print(f"[red]invalid[/] {r['file']}: {strip(r['errors'][0], r['file'])}", soft_wrap=True)
+            for e in r["errors"][1:]:
+                out.print(f"        {e}", soft_wrap=True)
+        for w in r["warnings"]:
+            out.print(f"[yellow]warning[/] {r['file']}: {w}", soft_wrap=True)
+
+
+def simple_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
+    table = Table(title=title, header_style="bold", title_justify="left")
+    for col in columns:
+        table.add_column(col)
+    for row in rows:
+        table.add_row(*row)
+    out.print(table)
+
+
+def rule_text(info: dict[str, str]) -> None:
+    out.print(f"[bold]{info['id']}[/] ({info['severity']})")
+    out.print(info["doc"])
+    out.print(f"where:  {info['where']}")
+    if info.get("fails"):
+        out.print(f"fails:  {info['fails']}")
+    if info.get("passes"):
+        out.print(f"passes: {info['passes']}")
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:,.1f}"
+
+
+def _bar(value: float, capacity: float, width: int = 30) -> str:
+    filled = min(width, round(width * value / capacity)) if capacity else 0
+    return "█" * filled + "·" * (width - filled)
+
+
+def _ranks_text(ranks: list[dict[str, int]], gpus_per_node: int, max_nodes: int = 8) -> None:
+    nodes = sorted({r["node"] for r in ranks})
+    table = Table(title="rank map (Megatron order tp-cp-ep-dp-pp; cell: rank tp.cp.dp.pp | ep.etp.edp)", header_style="bold", title_justify="left")
+    table.add_column("node")
+    for g in range(gpus_per_node):
+        table.add_column(f"gpu{g}")
+    shown = nodes if len(nodes) <= max_nodes else nodes[: max_nodes // 2] + nodes[-max_nodes // 2 :]
+    for node in shown:
+        cells = [
+            f"r{r['rank']} {r['tp']}.{r['cp']}.{r['dp']}.{r['pp']}|{r['ep']}.{r['etp']}.{r['edp']}"
+            for r in ranks if r["node"] == node
+        ]
+        table.add_row(str(node), *cells)
+        if len(nodes) > max_nodes and node == shown[max_nodes // 2 - 1]:
+            table.add_row("…", *["…"] * gpus_per_node)
+    out.print(table)
+    if len(nodes) > max_nodes:
+        out.print(f"[dim]{len(nodes) - max_nodes} of {len(nodes)} nodes elided; `--json` lists every rank, `--rank R` focuses one[/]")
+
+
+def explain_text(doc: dict[str, Any]) -> None:
+    """Human-readable explain document."""
+    lay = doc["layout"]
+    out.print(f"[bold]{doc['spec']}[/]  {doc['pattern']}  on {doc['world_size']} GPUs ({doc['cluster']['name']}) — candidate {doc['candidate']}: {_layout_cell(lay)}")
+    t = doc["time"]
+    out.print(f"step {t['step_seconds']:.2f} s, {t['tokens_per_second']:,.0f} tokens/s, MFU {t['mfu']:.0%}, bubble {t['bubble_fraction']:.1%}, "
+              f"{lay['num_microbatches']} micro-batches of {lay['micro_batch_size']}")
+    terms = [f"{term.replace('_', ' ')} {seconds:.2f}" for term, seconds in doc.get("step_breakdown", {}).items() if seconds >= 0.005]
+    if terms:
+        out.print(f"step on the busiest rank = {' + '.join(terms)} s")
+    share = _host_share(t, doc.get("step_breakdown", {}))
+    if share >= HOST_BOUND_SHARE:
+        shown = doc.get("step_breakdown", {}).get("block_overhead", 0.0) / t["step_seconds"]
+        if share - shown < 0.005:
+            overlap = ""  # the host time adds to the GPU's (local modules)
+        elif shown < 0.005:
+            overlap = " (the GPU's work hides it)"
+        else:
+            overlap = f" ({shown:.0%} of the step beyond the GPU's work)"
+        out.print(f"[yellow]host-bound: per-block host time is {share:.0%} of the step{overlap}; {HOST_BOUND_ADVICE}[/]")
+        experts = t.get("expert_host_seconds", 0.0) / (share * t["step_seconds"])
+        if experts >= 0.1 and shown >= 0.005:  # only where the host time shows in the step
+            out.print(f"[yellow]the routed experts' per-expert host work is {experts:.0%} of that host time; "
+                      "expert parallelism divides it (fewer experts per GPU)[/]")
+
+    axes = Table(title="axes: what each split partitions here, what it costs, what it cannot fix", header_style="bold", title_justify="left")
+    for col in ("axis", "degree", "partitions", "collectives (link)", "GB/step", "s/step", "cannot fix"):
+        axes.add_column(col)
+    for a in doc["axes"]:
+        mark = " [bold red]← costliest[/]" if a["axis"] == doc["costliest_axis"] else ""
+        coll = ", ".join(dict.fromkeys(a["collectives"])) or "-"
+        axes.add_row(a["axis"], str(a["degree"]), a["partitions"], f"{coll} ({a['link']})", _gb(a["bytes_per_step"]),
+                     f"{a['seconds_per_step']:.3f}{mark}", a["cannot_fix"])
+    out.print(axes)
+
+    stages = Table(title="stage ownership", header_style="bold", title_justify="left")
+    for col in ("pp", "vp", "layers", "blocks", "owns", "notes"):
+        stages.add_column(col)
+    for s in doc["stages"]:
+        owns = ", ".join(x for x, on in (("embedding", s["embedding"]), ("head + loss", s["output_head"])) if on) or "-"
+        blocks = s["blocks"] if len(s["blocks"]) <= 40 else s["blocks"][:37] + "…"
+        stages.add_row(str(s["pp_rank"]), str(s["vp_stage"]), f"{s['layers'][0]}-{s['layers'][1] - 1}", blocks, owns, "; ".join(s["notes"]))
+    out.print(stages)
+
+    mem = doc["memory"]
+    out.print(f"[bold]memory per stage[/] (capacity {mem['capacity_gib']:g} GiB; predicts torch.cuda.max_memory_allocated)")
+    for m in mem["per_stage"]:
+        parts = " + ".join(f"{k.removesuffix('_gib')} {m[k]:.1f}" for k in
+                           ("weights_gib", "gradients_gib", "optimizer_gib", "buffers_gib", "overhead_gib", "activations_gib", "transient_gib"))
+        high = f" (up to {m['total_gib_high']:.1f} with moe.imbalance)" if "total_gib_high" in m else ""
+        out.print(f"  pp{m['pp_rank']} {_bar(m['total_gib'], mem['capacity_gib'])} {m['total_gib']:6.1f} GiB = {parts}{high}")
+    for why, stages_ in _peak_notes(mem["per_stage"]).items():
+        out.print(f"  pp{_rank_list(stages_)}: {why}")
+
+    _ranks_text(doc["ranks"], doc["cluster"]["gpus_per_node"])
+
+    if doc["experts"]:
+        out.print("[bold]experts[/] (which ranks hold each expert range, per E block)")
+        for e in doc["experts"][:6]:
+            owners = "; ".join(f"{o['experts'][0]}-{o['experts'][1]} → {_rank_list(o['ranks'])}" for o in e["owners"][:8])
+            more = f"; … {len(e['owners']) - 8} more" if len(e["owners"]) > 8 else ""
+            out.print(f"  E#{e['e_block']} (block {e['block_index']}, pp{e['pp_rank']}): {owners}{more}")
+        if len(doc["experts"]) > 6:
+            out.print(f"  … {len(doc['experts']) - 6} more E blocks; `--json` lists all")
+
+    why = Table(title="why not: each axis moved to its neighbours", header_style="bold", title_justify="left")
+    for col in ("change", "verdict", "rule / cost"):
+        why.add_column(col)
+    for w in doc["why_not"]:
+        if w["verdict"] == "rejected":
+            why.add_row(f"{w['axis']}={w['value']}", "[red]rejected[/]", f"{w['rule']}: {w['message']}")
+        else:
+            fits = "" if w["verdict"] == "legal" else " [red](does not fit)[/]"
+            why.add_row(f"{w['axis']}={w['value']}", "[green]legal[/]" + fits,
+                        f"step {w['step_delta']:+.1%} ({w['step_seconds']:.2f} s), peak {w['peak_gib']:.1f} GiB")
+    out.print(why)
+    if doc["runners_up"]:
+        out.print("[bold]runners-up[/]: " + "; ".join(
+            f"#{r['candidate']} {_layout_cell(r['layout'])} {r['step_delta']:+.1%}" for r in doc["runners_up"][:3]))
+    if "focus" in doc:
+        f = doc["focus"]
+        out.print(f"[bold]rank {f['rank']}[/] (node {f['node']}, gpu {f['local_rank']}): tp {f['tp']} cp {f['cp']} dp {f['dp']} pp {f['pp']} "
+                  f"ep {f['ep']} etp {f['etp']} edp {f['edp']}")
+        for s in f["stages"]:
+            out.print(f"  holds layers {s['layers'][0]}-{s['layers'][1] - 1}: {s['blocks']}")
+        for axis, peers in f["peers"].items():
+            out.print(f"  {axis} peers: {_rank_list(peers)}")
+        if f["experts"]:
+            spans = sorted({tuple(e["experts"]) for e in f["experts"]})
+            out.print(f"  experts: {', '.join(f'{a}-{b}' for a, b in spans)} of each of its {len(f['experts'])} E blocks")
+
+
+def _peak_notes(per_stage: list[dict]) -> dict[str, list[int]]:
+    """What the memory lines' sums do not say, with the pipeline stages it holds for: what the
+    transient is, and where the optimizer step's copy rather than the activations sets the peak."""
+    notes: dict[str, list[int]] = {}
+    for m in per_stage:
+        if m["transient_gib"] > 0 and "transient_from" in m:
+            notes.setdefault(f"transient: {m['transient_from']}", []).append(m["pp_rank"])
+        if m["optimizer_step_gib"] > m["activations_gib"] + m["transient_gib"]:
+            notes.setdefault("the optimizer step's fp32 copy (made only where neither TE nor Apex is installed) "
+                             "outgrows activations + transient and sets the peak", []).append(m["pp_rank"])
+    return notes
+
+
+def _rank_list(ranks: list[int]) -> str:
+    """Compact rank lists: 0-7, or 0,8,16…(8 ranks, stride 8)."""
+    if len(ranks) <= 1:
+        return ",".join(map(str, ranks))
+    stride = ranks[1] - ranks[0]
+    if all(b - a == stride for a, b in zip(ranks, ranks[1:], strict=False)):
+        if stride == 1:
+            return f"{ranks[0]}-{ranks[-1]}"
+        return f"{ranks[0]},{ranks[1]},…,{ranks[-1]} (stride {stride})"
+    return ",".join(map(str, ranks[:12])) + ("…" if len(ranks) > 12 else "")
+
+
+def _band(value: float, high: float | None, digits: int) -> str:
+    """A point estimate, or its band under moe.imbalance ("52.9-53.7")."""
+    return f"{value:.{digits}f}" if high is None else f"{value:.{digits}f}-{high:.{digits}f}"
+
+
+def calibration_table(profile: dict[str, Any]) -> None:
+    per_block = ", ".join(f"{letter} {v * 1e3:.2f} ms" for letter, v in profile["block_overhead_s"].items())
+    out.print(f"[bold]{profile['cluster']}[/]: overhead per block per micro-batch (forward + backward): {per_block}; "
+              f"small kernels' traffic {profile.get('small_kernel_traffic', 0.0):g} x the saved activations")
+    if profile.get("synchronised_share") is not None:
+        out.print(f"on ranks with MoE blocks {profile['synchronised_share']:.0%} of the shorter of host and GPU time adds to the longer "
+                  "(the dispatcher makes the host wait for the GPU), the share whose fit best predicts the runs left out one at a time")
+    if not profile.get("determined", True):
+        out.print("these runs do not separate every block kind (one kind's count is a combination of the others' in "
+                  "every run): what they leave open keeps the shipped overheads; add runs of other shapes to fit it")
+    for group in profile.get("tied", []):
+        out.print(f"{', '.join(group)} come in the same proportion in every run, so no fit can tell them apart: "
+                  "they share one overhead; add runs where they differ to separate them")
+    loo = {r["name"]: r for r in profile["leave_one_out"]}
+    bound = any("host_bound" in r for r in profile["fitted_on"])  # TE: the longer of host and GPU time
+    if bound:
+        out.print("a step takes the longer of its GPU and host time here: GPU-bound runs fit the small kernels' traffic, "
+                  "host-bound ones the overheads (column 'bound by')")
+    table = Table(header_style="bold")
+    for col in ("run", *(["bound by"] if bound else []), "measured s", "uncalibrated s", "fitted s", "left-out fit s", "left-out error"):
+        table.add_column(col, justify="left" if col in ("run", "bound by") else "right")
+    for r in profile["fitted_on"]:
+        held = loo.get(r["name"])
+        table.add_row(r["name"], *([("host" if r["host_bound"] else "GPU")] if bound else []),
+                      f"{r['measured_s']:.3f}", f"{r['uncalibrated_s']:.3f}", f"{r['fitted_s']:.3f}",
+                      f"{held['predicted_s']:.3f}" if held and held["predicted_s"] is not None else "-",
+                      f"{held['error']:+.1%}" if held and held["error"] is not None else "-")
+    out.print(table)

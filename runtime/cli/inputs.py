@@ -1,0 +1,48 @@
+"""Resolve a command-line SPEC argument: a YAML file, a PLAN.json file, or a bundled recipe name."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from megacpp.planner.errors import PlanError, SpecError
+from megacpp.planner.plan import Plan
+from megacpp.planner.spec.loading import load_spec_bytes, load_spec_text
+from megacpp.planner.spec.models import Spec
+from megacpp.recipes import DEFAULT_RECIPE, recipe_names, recipe_text
+
+
+def cli_overrides(sets: list[str], cluster: str | None, nodes: int | None) -> list[str]:
+    extra = list(sets)
+    if cluster is not None:
+        extra.append(f"cluster.preset={cluster}")
+    if nodes is not None:
+        extra.append(f"cluster.nodes={nodes}")
+    return extra
+
+
+def read_input(arg: str | None, overrides: list[str] = ()) -> Spec | Plan:  # type: ignore[assignment]
+    """A Spec from a YAML file or recipe name, or a Plan from a PLAN.json file."""
+    if arg is None:
+        return load_spec_text(recipe_text(DEFAULT_RECIPE), source=f"recipe {DEFAULT_RECIPE}", overrides=overrides)
+    path = Path(arg)
+    if not path.exists():
+        if arg in recipe_names():
+            return load_spec_text(recipe_text(arg), source=f"recipe {arg}", overrides=overrides)
+        raise SpecError(f"{arg}: no such file or bundled recipe; recipes: {', '.join(recipe_names())}")
+    if path.is_dir():
+        raise SpecError(f"{arg}: is a directory; pass a spec YAML, a PLAN.json or a recipe name")
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise SpecError(f"{arg}: cannot be read ({exc.strerror})") from None
+    if raw.lstrip()[:1] == b"{":
+        try:
+            data = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise PlanError(f"{arg}: invalid JSON ({exc})") from None
+        if isinstance(data, dict) and "schema" in data:
+            if overrides:
+                raise PlanError(f"{arg}: --set/--cluster/--nodes apply to specs, not to a saved plan; re-plan the spec instead")
+            return Plan.from_json_dict(data)
+    return load_spec_bytes(raw, source=arg, overrides=overrides)
