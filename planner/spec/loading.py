@@ -6,6 +6,8 @@ Every failure becomes a SpecError naming the key, the offending value and the fi
 from __future__ import annotations
 
 import math
+import os
+import stat
 from pathlib import Path
 from typing import Any, get_args
 
@@ -16,19 +18,44 @@ from megacpp.planner.errors import SpecError, did_you_mean
 from megacpp.planner.spec.models import Spec
 
 MAX_SPEC_BYTES = 1 << 20
+# A YAML alias may stand for a whole subtree; a spec is a few hundred values, so a document that
+# expands to more is an alias bomb, refused before anything walks the expanded tree.
+MAX_SPEC_VALUES = 100_000
+MAX_MESSAGE_CHARS = 300
+
+
+def one_line(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """`text` as one readable line of at most `limit` characters."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+def read_capped(path: str | Path, cap: int, what: str) -> bytes:
+    """The bytes of the regular file `path`, read no further than `cap` + 1 bytes: a FIFO, a device
+    or /dev/zero is refused before it is opened for reading, so nothing blocks or grows."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise SpecError(f"{path}: no such file; pass {what}") from None
+    except OSError as exc:
+        raise SpecError(f"{path}: cannot be read ({exc.strerror})") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise SpecError(f"{path}: is a directory; pass {what}")
+    if not stat.S_ISREG(info.st_mode):
+        raise SpecError(f"{path}: is not a regular file (a pipe, socket or device); pass {what}")
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(cap + 1)
+    except OSError as exc:
+        raise SpecError(f"{path}: cannot be read ({exc.strerror})") from None
+    if len(raw) > cap:
+        raise SpecError(f"{path}: is larger than {cap} bytes, too large for {what}")
+    return raw
 
 
 def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Spec:
     """Read a spec file and apply overrides."""
-    p = Path(path)
-    try:
-        raw = p.read_bytes()
-    except FileNotFoundError:
-        raise SpecError(f"{path}: no such file; pass a spec YAML or a recipe name (see `megacpp recipes`)") from None
-    except IsADirectoryError:
-        raise SpecError(f"{path}: is a directory; pass a spec YAML file") from None
-    except OSError as exc:
-        raise SpecError(f"{path}: cannot be read ({exc.strerror})") from None
+    raw = read_capped(path, MAX_SPEC_BYTES, "a spec YAML or a recipe name (see `megacpp recipes`)")
     return load_spec_bytes(raw, source=str(path), overrides=overrides)
 
 
@@ -38,7 +65,7 @@ def load_spec_bytes(raw: bytes, source: str = "<spec>", overrides: list[str] | t
     if b"\x00" in raw:
         raise SpecError(f"{source}: is a binary file, not a YAML spec")
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")  # a byte-order mark, as some editors write, is not content
     except UnicodeDecodeError:
         raise SpecError(f"{source}: is not UTF-8 text; save the spec as UTF-8 YAML") from None
     return load_spec_text(text, source=source, overrides=overrides)
@@ -49,12 +76,14 @@ def load_spec_text(text: str, source: str = "<spec>", overrides: list[str] | tup
     if not text.strip():
         raise SpecError(f"{source}: is empty; a spec needs at least model, training and cluster")
     try:
-        data = yaml.safe_load(text)
+        data = _load_yaml(text)
+    except SpecError as exc:
+        raise SpecError(f"{source}: {exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise SpecError(f"{source}: invalid YAML{where}: {problem}") from None
+        raise SpecError(f"{source}: invalid YAML{where}: {one_line(problem)}") from None
     except RecursionError:
         raise SpecError(f"{source}: invalid YAML: nested too deeply") from None
     except (ValueError, OverflowError) as exc:  # PyYAML's own, e.g. an out-of-range \U escape
@@ -66,6 +95,55 @@ def load_spec_text(text: str, source: str = "<spec>", overrides: list[str] | tup
     for item in overrides:
         apply_override(data, item)
     return spec_from_dict(data, source=source)
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)  # type: ignore[no-untyped-call]
+            if not isinstance(key, (str, int, float, bool)):
+                continue
+            if key in seen:
+                mark = key_node.start_mark
+                raise SpecError(f"duplicate key {one_line(str(key), 60)!r} at line {mark.line + 1}; "
+                                "each key may appear once in a mapping")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int]) -> int:
+    """How many values `node` stands for once every alias is expanded; each node is counted once
+    (memoized by identity), so an alias bomb is measured in time linear in its text."""
+    known = sizes.get(id(node))
+    if known is not None:
+        return known
+    sizes[id(node)] = 1  # an alias loop counts once and is reported later as a loop
+    if isinstance(node, yaml.MappingNode):
+        total = 1 + sum(_expanded_size(k, sizes) + _expanded_size(v, sizes) for k, v in node.value)
+    elif isinstance(node, yaml.SequenceNode):
+        total = 1 + sum(_expanded_size(v, sizes) for v in node.value)
+    else:
+        total = 1
+    sizes[id(node)] = min(total, MAX_SPEC_VALUES + 1)
+    return sizes[id(node)]
+
+
+def _load_yaml(text: str) -> Any:
+    """YAML into Python values: duplicate keys refused, and aliases counted before expansion."""
+    loader = _StrictLoader(text)
+    try:
+        root = loader.get_single_node()
+        if root is None:
+            return None
+        if _expanded_size(root, {}) > MAX_SPEC_VALUES:
+            raise SpecError(f"YAML aliases expand to more than {MAX_SPEC_VALUES} values; "
+                            "a spec needs a few hundred, so write the values out")
+        return loader.construct_document(root)
+    finally:
+        loader.dispose()
 
 
 def apply_override(data: dict[str, Any], item: str) -> None:
@@ -95,25 +173,30 @@ def spec_from_dict(data: dict[str, Any], source: str = "<spec>") -> Spec:
     except ValidationError as exc:
         # an unknown key explains a "missing" one next to it (a typo), so report unknown keys first
         errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
-        raise SpecError(f"{source}: {_describe(dict(errors[0]))}") from None
+        raise SpecError(one_line(f"{source}: {_describe(dict(errors[0]))}")) from None
     except SpecError as exc:
         message = str(exc)
-        raise SpecError(message if message.startswith(f"{source}: ") else f"{source}: {message}") from None
+        raise SpecError(one_line(message if message.startswith(f"{source}: ") else f"{source}: {message}")) from None
     except RecursionError:
         raise SpecError(f"{source}: nested too deeply") from None
 
 
-def _reject_non_finite(node: Any, path: tuple[str, ...], seen: set[int]) -> None:
+def _reject_non_finite(node: Any, path: tuple[str, ...], seen: set[int], done: set[int] | None = None) -> None:
+    """Refuse NaN/inf anywhere and alias loops; a subtree shared by aliases is walked once (`done`)."""
+    done = set() if done is None else done
     if isinstance(node, float) and not math.isfinite(node):
         raise SpecError(f"{'.'.join(path)}: {node} is not a finite number")
     if isinstance(node, (dict, list)):
         if id(node) in seen:
             raise SpecError(f"{'.'.join(path) or 'spec'}: refers to itself (a YAML alias loop)")
+        if id(node) in done:
+            return
         seen.add(id(node))
         items = node.items() if isinstance(node, dict) else enumerate(node)
         for k, v in items:
-            _reject_non_finite(v, (*path, str(k)), seen)
+            _reject_non_finite(v, (*path, str(k)), seen, done)
         seen.discard(id(node))
+        done.add(id(node))
 
 
 def _field_model(cls: type[BaseModel], name: str) -> type[BaseModel] | None:

@@ -21,6 +21,12 @@ BLOCK_LETTERS = {
     "R": "recurrent (gated linear recurrence)",
 }
 MAX_BLOCKS = 100_000
+DIGITS = "0123456789"  # ASCII only: str.isdigit() also takes fullwidth and Arabic-Indic digits
+
+
+def _quoted(text: str, limit: int = 60) -> str:
+    """The pattern as the error shows it: quoted, and cut short so that the message stays one line."""
+    return repr(text) if len(text) <= limit else repr(text[: limit - 3]) + f"... ({len(text)} characters)"
 
 
 @dataclass(frozen=True)
@@ -61,7 +67,7 @@ class _Parser:
         self.pos = 0
 
     def fail(self, what: str) -> SpecError:
-        return SpecError(f"model.pattern: {what} at position {self.pos} in {self.text!r}")
+        return SpecError(f"model.pattern: {what} at position {self.pos} in {_quoted(self.text)}")
 
     def peek(self) -> str:
         while self.pos < len(self.text) and self.text[self.pos].isspace():
@@ -74,7 +80,7 @@ class _Parser:
         self.pos += 1
         self.peek()
         start = self.pos
-        while self.pos < len(self.text) and self.text[self.pos].isdigit():
+        while self.pos < len(self.text) and self.text[self.pos] in DIGITS:
             self.pos += 1
         digits = self.text[start : self.pos]
         if not digits:
@@ -104,23 +110,32 @@ class _Parser:
                     raise self.fail("empty group '()'")
                 if self.peek() != "*":
                     raise self.fail("a group '(...)' must be followed by a repeat count such as *13")
-                item = inner * self.count()
+                item = self.repeated(inner, self.count())
             elif ch == "|":
                 item = ["|"]
             elif ch in BLOCK_LETTERS:
-                item = [ch] * self.count()
+                item = self.repeated([ch], self.count())
             else:
                 hint = f" (did you mean '{ch.upper()}'?)" if ch.upper() in BLOCK_LETTERS else ""
                 raise self.fail(f"unknown block letter {ch!r}{hint}; valid letters are A M E D R, '(', ')', '*', '|'")
             if len(out) + len(item) > MAX_BLOCKS:
-                raise SpecError(f"model.pattern: more than {MAX_BLOCKS} blocks in {self.text!r}; check the repeat counts")
+                raise self.too_many()
             out.extend(item)
+
+    def too_many(self) -> SpecError:
+        return SpecError(f"model.pattern: more than {MAX_BLOCKS} blocks in {_quoted(self.text)}; check the repeat counts")
+
+    def repeated(self, items: list[str], count: int) -> list[str]:
+        """`items` `count` times, refused before it is built when that exceeds MAX_BLOCKS."""
+        if len(items) * count > MAX_BLOCKS:
+            raise self.too_many()
+        return items * count
 
 
 def parse_pattern(text: str) -> Pattern:
     """Parse a pattern string; raise SpecError naming the position and the fix on bad input."""
     if not isinstance(text, str):
-        raise SpecError(f"model.pattern: must be a string such as \"(AEME)*13 AEMR\", got {text!r}")
+        raise SpecError(f"model.pattern: must be a string such as \"(AEME)*13 AEMR\", got {repr(text)[:60]}")
     tokens = _Parser(text).sequence(0)
     blocks: list[str] = []
     cuts: list[int] = []
@@ -129,10 +144,10 @@ def parse_pattern(text: str) -> Pattern:
             blocks.append(tok)
             continue
         if not blocks or (cuts and cuts[-1] == len(blocks)):
-            raise SpecError(f"model.pattern: '|' must sit between blocks (no empty pipeline stage) in {text!r}")
+            raise SpecError(f"model.pattern: '|' must sit between blocks (no empty pipeline stage) in {_quoted(text)}")
         cuts.append(len(blocks))
     if not blocks:
         raise SpecError("model.pattern: is empty; write blocks such as \"(AEME)*13 AEMR\"")
     if cuts and cuts[-1] == len(blocks):
-        raise SpecError(f"model.pattern: '|' must sit between blocks (no empty pipeline stage) in {text!r}")
+        raise SpecError(f"model.pattern: '|' must sit between blocks (no empty pipeline stage) in {_quoted(text)}")
     return Pattern(source=text, blocks="".join(blocks), cuts=tuple(cuts))

@@ -7,9 +7,19 @@ from pathlib import Path
 
 from megacpp.planner.errors import PlanError, SpecError
 from megacpp.planner.plan import Plan
-from megacpp.planner.spec.loading import load_spec_bytes, load_spec_text
+from megacpp.planner.spec.loading import (
+    MAX_SPEC_BYTES,
+    load_spec_bytes,
+    load_spec_text,
+    one_line,
+    read_capped,
+)
 from megacpp.planner.spec.models import Spec
 from megacpp.recipes import DEFAULT_RECIPE, recipe_names, recipe_text
+
+# A plan of the top ten layouts is about 100 KB; a spec is capped lower when it is parsed as one.
+MAX_PLAN_BYTES = 64 * MAX_SPEC_BYTES
+BOM = b"\xef\xbb\xbf"
 
 
 def cli_overrides(sets: list[str], cluster: str | None, nodes: int | None) -> list[str]:
@@ -30,17 +40,15 @@ def read_input(arg: str | None, overrides: list[str] = ()) -> Spec | Plan:  # ty
         if arg in recipe_names():
             return load_spec_text(recipe_text(arg), source=f"recipe {arg}", overrides=overrides)
         raise SpecError(f"{arg}: no such file or bundled recipe; recipes: {', '.join(recipe_names())}")
-    if path.is_dir():
-        raise SpecError(f"{arg}: is a directory; pass a spec YAML, a PLAN.json or a recipe name")
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise SpecError(f"{arg}: cannot be read ({exc.strerror})") from None
+    raw = read_capped(path, MAX_PLAN_BYTES, "a spec YAML, a PLAN.json or a recipe name")
+    raw = raw.removeprefix(BOM)
     if raw.lstrip()[:1] == b"{":
         try:
             data = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise PlanError(f"{arg}: invalid JSON ({exc})") from None
+            raise PlanError(f"{arg}: invalid JSON ({one_line(str(exc))})") from None
+        except RecursionError:
+            raise PlanError(f"{arg}: invalid JSON: nested too deeply for a plan") from None
         if isinstance(data, dict) and "schema" in data:
             if overrides:
                 raise PlanError(f"{arg}: --set/--cluster/--nodes apply to specs, not to a saved plan; re-plan the spec instead")
