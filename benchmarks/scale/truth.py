@@ -212,6 +212,8 @@ def read_recipe(row: dict[str, Any]) -> Recipe:
         runtime.append("TP communication overlap")
     if re.search(r"overlap_grad_reduce[ =]False", sc):
         runtime.append("no gradient-reduce overlap")
+    if "grad_reduce_in_fp32 = False" in family:
+        runtime.append("BF16 gradient reduction (the plan reduces FP32 gradients)")
 
     return Recipe(
         published=published, recompute=recompute, recompute_modules=modules, recompute_layers=layers,

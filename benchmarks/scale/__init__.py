@@ -1,0 +1,1 @@
+"""Scale benchmark: megacpp against NVIDIA's published Megatron runs on H100 and B200."""

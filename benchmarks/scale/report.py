@@ -1,0 +1,261 @@
+"""Summary statistics and the markdown report of the scale benchmark (results/scale.md).
+
+Everything here is computed from the per-row records of run.py, so the markdown is always
+regenerated, never edited by hand.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import Counter
+from typing import Any
+
+from benchmarks.scale.truth import APPROXIMATIONS, SKIPS
+
+WITHIN = 0.15
+HALVES = ("tuning", "held-out", "all")
+GROUPINGS = (("system", "system"), ("family", "family"), ("precision", "precision"), ("mapping", "status"))
+WORST = 10
+SOURCES = {
+    "megatron_bridge_performance_summary": "Megatron-Bridge performance summary",
+    "nemo_framework_performance_summary (partial page capture)": "NeMo Framework performance summary",
+    "megatron_bridge_model_verification_card": "Megatron-Bridge model verification card",
+}
+
+
+def _planned(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in records if r["pinned"] and r["pinned"]["outcome"] == "planned"]
+
+
+def _half(records: list[dict[str, Any]], half: str) -> list[dict[str, Any]]:
+    return records if half == "all" else [r for r in records if r["half"] == half]
+
+
+def accuracy(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Rows, within 15%, median |error|, median signed error, host-bound and fitting counts."""
+    planned = _planned(records)
+    errors = [r["pinned"]["error"] for r in planned]
+    return {
+        "rows": len(planned),
+        "within_15": sum(abs(e) <= WITHIN for e in errors),
+        "median_abs_error": round(statistics.median(abs(e) for e in errors), 4) if errors else None,
+        "median_bias": round(statistics.median(errors), 4) if errors else None,
+        "host_bound": sum(r["pinned"]["host_bound"] for r in planned),
+        "fits": sum(r["pinned"]["fits"] for r in planned),
+    }
+
+
+def search_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
+    searched = [r for r in records if r["search"] and r["search"]["outcome"] == "searched"]
+    speedups = [(r["search"]["claimed_speedup"], r["row_id"]) for r in searched if r["search"]["claimed_speedup"]]
+    worst = max(speedups) if speedups else None
+    return {
+        "rows": len(searched),
+        "pinned_fits": sum(r["pinned"]["fits"] for r in searched),
+        "in_top": sum(r["search"]["in_top"] for r in searched),
+        "median_claimed_speedup": round(statistics.median(s for s, _ in speedups), 3) if speedups else None,
+        "worst_claimed_speedup": worst[0] if worst else None,
+        "worst_row": worst[1] if worst else None,
+        "search_seconds": round(sum(r["search"]["plan_seconds"] for r in searched), 1),
+    }
+
+
+def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
+    groups: dict[str, dict[str, dict[str, Any]]] = {}
+    for name, key in GROUPINGS:
+        values = sorted({r[key] for r in _planned(records)})
+        groups[name] = {v: {h: accuracy([r for r in _half(records, h) if r[key] == v]) for h in HALVES} for v in values}
+    worst = sorted(_planned(records), key=lambda r: -abs(r["pinned"]["error"]))[:WORST]
+    return {
+        "selected": len(records),
+        "by_source": dict(Counter(r["source_type"] for r in records)),
+        "halves": dict(Counter(r["half"] for r in records)),
+        "status": dict(Counter(r["status"] for r in records)),
+        "skip_reasons": dict(Counter(r["skip_reason"] for r in records if r["skip_reason"])),
+        "pinned_outcomes": dict(Counter(r["pinned"]["outcome"] for r in records if r["pinned"])),
+        "approximations": dict(Counter(a for r in records for a in r["approximations"])),
+        "accuracy": {h: accuracy(_half(records, h)) for h in HALVES},
+        "groups": groups,
+        "search": {h: search_summary(_half(records, h)) for h in HALVES},
+        "worst_rows": [r["row_id"] for r in worst],
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# markdown
+
+
+def _pct(x: float | None, signed: bool = False) -> str:
+    return "-" if x is None else f"{x:+.1%}" if signed else f"{x:.1%}"
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return out + [""]
+
+
+def _acc_cells(a: dict[str, Any]) -> list[Any]:
+    return [a["rows"], a["within_15"], _pct(a["median_abs_error"]), _pct(a["median_bias"], signed=True),
+            a["host_bound"], a["fits"]]
+
+
+ACC_HEADER = ["rows", "within 15%", "median abs error", "median bias", "host-bound", "fits"]
+
+
+def _times(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}x"
+
+
+def _rank(r: dict[str, Any], top: int) -> str:
+    if r["search"]["rank"] is not None:
+        return str(r["search"]["rank"])
+    return f"> {top}" if r["pinned"]["fits"] else "does not fit"
+
+
+def _layout(p: dict[str, Any]) -> str:
+    lay = p["layout"]
+    parts = [f"tp{lay['tp']}", f"pp{lay['pp']}"]
+    parts += [f"vp{lay['vp']}"] if (lay.get("vp") or 1) > 1 else []
+    parts += [f"cp{lay['cp']}"] if lay["cp"] > 1 else []
+    parts += [f"dp{lay['dp']}"]
+    parts += [f"ep{lay['ep']}"] if (lay.get("ep") or 1) > 1 else []
+    parts += [f"etp{lay['etp']}"] if lay.get("etp") not in (None, lay["tp"]) else []
+    parts += [f"fsdp{lay['fsdp']}"] if lay.get("fsdp") else []
+    return " ".join(parts)
+
+
+def _search_layout(lay: dict[str, Any]) -> str:
+    parts = [f"tp{lay['tp']}", f"pp{lay['pp']}"] + ([f"vp{lay['vpp']}"] if lay["vpp"] > 1 else [])
+    parts += ([f"cp{lay['cp']}"] if lay["cp"] > 1 else []) + [f"dp{lay['dp']}"]
+    if lay["ep"] > 1:
+        parts += [f"ep{lay['ep']}"] + ([f"etp{lay['etp']}"] if lay["etp"] != lay["tp"] else [])
+    return " ".join(parts)
+
+
+def _headline(result: dict[str, Any]) -> list[str]:
+    s = result["summary"]
+    a, src = s["accuracy"]["all"], s["by_source"]
+    st, se = s["status"], s["search"]["all"]
+    planned = a["rows"]
+    sources = ", ".join(f"{n} from the {SOURCES.get(k, k)}" for k, n in sorted(src.items(), key=lambda kv: -kv[1]))
+    skipped = ", ".join(f"{n} {k}" for k, n in sorted(s["skip_reasons"].items()))
+    not_planned = {k: n for k, n in s["pinned_outcomes"].items() if k != "planned"}
+    lines = [
+        f"- {result['truth_rows']} published rows on H100 and B200; {s['selected']} distinct configurations "
+        f"(newest release of each): {sources}.",
+        f"- Mapped: {st.get('exact', 0)} exact, {st.get('approximated', 0)} approximated, "
+        f"{st.get('skipped', 0)} skipped ({skipped or 'none'}); pinned layouts rejected or in error: "
+        f"{sum(not_planned.values())}.",
+        f"- Planned with the published layout pinned: {planned} rows; {a['within_15']} within 15% of the measured "
+        f"tokens/s/GPU; median |error| {_pct(a['median_abs_error'])}, median bias {_pct(a['median_bias'], True)} "
+        f"(negative: the plan is slower than the run); {a['host_bound']} flagged host-bound; "
+        f"{a['fits']} fit in the plan's memory.",
+    ]
+    for half in ("tuning", "held-out"):
+        h = s["accuracy"][half]
+        lines.append(f"  - {half}: {h['rows']} rows, {h['within_15']} within 15%, median |error| "
+                     f"{_pct(h['median_abs_error'])}, median bias {_pct(h['median_bias'], True)}.")
+    if result["search"]["enabled"] and se["rows"]:
+        lines.append(
+            f"- Search ({result['search']['min_gpus']}+ GPUs, layout free): {se['rows']} rows; the published layout "
+            f"fits the plan's memory on {se['pinned_fits']} and is in its top {result['search']['top']} on "
+            f"{se['in_top']}; the top pick claims a median speedup of {_times(se['median_claimed_speedup'])} over it "
+            f"(largest {_times(se['worst_claimed_speedup'])}, row {se['worst_row']}).")
+    m = result["machine"]
+    lines.append(f"- Wall time {result['wall_seconds']:.0f} s on {m['cpus']} CPUs (Python {m['python']}).")
+    return lines + [""]
+
+
+def render_markdown(result: dict[str, Any]) -> str:
+    s = result["summary"]
+    records = result["rows"]
+    by_id = {r["row_id"]: r for r in records}
+    lines = [
+        "# Scale benchmark: megacpp against NVIDIA's published Megatron runs",
+        "",
+        f"Generated by `{result['command']}`; do not edit. Definitions and the row -> spec mapping: "
+        "README.md in this folder. Error = (planned - measured) / measured tokens/s/GPU.",
+        "",
+    ]
+    if result["only"]:
+        lines += [f"Filtered to {', '.join(result['only'])}: a partial report.", ""]
+    lines += ["## Headline", ""] + _headline(result)
+
+    lines += ["## Accuracy of the pinned plans", ""]
+    for name, _ in GROUPINGS:
+        rows = [[value, half, *_acc_cells(stats[half])]
+                for value, stats in s["groups"][name].items() for half in HALVES]
+        lines += [f"### By {name}", ""] + _table([name, "half", *ACC_HEADER], rows)
+    lines += ["### All", ""] + _table(["half", *ACC_HEADER], [[h, *_acc_cells(s["accuracy"][h])] for h in HALVES])
+
+    if result["search"]["enabled"]:
+        top = result["search"]["top"]
+        rows = []
+        for h in HALVES:
+            x = s["search"][h]
+            largest = f"{_times(x['worst_claimed_speedup'])} (row {x['worst_row']})" if x["worst_row"] is not None else "-"
+            rows.append([h, x["rows"], x["pinned_fits"], x["in_top"], _times(x["median_claimed_speedup"]), largest,
+                         x["search_seconds"]])
+        lines += ["## Search with the layout free", "",
+                  f"Rows on {result['search']['min_gpus']}+ GPUs. Rank of the published layout = 1 + fitting layouts "
+                  "the plan estimates strictly faster than its pinned estimate; claimed speedup = pinned step / the "
+                  "top fitting layout's step (below 1 where the pinned layout does not fit the plan's memory and "
+                  "every layout that does is slower).", ""]
+        lines += _table(["half", "rows", "pinned fits", f"in top {top}", "median claimed speedup",
+                         "largest claimed speedup", "search s"], rows)
+        detail = [[r["row_id"], r["model_key"], r["system"], r["num_gpus"], _layout(r["published"]),
+                   _rank(r, top), _search_layout(r["search"]["top"][0]["layout"]) if r["search"]["top"] else "-",
+                   _times(r["search"]["claimed_speedup"]), f"{r['search']['plan_seconds']:.1f}"]
+                  for r in records if r["search"] and r["search"]["outcome"] == "searched"]
+        lines += _table(["row", "model", "system", "GPUs", "published layout", "rank", "top pick", "claimed speedup",
+                         "search s"], detail)
+
+    lines += [f"## The {WORST} worst rows", "",
+              "Each with the plan's own step breakdown on its busiest pipeline rank "
+              "(seconds and share of the step).", ""]
+    for rid in s["worst_rows"]:
+        r = by_id[rid]
+        p = r["pinned"]
+        terms = ", ".join(f"{k.replace('_', ' ')} {v:.2f} s ({v / p['step_seconds']:.0%})"
+                          for k, v in sorted(p["step_breakdown"].items(), key=lambda kv: -kv[1]) if v > 0)
+        lines.append(
+            f"- row {rid} {r['model_key']} on {r['num_gpus']} x {r['system']} {r['precision']} ({r['half']}; "
+            f"{_layout(r['published'])}, gbs {r['published']['gbs']} mbs {r['published']['mbs']} seq "
+            f"{r['published']['seq_length']}): measured {r['published']['tokens_per_sec_per_gpu']:.0f}, planned "
+            f"{p['predicted_tokens_per_sec_per_gpu']:.0f} tokens/s/GPU ({p['error']:+.1%}); planned step "
+            f"{p['step_seconds']:.2f} s vs {r['published']['step_seconds']:.2f} s measured; host share "
+            f"{p['host_share']:.0%}; {r['status']}"
+            + (f" ({', '.join(r['approximations'])})" if r["approximations"] else "")
+            + f". Breakdown: {terms}.")
+    lines.append("")
+
+    mem = [[r["row_id"], r["model_key"], r["num_gpus"], r["published"]["peak_allocated_gib"], r["pinned"]["peak_gib"],
+            r["status"]] for r in _planned(records) if r["published"]["peak_allocated_gib"]]
+    if mem:
+        lines += ["## Memory where the run's peak is published", ""]
+        lines += _table(["row", "model", "GPUs", "measured peak allocated GiB", "planned peak GiB", "mapping"], mem)
+
+    lines += ["## Every configuration", ""]
+    every = []
+    for r in records:
+        p = r["pinned"]
+        if p is None:
+            outcome = [f"skipped: {r['skip_reason']}", "-", "-", "-", "-"]
+        elif p["outcome"] != "planned":
+            outcome = [f"{p['outcome']}: {p['rule']}", "-", "-", "-", "-"]
+        else:
+            outcome = [f"{p['predicted_tokens_per_sec_per_gpu']:.0f}", _pct(p["error"], True),
+                       "yes" if p["fits"] else f"no ({p['peak_gib']:.0f} GiB)", f"{p['host_share']:.0%}",
+                       ", ".join(r["approximations"]) or "-"]
+        every.append([r["row_id"], r["release"].split(" ")[0], r["model_key"], r["system"], r["num_gpus"],
+                      r["precision"], r["half"], _layout(r["published"]), r["published"]["gbs"],
+                      r["published"]["mbs"], r["published"]["tokens_per_sec_per_gpu"], *outcome])
+    lines += _table(["row", "release", "model", "system", "GPUs", "precision", "half", "layout", "gbs", "mbs",
+                     "measured", "planned", "error", "fits", "host share", "approximations"], every)
+
+    lines += ["## Approximations and skip reasons", ""]
+    counts = s["approximations"]
+    lines += [f"- `{k}` ({counts.get(k, 0)} rows): {v}." for k, v in APPROXIMATIONS.items()]
+    lines += [f"- skipped `{k}` ({s['skip_reasons'].get(k, 0)} rows): {v}." for k, v in SKIPS.items()]
+    return "\n".join(lines) + "\n"

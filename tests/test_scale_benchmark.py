@@ -1,0 +1,132 @@
+"""The scale benchmark's truth handling: published rows become loadable specs with their layouts
+pinned, what the spec cannot express is named, the newest run of a configuration is kept, and the
+held-out split is stable. Accuracy numbers are the benchmark's output, not asserted here."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+
+from benchmarks.scale import run, truth
+from benchmarks.scale.truth import convert, load_runs, select_newest
+from megacpp.planner import spec_from_dict
+
+
+def row(row_id: int) -> dict:
+    return next(r for r in load_runs() if r["row_id"] == row_id)
+
+
+def synthetic(row_id: int, release: str, **changes: object) -> dict:
+    """A copy of Llama-3 70B on 64 H100 (row 86) under another id and release."""
+    return {**row(86), "row_id": row_id, "release": release, **changes}
+
+
+def test_dense_row_becomes_a_spec_with_the_published_layout_pinned() -> None:
+    published = row(86)  # Llama-3 70B, 64 x H100, FP8-CS, TP4 PP8 VP5
+    conv = convert(published)
+    assert conv.status == "exact" and conv.skip_reason is None
+    spec = spec_from_dict(conv.spec)
+    assert spec.model.pattern == "(AD)*80"
+    pins = spec.parallel
+    assert (pins.tp, pins.pp, pins.vpp, pins.cp, pins.ep) == (4, 8, 5, 1, 1)
+    assert pins.dp == 64 // (4 * 8 * 1)
+    assert spec.cluster.preset == "h100-sxm-8" and spec.cluster.nodes == 8
+    assert spec.training.precision == "fp8"
+    assert (spec.training.global_batch_size, spec.training.micro_batch_size, spec.training.seq_length) == (256, 1, 8192)
+    # the search twin keeps everything but the layout
+    free = spec_from_dict(conv.search_spec)
+    assert free.parallel.tp is None and free.training == spec.training
+
+
+def test_hybrid_pattern_maps_megatron_symbols_to_block_letters() -> None:
+    conv = convert(row(121))  # Nemotron 3 Nano, 8 x B200
+    spec = spec_from_dict(conv.spec)
+    source = truth.load_models()["nemotron_3_nano"]["hybrid_override_pattern"]
+    assert spec.model.pattern == source.replace("*", "A")
+    assert spec.model.mamba is not None and spec.model.moe is not None and spec.model.mlp is None
+    assert conv.spec["model"]["moe"]["dispatcher"] == "flex" and conv.spec["model"]["moe"]["flex_backend"] == "hybridep"
+
+
+@pytest.mark.parametrize(("row_id", "reason"), [(284, "nvfp4"), (138, "latent-moe")])
+def test_unexpressible_rows_are_skipped_with_their_reason(row_id: int, reason: str) -> None:
+    conv = convert(row(row_id))
+    assert conv.status == "skipped" and conv.skip_reason == reason and conv.spec is None
+    assert reason in truth.SKIPS
+
+
+def test_approximations_are_named_and_still_planned() -> None:
+    conv = convert(row(39))  # DeepSeek-V3, 1024 x H100: MLA, MTP, layout "Et|(tt|)*30mL"
+    assert conv.status == "approximated"
+    assert {"mla-as-gqa", "mtp-dropped", "pp-layout-balanced"} <= set(conv.approximations)
+    assert set(conv.approximations) <= set(truth.APPROXIMATIONS)
+    spec_from_dict(conv.spec)
+
+
+def test_a_layout_with_layers_on_every_stage_is_pinned_as_cuts() -> None:
+    conv = convert(row(155))  # DeepSeek-V3 on 256 x B200: "Et*4|(t*4|)*14tmL" over pp8 x vp2
+    spec = spec_from_dict(conv.spec)
+    assert [len(s) // 2 for s in spec.pattern.segments] == [4] * 15 + [1]
+    assert "pp-layout-balanced" not in conv.approximations
+    assert "|" not in conv.search_spec["model"]["pattern"]
+
+
+def test_selection_keeps_the_newest_release_of_each_configuration() -> None:
+    rows = [synthetic(1, "25.11"), synthetic(2, "26.02.01"), synthetic(3, "26.06", fsdp=None),
+            synthetic(4, "26.02"), synthetic(5, "25.11", gbs=128)]
+    picked = {s.row["row_id"]: s.superseded for s in select_newest(rows)}
+    assert picked == {3: (1, 2, 4), 5: ()}
+    assert truth.release_order("main@2026-08 (see card)") > truth.release_order("26.06")
+    assert truth.release_order("26.02.01") > truth.release_order("26.02") > truth.release_order("25.11")
+
+
+def test_nulls_that_mean_the_default_name_one_configuration() -> None:
+    a = synthetic(1, "25.11", vp=1, ep=1, fsdp=0)
+    b = synthetic(2, "26.02", vp=1, ep=None, fsdp=None)
+    assert truth.config_key(a) == truth.config_key(b)
+    assert truth.config_key(a) != truth.config_key(synthetic(3, "25.11", vp=2))
+
+
+def test_truth_selection_counts() -> None:
+    selected = select_newest(load_runs())
+    assert len(load_runs()) == 84
+    summaries = [s for s in selected if "performance_summary" in s.row["source_type"]]
+    assert (len(selected), len(summaries)) == (46, 42)
+
+
+def test_held_out_split_is_deterministic_and_both_halves_are_used() -> None:
+    selected = select_newest(load_runs())
+    for s in selected:
+        digest = int(hashlib.sha1(s.key_text.encode()).hexdigest(), 16)
+        assert s.held_out == (digest % 3 == 0) == truth.held_out(s.key_text)
+    assert [s.half for s in selected] == [s.half for s in select_newest(list(reversed(load_runs())))]
+    halves = {s.half for s in selected if convert(s.row).status != "skipped"}
+    assert halves == {"tuning", "held-out"}
+
+
+def test_a_pinned_plan_reports_tokens_per_gpu_and_its_error() -> None:
+    published = row(108)  # Llama-3 8B on 8 x B200
+    result = run.plan_pinned(convert(published).spec, published["tokens_per_sec_per_gpu"])
+    assert result["outcome"] == "planned"
+    assert result["layout"]["tp"] == 1 and result["layout"]["dp"] == 8
+    assert result["host_bound"] == (result["host_share"] >= run.HOST_BOUND_SHARE)
+    measured = published["tokens_per_sec_per_gpu"]
+    planned = result["predicted_tokens_per_sec_per_gpu"]
+    assert result["error"] == pytest.approx((planned - measured) / measured, abs=1e-3)
+
+
+def test_a_rejected_pinned_layout_names_the_rule() -> None:
+    spec = json.loads(json.dumps(convert(row(86)).spec))
+    spec["parallel"]["tp"] = 3  # 64 heads are not divisible by 3
+    spec["parallel"]["dp"] = 1
+    result = run.plan_pinned(spec, 1.0)
+    assert result["outcome"] in {"rejected", "error"} and result["rule"] and result["message"]
+
+
+def test_only_writes_a_partial_report(tmp_path) -> None:
+    assert run.main(["--only", "llama3_8b", "--no-search", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "scale.json").read_text())
+    assert {r["model_key"] for r in data["rows"]} == {"llama3_8b"}
+    md = (tmp_path / "scale.md").read_text()
+    assert "Filtered to llama3_8b" in md and "## Every configuration" in md
