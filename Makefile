@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench bench-scale docs clean
 
 $(VENV)/.base: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,14 @@ lint: $(VENV)/.dev
 
 bench: $(VENV)/.base
 	$(PY) benchmarks/bench_search.py
+
+# NVIDIA's published at-scale runs, planned with their layouts pinned (a few minutes on two cores)
+bench-scale: $(VENV)/.base
+	$(PY) -m benchmarks.scale.run
+
+# the command reference, generated from the typer app (tests/test_docs.py keeps it current)
+docs: $(VENV)/.base
+	$(PY) -m megacpp.runtime.cli.docs > docs/cli.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .mypy_cache .hypothesis

@@ -30,8 +30,7 @@ def audit(spec: dict[str, Any], cuda: bool = False) -> dict[str, Any]:
     from megatron.core.transformer.module import Float16Module
 
     from megacpp.planner.cost.blocks import block_activation_bytes
-    from megacpp.planner.plan import build_plan, make_context
-    from megacpp.planner.search.layout import Layout
+    from megacpp.planner.plan import build_plan
     from megacpp.planner.spec.loading import spec_from_dict
     from megacpp.runtime.worker.data import SyntheticChain, microbatches
     from megacpp.runtime.worker.distributed import shutdown
@@ -39,11 +38,11 @@ def audit(spec: dict[str, Any], cuda: bool = False) -> dict[str, Any]:
     from megacpp.runtime.worker.model import causal_mask
     from megacpp.runtime.worker.run import build_rank
 
-    plan = build_plan(spec_from_dict(spec)).to_json_dict()
-    if not plan["candidates"]:
-        raise SystemExit(f"activation_audit: the planner accepts no layout for {spec.get('name')}: {plan.get('rejected')}")
-    job = Job(plan=plan, spec=spec_from_dict(plan["spec"]), candidate_index=0)
-    lay = Layout.from_dict(job.layout)
+    plan = build_plan(spec_from_dict(spec))
+    if not plan.candidates:
+        raise SystemExit(f"activation_audit: the planner accepts no layout for {spec.get('name')}: {plan.rejected.model_dump()}")
+    job = Job(plan=plan, candidate_index=0)
+    lay = job.layout
     if (lay.tp, lay.cp, lay.ep, job.world_size) != (1, 1, 1, 1):
         raise SystemExit("activation_audit: pin parallel.tp, cp and ep to 1 on one GPU (the audit runs one CPU rank)")
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29531"))
@@ -91,9 +90,9 @@ def audit(spec: dict[str, Any], cuda: bool = False) -> dict[str, Any]:
         per_block[block] += nbytes
     shutdown()
 
-    ctx = make_context(job.spec)
+    ctx = job.ctx
     tokens = lay.micro_batch_size * seq
-    letters = job.plan["candidates"][0]["stages"][0]["blocks"]
+    letters = job.candidate.stages[0].blocks
     rows: dict[str, dict[str, float]] = {}
     for i, letter in enumerate(letters):
         row = rows.setdefault(letter, {"blocks": 0, "measured": 0.0})

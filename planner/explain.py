@@ -5,78 +5,72 @@ Pure: builds one document (the `--json` output) from a plan; the console and the
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any
 
-from megacpp.planner.cost.model import estimate
+from megacpp.planner.axes import Axis
+from megacpp.planner.cost.coefficients import Efficiency
+from megacpp.planner.cost.step import estimate
 from megacpp.planner.errors import PlanError
-from megacpp.planner.plan import Candidate, Plan, make_context
+from megacpp.planner.plan import Candidate, Plan
 from megacpp.planner.search.layout import Context, Layout
 from megacpp.planner.search.ranks import process_groups, rank_coordinates
 from megacpp.planner.search.rules import check_layout, divisors
 from megacpp.planner.search.stages import assign_stages
-from megacpp.planner.spec.loading import spec_from_dict
 
 # The split taxonomy (DESIGN.md): what each axis partitions, its main traffic, what it cannot fix.
 TAXONOMY = {
-    "tp": ("matrices and head groups of the A/M/R/D/E projections", "expert ownership, sequence length"),
-    "sp": ("activations around TP regions (norms, dropout, residual), along the sequence", "anything outside TP regions; it is not CP"),
-    "cp": ("the token timeline; attention rebuilds context by KV exchange", "weight memory; recurrent state (R) cannot be cut casually"),
-    "pp": ("depth: contiguous block ranges per stage, plus embedding/head ownership", "per-layer width; adds a bubble of about (p-1)/m"),
-    "ep": ("ownership of expert banks; routed tokens travel by all-to-all", "dense attention memory, sequence length, head divisibility"),
-    "etp": ("each expert's matrices across the expert-TP ranks", "expert ownership (that is EP), dense layers"),
-    "dp": ("the batch; optimizer state with the distributed optimizer", "a model that does not fit"),
-    "edp": ("the batch for expert weights; expert optimizer state", "a model that does not fit"),
+    Axis.TP: ("matrices and head groups of the A/M/R/D/E projections", "expert ownership, sequence length"),
+    Axis.SP: ("activations around TP regions (norms, dropout, residual), along the sequence", "anything outside TP regions; it is not CP"),
+    Axis.CP: ("the token timeline; attention rebuilds context by KV exchange", "weight memory; recurrent state (R) cannot be cut casually"),
+    Axis.PP: ("depth: contiguous block ranges per stage, plus embedding/head ownership", "per-layer width; adds a bubble of about (p-1)/m"),
+    Axis.EP: ("ownership of expert banks; routed tokens travel by all-to-all", "dense attention memory, sequence length, head divisibility"),
+    Axis.ETP: ("each expert's matrices across the expert-TP ranks", "expert ownership (that is EP), dense layers"),
+    Axis.DP: ("the batch; optimizer state with the distributed optimizer", "a model that does not fit"),
+    Axis.EDP: ("the batch for expert weights; expert optimizer state", "a model that does not fit"),
 }
-NEIGHBOUR_AXES = ("tp", "pp", "cp", "ep", "etp", "vpp")
-
-
-def candidate_layout(cand: Candidate) -> Layout:
-    return Layout.from_dict(cand.layout)
+NEIGHBOUR_AXES = (Axis.TP, Axis.PP, Axis.CP, Axis.EP, Axis.ETP, Axis.VPP)
 
 
 def _axis_rows(ctx: Context, lay: Layout, cand: Candidate) -> list[dict[str, Any]]:
     groups = process_groups(lay)
-    comm: dict[str, dict[str, Any]] = {}
+    comm: dict[Axis, dict[str, Any]] = {}
     for c in cand.communication:
-        row = comm.setdefault(c["axis"], {"collectives": [], "bytes_per_step": 0, "seconds": 0.0, "links": set()})
-        row["collectives"].append(c["collective"])
-        row["bytes_per_step"] += c["bytes_per_step"]
-        row["seconds"] += c["seconds"]
-        row["links"].add(c["link"])
-    degrees = {"tp": lay.tp, "sp": lay.tp if lay.sp else 1, "cp": lay.cp, "pp": lay.pp, "ep": lay.ep, "etp": lay.etp,
-               "dp": lay.dp, "edp": lay.edp}
+        row = comm.setdefault(c.axis, {"collectives": [], "bytes_per_step": 0, "seconds": 0.0, "links": set()})
+        row["collectives"].append(c.collective)
+        row["bytes_per_step"] += c.bytes_per_step
+        row["seconds"] += c.seconds
+        row["links"].add(c.link)
     rows = []
     for axis, (partitions, cannot_fix) in TAXONOMY.items():
-        if axis in ("ep", "etp", "edp") and not ctx.has_moe:
+        if axis in (Axis.EP, Axis.ETP, Axis.EDP) and not ctx.has_moe:
             continue
         c = comm.get(axis, {"collectives": [], "bytes_per_step": 0, "seconds": 0.0, "links": set()})
         rows.append({
-            "axis": axis,
-            "degree": degrees[axis],
+            "axis": axis.value,
+            "degree": lay.degree(axis),
             "partitions": partitions,
             "cannot_fix": cannot_fix,
             "collectives": c["collectives"],
             "link": "/".join(sorted(c["links"])) or "-",
             "bytes_per_step": c["bytes_per_step"],
             "seconds_per_step": round(c["seconds"], 6),
-            "groups": groups.get("tp" if axis == "sp" else axis, []),
+            "groups": groups.get(Axis.TP if axis == Axis.SP else axis, []),
         })
     return rows
 
 
-def _stage_rows(ctx: Context, lay: Layout, cand: Candidate) -> list[dict[str, Any]]:
+def _stage_rows(lay: Layout, cand: Candidate) -> list[dict[str, Any]]:
     rows = []
     for st in cand.stages:
         notes = []
-        blocks = st["blocks"]
+        blocks = st.blocks
         if "M" in blocks and lay.cp > 1:
             notes.append(f"{blocks.count('M')} M blocks under cp={lay.cp}: heads exchanged all-to-all (TE Mamba CP)")
         if "R" in blocks:
             notes.append(f"{blocks.count('R')} R block(s): recurrent state stays on this stage; cp must be 1")
-        if lay.pp > 1 and not st["output_head"] and blocks[-1:] in ("M", "R"):
+        if lay.pp > 1 and not st.output_head and blocks[-1:] in ("M", "R"):
             notes.append(f"stage ends on an {blocks[-1]} block: its state is consumed inside the stage, only activations cross")
-        rows.append({**st, "notes": notes})
+        rows.append({**st.model_dump(mode="json"), "notes": notes})
     return rows
 
 
@@ -88,66 +82,67 @@ def _experts(ctx: Context, lay: Layout, cand: Candidate, coords: list[dict[str, 
     per_rank = moe.num_experts // lay.ep
     out, e_index = [], 0
     step = 2 if ctx.plain_transformer else 1
-    for st in sorted(cand.stages, key=lambda s: s["layers"][0]):
-        for offset, letter in enumerate(st["blocks"]):
+    for st in sorted(cand.stages, key=lambda s: s.start):
+        for offset, letter in enumerate(st.blocks):
             if letter != "E":
                 continue
             owners = []
             for ep_rank in range(lay.ep):
-                ranks = [c["rank"] for c in coords if c["pp"] == st["pp_rank"] and c["ep"] == ep_rank]
+                ranks = [c["rank"] for c in coords if c["pp"] == st.pp_rank and c["ep"] == ep_rank]
                 owners.append({"experts": [ep_rank * per_rank, (ep_rank + 1) * per_rank - 1], "ep_rank": ep_rank, "ranks": ranks})
             out.append({
                 "e_block": e_index,
-                "block_index": st["layers"][0] * step + offset,
-                "pp_rank": st["pp_rank"],
-                "vp_stage": st["vp_stage"],
+                "block_index": st.start * step + offset,
+                "pp_rank": st.pp_rank,
+                "vp_stage": st.vp_stage,
                 "owners": owners,
             })
             e_index += 1
     return out
 
 
-def _variant(ctx: Context, lay: Layout, axis: str, value: int) -> Layout | None:
-    changed = replace(lay, **{axis: value})
-    if axis == "tp" and not ctx.has_moe:
-        changed = replace(changed, etp=value)
-    if axis == "tp" and ctx.spec.parallel.sp is None:
-        changed = replace(changed, sp=value > 1 and ctx.te)
+def _variant(ctx: Context, lay: Layout, axis: Axis, value: int) -> Layout | None:
+    changed = lay.model_copy(update={axis.value: value})
+    if axis == Axis.TP and not ctx.has_moe:
+        changed = changed.model_copy(update={"etp": value})
+    if axis == Axis.TP and ctx.spec.parallel.sp is None:
+        changed = changed.model_copy(update={"sp": value > 1 and ctx.te})
     size = changed.tp * changed.cp * changed.pp
-    if ctx.world % size and axis != "pp":
+    if ctx.world % size and axis != Axis.PP:
         # keep the variant on the cluster: shrink pp to the largest depth that still divides the world
         rest = ctx.world // (changed.tp * changed.cp) if ctx.world % (changed.tp * changed.cp) == 0 else 0
         if not rest:
             return None
-        changed = replace(changed, pp=max(d for d in divisors(rest) if d <= changed.pp), vpp=1)
+        changed = changed.model_copy(update={"pp": max(d for d in divisors(rest) if d <= changed.pp), "vpp": 1})
         size = changed.tp * changed.cp * changed.pp
     if ctx.world % size:
         return None
     dp = ctx.world // size
     gbs = ctx.spec.training.global_batch_size
     m = gbs // (changed.micro_batch_size * dp) if gbs % (changed.micro_batch_size * dp) == 0 else 0
-    return replace(changed, dp=dp, num_microbatches=m)
+    return changed.model_copy(update={"dp": dp, "num_microbatches": m})
 
 
-def why_not(ctx: Context, lay: Layout, chosen_step: float) -> list[dict[str, Any]]:
-    """Each axis moved to its neighbouring values: the first rule that rejects it, or its cost difference."""
+def why_not(ctx: Context, lay: Layout, chosen_step: float, eff: Efficiency) -> list[dict[str, Any]]:
+    """Each axis moved to its neighbouring values: the first rule that rejects it, or its cost
+    difference, priced with `eff`, the factors that priced the plan."""
     out = []
     for axis in NEIGHBOUR_AXES:
-        current = getattr(lay, axis)
-        values = sorted({v for v in divisors(ctx.world) if v != current and (v in (current * 2, current // 2) or axis == "tp")})
-        if axis == "vpp":
+        current = lay.degree(axis)
+        values = sorted({v for v in divisors(ctx.world) if v != current and (v in (current * 2, current // 2) or axis == Axis.TP)})
+        if axis == Axis.VPP:
             values = [v for v in (1, 2, 4) if v != current]
         for value in values:
             variant = _variant(ctx, lay, axis, value)
             if variant is None:
                 continue
             errors = [v for v in check_layout(ctx, variant) if v.severity == "error"]
-            row: dict[str, Any] = {"axis": axis, "value": value, "layout": variant.to_dict()}
+            row: dict[str, Any] = {"axis": axis.value, "value": value, "layout": variant.model_dump()}
             if errors:
                 row.update(verdict="rejected", rule=errors[0].rule, message=errors[0].message, also=[e.rule for e in errors[1:]])
             else:
                 _, stages = assign_stages(ctx, variant.pp, variant.vpp)
-                est = estimate(ctx, variant, stages)
+                est = estimate(ctx, variant, stages, eff)
                 fits = est.peak_gib <= ctx.cluster.gpu_memory_gib
                 row.update(
                     verdict="legal" if fits else "does-not-fit",
@@ -166,40 +161,40 @@ def explain_layout(plan: Plan, candidate: int = 0, rank: int | None = None) -> d
     if not 0 <= candidate < len(plan.candidates):
         raise PlanError(f"--candidate {candidate}: the plan keeps candidates 0..{len(plan.candidates) - 1}")
     cand = plan.candidates[candidate]
-    ctx = make_context(spec_from_dict(plan.spec, source="plan spec"))
-    lay = candidate_layout(cand)
+    ctx, lay = plan.context, cand.layout
     if rank is not None and not 0 <= rank < plan.world_size:
         raise PlanError(f"--rank {rank}: ranks are 0..{plan.world_size - 1}")
     coords = rank_coordinates(lay, ctx.cluster.gpus_per_node)
     axes = _axis_rows(ctx, lay, cand)
     experts = _experts(ctx, lay, cand, coords)
     costliest = max(axes, key=lambda a: a["seconds_per_step"]) if axes else None
+    step = cand.time.step_seconds
     doc: dict[str, Any] = {
-        "spec": plan.spec["name"],
+        "spec": plan.spec_model.name,
         "pattern": ctx.pattern.source,
         "world_size": plan.world_size,
-        "cluster": plan.cluster,
+        "cluster": plan.cluster.model_dump(mode="json"),
         "candidate": candidate,
-        "layout": cand.layout,
-        "time": cand.time,
+        "layout": lay.model_dump(),
+        "time": cand.time.model_dump(mode="json"),
         "step_breakdown": cand.step_breakdown,
         "ranks": coords,
-        "stages": _stage_rows(ctx, lay, cand),
+        "stages": _stage_rows(lay, cand),
         "axes": axes,
         "costliest_axis": costliest["axis"] if costliest and costliest["seconds_per_step"] > 0 else None,
-        "memory": cand.memory,
+        "memory": cand.memory.model_dump(mode="json"),
         "experts": experts,
         "runners_up": [
-            {"candidate": c.rank, "layout": c.layout, "step_seconds": c.time["step_seconds"],
-             "step_delta": round(c.time["step_seconds"] / cand.time["step_seconds"] - 1, 4), "peak_gib": c.memory["peak_gib"]}
+            {"candidate": c.rank, "layout": c.layout.model_dump(), "step_seconds": c.time.step_seconds,
+             "step_delta": round(c.time.step_seconds / step - 1, 4), "peak_gib": c.memory.peak_gib}
             for c in plan.candidates if c.rank != cand.rank
         ][:5],
-        "why_not": why_not(ctx, lay, cand.time["step_seconds"]),
+        "why_not": why_not(ctx, lay, step, plan.efficiency),
         "rejected": {"count": plan.rejected.count, "by_rule": plan.rejected.by_rule},
     }
     if rank is not None:
         me = coords[rank]
-        stages = [s for s in cand.stages if s["pp_rank"] == me["pp"]]
+        stages = [s.model_dump(mode="json") for s in cand.stages if s.pp_rank == me["pp"]]
         peers = {a["axis"]: next(g for g in a["groups"] if rank in g) for a in axes if a["groups"]}
         held = [
             {"e_block": e["e_block"], "experts": o["experts"]}

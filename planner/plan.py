@@ -1,26 +1,52 @@
-"""Build the plan document (DESIGN.md "Plan JSON"): ranked legal layouts and rejection counts."""
+"""The plan (DESIGN.md "Plan JSON"): ranked legal layouts, rejection counts and the profile that
+priced them, as typed models that write exactly that JSON and read it back; and how it is built."""
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import fields, replace
+from functools import cached_property
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_validator,
+    model_serializer,
+)
 
+from megacpp.planner.axes import Axis
 from megacpp.planner.cost.blocks import routed_load
-from megacpp.planner.cost.model import DEFAULT_EFFICIENCY, Efficiency, Estimate, estimate
-from megacpp.planner.errors import PlanError
+from megacpp.planner.cost.coefficients import (
+    DEFAULT_EFFICIENCY,
+    MEASURED_LAYER_ROUTED_LOAD,
+    MEASURED_ROUTED_LOAD,
+    Efficiency,
+)
+from megacpp.planner.cost.step import Estimate, estimate
+from megacpp.planner.errors import PlanError, did_you_mean
 from megacpp.planner.search.layout import Context, Layout
 from megacpp.planner.search.rules import applicable, check_layout
 from megacpp.planner.search.space import search
 from megacpp.planner.search.stages import assign_stages
 from megacpp.planner.spec.clusters import Cluster, resolve_cluster
+from megacpp.planner.spec.loading import spec_from_dict
 from megacpp.planner.spec.models import SUB_BLOCK_LETTERS, Spec
 
 SCHEMA = "megacpp.plan/1"
 
 
 class _Doc(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="allow")
+    """A part of the plan document: read and validated once, then only read."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    @model_serializer(mode="wrap")
+    def _omit_absent(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """Optional keys (None by default) are written only where they have a value."""
+        fields = type(self).model_fields
+        return {k: v for k, v in handler(self).items() if v is not None or fields[k].default is not None}
 
 
 class Note(_Doc):
@@ -28,14 +54,98 @@ class Note(_Doc):
     message: str
 
 
+class PlannedSplit(_Doc):
+    """How the stage split is expressed to Megatron (search.stages.Split)."""
+
+    kind: Literal["even", "first_last", "layout", "pipes"]
+    sizes: list[int]  # units per global chunk, in chunk order (chunk k -> pp_rank k % pp)
+    first: int
+    last: int
+
+
+class PlannedStage(_Doc):
+    """One (virtual) pipeline stage: Megatron layers [start, stop) and the blocks they hold."""
+
+    pp_rank: int
+    vp_stage: int
+    layers: tuple[int, int]
+    blocks: str
+    embedding: bool
+    output_head: bool
+
+    @property
+    def start(self) -> int:
+        return self.layers[0]
+
+    @property
+    def stop(self) -> int:
+        return self.layers[1]
+
+
+class PlannedStageMemory(_Doc):
+    """One pipeline rank's memory (cost.memory.StageMemory.to_dict), GiB unless named otherwise."""
+
+    pp_rank: int
+    params: int
+    params_expert: int
+    param_tensors: int
+    weights_gib: float
+    gradients_gib: float
+    optimizer_gib: float
+    activations_gib: float
+    buffers_gib: float
+    transient_gib: float
+    transient_from: str
+    optimizer_step_gib: float
+    overhead_gib: float
+    resident_gib: float
+    total_gib: float
+    reserved_gib: float
+    total_gib_high: float | None = None  # at the top of the moe.imbalance band
+
+
+class PlannedMemory(_Doc):
+    capacity_gib: float
+    peak_gib: float
+    per_stage: list[PlannedStageMemory]
+    # with moe.imbalance: the busiest expert-parallel rank's routed tokens over the mean, and the peak there
+    routed_load: float | None = None
+    peak_gib_high: float | None = None
+
+
+class PlannedComm(_Doc):
+    """One collective of one axis over a training step."""
+
+    axis: Axis
+    collective: str
+    group_size: int
+    bytes_per_step: int
+    link: str
+    seconds: float
+    exposed_seconds: float
+
+
+class PlannedTime(_Doc):
+    step_seconds: float
+    compute_seconds: float
+    tokens_per_second: float
+    mfu: float
+    bubble_fraction: float
+    # per-block host time, hidden behind the GPU or not, and of it the local experts' own (TE);
+    # absent from plans made before they were priced
+    host_seconds: float | None = None
+    expert_host_seconds: float | None = None
+    step_seconds_high: float | None = None  # at the top of the moe.imbalance band
+
+
 class Candidate(_Doc):
     rank: int
-    layout: dict[str, Any]
-    split: dict[str, Any]
-    stages: list[dict[str, Any]]
-    memory: dict[str, Any]
-    communication: list[dict[str, Any]]
-    time: dict[str, float]
+    layout: Layout
+    split: PlannedSplit
+    stages: list[PlannedStage]
+    memory: PlannedMemory
+    communication: list[PlannedComm]
+    time: PlannedTime
     # the step on the busiest pipeline rank by term (matmul, softmax, block_overhead, small_kernels,
     # grad_accumulation, communication, bubble, data_parallel, optimizer), in seconds; the terms add
     # up to time.step_seconds
@@ -45,7 +155,7 @@ class Candidate(_Doc):
 
 
 class RejectedExample(_Doc):
-    layout: dict[str, Any]
+    layout: Layout
     rule: str
     message: str
 
@@ -56,10 +166,65 @@ class Rejected(_Doc):
     examples: list[RejectedExample]
 
 
+class PlannedCluster(_Doc):
+    name: str
+    nodes: int
+    gpus_per_node: int
+    nvlink_domain: int
+    gpu_memory_gib: float
+    description: str
+
+
+# Efficiency's factors by name, and whether each is a table (per block letter) or one number
+_FACTORS = {f.name: isinstance(getattr(DEFAULT_EFFICIENCY, f.name), tuple) for f in fields(Efficiency)}
+
+
+class Profile(_Doc):
+    """What priced the plan: the shipped factors ("defaults"), or the cluster profile that
+    `megacpp plan --profile` read, as the factors it set. Whatever re-prices the plan's layouts
+    (explain's why-not rows, the worker's report) uses the same."""
+
+    source: str = "defaults"
+    factors: dict[str, float | dict[str, float]] = {}  # Efficiency fields that differ from the defaults
+
+    @field_validator("factors")
+    @classmethod
+    def _known(cls, factors: dict[str, float | dict[str, float]]) -> dict[str, float | dict[str, float]]:
+        for name, value in factors.items():
+            if name not in _FACTORS:
+                raise ValueError(f"unknown factor {name!r}{did_you_mean(name, list(_FACTORS))}")
+            if isinstance(value, dict) != _FACTORS[name]:
+                raise ValueError(f"factor {name!r} must be {'seconds by block letter' if _FACTORS[name] else 'a number'}")
+        return factors
+
+    @classmethod
+    def of(cls, eff: Efficiency, source: str) -> Profile:
+        """The record of `eff`, read from `source` (a profile file)."""
+        factors: dict[str, float | dict[str, float]] = {}
+        for name in _FACTORS:
+            value = getattr(eff, name)
+            if value != getattr(DEFAULT_EFFICIENCY, name):
+                factors[name] = dict(value) if isinstance(value, tuple) else value
+        return cls(source=source, factors=factors)
+
+    @cached_property
+    def efficiency(self) -> Efficiency:
+        return replace(DEFAULT_EFFICIENCY, **{k: tuple(v.items()) if isinstance(v, dict) else v for k, v in self.factors.items()})
+
+
+DEFAULTS = Profile()
+
+
+def _shown(value: Any, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 class Plan(_Doc):
     schema_: str
     spec: dict[str, Any]
-    cluster: dict[str, Any]
+    cluster: PlannedCluster
+    profile: Profile = DEFAULTS  # plans made before it was recorded were priced with the defaults
     world_size: int
     considered: int
     legal_count: int
@@ -68,6 +233,19 @@ class Plan(_Doc):
     candidates: list[Candidate]
     rejected: Rejected
 
+    @cached_property
+    def spec_model(self) -> Spec:
+        """The spec the plan was made from, as the model (`spec` is its JSON)."""
+        return spec_from_dict(self.spec, source="plan spec")
+
+    @cached_property
+    def context(self) -> Context:
+        return make_context(self.spec_model)
+
+    @property
+    def efficiency(self) -> Efficiency:
+        return self.profile.efficiency
+
     def to_json_dict(self) -> dict[str, Any]:
         d = self.model_dump(mode="json")
         d = {"schema": d.pop("schema_"), **d}
@@ -75,16 +253,20 @@ class Plan(_Doc):
 
     @classmethod
     def from_json_dict(cls, data: dict[str, Any]) -> Plan:
+        """Read a plan document: its parts are typed and its spec validated here, once."""
         if not isinstance(data, dict) or data.get("schema") != SCHEMA:
             raise PlanError(f"not a megacpp plan: expected \"schema\": \"{SCHEMA}\"; create one with `megacpp plan SPEC --out PLAN.json`")
         data = dict(data)
         data["schema_"] = data.pop("schema")
         try:
-            return cls.model_validate(data)
+            plan = cls.model_validate(data)
         except ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"])
-            raise PlanError(f"malformed plan file: {where}: {first['msg']}; re-create it with `megacpp plan --out`") from None
+            got = "" if first["type"] == "missing" else f", got {_shown(first['input'])}"
+            raise PlanError(f"malformed plan file: {where}: {first['msg']}{got}; re-create it with `megacpp plan --out`") from None
+        plan.context  # noqa: B018  the embedded spec must load (a SpecError names what is wrong)
+        return plan
 
 
 def make_context(spec: Spec, cluster: Cluster | None = None) -> Context:
@@ -100,22 +282,11 @@ def with_backend(spec: Spec, **ran: bool) -> Spec:
     return spec.model_copy(update={"backend": spec.backend.model_copy(update=ran)})
 
 
-# The heaviest routed load (busiest expert-parallel rank over the mean, one micro-batch) that the
-# committed runs recorded: 1.87, the AMEM hybrid on EP2 with two sequences per micro-batch
-# (benchmarks/results/gpu_runs_h200x2_te_blind4.json); MoE top-1 on EP2 reached 1.79
-# (gpu_runs_h200x2_routing.json).
-MEASURED_ROUTED_LOAD = 1.9
-# The same for a single MoE layer (routed_load heaviest_layer_steps), which is what the peak of a
-# fully recomputed stage follows: 2.0, every routed token of a layer on one of two EP ranks, in
-# the full-recompute EP2 runs of benchmarks/results/gpu_runs_h200x2_te_layers.json.
-MEASURED_LAYER_ROUTED_LOAD = 2.0
-
-
-def estimate_run(spec: Spec, layout: dict[str, Any], eff: Efficiency = DEFAULT_EFFICIENCY, load: float = 1.0) -> Estimate:
-    """Estimate one layout of `spec` (a plan's layout dict or a run report's) outside a search;
-    `load` is the busiest expert-parallel rank's routed tokens over the mean (cost.estimate)."""
+def estimate_run(spec: Spec, layout: Layout | dict[str, Any], eff: Efficiency = DEFAULT_EFFICIENCY, load: float = 1.0) -> Estimate:
+    """Estimate one layout of `spec` (a plan's, or a run report's layout dict) outside a search;
+    `load` is the busiest expert-parallel rank's routed tokens over the mean (cost.step.estimate)."""
     ctx = make_context(spec)
-    lay = Layout.from_dict(layout)
+    lay = layout if isinstance(layout, Layout) else Layout.from_dict(layout)
     return estimate(ctx, lay, assign_stages(ctx, lay.pp, lay.vpp)[1], eff, load)
 
 
@@ -123,33 +294,32 @@ def _candidate(ctx: Context, lay: Layout, est: Estimate, high: Estimate | None, 
     """One ranked layout; `high` is its estimate at the top of the moe.imbalance band, if any."""
     split, stages = assign_stages(ctx, lay.pp, lay.vpp)
     notes = [Note(rule=v.rule, message=v.message) for v in check_layout(ctx, lay, warnings)]
-    memory: dict[str, Any] = {
-        "capacity_gib": ctx.cluster.gpu_memory_gib,
-        "peak_gib": round(est.peak_gib, 3),
-        "per_stage": [m.to_dict() for m in est.memory],
-    }
-    timing = {
-        "step_seconds": round(est.step_seconds, 6),
-        "compute_seconds": round(est.compute_seconds, 6),
-        "tokens_per_second": round(est.tokens_per_second, 1),
-        "mfu": round(est.mfu, 4),
-        "bubble_fraction": round(est.bubble_fraction, 4),
-        "host_seconds": round(est.host_seconds, 6),  # per-block host time, hidden behind the GPU or not
-        "expert_host_seconds": round(est.expert_host_seconds, 6),  # of which the local experts' own (TE)
-    }
-    if high is not None:
-        memory["routed_load"] = routed_load(ctx, imbalanced=True)
-        memory["peak_gib_high"] = round(high.peak_gib, 3)
-        for row, m in zip(memory["per_stage"], high.memory, strict=True):
-            row["total_gib_high"] = round(m.total_gib, 3)
-        timing["step_seconds_high"] = round(high.step_seconds, 6)
+    highs = [round(m.total_gib, 3) for m in high.memory] if high is not None else [None] * len(est.memory)
+    memory = PlannedMemory(
+        capacity_gib=ctx.cluster.gpu_memory_gib,
+        peak_gib=round(est.peak_gib, 3),
+        per_stage=[PlannedStageMemory(**m.to_dict(), total_gib_high=h) for m, h in zip(est.memory, highs, strict=True)],
+        routed_load=routed_load(ctx, imbalanced=True) if high is not None else None,
+        peak_gib_high=round(high.peak_gib, 3) if high is not None else None,
+    )
+    timing = PlannedTime(
+        step_seconds=round(est.step_seconds, 6),
+        compute_seconds=round(est.compute_seconds, 6),
+        tokens_per_second=round(est.tokens_per_second, 1),
+        mfu=round(est.mfu, 4),
+        bubble_fraction=round(est.bubble_fraction, 4),
+        host_seconds=round(est.host_seconds, 6),
+        expert_host_seconds=round(est.expert_host_seconds, 6),
+        step_seconds_high=round(high.step_seconds, 6) if high is not None else None,
+    )
     return Candidate(
         rank=0,
-        layout=lay.to_dict(),
-        split={"kind": split.kind, "sizes": list(split.sizes), "first": split.first, "last": split.last},
-        stages=[s.to_dict() for s in stages],
+        layout=lay,
+        split=PlannedSplit(kind=split.kind, sizes=list(split.sizes), first=split.first, last=split.last),
+        stages=[PlannedStage(pp_rank=s.pp_rank, vp_stage=s.vp_stage, layers=(s.start, s.stop), blocks=s.blocks,
+                             embedding=s.embedding, output_head=s.output_head) for s in stages],
         memory=memory,
-        communication=[c.to_dict() for c in est.communication],
+        communication=[PlannedComm(**c.to_dict()) for c in est.communication],
         time=timing,
         step_breakdown={term: round(seconds, 6) for term, seconds in est.breakdown},
         fits=(high or est).peak_gib <= ctx.cluster.gpu_memory_gib,
@@ -157,8 +327,9 @@ def _candidate(ctx: Context, lay: Layout, est: Estimate, high: Estimate | None, 
     )
 
 
-def build_plan(spec: Spec, top: int = 10, eff: Efficiency = DEFAULT_EFFICIENCY) -> Plan:
-    """Search the layout space of `spec`, estimate every legal layout, and rank them.
+def build_plan(spec: Spec, top: int = 10, profile: Profile = DEFAULTS) -> Plan:
+    """Search the layout space of `spec`, estimate every legal layout with the factors of
+    `profile`, and rank them.
 
     Ranking: layouts that fit in memory first, then by estimated step time.
     """
@@ -176,6 +347,7 @@ def build_plan(spec: Spec, top: int = 10, eff: Efficiency = DEFAULT_EFFICIENCY) 
     scored = []
     capacity = ctx.cluster.gpu_memory_gib
     load = routed_load(ctx, imbalanced=True)
+    eff = profile.efficiency
     for lay in result.legal:
         stages = assign_stages(ctx, lay.pp, lay.vpp)[1]
         est = estimate(ctx, lay, stages, eff)
@@ -190,7 +362,7 @@ def build_plan(spec: Spec, top: int = 10, eff: Efficiency = DEFAULT_EFFICIENCY) 
         for i, (*_, lay, est, high) in enumerate(scored[:top])
     ]
     moe = spec.model.moe
-    if moe is not None and moe.imbalance == 1.0 and any(c.layout["ep"] > 1 for c in chosen):
+    if moe is not None and moe.imbalance == 1.0 and any(c.layout.ep > 1 for c in chosen):
         full = spec.training.recompute == "full"  # the peak follows one layer's load
         load, where = (MEASURED_LAYER_ROUTED_LOAD, "one layer of one micro-batch") if full else (MEASURED_ROUTED_LOAD, "one micro-batch")
         spec_notes.append(Note(rule="moe-balanced-routing", message=(
@@ -198,7 +370,7 @@ def build_plan(spec: Spec, top: int = 10, eff: Efficiency = DEFAULT_EFFICIENCY) 
             f"but on the measured runs the busiest rank took up to {load:g}x the mean in {where} "
             f"early in training; set model.moe.imbalance (e.g. {load:g}) to plan for it")))
     examples = [
-        RejectedExample(layout=lay.to_dict(), rule=rule_id, message=msg)
+        RejectedExample(layout=lay, rule=rule_id, message=msg)
         for rule_id, shown in result.rejections.examples.items()
         for lay, msg in shown
     ]
@@ -206,10 +378,9 @@ def build_plan(spec: Spec, top: int = 10, eff: Efficiency = DEFAULT_EFFICIENCY) 
     return Plan(
         schema_=SCHEMA,
         spec=spec.model_dump(mode="json"),
-        cluster={
-            "name": c.name, "nodes": c.nodes, "gpus_per_node": c.gpus_per_node, "nvlink_domain": c.nvlink_domain,
-            "gpu_memory_gib": c.gpu_memory_gib, "description": c.description,
-        },
+        cluster=PlannedCluster(name=c.name, nodes=c.nodes, gpus_per_node=c.gpus_per_node, nvlink_domain=c.nvlink_domain,
+                               gpu_memory_gib=c.gpu_memory_gib, description=c.description),
+        profile=profile,
         world_size=ctx.world,
         considered=result.considered,
         legal_count=len(result.legal),

@@ -6,9 +6,7 @@ from typing import Any
 
 from megacpp.planner.errors import MegacppError
 from megacpp.planner.plan import Plan, build_plan, make_context
-from megacpp.planner.search.layout import Layout
 from megacpp.planner.search.rules import check_layout
-from megacpp.planner.spec.loading import spec_from_dict
 from megacpp.planner.spec.models import Spec
 
 
@@ -26,37 +24,31 @@ def validate_spec(spec: Spec) -> dict[str, Any]:
     warnings = [n.message for n in plan.notes]
     if not plan.legal_count:
         if plan.considered == 1 and plan.rejected.examples:  # fully pinned: report every broken rule
-            ctx = make_context(spec)
-            lay = Layout.from_dict(plan.rejected.examples[0].layout)
-            broken = [f"{v.rule}: {v.message}" for v in check_layout(ctx, lay) if v.severity == "error"]
+            lay = plan.rejected.examples[0].layout
+            broken = [f"{v.rule}: {v.message}" for v in check_layout(make_context(spec), lay) if v.severity == "error"]
             return {"valid": False, "errors": broken, "warnings": warnings, "legal_count": 0}
         return {"valid": False, "errors": [_summary_of_rejection(plan)], "warnings": warnings, "legal_count": 0}
     best = plan.candidates[0]
     warnings += [w.message for w in best.warnings]
     if not plan.fitting_count:
-        warnings.append(f"no legal layout fits in {plan.cluster['gpu_memory_gib']:g} GiB per GPU (best peak {best.memory['peak_gib']:.1f} GiB)")
+        warnings.append(f"no legal layout fits in {plan.cluster.gpu_memory_gib:g} GiB per GPU (best peak {best.memory.peak_gib:.1f} GiB)")
     lay = best.layout
     summary = (
         f"{plan.legal_count:,} legal layouts of {plan.considered:,}, {plan.fitting_count:,} fit; best "
-        f"tp{lay['tp']} pp{lay['pp']} cp{lay['cp']} dp{lay['dp']} ep{lay['ep']} etp{lay['etp']}"
+        f"tp{lay.tp} pp{lay.pp} cp{lay.cp} dp{lay.dp} ep{lay.ep} etp{lay.etp}"
     )
     return {"valid": True, "errors": [], "warnings": warnings, "legal_count": plan.legal_count, "summary": summary}
 
 
 def validate_plan(plan: Plan) -> dict[str, Any]:
-    """Re-check every candidate of a plan file against its embedded spec."""
-    spec = spec_from_dict(plan.spec, source="plan spec")
-    ctx = make_context(spec)
+    """Re-check every candidate of a plan file against its embedded spec (Plan.from_json_dict has
+    checked that each layout is well formed)."""
+    ctx = plan.context
     errors = []
     if ctx.world != plan.world_size:
         errors.append(f"world_size {plan.world_size} does not match the spec's cluster ({ctx.world} GPUs)")
     for cand in plan.candidates:
-        fields = {k: v for k, v in cand.layout.items() if k != "edp"}
-        bad = _malformed(fields)
-        if bad:
-            errors.append(f"candidate {cand.rank}: {bad}; re-create the plan with `megacpp plan --out`")
-            continue
-        lay = Layout.from_dict(fields)
+        lay = cand.layout
         if lay.world != plan.world_size:
             errors.append(f"candidate {cand.rank}: tp*cp*dp*pp = {lay.world} != world_size {plan.world_size}")
             continue
@@ -65,20 +57,6 @@ def validate_plan(plan: Plan) -> dict[str, Any]:
                 errors.append(f"candidate {cand.rank}: {v.rule}: {v.message}")
     summary = f"{len(plan.candidates)} candidate layouts re-checked against the embedded spec"
     return {"valid": not errors, "errors": errors, "warnings": [], "legal_count": len(plan.candidates), "summary": summary}
-
-
-def _malformed(fields: dict[str, Any]) -> str | None:
-    """Why a layout dict from a file cannot be a Layout, or None."""
-    expected = set(Layout.__dataclass_fields__)
-    if set(fields) != expected:
-        return f"layout keys must be {', '.join(sorted(expected | {'edp'}))}"
-    for key, value in fields.items():
-        if key == "sp":
-            if not isinstance(value, bool):
-                return f"layout.sp must be true or false, got {value!r}"
-        elif isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            return f"layout.{key} must be a positive integer, got {value!r}"
-    return None
 
 
 def validation_error(exc: MegacppError) -> dict[str, Any]:

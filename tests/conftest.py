@@ -13,7 +13,9 @@ from megacpp.planner.spec.loading import spec_from_dict
 from megacpp.planner.spec.models import Spec
 
 ROOT = Path(__file__).resolve().parent.parent
-GPU_RESULTS = ROOT / "benchmarks" / "results"
+# one folder per measurement campaign, each with specs/, results/ and a NOTE.md; the run reports'
+# file names are unique across campaigns, and tests and code comments cite them by name
+EVIDENCE = ROOT / "benchmarks" / "evidence"
 
 
 # stacks so small (hidden 512, 512 tokens) that the GPU idles: they measure host time, and their
@@ -21,13 +23,28 @@ GPU_RESULTS = ROOT / "benchmarks" / "results"
 HOST_PROBES = ("gpu_runs_h100x1_te_host.json", "gpu_runs_h100x1_te_host2.json", "gpu_runs_h100x1_te_host3.json")
 
 
+def evidence_file(name: str) -> Path:
+    """A committed result file, by its file name, in whichever campaign holds it."""
+    found = list(EVIDENCE.glob(f"*/results/{name}"))
+    if len(found) != 1:
+        raise FileNotFoundError(f"{len(found)} result files named {name} under {EVIDENCE}")
+    return found[0]
+
+
+def evidence_spec(name: str) -> Path:
+    """A committed evidence spec, by its name (the file name without .yaml)."""
+    return next(EVIDENCE.glob(f"*/specs/{name}.yaml"))
+
+
 def committed_gpu_runs(host_probes: bool = True):
-    """(file name, run) for every run in the committed benchmarks/results/gpu_runs_*.json; without
-    the HOST_PROBES where `host_probes` is False (checks of GPU kernel time)."""
-    for path in sorted(GPU_RESULTS.glob("gpu_runs_*.json")):
+    """(file name, run) for every run in the committed benchmarks/evidence/*/results/gpu_runs_*.json,
+    in file-name order; without the HOST_PROBES where `host_probes` is False (checks of GPU kernel time)."""
+    for path in sorted(EVIDENCE.glob("*/results/gpu_runs_*.json"), key=lambda p: p.name):
         if host_probes or path.name not in HOST_PROBES:
             for run in json.loads(path.read_text())["runs"]:
                 yield path.name, run
+
+
 PROBE = ROOT / "tests" / "parity" / "megatron_probe.py"
 
 TINY_DENSE: dict[str, Any] = {

@@ -9,22 +9,17 @@ from dataclasses import replace
 import pytest
 
 from benchmarks.gpu.compare import compare, host_label, in_flight_load, markdown, routing_pairs
-from megacpp.planner.calibrate.fit import run_spec
+from megacpp.planner.calibrate.reports import run_spec
 from megacpp.planner.cost.blocks import expert_backward_bytes, micro_batch_tokens, unfused_scores
-from megacpp.planner.cost.model import (
-    DEFAULT_EFFICIENCY,
-    EXPERT,
+from megacpp.planner.cost.coefficients import DEFAULT_EFFICIENCY, EXPERT, HOST_BOUND_ERROR, HOST_BOUND_SHARE
+from megacpp.planner.cost.communication import _collective_seconds
+from megacpp.planner.cost.memory import (
     GIB,
-    HOST_BOUND_ERROR,
-    HOST_BOUND_SHARE,
     OPTIMIZER_STEP_BYTES,
     SCORE_BUFFER_BYTES,
     TE_GROUPED_GEMM_WORKSPACE_BYTES,
-    _collective_seconds,
-    estimate,
-    grad_accumulation_seconds,
-    optimizer_seconds,
 )
+from megacpp.planner.cost.step import estimate, grad_accumulation_seconds, optimizer_seconds
 from megacpp.planner.plan import (
     MEASURED_LAYER_ROUTED_LOAD,
     MEASURED_ROUTED_LOAD,
@@ -37,13 +32,20 @@ from megacpp.planner.search.layout import Layout
 from megacpp.planner.search.stages import assign_stages
 from megacpp.planner.spec.clusters import PRESETS
 from megacpp.planner.spec.loading import load_spec
-from tests.conftest import HOST_PROBES, ROOT, TINY_DENSE, TINY_MOE, committed_gpu_runs, make_spec
-
-SPECS = ROOT / "benchmarks" / "gpu"
+from tests.conftest import (
+    HOST_PROBES,
+    ROOT,
+    TINY_DENSE,
+    TINY_MOE,
+    committed_gpu_runs,
+    evidence_file,
+    evidence_spec,
+    make_spec,
+)
 
 
 def _spec(name: str, *overrides: str):
-    return load_spec(next(SPECS.glob(f"specs*/{name}.yaml")), list(overrides))
+    return load_spec(evidence_spec(name), list(overrides))
 
 
 def _stage(spec, layout=None):
@@ -68,6 +70,7 @@ def test_peak_is_the_larger_of_forward_backward_and_optimizer_step():
     assert mem.optimizer_step_gib == pytest.approx(OPTIMIZER_STEP_BYTES * mem.params / GIB)
 
 
+@pytest.mark.evidence
 def test_te_optimizer_step_holds_no_copy_as_measured():
     """The optimizer step's fp32 copy is megatron-core's torch fallback for the multi-tensor
     kernels; with TE they are TE's and the step holds nothing: every committed TE run's optimizer
@@ -87,24 +90,25 @@ def test_scores_scale_with_heads_per_rank_and_sequence():
     spec = _spec("dense-tp8")
     base = build_plan(spec, top=1)
     ctx = make_context(with_backend(spec, transformer_engine=False))
-    lay = Layout.from_dict(base.candidates[0].layout)
+    lay = base.candidates[0].layout
     assert unfused_scores(ctx, lay) == 1 * 32 / 8 * 4096 * 4096
 
 
 def test_imbalance_turns_memory_and_time_into_a_band():
     point = build_plan(_spec("moe-ep8"), top=1).candidates[0]
     band = build_plan(_spec("moe-ep8", "model.moe.imbalance=1.5"), top=1).candidates[0]
-    assert "peak_gib_high" not in point.memory and "step_seconds_high" not in point.time
-    assert band.memory["peak_gib"] == pytest.approx(point.memory["peak_gib"])
-    assert band.memory["peak_gib_high"] > band.memory["peak_gib"]
-    assert band.time["step_seconds_high"] > band.time["step_seconds"]
-    assert all(s["total_gib_high"] >= s["total_gib"] for s in band.memory["per_stage"])
+    assert point.memory.peak_gib_high is None and point.time.step_seconds_high is None
+    assert band.memory.peak_gib == pytest.approx(point.memory.peak_gib)
+    assert band.memory.peak_gib_high > band.memory.peak_gib
+    assert band.time.step_seconds_high > band.time.step_seconds
+    assert all(s.total_gib_high >= s.total_gib for s in band.memory.per_stage)
     capped = build_plan(_spec("moe-ep8", "model.moe.imbalance=1.5", "model.moe.capacity_factor=1.1"), top=1).candidates[0]
-    assert capped.memory["routed_load"] == 1.1 and capped.memory["peak_gib_high"] < band.memory["peak_gib_high"]
+    assert capped.memory.routed_load == 1.1 and capped.memory.peak_gib_high < band.memory.peak_gib_high
     one_rank = build_plan(_spec("moe-1gpu", "model.moe.imbalance=1.5"), top=1).candidates[0]
-    assert "peak_gib_high" not in one_rank.memory  # one EP rank holds every expert: no busiest rank
+    assert one_rank.memory.peak_gib_high is None  # one EP rank holds every expert: no busiest rank
 
 
+@pytest.mark.evidence
 def test_predictions_stay_close_to_every_committed_gpu_run():
     """Regression guard on the measured evidence (benchmarks/gpu/compare.py prints the table): every
     runtime stage without expert parallelism within 2% (no routing in its peak), every stage within
@@ -151,9 +155,10 @@ def test_step_breakdown_adds_up_to_the_step():
         assert (terms["bubble"] > 0) == (lay["pp"] > 1)
         assert (terms["softmax"] > 0) == ("A" in run["spec"]["model"]["pattern"] and not run["backend"]["transformer_engine_used"])
     plan = build_plan(load_spec(ROOT / "recipes" / "llama-8b-dense.yaml"), top=1).candidates[0]
-    assert sum(plan.step_breakdown.values()) == pytest.approx(plan.time["step_seconds"], abs=1e-5)
+    assert sum(plan.step_breakdown.values()) == pytest.approx(plan.time.step_seconds, abs=1e-5)
 
 
+@pytest.mark.evidence
 def test_optimizer_step_time_follows_the_optimizer_state_measured_on_every_run():
     """The optimizer step's time (cost.optimizer_seconds) against the runtime's measured one, on
     every committed run whose stages do not wait on each other there (no PP) and whose optimizer
@@ -196,6 +201,7 @@ def test_optimizer_step_time_follows_the_optimizer_state_measured_on_every_run()
     assert optimizer_seconds(make_context(spec), stage, without_tensors) / measured - 1 < -0.45
 
 
+@pytest.mark.evidence
 def test_gradient_accumulation_is_priced_as_the_profiled_adds_into_the_fp32_buffer():
     """Without gradient-accumulation fusion each weight gradient is added into the fp32 main_grad
     buffer once per micro-batch: the profiled step's fp32 add kernels (one per weight tensor per
@@ -223,6 +229,7 @@ def test_gradient_accumulation_is_priced_as_the_profiled_adds_into_the_fp32_buff
     assert len(errors) >= 32 and sorted(errors)[-2] <= 0.16 and max(errors) <= 0.19 and statistics.median(errors) <= 0.07
 
 
+@pytest.mark.evidence
 def test_a_weight_gradient_waits_for_main_grad_beside_the_activations():
     """Without gradient-accumulation fusion a weight's bf16 gradient is a tensor of the weight's
     size until it is added into main_grad: on the wide stacks of blind set 5 (fc1 of 0.875 GiB, all
@@ -266,6 +273,7 @@ def test_data_parallel_collectives_hide_a_share_until_they_outlast_the_micro_bat
         assert c.exposed_seconds == pytest.approx(c.seconds - window)
 
 
+@pytest.mark.evidence
 def test_gpu_bound_steps_are_the_accurate_ones():
     """What `explain layout` tells a user about a host-bound step holds on the runtime's evidence:
     below HOST_BOUND_SHARE of per-block host time every run is within 20% (the worst the Mamba
@@ -303,6 +311,7 @@ def test_in_flight_load_is_the_heaviest_window_of_micro_batches():
     assert in_flight_load([0.5, 1.5], 4) == 1.0  # fewer micro-batches than the window
 
 
+@pytest.mark.evidence
 def test_expert_parallel_peaks_follow_the_recorded_routing():
     """Runs that recorded routing per micro-batch: each step's peak on each rank, predicted at the
     load that rank received in that step, is within 4% (median within 2%) and closer than the
@@ -342,6 +351,7 @@ def test_expert_parallel_peaks_follow_the_recorded_routing():
     assert max(heaviest) > 1.3 and sum(x > 1.3 for x in heaviest) >= 5
 
 
+@pytest.mark.evidence
 def test_balanced_routing_is_pointed_out_where_expert_parallel_layouts_are_shown():
     def notes(name: str, *overrides: str) -> list[str]:
         return [n.rule for n in build_plan(_spec(name, *overrides), top=3).notes]
@@ -367,6 +377,7 @@ def _site_gib(peak: dict, site: str) -> float:
     return next(v for k, v in peak["sites_gib"].items() if k.endswith(site))
 
 
+@pytest.mark.evidence
 def test_peak_breakdown_attributes_expert_parallel_misses_to_routed_tensors():
     """launch --memory-peak on the same shape at EP1 and EP4: the attention tensors at the peak are
     the same; the routed experts' tensors vary by rank with EP4 (routing in each rank's peak
@@ -387,6 +398,7 @@ def test_peak_breakdown_attributes_expert_parallel_misses_to_routed_tensors():
     assert {softmax(p) for p in ep1["per_rank_memory_peak"] + ep4["per_rank_memory_peak"]} == {8.0}
 
 
+@pytest.mark.evidence
 def test_an_expert_backward_holds_the_gradients_the_plan_counts():
     """launch --memory-peak on one GPU with TE's grouped experts: at the peak the backward holds
     7f bf16 per routed token (blocks.expert_backward_bytes; three blocks of 2f and one of f),
@@ -410,6 +422,7 @@ def test_an_expert_backward_holds_the_gradients_the_plan_counts():
     assert est.memory[0].total_gib == pytest.approx(local["measured_peak_gib"], rel=0.025)
 
 
+@pytest.mark.evidence
 def test_te_moe_resident_memory_holds_the_grouped_gemm_workspaces():
     """Under TE the experts' grouped GEMMs keep four 32 MiB cuBLAS workspaces for good: with them
     the plan's resident memory (weights, gradients, optimizer state, buffers, overhead) matches
@@ -456,11 +469,12 @@ def test_the_plan_says_what_sets_each_stage_transient():
     assert local.to_dict()["transient_from"] == local.transient_from
 
 
+@pytest.mark.evidence
 def test_two_gpu_groups_use_the_pair_rates_measured_on_two_h200s():
     """The h200-sxm-8 preset's pair rates are the 1 GiB rows and the median 8 KiB latency of
-    benchmarks/results/nccl_h200x2.json; tensor parallelism on two GPUs is priced at them (all-gather
+    nccl_h200x2.json (benchmarks/evidence/nccl-busbw); tensor parallelism on two GPUs is priced at them (all-gather
     plus reduce-scatter under SP), larger groups at the 8-GPU rates, and a stated busbw replaces both."""
-    doc = json.loads((ROOT / "benchmarks" / "results" / "nccl_h200x2.json").read_text())
+    doc = json.loads(evidence_file("nccl_h200x2.json").read_text())
     assert doc["world_size"] == 2
     rows = {r["collective"]: r for r in doc["rows"] if r["bytes"] == 1 << 30}
     preset = PRESETS["h200-sxm-8"]
@@ -503,7 +517,7 @@ def test_under_te_each_local_expert_adds_host_time_that_expert_parallelism_divid
     assert local.expert_host_seconds == 0.0 and DEFAULT_EFFICIENCY.overhead(EXPERT) == 0.0
     plan = build_plan(make_spec(TINY_MOE, **{"model.moe.num_experts": 64, "backend.transformer_engine": True,
                                              "cluster.nodes": 1}), top=50)
-    assert all(c.time["expert_host_seconds"] <= c.time["host_seconds"] for c in plan.candidates)
+    assert all(c.time.expert_host_seconds <= c.time.host_seconds for c in plan.candidates)
 
 
 def test_under_te_moe_ranks_show_a_share_of_the_shorter_of_host_and_gpu_time():
@@ -526,6 +540,7 @@ def test_under_te_moe_ranks_show_a_share_of_the_shorter_of_host_and_gpu_time():
         assert estimate_run(local, base).step_seconds == estimate(make_context(local), lay, stages, unsynced).step_seconds
 
 
+@pytest.mark.evidence
 def test_the_synchronisation_share_moves_the_overlap_sweep_toward_its_measurements():
     """The overlap sweep on one H100 (planned before it ran): the same host work on an MoE rank with
     the experts' GPU work swept by their width, and its dense twin. The dense twin, which does not

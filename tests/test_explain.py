@@ -193,11 +193,11 @@ def test_missing_matplotlib_says_how_to_install(tmp_path):
 def test_host_bound_steps_say_so():
     """Small shapes on local modules are bound by per-block overhead; the explain text says how far
     such predictions were off on the measured runs. GPU-bound ones carry no such line."""
-    small = _explain(str(ROOT / "benchmarks" / "gpu" / "specs" / "moe-ep4-alltoall.yaml")).stdout
+    small = _explain(str(ROOT / "benchmarks" / "evidence" / "local-fit-h200" / "specs" / "moe-ep4-alltoall.yaml")).stdout
     assert "host-bound:" in small and "megacpp calibrate" in small
-    large = _explain(str(ROOT / "benchmarks" / "gpu" / "specs_h200x2_large" / "large-dense-dp2.yaml")).stdout
+    large = _explain(str(ROOT / "benchmarks" / "evidence" / "gpu-bound-shapes" / "specs" / "large-dense-dp2.yaml")).stdout
     assert "step on the busiest rank = matmul" in large and "host-bound" not in large
-    planned = subprocess.run([sys.executable, "-m", "megacpp.runtime.cli", "plan", str(ROOT / "benchmarks" / "gpu" / "specs" / "moe-ep4-alltoall.yaml")],
+    planned = subprocess.run([sys.executable, "-m", "megacpp.runtime.cli", "plan", str(ROOT / "benchmarks" / "evidence" / "local-fit-h200" / "specs" / "moe-ep4-alltoall.yaml")],
                              capture_output=True, text=True, cwd=ROOT).stdout
     assert "host-bound" in planned.split("considered")[0] and "megacpp calibrate" in planned
 
@@ -218,3 +218,24 @@ def test_explain_says_what_the_memory_sums_leave_out():
     assert "pp0: transient: the bf16 gradient of the last dense MLP block's largest weight" in text
     text = (ROOT / "tests" / "golden" / "explain" / "mixtral-8x7b.txt").read_text()
     assert "pp0-1: transient: the gradients of the last MoE FFN block's backward" in text
+
+
+def test_a_plan_file_made_with_a_profile_explains_with_it(tmp_path):
+    """`plan --profile` records the profile in the plan, and explain's why-not rows use it."""
+    from megacpp.planner.calibrate.profile import PROFILE_SCHEMA
+    from megacpp.planner.cost.coefficients import DEFAULT_EFFICIENCY
+
+    slow = {"schema": PROFILE_SCHEMA, "cluster": "h200-sxm-8", "transformer_engine": True,
+            "block_overhead_s": {k: 2 * v for k, v in DEFAULT_EFFICIENCY.te_block_overhead_s}}
+    profile, plain, tuned = tmp_path / "slow.json", tmp_path / "plain.json", tmp_path / "tuned.json"
+    profile.write_text(json.dumps(slow))
+    cli = [sys.executable, "-m", "megacpp.runtime.cli", "plan", "qwen-moe-style", "--top", "1"]
+    for out, extra in ((plain, []), (tuned, ["--profile", str(profile)])):
+        done = subprocess.run([*cli, "--out", str(out), *extra], capture_output=True, text=True, cwd=ROOT)
+        assert done.returncode == 0, done.stderr
+    assert json.loads(tuned.read_text())["profile"]["source"] == str(profile)
+    assert len({json.dumps(json.loads(p.read_text())["candidates"][0]["layout"]) for p in (plain, tuned)}) == 1
+    rows = [{(w["axis"], w["value"]): w.get("step_seconds") for w in _doc(str(path))["why_not"] if w["verdict"] != "rejected"}
+            for path in (plain, tuned)]
+    shared = rows[0].keys() & rows[1].keys()
+    assert shared and all(rows[1][k] > rows[0][k] for k in shared)

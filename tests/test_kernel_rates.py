@@ -8,11 +8,11 @@ import statistics
 
 import pytest
 
-from megacpp.planner.calibrate.fit import run_spec
+from megacpp.planner.calibrate.reports import run_spec
 from megacpp.planner.cost.blocks import block_flops, block_gemms, micro_batch_tokens
+from megacpp.planner.cost.coefficients import DEFAULT_EFFICIENCY
 from megacpp.planner.cost.kernel_rates import RATES_DIR, TABLES, kernel_rates
-from megacpp.planner.cost.model import (
-    DEFAULT_EFFICIENCY,
+from megacpp.planner.cost.step import (
     UNFUSED_SOFTMAX_BYTES_BACKWARD,
     UNFUSED_SOFTMAX_BYTES_FORWARD,
     matmul_seconds,
@@ -78,6 +78,7 @@ def test_softmax_bytes_at_the_fallback_bandwidth_match_the_measured_softmax(pres
         assert per_score * b * s * s == pytest.approx(rates.softmax_seconds(b, s), rel=0.15)
 
 
+@pytest.mark.evidence
 def test_matmul_time_matches_the_profiled_matmul_kernels():
     """The runs with a kernel profile (one extra step under torch.profiler): the table's matmul
     time per stage against the GPU time of the step's GEMM kernels, which no host speed affects.
@@ -118,6 +119,7 @@ def test_matmul_time_matches_the_profiled_matmul_kernels():
     assert statistics.median(map(abs, errors)) <= 0.10
 
 
+@pytest.mark.evidence
 def test_fused_attention_time_matches_the_profiled_attention_kernels():
     """TE runs with a kernel profile: the fused-attention table's time per stage (1/CP of the
     whole sequence's causal attention under CP) against the GPU time of the step's attention

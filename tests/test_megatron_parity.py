@@ -15,7 +15,8 @@ from typing import Any
 
 import pytest
 
-from megacpp.planner.cost.model import DEFAULT_EFFICIENCY, stage_memory
+from megacpp.planner.cost.coefficients import DEFAULT_EFFICIENCY
+from megacpp.planner.cost.memory import stage_memory
 from megacpp.planner.plan import make_context
 from megacpp.planner.search.layout import Layout
 from megacpp.planner.search.ranks import process_groups, rank_coordinates

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from megacpp.planner.errors import MegacppError
-from megacpp.planner.plan import build_plan, make_context
+from megacpp.planner.plan import Plan, build_plan, make_context
 from megacpp.planner.search.layout import Layout
 from megacpp.planner.search.rules import check_layout
 from megacpp.planner.spec.clusters import PRESETS
@@ -200,7 +200,7 @@ def test_every_candidate_is_legal_and_covers_the_pattern(data: dict[str, Any]) -
     assert plan.fitting_count == sum(c.fits for c in plan.candidates)
     assert [c.rank for c in plan.candidates] == list(range(len(plan.candidates)))
     for cand in plan.candidates:
-        lay = cand.layout
+        lay = cand.layout.model_dump()  # as the plan JSON has it
         tp, pp, vpp, cp, dp = lay["tp"], lay["pp"], lay["vpp"], lay["cp"], lay["dp"]
         ep, etp, edp = lay["ep"], lay["etp"], lay["edp"]
         assert tp * cp * dp * pp == world, lay
@@ -216,11 +216,11 @@ def test_every_candidate_is_legal_and_covers_the_pattern(data: dict[str, Any]) -
                 assert lay[axis] == pin, (axis, pin, lay)
 
         layout = Layout.from_dict(lay)
-        assert layout.edp == edp
+        assert layout == cand.layout and layout.edp == edp
         errors = [v for v in check_layout(ctx, layout) if v.severity == "error"]
         assert not errors, (lay, errors)
 
-        stages = cand.stages
+        stages = [s.model_dump(mode="json") for s in cand.stages]
         assert len(stages) == pp * vpp, (lay, stages)
         assert sorted((s["pp_rank"], s["vp_stage"]) for s in stages) == [
             (r, v) for r in range(pp) for v in range(vpp)
@@ -243,18 +243,18 @@ def test_every_candidate_is_legal_and_covers_the_pattern(data: dict[str, Any]) -
         assert len(emb) == 1 and emb[0]["pp_rank"] == 0 and emb[0] is ordered[0], stages
         assert len(head) == 1 and head[0]["pp_rank"] == pp - 1 and head[0] is ordered[-1], stages
 
-        assert len(cand.memory["per_stage"]) == pp
-        assert all(math.isfinite(v) for v in cand.time.values()), cand.time
-        assert cand.memory["peak_gib"] >= 0
+        assert len(cand.memory.per_stage) == pp
+        assert all(math.isfinite(v) for v in cand.time.model_dump().values() if v is not None), cand.time
+        assert cand.memory.peak_gib >= 0
         # fits is decided on the unrounded peak; peak_gib is rounded to 3 decimals
-        capacity = plan.cluster["gpu_memory_gib"]
+        capacity = plan.cluster.gpu_memory_gib
         if cand.fits:
-            assert cand.memory["peak_gib"] <= capacity + 1e-3, cand.memory
+            assert cand.memory.peak_gib <= capacity + 1e-3, cand.memory
         else:
-            assert cand.memory["peak_gib"] >= capacity - 1e-3, cand.memory
+            assert cand.memory.peak_gib >= capacity - 1e-3, cand.memory
 
     # ranking: layouts that fit first, then by step time
-    keys = [(not c.fits, c.time["step_seconds"]) for c in plan.candidates]
+    keys = [(not c.fits, c.time.step_seconds) for c in plan.candidates]
     assert keys == sorted(keys)
 
 
@@ -439,8 +439,9 @@ def test_planning_is_deterministic(data: dict[str, Any]) -> None:
     # the plan's embedded spec is the spec: re-planning it (what `validate PLAN.json` does) gives the same plan
     replanned = build_plan(spec_from_dict(copy.deepcopy(first["spec"])), top=ALL_CANDIDATES).to_json_dict()
     assert replanned == first
-    # and the document survives a JSON round trip unchanged
+    # and the document survives a JSON round trip, and reading it back as the typed plan, unchanged
     assert json.loads(json.dumps(first)) == first
+    assert json.dumps(Plan.from_json_dict(json.loads(json.dumps(first))).to_json_dict()) == json.dumps(first)
 
 
 @pytest.mark.parametrize("base", [TINY_DENSE, TINY_MOE], ids=["dense", "moe"])
@@ -483,7 +484,7 @@ def test_etp_pin_without_moe_blocks_is_rejected_or_ignored() -> None:
     plan = build_plan(_spec(data), top=ALL_CANDIDATES)
     for cand in plan.candidates:
         lay = cand.layout
-        assert lay["ep"] * lay["etp"] * lay["edp"] * lay["pp"] == plan.world_size, lay
+        assert lay.ep * lay.etp * lay.edp * lay.pp == plan.world_size, lay
 
 
 @pytest.mark.parametrize("escape", ["\\U00110000", "\\UFFFFFFFF"])

@@ -23,8 +23,8 @@ def test_recipe_plans_to_fitting_layouts(name):
     plan = build_plan(spec, top=5)
     assert plan.legal_count > 0 and plan.fitting_count > 0
     best = plan.candidates[0]
-    assert best.fits and best.memory["peak_gib"] <= plan.cluster["gpu_memory_gib"]
-    ranked = [c.time["step_seconds"] for c in plan.candidates if c.fits]
+    assert best.fits and best.memory.peak_gib <= plan.cluster.gpu_memory_gib
+    ranked = [c.time.step_seconds for c in plan.candidates if c.fits]
     assert ranked == sorted(ranked)
 
 
@@ -42,11 +42,11 @@ def test_nam56r_is_the_hybrid_pattern_on_one_h200_node():
     # R blocks forbid CP, the core_v0.16 hybrid stack forbids VPP: both show up as rejections.
     assert plan.rejected.by_rule["recurrent-no-cp"] > 0
     assert plan.rejected.by_rule["hybrid-no-vpp"] > 0
-    assert all(c.layout["cp"] == 1 and c.layout["vpp"] == 1 for c in plan.candidates)
+    assert all(c.layout.cp == 1 and c.layout.vpp == 1 for c in plan.candidates)
     assert any(n.rule == "recurrent-runtime-only" for n in plan.notes)
 
 
 def test_gb10_recipe_stays_on_one_gpu():
     plan = build_plan(load_spec_text(recipe_text("gb10-hybrid-small")), top=20)
     assert plan.world_size == 1
-    assert {c.layout["micro_batch_size"] for c in plan.candidates} >= {1, 2}
+    assert {c.layout.micro_batch_size for c in plan.candidates} >= {1, 2}

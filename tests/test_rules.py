@@ -114,8 +114,8 @@ def test_pipe_cuts_pin_the_stage_count():
     four = make_spec(HYBRID, **{"model.pattern": "AEM|EAE|MEA|EMR", "backend.megatron": "main"})
     plan = build_plan(four, top=50)
     assert plan.legal_count
-    assert {(c.layout["pp"], c.layout["vpp"]) for c in plan.candidates} <= {(2, 2), (4, 1)}
-    assert all(c.split["sizes"] == [3, 3, 3, 3] for c in plan.candidates)
+    assert {(c.layout.pp, c.layout.vpp) for c in plan.candidates} <= {(2, 2), (4, 1)}
+    assert all(c.split.sizes == [3, 3, 3, 3] for c in plan.candidates)
 
 
 def test_core_v016_cuts_must_have_equal_middle_stages():
@@ -142,7 +142,7 @@ def test_fully_pinned_layout_is_checked_exactly():
     spec = make_spec(TINY_DENSE, **{"parallel": {"tp": 2, "pp": 2, "cp": 1, "vpp": 1}})
     plan = build_plan(spec)
     assert plan.considered == 1 and plan.legal_count == 1
-    assert plan.candidates[0].layout["tp"] == 2 and plan.candidates[0].layout["dp"] == 2
+    assert plan.candidates[0].layout.tp == 2 and plan.candidates[0].layout.dp == 2
     bad = make_spec(TINY_DENSE, **{"parallel": {"tp": 3, "pp": 1, "cp": 1, "vpp": 1}})
     plan = build_plan(bad)
     assert plan.legal_count == 0 and plan.considered == 1

@@ -29,7 +29,7 @@ from megatron.core import parallel_state as ps  # noqa: E402
 
 from megacpp.planner.cost.blocks import block_params  # noqa: E402
 from megacpp.planner.errors import LaunchError  # noqa: E402
-from megacpp.planner.plan import build_plan  # noqa: E402
+from megacpp.planner.plan import Plan, build_plan  # noqa: E402
 from megacpp.planner.search.layout import Layout  # noqa: E402
 from megacpp.planner.search.ranks import rank_coordinates  # noqa: E402
 from megacpp.planner.spec.loading import spec_from_dict  # noqa: E402
@@ -305,9 +305,8 @@ def test_recurrent_block_under_tp_and_sp_matches_one_process(runs):
 
 
 def test_recurrent_block_parameters_are_the_planners_formula(runs):
-    job = Job(runs["forward"]["plan"], spec_from_dict(FORWARD), 0)
-    lay = Layout.from_dict(job.layout)
-    expected = block_params(job.ctx, "R", lay)
+    job = Job(Plan.from_json_dict(runs["forward"]["plan"]), 0)
+    expected = block_params(job.ctx, "R", job.layout)
     assert expected.expert == 0
     assert {r["r_params"] for r in runs["forward"]["result"]} == {expected.dense}
 

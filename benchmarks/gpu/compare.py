@@ -1,11 +1,11 @@
 """Predicted versus measured, for every committed GPU run, under the current cost model.
 
-    python benchmarks/gpu/compare.py [RESULTS.json ...] [--json OUT] [--markdown]
+    python benchmarks/gpu/compare.py [RESULTS.json ...] [--json OUT] [--markdown | --summary]
 
-Each run in benchmarks/results/gpu_runs_*.json carries its spec and layout; this re-estimates it
-with planner/cost/model.py as it is now (for the backend that actually ran: these hosts have no
-Transformer Engine, so megatron-core's local modules) and prints, per pipeline stage, predicted
-and measured peak allocated memory, and per run predicted and measured step time.
+Each run in benchmarks/evidence/*/results/gpu_runs_*.json carries its spec and layout; this re-estimates it
+with the cost model as it is now (for the backend that actually ran: megatron-core's local modules
+or Transformer Engine, with the fusions it ran) and prints, per pipeline stage, predicted and
+measured peak allocated memory, and per run predicted and measured step time.
 
 Runs that recorded routing per micro-batch and the peak of every step (`routed_load`,
 `step_peak_gib`) also get `memory_error_at_routing`: every step's peak on every rank predicted at
@@ -17,16 +17,22 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import sys
 from functools import cache
 from pathlib import Path
 
-from megacpp.planner.calibrate.fit import run_spec
-from megacpp.planner.cost.model import in_flight
+from megacpp.planner.calibrate.reports import run_spec
+from megacpp.planner.cost.memory import in_flight
 from megacpp.planner.plan import estimate_run
 from megacpp.planner.search.layout import Layout
 
-RESULTS = Path(__file__).resolve().parents[1] / "results"
+EVIDENCE = Path(__file__).resolve().parents[1] / "evidence"
+
+
+def committed_results() -> list[Path]:
+    """Every campaign's run reports, in file-name order (file names are unique across campaigns)."""
+    return sorted(EVIDENCE.glob("*/results/gpu_runs_*.json"), key=lambda path: path.name)
 
 
 def compare(run: dict) -> list[dict]:
@@ -114,19 +120,41 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def summary(rows: list[dict]) -> str:
+    """Per campaign (the folder above a run report's results/), how many stages and runs the cost
+    model predicts within 2%, 5% and 15%, and the median step-time error; then all of them."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(r["campaign"], []).append(r)
+    lines = ["| campaign | runs | steps within 15% | median step error | stages | memory within 2% | within 5% |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, group in [*sorted(groups.items()), ("all", rows)]:
+        steps = [abs(r["step_error"]) for r in group if r["pp_rank"] == 0]
+        memory = [abs(r["memory_error"]) for r in group]
+        label = f"**{name}**" if name == "all" else f"[{name}]({name}/NOTE.md)"
+        lines.append(f"| {label} | {len(steps)} | {sum(e <= 0.15 for e in steps)} | {statistics.median(steps):.1%} | "
+                     f"{len(memory)} | {sum(e <= 0.02 for e in memory)} | {sum(e <= 0.05 for e in memory)} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("results", nargs="*", type=Path)
     ap.add_argument("--json", type=Path, help="also write the rows here")
-    ap.add_argument("--markdown", action="store_true", help="print the table as the README shows it")
+    ap.add_argument("--markdown", action="store_true", help="print the table as benchmarks/evidence/README.md shows it")
+    ap.add_argument("--summary", action="store_true", help="print the per-campaign summary of benchmarks/evidence/README.md")
     args = ap.parse_args(argv)
-    files = args.results or sorted(RESULTS.glob("gpu_runs_*.json"))
-    rows = []
+    files = args.results or committed_results()
+    rows, campaigns = [], []
     for path in files:
         doc = json.loads(path.read_text())
         for run in doc["runs"]:
             for row in compare(run):
                 rows.append({"file": path.name, **row})
+                campaigns.append(path.resolve().parent.parent.name)
+    if args.summary:
+        print(summary([{**r, "campaign": c} for r, c in zip(rows, campaigns, strict=True)]))
+        return 0
     if args.markdown:
         print(markdown(rows))
         return 0

@@ -1,11 +1,11 @@
 """Run GPU evidence specs through `megacpp launch` and collect their run reports.
 
-On a GPU host with megacpp and megatron-core installed (see benchmarks/gpu/README.md):
+On a GPU host with megacpp and megatron-core installed (see benchmarks/evidence/README.md):
 
-    python benchmarks/gpu/run_layouts.py --out DIR [--specs DIR] [--steps 12] [--only NAME,...]
+    python benchmarks/gpu/run_layouts.py --out DIR --specs DIR [--steps 12] [--only NAME,...]
         [--baseline NAME,...] [--rounds 1] [--profile] [--trace] [--memory-peak]
 
-Each spec in --specs (default benchmarks/gpu/specs) is planned and launched with
+Each spec in --specs (a campaign's specs/, benchmarks/evidence/NAME/specs) is planned and launched with
 `--engine megacpp --target torchrun`. A spec with no legal layout is recorded as rejected, with
 the planner's reason. For the --baseline specs, benchmarks/plain_mcore_loop.py (megatron-core
 alone, no megacpp code) trains the same layout in the same call, for the tokens/s comparison;
@@ -137,7 +137,7 @@ def compare(spec: Path, rundir: Path, first: dict, args, log: Path, row: dict, s
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--specs", type=Path, default=HERE / "specs")
+    ap.add_argument("--specs", type=Path, required=True)
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--only", default="")
     ap.add_argument("--baseline", default="")

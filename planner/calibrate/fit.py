@@ -1,6 +1,6 @@
 """`megacpp calibrate`: fit a cluster's per-block overheads from measured runs.
 
-The step-time model (planner/cost/model.py) is, on the busiest pipeline rank,
+The step-time model (planner/cost/step.py) is, on the busiest pipeline rank,
 
     step = sum over (m + (p-1)/v) micro-batch slots of per-micro-batch time + exposed communication
     GPU time  = matmul time + softmax time + traffic x small_kernel_seconds(blocks)
@@ -16,7 +16,7 @@ per-letter overheads and the small kernels' traffic comes from the tables, the h
 the formulas; the overheads (host work, kernel launches, the MoE dispatcher's synchronisation)
 and the small kernels' GPU time are what a run measures beyond them. The local modules' overheads
 also hold their small kernels (their traffic is 0); under TE the small kernels are a term of
-their own and the host runs ahead of the GPU (cost.exposed_host_seconds). `fit` solves them by
+their own and the host runs ahead of the GPU (cost.step.exposed_host_seconds). `fit` solves them by
 least squares on relative error, keeping them non-negative; `leave_one_out` reports how well each
 run is predicted by a fit that did not see it.
 """
@@ -24,133 +24,17 @@ run is predicted by a fit that did not see it.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
-from megacpp.planner.cost.model import (
-    DEFAULT_EFFICIENCY,
-    Efficiency,
-    estimate,
-    exposed_host_seconds,
-    gpu_repeats,
-    host_repeats,
-    host_units,
-    small_kernel_seconds,
-)
+from megacpp.planner.calibrate.lstsq import separable, solve
+from megacpp.planner.calibrate.profile import profile_document
+from megacpp.planner.calibrate.reports import Observation, observe
+from megacpp.planner.cost.coefficients import DEFAULT_EFFICIENCY, Efficiency
+from megacpp.planner.cost.step import exposed_host_seconds
 from megacpp.planner.errors import PlanError
-from megacpp.planner.plan import make_context, with_backend
-from megacpp.planner.search.layout import Layout
-from megacpp.planner.search.stages import assign_stages
-from megacpp.planner.spec.loading import spec_from_dict
-from megacpp.planner.spec.models import Spec
 
-PROFILE_SCHEMA = "megacpp.profile/2"
-NO_OVERHEAD = replace(DEFAULT_EFFICIENCY, block_overhead_s=(), te_block_overhead_s=(), small_kernel_traffic=0.0,
-                      te_small_kernel_traffic=0.0)
 SMALL = ("small kernels",)  # the fit's column for Efficiency.traffic, beside the letters' groups
-
-
-@dataclass(frozen=True)
-class Observation:
-    name: str
-    cluster: str
-    te: bool  # the run used Transformer Engine modules
-    base_seconds: float  # the model's step time with no block overhead
-    units: dict[str, float]  # block x micro-batch slots per letter on the busiest rank (x cost.host_repeats)
-    measured_seconds: float
-    small_units: float = 0.0  # cost.small_kernel_seconds of the busiest rank's blocks, x the same slots
-    compute_seconds: float = 0.0  # the matmul and softmax part of base_seconds (the rest is communication)
-
-
-def run_spec(run: dict[str, Any]) -> Spec:
-    """A run report's spec with the backend that actually ran (its "backend" record). Reports
-    without `fusions_used` predate backend.fusions: megacpp's runtime ran without Megatron's
-    fusions then, and Megatron-LM's launches (engine "megatron-lm") with its defaults."""
-    spec = spec_from_dict(run["spec"], source=f"run {run.get('name', '?')} spec")
-    backend = run.get("backend") or {}
-    te = backend.get("transformer_engine_used", spec.backend.transformer_engine)
-    fused = backend.get("fusions_used", run.get("engine") == "megatron-lm")
-    return with_backend(spec, transformer_engine=bool(te), fusions=bool(fused))
-
-
-def observe(run: dict[str, Any]) -> Observation:
-    """Decompose one run report (with its spec) into the model's terms, for the backend that ran."""
-    for key in ("spec", "layout", "measured_step_seconds"):
-        if run.get(key) is None:
-            raise PlanError(f"run report {run.get('name', '?')}: missing '{key}'; reports from `megacpp launch --engine megacpp` carry it")
-    spec = run_spec(run)
-    ctx = make_context(spec)
-    lay = Layout.from_dict(run["layout"])
-    _, stages = assign_stages(ctx, lay.pp, lay.vpp)
-    est = estimate(ctx, lay, stages, NO_OVERHEAD)
-    slots = lay.num_microbatches + (lay.pp - 1) / lay.vpp
-    blocks = max(("".join(s.blocks for s in stages if s.pp_rank == p) for p in range(lay.pp)), key=len)  # the busiest rank's
-    return Observation(
-        name=str(run.get("name") or spec.name),
-        cluster=ctx.cluster.name,
-        te=spec.backend.transformer_engine,
-        base_seconds=est.step_seconds,
-        units={key: n * slots * host_repeats(spec.training.recompute, ctx.te) for key, n in host_units(ctx, lay, blocks).items()},
-        measured_seconds=float(run["measured_step_seconds"]),
-        small_units=small_kernel_seconds(ctx, lay, blocks) * slots * gpu_repeats(spec.training.recompute),
-        compute_seconds=est.compute_seconds,
-    )
-
-
-def _normal_equations(rows: list[list[float]], rhs: list[float]) -> list[list[float]]:
-    k = len(rows[0])
-    return [[sum(r[i] * r[j] for r in rows) for j in range(k)] + [sum(r[i] * b for r, b in zip(rows, rhs, strict=True))]
-            for i in range(k)]
-
-
-def _eliminate(a: list[list[float]]) -> list[float] | None:
-    """Gauss-Jordan on an augmented k x (k+1) system; None where a column is a combination of the others."""
-    k = len(a)
-    scale = max(abs(a[i][i]) for i in range(k))
-    for col in range(k):
-        pivot = max(range(col, k), key=lambda r: abs(a[r][col]))
-        if abs(a[pivot][col]) <= 1e-12 * scale:
-            return None
-        a[col], a[pivot] = a[pivot], a[col]
-        for r in range(k):
-            if r != col:
-                f = a[r][col] / a[col][col]
-                a[r] = [x - f * y for x, y in zip(a[r], a[col], strict=True)]
-    return [a[i][k] / a[i][i] for i in range(k)]
-
-
-def _scaled(rows: list[list[float]]) -> tuple[list[list[float]], list[float]]:
-    """The rows with every unknown's column scaled to norm 1, and the norms."""
-    k = len(rows[0])
-    norms = [max(sum(r[i] ** 2 for r in rows), 1e-300) ** 0.5 for i in range(k)]
-    return [[r[i] / norms[i] for i in range(k)] for r in rows], norms
-
-
-def _separable(rows: list[list[float]]) -> bool:
-    """Whether the rows determine every unknown (no column a combination of the others)."""
-    scaled, _ = _scaled(rows)
-    return _eliminate(_normal_equations(scaled, [0.0] * len(rows))) is not None
-
-
-def _solve(rows: list[list[float]], rhs: list[float], prior: list[float]) -> list[float]:
-    """Least squares by the normal equations (a handful of unknowns). Where the runs do not
-    determine every unknown (one letter's count a combination of the others' in every run), the
-    answer is the least-squares solution nearest `prior`, measured in units that give every
-    unknown's column the same norm: iterated Tikhonov from the prior with a 1e-9 ridge, which
-    leaves determined values exact to far below their rounding."""
-    k = len(rows[0])
-    scaled, norms = _scaled(rows)
-    a = _normal_equations(scaled, rhs)
-    y = [p * n for p, n in zip(prior, norms, strict=True)]
-    for _ in range(4):
-        ridged = [row[:k] + [row[k] + 1e-9 * y[i]] for i, row in enumerate(a)]
-        for i in range(k):
-            ridged[i][i] += 1e-9
-        solved = _eliminate(ridged)
-        if solved is None:
-            raise PlanError("calibrate: the runs do not separate the block kinds' overheads; add runs of other shapes")
-        y = solved
-    return [v / n for v, n in zip(y, norms, strict=True)]
 
 
 def tied(observations: list[Observation]) -> list[tuple[str, ...]]:
@@ -187,7 +71,7 @@ def determined(observations: list[Observation], eff: Efficiency = DEFAULT_EFFICI
                 and determined([replace(o, small_units=0.0, te=False) for o in host]))
     columns = _columns(observations)
     rows = [[_units(o, c) / o.measured_seconds for c in columns] for o in observations]
-    return len(observations) >= len(columns) and _separable(rows)
+    return len(observations) >= len(columns) and separable(rows)
 
 
 def fit(observations: list[Observation], base: Efficiency = DEFAULT_EFFICIENCY) -> Efficiency:
@@ -208,7 +92,7 @@ def _nonnegative(observations: list[Observation], free: list[tuple[str, ...]], e
     while free:
         rows = [[_units(o, c) / o.measured_seconds for c in free] for o in observations]
         rhs = [excess(o) / o.measured_seconds for o in observations]
-        values = dict(zip(free, _solve(rows, rhs, [prior[c] for c in free]), strict=True))
+        values = dict(zip(free, solve(rows, rhs, [prior[c] for c in free]), strict=True))
         negative = [c for c, v in values.items() if v < 0]
         if not negative:
             return values
@@ -241,7 +125,7 @@ def _fit_added(observations: list[Observation], base: Efficiency) -> Efficiency:
 
 
 def host_bound(o: Observation, eff: Efficiency) -> bool:
-    """Whether the run's host time exceeds its GPU time (cost.exposed_host_seconds)."""
+    """Whether the run's host time exceeds its GPU time (cost.step.exposed_host_seconds)."""
     return _host_seconds(o, eff) > _gpu_seconds(o, eff)
 
 
@@ -366,43 +250,10 @@ def calibrate(runs: list[dict[str, Any]]) -> dict[str, Any]:
     te = observations[0].te
     bound = [te and host_bound(o, eff) for o in observations]  # under TE the overheads come from the host-bound runs
     fitted_runs = [o for o, b in zip(observations, bound, strict=True) if b] if te else observations
-    return {
-        "schema": PROFILE_SCHEMA,
-        "cluster": clusters[0],
-        "transformer_engine": te,
-        "block_overhead_s": {letter: round(v, 6) for letter, v in (eff.te_block_overhead_s if te else eff.block_overhead_s)},
-        "small_kernel_traffic": round(eff.traffic(te), 4),
-        # how host time and GPU time compose (cost.exposed_host_seconds)
-        "composition": "longer of host and GPU" if te else "added",
-        # the share of the shorter that adds on ranks with E blocks (cost.exposed_host_seconds),
-        # chosen by the runs left out one at a time (sync_share)
-        **({"synchronised_share": share} if share is not None else {}),
-        "tied": ["".join(g) for g in tied(fitted_runs) if len(g) > 1],
-        "determined": determined(observations, eff),
-        "fitted_on": [
-            {"name": o.name, "measured_s": round(o.measured_seconds, 4), "fitted_s": round(predict(o, eff), 4),
-             "uncalibrated_s": round(predict(o, DEFAULT_EFFICIENCY), 4), **({"host_bound": b} if te else {})}
-            for o, b in zip(observations, bound, strict=True)
-        ],
-        "leave_one_out": held_out,
-    }
-
-
-def efficiency_from_profile(profile: dict[str, Any]) -> Efficiency:
-    if not isinstance(profile, dict) or profile.get("schema") != PROFILE_SCHEMA:
-        raise PlanError(f"not a megacpp cluster profile: expected \"schema\": \"{PROFILE_SCHEMA}\" (made by `megacpp calibrate`)")
-    overheads = profile.get("block_overhead_s")
-    if not isinstance(overheads, dict) or not all(isinstance(v, (int, float)) and v >= 0 for v in overheads.values()):
-        raise PlanError("malformed cluster profile: 'block_overhead_s' must map block letters to seconds >= 0")
-    te = bool(profile.get("transformer_engine"))
-    traffic = profile.get("small_kernel_traffic", DEFAULT_EFFICIENCY.traffic(te))  # profiles made before it: the default
-    if not isinstance(traffic, (int, float)) or traffic < 0:
-        raise PlanError("malformed cluster profile: 'small_kernel_traffic' must be a number >= 0")
-    share = profile.get("synchronised_share", DEFAULT_EFFICIENCY.te_sync_exposed)  # profiles made before it: the default
-    if not isinstance(share, (int, float)) or not 0 <= share <= 1:
-        raise PlanError("malformed cluster profile: 'synchronised_share' must be a number from 0 to 1")
-    table = "te_block_overhead_s" if te else "block_overhead_s"
-    merged = {**dict(getattr(DEFAULT_EFFICIENCY, table)), **{str(k): float(v) for k, v in overheads.items()}}
-    return replace(DEFAULT_EFFICIENCY, **{table: tuple(sorted(merged.items())),
-                                          "te_small_kernel_traffic" if te else "small_kernel_traffic": float(traffic),
-                                          "te_sync_exposed": float(share)})
+    fitted_on = [
+        {"name": o.name, "measured_s": round(o.measured_seconds, 4), "fitted_s": round(predict(o, eff), 4),
+         "uncalibrated_s": round(predict(o, DEFAULT_EFFICIENCY), 4), **({"host_bound": b} if te else {})}
+        for o, b in zip(observations, bound, strict=True)
+    ]
+    return profile_document(clusters[0], te, eff, share, tied=["".join(g) for g in tied(fitted_runs) if len(g) > 1],
+                            determined=determined(observations, eff), fitted_on=fitted_on, leave_one_out=held_out)

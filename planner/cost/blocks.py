@@ -18,9 +18,8 @@ SSD_CHUNK = 128  # Mamba-2 SSD chunk size: MambaMixer(chunk_size=128), megatron/
 RECURRENT_CHUNK = 64  # megacpp runtime R block: state checkpoint every 64 tokens
 # megatron-core's local (unfused) DotProductAttention on the torch softmax path
 # (fusions/fused_softmax.py forward_torch_softmax): scores go to fp32, softmax keeps its fp32
-# output and the bf16 cast of it feeds the PV matmul, so 4 + 2 bytes per score stay for backward.
-# Matches the per-micro-batch growth measured on the 8 x H200 PP runs (memory_phases in
-# benchmarks/results/gpu_runs_h200x8.json).
+# output and the bf16 cast of it feeds the PV matmul, so 4 + 2 bytes per score stay for backward
+# (the per-micro-batch growth of the PP runs' memory_phases, gpu_runs_h200x8.json).
 UNFUSED_KEPT_BYTES = FP32 + BF16
 
 
@@ -159,10 +158,7 @@ def weight_gradient_bytes(ctx: Context, letter: str, lay: Layout) -> float:
     gradient-accumulation fusion each weight's gradient is a tensor of the weight's size until
     megatron-core's DDP hook adds it into the fp32 main_grad buffer and frees it. TE's grouped
     experts compute every local expert's gradient in one grouped GEMM, the local modules'
-    SequentialMLP one expert after another. On 2 x H200 the forward+backward peak of dense stacks
-    at hidden 8192 (fc1 h x 2 x 28672) exceeded resident memory plus activations by 0.77-0.84 GiB
-    where fc1's gradient is 0.875 GiB, by 0.46 GiB under TP2 (0.44 GiB), and the MoE with eight
-    local experts at f 14336 by 1.67 GiB (1.75 GiB) (benchmarks/results/gpu_runs_h200x2_te_blind5.json)."""
+    SequentialMLP one expert after another (forward+backward peaks of gpu_runs_h200x2_te_blind5.json)."""
     linears = block_linears(ctx, letter, lay)
     at_once = linears.local if ctx.te else 1
     return BF16 * max([*linears.dense, *(at_once * n for n in linears.expert)])
@@ -335,13 +331,10 @@ def mlp_saved_bytes(f: float, gated: bool, fused: bool) -> float:
 def expert_backward_bytes(ctx: Context, lay: Layout, load: float = 1.0) -> float:
     """Bytes of gradients an E block's backward holds at once per local token (after CP) of one
     micro-batch, beside the activations it kept: 7f bf16 per routed token (three tensors of 2f
-    and one of f), gated or not. Read off the blocks the backward held at the peak with launch
-    --memory-peak: three of 128 MiB and one of 64 MiB at 8192 routed tokens and f 4096 under full
-    recompute (benchmarks/results/gpu_runs_h200x2_te_trace2.json, 1.44x that on the EP2 rank whose
-    peak micro-batch routed it 1.44x the mean), three of 256 MiB and one of 128 MiB at f 8192,
-    gated and not, with and without recompute (gpu_runs_h200x1_expert_grads.json). Those are TE's
-    grouped experts, which run every local expert at once; the local modules' SequentialMLP runs
-    them one after another, so its backward holds one expert's share."""
+    and one of f), gated or not: the blocks the backward held at the peak with launch
+    --memory-peak (gpu_runs_h200x2_te_trace2.json, gpu_runs_h200x1_expert_grads.json). Those are
+    TE's grouped experts, which run every local expert at once; the local modules' SequentialMLP
+    runs them one after another, so its backward holds one expert's share."""
     moe = ctx.spec.model.moe
     if moe is None:
         return 0.0
@@ -381,9 +374,8 @@ def block_activation_bytes(ctx: Context, letter: str, lay: Layout, load: float =
             kept = qkv  # TE's fused attention keeps q, k, v and its output
         else:
             # Under selective recompute TE's core attention is checkpointed alike: its inputs, the
-            # rotated q and k and v, a view that keeps the whole qkv output alive (blind set 7's
-            # MHA stack at sequence 8192: 0.5 GiB of rotary outputs beside 0.75 GiB of qkv outputs
-            # at the peak, benchmarks/results/gpu_runs_h100x1_te_blind7_peak.json; -3.5% -> -0.2%).
+            # rotated q and k and v, a view that keeps the whole qkv output alive (the peak's
+            # rotary and qkv outputs, gpu_runs_h100x1_te_blind7_peak.json).
             # dot_product_attention.py: q and k are new tensors after rotary, else views of the qkv
             # output; with GQA k and v are repeated to every head (new tensors). A view keeps the
             # whole qkv output alive. Selective recompute keeps core attention's inputs (before

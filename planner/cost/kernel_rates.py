@@ -104,8 +104,7 @@ class KernelRates:
         """TE's fused causal attention forward and backward on one rank, or None where the table
         has no such rows. Under context parallelism a rank computes 1/cp of the sequence's causal
         attention (TE's load-balanced ring): priced as that share of the whole sequence's kernel
-        time (on 2 x H200, CP2 at sequence 4096 and 16384: -5% and -12% of the profiled attention
-        kernels, benchmarks/results/gpu_runs_h200x2_te.json)."""
+        time (checked against the profiled attention kernels of gpu_runs_h200x2_te.json)."""
         if not self.fused_attention:
             return None
         return _nearest(self.fused_attention, head_dim).seconds((batch_heads, tokens)) / cp

@@ -58,7 +58,7 @@ def _hybrid_pattern(ctx: Context, cand: Candidate) -> str:
                 "or set backend.megatron: main (R renders as G, gated delta net)"
             )
         return "".join(HYBRID_SYMBOLS[b] for b in blocks)
-    sizes = cand.split["sizes"]
+    sizes = cand.split.sizes
     if len(sizes) == 1:
         return "".join(HYBRID_SYMBOLS[b] for b in blocks)
     # `|` segments in chunk order; Megatron assigns segment k to pp_rank k % PP, vp_stage k // PP
@@ -71,19 +71,19 @@ def _hybrid_pattern(ctx: Context, cand: Candidate) -> str:
 
 def _pipeline_flags(ctx: Context, cand: Candidate) -> list[str]:
     split, lay = cand.split, cand.layout
-    if split["kind"] == "layout":
-        last = len(split["sizes"]) - 1
+    if split.kind == "layout":
+        last = len(split.sizes) - 1
         layout = "|".join(
-            ("E" if k == 0 else "") + "t" * n + ("L" if k == last else "") for k, n in enumerate(split["sizes"])
+            ("E" if k == 0 else "") + "t" * n + ("L" if k == last else "") for k, n in enumerate(split.sizes)
         )
         return ["--pipeline-model-parallel-layout", layout]
-    if split["kind"] == "first_last":
+    if split.kind == "first_last":
         return [
-            "--decoder-first-pipeline-num-layers", str(split["first"]),
-            "--decoder-last-pipeline-num-layers", str(split["last"]),
+            "--decoder-first-pipeline-num-layers", str(split.first),
+            "--decoder-last-pipeline-num-layers", str(split.last),
         ]
-    if split["kind"] == "even" and lay["vpp"] > 1 and ctx.plain_transformer:
-        return ["--num-virtual-stages-per-pipeline-rank", str(lay["vpp"])]
+    if split.kind == "even" and lay.vpp > 1 and ctx.plain_transformer:
+        return ["--num-virtual-stages-per-pipeline-rank", str(lay.vpp)]
     return []  # even split, or main-dialect `|` segments carried by the pattern
 
 
@@ -104,11 +104,11 @@ def megatron_args(ctx: Context, cand: Candidate, opts: TrainOptions) -> list[str
     spec, model, lay = ctx.spec, ctx.spec.model, cand.layout
     tr = spec.training
     a: list[str] = [
-        "--tensor-model-parallel-size", str(lay["tp"]),
-        "--pipeline-model-parallel-size", str(lay["pp"]),
-        "--context-parallel-size", str(lay["cp"]),
+        "--tensor-model-parallel-size", str(lay.tp),
+        "--pipeline-model-parallel-size", str(lay.pp),
+        "--context-parallel-size", str(lay.cp),
     ]
-    if lay["sp"] and lay["tp"] > 1:
+    if lay.sp and lay.tp > 1:
         a.append("--sequence-parallel")
     a += _pipeline_flags(ctx, cand)
     if ctx.plain_transformer:
@@ -128,7 +128,7 @@ def megatron_args(ctx: Context, cand: Candidate, opts: TrainOptions) -> list[str
     else:
         # Megatron needs a head count even without attention layers; it only shapes unused defaults,
         # but TransformerConfig checks it against TP (transformer_config.py:925): one head per TP rank
-        a += ["--num-attention-heads", str(int(cand.layout["tp"]))]
+        a += ["--num-attention-heads", str(lay.tp)]
     ffn = model.mlp.ffn_hidden_size if model.mlp else (model.moe.ffn_hidden_size if model.moe else 4 * model.hidden_size)
     a += ["--ffn-hidden-size", str(ffn)]
     gated = model.mlp.gated if model.mlp else (model.moe.gated if model.moe else True)
@@ -154,7 +154,7 @@ def megatron_args(ctx: Context, cand: Candidate, opts: TrainOptions) -> list[str
         moe = model.moe
         a += ["--num-experts", str(moe.num_experts), "--moe-router-topk", str(moe.top_k),
               "--moe-ffn-hidden-size", str(moe.ffn_hidden_size),
-              "--expert-model-parallel-size", str(lay["ep"]), "--expert-tensor-parallel-size", str(lay["etp"]),
+              "--expert-model-parallel-size", str(lay.ep), "--expert-tensor-parallel-size", str(lay.etp),
               "--moe-token-dispatcher-type", moe.dispatcher]
         if moe.dispatcher == "flex":
             a += ["--moe-flex-dispatcher-backend", moe.flex_backend]
@@ -170,7 +170,7 @@ def megatron_args(ctx: Context, cand: Candidate, opts: TrainOptions) -> list[str
             a += ["--moe-layer-freq", _moe_layer_freq(ctx)]
         if ctx.te:
             a.append("--moe-grouped-gemm")
-    a += ["--micro-batch-size", str(lay["micro_batch_size"]), "--global-batch-size", str(tr.global_batch_size), "--bf16"]
+    a += ["--micro-batch-size", str(lay.micro_batch_size), "--global-batch-size", str(tr.global_batch_size), "--bf16"]
     if tr.precision == "fp8":
         a += ["--fp8-format", "hybrid"]
     if tr.recompute == "selective":
@@ -207,7 +207,7 @@ def megatron_args(ctx: Context, cand: Candidate, opts: TrainOptions) -> list[str
     # micro-batch; NVIDIA's own llama3 and mamba example scripts turn it off. Alternating the
     # render with and without it on one 2 x H200 host, TE with CP2 at sequence 4096 stepped in
     # 0.784 and 0.750 s with it, 0.678 and 0.738 s without
-    # (benchmarks/results/gpu_runs_h200x2_megatronlm_te_host2.json).
+    # (gpu_runs_h200x2_megatronlm_te_host2.json).
     a.append("--no-create-attention-mask-in-dataloader")
     a += ["--train-iters", str(opts.train_iters), "--lr", f"{opts.lr:g}", "--min-lr", f"{opts.lr / 10:g}",
           "--lr-decay-style", "cosine", "--weight-decay", "0.1", "--clip-grad", "1.0",
@@ -223,7 +223,7 @@ def environment(ctx: Context, cand: Candidate) -> dict[str, str]:
     lay, name = cand.layout, ctx.cluster.name
     env = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}  # recommended in the MoE README [R28]
     pre_blackwell = name in {"h100-sxm-8", "h200-sxm-8", "inline"}
-    if pre_blackwell and (lay["tp"] > 1 or lay["cp"] > 1):
+    if pre_blackwell and (lay.tp > 1 or lay.cp > 1):
         env["CUDA_DEVICE_MAX_CONNECTIONS"] = "1"  # Megatron-LM arguments.py:1453-1481
     if name == "gb10-spark":
         # both PCIe halves of the ConnectX-7 port, or NCCL reaches half the link [R13]

@@ -17,8 +17,8 @@ import jinja2
 from megacpp import __version__
 from megacpp.planner.errors import LaunchError
 from megacpp.planner.megatron.args import TrainOptions, entry_point, environment, megatron_args
-from megacpp.planner.plan import Plan, make_context
-from megacpp.planner.spec.loading import spec_from_dict
+from megacpp.planner.plan import Plan
+from megacpp.planner.search.layout import Layout
 
 TARGETS = ("torchrun", "slurm")
 ENGINES = ("megatron-lm", "megacpp")
@@ -61,9 +61,9 @@ def _arg_lines(args: list[str]) -> list[str]:
     return [" ".join(shlex.quote(t) for t in line) for line in lines]
 
 
-def _layout_summary(layout: dict) -> str:
-    keys = ("tp", "pp", "vpp", "cp", "dp", "ep", "etp", "edp", "micro_batch_size", "num_microbatches")
-    return " ".join(f"{k}={int(layout[k])}" for k in keys) + f" sp={bool(layout['sp'])}"
+def _layout_summary(layout: Layout) -> str:
+    d = layout.model_dump()
+    return " ".join(f"{k}={v}" for k, v in d.items() if k != "sp") + f" sp={layout.sp}"
 
 
 def render_launch(plan: Plan, opts: RenderOptions) -> dict[str, str]:
@@ -77,7 +77,7 @@ def render_launch(plan: Plan, opts: RenderOptions) -> dict[str, str]:
     if not 0 <= opts.candidate < len(plan.candidates):
         raise LaunchError(f"--rank {opts.candidate}: the plan keeps candidates 0..{len(plan.candidates) - 1}")
     cand = plan.candidates[opts.candidate]
-    ctx = make_context(spec_from_dict(plan.spec, source="plan spec"))
+    ctx = plan.context
     nproc = opts.nproc_per_node or ctx.cluster.gpus_per_node
     nnodes = opts.nnodes or ctx.cluster.nodes
     if nproc * nnodes != plan.world_size:

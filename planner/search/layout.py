@@ -2,29 +2,63 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any
+from typing import Annotated, Any
 
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    model_serializer,
+    model_validator,
+)
+
+from megacpp.planner.axes import Axis
 from megacpp.planner.spec.clusters import Cluster
 from megacpp.planner.spec.models import Spec
 from megacpp.planner.spec.pattern import Pattern
 
+# strict: a plan file's "2", 2.0 or true is refused, not read as 2 or 1
+Degree = Annotated[int, Field(ge=1, strict=True)]
+# dp and the micro-batch count are 0 where the world or the batch does not divide: layouts the
+# search builds to reject them by rule, which a plan keeps as examples
+Quotient = Annotated[int, Field(ge=0, strict=True)]
 
-@dataclass(frozen=True, slots=True)
-class Layout:
-    """Degrees of every axis plus the micro-batching. `edp` is world / (etp * ep * pp)."""
 
-    tp: int = 1
-    pp: int = 1
-    vpp: int = 1
-    cp: int = 1
-    dp: int = 1
-    ep: int = 1
-    etp: int = 1
-    sp: bool = False
-    micro_batch_size: int = 1
-    num_microbatches: int = 1
+class Layout(BaseModel):
+    """Degrees of every axis plus the micro-batching, as the search builds them and a plan's
+    candidates carry them. `edp` is world / (etp * ep * pp)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    tp: Degree = 1
+    pp: Degree = 1
+    vpp: Degree = 1
+    cp: Degree = 1
+    dp: Quotient = 1
+    ep: Degree = 1
+    etp: Degree = 1
+    sp: Annotated[bool, Field(strict=True)] = False
+    micro_batch_size: Degree = 1
+    num_microbatches: Quotient = 1
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_derived(cls, data: Any) -> Any:
+        """A plan's layout carries `edp`, which is derived: it is read back, not trusted."""
+        if isinstance(data, dict) and "edp" in data:
+            return {k: v for k, v in data.items() if k != "edp"}
+        return data
+
+    @model_serializer(mode="wrap")
+    def _with_edp(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """The plan JSON's order: the degrees, edp after etp, then sp and the micro-batching."""
+        d = handler(self)
+        out = {k: d[k] for k in ("tp", "pp", "vpp", "cp", "dp", "ep", "etp")}
+        out["edp"] = self.edp
+        return out | {k: d[k] for k in ("sp", "micro_batch_size", "num_microbatches")}
 
     @property
     def edp(self) -> int:
@@ -35,24 +69,26 @@ class Layout:
     def world(self) -> int:
         return self.tp * self.cp * self.dp * self.pp
 
+    def degree(self, axis: Axis) -> int:
+        """The size of `axis`: sp's is TP's where sequence parallelism is on, 1 where it is off."""
+        if axis == Axis.SP:
+            return self.tp if self.sp else 1
+        return int(getattr(self, axis.value))
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Layout:
-        """The inverse of to_dict: `edp` is derived, so it is dropped."""
-        return cls(**{k: v for k, v in data.items() if k != "edp"})
+        """A layout dict from a run report or a plan file (its `edp` is derived, so dropped)."""
+        return cls.model_validate(data)
 
-    def to_dict(self) -> dict[str, int | bool]:
-        d = asdict(self)
-        d["edp"] = self.edp
-        order = ["tp", "pp", "vpp", "cp", "dp", "ep", "etp", "edp", "sp", "micro_batch_size", "num_microbatches"]
-        return {k: d[k] for k in order}
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump()
 
     def short(self, mbs: bool = True, compact: bool = False) -> str:
         """"tp2 pp1 dp4 ep2 etp1 sp mbs1": tp, pp and dp always, vpp, cp and ep above 1, etp where
         it differs from tp. `compact` drops every axis of size 1 ("1 GPU" when nothing is left)."""
-        axes = (("tp", self.tp, True), ("pp", self.pp, True), ("vpp", self.vpp, False), ("cp", self.cp, False),
-                ("dp", self.dp, True), ("ep", self.ep, False))
-        parts = [f"{name}{size}" for name, size, always in axes if size > 1 or (always and not compact)]
-        parts += ([f"etp{self.etp}"] if self.etp != self.tp else []) + (["sp"] if self.sp else [])
+        axes = ((Axis.TP, True), (Axis.PP, True), (Axis.VPP, False), (Axis.CP, False), (Axis.DP, True), (Axis.EP, False))
+        parts = [f"{axis}{self.degree(axis)}" for axis, always in axes if self.degree(axis) > 1 or (always and not compact)]
+        parts += ([f"{Axis.ETP}{self.etp}"] if self.etp != self.tp else []) + ([str(Axis.SP)] if self.sp else [])
         parts += [f"mbs{self.micro_batch_size}"] if mbs else []
         return " ".join(parts) or "1 GPU"
 

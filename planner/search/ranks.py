@@ -9,19 +9,19 @@ A group of an axis is the set of ranks that agree on every other coordinate of i
 
 from __future__ import annotations
 
+from megacpp.planner.axes import Axis
 from megacpp.planner.search.layout import Layout
 
-DENSE_AXES = ("tp", "cp", "dp", "pp")
-EXPERT_AXES = ("etp", "ep", "edp", "pp")
+# each generator's axes, fastest-varying first (its size-1 axes left out)
+DENSE_AXES = (Axis.TP, Axis.CP, Axis.DP, Axis.PP)
+EXPERT_AXES = (Axis.ETP, Axis.EP, Axis.EDP, Axis.PP)
 
 
-def _sizes(lay: Layout) -> tuple[dict[str, int], dict[str, int]]:
-    dense = {"tp": lay.tp, "cp": lay.cp, "dp": lay.dp, "pp": lay.pp}
-    expert = {"etp": lay.etp, "ep": lay.ep, "edp": lay.edp, "pp": lay.pp}
-    return dense, expert
+def _sizes(lay: Layout) -> tuple[dict[Axis, int], dict[Axis, int]]:
+    return {a: lay.degree(a) for a in DENSE_AXES}, {a: lay.degree(a) for a in EXPERT_AXES}
 
 
-def _coords(rank: int, sizes: dict[str, int]) -> dict[str, int]:
+def _coords(rank: int, sizes: dict[Axis, int]) -> dict[Axis, int]:
     out, rest = {}, rank
     for axis, size in sizes.items():  # insertion order is fastest-varying first
         out[axis] = rest % size
@@ -37,13 +37,12 @@ def rank_coordinates(lay: Layout, gpus_per_node: int) -> list[dict[str, int]]:
         d, e = _coords(rank, dense), _coords(rank, expert)
         rows.append({
             "rank": rank, "node": rank // gpus_per_node, "local_rank": rank % gpus_per_node,
-            "tp": d["tp"], "cp": d["cp"], "dp": d["dp"], "pp": d["pp"],
-            "ep": e["ep"], "etp": e["etp"], "edp": e["edp"],
+            **{a.value: d[a] for a in DENSE_AXES}, **{a.value: e[a] for a in (Axis.EP, Axis.ETP, Axis.EDP)},
         })
     return rows
 
 
-def _groups(world: int, sizes: dict[str, int], along: tuple[str, ...]) -> list[list[int]]:
+def _groups(world: int, sizes: dict[Axis, int], along: tuple[Axis, ...]) -> list[list[int]]:
     buckets: dict[tuple[int, ...], list[int]] = {}
     for rank in range(world):
         c = _coords(rank, sizes)
@@ -57,12 +56,12 @@ def process_groups(lay: Layout) -> dict[str, list[list[int]]]:
     dense, expert = _sizes(lay)
     w = lay.world
     return {
-        "tp": _groups(w, dense, ("tp",)),
-        "cp": _groups(w, dense, ("cp",)),
-        "dp": _groups(w, dense, ("dp",)),
-        "dp_cp": _groups(w, dense, ("dp", "cp")),
-        "pp": _groups(w, dense, ("pp",)),
-        "etp": _groups(w, expert, ("etp",)),
-        "ep": _groups(w, expert, ("ep",)),
-        "edp": _groups(w, expert, ("edp",)),
+        Axis.TP: _groups(w, dense, (Axis.TP,)),
+        Axis.CP: _groups(w, dense, (Axis.CP,)),
+        Axis.DP: _groups(w, dense, (Axis.DP,)),
+        "dp_cp": _groups(w, dense, (Axis.DP, Axis.CP)),
+        Axis.PP: _groups(w, dense, (Axis.PP,)),
+        Axis.ETP: _groups(w, expert, (Axis.ETP,)),
+        Axis.EP: _groups(w, expert, (Axis.EP,)),
+        Axis.EDP: _groups(w, expert, (Axis.EDP,)),
     }

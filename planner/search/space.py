@@ -167,7 +167,8 @@ def _walk_tail(
                     continue
                 for mbs in space.mbs:
                     m = gbs // (mbs * dp) if gbs % (mbs * dp) == 0 else 0
-                    lay = Layout(tp, pp, vpp, cp, dp, ep, etp, sp, mbs, m)
+                    lay = Layout(tp=tp, pp=pp, vpp=vpp, cp=cp, dp=dp, ep=ep, etp=etp, sp=sp,
+                                 micro_batch_size=mbs, num_microbatches=m)
                     fail = _first_failure(level[7], ctx, lay)
                     if fail:
                         rej.add(fail[0], lay, fail[1], 1)

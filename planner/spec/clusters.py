@@ -1,13 +1,21 @@
 """Cluster presets and the resolved cluster the planner works with.
 
 Every number carries its source tag; tags resolve in ../shared/reference/hardware_comm.md §8 and
-are repeated in `SOURCES`. "ASSUMPTION" marks planner defaults that are not published facts.
+are repeated in `SOURCES`. "ASSUMPTION" marks planner defaults that are not published facts;
+"MEASURED" numbers measured on this project's GPUs, which live in planner/cost/coefficients.py.
 """
 
 from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict
 
+from megacpp.planner.cost.coefficients import (
+    H100_GRAD_ACCUMULATION_TBPS,
+    H200_GRAD_ACCUMULATION_TBPS,
+    H200_NVLINK_ALPHA_US,
+    H200_PAIR_ALPHA_US,
+    H200_PAIR_BUSBW_GBPS,
+)
 from megacpp.planner.errors import SpecError, did_you_mean
 from megacpp.planner.spec.models import ClusterSpec
 
@@ -50,9 +58,9 @@ class Cluster(BaseModel):
     nvlink_pair_gbps: dict[str, float] = {}
     nvlink_pair_alpha_us: float | None = None
     # rate (TB/s, bytes read and written) of megatron-core's DDP hook adding a bf16 weight gradient
-    # into the fp32 main_grad buffer, where it was measured on the GPU; else cost.Efficiency's share
+    # into the fp32 main_grad buffer, where it was measured on the GPU; else Efficiency.grad_accumulation_hbm
     # of hbm_tbps. On Hopper the add runs at about the same rate on H100 and H200, well under the
-    # H200's HBM bandwidth (cost.grad_accumulation_seconds)
+    # H200's HBM bandwidth (cost.step.grad_accumulation_seconds)
     grad_accumulation_tbps: float | None = None
     # per-GPU bus bandwidth across the NIC (scale-out)
     nic_busbw_gbps: float
@@ -95,16 +103,10 @@ _H100 = dict(
 )
 
 PRESETS: dict[str, dict] = {
-    # the fp32 main_grad adds' median rate in the eight profiled MoE runs on one H100 (2.09-2.45 TB/s,
-    # most_launched CUDAFunctor_add<float>; benchmarks/results/gpu_runs_h100x1_te_grouped.json and
-    # gpu_runs_h100x1_te_experts.json)
-    "h100-sxm-8": {**_H100, "grad_accumulation_tbps": 2.31},
+    "h100-sxm-8": {**_H100, "grad_accumulation_tbps": H100_GRAD_ACCUMULATION_TBPS},  # MEASURED
     "h200-sxm-8": {
         **_H100,
-        # the same on 2 x H200, median of 19 profiled runs of the runtime and of Megatron-LM (2.12-2.75
-        # TB/s; gpu_runs_h200x2_dp_overlap.json, gpu_runs_h200x2_megatronlm_dp_overlap.json,
-        # gpu_runs_h200x2_te_fusions.json, gpu_runs_h200x2_megatronlm_te_host3.json)
-        "grad_accumulation_tbps": 2.49,
+        "grad_accumulation_tbps": H200_GRAD_ACCUMULATION_TBPS,  # MEASURED
         "description": "HGX/DGX H200 SXM, 8 GPUs per node on NVSwitch, 1x400G NIC per GPU",
         "gpu_memory_gib": 135.0,  # ASSUMPTION: 140.4 GiB total [R51] minus headroom
         "gpu_memory_total_gib": 140.4,  # nvidia-smi 143771 MiB [R51]
@@ -113,16 +115,11 @@ PRESETS: dict[str, dict] = {
         "nvlink_allreduce_gbps": 367.6,  # ring, 16 GiB, 8xH200 [R2][R3]
         "nvlink_allgather_gbps": 361.4,  # [R2]
         "nvlink_reducescatter_gbps": 362.9,  # [R2]
-        # per-call latency through torch.distributed, which is how megatron-core calls NCCL: median of
-        # the 8 KiB all-reduce/all-gather/reduce-scatter/all-to-all on 8 x H200 (71, 57, 45, 62 us),
-        # benchmarks/results/nccl_h200x8.json; nccl-tests' own 18 us [R3] leaves out the framework
-        "nvlink_alpha_us": 59.0,
-        # two H200s through torch.distributed, 1 GiB busbw and the median 8 KiB latency of the four
-        # collectives (benchmarks/results/nccl_h200x2.json): 27-29% below the 8-GPU rates above for
-        # all-gather and reduce-scatter, which tensor parallelism on two GPUs runs
-        "nvlink_pair_gbps": {"all-reduce": 329.2, "all-gather": 265.4, "reduce-scatter": 259.1,
-                             "all-to-all": 330.8, "send-recv": 360.0},
-        "nvlink_pair_alpha_us": 23.5,
+        # through torch.distributed, as megatron-core calls NCCL; nccl-tests' own 18 us [R3] leaves out the framework
+        "nvlink_alpha_us": H200_NVLINK_ALPHA_US,  # MEASURED
+        # two GPUs move less per GPU than the whole fabric (MEASURED)
+        "nvlink_pair_gbps": dict(H200_PAIR_BUSBW_GBPS),
+        "nvlink_pair_alpha_us": H200_PAIR_ALPHA_US,  # MEASURED
     },
     "b200-sxm-8": {
         **_H100,

@@ -58,15 +58,13 @@ def plan(
     profile: Annotated[Path | None, typer.Option("--profile", help="Cluster profile from `megacpp calibrate`.")] = None,
 ) -> None:
     """Solve a spec into every legal layout and rank them."""
-    from megacpp.planner.cost.model import DEFAULT_EFFICIENCY
-    from megacpp.planner.plan import Plan, build_plan
+    from megacpp.planner.plan import DEFAULTS, Plan, build_plan
     from megacpp.runtime.cli import console
 
     loaded = _spec_or_plan(spec, set_, cluster, nodes)
     if isinstance(loaded, Plan):
         raise PlanError(f"{spec}: is already a plan; pass the spec YAML to re-plan, or use `megacpp explain layout {spec}`")
-    eff = _read_profile(profile) if profile is not None else DEFAULT_EFFICIENCY
-    result = build_plan(loaded, top=top, eff=eff)
+    result = build_plan(loaded, top=top, profile=_read_profile(profile) if profile is not None else DEFAULTS)
     text = json.dumps(result.to_json_dict(), indent=2)
     if out is not None:
         try:
@@ -120,9 +118,11 @@ def _read_json(path: Path, what: str):
 
 
 def _read_profile(path: Path):
-    from megacpp.planner.calibrate.fit import efficiency_from_profile
+    """The cluster profile at `path`, as the plan records it."""
+    from megacpp.planner.calibrate.profile import efficiency_from_profile
+    from megacpp.planner.plan import Profile
 
-    return efficiency_from_profile(_read_json(path, "cluster profile"))
+    return Profile.of(efficiency_from_profile(_read_json(path, "cluster profile")), source=str(path))
 
 
 @app.command()

@@ -8,7 +8,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from megacpp.planner.cost.model import HOST_BOUND_ERROR, HOST_BOUND_SHARE
+from megacpp.planner.cost.coefficients import HOST_BOUND_ERROR, HOST_BOUND_SHARE
+from megacpp.planner.plan import Plan
 from megacpp.planner.search.layout import Layout
 
 out = Console(highlight=False, soft_wrap=False, width=None if sys.stdout.isatty() else 160)
@@ -24,25 +25,26 @@ def print_json(text: str) -> None:
 
 
 def _layout_cell(layout: dict[str, Any]) -> str:
+    """An explain document's layout, as the plan table shows layouts."""
     return Layout.from_dict(layout).short(mbs=False)
 
 
-def _host_share(time: dict[str, Any], breakdown: dict[str, float]) -> float:
+def _host_share(host_seconds: float | None, step_seconds: float, breakdown: dict[str, float]) -> float:
     """Per-block host time's share of the step, hidden behind the GPU or not (plans made before
     host_seconds: the overhead in the breakdown); at HOST_BOUND_SHARE or above the step is host-bound."""
-    host = time.get("host_seconds", breakdown.get("block_overhead", 0.0))
-    return host / time["step_seconds"] if time["step_seconds"] else 0.0
+    host = breakdown.get("block_overhead", 0.0) if host_seconds is None else host_seconds
+    return host / step_seconds if step_seconds else 0.0
 
 
 HOST_BOUND_ADVICE = f"such steps came within ±{HOST_BOUND_ERROR:.0%} on the runtime's measured runs and move with the host; `megacpp calibrate` fits this cluster"
 
 
-def plan_table(plan: Any, top: int) -> None:
+def plan_table(plan: Plan, top: int) -> None:
     """Ranked candidates, then why the rest were rejected."""
-    c = plan.cluster
+    c, spec = plan.cluster, plan.spec_model
     out.print(
-        f"[bold]{plan.spec['name']}[/]  {plan.spec['model']['pattern']}  on {c['nodes']} x {c['name']} "
-        f"({plan.world_size} GPUs, {c['gpu_memory_gib']:g} GiB planned per GPU)"
+        f"[bold]{spec.name}[/]  {spec.model.pattern}  on {c.nodes} x {c.name} "
+        f"({plan.world_size} GPUs, {c.gpu_memory_gib:g} GiB planned per GPU)"
     )
     for note in plan.notes:
         out.print(f"[yellow]note[/] {note.message}  [dim]({note.rule})[/]")
@@ -55,18 +57,18 @@ def plan_table(plan: Any, top: int) -> None:
         table.add_column(name, justify=justify)  # type: ignore[arg-type]
     host_bound = False
     for cand in plan.candidates[:top]:
-        lay = cand.layout
+        lay, t = cand.layout, cand.time
         flags = sorted({w.rule for w in cand.warnings})
-        if _host_share(cand.time, cand.step_breakdown) >= HOST_BOUND_SHARE:
+        if _host_share(t.host_seconds, t.step_seconds, cand.step_breakdown) >= HOST_BOUND_SHARE:
             flags.append("host-bound")
             host_bound = True
-        sizes = cand.split["sizes"]
+        sizes = cand.split.sizes
         stages = "-" if len(sizes) == 1 else "/".join(map(str, sizes))
         table.add_row(
-            str(cand.rank), _layout_cell(lay), str(lay["micro_batch_size"]), str(lay["num_microbatches"]), stages,
-            _band(cand.memory["peak_gib"], cand.memory.get("peak_gib_high"), 1),
-            _band(cand.time["step_seconds"], cand.time.get("step_seconds_high"), 2), f"{cand.time['tokens_per_second']:,.0f}",
-            f"{cand.time['mfu']:.0%}", f"{cand.time['bubble_fraction']:.1%}",
+            str(cand.rank), lay.short(mbs=False), str(lay.micro_batch_size), str(lay.num_microbatches), stages,
+            _band(cand.memory.peak_gib, cand.memory.peak_gib_high, 1),
+            _band(t.step_seconds, t.step_seconds_high, 2), f"{t.tokens_per_second:,.0f}",
+            f"{t.mfu:.0%}", f"{t.bubble_fraction:.1%}",
             "[green]yes[/]" if cand.fits else "[red]no[/]", ", ".join(flags),
         )
     out.print(table)
@@ -162,7 +164,7 @@ def explain_text(doc: dict[str, Any]) -> None:
     terms = [f"{term.replace('_', ' ')} {seconds:.2f}" for term, seconds in doc.get("step_breakdown", {}).items() if seconds >= 0.005]
     if terms:
         out.print(f"step on the busiest rank = {' + '.join(terms)} s")
-    share = _host_share(t, doc.get("step_breakdown", {}))
+    share = _host_share(t.get("host_seconds"), t["step_seconds"], doc.get("step_breakdown", {}))
     if share >= HOST_BOUND_SHARE:
         shown = doc.get("step_breakdown", {}).get("block_overhead", 0.0) / t["step_seconds"]
         if share - shown < 0.005:

@@ -45,11 +45,10 @@ def init_process(job: Job) -> Process:
     """Join the job's process group: nccl when CUDA is available, gloo otherwise."""
     rank, world, local = _env_int("RANK"), _env_int("WORLD_SIZE"), int(os.environ.get("LOCAL_RANK", "0"))
     if world != job.world_size:
-        lay = job.layout
-        cluster = job.plan.get("cluster", {})
+        lay, cluster = job.layout, job.plan.cluster
         raise LaunchError(
-            f"the plan is for world_size={job.world_size} ({cluster.get('nodes', '?')} x {cluster.get('gpus_per_node', '?')} GPUs: "
-            f"tp={lay['tp']} pp={lay['pp']} cp={lay['cp']} dp={lay['dp']}) but torchrun started {world} processes; "
+            f"the plan is for world_size={job.world_size} ({cluster.nodes} x {cluster.gpus_per_node} GPUs: "
+            f"tp={lay.tp} pp={lay.pp} cp={lay.cp} dp={lay.dp}) but torchrun started {world} processes; "
             f"start {job.world_size} processes or re-plan with `--nodes`/`--set cluster.gpus_per_node=...`"
         )
     cuda = torch.cuda.is_available()
@@ -74,8 +73,8 @@ def init_model_parallel(job: Job, process: Process) -> None:
         create_gloo_process_groups=process.cuda,
     )
     dp = ps.get_data_parallel_world_size()
-    if dp != lay["dp"]:
-        raise LaunchError(f"megatron formed dp={dp} but the plan says dp={lay['dp']}; re-create the plan")
+    if dp != lay.dp:
+        raise LaunchError(f"megatron formed dp={dp} but the plan says dp={lay.dp}; re-create the plan")
 
 
 def coordinates(rank: int) -> dict[str, int]:

@@ -23,6 +23,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megacpp.planner.cost.blocks import padded_vocab
 from megacpp.planner.errors import LaunchError
 from megacpp.planner.megatron.args import MOE_AUX_LOSS_COEFF
+from megacpp.planner.search.layout import Layout
 from megacpp.runtime.worker.adapters import SequenceParallelNorm
 from megacpp.runtime.worker.job import Job
 
@@ -41,15 +42,15 @@ class Backend:
 
 
 
-def parallel_sizes(lay: dict) -> dict[str, int | None]:
+def parallel_sizes(lay: Layout) -> dict[str, int | None]:
     """The layout as megatron-core's parallel-size keywords (initialize_model_parallel and TransformerConfig)."""
     return {
-        "tensor_model_parallel_size": lay["tp"],
-        "pipeline_model_parallel_size": lay["pp"],
-        "virtual_pipeline_model_parallel_size": lay["vpp"] if lay["vpp"] > 1 else None,
-        "context_parallel_size": lay["cp"],
-        "expert_model_parallel_size": lay["ep"],
-        "expert_tensor_parallel_size": lay["etp"],
+        "tensor_model_parallel_size": lay.tp,
+        "pipeline_model_parallel_size": lay.pp,
+        "virtual_pipeline_model_parallel_size": lay.vpp if lay.vpp > 1 else None,
+        "context_parallel_size": lay.cp,
+        "expert_model_parallel_size": lay.ep,
+        "expert_tensor_parallel_size": lay.etp,
     }
 
 def select_backend(job: Job) -> Backend:
@@ -66,23 +67,23 @@ def select_backend(job: Job) -> Backend:
         from megatron.core.extensions.transformer_engine import TENorm
 
         return Backend(requested, True, TENorm, ())
-    if job.layout["sp"] and job.layout["tp"] > 1:
+    if job.layout.sp and job.layout.tp > 1:
         return Backend(requested, False, SequenceParallelNorm, ("sequence_parallel_norm",))
     return Backend(requested, False, LocalSpecProvider().layer_norm(rms_norm=rms, for_qk=False), ())
 
 
 def vocab_size(job: Job) -> int:
     """The padded vocabulary Megatron-LM would use (multiple of 128 * TP), as the planner counts it."""
-    return padded_vocab(job.ctx, job.layout["tp"])
+    return padded_vocab(job.ctx, job.layout.tp)
 
 
 def _check_requirements(job: Job, backend: Backend) -> None:
     model, letters = job.spec.model, job.ctx.letters
     if job.spec.training.precision == "fp8" and not backend.use_te:
         raise LaunchError("training.precision=fp8 needs Transformer Engine, which does not import here; use precision: bf16")
-    if job.layout["cp"] > 1 and "A" in letters and not backend.use_te:
+    if job.layout.cp > 1 and "A" in letters and not backend.use_te:
         raise LaunchError(
-            f"cp={job.layout['cp']}: context parallel attention needs TEDotProductAttention and Transformer Engine "
+            f"cp={job.layout.cp}: context parallel attention needs TEDotProductAttention and Transformer Engine "
             "does not import here; choose a candidate with cp=1"
         )
     if model.moe is not None and "E" in letters and model.moe.dispatcher == "flex":
@@ -108,7 +109,7 @@ def transformer_config(job: Job, backend: Backend, *, cuda: bool, construct_only
     kw: dict = dict(
         # parallel layout, exactly as the plan says
         **parallel_sizes(lay),
-        sequence_parallel=bool(lay["sp"]) and lay["tp"] > 1,
+        sequence_parallel=lay.sp and lay.tp > 1,
         # model
         num_layers=job.ctx.num_layers,
         hidden_size=model.hidden_size,
@@ -143,8 +144,8 @@ def transformer_config(job: Job, backend: Backend, *, cuda: bool, construct_only
         # = not overlap_p2p_comm). Batched, the interleaved schedule's steady state at PP=2 posts a
         # forward and a backward transfer to the same peer in one batch, NCCL pairs them by order,
         # and activations land in gradient buffers: the loss stops falling without any error.
-        overlap_p2p_comm=lay["vpp"] > 1,
-        batch_p2p_comm=lay["vpp"] == 1,
+        overlap_p2p_comm=lay.vpp > 1,
+        batch_p2p_comm=lay.vpp == 1,
         # construction
         use_cpu_initialization=not cuda,
         perform_initialization=not construct_only,
@@ -153,7 +154,7 @@ def transformer_config(job: Job, backend: Backend, *, cuda: bool, construct_only
         kw.update(num_attention_heads=model.attention.num_heads, num_query_groups=model.query_groups, kv_channels=model.head_dim)
     else:  # no A blocks: the attention fields are required but unused; TransformerConfig still
         # checks num_attention_heads % TP (transformer_config.py:925), so give one head per TP rank
-        kw.update(num_attention_heads=job.layout["tp"], kv_channels=model.hidden_size // job.layout["tp"])
+        kw.update(num_attention_heads=lay.tp, kv_channels=model.hidden_size // lay.tp)
     if model.moe is not None and "E" in letters:
         moe = model.moe
         kw.update(

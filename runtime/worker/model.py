@@ -23,8 +23,9 @@ from megatron.core.transformer.transformer_layer import TransformerLayer
 from megatron.core.utils import make_viewless_tensor
 
 from megacpp.planner.errors import LaunchError
+from megacpp.planner.plan import PlannedStage
 from megacpp.runtime.worker.blocks import build_block, letter_specs
-from megacpp.runtime.worker.job import Job, StageSlice
+from megacpp.runtime.worker.job import Job
 from megacpp.runtime.worker.megatron_config import POSITION_EMBEDDING, Backend, vocab_size
 
 
@@ -38,7 +39,7 @@ def causal_mask(length: int, device: torch.device) -> torch.Tensor:
 class StageChunk(LanguageModule):
     """Blocks [start, stop) of the plan, plus the embedding and/or output head this stage owns."""
 
-    def __init__(self, config, job: Job, stage: StageSlice, specs: dict, backend: Backend, *, vp_stage: int | None, pg_collection) -> None:
+    def __init__(self, config, job: Job, stage: PlannedStage, specs: dict, backend: Backend, *, vp_stage: int | None, pg_collection) -> None:
         super().__init__(config=config, pg_collection=pg_collection)
         model = job.spec.model
         self.model_type = ModelType.encoder_or_decoder
@@ -129,7 +130,7 @@ class StageChunk(LanguageModule):
 def build_chunks(job: Job, config, backend: Backend) -> list[StageChunk]:
     """Build this rank's chunks (one per virtual stage), checking the plan's stage ends against Megatron's."""
     pp_rank = ps.get_pipeline_model_parallel_rank()
-    vpp = job.layout["vpp"]
+    vpp = job.layout.vpp
     specs = letter_specs(job, backend)
     pg = ProcessGroupCollection.use_mpu_process_groups()
     chunks = []

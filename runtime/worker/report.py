@@ -15,7 +15,7 @@ import megatron.core
 import torch
 from megatron.core.transformer.moe.moe_layer import MoELayer
 
-from megacpp.planner.plan import estimate_run, with_backend
+from megacpp.planner.plan import PlannedStageMemory, estimate_run, with_backend
 from megacpp.runtime.worker.adapters import MEGATRON_CORE_VERSION
 from megacpp.runtime.worker.job import Job
 from megacpp.runtime.worker.train import TrainResult
@@ -160,14 +160,14 @@ def build_report(job: Job, infos: list[dict[str, Any]], *, steps: int, warmup: i
     The predictions are the plan's, except where the plan assumed Transformer Engine and this host
     ran megatron-core's local modules instead: then the layout is re-estimated for what ran.
     """
-    memory = sorted(job.candidate["memory"]["per_stage"], key=lambda m: m["pp_rank"])
-    predicted_step = job.candidate["time"]["step_seconds"]
+    memory = sorted(job.candidate.memory.per_stage, key=lambda m: m.pp_rank)
+    predicted_step = job.candidate.time.step_seconds
     predicted_for = "plan"
     if backend["transformer_engine_requested"] and not backend["transformer_engine_used"]:
-        est = estimate_run(with_backend(job.spec, transformer_engine=False), job.layout)
-        memory, predicted_step = [m.to_dict() for m in est.memory], round(est.step_seconds, 6)
+        est = estimate_run(with_backend(job.spec, transformer_engine=False), job.layout, job.plan.efficiency)
+        memory, predicted_step = [PlannedStageMemory(**m.to_dict()) for m in est.memory], round(est.step_seconds, 6)
         predicted_for = "re-estimated without Transformer Engine"
-    predicted_peak = [m["total_gib"] for m in memory]
+    predicted_peak = [m.total_gib for m in memory]
     timed: list[float] = []
     losses: list[float | None] = []
     if not construct_only:
@@ -179,15 +179,15 @@ def build_report(job: Job, infos: list[dict[str, Any]], *, steps: int, warmup: i
     training = job.spec.training
     peaks = [info["peak_allocated_gib"] for info in infos if info["peak_allocated_gib"] is not None]
     mismatched = [info["rank"] for info in infos
-                  if (info["params"], info["params_expert"]) != (memory[info["pp"]]["params"], memory[info["pp"]]["params_expert"])]
+                  if (info["params"], info["params_expert"]) != (memory[info["pp"]].params, memory[info["pp"]].params_expert)]
     keys = ("rank", "tp", "cp", "dp", "pp", "ep", "etp", "edp", "params", "params_expert", "layer_numbers",
             "peak_allocated_gib", "peak_reserved_gib", "memory_phases", "forward_backward_seconds", "optimizer_seconds",
             "profile", "memory_peak", "host")
-    experts = _merge_expert_counts(infos, bool(job.layout["sp"]) and job.layout["tp"] > 1)
+    experts = _merge_expert_counts(infos, job.layout.sp and job.layout.tp > 1)
     stage_of_layer = {layer: info["pp"] for info in infos for layer in info["layer_numbers"]}
     return {
         "schema": SCHEMA,
-        "layout": job.layout,
+        "layout": job.layout.model_dump(),
         "pattern": job.spec.model.pattern,
         "spec": job.spec.model_dump(mode="json"),  # lets `megacpp calibrate` re-estimate this run
         "device": {"name": torch.cuda.get_device_name(), "count": torch.cuda.device_count()} if cuda else "cpu",
@@ -205,9 +205,9 @@ def build_report(job: Job, infos: list[dict[str, Any]], *, steps: int, warmup: i
         "params_mismatch_ranks": mismatched,
         "expert_tokens": [{"layer": layer, "tokens_per_expert": _add_over_steps(counts)} for layer, counts in experts.items()] or None,
         "expert_tokens_by_microbatch": [{"layer": layer, "steps": counts} for layer, counts in experts.items()] or None,
-        "routed_load": routed_load(experts, stage_of_layer, job.layout["ep"]) if experts else None,
+        "routed_load": routed_load(experts, stage_of_layer, job.layout.ep) if experts else None,
         "predicted": {"for": predicted_for, "peak_gib": predicted_peak, "step_seconds": predicted_step,
-                      "params": [m["params"] for m in memory], "params_expert": [m["params_expert"] for m in memory]},
+                      "params": [m.params for m in memory], "params_expert": [m.params_expert for m in memory]},
         "measured_peak_gib": max(peaks) if peaks else None,
         "predicted_peak_gib": max(predicted_peak),
         "measured_step_seconds": median,

@@ -201,8 +201,8 @@ def train(job: Job, chunks, config, *, steps: int, warmup: int, seed: int, lr: f
 
     def one_step(step: int) -> None:
         streams = [
-            microbatches(source, seed=seed, dp_rank=ps.get_data_parallel_rank(), step=step, count=lay["num_microbatches"],
-                         micro_batch_size=lay["micro_batch_size"], seq_length=seq)
+            microbatches(source, seed=seed, dp_rank=ps.get_data_parallel_rank(), step=step, count=lay.num_microbatches,
+                         micro_batch_size=lay.micro_batch_size, seq_length=seq)
             for _ in model
         ]
         events = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
@@ -215,7 +215,7 @@ def train(job: Job, chunks, config, *, steps: int, warmup: int, seed: int, lr: f
         events[0].record()
         losses_reduced = forward_backward(
             forward_step_func=step_func, data_iterator=streams if len(model) > 1 else streams[0], model=model,
-            num_microbatches=lay["num_microbatches"], seq_length=seq, micro_batch_size=lay["micro_batch_size"],
+            num_microbatches=lay.num_microbatches, seq_length=seq, micro_batch_size=lay.micro_batch_size,
             decoder_seq_length=seq, forward_only=False,
         )
         events[1].record()

@@ -11,13 +11,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from megacpp.planner.axes import Axis
 from megacpp.planner.errors import PlanError, did_you_mean
 from megacpp.planner.search.layout import Context, Layout
 
 # Search binds axes in this order; a rule is checked at the first level where all its axes are bound.
-LEVELS = ("spec", "tp", "cp", "pp", "vpp", "ep", "etp", "mbs")
-_AXIS_LEVEL = {
-    "tp": 1, "cp": 2, "pp": 3, "dp": 3, "sp": 3, "vpp": 4, "ep": 5, "etp": 6,
+LEVELS = ("spec", Axis.TP, Axis.CP, Axis.PP, Axis.VPP, Axis.EP, Axis.ETP, "mbs")
+# What a rule may read: the mesh axes, and the micro-batching (Layout's own field names)
+_AXIS_LEVEL: dict[str, int] = {
+    Axis.TP: 1, Axis.CP: 2, Axis.PP: 3, Axis.DP: 3, Axis.SP: 3, Axis.VPP: 4, Axis.EP: 5, Axis.ETP: 6,
     "micro_batch_size": 7, "num_microbatches": 7,
 }
 
@@ -27,7 +29,7 @@ Check = Callable[[Context, Layout], "str | None"]
 @dataclass(frozen=True)
 class Rule:
     id: str
-    axes: tuple[str, ...]
+    axes: tuple[str, ...]  # the Axis members it reads, or "micro_batch_size" / "num_microbatches"
     check: Check
     where: str
     severity: str  # "error" | "warning"

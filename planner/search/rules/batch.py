@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from megacpp.planner.axes import Axis
 from megacpp.planner.search.layout import Context, Layout
 from megacpp.planner.search.rules import rule
 
 
 @rule(
     "batch-divisible",
-    axes=("dp", "micro_batch_size"),
+    axes=(Axis.DP, "micro_batch_size"),
     where="[V] megatron/core/num_microbatches_calculator.py:341",
     fails="global_batch_size=100, dp=8, micro_batch_size=1",
     passes="global_batch_size=96",
@@ -26,7 +27,7 @@ def batch_divisible(ctx: Context, lay: Layout) -> str | None:
 
 @rule(
     "vpp-microbatches",
-    axes=("pp", "vpp", "num_microbatches"),
+    axes=(Axis.PP, Axis.VPP, "num_microbatches"),
     where="[V] megatron/core/pipeline_parallel/schedules.py:995-1015",
     fails="pp=4, vpp=2, 6 micro-batches",
     passes="8 micro-batches",

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from megacpp.planner.axes import Axis
 from megacpp.planner.search.layout import Context, Layout
 from megacpp.planner.search.rules import divisors, options, rule
 
 
 @rule(
     "ep-needs-experts",
-    axes=("ep",),
+    axes=(Axis.EP,),
     where="Megatron-LM megatron/training/arguments.py:1026 [V]; transformer_config.py (num_moe_experts must be non None)",
     applies=lambda ctx: not ctx.has_moe,
     fails="ep=2 with a pattern without E",
@@ -23,7 +24,7 @@ def ep_needs_experts(ctx: Context, lay: Layout) -> str | None:
 
 @rule(
     "ep-divides-experts",
-    axes=("ep",),
+    axes=(Axis.EP,),
     where="Megatron-LM megatron/training/arguments.py:1027-1028 [V]; megatron/core/transformer/moe/moe_layer.py:186",
     applies=lambda ctx: ctx.has_moe,
     fails="moe.num_experts=64, ep=128",
@@ -40,7 +41,7 @@ def ep_divides_experts(ctx: Context, lay: Layout) -> str | None:
 
 @rule(
     "expert-grid-divides-world",
-    axes=("tp", "cp", "dp", "pp", "ep", "etp"),
+    axes=(Axis.TP, Axis.CP, Axis.DP, Axis.PP, Axis.EP, Axis.ETP),
     where="[V] megatron/core/parallel_state.py:785-795 (checked only in initialize_model_parallel, MoE or not)",
     fails="8 GPUs, tp=2, ep=8, etp=2",
     passes="etp=1",
@@ -59,7 +60,7 @@ def expert_grid_divides_world(ctx: Context, lay: Layout) -> str | None:
 
 @rule(
     "flex-needs-tpxep",
-    axes=("ep", "etp"),
+    axes=(Axis.EP, Axis.ETP),
     where="[V] megatron/core/transformer/moe/token_dispatcher.py:1346",
     applies=lambda ctx: ctx.has_moe and ctx.spec.model.moe is not None and ctx.spec.model.moe.dispatcher == "flex",
     fails="moe.dispatcher=flex, ep=1, etp=1",
@@ -74,7 +75,7 @@ def flex_needs_tpxep(ctx: Context, lay: Layout) -> str | None:
 
 @rule(
     "ep-outside-nvlink",
-    axes=("ep", "etp"),
+    axes=(Axis.EP, Axis.ETP),
     severity="warning",
     where="megatron/core/transformer/moe/README.md guidelines (EP x ETP inside the NVLink domain)",
     applies=lambda ctx: ctx.has_moe,

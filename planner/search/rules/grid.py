@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from megacpp.planner.axes import Axis
 from megacpp.planner.search.layout import Context, Layout
 from megacpp.planner.search.rules import divisors, options, rule
 
 
 @rule(
     "model-parallel-divides-world",
-    axes=("tp", "cp", "pp", "dp"),
+    axes=(Axis.TP, Axis.CP, Axis.PP, Axis.DP),
     where="[V] megatron/core/parallel_state.py:739-743; arguments.py:315-328",
     fails="64 GPUs with tp=3",
     passes="tp=2",
@@ -26,7 +27,7 @@ def model_parallel_divides_world(ctx: Context, lay: Layout) -> str | None:
 
 @rule(
     "dp-pin-matches-world",
-    axes=("tp", "cp", "pp", "dp"),
+    axes=(Axis.TP, Axis.CP, Axis.PP, Axis.DP),
     where="[V] megatron/core/parallel_state.py:739-743 (DP is derived: world / (TP*CP*PP))",
     applies=lambda ctx: ctx.spec.parallel.dp is not None,
     fails="parallel.dp=4 with tp=2 pp=2 on 64 GPUs",
@@ -46,7 +47,7 @@ def dp_pin_matches_world(ctx: Context, lay: Layout) -> str | None:
 
 @rule(
     "tp-outside-nvlink",
-    axes=("tp",),
+    axes=(Axis.TP,),
     severity="warning",
     where="megatron/core/transformer/moe/README.md guidelines (keep TP within the NVLink domain)",
     fails="tp=16 on h200-sxm-8",
@@ -61,7 +62,7 @@ def tp_outside_nvlink(ctx: Context, lay: Layout) -> str | None:
 
 @rule(
     "vpp-needs-pp",
-    axes=("pp", "vpp"),
+    axes=(Axis.PP, Axis.VPP),
     where="[V] megatron/core/parallel_state.py:745-749",
     fails="vpp=2 with pp=1",
     passes="pp=2",

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from megacpp.planner.axes import Axis
 from megacpp.planner.search.layout import Context, Layout
 from megacpp.planner.search.rules import rule
 
 
 @rule(
     "hybrid-no-vpp",
-    axes=("vpp",),
+    axes=(Axis.VPP,),
     where="[V] megatron/core/ssm/mamba_block.py:172-176",
     applies=lambda ctx: not ctx.plain_transformer and ctx.dialect == "core_v0.16",
     fails="hybrid pattern, core_v0.16, vpp=2",
@@ -23,7 +24,7 @@ def hybrid_no_vpp(ctx: Context, lay: Layout) -> str | None:
 
 @rule(
     "stages-exceed-layers",
-    axes=("pp", "vpp"),
+    axes=(Axis.PP, Axis.VPP),
     where="[V] megatron/core/transformer/transformer_block.py:76-203 (get_num_layers_to_build); mamba_block.py:183-220",
     fails="8 layers with pp=4, vpp=4",
     passes="vpp=2",
@@ -38,7 +39,7 @@ def stages_exceed_layers(ctx: Context, lay: Layout) -> str | None:
 
 @rule(
     "pipe-cuts-match-stages",
-    axes=("pp", "vpp"),
+    axes=(Axis.PP, Axis.VPP),
     where="[M] Megatron-LM megatron/training/arguments.py:849-866; [V] arguments.py:516-526 (pipeline layout stages % PP)",
     applies=lambda ctx: bool(ctx.pattern.cuts),
     fails="pattern with 3 `|` segments, pp=2",
@@ -57,7 +58,7 @@ def pipe_cuts_match_stages(ctx: Context, lay: Layout) -> str | None:
 
 @rule(
     "pipe-cuts-expressible",
-    axes=("pp", "vpp"),
+    axes=(Axis.PP, Axis.VPP),
     where="[V] megatron/core/ssm/mamba_hybrid_layer_allocation.py:25-32 (no `|`); mamba_block.py:183-220 (even or first/last split)",
     applies=lambda ctx: bool(ctx.pattern.cuts) and not ctx.plain_transformer and ctx.dialect == "core_v0.16",
     fails="hybrid `AM|AMAM|AM` with 3 stages of lengths 2,4,2 on core_v0.16 (expressible), `A|AM|AMM` (not)",

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from megacpp.planner.axes import Axis
 from megacpp.planner.search.layout import Context, Layout
 from megacpp.planner.search.rules import rule
 
 
 @rule(
     "sp-needs-tp",
-    axes=("tp", "sp"),
+    axes=(Axis.TP, Axis.SP),
     severity="warning",
     where="Megatron-LM megatron/training/arguments.py:906-913 [V] (silently disables SP)",
     applies=lambda ctx: ctx.spec.parallel.sp is True,
@@ -24,7 +25,7 @@ def sp_needs_tp(ctx: Context, lay: Layout) -> str | None:
 
 @rule(
     "moe-tp-needs-sp",
-    axes=("tp", "sp"),
+    axes=(Axis.TP, Axis.SP),
     where="[V] megatron/core/transformer/moe/moe_layer.py:379-383 (ValueError at the first training forward)",
     applies=lambda ctx: ctx.has_moe,
     fails="pattern with E, tp=2, sp=false",
@@ -40,7 +41,7 @@ def moe_tp_needs_sp(ctx: Context, lay: Layout) -> str | None:
 
 @rule(
     "sp-needs-te-norm",
-    axes=("tp", "sp"),
+    axes=(Axis.TP, Axis.SP),
     where="[V] megatron/core/transformer/torch_norm.py:32",
     applies=lambda ctx: not ctx.te,
     fails="sp=true, backend.transformer_engine=false",
@@ -55,7 +56,7 @@ def sp_needs_te_norm(ctx: Context, lay: Layout) -> str | None:
 
 @rule(
     "sp-divides-sequence",
-    axes=("tp", "cp", "sp"),
+    axes=(Axis.TP, Axis.CP, Axis.SP),
     where="[V] megatron/core/tensor_parallel/mappings.py:70,174",
     fails="seq_length=1000, cp=1, tp=16, sp",
     passes="tp=8",
@@ -70,7 +71,7 @@ def sp_divides_sequence(ctx: Context, lay: Layout) -> str | None:
 
 @rule(
     "cp-divides-sequence",
-    axes=("cp",),
+    axes=(Axis.CP,),
     where="Megatron-LM megatron/training/arguments.py:817-820 [V]",
     fails="seq_length=1000, cp=8",
     passes="cp=4 (1000 % 8 == 0)",
@@ -84,7 +85,7 @@ def cp_divides_sequence(ctx: Context, lay: Layout) -> str | None:
 
 @rule(
     "cp-needs-te",
-    axes=("cp",),
+    axes=(Axis.CP,),
     where="[V] megatron/core/transformer/dot_product_attention.py:57-59",
     applies=lambda ctx: "A" in ctx.letters and not ctx.te,
     fails="cp=2, backend.transformer_engine=false",
@@ -99,7 +100,7 @@ def cp_needs_te(ctx: Context, lay: Layout) -> str | None:
 
 @rule(
     "recurrent-no-cp",
-    axes=("cp",),
+    axes=(Axis.CP,),
     where="DESIGN.md block R: state-bearing recurrence has no state hand-off between CP ranks",
     applies=lambda ctx: "R" in ctx.letters,
     fails="pattern with R, cp=2",
@@ -114,7 +115,7 @@ def recurrent_no_cp(ctx: Context, lay: Layout) -> str | None:
 
 @rule(
     "mamba-cp-heads",
-    axes=("tp", "cp"),
+    axes=(Axis.TP, Axis.CP),
     where="[V] megatron/core/ssm/mamba_context_parallel.py:99-101",
     applies=lambda ctx: "M" in ctx.letters,
     fails="mamba heads=64, tp=8, cp=16",
@@ -130,7 +131,7 @@ def mamba_cp_heads(ctx: Context, lay: Layout) -> str | None:
 
 @rule(
     "mamba-cp-groups",
-    axes=("tp", "cp"),
+    axes=(Axis.TP, Axis.CP),
     where="[V] megatron/core/ssm/mamba_context_parallel.py:111-124",
     applies=lambda ctx: "M" in ctx.letters,
     fails="mamba.num_groups=8, tp=2, cp=3",

@@ -13,7 +13,7 @@ def host_probe(device: torch.device, ops: int = 1000, rounds: int = 7) -> dict:
     """How fast this host issues GPU work: its CPU's model name and the median host time per tiny
     CUDA op (an in-place add on one element, queued without waiting for it), over `rounds` rounds
     of `ops` ops. Every rank probes at once, sharing the host as in training. A step whose time is
-    mostly per-block overhead (planner/cost/model.py's host-bound share) moves with this number."""
+    mostly per-block overhead (the per-block host time of planner/cost/step.py) moves with this number."""
     x = torch.zeros(1, device=device)
     per_op = []
     for _ in range(rounds):

@@ -1,0 +1,54 @@
+"""The cluster profile file: what `megacpp calibrate` writes and `megacpp plan --profile` reads."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+from megacpp.planner.cost.coefficients import DEFAULT_EFFICIENCY, Efficiency
+from megacpp.planner.errors import PlanError
+
+PROFILE_SCHEMA = "megacpp.profile/2"
+
+
+def profile_document(cluster: str, te: bool, eff: Efficiency, share: float | None, *, tied: list[str], determined: bool,
+                     fitted_on: list[dict[str, Any]], leave_one_out: list[dict[str, Any]]) -> dict[str, Any]:
+    """The profile of a fit `eff` of one cluster's runs: what a plan reads back (the overheads, the
+    small kernels' traffic, the synchronised share where one was chosen) and the fit's report."""
+    return {
+        "schema": PROFILE_SCHEMA,
+        "cluster": cluster,
+        "transformer_engine": te,
+        "block_overhead_s": {letter: round(v, 6) for letter, v in (eff.te_block_overhead_s if te else eff.block_overhead_s)},
+        "small_kernel_traffic": round(eff.traffic(te), 4),
+        # how host time and GPU time compose (cost.step.exposed_host_seconds)
+        "composition": "longer of host and GPU" if te else "added",
+        # the share of the shorter that adds on ranks with E blocks (cost.step.exposed_host_seconds),
+        # chosen by the runs left out one at a time (calibrate.fit.sync_share)
+        **({"synchronised_share": share} if share is not None else {}),
+        "tied": tied,
+        "determined": determined,
+        "fitted_on": fitted_on,
+        "leave_one_out": leave_one_out,
+    }
+
+
+def efficiency_from_profile(profile: dict[str, Any]) -> Efficiency:
+    """The default factors with a profile's overheads, traffic and synchronised share in place."""
+    if not isinstance(profile, dict) or profile.get("schema") != PROFILE_SCHEMA:
+        raise PlanError(f"not a megacpp cluster profile: expected \"schema\": \"{PROFILE_SCHEMA}\" (made by `megacpp calibrate`)")
+    overheads = profile.get("block_overhead_s")
+    if not isinstance(overheads, dict) or not all(isinstance(v, (int, float)) and v >= 0 for v in overheads.values()):
+        raise PlanError("malformed cluster profile: 'block_overhead_s' must map block letters to seconds >= 0")
+    te = bool(profile.get("transformer_engine"))
+    traffic = profile.get("small_kernel_traffic", DEFAULT_EFFICIENCY.traffic(te))  # profiles made before it: the default
+    if not isinstance(traffic, (int, float)) or traffic < 0:
+        raise PlanError("malformed cluster profile: 'small_kernel_traffic' must be a number >= 0")
+    share = profile.get("synchronised_share", DEFAULT_EFFICIENCY.te_sync_exposed)  # profiles made before it: the default
+    if not isinstance(share, (int, float)) or not 0 <= share <= 1:
+        raise PlanError("malformed cluster profile: 'synchronised_share' must be a number from 0 to 1")
+    table = "te_block_overhead_s" if te else "block_overhead_s"
+    merged = {**dict(getattr(DEFAULT_EFFICIENCY, table)), **{str(k): float(v) for k, v in overheads.items()}}
+    return replace(DEFAULT_EFFICIENCY, **{table: tuple(sorted(merged.items())),
+                                          "te_small_kernel_traffic" if te else "small_kernel_traffic": float(traffic),
+                                          "te_sync_exposed": float(share)})

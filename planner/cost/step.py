@@ -1,0 +1,264 @@
+"""Step time of one layout on its busiest pipeline rank, term by term.
+
+Per micro-batch: the matmuls and the unfused softmax (from the preset's measured kernel-rate
+table, else FLOPs at MAMF and bytes at HBM bandwidth), the small kernels (norms, activations,
+rotary, casts) as HBM traffic, the weight gradients' accumulation, and the per-block host time,
+added whole for megatron-core's local modules and overlapping the GPU under Transformer Engine.
+Per step: those over the pipeline's micro-batch slots, the communication each axis exposes, and
+the optimizer step. The fitted numbers are in cost.coefficients; how they were measured, in
+benchmarks/evidence/cost_model_notes.md.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+from megacpp.planner.axes import Axis
+from megacpp.planner.cost.blocks import (
+    BF16,
+    block_activation_bytes,
+    block_flops,
+    block_gemms,
+    head_flops,
+    head_gemms,
+    micro_batch_tokens,
+    unfused_scores,
+)
+from megacpp.planner.cost.coefficients import CP_STEP, DEFAULT_EFFICIENCY, EXPERT, Efficiency
+from megacpp.planner.cost.communication import Comm, communication
+from megacpp.planner.cost.kernel_rates import kernel_rates
+from megacpp.planner.cost.memory import GIB, StageMemory, rank_stages, stage_memory
+from megacpp.planner.search.layout import Context, Layout
+from megacpp.planner.search.stages import Stage
+
+# HBM traffic of the unfused softmax path per attention score, for presets without a kernel-rate
+# table: the torch ops of megatron-core's FusedScaleMaskSoftmax.forward_torch_softmax as
+# DotProductAttention configures it (no scale unless apply_query_key_layer_scaling): forward reads
+# bf16 scores and writes fp32 (6), masks in place (8), softmax (8) and casts back (6); backward
+# runs the chain in reverse, softmax backward reading the gradient and the output (6 + 12 + 8 + 6).
+UNFUSED_SOFTMAX_BYTES_FORWARD = 28.0
+UNFUSED_SOFTMAX_BYTES_BACKWARD = 32.0
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """What one layout costs: per-stage memory, per-axis communication and the step's time."""
+
+    memory: list[StageMemory]
+    communication: list[Comm]
+    step_seconds: float
+    compute_seconds: float
+    bubble_fraction: float
+    tokens_per_second: float
+    mfu: float
+    # step_seconds by term on the busiest pipeline rank; the terms add up to the step
+    breakdown: tuple[tuple[str, float], ...] = ()
+    # the busiest rank's per-block host time over the step's micro-batches, hidden or not: under
+    # TE only its excess over the GPU time is in the breakdown (exposed_host_seconds)
+    host_seconds: float = 0.0
+    # the part of host_seconds that the local experts' own host work takes (EXPERT; TE only)
+    expert_host_seconds: float = 0.0
+
+    @property
+    def peak_gib(self) -> float:
+        return max(m.total_gib for m in self.memory)
+
+
+# collectives inside every micro-batch, against the data-parallel ones once per step
+PER_MICRO_BATCH_AXES = (Axis.TP, Axis.CP, Axis.EP, Axis.ETP, Axis.PP)
+
+
+def matmul_seconds(ctx: Context, lay: Layout, letter: str, eff: Efficiency, load: float = 1.0) -> float:
+    """GPU seconds of one block's matmuls ("head": the output layer) per micro-batch on one rank,
+    forward and backward plus what recompute repeats: from the preset's measured kernel-rate table
+    (planner/cost/kernel_rates.py) in bf16, else FLOPs at MAMF x Efficiency.matmul."""
+    c = ctx.cluster
+    fp8 = ctx.spec.training.precision == "fp8"
+    rate = (c.mamf_fp8_tflops if fp8 else c.mamf_bf16_tflops) * 1e12 * eff.matmul
+    recompute = ctx.spec.training.recompute
+    again = gpu_repeats(recompute)
+    if letter == "head":
+        gemms = head_gemms(ctx, lay)
+        again = 1.0  # the output layer is outside the recomputed blocks
+    else:
+        gemms = block_gemms(ctx, letter, lay, load)
+    rates = kernel_rates(c.name)
+    if rates is None or fp8:
+        return 3 * gemms.flops * again / rate
+    linears = sum(n * rates.linear_seconds(m, k, nn) for m, k, nn, n in gemms.linears)
+    linears += sum(rates.grouped_linear_seconds(g, m, k, n) for m, k, n, g in gemms.grouped)
+    attention = rates.attention_seconds(*gemms.attention) if gemms.attention else 0.0
+    fused = rates.fused_attention_seconds(*gemms.fused_attention) if gemms.fused_attention else None
+    attention_again = 4 / 3 if recompute != "none" else 1.0  # selective recompute repeats core attention
+    if gemms.recurrence:
+        other = rates.recurrence_seconds(*gemms.recurrence)
+    elif gemms.ssd and (scan := rates.ssd_seconds(*gemms.ssd)) is not None:
+        other = scan
+    elif fused is not None:  # TE's fused core attention, timed instead of priced by its FLOPs
+        other, attention = 0.0, fused
+    else:  # a table without SSD or fused-attention rows
+        other = 3 * gemms.other_flops / rate
+    return (linears + other) * again + attention * attention_again
+
+
+def softmax_seconds(ctx: Context, lay: Layout, eff: Efficiency) -> float:
+    """GPU seconds of one unfused attention's softmax chain per micro-batch on one rank, forward and
+    backward plus the forward recompute repeats (0 with TE's fused attention): from the preset's
+    kernel-rate table, else its HBM traffic at HBM x Efficiency.hbm."""
+    scores = unfused_scores(ctx, lay)
+    if not scores:
+        return 0.0
+    forwards = 1 if ctx.spec.training.recompute == "none" else 2  # selective and full recompute repeat it
+    rates = kernel_rates(ctx.cluster.name)
+    if rates is not None:
+        heads = ctx.spec.model.attention.num_heads  # type: ignore[union-attr]
+        return rates.softmax_seconds(lay.micro_batch_size * heads // lay.tp, ctx.seq // lay.cp, forwards)
+    traffic = scores * (forwards * UNFUSED_SOFTMAX_BYTES_FORWARD + UNFUSED_SOFTMAX_BYTES_BACKWARD)
+    return traffic / (ctx.cluster.hbm_tbps * 1e12 * eff.hbm)
+
+
+def small_kernel_seconds(ctx: Context, lay: Layout, blocks: str, load: float = 1.0) -> float:
+    """Seconds of one micro-batch's small kernels on one rank per unit of Efficiency.traffic: the
+    blocks' saved activation bytes (as without recompute; block_activation_bytes) over HBM
+    bandwidth. Those kernels read and write tensors of the activations' sizes, so their time
+    follows the tokens of a micro-batch, not the micro-batch count."""
+    saved = sum(n * block_activation_bytes(ctx, letter, lay, load, recompute="none") for letter, n in Counter(blocks).items())
+    return saved * micro_batch_tokens(ctx, lay) / (ctx.cluster.hbm_tbps * 1e12)
+
+
+def gpu_repeats(recompute: str) -> float:
+    """A block's forward + backward GPU work under a recompute mode, in units of it without
+    recompute: full recompute runs every forward again (forward 1, backward 2, so 4/3)."""
+    return 4 / 3 if recompute == "full" else 1.0
+
+
+def host_repeats(recompute: str, te: bool) -> float:
+    """The per-block overhead of one micro-batch under a recompute mode, in units of its overhead
+    without recompute. Full recompute runs every forward again: 4/3 for the local modules, whose
+    overheads hold their small kernels' GPU time too. Under TE, where the overhead is host time, it
+    is not repeated: the first forward runs without autograd, which records nothing for the
+    backward, and a step under full recompute measured no more host time than one without."""
+    return 1.0 if te else gpu_repeats(recompute)
+
+
+def host_units(ctx: Context, lay: Layout, blocks: str) -> Counter[str]:
+    """What one micro-batch's host time is counted in on a rank: its blocks per letter and, under
+    Transformer Engine, the local experts of its E blocks (EXPERT) and, under context parallelism,
+    each A block's ring steps beyond the first (CP_STEP), each at its overhead
+    (Efficiency.overhead)."""
+    units = Counter(blocks)
+    if ctx.te and units["E"]:
+        units[EXPERT] = units["E"] * ctx.spec.model.moe.num_experts // lay.ep  # type: ignore[union-attr]
+    if ctx.te and units["A"] and lay.cp > 1:
+        units[CP_STEP] = units["A"] * (lay.cp - 1)
+    return units
+
+
+def exposed_host_seconds(gpu: float, host: float, te: bool, synced: float = 0.0) -> float:
+    """The part of a micro-batch's per-block overhead (`host`) that adds to its GPU time (`gpu`).
+
+    With Transformer Engine the small kernels' GPU time is a term of its own, so what the overhead
+    holds is host time (Python, launches, the dispatcher's synchronisation), and the host queues
+    kernels ahead of the GPU: a micro-batch takes the longer of the two, and only the host's excess
+    shows. Where the host waits for the GPU inside the micro-batch (`synced`:
+    Efficiency.te_sync_exposed for ranks with E blocks) that share of the shorter of the two shows
+    as well. The local modules' overheads also hold their small kernels' GPU time (their traffic
+    is 0), so there the whole overhead adds."""
+    return max(host - gpu, 0.0) + synced * min(host, gpu) if te else host
+
+
+def optimizer_seconds(ctx: Context, stage: StageMemory, eff: Efficiency) -> float:
+    """One optimizer step of a stage's rank: its optimizer state (fp32 main parameters and Adam
+    moments, sharded with the distributed optimizer) read and written, with the gradients and
+    the bf16 parameters, at HBM bandwidth (Efficiency.optimizer); with TE, or the host's work
+    per parameter tensor where that is longer (Efficiency.optimizer_tensor_s: hundreds of small
+    expert weights)."""
+    traffic, fixed = eff.optimizer(ctx.te)
+    state = stage.optimizer_gib * GIB * traffic / (ctx.cluster.hbm_tbps * 1e12)
+    host = stage.param_tensors * eff.optimizer_tensor_s if ctx.te else 0.0
+    return max(state, host) + fixed
+
+
+def grad_accumulation_seconds(ctx: Context, stage: StageMemory, eff: Efficiency) -> float:
+    """One micro-batch's weight gradients of a stage's rank added into the gradient buffer
+    at the rate measured on the preset's GPU (Cluster.grad_accumulation_tbps), else at
+    Efficiency.grad_accumulation_hbm of its HBM bandwidth: the buffer read and written, the bf16
+    gradient read. Without gradient-accumulation fusion (it needs Apex) megatron-core's DDP hook
+    adds each bf16 weight gradient into the fp32 main_grad (distributed_data_parallel.py:
+    param.main_grad.add_(param.grad.data)), one add per weight per micro-batch."""
+    moved = 2 * stage.gradients_gib * GIB + BF16 * stage.params
+    rate = ctx.cluster.grad_accumulation_tbps or ctx.cluster.hbm_tbps * eff.grad_accumulation_hbm
+    return moved / (rate * 1e12)
+
+
+def estimate(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency = DEFAULT_EFFICIENCY,
+             load: float = 1.0) -> Estimate:
+    """Memory, communication and step time of one legal layout; `load` > 1 prices the busiest
+    expert-parallel rank under routing imbalance (blocks.routed_load)."""
+    mem = stage_memory(ctx, lay, stages, eff, load)
+    precision = ctx.spec.training.precision
+    c = ctx.cluster
+    per_letter = {letter: block_flops(ctx, letter, load) for letter in ctx.letters}
+    matmul = {letter: matmul_seconds(ctx, lay, letter, eff, load) for letter in [*ctx.letters, "head"]}
+    softmax = softmax_seconds(ctx, lay, eff)
+    # (matmul, softmax, exposed block overhead, small kernels, gradient accumulation, host, the
+    # local experts' host) per micro-batch on each pipeline rank
+    per_rank = []
+    for p in range(lay.pp):
+        mine = rank_stages(stages, p)
+        blocks = "".join(st.blocks for st in mine)
+        head = any(st.output_head for st in mine)
+        gemm = sum(matmul[letter] for letter in blocks) + (matmul["head"] if head else 0.0)
+        units = host_units(ctx, lay, blocks)
+        repeats = host_repeats(ctx.spec.training.recompute, ctx.te)
+        host = sum(n * eff.overhead(key, ctx.te) for key, n in units.items()) * repeats
+        experts = units[EXPERT] * eff.overhead(EXPERT, ctx.te) * repeats
+        traffic = eff.traffic(ctx.te)
+        small = traffic * small_kernel_seconds(ctx, lay, blocks, load) * gpu_repeats(ctx.spec.training.recompute) if traffic else 0.0
+        scores = blocks.count("A") * softmax
+        accumulate = grad_accumulation_seconds(ctx, mem[p], eff)
+        synced = eff.te_sync_exposed if "E" in blocks else 0.0
+        per_rank.append((gemm, scores, exposed_host_seconds(gemm + scores + small + accumulate, host, ctx.te, synced), small, accumulate,
+                         host, experts))
+    *terms, host, experts = max(per_rank, key=lambda r: sum(r[:5]))
+    t_mb = sum(terms)
+    gpu_mb = terms[0] + terms[1] + terms[3] + terms[4]
+    # forward 1, backward 2 (+1 recomputed); the gradients accumulate in the backward
+    forward = (gpu_mb - terms[4]) / (3 * gpu_repeats(ctx.spec.training.recompute))
+    comms = communication(ctx, lay, stages, mem, eff, load, window=(forward, gpu_mb - forward))
+    m = lay.num_microbatches
+    pipeline_units = m + (lay.pp - 1) / lay.vpp
+    compute = pipeline_units * t_mb
+    per_mb_comm = sum(x.exposed_seconds for x in comms if x.axis in PER_MICRO_BATCH_AXES) / m
+    data_parallel = sum(x.exposed_seconds for x in comms if x.axis in (Axis.DP, Axis.EDP))
+    optimizer = max(optimizer_seconds(ctx, stage, eff) for stage in mem)  # the stages step at once
+    step = pipeline_units * (t_mb + per_mb_comm) + data_parallel + optimizer
+    bubble = (lay.pp - 1) / lay.vpp / pipeline_units
+    breakdown = (
+        ("matmul", m * terms[0]),
+        ("softmax", m * terms[1]),
+        ("block_overhead", m * terms[2]),
+        ("small_kernels", m * terms[3]),
+        ("grad_accumulation", m * terms[4]),
+        ("communication", m * per_mb_comm),
+        ("bubble", (pipeline_units - m) * (t_mb + per_mb_comm)),
+        ("data_parallel", data_parallel),
+        ("optimizer", optimizer),
+    )
+    gbs_tokens = ctx.spec.training.global_batch_size * ctx.seq
+    useful = per_letter if load == 1 else {letter: block_flops(ctx, letter) for letter in ctx.letters}
+    model_flops = 3 * gbs_tokens * (sum(n * useful[b] for b, n in Counter(ctx.pattern.blocks).items()) + head_flops(ctx))
+    peak = (c.fp8_tflops if precision == "fp8" else c.bf16_tflops) * 1e12
+    return Estimate(
+        memory=mem,
+        communication=comms,
+        step_seconds=step,
+        compute_seconds=compute,
+        bubble_fraction=bubble,
+        tokens_per_second=gbs_tokens / step,
+        mfu=model_flops / (step * ctx.world * peak),
+        breakdown=breakdown,
+        host_seconds=lay.num_microbatches * host,
+        expert_host_seconds=lay.num_microbatches * experts,
+    )

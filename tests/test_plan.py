@@ -1,0 +1,113 @@
+"""The typed plan: read once, written back byte for byte, the profile that priced it, one axis vocabulary."""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import replace
+from functools import cache
+from typing import Any
+
+import pytest
+
+from megacpp.planner.axes import Axis
+from megacpp.planner.cost.coefficients import DEFAULT_EFFICIENCY
+from megacpp.planner.errors import PlanError
+from megacpp.planner.explain import explain_layout
+from megacpp.planner.plan import DEFAULTS, Plan, Profile, build_plan
+from megacpp.planner.search.layout import Layout
+from megacpp.planner.spec.loading import load_spec_text
+from megacpp.planner.validation import validate_plan
+from megacpp.recipes import recipe_text
+
+# a profile as `megacpp calibrate` would fit it on a slow host: every TE block's overhead doubled
+SLOW = replace(DEFAULT_EFFICIENCY, te_block_overhead_s=tuple((k, 2 * v) for k, v in DEFAULT_EFFICIENCY.te_block_overhead_s),
+               te_sync_exposed=0.8)
+
+
+@cache
+def _text(recipe: str, *overrides: str) -> str:
+    """A plan as `megacpp plan --out` writes it."""
+    plan = build_plan(load_spec_text(recipe_text(recipe), overrides=list(overrides)), top=3)
+    return json.dumps(plan.to_json_dict(), indent=2)
+
+
+def _doc(recipe: str, *overrides: str) -> dict[str, Any]:
+    return json.loads(_text(recipe, *overrides))
+
+
+@pytest.mark.parametrize("recipe,overrides", [("qwen-moe-style", ()), ("mixtral-8x7b", ("model.moe.imbalance=1.5",)),
+                                              ("gb10-hybrid-small", ())])
+def test_a_plan_file_reads_back_to_the_same_bytes(recipe, overrides):
+    text = _text(recipe, *overrides)
+    plan = Plan.from_json_dict(json.loads(text))
+    assert json.dumps(plan.to_json_dict(), indent=2) == text
+    cand = plan.candidates[0]
+    assert isinstance(cand.layout, Layout) and cand.layout.world == plan.world_size
+    assert cand.time.step_seconds > 0 and cand.memory.per_stage[0].total_gib > 0
+    assert plan.context.spec == plan.spec_model and plan.spec_model.name == plan.spec["name"]
+    if overrides:  # the moe.imbalance band's keys are there only when the band is
+        assert cand.memory.peak_gib_high is not None and "total_gib_high" in json.loads(text)["candidates"][0]["memory"]["per_stage"][0]
+    else:
+        assert "peak_gib_high" not in json.loads(text)["candidates"][0]["memory"]
+
+
+def test_the_plan_records_the_profile_after_the_cluster():
+    doc = _doc("qwen-moe-style")
+    assert list(doc)[:4] == ["schema", "spec", "cluster", "profile"]
+    assert doc["profile"] == {"source": "defaults", "factors": {}}
+    spec = load_spec_text(recipe_text("qwen-moe-style"))
+    profiled = build_plan(spec, top=1, profile=Profile.of(SLOW, source="slow.json")).to_json_dict()["profile"]
+    assert profiled["source"] == "slow.json" and profiled["factors"]["te_sync_exposed"] == 0.8
+    assert Plan.from_json_dict(_doc("qwen-moe-style") | {"profile": profiled}).efficiency == SLOW
+
+
+def test_a_plan_made_before_the_profile_was_recorded_is_priced_with_the_defaults():
+    doc = _doc("qwen-moe-style")
+    del doc["profile"]
+    plan = Plan.from_json_dict(doc)
+    assert plan.profile == DEFAULTS and plan.efficiency == DEFAULT_EFFICIENCY
+    assert explain_layout(plan)["why_not"]
+
+
+def test_why_not_rows_are_priced_with_the_profile_that_priced_the_plan():
+    spec = load_spec_text(recipe_text("qwen-moe-style"))
+    plain = build_plan(spec, top=1)
+    slow = Plan.from_json_dict(json.loads(json.dumps(build_plan(spec, top=1, profile=Profile.of(SLOW, "slow.json")).to_json_dict())))
+    assert slow.candidates[0].layout == plain.candidates[0].layout
+    assert slow.candidates[0].time.step_seconds > plain.candidates[0].time.step_seconds
+    rows = {(w["axis"], w["value"]): w for w in explain_layout(plain)["why_not"] if w["verdict"] != "rejected"}
+    slow_rows = {(w["axis"], w["value"]): w for w in explain_layout(slow)["why_not"] if w["verdict"] != "rejected"}
+    shared = rows.keys() & slow_rows.keys()
+    assert shared
+    assert all(slow_rows[k]["step_seconds"] > rows[k]["step_seconds"] for k in shared)
+
+
+@pytest.mark.parametrize("edit,where", [
+    (lambda d: d["candidates"][0]["layout"].update(tp="2"), "candidates.0.layout.tp"),
+    (lambda d: d["candidates"][0]["layout"].update(tp=0), "candidates.0.layout.tp"),
+    (lambda d: d["candidates"][0]["layout"].update(sp=1), "candidates.0.layout.sp"),
+    (lambda d: d["candidates"][0]["layout"].update(tpp=2), "candidates.0.layout.tpp"),
+    (lambda d: d["candidates"][0]["split"].update(kind="diagonal"), "candidates.0.split.kind"),
+    (lambda d: d["candidates"][0]["time"].pop("step_seconds"), "candidates.0.time.step_seconds"),
+    (lambda d: d["candidates"][0]["communication"][0].update(axis="xp"), "candidates.0.communication.0.axis"),
+    (lambda d: d["profile"]["factors"].update(te_sync_exposd=0.5), "profile.factors"),
+])
+def test_a_malformed_plan_names_the_key(edit, where):
+    doc = copy.deepcopy(_doc("qwen-moe-style"))
+    edit(doc)
+    with pytest.raises(PlanError, match=rf"malformed plan file: {where}\b"):
+        Plan.from_json_dict(doc)
+
+
+def test_a_plan_whose_layout_no_longer_passes_is_invalid_not_malformed():
+    doc = _doc("qwen-moe-style")
+    doc["candidates"][0]["layout"]["ep"] = 3  # edp stays as it was: it is derived, never read
+    result = validate_plan(Plan.from_json_dict(doc))
+    assert not result["valid"] and any("ep-divides-experts" in e for e in result["errors"])
+
+
+def test_an_axis_is_its_name():
+    assert f"{Axis.TP}{2}" == "tp2" and str(Axis.EDP) == "edp"
+    assert {"tp": 1}[Axis.TP] == 1 and json.dumps({Axis.CP: Axis.CP}) == '{"cp": "cp"}'
+    assert Layout(tp=2, dp=4, sp=True).degree(Axis.SP) == 2 and Layout(tp=2, dp=4).degree(Axis.EDP) == 8
