@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 import tracemalloc
 from pathlib import Path
@@ -118,3 +121,123 @@ def test_saved_plan_with_a_byte_order_mark_is_read_as_a_plan(tmp_path: Path) -> 
     result = _cli("validate", str(plan), "--format", "json")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "re-checked against the embedded spec" in result.stdout
+
+
+@pytest.mark.parametrize("content", ["[]", '{"runs": [1]}', '{"runs": []}', '"text"'])
+def test_calibrate_on_what_is_not_runs_is_one_line(tmp_path: Path, content: str) -> None:
+    bad = tmp_path / "runs.json"
+    bad.write_text(content)
+    result = _cli("calibrate", str(bad), str(bad))
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def _profile(tmp_path: Path, **changes: object) -> Path:
+    from megacpp.planner.calibrate.profile import PROFILE_SCHEMA
+
+    doc = {"schema": PROFILE_SCHEMA, "cluster": "h200-sxm-8", "transformer_engine": False,
+           "block_overhead_s": {"A": 0.001, "D": 0.002}, **changes}
+    path = tmp_path / "profile.json"
+    path.write_text(json.dumps(doc))
+    return path
+
+
+@pytest.mark.parametrize("changes", [{"block_overhead_s": {"A": 1e308}}, {"small_kernel_traffic": 1e308},
+                                     {"synchronised_share": float("nan")}])
+def test_a_profile_with_absurd_numbers_is_refused(tmp_path: Path, changes: dict) -> None:
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(TINY_YAML)
+    result = _cli("plan", str(spec), "--json", "--profile", str(_profile(tmp_path, **changes)))
+    assert result.returncode == 1 and "malformed cluster profile" in result.stderr
+    assert "Infinity" not in result.stdout and "NaN" not in result.stdout
+
+
+def test_a_profile_of_another_cluster_is_refused(tmp_path: Path) -> None:
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(TINY_YAML.replace("h200-sxm-8", "h100-sxm-8"))
+    result = _cli("plan", str(spec), "--profile", str(_profile(tmp_path)))
+    assert result.returncode == 1
+    assert "fitted on cluster 'h200-sxm-8'" in result.stderr and "'h100-sxm-8'" in result.stderr
+
+
+def test_out_is_replaced_whole_while_a_reader_reads(tmp_path: Path) -> None:
+    from megacpp.runtime.cli.executors import write_atomically
+
+    out = tmp_path / "plan.json"
+    versions = ["a" * 200_000 + "\n", "b" * 300_000 + "\n"]
+    write_atomically(out, versions[0])
+    seen: set[int] = set()
+    stop = threading.Event()
+
+    def read() -> None:
+        while not stop.is_set():
+            seen.add(len(out.read_text()))
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    for i in range(200):
+        write_atomically(out, versions[i % 2])
+    stop.set()
+    reader.join()
+    assert seen <= {len(v) for v in versions}
+    assert [p.name for p in tmp_path.iterdir()] == ["plan.json"]
+
+
+def test_sigterm_to_megacpp_ends_the_whole_local_job(tmp_path: Path) -> None:
+    """The launch script's children (torchrun and its ranks in a real job) end with megacpp."""
+    pid_file = tmp_path / "child.pid"
+    script = tmp_path / "launch.sh"
+    script.write_text(f"sleep 300 &\necho $! > {pid_file}\nwait\n")
+    driver = subprocess.Popen([sys.executable, "-c", (
+        "import sys; from pathlib import Path; from megacpp.runtime.cli import executors\n"
+        "try:\n    executors.run_torchrun(Path(sys.argv[1]))\n"
+        "except executors.Stopped as stop:\n    sys.exit(128 + stop.signum)\n"), str(script)])
+    deadline = time.monotonic() + 20
+    while not pid_file.exists() or not pid_file.read_text().strip():
+        assert time.monotonic() < deadline, "the launch script never started"
+        time.sleep(0.05)
+    child = int(pid_file.read_text())
+    driver.send_signal(signal.SIGTERM)
+    assert driver.wait(timeout=20) == 128 + signal.SIGTERM
+    assert _ended(child)
+
+
+def _ended(pid: int, wait_s: float = 5.0) -> bool:
+    """The process is gone, or a zombie waiting for a parent that does not reap it."""
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, ProcessLookupError):
+            return True
+        if state in ("Z", "X"):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_slurm_job_id_is_used_only_as_a_number() -> None:
+    from megacpp.planner.megatron.render import RenderOptions, render_launch
+    from megacpp.planner.plan import build_plan
+
+    plan = build_plan(load_spec_text(TINY_YAML), top=1)
+    script = render_launch(plan, RenderOptions(target="slurm", engine="megatron-lm"))["job.sbatch"]
+    guard = script.index('case "$SLURM_JOB_ID" in')
+    assert guard < script.index("SLURM_JOB_ID %")
+    poisoned = subprocess.run(["bash", "-c", script[guard: script.index("\n", guard)] + "\necho reached"],
+                              env={**os.environ, "SLURM_JOB_ID": "a[$(touch /tmp/megacpp-injected)]"},
+                              capture_output=True, text=True)
+    assert poisoned.returncode == 1 and "reached" not in poisoned.stdout
+    assert not Path("/tmp/megacpp-injected").exists()
+
+
+def test_top_1_router_renders_pre_softmax() -> None:
+    from megacpp.planner.megatron.render import RenderOptions, render_launch
+    from megacpp.planner.plan import build_plan
+    from tests.conftest import TINY_MOE
+
+    spec = yaml.safe_dump({**TINY_MOE, "model": {**TINY_MOE["model"], "moe": {**TINY_MOE["model"]["moe"], "top_k": 1}}})
+    plan = build_plan(load_spec_text(spec), top=1)
+    script = render_launch(plan, RenderOptions(target="torchrun", engine="megatron-lm"))["launch.sh"]
+    assert "--moe-router-topk 1" in script and "--moe-router-pre-softmax" in script

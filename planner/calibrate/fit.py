@@ -241,6 +241,9 @@ def sync_share(observations: list[Observation]) -> tuple[float | None, list[dict
 def calibrate(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """The profile document: fitted overheads (and, for MoE runs under TE, the synchronised
     share), fit residuals and leave-one-out errors."""
+    if len(runs) < 2:
+        raise PlanError(f"calibrate needs at least two measured runs, got {len(runs)}; pass run reports "
+                        "(report.json from `megacpp launch --engine megacpp`, or a gpu_runs file)")
     observations = [observe(r) for r in runs]
     clusters = sorted({o.cluster for o in observations})
     if len(clusters) > 1:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from typing import Any
 
@@ -9,6 +10,13 @@ from megacpp.planner.cost.coefficients import DEFAULT_EFFICIENCY, Efficiency
 from megacpp.planner.errors import PlanError
 
 PROFILE_SCHEMA = "megacpp.profile/2"
+# a block's host time per micro-batch is milliseconds; beyond this a profile is corrupt, not slow
+MAX_OVERHEAD_S = 10.0
+MAX_TRAFFIC = 1000.0
+
+
+def _number(value: Any, low: float, high: float) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and low <= value <= high
 
 
 def profile_document(cluster: str, te: bool, eff: Efficiency, share: float | None, *, tied: list[str], determined: bool,
@@ -38,17 +46,25 @@ def efficiency_from_profile(profile: dict[str, Any]) -> Efficiency:
     if not isinstance(profile, dict) or profile.get("schema") != PROFILE_SCHEMA:
         raise PlanError(f"not a megacpp cluster profile: expected \"schema\": \"{PROFILE_SCHEMA}\" (made by `megacpp calibrate`)")
     overheads = profile.get("block_overhead_s")
-    if not isinstance(overheads, dict) or not all(isinstance(v, (int, float)) and v >= 0 for v in overheads.values()):
-        raise PlanError("malformed cluster profile: 'block_overhead_s' must map block letters to seconds >= 0")
+    if not isinstance(overheads, dict) or not all(_number(v, 0, MAX_OVERHEAD_S) for v in overheads.values()):
+        raise PlanError(f"malformed cluster profile: 'block_overhead_s' must map block letters to seconds from 0 to {MAX_OVERHEAD_S:g}")
     te = bool(profile.get("transformer_engine"))
     traffic = profile.get("small_kernel_traffic", DEFAULT_EFFICIENCY.traffic(te))  # profiles made before it: the default
-    if not isinstance(traffic, (int, float)) or traffic < 0:
-        raise PlanError("malformed cluster profile: 'small_kernel_traffic' must be a number >= 0")
+    if not _number(traffic, 0, MAX_TRAFFIC):
+        raise PlanError(f"malformed cluster profile: 'small_kernel_traffic' must be a number from 0 to {MAX_TRAFFIC:g}")
     share = profile.get("synchronised_share", DEFAULT_EFFICIENCY.te_sync_exposed)  # profiles made before it: the default
-    if not isinstance(share, (int, float)) or not 0 <= share <= 1:
+    if not _number(share, 0, 1):
         raise PlanError("malformed cluster profile: 'synchronised_share' must be a number from 0 to 1")
     table = "te_block_overhead_s" if te else "block_overhead_s"
     merged = {**dict(getattr(DEFAULT_EFFICIENCY, table)), **{str(k): float(v) for k, v in overheads.items()}}
     return replace(DEFAULT_EFFICIENCY, **{table: tuple(sorted(merged.items())),
                                           "te_small_kernel_traffic" if te else "small_kernel_traffic": float(traffic),
                                           "te_sync_exposed": float(share)})
+
+
+def check_profile_cluster(profile: dict[str, Any], cluster: str, source: str) -> None:
+    """A profile prices the cluster its runs ran on; planning another with it would mislead."""
+    fitted = profile.get("cluster")
+    if fitted != cluster:
+        raise PlanError(f"--profile {source}: fitted on cluster {fitted!r}, but the spec plans {cluster!r}; "
+                        "calibrate with this cluster's runs, or plan without --profile")

@@ -51,6 +51,8 @@ def run_spec(run: dict[str, Any]) -> Spec:
 
 def observe(run: dict[str, Any]) -> Observation:
     """Decompose one run report (with its spec) into the model's terms, for the backend that ran."""
+    if not isinstance(run, dict):
+        raise PlanError(f"not a run report: expected a JSON object with spec, layout and measured_step_seconds, got {str(run)[:60]!r}")
     for key in ("spec", "layout", "measured_step_seconds"):
         if run.get(key) is None:
             raise PlanError(f"run report {run.get('name', '?')}: missing '{key}'; reports from `megacpp launch --engine megacpp` carry it")

@@ -158,6 +158,8 @@ def megatron_args(ctx: Context, cand: Candidate, opts: TrainOptions) -> list[str
               "--moe-token-dispatcher-type", moe.dispatcher]
         if moe.dispatcher == "flex":
             a += ["--moe-flex-dispatcher-backend", moe.flex_backend]
+        if moe.top_k == 1:  # TransformerConfig refuses a softmax top-1 router otherwise (transformer_config.py:1634)
+            a.append("--moe-router-pre-softmax")
         if moe.shared_expert_ffn_hidden_size:
             a += ["--moe-shared-expert-intermediate-size", str(moe.shared_expert_ffn_hidden_size)]
         if moe.capacity_factor is not None:

@@ -59,16 +59,16 @@ def plan(
 ) -> None:
     """Solve a spec into every legal layout and rank them."""
     from megacpp.planner.plan import DEFAULTS, Plan, build_plan
-    from megacpp.runtime.cli import console
+    from megacpp.runtime.cli import console, executors
 
     loaded = _spec_or_plan(spec, set_, cluster, nodes)
     if isinstance(loaded, Plan):
         raise PlanError(f"{spec}: is already a plan; pass the spec YAML to re-plan, or use `megacpp explain layout {spec}`")
-    result = build_plan(loaded, top=top, profile=_read_profile(profile) if profile is not None else DEFAULTS)
+    result = build_plan(loaded, top=top, profile=_read_profile(profile, loaded) if profile is not None else DEFAULTS)
     text = json.dumps(result.to_json_dict(), indent=2)
     if out is not None:
         try:
-            out.write_text(text + "\n", encoding="utf-8")
+            executors.write_atomically(out, text + "\n")
         except OSError as exc:
             raise PlanError(f"--out {out}: cannot write ({exc.strerror})") from None
     if as_json:
@@ -108,21 +108,34 @@ def validate(
         raise typer.Exit(1)
 
 
+# run reports of a whole campaign run to a few MB
+MAX_JSON_BYTES = 256 << 20
+
+
 def _read_json(path: Path, what: str):
+    from megacpp.planner.spec.loading import one_line, read_capped
+
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise PlanError(f"{path}: no such {what} file") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise PlanError(f"{path}: not a readable JSON {what} ({exc})") from None
+        raw = read_capped(path, MAX_JSON_BYTES, f"a JSON {what}")
+    except SpecError as exc:
+        raise PlanError(str(exc)) from None
+    try:
+        return json.loads(raw.removeprefix(b"\xef\xbb\xbf"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PlanError(f"{path}: not a readable JSON {what} ({one_line(str(exc), 120)})") from None
+    except RecursionError:
+        raise PlanError(f"{path}: not a readable JSON {what} (nested too deeply)") from None
 
 
-def _read_profile(path: Path):
-    """The cluster profile at `path`, as the plan records it."""
-    from megacpp.planner.calibrate.profile import efficiency_from_profile
-    from megacpp.planner.plan import Profile
+def _read_profile(path: Path, spec):
+    """The cluster profile at `path`, as the plan records it; it must be the spec's cluster's."""
+    from megacpp.planner.calibrate.profile import check_profile_cluster, efficiency_from_profile
+    from megacpp.planner.plan import Profile, make_context
 
-    return Profile.of(efficiency_from_profile(_read_json(path, "cluster profile")), source=str(path))
+    doc = _read_json(path, "cluster profile")
+    eff = efficiency_from_profile(doc)
+    check_profile_cluster(doc, make_context(spec).cluster.name, str(path))
+    return Profile.of(eff, source=str(path))
 
 
 @app.command()
@@ -132,15 +145,19 @@ def calibrate(
 ) -> None:
     """Fit the cluster's per-block overheads (host, launch, synchronisation) from measured runs."""
     from megacpp.planner.calibrate.fit import calibrate as fit_profile
-    from megacpp.runtime.cli import console
+    from megacpp.runtime.cli import console, executors
 
     runs = []
     for path in reports:
         doc = _read_json(path, "run report")
-        runs.extend(doc["runs"] if isinstance(doc, dict) and isinstance(doc.get("runs"), list) else [doc])
+        runs.extend(doc["runs"] if isinstance(doc, dict) and isinstance(doc.get("runs"), list)
+                    else doc if isinstance(doc, list) else [doc])
     profile = fit_profile(runs)
     if out is not None:
-        out.write_text(json.dumps(profile, indent=2) + "\n", encoding="utf-8")
+        try:
+            executors.write_atomically(out, json.dumps(profile, indent=2) + "\n")
+        except OSError as exc:
+            raise PlanError(f"--out {out}: cannot write ({exc.strerror})") from None
     console.calibration_table(profile)
     if out is not None:
         console.err.print(f"wrote {out}; use it with `megacpp plan SPEC --profile {out}`")
@@ -193,7 +210,12 @@ def launch(
         console.print_json(files[script.name].rstrip("\n"))
         console.err.print(f"wrote {script} and {out / 'plan.json'} (dry run: nothing started)")
         return
-    code = executors.run_torchrun(script) if target == Target.torchrun else executors.submit_slurm(script)
+    try:
+        code = executors.run_torchrun(script) if target == Target.torchrun else executors.submit_slurm(script)
+    except executors.Stopped as stop:
+        ended = "its process group was ended" if target == Target.torchrun else "the Slurm job was cancelled"
+        console.error(f"stopped by {stop}: {ended}")
+        raise typer.Exit(128 + stop.signum) from None
     if code != 0:
         raise LaunchError(f"the job failed with exit code {code}; rank logs are under {out / 'logs'}" if target == Target.torchrun
                           else f"the Slurm job failed with exit code {code}; see the megacpp-*.log in {out}")
