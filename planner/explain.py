@@ -16,6 +16,7 @@ from megacpp.planner.search.layout import Context, Layout
 from megacpp.planner.search.ranks import process_groups, rank_coordinates
 from megacpp.planner.search.rules import check_layout, divisors
 from megacpp.planner.search.stages import assign_stages
+from megacpp.planner.validation import check_consistent
 
 # The split taxonomy (DESIGN.md): what each axis partitions, its main traffic, what it cannot fix.
 TAXONOMY = {
@@ -160,6 +161,7 @@ def explain_layout(plan: Plan, candidate: int = 0, rank: int | None = None) -> d
         raise PlanError("the plan has no legal layout to explain; `megacpp plan` shows what rejected them")
     if not 0 <= candidate < len(plan.candidates):
         raise PlanError(f"--candidate {candidate}: the plan keeps candidates 0..{len(plan.candidates) - 1}")
+    check_consistent(plan)
     cand = plan.candidates[candidate]
     ctx, lay = plan.context, cand.layout
     if rank is not None and not 0 <= rank < plan.world_size:

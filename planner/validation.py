@@ -4,10 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from megacpp.planner.errors import MegacppError
+from megacpp.planner.errors import MegacppError, PlanError
 from megacpp.planner.plan import Plan, build_plan, make_context
-from megacpp.planner.search.rules import check_layout
+from megacpp.planner.search.layout import Context, Layout
+from megacpp.planner.search.rules import applicable, check_layout
+from megacpp.planner.search.stages import assign_stages
 from megacpp.planner.spec.models import Spec
+
+# a layout that does not tile the world has no data-parallel size: rules past the grid are moot
+GRID_LEVEL = 3
 
 
 def _summary_of_rejection(plan: Plan) -> str:
@@ -24,9 +29,9 @@ def validate_spec(spec: Spec) -> dict[str, Any]:
     warnings = [n.message for n in plan.notes]
     if not plan.legal_count:
         if plan.considered == 1 and plan.rejected.examples:  # fully pinned: report every broken rule
-            lay = plan.rejected.examples[0].layout
-            broken = [f"{v.rule}: {v.message}" for v in check_layout(make_context(spec), lay) if v.severity == "error"]
-            return {"valid": False, "errors": broken, "warnings": warnings, "legal_count": 0}
+            ctx = make_context(spec)
+            return {"valid": False, "errors": broken_rules(ctx, pinned_layout(ctx, plan.rejected.examples[0].layout)),
+                    "warnings": warnings, "legal_count": 0}
         return {"valid": False, "errors": [_summary_of_rejection(plan)], "warnings": warnings, "legal_count": 0}
     best = plan.candidates[0]
     warnings += [w.message for w in best.warnings]
@@ -40,21 +45,75 @@ def validate_spec(spec: Spec) -> dict[str, Any]:
     return {"valid": True, "errors": [], "warnings": warnings, "legal_count": plan.legal_count, "summary": summary}
 
 
+def pinned_layout(ctx: Context, seed: Layout) -> Layout:
+    """The one layout a fully pinned spec names, every field derived as the search derives it
+    (`seed` is the search's rejected example, whose axes past the rejecting rule are unbound)."""
+    pins, world = ctx.spec.parallel, ctx.world
+    tp = pins.tp if pins.tp is not None else seed.tp
+    cp = pins.cp if pins.cp is not None else seed.cp
+    pp = pins.pp if pins.pp is not None else seed.pp
+    size = tp * cp * pp
+    dp = world // size if world % size == 0 else 0
+    mbs = ctx.spec.training.micro_batch_size
+    mbs = seed.micro_batch_size if mbs == "auto" else mbs
+    gbs = ctx.spec.training.global_batch_size
+    m = gbs // (mbs * dp) if dp and gbs % (mbs * dp) == 0 else 0
+    return Layout(
+        tp=tp, cp=cp, pp=pp, dp=dp, vpp=pins.vpp if pins.vpp is not None else seed.vpp,
+        ep=pins.ep if pins.ep is not None else seed.ep, etp=pins.etp if pins.etp is not None else tp,
+        sp=pins.sp if pins.sp is not None else (tp > 1 and ctx.te), micro_batch_size=mbs, num_microbatches=m,
+    )
+
+
+def broken_rules(ctx: Context, lay: Layout) -> list[str]:
+    """Every error rule `lay` breaks, with its real values; past the grid only where the layout tiles the world."""
+    rules = [r for r in applicable(ctx) if r.severity == "error" and (lay.dp or r.level <= GRID_LEVEL)]
+    return [f"{v.rule}: {v.message}" for v in check_layout(ctx, lay, rules)]
+
+
+def consistency_errors(plan: Plan) -> list[str]:
+    """What makes a plan file disagree with its own spec: a candidate its rules reject, a world,
+    batch or stage split that does not add up. Empty for a plan as `megacpp plan` wrote it."""
+    ctx = plan.context
+    errors = []
+    if not plan.candidates:
+        errors.append("the plan has no candidate layouts; re-create it with `megacpp plan SPEC --out PLAN.json`")
+    if ctx.world != plan.world_size:
+        errors.append(f"world_size {plan.world_size} does not match the spec's cluster ({ctx.world} GPUs)")
+    gbs = ctx.spec.training.global_batch_size
+    for cand in plan.candidates:
+        lay = cand.layout
+        where = f"candidate {cand.rank}"
+        if lay.world != ctx.world:
+            errors.append(f"{where}: tp*cp*dp*pp = {lay.world} != the cluster's {ctx.world} GPUs")
+            continue
+        broken = broken_rules(ctx, lay)
+        errors += [f"{where}: {b}" for b in broken]
+        if broken:
+            continue
+        if lay.micro_batch_size * lay.num_microbatches * lay.dp != gbs:
+            errors.append(f"{where}: micro_batch_size {lay.micro_batch_size} x num_microbatches {lay.num_microbatches} "
+                          f"x dp {lay.dp} != global_batch_size {gbs}")
+        split, stages = assign_stages(ctx, lay.pp, lay.vpp)
+        if list(cand.split.sizes) != list(split.sizes) or cand.split.kind != split.kind or \
+                [(s.start, s.stop, s.blocks) for s in cand.stages] != [(s.start, s.stop, s.blocks) for s in stages]:
+            errors.append(f"{where}: its stage split was edited ({cand.split.kind} {list(cand.split.sizes)[:8]}); "
+                          f"the spec splits as {split.kind} {list(split.sizes)[:8]}")
+    return errors
+
+
+def check_consistent(plan: Plan) -> None:
+    """Refuse a plan file that disagrees with its spec, before anything renders or explains it."""
+    errors = consistency_errors(plan)
+    if errors:
+        more = f" (and {len(errors) - 1} more; `megacpp validate` lists them)" if len(errors) > 1 else ""
+        raise PlanError(f"inconsistent plan: {errors[0]}{more}")
+
+
 def validate_plan(plan: Plan) -> dict[str, Any]:
     """Re-check every candidate of a plan file against its embedded spec (Plan.from_json_dict has
     checked that each layout is well formed)."""
-    ctx = plan.context
-    errors = []
-    if ctx.world != plan.world_size:
-        errors.append(f"world_size {plan.world_size} does not match the spec's cluster ({ctx.world} GPUs)")
-    for cand in plan.candidates:
-        lay = cand.layout
-        if lay.world != plan.world_size:
-            errors.append(f"candidate {cand.rank}: tp*cp*dp*pp = {lay.world} != world_size {plan.world_size}")
-            continue
-        for v in check_layout(ctx, lay):
-            if v.severity == "error":
-                errors.append(f"candidate {cand.rank}: {v.rule}: {v.message}")
+    errors = consistency_errors(plan)
     summary = f"{len(plan.candidates)} candidate layouts re-checked against the embedded spec"
     return {"valid": not errors, "errors": errors, "warnings": [], "legal_count": len(plan.candidates), "summary": summary}
 

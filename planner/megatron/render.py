@@ -19,6 +19,7 @@ from megacpp.planner.errors import LaunchError
 from megacpp.planner.megatron.args import TrainOptions, entry_point, environment, megatron_args
 from megacpp.planner.plan import Plan
 from megacpp.planner.search.layout import Layout
+from megacpp.planner.validation import check_consistent
 
 TARGETS = ("torchrun", "slurm")
 ENGINES = ("megatron-lm", "megacpp")
@@ -74,6 +75,7 @@ def render_launch(plan: Plan, opts: RenderOptions) -> dict[str, str]:
         raise LaunchError(f"--engine {opts.engine!r}: choose one of {', '.join(ENGINES)}")
     if not plan.candidates:
         raise LaunchError("the plan has no legal layout to launch; re-plan with other pins or cluster")
+    check_consistent(plan)  # a hand-edited plan file renders nothing its spec would not
     if not 0 <= opts.candidate < len(plan.candidates):
         raise LaunchError(f"--rank {opts.candidate}: the plan keeps candidates 0..{len(plan.candidates) - 1}")
     cand = plan.candidates[opts.candidate]
