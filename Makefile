@@ -36,7 +36,7 @@ bench-scale: $(VENV)/.base
 
 # the command reference, generated from the typer app (tests/test_docs.py keeps it current)
 docs: $(VENV)/.base
-	$(PY) -m megacpp.runtime.cli.docs > docs/cli.md
+	$(PY) -m megacpp.runtime.cli.docs > docs/cli.md.tmp && mv docs/cli.md.tmp docs/cli.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .mypy_cache .hypothesis

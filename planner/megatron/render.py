@@ -77,7 +77,7 @@ def render_launch(plan: Plan, opts: RenderOptions) -> dict[str, str]:
         raise LaunchError("the plan has no legal layout to launch; re-plan with other pins or cluster")
     check_consistent(plan)  # a hand-edited plan file renders nothing its spec would not
     if not 0 <= opts.candidate < len(plan.candidates):
-        raise LaunchError(f"--rank {opts.candidate}: the plan keeps candidates 0..{len(plan.candidates) - 1}")
+        raise LaunchError(f"--candidate {opts.candidate}: the plan keeps candidates 0..{len(plan.candidates) - 1}")
     cand = plan.candidates[opts.candidate]
     ctx = plan.context
     nproc = opts.nproc_per_node or ctx.cluster.gpus_per_node

@@ -178,7 +178,7 @@ def launch(
     spec: Annotated[str, typer.Argument(help="Spec YAML, PLAN.json or recipe name.")],
     target: Annotated[Target, typer.Option("--target", help="torchrun (local or multi-node) or slurm (sbatch + srun).")] = Target.torchrun,
     engine: Annotated[Engine, typer.Option("--engine", help="megatron-lm (needs $MEGATRON_LM) or megacpp's runtime worker.")] = Engine.megatron_lm,
-    rank: Annotated[int, typer.Option("--rank", min=0, help="Which ranked candidate of the plan to launch.")] = 0,
+    candidate: Annotated[int, typer.Option("--candidate", min=0, help="Which ranked candidate of the plan to launch.")] = 0,
     steps: Annotated[int, typer.Option("--steps", min=1, help="Training iterations.")] = 100,
     construct_only: Annotated[bool, typer.Option("--construct-only", help="megacpp engine: build the model and report, no training.")] = False,
     profile: Annotated[bool, typer.Option("--profile", help="megacpp engine: time one extra step's kernels by kind into the report.")] = False,
@@ -189,6 +189,8 @@ def launch(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Write and print the scripts; run nothing.")] = False,
     out: Annotated[Path, typer.Option("--out", help="Folder for the scripts, plan.json, logs and report.")] = Path("megacpp-run"),
     set_: SetOpt = [],  # noqa: B006
+    cluster: ClusterOpt = None,
+    nodes: NodesOpt = None,
 ) -> None:
     """Render the chosen layout into launch scripts and run them (torchrun) or submit them (Slurm)."""
     from megacpp.planner.megatron.args import TrainOptions
@@ -196,10 +198,10 @@ def launch(
     from megacpp.planner.plan import Plan, build_plan
     from megacpp.runtime.cli import console, executors
 
-    loaded = _spec_or_plan(spec, set_, None, None)
-    plan_doc = loaded if isinstance(loaded, Plan) else build_plan(loaded, top=max(10, rank + 1))
+    loaded = _spec_or_plan(spec, set_, cluster, nodes)
+    plan_doc = loaded if isinstance(loaded, Plan) else build_plan(loaded, top=max(10, candidate + 1))
     opts = RenderOptions(
-        target=target.value, engine=engine.value, candidate=rank, train=TrainOptions(train_iters=steps),
+        target=target.value, engine=engine.value, candidate=candidate, train=TrainOptions(train_iters=steps),
         nproc_per_node=nproc_per_node, cpu=cpu, construct_only=construct_only, profile=profile or trace,
         memory_peak=memory_peak, trace=trace,
     )
