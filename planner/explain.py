@@ -9,7 +9,7 @@ from typing import Any
 
 from megacpp.planner.axes import Axis
 from megacpp.planner.cost.coefficients import Efficiency
-from megacpp.planner.cost.step import estimate
+from megacpp.planner.cost.step import deciding_term, estimate, host_bound
 from megacpp.planner.errors import PlanError
 from megacpp.planner.plan import Candidate, Plan
 from megacpp.planner.search.layout import Context, Layout
@@ -150,6 +150,7 @@ def why_not(ctx: Context, lay: Layout, chosen_step: float, eff: Efficiency) -> l
                     peak_gib=round(est.peak_gib, 2),
                     step_seconds=round(est.step_seconds, 4),
                     step_delta=round(est.step_seconds / chosen_step - 1, 4),
+                    decided_by=est.decided_by,
                 )
             out.append(row)
     return out
@@ -180,6 +181,10 @@ def explain_layout(plan: Plan, candidate: int = 0, rank: int | None = None) -> d
         "layout": lay.model_dump(),
         "time": cand.time.model_dump(mode="json"),
         "step_breakdown": cand.step_breakdown,
+        # the largest term of the step (cost.step.deciding_term); "block_overhead", the host's time
+        # beyond the GPU's work, makes the step host-bound
+        "decided_by": deciding_term(cand.step_breakdown),
+        "host_bound": host_bound(cand.step_breakdown),
         "ranks": coords,
         "stages": _stage_rows(lay, cand),
         "axes": axes,
@@ -188,7 +193,8 @@ def explain_layout(plan: Plan, candidate: int = 0, rank: int | None = None) -> d
         "experts": experts,
         "runners_up": [
             {"candidate": c.rank, "layout": c.layout.model_dump(), "step_seconds": c.time.step_seconds,
-             "step_delta": round(c.time.step_seconds / step - 1, 4), "peak_gib": c.memory.peak_gib}
+             "step_delta": round(c.time.step_seconds / step - 1, 4), "peak_gib": c.memory.peak_gib,
+             "decided_by": deciding_term(c.step_breakdown)}
             for c in plan.candidates if c.rank != cand.rank
         ][:5],
         "why_not": why_not(ctx, lay, step, plan.efficiency),

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from megacpp.planner.errors import LaunchError
-from megacpp.planner.megatron.args import MOE_AUX_LOSS_COEFF, TrainOptions, known_flags
+from megacpp.planner.megatron.args import MOE_AUX_LOSS_COEFF, known_flags
 from megacpp.planner.megatron.render import RenderOptions, render_launch
 from megacpp.planner.plan import build_plan
 from megacpp.planner.spec.loading import load_spec_text
@@ -119,12 +119,12 @@ def test_local_modules_run_without_apex(te):
 
 
 @pytest.mark.parametrize("te", [False, True])
-@pytest.mark.parametrize("data_path", [None, "/data/corpus_text_document"])
-def test_the_dataloader_builds_no_attention_mask(te, data_path):
+@pytest.mark.parametrize("data", [None, {"paths": ["/data/corpus_text_document"]}])
+def test_the_dataloader_builds_no_attention_mask(te, data):
     """Both attention paths make their own causal mask, so the s x s mask Megatron-LM's dataloader
     builds by default per sample is left out, with mock data and with a corpus alike."""
-    plan = build_plan(make_spec(TINY_DENSE, **{"backend.transformer_engine": te}))
-    text = render_launch(plan, RenderOptions(engine="megatron-lm", train=TrainOptions(data_path=data_path)))["launch.sh"]
+    plan = build_plan(make_spec(TINY_DENSE, **{"backend.transformer_engine": te, "data": data}))
+    text = render_launch(plan, RenderOptions(engine="megatron-lm"))["launch.sh"]
     assert text.count("--no-create-attention-mask-in-dataloader") == 1
 
 

@@ -110,7 +110,8 @@ def test_a_pinned_plan_reports_tokens_per_gpu_and_its_error() -> None:
     result = run.plan_pinned(convert(published).spec, published["tokens_per_sec_per_gpu"])
     assert result["outcome"] == "planned"
     assert result["layout"]["tp"] == 1 and result["layout"]["dp"] == 8
-    assert result["host_bound"] == (result["host_share"] >= run.HOST_BOUND_SHARE)
+    assert result["host_bound"] == (result["decided_by"] == "block_overhead")
+    assert result["decided_by"] == max(result["step_breakdown"], key=result["step_breakdown"].get)
     measured = published["tokens_per_sec_per_gpu"]
     planned = result["predicted_tokens_per_sec_per_gpu"]
     assert result["error"] == pytest.approx((planned - measured) / measured, abs=1e-3)

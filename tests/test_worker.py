@@ -459,6 +459,15 @@ def test_flex_dispatcher_without_deepep_is_an_error_not_a_fallback(tmp_path):
         transformer_config(job, select_backend(job), cuda=False, construct_only=True)
 
 
+def test_overlaps_the_runtime_cannot_run_are_errors_that_name_the_keys(tmp_path):
+    """The plan prices TE's userbuffers and Megatron's combined 1F1B; the runtime builds neither."""
+    spec = spec_dict("(AE)*2", 2, {"ep": 2}, te=True, moe={**MOE, "overlap_communication": True})
+    spec["training"]["tp_comm_overlap"] = True
+    job = _job(tmp_path, spec)
+    with pytest.raises(LaunchError, match=r"training.tp_comm_overlap and model.moe.overlap_communication: .*--engine megatron-lm"):
+        transformer_config(job, select_backend(job), cuda=False, construct_only=True)
+
+
 @pytest.mark.parametrize("vpp", [1, 2])
 def test_interleaved_pipelines_send_each_direction_on_its_own(tmp_path, vpp):
     """Megatron-LM's p2p settings: batched send/recv only without interleaving. Batched at PP=2 with

@@ -19,16 +19,16 @@ from typing import Any
 from benchmarks.scale.report import render_markdown, summarise
 from benchmarks.scale.truth import HERE, Conversion, Selected, convert, load_runs, select_newest
 from megacpp.planner import MegacppError, build_plan, spec_from_dict
+from megacpp.planner.cost.step import deciding_term, host_bound
 
 RESULTS = HERE / "results"
 # A run is searched with its layout unpinned from this many GPUs up: below it the published
 # layouts are one or two nodes, where the space is small and the comparison says little.
 SEARCH_MIN_GPUS = 64
 SEARCH_TOP = 5
-# The planner's host-bound flag (planner cost model HOST_BOUND_SHARE, applied by the CLI's plan
-# table to time.host_seconds / time.step_seconds): per-block host time, hidden behind the GPU or
-# not, at 30% of the step or more.
-HOST_BOUND_SHARE = 0.30
+# The planner's host-bound flag (cost.step.host_bound, as `megacpp plan` and `explain layout` say it):
+# the host's time beyond the GPU's work is the largest term of the step breakdown.
+HOST_BOUND = "the exposed per-block host time (step_breakdown.block_overhead) is the largest term of the step"
 
 
 def _published(row: dict[str, Any]) -> dict[str, Any]:
@@ -76,7 +76,8 @@ def plan_pinned(spec: dict[str, Any], measured: float) -> dict[str, Any]:
         "bubble_fraction": t["bubble_fraction"],
         "host_seconds": t.get("host_seconds", 0.0),
         "host_share": round(share, 4),
-        "host_bound": share >= HOST_BOUND_SHARE,
+        "host_bound": host_bound(c["step_breakdown"]),
+        "decided_by": deciding_term(c["step_breakdown"]),
         "step_breakdown": c["step_breakdown"],
         "warnings": sorted({w["rule"] for w in c["warnings"]}),
         "notes": sorted({n["rule"] for n in plan["notes"]}),
@@ -176,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         "truth_rows": len(load_runs()),
         "only": args.only,
         "search": {"enabled": args.search, "min_gpus": SEARCH_MIN_GPUS, "top": SEARCH_TOP},
-        "host_bound_share": HOST_BOUND_SHARE,
+        "host_bound": HOST_BOUND,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
         "wall_seconds": round(wall, 1),
         "summary": summarise(records),

@@ -39,12 +39,9 @@ APPROXIMATIONS = {
     "mtp-dropped": "multi-token-prediction layers and their extra output heads are not planned",
     "fsdp-as-distributed-optimizer": "Megatron-FSDP planned as DDP with the distributed optimizer: weights "
                                      "and gradients unsharded, no per-layer parameter all-gathers",
-    "recompute-modules": "selective recompute of a module list other than core attention planned as "
-                         "megacpp's selective recompute (core attention)",
-    "recompute-partial-layers": "full recompute of only some layers (recompute_num_layers) planned as "
-                                "full recompute of every layer",
-    "activation-offload-dropped": "activation offloading to the host not planned (the activations stay on the GPU)",
-    "bf16-adam-moments": "BF16 Adam moments (precision-aware optimizer) planned as FP32",
+    "recompute-modules": "selective recompute modules the spec cannot pass to this run planned without them: "
+                         "mla_up_proj (the spec has no multi-latent attention), and moe_act and layernorm under "
+                         "FP8 (megacpp renders delayed scaling, which Megatron refuses them with)",
     "pp-layout-balanced": "the published pipeline layout leaves a virtual stage without transformer layers "
                           "(MTP and loss only), which a pattern cannot pin; megacpp's own split over the same "
                           "pp x vpp stages is used",
@@ -154,6 +151,13 @@ class Recipe:
     bf16_moments: bool
     fsdp: bool
     runtime: tuple[str, ...]  # optimisations megacpp does not price
+    ep_overlap: bool = False  # expert all-to-alls overlapped with compute (moe_a2a_overlap)
+    tp_comm_overlap: bool = False  # TP collectives overlapped with the GEMMs (TE userbuffers)
+    grad_reduce_bf16: bool = False  # gradients reduced in bf16 (grad_reduce_in_fp32 = False)
+    cuda_graphs: str | tuple[str, ...] = "none"  # the spec's training.cuda_graphs (read_cuda_graphs)
+    recompute_method: str | None = None  # full recompute of some layers: uniform | block
+    offload_modules: tuple[str, ...] = ()  # fine-grained activation offloading
+    offload_fraction: float = 1.0
 
 
 def _modules(text: str | None) -> tuple[str, ...]:
@@ -204,24 +208,75 @@ def read_recipe(row: dict[str, Any]) -> Recipe:
     pp_layout = layout[1] if layout else (summary.get("pp_layout") or overrides.get("pipeline_model_parallel_layout"))
 
     runtime = []
-    if re.search(r"cuda_graph=(transformer_engine|local)|cuda_graphs=True", sc):
-        runtime.append("CUDA graphs")
-    if "ep_a2a_overlap=on" in sc or "EP A2A overlap (" in sc:
-        runtime.append("EP all-to-all overlap")
-    if row["tp"] > 1 and re.search(r"tp_comm_overlap=True", sc + family):
-        runtime.append("TP communication overlap")
     if re.search(r"overlap_grad_reduce[ =]False", sc):
         runtime.append("no gradient-reduce overlap")
-    if "grad_reduce_in_fp32 = False" in family:
-        runtime.append("BF16 gradient reduction (the plan reduces FP32 gradients)")
+    # Megatron-Bridge's Llama 3 / 3.1 library recipes set tp_comm_overlap=True with a userbuffers
+    # config (src/megatron/bridge/recipes/llama/llama3.py at v0.4.1, e.g. lines 737-739); the perf
+    # configs that assign only `tp_comm_overlap_cfg` keep it; Bridge drops it below TP 2 (comm_overlap.py)
+    tp_overlap = row["tp"] > 1 and "tp_comm_overlap=False" not in sc + family and bool(
+        re.search(r"tp_comm_overlap=True|tp_comm_overlap_cfg = comm_overlap_cfg", sc + family))
 
+    # "activation_offload=expert_fc1 (fraction 1.0)": fine-grained activation offloading
+    offload = re.search(r"activation_offload=([a-z0-9_,]+)(?: \(fraction ([\d.]+)\))?", sc)
     return Recipe(
         published=published, recompute=recompute, recompute_modules=modules, recompute_layers=layers,
         dispatcher=dispatcher, flex_backend=backend, capacity_factor=capacity, padded=padded,
         pp_layout=pp_layout, pp_layout_mentioned=pp_layout is None and "PP layout" in sc,
         activation_offload="activation_offload=" in sc, bf16_moments="BF16 Adam moments" in sc,
         fsdp=bool(row["fsdp"]) or "megatron_fsdp=on" in sc, runtime=tuple(runtime),
+        ep_overlap="ep_a2a_overlap=on" in sc or "EP A2A overlap (" in sc, tp_comm_overlap=tp_overlap,
+        grad_reduce_bf16="grad_reduce_in_fp32 = False" in family, cuda_graphs=read_cuda_graphs(sc),
+        recompute_method="block" if stated and stated[3] else None,
+        offload_modules=_modules(offload[1]) if offload else (), offload_fraction=float(offload[2]) if offload and offload[2] else 1.0,
     )
+
+
+def read_cuda_graphs(settings: str) -> str | tuple[str, ...]:
+    """The CUDA graphs a run's settings_compact names, as training.cuda_graphs: Megatron-Bridge's
+    `cuda_graph=transformer_engine[modules]` (per-module graphs), `cuda_graph=local` with
+    `full_iteration` (the whole forward-backward), and the 25.09 perf matrix's `cuda_graphs=True`,
+    which set the deprecated enable_cuda_graph (megatron-core's own capture, default scope: every
+    transformer layer whole; Megatron-Bridge r0.1.0 scripts/performance/utils/helpers.py
+    set_cuda_graph_overrides). Rows that name none ran without (`off`, the NeMo 25.02 pages)."""
+    modules = re.search(r"cuda_graph=transformer_engine\[([^\]]*)\]", settings)
+    if modules:
+        return _modules(modules[1]) or "layers"
+    if re.search(r"cuda_graph=local\s*full_iteration", settings):
+        return "full_iteration"
+    if re.search(r"cuda_graph=local|cuda_graphs=True", settings):
+        return "layers"
+    return "none"
+
+
+def expressible_recompute_modules(recipe: Recipe, precision: str) -> tuple[str, ...]:
+    """The run's selective recompute modules that its spec can carry: not mla_up_proj (the spec
+    has no multi-latent attention, rule mla-up-proj-recompute-needs-mla), and under FP8 not moe_act
+    or layernorm (the spec's fp8 renders delayed scaling, rule fp8-delayed-recompute-modules)."""
+    if recipe.recompute != "selective":
+        return ()
+    dropped = {"mla_up_proj"} | ({"moe_act", "layernorm"} if precision.startswith("fp8") else set())
+    return tuple(m for m in recipe.recompute_modules or ("core_attn",) if m not in dropped)
+
+
+def memory_settings(recipe: Recipe, modules: tuple[str, ...]) -> dict[str, Any]:
+    """The spec's training keys for the run's recompute modules and layers, activation offloading
+    and Adam moments (what read_recipe found)."""
+    out: dict[str, Any] = {}
+    if recipe.recompute == "selective":
+        if not modules:
+            out["recompute"] = "none"  # every module it named is dropped (recompute-modules)
+        elif set(modules) != {"core_attn"}:
+            out["recompute_modules"] = list(modules)
+    if recipe.recompute == "full" and recipe.recompute_layers:
+        out["recompute_method"] = recipe.recompute_method or "uniform"
+        out["recompute_num_layers"] = recipe.recompute_layers
+    if recipe.offload_modules:
+        out["offload_modules"] = list(recipe.offload_modules)
+        if recipe.offload_fraction != 1.0:
+            out["activation_offload_fraction"] = recipe.offload_fraction
+    if recipe.bf16_moments:
+        out["optimizer"] = {"exp_avg_dtype": "bf16", "exp_avg_sq_dtype": "bf16"}
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -350,14 +405,9 @@ def convert(row: dict[str, Any], models: dict[str, Any] | None = None) -> Conver
         approx.append("sliding-window-as-full")
     if recipe.fsdp:
         approx.append("fsdp-as-distributed-optimizer")
-    if recipe.recompute == "selective" and set(recipe.recompute_modules or ("core_attn",)) != {"core_attn"}:
+    modules = expressible_recompute_modules(recipe, row["precision"])
+    if recipe.recompute == "selective" and set(modules) != set(recipe.recompute_modules or ("core_attn",)):
         approx.append("recompute-modules")
-    if recipe.recompute == "full" and recipe.recompute_layers and recipe.recompute_layers < m["num_layers"]:
-        approx.append("recompute-partial-layers")
-    if recipe.activation_offload:
-        approx.append("activation-offload-dropped")
-    if recipe.bf16_moments:
-        approx.append("bf16-adam-moments")
     if recipe.padded and (recipe.capacity_factor or 1.0) > 1.0:
         approx.append("capacity-padding")
 
@@ -381,7 +431,7 @@ def convert(row: dict[str, Any], models: dict[str, Any] | None = None) -> Conver
         assume.append("recompute not stated: none assumed")
     moe = bool(m.get("num_moe_experts"))
     if moe and recipe.published and recipe.dispatcher is None:
-        assume.append("dispatcher not stated: alltoall assumed (the cost model prices every dispatcher alike)")
+        assume.append("dispatcher not stated: alltoall assumed (DeepEP / HybridEP would send fewer bytes across nodes)")
     if moe and row["etp"] is None:
         assume.append("etp not published: Megatron's default etp = tp pinned")
     if m.get("qk_layernorm"):
@@ -391,12 +441,11 @@ def convert(row: dict[str, Any], models: dict[str, Any] | None = None) -> Conver
 
     model, plain = _model(m, recipe, stage_layers)
     parallel: dict[str, Any] = {"tp": tp, "pp": pp, "cp": cp, "dp": row["num_gpus"] // (tp * pp * cp)}
-    if vpp > 1:
-        parallel["vpp"] = vpp
+    parallel["vpp"] = vpp  # vp null is no interleaving: pinned too, or the search would pick one
     parallel["ep"] = row["ep"] or 1
     if moe:
         parallel["etp"] = row["etp"] if row["etp"] is not None else tp
-    spec = {
+    spec: dict[str, Any] = {
         "name": f"{row['model_key']}-{row['system'].lower()}x{row['num_gpus']}-{row['precision']}-row{row['row_id']}",
         "model": model,
         "training": {
@@ -409,6 +458,16 @@ def convert(row: dict[str, Any], models: dict[str, Any] | None = None) -> Conver
         "cluster": {"preset": PRESETS[row["system"]], "nodes": row["num_gpus"] // GPUS_PER_NODE},
         "parallel": parallel,
     }
+    # the overlaps and the reduction dtype the recipe sets (read_recipe)
+    if recipe.ep_overlap and moe and parallel["ep"] > 1:
+        model["moe"]["overlap_communication"] = True
+    if recipe.tp_comm_overlap:
+        spec["training"]["tp_comm_overlap"] = True
+    if recipe.grad_reduce_bf16:
+        spec["training"]["grad_reduce_dtype"] = "bf16"
+    if recipe.cuda_graphs != "none":
+        spec["training"]["cuda_graphs"] = recipe.cuda_graphs
+    spec["training"].update(memory_settings(recipe, modules))
     search_spec = {**spec, "name": spec["name"] + "-search", "model": {**model, "pattern": plain}, "parallel": {}}
     return Conversion("approximated" if approx else "exact", spec, search_spec, tuple(approx), tuple(assume),
                       None, tuple(details))

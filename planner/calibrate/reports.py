@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
-from megacpp.planner.cost.coefficients import DEFAULT_EFFICIENCY
+from megacpp.planner.cost.coefficients import DEFAULT_EFFICIENCY, REFERENCE_HOST_LAUNCH_US
 from megacpp.planner.cost.step import estimate, gpu_repeats, host_repeats, host_units, small_kernel_seconds
 from megacpp.planner.errors import PlanError
 from megacpp.planner.plan import make_context, with_backend
@@ -41,8 +41,12 @@ class Observation:
 def run_spec(run: dict[str, Any]) -> Spec:
     """A run report's spec with the backend that actually ran (its "backend" record). Reports
     without `fusions_used` predate backend.fusions: megacpp's runtime ran without Megatron's
-    fusions then, and Megatron-LM's launches (engine "megatron-lm") with its defaults."""
+    fusions then, and Megatron-LM's launches (engine "megatron-lm") with its defaults. A spec that
+    names no host class (cluster.host_launch_us) ran on the hosts the per-block host time was
+    measured on, REFERENCE_HOST_LAUNCH_US: the runtime's committed runs."""
     spec = spec_from_dict(run["spec"], source=f"run {run.get('name', '?')} spec")
+    if spec.cluster.host_launch_us is None:
+        spec = spec.model_copy(update={"cluster": spec.cluster.model_copy(update={"host_launch_us": REFERENCE_HOST_LAUNCH_US})})
     backend = run.get("backend") or {}
     te = backend.get("transformer_engine_used", spec.backend.transformer_engine)
     fused = backend.get("fusions_used", run.get("engine") == "megatron-lm")

@@ -36,11 +36,26 @@ MEASURED_TE_BLOCK_OVERHEAD_S = (("A", 5.25e-3), ("D", 2.13e-3), ("E", 9.00e-3), 
                                 (CP_STEP, 2.03e-3), (EXPERT, 0.247e-3))
 MEASURED_TE_SMALL_KERNEL_TRAFFIC = 18.30
 
+# --- the host class: how fast a host issues GPU work (Cluster.host_launch_us)
+
+# the host probe's time per tiny CUDA op (runtime/worker/measure/host.py), median over the 83 TE runs
+# of the files the TE overheads above are fitted on, each run's slowest rank: the hosts those
+# overheads hold (5.2-15.2 us per op on every rank; notes, "Host class")
+REFERENCE_HOST_LAUNCH_US = 8.21
+# a DGX H100 / H200 / B200 host (bare-metal two-socket Xeon) running Megatron-Bridge, in the same
+# unit: FITTED, the median over the 12 tuning rows of the scale benchmark whose host matters of
+# the value that plans each exactly (python -m benchmarks.scale.fit_host; notes, "Host class")
+DGX_HOST_LAUNCH_US = 3.9
+# the share of an E block's own host time (not its local experts') that Megatron's "moe_router" and
+# "moe_preprocess" CUDA-graph modules capture (the pre-MLP norm, the router and the dispatcher's
+# preprocess, up to the routed-token counts' copy to the host): about 30 of the 110 kernels an E
+# block launches besides its experts' in the host probes (gpu_runs_h100x1_te_host.json; notes, "CUDA graphs")
+MOE_ROUTER_HOST_SHARE = 0.3
+
 # --- the host-bound band
 
-# per-block host time at this share of the step or more: the step follows the host (benchmarks/gpu/compare.py)
-HOST_BOUND_SHARE = 0.30
-# the worst error in that band, b7-h100-te-moe-e8-top1-plain-mbs4 (gpu_runs_h100x1_te_blind7.json)
+# the worst error of a step whose exposed host time decides it (cost.step.decides_the_step),
+# b7-h100-te-moe-e8-top1-plain-mbs4 (gpu_runs_h100x1_te_blind7.json)
 HOST_BOUND_ERROR = 0.66
 
 # --- rates measured on the presets' GPUs (planner/spec/clusters.py)
@@ -57,6 +72,16 @@ H200_NVLINK_ALPHA_US = 59.0
 H200_PAIR_BUSBW_GBPS = {"all-reduce": 329.2, "all-gather": 265.4, "reduce-scatter": 259.1,
                         "all-to-all": 330.8, "send-recv": 360.0}
 H200_PAIR_ALPHA_US = 23.5
+
+# --- communication (cost.communication)
+
+# the flex dispatcher's rate on (NVLink, the NIC) as a share of the preset's all-to-all bus bandwidth
+# and per-GPU NIC rate; published, not fitted. DeepEP: 726/740 GB/s dispatch/combine on 8 x B200
+# NVLink (V2, 64 SMs, README [R20]) against the b200 preset's 682, and 43-58 GB/s RDMA per CX-7 at
+# EP16-64 (V1 normal kernels, docs/legacy.md [R21]) against 47: the links' rates. HybridEP: 536/531
+# GB/s on 8 x B200 (Torch API, 16 SMs, README_Hybrid-EP.md [R24]): 0.79 of 682; 41-58 GB/s over IB
+# at 16-64 H100 ranks [R24]: the NIC's rate
+FLEX_LINK_SHARE = {"deepep": (1.0, 1.0), "hybridep": (0.79, 1.0)}
 
 
 @dataclass(frozen=True)

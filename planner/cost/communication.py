@@ -1,21 +1,37 @@
 """Per-axis communication of one layout: what each parallel axis moves in one step, and its time.
 
-Alpha-beta per collective, with nccl-tests bus-bandwidth factors [R1], on the link each group
-uses under Megatron's tp-cp-ep-dp-pp rank order. The data-parallel collectives overlap the first
-forward and the last backward; only their exposed share adds to the step.
+Alpha-beta per collective, with nccl-tests bus-bandwidth factors [R1], on the links each group
+uses. Where a group sits follows Megatron's rank order (tp-cp-ep-dp-pp for the dense grid,
+etp-ep-edp-pp for the experts'): a group of n ranks `stride` apart has g = min(n, domain / stride)
+of them in each NVLink domain (8 GPUs on HGX, 72 on NVL72) and spans k = n / g domains
+(`placement`). Inside one domain a collective runs at the preset's NVLink bus bandwidth; across
+domains each GPU moves its NVLink share and its NIC share at once, and the slower decides.
+
+What hides behind compute, as Megatron schedules it (`window`: the busiest rank's forward and
+backward GPU seconds of one micro-batch):
+- DP/EDP: the gradients reduce bucket by bucket during the last micro-batch's backward, and with
+  the distributed optimizer the parameters gather during the first one's forward; the measured
+  share of each shows, or all of it beyond that window;
+- TP under `training.tp_comm_overlap` (Transformer Engine's userbuffers): each all-gather and
+  reduce-scatter is cut into TP chunks pipelined with the GEMM beside it;
+- EP under `model.moe.overlap_communication` (Megatron's combined 1F1B): one micro-batch's
+  all-to-alls run under another micro-batch's compute, except in the steps that have no partner;
+- PP send/recv stays on the step (see communication()).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cache
 
 from megacpp.planner.axes import Axis
 from megacpp.planner.cost.blocks import BF16, FP32, micro_batch_tokens
-from megacpp.planner.cost.coefficients import DEFAULT_EFFICIENCY, Efficiency
+from megacpp.planner.cost.coefficients import DEFAULT_EFFICIENCY, FLEX_LINK_SHARE, Efficiency
 from megacpp.planner.cost.memory import StageMemory, rank_stages
 from megacpp.planner.search.layout import Context, Layout
 from megacpp.planner.search.stages import Stage
+from megacpp.planner.spec.models import MoESpec
 
 
 @dataclass(frozen=True)
@@ -42,14 +58,31 @@ class Comm:
         }
 
 
-def _link(ctx: Context, span: int) -> str:
-    """Groups whose ranks fit in one NVLink domain use NVLink, otherwise the NIC."""
-    return "nvlink" if span <= ctx.cluster.nvlink_domain else "nic"
+@dataclass(frozen=True)
+class Placement:
+    """A process group as it lies on the machine: `size` ranks, `per_domain` of them in each
+    NVLink domain, over `domains` domains."""
+
+    size: int
+    per_domain: int
+    domains: int
+
+    @property
+    def link(self) -> str:
+        """The link that decides: NVLink inside one domain, the NIC across domains."""
+        return "nvlink" if self.domains == 1 else "nic"
+
+
+def placement(ctx: Context, size: int, stride: int) -> Placement:
+    """Where a group of `size` ranks, `stride` apart in Megatron's rank order, lies: consecutive
+    strides fill an NVLink domain of the preset before the next one starts."""
+    per = max(1, min(size, ctx.cluster.nvlink_domain // stride))
+    return Placement(size, per, -(-size // per))
 
 
 def _collective_seconds(ctx: Context, collective: str, link: str, n: int, size: float) -> float:
-    """alpha + factor * S / busbw, with nccl-tests factors [R1]; NVLink rates per group size from
-    Cluster.nvlink."""
+    """alpha + factor * S / busbw on one link, with nccl-tests factors [R1]; NVLink rates per
+    group size from Cluster.nvlink."""
     if n <= 1 or size <= 0:
         return 0.0
     c = ctx.cluster
@@ -58,76 +91,189 @@ def _collective_seconds(ctx: Context, collective: str, link: str, n: int, size: 
     return alpha * 1e-6 + factor * size / (bw * 1e9)
 
 
+def _split_seconds(ctx: Context, group: Placement, collective: str, nvlink_bytes: float, nic_bytes: float,
+                   share: tuple[float, float] = (1.0, 1.0)) -> float:
+    """One call that moves `nvlink_bytes` per GPU inside its domain and `nic_bytes` across the
+    NICs at the same time: the slower link decides. `share` scales each link's rate (the flex
+    dispatcher's, FLEX_LINK_SHARE)."""
+    c = ctx.cluster
+    nvlink = 0.0
+    if nvlink_bytes > 0 and group.per_domain > 1:
+        bw, _ = c.nvlink(collective, group.per_domain)
+        nvlink = nvlink_bytes / (bw * share[0] * 1e9)
+    nic = nic_bytes / (c.nic_busbw_gbps * share[1] * 1e9)
+    return c.nic_alpha_us * 1e-6 + max(nvlink, nic)
+
+
+def group_seconds(ctx: Context, collective: str, group: Placement, size: float) -> float:
+    """One collective of `size` bytes per rank over a placed group (one pair for send-recv).
+
+    Across domains a ring collective crosses each domain boundary once per NCCL channel, one
+    channel per NIC of the group's GPUs there (one NIC per GPU on every preset [R5][R6]): each
+    GPU's NIC carries 1/g of the ring's traffic while its NVLink carries the rest. With g = 8 that
+    is 8 x 47 = 376 GB/s of bus bandwidth, the 377 GB/s measured on 4 x 8 B200 [R2]. An all-to-all
+    sends (k-1)/k of its buffer across the NICs, which it cannot pool (one NIC per GPU [R45]), and
+    (g-1)/n over NVLink; a send-recv across domains is one NIC to one NIC."""
+    n = group.size
+    if n <= 1 or size <= 0:
+        return 0.0
+    if group.domains == 1:
+        return _collective_seconds(ctx, collective, "nvlink", n, size)
+    g, k = group.per_domain, group.domains
+    if collective == "send-recv":
+        return _collective_seconds(ctx, collective, "nic", 2, size)
+    if collective == "all-to-all":
+        return _split_seconds(ctx, group, collective, (g - 1) / n * size, (k - 1) / k * size)
+    factor = 2 * (n - 1) / n if collective == "all-reduce" else (n - 1) / n
+    return _split_seconds(ctx, group, collective, factor * size * (g - 1) / g, factor * size / g)
+
+
+@cache
+def _untouched(experts: int, top_k: int, parts: int) -> float:
+    """Probability that a token's top_k experts, drawn without repeats from `experts` spread
+    evenly over `parts` parts, all miss one given part."""
+    return math.comb(experts - experts // parts, top_k) / math.comb(experts, top_k)
+
+
+def expert_sends(moe: MoESpec, group: Placement) -> tuple[float, float, float]:
+    """Copies of one token an expert-parallel rank dispatches: (sent, over NVLink, across the NIC).
+
+    The alltoall dispatcher sends one copy per chosen expert, spread evenly over the group's
+    ranks (Megatron's MoEAlltoAllTokenDispatcher permutes by expert, then all-to-alls). The flex
+    dispatcher (DeepEP, HybridEP) sends a token once to each rank that holds one of its experts,
+    and across domains once to each domain, where NVLink forwards it (DeepEP's internode normal
+    kernels, RDMA then NVLink [R20][R21]; HybridEP alike, without redundant traffic [R24])."""
+    n, g, k = group.size, group.per_domain, group.domains
+    e, top = moe.num_experts, moe.top_k
+    if moe.dispatcher != "flex":
+        return top, top * (g - 1) / n, top * (k - 1) / k
+    ranks = n * (1 - _untouched(e, top, n))
+    domains = (k - 1) * (1 - _untouched(e, top, k)) if k > 1 else 0.0
+    return ranks, ranks * (g - 1) / n, domains
+
+
+def overlapped(seconds: float, unpaired: float, hidden: float) -> float:
+    """What shows of `seconds` of communication scheduled under `hidden` seconds of compute,
+    when an `unpaired` share of it has no compute beside it."""
+    return unpaired * seconds + max((1 - unpaired) * seconds - hidden, 0.0)
+
+
+def ep_overlap_unpaired(lay: Layout) -> float:
+    """Share of the expert all-to-alls without a partner micro-batch under Megatron's combined
+    1F1B: without a pipeline the first forward and the last backward; with the interleaved
+    schedule rank 0's warmup forwards and cooldown backwards, 2(pp-1) + (vpp-1)pp + 1 of its
+    m*vpp chunk steps (schedules.py get_pp_rank_microbatches: one extra warmup step with the overlap)."""
+    warmup = 1 if lay.pp == 1 else 2 * (lay.pp - 1) + (lay.vpp - 1) * lay.pp + 1
+    return min(1.0, warmup / (lay.num_microbatches * lay.vpp))
+
+
 def communication(
     ctx: Context, lay: Layout, stages: list[Stage], mem: list[StageMemory], eff: Efficiency = DEFAULT_EFFICIENCY,
     load: float = 1.0, window: tuple[float, float] = (math.inf, math.inf),
 ) -> list[Comm]:
     """Per-axis traffic of the busiest pipeline rank in one step; `window` is the (forward,
-    backward) GPU seconds of one micro-batch there, which the data-parallel collectives overlap."""
-    h = ctx.spec.model.hidden_size
+    backward) GPU seconds of one micro-batch there, under which collectives overlap."""
+    spec = ctx.spec
+    h = spec.model.hidden_size
     m = lay.num_microbatches
     tokens = micro_batch_tokens(ctx, lay)
-    passes = 3 if ctx.spec.training.recompute == "full" else 2  # fwd, bwd (+ recompute fwd)
+    passes = 3 if spec.training.recompute == "full" else 2  # fwd, bwd (+ recompute fwd)
     busiest = max(range(lay.pp), key=lambda p: sum(len(s.blocks) for s in rank_stages(stages, p)))
     blocks = "".join(s.blocks for s in rank_stages(stages, busiest))
+    forward, backward = window
+    compute = m * (forward + backward)  # the step's GPU work on the rank, outside the pipeline bubble
     out: list[Comm] = []
 
-    def add(axis: Axis, collective: str, n: int, span: int, size: float, count: float, exposed: float = 1.0,
+    def add(axis: Axis, collective: str, group: Placement, size: float, count: float, exposed: float = 1.0,
             hidden: float = math.inf) -> None:
         """`exposed` of the collective's time adds to the step, or all of it beyond `hidden` seconds."""
-        if n <= 1 or count <= 0:
+        if group.size <= 1 or count <= 0:
             return
-        link = _link(ctx, span)
-        sec = count * _collective_seconds(ctx, collective, link, n, size)
-        out.append(Comm(axis, collective, n, size * count, link, sec, max(sec * exposed, sec - hidden)))
+        sec = count * group_seconds(ctx, collective, group, size)
+        out.append(Comm(axis, collective, group.size, size * count, group.link, sec, max(sec * exposed, sec - hidden)))
 
     act = BF16 * tokens * h  # one activation of a micro-batch on one rank
-    tp_collective = "all-gather + reduce-scatter" if lay.sp else "all-reduce"
     if lay.tp > 1:
         # one collective in forward, one in backward per block [R36]; AG+RS moves what AR moves,
         # each at its own rate. Under SP the backward also gathers each block's input again for
         # its weight gradient: the forward kept only the rank's shard of it (megatron-core's
         # LinearWithGradAccumulationAndAsyncCommunication.backward, TE's Linear alike; profiled:
         # 3 all-gathers and 2 reduce-scatters per block per micro-batch, gpu_runs_h200x2_te_blind5.json)
-        link = _link(ctx, lay.tp)
+        tp = placement(ctx, lay.tp, 1)
         n = len(blocks) * m * passes
         if lay.sp:
-            gather = _collective_seconds(ctx, "all-gather", link, lay.tp, act)
+            gather = group_seconds(ctx, "all-gather", tp, act)
             regathers = len(blocks) * m
-            sec = n * (gather + _collective_seconds(ctx, "reduce-scatter", link, lay.tp, act)) + regathers * gather
+            sec = n * (gather + group_seconds(ctx, "reduce-scatter", tp, act)) + regathers * gather
             moved = act * (n + regathers / 2)  # an all-gather moves half of what an AG+RS pair does
         else:
-            sec, moved = n * _collective_seconds(ctx, "all-reduce", link, lay.tp, act), act * n
-        out.append(Comm(Axis.TP, tp_collective, lay.tp, moved, link, sec, sec))
+            sec, moved = n * group_seconds(ctx, "all-reduce", tp, act), act * n
+        shown = sec
+        if spec.training.tp_comm_overlap and lay.sp and ctx.te:
+            # userbuffers pipeline each exchange in TP chunks beside its GEMM: the last chunk of
+            # each reduce-scatter (half of a pair's traffic) has no GEMM left to hide behind
+            shown = overlapped(sec, 1 / (2 * lay.tp), compute)
+        out.append(Comm(Axis.TP, "all-gather + reduce-scatter" if lay.sp else "all-reduce", lay.tp, moved, tp.link,
+                        sec, shown))
     if lay.cp > 1:
-        model = ctx.spec.model
+        model = spec.model
+        cp = placement(ctx, lay.cp, lay.tp)
         if "A" in blocks:
             kv = BF16 * tokens * 2 * model.query_groups * model.head_dim / min(lay.tp, model.query_groups)
-            # ring exchange of K,V in forward and dK,dV in backward, (cp-1) hops each
-            add(Axis.CP, "send-recv", lay.cp, lay.tp * lay.cp, kv, blocks.count("A") * m * 3 * (lay.cp - 1))
+            # ring exchange of K,V in forward and dK,dV in backward, (cp-1) hops each; the ring
+            # is as slow as its slowest hop
+            add(Axis.CP, "send-recv", cp, kv, blocks.count("A") * m * 3 * (lay.cp - 1))
         if "M" in blocks:
-            add(Axis.CP, "all-to-all", lay.cp, lay.tp * lay.cp, act / lay.tp * 2, blocks.count("M") * m * 2 * passes)
-    if lay.ep * lay.etp > 1 and "E" in blocks:
-        moe = ctx.spec.model.moe
-        assert moe is not None
-        routed = BF16 * moe.top_k * tokens / (lay.tp if lay.sp else 1) * h * load
-        # dispatch + combine in forward and again in backward
-        add(Axis.EP, "all-to-all", lay.ep * lay.etp, lay.ep * lay.etp, routed, blocks.count("E") * m * 2 * passes)
+            add(Axis.CP, "all-to-all", cp, act / lay.tp * 2, blocks.count("M") * m * 2 * passes)
+    moe = spec.model.moe
+    if moe is not None and "E" in blocks:
+        token = BF16 * tokens / (lay.tp if lay.sp else 1) * h * load  # one copy of the rank's tokens
+        if lay.ep > 1:
+            ep = placement(ctx, lay.ep, lay.etp)
+            sent, nvlink, nic = expert_sends(moe, ep)
+            # a flex backend without published rates (FLEX_LINK_SHARE) runs at the links' rates
+            share = FLEX_LINK_SHARE.get(moe.flex_backend, (1.0, 1.0)) if moe.dispatcher == "flex" else (1.0, 1.0)
+            if ep.domains == 1:
+                bw, alpha = ctx.cluster.nvlink("all-to-all", ep.size)
+                one = alpha * 1e-6 + nvlink * token / (bw * share[0] * 1e9)
+            else:
+                one = _split_seconds(ctx, ep, "all-to-all", nvlink * token, nic * token, share)
+            count = blocks.count("E") * m * 2 * passes  # dispatch + combine in forward and again in backward
+            sec = count * one
+            shown = sec
+            if moe.overlap_communication:
+                shown = overlapped(sec, ep_overlap_unpaired(lay), compute)
+            out.append(Comm(Axis.EP, "all-to-all", ep.size, sent * token * count, ep.link, sec, shown))
         if lay.etp > 1:
             # expert TP gathers the routed tokens before the experts and reduce-scatters after
-            add(Axis.ETP, "all-gather", lay.etp, lay.etp, routed * lay.etp, blocks.count("E") * m * passes)
-            add(Axis.ETP, "reduce-scatter", lay.etp, lay.etp, routed * lay.etp, blocks.count("E") * m * passes)
+            etp = placement(ctx, lay.etp, 1)
+            routed = token * moe.top_k * lay.etp
+            add(Axis.ETP, "all-gather", etp, routed, blocks.count("E") * m * passes)
+            add(Axis.ETP, "reduce-scatter", etp, routed, blocks.count("E") * m * passes)
     if lay.pp > 1:
-        add(Axis.PP, "send-recv", 2, ctx.world, act / (lay.tp if lay.sp else 1), 2 * m * lay.vpp)
+        # neighbouring stages are world/pp ranks apart: one NVLink domain only if it holds the world
+        pp = Placement(2, 2, 1) if ctx.world <= ctx.cluster.nvlink_domain else Placement(2, 1, 2)
+        # 1F1B blocks on each send/recv. The interleaved schedule posts the next chunk's transfer
+        # before computing the current one (overlap_p2p_comm, Megatron-LM's default with VPP), yet
+        # the committed PP2 x VPP2 runs on 2 x H200 (gpu_runs_h200x2_te_fused.json, _te_heldout,
+        # _etp, _megatronlm) came out no closer with it hidden (-0.7% to +0.7% each; the TE runs
+        # further under), so the whole transfer stays on the step
+        add(Axis.PP, "send-recv", pp, act / (lay.tp if lay.sp else 1), 2 * m * lay.vpp)
     big = mem[busiest]
     dense, expert = big.params - big.params_expert, big.params_expert
-    dp_span = lay.tp * lay.cp * lay.dp
-    forward, backward = window
-    for axis, n, params in ((Axis.DP, lay.dp * lay.cp, dense), (Axis.EDP, lay.edp, expert)):
-        if n > 1 and params:
-            if ctx.spec.training.distributed_optimizer:
-                add(axis, "reduce-scatter", n, dp_span, FP32 * params, 1, eff.grad_reduce_exposed, backward)
-                add(axis, "all-gather", n, dp_span, BF16 * params, 1, eff.param_gather_exposed, forward)
+    grad = FP32 if spec.training.grad_reduce_dtype == "fp32" else BF16
+    # Under the interleaved schedule rank 0's model chunks other than the first finish their last
+    # backward (vpp-1)*pp chunk steps before the end, and reduce while the cooldown runs on; their
+    # parameters gather alike ahead of the warmup (align_param_gather): the window grows from one
+    # micro-batch's pass to 1 + (vpp-1)*pp chunk passes of it.
+    chunks = (1 + (lay.vpp - 1) * lay.pp) / lay.vpp
+    groups = ((Axis.DP, placement(ctx, lay.dp * lay.cp, lay.tp), dense),
+              (Axis.EDP, placement(ctx, lay.edp, lay.etp * lay.ep), expert))
+    for axis, group, params in groups:
+        if group.size > 1 and params:
+            if spec.training.distributed_optimizer:
+                add(axis, "reduce-scatter", group, grad * params, 1, eff.grad_reduce_exposed, backward * chunks)
+                add(axis, "all-gather", group, BF16 * params, 1, eff.param_gather_exposed, forward * chunks)
             else:
-                add(axis, "all-reduce", n, dp_span, FP32 * params, 1, eff.grad_reduce_exposed, backward)
+                add(axis, "all-reduce", group, grad * params, 1, eff.grad_reduce_exposed, backward * chunks)
     return out

@@ -3,7 +3,8 @@
 Per micro-batch: the matmuls and the unfused softmax (from the preset's measured kernel-rate
 table, else FLOPs at MAMF and bytes at HBM bandwidth), the small kernels (norms, activations,
 rotary, casts) as HBM traffic, the weight gradients' accumulation, and the per-block host time,
-added whole for megatron-core's local modules and overlapping the GPU under Transformer Engine.
+added whole for megatron-core's local modules and overlapping the GPU under Transformer Engine,
+where it follows the host class of the cluster and what CUDA graphs capture of it.
 Per step: those over the pipeline's micro-batch slots, the communication each axis exposes, and
 the optimizer step. The fitted numbers are in cost.coefficients; how they were measured, in
 benchmarks/evidence/cost_model_notes.md.
@@ -12,6 +13,7 @@ benchmarks/evidence/cost_model_notes.md.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from megacpp.planner.axes import Axis
@@ -25,7 +27,14 @@ from megacpp.planner.cost.blocks import (
     micro_batch_tokens,
     unfused_scores,
 )
-from megacpp.planner.cost.coefficients import CP_STEP, DEFAULT_EFFICIENCY, EXPERT, Efficiency
+from megacpp.planner.cost.coefficients import (
+    CP_STEP,
+    DEFAULT_EFFICIENCY,
+    EXPERT,
+    MOE_ROUTER_HOST_SHARE,
+    REFERENCE_HOST_LAUNCH_US,
+    Efficiency,
+)
 from megacpp.planner.cost.communication import Comm, communication
 from megacpp.planner.cost.kernel_rates import kernel_rates
 from megacpp.planner.cost.memory import GIB, StageMemory, rank_stages, stage_memory
@@ -39,6 +48,9 @@ from megacpp.planner.search.stages import Stage
 # runs the chain in reverse, softmax backward reading the gradient and the output (6 + 12 + 8 + 6).
 UNFUSED_SOFTMAX_BYTES_FORWARD = 28.0
 UNFUSED_SOFTMAX_BYTES_BACKWARD = 32.0
+
+# the breakdown's term of the exposed per-block host time (Estimate.breakdown)
+HOST_TERM = "block_overhead"
 
 
 @dataclass(frozen=True)
@@ -63,6 +75,25 @@ class Estimate:
     @property
     def peak_gib(self) -> float:
         return max(m.total_gib for m in self.memory)
+
+    @property
+    def decided_by(self) -> str | None:
+        return deciding_term(dict(self.breakdown))
+
+    @property
+    def host_bound(self) -> bool:
+        return self.decided_by == HOST_TERM
+
+
+def deciding_term(breakdown: Mapping[str, float]) -> str | None:
+    """The term of a step breakdown that decides the step: the largest (the first of equals)."""
+    return max(breakdown, key=lambda term: breakdown[term]) if any(breakdown.values()) else None
+
+
+def host_bound(breakdown: Mapping[str, float]) -> bool:
+    """Whether the exposed per-block host time, the host's excess over the GPU's work, decides the
+    step: only there does the step follow the host rather than the GPU."""
+    return deciding_term(breakdown) == HOST_TERM
 
 
 # collectives inside every micro-batch, against the data-parallel ones once per step
@@ -142,17 +173,62 @@ def host_repeats(recompute: str, te: bool) -> float:
     return 1.0 if te else gpu_repeats(recompute)
 
 
+def host_scale(ctx: Context) -> float:
+    """The cluster's host time per unit of the reference hosts' (Cluster.host_launch_us over
+    REFERENCE_HOST_LAUNCH_US) under Transformer Engine, where the per-block overheads are host time:
+    a host that issues a CUDA op in less time issues a block's kernels in less. The local modules'
+    overheads also hold their small kernels' GPU time and stay as measured."""
+    return ctx.cluster.host_launch_us / REFERENCE_HOST_LAUNCH_US if ctx.te else 1.0
+
+
+def graph_captured(ctx: Context) -> dict[str, float]:
+    """The share of each host-time key (block letter, EXPERT, CP_STEP) that CUDA graphs capture
+    (training.cuda_graphs): a captured module replays its kernels from one graph launch, without
+    the host's per-kernel work. Megatron's modules (megatron/core/transformer/enums.py
+    CudaGraphScope): "attn" the attention (with its ring steps under CP), "mlp" a dense MLP,
+    "mamba" a Mamba mixer, "moe" a whole MoE layer with its experts (drop-and-pad only),
+    "moe_router" (with "moe_preprocess") the router and the dispatcher's preprocess, a share of an
+    E block's own host time (MOE_ROUTER_HOST_SHARE); "layers" every transformer layer whole and
+    "full_iteration" the whole forward-backward. The runtime's R block is Megatron's only through
+    megacpp's adapters and is captured with the whole iteration only."""
+    graphs = ctx.spec.training.cuda_graphs
+    if graphs == "none":
+        return {}
+    whole = {"A": 1.0, CP_STEP: 1.0, "D": 1.0, "M": 1.0, "E": 1.0, EXPERT: 1.0}
+    if graphs == "full_iteration":
+        return {**whole, "R": 1.0}
+    if graphs == "layers":
+        return whole
+    modules = set(graphs)
+    captured: dict[str, float] = {}
+    if "attn" in modules:
+        captured.update({"A": 1.0, CP_STEP: 1.0})
+    if "mlp" in modules:
+        captured["D"] = 1.0
+    if "mamba" in modules:
+        captured["M"] = 1.0
+    if "moe" in modules:
+        captured.update({"E": 1.0, EXPERT: 1.0})
+    elif "moe_router" in modules:
+        captured["E"] = MOE_ROUTER_HOST_SHARE
+    return captured
+
+
 def host_units(ctx: Context, lay: Layout, blocks: str) -> Counter[str]:
-    """What one micro-batch's host time is counted in on a rank: its blocks per letter and, under
-    Transformer Engine, the local experts of its E blocks (EXPERT) and, under context parallelism,
-    each A block's ring steps beyond the first (CP_STEP), each at its overhead
-    (Efficiency.overhead)."""
-    units = Counter(blocks)
-    if ctx.te and units["E"]:
-        units[EXPERT] = units["E"] * ctx.spec.model.moe.num_experts // lay.ep  # type: ignore[union-attr]
-    if ctx.te and units["A"] and lay.cp > 1:
-        units[CP_STEP] = units["A"] * (lay.cp - 1)
-    return units
+    """What one micro-batch's host time is counted in on a rank, in units of the reference hosts'
+    time per block: its blocks per letter and, under Transformer Engine, the local experts of its E
+    blocks (EXPERT) and, under context parallelism, each A block's ring steps beyond the first
+    (CP_STEP), each at its overhead (Efficiency.overhead); less what CUDA graphs capture
+    (graph_captured), at the cluster's host class (host_scale)."""
+    counts = Counter(blocks)
+    if ctx.te and counts["E"]:
+        counts[EXPERT] = counts["E"] * ctx.spec.model.moe.num_experts // lay.ep  # type: ignore[union-attr]
+    if ctx.te and counts["A"] and lay.cp > 1:
+        counts[CP_STEP] = counts["A"] * (lay.cp - 1)
+    captured, scale = graph_captured(ctx), host_scale(ctx)
+    if not captured and scale == 1.0:
+        return counts
+    return Counter({key: n * (1.0 - captured.get(key, 0.0)) * scale for key, n in counts.items()})  # type: ignore[misc]
 
 
 def exposed_host_seconds(gpu: float, host: float, te: bool, synced: float = 0.0) -> float:
@@ -162,9 +238,12 @@ def exposed_host_seconds(gpu: float, host: float, te: bool, synced: float = 0.0)
     holds is host time (Python, launches, the dispatcher's synchronisation), and the host queues
     kernels ahead of the GPU: a micro-batch takes the longer of the two, and only the host's excess
     shows. Where the host waits for the GPU inside the micro-batch (`synced`:
-    Efficiency.te_sync_exposed for ranks with E blocks) that share of the shorter of the two shows
-    as well. The local modules' overheads also hold their small kernels' GPU time (their traffic
-    is 0), so there the whole overhead adds."""
+    Efficiency.te_sync_exposed for ranks with E blocks whose host work is not all captured by CUDA
+    graphs: the routed-token counts' copy to the host in every MoE layer's forward) that share of
+    the shorter of the two shows as well: after each wait the GPU idles until the host has issued
+    the layer's next work, so the host cannot run ahead across the MoE layers' forwards. The local
+    modules' overheads also hold their small kernels' GPU time (their traffic is 0), so there the
+    whole overhead adds."""
     return max(host - gpu, 0.0) + synced * min(host, gpu) if te else host
 
 
@@ -172,11 +251,11 @@ def optimizer_seconds(ctx: Context, stage: StageMemory, eff: Efficiency) -> floa
     """One optimizer step of a stage's rank: its optimizer state (fp32 main parameters and Adam
     moments, sharded with the distributed optimizer) read and written, with the gradients and
     the bf16 parameters, at HBM bandwidth (Efficiency.optimizer); with TE, or the host's work
-    per parameter tensor where that is longer (Efficiency.optimizer_tensor_s: hundreds of small
-    expert weights)."""
+    per parameter tensor where that is longer (Efficiency.optimizer_tensor_s at the cluster's
+    host class: hundreds of small expert weights)."""
     traffic, fixed = eff.optimizer(ctx.te)
     state = stage.optimizer_gib * GIB * traffic / (ctx.cluster.hbm_tbps * 1e12)
-    host = stage.param_tensors * eff.optimizer_tensor_s if ctx.te else 0.0
+    host = stage.param_tensors * eff.optimizer_tensor_s * host_scale(ctx) if ctx.te else 0.0
     return max(state, host) + fixed
 
 
@@ -218,7 +297,7 @@ def estimate(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency = D
         small = traffic * small_kernel_seconds(ctx, lay, blocks, load) * gpu_repeats(ctx.spec.training.recompute) if traffic else 0.0
         scores = blocks.count("A") * softmax
         accumulate = grad_accumulation_seconds(ctx, mem[p], eff)
-        synced = eff.te_sync_exposed if "E" in blocks else 0.0
+        synced = eff.te_sync_exposed if units["E"] else 0.0  # a captured MoE layer waits for nothing
         per_rank.append((gemm, scores, exposed_host_seconds(gemm + scores + small + accumulate, host, ctx.te, synced), small, accumulate,
                          host, experts))
     *terms, host, experts = max(per_rank, key=lambda r: sum(r[:5]))

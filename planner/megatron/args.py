@@ -12,8 +12,10 @@ from functools import cache
 from importlib import resources
 
 from megacpp.planner.errors import LaunchError
+from megacpp.planner.megatron.job_args import checkpoint_flags, data_flags, schedule_flags, with_extra_args
 from megacpp.planner.plan import Candidate
 from megacpp.planner.search.layout import Context
+from megacpp.planner.spec.schedule import run_schedule
 
 # Hybrid pattern symbols per dialect ([V] mamba_hybrid_layer_allocation.py:25-32; [M] hybrid_layer_allocation.py:14-27).
 HYBRID_SYMBOLS = {"A": "*", "M": "M", "E": "E", "D": "-", "R": "G"}
@@ -24,11 +26,9 @@ MOE_AUX_LOSS_COEFF = 1e-2
 
 @dataclass(frozen=True)
 class TrainOptions:
-    """Run-length and data options that are not part of the plan."""
+    """What a launch sets beyond the spec: the length of a short run (`launch --steps`)."""
 
-    train_iters: int = 100
-    lr: float = 3e-4
-    data_path: str | None = None  # a Megatron indexed-dataset prefix; None uses --mock-data
+    train_iters: int | None = None  # None: the spec's train_iters or train_tokens, else 100 (schedule.py)
 
 
 @cache
@@ -97,6 +97,53 @@ def _moe_layer_freq(ctx: Context) -> str:
         else:
             runs.append([f, 1])
     return "(" + "+".join(f"[{f}]*{n}" for f, n in runs) + ")"
+
+
+def _cuda_graph_flags(ctx: Context, cand: Candidate) -> list[str]:
+    """training.cuda_graphs as Megatron-LM captures them. core_v0.16.1 (arguments.py
+    --cuda-graph-scope): the modules through Transformer Engine's capture, whole layers (an empty
+    scope) and the whole iteration through megatron-core's own ("local"), which under expert
+    parallelism asserts --moe-pad-experts-for-cuda-graph-inference (arguments.py:1158-1160; it
+    changes decoding only). main names the modules --cuda-graph-modules and the whole iteration
+    --cuda-graph-impl full_iteration (transformer_config.py cuda_graph_impl). The whole iteration
+    asserts --no-check-for-nan-in-loss-and-grad on both."""
+    graphs, main = ctx.spec.training.cuda_graphs, ctx.dialect == "main"
+    if graphs == "none":
+        return []
+    if graphs == "full_iteration":
+        whole = ["--cuda-graph-impl", "full_iteration"] if main else ["--cuda-graph-impl", "local", "--cuda-graph-scope", "full_iteration"]
+        return [*whole, "--no-check-for-nan-in-loss-and-grad"]
+    if graphs == "layers":
+        pad = not main and ctx.has_moe and cand.layout.ep > 1
+        return ["--cuda-graph-impl", "local", *["--moe-pad-experts-for-cuda-graph-inference"] * pad]
+    return ["--cuda-graph-impl", "transformer_engine", "--cuda-graph-modules" if main else "--cuda-graph-scope", *graphs]
+
+
+def _memory_flags(ctx: Context) -> list[str]:
+    """Recompute, activation offloading and the precision-aware optimizer (the spec's training
+    keys; transformer_config.py recompute_*, offload_modules, activation_offload_fraction;
+    arguments.py --use-precision-aware-optimizer, --exp-avg-dtype, --exp-avg-sq-dtype, --main-params-dtype)."""
+    tr = ctx.spec.training
+    a: list[str] = []
+    if tr.recompute == "selective":
+        a += ["--recompute-granularity", "selective"]
+        if tr.recompute_modules is not None:
+            a += ["--recompute-modules", *tr.recompute_modules]
+    elif tr.recompute == "full":
+        a += ["--recompute-granularity", "full", "--recompute-method", tr.recompute_method or "uniform",
+              "--recompute-num-layers", str(tr.recompute_num_layers or 1)]
+    if tr.offload_modules is not None:
+        a += ["--fine-grained-activation-offloading", "--offload-modules", *tr.offload_modules]
+        if tr.activation_offload_fraction != 1.0:  # main only (rule offload-fraction-needs-main)
+            a += ["--activation-offload-fraction", f"{tr.activation_offload_fraction:g}"]
+    opt = tr.optimizer
+    if opt.precision_aware:
+        a.append("--use-precision-aware-optimizer")
+        for flag, dtype in (("--exp-avg-dtype", opt.exp_avg_dtype), ("--exp-avg-sq-dtype", opt.exp_avg_sq_dtype),
+                            ("--main-params-dtype", opt.main_params_dtype)):
+            if dtype != "fp32":
+                a += [flag, dtype]
+    return a
 
 
 def megatron_args(ctx: Context, cand: Candidate, opts: TrainOptions) -> list[str]:
@@ -172,13 +219,12 @@ def megatron_args(ctx: Context, cand: Candidate, opts: TrainOptions) -> list[str
             a += ["--moe-layer-freq", _moe_layer_freq(ctx)]
         if ctx.te:
             a.append("--moe-grouped-gemm")
+        if moe.overlap_communication and lay.ep > 1:  # rule ep-overlap-needs-ep-and-vpp holds the rest
+            a.append("--overlap-moe-expert-parallel-comm")
     a += ["--micro-batch-size", str(lay.micro_batch_size), "--global-batch-size", str(tr.global_batch_size), "--bf16"]
     if tr.precision == "fp8":
         a += ["--fp8-format", "hybrid"]
-    if tr.recompute == "selective":
-        a += ["--recompute-granularity", "selective"]
-    elif tr.recompute == "full":
-        a += ["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1"]
+    a += _memory_flags(ctx)
     # gradients reduce bucket by bucket during the backward, and with the distributed optimizer
     # the parameters gather during the next forward, as megacpp's runtime and the cost model's
     # exposed data-parallel shares (cost.Efficiency.grad_reduce_exposed, param_gather_exposed) have them
@@ -186,6 +232,13 @@ def megatron_args(ctx: Context, cand: Candidate, opts: TrainOptions) -> list[str
         a += ["--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather"]
     else:
         a.append("--overlap-grad-reduce")
+    if tr.grad_reduce_dtype == "bf16":
+        a.append("--grad-reduce-in-bf16")
+    if tr.tp_comm_overlap and ctx.te and lay.tp > 1 and lay.sp:
+        # userbuffers need sequence parallelism (arguments.py:1441-1442); below TP 2 or without
+        # SP there is nothing to overlap and Megatron-Bridge drops it too (comm_overlap.py)
+        a.append("--tp-comm-overlap")
+    a += _cuda_graph_flags(ctx, cand)
     if not spec.backend.fusions:
         a += ["--no-bias-swiglu-fusion", "--no-bias-dropout-fusion"] + ["--no-rope-fusion"] * ctx.te
     if ctx.te:
@@ -201,8 +254,7 @@ def megatron_args(ctx: Context, cand: Candidate, opts: TrainOptions) -> list[str
         # "incompatible defaults"), which on 2 x H200 put the peak 27-37% under the plan.
         a += ["--transformer-impl", "local", "--no-persist-layer-norm", "--no-rope-fusion",
               "--no-gradient-accumulation-fusion", "--no-masked-softmax-fusion", "--attention-softmax-in-fp32"]
-    a += ["--tokenizer-type", "NullTokenizer", "--vocab-size", str(model.vocab_size)]
-    a += ["--data-path", opts.data_path, "--split", "99,1,0"] if opts.data_path else ["--mock-data"]
+    a += data_flags(spec)
     # Every attention rendered here is causal and makes its own mask (TE's fused attention; the
     # local softmax's get_default_causal_mask, fused_softmax.py:323), so the [b, 1, s, s] boolean
     # mask the dataloader builds by default (gpt_dataset.py:739) is only host work and a copy per
@@ -211,19 +263,20 @@ def megatron_args(ctx: Context, cand: Candidate, opts: TrainOptions) -> list[str
     # 0.784 and 0.750 s with it, 0.678 and 0.738 s without
     # (gpu_runs_h200x2_megatronlm_te_host2.json).
     a.append("--no-create-attention-mask-in-dataloader")
-    a += ["--train-iters", str(opts.train_iters), "--lr", f"{opts.lr:g}", "--min-lr", f"{opts.lr / 10:g}",
-          "--lr-decay-style", "cosine", "--weight-decay", "0.1", "--clip-grad", "1.0",
-          "--log-interval", "1", "--eval-iters", "0", "--eval-interval", str(opts.train_iters)]
+    a += schedule_flags(tr, run_schedule(tr, opts.train_iters)) + checkpoint_flags(spec)
     unknown = sorted({x for x in a if x.startswith("--")} - known_flags(ctx.dialect))
     if unknown:
         raise LaunchError(f"Megatron-LM {ctx.dialect} does not accept {', '.join(unknown)}")
-    return a
+    return with_extra_args(ctx, a, known_flags(ctx.dialect))
 
 
 def environment(ctx: Context, cand: Candidate) -> dict[str, str]:
     """Environment for the job: Megatron's own requirements plus NCCL defaults for the cluster."""
     lay, name = cand.layout, ctx.cluster.name
     env = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}  # recommended in the MoE README [R28]
+    if ctx.spec.training.offload_modules is not None:
+        # with TE 2.10 or later Megatron-LM asserts this, "to avoid offloading weights" (arguments.py:1222-1227)
+        env["NVTE_CPU_OFFLOAD_V1"] = "1"
     pre_blackwell = name in {"h100-sxm-8", "h200-sxm-8", "inline"}
     if pre_blackwell and (lay.tp > 1 or lay.cp > 1):
         env["CUDA_DEVICE_MAX_CONNECTIONS"] = "1"  # Megatron-LM arguments.py:1453-1481

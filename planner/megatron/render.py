@@ -7,6 +7,7 @@ spec says (its name included) can reach a shell unquoted.
 from __future__ import annotations
 
 import json
+import posixpath
 import re
 import shlex
 from dataclasses import dataclass, field
@@ -17,8 +18,12 @@ import jinja2
 from megacpp import __version__
 from megacpp.planner.errors import LaunchError
 from megacpp.planner.megatron.args import TrainOptions, entry_point, environment, megatron_args
+from megacpp.planner.megatron.job_args import CHECKPOINT_TRACKER, LOAD_VARIABLE, ShellWord, resumes_from_save
 from megacpp.planner.plan import Plan
 from megacpp.planner.search.layout import Layout
+from megacpp.planner.search.rules.memory import megatron_lm_only
+from megacpp.planner.spec.models import Spec
+from megacpp.planner.spec.schedule import run_schedule
 from megacpp.planner.validation import check_consistent
 
 TARGETS = ("torchrun", "slurm")
@@ -59,12 +64,72 @@ def _arg_lines(args: list[str]) -> list[str]:
             lines.append([tok])
         else:
             lines[-1].append(tok)
-    return [" ".join(shlex.quote(t) for t in line) for line in lines]
+    return [" ".join(t if isinstance(t, ShellWord) else shlex.quote(t) for t in line) for line in lines]
 
 
 def _layout_summary(layout: Layout) -> str:
     d = layout.model_dump()
     return " ".join(f"{k}={v}" for k, v in d.items() if k != "sp") + f" sp={layout.sp}"
+
+
+# Variables the scripts set or read themselves; launch.env may not export them.
+SCRIPT_VARIABLES = frozenset({"NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", APEX_PROBE, LOAD_VARIABLE,
+                              "SLURM_JOB_ID", "SLURM_NNODES", "SLURM_JOB_NODELIST"})
+# #SBATCH option per launch.slurm key (values are checked to plain characters in SlurmSpec)
+SBATCH_OPTIONS = {"partition": "partition", "account": "account", "time": "time", "qos": "qos",
+                  "reservation": "reservation", "constraint": "constraint", "nodelist": "nodelist", "exclude": "exclude"}
+
+
+def _job_environment(spec: Spec, defaults: dict[str, str]) -> list[tuple[str, str]]:
+    """megacpp's environment for the cluster with the spec's launch.env over it, values quoted."""
+    taken = sorted(SCRIPT_VARIABLES & set(spec.launch.env))
+    if taken:
+        raise LaunchError(f"launch.env: {taken[0]} is set by the launch script itself; "
+                          "set it in the shell that runs the script instead")
+    return [(k, shlex.quote(v)) for k, v in sorted({**defaults, **spec.launch.env}.items())]
+
+
+def _resume_lines(spec: Spec) -> list[str]:
+    """With different save and load folders, load from save once it holds a checkpoint."""
+    if not resumes_from_save(spec):
+        return []
+    ckpt = spec.checkpoint
+    assert ckpt is not None and ckpt.save is not None and ckpt.load is not None
+    tracker = shlex.quote(posixpath.join(ckpt.save, CHECKPOINT_TRACKER))
+    return ["# a restarted or requeued job continues from checkpoint.save once it holds a checkpoint",
+            f"{LOAD_VARIABLE}={shlex.quote(ckpt.load)}",
+            f"if [ -f {tracker} ]; then {LOAD_VARIABLE}={shlex.quote(ckpt.save)}; fi"]
+
+
+def _sbatch_lines(spec: Spec, engine: str) -> list[str]:
+    """#SBATCH options from launch.slurm, and --requeue when Megatron-LM saves checkpoints to resume from."""
+    slurm = spec.launch.slurm
+    lines = [f"--{option}={getattr(slurm, key)}" for key, option in SBATCH_OPTIONS.items() if getattr(slurm, key) is not None]
+    if engine == "megatron-lm" and spec.checkpoint is not None and spec.checkpoint.save is not None:
+        lines.append("--requeue")
+    return lines
+
+
+def _srun_options(spec: Spec) -> str:
+    """pyxis options on srun: the container every task runs in."""
+    slurm = spec.launch.slurm
+    options = []
+    if slurm.container_image is not None:
+        options.append("--container-image=" + shlex.quote(slurm.container_image))
+    if slurm.container_mounts:
+        options.append("--container-mounts=" + shlex.quote(",".join(slurm.container_mounts)))
+    if slurm.container_workdir is not None:
+        options.append("--container-workdir=" + shlex.quote(slurm.container_workdir))
+    return "".join(" " + o for o in options)
+
+
+def _runtime_notes(spec: Spec) -> list[str]:
+    """What the megacpp engine leaves out of a spec written for Megatron-LM, said in the script."""
+    unused = [key for key, given in (("data", spec.data is not None), ("checkpoint", spec.checkpoint is not None),
+                                     ("launch.extra_args", bool(spec.launch.extra_args))) if given]
+    if not unused:
+        return []
+    return [f"# {', '.join(unused)}: read by Megatron-LM only; this runtime trains on synthetic tokens and saves no checkpoint"]
 
 
 def render_launch(plan: Plan, opts: RenderOptions) -> dict[str, str]:
@@ -100,17 +165,25 @@ def render_launch(plan: Plan, opts: RenderOptions) -> dict[str, str]:
             preamble.append(f'{APEX_PROBE}=""; python3 -c "import fused_weight_gradient_mlp_cuda" 2>/dev/null '
                             f'|| {APEX_PROBE}="--no-gradient-accumulation-fusion"')
             command.append(f"${APEX_PROBE}")  # unquoted on purpose: empty, or the one fixed flag
+        preamble += _resume_lines(ctx.spec)
+        notes = []
     else:
+        unsupported = megatron_lm_only(ctx)
+        if unsupported:
+            raise LaunchError(f"--engine megacpp does not run {', '.join(unsupported)} (its runtime keeps Megatron's default "
+                              "recompute, no offloading and fp32 optimizer state); launch with --engine megatron-lm")
         preamble = []
         worker = ["-m", "megacpp.runtime.worker", "--plan", "plan.json", "--candidate", str(opts.candidate),
                   "--report", "report.json"]
-        worker += ["--construct-only"] if opts.construct_only else ["--steps", str(opts.train.train_iters)]
+        steps = run_schedule(ctx.spec.training, opts.train.train_iters).iters
+        worker += ["--construct-only"] if opts.construct_only else ["--steps", str(steps)]
         worker += ["--profile"] if opts.profile and not opts.construct_only else []
         worker += ["--trace", "traces"] if opts.trace and opts.profile and not opts.construct_only else []
         worker += ["--memory-peak"] if opts.memory_peak and not opts.construct_only else []
         command = [" ".join(shlex.quote(t) for t in worker)]
+        notes = _runtime_notes(ctx.spec)
 
-    env = sorted({**environment(ctx, cand), "NCCL_NVLS_ENABLE": "0"}.items()) if not opts.cpu else []
+    env = _job_environment(ctx.spec, {**environment(ctx, cand), "NCCL_NVLS_ENABLE": "0"} if not opts.cpu else {})
     context = {
         "version": __version__,
         "spec_name": shlex.quote(ctx.spec.name),
@@ -118,7 +191,8 @@ def render_launch(plan: Plan, opts: RenderOptions) -> dict[str, str]:
         "engine": opts.engine,
         "nnodes": nnodes,
         "nproc_per_node": nproc,
-        "env": [(k, shlex.quote(v)) for k, v in env],
+        "env": env,
+        "notes": notes,
         "preamble": preamble,
         "command": command,
     }
@@ -129,6 +203,6 @@ def render_launch(plan: Plan, opts: RenderOptions) -> dict[str, str]:
     else:
         job = re.sub(r"[^A-Za-z0-9._-]", "-", ctx.spec.name)[:64].strip("-.") or "megacpp"
         context.update(job_name=job, gpus_per_node=0 if opts.cpu else nproc, log_pattern="megacpp-%j.log",
-                       master_port=opts.master_port)
+                       master_port=opts.master_port, sbatch=_sbatch_lines(ctx.spec, opts.engine), srun_options=_srun_options(ctx.spec))
         script = _template("slurm.sbatch.j2").render(**context)
     return {SCRIPT_NAMES[opts.target]: script, "plan.json": json.dumps(plan.to_json_dict(), indent=2) + "\n"}

@@ -10,11 +10,13 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict
 
 from megacpp.planner.cost.coefficients import (
+    DGX_HOST_LAUNCH_US,
     H100_GRAD_ACCUMULATION_TBPS,
     H200_GRAD_ACCUMULATION_TBPS,
     H200_NVLINK_ALPHA_US,
     H200_PAIR_ALPHA_US,
     H200_PAIR_BUSBW_GBPS,
+    REFERENCE_HOST_LAUNCH_US,
 )
 from megacpp.planner.errors import SpecError, did_you_mean
 from megacpp.planner.spec.models import ClusterSpec
@@ -65,6 +67,10 @@ class Cluster(BaseModel):
     # per-GPU bus bandwidth across the NIC (scale-out)
     nic_busbw_gbps: float
     nic_alpha_us: float
+    # the host class: the host's time per tiny CUDA op (us), in the unit of the runtime's host probe
+    # (runtime/worker/measure/host.py). The per-block host time under Transformer Engine was measured
+    # on hosts of REFERENCE_HOST_LAUNCH_US and scales with it (cost.step.host_scale)
+    host_launch_us: float = REFERENCE_HOST_LAUNCH_US
     unified_memory: bool = False
     sources: dict[str, str] = {}
 
@@ -98,8 +104,13 @@ _H100 = dict(
     nvlink_alltoall_gbps=370.0,  # "non-allreduce ops ~370" [R43]
     nvlink_p2p_gbps=370.0,  # ASSUMPTION: effective NVLink4 rate, as non-allreduce ops [R43]
     nvlink_alpha_us=18.0,  # DERIVED from the 32 KiB all-reduce on 8xH200 [R3]
-    nic_busbw_gbps=47.0,  # 46-48 GB/s per NDR NIC in nccl-tests [R46][R45]
+    # one ConnectX-7 400 Gb/s (50 GB/s) per GPU: DGX H100/H200 [R5], DGX B200 [R6]; cost.communication
+    # gives each GPU its own NIC. 46-48 GB/s per NDR NIC in nccl-tests [R46][R45]
+    nic_busbw_gbps=47.0,
     nic_alpha_us=100.0,  # DERIVED, order of magnitude [R3]
+    # DGX H100 / H200 / B200: bare-metal two-socket Xeon hosts (DGX B200: Xeon 8570 [R6]), not the
+    # cloud VMs the per-block host time was measured on (FITTED)
+    host_launch_us=DGX_HOST_LAUNCH_US,
 )
 
 PRESETS: dict[str, dict] = {
@@ -134,7 +145,7 @@ PRESETS: dict[str, dict] = {
         "nvlink_allreduce_gbps": 682.0,  # ring, 8 GPUs, 8 GiB [R2]
         "nvlink_allgather_gbps": 682.0,  # ASSUMPTION: ring rate as all-reduce [R2]
         "nvlink_reducescatter_gbps": 682.0,  # ASSUMPTION: as above
-        "nvlink_alltoall_gbps": 682.0,  # ASSUMPTION: as above
+        "nvlink_alltoall_gbps": 682.0,  # ASSUMPTION: as above; DeepEP measured 726/740 on 8 x B200 [R20]
         "nvlink_p2p_gbps": 682.0,  # ASSUMPTION: as above
     },
     "gb200-nvl72": {
@@ -154,6 +165,7 @@ PRESETS: dict[str, dict] = {
         "nvlink_reducescatter_gbps": 680.0,  # ASSUMPTION: as above
         "nvlink_alltoall_gbps": 550.0,  # HybridEP dispatch algbw upper range [R24]
         "nvlink_p2p_gbps": 680.0,  # ASSUMPTION
+        "host_launch_us": DGX_HOST_LAUNCH_US,  # ASSUMPTION: a Grace host [R7] issues work as a DGX host does
     },
     "gb10-spark": {
         "description": "NVIDIA DGX Spark (GB10): one GPU per box, 128 GB unified memory, boxes linked at 200 GbE",
@@ -174,6 +186,7 @@ PRESETS: dict[str, dict] = {
         "nvlink_alpha_us": 0.0,
         "nic_busbw_gbps": 22.0,  # NCCL all_gather busbw 20-24 GB/s over one 200G QSFP link [R13]
         "nic_alpha_us": 30.0,  # ASSUMPTION: not published [R14]
+        "host_launch_us": REFERENCE_HOST_LAUNCH_US,  # ASSUMPTION: not measured; the reference hosts'
         "unified_memory": True,
     },
 }
@@ -183,6 +196,7 @@ SOURCES = {
     "R3": "stas00/ml-engineering network/benchmarks/README.md (8xH200 all-reduce sweep)",
     "R4": "stas00/ml-engineering compute/accelerator/README.md (dense TFLOPS, MAMF, memory)",
     "R5": "NVIDIA DGX BasePOD reference architecture, core components",
+    "R6": "NVIDIA DGX B200 user guide, introduction (8 x ConnectX-7 400 Gb/s, NVLink5 switches)",
     "R7": "NVIDIA DGX GB200 user guide, networking",
     "R10": "MLCommons inference v6.1 GB200-NVL72 system description",
     "R11": "nvidia-smi capture of H100 SXM (thamada/nvidia-smi)",
@@ -193,6 +207,8 @@ SOURCES = {
     "R17": "Hot Chips 2025 GB10 report (NVLink-C2C, TDP)",
     "R18": "huggingface/kernels PR #283 (GB10 92.3 TFLOPS BF16 matmul measured)",
     "R19": "Entrpi/qwen3.5-122B-A10B-on-spark README (128 GB / 119 GiB)",
+    "R20": "deepseek-ai/DeepEP README (V2 NVLink and RDMA bandwidths)",
+    "R21": "deepseek-ai/DeepEP docs/legacy.md (V1 normal-kernel bandwidths)",
     "R24": "deepseek-ai/DeepEP hybrid-ep README",
     "R43": "NVIDIA/nccl-tests issue #212 (NVLink4 ~370 GB/s effective)",
     "R45": "NVIDIA/nccl-tests issue #267 (alltoall cannot aggregate NICs)",
@@ -232,6 +248,7 @@ def resolve_cluster(spec: ClusterSpec, nodes: int | None = None) -> Cluster:
         "nvlink_domain": spec.nvlink_domain,
         "bf16_tflops": spec.bf16_tflops,
         "nic_busbw_gbps": spec.inter_node_busbw_gbps,
+        "host_launch_us": spec.host_launch_us,
     }
     base.update({k: v for k, v in overrides.items() if v is not None})
     if spec.bf16_tflops is not None:

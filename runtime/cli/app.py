@@ -115,6 +115,8 @@ MAX_JSON_BYTES = 256 << 20
 def _read_json(path: Path, what: str):
     from megacpp.planner.spec.loading import one_line, read_capped
 
+    if not path.exists():
+        raise PlanError(f"{path}: no such {what} file")
     try:
         raw = read_capped(path, MAX_JSON_BYTES, f"a JSON {what}")
     except SpecError as exc:
@@ -179,7 +181,7 @@ def launch(
     target: Annotated[Target, typer.Option("--target", help="torchrun (local or multi-node) or slurm (sbatch + srun).")] = Target.torchrun,
     engine: Annotated[Engine, typer.Option("--engine", help="megatron-lm (needs $MEGATRON_LM) or megacpp's runtime worker.")] = Engine.megatron_lm,
     candidate: Annotated[int, typer.Option("--candidate", min=0, help="Which ranked candidate of the plan to launch.")] = 0,
-    steps: Annotated[int, typer.Option("--steps", min=1, help="Training iterations.")] = 100,
+    steps: Annotated[int | None, typer.Option("--steps", min=1, help="Training iterations, for a short run of the spec's schedule (default: training.train_iters or train_tokens, else 100).")] = None,
     construct_only: Annotated[bool, typer.Option("--construct-only", help="megacpp engine: build the model and report, no training.")] = False,
     profile: Annotated[bool, typer.Option("--profile", help="megacpp engine: time one extra step's kernels by kind into the report.")] = False,
     trace: Annotated[bool, typer.Option("--trace", help="megacpp engine: with --profile, also write each rank's profiled step as a Chrome trace under OUT/traces.")] = False,

@@ -8,7 +8,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from megacpp.planner.cost.coefficients import HOST_BOUND_ERROR, HOST_BOUND_SHARE
+from megacpp.planner.cost.coefficients import HOST_BOUND_ERROR
+from megacpp.planner.cost.step import HOST_TERM, deciding_term, host_bound
 from megacpp.planner.plan import Plan
 from megacpp.planner.search.layout import Layout
 
@@ -31,9 +32,28 @@ def _layout_cell(layout: dict[str, Any]) -> str:
 
 def _host_share(host_seconds: float | None, step_seconds: float, breakdown: dict[str, float]) -> float:
     """Per-block host time's share of the step, hidden behind the GPU or not (plans made before
-    host_seconds: the overhead in the breakdown); at HOST_BOUND_SHARE or above the step is host-bound."""
+    host_seconds: the overhead in the breakdown)."""
     host = breakdown.get("block_overhead", 0.0) if host_seconds is None else host_seconds
     return host / step_seconds if step_seconds else 0.0
+
+
+# what each term of the step breakdown is, in explain's words
+TERM_WORDS = {
+    "matmul": "the matmuls (GPU)",
+    "softmax": "the unfused attention softmax (GPU)",
+    HOST_TERM: "the host's time beyond the GPU's work",
+    "small_kernels": "the small kernels: norms, activations, casts (GPU)",
+    "grad_accumulation": "the gradients' accumulation (GPU)",
+    "communication": "communication inside the micro-batches",
+    "bubble": "the pipeline bubble",
+    "data_parallel": "the data-parallel gradient and parameter collectives",
+    "optimizer": "the optimizer step",
+}
+def _decided(term: str | None) -> str:
+    """", decided by TERM" for a why-not or runner-up row, the host's term named as host-bound."""
+    if not term:
+        return ""
+    return ", host-bound" if term == HOST_TERM else f", decided by {term.replace('_', ' ')}"
 
 
 HOST_BOUND_ADVICE = f"such steps came within ±{HOST_BOUND_ERROR:.0%} on the runtime's measured runs and move with the host; `megacpp calibrate` fits this cluster"
@@ -55,13 +75,13 @@ def plan_table(plan: Plan, top: int) -> None:
         ("bubble", "right"), ("fits", "center"), ("warnings", "left"),
     ]:
         table.add_column(name, justify=justify)  # type: ignore[arg-type]
-    host_bound = False
+    any_host_bound = False
     for cand in plan.candidates[:top]:
         lay, t = cand.layout, cand.time
         flags = sorted({w.rule for w in cand.warnings})
-        if _host_share(t.host_seconds, t.step_seconds, cand.step_breakdown) >= HOST_BOUND_SHARE:
+        if host_bound(cand.step_breakdown):
             flags.append("host-bound")
-            host_bound = True
+            any_host_bound = True
         sizes = cand.split.sizes
         stages = "-" if len(sizes) == 1 else "/".join(map(str, sizes))
         table.add_row(
@@ -72,8 +92,8 @@ def plan_table(plan: Plan, top: int) -> None:
             "[green]yes[/]" if cand.fits else "[red]no[/]", ", ".join(flags),
         )
     out.print(table)
-    if host_bound:
-        out.print(f"[yellow]host-bound[/]: per-block host time is {HOST_BOUND_SHARE:.0%}+ of the step; {HOST_BOUND_ADVICE}")
+    if any_host_bound:
+        out.print(f"[yellow]host-bound[/]: the host's time beyond the GPU's work is the largest term of the step; {HOST_BOUND_ADVICE}")
     rej = plan.rejected
     reasons = ", ".join(f"{rule} {n}" for rule, n in list(rej.by_rule.items())[:5])
     out.print(
@@ -164,20 +184,22 @@ def explain_text(doc: dict[str, Any]) -> None:
     terms = [f"{term.replace('_', ' ')} {seconds:.2f}" for term, seconds in doc.get("step_breakdown", {}).items() if seconds >= 0.005]
     if terms:
         out.print(f"step on the busiest rank = {' + '.join(terms)} s")
-    share = _host_share(t.get("host_seconds"), t["step_seconds"], doc.get("step_breakdown", {}))
-    if share >= HOST_BOUND_SHARE:
-        shown = doc.get("step_breakdown", {}).get("block_overhead", 0.0) / t["step_seconds"]
-        if share - shown < 0.005:
-            overlap = ""  # the host time adds to the GPU's (local modules)
-        elif shown < 0.005:
-            overlap = " (the GPU's work hides it)"
-        else:
-            overlap = f" ({shown:.0%} of the step beyond the GPU's work)"
+    breakdown = doc.get("step_breakdown", {})
+    decided = doc.get("decided_by") or deciding_term(breakdown)
+    if decided and t["step_seconds"]:
+        out.print(f"decided by: {TERM_WORDS.get(decided, decided.replace('_', ' '))}, "
+                  f"{breakdown.get(decided, 0.0) / t['step_seconds']:.0%} of the step")
+    share = _host_share(t.get("host_seconds"), t["step_seconds"], breakdown)
+    if decided == HOST_TERM:
+        shown = breakdown.get(HOST_TERM, 0.0) / t["step_seconds"]
+        overlap = "" if share - shown < 0.005 else f" ({shown:.0%} of the step beyond the GPU's work)"
         out.print(f"[yellow]host-bound: per-block host time is {share:.0%} of the step{overlap}; {HOST_BOUND_ADVICE}[/]")
         experts = t.get("expert_host_seconds", 0.0) / (share * t["step_seconds"])
-        if experts >= 0.1 and shown >= 0.005:  # only where the host time shows in the step
+        if experts >= 0.1:
             out.print(f"[yellow]the routed experts' per-expert host work is {experts:.0%} of that host time; "
                       "expert parallelism divides it (fewer experts per GPU)[/]")
+    elif share >= 0.005 and breakdown.get(HOST_TERM, 0.0) < 0.005 * t["step_seconds"]:
+        out.print(f"[dim]per-block host time is {share:.0%} of the step; the GPU's work hides it[/]")
 
     axes = Table(title="axes: what each split partitions here, what it costs, what it cannot fix", header_style="bold", title_justify="left")
     for col in ("axis", "degree", "partitions", "collectives (link)", "GB/step", "s/step", "cannot fix"):
@@ -228,11 +250,13 @@ def explain_text(doc: dict[str, Any]) -> None:
         else:
             fits = "" if w["verdict"] == "legal" else " [red](does not fit)[/]"
             why.add_row(f"{w['axis']}={w['value']}", "[green]legal[/]" + fits,
-                        f"step {w['step_delta']:+.1%} ({w['step_seconds']:.2f} s), peak {w['peak_gib']:.1f} GiB")
+                        f"step {w['step_delta']:+.1%} ({w['step_seconds']:.2f} s), peak {w['peak_gib']:.1f} GiB"
+                        + _decided(w.get("decided_by")))
     out.print(why)
     if doc["runners_up"]:
         out.print("[bold]runners-up[/]: " + "; ".join(
-            f"#{r['candidate']} {_layout_cell(r['layout'])} {r['step_delta']:+.1%}" for r in doc["runners_up"][:3]))
+            f"#{r['candidate']} {_layout_cell(r['layout'])} {r['step_delta']:+.1%}{_decided(r.get('decided_by'))}"
+            for r in doc["runners_up"][:3]))
     if "focus" in doc:
         f = doc["focus"]
         out.print(f"[bold]rank {f['rank']}[/] (node {f['node']}, gpu {f['local_rank']}): tp {f['tp']} cp {f['cp']} dp {f['dp']} pp {f['pp']} "

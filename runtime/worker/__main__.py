@@ -20,7 +20,8 @@ def parse_args(argv: list[str] | None = None):
     ap = argparse.ArgumentParser(prog="python -m megacpp.runtime.worker", description="Build and train one candidate of a megacpp plan on megatron-core.")
     ap.add_argument("--plan", required=True, help="PLAN.json written by `megacpp plan SPEC --out PLAN.json`")
     ap.add_argument("--candidate", type=int, default=0, help="index into the plan's candidates (default 0, the best)")
-    ap.add_argument("--steps", type=int, default=20, help="timed training steps (default 20)")
+    ap.add_argument("--steps", type=int, default=20,
+                    help="timed training steps (default 20); the learning rate follows the spec's training schedule")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps before them (default 3)")
     ap.add_argument("--report", help="write the run report (JSON, schema megacpp.run/1) here from rank 0")
     ap.add_argument("--construct-only", action="store_true", help="build the model and report parameters; no training (works on CPU)")
@@ -30,14 +31,13 @@ def parse_args(argv: list[str] | None = None):
     ap.add_argument("--memory-peak", action="store_true",
                     help="run one more step under the CUDA allocator's history; its peak by allocation site per rank")
     ap.add_argument("--seed", type=int, default=1234)
-    ap.add_argument("--lr", type=float, default=1e-3, help="peak Adam learning rate after a 5-step warm-up (default 1e-3)")
     args = ap.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
         ap.error("--steps must be at least 1 and --warmup at least 0")
     if args.trace and not args.profile:
         ap.error("--trace writes the profiled step: pass --profile with it")
     return Options(plan=args.plan, candidate=args.candidate, steps=args.steps, warmup=args.warmup, report=args.report,
-                   construct_only=args.construct_only, profile=args.profile, memory_peak=args.memory_peak, trace=args.trace, tokens=args.tokens, seed=args.seed, lr=args.lr)
+                   construct_only=args.construct_only, profile=args.profile, memory_peak=args.memory_peak, trace=args.trace, tokens=args.tokens, seed=args.seed)
 
 
 def main(argv: list[str] | None = None) -> int:

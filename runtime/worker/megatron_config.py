@@ -86,6 +86,14 @@ def _check_requirements(job: Job, backend: Backend) -> None:
             f"cp={job.layout.cp}: context parallel attention needs TEDotProductAttention and Transformer Engine "
             "does not import here; choose a candidate with cp=1"
         )
+    # the runtime's schedule builds neither Transformer Engine's userbuffers nor Megatron's combined
+    # 1F1B (gpt_model.py build_schedule_plan), so it cannot run what these keys ask for
+    overlaps = [key for key, on in (("training.tp_comm_overlap", job.spec.training.tp_comm_overlap),
+                                    ("model.moe.overlap_communication", model.moe is not None and model.moe.overlap_communication))
+                if on]
+    if overlaps:
+        raise LaunchError(f"{' and '.join(overlaps)}: the megacpp runtime does not overlap these collectives; "
+                          "launch with --engine megatron-lm, or set them false and re-plan")
     if model.moe is not None and "E" in letters and model.moe.dispatcher == "flex":
         backend_name = model.moe.flex_backend
         ok = fused_a2a.HAVE_DEEP_EP if backend_name == "deepep" else fused_a2a.HAVE_HYBRIDEP

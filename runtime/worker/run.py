@@ -13,6 +13,7 @@ from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megacpp.planner.errors import LaunchError
+from megacpp.planner.spec.schedule import run_schedule
 from megacpp.runtime.worker.adapters import install_cpu_shims, install_router_gemm
 from megacpp.runtime.worker.distributed import (
     Process,
@@ -43,7 +44,6 @@ class Options:
     trace: str | None = None  # with profile: this rank's profiled step as a Chrome trace in this folder
     tokens: str | None = None
     seed: int = 1234
-    lr: float = 1e-3
 
 
 def _seed(seed: int, cuda: bool) -> None:
@@ -90,6 +90,8 @@ def build_rank(job: Job, *, seed: int, cuda: bool, construct_only: bool = False,
 def run(opts: Options) -> dict | None:
     """Run one worker process; returns the report on rank 0 (None elsewhere)."""
     job = load_job(opts.plan, opts.candidate)
+    if not opts.construct_only:
+        run_schedule(job.spec.training, opts.warmup + opts.steps)  # a schedule that cannot run fails before any GPU work
     cuda = torch.cuda.is_available()
     if not opts.construct_only and not cuda:
         raise LaunchError("training needs CUDA GPUs and none is visible; on a CPU-only host pass --construct-only")
@@ -100,7 +102,7 @@ def run(opts: Options) -> dict | None:
     counter = ExpertTokenCounter(chunks, config.recompute_granularity == "full") if "E" in job.ctx.letters else None
     result = TrainResult()
     if not opts.construct_only:
-        result = train(job, chunks, config, steps=opts.steps, warmup=opts.warmup, seed=opts.seed, lr=opts.lr, tokens=opts.tokens,
+        result = train(job, chunks, config, steps=opts.steps, warmup=opts.warmup, seed=opts.seed, tokens=opts.tokens,
                        profile=opts.profile, memory_peak=opts.memory_peak, on_step_end=counter.end_step if counter else None,
                        trace=Path(opts.trace) / f"trace-rank{process.rank}.json.gz" if opts.trace else None)
     info = rank_info(coordinates(process.rank), params, params_expert, layer_numbers, cuda, counter, result)

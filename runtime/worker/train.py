@@ -27,6 +27,7 @@ from megatron.core.transformer.module import Float16Module
 from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
 from megatron.core.utils import get_attr_wrapped_model
 
+from megacpp.planner.spec.schedule import Schedule, run_schedule
 from megacpp.runtime.worker.data import SyntheticChain, TokenFile, microbatches
 from megacpp.runtime.worker.job import Job
 from megacpp.runtime.worker.measure.host import host_probe
@@ -34,10 +35,7 @@ from megacpp.runtime.worker.measure.memory import memory_peak_sites
 from megacpp.runtime.worker.measure.profile import kernel_profile
 
 # Megatron-LM core_v0.16.1 examples/gpt3/train_gpt3_175b_distributed.sh:42-46
-WEIGHT_DECAY = 0.1
 ADAM_BETAS = (0.9, 0.95)
-CLIP_GRAD = 1.0
-LR_WARMUP_STEPS = 5  # linear warm-up, then constant
 DDP_MIN_BUCKET = 40_000_000  # Megatron-LM get_model: max(4e7, 1e6 * dp_cp) elements
 GIB = float(1 << 30)
 
@@ -98,13 +96,13 @@ class MemoryPhases:
 
 
 def data_parallel_config(job: Job, chunks: int, dp_cp: int) -> DistributedDataParallelConfig:
-    """DDP as the rendered Megatron-LM launch has it (planner/megatron/args.py): fp32 gradients
-    reduced bucket by bucket during the backward; with the distributed optimizer the updated
+    """DDP as the rendered Megatron-LM launch has it (planner/megatron/args.py): gradients reduced
+    in training.grad_reduce_dtype bucket by bucket during the backward; with the distributed optimizer the updated
     parameters gathered bucket by bucket during the next forward, aligned across the chunks of an
     interleaved schedule (arguments.py turns align_param_gather off without one)."""
     distopt = job.spec.training.distributed_optimizer
     return DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True,
+        grad_reduce_in_fp32=job.spec.training.grad_reduce_dtype == "fp32",
         overlap_grad_reduce=True,
         overlap_param_gather=distopt,
         align_param_gather=distopt and chunks > 1,
@@ -113,8 +111,17 @@ def data_parallel_config(job: Job, chunks: int, dp_cp: int) -> DistributedDataPa
     )
 
 
-def wrap_for_training(chunks: list[torch.nn.Module], config, job: Job, lr: float, total_steps: int):
-    """Float16Module + DDP around each chunk, megatron's (distributed) Adam, a warm-up scheduler.
+def scheduler_options(sched: Schedule) -> dict:
+    """OptimizerParamScheduler's arguments for the run's schedule, as Megatron-LM builds them from
+    the rendered flags (training.py get_optimizer_param_scheduler, core_v0.16.1:1354-1405), which
+    counts in samples where the worker counts optimizer steps: the same curve."""
+    return {"init_lr": 0.0, "max_lr": sched.lr, "min_lr": sched.min_lr, "lr_warmup_steps": sched.warmup_iters,
+            "lr_decay_steps": sched.decay_iters, "lr_decay_style": sched.decay_style, "start_wd": sched.weight_decay,
+            "end_wd": sched.weight_decay, "wd_incr_steps": sched.iters, "wd_incr_style": "constant"}
+
+
+def wrap_for_training(chunks: list[torch.nn.Module], config, job: Job, sched: Schedule):
+    """Float16Module + DDP around each chunk, megatron's (distributed) Adam, the run's scheduler.
 
     Returns (model chunks, optimizer, scheduler) and installs the config hooks the schedule calls.
     """
@@ -127,16 +134,12 @@ def wrap_for_training(chunks: list[torch.nn.Module], config, job: Job, lr: float
         for index, chunk in enumerate(model)
     ]
     opt_config = OptimizerConfig(
-        optimizer="adam", lr=lr, min_lr=lr, weight_decay=WEIGHT_DECAY, adam_beta1=ADAM_BETAS[0], adam_beta2=ADAM_BETAS[1],
-        clip_grad=CLIP_GRAD, bf16=config.bf16, params_dtype=config.params_dtype,
+        optimizer="adam", lr=sched.lr, min_lr=sched.min_lr, weight_decay=sched.weight_decay, adam_beta1=ADAM_BETAS[0],
+        adam_beta2=ADAM_BETAS[1], clip_grad=sched.clip_grad, bf16=config.bf16, params_dtype=config.params_dtype,
         use_distributed_optimizer=ddp_config.use_distributed_optimizer, overlap_param_gather=ddp_config.overlap_param_gather,
     )
     optimizer = get_megatron_optimizer(opt_config, model, config_overrides=get_standard_config_overrides(opt_config))
-    scheduler = OptimizerParamScheduler(
-        optimizer, init_lr=0.0, max_lr=lr, min_lr=lr, lr_warmup_steps=min(LR_WARMUP_STEPS, total_steps - 1),
-        lr_decay_steps=total_steps, lr_decay_style="constant", start_wd=WEIGHT_DECAY, end_wd=WEIGHT_DECAY,
-        wd_incr_steps=total_steps, wd_incr_style="constant",
-    )
+    scheduler = OptimizerParamScheduler(optimizer, **scheduler_options(sched))
     # training.py train(): the hooks megatron's schedules call back into
     config.grad_scale_func = optimizer.scale_loss
     config.no_sync_func = [c.no_sync for c in model] if len(model) > 1 else model[0].no_sync
@@ -178,10 +181,11 @@ def _step_loss(losses_reduced) -> float | None:
     return (total[0] / total[1]).item()
 
 
-def train(job: Job, chunks, config, *, steps: int, warmup: int, seed: int, lr: float, tokens: str | None,
+def train(job: Job, chunks, config, *, steps: int, warmup: int, seed: int, tokens: str | None,
           profile: bool = False, memory_peak: bool = False, on_step_end: Callable[[], None] | None = None,
           trace: Path | None = None) -> TrainResult:
     """Run warmup + steps optimizer steps; time each one between two torch.cuda.synchronize().
+    The learning rate follows the spec's schedule over those steps, as Megatron-LM would.
 
     With `profile`, one more step runs under torch.profiler and its kernel time is summarised; with
     `memory_peak`, one more step runs under the CUDA allocator's history and its peak is broken
@@ -189,7 +193,8 @@ def train(job: Job, chunks, config, *, steps: int, warmup: int, seed: int, lr: f
     called after every step run, the extra ones included.
     """
     total = warmup + steps
-    model, optimizer, scheduler = wrap_for_training(chunks, config, job, lr, total + int(profile) + int(memory_peak))
+    # the schedule spans the warm-up and timed steps; an extra recorded step runs past its end
+    model, optimizer, scheduler = wrap_for_training(chunks, config, job, run_schedule(job.spec.training, total))
     device = torch.device("cuda", torch.cuda.current_device())
     vocab = job.spec.model.vocab_size
     source = TokenFile(tokens, vocab, device) if tokens else SyntheticChain(vocab, seed, device)

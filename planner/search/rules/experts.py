@@ -74,6 +74,24 @@ def flex_needs_tpxep(ctx: Context, lay: Layout) -> str | None:
 
 
 @rule(
+    "ep-overlap-needs-ep-and-vpp",
+    axes=(Axis.PP, Axis.VPP, Axis.EP),
+    where="[M] megatron/core/transformer/transformer_config.py:3007-3015 ([V] 1857-1865)",
+    applies=lambda ctx: ctx.has_moe and ctx.spec.model.moe is not None and ctx.spec.model.moe.overlap_communication,
+    fails="moe.overlap_communication=true, ep=8, pp=2, vpp=1",
+    passes="vpp=2",
+)
+def ep_overlap_needs_ep_and_vpp(ctx: Context, lay: Layout) -> str | None:
+    """Overlapping the expert all-to-alls with compute (--overlap-moe-expert-parallel-comm) needs
+    expert parallelism, and the interleaved schedule when there is a pipeline."""
+    if lay.ep == 1:
+        return "moe.overlap_communication needs ep > 1 (the all-to-alls it hides); raise ep or set it false"
+    if lay.pp > 1 and lay.vpp == 1:
+        return f"moe.overlap_communication with pp={lay.pp} needs the interleaved schedule; set vpp > 1"
+    return None
+
+
+@rule(
     "ep-outside-nvlink",
     axes=(Axis.EP, Axis.ETP),
     severity="warning",

@@ -1,0 +1,218 @@
+"""Communication at scale: the links each group uses, and the overlaps Megatron schedules."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from benchmarks.scale.truth import convert, load_runs, read_recipe
+from megacpp.planner.cost.coefficients import FLEX_LINK_SHARE
+from megacpp.planner.cost.communication import (
+    Placement,
+    ep_overlap_unpaired,
+    expert_sends,
+    group_seconds,
+    overlapped,
+    placement,
+)
+from megacpp.planner.errors import SpecError
+from megacpp.planner.megatron.args import TrainOptions, megatron_args
+from megacpp.planner.plan import build_plan, estimate_run, make_context
+from megacpp.planner.search.layout import Layout
+from megacpp.planner.search.rules import check_layout
+from megacpp.planner.spec.loading import spec_from_dict
+from tests.conftest import TINY_DENSE, TINY_MOE, make_spec
+
+GIB = 2**30
+# 8 GPUs per node and per NVLink domain, one NIC per GPU at 47 GB/s (h100-sxm-8)
+H100_NODES = {"cluster.preset": "h100-sxm-8", "backend.transformer_engine": True}
+BIG_MOE = {"model.hidden_size": 2048, "model.moe.num_experts": 128, "model.moe.top_k": 8,
+           "model.moe.ffn_hidden_size": 768, "model.attention.num_heads": 16, "model.attention.num_query_groups": 4,
+           "model.attention.head_dim": 128, "training.seq_length": 4096, "training.global_batch_size": 256}
+
+
+def _ctx(base=TINY_DENSE, **changes):
+    return make_context(make_spec(base, **{**H100_NODES, **changes}))
+
+
+def _comms(spec, **layout):
+    return {c.axis: c for c in estimate_run(spec, Layout(**layout)).communication}
+
+
+def test_groups_lie_on_the_machine_in_megatrons_rank_order():
+    """Consecutive ranks fill an NVLink domain first: DP over 64 GPUs with TP1 holds 8 ranks per
+    node; with TP8 each of its ranks is on another node; TP8 is one node."""
+    ctx = _ctx(**{"cluster.nodes": 8})
+    assert placement(ctx, 64, 1) == Placement(64, 8, 8)
+    assert placement(ctx, 8, 8) == Placement(8, 1, 8)
+    assert placement(ctx, 8, 1) == Placement(8, 8, 1) and placement(ctx, 8, 1).link == "nvlink"
+    assert placement(ctx, 4, 4) == Placement(4, 2, 2) and placement(ctx, 4, 4).link == "nic"
+
+
+def test_a_ring_across_nodes_runs_one_channel_per_nic_of_the_group():
+    """A reduce-scatter over 8 nodes with 8 ranks on each moves 1/8 of the ring's bytes through
+    each NIC (376 GB/s of bus bandwidth, the 377 measured on 4 x 8 B200 [R2]); one rank per node
+    moves all of them through its NIC."""
+    ctx = _ctx(**{"cluster.nodes": 8})
+    size = 4 * GIB
+    wide = group_seconds(ctx, "reduce-scatter", Placement(64, 8, 8), size)
+    thin = group_seconds(ctx, "reduce-scatter", Placement(8, 1, 8), size)
+    alpha = ctx.cluster.nic_alpha_us * 1e-6
+    assert (63 / 64) * size / (wide - alpha) / 1e9 == pytest.approx(8 * ctx.cluster.nic_busbw_gbps)
+    assert thin - alpha == pytest.approx(7 / 8 * size / (ctx.cluster.nic_busbw_gbps * 1e9))
+
+
+def test_an_all_to_all_over_two_nodes_sends_half_its_bytes_over_the_nic_and_the_rest_over_nvlink():
+    """EP16 over two nodes: each rank sends (k-1)/k = 1/2 of its buffer through its own NIC while
+    7/16 of it moves over NVLink; the NIC decides, at twice the speed of all of it at NIC rate."""
+    ctx = _ctx(**{"cluster.nodes": 2})
+    size = GIB
+    t = group_seconds(ctx, "all-to-all", Placement(16, 8, 2), size)
+    c = ctx.cluster
+    nic = size / 2 / (c.nic_busbw_gbps * 1e9)
+    assert 7 / 16 * size / (c.nvlink_alltoall_gbps * 1e9) < nic
+    assert t == pytest.approx(c.nic_alpha_us * 1e-6 + nic)
+    everything_at_nic = 15 / 16 * size / (c.nic_busbw_gbps * 1e9)
+    assert t < 0.6 * everything_at_nic
+
+
+def test_the_flex_dispatcher_sends_a_token_once_per_rank_and_once_per_node():
+    """DeepEP / HybridEP send a token once to each rank holding one of its experts and once to
+    each remote node; the alltoall dispatcher sends one copy per expert."""
+    moe = make_spec(TINY_MOE, **BIG_MOE).model.moe
+    flex = moe.model_copy(update={"dispatcher": "flex"})
+    two_nodes = Placement(16, 8, 2)
+    sent, nvlink, nic = expert_sends(moe, two_nodes)
+    assert (sent, nic) == (8, 4)  # top-8 copies, half of them to the other node
+    f_sent, f_nvlink, f_nic = expert_sends(flex, two_nodes)
+    # P(a node gets none of 8 experts out of 128, 64 on it) = C(64, 8) / C(128, 8)
+    assert f_nic == pytest.approx(1 - math.comb(64, 8) / math.comb(128, 8))
+    assert f_sent == pytest.approx(16 * (1 - math.comb(120, 8) / math.comb(128, 8)))
+    assert f_nic < nic / 3 and f_sent < sent and f_nvlink < nvlink
+
+
+def test_ep_across_nodes_is_priced_by_its_nic_share_and_flex_by_its_own_bytes():
+    """Qwen3-30B-A3B-like EP16 on 2 x 8 H100: the all-to-all costs what its NIC share costs, far
+    below every byte at NIC speed; the flex dispatcher (one copy per node) less again."""
+    lay = {"dp": 16, "ep": 16, "num_microbatches": 16}
+    spec = make_spec(TINY_MOE, **{**H100_NODES, **BIG_MOE, "cluster.nodes": 2})
+    a2a = _comms(spec, **lay)["ep"]
+    assert a2a.link == "nic" and a2a.group_size == 16
+    routed = a2a.bytes_per_step  # every routed copy, top_k per token
+    calls = 4 * 4 * 16  # E blocks x dispatch/combine in forward and backward x micro-batches
+    at_nic = routed * 15 / 16 / (47e9)
+    assert a2a.seconds == pytest.approx(routed / 2 / 47e9 + calls * 100e-6, rel=1e-6)
+    assert a2a.seconds < 0.6 * at_nic
+    flex = _comms(make_spec(TINY_MOE, **{**H100_NODES, **BIG_MOE, "cluster.nodes": 2, "model.moe.dispatcher": "flex",
+                                         "model.moe.flex_backend": "hybridep"}), **lay)["ep"]
+    assert flex.seconds < a2a.seconds / 3
+    assert FLEX_LINK_SHARE["deepep"] == (1.0, 1.0)
+
+
+def test_ep_overlap_hides_the_all_to_alls_but_the_unpaired_steps():
+    """Under Megatron's combined 1F1B one micro-batch's all-to-alls run under another's compute:
+    without a pipeline only the first forward's and the last backward's show (1/m), while
+    compute lasts; with the interleaved schedule rank 0's warmup and cooldown steps show."""
+    assert ep_overlap_unpaired(Layout(num_microbatches=64)) == 1 / 64
+    assert ep_overlap_unpaired(Layout(pp=8, vpp=4, num_microbatches=64)) == (2 * 7 + 3 * 8 + 1) / (64 * 4)
+    assert overlapped(10.0, 0.1, 100.0) == pytest.approx(1.0)
+    assert overlapped(10.0, 0.1, 4.0) == pytest.approx(1.0 + 5.0)
+    lay = {"dp": 16, "ep": 16, "num_microbatches": 16}
+    base = {**H100_NODES, **BIG_MOE, "cluster.nodes": 2}
+    off = _comms(make_spec(TINY_MOE, **base), **lay)["ep"]
+    on = _comms(make_spec(TINY_MOE, **base, **{"model.moe.overlap_communication": True}), **lay)["ep"]
+    assert on.seconds == off.seconds and off.exposed_seconds == off.seconds
+    assert off.seconds / 16 <= on.exposed_seconds < off.seconds / 2
+
+
+def test_tp_overlap_leaves_the_last_reduce_scatter_chunk_and_needs_sp_and_te():
+    spec = make_spec(TINY_DENSE, **{**H100_NODES, "model.hidden_size": 4096, "model.attention.num_heads": 32,
+                                    "model.attention.head_dim": 128, "model.mlp.ffn_hidden_size": 14336,
+                                    "training.seq_length": 4096, "training.tp_comm_overlap": True})
+    on = _comms(spec, tp=4, dp=2, sp=True, num_microbatches=8)["tp"]
+    assert on.exposed_seconds == pytest.approx(on.seconds / 8)  # 1 / (2 tp): the GEMMs outlast the rest
+    no_sp = _comms(spec, tp=4, dp=2, sp=False, num_microbatches=8)["tp"]
+    assert no_sp.exposed_seconds == no_sp.seconds
+    with pytest.raises(SpecError, match="training.tp_comm_overlap needs backend.transformer_engine"):
+        make_spec(TINY_DENSE, **{"training.tp_comm_overlap": True})
+
+
+def test_pipeline_send_recv_crosses_the_nic_beyond_one_node_and_stays_on_the_step():
+    """Neighbouring stages are world/pp ranks apart: on two nodes they talk NIC to NIC. The
+    transfer stays on the step under either schedule (the committed VPP runs, communication())."""
+    spec = make_spec(TINY_DENSE, **{**H100_NODES, "cluster.nodes": 2, "model.hidden_size": 1024,
+                                    "model.attention.head_dim": 256, "model.mlp.ffn_hidden_size": 4096})
+    plain = _comms(spec, pp=2, dp=8, num_microbatches=16)["pp"]
+    interleaved = _comms(spec, pp=2, vpp=2, dp=8, num_microbatches=16)["pp"]
+    assert plain.link == "nic" and plain.exposed_seconds == plain.seconds
+    assert plain.seconds == pytest.approx(32 * (100e-6 + plain.bytes_per_step / 32 / 47e9))
+    assert interleaved.exposed_seconds == interleaved.seconds == pytest.approx(2 * plain.seconds)
+    one_node = _comms(make_spec(TINY_DENSE, **H100_NODES), pp=2, dp=4, num_microbatches=16)["pp"]
+    assert one_node.link == "nvlink"
+
+
+def test_bf16_gradient_reduction_halves_the_reduce_scatter_and_the_buffer():
+    lay = {"dp": 16, "num_microbatches": 1}
+    fp32 = make_spec(TINY_DENSE, **{**H100_NODES, "cluster.nodes": 2})
+    bf16 = make_spec(TINY_DENSE, **{**H100_NODES, "cluster.nodes": 2, "training.grad_reduce_dtype": "bf16"})
+    a, b = estimate_run(fp32, Layout(**lay)), estimate_run(bf16, Layout(**lay))
+    rs = {c.axis: c for c in a.communication if c.collective == "reduce-scatter"}["dp"]
+    rs16 = {c.axis: c for c in b.communication if c.collective == "reduce-scatter"}["dp"]
+    assert rs16.bytes_per_step * 2 == rs.bytes_per_step
+    assert b.memory[0].gradients_gib * 2 == pytest.approx(a.memory[0].gradients_gib)
+
+
+def test_interleaving_widens_the_data_parallel_window():
+    """With VPP the chunks other than rank 0's first finish their backward during the cooldown
+    and reduce there: the exposed reduce-scatter shrinks."""
+    spec = make_spec(TINY_DENSE, **{**H100_NODES, "cluster.nodes": 4, "model.hidden_size": 2048,
+                                    "model.attention.head_dim": 512, "model.mlp.ffn_hidden_size": 8192})
+    plain = _comms(spec, pp=2, dp=16, num_microbatches=1)
+    interleaved = _comms(spec, pp=2, vpp=2, dp=16, num_microbatches=1)
+    assert interleaved["dp"].seconds == pytest.approx(plain["dp"].seconds)
+    assert interleaved["dp"].exposed_seconds < plain["dp"].exposed_seconds
+
+
+def test_the_launch_renders_the_overlaps_and_the_reduction_dtype():
+    moe = make_spec(TINY_MOE, **{**H100_NODES, "training.grad_reduce_dtype": "bf16", "training.tp_comm_overlap": True,
+                                 "model.moe.overlap_communication": True, "parallel.tp": 2, "parallel.ep": 4})
+    ctx = make_context(moe)
+    cand = build_plan(moe, top=1).candidates[0]
+    args = megatron_args(ctx, cand, TrainOptions())
+    for flag in ("--grad-reduce-in-bf16", "--tp-comm-overlap", "--overlap-moe-expert-parallel-comm"):
+        assert args.count(flag) == 1, flag
+    plain = make_spec(TINY_DENSE, **{**H100_NODES, "training.tp_comm_overlap": True, "parallel.tp": 1})
+    words = megatron_args(make_context(plain), build_plan(plain, top=1).candidates[0], TrainOptions())
+    assert "--tp-comm-overlap" not in words and "--grad-reduce-in-bf16" not in words
+
+
+def test_ep_overlap_is_refused_where_megatron_refuses_it():
+    spec = make_spec(TINY_MOE, **{**H100_NODES, "model.moe.overlap_communication": True})
+    ctx = make_context(spec)
+    found = {v.rule: v.message for v in check_layout(ctx, Layout(pp=2, dp=4, ep=4))}
+    assert "vpp > 1" in found["ep-overlap-needs-ep-and-vpp"]
+    found = {v.rule for v in check_layout(ctx, Layout(pp=2, vpp=2, dp=4, ep=4))}
+    assert "ep-overlap-needs-ep-and-vpp" not in found
+    assert "ep > 1" in {v.rule: v.message for v in check_layout(ctx, Layout(dp=8))}["ep-overlap-needs-ep-and-vpp"]
+    with pytest.raises(SpecError, match="needs the alltoall or flex dispatcher"):
+        make_spec(TINY_MOE, **{"model.moe.overlap_communication": True, "model.moe.dispatcher": "allgather"})
+    with pytest.raises(SpecError, match="does not run under training.recompute: full"):
+        make_spec(TINY_MOE, **{"model.moe.overlap_communication": True, "training.recompute": "full"})
+    with pytest.raises(SpecError, match="needs a plain AD/AE stack"):
+        make_spec(TINY_MOE, **{"model.moe.overlap_communication": True, "model.pattern": "AEAEDE",
+                               "model.mlp": {"ffn_hidden_size": 64}})
+
+
+def test_scale_rows_carry_the_overlaps_and_reduction_their_recipes_set():
+    """benchmarks/scale/truth.py reads each published recipe: Qwen3-235B on 256 H100 overlaps its
+    expert all-to-alls and reduces in bf16 with TP overlap off; Llama 3 70B keeps the library
+    recipe's TP overlap; the NeMo 25.02 rows state none of them."""
+    rows = {r["row_id"]: r for r in load_runs()}
+    qwen = convert(rows[46]).spec
+    assert qwen["model"]["moe"]["overlap_communication"] is True
+    assert qwen["training"]["grad_reduce_dtype"] == "bf16" and "tp_comm_overlap" not in qwen["training"]
+    assert convert(rows[86]).spec["training"]["tp_comm_overlap"] is True
+    nemo = read_recipe(rows[70])
+    assert not (nemo.ep_overlap or nemo.tp_comm_overlap or nemo.grad_reduce_bf16)
+    assert spec_from_dict(convert(rows[39]).spec).model.moe.overlap_communication
