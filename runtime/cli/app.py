@@ -113,7 +113,8 @@ MAX_JSON_BYTES = 256 << 20
 
 
 def _read_json(path: Path, what: str):
-    from megacpp.planner.spec.loading import one_line, read_capped
+    from megacpp.planner.spec.loading import read_capped
+    from megacpp.runtime.cli.inputs import parse_json
 
     if not path.exists():
         raise PlanError(f"{path}: no such {what} file")
@@ -121,12 +122,7 @@ def _read_json(path: Path, what: str):
         raw = read_capped(path, MAX_JSON_BYTES, f"a JSON {what}")
     except SpecError as exc:
         raise PlanError(str(exc)) from None
-    try:
-        return json.loads(raw.removeprefix(b"\xef\xbb\xbf"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise PlanError(f"{path}: not a readable JSON {what} ({one_line(str(exc), 120)})") from None
-    except RecursionError:
-        raise PlanError(f"{path}: not a readable JSON {what} (nested too deeply)") from None
+    return parse_json(raw, f"{path}: not a readable JSON {what}")
 
 
 def _read_profile(path: Path, spec):

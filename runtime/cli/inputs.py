@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from megacpp.planner.errors import PlanError, SpecError
 from megacpp.planner.plan import Plan
@@ -20,6 +21,16 @@ from megacpp.recipes import DEFAULT_RECIPE, recipe_names, recipe_text
 # A plan of the top ten layouts is about 100 KB; a spec is capped lower when it is parsed as one.
 MAX_PLAN_BYTES = 64 * MAX_SPEC_BYTES
 BOM = b"\xef\xbb\xbf"
+
+
+def parse_json(raw: bytes, failure: str) -> Any:
+    """JSON from a file's bytes (a byte-order mark tolerated); PlanError "`failure` (why)" otherwise."""
+    try:
+        return json.loads(raw.removeprefix(BOM))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise PlanError(f"{failure} ({one_line(str(exc), 120)})") from None
+    except RecursionError:
+        raise PlanError(f"{failure} (nested too deeply)") from None
 
 
 def cli_overrides(sets: list[str], cluster: str | None, nodes: int | None) -> list[str]:
@@ -43,12 +54,7 @@ def read_input(arg: str | None, overrides: list[str] = ()) -> Spec | Plan:  # ty
     raw = read_capped(path, MAX_PLAN_BYTES, "a spec YAML, a PLAN.json or a recipe name")
     raw = raw.removeprefix(BOM)
     if raw.lstrip()[:1] == b"{":
-        try:
-            data = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise PlanError(f"{arg}: invalid JSON ({one_line(str(exc))})") from None
-        except RecursionError:
-            raise PlanError(f"{arg}: invalid JSON: nested too deeply for a plan") from None
+        data = parse_json(raw, f"{arg}: invalid JSON")
         if isinstance(data, dict) and "schema" in data:
             if overrides:
                 raise PlanError(f"{arg}: --set/--cluster/--nodes apply to specs, not to a saved plan; re-plan the spec instead")
