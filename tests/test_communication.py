@@ -7,6 +7,7 @@ import math
 import pytest
 
 from benchmarks.scale.truth import convert, load_runs, read_recipe
+from megacpp.planner.axes import Axis
 from megacpp.planner.cost.coefficients import FLEX_LINK_SHARE
 from megacpp.planner.cost.communication import (
     Placement,
@@ -15,6 +16,7 @@ from megacpp.planner.cost.communication import (
     group_seconds,
     overlapped,
     placement,
+    ring_exposed,
 )
 from megacpp.planner.errors import SpecError
 from megacpp.planner.megatron.args import TrainOptions, megatron_args
@@ -207,12 +209,31 @@ def test_ep_overlap_is_refused_where_megatron_refuses_it():
 def test_scale_rows_carry_the_overlaps_and_reduction_their_recipes_set():
     """benchmarks/scale/truth.py reads each published recipe: Qwen3-235B on 256 H100 overlaps its
     expert all-to-alls and reduces in bf16 with TP overlap off; Llama 3 70B keeps the library
-    recipe's TP overlap; the NeMo 25.02 rows state none of them."""
+    recipe's TP overlap; the NeMo 25.02 rows take NeMo 2.0's performance scripts: bf16 gradient
+    reduction for all, TP overlap where the model's recipe turns it on (Llama 3.1 405B, not
+    Mixtral 8x7B), expert overlap for none."""
     rows = {r["row_id"]: r for r in load_runs()}
     qwen = convert(rows[46]).spec
     assert qwen["model"]["moe"]["overlap_communication"] is True
     assert qwen["training"]["grad_reduce_dtype"] == "bf16" and "tp_comm_overlap" not in qwen["training"]
     assert convert(rows[86]).spec["training"]["tp_comm_overlap"] is True
     nemo = read_recipe(rows[70])
-    assert not (nemo.ep_overlap or nemo.tp_comm_overlap or nemo.grad_reduce_bf16)
+    assert nemo.tp_comm_overlap and nemo.grad_reduce_bf16 and not nemo.ep_overlap
+    mixtral = read_recipe(rows[44])
+    assert mixtral.grad_reduce_bf16 and not (mixtral.tp_comm_overlap or mixtral.ep_overlap)
     assert spec_from_dict(convert(rows[39]).spec).model.moe.overlap_communication
+
+
+def test_the_context_parallel_ring_hides_behind_the_attention_it_feeds():
+    """TE's p2p ring sends each K/V hop beside the attention of the chunk already received: with
+    no attention to hide behind all three hops' worth per ring step shows, with long attention
+    none does, and in between only the hops' excess over their chunks."""
+    assert ring_exposed(1.0, 4, 0.0) == pytest.approx(3 * (1.0 + 2.0))
+    assert ring_exposed(1.0, 4, 1e9) == 0.0
+    assert ring_exposed(1.0, 2, 3.0) == pytest.approx(0.5 + 1.0)
+    # a long sequence under TE: the ring's seconds are priced whole, most of them hidden
+    spec = make_spec(TINY_DENSE, **{**H100_NODES, "model.hidden_size": 4096, "model.attention.num_heads": 32,
+                                    "model.attention.num_query_groups": 8, "model.attention.head_dim": 128,
+                                    "training.seq_length": 32768, "training.global_batch_size": 8})
+    cp = _comms(spec, tp=1, pp=1, cp=8, dp=1, micro_batch_size=1)[Axis.CP]
+    assert 0 <= cp.exposed_seconds < 0.5 * cp.seconds

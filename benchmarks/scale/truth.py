@@ -160,6 +160,9 @@ class Recipe:
     offload_fraction: float = 1.0
 
 
+NEMO_TP_OVERLAP = ("nemotron4_340b", "llama3_70b", "llama31_405b")
+
+
 def _modules(text: str | None) -> tuple[str, ...]:
     return tuple(m.strip(" '\"") for m in (text or "").split(",") if m.strip(" '\""))
 
@@ -215,6 +218,12 @@ def read_recipe(row: dict[str, Any]) -> Recipe:
     # configs that assign only `tp_comm_overlap_cfg` keep it; Bridge drops it below TP 2 (comm_overlap.py)
     tp_overlap = row["tp"] > 1 and "tp_comm_overlap=False" not in sc + family and bool(
         re.search(r"tp_comm_overlap=True|tp_comm_overlap_cfg = comm_overlap_cfg", sc + family))
+    # The NeMo Framework summary's runs came from NeMo 2.0's scripts/performance/llm/pretrain_*.py:
+    # their shared set_primary_perf_configs reduces gradients in bf16 (grad_reduce_in_fp32 = False),
+    # and the recipes' pretrain_performance_optimizations turn TP overlap on for these models
+    # (nemo/collections/llm/recipes/{nemotron4_340b,llama3_70b,llama31_405b}.py: tp_comm_overlap=True)
+    nemo = row["source_type"].startswith("nemo_framework")
+    tp_overlap = tp_overlap or (nemo and row["tp"] > 1 and row["model_key"] in NEMO_TP_OVERLAP)
 
     # "activation_offload=expert_fc1 (fraction 1.0)": fine-grained activation offloading
     offload = re.search(r"activation_offload=([a-z0-9_,]+)(?: \(fraction ([\d.]+)\))?", sc)
@@ -225,7 +234,7 @@ def read_recipe(row: dict[str, Any]) -> Recipe:
         activation_offload="activation_offload=" in sc, bf16_moments="BF16 Adam moments" in sc,
         fsdp=bool(row["fsdp"]) or "megatron_fsdp=on" in sc, runtime=tuple(runtime),
         ep_overlap="ep_a2a_overlap=on" in sc or "EP A2A overlap (" in sc, tp_comm_overlap=tp_overlap,
-        grad_reduce_bf16="grad_reduce_in_fp32 = False" in family, cuda_graphs=read_cuda_graphs(sc),
+        grad_reduce_bf16="grad_reduce_in_fp32 = False" in family or nemo, cuda_graphs=read_cuda_graphs(sc),
         recompute_method="block" if stated and stated[3] else None,
         offload_modules=_modules(offload[1]) if offload else (), offload_fraction=float(offload[2]) if offload and offload[2] else 1.0,
     )

@@ -16,6 +16,8 @@ backward GPU seconds of one micro-batch):
   reduce-scatter is cut into TP chunks pipelined with the GEMM beside it;
 - EP under `model.moe.overlap_communication` (Megatron's combined 1F1B): one micro-batch's
   all-to-alls run under another micro-batch's compute, except in the steps that have no partner;
+- CP: TE's ring hides each K/V hop behind the attention of the chunk already received
+  (ring_exposed);
 - PP send/recv stays on the step (see communication()).
 """
 
@@ -167,12 +169,22 @@ def ep_overlap_unpaired(lay: Layout) -> float:
     return min(1.0, warmup / (lay.num_microbatches * lay.vpp))
 
 
+def ring_exposed(hop: float, cp: int, attention: float) -> float:
+    """What shows of one A block's K/V ring per micro-batch under TE's context parallelism (its
+    p2p ring, Megatron's default --cp-comm-type): each of the cp - 1 hops of K,V (forward) and of
+    K,V with dK,dV (backward, two hops' bytes) runs beside the attention of the chunk already
+    received, 1/cp of the block's forward (a third of `attention`) or backward (two thirds)."""
+    return (cp - 1) * (max(hop - attention / 3 / cp, 0.0) + max(2 * hop - 2 * attention / 3 / cp, 0.0))
+
+
 def communication(
     ctx: Context, lay: Layout, stages: list[Stage], mem: list[StageMemory], eff: Efficiency = DEFAULT_EFFICIENCY,
-    load: float = 1.0, window: tuple[float, float] = (math.inf, math.inf),
+    load: float = 1.0, window: tuple[float, float] = (math.inf, math.inf), ring: float = 0.0,
 ) -> list[Comm]:
     """Per-axis traffic of the busiest pipeline rank in one step; `window` is the (forward,
-    backward) GPU seconds of one micro-batch there, under which collectives overlap."""
+    backward) GPU seconds of one micro-batch there, under which collectives overlap, and `ring` one
+    A block's core attention seconds per micro-batch there (step.ring_attention_seconds), under
+    which the context-parallel ring overlaps."""
     spec = ctx.spec
     h = spec.model.hidden_size
     m = lay.num_microbatches
@@ -221,8 +233,12 @@ def communication(
         if "A" in blocks:
             kv = BF16 * tokens * 2 * model.query_groups * model.head_dim / min(lay.tp, model.query_groups)
             # ring exchange of K,V in forward and dK,dV in backward, (cp-1) hops each; the ring
-            # is as slow as its slowest hop
-            add(Axis.CP, "send-recv", cp, kv, blocks.count("A") * m * 3 * (lay.cp - 1))
+            # is as slow as its slowest hop, and hides behind the attention where TE overlaps it
+            count = blocks.count("A") * m
+            hop = group_seconds(ctx, "send-recv", cp, kv)
+            shown = count * ring_exposed(hop, lay.cp, ring) if ring else count * 3 * (lay.cp - 1) * hop
+            out.append(Comm(Axis.CP, "send-recv", cp.size, kv * count * 3 * (lay.cp - 1), cp.link,
+                            count * 3 * (lay.cp - 1) * hop, shown))
         if "M" in blocks:
             add(Axis.CP, "all-to-all", cp, act / lay.tp * 2, blocks.count("M") * m * 2 * passes)
     moe = spec.model.moe

@@ -103,7 +103,8 @@ PER_MICRO_BATCH_AXES = (Axis.TP, Axis.CP, Axis.EP, Axis.ETP, Axis.PP)
 def matmul_seconds(ctx: Context, lay: Layout, letter: str, eff: Efficiency, load: float = 1.0) -> float:
     """GPU seconds of one block's matmuls ("head": the output layer) per micro-batch on one rank,
     forward and backward plus what recompute repeats: from the preset's measured kernel-rate table
-    (planner/cost/kernel_rates.py) in bf16, else FLOPs at MAMF x Efficiency.matmul."""
+    (planner/cost/kernel_rates.py), its fp8 Linear and GroupedLinear rows under fp8 (core attention
+    stays bf16 under TE's fp8 recipes), else FLOPs at MAMF x Efficiency.matmul."""
     c = ctx.cluster
     fp8 = ctx.spec.training.precision == "fp8"
     rate = (c.mamf_fp8_tflops if fp8 else c.mamf_bf16_tflops) * 1e12 * eff.matmul
@@ -115,10 +116,10 @@ def matmul_seconds(ctx: Context, lay: Layout, letter: str, eff: Efficiency, load
     else:
         gemms = block_gemms(ctx, letter, lay, load)
     rates = kernel_rates(c.name)
-    if rates is None or fp8:
+    if rates is None or (fp8 and not rates.has_fp8):
         return 3 * gemms.flops * again / rate
-    linears = sum(n * rates.linear_seconds(m, k, nn) for m, k, nn, n in gemms.linears)
-    linears += sum(rates.grouped_linear_seconds(g, m, k, n) for m, k, n, g in gemms.grouped)
+    linears = sum(n * rates.linear_seconds(m, k, nn, fp8) for m, k, nn, n in gemms.linears)
+    linears += sum(rates.grouped_linear_seconds(g, m, k, n, fp8) for m, k, n, g in gemms.grouped)
     attention = rates.attention_seconds(*gemms.attention) if gemms.attention else 0.0
     fused = rates.fused_attention_seconds(*gemms.fused_attention) if gemms.fused_attention else None
     attention_again = 4 / 3 if recompute != "none" else 1.0  # selective recompute repeats core attention
@@ -131,6 +132,24 @@ def matmul_seconds(ctx: Context, lay: Layout, letter: str, eff: Efficiency, load
     else:  # a table without SSD or fused-attention rows
         other = 3 * gemms.other_flops / rate
     return (linears + other) * again + attention * attention_again
+
+
+def ring_attention_seconds(ctx: Context, lay: Layout, eff: Efficiency) -> float:
+    """GPU seconds of one A block's fused core attention per micro-batch on one rank, forward and
+    backward, under context parallelism (0 without it, or without TE, which Megatron's CP needs):
+    the compute that TE's ring hides its K/V hops behind (communication.ring_exposed). From the
+    preset's fused-attention rows, else its FLOPs at the bf16 MAMF (attention runs in bf16 under
+    FP8 recipes)."""
+    if lay.cp == 1 or not ctx.te or "A" not in ctx.letters:
+        return 0.0
+    gemms = block_gemms(ctx, "A", lay)
+    if gemms.fused_attention is None:
+        return 0.0
+    rates = kernel_rates(ctx.cluster.name)
+    timed = rates.fused_attention_seconds(*gemms.fused_attention) if rates is not None else None
+    if timed is not None:
+        return timed
+    return 3 * gemms.other_flops / (ctx.cluster.mamf_bf16_tflops * 1e12 * eff.matmul)
 
 
 def softmax_seconds(ctx: Context, lay: Layout, eff: Efficiency) -> float:
@@ -305,7 +324,8 @@ def estimate(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency = D
     gpu_mb = terms[0] + terms[1] + terms[3] + terms[4]
     # forward 1, backward 2 (+1 recomputed); the gradients accumulate in the backward
     forward = (gpu_mb - terms[4]) / (3 * gpu_repeats(ctx.spec.training.recompute))
-    comms = communication(ctx, lay, stages, mem, eff, load, window=(forward, gpu_mb - forward))
+    comms = communication(ctx, lay, stages, mem, eff, load, window=(forward, gpu_mb - forward),
+                          ring=ring_attention_seconds(ctx, lay, eff))
     m = lay.num_microbatches
     pipeline_units = m + (lay.pp - 1) / lay.vpp
     compute = pipeline_units * t_mb
