@@ -5,6 +5,7 @@ Pure: builds one document (the `--json` output) from a plan; the console and the
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from megacpp.planner.axes import Axis
@@ -15,8 +16,9 @@ from megacpp.planner.plan import Candidate, Plan
 from megacpp.planner.search.layout import Context, Layout
 from megacpp.planner.search.ranks import process_groups, rank_coordinates
 from megacpp.planner.search.rules import check_layout, divisors
+from megacpp.planner.search.space import searched_vpps
 from megacpp.planner.search.stages import assign_stages
-from megacpp.planner.validation import check_consistent
+from megacpp.planner.validation import broken_rules, check_consistent
 
 # The split taxonomy (DESIGN.md): what each axis partitions, its main traffic, what it cannot fix.
 TAXONOMY = {
@@ -124,6 +126,15 @@ def _variant(ctx: Context, lay: Layout, axis: Axis, value: int) -> Layout | None
     return changed.model_copy(update={"dp": dp, "num_microbatches": m})
 
 
+def _vpp_neighbours(ctx: Context, lay: Layout) -> list[int]:
+    """1 and the searched virtual-stage counts just below and above the layout's (searched_vpps:
+    up to one layer per virtual stage, as NVIDIA's recipes run vp 5 to 24), pinned or not."""
+    choices = searched_vpps(ctx, lay.pp) if lay.pp > 1 else [1, 2]
+    below = [v for v in choices if v < lay.vpp][-1:]
+    above = [v for v in choices if v > lay.vpp][:1]
+    return sorted({1, *below, *above} - {lay.vpp})
+
+
 def why_not(ctx: Context, lay: Layout, chosen_step: float, eff: Efficiency) -> list[dict[str, Any]]:
     """Each axis moved to its neighbouring values: the first rule that rejects it, or its cost
     difference, priced with `eff`, the factors that priced the plan."""
@@ -132,7 +143,7 @@ def why_not(ctx: Context, lay: Layout, chosen_step: float, eff: Efficiency) -> l
         current = lay.degree(axis)
         values = sorted({v for v in divisors(ctx.world) if v != current and (v in (current * 2, current // 2) or axis == Axis.TP)})
         if axis == Axis.VPP:
-            values = [v for v in (1, 2, 4) if v != current]
+            values = _vpp_neighbours(ctx, lay)
         for value in values:
             variant = _variant(ctx, lay, axis, value)
             if variant is None:
@@ -156,7 +167,72 @@ def why_not(ctx: Context, lay: Layout, chosen_step: float, eff: Efficiency) -> l
     return out
 
 
-def explain_layout(plan: Plan, candidate: int = 0, rank: int | None = None) -> dict[str, Any]:
+# `--versus` words: an axis and its degree, as `megacpp plan` prints layouts (vp as NVIDIA's tables)
+VERSUS_AXES = {"tp": "tp", "pp": "pp", "vpp": "vpp", "vp": "vpp", "cp": "cp", "ep": "ep", "etp": "etp", "dp": "dp",
+               "mbs": "micro_batch_size"}
+VERSUS_HINT = "write it as `tp4 pp8 vpp5 cp2 ep8 etp1 mbs1` (axes left out are 1, etp is tp, dp follows from the world)"
+
+
+def parse_versus(text: str) -> dict[str, int]:
+    """The axis degrees of a `--versus` layout such as "tp4 pp8 vp5 dp2" or "tp=4,pp=8"."""
+    if len(text) > 200:
+        raise PlanError(f"--versus: {len(text)} characters; {VERSUS_HINT}")
+    degrees: dict[str, int] = {}
+    for word in filter(None, re.split(r"[\s,]+", text.strip().lower())):
+        found = re.fullmatch(r"([a-z]+)=?(\d{1,6})", word)
+        if not found or found[1] not in VERSUS_AXES or int(found[2]) < 1:
+            raise PlanError(f"--versus {word!r}: not an axis and a degree of at least 1; {VERSUS_HINT}")
+        key = VERSUS_AXES[found[1]]
+        if key in degrees:
+            raise PlanError(f"--versus {word!r}: {found[1]} is given twice; {VERSUS_HINT}")
+        degrees[key] = int(found[2])
+    if not degrees:
+        raise PlanError(f"--versus is empty; {VERSUS_HINT}")
+    return degrees
+
+
+def versus_layout(ctx: Context, text: str, micro_batch_size: int) -> Layout:
+    """The layout `--versus` names, its other fields derived as the search derives them."""
+    d = parse_versus(text)
+    tp, cp, pp = d.get("tp", 1), d.get("cp", 1), d.get("pp", 1)
+    if ctx.world % (tp * cp * pp):
+        raise PlanError(f"--versus {text!r}: tp x cp x pp = {tp * cp * pp} does not divide the {ctx.world} GPUs")
+    dp = ctx.world // (tp * cp * pp)
+    if d.get("dp", dp) != dp:
+        raise PlanError(f"--versus {text!r}: dp is {dp} on {ctx.world} GPUs at tp x cp x pp = {tp * cp * pp}, not {d['dp']}")
+    mbs = d.get("micro_batch_size", micro_batch_size)
+    gbs = ctx.spec.training.global_batch_size
+    sp = ctx.spec.parallel.sp
+    return Layout(tp=tp, cp=cp, pp=pp, dp=dp, vpp=d.get("vpp", 1), ep=d.get("ep", 1), etp=d.get("etp", tp),
+                  sp=(tp > 1 and ctx.te) if sp is None else sp, micro_batch_size=mbs,
+                  num_microbatches=gbs // (mbs * dp) if gbs % (mbs * dp) == 0 else 0)
+
+
+def versus(plan: Plan, cand: Candidate, text: str) -> dict[str, Any]:
+    """Another layout priced beside the candidate, term by term: where a claimed speedup comes
+    from (or the rules that reject it)."""
+    ctx = plan.context
+    lay = versus_layout(ctx, text, cand.layout.micro_batch_size)
+    out: dict[str, Any] = {"text": text, "layout": lay.model_dump()}
+    if broken := broken_rules(ctx, lay):
+        return {**out, "verdict": "rejected", "rules": broken}
+    _, stages = assign_stages(ctx, lay.pp, lay.vpp)
+    est = estimate(ctx, lay, stages, plan.efficiency)
+    theirs, mine = dict(est.breakdown), cand.step_breakdown
+    terms = [{"term": t, "candidate": round(mine.get(t, 0.0), 4), "versus": round(theirs.get(t, 0.0), 4),
+              "delta": round(theirs.get(t, 0.0) - mine.get(t, 0.0), 4)} for t in dict.fromkeys([*mine, *theirs])]
+    return {
+        **out,
+        "verdict": "legal" if est.peak_gib <= ctx.cluster.gpu_memory_gib else "does-not-fit",
+        "step_seconds": round(est.step_seconds, 4),
+        "step_delta": round(est.step_seconds / cand.time.step_seconds - 1, 4),
+        "peak_gib": round(est.peak_gib, 2),
+        "decided_by": est.decided_by,
+        "terms": sorted(terms, key=lambda row: -abs(row["delta"])),
+    }
+
+
+def explain_layout(plan: Plan, candidate: int = 0, rank: int | None = None, against: str | None = None) -> dict[str, Any]:
     """The explain document for one candidate of a plan (optionally focused on one rank)."""
     if not plan.candidates:
         raise PlanError("the plan has no legal layout to explain; `megacpp plan` shows what rejected them")
@@ -200,6 +276,8 @@ def explain_layout(plan: Plan, candidate: int = 0, rank: int | None = None) -> d
         "why_not": why_not(ctx, lay, step, plan.efficiency),
         "rejected": {"count": plan.rejected.count, "by_rule": plan.rejected.by_rule},
     }
+    if against is not None:
+        doc["versus"] = versus(plan, cand, against)
     if rank is not None:
         me = coords[rank]
         stages = [s.model_dump(mode="json") for s in cand.stages if s.pp_rank == me["pp"]]

@@ -239,3 +239,34 @@ def test_a_plan_file_made_with_a_profile_explains_with_it(tmp_path):
             for path in (plain, tuned)]
     shared = rows[0].keys() & rows[1].keys()
     assert shared and all(rows[1][k] > rows[0][k] for k in shared)
+
+
+def test_versus_prices_my_layout_beside_the_candidate_term_by_term():
+    """"Why not the layout I run now?": --versus prices it with the plan's own model, and its
+    terms' differences add up to the difference of the two steps."""
+    doc = _doc("llama-8b-dense", "--versus", "tp2 pp2")
+    v = doc["versus"]
+    assert v["layout"]["tp"] == 2 and v["layout"]["pp"] == 2 and v["layout"]["dp"] == 16 // 4
+    assert v["verdict"] == "legal"
+    step = doc["time"]["step_seconds"]
+    assert sum(t["delta"] for t in v["terms"]) == pytest.approx(v["step_seconds"] - step, abs=2e-3)
+    assert v["step_delta"] == pytest.approx(v["step_seconds"] / step - 1, abs=1e-3)
+    text = _explain("llama-8b-dense", "--versus", "tp2 pp2").stdout
+    assert "versus tp2 pp2 dp4" in text and "difference s" in text
+
+
+def test_versus_names_the_rules_that_reject_it_and_bad_words_in_one_line():
+    rejected = _doc("llama-8b-dense", "--versus", "tp2 ep2")["versus"]
+    assert rejected["verdict"] == "rejected" and any(r.startswith("ep-needs-experts") for r in rejected["rules"])
+    for bad in ("tp4 px2", "tp0", "tp2 tp4", "tp3"):
+        proc = _run("llama-8b-dense", "--versus", bad)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert "--versus" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_why_not_offers_the_interleaved_depths_the_search_tries():
+    """NVIDIA's recipes run vp 5 to 24: a candidate at pp 2 vpp 8 (16 layers a rank) is asked
+    about the searched virtual stage counts just around its own, not only 2 and 4."""
+    doc = _doc("llama-8b-dense", "--set", "parallel.pp=2", "--set", "parallel.vpp=8")
+    offered = sorted(w["value"] for w in doc["why_not"] if w["axis"] == "vpp")
+    assert offered[0] == 1 and 8 not in offered and any(v > 8 for v in offered)

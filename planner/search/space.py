@@ -70,8 +70,11 @@ def vpp_choices(ctx: Context, pp: int) -> list[int]:
     1,024 GPUs: 82,158 legal layouts against 20,214) for splits no published recipe uses. Pin
     parallel.vpp to plan one."""
     pin = ctx.spec.parallel.vpp
-    if pin is not None:
-        return [pin]
+    return [pin] if pin is not None else searched_vpps(ctx, pp)
+
+
+def searched_vpps(ctx: Context, pp: int) -> list[int]:
+    """vpp_choices without a pin."""
     if ctx.unit_cuts:
         return divisors(len(ctx.unit_cuts) + 1)
     layers = ctx.num_layers

@@ -256,6 +256,8 @@ def explain_layout_cmd(
     spec: SpecArg = None,
     rank: Annotated[int | None, typer.Option("--rank", min=0, help="Focus on one GPU: its stage, blocks, experts and peers.")] = None,
     candidate: Annotated[int, typer.Option("--candidate", min=0, help="Which ranked candidate to explain.")] = 0,
+    versus: Annotated[str | None, typer.Option(
+        "--versus", help="Price another layout beside it, term by term: 'tp4 pp8 vpp5 cp2 ep8' (left out: 1; dp follows).")] = None,
     as_json: JsonOpt = False,
     svg: Annotated[Path | None, typer.Option("--svg", help="Write the rank-grid picture as SVG.")] = None,
     png: Annotated[Path | None, typer.Option("--png", help="Write the rank-grid picture as PNG.")] = None,
@@ -270,7 +272,7 @@ def explain_layout_cmd(
 
     loaded = _spec_or_plan(spec, set_, cluster, nodes)
     plan_doc = loaded if isinstance(loaded, Plan) else build_plan(loaded, top=max(10, candidate + 1))
-    doc = explain_layout(plan_doc, candidate=candidate, rank=rank)
+    doc = explain_layout(plan_doc, candidate=candidate, rank=rank, against=versus)
     if svg is not None or png is not None:
         from megacpp.runtime.cli.picture import draw_layout
 

@@ -174,6 +174,26 @@ def _ranks_text(ranks: list[dict[str, int]], gpus_per_node: int, max_nodes: int 
         out.print(f"[dim]{len(nodes) - max_nodes} of {len(nodes)} nodes elided; `--json` lists every rank, `--rank R` focuses one[/]")
 
 
+def _versus_text(v: dict[str, Any]) -> None:
+    """`explain layout --versus`: the other layout's step beside the candidate's, term by term."""
+    head = f"[bold]versus {_layout_cell(v['layout'])}[/]"
+    if v["verdict"] == "rejected":
+        out.print(f"{head}: [red]rejected[/]")
+        for rule in v["rules"]:
+            out.print(f"  {rule}")
+        return
+    fits = "" if v["verdict"] == "legal" else " [red](does not fit)[/]"
+    out.print(f"{head}: step {v['step_seconds']:.2f} s ({v['step_delta']:+.1%} against this candidate), "
+              f"peak {v['peak_gib']:.1f} GiB{fits}{_decided(v.get('decided_by'))}")
+    terms = Table(header_style="bold")
+    for col in ("term", "this candidate s", "versus s", "difference s"):
+        terms.add_column(col, justify="left" if col == "term" else "right")
+    for row in v["terms"]:
+        if max(abs(row["candidate"]), abs(row["versus"])) >= 0.0005:
+            terms.add_row(row["term"].replace("_", " "), f"{row['candidate']:.3f}", f"{row['versus']:.3f}", f"{row['delta']:+.3f}")
+    out.print(terms)
+
+
 def explain_text(doc: dict[str, Any]) -> None:
     """Human-readable explain document."""
     lay = doc["layout"]
@@ -257,6 +277,8 @@ def explain_text(doc: dict[str, Any]) -> None:
         out.print("[bold]runners-up[/]: " + "; ".join(
             f"#{r['candidate']} {_layout_cell(r['layout'])} {r['step_delta']:+.1%}{_decided(r.get('decided_by'))}"
             for r in doc["runners_up"][:3]))
+    if "versus" in doc:
+        _versus_text(doc["versus"])
     if "focus" in doc:
         f = doc["focus"]
         out.print(f"[bold]rank {f['rank']}[/] (node {f['node']}, gpu {f['local_rank']}): tp {f['tp']} cp {f['cp']} dp {f['dp']} pp {f['pp']} "
@@ -318,7 +340,7 @@ def calibration_table(profile: dict[str, Any]) -> None:
     if bound:
         out.print("a step takes the longer of its GPU and host time here: GPU-bound runs fit the small kernels' traffic, "
                   "host-bound ones the overheads (column 'bound by')")
-    table = Table(header_style="bold")
+    terms = Table(header_style="bold")
     for col in ("run", *(["bound by"] if bound else []), "measured s", "uncalibrated s", "fitted s", "left-out fit s", "left-out error"):
         table.add_column(col, justify="left" if col in ("run", "bound by") else "right")
     for r in profile["fitted_on"]:
