@@ -59,3 +59,201 @@ def test_every_recipe_round_trips_through_its_rendered_launch(recipe, target):
     assert again.legal_count == 1  # the layout is pinned
     rendered = render_launch(again, RenderOptions(target=target, engine="megatron-lm"))[SCRIPT[target]]
     assert _megatron_words(rendered) == _megatron_words(script)
+
+
+def test_the_real_job_round_trips_with_its_data_checkpoints_and_slurm_settings():
+    from tests.conftest import ROOT
+
+    spec = load_spec_text((ROOT / "tests" / "golden" / "launch" / "real-job.yaml").read_text())
+    plan = build_plan(spec, top=1)
+    script = render_launch(plan, RenderOptions(target="slurm", engine="megatron-lm"))["job.sbatch"]
+    imported = import_launch(script, ImportOptions(cluster="h100-sxm-8"))
+    got = imported.spec
+    assert imported.unsupported == []
+    assert got.name == "real-job" and got.parallel == spec.parallel
+    assert got.data == spec.data and got.checkpoint == spec.checkpoint
+    assert got.launch == spec.launch.model_copy(update={"extra_args": [str(a) for a in spec.launch.extra_args]})
+    assert got.training.run_iters == spec.training.run_iters and got.training.lr == spec.training.lr
+    again = build_plan(got, top=1)
+    assert again.candidates[0].time == plan.candidates[0].time
+    rendered = render_launch(again, RenderOptions(target="slurm", engine="megatron-lm"))["job.sbatch"]
+    assert rendered.split("# Generated")[0] == script.split("# Generated")[0]  # the #SBATCH lines
+    assert _megatron_words(rendered) == _megatron_words(script)
+
+
+USER_SCRIPT = r"""#!/bin/bash
+# a MoE model's pretraining, written by hand
+#SBATCH -N 4
+#SBATCH --gpus-per-node=8
+#SBATCH --partition=gpu --time=2-00:00:00
+#SBATCH --mail-user=me@example.com
+
+set -ex
+GPUS_PER_NODE=8
+NNODES=${SLURM_NNODES:-4}
+TP=2; PP=4
+EP=8
+export CUDA_DEVICE_MAX_CONNECTIONS=1
+export NCCL_SOCKET_IFNAME=ib0
+export WANDB_PROJECT=$PROJECT
+[ -f /ckpt/moe/done ] && TP=8   # conditional: not taken
+
+MODEL_ARGS=(
+    --num-layers 16            # depth
+    --hidden-size 2048
+    --ffn-hidden-size 5632
+    --num-attention-heads 16 --group-query-attention --num-query-groups 4
+    --seq-length 4096 --max-position-embeddings 4096
+    --normalization RMSNorm --position-embedding-type rope --swiglu
+    --untie-embeddings-and-output-weights --disable-bias-linear
+    --num-experts 16 --moe-router-topk 2 --moe-ffn-hidden-size 1408
+    --moe-layer-freq "([0]*2+[1]*14)"
+    --multi-latent-attention
+)
+PAR_ARGS="--tensor-model-parallel-size $TP --pipeline-model-parallel-size $PP --expert-model-parallel-size ${EP}"
+PAR_ARGS+=" --expert-tensor-parallel-size 1 --sequence-parallel"
+TRAIN_ARGS=(--micro-batch-size 2 --global-batch-size $((2 * 4 * 64)) --bf16 --lr 2e-4 --min-lr 2e-5
+            --lr-decay-style cosine --lr-warmup-iters 500 --train-iters 10000 --use-distributed-optimizer
+            --overlap-grad-reduce --overlap-param-gather --recompute-granularity selective
+            --adam-beta2 0.95 --hidden-dropout 0 --attention-dropout 0 --my-custom-flag 3)
+DATA_ARGS="--data-path /data/pile_text_document --tokenizer-type GPT2BPETokenizer --vocab-file /data/vocab.json --merge-file /data/merges.txt --split 949,50,1"
+
+srun --container-image=nvcr.io/nvidia/pytorch:24.07-py3 --container-mounts=/data:/data,/ckpt:/ckpt \
+  python -m torch.distributed.run --nproc_per_node $GPUS_PER_NODE --nnodes $NNODES \
+    ${MEGATRON:-/opt/megatron}/pretrain_gpt.py \
+    "${MODEL_ARGS[@]}" $PAR_ARGS "${TRAIN_ARGS[@]}" $DATA_ARGS \
+    --save /ckpt/moe --load /ckpt/moe --save-interval 500 \
+    --log-interval 10 2>&1 | tee train.log
+"""
+
+
+def test_a_hand_written_script_with_variables_arrays_and_srun():
+    from megacpp.planner.validation import validate_spec
+
+    imported = import_launch(USER_SCRIPT, ImportOptions(cluster="h100-sxm-8"), "user")
+    spec = imported.spec
+    assert spec.name == "user"
+    assert spec.parallel.model_dump() == {"tp": 2, "pp": 4, "vpp": 1, "cp": 1, "dp": 4, "ep": 8, "etp": 1, "sp": True}
+    assert spec.cluster.nodes == 4 and spec.cluster.preset == "h100-sxm-8"
+    assert spec.pattern.blocks == "AD" * 2 + "AE" * 14
+    assert spec.model.moe.dispatcher == "allgather"  # Megatron-LM's default, stated
+    assert spec.model.vocab_size == 50257  # GPT2BPETokenizer's
+    assert (spec.training.global_batch_size, spec.training.micro_batch_size) == (512, 2)
+    assert (spec.training.lr, spec.training.min_lr, spec.training.warmup_iters) == (2e-4, 2e-5, 500)
+    assert spec.training.weight_decay == 0.01 and spec.training.eval_iters == 100  # Megatron-LM's defaults
+    assert spec.data.paths == ("/data/pile_text_document",) and spec.data.split == "949,50,1"
+    assert spec.checkpoint.save == "/ckpt/moe" and spec.checkpoint.interval == 500
+    assert spec.launch.extra_args == ["--adam-beta2", "0.95"]
+    assert spec.launch.env == {"NCCL_SOCKET_IFNAME": "ib0"}
+    assert spec.launch.slurm.container_mounts == ["/data:/data", "/ckpt:/ckpt"]
+    assert spec.launch.slurm.time == "2-00:00:00"
+    listed = "\n".join(imported.unsupported)
+    assert "--multi-latent-attention: multi-latent attention (MLA) is not modelled yet" in listed
+    assert "--my-custom-flag 3: unknown to Megatron-LM core_v0.16's argument parser" in listed
+    assert "WANDB_PROJECT" in listed and "--mail-user" in listed
+    assert len(imported.unsupported) == 4
+    text = imported.to_yaml("user.sh")
+    assert all(f"#   {line}" in text for line in imported.unsupported)
+    assert load_spec_text(text) == spec
+    assert validate_spec(spec)["valid"]
+
+
+def test_megatron_defaults_stand_where_the_script_leaves_flags_out():
+    imported = import_launch(["pretrain_gpt.py", "--num-layers", "4", "--hidden-size", "256", "--num-attention-heads", "4",
+                              "--seq-length", "512", "--vocab-size", "1000", "--num-experts", "4",
+                              "--tensor-model-parallel-size", "2", "--bf16"], ImportOptions(cluster="h100-sxm-8"))
+    model = imported.spec.model
+    assert (model.normalization, model.position_embedding, model.tie_embeddings) == ("layernorm", "learned", True)
+    assert model.moe.ffn_hidden_size == 1024 and not model.moe.gated  # 4h without --swiglu
+    assert imported.spec.parallel.etp == 2  # ETP is TP unless the script says otherwise
+    assert imported.spec.parallel.sp is False and imported.spec.parallel.dp == 4
+    assert imported.spec.training.lr_decay_style == "linear" and imported.spec.training.min_lr == 0.0
+    listed = "\n".join(imported.unsupported)
+    for missing in ("linear biases", "--hidden-dropout 0.1", "--attention-dropout 0.1", "no --overlap-grad-reduce"):
+        assert missing in listed
+    assert any("no --data-path" in n for n in imported.notes)
+
+
+# Argument lists in the style of NVIDIA's published Megatron-Bridge runs (scale_truth
+# published_runs.json: layout, batch and settings_compact of each), as Megatron-LM takes them.
+LLAMA3_70B = """--num-layers 80 --hidden-size 8192 --ffn-hidden-size 28672 --num-attention-heads 64
+ --group-query-attention --num-query-groups 8 --kv-channels 128 --seq-length 8192 --max-position-embeddings 8192
+ --normalization RMSNorm --position-embedding-type rope --rotary-base 500000 --swiglu --disable-bias-linear
+ --untie-embeddings-and-output-weights --hidden-dropout 0.0 --attention-dropout 0.0
+ --tensor-model-parallel-size 4 --pipeline-model-parallel-size 8 --num-layers-per-virtual-pipeline-stage 2
+ --context-parallel-size 1 --sequence-parallel --micro-batch-size 1 --global-batch-size 256
+ --bf16 --fp8-format hybrid --fp8-recipe tensorwise --tp-comm-overlap --use-distributed-optimizer
+ --overlap-grad-reduce --overlap-param-gather --tokenizer-type NullTokenizer --vocab-size 128256 --mock-data
+ --train-iters 50 --lr 1.5e-4 --min-lr 1.5e-5 --lr-decay-style cosine --weight-decay 0.1 --clip-grad 1.0"""
+QWEN3_30B_A3B = """--num-layers 48 --hidden-size 2048 --ffn-hidden-size 6144 --num-attention-heads 32
+ --group-query-attention --num-query-groups 4 --kv-channels 128 --qk-layernorm --seq-length 4096
+ --max-position-embeddings 4096 --normalization RMSNorm --position-embedding-type rope --swiglu
+ --disable-bias-linear --untie-embeddings-and-output-weights --hidden-dropout 0 --attention-dropout 0
+ --num-experts 128 --moe-router-topk 8 --moe-ffn-hidden-size 768 --moe-router-load-balancing-type aux_loss
+ --moe-aux-loss-coeff 1e-3 --moe-grouped-gemm --moe-permute-fusion --moe-token-dispatcher-type flex
+ --moe-flex-dispatcher-backend hybridep --moe-router-dtype fp32 --expert-model-parallel-size 16
+ --expert-tensor-parallel-size 1 --overlap-moe-expert-parallel-comm --cuda-graph-impl transformer_engine
+ --cuda-graph-scope moe_router moe_preprocess --micro-batch-size 1 --global-batch-size 1024 --bf16
+ --use-distributed-optimizer --use-precision-aware-optimizer --overlap-grad-reduce --overlap-param-gather
+ --vocab-size 151936 --mock-data --train-iters 50"""
+DEEPSEEK_V3 = """--num-layers 61 --hidden-size 7168 --ffn-hidden-size 18432 --num-attention-heads 128 --kv-channels 128
+ --multi-latent-attention --q-lora-rank 1536 --kv-lora-rank 512 --qk-head-dim 128 --qk-pos-emb-head-dim 64
+ --v-head-dim 128 --qk-layernorm --seq-length 4096 --max-position-embeddings 4096 --normalization RMSNorm
+ --position-embedding-type rope --swiglu --disable-bias-linear --untie-embeddings-and-output-weights
+ --hidden-dropout 0.0 --attention-dropout 0.0 --num-experts 256 --moe-router-topk 8 --moe-ffn-hidden-size 2048
+ --moe-shared-expert-intermediate-size 2048 --moe-layer-freq ([0]*3+[1]*58) --moe-router-score-function sigmoid
+ --moe-router-enable-expert-bias --moe-token-dispatcher-type alltoall --mtp-num-layers 1
+ --tensor-model-parallel-size 2 --pipeline-model-parallel-size 8 --pipeline-model-parallel-layout Et|(tt|)*30mL
+ --expert-model-parallel-size 64 --expert-tensor-parallel-size 1 --sequence-parallel
+ --recompute-granularity selective --recompute-modules mla_up_proj mlp --micro-batch-size 1
+ --global-batch-size 16384 --bf16 --use-distributed-optimizer --overlap-grad-reduce --vocab-size 129280 --mock-data"""
+NEMOTRON_H_8B = f"""pretrain_mamba.py --num-layers 52 --hybrid-override-pattern {"M-M-M-M*-" * 4 + "M-" * 8}
+ --is-hybrid-model --spec megatron.core.models.mamba.mamba_layer_specs mamba_stack_spec --hidden-size 4096
+ --ffn-hidden-size 21504 --squared-relu --num-attention-heads 32 --group-query-attention --num-query-groups 8
+ --kv-channels 128 --mamba-num-heads 128 --mamba-head-dim 64 --mamba-state-dim 128 --mamba-num-groups 8
+ --seq-length 8192 --max-position-embeddings 8192 --normalization RMSNorm --position-embedding-type none
+ --disable-bias-linear --untie-embeddings-and-output-weights --hidden-dropout 0 --attention-dropout 0
+ --tensor-model-parallel-size 2 --sequence-parallel --micro-batch-size 1 --global-batch-size 768 --bf16
+ --fp8-format hybrid --use-distributed-optimizer --overlap-grad-reduce --overlap-param-gather --vocab-size 131072
+ --mock-data"""
+PUBLISHED = {
+    # name: (arguments, cluster, nodes, the pins, what must be listed as not represented)
+    "llama3-70b": (LLAMA3_70B, "h100-sxm-8", 8, dict(tp=4, pp=8, vpp=5, cp=1, dp=2, sp=True), []),
+    "qwen3-30b-a3b": (QWEN3_30B_A3B, "h100-sxm-8", 2, dict(tp=1, pp=1, ep=16, etp=1, dp=16),
+                      ["--moe-aux-loss-coeff 1e-3", "--qk-layernorm"]),
+    "deepseek-v3": (DEEPSEEK_V3, "h100-sxm-8", 128, dict(tp=2, pp=8, vpp=4, ep=64, dp=64, sp=True),
+                    ["--multi-latent-attention", "--q-lora-rank", "--kv-lora-rank", "--qk-head-dim",
+                     "--qk-pos-emb-head-dim", "--v-head-dim", "--qk-layernorm", "--mtp-num-layers",
+                     "--pipeline-model-parallel-layout Et|(tt|)*30mL", "no --overlap-param-gather"]),
+    "nemotron-h-8b": (NEMOTRON_H_8B, "h100-sxm-8", 1, dict(tp=2, pp=1, dp=4, sp=True), ["--squared-relu"]),
+}
+
+
+@pytest.mark.parametrize("name", list(PUBLISHED))
+def test_published_run_argument_lists(name):
+    args, cluster, nodes, pins, listed = PUBLISHED[name]
+    imported = import_launch(args.split(), ImportOptions(cluster=cluster, nodes=nodes))
+    got = imported.spec.parallel.model_dump()
+    assert {k: got[k] for k in pins} == pins
+    assert len(imported.unsupported) == len(listed), imported.unsupported
+    for item in listed:
+        assert any(line.startswith(item + " ") or line.startswith(item + ":") for line in imported.unsupported), item
+    assert load_spec_text(imported.to_yaml(name)) == imported.spec
+
+
+def test_published_runs_keep_what_a_launch_can_carry_and_plan():
+    llama = import_launch(LLAMA3_70B.split(), ImportOptions(cluster="h100-sxm-8", nodes=8)).spec
+    assert llama.training.precision == "fp8" and llama.training.tp_comm_overlap
+    assert llama.launch.extra_args == ["--rotary-base", "500000", "--fp8-recipe", "tensorwise"]
+    plan = build_plan(llama, top=1)
+    assert plan.legal_count == 1 and plan.candidates[0].layout.vpp == 5
+    qwen = import_launch(QWEN3_30B_A3B.split(), ImportOptions(cluster="h100-sxm-8", nodes=2)).spec
+    moe = qwen.model.moe
+    assert (moe.dispatcher, moe.flex_backend, moe.overlap_communication) == ("flex", "hybridep", True)
+    assert qwen.training.cuda_graphs == ("moe_router", "moe_preprocess")
+    assert qwen.launch.extra_args == ["--moe-router-load-balancing-type", "aux_loss", "--moe-permute-fusion"]
+    deepseek = import_launch(DEEPSEEK_V3.split(), ImportOptions(cluster="h100-sxm-8", nodes=128)).spec
+    assert deepseek.model.pattern == "(AD)*3 (AE)*58"  # the MTP stage's split is left to megacpp
+    hybrid = import_launch(NEMOTRON_H_8B.split(), ImportOptions(cluster="h100-sxm-8")).spec
+    assert hybrid.backend.megatron == "core_v0.16" and hybrid.model.position_embedding == "none"
+    assert hybrid.pattern.blocks.count("A") == 4 and len(hybrid.pattern) == 52

@@ -94,17 +94,15 @@ class Flags:
     argparse keeps it), and which of them the spec has taken."""
 
     def __init__(self, args: list[str]) -> None:
-        self.groups: dict[str, list[str]] = {}
-        self.order: list[str] = []
+        self.groups: dict[str, list[str]] = {}  # in the order given, a repeated flag where it was given last
+        last: list[str] | None = None
         for token in args:
             if token.startswith("--") and not re.fullmatch(r"--?\d.*", token):
                 flag, eq, value = token.partition("=")
-                if flag in self.groups:
-                    self.order.remove(flag)
-                self.groups[flag] = [value] if eq else []
-                self.order.append(flag)
-            elif self.order:
-                self.groups[self.order[-1]].append(token)
+                self.groups.pop(flag, None)
+                last = self.groups[flag] = [value] if eq else []
+            elif last is not None:
+                last.append(token)
             else:
                 raise SpecError(f"{token[:60]!r} comes before any --flag; pass Megatron-LM's arguments")
         self.taken: set[str] = set()
@@ -146,8 +144,12 @@ class Flags:
             raise SpecError(f"{flag} {value[:60]!r}: not a finite number")
         return number
 
+    @property
+    def order(self) -> list[str]:
+        return list(self.groups)
+
     def left(self) -> list[str]:
-        return [f for f in self.order if f not in self.taken]
+        return [f for f in self.groups if f not in self.taken]
 
 
 def _unresolved(value: str) -> str:
@@ -381,13 +383,17 @@ class _Reader:
         units = len(blocks) // 2 if entry_point == "pretrain_gpt.py" else len(blocks)
         layout_text = f.text("--pipeline-model-parallel-layout")
         first, last = f.integer("--decoder-first-pipeline-num-layers"), f.integer("--decoder-last-pipeline-num-layers")
+        own_split = False  # the script's split has a stage without decoder layers: megacpp splits them itself
         if layout_text is not None:
             sizes, odd = pipeline_layout(layout_text)
-            if odd:
-                self.lost("--pipeline-model-parallel-layout", "MTP layers or the embedding/loss off the first/last "
-                          "stage are not modelled; planned as the decoder layers' split")
-                self.f.taken.add("--pipeline-model-parallel-layout")
             vpp = len(sizes) // pp
+            if odd:
+                own_split = 0 in sizes
+                why = "megacpp's own split of the decoder layers" if own_split else "the decoder layers' split"
+                self.lost("--pipeline-model-parallel-layout", "MTP layers or the embedding/loss off the first/last "
+                          f"stage are not modelled; planned with {why}")
+            if own_split:
+                sizes = None
         elif first is not None or last is not None:
             if pp < 2 or (vpp or 1) > 1:
                 raise SpecError("--decoder-first/last-pipeline-num-layers need pipeline parallelism without virtual stages")
@@ -403,7 +409,7 @@ class _Reader:
                 raise SpecError(f"--num-layers-per-virtual-pipeline-stage {per_virtual} does not divide "
                                 f"{units} layers over {pp} stages")
         chunks = pp * (vpp or 1)
-        if sizes is None and chunks > 1:
+        if sizes is None and chunks > 1 and not own_split:
             if units % chunks:
                 raise SpecError(f"{units} layers do not split evenly over {pp} stages x {vpp or 1} virtual stages, "
                                 "and the script sets no uneven split")

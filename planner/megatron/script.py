@@ -99,22 +99,22 @@ def logical_lines(text: str) -> list[tuple[int, str]]:
     """(first line number, text) of each logical line: continuations joined, comments removed,
     an open quote, bracket or array carried on to the lines after it."""
     out: list[tuple[int, str]] = []
-    state, start, sbatch = _Line(), 0, False
+    state, start, held = _Line(), 0, 0
     parts: list[str] = []
     lines = text.replace("\r\n", "\n").split("\n")
     for number, raw in enumerate(lines, 1):
         if not parts:
-            start = number
-        if len(parts) > MAX_JOINED_LINES:
-            raise SpecError(f"line {start}: a quote, bracket or array opened here is not closed within "
-                            f"{MAX_JOINED_LINES} lines")
+            start, held = number, 0
         continued = raw.endswith("\\") and not raw.endswith("\\\\") and state.quote != "'"
         body = raw[:-1] if continued else raw
         parts.append(state.scan(body))
-        sbatch = sbatch or raw.startswith("#SBATCH")
         if continued or state.open:
             if not continued:
                 parts.append("\n")
+                held += 1
+                if held > MAX_JOINED_LINES:
+                    raise SpecError(f"line {start}: a quote, bracket or array opened here is not closed within "
+                                    f"{MAX_JOINED_LINES} lines")
             continue
         out.append((start, "".join(parts)))
         parts = []
