@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import functools
 import shlex
+import subprocess
 import sys
 
 import pytest
 
-from megacpp.planner.errors import LaunchError
+from megacpp.planner.errors import LaunchError, SpecError
 from megacpp.planner.megatron.importer import ImportOptions, import_launch
 from megacpp.planner.megatron.render import RenderOptions, render_launch
 from megacpp.planner.plan import build_plan
@@ -257,3 +258,79 @@ def test_published_runs_keep_what_a_launch_can_carry_and_plan():
     hybrid = import_launch(NEMOTRON_H_8B.split(), ImportOptions(cluster="h100-sxm-8")).spec
     assert hybrid.backend.megatron == "core_v0.16" and hybrid.model.position_embedding == "none"
     assert hybrid.pattern.blocks.count("A") == 4 and len(hybrid.pattern) == 52
+
+
+def _cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout)
+
+
+HEAD = "torchrun --nproc-per-node 8 pretrain_gpt.py "
+HOSTILE = {
+    "an unclosed quote": ("A='never closed\n" + "x\n" * 5000, "not closed within"),
+    "nested defaults": (HEAD + "${A:-" * 5000 + "x" + "}" * 5000, "nested"),
+    "a doubling variable": ("A=0123456789\n" + 'A="$A$A"\n' * 40 + HEAD + "$A", "more than|grows past"),
+    "a NUL byte": ("echo \x00", "binary"),
+    "no Megatron command": ("echo hello\n", "runs none of"),
+    "two Megatron commands": (HEAD + "--num-layers 2\n" + HEAD + "--num-layers 4\n", "a second Megatron-LM command"),
+    "a deep list expression": (HEAD + "--num-layers 2 --hidden-size 8 --num-experts 2 --moe-layer-freq '"
+                               + "(" * 3000 + "[1]" + ")" * 3000 + "'", "--moe-layer-freq"),
+    "a layout of a million layers": (HEAD + "--pipeline-model-parallel-size 2 --num-layers 2 --hidden-size 8 "
+                                     "--pipeline-model-parallel-layout '((t)*999999)*999999|L'", "more than"),
+    "a value the script never assigns": (HEAD + "--num-layers $LAYERS --hidden-size 8", "never assigns LAYERS"),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE))
+def test_hostile_scripts_end_in_one_line_quickly(case):
+    import time
+
+    text, message = HOSTILE[case]
+    start = time.perf_counter()
+    with pytest.raises(SpecError, match=message) as err:
+        import_launch(text, ImportOptions(cluster="h100-sxm-8"))
+    assert time.perf_counter() - start < 5
+    assert "\n" not in str(err.value) and len(str(err.value)) < 400
+
+
+def test_odd_bytes_and_arithmetic_nothing_is_run(tmp_path):
+    marker = tmp_path / "ran"
+    script = tmp_path / "odd.sh"
+    script.write_bytes(b"# caf\xe9 \xff\n" + (
+        f"N=$(touch {marker}) `touch {marker}`\n"
+        "MBS=$(( (1 + 1) * 2 / 2 ))\n"
+        + HEAD + "--num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 128 --vocab-size 100 "
+        "--micro-batch-size $MBS --bf16 --use-distributed-optimizer --overlap-grad-reduce --overlap-param-gather "
+        "--disable-bias-linear --hidden-dropout 0 --attention-dropout 0 --tensorboard-dir \"$N\"").encode())
+    result = _cli("import", str(script), "--cluster", "h100-sxm-8", "--out", str(tmp_path / "spec.yaml"))
+    assert result.returncode == 0, result.stderr
+    assert not marker.exists()
+    spec = load_spec_text((tmp_path / "spec.yaml").read_text())
+    assert spec.training.micro_batch_size == 2 and spec.training.global_batch_size == 2 * 8  # Megatron: mbs x dp
+    assert spec.launch.extra_args == ["--tensorboard-dir", f"$(touch {marker})"]
+
+
+def test_cli_writes_the_spec_and_lists_what_it_left_out(tmp_path):
+    script = tmp_path / "user.sh"
+    script.write_text(USER_SCRIPT)
+    result = _cli("import", str(script), "--cluster", "h100-sxm-8")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("# imported by `megacpp import` from")
+    assert "not represented: --my-custom-flag 3: unknown to Megatron-LM core_v0.16's argument parser" in result.stderr
+    spec = load_spec_text(result.stdout)
+    assert spec.parallel.tp == 2
+    args = ["import", "--cluster", "h100-sxm-8", "--nodes", "2", "--set", "name=from-args", "--", "pretrain_gpt.py",
+            *LLAMA3_70B.split()]
+    result = _cli(*args)
+    assert result.returncode == 0, result.stderr
+    assert load_spec_text(result.stdout).name == "from-args"
+
+
+def test_cli_errors_are_one_line_without_a_traceback(tmp_path):
+    big = tmp_path / "big.sh"
+    big.write_bytes(b"#" * (5 << 20))
+    for args in (["import", str(big)], ["import", str(tmp_path)], ["import", "--", "--hidden-size", "8"],
+                 ["import", "--", "--num-layers", "2", "--hidden-size", "8", "--seq-length", "8"]):
+        result = _cli(*args)
+        assert result.returncode == 1, args
+        assert "Traceback" not in result.stderr and result.stderr.startswith("error:"), result.stderr
+        assert result.stderr.count("\n") == 1

@@ -22,10 +22,19 @@ def _repeat(items: list[str], count: int, what: str) -> list[str]:
     return items * count
 
 
+MAX_TEXT = 10_000  # characters of one list expression or layout string
+
+
+def _bounded(text: str, flag: str) -> str:
+    if len(text) > MAX_TEXT:
+        raise SpecError(f"{flag}: {len(text)} characters; write repeats such as [1]*58 (at most {MAX_TEXT})")
+    return text.strip()
+
+
 def moe_layer_flags(text: str, num_layers: int) -> list[int]:
     """1 for each MoE layer: `--moe-layer-freq` as an integer k (every k-th layer from the first)
     or a list expression of 0/1 such as `([0]*3+[1]*58)` or `[0,1,1]`."""
-    text = text.strip()
+    text = _bounded(text, "--moe-layer-freq")
     if re.fullmatch(r"\d{1,6}", text):
         k = int(text)
         if k < 1:
@@ -107,7 +116,7 @@ def pipeline_layout(text: str) -> tuple[list[int], bool]:
     """Decoder layers per chunk of `--pipeline-model-parallel-layout` (`E` embedding, `L` loss,
     `t` a layer, `m` an MTP layer, `|` between chunks, `X*N` and `(...)*N` repeats), and whether it
     places anything megacpp does not model (an MTP layer, the embedding or loss off their stages)."""
-    expanded = _expand_layout(text.replace(" ", ""), 0)
+    expanded = _expand_layout(_bounded(text, "--pipeline-model-parallel-layout").replace(" ", ""), 0)
     chunks = expanded.split("|")
     sizes = [c.count("t") for c in chunks]
     standard = (chunks[0].startswith("E") and chunks[-1].endswith("L") and "m" not in expanded

@@ -19,14 +19,18 @@ from megacpp.planner.errors import SpecError
 
 ENTRY_POINTS = ("pretrain_gpt.py", "pretrain_mamba.py", "pretrain_hybrid.py")
 MAX_EXPANDED_CHARS = 1 << 20  # one statement after expansion
-MAX_TOTAL_CHARS = 16 << 20  # every statement after expansion
+MAX_TOTAL_CHARS = 1 << 20  # every statement split into words, together (shlex reads ~1 MB/s)
+# one word after expansion: shlex builds a word a character at a time, in time that grows with
+# the square of its length, so a longer one is refused before it is split
+MAX_WORD_CHARS = 32 << 10
 MAX_JOINED_LINES = 2000  # lines one open quote or array may span
 MAX_DEPTH = 32  # ${...} nested in defaults
 MAX_VARIABLES = 10_000
 NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 ASSIGNMENT = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)(\+?)=(.*)", re.DOTALL)
 ARRAY_ASSIGNMENT = re.compile(r"\s*(?:export\s+|declare\s+-a\s+|local\s+|readonly\s+)?([A-Za-z_][A-Za-z0-9_]*)(\+?)=\(")
-SEPARATORS = (";", "&&", "||", "|", "&")
+# a statement that may assign or export a variable
+MATTERS = re.compile(r"\s*(export|declare|local|readonly|typeset|[A-Za-z_][A-Za-z0-9_]*\+?=)")
 # statements that run no command worth reading (control flow, tests, output); an assignment after
 # `then` or `do` is conditional and is not taken
 SKIPPED = {"if", "then", "else", "elif", "fi", "for", "while", "until", "do", "done", "case", "esac", "function",
@@ -182,6 +186,26 @@ def _close(text: str, i: int, opening: str, closing: str) -> int:
     raise SpecError(f"an unclosed {opening} in {text[:60]!r}")
 
 
+def _longest_word(text: str) -> int:
+    """The length of the longest word of `text`: a run without unquoted whitespace."""
+    longest, start, quote, i, n = 0, 0, "", 0, len(text)
+    while i < n:
+        c = text[i]
+        if quote:
+            if c == quote:
+                quote = ""
+            elif c == "\\" and quote == '"':
+                i += 1
+        elif c == "\\":
+            i += 1
+        elif c in "'\"":
+            quote = c
+        elif c in " \t\n":
+            longest, start = max(longest, i - start), i + 1
+        i += 1
+    return max(longest, n - start)
+
+
 def arithmetic(expr: str, value_of) -> int | None:  # type: ignore[no-untyped-def]
     """Bash's integer arithmetic over + - * / % and parentheses, names read through `value_of`;
     None for anything else (nothing is evaluated but numbers)."""
@@ -255,6 +279,8 @@ class Shell:
         self.total += len(expanded)
         if self.total > MAX_TOTAL_CHARS:
             raise SpecError(f"the script expands to more than {MAX_TOTAL_CHARS} characters")
+        if len(expanded) > MAX_WORD_CHARS and _longest_word(expanded) > MAX_WORD_CHARS:
+            raise SpecError(f"a word of more than {MAX_WORD_CHARS} characters")
         try:
             lexer = shlex.shlex(expanded, posix=True)
             lexer.whitespace_split = True
@@ -416,6 +442,8 @@ def read_script(text: str) -> LaunchCommand:
 
 def _statement(shell: Shell, statement: str, exported: set[str], conditional: bool) -> LaunchCommand | None:
     """Take the statement's assignments (unless it runs on a condition); the command if it is Megatron-LM's."""
+    if not MATTERS.match(statement) and not any(mark in statement for mark in ("$", "`", "pretrain_")):
+        return None  # neither assigns nor can run Megatron-LM: not split at all
     array = ARRAY_ASSIGNMENT.match(statement)
     if array is not None and not conditional:
         end = _close(statement, array.end(), "(", ")")

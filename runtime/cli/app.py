@@ -223,7 +223,7 @@ def launch(
 
 
 @app.command("import")
-def import_launch(
+def import_script(
     source: Annotated[list[str], typer.Argument(metavar="SCRIPT | -- [pretrain_*.py] ARGS...", help="A Megatron-LM launch script (bash; nothing in it is run), or Megatron-LM's arguments after --.")],
     cluster: ClusterOpt = None,
     nodes: NodesOpt = None,
@@ -232,12 +232,12 @@ def import_launch(
     out: Annotated[Path | None, typer.Option("--out", help="Write the spec YAML to this file instead of stdout.")] = None,
 ) -> None:
     """Read an existing Megatron-LM launch into a spec with its layout pinned; list every flag the spec cannot carry."""
-    from megacpp.planner.megatron.importer import ImportOptions, import_launch as read_spec
+    from megacpp.planner.megatron.importer import ImportOptions, import_launch
     from megacpp.runtime.cli import console, executors
     from megacpp.runtime.cli.inputs import read_launch
 
     text, name = read_launch(source)
-    result = read_spec(text, ImportOptions(dialect=megatron, cluster=cluster, nodes=nodes, overrides=set_), name)
+    result = import_launch(text, ImportOptions(dialect=megatron, cluster=cluster, nodes=nodes, overrides=set_), name)
     shown = source[0] if isinstance(text, str) else "Megatron-LM arguments"
     console.import_report(result.unsupported, result.notes)
     if out is None:
