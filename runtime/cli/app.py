@@ -222,12 +222,17 @@ def launch(
     console.err.print(f"job finished; outputs in {out}")
 
 
+class Dialect(str, Enum):
+    core_v0_16 = "core_v0.16"
+    main = "main"
+
+
 @app.command("import")
 def import_script(
-    source: Annotated[list[str], typer.Argument(metavar="SCRIPT | -- [pretrain_*.py] ARGS...", help="A Megatron-LM launch script (bash; nothing in it is run), or Megatron-LM's arguments after --.")],
+    source: Annotated[list[str], typer.Argument(metavar="SCRIPT | -- ARGS", help="A Megatron-LM launch script (bash; nothing in it is run), or Megatron-LM's arguments after -- ([pretrain_*.py] --flag value ...).")],
     cluster: ClusterOpt = None,
     nodes: NodesOpt = None,
-    megatron: Annotated[str | None, typer.Option("--megatron", help="The Megatron-LM dialect, core_v0.16 or main (default: from the entry point and the flags).")] = None,
+    megatron: Annotated[Dialect | None, typer.Option("--megatron", help="The Megatron-LM dialect, core_v0.16 or main (default: from the entry point, else the one whose parser knows every flag).")] = None,
     set_: SetOpt = [],  # noqa: B006
     out: Annotated[Path | None, typer.Option("--out", help="Write the spec YAML to this file instead of stdout.")] = None,
 ) -> None:
@@ -237,7 +242,7 @@ def import_script(
     from megacpp.runtime.cli.inputs import read_launch
 
     text, name = read_launch(source)
-    result = import_launch(text, ImportOptions(dialect=megatron, cluster=cluster, nodes=nodes, overrides=set_), name)
+    result = import_launch(text, ImportOptions(dialect=megatron.value if megatron else None, cluster=cluster, nodes=nodes, overrides=set_), name)
     shown = source[0] if isinstance(text, str) else "Megatron-LM arguments"
     console.import_report(result.unsupported, result.notes)
     if out is None:
