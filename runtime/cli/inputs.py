@@ -69,7 +69,7 @@ MAX_SCRIPT_BYTES = 4 * MAX_SPEC_BYTES
 def read_launch(words: list[str]) -> tuple[str | list[str], str]:
     """What `megacpp import` reads: one launch script's text (decoded; odd bytes replaced), or
     Megatron-LM's argument list given after --; and a name for the spec (the script's stem)."""
-    from megacpp.planner.megatron.script import ENTRY_POINTS
+    from megacpp.planner.megatron.importer.script import ENTRY_POINTS
 
     if len(words) != 1 or words[0].startswith("-") or words[0].rsplit("/", 1)[-1] in ENTRY_POINTS:
         return list(words), "imported"

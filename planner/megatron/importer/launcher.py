@@ -7,7 +7,7 @@ import re
 from typing import Any
 
 from megacpp.planner.errors import SpecError
-from megacpp.planner.megatron.script import LaunchCommand
+from megacpp.planner.megatron.importer.script import LaunchCommand
 from megacpp.planner.spec.clusters import PRESETS
 from megacpp.planner.spec.models import ENV_NAME, SLURM_VALUE
 
