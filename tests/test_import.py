@@ -334,3 +334,60 @@ def test_cli_errors_are_one_line_without_a_traceback(tmp_path):
         assert result.returncode == 1, args
         assert "Traceback" not in result.stderr and result.stderr.startswith("error:"), result.stderr
         assert result.stderr.count("\n") == 1
+
+
+def _variant(base, **changes):
+    from tests.conftest import make_spec
+
+    return make_spec(base, **changes)
+
+
+def _variants():
+    from tests.conftest import TINY_DENSE, TINY_MOE
+
+    hybrid = {**TINY_MOE, "model": {**TINY_MOE["model"], "pattern": "(MEMA)*5",
+                                     "mamba": {"num_heads": 4, "head_dim": 32, "num_groups": 2}},
+              "backend": {"transformer_engine": True, "megatron": "core_v0.16"}, "training": {**TINY_MOE["training"]}}
+    return {
+        "gpt-vpp": _variant(TINY_DENSE, **{"model.pattern": "(AD)*8", "parallel": {"tp": 1, "pp": 2, "vpp": 2, "cp": 1}}),
+        "gpt-uneven": _variant(TINY_DENSE, **{"model.pattern": "(AD)*7", "parallel": {"tp": 1, "pp": 2, "vpp": 1, "cp": 1}}),
+        "gpt-pinned-cut": _variant(TINY_DENSE, **{"model.pattern": "(AD)*2 | (AD)*6", "parallel": {"pp": 2, "vpp": 1}}),
+        "hybrid-first-last": _variant(hybrid, **{"cluster.gpus_per_node": 3,
+                                                 "parallel": {"tp": 1, "pp": 3, "vpp": 1, "cp": 1, "ep": 1}}),
+        "hybrid-main-pipes": _variant(hybrid, **{"model.pattern": "(MEMA)*4 MER", "backend.megatron": "main",
+                                                 "model.recurrent": {"num_heads": 4, "head_dim": 16},
+                                                 "parallel": {"tp": 1, "pp": 2, "vpp": 2, "cp": 1, "ep": 1}}),
+        "moe-everything": _variant(TINY_MOE, **{
+            "backend": {"transformer_engine": True, "megatron": "core_v0.16", "fusions": False},
+            "model.moe": {"num_experts": 8, "top_k": 1, "ffn_hidden_size": 64, "capacity_factor": 1.25,
+                          "shared_expert_ffn_hidden_size": 128, "dispatcher": "flex", "flex_backend": "hybridep"},
+            "model.normalization": "layernorm", "model.position_embedding": "learned", "model.tie_embeddings": True,
+            "training": {"seq_length": 64, "global_batch_size": 32, "micro_batch_size": 2, "precision": "fp8",
+                         "optimizer": {"exp_avg_dtype": "bf16"}, "grad_reduce_dtype": "bf16", "tp_comm_overlap": True,
+                         "cuda_graphs": ["attn", "moe_router"], "offload_modules": ["expert_fc1"],
+                         "train_iters": 500, "warmup_iters": 50, "lr_decay_style": "linear", "lr_decay_iters": 1000},
+            "data": {"mock": True, "tokenizer": {"type": "HuggingFaceTokenizer", "model": "/models/tok"}},
+            "checkpoint": {"save": "/ckpt/x", "interval": 100, "load_optimizer": False},
+            "parallel": {"tp": 2, "pp": 1, "vpp": 1, "cp": 1, "ep": 2, "etp": 1, "sp": True}}),
+        "local-full-recompute": _variant(TINY_MOE, **{
+            "training": {"seq_length": 64, "global_batch_size": 16, "recompute": "full", "recompute_method": "block",
+                         "recompute_num_layers": 2, "distributed_optimizer": False, "cuda_graphs": "full_iteration"},
+            "parallel": {"tp": 1, "pp": 2, "vpp": 1, "cp": 1, "ep": 4}}),
+    }
+
+
+VARIANTS = list(_variants())
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_spec_features_round_trip(name):
+    spec = _variants()[name]
+    plan = build_plan(spec, top=1)
+    script = render_launch(plan, RenderOptions(engine="megatron-lm"))["launch.sh"]
+    imported = import_launch(script, ImportOptions(cluster=spec.cluster.preset))
+    assert imported.unsupported == []
+    again = build_plan(imported.spec, top=1)
+    before, after = plan.candidates[0], again.candidates[0]
+    assert (after.layout, after.split, after.memory, after.time) == (before.layout, before.split, before.memory, before.time)
+    rendered = render_launch(again, RenderOptions(engine="megatron-lm"))["launch.sh"]
+    assert _megatron_words(rendered) == _megatron_words(script)

@@ -98,7 +98,8 @@ def launch_keys(cmd: LaunchCommand, extra: list[str], notes: list[str], unsuppor
         if (name, value) in OWN_ENV:
             continue
         if name in PLUMBING or not ENV_NAME.fullmatch(name):
-            notes.append(f"export {name}: the script's own plumbing; megacpp's script sets its own")
+            if "MEGATRON_LM" not in value:  # megacpp's own scripts export the checkout they are given
+                notes.append(f"export {name}: the script's own plumbing; megacpp's script sets its own")
         elif "$" in value or "`" in value:
             unsupported.append(f"export {name}={value[:60]}: refers to what the script does not assign")
         else:

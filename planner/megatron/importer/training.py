@@ -14,6 +14,9 @@ MEGATRON_SCHEDULE_DEFAULTS = {"lr_decay_style": "linear", "min_lr": 0.0, "weight
                               "log_interval": 100, "eval_iters": 100, "eval_interval": 1000}
 TOKENIZER_TYPES = ("GPT2BPETokenizer", "SentencePieceTokenizer", "GPTSentencePieceTokenizer", "HuggingFaceTokenizer",
                    "Llama2Tokenizer", "TikTokenizer", "NullTokenizer")
+# the schedule's keys in the order the spec reference lists them
+SCHEDULE_ORDER = ("train_iters", "lr", "min_lr", "warmup_iters", "lr_decay_style", "lr_decay_iters", "weight_decay",
+                  "clip_grad", "log_interval", "eval_interval", "eval_iters")
 RECOMPUTE_DEFAULTS = ("uniform", 1)  # what args.py renders for a full recompute without method and count
 
 
@@ -145,7 +148,7 @@ class TrainingReader(Reader):
             self.notes.append("no --lr in the script: the spec's default training.lr 0.0003 stands")
         if out.get("warmup_iters") == 0:
             del out["warmup_iters"]
-        return out
+        return {key: out[key] for key in SCHEDULE_ORDER if key in out}
 
     # ---- backend, data, checkpoint ----
 
