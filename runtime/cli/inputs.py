@@ -62,8 +62,9 @@ def read_input(arg: str | None, overrides: list[str] = ()) -> Spec | Plan:  # ty
     return load_spec_bytes(raw, source=arg, overrides=overrides)
 
 
-# a launch script is a few KB; a generated one with a long data blend a few hundred
-MAX_SCRIPT_BYTES = 4 * MAX_SPEC_BYTES
+# a launch script is a few KB, a generated one with a long data blend a few hundred; reading 1 MB
+# of hostile bash takes seconds (every character is scanned in Python)
+MAX_SCRIPT_BYTES = MAX_SPEC_BYTES
 
 
 def read_launch(words: list[str]) -> tuple[str | list[str], str]:

@@ -23,7 +23,7 @@ UNMODELLED = {
     "--moe-latent-size": "latent MoE", "--add-qkv-bias": "attention biases", "--qk-layernorm": "QK layernorm",
     "--squared-relu": "a squared-ReLU MLP", "--quick-geglu": "a quick-GeGLU MLP", "--fp4-format": "FP4 training",
     "--hybrid-attention-ratio": "a hybrid pattern by ratio", "--hybrid-mlp-ratio": "a hybrid pattern by ratio",
-    "--num-experts-per-token": "MoE routing", "--moe-layer-recompute": "MoE layer recompute",
+    "--moe-layer-recompute": "MoE layer recompute",
 }
 # What megacpp renders on every launch, with the value it renders (args.py): the same value is
 # the spec's; another cannot be expressed.

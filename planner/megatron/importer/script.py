@@ -202,7 +202,8 @@ def read_script(text: str) -> LaunchCommand:
 
 def _statement(shell: Shell, statement: str, exported: set[str], conditional: bool) -> LaunchCommand | None:
     """Take the statement's assignments (unless it runs on a condition); the command if it is Megatron-LM's."""
-    if not MATTERS.match(statement) and not any(mark in statement for mark in ("$", "`", "pretrain_")):
+    first = statement.split(None, 1)[0] if statement.strip() else ""
+    if first in SKIPPED or (not MATTERS.match(statement) and not any(mark in statement for mark in ("$", "`", "pretrain_"))):
         return None  # neither assigns nor can run Megatron-LM: not split at all
     array = ARRAY_ASSIGNMENT.match(statement)
     if array is not None and not conditional:

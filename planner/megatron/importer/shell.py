@@ -10,11 +10,12 @@ from __future__ import annotations
 import ast
 import re
 import shlex
+from collections.abc import Callable
 
 from megacpp.planner.errors import SpecError
 
 MAX_EXPANDED_CHARS = 1 << 20  # one statement after expansion
-MAX_TOTAL_CHARS = 1 << 20  # every statement split into words, together (shlex reads ~1 MB/s)
+MAX_TOTAL_CHARS = 512 << 10  # every statement split into words, together (shlex reads ~0.2-1 MB/s)
 # one word after expansion: shlex builds a word a character at a time, in time that grows with
 # the square of its length, so a longer one is refused before it is split
 MAX_WORD_CHARS = 32 << 10
@@ -68,7 +69,7 @@ def _longest_word(text: str) -> int:
     return max(longest, n - start)
 
 
-def arithmetic(expr: str, value_of) -> int | None:  # type: ignore[no-untyped-def]
+def arithmetic(expr: str, value_of: Callable[[str], str | None]) -> int | None:
     """Bash's integer arithmetic over + - * / % and parentheses, names read through `value_of`;
     None for anything else (nothing is evaluated but numbers)."""
     if len(expr) > 200 or not re.fullmatch(r"[A-Za-z0-9_\s+\-*/%()]*", expr):
@@ -199,7 +200,7 @@ class Shell:
         if text.startswith("$((", i):
             end = close(text, i + 3, "(", ")")
             if end + 1 < len(text) and text[end + 1] == ")":
-                result = arithmetic(self.expand(text[i + 3 : end], depth + 1), self._number_text)
+                result = arithmetic(self.expand(text[i + 3 : end], depth + 1), self.value)
                 whole = text[i : end + 2]
                 return (str(result) if result is not None else self._literal(whole, quote)), end + 2
         if text.startswith("$(", i):
@@ -216,9 +217,6 @@ class Shell:
         if value is None:
             return self._literal("$" + match.group(), quote), match.end()
         return self._insert(value, quote), match.end()
-
-    def _number_text(self, name: str) -> str | None:
-        return self.value(name)
 
     def _braced(self, inner: str, whole: str, quote: str, depth: int) -> str:
         """${NAME}, ${NAME:-word} and its kin, ${#NAME}, ${ARRAY[@]} and ${ARRAY[i]}."""
