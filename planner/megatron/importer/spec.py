@@ -22,9 +22,11 @@ from megacpp.planner.megatron.importer.layers import compact_pattern
 from megacpp.planner.megatron.importer.model import ModelReader
 from megacpp.planner.megatron.importer.script import LaunchCommand, from_arguments, read_script
 from megacpp.planner.megatron.importer.training import TrainingReader
-from megacpp.planner.spec.clusters import PRESETS
+from megacpp.planner.plan import make_context
+from megacpp.planner.search.stages import choose_split
+from megacpp.planner.spec.clusters import PRESETS, resolve_cluster
 from megacpp.planner.spec.loading import apply_override, one_line, spec_from_dict
-from megacpp.planner.spec.models import Spec
+from megacpp.planner.spec.models import ClusterSpec, Spec
 
 DIALECTS = ("core_v0.16", "main")
 
@@ -67,6 +69,8 @@ def _section(key: str, value: Any) -> list[str]:
 
 @dataclass
 class ImportOptions:
+    """What the command line adds to a launch: the dialect, the cluster and --set overrides."""
+
     dialect: str | None = None  # None: from the entry point, else the dialect whose parser knows every flag
     cluster: str | None = None  # a preset (cluster.preset)
     nodes: int | None = None
@@ -90,8 +94,8 @@ def _dialect(cmd: LaunchCommand, flags: Flags, chosen: str | None) -> str:
 
 def import_launch(source: str | list[str], opts: ImportOptions, fallback_name: str = "imported") -> Imported:
     """A launch script's text, or Megatron-LM's argument list, read into a spec."""
-    cmd = read_script(source) if isinstance(source, str) else from_arguments(source)
     try:
+        cmd = read_script(source) if isinstance(source, str) else from_arguments(source)
         return import_command(cmd, opts, cmd.name or fallback_name)
     except RecursionError:
         raise SpecError("nested too deeply") from None
@@ -145,21 +149,17 @@ def _validated(doc: dict[str, Any]) -> Spec:
 def _pin_uneven_split(spec: Spec, doc: dict[str, Any], pipeline: list[int] | None, overrides: list[str]) -> tuple[Spec, dict[str, Any]]:
     """Pin the script's stage split with `|` cuts where megacpp would split the pinned layout
     otherwise (an even split, or the one the plan picks itself, needs none)."""
-    from megacpp.planner.plan import make_context
-    from megacpp.planner.search.stages import choose_split
-    from megacpp.planner.spec.clusters import resolve_cluster
-    from megacpp.planner.spec.models import ClusterSpec
-
     pins = spec.parallel
-    if pipeline is None or len(pipeline) < 2 or pins.pp is None or any(o.startswith("model.pattern") for o in overrides):
-        return spec, doc
+    chunks = (pins.pp or 1) * (pins.vpp or 1)
+    if pipeline is None or len(pipeline) != chunks or chunks < 2 or any(o.startswith("model.pattern") for o in overrides):
+        return spec, doc  # no split to pin, or --set changed the stages or the pattern
     try:
         ctx = make_context(spec)
     except SpecError:  # an inline cluster without compute numbers: the split needs only FLOPs
         ctx = make_context(spec, resolve_cluster(ClusterSpec(preset="h100-sxm-8", nodes=spec.cluster.nodes)))
     if sum(pipeline) != ctx.num_layers:
         raise SpecError(f"the script's pipeline stages hold {sum(pipeline)} layers, the model has {ctx.num_layers}")
-    if list(choose_split(ctx, pins.pp, pins.vpp or 1).sizes) == pipeline:
+    if list(choose_split(ctx, pins.pp or 1, pins.vpp or 1).sizes) == pipeline:
         return spec, doc
     step = 2 if ctx.plain_transformer else 1
     cuts, at = [], 0
