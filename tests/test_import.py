@@ -161,7 +161,8 @@ def test_a_hand_written_script_with_variables_arrays_and_srun():
 
 def test_megatron_defaults_stand_where_the_script_leaves_flags_out():
     imported = import_launch(["pretrain_gpt.py", "--num-layers", "4", "--hidden-size", "256", "--num-attention-heads", "4",
-                              "--seq-length", "512", "--vocab-size", "1000", "--num-experts", "4",
+                              "--seq-length", "512", "--max-position-embeddings", "2048", "--vocab-size", "1000",
+                              "--num-experts", "4",
                               "--tensor-model-parallel-size", "2", "--bf16"], ImportOptions(cluster="h100-sxm-8"))
     model = imported.spec.model
     assert (model.normalization, model.position_embedding, model.tie_embeddings) == ("layernorm", "learned", True)
@@ -170,7 +171,8 @@ def test_megatron_defaults_stand_where_the_script_leaves_flags_out():
     assert imported.spec.parallel.sp is False and imported.spec.parallel.dp == 4
     assert imported.spec.training.lr_decay_style == "linear" and imported.spec.training.min_lr == 0.0
     listed = "\n".join(imported.unsupported)
-    for missing in ("linear biases", "--hidden-dropout 0.1", "--attention-dropout 0.1", "no --overlap-grad-reduce"):
+    for missing in ("linear biases", "--hidden-dropout 0.1", "--attention-dropout 0.1", "no --overlap-grad-reduce",
+                    "--max-position-embeddings 2048"):  # a learned table of 2048 rows, not 512
         assert missing in listed
     assert any("no --data-path" in n for n in imported.notes)
 

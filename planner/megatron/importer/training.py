@@ -31,8 +31,11 @@ class TrainingReader(Reader):
         if seq is None:
             raise SpecError("no --seq-length: the script does not say the sequence length")
         positions = f.integer("--max-position-embeddings")
-        if positions is not None and positions < seq:
-            self.unsupported.append(f"--max-position-embeddings {positions}: below --seq-length {seq}")
+        learned = f.groups.get("--position-embedding-type", ["learned_absolute"]) == ["learned_absolute"] and (
+            "--no-position-embedding" not in f.groups)
+        if positions is not None and (positions < seq or (learned and positions != seq)):
+            # megacpp renders it as the sequence length: a learned table of that many rows
+            self.unsupported.append(f"--max-position-embeddings {positions}: megacpp launches with --seq-length {seq}")
         mbs = f.integer("--micro-batch-size") or 1
         gbs = f.integer("--global-batch-size")
         if gbs is None:  # Megatron-LM: one micro-batch per data-parallel rank
