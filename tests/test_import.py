@@ -393,3 +393,14 @@ def test_spec_features_round_trip(name):
     assert (after.layout, after.split, after.memory, after.time) == (before.layout, before.split, before.memory, before.time)
     rendered = render_launch(again, RenderOptions(engine="megatron-lm"))["launch.sh"]
     assert _megatron_words(rendered) == _megatron_words(script)
+
+
+def test_commands_inside_if_bodies_and_brace_groups_are_read():
+    from megacpp.planner.megatron.importer.script import read_script
+
+    script = ('TP=2\nif [ "$NODE_RANK" = 0 ]; then TP=4; fi\n'
+              'if [ -d /data ]; then { torchrun --nproc-per-node 8 pretrain_gpt.py --tensor-model-parallel-size $TP '
+              '--lr ${LR:-1e-4}; } 2>&1 | tee log; fi\n')
+    command = read_script(script)
+    assert command.args == ["--tensor-model-parallel-size", "2", "--lr", "1e-4"]  # TP=4 ran on a condition
+    assert command.launcher == ["torchrun", "--nproc-per-node", "8"]

@@ -21,8 +21,10 @@ ASSIGNMENT = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)(\+?)=(.*)", re.DOTALL)
 ARRAY_ASSIGNMENT = re.compile(r"\s*(?:export\s+|declare\s+-a\s+|local\s+|readonly\s+)?([A-Za-z_][A-Za-z0-9_]*)(\+?)=\(")
 # a statement that may assign or export a variable
 MATTERS = re.compile(r"\s*(export|declare|local|readonly|typeset|[A-Za-z_][A-Za-z0-9_]*\+?=)")
-# statements that run no command worth reading (control flow, tests, output); an assignment after
-# `then` or `do` is conditional and is not taken
+# keywords a body's first command follows on the same line: the command is read, an assignment
+# after `then`, `do` or `else` runs on a condition and is not taken
+BODIES = ("then", "do", "else", "{")
+# statements that run no command worth reading (control flow, tests, output)
 SKIPPED = {"if", "then", "else", "elif", "fi", "for", "while", "until", "do", "done", "case", "esac", "function",
            "{", "}", "[", "[[", "test", "echo", "printf", "set", "source", ".", "cd", "mkdir", "trap", "wait", "exit",
            "return", "shift", "unset", "ulimit", "umask"}
@@ -134,9 +136,9 @@ def split_statements(text: str) -> list[tuple[bool, str]]:
             quote = "" if c == '"' else quote
         elif c in "'\"":
             quote = c
-        elif c in "({":
+        elif c == "(" or (c == "{" and i and text[i - 1] == "$"):  # a { ... } group holds statements
             depth += 1
-        elif c in ")}":
+        elif c == ")" or (c == "}" and depth):
             depth = max(0, depth - 1)
         elif c in ";&|" and not depth:
             out.append((conditional, text[start:i]))
@@ -202,7 +204,9 @@ def read_script(text: str) -> LaunchCommand:
 
 def _statement(shell: Shell, statement: str, exported: set[str], conditional: bool) -> LaunchCommand | None:
     """Take the statement's assignments (unless it runs on a condition); the command if it is Megatron-LM's."""
-    first = statement.split(None, 1)[0] if statement.strip() else ""
+    first, _, rest = statement.strip().partition(" ")
+    if first in BODIES and rest.strip():  # `then torchrun ...`: the command runs on a condition
+        return _statement(shell, rest, exported, conditional or first != "{")
     if first in SKIPPED or (not MATTERS.match(statement) and not any(mark in statement for mark in ("$", "`", "pretrain_"))):
         return None  # neither assigns nor can run Megatron-LM: not split at all
     array = ARRAY_ASSIGNMENT.match(statement)
