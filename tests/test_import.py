@@ -162,10 +162,11 @@ def test_a_hand_written_script_with_variables_arrays_and_srun():
 def test_megatron_defaults_stand_where_the_script_leaves_flags_out():
     imported = import_launch(["pretrain_gpt.py", "--num-layers", "4", "--hidden-size", "256", "--num-attention-heads", "4",
                               "--seq-length", "512", "--max-position-embeddings", "2048", "--vocab-size", "1000",
-                              "--num-experts", "4",
+                              "--num-experts", "4", "--group-query-attention",
                               "--tensor-model-parallel-size", "2", "--bf16"], ImportOptions(cluster="h100-sxm-8"))
     model = imported.spec.model
     assert (model.normalization, model.position_embedding, model.tie_embeddings) == ("layernorm", "learned", True)
+    assert model.attention.num_query_groups == 1  # --group-query-attention without --num-query-groups
     assert model.moe.ffn_hidden_size == 1024 and not model.moe.gated  # 4h without --swiglu
     assert imported.spec.parallel.etp == 2  # ETP is TP unless the script says otherwise
     assert imported.spec.parallel.sp is False and imported.spec.parallel.dp == 4

@@ -66,8 +66,8 @@ class ModelReader(Reader):
                 raise SpecError("no --num-attention-heads for the attention layers")
             attention: dict[str, Any] = {"num_heads": heads}
             groups = f.integer("--num-query-groups")
-            if f.has("--group-query-attention") and groups is not None:
-                attention["num_query_groups"] = groups
+            if f.has("--group-query-attention"):  # without it Megatron-LM ignores the groups (MHA)
+                attention["num_query_groups"] = groups or 1  # Megatron-LM's default: one group
             kv = f.integer("--kv-channels")
             if kv is not None:
                 attention["head_dim"] = kv
