@@ -405,3 +405,22 @@ def test_commands_inside_if_bodies_and_brace_groups_are_read():
     command = read_script(script)
     assert command.args == ["--tensor-model-parallel-size", "2", "--lr", "1e-4"]  # TP=4 ran on a condition
     assert command.launcher == ["torchrun", "--nproc-per-node", "8"]
+
+
+@pytest.mark.parametrize("launcher,gpus", [
+    ("srun -N 2 --ntasks-per-node=1 torchrun --nproc-per-node 4 --nnodes 2", 4),  # one torchrun per node
+    ("srun -N 2 --ntasks-per-node=8 python", 8),  # one task per GPU
+])
+def test_the_world_from_srun_and_torchrun_without_a_preset(launcher, gpus):
+    from megacpp.planner.validation import validate_spec
+
+    args = ("pretrain_gpt.py --num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 64 --vocab-size 100 "
+            "--bf16 --tensor-model-parallel-size 2")
+    imported = import_launch(f"{launcher} {args}", ImportOptions())
+    assert (imported.spec.cluster.nodes, imported.spec.cluster.gpus_per_node, imported.spec.cluster.preset) == (2, gpus, None)
+    assert imported.spec.parallel.dp == gpus  # 2 nodes x gpus / tp 2
+    assert any("does not name its GPU: pass --cluster PRESET" in n for n in imported.notes)
+    with pytest.raises(SpecError, match="cluster.gpu_memory_gib, cluster.bf16_tflops"):
+        validate_spec(imported.spec)
+    gpu = ["cluster.gpu_memory_gib=75", "cluster.bf16_tflops=989"]
+    assert validate_spec(import_launch(f"{launcher} {args}", ImportOptions(overrides=gpu)).spec)["valid"]

@@ -66,8 +66,10 @@ def cluster_keys(cmd: LaunchCommand, preset: str | None, nodes: int | None, note
     sbatch = options(cmd.sbatch)
     found_nodes = next((n for k, v in launcher if k in NODES and (n := _count(v))), None) or next(
         (n for k, v in sbatch if k in ("--nodes", "-N") and (n := _count(v))), None)
-    gpus = next((n for k, v in launcher if k in PROCS and (n := _count(v))), None) or next(
-        (n for k, v in sbatch if k in ("--gpus-per-node", "--gres", "--ntasks-per-node") and (n := _count(v)) and n > 1), None)
+    # torchrun's processes per node first; one task per node is srun starting torchrun, not the GPU count
+    gpus = next((n for k, v in launcher if k in PROCS[:2] and (n := _count(v))), None) or next(
+        (n for k, v in [*launcher, *sbatch] if k in ("--ntasks-per-node", "--gpus-per-node", "--gres")
+         and (n := _count(v)) and n > 1), None)
     cluster: dict[str, Any] = {}
     if preset is not None:
         if preset not in PRESETS:
@@ -80,8 +82,8 @@ def cluster_keys(cmd: LaunchCommand, preset: str | None, nodes: int | None, note
                         "--gpus-per-node); pass --cluster PRESET (see `megacpp clusters`)")
     else:
         cluster["gpus_per_node"] = gpus
-        notes.append("the script does not name its GPU: validate checks the layout; plan needs --cluster PRESET "
-                     "or cluster.gpu_memory_gib and cluster.bf16_tflops")
+        notes.append("the script does not name its GPU: pass --cluster PRESET (see `megacpp clusters`), or set "
+                     "cluster.gpu_memory_gib and cluster.bf16_tflops, before validate, plan or explain layout")
     cluster["nodes"] = nodes or found_nodes or 1
     if nodes is None and found_nodes is None:
         notes.append("the script does not say its node count: 1 node (pass --nodes N)")
