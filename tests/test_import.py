@@ -424,3 +424,18 @@ def test_the_world_from_srun_and_torchrun_without_a_preset(launcher, gpus):
         validate_spec(imported.spec)
     gpu = ["cluster.gpu_memory_gib=75", "cluster.bf16_tflops=989"]
     assert validate_spec(import_launch(f"{launcher} {args}", ImportOptions(overrides=gpu)).spec)["valid"]
+
+
+def test_launch_dry_run_then_import_then_plan_on_the_command_line(tmp_path):
+    import json
+
+    run = tmp_path / "run"
+    assert _cli("launch", "llama-8b-dense", "--target", "slurm", "--dry-run", "--out", str(run)).returncode == 0
+    spec = tmp_path / "imported.yaml"
+    result = _cli("import", str(run / "job.sbatch"), "--cluster", "h100-sxm-8", "--out", str(spec))
+    assert result.returncode == 0 and "not represented" not in result.stderr, result.stderr
+    planned = _cli("plan", str(spec), "--json")
+    assert planned.returncode == 0, planned.stderr
+    before = json.loads((run / "plan.json").read_text())["candidates"][0]
+    after = json.loads(planned.stdout)["candidates"][0]
+    assert {k: after[k] for k in ("layout", "split", "memory", "time")} == {k: before[k] for k in ("layout", "split", "memory", "time")}
