@@ -222,6 +222,39 @@ def launch(
     console.err.print(f"job finished; outputs in {out}")
 
 
+class Dialect(str, Enum):
+    core_v0_16 = "core_v0.16"
+    main = "main"
+
+
+@app.command("import")
+def import_script(
+    source: Annotated[list[str], typer.Argument(metavar="SCRIPT | -- ARGS", help="A Megatron-LM launch script (bash; nothing in it is run), or Megatron-LM's arguments after -- ([pretrain_*.py] --flag value ...).")],
+    cluster: ClusterOpt = None,
+    nodes: NodesOpt = None,
+    megatron: Annotated[Dialect | None, typer.Option("--megatron", help="The Megatron-LM dialect, core_v0.16 or main (default: from the entry point, else the one whose parser knows every flag).")] = None,
+    set_: SetOpt = [],  # noqa: B006
+    out: Annotated[Path | None, typer.Option("--out", help="Write the spec YAML to this file instead of stdout.")] = None,
+) -> None:
+    """Read an existing Megatron-LM launch into a spec with its layout pinned; list every flag the spec cannot carry."""
+    from megacpp.planner.megatron.importer import ImportOptions, import_launch
+    from megacpp.runtime.cli import console, executors
+    from megacpp.runtime.cli.inputs import read_launch
+
+    text, name = read_launch(source)
+    result = import_launch(text, ImportOptions(dialect=megatron.value if megatron else None, cluster=cluster, nodes=nodes, overrides=set_), name)
+    shown = source[0] if isinstance(text, str) else "Megatron-LM arguments"
+    console.import_report(result.unsupported, result.notes)
+    if out is None:
+        console.print_text(result.to_yaml(shown))
+        return
+    try:
+        executors.write_atomically(out, result.to_yaml(shown))
+    except OSError as exc:
+        raise SpecError(f"--out {out}: cannot write ({exc.strerror})") from None
+    console.err.print(f"wrote {out}; next: megacpp validate {out}, megacpp explain layout {out}", markup=False)
+
+
 @app.command()
 def recipes() -> None:
     """List the bundled recipes."""

@@ -25,6 +25,19 @@ def print_json(text: str) -> None:
     sys.stdout.write(text + "\n")
 
 
+def print_text(text: str) -> None:
+    """Plain text on stdout, as it is (a spec YAML): no markup, no wrapping."""
+    sys.stdout.write(text)
+
+
+def import_report(unsupported: list[str], notes: list[str]) -> None:
+    """What `megacpp import` could not carry into the spec, and what it assumed, on stderr."""
+    for line in unsupported:
+        err.print(f"not represented: {line}", markup=False)
+    for line in notes:
+        err.print(f"note: {line}", markup=False)
+
+
 def _layout_cell(layout: dict[str, Any]) -> str:
     """An explain document's layout, as the plan table shows layouts."""
     return Layout.from_dict(layout).short(mbs=False)

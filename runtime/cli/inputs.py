@@ -60,3 +60,19 @@ def read_input(arg: str | None, overrides: list[str] = ()) -> Spec | Plan:  # ty
                 raise PlanError(f"{arg}: --set/--cluster/--nodes apply to specs, not to a saved plan; re-plan the spec instead")
             return Plan.from_json_dict(data)
     return load_spec_bytes(raw, source=arg, overrides=overrides)
+
+
+# a launch script is a few KB, a generated one with a long data blend a few hundred; reading 1 MB
+# of hostile bash takes seconds (every character is scanned in Python)
+MAX_SCRIPT_BYTES = MAX_SPEC_BYTES
+
+
+def read_launch(words: list[str]) -> tuple[str | list[str], str]:
+    """What `megacpp import` reads: one launch script's text (decoded; odd bytes replaced), or
+    Megatron-LM's argument list given after --; and a name for the spec (the script's stem)."""
+    from megacpp.planner.megatron.importer.script import ENTRY_POINTS
+
+    if len(words) != 1 or words[0].startswith("-") or words[0].rsplit("/", 1)[-1] in ENTRY_POINTS:
+        return list(words), "imported"
+    raw = read_capped(words[0], MAX_SCRIPT_BYTES, "a launch script, or Megatron-LM's arguments after --")
+    return raw.removeprefix(BOM).decode("utf-8", errors="replace"), Path(words[0]).stem or "imported"
