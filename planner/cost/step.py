@@ -103,7 +103,13 @@ PER_MICRO_BATCH_AXES = (Axis.TP, Axis.CP, Axis.EP, Axis.ETP, Axis.PP)
 def matmul_seconds(ctx: Context, lay: Layout, letter: str, eff: Efficiency, load: float = 1.0) -> float:
     """GPU seconds of one block's matmuls ("head": the output layer) per micro-batch on one rank,
     forward and backward plus what recompute repeats: from the preset's measured kernel-rate table
-    (planner/cost/kernel_rates.py) in bf16, else FLOPs at MAMF x Efficiency.matmul."""
+    (planner/cost/kernel_rates.py) in bf16, else FLOPs at MAMF x Efficiency.matmul; either over the
+    system's Cluster.matmul_rate_scale (1 unless a cluster profile fitted it)."""
+    return _priced_matmul_seconds(ctx, lay, letter, eff, load) / ctx.cluster.matmul_rate_scale
+
+
+def _priced_matmul_seconds(ctx: Context, lay: Layout, letter: str, eff: Efficiency, load: float) -> float:
+    """matmul_seconds at the preset's rates."""
     c = ctx.cluster
     fp8 = ctx.spec.training.precision == "fp8"
     rate = (c.mamf_fp8_tflops if fp8 else c.mamf_bf16_tflops) * 1e12 * eff.matmul

@@ -328,3 +328,37 @@ def calibration_table(profile: dict[str, Any]) -> None:
                       f"{held['predicted_s']:.3f}" if held and held["predicted_s"] is not None else "-",
                       f"{held['error']:+.1%}" if held and held["error"] is not None else "-")
     out.print(table)
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{value:+.1%}"
+
+
+def table_calibration(profile: dict[str, Any]) -> None:
+    """What `megacpp calibrate TABLE` fitted: each coefficient before and after, each row's error."""
+    rows = profile["rows"]
+    out.print(f"[bold]{profile['cluster']}[/]: {len(rows)} measured runs; {profile['fit']}")
+    coefficients = Table(header_style="bold")
+    for col in ("coefficient", "unit", "before", "after", "moved", "note"):
+        coefficients.add_column(col, justify="right" if col in ("before", "after", "moved") else "left")
+    for c in profile["coefficients"]:
+        coefficients.add_row(c["name"], c["unit"], f"{c['before']:g}", f"{c['after']:g}" if c["fitted"] else "-",
+                             _percent(c["moved"]) if c["fitted"] else "-", c["what"] if c["fitted"] else f"not fitted: {c['reason']}")
+    out.print(coefficients)
+    table = Table(header_style="bold")
+    peaks = any("measured_peak_gib" in r for r in rows)
+    for col in ("run", "nodes", "layout", "measured tok/s/GPU", "error before", "error after", "left-out error",
+                *(["peak GiB measured / planned"] if peaks else [])):
+        table.add_column(col, justify="left" if col in ("run", "layout") else "right")
+    for r in rows:
+        table.add_row(r["name"], str(r["nodes"]), r["layout"], f"{r['measured_tokens_per_s_per_gpu']:,.0f}",
+                      _percent(r["error_before"]), _percent(r["error_after"]), _percent(r["error_left_out"]),
+                      *([f"{r['measured_peak_gib']:.1f} / {r['planned_peak_gib']:.1f}" if "measured_peak_gib" in r else "-"] if peaks else []))
+    out.print(table)
+    median = profile["median_abs_error"]
+    shown = {k: "-" if v is None else f"{v:.1%}" for k, v in median.items()}
+    out.print(f"median |error|: before {shown['before']}, after {shown['after']}, "
+              f"left out {shown['left_out']} (error: planned tokens/s over measured, less 1; "
+              "left out: each run planned by a fit of the others alone)")
+    if peaks:
+        out.print("peak memory is reported, not fitted: none of these coefficients moves it")
