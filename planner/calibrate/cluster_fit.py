@@ -10,12 +10,13 @@ A coefficient is fitted only where the rows pin it down: some row's step must mo
 (its elasticity, d log step / d log coefficient over a factor of 2 either way, at least
 MIN_EFFECT), in a way the coefficients already chosen cannot mimic (the part of its elasticities
 across rows outside theirs at least MIN_EFFECT somewhere). The rest keep the preset's values,
-each with the reason. The fit minimises the sum over rows of |log(planned step / measured step)|
-within the bounds: least absolute error, a median's generalisation (with one coefficient, the
-median of the values that plan each row exactly, weighted by how much each row depends on it), so
-a row mispriced by terms the fit does not hold moves the coefficients little. It is solved by
-iteratively reweighted Gauss-Newton steps in log space. Each row is also predicted by a fit of
-the other rows alone (leave-one-out).
+each with the reason. The fit minimises, within the bounds, the sum over rows of a robust loss of
+the log error log(planned step / measured step): squared below SCALE (5%), absolute beyond it
+(soft L1), so a row mispriced by terms the fit does not hold moves the coefficients as one vote,
+not by the square of its error. It is solved by iteratively reweighted Gauss-Newton steps in log
+space. Each row is also predicted by a fit of the other rows alone (leave-one-out): where that
+error is no better than the uncalibrated one, the rows do not pin the coefficients down beyond
+their other errors.
 """
 
 from __future__ import annotations
@@ -41,8 +42,8 @@ MEANING = {
 ORDER = ("matmul_rate_scale", "host_launch_us", "nic_busbw_gbps")
 # the least elasticity (percent of step per percent of coefficient) that lets rows pin a coefficient
 MIN_EFFECT = 0.05
-MAX_ITERATIONS = 40
-FLOOR = 1e-3  # log errors below this weigh as this in the reweighting (0.1%)
+MAX_ITERATIONS = 25
+SCALE = 0.05  # log errors below this weigh as in least squares, above it as in least absolute error
 
 
 def step_seconds(run: MeasuredRun, values: dict[str, float]) -> float:
@@ -100,10 +101,9 @@ def _log_errors(runs: list[MeasuredRun], values: dict[str, float]) -> list[float
 
 
 def fit(runs: list[MeasuredRun], names: list[str], start: dict[str, float]) -> dict[str, float]:
-    """The values of `names` (the rest held at `start`) that minimise the sum of |log(planned step /
-    measured step)| over the rows within PROFILE_FIELDS' bounds: reweighted Gauss-Newton in log
-    space (weights 1/|log error|, the least-absolute-error reweighting), each step halved until the
-    sum falls."""
+    """The values of `names` (the rest held at `start`) that minimise the soft-L1 loss of the rows'
+    log errors within PROFILE_FIELDS' bounds: reweighted Gauss-Newton in log space (each row
+    weighted by the loss's slope over its error), each step halved until the loss falls."""
     if not names:
         return {}
     bounds = [(math.log(PROFILE_FIELDS[n][0]), math.log(PROFILE_FIELDS[n][1])) for n in names]
@@ -114,16 +114,19 @@ def fit(runs: list[MeasuredRun], names: list[str], start: dict[str, float]) -> d
     def clamp(x: list[float]) -> list[float]:
         return [min(max(v, lo), hi) for v, (lo, hi) in zip(x, bounds, strict=True)]
 
+    def loss(errors: list[float]) -> float:
+        return sum(2 * SCALE**2 * (math.sqrt(1 + (e / SCALE) ** 2) - 1) for e in errors)
+
     x = clamp([math.log(start[n]) for n in names])
     r = _log_errors(runs, at(x))
-    total = sum(abs(e) for e in r)
+    total = loss(r)
     for _ in range(MAX_ITERATIONS):
         jacobian = []
         for j, (_, hi) in enumerate(bounds):
             h = 0.01 if x[j] + 0.01 <= hi else -0.01
             moved = _log_errors(runs, at([v + (h if i == j else 0.0) for i, v in enumerate(x)]))
             jacobian.append([(a - b) / h for a, b in zip(moved, r, strict=True)])
-        weights = [1 / math.sqrt(max(abs(e), FLOOR)) for e in r]
+        weights = [(1 + (e / SCALE) ** 2) ** -0.25 for e in r]
         rows = [[w * jacobian[j][i] for j in range(len(names))] for i, w in enumerate(weights)]
         rhs = [-w * e for w, e in zip(weights, r, strict=True)]
         # Levenberg-Marquardt damping: a coefficient no row moves at this point stays put
@@ -135,14 +138,14 @@ def fit(runs: list[MeasuredRun], names: list[str], start: dict[str, float]) -> d
         for _ in range(10):
             trial = clamp([v + s for v, s in zip(x, step, strict=True)])
             tried = _log_errors(runs, at(trial))
-            if sum(abs(e) for e in tried) < total - 1e-12:
+            if loss(tried) < total - 1e-12:
                 break
             step = [s / 2 for s in step]
         else:
             break
         change = max(abs(a - b) for a, b in zip(trial, x, strict=True))
-        x, r, total = trial, tried, sum(abs(e) for e in tried)
-        if change < 1e-6:
+        x, r, total = trial, tried, loss(tried)
+        if change < 1e-4:  # 0.01% of every coefficient
             break
     return {n: v for n, v in at(x).items() if n in names}
 
@@ -217,7 +220,7 @@ def calibrate_table(runs: list[MeasuredRun]) -> dict[str, Any]:
         "cluster": cluster.name,
         "fitted_from": "measured runs table",
         "cluster_coefficients": {name: round(value, 4) for name, value in fitted.items()},
-        "fit": "least absolute log error of the planned step over the rows, within each coefficient's bounds",
+        "fit": f"soft-L1 on the log error of the planned step (squared below {SCALE:.0%}, absolute beyond), within bounds",
         "coefficients": coefficients,
         "median_abs_error": {"before": _median([r["error_before"] for r in rows]),
                              "after": _median([r["error_after"] for r in rows]),

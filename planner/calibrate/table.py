@@ -237,7 +237,9 @@ def _spec(r: _Row, overrides: list[str], load: SpecLoader) -> Spec:
         raise r.fail("spec", "give a spec (a spec YAML or a recipe name) or an inline model (YAML tables), exactly one")
     try:
         if ref is not None:
-            return load(ref, overrides)
+            spec = load(ref, overrides)
+            make_context(spec)  # the cluster resolves
+            return spec
         if not isinstance(model, dict):
             raise r.fail("model", "must be the spec's model block (a mapping)")
         if r.row.get("cluster") is None or r.row.get("seq") is None or r.row.get("gbs") is None:
@@ -246,7 +248,9 @@ def _spec(r: _Row, overrides: list[str], load: SpecLoader) -> Spec:
         data: dict[str, Any] = {"name": str(r.row.get("name") or "table-row"), "model": model, "training": {}, "cluster": {}}
         for item in overrides:
             apply_override(data, item)
-        return spec_from_dict(data, source=r.where)
+        spec = spec_from_dict(data, source=r.where)
+        make_context(spec)
+        return spec
     except PlanError:
         raise
     except MegacppError as exc:
