@@ -68,7 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     profile = calibrate_table(read_table(paths["tuning"]))
     (args.out / "profile.json").write_text(json.dumps(profile, indent=2) + "\n")
     for c in profile["coefficients"]:
-        moved = f"{c['before']:g} -> {c['after']:g} ({c['moved']:+.1%})" if c["fitted"] else f"{c['before']:g}, not fitted: {c['reason']}"
+        spread = c.get("left_out_range") or ["-", "-"]
+        moved = (f"{c['before']:g} -> {c['after']:g} ({c['moved']:+.1%}; left-out fits {spread[0]}-{spread[1]})" if c["fitted"]
+                 else f"{c['before']:g}, not fitted: {c['reason']}")
         print(f"{c['name']:<18} {moved}")
     tuning = profile["median_abs_error"]
     print(f"tuning ({len(profile['rows'])} rows): median |error| {tuning['before']:.1%} -> {tuning['after']:.1%}, "

@@ -162,13 +162,13 @@ def leave_one_out(runs: list[MeasuredRun], start: dict[str, float]) -> list[dict
     for i, run in enumerate(runs):
         others = runs[:i] + runs[i + 1:]
         if not others:
-            out.append({"left_out_step_s": None, "error_left_out": None, "fitted": []})
+            out.append({"left_out_step_s": None, "error_left_out": None, "left_out_coefficients": {}})
             continue
         names, _ = identifiable(others, start)
-        values = {**start, **fit(others, names, start)}
-        planned = step_seconds(run, values)
+        fitted = fit(others, names, start)
+        planned = step_seconds(run, {**start, **fitted})
         out.append({"left_out_step_s": round(planned, 4), "error_left_out": _error(run.measured_step_s, planned),
-                    "fitted": names})
+                    "left_out_coefficients": {n: round(v, 4) for n, v in fitted.items()}})
     return out
 
 
@@ -212,9 +212,12 @@ def calibrate_table(runs: list[MeasuredRun]) -> dict[str, Any]:
     for name in ORDER:
         unit, what = MEANING[name]
         value = after[name]
+        # how far the fit moves without any one row: the coefficient's jackknife range
+        spread = [r["left_out_coefficients"][name] for r in held if name in r["left_out_coefficients"]]
         coefficients.append({"name": name, "unit": unit, "what": what, "before": round(start[name], 4),
                              "after": round(value, 4), "moved": round(value / start[name] - 1, 4),
-                             "fitted": name in fitted, **({"reason": reasons[name]} if name in reasons else {})})
+                             "fitted": name in fitted, **({"reason": reasons[name]} if name in reasons else {}),
+                             **({"left_out_range": [min(spread), max(spread)]} if name in fitted and spread else {})})
     return {
         "schema": PROFILE_SCHEMA,
         "cluster": cluster.name,

@@ -339,12 +339,15 @@ def table_calibration(profile: dict[str, Any]) -> None:
     rows = profile["rows"]
     out.print(f"[bold]{profile['cluster']}[/]: {len(rows)} measured runs; {profile['fit']}")
     coefficients = Table(header_style="bold")
-    for col in ("coefficient", "unit", "before", "after", "moved", "note"):
-        coefficients.add_column(col, justify="right" if col in ("before", "after", "moved") else "left")
+    for col in ("coefficient", "unit", "before", "after", "moved", "left-out fits", "note"):
+        coefficients.add_column(col, justify="right" if col in ("before", "after", "moved", "left-out fits") else "left")
     for c in profile["coefficients"]:
+        spread = c.get("left_out_range")
         coefficients.add_row(c["name"], c["unit"], f"{c['before']:g}", f"{c['after']:g}" if c["fitted"] else "-",
-                             _percent(c["moved"]) if c["fitted"] else "-", c["what"] if c["fitted"] else f"not fitted: {c['reason']}")
+                             _percent(c["moved"]) if c["fitted"] else "-", f"{spread[0]:g}-{spread[1]:g}" if spread else "-",
+                             c["what"] if c["fitted"] else f"not fitted: {c['reason']}")
     out.print(coefficients)
+    out.print("left-out fits: the range of each coefficient fitted with one row left out at a time")
     table = Table(header_style="bold")
     peaks = any("measured_peak_gib" in r for r in rows)
     for col in ("run", "nodes", "layout", "measured tok/s/GPU", "error before", "error after", "left-out error",
@@ -360,5 +363,9 @@ def table_calibration(profile: dict[str, Any]) -> None:
     out.print(f"median |error|: before {shown['before']}, after {shown['after']}, "
               f"left out {shown['left_out']} (error: planned tokens/s over measured, less 1; "
               "left out: each run planned by a fit of the others alone)")
+    if median["left_out"] is not None and median["before"] is not None and median["left_out"] >= median["before"]:
+        out.print("[yellow]left out, the runs are predicted no better than uncalibrated[/]: their other errors are as large "
+                  "as what these coefficients explain, so the fit follows whichever runs it sees; add runs, or check the "
+                  "profile on runs it did not see before trusting it")
     if peaks:
         out.print("peak memory is reported, not fitted: none of these coefficients moves it")
