@@ -302,10 +302,12 @@ def with_backend(spec: Spec, **ran: bool) -> Spec:
     return spec.model_copy(update={"backend": spec.backend.model_copy(update=ran)})
 
 
-def estimate_run(spec: Spec, layout: Layout | dict[str, Any], eff: Efficiency = DEFAULT_EFFICIENCY, load: float = 1.0) -> Estimate:
+def estimate_run(spec: Spec, layout: Layout | dict[str, Any], eff: Efficiency = DEFAULT_EFFICIENCY, load: float = 1.0,
+                 cluster: Cluster | None = None) -> Estimate:
     """Estimate one layout of `spec` (a plan's, or a run report's layout dict) outside a search;
-    `load` is the busiest expert-parallel rank's routed tokens over the mean (cost.step.estimate)."""
-    ctx = make_context(spec)
+    `load` is the busiest expert-parallel rank's routed tokens over the mean (cost.step.estimate);
+    `cluster` (default: the spec's) is a plan's, with what its profile sets."""
+    ctx = make_context(spec, cluster)
     lay = layout if isinstance(layout, Layout) else Layout.from_dict(layout)
     return estimate(ctx, lay, assign_stages(ctx, lay.pp, lay.vpp)[1], eff, load)
 

@@ -159,3 +159,19 @@ def test_cli_refuses_a_bad_table_without_a_traceback_and_a_bad_profile(tmp_path)
                          ({"nvlink": 1.0}, "unknown field 'nvlink'"), ([1], "must map cluster fields")):
         with pytest.raises(PlanError, match=message):
             cluster_from_profile({"schema": "megacpp.profile/2", "cluster_coefficients": bad})
+
+
+def test_a_plan_records_the_profile_s_cluster_coefficients_and_prices_with_them():
+    from megacpp.planner.plan import Plan, Profile, build_plan
+    from megacpp.planner.spec.loading import load_spec
+
+    spec = load_spec(DATA / "moe-small.yaml", ["parallel.tp=1", "parallel.pp=1", "parallel.ep=8", "parallel.dp=8"])
+    slow_host = Profile.of(DEFAULT_EFFICIENCY, "mine.json", cluster={"host_launch_us": 7.8})
+    plain, tuned = build_plan(spec, top=1), build_plan(spec, top=1, profile=slow_host)
+    assert tuned.candidates[0].time.step_seconds > plain.candidates[0].time.step_seconds  # row a is host-bound
+    doc = json.loads(json.dumps(tuned.to_json_dict()))
+    assert doc["profile"] == {"source": "mine.json", "factors": {}, "cluster": {"host_launch_us": 7.8}}
+    again = Plan.from_json_dict(doc)
+    assert again.context.cluster.host_launch_us == 7.8 and plain.context.cluster.host_launch_us == 3.9
+    with pytest.raises(PlanError, match="unknown cluster field 'nvlink'"):
+        Plan.from_json_dict({**doc, "profile": {**doc["profile"], "cluster": {"nvlink": 1.0}}})
