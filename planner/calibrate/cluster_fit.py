@@ -9,7 +9,8 @@ The coefficients are Cluster fields that carry to any layout on the same system 
 A coefficient is fitted only where the rows pin it down: some row's step must move with it
 (its elasticity, d log step / d log coefficient over a factor of 2 either way, at least
 MIN_EFFECT), in a way the coefficients already chosen cannot mimic (the part of its elasticities
-across rows outside theirs at least MIN_EFFECT somewhere). The rest keep the preset's values,
+across rows outside theirs at least MIN_EFFECT somewhere), and no more coefficients than rows
+less one (one row, one coefficient). The rest keep the preset's values,
 each with the reason. The fit minimises, within the bounds, the sum over rows of a robust loss of
 the log error log(planned step / measured step): squared below SCALE (5%), absolute beyond it
 (soft L1), so a row mispriced by terms the fit does not hold moves the coefficients as one vote,
@@ -87,8 +88,9 @@ def identifiable(runs: list[MeasuredRun], at: dict[str, float]) -> tuple[list[st
         elif alone < MIN_EFFECT:
             reasons[name] = (f"the rows' steps move with it as with {' and '.join(chosen)}: no fit tells them apart; "
                              "add rows where they differ")
-        elif len(chosen) >= len(runs):
-            reasons[name] = f"{len(runs)} rows fit at most {len(runs)} coefficients; add rows"
+        elif len(chosen) >= max(1, len(runs) - 1):
+            reasons[name] = (f"{len(runs)} rows fit at most {max(1, len(runs) - 1)} coefficients (as many as rows would "
+                             "reproduce any rows, leaving none to check the fit); add rows")
         else:
             chosen.append(name)
             norm = math.sqrt(sum(x * x for x in column))
@@ -172,6 +174,13 @@ def leave_one_out(runs: list[MeasuredRun], start: dict[str, float]) -> list[dict
     return out
 
 
+def _at_bound(name: str, value: float) -> bool:
+    """Whether a fitted value sits on its bound: the rows ask for more than the coefficient can
+    physically explain, so something else in them is mispriced."""
+    low, high = PROFILE_FIELDS[name]
+    return value <= low * 1.001 or value >= high / 1.001
+
+
 def _median(values: list[float]) -> float | None:
     ordered = sorted(abs(v) for v in values)
     n = len(ordered)
@@ -217,7 +226,8 @@ def calibrate_table(runs: list[MeasuredRun]) -> dict[str, Any]:
         coefficients.append({"name": name, "unit": unit, "what": what, "before": round(start[name], 4),
                              "after": round(value, 4), "moved": round(value / start[name] - 1, 4),
                              "fitted": name in fitted, **({"reason": reasons[name]} if name in reasons else {}),
-                             **({"left_out_range": [min(spread), max(spread)]} if name in fitted and spread else {})})
+                             **({"left_out_range": [min(spread), max(spread)]} if name in fitted and spread else {}),
+                             **({"at_bound": True} if name in fitted and _at_bound(name, value) else {})})
     return {
         "schema": PROFILE_SCHEMA,
         "cluster": cluster.name,

@@ -343,11 +343,15 @@ def table_calibration(profile: dict[str, Any]) -> None:
         coefficients.add_column(col, justify="right" if col in ("before", "after", "moved", "left-out fits") else "left")
     for c in profile["coefficients"]:
         spread = c.get("left_out_range")
-        coefficients.add_row(c["name"], c["unit"], f"{c['before']:g}", f"{c['after']:g}" if c["fitted"] else "-",
-                             _percent(c["moved"]) if c["fitted"] else "-", f"{spread[0]:g}-{spread[1]:g}" if spread else "-",
+        coefficients.add_row(c["name"], c["unit"], f"{c['before']:.4g}", f"{c['after']:.4g}" if c["fitted"] else "-",
+                             _percent(c["moved"]) if c["fitted"] else "-", f"{spread[0]:.4g}-{spread[1]:.4g}" if spread else "-",
                              c["what"] if c["fitted"] else f"not fitted: {c['reason']}")
     out.print(coefficients)
     out.print("left-out fits: the range of each coefficient fitted with one row left out at a time")
+    for c in profile["coefficients"]:
+        if c.get("at_bound"):
+            out.print(f"[yellow]{c['name']} stopped at its bound[/] ({c['after']:g} {c['unit']}): the runs ask for more than it can "
+                      "explain, so the model misprices something else in them; check those runs before using the profile")
     table = Table(header_style="bold")
     peaks = any("measured_peak_gib" in r for r in rows)
     for col in ("run", "nodes", "layout", "measured tok/s/GPU", "error before", "error after", "left-out error",
