@@ -140,6 +140,10 @@ def test_bad_tables_are_refused_in_one_line(tmp_path):
     assert "row 1: expected a mapping" in refused("- 5\n", ".yaml")
     assert "3 cells under 2 column names" in refused("name,tp\na,1,2\n")
     assert "larger than" in refused("x" * ((1 << 20) + 1))
+    assert "not readable CSV (field larger than field limit" in refused("name,spec\n" + "x" * 200_000 + ",y\n")
+    assert "aliases expand to more than" in refused("a: &a [" + ", ".join(["x"] * 50) + "]\n" + "".join(
+        f"{c}: &{c} [" + ", ".join([f"*{p}"] * 50) + "]\n" for p, c in zip("abcd", "bcde", strict=True)), ".yaml")
+    assert "nested too deeply" in refused("[" * 100_000, ".yaml")
     shutil.copy(DATA / "moe-small.yaml", tmp_path / "moe-small.yaml")
     assert "'b' is used by an earlier row" in refused(HEADER + "\nb,moe-small.yaml,1,1,1,8,1,64,2048,1\nb,moe-small.yaml,1,1,1,8,1,64,2048,1\n")
     assert "span clusters" in refused("name,spec,cluster,tp,pp,ep,step_s\na,moe-small.yaml,h100-sxm-8,1,1,8,1\n"
