@@ -51,6 +51,17 @@ def test_a_table_measured_at_known_coefficients_gives_them_back(tmp_path):
     assert profile["median_abs_error"]["after"] < 1e-3
 
 
+def test_a_long_table_is_left_out_in_folds(tmp_path, monkeypatch):
+    """Beyond MAX_FOLDS rows each row is predicted by a fit of the other folds: MAX_FOLDS fits, not one per row."""
+    from megacpp.planner.calibrate import cluster_fit
+
+    monkeypatch.setattr(cluster_fit, "MAX_FOLDS", 2)
+    fits = []
+    monkeypatch.setattr(cluster_fit, "fit", lambda runs, *args, **kw: fits.append(len(runs)) or {})
+    rows = cluster_fit.leave_one_out(read_table(_table(tmp_path, ROWS, TRUTH)), dict(TRUTH), {})
+    assert fits == [3, 3] and all(abs(r["error_left_out"]) < 1e-3 for r in rows)
+
+
 def test_coefficients_the_rows_cannot_pin_keep_the_preset_with_the_reason(tmp_path):
     """One node only: nothing crosses the NIC, so it is not fitted; the host class still is."""
     truth = {"host_launch_us": 7.8}

@@ -10,14 +10,14 @@ A coefficient is fitted only where the rows pin it down: some row's step must mo
 (its elasticity, d log step / d log coefficient over a factor of 2 either way, at least
 MIN_EFFECT), in a way the coefficients already chosen cannot mimic (the part of its elasticities
 across rows outside theirs at least MIN_EFFECT somewhere), and no more coefficients than rows
-less one (one row, one coefficient). The rest keep the preset's values,
-each with the reason. The fit minimises, within the bounds, the sum over rows of a robust loss of
-the log error log(planned step / measured step): squared below SCALE (5%), absolute beyond it
-(soft L1), so a row mispriced by terms the fit does not hold moves the coefficients as one vote,
-not by the square of its error. It is solved by iteratively reweighted Gauss-Newton steps in log
-space. Each row is also predicted by a fit of the other rows alone (leave-one-out): where that
-error is no better than the uncalibrated one, the rows do not pin the coefficients down beyond
-their other errors.
+less one (one row, one coefficient). The rest keep the preset's values, each with the reason.
+The fit minimises, within the bounds, the sum over rows of a robust loss of the log error
+log(planned step / measured step): squared below SCALE (5%), absolute beyond it (soft L1), so a
+row mispriced by terms the fit does not hold moves the coefficients as one vote, not by the
+square of its error. It is solved by iteratively reweighted Gauss-Newton steps in log space.
+Each row is also predicted by a fit of the other rows alone (leave-one-out; in MAX_FOLDS folds
+beyond MAX_FOLDS rows): where that error is no better than the uncalibrated one, the rows do not
+pin the coefficients down beyond their other errors.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ ORDER = ("matmul_rate_scale", "host_launch_us", "nic_busbw_gbps")
 # the least elasticity (percent of step per percent of coefficient) that lets rows pin a coefficient
 MIN_EFFECT = 0.05
 MAX_ITERATIONS = 25
+MAX_FOLDS = 20  # leave-one-out up to this many rows, then this many folds
 SCALE = 0.05  # log errors below this weigh as in least squares, above it as in least absolute error
 
 
@@ -102,10 +103,12 @@ def _log_errors(runs: list[MeasuredRun], values: dict[str, float]) -> list[float
     return [math.log(step_seconds(r, values) / r.measured_step_s) for r in runs]
 
 
-def fit(runs: list[MeasuredRun], names: list[str], start: dict[str, float]) -> dict[str, float]:
+def fit(runs: list[MeasuredRun], names: list[str], start: dict[str, float],
+        initial: dict[str, float] | None = None) -> dict[str, float]:
     """The values of `names` (the rest held at `start`) that minimise the soft-L1 loss of the rows'
     log errors within PROFILE_FIELDS' bounds: reweighted Gauss-Newton in log space (each row
-    weighted by the loss's slope over its error), each step halved until the loss falls."""
+    weighted by the loss's slope over its error) from `initial` (default `start`), each step
+    halved until the loss falls."""
     if not names:
         return {}
     bounds = [(math.log(PROFILE_FIELDS[n][0]), math.log(PROFILE_FIELDS[n][1])) for n in names]
@@ -119,7 +122,7 @@ def fit(runs: list[MeasuredRun], names: list[str], start: dict[str, float]) -> d
     def loss(errors: list[float]) -> float:
         return sum(2 * SCALE**2 * (math.sqrt(1 + (e / SCALE) ** 2) - 1) for e in errors)
 
-    x = clamp([math.log(start[n]) for n in names])
+    x = clamp([math.log({**start, **(initial or {})}[n]) for n in names])
     r = _log_errors(runs, at(x))
     total = loss(r)
     for _ in range(MAX_ITERATIONS):
@@ -157,20 +160,21 @@ def _error(measured: float, planned: float) -> float:
     return round(measured / planned - 1, 4) + 0.0  # + 0.0: no "-0.0"
 
 
-def leave_one_out(runs: list[MeasuredRun], start: dict[str, float]) -> list[dict[str, Any]]:
-    """Each row planned with the coefficients fitted to the other rows alone (those rows choosing
-    which coefficients they pin down)."""
-    out: list[dict[str, Any]] = []
-    for i, run in enumerate(runs):
-        others = runs[:i] + runs[i + 1:]
-        if not others:
-            out.append({"left_out_step_s": None, "error_left_out": None, "left_out_coefficients": {}})
-            continue
+def leave_one_out(runs: list[MeasuredRun], start: dict[str, float], fitted: dict[str, float]) -> list[dict[str, Any]]:
+    """Each row planned with the coefficients fitted without it: the rows not in its fold choose
+    which coefficients they pin down and fit them, from the whole table's fit `fitted`. One row per
+    fold up to MAX_FOLDS rows (leave-one-out); beyond, MAX_FOLDS folds of every MAX_FOLDS-th row,
+    so that a table of many rows costs MAX_FOLDS fits."""
+    folds = min(len(runs), MAX_FOLDS)
+    out: list[dict[str, Any]] = [{"left_out_step_s": None, "error_left_out": None, "left_out_coefficients": {}} for _ in runs]
+    for fold in range(folds if len(runs) > 1 else 0):
+        others = [run for i, run in enumerate(runs) if i % folds != fold]
         names, _ = identifiable(others, start)
-        fitted = fit(others, names, start)
-        planned = step_seconds(run, {**start, **fitted})
-        out.append({"left_out_step_s": round(planned, 4), "error_left_out": _error(run.measured_step_s, planned),
-                    "left_out_coefficients": {n: round(v, 4) for n, v in fitted.items()}})
+        values = fit(others, names, start, initial=fitted)
+        for i in range(fold, len(runs), folds):
+            planned = step_seconds(runs[i], {**start, **values})
+            out[i] = {"left_out_step_s": round(planned, 4), "error_left_out": _error(runs[i].measured_step_s, planned),
+                      "left_out_coefficients": {n: round(v, 4) for n, v in values.items()}}
     return out
 
 
@@ -198,7 +202,7 @@ def calibrate_table(runs: list[MeasuredRun]) -> dict[str, Any]:
     names, reasons = identifiable(runs, start)
     fitted = fit(runs, names, start)
     after = {**start, **fitted}
-    held = leave_one_out(runs, start)
+    held = leave_one_out(runs, start, fitted)
     rows = []
     for run, left in zip(runs, held, strict=True):
         before, now = step_seconds(run, {}), step_seconds(run, after)

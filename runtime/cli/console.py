@@ -366,7 +366,7 @@ def table_calibration(profile: dict[str, Any]) -> None:
     shown = {k: "-" if v is None else f"{v:.1%}" for k, v in median.items()}
     out.print(f"median |error|: before {shown['before']}, after {shown['after']}, "
               f"left out {shown['left_out']} (error: planned tokens/s over measured, less 1; "
-              "left out: each run planned by a fit of the others alone)")
+              "left out: each run planned by a fit without it)")
     if median["left_out"] is not None and median["before"] is not None and median["left_out"] >= median["before"]:
         out.print("[yellow]left out, the runs are predicted no better than uncalibrated[/]: their other errors are as large "
                   "as what these coefficients explain, so the fit follows whichever runs it sees; add runs, or check the "
