@@ -30,7 +30,7 @@ from megacpp.planner.search.layout import Context, Layout
 from megacpp.planner.search.rules import applicable, check_layout
 from megacpp.planner.search.space import search
 from megacpp.planner.search.stages import assign_stages
-from megacpp.planner.spec.clusters import Cluster, resolve_cluster
+from megacpp.planner.spec.clusters import PROFILE_FIELDS, Cluster, resolve_cluster
 from megacpp.planner.spec.loading import spec_from_dict
 from megacpp.planner.spec.models import SUB_BLOCK_LETTERS, Spec
 
@@ -186,6 +186,9 @@ class Profile(_Doc):
 
     source: str = "defaults"
     factors: dict[str, float | dict[str, float]] = {}  # Efficiency fields that differ from the defaults
+    # Cluster fields the profile sets (spec.clusters.PROFILE_FIELDS): a system's own host class,
+    # matmul rate and NIC, fitted to its measured runs; absent where it sets none
+    cluster: dict[str, float] | None = None
 
     @field_validator("factors")
     @classmethod
@@ -197,15 +200,31 @@ class Profile(_Doc):
                 raise ValueError(f"factor {name!r} must be {'seconds by block letter' if _FACTORS[name] else 'a number'}")
         return factors
 
+    @field_validator("cluster")
     @classmethod
-    def of(cls, eff: Efficiency, source: str) -> Profile:
-        """The record of `eff`, read from `source` (a profile file)."""
+    def _cluster_fields(cls, cluster: dict[str, float] | None) -> dict[str, float] | None:
+        for name, value in (cluster or {}).items():
+            if name not in PROFILE_FIELDS:
+                raise ValueError(f"unknown cluster field {name!r}{did_you_mean(name, list(PROFILE_FIELDS))}; "
+                                 f"a profile sets {', '.join(PROFILE_FIELDS)}")
+            low, high = PROFILE_FIELDS[name]
+            if not low <= value <= high:
+                raise ValueError(f"cluster field {name!r} must be from {low:g} to {high:g}, got {value:g}")
+        return cluster
+
+    @classmethod
+    def of(cls, eff: Efficiency, source: str, cluster: dict[str, float] | None = None) -> Profile:
+        """The record of `eff` and the cluster fields `cluster`, read from `source` (a profile file)."""
         factors: dict[str, float | dict[str, float]] = {}
         for name in _FACTORS:
             value = getattr(eff, name)
             if value != getattr(DEFAULT_EFFICIENCY, name):
                 factors[name] = dict(value) if isinstance(value, tuple) else value
-        return cls(source=source, factors=factors)
+        return cls(source=source, factors=factors, cluster=cluster or None)
+
+    def on(self, cluster: Cluster) -> Cluster:
+        """`cluster` with the fields this profile sets (they replace the preset's and the spec's)."""
+        return cluster.model_copy(update=self.cluster) if self.cluster else cluster
 
     @cached_property
     def efficiency(self) -> Efficiency:
@@ -240,7 +259,7 @@ class Plan(_Doc):
 
     @cached_property
     def context(self) -> Context:
-        return make_context(self.spec_model)
+        return make_context(self.spec_model, profile=self.profile)
 
     @property
     def efficiency(self) -> Efficiency:
@@ -269,8 +288,9 @@ class Plan(_Doc):
         return plan
 
 
-def make_context(spec: Spec, cluster: Cluster | None = None) -> Context:
-    return Context(spec=spec, cluster=cluster or resolve_cluster(spec.cluster))
+def make_context(spec: Spec, cluster: Cluster | None = None, profile: Profile = DEFAULTS) -> Context:
+    """The spec's context on `cluster` (default: the spec's), with what `profile` sets of it."""
+    return Context(spec=spec, cluster=profile.on(cluster or resolve_cluster(spec.cluster)))
 
 
 def with_backend(spec: Spec, **ran: bool) -> Spec:
@@ -282,10 +302,12 @@ def with_backend(spec: Spec, **ran: bool) -> Spec:
     return spec.model_copy(update={"backend": spec.backend.model_copy(update=ran)})
 
 
-def estimate_run(spec: Spec, layout: Layout | dict[str, Any], eff: Efficiency = DEFAULT_EFFICIENCY, load: float = 1.0) -> Estimate:
+def estimate_run(spec: Spec, layout: Layout | dict[str, Any], eff: Efficiency = DEFAULT_EFFICIENCY, load: float = 1.0,
+                 cluster: Cluster | None = None) -> Estimate:
     """Estimate one layout of `spec` (a plan's, or a run report's layout dict) outside a search;
-    `load` is the busiest expert-parallel rank's routed tokens over the mean (cost.step.estimate)."""
-    ctx = make_context(spec)
+    `load` is the busiest expert-parallel rank's routed tokens over the mean (cost.step.estimate);
+    `cluster` (default: the spec's) is a plan's, with what its profile sets."""
+    ctx = make_context(spec, cluster)
     lay = layout if isinstance(layout, Layout) else Layout.from_dict(layout)
     return estimate(ctx, lay, assign_stages(ctx, lay.pp, lay.vpp)[1], eff, load)
 
@@ -335,7 +357,7 @@ def build_plan(spec: Spec, top: int = 10, profile: Profile = DEFAULTS) -> Plan:
     """
     if top < 1:
         raise PlanError(f"--top {top}: must be at least 1")
-    ctx = make_context(spec)
+    ctx = make_context(spec, profile=profile)
     result = search(ctx)
     rules = applicable(ctx)
     warnings = [r for r in rules if r.severity == "warning" and r.axes]

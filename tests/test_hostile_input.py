@@ -144,7 +144,8 @@ def _profile(tmp_path: Path, **changes: object) -> Path:
 
 
 @pytest.mark.parametrize("changes", [{"block_overhead_s": {"A": 1e308}}, {"small_kernel_traffic": 1e308},
-                                     {"synchronised_share": float("nan")}])
+                                     {"synchronised_share": float("nan")}, {"cluster_coefficients": {"host_launch_us": 1e308}},
+                                     {"cluster_coefficients": {"nic_busbw_gbps": float("nan")}}])
 def test_a_profile_with_absurd_numbers_is_refused(tmp_path: Path, changes: dict) -> None:
     spec = tmp_path / "tiny.yaml"
     spec.write_text(TINY_YAML)

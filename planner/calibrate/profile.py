@@ -1,4 +1,9 @@
-"""The cluster profile file: what `megacpp calibrate` writes and `megacpp plan --profile` reads."""
+"""The cluster profile file: what `megacpp calibrate` writes and `megacpp plan --profile` reads.
+
+From run reports it holds the fitted per-block overheads (`block_overhead_s`, ...); from a table of
+measured runs the fitted cluster coefficients (`cluster_coefficients`: Cluster fields of
+spec.clusters.PROFILE_FIELDS). A profile holds either or both; the schema is the same.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,8 @@ from dataclasses import replace
 from typing import Any
 
 from megacpp.planner.cost.coefficients import DEFAULT_EFFICIENCY, Efficiency
-from megacpp.planner.errors import PlanError
+from megacpp.planner.errors import PlanError, did_you_mean
+from megacpp.planner.spec.clusters import PROFILE_FIELDS
 
 PROFILE_SCHEMA = "megacpp.profile/2"
 # a block's host time per micro-batch is milliseconds; beyond this a profile is corrupt, not slow
@@ -45,7 +51,10 @@ def efficiency_from_profile(profile: dict[str, Any]) -> Efficiency:
     """The default factors with a profile's overheads, traffic and synchronised share in place."""
     if not isinstance(profile, dict) or profile.get("schema") != PROFILE_SCHEMA:
         raise PlanError(f"not a megacpp cluster profile: expected \"schema\": \"{PROFILE_SCHEMA}\" (made by `megacpp calibrate`)")
-    overheads = profile.get("block_overhead_s")
+    if "block_overhead_s" not in profile and "cluster_coefficients" in profile:
+        overheads: Any = {}  # a table's profile sets cluster coefficients only
+    else:
+        overheads = profile.get("block_overhead_s")
     if not isinstance(overheads, dict) or not all(_number(v, 0, MAX_OVERHEAD_S) for v in overheads.values()):
         raise PlanError(f"malformed cluster profile: 'block_overhead_s' must map block letters to seconds from 0 to {MAX_OVERHEAD_S:g}")
     te = bool(profile.get("transformer_engine"))
@@ -68,3 +77,18 @@ def check_profile_cluster(profile: dict[str, Any], cluster: str, source: str) ->
     if fitted != cluster:
         raise PlanError(f"--profile {source}: fitted on cluster {fitted!r}, but the spec plans {cluster!r}; "
                         "calibrate with this cluster's runs, or plan without --profile")
+
+
+def cluster_from_profile(profile: dict[str, Any]) -> dict[str, float]:
+    """The Cluster fields a profile sets (`cluster_coefficients`; none in profiles from run reports)."""
+    coefficients = profile.get("cluster_coefficients", {})
+    if not isinstance(coefficients, dict):
+        raise PlanError("malformed cluster profile: 'cluster_coefficients' must map cluster fields to numbers")
+    for name, value in coefficients.items():
+        if name not in PROFILE_FIELDS:
+            raise PlanError(f"malformed cluster profile: 'cluster_coefficients': unknown field {str(name)[:40]!r}"
+                            f"{did_you_mean(str(name), list(PROFILE_FIELDS))}; a profile sets {', '.join(PROFILE_FIELDS)}")
+        low, high = PROFILE_FIELDS[name]
+        if not _number(value, low, high):
+            raise PlanError(f"malformed cluster profile: 'cluster_coefficients': {name} must be a number from {low:g} to {high:g}")
+    return {str(k): float(v) for k, v in coefficients.items()}

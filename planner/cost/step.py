@@ -104,7 +104,13 @@ def matmul_seconds(ctx: Context, lay: Layout, letter: str, eff: Efficiency, load
     """GPU seconds of one block's matmuls ("head": the output layer) per micro-batch on one rank,
     forward and backward plus what recompute repeats: from the preset's measured kernel-rate table
     (planner/cost/kernel_rates.py), its fp8 Linear and GroupedLinear rows under fp8 (core attention
-    stays bf16 under TE's fp8 recipes), else FLOPs at MAMF x Efficiency.matmul."""
+    stays bf16 under TE's fp8 recipes), else FLOPs at MAMF x Efficiency.matmul; either over the
+    system's Cluster.matmul_rate_scale (1 unless a cluster profile fitted it)."""
+    return _priced_matmul_seconds(ctx, lay, letter, eff, load) / ctx.cluster.matmul_rate_scale
+
+
+def _priced_matmul_seconds(ctx: Context, lay: Layout, letter: str, eff: Efficiency, load: float) -> float:
+    """matmul_seconds at the preset's rates."""
     c = ctx.cluster
     fp8 = ctx.spec.training.precision == "fp8"
     rate = (c.mamf_fp8_tflops if fp8 else c.mamf_bf16_tflops) * 1e12 * eff.matmul

@@ -21,6 +21,13 @@ from megacpp.planner.cost.coefficients import (
 from megacpp.planner.errors import SpecError, did_you_mean
 from megacpp.planner.spec.models import ClusterSpec
 
+# the Cluster fields a cluster profile may set (`megacpp calibrate` on a table of the system's own
+# measured runs, planner/calibrate/cluster_fit.py), each with the range its value must lie in.
+# ASSUMPTION, wide on purpose: the host class 0.5-30 us per op, well outside every host probe
+# reading (5.2-15.2 us); the matmul rate from half to 1.5x the preset's (beyond it the runs measure
+# another GPU, not this one's clocks or kernels); the NIC from 1 GB/s to 400 GB/s per GPU
+PROFILE_FIELDS = {"host_launch_us": (0.5, 30.0), "matmul_rate_scale": (0.5, 1.5), "nic_busbw_gbps": (1.0, 400.0)}
+
 # the Cluster field that holds each collective's NVLink bus bandwidth
 NVLINK_BUSBW_FIELDS = {
     "all-reduce": "nvlink_allreduce_gbps",
@@ -71,6 +78,10 @@ class Cluster(BaseModel):
     # (runtime/worker/measure/host.py). The per-block host time under Transformer Engine was measured
     # on hosts of REFERENCE_HOST_LAUNCH_US and scales with it (cost.step.host_scale)
     host_launch_us: float = REFERENCE_HOST_LAUNCH_US
+    # this system's sustained matmul rate over what the preset prices (its kernel-rate table's
+    # times, or MAMF x Efficiency.matmul): 1 on every preset; a cluster profile fitted to a table
+    # of the system's own measured runs sets it (`megacpp calibrate`, planner/calibrate/cluster_fit.py)
+    matmul_rate_scale: float = 1.0
     unified_memory: bool = False
     sources: dict[str, str] = {}
 

@@ -75,8 +75,21 @@ def load_spec_text(text: str, source: str = "<spec>", overrides: list[str] | tup
     """Parse YAML text into a Spec."""
     if not text.strip():
         raise SpecError(f"{source}: is empty; a spec needs at least model, training and cluster")
+    data = parse_yaml(text, source)
+    if data is None:
+        raise SpecError(f"{source}: is empty (only comments); a spec needs at least model, training and cluster")
+    if not isinstance(data, dict):
+        raise SpecError(f"{source}: the top level must be a mapping with model, training and cluster keys")
+    for item in overrides:
+        apply_override(data, item)
+    return spec_from_dict(data, source=source)
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """YAML text into Python values (duplicate keys and alias bombs refused), or one SpecError line
+    "`source`: invalid YAML at line L, column C: what"."""
     try:
-        data = _load_yaml(text)
+        return _load_yaml(text)
     except SpecError as exc:
         raise SpecError(f"{source}: {exc}") from None
     except yaml.YAMLError as exc:
@@ -88,13 +101,6 @@ def load_spec_text(text: str, source: str = "<spec>", overrides: list[str] | tup
         raise SpecError(f"{source}: invalid YAML: nested too deeply") from None
     except (ValueError, OverflowError) as exc:  # PyYAML's own, e.g. an out-of-range \U escape
         raise SpecError(f"{source}: invalid YAML: {str(exc).splitlines()[0][:120]}") from None
-    if data is None:
-        raise SpecError(f"{source}: is empty (only comments); a spec needs at least model, training and cluster")
-    if not isinstance(data, dict):
-        raise SpecError(f"{source}: the top level must be a mapping with model, training and cluster keys")
-    for item in overrides:
-        apply_override(data, item)
-    return spec_from_dict(data, source=source)
 
 
 class _StrictLoader(yaml.SafeLoader):

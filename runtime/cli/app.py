@@ -127,36 +127,57 @@ def _read_json(path: Path, what: str):
 
 def _read_profile(path: Path, spec):
     """The cluster profile at `path`, as the plan records it; it must be the spec's cluster's."""
-    from megacpp.planner.calibrate.profile import check_profile_cluster, efficiency_from_profile
+    from megacpp.planner.calibrate.profile import (
+        check_profile_cluster,
+        cluster_from_profile,
+        efficiency_from_profile,
+    )
     from megacpp.planner.plan import Profile, make_context
 
     doc = _read_json(path, "cluster profile")
     eff = efficiency_from_profile(doc)
     check_profile_cluster(doc, make_context(spec).cluster.name, str(path))
-    return Profile.of(eff, source=str(path))
+    return Profile.of(eff, source=str(path), cluster=cluster_from_profile(doc))
 
 
 @app.command()
 def calibrate(
-    reports: Annotated[list[Path], typer.Argument(help="Run reports (report.json from `megacpp launch --engine megacpp`, or a gpu_runs file).")],
+    reports: Annotated[list[Path], typer.Argument(help="Run reports (report.json from `megacpp launch --engine megacpp`, or a gpu_runs file), or one table of measured runs (.yaml or .csv).")],
     out: Annotated[Path | None, typer.Option("--out", help="Write the cluster profile here (use with `plan --profile`).")] = None,
 ) -> None:
-    """Fit the cluster's per-block overheads (host, launch, synchronisation) from measured runs."""
+    """Fit the cluster's per-block overheads (host, launch, synchronisation) from the runtime's run
+    reports, or a few cluster coefficients (matmul rate, host class, NIC bandwidth) from a table of
+    the system's own measured runs.
+
+    A table (.yaml: a list of rows; .csv: a header row) has one row per run: name; spec (a spec YAML
+    relative to the table, or a recipe name) or, in YAML, model (inline); cluster and nodes; the
+    layout tp, pp, vpp, cp, ep, etp; mbs, gbs, seq, precision, recompute (replacing the spec's);
+    tokens_per_s_per_gpu or step_s as measured; optionally peak_gib and set (spec overrides).
+    """
     from megacpp.planner.calibrate.fit import calibrate as fit_profile
     from megacpp.runtime.cli import console, executors
+    from megacpp.runtime.cli.inputs import is_table, read_table
 
-    runs = []
-    for path in reports:
-        doc = _read_json(path, "run report")
-        runs.extend(doc["runs"] if isinstance(doc, dict) and isinstance(doc.get("runs"), list)
-                    else doc if isinstance(doc, list) else [doc])
-    profile = fit_profile(runs)
+    tables = [path for path in reports if is_table(path)]
+    if tables and len(reports) > 1:
+        raise PlanError("calibrate takes one table of measured runs, or run reports; not both, nor two tables")
+    if tables:
+        from megacpp.planner.calibrate.cluster_fit import calibrate_table
+
+        profile = calibrate_table(read_table(tables[0]))
+    else:
+        runs = []
+        for path in reports:
+            doc = _read_json(path, "run report")
+            runs.extend(doc["runs"] if isinstance(doc, dict) and isinstance(doc.get("runs"), list)
+                        else doc if isinstance(doc, list) else [doc])
+        profile = fit_profile(runs)
     if out is not None:
         try:
             executors.write_atomically(out, json.dumps(profile, indent=2) + "\n")
         except OSError as exc:
             raise PlanError(f"--out {out}: cannot write ({exc.strerror})") from None
-    console.calibration_table(profile)
+    (console.table_calibration if tables else console.calibration_table)(profile)
     if out is not None:
         console.err.print(f"wrote {out}; use it with `megacpp plan SPEC --profile {out}`")
 

@@ -353,7 +353,7 @@ def calibration_table(profile: dict[str, Any]) -> None:
     if bound:
         out.print("a step takes the longer of its GPU and host time here: GPU-bound runs fit the small kernels' traffic, "
                   "host-bound ones the overheads (column 'bound by')")
-    terms = Table(header_style="bold")
+    table = Table(header_style="bold")
     for col in ("run", *(["bound by"] if bound else []), "measured s", "uncalibrated s", "fitted s", "left-out fit s", "left-out error"):
         table.add_column(col, justify="left" if col in ("run", "bound by") else "right")
     for r in profile["fitted_on"]:
@@ -363,3 +363,48 @@ def calibration_table(profile: dict[str, Any]) -> None:
                       f"{held['predicted_s']:.3f}" if held and held["predicted_s"] is not None else "-",
                       f"{held['error']:+.1%}" if held and held["error"] is not None else "-")
     out.print(table)
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{value:+.1%}"
+
+
+def table_calibration(profile: dict[str, Any]) -> None:
+    """What `megacpp calibrate TABLE` fitted: each coefficient before and after, each row's error."""
+    rows = profile["rows"]
+    out.print(f"[bold]{profile['cluster']}[/]: {len(rows)} measured runs; {profile['fit']}")
+    coefficients = Table(header_style="bold")
+    for col in ("coefficient", "unit", "before", "after", "moved", "left-out fits", "note"):
+        coefficients.add_column(col, justify="right" if col in ("before", "after", "moved", "left-out fits") else "left")
+    for c in profile["coefficients"]:
+        spread = c.get("left_out_range")
+        coefficients.add_row(c["name"], c["unit"], f"{c['before']:.4g}", f"{c['after']:.4g}" if c["fitted"] else "-",
+                             _percent(c["moved"]) if c["fitted"] else "-", f"{spread[0]:.4g}-{spread[1]:.4g}" if spread else "-",
+                             c["what"] if c["fitted"] else f"not fitted: {c['reason']}")
+    out.print(coefficients)
+    out.print("left-out fits: the range of each coefficient fitted with one row left out at a time")
+    for c in profile["coefficients"]:
+        if c.get("at_bound"):
+            out.print(f"[yellow]{c['name']} stopped at its bound[/] ({c['after']:g} {c['unit']}): the runs ask for more than it can "
+                      "explain, so the model misprices something else in them; check those runs before using the profile")
+    table = Table(header_style="bold")
+    peaks = any("measured_peak_gib" in r for r in rows)
+    for col in ("run", "nodes", "layout", "measured tok/s/GPU", "error before", "error after", "left-out error",
+                *(["peak GiB measured / planned"] if peaks else [])):
+        table.add_column(col, justify="left" if col in ("run", "layout") else "right")
+    for r in rows:
+        table.add_row(r["name"], str(r["nodes"]), r["layout"], f"{r['measured_tokens_per_s_per_gpu']:,.0f}",
+                      _percent(r["error_before"]), _percent(r["error_after"]), _percent(r["error_left_out"]),
+                      *([f"{r['measured_peak_gib']:.1f} / {r['planned_peak_gib']:.1f}" if "measured_peak_gib" in r else "-"] if peaks else []))
+    out.print(table)
+    median = profile["median_abs_error"]
+    shown = {k: "-" if v is None else f"{v:.1%}" for k, v in median.items()}
+    out.print(f"median |error|: before {shown['before']}, after {shown['after']}, "
+              f"left out {shown['left_out']} (error: planned tokens/s over measured, less 1; "
+              "left out: each run planned by a fit without it)")
+    if median["left_out"] is not None and median["before"] is not None and median["left_out"] >= median["before"]:
+        out.print("[yellow]left out, the runs are predicted no better than uncalibrated[/]: their other errors are as large "
+                  "as what these coefficients explain, so the fit follows whichever runs it sees; add runs, or check the "
+                  "profile on runs it did not see before trusting it")
+    if peaks:
+        out.print("peak memory is reported, not fitted: none of these coefficients moves it")

@@ -76,3 +76,35 @@ def read_launch(words: list[str]) -> tuple[str | list[str], str]:
         return list(words), "imported"
     raw = read_capped(words[0], MAX_SCRIPT_BYTES, "a launch script, or Megatron-LM's arguments after --")
     return raw.removeprefix(BOM).decode("utf-8", errors="replace"), Path(words[0]).stem or "imported"
+
+
+TABLE_SUFFIXES = (".yaml", ".yml", ".csv")
+
+
+def is_table(path: Path) -> bool:
+    """A table of measured runs (`megacpp calibrate`), told from a run report by its suffix."""
+    return path.suffix.lower() in TABLE_SUFFIXES
+
+
+def read_table(path: Path) -> list[Any]:
+    """The measured runs of a table file (planner/calibrate/table.py), each row's `spec` a YAML
+    file relative to the table's folder or a bundled recipe name."""
+    from megacpp.planner.calibrate.table import MAX_TABLE_BYTES, measured_runs, parse_table
+
+    try:
+        raw = read_capped(path, MAX_TABLE_BYTES, "a table of measured runs (.yaml or .csv)")
+    except SpecError as exc:
+        raise PlanError(str(exc)) from None
+    specs: dict[Path, bytes] = {}
+
+    def load(ref: str, overrides: list[str]) -> Spec:
+        spec_path = path.parent / ref
+        if not spec_path.exists() and ref in recipe_names():
+            return load_spec_text(recipe_text(ref), source=f"recipe {ref}", overrides=overrides)
+        if not spec_path.exists():
+            raise SpecError(f"spec {ref!r}: no such file (relative to {path.parent}) or bundled recipe")
+        if spec_path not in specs:
+            specs[spec_path] = read_capped(spec_path, MAX_SPEC_BYTES, "a spec YAML")
+        return load_spec_bytes(specs[spec_path], source=ref, overrides=overrides)
+
+    return measured_runs(parse_table(raw, str(path), path.suffix.lower() == ".csv"), str(path), load)

@@ -164,7 +164,8 @@ def build_report(job: Job, infos: list[dict[str, Any]], *, steps: int, warmup: i
     predicted_step = job.candidate.time.step_seconds
     predicted_for = "plan"
     if backend["transformer_engine_requested"] and not backend["transformer_engine_used"]:
-        est = estimate_run(with_backend(job.spec, transformer_engine=False), job.layout, job.plan.efficiency)
+        est = estimate_run(with_backend(job.spec, transformer_engine=False), job.layout, job.plan.efficiency,
+                           cluster=job.plan.context.cluster)
         memory, predicted_step = [PlannedStageMemory(**m.to_dict()) for m in est.memory], round(est.step_seconds, 6)
         predicted_for = "re-estimated without Transformer Engine"
     predicted_peak = [m.total_gib for m in memory]
