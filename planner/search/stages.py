@@ -165,7 +165,8 @@ def pinned_split(ctx: Context, pp: int, vpp: int) -> Split | None:
 
     The account flags count the embedding and the loss as one layer each and split evenly: every
     chunk gets (L + emb + loss) / (pp x vpp) layers, the first and last chunks one fewer each
-    (transformer_block.py:76-203 get_num_layers_to_build; transformer_config.py:2371-2416), which
+    (transformer_block.py:76-203 get_num_layers_to_build; transformer_config.py:1435-1478 in megatron-core
+    0.16.1), which
     may leave them empty (Llama-3.1-405B, 126 layers on pp 16 x vp 8, as NVIDIA runs it)."""
     pins = ctx.spec.parallel
     if pins.pipeline_layout is not None:

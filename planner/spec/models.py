@@ -365,7 +365,7 @@ class ParallelPins(_Frozen):
 
     @model_validator(mode="after")
     def _one_split(self) -> ParallelPins:
-        """transformer_config.py:2241-2259 (core_v0.16.1 1308-1324): a layout string goes alone."""
+        """transformer_config.py:1307-1324 (megatron-core 0.16.1): a layout string goes alone."""
         if self.pipeline_layout is not None:
             if self.account_for_embedding or self.account_for_loss:
                 raise ValueError("parallel.pipeline_layout places the embedding and the loss itself; "

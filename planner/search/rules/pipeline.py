@@ -52,7 +52,7 @@ def _accounted(ctx: Context) -> bool:
 @rule(
     "account-split-divides",
     axes=(Axis.PP, Axis.VPP),
-    where="[V] megatron/core/transformer/transformer_config.py:2371-2416; megatron/training/arguments.py:984-998",
+    where="[V] megatron/core/transformer/transformer_config.py:1435-1478; megatron/training/arguments.py:559-571",
     applies=_accounted,
     fails="126 layers with account_for_embedding and account_for_loss (128 units), pp=12",
     passes="pp=16 with vpp 1, 2, 4 or 8 (128 = 126 + embedding + loss)",
@@ -75,7 +75,7 @@ def account_split_divides(ctx: Context, lay: Layout) -> str | None:
     "pipeline-layout-stages",
     axes=(Axis.PP, Axis.VPP),
     where="[V] megatron/training/arguments.py:516-526 (layout stages % PP); "
-          "megatron/core/transformer/transformer_config.py:2276-2285 (VPP from the layout)",
+          "megatron/core/transformer/transformer_config.py:1340-1350 (VPP from the layout)",
     applies=lambda ctx: ctx.spec.parallel.pipeline_layout is not None,
     fails="a pipeline_layout of 32 stages with pp=6",
     passes="pp=16 (vpp=2), pp=8 (vpp=4) or pp=32",
