@@ -118,3 +118,13 @@ def test_bad_pinned_splits_are_one_line_errors(changes, message):
     spec = {**TINY_DENSE, "model": {**TINY_DENSE["model"], "pattern": "(AD)*6"}}
     with pytest.raises(SpecError, match=message):
         make_spec(spec, **changes)
+
+
+def test_an_empty_stage_reads_as_holding_no_layers():
+    from megacpp.runtime.cli.console import _layer_range
+    from megacpp.runtime.cli.picture import _stage_label
+
+    assert (_layer_range([0, 0]), _layer_range([3, 6]), _layer_range([6, 6])) == ("none", "3-5", "none")
+    doc = {"stages": [{"pp_rank": 0, "vp_stage": 0, "layers": [0, 0], "blocks": "", "embedding": True, "output_head": False},
+                      {"pp_rank": 0, "vp_stage": 1, "layers": [3, 4], "blocks": "AD", "embedding": False, "output_head": False}]}
+    assert _stage_label(doc, 0).startswith("pp0: L3") and "--1" not in _stage_label(doc, 0)
