@@ -57,7 +57,7 @@ class Note(_Doc):
 class PlannedSplit(_Doc):
     """How the stage split is expressed to Megatron (search.stages.Split)."""
 
-    kind: Literal["even", "first_last", "layout", "pipes"]
+    kind: Literal["even", "first_last", "layout", "pipes", "account"]
     sizes: list[int]  # units per global chunk, in chunk order (chunk k -> pp_rank k % pp)
     first: int
     last: int

@@ -267,8 +267,11 @@ def test_published_memory_settings_become_spec_keys():
     assert (llama["recompute_method"], llama["recompute_num_layers"]) == ("block", 5)
 
 
-def test_fp8_runs_keep_the_modules_delayed_scaling_allows():
-    nano = _converted(35)  # fp8-cs, [moe, layernorm, core_attn, moe_act]
-    assert nano.spec["training"]["recompute_modules"] == ["moe", "core_attn"]
-    assert "recompute-modules" in nano.approximations
+def test_fp8_runs_keep_the_modules_their_recipe_allows():
+    nano = _converted(35)  # fp8-cs (current scaling), [moe, layernorm, core_attn, moe_act]
+    assert nano.spec["training"]["recompute_modules"] == ["moe", "layernorm", "core_attn", "moe_act"]
+    assert nano.spec["training"]["fp8_recipe"] == "tensorwise"
+    assert "recompute-modules" not in nano.approximations
     assert build_plan(make_spec(nano.spec), top=1).candidates
+    delayed = {**nano.spec, "training": {**nano.spec["training"], "fp8_recipe": "delayed"}}
+    assert not build_plan(make_spec(delayed), top=1).candidates  # fp8-delayed-recompute-modules

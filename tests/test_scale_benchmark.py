@@ -12,6 +12,7 @@ import pytest
 from benchmarks.scale import run, truth
 from benchmarks.scale.truth import convert, load_runs, select_newest
 from megacpp.planner import spec_from_dict
+from megacpp.planner.plan import build_plan
 
 
 def row(row_id: int) -> dict:
@@ -49,7 +50,7 @@ def test_hybrid_pattern_maps_megatron_symbols_to_block_letters() -> None:
     assert conv.spec["model"]["moe"]["dispatcher"] == "flex" and conv.spec["model"]["moe"]["flex_backend"] == "hybridep"
 
 
-@pytest.mark.parametrize(("row_id", "reason"), [(284, "nvfp4"), (138, "latent-moe")])
+@pytest.mark.parametrize(("row_id", "reason"), [(284, "latent-moe"), (138, "latent-moe")])
 def test_unexpressible_rows_are_skipped_with_their_reason(row_id: int, reason: str) -> None:
     conv = convert(row(row_id))
     assert conv.status == "skipped" and conv.skip_reason == reason and conv.spec is None
@@ -59,9 +60,39 @@ def test_unexpressible_rows_are_skipped_with_their_reason(row_id: int, reason: s
 def test_approximations_are_named_and_still_planned() -> None:
     conv = convert(row(39))  # DeepSeek-V3, 1024 x H100: MLA, MTP, layout "Et|(tt|)*30mL"
     assert conv.status == "approximated"
-    assert {"mla-as-gqa", "mtp-dropped", "pp-layout-balanced"} <= set(conv.approximations)
+    assert {"mla-as-gqa", "mtp-dropped"} <= set(conv.approximations)
     assert set(conv.approximations) <= set(truth.APPROXIMATIONS)
     spec_from_dict(conv.spec)
+
+
+def test_a_layout_with_an_empty_stage_is_pinned_as_the_layout_string() -> None:
+    conv = convert(row(39))  # "Et|(tt|)*30mL" on pp8 x vp4: the MTP-and-loss stage is empty once MTP is dropped
+    assert "pp-layout-balanced" not in conv.approximations
+    assert conv.spec["parallel"]["pipeline_layout"] == "Et|(tt|)*30L"
+    plan = build_plan(spec_from_dict(conv.spec), top=1)
+    assert plan.candidates[0].split.sizes == [1] + [2] * 30 + [0]
+    assert "pipeline_layout" not in conv.search_spec["parallel"]
+
+
+@pytest.mark.parametrize(("row_id", "precision", "recipe"), [
+    (35, "fp8", "tensorwise"), (121, "fp8", "mxfp8"), (318, "fp8", "blockwise"), (110, "fp8", "delayed"),
+    (34, "bf16", "delayed"),
+])
+def test_precision_labels_map_to_precision_and_fp8_recipe(row_id: int, precision: str, recipe: str) -> None:
+    training = spec_from_dict(convert(row(row_id)).spec).training
+    assert (training.precision, training.fp8_recipe) == (precision, recipe)
+
+
+def test_fp8_current_scaling_keeps_moe_act_and_layernorm_recompute() -> None:
+    conv = convert(row(35))  # Nemotron 3 Nano, 16 x H100, fp8-cs
+    assert conv.status == "exact"
+    assert {"moe_act", "layernorm"} <= set(conv.spec["training"]["recompute_modules"])
+
+
+def test_megatron_fsdp_rows_plan_with_fsdp() -> None:
+    conv = convert(row(106))  # Llama-3 8B, 8 x H100, Megatron-FSDP
+    assert conv.status == "exact" and conv.spec["training"]["data_parallel_sharding"] == "fsdp"
+    assert spec_from_dict(conv.spec).training.data_parallel_sharding == "fsdp"
 
 
 def test_a_layout_with_layers_on_every_stage_is_pinned_as_cuts() -> None:

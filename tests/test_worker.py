@@ -468,6 +468,15 @@ def test_overlaps_the_runtime_cannot_run_are_errors_that_name_the_keys(tmp_path)
         transformer_config(job, select_backend(job), cuda=False, construct_only=True)
 
 
+def test_megatron_fsdp_is_an_error_that_names_the_key_and_the_engine(tmp_path):
+    """The runtime trains with DDP and the distributed optimizer; the plan priced Megatron-FSDP."""
+    spec = spec_dict("(AD)*2", 2, {}, mlp=MLP)
+    spec["training"]["data_parallel_sharding"] = "fsdp"
+    job = _job(tmp_path, spec)
+    with pytest.raises(LaunchError, match=r"training.data_parallel_sharding: fsdp: .*--engine megatron-lm"):
+        transformer_config(job, select_backend(job), cuda=False, construct_only=True)
+
+
 @pytest.mark.parametrize("vpp", [1, 2])
 def test_interleaved_pipelines_send_each_direction_on_its_own(tmp_path, vpp):
     """Megatron-LM's p2p settings: batched send/recv only without interleaving. Batched at PP=2 with

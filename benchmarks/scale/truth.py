@@ -29,6 +29,14 @@ GPUS_PER_NODE = 8  # DGX H100 and DGX B200
 CONFIG_FIELDS = ("model_key", "system", "num_gpus", "precision", "gbs", "mbs", "seq_length",
                  "tp", "pp", "cp", "vp", "ep", "etp", "fsdp")
 HELD_OUT_MODULUS = 3  # one third of the configurations is held out
+# The precision label of a published row -> the spec's training.precision and fp8_recipe (truth
+# README: fp8-cs = FP8 current scaling, fp8-mx = MXFP8). The NeMo 25.02 rows' plain "fp8" publish no
+# recipe: NeMo's default of that release, delayed scaling, is assumed (PRECISION_ASSUMED).
+PRECISIONS = {
+    "bf16": ("bf16", None), "fp8": ("fp8", "delayed"), "fp8-cs": ("fp8", "tensorwise"),
+    "fp8-mx": ("fp8", "mxfp8"), "fp8-blockwise": ("fp8", "blockwise"), "nvfp4": ("fp4", None),
+}
+PRECISION_ASSUMED = {"fp8": "FP8 recipe not published: delayed scaling (NeMo 25.02's default) assumed"}
 
 # Hybrid-pattern symbols of Megatron (models.json _meta.hybrid_pattern_legend) -> megacpp letters.
 HYBRID_LETTERS = {"M": "M", "*": "A", "-": "D", "E": "E"}
@@ -37,20 +45,16 @@ APPROXIMATIONS = {
     "mla-as-gqa": "multi-latent attention planned as grouped-query attention with the same heads, query "
                   "groups and head dim (no q/kv low-rank projections, no rope sub-head)",
     "mtp-dropped": "multi-token-prediction layers and their extra output heads are not planned",
-    "fsdp-as-distributed-optimizer": "Megatron-FSDP planned as DDP with the distributed optimizer: weights "
-                                     "and gradients unsharded, no per-layer parameter all-gathers",
     "recompute-modules": "selective recompute modules the spec cannot pass to this run planned without them: "
-                         "mla_up_proj (the spec has no multi-latent attention), and moe_act and layernorm under "
-                         "FP8 (megacpp renders delayed scaling, which Megatron refuses them with)",
-    "pp-layout-balanced": "the published pipeline layout leaves a virtual stage without transformer layers "
-                          "(MTP and loss only), which a pattern cannot pin; megacpp's own split over the same "
-                          "pp x vpp stages is used",
+                         "mla_up_proj (the spec has no multi-latent attention)",
+    "pp-layout-balanced": "the published pipeline layout leaves a virtual stage of a hybrid stack without "
+                          "layers, which `|` cuts cannot pin; megacpp's own split over the same pp x vpp "
+                          "stages is used",
     "sliding-window-as-full": "sliding-window attention layers planned as full causal attention",
     "capacity-padding": "expert inputs padded to a capacity factor above 1 planned at the routed load",
 }
 
 SKIPS = {
-    "nvfp4": "NVFP4 precision: the spec has bf16 and fp8 only",
     "latent-moe": "latent MoE (routed experts in a narrower latent space, with projections around the "
                   "dispatch): the spec's experts work at hidden size, so FLOPs and all-to-all bytes of "
                   "the experts would be several times too large",
@@ -259,11 +263,13 @@ def read_cuda_graphs(settings: str) -> str | tuple[str, ...]:
 
 def expressible_recompute_modules(recipe: Recipe, precision: str) -> tuple[str, ...]:
     """The run's selective recompute modules that its spec can carry: not mla_up_proj (the spec
-    has no multi-latent attention, rule mla-up-proj-recompute-needs-mla), and under FP8 not moe_act
-    or layernorm (the spec's fp8 renders delayed scaling, rule fp8-delayed-recompute-modules)."""
+    has no multi-latent attention, rule mla-up-proj-recompute-needs-mla), and under FP8 with delayed
+    scaling not moe_act or layernorm (rule fp8-delayed-recompute-modules; the current-scaling, MXFP8
+    and blockwise recipes keep them)."""
     if recipe.recompute != "selective":
         return ()
-    dropped = {"mla_up_proj"} | ({"moe_act", "layernorm"} if precision.startswith("fp8") else set())
+    delayed = PRECISIONS.get(precision, ("bf16", None))[1] == "delayed"
+    dropped = {"mla_up_proj"} | ({"moe_act", "layernorm"} if delayed else set())
     return tuple(m for m in recipe.recompute_modules or ("core_attn",) if m not in dropped)
 
 
@@ -392,8 +398,6 @@ def convert(row: dict[str, Any], models: dict[str, Any] | None = None) -> Conver
     models = load_models() if models is None else models
     recipe = read_recipe(row)
     m = models.get(row["model_key"], {})
-    if row["precision"] == "nvfp4":
-        return _skip("nvfp4", recipe.runtime)
     if "hidden_size" not in m:
         return _skip("no-architecture", recipe.runtime)
     if m.get("moe_latent_size"):
@@ -412,25 +416,30 @@ def convert(row: dict[str, Any], models: dict[str, Any] | None = None) -> Conver
         approx.append("mtp-dropped")
     if m.get("sliding_window"):
         approx.append("sliding-window-as-full")
-    if recipe.fsdp:
-        approx.append("fsdp-as-distributed-optimizer")
     modules = expressible_recompute_modules(recipe, row["precision"])
     if recipe.recompute == "selective" and set(modules) != set(recipe.recompute_modules or ("core_attn",)):
         approx.append("recompute-modules")
     if recipe.padded and (recipe.capacity_factor or 1.0) > 1.0:
         approx.append("capacity-padding")
 
-    stage_layers = None
+    stage_layers, pipeline_layout = None, None
     if recipe.pp_layout:
         stages = expand_pp_layout(recipe.pp_layout)
         counts = [s.count("t") for s in stages]
         if len(stages) != pp * vpp or sum(counts) != m["num_layers"]:
             assume.append(f"pipeline layout {recipe.pp_layout} does not match pp x vp = {pp * vpp} stages of "
                           f"{m['num_layers']} layers; megacpp's split used")
-        elif min(counts) == 0:
+        elif min(counts) > 0:
+            stage_layers = counts  # pinned as `|` cuts
+        elif "hybrid_override_pattern" in m:
             approx.append("pp-layout-balanced")
         else:
-            stage_layers = counts  # pinned as `|` cuts
+            # a stage without decoder layers: pinned as the layout string itself, MTP layers dropped
+            # with the rest of MTP (mtp-dropped)
+            pipeline_layout = recipe.pp_layout.replace("m", "")
+    precision, fp8_recipe = PRECISIONS[row["precision"]]
+    if row["precision"] in PRECISION_ASSUMED:
+        assume.append(PRECISION_ASSUMED[row["precision"]])
     if recipe.pp_layout_mentioned:
         assume.append("the run script names a DeepSeek pipeline layout that the table's pp/vp does not show; "
                       "the table's layout is planned")
@@ -461,12 +470,18 @@ def convert(row: dict[str, Any], models: dict[str, Any] | None = None) -> Conver
             "seq_length": row["seq_length"],
             "global_batch_size": row["gbs"],
             "micro_batch_size": row["mbs"],
-            "precision": "fp8" if row["precision"].startswith("fp8") else "bf16",
+            "precision": precision,
             "recompute": recipe.recompute or "none",
         },
         "cluster": {"preset": PRESETS[row["system"]], "nodes": row["num_gpus"] // GPUS_PER_NODE},
         "parallel": parallel,
     }
+    if fp8_recipe not in (None, "delayed"):
+        spec["training"]["fp8_recipe"] = fp8_recipe
+    if recipe.fsdp:
+        spec["training"]["data_parallel_sharding"] = "fsdp"  # Megatron-FSDP, optim_grads_params
+    if pipeline_layout is not None:
+        parallel["pipeline_layout"] = pipeline_layout
     # the overlaps and the reduction dtype the recipe sets (read_recipe)
     if recipe.ep_overlap and moe and parallel["ep"] > 1:
         model["moe"]["overlap_communication"] = True

@@ -359,17 +359,20 @@ def offload_modules(ctx: Context) -> frozenset[str]:
 
 
 def fp8_recipe(ctx: Context) -> str | None:
-    """The FP8 scaling recipe a run trains with: training.precision fp8 renders Megatron-LM's
-    default, delayed scaling (--fp8-format hybrid without --fp8-recipe; transformer_config.py
-    fp8_recipe); None for bf16."""
-    return "delayed" if ctx.spec.training.precision == "fp8" else None
+    """The FP8 scaling recipe a run trains with under training.precision fp8: training.fp8_recipe,
+    by default Megatron-LM's own default, delayed scaling (transformer_config.py fp8_recipe); None
+    for bf16 and fp4."""
+    training = ctx.spec.training
+    return training.fp8_recipe if training.precision == "fp8" else None
 
 
 def fp8_casts(ctx: Context) -> bool:
     """Whether Transformer Engine's linears keep an FP8 copy of their input for the backward (one
     byte per element, the cast their FP8 GEMM ran on: transformer_engine/pytorch/module/linear.py
-    saves the quantized input, columnwise for the weight gradient) instead of the bf16 one."""
-    return ctx.te and ctx.spec.training.precision == "fp8"
+    saves the quantized input, columnwise for the weight gradient) instead of the bf16 one. NVFP4
+    keeps its 4-bit copy with per-16-element scales and its columnwise transpose; priced at the
+    same byte per element."""
+    return ctx.te and ctx.spec.training.precision in ("fp8", "fp4")
 
 
 def _separate_norm_bytes(ctx: Context, h: int, recomputed: bool) -> float:

@@ -11,7 +11,8 @@ What hides behind compute, as Megatron schedules it (`window`: the busiest rank'
 backward GPU seconds of one micro-batch):
 - DP/EDP: the gradients reduce bucket by bucket during the last micro-batch's backward, and with
   the distributed optimizer the parameters gather during the first one's forward; the measured
-  share of each shows, or all of it beyond that window;
+  share of each shows, or all of it beyond that window. Under Megatron-FSDP every micro-batch
+  gathers each layer's weights twice and reduce-scatters its gradients, under that micro-batch's compute;
 - TP under `training.tp_comm_overlap` (Transformer Engine's userbuffers): each all-gather and
   reduce-scatter is cut into TP chunks pipelined with the GEMM beside it;
 - EP under `model.moe.overlap_communication` (Megatron's combined 1F1B): one micro-batch's
@@ -285,8 +286,18 @@ def communication(
     chunks = (1 + (lay.vpp - 1) * lay.pp) / lay.vpp
     groups = ((Axis.DP, placement(ctx, lay.dp * lay.cp, lay.tp), dense),
               (Axis.EDP, placement(ctx, lay.edp, lay.etp * lay.ep), expert))
+    fsdp = spec.training.data_parallel_sharding == "fsdp"
     for axis, group, params in groups:
-        if group.size > 1 and params:
+        if group.size > 1 and params and fsdp:
+            # Megatron-FSDP (optim_grads_params): every micro-batch gathers each layer's weights
+            # before its forward and again before its backward, and reduce-scatters its gradients
+            # after it (megatron/core/distributed/fsdp/src/README.md); the gathers prefetch under the
+            # previous layer's compute and the reduce-scatters run under the next layer's backward,
+            # so each shows the measured exposed share of its data-parallel kind, or all of it beyond
+            # the micro-batches' compute
+            add(axis, "all-gather", group, BF16 * params, 2 * m, eff.param_gather_exposed, m * (forward + backward))
+            add(axis, "reduce-scatter", group, grad * params, m, eff.grad_reduce_exposed, m * backward)
+        elif group.size > 1 and params:
             if spec.training.distributed_optimizer:
                 add(axis, "reduce-scatter", group, grad * params, 1, eff.grad_reduce_exposed, backward * chunks)
                 add(axis, "all-gather", group, BF16 * params, 1, eff.param_gather_exposed, forward * chunks)

@@ -125,6 +125,10 @@ def in_flight(lay: Layout, pp_rank: int) -> float:
     return min(m * lay.vpp, warmup_chunks + 1) / lay.vpp
 
 
+# unsharded layers a rank holds at once under Megatron-FSDP: the one computing and the one prefetched
+FSDP_LAYERS_IN_FLIGHT = 2
+
+
 def _units(ctx: Context, blocks: str) -> list[str]:
     """A stage's blocks as Megatron layers: AD/AE pairs on the GPT path, one letter otherwise."""
     return [blocks[i : i + 2] for i in range(0, len(blocks), 2)] if ctx.plain_transformer else list(blocks)
@@ -259,6 +263,7 @@ def stage_memory(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency
         else:
             sharded = ((dense, dense_shard), (expert, expert_shard))
         shards = sum(n / shard for n, shard in sharded)
+        resident = fsdp_resident_params(ctx, lay, mine, shards) if training.data_parallel_sharding == "fsdp" else total
         # what the optimizer step allocates beside the state: the fp32 copy of the larger shard
         # without TE (OPTIMIZER_STEP_BYTES), and fp32 copies of every bf16 gradient shard unless
         # the precision-aware optimizer reads them as they are (distrib_optimizer.py
@@ -274,8 +279,8 @@ def stage_memory(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency
                 pp_rank=p,
                 params=total,
                 params_expert=expert,
-                weights_gib=BF16 * total / GIB,
-                gradients_gib=grad_bytes * total / GIB,
+                weights_gib=BF16 * resident / GIB,
+                gradients_gib=grad_bytes * resident / GIB,
                 optimizer_gib=state_bytes * shards / GIB,
                 activations_gib=activations / GIB,
                 buffers_gib=(SCORE_BUFFER_BYTES * scores + (TE_GROUPED_GEMM_WORKSPACE_BYTES if ctx.te and "E" in blocks else 0)) / GIB,
@@ -287,6 +292,22 @@ def stage_memory(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency
             )
         )
     return out
+
+
+def fsdp_resident_params(ctx: Context, lay: Layout, mine: list[Stage], shards: float) -> float:
+    """Parameters whose weights (and gradients) a rank holds under Megatron-FSDP (optim_grads_params):
+    its shard of every weight and gradient, sharded over DP x CP (experts over EDP) as the
+    distributed optimizer shards its state, plus the unsharded layers in flight: the layer computing
+    and the next one whose all-gather is prefetched (and, in the backward, the layer whose gradient
+    waits for its reduce-scatter). megatron/core/distributed/fsdp/src/README.md: parameters are
+    all-gathered per module before its forward and backward and freed after; gradients are
+    reduce-scattered per module."""
+    per_letter = {}
+    for letter in {x for st in mine for x in st.blocks}:
+        bp = block_params(ctx, letter, lay)
+        per_letter[letter] = bp.dense + bp.expert
+    largest = max((sum(per_letter[x] for x in unit) for st in mine for unit in _units(ctx, st.blocks)), default=0)
+    return shards + FSDP_LAYERS_IN_FLIGHT * largest
 
 
 def _partial_full_recompute(ctx: Context, units: list[str], rebuilt: dict[str, float], layer_input: float) -> tuple[float, list[list[str]]]:

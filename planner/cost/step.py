@@ -158,6 +158,27 @@ def ring_attention_seconds(ctx: Context, lay: Layout, eff: Efficiency) -> float:
     return 3 * gemms.other_flops / (ctx.cluster.mamf_bf16_tflops * 1e12 * eff.matmul)
 
 
+def precision_matmul_seconds(ctx: Context, lay: Layout, letter: str, eff: Efficiency, load: float = 1.0) -> float:
+    """matmul_seconds at the training precision's rate. bf16 and every FP8 recipe are priced there
+    (FP8 at the preset's MAMF FP8 rate, whatever the recipe); NVFP4 runs the same GEMMs at the
+    preset's FP4 rate: matmul_seconds' bf16 price (FLOPs at MAMF on the Blackwell presets, which
+    have no kernel table) scaled by mamf_bf16 / mamf_fp4. Like FP8's, the scale covers core
+    attention too, which NVFP4 leaves in bf16 (NVFP4BlockScaling: fp8_dpa off)."""
+    seconds = matmul_seconds(ctx, lay, letter, eff, load)
+    c = ctx.cluster
+    if ctx.spec.training.precision != "fp4" or not c.mamf_fp4_tflops:
+        return seconds
+    return seconds * c.mamf_bf16_tflops / c.mamf_fp4_tflops
+
+
+def peak_tflops(ctx: Context) -> float:
+    """The dense peak MFU is measured against: the preset's rate at the training precision."""
+    c, precision = ctx.cluster, ctx.spec.training.precision
+    if precision == "fp4" and c.fp4_tflops:
+        return c.fp4_tflops
+    return c.fp8_tflops if precision == "fp8" else c.bf16_tflops
+
+
 def softmax_seconds(ctx: Context, lay: Layout, eff: Efficiency) -> float:
     """GPU seconds of one unfused attention's softmax chain per micro-batch on one rank, forward and
     backward plus the forward recompute repeats (0 with TE's fused attention): from the preset's
@@ -301,10 +322,8 @@ def estimate(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency = D
     """Memory, communication and step time of one legal layout; `load` > 1 prices the busiest
     expert-parallel rank under routing imbalance (blocks.routed_load)."""
     mem = stage_memory(ctx, lay, stages, eff, load)
-    precision = ctx.spec.training.precision
-    c = ctx.cluster
     per_letter = {letter: block_flops(ctx, letter, load) for letter in ctx.letters}
-    matmul = {letter: matmul_seconds(ctx, lay, letter, eff, load) for letter in [*ctx.letters, "head"]}
+    matmul = {letter: precision_matmul_seconds(ctx, lay, letter, eff, load) for letter in [*ctx.letters, "head"]}
     softmax = softmax_seconds(ctx, lay, eff)
     # (matmul, softmax, exposed block overhead, small kernels, gradient accumulation, host, the
     # local experts' host) per micro-batch on each pipeline rank
@@ -354,7 +373,7 @@ def estimate(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency = D
     gbs_tokens = ctx.spec.training.global_batch_size * ctx.seq
     useful = per_letter if load == 1 else {letter: block_flops(ctx, letter) for letter in ctx.letters}
     model_flops = 3 * gbs_tokens * (sum(n * useful[b] for b, n in Counter(ctx.pattern.blocks).items()) + head_flops(ctx))
-    peak = (c.fp8_tflops if precision == "fp8" else c.bf16_tflops) * 1e12
+    peak = peak_tflops(ctx) * 1e12
     return Estimate(
         memory=mem,
         communication=comms,

@@ -77,6 +77,11 @@ def _pipeline_flags(ctx: Context, cand: Candidate) -> list[str]:
             ("E" if k == 0 else "") + "t" * n + ("L" if k == last else "") for k, n in enumerate(split.sizes)
         )
         return ["--pipeline-model-parallel-layout", layout]
+    if split.kind == "account":  # the embedding and/or the loss counted as a layer (pinned_split)
+        pins = ctx.spec.parallel
+        a = ["--account-for-embedding-in-pipeline-split"] * pins.account_for_embedding
+        a += ["--account-for-loss-in-pipeline-split"] * pins.account_for_loss
+        return a + (["--num-virtual-stages-per-pipeline-rank", str(lay.vpp)] if lay.vpp > 1 else [])
     if split.kind == "first_last":
         return [
             "--decoder-first-pipeline-num-layers", str(split.first),
@@ -117,6 +122,30 @@ def _cuda_graph_flags(ctx: Context, cand: Candidate) -> list[str]:
         pad = not main and ctx.has_moe and cand.layout.ep > 1
         return ["--cuda-graph-impl", "local", *["--moe-pad-experts-for-cuda-graph-inference"] * pad]
     return ["--cuda-graph-impl", "transformer_engine", "--cuda-graph-modules" if main else "--cuda-graph-scope", *graphs]
+
+
+def _precision_flags(ctx: Context) -> list[str]:
+    """training.precision and fp8_recipe: FP8 in the hybrid format (E4M3 forward, E5M2 gradients) with
+    the recipe named unless it is Megatron's default, delayed (transformer_config.py fp8_recipe); FP4
+    as NVFP4 (--fp4-format e2m1 --fp4-recipe nvfp4; transformer_config.py:508-518, which refuses fp8
+    and fp4 together, 1034-1035). Both dialects accept these flags."""
+    tr = ctx.spec.training
+    if tr.precision == "fp8":
+        return ["--fp8-format", "hybrid"] + (["--fp8-recipe", tr.fp8_recipe] if tr.fp8_recipe != "delayed" else [])
+    if tr.precision == "fp4":
+        return ["--fp4-format", "e2m1", "--fp4-recipe", "nvfp4"]
+    return []
+
+
+def _fsdp_flags(ctx: Context) -> list[str]:
+    """training.data_parallel_sharding fsdp: Megatron-FSDP sharding weights, gradients and the
+    optimizer state (optim_grads_params), with the fsdp_dtensor checkpoint format it asserts
+    (arguments.py:690-691 in core_v0.16.1; main:1169-1170). The overlaps rendered with the
+    distributed optimizer prefetch each layer's parameters and reduce-scatter its gradients under
+    compute (megatron/core/distributed/fsdp/src/README.md, overlap_grad_reduce / overlap_param_gather)."""
+    if ctx.spec.training.data_parallel_sharding != "fsdp":
+        return []
+    return ["--use-megatron-fsdp", "--data-parallel-sharding-strategy", "optim_grads_params", "--ckpt-format", "fsdp_dtensor"]
 
 
 def _memory_flags(ctx: Context) -> list[str]:
@@ -222,8 +251,7 @@ def megatron_args(ctx: Context, cand: Candidate, opts: TrainOptions) -> list[str
         if moe.overlap_communication and lay.ep > 1:  # rule ep-overlap-needs-ep-and-vpp holds the rest
             a.append("--overlap-moe-expert-parallel-comm")
     a += ["--micro-batch-size", str(lay.micro_batch_size), "--global-batch-size", str(tr.global_batch_size), "--bf16"]
-    if tr.precision == "fp8":
-        a += ["--fp8-format", "hybrid"]
+    a += _precision_flags(ctx)
     a += _memory_flags(ctx)
     # gradients reduce bucket by bucket during the backward, and with the distributed optimizer
     # the parameters gather during the next forward, as megacpp's runtime and the cost model's
@@ -232,6 +260,7 @@ def megatron_args(ctx: Context, cand: Candidate, opts: TrainOptions) -> list[str
         a += ["--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather"]
     else:
         a.append("--overlap-grad-reduce")
+    a += _fsdp_flags(ctx)
     if tr.grad_reduce_dtype == "bf16":
         a.append("--grad-reduce-in-bf16")
     if tr.tp_comm_overlap and ctx.te and lay.tp > 1 and lay.sp:
@@ -278,7 +307,10 @@ def environment(ctx: Context, cand: Candidate) -> dict[str, str]:
         # with TE 2.10 or later Megatron-LM asserts this, "to avoid offloading weights" (arguments.py:1222-1227)
         env["NVTE_CPU_OFFLOAD_V1"] = "1"
     pre_blackwell = name in {"h100-sxm-8", "h200-sxm-8", "inline"}
-    if pre_blackwell and (lay.tp > 1 or lay.cp > 1):
+    # Megatron-FSDP asserts the variable is not 1 and only warns about TP/CP without it (arguments.py:
+    # 687-688, 930-938 in core_v0.16.1; rule fsdp-tp-cp-before-blackwell)
+    fsdp = ctx.spec.training.data_parallel_sharding == "fsdp"
+    if pre_blackwell and (lay.tp > 1 or lay.cp > 1) and not fsdp:
         env["CUDA_DEVICE_MAX_CONNECTIONS"] = "1"  # Megatron-LM arguments.py:1453-1481
     if name == "gb10-spark":
         # both PCIe halves of the ConnectX-7 port, or NCCL reaches half the link [R13]

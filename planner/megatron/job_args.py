@@ -46,7 +46,8 @@ PLAN_FLAGS = frozenset({
     "--use-distributed-optimizer", "--transformer-impl", "--cuda-graph-impl", "--cuda-graph-scope",
     "--fine-grained-activation-offloading", "--offload-modules", "--use-precision-aware-optimizer",
     "--exp-avg-dtype", "--exp-avg-sq-dtype", "--main-params-dtype", "--grad-reduce-in-bf16", "--tp-comm-overlap",
-    "--overlap-moe-expert-parallel-comm",
+    "--overlap-moe-expert-parallel-comm", "--fp8-recipe", "--fp4-format", "--fp4-recipe", "--use-megatron-fsdp",
+    "--data-parallel-sharding-strategy", "--use-torch-fsdp2",
 })
 
 # Flags megacpp renders from a spec key (or that would override one): refused, naming the key.

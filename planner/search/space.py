@@ -21,6 +21,7 @@ from typing import Any
 
 from megacpp.planner.search.layout import Context, Layout
 from megacpp.planner.search.rules import LEVELS, Rule, applicable, divisors
+from megacpp.planner.spec.pipeline_layout import stage_layers
 
 MBS_AUTO_CHOICES = (1, 2, 4, 8)
 # Virtual stages per rank searched whatever the split (vpp_choices). Beyond it only even
@@ -77,7 +78,12 @@ def searched_vpps(ctx: Context, pp: int) -> list[int]:
     """vpp_choices without a pin."""
     if ctx.unit_cuts:
         return divisors(len(ctx.unit_cuts) + 1)
-    layers = ctx.num_layers
+    pins = ctx.spec.parallel
+    if pins.pipeline_layout is not None:  # its stage count fixes pp x vpp (pipeline-layout-stages)
+        stages = len(stage_layers(pins.pipeline_layout))
+        return [stages // pp] if stages % pp == 0 else [1]
+    # the account flags split L + emb + loss units evenly (account-split-divides)
+    layers = ctx.num_layers + pins.account_for_embedding + pins.account_for_loss
     even = [v for v in divisors(layers // pp) if v > SMALL_VPP] if pp > 1 and layers % pp == 0 else []
     return [*range(1, SMALL_VPP + 1), *even]
 

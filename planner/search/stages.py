@@ -8,6 +8,9 @@ Megatron dialect can express:
 - hybrid on main: any split (`|` segments in `--hybrid-layer-pattern`);
 - hybrid on core_v0.16: an even split, or custom first/last stage sizes with equal middle stages
   (`--decoder-first/last-pipeline-num-layers`), and no virtual stages.
+
+A GPT-path spec may pin the split instead: `parallel.pipeline_layout` (a Megatron layout string,
+empty stages allowed) or `parallel.account_for_embedding` / `account_for_loss` (pinned_split).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from dataclasses import dataclass
 
 from megacpp.planner.cost.blocks import block_flops, head_flops
 from megacpp.planner.search.layout import Context
+from megacpp.planner.spec.pipeline_layout import stage_layers
 
 # Megatron's plain even split is kept unless a custom split shortens the slowest stage by more than
 # this: it needs no extra flags and does not pile layers onto the memory-heavy first stages.
@@ -24,7 +28,8 @@ EVEN_TOLERANCE = 0.02
 
 @dataclass(frozen=True)
 class Split:
-    """How the stage split is expressed: kind is even | first_last | layout | pipes."""
+    """How the stage split is expressed: kind is even | first_last | layout | pipes | account (the
+    embedding and loss counted as layers, spec parallel.account_for_*)."""
 
     kind: str
     sizes: tuple[int, ...]  # units per global chunk, in chunk order (chunk k -> pp_rank k % pp)
@@ -155,8 +160,32 @@ def _first_last_split(weights: list[float], pp: int, head: float) -> Split:
     return best[2]
 
 
+def pinned_split(ctx: Context, pp: int, vpp: int) -> Split | None:
+    """The split parallel.pipeline_layout or the account flags fix, if the spec sets either.
+
+    The account flags count the embedding and the loss as one layer each and split evenly: every
+    chunk gets (L + emb + loss) / (pp x vpp) layers, the first and last chunks one fewer each
+    (transformer_block.py:76-203 get_num_layers_to_build; transformer_config.py:1435-1478 in megatron-core
+    0.16.1), which
+    may leave them empty (Llama-3.1-405B, 126 layers on pp 16 x vp 8, as NVIDIA runs it)."""
+    pins = ctx.spec.parallel
+    if pins.pipeline_layout is not None:
+        return Split("layout", stage_layers(pins.pipeline_layout))
+    if not (pins.account_for_embedding or pins.account_for_loss):
+        return None
+    chunks = pp * vpp
+    per, _ = divmod(ctx.num_layers + pins.account_for_embedding + pins.account_for_loss, chunks)
+    sizes = [per] * chunks
+    sizes[0] -= pins.account_for_embedding
+    sizes[-1] -= pins.account_for_loss
+    return Split("account", tuple(sizes))
+
+
 def choose_split(ctx: Context, pp: int, vpp: int) -> Split:
     """The stage split for pp x vpp chunks (rules have already checked it is expressible)."""
+    pinned = pinned_split(ctx, pp, vpp)
+    if pinned is not None:
+        return pinned
     n, chunks = ctx.num_layers, pp * vpp
     if ctx.unit_cuts:
         bounds = [0, *ctx.unit_cuts, n]

@@ -54,6 +54,12 @@ class Cluster(BaseModel):
     mamf_bf16_tflops: float  # best achievable matmul rate
     fp8_tflops: float
     mamf_fp8_tflops: float
+    # dense FP4 (NVFP4) peak and achievable rate where the GPU has FP4 tensor cores (Blackwell); None elsewhere
+    fp4_tflops: float | None = None
+    mamf_fp4_tflops: float | None = None
+    # CUDA compute capability x 10 (90 Hopper, 100 B200/GB200, 103 B300/GB300, 121 GB10): what
+    # Transformer Engine gates its FP8 and FP4 recipes on (rules/precision.py)
+    compute_capability: int = 90
     hbm_tbps: float
     # bus bandwidth (nccl-tests busbw, GB/s) inside the NVLink domain
     nvlink_allreduce_gbps: float
@@ -108,6 +114,7 @@ _H100 = dict(
     mamf_bf16_tflops=794.5,  # [R4]
     fp8_tflops=1979.0,  # dense [R4]
     mamf_fp8_tflops=1402.6,  # [R4]
+    compute_capability=90,  # sm_90 [R53]
     hbm_tbps=3.35,  # [R4][R50]
     nvlink_allreduce_gbps=370.0,  # ring, NVLS off [R43]
     nvlink_allgather_gbps=361.0,  # [R2]
@@ -152,6 +159,9 @@ PRESETS: dict[str, dict] = {
         "mamf_bf16_tflops": 1745.0,  # [R4]
         "fp8_tflops": 4500.0,  # [R4]
         "mamf_fp8_tflops": 3432.5,  # [R4]
+        "fp4_tflops": 9000.0,  # dense [R4][R49]
+        "mamf_fp4_tflops": 9000.0 * 3432.5 / 4500.0,  # ASSUMPTION: the measured FP8 achievable/peak ratio
+        "compute_capability": 100,  # sm_100 [R53]
         "hbm_tbps": 8.0,  # [R4]
         "nvlink_allreduce_gbps": 682.0,  # ring, 8 GPUs, 8 GiB [R2]
         "nvlink_allgather_gbps": 682.0,  # ASSUMPTION: ring rate as all-reduce [R2]
@@ -170,6 +180,9 @@ PRESETS: dict[str, dict] = {
         "mamf_bf16_tflops": 1822.0,  # [R4]
         "fp8_tflops": 5000.0,  # [R4]
         "mamf_fp8_tflops": 3615.6,  # [R4]
+        "fp4_tflops": 10000.0,  # dense, per GPU [R4][R49]
+        "mamf_fp4_tflops": 10000.0 * 3615.6 / 5000.0,  # ASSUMPTION: the measured FP8 achievable/peak ratio
+        "compute_capability": 100,  # sm_100 [R53]
         "hbm_tbps": 8.0,  # [R4]
         "nvlink_allreduce_gbps": 680.0,  # NVL72 ring all-reduce, GTC25 slide via [R2]
         "nvlink_allgather_gbps": 680.0,  # ASSUMPTION: ring rate as all-reduce [R2]
@@ -177,6 +190,60 @@ PRESETS: dict[str, dict] = {
         "nvlink_alltoall_gbps": 550.0,  # HybridEP dispatch algbw upper range [R24]
         "nvlink_p2p_gbps": 680.0,  # ASSUMPTION
         "host_launch_us": DGX_HOST_LAUNCH_US,  # ASSUMPTION: a Grace host [R7] issues work as a DGX host does
+    },
+    # Blackwell Ultra. Per GPU: dense BF16 / FP8 / FP4 from NVIDIA's published rack and HGX figures
+    # (GB300 NVL72: 1.1 EF dense FP4 and 360 PF FP8 over 72 GPUs, 20 TB HBM3e at 576 TB/s, 72
+    # ConnectX-8 [R57]; per-GPU table [R58]). The achievable rates are not measured on these parts
+    # beyond B300's BF16 matmul [R4] (MAMF 1,769 TFLOPS).
+    "b300-sxm-8": {
+        **_H100,
+        "description": "HGX/DGX B300, 8 GPUs per node on NVLink5 switches, 1x800G NIC per GPU",
+        "gpu_memory_gib": 262.0,  # ASSUMPTION: 270 GiB total [R58] minus headroom, as on B200
+        "gpu_memory_total_gib": 270.0,  # [R58] (288 GB HBM3e on the datasheet [R57])
+        "bf16_tflops": 2250.0,  # dense [R57][R58]
+        "mamf_bf16_tflops": 1769.0,  # measured B300 matmul [R4]
+        "fp8_tflops": 4500.0,  # dense [R57][R58]
+        "mamf_fp8_tflops": 4500.0 * 1769.0 / 2250.0,  # ASSUMPTION: the measured BF16 achievable/peak ratio
+        "fp4_tflops": 13125.0,  # dense [R57] (14,000 in [R58])
+        "mamf_fp4_tflops": 13125.0 * 1769.0 / 2250.0,  # ASSUMPTION: as above
+        "compute_capability": 103,  # sm_103 [R53]
+        "hbm_tbps": 8.0,  # [R57]
+        # NVLink5 at 1.8 TB/s per GPU as on B200 [R57]: B200's measured bus bandwidths (ASSUMPTION)
+        "nvlink_allreduce_gbps": 682.0,
+        "nvlink_allgather_gbps": 682.0,
+        "nvlink_reducescatter_gbps": 682.0,
+        "nvlink_alltoall_gbps": 682.0,
+        "nvlink_p2p_gbps": 682.0,
+        # one ConnectX-8 800 Gb/s (100 GB/s) per GPU [R57]; ASSUMPTION: the same 94% of line rate
+        # nccl-tests reaches on 400G NDR [R46]
+        "nic_busbw_gbps": 94.0,
+        # ASSUMPTION: DGX B300's two-socket Xeon host (Xeon 6776P [R58]) issues work as DGX B200's
+        # Xeon 8570 [R6] does: the DGX host class of the other 8-GPU presets
+        "host_launch_us": DGX_HOST_LAUNCH_US,
+    },
+    "gb300-nvl72": {
+        **_H100,
+        "description": "GB300 NVL72 rack: 4 GPUs per compute tray, one 72-GPU NVLink5 domain, 1x800G NIC per GPU",
+        "gpus_per_node": 4,  # compute tray: 2 Grace + 4 Blackwell Ultra [R57]
+        "nvlink_domain": 72,  # [R57]
+        "gpu_memory_gib": 271.0,  # ASSUMPTION: 278.0 GiB total [R59] minus headroom, as on GB200
+        "gpu_memory_total_gib": 278.0,  # NVML 298,500,227,072 bytes [R59] (288 GB HBM3e on the datasheet [R57])
+        "bf16_tflops": 2500.0,  # dense: 180 PF per 72 GPUs [R57][R58]
+        "mamf_bf16_tflops": 1769.0 * 2500.0 / 2250.0,  # ASSUMPTION: B300's measured matmul [R4] at GB300's peak
+        "fp8_tflops": 5000.0,  # dense: 360 PF per 72 GPUs [R57][R58]
+        "mamf_fp8_tflops": 5000.0 * 1769.0 / 2250.0,  # ASSUMPTION: the measured BF16 achievable/peak ratio
+        "fp4_tflops": 15000.0,  # dense: 1.08 EF per 72 GPUs [R57][R58]
+        "mamf_fp4_tflops": 15000.0 * 1769.0 / 2250.0,  # ASSUMPTION: as above
+        "compute_capability": 103,  # sm_103 [R53]
+        "hbm_tbps": 8.0,  # 576 TB/s per 72 GPUs [R57]
+        # the same NVLink5 fabric as GB200 NVL72 (130 TB/s per 72 GPUs [R57]): its rates (ASSUMPTION)
+        "nvlink_allreduce_gbps": 680.0,
+        "nvlink_allgather_gbps": 680.0,
+        "nvlink_reducescatter_gbps": 680.0,
+        "nvlink_alltoall_gbps": 550.0,
+        "nvlink_p2p_gbps": 680.0,
+        "nic_busbw_gbps": 94.0,  # 72 ConnectX-8 800 Gb/s, one per GPU [R57]; ASSUMPTION as b300-sxm-8
+        "host_launch_us": DGX_HOST_LAUNCH_US,  # ASSUMPTION: a Grace host, as gb200-nvl72's
     },
     "gb10-spark": {
         "description": "NVIDIA DGX Spark (GB10): one GPU per box, 128 GB unified memory, boxes linked at 200 GbE",
@@ -188,6 +255,9 @@ PRESETS: dict[str, dict] = {
         "mamf_bf16_tflops": 92.3,  # measured BF16 matmul [R18]
         "fp8_tflops": 250.0,  # DERIVED [R16][R17]
         "mamf_fp8_tflops": 184.6,  # ASSUMPTION: 2x the measured BF16 rate
+        "fp4_tflops": 500.0,  # DERIVED: 1 PFLOP sparse FP4 / 2 [R16][R17]
+        "mamf_fp4_tflops": 369.2,  # ASSUMPTION: 4x the measured BF16 rate
+        "compute_capability": 121,  # sm_121, SM120 family [R12][R56]
         "hbm_tbps": 0.273,  # LPDDR5x [R12]
         "nvlink_allreduce_gbps": 1.0,  # unused: the NVLink domain is one GPU
         "nvlink_allgather_gbps": 1.0,
@@ -228,6 +298,16 @@ SOURCES = {
     "R50": "NVIDIA H100 datasheet reproduction (sparse vs dense)",
     "R51": "public nvidia-smi captures (H200/B200/GB200 memory totals)",
     "R52": "NVIDIA dgx-spark-playbooks multi-agent-chatbot README",
+    "R53": "CUDA compute capabilities (H100/H200 9.0, B200/GB200 10.0, B300/GB300 10.3, GB10 12.1); B300 10.3 "
+           "also in public nvidia-smi captures of 'NVIDIA B300 SXM6 AC'",
+    "R56": "mit-han-lab/fouroversix PR #33 (GB10 = compute capability 12.1, SM120 family)",
+    "R57": "glennklockwood.com B300 page, citing NVIDIA: HGX B300 dense BF16 2,250 / FP8 4,500 / FP4 13,125 "
+           "TFLOPS per GPU, 288 GB HBM3e at 8 TB/s, NVLink5 1.8 TB/s; GB300 NVL72 1.1 EF dense FP4, 360 PF "
+           "FP8, 20 TB HBM at 576 TB/s, 130 TB/s NVLink, 72 ConnectX-8 (800 Gb/s); 4 GPUs + 2 Grace per tray",
+    "R58": "verda.com/blog/gb300-nvl72-architecture, per-GPU table without sparsity (GB300: FP4 15 PF, FP8 5, "
+           "BF16 2.5; B300: 14 / 4.5 / 2.25; GB300 279 GB, B300 270 GB); DGX B300 hosts on Xeon 6776P "
+           "(aiwiki DGX B300 page)",
+    "R59": "public NVML profile table: 'NVIDIA GB300 NVL' memoryBytes 298500227072",
 }
 
 _INLINE_REQUIRED = ("gpus_per_node", "gpu_memory_gib", "bf16_tflops")

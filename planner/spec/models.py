@@ -21,6 +21,7 @@ from pydantic import (
 )
 
 from megacpp.planner.spec.pattern import Pattern, parse_pattern
+from megacpp.planner.spec.pipeline_layout import stage_layers
 
 # Bounds keep absurd values out with a message naming the key. They are generous: the
 # largest published models are well inside them.
@@ -194,7 +195,15 @@ class TrainingSpec(_Frozen):
     seq_length: Tokens
     global_batch_size: Annotated[int, Field(ge=1, le=1 << 24)]
     micro_batch_size: Annotated[int, Field(ge=1, le=1 << 16)] | Literal["auto"] = 1
-    precision: Literal["bf16", "fp8"] = "bf16"
+    # fp8: Transformer Engine's FP8 GEMMs with the scaling recipe fp8_recipe; fp4: NVFP4 (Blackwell)
+    precision: Literal["bf16", "fp8", "fp4"] = "bf16"
+    # delayed (amax history), tensorwise (current scaling), mxfp8 (32-element blocks, Blackwell),
+    # blockwise (1x128 / 128x128 blocks): Megatron's --fp8-recipe
+    fp8_recipe: Literal["delayed", "tensorwise", "mxfp8", "blockwise"] = "delayed"
+    # how data parallelism shards the training state: optimizer (the distributed optimizer shards
+    # the optimizer state, as distributed_optimizer says) or fsdp (Megatron-FSDP shards weights,
+    # gradients and optimizer state: optim_grads_params)
+    data_parallel_sharding: Literal["optimizer", "fsdp"] = "optimizer"
     recompute: Literal["none", "selective", "full"] = "none"
     # selective: what is recomputed (None: Megatron's default, core_attn); full: which layers
     # (uniform: checkpoints of recompute_num_layers layers each, default 1; block: only the first
@@ -232,6 +241,16 @@ class TrainingSpec(_Frozen):
                                  "the preprocess after the router); add moe_router")
             if "moe" in modules and "moe_router" in modules:  # transformer_config.py: "must not contain both moe and moe_router"
                 raise ValueError("cuda_graphs: moe captures the whole MoE layer; drop moe_router and moe_preprocess")
+        return self
+
+    @model_validator(mode="after")
+    def _precision_and_sharding(self) -> TrainingSpec:
+        if self.fp8_recipe != "delayed" and self.precision != "fp8":
+            raise ValueError(f"training.fp8_recipe={self.fp8_recipe} applies to precision: fp8, not {self.precision}; "
+                             "set precision: fp8 or drop fp8_recipe")
+        if self.data_parallel_sharding == "fsdp" and not self.distributed_optimizer:
+            raise ValueError("training.data_parallel_sharding: fsdp shards the optimizer state too (Megatron-FSDP "
+                             "runs with the distributed optimizer); set distributed_optimizer: true")
         return self
 
     @model_validator(mode="after")
@@ -337,6 +356,22 @@ class ParallelPins(_Frozen):
     ep: Count | None = None
     etp: Count | None = None
     sp: bool | None = None
+    # how Megatron splits the layers over pipeline stages: the embedding and the loss each counted as
+    # a layer (the first and last stage build one layer fewer), or an explicit layout string with
+    # the decoder layers of every (virtual) stage, empty stages allowed (spec/pipeline_layout.py)
+    account_for_embedding: bool = False
+    account_for_loss: bool = False
+    pipeline_layout: Annotated[str, Field(min_length=1, max_length=4096)] | None = None
+
+    @model_validator(mode="after")
+    def _one_split(self) -> ParallelPins:
+        """transformer_config.py:1307-1324 (megatron-core 0.16.1): a layout string goes alone."""
+        if self.pipeline_layout is not None:
+            if self.account_for_embedding or self.account_for_loss:
+                raise ValueError("parallel.pipeline_layout places the embedding and the loss itself; "
+                                 "drop account_for_embedding and account_for_loss")
+            stage_layers(self.pipeline_layout)
+        return self
 
 
 # ---- What a real training job reads, writes and where it runs: data, checkpoint, launch ----
@@ -586,6 +621,27 @@ class Spec(_Frozen):
                              "set model.moe.capacity_factor")
         if self.training.recompute == "full" and graphs not in ("none", "full_iteration"):
             raise ValueError(f"{where}: full recompute is only supported with full_iteration CUDA graphs")
+        return self
+
+    @model_validator(mode="after")
+    def _pipeline_split_fits_the_model(self) -> Spec:
+        """A layout string lists every decoder layer once (pipeline_parallel_layer_layout.py:86-151);
+        neither it nor the account flags apply to hybrid stacks (arguments.py:813-838 on main; core_v0.16's
+        MambaStack ignores them) or to `|` cuts in the pattern, which pin the split already."""
+        pins, parsed = self.parallel, self.model.parsed
+        named = [k for k in ("pipeline_layout", "account_for_embedding", "account_for_loss") if getattr(pins, k)]
+        if not named:
+            return self
+        if not parsed.is_plain_transformer:
+            raise ValueError(f"parallel.{named[0]} applies to plain AD/AE stacks (Megatron's GPT model); "
+                             "a hybrid stack pins its stages with `|` in the pattern")
+        if parsed.cuts:
+            raise ValueError(f"parallel.{named[0]} and `|` cuts in model.pattern both pin the stage split; keep one")
+        if pins.pipeline_layout is not None:
+            layers = sum(stage_layers(pins.pipeline_layout))
+            if layers != len(parsed.blocks) // 2:
+                raise ValueError(f"parallel.pipeline_layout has {layers} decoder layers (t) but the pattern has "
+                                 f"{len(parsed.blocks) // 2}; list every layer once")
         return self
 
     @property

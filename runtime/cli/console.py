@@ -17,6 +17,12 @@ out = Console(highlight=False, soft_wrap=False, width=None if sys.stdout.isatty(
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
+def _layer_range(layers: list[int]) -> str:
+    """Megatron layers [start, stop) as "3-5"; "none" for a stage that holds only the embedding or the loss."""
+    start, stop = layers
+    return f"{start}-{stop - 1}" if stop > start else "none"
+
+
 def error(message: str) -> None:
     err.print(f"[bold red]error:[/] {message}", markup=True, highlight=False) if err.is_terminal else print(f"error: {message}", file=sys.stderr)
 
@@ -250,7 +256,7 @@ def explain_text(doc: dict[str, Any]) -> None:
     for s in doc["stages"]:
         owns = ", ".join(x for x, on in (("embedding", s["embedding"]), ("head + loss", s["output_head"])) if on) or "-"
         blocks = s["blocks"] if len(s["blocks"]) <= 40 else s["blocks"][:37] + "…"
-        stages.add_row(str(s["pp_rank"]), str(s["vp_stage"]), f"{s['layers'][0]}-{s['layers'][1] - 1}", blocks, owns, "; ".join(s["notes"]))
+        stages.add_row(str(s["pp_rank"]), str(s["vp_stage"]), _layer_range(s["layers"]), blocks, owns, "; ".join(s["notes"]))
     out.print(stages)
 
     mem = doc["memory"]
@@ -297,7 +303,7 @@ def explain_text(doc: dict[str, Any]) -> None:
         out.print(f"[bold]rank {f['rank']}[/] (node {f['node']}, gpu {f['local_rank']}): tp {f['tp']} cp {f['cp']} dp {f['dp']} pp {f['pp']} "
                   f"ep {f['ep']} etp {f['etp']} edp {f['edp']}")
         for s in f["stages"]:
-            out.print(f"  holds layers {s['layers'][0]}-{s['layers'][1] - 1}: {s['blocks']}")
+            out.print(f"  holds layers {_layer_range(s['layers'])}: {s['blocks']}")
         for axis, peers in f["peers"].items():
             out.print(f"  {axis} peers: {_rank_list(peers)}")
         if f["experts"]:

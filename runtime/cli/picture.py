@@ -47,7 +47,8 @@ def _layout_text(lay: dict[str, Any]) -> str:
 def _stage_label(doc: dict[str, Any], pp_rank: int) -> str:
     """'pp0: L0-5 AEMEAE + embedding'; with virtual stages 'pp0: L0-1, L8-9, … AEAE each'."""
     chunks = [s for s in doc["stages"] if s["pp_rank"] == pp_rank]
-    spans = [f"L{a}" if b - a == 1 else f"L{a}-{b - 1}" for a, b in (s["layers"] for s in chunks)]
+    # a stage with no layers (only the embedding or the loss) has no span
+    spans = [f"L{a}" if b - a == 1 else f"L{a}-{b - 1}" for a, b in (s["layers"] for s in chunks) if b > a]
     shapes = {s["blocks"] for s in chunks}
     blocks = next(iter(shapes)) if len(shapes) == 1 else ""
     blocks = blocks if len(blocks) <= 16 else blocks[:15] + "…"

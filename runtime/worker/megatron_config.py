@@ -79,8 +79,12 @@ def vocab_size(job: Job) -> int:
 
 def _check_requirements(job: Job, backend: Backend) -> None:
     model, letters = job.spec.model, job.ctx.letters
-    if job.spec.training.precision == "fp8" and not backend.use_te:
-        raise LaunchError("training.precision=fp8 needs Transformer Engine, which does not import here; use precision: bf16")
+    precision = job.spec.training.precision
+    if precision != "bf16" and not backend.use_te:
+        raise LaunchError(f"training.precision={precision} needs Transformer Engine, which does not import here; use precision: bf16")
+    if job.spec.training.data_parallel_sharding == "fsdp":
+        raise LaunchError("training.data_parallel_sharding: fsdp: the megacpp runtime trains with DDP and the distributed "
+                          "optimizer, not Megatron-FSDP; launch with --engine megatron-lm, or set it to optimizer")
     if job.layout.cp > 1 and "A" in letters and not backend.use_te:
         raise LaunchError(
             f"cp={job.layout.cp}: context parallel attention needs TEDotProductAttention and Transformer Engine "
@@ -191,6 +195,8 @@ def transformer_config(job: Job, backend: Backend, *, cuda: bool, construct_only
     elif training.recompute == "full":
         # one layer per checkpoint, done by the stage module (see model.StageChunk)
         kw.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
-    if training.precision == "fp8":
-        kw.update(fp8="hybrid")
+    if training.precision == "fp8":  # the recipe as Megatron-LM's --fp8-recipe sets it (planner/megatron/args.py)
+        kw.update(fp8="hybrid", fp8_recipe=training.fp8_recipe)
+    elif training.precision == "fp4":
+        kw.update(fp4="e2m1", fp4_recipe="nvfp4")
     return TransformerConfig(**kw)

@@ -29,15 +29,16 @@ def mamba_needs_te(ctx: Context, lay: Layout) -> str | None:
 @rule(
     "fp8-needs-te",
     axes=(),
-    where="[V] megatron/core/fp8_utils.py:24-28 (FP8 recipes exist only when HAVE_TE)",
-    applies=lambda ctx: ctx.spec.training.precision == "fp8",
-    fails="training.precision=fp8, backend.transformer_engine=false",
+    where="[V] megatron/core/fp8_utils.py:24-28 (FP8 recipes exist only when HAVE_TE); fp4_utils.py:25-40 (FP4 alike)",
+    applies=lambda ctx: ctx.spec.training.precision != "bf16",
+    fails="training.precision=fp8 (or fp4), backend.transformer_engine=false",
     passes="training.precision=bf16",
 )
 def fp8_needs_te(ctx: Context, lay: Layout) -> str | None:
-    """FP8 training runs through Transformer Engine's FP8 autocast; there is no FP8 path without TE."""
+    """FP8 and FP4 training run through Transformer Engine's autocast; there is no such path without TE."""
     if not ctx.te:
-        return "training.precision=fp8 needs Transformer Engine; set backend.transformer_engine: true or precision: bf16"
+        precision = ctx.spec.training.precision
+        return f"training.precision={precision} needs Transformer Engine; set backend.transformer_engine: true or precision: bf16"
     return None
 
 

@@ -45,16 +45,17 @@ def mla_up_proj_needs_mla(ctx: Context, lay: Layout) -> str | None:
     axes=(),
     where="[V] megatron/core/transformer/transformer_config.py:1241-1247",
     applies=lambda ctx: fp8_recipe(ctx) == "delayed" and bool({"moe_act", "layernorm"} & recompute_modules(ctx)),
-    fails="training.precision=fp8, recompute_modules [moe_act, layernorm]",
-    passes="training.precision=bf16, or recompute_modules [core_attn, moe]",
+    fails="training.precision=fp8 (fp8_recipe delayed, the default), recompute_modules [moe_act, layernorm]",
+    passes="training.fp8_recipe=tensorwise, mxfp8 or blockwise (Transformer Engine 2.6+), or recompute_modules [core_attn, moe]",
 )
 def fp8_delayed_recompute(ctx: Context, lay: Layout) -> str | None:
-    """Under FP8 with delayed scaling, the recipe megacpp renders for training.precision fp8,
-    Megatron refuses moe_act and layernorm recompute: their outputs are dropped and rebuilt, and
-    delayed scaling's amax history would see the rebuilt casts twice."""
+    """Under FP8 with delayed scaling (training.fp8_recipe delayed, the default) Megatron refuses
+    moe_act and layernorm recompute: their outputs are dropped and rebuilt, and delayed scaling's
+    amax history would see the rebuilt casts twice. The other recipes scale each cast from its own
+    values and allow them (with Transformer Engine 2.6 or later, transformer_config.py:1248-1252)."""
     named = sorted({"moe_act", "layernorm"} & recompute_modules(ctx))
-    return (f"training.recompute_modules: {', '.join(named)} under fp8 with delayed scaling (what precision fp8 "
-            "renders): Megatron refuses them; drop them or use precision: bf16")
+    return (f"training.recompute_modules: {', '.join(named)} under fp8 with delayed scaling: Megatron refuses "
+            "them; set training.fp8_recipe: tensorwise (or mxfp8, blockwise), or drop them")
 
 
 @rule(

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from megacpp.planner.axes import Axis
 from megacpp.planner.search.layout import Context, Layout
-from megacpp.planner.search.rules import rule
+from megacpp.planner.search.rules import divisors, options, rule
+from megacpp.planner.spec.pipeline_layout import stage_layers
 
 
 @rule(
@@ -30,10 +31,61 @@ def hybrid_no_vpp(ctx: Context, lay: Layout) -> str | None:
     passes="vpp=2",
 )
 def stages_exceed_layers(ctx: Context, lay: Layout) -> str | None:
-    """Every pipeline (virtual) stage must own at least one layer."""
-    stages = lay.pp * lay.vpp
-    if stages > ctx.num_layers:
-        return f"pp*vpp = {stages} stages but the model has only {ctx.num_layers} Megatron layers; lower pp or vpp"
+    """Every pipeline (virtual) stage must own at least one layer, where the embedding and the loss
+    count as one each under parallel.account_for_embedding / account_for_loss. A pipeline_layout
+    string may leave stages empty (pipeline-layout-stages checks it instead)."""
+    pins = ctx.spec.parallel
+    if pins.pipeline_layout is not None:
+        return None
+    stages, units = lay.pp * lay.vpp, ctx.num_layers + pins.account_for_embedding + pins.account_for_loss
+    if stages > units:
+        counted = " (embedding/loss counted)" if units > ctx.num_layers else ""
+        return f"pp*vpp = {stages} stages but the model has only {units} Megatron layers{counted}; lower pp or vpp"
+    return None
+
+
+def _accounted(ctx: Context) -> bool:
+    pins = ctx.spec.parallel
+    return pins.account_for_embedding or pins.account_for_loss
+
+
+@rule(
+    "account-split-divides",
+    axes=(Axis.PP, Axis.VPP),
+    where="[V] megatron/core/transformer/transformer_config.py:1435-1478; megatron/training/arguments.py:559-571",
+    applies=_accounted,
+    fails="126 layers with account_for_embedding and account_for_loss (128 units), pp=12",
+    passes="pp=16 with vpp 1, 2, 4 or 8 (128 = 126 + embedding + loss)",
+)
+def account_split_divides(ctx: Context, lay: Layout) -> str | None:
+    """With the embedding and/or the loss counted as a layer, Megatron splits L + emb + loss units
+    evenly: PP must divide them, and VPP the units per pipeline rank."""
+    pins = ctx.spec.parallel
+    units = ctx.num_layers + pins.account_for_embedding + pins.account_for_loss
+    if units % lay.pp:
+        return (f"{units} layers with the embedding/loss counted are not divisible by pp={lay.pp}; "
+                f"try pp in {options(divisors(units))}")
+    if (units // lay.pp) % lay.vpp:
+        return (f"{units // lay.pp} layers per pipeline rank (embedding/loss counted) are not divisible by "
+                f"vpp={lay.vpp}; try vpp in {options(divisors(units // lay.pp))}")
+    return None
+
+
+@rule(
+    "pipeline-layout-stages",
+    axes=(Axis.PP, Axis.VPP),
+    where="[V] megatron/training/arguments.py:516-526 (layout stages % PP); "
+          "megatron/core/transformer/transformer_config.py:1340-1350 (VPP from the layout)",
+    applies=lambda ctx: ctx.spec.parallel.pipeline_layout is not None,
+    fails="a pipeline_layout of 32 stages with pp=6",
+    passes="pp=16 (vpp=2), pp=8 (vpp=4) or pp=32",
+)
+def pipeline_layout_stages(ctx: Context, lay: Layout) -> str | None:
+    """A pipeline layout string names every (virtual) stage: its stage count must be pp x vpp."""
+    stages = len(stage_layers(ctx.spec.parallel.pipeline_layout or ""))
+    if stages != lay.pp * lay.vpp:
+        return (f"parallel.pipeline_layout has {stages} stages but pp*vpp = {lay.pp}*{lay.vpp} = {lay.pp * lay.vpp}; "
+                f"pick pp in {options(divisors(stages))} with vpp = {stages}/pp")
     return None
 
 

@@ -1,0 +1,55 @@
+"""Megatron's pipeline layout strings (`parallel.pipeline_layout`): the decoder layers of every
+(virtual) pipeline stage, written as Megatron writes them.
+
+Grammar (megatron/core/transformer/pipeline_parallel_layer_layout.py:283-320 in megatron-core
+0.16.1; docs/user-guide/features/pipeline_parallel_layout.md): `|` separates the PP x VPP stages in
+chunk order (stage k on pp_rank k % PP, virtual stage k // PP); `E` is the embedding, `t` a decoder
+layer, `L` the loss, `m` an MTP layer; `x*N` and `(...)*N` repeat; commas are cosmetic. The
+embedding comes first and the loss last, each exactly once (pipeline_parallel_layer_layout.py:86-151).
+A stage may hold no decoder layer ("E|t*4|...|L"). megacpp plans no MTP layers, so `m` is refused.
+"""
+
+from __future__ import annotations
+
+import re
+
+_SYMBOLS = re.compile(r"[EtL|(),*0-9\s]*")
+_GROUP = re.compile(r"\(([^()]*)\)\*(\d+)")
+_REPEAT = re.compile(r"([EtL])\*(\d+)")
+MAX_STAGES = 1 << 14
+
+
+def expand(text: str) -> list[str]:
+    """The stages of a layout string, each as its symbols with every repeat expanded."""
+    if not _SYMBOLS.fullmatch(text):
+        bad = sorted(set(re.sub(r"[EtL|(),*0-9\s]", "", text)))
+        hint = " (MTP layers are not planned; drop m)" if "m" in bad else ""
+        raise ValueError(f"pipeline layout {text!r}: unknown symbols {''.join(bad)!r}{hint}; use E, t, L, |, (...)*N")
+    flat = re.sub(r"[\s,]", "", text)
+    for _ in range(64):
+        if "(" not in flat:
+            break
+        flat = _GROUP.sub(lambda m: m[1] * int(m[2]), flat)
+        if len(flat) > 1 << 20:
+            raise ValueError(f"pipeline layout {text[:60]!r} expands beyond {1 << 20} symbols")
+    if "(" in flat or ")" in flat:
+        raise ValueError(f"pipeline layout {text!r}: unbalanced or unrepeated parentheses; write (...)*N")
+    flat = _REPEAT.sub(lambda m: m[1] * int(m[2]), flat)
+    if "*" in flat or re.search(r"\d", flat):
+        raise ValueError(f"pipeline layout {text!r}: a repeat count must follow a symbol or (...)")
+    stages = flat.split("|")
+    if len(stages) > MAX_STAGES:
+        raise ValueError(f"pipeline layout {text[:60]!r} has {len(stages)} stages; at most {MAX_STAGES}")
+    return stages
+
+
+def stage_layers(text: str) -> tuple[int, ...]:
+    """Decoder layers per stage of a layout string, after checking the embedding opens it and the
+    loss closes it, once each."""
+    stages = expand(text)
+    flat = "".join(stages)
+    if flat.count("E") != 1 or not stages[0].startswith("E"):
+        raise ValueError(f"pipeline layout {text[:60]!r}: the embedding E must open the first stage, once")
+    if flat.count("L") != 1 or not stages[-1].endswith("L"):
+        raise ValueError(f"pipeline layout {text[:60]!r}: the loss L must close the last stage, once")
+    return tuple(s.count("t") for s in stages)
