@@ -69,6 +69,8 @@ def test_latent_moe_and_windowed_attention_are_mapped_exactly() -> None:
     assert (model.attention.window_size, model.attention.window_full_every, model.attention.sinks) == (128, 2, True)
     qwen = spec_from_dict(convert(row(34)).spec).model  # Qwen3-30B-A3B, 16 x H100
     assert qwen.attention is not None and qwen.attention.qk_layernorm
+    deepseek = spec_from_dict(convert(row(39)).spec).model  # MLA's qk_layernorm norms its latents, not GQA heads
+    assert deepseek.attention is not None and not deepseek.attention.qk_layernorm
 
 
 def test_approximations_are_named_and_still_planned() -> None:

@@ -378,7 +378,8 @@ def _attention(m: dict[str, Any]) -> dict[str, Any]:
     window_size (W, 0) and window_attn_skip_freq) with the learnable softmax sink its note names."""
     attention: dict[str, Any] = {"num_heads": m["num_attention_heads"], "num_query_groups": m["num_query_groups"],
                                  "head_dim": m["kv_channels"]}
-    if m.get("qk_layernorm"):
+    if m.get("qk_layernorm") and not m.get("multi_latent_attention"):
+        # under MLA, Megatron's qk_layernorm norms the q and kv latents (planned as mla-as-gqa), not GQA heads
         attention["qk_layernorm"] = True
     window = m.get("sliding_window")
     if window:
