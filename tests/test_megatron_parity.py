@@ -52,6 +52,13 @@ def cases() -> list[tuple[str, Spec, Layout]]:
     ffn60 = make_spec(m, **{"model.moe.ffn_hidden_size": 60})
     mixed = make_spec(m, **{"model.pattern": "AD (AE)*3", "model.mlp": {"ffn_hidden_size": 128, "gated": True}})
     odd_batch = make_spec(d, **{"training.global_batch_size": 12})
+    # QK layernorm, sliding windows with every second layer full, attention sinks, linear biases
+    features = make_spec(d, **{"model.linear_bias": True, "model.attention": {
+        "num_heads": 4, "num_query_groups": 2, "head_dim": 16, "qk_layernorm": True, "window_size": 16,
+        "window_full_every": 2, "sinks": True}})
+    qk_layernorm = make_spec(d, **{"model.normalization": "layernorm", "model.attention.qk_layernorm": True})
+    moe_bias = make_spec(m, **{"model.linear_bias": True})
+    shared_bias = make_spec(m, **{"model.linear_bias": True, "model.moe.shared_expert_ffn_hidden_size": 96})
     return [
         ("dense-tp1", dense, L()),
         ("dense-tp2", dense, L(tp=2)),
@@ -99,6 +106,13 @@ def cases() -> list[tuple[str, Spec, Layout]]:
         ("moe-ffn60-etp4", ffn60, L(ep=2, etp=4)),
         ("moe-mixed-pp2-ep2", mixed, L(pp=2, ep=2)),
         ("moe-mixed-ep8", mixed, L(ep=8)),
+        ("features-tp2", features, L(tp=2)),
+        ("features-pp2-vpp2", features, L(pp=2, vpp=2)),
+        ("qk-layernorm-layernorm-tp4", qk_layernorm, L(tp=4)),
+        ("moe-bias-ep4", moe_bias, L(ep=4)),
+        ("moe-bias-pp2-ep2", moe_bias, L(pp=2, ep=2)),
+        ("moe-bias-ep4-etp2", moe_bias, L(ep=4, etp=2)),
+        ("moe-bias-shared-expert", shared_bias, L(ep=2)),
     ]
 
 
@@ -120,8 +134,13 @@ def probe_case(case_id: str, spec: Spec, lay: Layout) -> dict[str, Any]:
         "normalization": {"rmsnorm": "RMSNorm", "layernorm": "LayerNorm"}[model.normalization],
         "share_embeddings_and_output_weights": model.tie_embeddings,
         "seq_length": spec.training.seq_length,
-        "add_bias_linear": False,
+        "add_bias_linear": model.linear_bias,
     }
+    attention = model.attention
+    if attention is not None:
+        m.update(qk_layernorm=attention.qk_layernorm, softmax_type="learnable" if attention.sinks else "vanilla",
+                 window_size=[attention.window_size, 0] if attention.window_size else None,
+                 window_attn_skip_freq=attention.window_full_every)
     if model.moe:
         m.update(
             num_moe_experts=model.moe.num_experts,

@@ -50,11 +50,29 @@ def test_hybrid_pattern_maps_megatron_symbols_to_block_letters() -> None:
     assert conv.spec["model"]["moe"]["dispatcher"] == "flex" and conv.spec["model"]["moe"]["flex_backend"] == "hybridep"
 
 
-@pytest.mark.parametrize(("row_id", "reason"), [(284, "latent-moe"), (138, "latent-moe")])
-def test_unexpressible_rows_are_skipped_with_their_reason(row_id: int, reason: str) -> None:
+@pytest.mark.parametrize("row_id", [284, 138])
+def test_nemotron_3_super_rows_are_planned_with_latent_moe_and_their_precision(row_id: int) -> None:
+    """Nemotron 3 Super's latent MoE and NVFP4 were skips; both are spec keys now."""
     conv = convert(row(row_id))
-    assert conv.status == "skipped" and conv.skip_reason == reason and conv.spec is None
-    assert reason in truth.SKIPS
+    assert conv.status != "skipped" and conv.spec["model"]["moe"]["latent_size"]
+    assert conv.spec["training"]["precision"] == ("fp4" if row_id == 284 else "fp8")
+
+
+def test_latent_moe_and_windowed_attention_are_mapped_exactly() -> None:
+    """Nemotron 3 Super's latent MoE and GPT-OSS's sliding windows, sinks and biases are spec keys
+    now: neither row is skipped or approximated for them."""
+    super_ = convert(row(138))  # Nemotron 3 Super, 64 x B200
+    assert super_.spec is not None and super_.spec["model"]["moe"]["latent_size"] == 1024
+    assert "latent-moe" not in truth.SKIPS and "sliding-window-as-full" not in truth.APPROXIMATIONS
+    oss = convert(row(7))  # GPT-OSS-120B, 64 x H100
+    assert oss.status == "exact" and not oss.not_modelled
+    model = spec_from_dict(oss.spec).model
+    assert model.linear_bias and model.attention is not None
+    assert (model.attention.window_size, model.attention.window_full_every, model.attention.sinks) == (128, 2, True)
+    qwen = spec_from_dict(convert(row(34)).spec).model  # Qwen3-30B-A3B, 16 x H100
+    assert qwen.attention is not None and qwen.attention.qk_layernorm
+    deepseek = spec_from_dict(convert(row(39)).spec).model  # MLA's qk_layernorm norms its latents, not GQA heads
+    assert deepseek.attention is not None and not deepseek.attention.qk_layernorm
 
 
 def test_approximations_are_named_and_still_planned() -> None:

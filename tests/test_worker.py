@@ -80,6 +80,12 @@ CASES: dict[str, tuple[int, dict[str, Any]]] = {
     # hybrid with R and a shared expert; TP2 + SP needs TE norms in the spec, the worker uses the SP-norm adapter
     "hybrid-tp2-sp-ep2-pp2": (4, spec_dict("(AEDR)*2", 4, {"tp": 2, "pp": 2, "ep": 2, "sp": True}, te=True, mlp=MLP,
                                            moe={**MOE, "shared_expert_ffn_hidden_size": 48}, recurrent=RECURRENT)),
+    # QK layernorm, a sliding window with every second layer full, attention sinks and linear biases under TP2
+    "dense-features-tp2": (2, spec_dict("(AD)*2", 2, {"tp": 2}, mlp=MLP, linear_bias=True,
+                                        attention={**ATTENTION, "qk_layernorm": True, "window_size": 16,
+                                                   "window_full_every": 2, "sinks": True})),
+    # biases on the router and every expert under EP2
+    "moe-bias-ep2": (2, spec_dict("(AE)*2", 2, {"ep": 2}, linear_bias=True, moe=MOE)),
     # no A blocks under TP2: megatron still checks its (unused) head count against TP
     "recurrent-tp2-no-attention": (2, spec_dict("(RD)*2", 2, {"tp": 2}, attention=None, mlp=MLP, recurrent=RECURRENT)),
 }

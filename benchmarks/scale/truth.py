@@ -50,14 +50,10 @@ APPROXIMATIONS = {
     "pp-layout-balanced": "the published pipeline layout leaves a virtual stage of a hybrid stack without "
                           "layers, which `|` cuts cannot pin; megacpp's own split over the same pp x vpp "
                           "stages is used",
-    "sliding-window-as-full": "sliding-window attention layers planned as full causal attention",
     "capacity-padding": "expert inputs padded to a capacity factor above 1 planned at the routed load",
 }
 
 SKIPS = {
-    "latent-moe": "latent MoE (routed experts in a narrower latent space, with projections around the "
-                  "dispatch): the spec's experts work at hidden size, so FLOPs and all-to-all bytes of "
-                  "the experts would be several times too large",
     "no-architecture": "models.json has no architecture for this model",
     "layout-does-not-divide": "num_gpus is not a multiple of tp x pp x cp",
 }
@@ -365,9 +361,10 @@ def _model(m: dict[str, Any], recipe: Recipe, stage_layers: list[int] | None) ->
         "normalization": "layernorm" if m["normalization"].lower().startswith("layernorm") else "rmsnorm",
         "position_embedding": "none" if m["position_embedding"] == "none" else "rope",
         "tie_embeddings": bool(m["tied_embeddings"]),
-        "attention": {"num_heads": m["num_attention_heads"], "num_query_groups": m["num_query_groups"],
-                      "head_dim": m["kv_channels"]},
+        "attention": _attention(m),
     }
+    if m.get("add_bias_linear"):
+        model["linear_bias"] = True
     if "D" in plain:
         model["mlp"] = {"ffn_hidden_size": m["ffn_hidden_size"], "gated": bool(m["gated_linear_unit"])}
     if "E" in plain:
@@ -382,11 +379,33 @@ def _model(m: dict[str, Any], recipe: Recipe, stage_layers: list[int] | None) ->
             moe["flex_backend"] = recipe.flex_backend
         if recipe.capacity_factor is not None:
             moe["capacity_factor"] = recipe.capacity_factor
+        if m.get("moe_latent_size"):
+            moe["latent_size"] = m["moe_latent_size"]
         model["moe"] = moe
     if "M" in plain:
         model["mamba"] = {"num_heads": m["mamba_num_heads"], "head_dim": m["mamba_head_dim"],
                           "state_dim": m["mamba_state_dim"], "num_groups": m["mamba_num_groups"]}
     return model, plain
+
+
+def _attention(m: dict[str, Any]) -> dict[str, Any]:
+    """The attention block: heads, groups, head dim, QK layernorm, and a sliding window (Megatron's
+    window_size (W, 0) and window_attn_skip_freq) with the learnable softmax sink its note names."""
+    attention: dict[str, Any] = {"num_heads": m["num_attention_heads"], "num_query_groups": m["num_query_groups"],
+                                 "head_dim": m["kv_channels"]}
+    if m.get("qk_layernorm") and not m.get("multi_latent_attention"):
+        # under MLA, Megatron's qk_layernorm norms the q and kv latents (planned as mla-as-gqa), not GQA heads
+        attention["qk_layernorm"] = True
+    window = m.get("sliding_window")
+    if window:
+        left, right = window["window_size"]
+        assert right == 0, f"a window that looks ahead ({left}, {right}) is not causal attention"
+        attention["window_size"] = left
+        if window.get("window_attn_skip_freq"):
+            attention["window_full_every"] = window["window_attn_skip_freq"]
+        if "sink" in window.get("note", ""):
+            attention["sinks"] = True
+    return attention
 
 
 def _skip(reason: str, recipe_runtime: tuple[str, ...] = ()) -> Conversion:
@@ -400,8 +419,6 @@ def convert(row: dict[str, Any], models: dict[str, Any] | None = None) -> Conver
     m = models.get(row["model_key"], {})
     if "hidden_size" not in m:
         return _skip("no-architecture", recipe.runtime)
-    if m.get("moe_latent_size"):
-        return _skip("latent-moe", recipe.runtime)
     tp, pp, cp = row["tp"], row["pp"], row["cp"]
     if row["num_gpus"] % (tp * pp * cp):
         return _skip("layout-does-not-divide", recipe.runtime)
@@ -414,8 +431,6 @@ def convert(row: dict[str, Any], models: dict[str, Any] | None = None) -> Conver
         approx.append("mla-as-gqa")
     if (m.get("mtp_num_layers") or 0) > 0 and "w/o MTP" not in row["model"]:
         approx.append("mtp-dropped")
-    if m.get("sliding_window"):
-        approx.append("sliding-window-as-full")
     modules = expressible_recompute_modules(recipe, row["precision"])
     if recipe.recompute == "selective" and set(modules) != set(recipe.recompute_modules or ("core_attn",)):
         approx.append("recompute-modules")
@@ -452,10 +467,6 @@ def convert(row: dict[str, Any], models: dict[str, Any] | None = None) -> Conver
         assume.append("dispatcher not stated: alltoall assumed (DeepEP / HybridEP would send fewer bytes across nodes)")
     if moe and row["etp"] is None:
         assume.append("etp not published: Megatron's default etp = tp pinned")
-    if m.get("qk_layernorm"):
-        details.append("QK layernorm")
-    if m.get("add_bias_linear"):
-        details.append("linear biases")
 
     model, plain = _model(m, recipe, stage_layers)
     parallel: dict[str, Any] = {"tp": tp, "pp": pp, "cp": cp, "dp": row["num_gpus"] // (tp * pp * cp)}

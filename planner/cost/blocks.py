@@ -95,7 +95,11 @@ def block_linears(ctx: Context, letter: str, lay: Layout) -> Linears:
         assert moe is not None
         shared = _mlp(h, moe.shared_expert_ffn_hidden_size, moe.gated, tp) if moe.shared_expert_ffn_hidden_size else []
         router = moe.num_experts * h  # router.py: weight [num_experts, hidden]
-        return Linears([router, *shared], _mlp(h, moe.ffn_hidden_size, moe.gated, lay.etp), moe.num_experts // lay.ep)
+        width = expert_width(ctx)
+        # latent MoE: fc1_latent_proj h -> latent and fc2_latent_proj latent -> h, TELinear with
+        # parallel_mode="duplicated" (whole on every TP rank), experts latent -> f -> latent (moe_layer.py:170-192, experts.py:544-567)
+        latent = [h * width, width * h] if moe.latent_size else []
+        return Linears([router, *shared, *latent], _mlp(width, moe.ffn_hidden_size, moe.gated, lay.etp), moe.num_experts // lay.ep)
     if letter == "M":
         d_inner, heads, groups, state, _ = _mamba_dims(ctx)
         in_proj = h * (2 * d_inner + 2 * groups * state + heads) // tp  # mamba_mixer.py:268-280
@@ -124,7 +128,59 @@ def block_params(ctx: Context, letter: str, lay: Layout) -> BlockParams:
         r = model.recurrent
         assert r is not None
         rest += r.num_heads * r.head_dim // lay.tp  # gated norm d_r
-    return BlockParams(rest + sum(linears.dense), linears.local * sum(linears.expert))
+    elif letter == "A":
+        rest += sum(_attention_extras(ctx, lay))
+    dense_bias, expert_bias = bias_params(ctx, letter, lay)
+    return BlockParams(rest + sum(linears.dense) + sum(dense_bias),
+                       linears.local * (sum(linears.expert) + sum(expert_bias)))
+
+
+def expert_width(ctx: Context) -> int:
+    """The width routed tokens travel and the experts read and write: moe.latent_size, else hidden."""
+    moe = ctx.spec.model.moe
+    return moe.latent_size if moe is not None and moe.latent_size else ctx.spec.model.hidden_size
+
+
+def _attention_extras(ctx: Context, lay: Layout) -> list[int]:
+    """An A block's parameters besides its linears and input norm, one entry per tensor: the query
+    and key norms over one head's width (q_layernorm, k_layernorm: gpt_layer_specs.py qk_layernorm;
+    a weight, and a bias for LayerNorm), and the learnable softmax offset, one per local head
+    (dot_product_attention.py:126-138 softmax_type learnable)."""
+    attention = ctx.spec.model.attention
+    assert attention is not None
+    out: list[int] = []
+    if attention.qk_layernorm:
+        out += [ctx.spec.model.head_dim] * (2 * norm_tensors(ctx))
+    if attention.sinks:
+        out.append(attention.num_heads // lay.tp)
+    return out
+
+
+def bias_params(ctx: Context, letter: str, lay: Layout) -> tuple[list[int], list[int]]:
+    """The biases of one block's linears on one rank under model.linear_bias (add_bias_linear), one
+    entry per tensor: (dense, per local expert). A column-parallel linear's bias is split like its
+    output, a row-parallel one's is whole (tensor_parallel/layers.py); the router's is one per
+    expert (router.py:56-59); TE's grouped experts hold one per expert and linear (experts.py:
+    548, 571); the latent projections' are whole. Mamba's linears take no bias (mamba_mixer.py:161)."""
+    model = ctx.spec.model
+    if not model.linear_bias or letter in ("M", "R"):
+        return [], []
+    h, tp = model.hidden_size, lay.tp
+    if letter == "A":
+        d, heads, groups = model.head_dim, model.attention.num_heads, model.query_groups  # type: ignore[union-attr]
+        return [(heads + 2 * groups) * d // tp, h], []
+    if letter == "D":
+        mlp = model.mlp
+        assert mlp is not None
+        return [mlp.ffn_hidden_size * (2 if mlp.gated else 1) // tp, h], []
+    moe = model.moe
+    assert moe is not None
+    g = 2 if moe.gated else 1
+    dense = [moe.num_experts]  # shared experts take no bias (rule shared-expert-no-bias)
+    width = expert_width(ctx)
+    if moe.latent_size:
+        dense += [width, h]
+    return dense, [moe.ffn_hidden_size * g // lay.etp, width]
 
 
 def block_param_tensors(ctx: Context, letter: str, lay: Layout) -> int:
@@ -136,10 +192,13 @@ def block_param_tensors(ctx: Context, letter: str, lay: Layout) -> int:
     experts alike), plus the shared expert's fc1 and fc2. M (mamba_mixer.py): in_proj, the conv1d's
     weight and bias, dt_bias, A_log, D, the gated norm and out_proj. R (runtime/worker/recurrent.py):
     in_proj, out_proj and the gate norm's weight."""
+    dense_bias, expert_bias = bias_params(ctx, letter, lay)
+    biases = len(dense_bias) + len(expert_bias) * (ctx.spec.model.moe.num_experts // lay.ep if expert_bias else 0)  # type: ignore[union-attr]
     if letter == "E":
         linears = block_linears(ctx, letter, lay)
-        return norm_tensors(ctx) + len(linears.dense) + len(linears.expert) * linears.local
-    return norm_tensors(ctx) + {"A": 2, "D": 2, "M": 8, "R": 3}[letter]
+        return norm_tensors(ctx) + len(linears.dense) + len(linears.expert) * linears.local + biases
+    extras = len(_attention_extras(ctx, lay)) if letter == "A" else 0
+    return norm_tensors(ctx) + {"A": 2, "D": 2, "M": 8, "R": 3}[letter] + biases + extras
 
 
 def embedding_param_tensors(ctx: Context) -> int:
@@ -187,6 +246,39 @@ def routed_load(ctx: Context, imbalanced: bool) -> float:
     return min(moe.imbalance, moe.capacity_factor) if moe.capacity_factor else moe.imbalance
 
 
+def attention_layer_numbers(ctx: Context) -> list[int]:
+    """Megatron's (1-based) layer number of each A block: its pair on the GPT path, its letter's
+    position in a hybrid stack, as window_attn_skip_freq reads them (transformer/utils.py:451-466)."""
+    return [i + 1 for i, unit in enumerate(ctx.units) if "A" in unit]
+
+
+def windowed_layers(ctx: Context) -> list[bool]:
+    """Whether each A block attends through the sliding window: every one, or those whose layer
+    number window_full_every does not divide (is_layer_window_attention, transformer/utils.py:451-466)."""
+    a = ctx.spec.model.attention
+    numbers = attention_layer_numbers(ctx)
+    if a is None or a.window_size is None:
+        return [False] * len(numbers)
+    every = a.window_full_every
+    return [every is None or n % every != 0 for n in numbers]
+
+
+def attention_share(ctx: Context) -> float:
+    """The work of the model's core attention over that of full causal attention, averaged over its
+    A blocks: a windowed layer's query at position i reads min(i, w) + 1 keys, (w + 1) - w(w + 1)/2s
+    on average against s/2 for a full causal one (Megatron-Bridge's flop_utils counts windowed
+    layers alike from v0.5.0; GPT-OSS in scale_truth/models.json)."""
+    a = ctx.spec.model.attention
+    if a is None or a.window_size is None:
+        return 1.0
+    windowed = windowed_layers(ctx)
+    if not any(windowed):
+        return 1.0
+    w, s = a.window_size, ctx.seq
+    short = min(1.0, ((w + 1) - w * (w + 1) / (2 * s)) / (s / 2)) if w < s else 1.0
+    return sum(short if on else 1.0 for on in windowed) / len(windowed)
+
+
 def block_flops(ctx: Context, letter: str, load: float = 1.0) -> float:
     """Forward FLOPs per token of one block (2 per multiply-add), whole block, causal attention;
     `load` scales the routed experts' share (see routed_load)."""
@@ -194,8 +286,9 @@ def block_flops(ctx: Context, letter: str, load: float = 1.0) -> float:
     h, s = model.hidden_size, ctx.seq
     if letter == "A":
         d, heads, groups = model.head_dim, model.attention.num_heads, model.query_groups  # type: ignore[union-attr]
-        # projections + QK^T and PV over a causal (half) context, Korthikanti et al. [R36]
-        return 2 * h * (heads + 2 * groups) * d + 2 * heads * d * h + 2 * heads * d * s
+        # projections + QK^T and PV over a causal (half) context, Korthikanti et al. [R36]; a
+        # sliding window shortens the context of its layers (attention_share)
+        return 2 * h * (heads + 2 * groups) * d + 2 * heads * d * h + 2 * heads * d * s * attention_share(ctx)
     if letter == "D":
         mlp = model.mlp
         assert mlp is not None
@@ -203,9 +296,10 @@ def block_flops(ctx: Context, letter: str, load: float = 1.0) -> float:
     if letter == "E":
         moe = model.moe
         assert moe is not None
-        per_expert = 2 * h * moe.ffn_hidden_size * (3 if moe.gated else 2)
+        per_expert = 2 * expert_width(ctx) * moe.ffn_hidden_size * (3 if moe.gated else 2)
         shared = 2 * h * (moe.shared_expert_ffn_hidden_size or 0) * (3 if moe.gated else 2)
-        return 2 * h * moe.num_experts + moe.top_k * per_expert * load + shared
+        latent = 4 * h * moe.latent_size if moe.latent_size else 0  # the down- and up-projection
+        return 2 * h * moe.num_experts + moe.top_k * per_expert * load + shared + latent
     if letter == "M":
         d_inner, heads, groups, state, kernel = _mamba_dims(ctx)
         proj = 2 * h * (2 * d_inner + 2 * groups * state + heads) + 2 * d_inner * h
@@ -237,6 +331,8 @@ class Gemms:
     ssd: tuple[int, int, int, int] | None = None  # M: (heads, tokens, head dim, state) on one rank
     fused_attention: tuple[int, int, int, int] | None = None  # A with TE: (batch x heads, sequence, head dim, CP)
     other_flops: float = 0.0
+    # the share of full causal attention's work TE's fused attention does (attention_share)
+    attention_share: float = 1.0
 
     @property
     def flops(self) -> float:
@@ -262,9 +358,12 @@ def block_gemms(ctx: Context, letter: str, lay: Layout, load: float = 1.0) -> Ge
     if letter == "A":
         d, heads, groups = model.head_dim, model.attention.num_heads, model.query_groups  # type: ignore[union-attr]
         linears = ((t, h, (heads + 2 * groups) * d // tp, 1), (t, heads * d // tp, h, 1))
-        core = 2 * heads * d * ctx.seq * t / tp  # causal QK^T and PV, as block_flops counts them
+        share = attention_share(ctx)
+        core = 2 * heads * d * ctx.seq * t / tp * share  # causal QK^T and PV, as block_flops counts them
         if ctx.te:
-            return Gemms(linears, fused_attention=(lay.micro_batch_size * heads // tp, ctx.seq, d, lay.cp), other_flops=core)
+            return Gemms(linears, fused_attention=(lay.micro_batch_size * heads // tp, ctx.seq, d, lay.cp), other_flops=core,
+                         attention_share=share)
+        # the local softmax masks a window inside the whole s x s scores (fused_softmax.py window_size): no saving
         return Gemms(linears, attention=(lay.micro_batch_size * heads // tp, ctx.seq // lay.cp, d))
     if letter == "D":
         mlp = model.mlp
@@ -274,11 +373,13 @@ def block_gemms(ctx: Context, letter: str, lay: Layout, load: float = 1.0) -> Ge
     if letter == "E":
         moe = model.moe
         assert moe is not None
-        f, g = moe.ffn_hidden_size, 2 if moe.gated else 1
+        f, g, w = moe.ffn_hidden_size, 2 if moe.gated else 1, expert_width(ctx)
         local = moe.num_experts // lay.ep
         per_expert = t / tp * moe.top_k * lay.ep * lay.etp / moe.num_experts * load
-        router = ((t / tp, h, moe.num_experts, 1),)
-        experts = ((per_expert, h, f * g // lay.etp, local), (per_expert, f // lay.etp, h, local))
+        router: tuple[tuple[float, int, int, int], ...] = ((t / tp, h, moe.num_experts, 1),)
+        if moe.latent_size:  # duplicated on every TP rank, over the rank's sequence-parallel shard
+            router += ((t / tp, h, w, 1), (t / tp, w, h, 1))
+        experts = ((per_expert, w, f * g // lay.etp, local), (per_expert, f // lay.etp, w, local))
         fs = moe.shared_expert_ffn_hidden_size or 0
         shared = ((t, h, fs * g // tp, 1), (t, fs // tp, h, 1)) if fs else ()
         if ctx.te:  # TEGroupedMLP: each of fc1 and fc2 is one GroupedLinear over the local experts
@@ -461,7 +562,8 @@ def block_activation_bytes(ctx: Context, letter: str, lay: Layout, load: float =
         # its output itself)
         act, fc2_in = _expert_act_bytes(ctx, f, "moe_act" in modules, cast)
         fc1_in = BF16 if "expert_fc1" in offloaded else cast
-        routed = moe.top_k * e * (fc1_in * h + FP32 + act + fc2_in)
+        w = expert_width(ctx)
+        routed = moe.top_k * e * (fc1_in * w + FP32 + act + fc2_in)
         # router: fp32 scores and aux-loss scores, the dispatcher's bool map and fp32 probs per
         # expert; int64 top-k indices (twice), fp32 top-k probs, int64 permutation indices
         router = (3 * FP32 + 1) * moe.num_experts + (3 * 8 + FP32) * moe.top_k
@@ -472,7 +574,10 @@ def block_activation_bytes(ctx: Context, letter: str, lay: Layout, load: float =
             if fp8 and not layernorm:
                 shared += cast * h * outside  # its fc1's FP8 cast of the norm's output
         factor = 1 / t if lay.sp else 1.0  # routed tokens per rank follow the SP shard
-        return norm + (routed * load + router) * factor + shared
+        # latent MoE: fc2_latent_proj keeps its input, the combined latent output (bf16; fc1_latent_proj's
+        # input is the norm's output above)
+        latent = BF16 * w if moe.latent_size else 0.0
+        return norm + (routed * load + router + latent) * factor + shared
     if letter == "M":
         d_inner, heads, groups, state, _ = _mamba_dims(ctx)
         # what autograd keeps in MambaMixer's training path (mamba_split_conv1d_scan_combined, the
@@ -522,6 +627,7 @@ def _attention_parts(ctx: Context, lay: Layout, modules: frozenset[str], fp8: bo
     heads_r, groups_r = heads / t, max(groups, t) / t
     qkv = (heads_r + 2 * groups_r) * d  # what the fused qkv projection writes
     rotated = model.position_embedding == "rope"
+    view = True
     if ctx.te and not core:
         kept = qkv  # TE's fused attention keeps q, k, v and its output
     else:
@@ -539,6 +645,14 @@ def _attention_parts(ctx: Context, lay: Layout, modules: frozenset[str], fp8: bo
         else:
             new, view = (2 * heads_r * d if rotated else 0.0), True
         kept = new + (qkv if view else 0.0)
+    qk_norms = 0.0
+    if model.attention.qk_layernorm:  # type: ignore[union-attr]
+        # the query and key norms keep their inputs (views that hold the whole qkv output, unless
+        # counted above) and a statistic per head, and their outputs are new tensors that what
+        # follows keeps (an estimate from megatron-core's module order, attention.py
+        # get_query_key_value_tensors; not yet measured on a GPU)
+        whole = (ctx.te and not core) or view
+        qk_norms = BF16 * ((0.0 if whole else qkv) + (heads_r + groups_r) * d) + (heads_r + groups_r) * norm_stats_bytes(ctx)
     scores = 0.0
     if not ctx.te and not core:
         # unfused: fp32 softmax output and its bf16 copy, both kept for backward (UNFUSED_KEPT_BYTES)
@@ -548,7 +662,7 @@ def _attention_parts(ctx: Context, lay: Layout, modules: frozenset[str], fp8: bo
     # attention still needs, unless core attention is recomputed
     width = heads_r * d
     output = BF16 * width if not fp8 else width * (1.0 + (0.0 if core else BF16))
-    return {"norm": norm * outside, "rope": rope, "core": BF16 * kept + scores, "output": output}
+    return {"norm": norm * outside, "rope": rope, "core": BF16 * kept + scores + qk_norms, "output": output}
 
 
 def offload_bytes(ctx: Context, letter: str, lay: Layout, load: float = 1.0) -> dict[str, float]:
@@ -586,7 +700,7 @@ def offload_bytes(ctx: Context, letter: str, lay: Layout, load: float = 1.0) -> 
         f = moe.ffn_hidden_size / lay.etp
         per_routed = moe.top_k * lay.etp * load * (1 / t if lay.sp else 1.0)
         out["mlp_norm"] = BF16 * h * outside
-        out["expert_fc1"] = per_routed * BF16 * h
+        out["expert_fc1"] = per_routed * BF16 * expert_width(ctx)
         out["moe_act"] = per_routed * _expert_act_bytes(ctx, f, "moe_act" in modules, cast)[0]
     elif letter == "E":
         out["mlp_norm"] = BF16 * h * outside

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from functools import cache
 
 from megacpp.planner.axes import Axis
-from megacpp.planner.cost.blocks import BF16, FP32, micro_batch_tokens
+from megacpp.planner.cost.blocks import BF16, FP32, expert_width, micro_batch_tokens
 from megacpp.planner.cost.coefficients import DEFAULT_EFFICIENCY, FLEX_LINK_SHARE, Efficiency
 from megacpp.planner.cost.memory import StageMemory, rank_stages
 from megacpp.planner.search.layout import Context, Layout
@@ -244,7 +244,8 @@ def communication(
             add(Axis.CP, "all-to-all", cp, act / lay.tp * 2, blocks.count("M") * m * 2 * passes)
     moe = spec.model.moe
     if moe is not None and "E" in blocks:
-        token = BF16 * tokens / (lay.tp if lay.sp else 1) * h * load  # one copy of the rank's tokens
+        # one copy of the rank's routed tokens, in the experts' width (latent MoE dispatches latents)
+        token = BF16 * tokens / (lay.tp if lay.sp else 1) * expert_width(ctx) * load
         if lay.ep > 1:
             ep = placement(ctx, lay.ep, lay.etp)
             sent, nvlink, nic = expert_sends(moe, ep)

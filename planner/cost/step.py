@@ -128,6 +128,8 @@ def _priced_matmul_seconds(ctx: Context, lay: Layout, letter: str, eff: Efficien
     linears += sum(rates.grouped_linear_seconds(g, m, k, n, fp8) for m, k, n, g in gemms.grouped)
     attention = rates.attention_seconds(*gemms.attention) if gemms.attention else 0.0
     fused = rates.fused_attention_seconds(*gemms.fused_attention) if gemms.fused_attention else None
+    if fused is not None:  # a sliding window shortens the measured full causal kernel's work
+        fused *= gemms.attention_share
     attention_again = 4 / 3 if recompute != "none" else 1.0  # selective recompute repeats core attention
     if gemms.recurrence:
         other = rates.recurrence_seconds(*gemms.recurrence)

@@ -148,6 +148,24 @@ def _fsdp_flags(ctx: Context) -> list[str]:
     return ["--use-megatron-fsdp", "--data-parallel-sharding-strategy", "optim_grads_params", "--ckpt-format", "fsdp_dtensor"]
 
 
+def _attention_feature_flags(ctx: Context) -> list[str]:
+    """QK layernorm, sliding windows and attention sinks (transformer_config.py qk_layernorm,
+    window_size, window_attn_skip_freq, softmax_type; arguments.py --window-size reads "W,0" with
+    tuple_type, --window-attn-skip-freq an int)."""
+    attention = ctx.spec.model.attention
+    assert attention is not None
+    a: list[str] = []
+    if attention.qk_layernorm:
+        a.append("--qk-layernorm")
+    if attention.window_size is not None:
+        a += ["--window-size", f"{attention.window_size},0"]
+        if attention.window_full_every is not None:
+            a += ["--window-attn-skip-freq", str(attention.window_full_every)]
+    if attention.sinks:
+        a += ["--softmax-type", "learnable"]
+    return a
+
+
 def _memory_flags(ctx: Context) -> list[str]:
     """Recompute, activation offloading and the precision-aware optimizer (the spec's training
     keys; transformer_config.py recompute_*, offload_modules, activation_offload_fraction;
@@ -201,6 +219,7 @@ def megatron_args(ctx: Context, cand: Candidate, opts: TrainOptions) -> list[str
         a += ["--num-attention-heads", str(model.attention.num_heads), "--kv-channels", str(model.head_dim)]
         if model.query_groups != model.attention.num_heads:
             a += ["--group-query-attention", "--num-query-groups", str(model.query_groups)]
+        a += _attention_feature_flags(ctx)
     else:
         # Megatron needs a head count even without attention layers; it only shapes unused defaults,
         # but TransformerConfig checks it against TP (transformer_config.py:925): one head per TP rank
@@ -212,7 +231,7 @@ def megatron_args(ctx: Context, cand: Candidate, opts: TrainOptions) -> list[str
         a.append("--swiglu")
     a += ["--normalization", {"rmsnorm": "RMSNorm", "layernorm": "LayerNorm"}[model.normalization],
           "--position-embedding-type", {"rope": "rope", "learned": "learned_absolute", "none": "none"}[model.position_embedding],
-          "--disable-bias-linear",
+          *(["--disable-bias-linear"] if not model.linear_bias else []),  # Megatron-LM's default adds biases
           # no dropout, as the megacpp runtime trains: both engines keep the same activations and
           # the cost model counts no dropout masks (blocks.block_activation_bytes)
           "--hidden-dropout", "0.0", "--attention-dropout", "0.0"]
@@ -238,6 +257,8 @@ def megatron_args(ctx: Context, cand: Candidate, opts: TrainOptions) -> list[str
             a.append("--moe-router-pre-softmax")
         if moe.shared_expert_ffn_hidden_size:
             a += ["--moe-shared-expert-intermediate-size", str(moe.shared_expert_ffn_hidden_size)]
+        if moe.latent_size:  # rule moe-latent-needs-te holds the backend
+            a += ["--moe-latent-size", str(moe.latent_size)]
         if moe.capacity_factor is not None:
             a += ["--moe-expert-capacity-factor", f"{moe.capacity_factor:g}"]
         # the router in fp32 (transformer_config.py:3118-3127 warns without it from 32 experts on)
@@ -270,6 +291,10 @@ def megatron_args(ctx: Context, cand: Candidate, opts: TrainOptions) -> list[str
     a += _cuda_graph_flags(ctx, cand)
     if not spec.backend.fusions:
         a += ["--no-bias-swiglu-fusion", "--no-bias-dropout-fusion"] + ["--no-rope-fusion"] * ctx.te
+    elif model.linear_bias and ctx.has_moe and ctx.te:
+        # TEGroupedMLP asserts bias_dropout_fusion off when its experts carry biases
+        # ([V] megatron/core/transformer/moe/experts.py:529-531), as Megatron-Bridge's GPT-OSS runs it
+        a.append("--no-bias-dropout-fusion")
     if ctx.te:
         a += ["--transformer-impl", "transformer_engine"]
     else:

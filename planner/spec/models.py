@@ -56,6 +56,15 @@ class AttentionSpec(_Frozen):
     num_heads: Dim
     num_query_groups: Dim | None = None  # None: one group per head (MHA)
     head_dim: Dim | None = None  # None: hidden_size / num_heads
+    # a norm over each query and key head before the scores (Qwen3; --qk-layernorm)
+    qk_layernorm: bool = False
+    # sliding-window attention: each token attends to itself and the window_size tokens before it
+    # (Megatron's window_size (window_size, 0)); window_full_every N keeps every N-th layer's
+    # attention full (--window-attn-skip-freq N: layer numbers divisible by N); None: all windowed
+    window_size: Dim | None = None
+    window_full_every: Annotated[int, Field(ge=2, le=1 << 20)] | None = None
+    # a learnable softmax offset per head, the "attention sink" of GPT-OSS (--softmax-type learnable)
+    sinks: bool = False
 
     @model_validator(mode="after")
     def _groups_divide_heads(self) -> AttentionSpec:
@@ -63,6 +72,9 @@ class AttentionSpec(_Frozen):
             raise ValueError(
                 f"num_query_groups={self.num_query_groups} must divide num_heads={self.num_heads}"
             )
+        if self.window_full_every is not None and self.window_size is None:
+            raise ValueError(f"window_full_every={self.window_full_every} picks the full-attention layers among "
+                             "sliding-window ones; set window_size or drop window_full_every")
         return self
 
 
@@ -93,6 +105,9 @@ class MoESpec(_Frozen):
     # run one micro-batch's expert all-to-alls under another one's compute (Megatron's combined
     # 1F1B, --overlap-moe-expert-parallel-comm); needs the alltoall or flex dispatcher
     overlap_communication: bool = False
+    # latent MoE (Nemotron 3 Super; --moe-latent-size): the routed experts and their dispatch work in
+    # this narrower width, with a down- and an up-projection (hidden <-> latent) around them
+    latent_size: Dim | None = None
 
     @model_validator(mode="after")
     def _topk_within_experts(self) -> MoESpec:
@@ -125,6 +140,9 @@ class ModelSpec(_Frozen):
     normalization: Literal["rmsnorm", "layernorm"] = "rmsnorm"
     position_embedding: Literal["rope", "learned", "none"] = "rope"
     tie_embeddings: bool = False
+    # a bias on every linear layer (Megatron's --add-bias-linear; GPT-OSS); Megatron-LM's own
+    # default is on, megacpp's is off (rendered as --disable-bias-linear)
+    linear_bias: bool = False
     attention: AttentionSpec | None = None
     mamba: MambaSpec | None = None
     moe: MoESpec | None = None

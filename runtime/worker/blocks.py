@@ -32,13 +32,14 @@ from megacpp.runtime.worker.recurrent import RecurrentBlock
 
 def _gpt_layer_halves(job: Job, backend: Backend):
     """(A spec, D spec) cut from megatron's GPT layer spec for this backend."""
+    qk_layernorm = job.spec.model.attention is not None and job.spec.model.attention.qk_layernorm
     if backend.use_te:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
-        sub = get_gpt_layer_with_transformer_engine_spec().submodules
+        sub = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm).submodules
     else:
         normalization = {"rmsnorm": "RMSNorm", "layernorm": "LayerNorm"}[job.spec.model.normalization]
-        sub = get_gpt_layer_local_spec(normalization=normalization).submodules
+        sub = get_gpt_layer_local_spec(normalization=normalization, qk_layernorm=qk_layernorm).submodules
         sub = replace(sub, input_layernorm=backend.norm, pre_mlp_layernorm=backend.norm)
     attention = replace(sub, pre_mlp_layernorm=IdentityOp, mlp=IdentityOp, mlp_bda=IdentityFuncOp)
     mlp = replace(sub, input_layernorm=IdentityOp, self_attention=IdentityOp, self_attn_bda=IdentityFuncOp)

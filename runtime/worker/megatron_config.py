@@ -79,6 +79,9 @@ def vocab_size(job: Job) -> int:
 
 def _check_requirements(job: Job, backend: Backend) -> None:
     model, letters = job.spec.model, job.ctx.letters
+    if model.moe is not None and model.moe.latent_size and "E" in letters and not backend.use_te:
+        raise LaunchError("model.moe.latent_size: megatron-core builds the latent projections with Transformer Engine, "
+                          "which does not import here; run where TE imports, or drop latent_size")
     precision = job.spec.training.precision
     if precision != "bf16" and not backend.use_te:
         raise LaunchError(f"training.precision={precision} needs Transformer Engine, which does not import here; use precision: bf16")
@@ -108,6 +111,17 @@ def _check_requirements(job: Job, backend: Backend) -> None:
             )
 
 
+def _attention_features(job: Job) -> dict:
+    """QK layernorm, the sliding window with its full-attention layers, and attention sinks, as
+    Megatron-LM sets them from the rendered flags (planner/megatron/args.py)."""
+    a = job.spec.model.attention
+    assert a is not None
+    kw: dict = dict(qk_layernorm=a.qk_layernorm, softmax_type="learnable" if a.sinks else "vanilla")
+    if a.window_size is not None:
+        kw.update(window_size=(a.window_size, 0), window_attn_skip_freq=a.window_full_every)
+    return kw
+
+
 def transformer_config(job: Job, backend: Backend, *, cuda: bool, construct_only: bool) -> TransformerConfig:
     """The TransformerConfig every block of this job is built with."""
     _check_requirements(job, backend)
@@ -129,7 +143,7 @@ def transformer_config(job: Job, backend: Backend, *, cuda: bool, construct_only
         gated_linear_unit=gated,
         activation_func=F.silu if gated else F.gelu,
         normalization=NORMALIZATION[model.normalization],
-        add_bias_linear=False,
+        add_bias_linear=model.linear_bias,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=0.02,
@@ -144,7 +158,9 @@ def transformer_config(job: Job, backend: Backend, *, cuda: bool, construct_only
         # off (DESIGN.md "Runtime on the validation GPUs"), as the rendered launch turns them off.
         masked_softmax_fusion=importlib.util.find_spec("scaled_upper_triang_masked_softmax_cuda") is not None,
         bias_activation_fusion=fused and gated,
-        bias_dropout_fusion=fused,
+        # TEGroupedMLP refuses the fusion when its experts carry biases (experts.py:529-531), as the
+        # rendered launch turns it off (planner/megatron/args.py)
+        bias_dropout_fusion=fused and not (model.linear_bias and "E" in letters and backend.use_te),
         apply_rope_fusion=fused and backend.use_te and model.position_embedding == "rope",
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
@@ -164,6 +180,7 @@ def transformer_config(job: Job, backend: Backend, *, cuda: bool, construct_only
     )
     if model.attention is not None:
         kw.update(num_attention_heads=model.attention.num_heads, num_query_groups=model.query_groups, kv_channels=model.head_dim)
+        kw.update(_attention_features(job))
     else:  # no A blocks: the attention fields are required but unused; TransformerConfig still
         # checks num_attention_heads % TP (transformer_config.py:925), so give one head per TP rank
         kw.update(num_attention_heads=lay.tp, kv_channels=model.hidden_size // lay.tp)
@@ -182,6 +199,7 @@ def transformer_config(job: Job, backend: Backend, *, cuda: bool, construct_only
             moe_flex_dispatcher_backend=moe.flex_backend,
             moe_expert_capacity_factor=moe.capacity_factor,
             moe_grouped_gemm=backend.use_te,
+            moe_latent_size=moe.latent_size,
         )
     if model.mamba is not None and "M" in letters:
         kw.update(

@@ -95,6 +95,10 @@ MODEL_DEFAULTS = {
     "share_embeddings_and_output_weights": False,
     "seq_length": 64,
     "add_bias_linear": False,
+    "qk_layernorm": False,
+    "softmax_type": "vanilla",
+    "window_size": None,
+    "window_attn_skip_freq": None,
 }
 PIPELINE_DEFAULTS = {
     "num_layers_in_first_pipeline_stage": None,
@@ -210,6 +214,10 @@ def _install_cpu_shims(torch):
 
         torch.cuda.Stream = _NoStream  # type: ignore[assignment,misc]
 
+        # DotProductAttention allocates a learnable softmax offset (softmax_type
+        # "learnable") on torch.cuda.current_device().
+        torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment]
+
 
 def _reset_globals(c, groups_before: set):
     """Best-effort reset between cases; every step may legitimately find nothing to undo."""
@@ -302,6 +310,10 @@ def _stage_config(c, case, st):
         activation_func=(F.silu if m["gated_linear_unit"] else F.gelu),
         normalization=m["normalization"],
         add_bias_linear=bool(m["add_bias_linear"]),
+        qk_layernorm=bool(m["qk_layernorm"]),
+        softmax_type=m["softmax_type"],
+        window_size=(tuple(m["window_size"]) if m["window_size"] is not None else None),
+        window_attn_skip_freq=m["window_attn_skip_freq"],
         # MoE
         num_moe_experts=m["num_moe_experts"],
         moe_ffn_hidden_size=m["moe_ffn_hidden_size"],
@@ -343,7 +355,8 @@ def _stage_model(c, case, st):
             )
         else:
             spec = c.layer_spec(
-                num_experts=None, moe_grouped_gemm=False, normalization=m["normalization"]
+                num_experts=None, moe_grouped_gemm=False, normalization=m["normalization"],
+                qk_layernorm=bool(m["qk_layernorm"]),
             )
         chunks.append(
             c.GPTModel(

@@ -1,0 +1,82 @@
+"""Latent MoE, sliding-window attention, attention sinks, QK layernorm and linear biases: what the
+spec accepts, what they cost, and the Megatron rules they bring."""
+
+from __future__ import annotations
+
+import pytest
+
+from megacpp.planner.cost.blocks import attention_share, block_flops, block_gemms, windowed_layers
+from megacpp.planner.cost.coefficients import DEFAULT_EFFICIENCY
+from megacpp.planner.cost.communication import communication
+from megacpp.planner.cost.memory import stage_memory
+from megacpp.planner.cost.step import matmul_seconds
+from megacpp.planner.errors import SpecError
+from megacpp.planner.plan import make_context
+from megacpp.planner.search.layout import Layout
+from megacpp.planner.search.rules import check_layout
+from megacpp.planner.search.stages import assign_stages
+from tests.conftest import TINY_DENSE, TINY_MOE, make_spec
+
+
+def L(tp=1, pp=1, ep=1, etp=1, dp=8, sp=False) -> Layout:
+    return Layout(tp=tp, pp=pp, vpp=1, cp=1, dp=dp, ep=ep, etp=etp, sp=sp, micro_batch_size=1, num_microbatches=2)
+
+
+def windowed(**attention):
+    return make_spec(TINY_DENSE, **{"model.pattern": "(AD)*4", "training.seq_length": 4096,
+                                    "model.attention": {"num_heads": 4, "num_query_groups": 2, "head_dim": 16, **attention}})
+
+
+def test_window_full_every_picks_megatrons_full_layers():
+    """window_attn_skip_freq N keeps the layers whose (1-based) number N divides full."""
+    assert windowed_layers(make_context(windowed(window_size=128, window_full_every=2))) == [True, False, True, False]
+    assert windowed_layers(make_context(windowed(window_size=128))) == [True] * 4
+    assert windowed_layers(make_context(windowed())) == [False] * 4
+
+
+def test_windowed_attention_flops_follow_the_window():
+    full, ctx = make_context(windowed()), make_context(windowed(window_size=128, window_full_every=2))
+    w, s = 128, 4096
+    short = ((w + 1) - w * (w + 1) / (2 * s)) / (s / 2)
+    assert attention_share(ctx) == pytest.approx((short + 1) / 2)
+    core = 2 * 4 * 16 * s  # the causal QK^T and PV term of one token
+    assert block_flops(full, "A") - block_flops(ctx, "A") == pytest.approx(core * (1 - attention_share(ctx)))
+    assert attention_share(make_context(windowed(window_size=8192))) == 1.0  # a window past the sequence is full
+
+
+def test_te_fused_attention_time_follows_the_window_and_the_local_softmax_does_not():
+    te = {"backend.transformer_engine": True}
+    full = make_context(make_spec(TINY_DENSE, **te, **{"training.seq_length": 4096}))
+    ctx = make_context(make_spec(TINY_DENSE, **te, **{"training.seq_length": 4096, "model.attention.window_size": 128}))
+    lay = L()
+    assert block_gemms(ctx, "A", lay).attention_share == pytest.approx(attention_share(ctx)) and attention_share(ctx) < 0.1
+    assert matmul_seconds(ctx, lay, "A", DEFAULT_EFFICIENCY) < matmul_seconds(full, lay, "A", DEFAULT_EFFICIENCY)
+    local = make_context(make_spec(TINY_DENSE, **{"training.seq_length": 4096, "model.attention.window_size": 128}))
+    assert block_gemms(local, "A", lay).attention == block_gemms(make_context(make_spec(TINY_DENSE, **{"training.seq_length": 4096})), "A", lay).attention
+
+
+def test_latent_moe_dispatches_latents_and_prices_its_projections():
+    te = {"backend.transformer_engine": True, "model.moe.ffn_hidden_size": 128}
+    base, latent = make_spec(TINY_MOE, **te), make_spec(TINY_MOE, **te, **{"model.moe.latent_size": 16})
+    lay = L(ep=4)
+    stages = assign_stages(make_context(base), 1, 1)[1]
+
+    def ep_bytes(spec):
+        ctx = make_context(spec)
+        mem = stage_memory(ctx, lay, stages, DEFAULT_EFFICIENCY)
+        return next(c.bytes_per_step for c in communication(ctx, lay, stages, mem) if c.axis == "ep")
+
+    assert ep_bytes(latent) == pytest.approx(ep_bytes(base) * 16 / 64)
+    h, f, k, e = 64, 128, 2, 8
+    assert block_flops(make_context(latent), "E") == 2 * h * e + k * 2 * 16 * f * 3 + 4 * h * 16
+
+
+def test_latent_window_and_bias_messages_name_the_key():
+    with pytest.raises(SpecError, match="window_full_every=2 .*set window_size"):
+        make_spec(TINY_DENSE, **{"model.attention.window_full_every": 2})
+    local_latent = make_context(make_spec(TINY_MOE, **{"model.moe.latent_size": 16}))
+    assert [v.rule for v in check_layout(local_latent, L()) if v.severity == "error"] == ["moe-latent-needs-te"]
+    bias = make_context(make_spec(TINY_MOE, **{"model.linear_bias": True}))
+    assert [v.rule for v in check_layout(bias, L(ep=2, etp=2, tp=2, dp=4, sp=True)) if v.severity == "error"][-1:] == ["moe-bias-needs-etp1"]
+    shared = make_context(make_spec(TINY_MOE, **{"model.linear_bias": True, "model.moe.shared_expert_ffn_hidden_size": 32}))
+    assert "shared-expert-no-bias" in [v.rule for v in check_layout(shared, L())]
