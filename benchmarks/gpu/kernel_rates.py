@@ -31,9 +31,26 @@ left out; the median of five replays):
   only with Transformer Engine installed), G GEMMs of M tokens each with weights [N, K], 6 G M K N
   FLOPs: the routed experts of an E block as megatron-core's TEGroupedMLP runs them (fc1 and fc2
   are one GroupedLinear each; TE spreads the G GEMMs over its multi-stream cuBLAS path).
+- `fp8_linear`: the `linear` grid through Transformer Engine's Linear (bf16 weights and inputs,
+  no bias) under `te.autocast` with an fp8 recipe, one set of rows per recipe, named as Megatron's
+  `--fp8-recipe` names them: `tensorwise` (Float8CurrentScaling, per-tensor scales from each
+  tensor's amax), `delayed` (DelayedScaling, scales from an amax history) and
+  `blockwise` (Float8BlockScaling, 1x128 and 128x128 blocks, Hopper with CUDA 12.9 or newer);
+  MXFP8 needs Blackwell. The time is what a step pays: the three fp8 GEMMs plus the amax, cast and
+  transpose kernels TE runs around them. The weight's fp8 copy is cached as megatron-core's TE
+  layers cache it after a step's first micro-batch (`is_first_microbatch=False`), so the weight
+  cast is left out and the input's and gradient's casts are in. Without Transformer Engine,
+  recipe `scaled_mm`: the same three GEMMs through `torch._scaled_mm` (e4m3, per-tensor scales
+  computed from each operand's amax, casts and transposes included);
+- `fp8_grouped_linear`: the `grouped_linear` grid through GroupedLinear under the same recipes.
 
 Needs torch, and megacpp with megatron-core installed for the softmax and the recurrence. The output for a preset
 is committed as planner/cost/rates/<gpu>.json, which planner/cost/kernel_rates.py reads.
+
+    python benchmarks/gpu/kernel_rates.py --out FILE.json --only fp8 [--fp8-recipes tensorwise delayed]
+
+measures the fp8 tables alone and merges them into an existing FILE.json, replacing the rows of
+the recipes measured and recording the device, the software and the command under `fp8_source`.
 """
 
 from __future__ import annotations
@@ -42,6 +59,7 @@ import argparse
 import json
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -326,6 +344,160 @@ def grouped_linear_rows(experts: tuple[int, ...] = GROUPED_G) -> list[dict]:
     return rows
 
 
+FP8_RECIPES = ("tensorwise", "delayed", "blockwise")  # Megatron's names of TE's fp8 recipes that run on Hopper
+
+
+def fp8_recipe(name: str):
+    """Transformer Engine's recipe object for Megatron's recipe name, with TE's defaults (the
+    HYBRID format: e4m3 forward, e5m2 gradients)."""
+    from transformer_engine.common import recipe
+
+    return {"tensorwise": recipe.Float8CurrentScaling, "delayed": recipe.DelayedScaling,
+            "blockwise": recipe.Float8BlockScaling}[name]()
+
+
+def have_transformer_engine() -> bool:
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def te_fp8_row(name: str, layer, m: int, k: int, n: int, g: int | None = None) -> dict | None:
+    """One fp8 point of a TE Linear (`g` None) or GroupedLinear of `g` GEMMs of `m` tokens, or
+    None where it failed."""
+    import transformer_engine.pytorch as te
+
+    recipe = fp8_recipe(name)
+    tokens = m if g is None else g * m
+    x = torch.randn(tokens, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn(tokens, n, device="cuda", dtype=torch.bfloat16)
+    extra = () if g is None else ([m] * g,)
+
+    def run(first: bool) -> None:
+        with te.autocast(recipe=recipe):
+            y = layer(x, *extra, is_first_microbatch=first)
+        y.backward(grad)
+        x.grad = None
+        for w in layer.parameters():
+            w.grad = None
+
+    try:
+        run(True)  # quantizes and caches the weight, as a step's first micro-batch does
+        seconds, timer = timed_or_eagerly(lambda: run(False))
+    except Exception as error:  # noqa: BLE001 - a point that fails (memory) is left out; the planner's grid fills it
+        print(f"{name} g={g} {m}x{k}x{n}: {type(error).__name__}: {str(error)[:120]}", flush=True)
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        return None
+    row = {"recipe": name} | ({} if g is None else {"g": g})
+    return row | {"m": m, "k": k, "n": n, "seconds": seconds, "timer": timer,
+                  "tflops": round(6 * (g or 1) * m * k * n / seconds / 1e12, 1)}
+
+
+def fp8_linear_rows(name: str) -> list[dict]:
+    """The `linear` grid in fp8 under recipe `name` (TE's Linear), or through torch._scaled_mm."""
+    if name == "scaled_mm":
+        return scaled_mm_linear_rows()
+    import transformer_engine.pytorch as te
+
+    rows = []
+    for k in LINEAR_KN:
+        for n in LINEAR_KN:
+            layer = te.Linear(k, n, bias=False, params_dtype=torch.bfloat16, device="cuda")
+            rows += [r for m in LINEAR_M if (r := te_fp8_row(name, layer, m, k, n))]
+            del layer
+        torch.cuda.empty_cache()
+    return sorted(rows, key=lambda r: (r["m"], r["k"], r["n"]))
+
+
+def fp8_grouped_linear_rows(name: str, experts: tuple[int, ...] = GROUPED_G) -> list[dict]:
+    """The `grouped_linear` grid in fp8 under recipe `name` (TE's GroupedLinear)."""
+    import transformer_engine.pytorch as te
+
+    rows = []
+    for g in experts:
+        for k in GROUPED_KN:
+            for n in GROUPED_KN:
+                if grouped_bytes(g, GROUPED_M[0], k, n) > GROUPED_BYTES:
+                    continue
+                layer = te.GroupedLinear(g, k, n, bias=False, params_dtype=torch.bfloat16, device="cuda")
+                rows += [r for m in GROUPED_M
+                         if grouped_bytes(g, m, k, n) <= GROUPED_BYTES and 6 * g * m * k * n <= GROUPED_FLOPS
+                         and (r := te_fp8_row(name, layer, m, k, n, g))]
+                del layer
+                torch.cuda.empty_cache()
+    return rows
+
+
+def scaled_mm_linear_rows() -> list[dict]:
+    """Forward plus backward of a Linear as three `torch._scaled_mm` GEMMs in e4m3 with per-tensor
+    scales from each operand's amax (current scaling), the casts and transposes included: the
+    fallback where Transformer Engine is not installed."""
+    e4m3 = torch.float8_e4m3fn
+    top = torch.finfo(e4m3).max
+
+    def cast(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scale = top / t.abs().amax().float().clamp(min=1e-12)
+        return (t * scale).to(e4m3), scale.reciprocal()
+
+    rows = []
+    for m in LINEAR_M:
+        for k in LINEAR_KN:
+            for n in LINEAR_KN:
+                x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+                w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+                g = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
+
+                def step(x=x, w=w, g=g) -> None:
+                    (xq, sx), (wq, sw), (gq, sg) = cast(x), cast(w), cast(g)
+                    torch._scaled_mm(xq, wq.t(), scale_a=sx, scale_b=sw, out_dtype=torch.bfloat16)  # y = x w^T
+                    torch._scaled_mm(gq, wq.t().contiguous().t(), scale_a=sg, scale_b=sw, out_dtype=torch.bfloat16)  # dx = g w
+                    torch._scaled_mm(gq.t().contiguous(), xq.t().contiguous().t(), scale_a=sg, scale_b=sx,
+                                     out_dtype=torch.bfloat16)  # dw = g^T x
+
+                seconds, timer = timed_or_eagerly(step)
+                rows.append({"recipe": "scaled_mm", "m": m, "k": k, "n": n, "seconds": seconds, "timer": timer,
+                             "tflops": round(6 * m * k * n / seconds / 1e12, 1)})
+                del x, w, g
+    return rows
+
+
+def measure_fp8(doc: dict, recipes: tuple[str, ...], tables: tuple[str, ...], out: Path) -> None:
+    """Measure `tables` (fp8_linear, fp8_grouped_linear) under each recipe into `doc`, replacing
+    that recipe's rows, and write `out` after every table, so that a run cut short keeps what it
+    measured (`fp8_source.measured` lists it). Order: the first recipe's tables, then the other
+    recipes' Linear rows, then their GroupedLinear rows (the slowest to measure)."""
+    te_version = None
+    if have_transformer_engine():
+        import transformer_engine
+
+        te_version = transformer_engine.__version__
+    elif recipes != ("scaled_mm",):
+        raise SystemExit("the fp8 recipes need Transformer Engine; without it use --fp8-recipes scaled_mm")
+    props = torch.cuda.get_device_properties(0)
+    only = "fp8" if len(tables) > 1 else tables[0]
+    source = doc["fp8_source"] = {
+        "command": f"python benchmarks/gpu/kernel_rates.py --out FILE --only {only} --fp8-recipes {' '.join(recipes)}",
+        "device": props.name, "torch": torch.__version__, "cuda": torch.version.cuda,
+        "transformer_engine": te_version, "date": time.strftime("%Y-%m-%d", time.gmtime()), "measured": [],
+    }
+    measure = {"fp8_linear": fp8_linear_rows, "fp8_grouped_linear": fp8_grouped_linear_rows}
+    order = [(t, recipes[0]) for t in tables] + [(t, r) for t in tables for r in recipes[1:]]
+    for table, name in order:
+        if table == "fp8_grouped_linear" and name == "scaled_mm":
+            continue
+        began = time.monotonic()
+        rows = measure[table](name)
+        doc[table] = [r for r in doc.get(table, []) if r["recipe"] != name] + rows
+        source["measured"].append(f"{table} {name}")
+        out.write_text(json.dumps(doc, indent=1) + "\n")
+        best = max(rows, key=lambda r: r["tflops"])
+        print(f"{table} {name}: {len(rows)} rows in {time.monotonic() - began:.0f} s; best {best['tflops']} TFLOP/s "
+              f"at {best['m']}x{best['k']}x{best['n']}", flush=True)
+
+
 def elementwise_rows() -> list[dict]:
     rows = []
     for mib in ELEMENTWISE_MIB:
@@ -349,12 +521,20 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
     alone = {"ssd": ssd_rows, "fused_attention": fused_attention_rows, "grouped_linear": grouped_linear_rows}  # tables that can be measured into an existing file
-    ap.add_argument("--only", choices=sorted(alone), help="measure this table alone and merge it into --out")
+    fp8_tables = {"fp8": ("fp8_linear", "fp8_grouped_linear"), "fp8_linear": ("fp8_linear",),
+                  "fp8_grouped_linear": ("fp8_grouped_linear",)}
+    ap.add_argument("--only", choices=sorted(alone | fp8_tables), help="measure this table alone and merge it into --out")
     ap.add_argument("--grouped-g", type=int, nargs="+", metavar="G",
                     help="with --only grouped_linear: measure these local-expert counts alone and replace their rows in --out")
+    ap.add_argument("--fp8-recipes", nargs="+", choices=(*FP8_RECIPES, "scaled_mm"), default=list(FP8_RECIPES),
+                    help="with --only fp8*: the recipes to measure (scaled_mm: torch._scaled_mm, without Transformer Engine)")
     args = ap.parse_args(argv)
     if args.grouped_g and args.only != "grouped_linear":
         ap.error("--grouped-g needs --only grouped_linear")
+    if args.only in fp8_tables:
+        doc = json.loads(args.out.read_text()) if args.out.exists() else {}
+        measure_fp8(doc, tuple(args.fp8_recipes), fp8_tables[args.only], args.out)
+        return 0
     if args.only:
         doc = json.loads(args.out.read_text()) if args.out.exists() else {}
         if args.grouped_g:

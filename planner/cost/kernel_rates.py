@@ -13,13 +13,19 @@ which the step model prices separately, is left out):
 - Transformer Engine's fused causal attention (DotProductAttention, cuDNN, forward plus backward)
   over batch x heads and sequence length, where the table has it;
 - Transformer Engine's GroupedLinear (the routed experts' fc1 or fc2 under TE, forward plus
-  backward) over local experts x tokens per expert x K x N, where the table has it.
+  backward) over local experts x tokens per expert x K x N, where the table has it;
+- the same Linear and GroupedLinear grids in fp8 through TE's Linear and GroupedLinear under
+  `te.autocast`, one set of rows per recipe (Megatron's names: tensorwise, delayed, blockwise),
+  the amax, cast and transpose kernels TE runs around the fp8 GEMMs included, where the table has
+  them. fp8 is priced with the rows of the spec's training.fp8_recipe; an fp8 GroupedLinear
+  without its own rows is priced as that many fp8 Linears of the recipe.
 
 Its output on one GPU of a kind is committed as `rates/<gpu>.json` and read here for the presets
 in TABLES. A GEMM between grid points takes the log-linear interpolation of its neighbours' times;
 beyond the largest grid value time grows in proportion (M, K, N, batch) or with the square
 (sequence), below the smallest it is the smallest's (a kernel does not get faster than its
-launch). Presets without a table price matmuls at FLOPs / (MAMF x Efficiency.matmul).
+launch). Presets without a table, and fp8 on a table without rows of its recipe (mxfp8 on
+Hopper), price matmuls at FLOPs / (MAMF x Efficiency.matmul).
 """
 
 from __future__ import annotations
@@ -79,9 +85,27 @@ class KernelRates:
     softmax_forward: Grid  # the same, forward alone
     fused_attention: dict[int, Grid]  # head dim -> (batch x heads, tokens) -> TE's fused attention (may be empty)
     grouped_linear: Grid | None  # (G, M, K, N) -> TE's GroupedLinear of G GEMMs of M tokens (None where not measured)
+    # fp8 recipe (training.fp8_recipe) -> the Linear grid and the GroupedLinear grid in fp8 (empty where not measured)
+    fp8_linear: dict[str, Grid] = field(default_factory=dict)
+    fp8_grouped_linear: dict[str, Grid] = field(default_factory=dict)
 
-    def linear_seconds(self, m: float, k: int, n: int) -> float:
-        return self.linear.seconds((m, k, n)) if m and k and n else 0.0
+    def has_fp8(self, recipe: str) -> bool:
+        """Whether the table prices fp8 Linears under `recipe` (else fp8 falls back to FLOPs at the fp8 MAMF)."""
+        return recipe in self.fp8_linear
+
+    def linear_seconds(self, m: float, k: int, n: int, fp8: str | None = None) -> float:
+        """Forward and backward of one Linear of M x K x N, in bf16, or in fp8 under recipe `fp8`."""
+        if not (m and k and n):
+            return 0.0
+        return self._linear_grid(fp8).seconds((m, k, n))
+
+    def _linear_grid(self, fp8: str | None) -> Grid:
+        if fp8 is None:
+            return self.linear
+        if fp8 not in self.fp8_linear:
+            raise ValueError(f"this kernel-rate table has no fp8 rows of recipe {fp8} (it has {sorted(self.fp8_linear) or 'none'}); "
+                             "check has_fp8 first")
+        return self.fp8_linear[fp8]
 
     def attention_seconds(self, batch_heads: int, tokens: int, head_dim: int) -> float:
         return _nearest(self.attention, head_dim).seconds((batch_heads, tokens))
@@ -91,14 +115,16 @@ class KernelRates:
         point = (batch_heads, tokens)
         return self.softmax.seconds(point) + (forwards - 1) * self.softmax_forward.seconds(point)
 
-    def grouped_linear_seconds(self, g: int, m: float, k: int, n: int) -> float:
-        """Forward and backward of TE's GroupedLinear over `g` experts of `m` tokens each: from the
-        grouped table where the table has it, else `g` Linears of that shape one after another."""
+    def grouped_linear_seconds(self, g: int, m: float, k: int, n: int, fp8: str | None = None) -> float:
+        """Forward and backward of TE's GroupedLinear over `g` experts of `m` tokens each, in bf16
+        or in fp8 under recipe `fp8`: from the grouped table of that precision where the table has
+        it, else `g` Linears of that shape one after another."""
         if not (g and m and k and n):
             return 0.0
-        if self.grouped_linear is None:
-            return g * self.linear_seconds(m, k, n)
-        return self.grouped_linear.seconds((g, m, k, n))
+        grouped = self.grouped_linear if fp8 is None else self.fp8_grouped_linear.get(fp8)
+        if grouped is None:
+            return g * self.linear_seconds(m, k, n, fp8)
+        return grouped.seconds((g, m, k, n))
 
     def fused_attention_seconds(self, batch_heads: int, tokens: int, head_dim: int, cp: int = 1) -> float | None:
         """TE's fused causal attention forward and backward on one rank, or None where the table
@@ -158,7 +184,15 @@ def kernel_rates(cluster_name: str) -> KernelRates | None:
         softmax_forward=_grid([{**r, "seconds": r["forward_seconds"]} for r in doc["softmax"]], ("b", "s"), (1, 2)),
         fused_attention=_per_head_dim(doc.get("fused_attention", []), "b", 2),
         grouped_linear=_grid(doc["grouped_linear"], ("g", "m", "k", "n"), (1, 1, 1, 1)) if doc.get("grouped_linear") else None,
+        fp8_linear=_recipe_grids(doc.get("fp8_linear", []), ("m", "k", "n")),
+        fp8_grouped_linear=_recipe_grids(doc.get("fp8_grouped_linear", []), ("g", "m", "k", "n")),
     )
+
+
+def _recipe_grids(rows: list[dict], keys: tuple[str, ...]) -> dict[str, Grid]:
+    """An fp8 table's rows as one grid per recipe, growing linearly on every axis."""
+    return {recipe: _grid([r for r in rows if r["recipe"] == recipe], keys, (1,) * len(keys))
+            for recipe in sorted({r["recipe"] for r in rows})}
 
 
 def _per_head_dim(rows: list[dict], batch: str, sequence_growth: int) -> dict[int, Grid]:

@@ -103,9 +103,10 @@ PER_MICRO_BATCH_AXES = (Axis.TP, Axis.CP, Axis.EP, Axis.ETP, Axis.PP)
 def matmul_seconds(ctx: Context, lay: Layout, letter: str, eff: Efficiency, load: float = 1.0) -> float:
     """GPU seconds of one block's matmuls ("head": the output layer) per micro-batch on one rank,
     forward and backward plus what recompute repeats: from the preset's measured kernel-rate table
-    (planner/cost/kernel_rates.py), its fp8 Linear and GroupedLinear rows under fp8 (core attention
-    stays bf16 under TE's fp8 recipes), else FLOPs at MAMF x Efficiency.matmul; either over the
-    system's Cluster.matmul_rate_scale (1 unless a cluster profile fitted it)."""
+    (planner/cost/kernel_rates.py), under fp8 its Linear and GroupedLinear rows of the spec's fp8
+    recipe (core attention stays bf16 under TE's fp8 recipes), else FLOPs at MAMF x
+    Efficiency.matmul; either over the system's Cluster.matmul_rate_scale (1 unless a cluster
+    profile fitted it)."""
     return _priced_matmul_seconds(ctx, lay, letter, eff, load) / ctx.cluster.matmul_rate_scale
 
 
@@ -113,6 +114,7 @@ def _priced_matmul_seconds(ctx: Context, lay: Layout, letter: str, eff: Efficien
     """matmul_seconds at the preset's rates."""
     c = ctx.cluster
     fp8 = ctx.spec.training.precision == "fp8"
+    recipe = ctx.spec.training.fp8_recipe if fp8 else None
     rate = (c.mamf_fp8_tflops if fp8 else c.mamf_bf16_tflops) * 1e12 * eff.matmul
     recompute = ctx.spec.training.recompute
     again = gpu_repeats(recompute)
@@ -122,10 +124,10 @@ def _priced_matmul_seconds(ctx: Context, lay: Layout, letter: str, eff: Efficien
     else:
         gemms = block_gemms(ctx, letter, lay, load)
     rates = kernel_rates(c.name)
-    if rates is None or (fp8 and not rates.has_fp8):
+    if rates is None or (recipe is not None and not rates.has_fp8(recipe)):
         return 3 * gemms.flops * again / rate
-    linears = sum(n * rates.linear_seconds(m, k, nn, fp8) for m, k, nn, n in gemms.linears)
-    linears += sum(rates.grouped_linear_seconds(g, m, k, n, fp8) for m, k, n, g in gemms.grouped)
+    linears = sum(n * rates.linear_seconds(m, k, nn, recipe) for m, k, nn, n in gemms.linears)
+    linears += sum(rates.grouped_linear_seconds(g, m, k, n, recipe) for m, k, n, g in gemms.grouped)
     attention = rates.attention_seconds(*gemms.attention) if gemms.attention else 0.0
     fused = rates.fused_attention_seconds(*gemms.fused_attention) if gemms.fused_attention else None
     if fused is not None:  # a sliding window shortens the measured full causal kernel's work
