@@ -38,6 +38,7 @@ from megacpp.planner.cost.coefficients import (
 from megacpp.planner.cost.communication import Comm, communication
 from megacpp.planner.cost.kernel_rates import kernel_rates
 from megacpp.planner.cost.memory import GIB, StageMemory, rank_stages, stage_memory
+from megacpp.planner.cost.shard import memo, shape
 from megacpp.planner.search.layout import Context, Layout
 from megacpp.planner.search.stages import Stage
 
@@ -271,6 +272,49 @@ def grad_accumulation_seconds(ctx: Context, stage: StageMemory, eff: Efficiency)
     return moved / (rate * 1e12)
 
 
+def _matmul(ctx: Context, lay: Layout, eff: Efficiency, load: float) -> dict[str, float]:
+    """matmul_seconds of each block letter and the head, once per shard shape (cost.shard)."""
+    return memo(ctx, ("matmul", shape(lay), eff, load),
+                lambda: {letter: matmul_seconds(ctx, lay, letter, eff, load) for letter in [*ctx.letters, "head"]})
+
+
+def _rank_work(ctx: Context, lay: Layout, blocks: str, head: bool, eff: Efficiency,
+               load: float) -> tuple[float, float, float, float, float, float]:
+    """One pipeline rank's (matmul, softmax, small kernels, host, the local experts' host, the
+    host's synchronised share) per micro-batch, from its blocks and whether it has the head."""
+    matmul = _matmul(ctx, lay, eff, load)
+    gemm = sum(matmul[letter] for letter in blocks) + (matmul["head"] if head else 0.0)
+    units = host_units(ctx, lay, blocks)
+    repeats = host_repeats(ctx.spec.training.recompute, ctx.te)
+    host = sum(n * eff.overhead(key, ctx.te) for key, n in units.items()) * repeats
+    experts = units[EXPERT] * eff.overhead(EXPERT, ctx.te) * repeats
+    traffic = eff.traffic(ctx.te)
+    small = traffic * small_kernel_seconds(ctx, lay, blocks, load) * gpu_repeats(ctx.spec.training.recompute) if traffic else 0.0
+    scores = blocks.count("A") * softmax_seconds(ctx, lay, eff)
+    synced = eff.te_sync_exposed if units["E"] else 0.0  # a captured MoE layer waits for nothing
+    return gemm, scores, small, host, experts, synced
+
+
+# relative margin of step_floor under the step, for sums taken in another order
+FLOOR_MARGIN = 1e-9
+
+
+def step_floor(ctx: Context, lay: Layout, eff: Efficiency = DEFAULT_EFFICIENCY, load: float = 1.0) -> float:
+    """A lower bound of estimate()'s step_seconds that needs no stage split: the pipeline's
+    micro-batch slots times the mean pipeline rank's matmuls, softmax and small kernels of one
+    micro-batch. The busiest rank does at least the mean, and the step's other terms (host time
+    beyond the GPU's, gradient accumulation, communication, the optimizer) only add to it."""
+
+    def whole_model() -> float:
+        blocks = ctx.pattern.blocks
+        gemm, scores, small, *_ = _rank_work(ctx, lay, blocks, True, eff, load)
+        return gemm + scores + small
+
+    work = memo(ctx, ("floor", shape(lay), eff, load), whole_model)
+    slots = lay.num_microbatches + (lay.pp - 1) / lay.vpp
+    return slots * work / lay.pp * (1 - FLOOR_MARGIN)
+
+
 def estimate(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency = DEFAULT_EFFICIENCY,
              load: float = 1.0) -> Estimate:
     """Memory, communication and step time of one legal layout; `load` > 1 prices the busiest
@@ -279,25 +323,18 @@ def estimate(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency = D
     precision = ctx.spec.training.precision
     c = ctx.cluster
     per_letter = {letter: block_flops(ctx, letter, load) for letter in ctx.letters}
-    matmul = {letter: matmul_seconds(ctx, lay, letter, eff, load) for letter in [*ctx.letters, "head"]}
-    softmax = softmax_seconds(ctx, lay, eff)
     # (matmul, softmax, exposed block overhead, small kernels, gradient accumulation, host, the
     # local experts' host) per micro-batch on each pipeline rank
     per_rank = []
+    work = memo(ctx, ("rank work", shape(lay), eff, load), dict)  # _rank_work by the rank's blocks
     for p in range(lay.pp):
         mine = rank_stages(stages, p)
         blocks = "".join(st.blocks for st in mine)
         head = any(st.output_head for st in mine)
-        gemm = sum(matmul[letter] for letter in blocks) + (matmul["head"] if head else 0.0)
-        units = host_units(ctx, lay, blocks)
-        repeats = host_repeats(ctx.spec.training.recompute, ctx.te)
-        host = sum(n * eff.overhead(key, ctx.te) for key, n in units.items()) * repeats
-        experts = units[EXPERT] * eff.overhead(EXPERT, ctx.te) * repeats
-        traffic = eff.traffic(ctx.te)
-        small = traffic * small_kernel_seconds(ctx, lay, blocks, load) * gpu_repeats(ctx.spec.training.recompute) if traffic else 0.0
-        scores = blocks.count("A") * softmax
+        if (blocks, head) not in work:
+            work[blocks, head] = _rank_work(ctx, lay, blocks, head, eff, load)
+        gemm, scores, small, host, experts, synced = work[blocks, head]
         accumulate = grad_accumulation_seconds(ctx, mem[p], eff)
-        synced = eff.te_sync_exposed if units["E"] else 0.0  # a captured MoE layer waits for nothing
         per_rank.append((gemm, scores, exposed_host_seconds(gemm + scores + small + accumulate, host, ctx.te, synced), small, accumulate,
                          host, experts))
     *terms, host, experts = max(per_rank, key=lambda r: sum(r[:5]))
