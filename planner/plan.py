@@ -25,8 +25,8 @@ from megacpp.planner.cost.coefficients import (
     MEASURED_ROUTED_LOAD,
     Efficiency,
 )
-from megacpp.planner.cost.memory import stage_memory
-from megacpp.planner.cost.step import Estimate, estimate, step_floor
+from megacpp.planner.cost.memory import peak_gib
+from megacpp.planner.cost.step import Estimate, compute_floor, estimate, step_floor
 from megacpp.planner.errors import PlanError, did_you_mean
 from megacpp.planner.search.layout import Context, Layout
 from megacpp.planner.search.rules import applicable, check_layout
@@ -350,15 +350,17 @@ def build_plan(spec: Spec, top: int = 10, profile: Profile = DEFAULTS) -> Plan:
     load = routed_load(ctx, imbalanced=True)
     eff = profile.efficiency
     # every legal layout's memory decides whether it fits (fitting_count); its step, only whether
-    # it ranks in the top, so it is priced in full in the order of step_floor until the next floor
-    # is slower than the top-th step (the floor never exceeds the step, nor its rounding)
+    # it ranks in the top. Steps are priced in the order of a floor under them (cost.step.step_floor)
+    # until the next floor is slower than the top-th step, and a layout whose step without its
+    # communication (compute_floor) is already slower is not priced further; a floor never
+    # exceeds the step, nor does its rounding
     bounded = []
     for i, lay in enumerate(result.legal):
         stages = assign_stages(ctx, lay.pp, lay.vpp)[1]
         # the busiest expert-parallel rank under moe.imbalance: the band's top, which must fit
         imbalanced = load > 1 and lay.ep > 1
-        peak = max(m.total_gib for m in stage_memory(ctx, lay, stages, eff, load if imbalanced else 1.0))
-        bounded.append((peak > capacity, round(step_floor(ctx, lay, eff), 9), i))
+        misfit = peak_gib(ctx, lay, stages, eff, load if imbalanced else 1.0) > capacity
+        bounded.append((misfit, round(step_floor(ctx, lay, eff), 9), i))
     bounded.sort()
     scored: list[tuple[Any, ...]] = []
     for misfit, floor, i in bounded:
@@ -366,6 +368,8 @@ def build_plan(spec: Spec, top: int = 10, profile: Profile = DEFAULTS) -> Plan:
             break
         lay = result.legal[i]
         stages = assign_stages(ctx, lay.pp, lay.vpp)[1]
+        if len(scored) >= top and (misfit, round(compute_floor(ctx, lay, stages, eff), 9)) > scored[top - 1][:2]:
+            continue
         est = estimate(ctx, lay, stages, eff)
         high = estimate(ctx, lay, stages, eff, load) if load > 1 and lay.ep > 1 else None
         # fitting layouts first, then faster, then lighter on memory

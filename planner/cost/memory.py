@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Hashable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from megacpp.planner.cost.blocks import (
     BF16,
@@ -168,6 +168,50 @@ def gradient_bytes(ctx: Context) -> int:
 
 
 @dataclass(frozen=True)
+class RankStages:
+    """One pipeline rank's stages, laid out as _held (and cost.step) reads them."""
+
+    stages: list[Stage]
+    key: Hashable  # what _held depends on (stage_memory memoises it by that)
+    blocks: str
+    counts: tuple[tuple[str, int], ...]  # Counter(blocks).items()
+    here: list[str]  # the letters of its blocks, sorted
+    behind: dict[str, tuple[tuple[str, int], ...]]  # the blocks behind the last block of each letter, counted
+    embedding: bool
+    output_head: bool
+    first: bool = True  # no rank before it holds the same (the same key)
+
+
+def _rank_stages(ctx: Context, mine: list[Stage], pp: int) -> RankStages:
+    blocks = "".join(st.blocks for st in mine)
+    embedding, head = any(st.embedding for st in mine), any(st.output_head for st in mine)
+    # the stages' bounds matter only to a partial full recompute (its checkpoints stay in a stage);
+    # head_params, to whether pp is 1
+    training = ctx.spec.training
+    partial = training.recompute == "full" and (training.recompute_method == "block" or (training.recompute_num_layers or 1) > 1)
+    key = (pp == 1, embedding, head, tuple(st.blocks for st in mine) if partial else blocks)
+    behind = {letter: tuple(Counter(blocks[blocks.rindex(letter) + 1:]).items()) for letter in set(blocks)}
+    return RankStages(mine, key, blocks, tuple(Counter(blocks).items()), sorted(set(blocks)), behind, embedding, head)
+
+
+def ranks(ctx: Context, stages: list[Stage], pp: int) -> list[RankStages]:
+    """Each pipeline rank's stages (RankStages) in pp_rank order, memoised per stage list: a search's come from
+    assign_stages' cache, and the entry keeps its list alive, so the id stays its own."""
+    key = ("ranks", id(stages), pp)
+    cache = ctx.cost_cache
+    if key not in cache or cache[key][0] is not stages:
+        mine: list[list[Stage]] = [[] for _ in range(pp)]
+        for st in stages:
+            mine[st.pp_rank].append(st)
+        out: list[RankStages] = []
+        for m in mine:
+            rank = _rank_stages(ctx, m, pp)
+            out.append(replace(rank, first=all(r.key != rank.key for r in out)))
+        cache[key] = (stages, out)
+    return cache[key][1]  # type: ignore[no-any-return]
+
+
+@dataclass(frozen=True)
 class _Held:
     """What one pipeline rank holds whatever the data-parallel sharding and the schedule."""
 
@@ -231,7 +275,7 @@ def _letters(ctx: Context, lay: Layout, load: float) -> _Letters:
     )
 
 
-def _held(ctx: Context, lay: Layout, mine: _Rank, t: _Letters) -> _Held:
+def _held(ctx: Context, lay: Layout, mine: RankStages, t: _Letters) -> _Held:
     """What one rank holding the stages `mine` keeps (stage_memory), from its shape's letters."""
     training = ctx.spec.training
     recompute = training.recompute
@@ -299,48 +343,21 @@ def _held(ctx: Context, lay: Layout, mine: _Rank, t: _Letters) -> _Held:
     return _Held(dense, expert, tensors, act_per_mb, transient, transient_from, buffers / GIB)
 
 
-@dataclass(frozen=True)
-class _Rank:
-    """One pipeline rank's stages, laid out as _held reads them."""
-
-    stages: list[Stage]
-    key: Hashable  # what _held depends on (stage_memory memoises it by that)
-    blocks: str
-    counts: tuple[tuple[str, int], ...]  # Counter(blocks).items()
-    here: list[str]  # the letters of its blocks, sorted
-    behind: dict[str, tuple[tuple[str, int], ...]]  # the blocks behind the last block of each letter, counted
-    embedding: bool
-    output_head: bool
-
-
-def _rank(ctx: Context, mine: list[Stage], pp: int) -> _Rank:
-    blocks = "".join(st.blocks for st in mine)
-    embedding, head = any(st.embedding for st in mine), any(st.output_head for st in mine)
-    # the stages' bounds matter only to a partial full recompute (its checkpoints stay in a stage);
-    # head_params, to whether pp is 1
-    training = ctx.spec.training
-    partial = training.recompute == "full" and (training.recompute_method == "block" or (training.recompute_num_layers or 1) > 1)
-    key = (pp == 1, embedding, head, tuple(st.blocks for st in mine) if partial else blocks)
-    behind = {letter: tuple(Counter(blocks[blocks.rindex(letter) + 1:]).items()) for letter in set(blocks)}
-    return _Rank(mine, key, blocks, tuple(Counter(blocks).items()), sorted(set(blocks)), behind, embedding, head)
-
-
-def _by_rank(ctx: Context, stages: list[Stage], pp: int) -> list[_Rank]:
-    """Each pipeline rank's stages (_Rank), memoised per stage list: a search's come from
-    assign_stages' cache, and the entry keeps its list alive, so the id stays its own."""
-    key = ("ranks", id(stages), pp)
-    cache = ctx.cost_cache
-    if key not in cache or cache[key][0] is not stages:
-        mine: list[list[Stage]] = [[] for _ in range(pp)]
-        for st in stages:
-            mine[st.pp_rank].append(st)
-        cache[key] = (stages, [_rank(ctx, m, pp) for m in mine])
-    return cache[key][1]  # type: ignore[no-any-return]
-
-
 def stage_memory(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency, load: float = 1.0) -> list[StageMemory]:
     """Memory of one rank of each pipeline stage; `load` > 1 prices the busiest expert-parallel
     rank under routing imbalance (blocks.routed_load)."""
+    return _memory(ctx, lay, stages, eff, load, peaks_only=False)
+
+
+def peak_gib(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency, load: float = 1.0) -> float:
+    """The largest total_gib of stage_memory, from the ranks that can hold it: a rank has no fewer
+    micro-batches in flight than the ranks after it (in_flight), so of the ranks that hold the same
+    blocks the first peaks highest. With activation offloading, which moves more of them the more
+    there are, every rank is priced."""
+    return max(m.total_gib for m in _memory(ctx, lay, stages, eff, load, peaks_only=not ctx.spec.training.offload_modules))
+
+
+def _memory(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency, load: float, peaks_only: bool) -> list[StageMemory]:
     out = []
     training = ctx.spec.training
     distopt = training.distributed_optimizer
@@ -350,7 +367,9 @@ def stage_memory(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency
     grad_copies = grad_bytes == BF16 and main_param_bytes(ctx) != BF16
     dense_shard = lay.dp * lay.cp if distopt else 1
     expert_shard = max(lay.edp, 1) if distopt else 1
-    for p, stages_p in enumerate(_by_rank(ctx, stages, lay.pp)):
+    for p, stages_p in enumerate(ranks(ctx, stages, lay.pp)):
+        if peaks_only and not stages_p.first:
+            continue
         rank = letters.held.get(stages_p.key)
         if rank is None:
             rank = letters.held[stages_p.key] = _held(ctx, lay, stages_p, letters)
@@ -360,15 +379,15 @@ def stage_memory(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency
             # with EP=1 megatron-core flags expert weights allreduce=True (tensor_parallel/layers.py
             # ColumnParallelLinear: "allreduce", not (is_expert and expert_parallel)), so DDP and
             # the distributed optimizer treat them as dense: one buffer, sharded over DP*CP
-            sharded = ((dense + expert, dense_shard), (0, 1))
+            sharded = ((dense + expert) / dense_shard, 0.0)
         else:
-            sharded = ((dense, dense_shard), (expert, expert_shard))
-        shards = sum(n / shard for n, shard in sharded)
+            sharded = (dense / dense_shard, expert / expert_shard)
+        shards = sharded[0] + sharded[1]
         # what the optimizer step allocates beside the state: the fp32 copy of the larger shard
         # without TE (OPTIMIZER_STEP_BYTES), and fp32 copies of every bf16 gradient shard unless
         # the precision-aware optimizer reads them as they are (distrib_optimizer.py
         # _copy_model_grads_to_main_grads: shard_model_grad.float())
-        step = 0.0 if ctx.te else OPTIMIZER_STEP_BYTES * max(n / shard for n, shard in sharded)
+        step = 0.0 if ctx.te else OPTIMIZER_STEP_BYTES * max(sharded)
         if grad_copies:
             step += FP32 * shards
         activations = rank.act_per_mb * in_flight(lay, p)
