@@ -187,9 +187,7 @@ def _rank_stages(ctx: Context, mine: list[Stage], pp: int) -> RankStages:
     embedding, head = any(st.embedding for st in mine), any(st.output_head for st in mine)
     # the stages' bounds matter only to a partial full recompute (its checkpoints stay in a stage);
     # head_params, to whether pp is 1
-    training = ctx.spec.training
-    partial = training.recompute == "full" and (training.recompute_method == "block" or (training.recompute_num_layers or 1) > 1)
-    key = (pp == 1, embedding, head, tuple(st.blocks for st in mine) if partial else blocks)
+    key = (pp == 1, embedding, head, tuple(st.blocks for st in mine) if _partial(ctx) else blocks)
     behind = {letter: tuple(Counter(blocks[blocks.rindex(letter) + 1:]).items()) for letter in set(blocks)}
     return RankStages(mine, key, blocks, tuple(Counter(blocks).items()), sorted(set(blocks)), behind, embedding, head)
 
@@ -240,7 +238,10 @@ class _Letters:
     weight_gradient: dict[str, float]
     scores: float  # unfused attention scores, where the rank has an A block
     expert_backward: float
-    # _held by the stages a rank holds (_by_rank), and whether pp is 1 (head_params)
+    # the spec's, read here once: selective recompute's modules, and whether full recompute is partial
+    modules: frozenset[str]
+    partial: bool
+    # _held by what a rank holds (RankStages.key)
     held: dict[Hashable, _Held] = field(default_factory=dict)
 
 
@@ -272,15 +273,15 @@ def _letters(ctx: Context, lay: Layout, load: float) -> _Letters:
         weight_gradient={letter: weight_gradient_bytes(ctx, letter, lay) for letter in ctx.letters},
         scores=unfused_scores(ctx, lay),
         expert_backward=expert_backward_bytes(ctx, lay, load) * tokens,
+        modules=modules,
+        partial=_partial(ctx),
     )
 
 
 def _held(ctx: Context, lay: Layout, mine: RankStages, t: _Letters) -> _Held:
     """What one rank holding the stages `mine` keeps (stage_memory), from its shape's letters."""
-    training = ctx.spec.training
-    recompute = training.recompute
-    modules = recompute_modules(ctx)
-    partial = recompute == "full" and (training.recompute_method == "block" or (training.recompute_num_layers or 1) > 1)
+    recompute = ctx.spec.training.recompute
+    modules, partial = t.modules, t.partial
     kept, rebuilt, tokens, h_in = t.kept, t.rebuilt, t.tokens, t.h_in
     dense = expert = tensors = 0
     act_per_mb = 0.0
@@ -411,6 +412,12 @@ def _memory(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency, loa
             )
         )
     return out
+
+
+def _partial(ctx: Context) -> bool:
+    """Whether full recompute checkpoints only some layers (_partial_full_recompute)."""
+    training = ctx.spec.training
+    return training.recompute == "full" and (training.recompute_method == "block" or (training.recompute_num_layers or 1) > 1)
 
 
 def _partial_full_recompute(ctx: Context, units: list[str], rebuilt: dict[str, float], layer_input: float) -> tuple[float, list[list[str]]]:
