@@ -238,9 +238,14 @@ class _Letters:
     weight_gradient: dict[str, float]
     scores: float  # unfused attention scores, where the rank has an A block
     expert_backward: float
-    # the spec's, read here once: selective recompute's modules, and whether full recompute is partial
+    # the spec's, read here once: selective recompute's modules, whether full recompute is partial,
+    # bytes per parameter of the gradient buffer and the optimizer state, and whether the step
+    # makes fp32 copies of bf16 gradient shards (unless TE's FusedAdam reads them as they are)
     modules: frozenset[str]
     partial: bool
+    grad_bytes: int
+    state_bytes: float
+    grad_copies: bool
     # _held by what a rank holds (RankStages.key)
     held: dict[Hashable, _Held] = field(default_factory=dict)
 
@@ -275,6 +280,9 @@ def _letters(ctx: Context, lay: Layout, load: float) -> _Letters:
         expert_backward=expert_backward_bytes(ctx, lay, load) * tokens,
         modules=modules,
         partial=_partial(ctx),
+        grad_bytes=gradient_bytes(ctx),
+        state_bytes=optimizer_state_bytes(ctx),
+        grad_copies=gradient_bytes(ctx) == BF16 and main_param_bytes(ctx) != BF16,
     )
 
 
@@ -363,9 +371,7 @@ def _memory(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency, loa
     training = ctx.spec.training
     distopt = training.distributed_optimizer
     letters = memo(ctx, ("letters", shape(lay), load), lambda: _letters(ctx, lay, load))
-    grad_bytes, state_bytes = gradient_bytes(ctx), optimizer_state_bytes(ctx)
-    # the step's fp32 copies of bf16 gradient shards, unless TE's FusedAdam reads them as they are
-    grad_copies = grad_bytes == BF16 and main_param_bytes(ctx) != BF16
+    grad_bytes, state_bytes = letters.grad_bytes, letters.state_bytes
     dense_shard = lay.dp * lay.cp if distopt else 1
     expert_shard = max(lay.edp, 1) if distopt else 1
     for p, stages_p in enumerate(ranks(ctx, stages, lay.pp)):
@@ -389,7 +395,7 @@ def _memory(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency, loa
         # the precision-aware optimizer reads them as they are (distrib_optimizer.py
         # _copy_model_grads_to_main_grads: shard_model_grad.float())
         step = 0.0 if ctx.te else OPTIMIZER_STEP_BYTES * max(sharded)
-        if grad_copies:
+        if letters.grad_copies:
             step += FP32 * shards
         activations = rank.act_per_mb * in_flight(lay, p)
         if letters.offloaded:
