@@ -3,6 +3,7 @@ priced them, as typed models that write exactly that JSON and read it back; and 
 
 from __future__ import annotations
 
+from bisect import insort
 from dataclasses import fields, replace
 from functools import cached_property
 from typing import Any, Literal
@@ -24,7 +25,8 @@ from megacpp.planner.cost.coefficients import (
     MEASURED_ROUTED_LOAD,
     Efficiency,
 )
-from megacpp.planner.cost.step import Estimate, estimate
+from megacpp.planner.cost.memory import peak_gib
+from megacpp.planner.cost.step import Estimate, compute_floor, estimate, step_floor
 from megacpp.planner.errors import PlanError, did_you_mean
 from megacpp.planner.search.layout import Context, Layout
 from megacpp.planner.search.rules import applicable, check_layout
@@ -366,19 +368,35 @@ def build_plan(spec: Spec, top: int = 10, profile: Profile = DEFAULTS) -> Plan:
         Note(rule="unused-sub-block", message=f"model.{k} is given but the pattern has no {SUB_BLOCK_LETTERS[k]} block; it is ignored")
         for k in spec.model.unused_sub_blocks()
     ]
-    scored = []
     capacity = ctx.cluster.gpu_memory_gib
     load = routed_load(ctx, imbalanced=True)
     eff = profile.efficiency
-    for lay in result.legal:
+    # every legal layout's memory decides whether it fits (fitting_count); its step, only whether
+    # it ranks in the top. Steps are priced in the order of a floor under them (cost.step.step_floor)
+    # until the next floor is slower than the top-th step, and a layout whose step without its
+    # communication (compute_floor) is already slower is not priced further; a floor never
+    # exceeds the step, nor does its rounding
+    bounded = []
+    for i, lay in enumerate(result.legal):
         stages = assign_stages(ctx, lay.pp, lay.vpp)[1]
-        est = estimate(ctx, lay, stages, eff)
         # the busiest expert-parallel rank under moe.imbalance: the band's top, which must fit
+        imbalanced = load > 1 and lay.ep > 1
+        misfit = peak_gib(ctx, lay, stages, eff, load if imbalanced else 1.0) > capacity
+        bounded.append((misfit, round(step_floor(ctx, lay, eff), 9), i))
+    bounded.sort()
+    scored: list[tuple[Any, ...]] = []
+    for misfit, floor, i in bounded:
+        if len(scored) >= top and (misfit, floor) > scored[top - 1][:2]:
+            break
+        lay = result.legal[i]
+        stages = assign_stages(ctx, lay.pp, lay.vpp)[1]
+        if len(scored) >= top and (misfit, round(compute_floor(ctx, lay, stages, eff), 9)) > scored[top - 1][:2]:
+            continue
+        est = estimate(ctx, lay, stages, eff)
         high = estimate(ctx, lay, stages, eff, load) if load > 1 and lay.ep > 1 else None
         # fitting layouts first, then faster, then lighter on memory
-        scored.append(((high or est).peak_gib > capacity, round(est.step_seconds, 9), round(est.peak_gib, 3), lay.short(),
-                       lay, est, high))
-    scored.sort(key=lambda t: t[:4])
+        insort(scored, (misfit, round(est.step_seconds, 9), round(est.peak_gib, 3), lay.short(), lay, est, high),
+               key=lambda t: t[:4])
     chosen = [
         _candidate(ctx, lay, est, high, warnings).model_copy(update={"rank": i})
         for i, (*_, lay, est, high) in enumerate(scored[:top])
@@ -406,7 +424,7 @@ def build_plan(spec: Spec, top: int = 10, profile: Profile = DEFAULTS) -> Plan:
         world_size=ctx.world,
         considered=result.considered,
         legal_count=len(result.legal),
-        fitting_count=sum(1 for s in scored if not s[0]),
+        fitting_count=sum(1 for misfit, *_ in bounded if not misfit),
         notes=spec_notes,
         candidates=chosen,
         rejected=Rejected(

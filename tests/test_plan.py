@@ -11,11 +11,15 @@ from typing import Any
 import pytest
 
 from megacpp.planner.axes import Axis
+from megacpp.planner.cost.blocks import routed_load
 from megacpp.planner.cost.coefficients import DEFAULT_EFFICIENCY
+from megacpp.planner.cost.step import compute_floor, estimate, step_floor
 from megacpp.planner.errors import PlanError
 from megacpp.planner.explain import explain_layout
-from megacpp.planner.plan import DEFAULTS, Plan, Profile, build_plan
+from megacpp.planner.plan import DEFAULTS, Plan, Profile, build_plan, make_context
 from megacpp.planner.search.layout import Layout
+from megacpp.planner.search.space import search
+from megacpp.planner.search.stages import assign_stages
 from megacpp.planner.spec.loading import load_spec_text
 from megacpp.planner.validation import validate_plan
 from megacpp.recipes import recipe_text
@@ -111,3 +115,27 @@ def test_an_axis_is_its_name():
     assert f"{Axis.TP}{2}" == "tp2" and str(Axis.EDP) == "edp"
     assert {"tp": 1}[Axis.TP] == 1 and json.dumps({Axis.CP: Axis.CP}) == '{"cp": "cp"}'
     assert Layout(tp=2, dp=4, sp=True).degree(Axis.SP) == 2 and Layout(tp=2, dp=4).degree(Axis.EDP) == 8
+
+
+@pytest.mark.parametrize("recipe,overrides", [("nam56r", ("training.micro_batch_size=auto",)),
+                                              ("mixtral-8x7b", ("cluster.nodes=2", "training.recompute=full")),
+                                              ("qwen-moe-style", ("model.moe.imbalance=1.5", "cluster.nodes=2"))])
+def test_the_ranking_is_the_one_pricing_every_layout_in_full_gives(recipe, overrides):
+    """build_plan prices a layout's step only while a floor under it can still rank, and checks
+    the fit on the ranks that can peak; pricing every legal layout in full ranks the same
+    candidates and counts the same fits, and no floor is above its step."""
+    spec = load_spec_text(recipe_text(recipe), overrides=list(overrides))
+    plan = build_plan(spec, top=5)
+    ctx = make_context(spec)
+    load = routed_load(ctx, imbalanced=True)
+    scored = []
+    for lay in search(ctx).legal:
+        stages = assign_stages(ctx, lay.pp, lay.vpp)[1]
+        est = estimate(ctx, lay, stages)
+        high = estimate(ctx, lay, stages, load=load) if load > 1 and lay.ep > 1 else None
+        assert step_floor(ctx, lay) <= est.step_seconds and compute_floor(ctx, lay, stages) <= est.step_seconds
+        scored.append(((high or est).peak_gib > ctx.cluster.gpu_memory_gib, round(est.step_seconds, 9), round(est.peak_gib, 3),
+                       lay.short(), lay))
+    scored.sort(key=lambda t: t[:4])
+    assert [c.layout for c in plan.candidates] == [t[-1] for t in scored[:5]]
+    assert plan.fitting_count == sum(not t[0] for t in scored)

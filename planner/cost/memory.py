@@ -10,11 +10,13 @@ benchmarks/evidence/cost_model_notes.md, "Memory terms".
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Hashable
+from dataclasses import dataclass, field, replace
 
 from megacpp.planner.cost.blocks import (
     BF16,
     FP32,
+    BlockParams,
     block_activation_bytes,
     block_param_tensors,
     block_params,
@@ -33,6 +35,7 @@ from megacpp.planner.cost.blocks import (
     weight_gradient_bytes,
 )
 from megacpp.planner.cost.coefficients import RESERVED_OVER_ALLOCATED, Efficiency
+from megacpp.planner.cost.shard import memo, shape
 from megacpp.planner.search.layout import Context, Layout
 from megacpp.planner.search.stages import Stage
 from megacpp.planner.spec.pattern import BLOCK_LETTERS
@@ -59,9 +62,15 @@ OPTIMIZER_STEP_BYTES = FP32
 # bytes per element of Adam's moments by dtype (--exp-avg-dtype, --exp-avg-sq-dtype: TE's FusedAdam
 # keeps fp8 moments as uint8 with one scale per tensor)
 STATE_BYTES = {"fp32": FP32, "bf16": BF16, "fp16": BF16, "fp8": 1}
+# what a rank's transient is (StageMemory.transient_from), by the block letter it comes from
+_RECOMPUTED_BLOCK = {k: f"the backward of a recomputed {name} block" for k, name in BLOCK_LETTERS.items()}
+_LAST_BACKWARD = {k: f"the gradients of the last {name} block's backward" for k, name in BLOCK_LETTERS.items()}
+_LAST_WEIGHT_GRADIENT = {k: f"the bf16 gradient of the last {name} block's largest weight" for k, name in BLOCK_LETTERS.items()}
 
 
-@dataclass(frozen=True)
+# not frozen: a search makes one per pipeline rank of every legal layout, and a frozen
+# dataclass's __init__ takes five times as long; nothing changes one once it is made
+@dataclass
 class StageMemory:
     """What one rank of a pipeline stage holds, in GiB, and its parameters."""
 
@@ -162,21 +171,98 @@ def gradient_bytes(ctx: Context) -> int:
     return BF16 if ctx.spec.training.grad_reduce_dtype == "bf16" else FP32
 
 
-def stage_memory(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency, load: float = 1.0) -> list[StageMemory]:
-    """Memory of one rank of each pipeline stage; `load` > 1 prices the busiest expert-parallel
-    rank under routing imbalance (blocks.routed_load)."""
-    out = []
+@dataclass(frozen=True)
+class RankStages:
+    """One pipeline rank's stages, laid out as _held (and cost.step) reads them."""
+
+    stages: list[Stage]
+    key: Hashable  # what _held depends on (stage_memory memoises it by that)
+    blocks: str
+    counts: tuple[tuple[str, int], ...]  # Counter(blocks).items()
+    here: list[str]  # the letters of its blocks, sorted
+    behind: dict[str, tuple[tuple[str, int], ...]]  # the blocks behind the last block of each letter, counted
+    embedding: bool
+    output_head: bool
+    first: bool = True  # no rank before it holds the same (the same key)
+
+
+def _rank_stages(ctx: Context, mine: list[Stage], pp: int) -> RankStages:
+    blocks = "".join(st.blocks for st in mine)
+    embedding, head = any(st.embedding for st in mine), any(st.output_head for st in mine)
+    # the stages' bounds matter only to a partial full recompute (its checkpoints stay in a stage);
+    # head_params, to whether pp is 1
+    key = (pp == 1, embedding, head, tuple(st.blocks for st in mine) if _partial(ctx) else blocks)
+    behind = {letter: tuple(Counter(blocks[blocks.rindex(letter) + 1:]).items()) for letter in set(blocks)}
+    return RankStages(mine, key, blocks, tuple(Counter(blocks).items()), sorted(set(blocks)), behind, embedding, head)
+
+
+def ranks(ctx: Context, stages: list[Stage], pp: int) -> list[RankStages]:
+    """Each pipeline rank's stages (RankStages) in pp_rank order, memoised per stage list: a search's come from
+    assign_stages' cache, and the entry keeps its list alive, so the id stays its own."""
+    key = ("ranks", id(stages), pp)
+    cache = ctx.cost_cache
+    if key not in cache or cache[key][0] is not stages:
+        mine: list[list[Stage]] = [[] for _ in range(pp)]
+        for st in stages:
+            mine[st.pp_rank].append(st)
+        out: list[RankStages] = []
+        for m in mine:
+            rank = _rank_stages(ctx, m, pp)
+            out.append(replace(rank, first=all(r.key != rank.key for r in out)))
+        cache[key] = (stages, out)
+    return cache[key][1]  # type: ignore[no-any-return]
+
+
+@dataclass(frozen=True)
+class _Held:
+    """What one pipeline rank holds whatever the data-parallel sharding and the schedule."""
+
+    dense: int
+    expert: int
+    tensors: int
+    act_per_mb: float  # bytes of activations per micro-batch in flight
+    transient: float
+    transient_from: str
+    buffers_gib: float
+
+
+@dataclass(frozen=True)
+class _Letters:
+    """What stage_memory sums per block letter on a rank of one shard shape (cost.shard): bytes
+    per micro-batch, parameters and parameter tensors."""
+
+    tokens: float
+    h_in: float  # a layer's input, per token
+    kept: dict[str, float]
+    rebuilt: dict[str, float]
+    again: dict[str, float]
+    offloaded: dict[str, dict[str, float]]
+    params: dict[str, BlockParams]
+    tensors: dict[str, int]
+    weight_gradient: dict[str, float]
+    scores: float  # unfused attention scores, where the rank has an A block
+    expert_backward: float
+    # the spec's, read here once: selective recompute's modules, whether full recompute is partial,
+    # bytes per parameter of the gradient buffer and the optimizer state, and whether the step
+    # makes fp32 copies of bf16 gradient shards (unless TE's FusedAdam reads them as they are)
+    modules: frozenset[str]
+    partial: bool
+    grad_bytes: int
+    state_bytes: float
+    grad_copies: bool
+    # _held by what a rank holds (RankStages.key)
+    held: dict[Hashable, _Held] = field(default_factory=dict)
+
+
+def _letters(ctx: Context, lay: Layout, load: float) -> _Letters:
     training = ctx.spec.training
-    distopt = training.distributed_optimizer
     tokens = micro_batch_tokens(ctx, lay)
-    recompute = training.recompute
     fp8 = fp8_casts(ctx)
-    h_in = BF16 * ctx.spec.model.hidden_size / (lay.tp if lay.sp else 1)  # a layer's input, per token
-    kept = {letter: block_activation_bytes(ctx, letter, lay, load) * tokens for letter in ctx.letters}  # per micro-batch
+    kept = {letter: block_activation_bytes(ctx, letter, lay, load) * tokens for letter in ctx.letters}
     # what the backward of a recomputed block (or of a selectively recomputed module) holds again:
     # its activations as without recompute
     rebuilt = {letter: block_activation_bytes(ctx, letter, lay, load, recompute="none", fp8=fp8) * tokens
-               for letter in ctx.letters} if recompute == "full" else {}
+               for letter in ctx.letters} if training.recompute == "full" else {}
     # selective recompute of modules beyond core attention: what a block's backward rebuilds of them
     modules = recompute_modules(ctx)
     base = "selective" if "core_attn" in modules else "none"
@@ -184,96 +270,141 @@ def stage_memory(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency
              for letter in ctx.letters} if modules - {"core_attn"} else {}
     offloaded = {letter: {m: b * tokens for m, b in offload_bytes(ctx, letter, lay, load).items()}
                  for letter in ctx.letters} if training.offload_modules else {}
-    grad_bytes, state_bytes = gradient_bytes(ctx), optimizer_state_bytes(ctx)
-    # the step's fp32 copies of bf16 gradient shards, unless TE's FusedAdam reads them as they are
-    grad_copies = grad_bytes == BF16 and main_param_bytes(ctx) != BF16
-    partial = recompute == "full" and (training.recompute_method == "block" or (training.recompute_num_layers or 1) > 1)
-    for p in range(lay.pp):
-        mine = rank_stages(stages, p)
-        dense = expert = tensors = 0
-        act_per_mb = 0.0
-        loss = 0.0
-        has_attention = False
-        recomputed: list[list[str]] = []  # the units each checkpoint of a partial full recompute rebuilds
-        for st in mine:
-            for letter, n in Counter(st.blocks).items():
-                bp = block_params(ctx, letter, lay)
-                dense += n * bp.dense
-                expert += n * bp.expert
-                tensors += n * block_param_tensors(ctx, letter, lay)
-                act_per_mb += 0.0 if partial else n * kept[letter]
-            if partial:
-                act, chunks = _partial_full_recompute(ctx, _units(ctx, st.blocks), rebuilt, h_in * tokens)
-                act_per_mb += act
-                recomputed += chunks
-            has_attention = has_attention or "A" in st.blocks
-            if st.embedding:
-                dense += embedding_params(ctx, lay)
-                tensors += embedding_param_tensors(ctx)
-                act_per_mb += h_in * tokens
-            if st.output_head:
-                dense += head_params(ctx, lay)
-                tensors += head_param_tensors(ctx, lay)
-                # the vocab-parallel loss's fp32 logits (softmax and its gradient are computed in
-                # place in them) next to the bf16 logits
-                loss = (BF16 + FP32) * tokens * padded_vocab(ctx, lay.tp) / lay.tp
-        scores = unfused_scores(ctx, lay) if has_attention else 0.0
-        blocks = "".join(st.blocks for st in mine)
-        # the gradients a block's backward holds beside what it kept: the score gradients of an
-        # unfused attention, and the routed tokens' gradients of an expert block; a block whose
-        # modules are recomputed holds what they rebuild as well
-        grads = {"A": (SELECTIVE_BACKWARD_BYTES if "core_attn" in modules else UNFUSED_BACKWARD_BYTES) * scores,
-                 "E": expert_backward_bytes(ctx, lay, load) * tokens}
-        for letter, extra in again.items():
-            grads[letter] = grads.get(letter, 0.0) + extra
-        here = sorted(set(blocks))
-        # the last block of a kind is back-propagated first, after the blocks behind it freed theirs
-        freed_behind = {letter: sum(kept[x] for x in blocks[blocks.rindex(letter) + 1:]) for letter in here}
-        # what the transient is, in words (StageMemory.transient_from), by size
-        candidates = [(loss, "the loss's logits")]
-        if recompute == "full" and not partial:
-            # the backward of a fully recomputed block re-runs its forward: its activations as
-            # without recompute come back on top of the checkpoints, with its gradients
-            candidates += [(rebuilt[letter] + grads.get(letter, 0.0), f"the backward of a recomputed {BLOCK_LETTERS[letter]} block")
-                           for letter in here]
-        else:
-            candidates += [(grads[letter] - freed_behind[letter],
-                            f"the gradients of the last {BLOCK_LETTERS[letter]} block's backward")
-                           for letter in sorted(grads) if letter in freed_behind]
-            # a checkpoint of several layers rebuilds them all before its backward runs
-            candidates += [(sum(rebuilt[x] for x in "".join(chunk)) + max(grads.get(x, 0.0) for x in "".join(chunk)),
-                            f"the backward of {len(chunk)} recomputed layers")
-                           for chunk in {tuple(c) for c in recomputed}]
-        # a weight's bf16 gradient until it is added into main_grad (blocks.weight_gradient_bytes),
-        # the largest in the last block of its kind
-        candidates += [(weight_gradient_bytes(ctx, letter, lay) - freed_behind[letter],
-                        f"the bf16 gradient of the last {BLOCK_LETTERS[letter]} block's largest weight")
-                       for letter in here]
-        transient, transient_from = max(candidates, key=lambda c: c[0])
-        if transient <= 0:
-            transient, transient_from = 0.0, "nothing beyond the activations"
+    return _Letters(
+        tokens=tokens,
+        h_in=BF16 * ctx.spec.model.hidden_size / (lay.tp if lay.sp else 1),
+        kept=kept,
+        rebuilt=rebuilt,
+        again=again,
+        offloaded=offloaded,
+        params={letter: block_params(ctx, letter, lay) for letter in ctx.letters},
+        tensors={letter: block_param_tensors(ctx, letter, lay) for letter in ctx.letters},
+        weight_gradient={letter: weight_gradient_bytes(ctx, letter, lay) for letter in ctx.letters},
+        scores=unfused_scores(ctx, lay),
+        expert_backward=expert_backward_bytes(ctx, lay, load) * tokens,
+        modules=modules,
+        partial=_partial(ctx),
+        grad_bytes=gradient_bytes(ctx),
+        state_bytes=optimizer_state_bytes(ctx),
+        grad_copies=gradient_bytes(ctx) == BF16 and main_param_bytes(ctx) != BF16,
+    )
+
+
+def _held(ctx: Context, lay: Layout, mine: RankStages, t: _Letters) -> _Held:
+    """What one rank holding the stages `mine` keeps (stage_memory), from its shape's letters."""
+    recompute = ctx.spec.training.recompute
+    modules, partial = t.modules, t.partial
+    kept, rebuilt, tokens, h_in = t.kept, t.rebuilt, t.tokens, t.h_in
+    dense = expert = tensors = 0
+    act_per_mb = 0.0
+    loss = 0.0
+    recomputed: list[list[str]] = []  # the units each checkpoint of a partial full recompute rebuilds
+    for letter, n in mine.counts:
+        bp = t.params[letter]
+        dense += n * bp.dense
+        expert += n * bp.expert
+        tensors += n * t.tensors[letter]
+        act_per_mb += 0.0 if partial else n * kept[letter]
+    if partial:
+        for st in mine.stages:
+            act, chunks = _partial_full_recompute(ctx, _units(ctx, st.blocks), rebuilt, h_in * tokens)
+            act_per_mb += act
+            recomputed += chunks
+    if mine.embedding:
+        dense += embedding_params(ctx, lay)
+        tensors += embedding_param_tensors(ctx)
+        act_per_mb += h_in * tokens
+    if mine.output_head:
+        dense += head_params(ctx, lay)
+        tensors += head_param_tensors(ctx, lay)
+        # the vocab-parallel loss's fp32 logits (softmax and its gradient are computed in
+        # place in them) next to the bf16 logits
+        loss = (BF16 + FP32) * tokens * padded_vocab(ctx, lay.tp) / lay.tp
+    has_attention = "A" in mine.blocks
+    scores = t.scores if has_attention else 0.0
+    blocks = mine.blocks
+    # the gradients a block's backward holds beside what it kept: the score gradients of an
+    # unfused attention, and the routed tokens' gradients of an expert block; a block whose
+    # modules are recomputed holds what they rebuild as well
+    grads = {"A": (SELECTIVE_BACKWARD_BYTES if "core_attn" in modules else UNFUSED_BACKWARD_BYTES) * scores,
+             "E": t.expert_backward}
+    for letter, extra in t.again.items():
+        grads[letter] = grads.get(letter, 0.0) + extra
+    here = mine.here
+    # the last block of a kind is back-propagated first, after the blocks behind it freed theirs
+    freed_behind = {letter: sum(n * kept[x] for x, n in mine.behind[letter]) for letter in here}
+    # what the transient is, in words (StageMemory.transient_from), by size
+    candidates = [(loss, "the loss's logits")]
+    if recompute == "full" and not partial:
+        # the backward of a fully recomputed block re-runs its forward: its activations as
+        # without recompute come back on top of the checkpoints, with its gradients
+        candidates += [(rebuilt[letter] + grads.get(letter, 0.0), _RECOMPUTED_BLOCK[letter]) for letter in here]
+    else:
+        candidates += [(grads[letter] - freed_behind[letter], _LAST_BACKWARD[letter])
+                       for letter in sorted(grads) if letter in freed_behind]
+        # a checkpoint of several layers rebuilds them all before its backward runs
+        candidates += [(sum(rebuilt[x] for x in "".join(chunk)) + max(grads.get(x, 0.0) for x in "".join(chunk)),
+                        f"the backward of {len(chunk)} recomputed layers")
+                       for chunk in {tuple(c) for c in recomputed}]
+    # a weight's bf16 gradient until it is added into main_grad (blocks.weight_gradient_bytes),
+    # the largest in the last block of its kind
+    candidates += [(t.weight_gradient[letter] - freed_behind[letter], _LAST_WEIGHT_GRADIENT[letter]) for letter in here]
+    transient, transient_from = max(candidates, key=lambda c: c[0])
+    if transient <= 0:
+        transient, transient_from = 0.0, "nothing beyond the activations"
+    buffers = SCORE_BUFFER_BYTES * scores + (TE_GROUPED_GEMM_WORKSPACE_BYTES if ctx.te and "E" in blocks else 0)
+    return _Held(dense, expert, tensors, act_per_mb, transient, transient_from, buffers / GIB)
+
+
+def stage_memory(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency, load: float = 1.0) -> list[StageMemory]:
+    """Memory of one rank of each pipeline stage; `load` > 1 prices the busiest expert-parallel
+    rank under routing imbalance (blocks.routed_load)."""
+    return _memory(ctx, lay, stages, eff, load, peaks_only=False)
+
+
+def peak_gib(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency, load: float = 1.0) -> float:
+    """The largest total_gib of stage_memory, from the ranks that can hold it: a rank has no fewer
+    micro-batches in flight than the ranks after it (in_flight), so of the ranks that hold the same
+    blocks the first peaks highest. With activation offloading, which moves more of them the more
+    there are, every rank is priced."""
+    return max(m.total_gib for m in _memory(ctx, lay, stages, eff, load, peaks_only=not ctx.spec.training.offload_modules))
+
+
+def _memory(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency, load: float, peaks_only: bool) -> list[StageMemory]:
+    out = []
+    training = ctx.spec.training
+    distopt = training.distributed_optimizer
+    letters = memo(ctx, ("letters", shape(lay), load), lambda: _letters(ctx, lay, load))
+    grad_bytes, state_bytes = letters.grad_bytes, letters.state_bytes
+    dense_shard = lay.dp * lay.cp if distopt else 1
+    expert_shard = max(lay.edp, 1) if distopt else 1
+    for p, stages_p in enumerate(ranks(ctx, stages, lay.pp)):
+        if peaks_only and not stages_p.first:
+            continue
+        rank = letters.held.get(stages_p.key)
+        if rank is None:
+            rank = letters.held[stages_p.key] = _held(ctx, lay, stages_p, letters)
+        dense, expert = rank.dense, rank.expert
         total = dense + expert
-        dense_shard = lay.dp * lay.cp if distopt else 1
-        expert_shard = max(lay.edp, 1) if distopt else 1
         if lay.ep == 1:
             # with EP=1 megatron-core flags expert weights allreduce=True (tensor_parallel/layers.py
             # ColumnParallelLinear: "allreduce", not (is_expert and expert_parallel)), so DDP and
             # the distributed optimizer treat them as dense: one buffer, sharded over DP*CP
-            sharded = ((dense + expert, dense_shard), (0, 1))
+            sharded = ((dense + expert) / dense_shard, 0.0)
         else:
-            sharded = ((dense, dense_shard), (expert, expert_shard))
-        shards = sum(n / shard for n, shard in sharded)
-        resident = fsdp_resident_params(ctx, lay, mine, shards) if training.data_parallel_sharding == "fsdp" else total
+            sharded = (dense / dense_shard, expert / expert_shard)
+        shards = sharded[0] + sharded[1]
+        resident = fsdp_resident_params(ctx, lay, stages_p.stages, shards) if training.data_parallel_sharding == "fsdp" else total
         # what the optimizer step allocates beside the state: the fp32 copy of the larger shard
         # without TE (OPTIMIZER_STEP_BYTES), and fp32 copies of every bf16 gradient shard unless
         # the precision-aware optimizer reads them as they are (distrib_optimizer.py
         # _copy_model_grads_to_main_grads: shard_model_grad.float())
-        step = 0.0 if ctx.te else OPTIMIZER_STEP_BYTES * max(n / shard for n, shard in sharded)
-        if grad_copies:
+        step = 0.0 if ctx.te else OPTIMIZER_STEP_BYTES * max(sharded)
+        if letters.grad_copies:
             step += FP32 * shards
-        activations = act_per_mb * in_flight(lay, p)
-        if offloaded:
-            activations -= offloaded_bytes(ctx, mine, offloaded, in_flight(lay, p))
+        activations = rank.act_per_mb * in_flight(lay, p)
+        if letters.offloaded:
+            activations -= offloaded_bytes(ctx, stages_p.stages, letters.offloaded, in_flight(lay, p))
         out.append(
             StageMemory(
                 pp_rank=p,
@@ -283,12 +414,12 @@ def stage_memory(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency
                 gradients_gib=grad_bytes * resident / GIB,
                 optimizer_gib=state_bytes * shards / GIB,
                 activations_gib=activations / GIB,
-                buffers_gib=(SCORE_BUFFER_BYTES * scores + (TE_GROUPED_GEMM_WORKSPACE_BYTES if ctx.te and "E" in blocks else 0)) / GIB,
+                buffers_gib=rank.buffers_gib,
                 overhead_gib=eff.overhead_gib,
-                transient_gib=transient / GIB,
-                transient_from=transient_from,
+                transient_gib=rank.transient / GIB,
+                transient_from=rank.transient_from,
                 optimizer_step_gib=step / GIB,
-                param_tensors=tensors,
+                param_tensors=rank.tensors,
             )
         )
     return out
@@ -308,6 +439,12 @@ def fsdp_resident_params(ctx: Context, lay: Layout, mine: list[Stage], shards: f
         per_letter[letter] = bp.dense + bp.expert
     largest = max((sum(per_letter[x] for x in unit) for st in mine for unit in _units(ctx, st.blocks)), default=0)
     return shards + FSDP_LAYERS_IN_FLIGHT * largest
+
+
+def _partial(ctx: Context) -> bool:
+    """Whether full recompute checkpoints only some layers (_partial_full_recompute)."""
+    training = ctx.spec.training
+    return training.recompute == "full" and (training.recompute_method == "block" or (training.recompute_num_layers or 1) > 1)
 
 
 def _partial_full_recompute(ctx: Context, units: list[str], rebuilt: dict[str, float], layer_input: float) -> tuple[float, list[list[str]]]:

@@ -37,7 +37,8 @@ from megacpp.planner.cost.coefficients import (
 )
 from megacpp.planner.cost.communication import Comm, communication
 from megacpp.planner.cost.kernel_rates import kernel_rates
-from megacpp.planner.cost.memory import GIB, StageMemory, rank_stages, stage_memory
+from megacpp.planner.cost.memory import GIB, StageMemory, ranks, stage_memory
+from megacpp.planner.cost.shard import memo, shape
 from megacpp.planner.search.layout import Context, Layout
 from megacpp.planner.search.stages import Stage
 
@@ -204,7 +205,9 @@ def small_kernel_seconds(ctx: Context, lay: Layout, blocks: str, load: float = 1
     blocks' saved activation bytes (as without recompute; block_activation_bytes) over HBM
     bandwidth. Those kernels read and write tensors of the activations' sizes, so their time
     follows the tokens of a micro-batch, not the micro-batch count."""
-    saved = sum(n * block_activation_bytes(ctx, letter, lay, load, recompute="none") for letter, n in Counter(blocks).items())
+    per_token = memo(ctx, ("saved", shape(lay), load),
+                     lambda: {letter: block_activation_bytes(ctx, letter, lay, load, recompute="none") for letter in ctx.letters})
+    saved = sum(n * per_token[letter] for letter, n in Counter(blocks).items())
     return saved * micro_batch_tokens(ctx, lay) / (ctx.cluster.hbm_tbps * 1e12)
 
 
@@ -321,34 +324,82 @@ def grad_accumulation_seconds(ctx: Context, stage: StageMemory, eff: Efficiency)
     return moved / (rate * 1e12)
 
 
+def _matmul(ctx: Context, lay: Layout, eff: Efficiency, load: float) -> dict[str, float]:
+    """matmul_seconds of each block letter and the head, once per shard shape (cost.shard)."""
+    return memo(ctx, ("matmul", shape(lay), eff, load),
+                lambda: {letter: precision_matmul_seconds(ctx, lay, letter, eff, load) for letter in [*ctx.letters, "head"]})
+
+
+def _rank_work(ctx: Context, lay: Layout, blocks: str, head: bool, eff: Efficiency,
+               load: float) -> tuple[float, float, float, float, float, float]:
+    """One pipeline rank's (matmul, softmax, small kernels, host, the local experts' host, the
+    host's synchronised share) per micro-batch, from its blocks and whether it has the head."""
+    matmul = _matmul(ctx, lay, eff, load)
+    gemm = sum(matmul[letter] for letter in blocks) + (matmul["head"] if head else 0.0)
+    units = host_units(ctx, lay, blocks)
+    repeats = host_repeats(ctx.spec.training.recompute, ctx.te)
+    host = sum(n * eff.overhead(key, ctx.te) for key, n in units.items()) * repeats
+    experts = units[EXPERT] * eff.overhead(EXPERT, ctx.te) * repeats
+    traffic = eff.traffic(ctx.te)
+    small = traffic * small_kernel_seconds(ctx, lay, blocks, load) * gpu_repeats(ctx.spec.training.recompute) if traffic else 0.0
+    scores = blocks.count("A") * softmax_seconds(ctx, lay, eff)
+    synced = eff.te_sync_exposed if units["E"] else 0.0  # a captured MoE layer waits for nothing
+    return gemm, scores, small, host, experts, synced
+
+
+def busiest_rank(ctx: Context, lay: Layout, stages: list[Stage], mem: list[StageMemory], eff: Efficiency,
+                 load: float = 1.0) -> tuple[float, ...]:
+    """(matmul, softmax, exposed block overhead, small kernels, gradient accumulation, host, the
+    local experts' host) per micro-batch on the pipeline rank whose first five add up to the most."""
+    per_rank = []
+    work = memo(ctx, ("rank work", shape(lay), eff, load), dict)  # _rank_work by the rank's blocks
+    for p, rank in enumerate(ranks(ctx, stages, lay.pp)):
+        if (rank.blocks, rank.output_head) not in work:
+            work[rank.blocks, rank.output_head] = _rank_work(ctx, lay, rank.blocks, rank.output_head, eff, load)
+        gemm, scores, small, host, experts, synced = work[rank.blocks, rank.output_head]
+        accumulate = grad_accumulation_seconds(ctx, mem[p], eff)
+        per_rank.append((gemm, scores, exposed_host_seconds(gemm + scores + small + accumulate, host, ctx.te, synced), small, accumulate,
+                         host, experts))
+    return max(per_rank, key=lambda r: sum(r[:5]))
+
+
+# relative margin of step_floor under the step, for sums taken in another order
+FLOOR_MARGIN = 1e-9
+
+
+def step_floor(ctx: Context, lay: Layout, eff: Efficiency = DEFAULT_EFFICIENCY, load: float = 1.0) -> float:
+    """A lower bound of estimate()'s step_seconds from the layout's shard shape alone: the
+    pipeline's micro-batch slots times the mean pipeline rank's GPU work of one micro-batch
+    (matmuls, softmax, small kernels) or its per-block host time, whichever is longer (with TE a
+    micro-batch takes the longer of the two, without it their sum; exposed_host_seconds). The
+    busiest rank takes at least the mean, and the step's other terms (gradient accumulation,
+    communication, the optimizer) only add to it."""
+
+    def whole_model() -> float:
+        gemm, scores, small, host, *_ = _rank_work(ctx, lay, ctx.pattern.blocks, True, eff, load)
+        return max(gemm + scores + small, host) if ctx.te else gemm + scores + small + host
+
+    work = memo(ctx, ("floor", shape(lay), eff, load), whole_model)
+    slots = lay.num_microbatches + (lay.pp - 1) / lay.vpp
+    return slots * work / lay.pp * (1 - FLOOR_MARGIN)
+
+
+def compute_floor(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency = DEFAULT_EFFICIENCY,
+                  load: float = 1.0) -> float:
+    """estimate()'s step_seconds without its communication, a lower bound of it (exposed
+    collectives only add) in far fewer steps: the busiest rank's micro-batches and the optimizer."""
+    mem = stage_memory(ctx, lay, stages, eff, load)
+    slots = lay.num_microbatches + (lay.pp - 1) / lay.vpp
+    return slots * sum(busiest_rank(ctx, lay, stages, mem, eff, load)[:5]) + max(optimizer_seconds(ctx, st, eff) for st in mem)
+
+
 def estimate(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency = DEFAULT_EFFICIENCY,
              load: float = 1.0) -> Estimate:
     """Memory, communication and step time of one legal layout; `load` > 1 prices the busiest
     expert-parallel rank under routing imbalance (blocks.routed_load)."""
     mem = stage_memory(ctx, lay, stages, eff, load)
     per_letter = {letter: block_flops(ctx, letter, load) for letter in ctx.letters}
-    matmul = {letter: precision_matmul_seconds(ctx, lay, letter, eff, load) for letter in [*ctx.letters, "head"]}
-    softmax = softmax_seconds(ctx, lay, eff)
-    # (matmul, softmax, exposed block overhead, small kernels, gradient accumulation, host, the
-    # local experts' host) per micro-batch on each pipeline rank
-    per_rank = []
-    for p in range(lay.pp):
-        mine = rank_stages(stages, p)
-        blocks = "".join(st.blocks for st in mine)
-        head = any(st.output_head for st in mine)
-        gemm = sum(matmul[letter] for letter in blocks) + (matmul["head"] if head else 0.0)
-        units = host_units(ctx, lay, blocks)
-        repeats = host_repeats(ctx.spec.training.recompute, ctx.te)
-        host = sum(n * eff.overhead(key, ctx.te) for key, n in units.items()) * repeats
-        experts = units[EXPERT] * eff.overhead(EXPERT, ctx.te) * repeats
-        traffic = eff.traffic(ctx.te)
-        small = traffic * small_kernel_seconds(ctx, lay, blocks, load) * gpu_repeats(ctx.spec.training.recompute) if traffic else 0.0
-        scores = blocks.count("A") * softmax
-        accumulate = grad_accumulation_seconds(ctx, mem[p], eff)
-        synced = eff.te_sync_exposed if units["E"] else 0.0  # a captured MoE layer waits for nothing
-        per_rank.append((gemm, scores, exposed_host_seconds(gemm + scores + small + accumulate, host, ctx.te, synced), small, accumulate,
-                         host, experts))
-    *terms, host, experts = max(per_rank, key=lambda r: sum(r[:5]))
+    *terms, host, experts = busiest_rank(ctx, lay, stages, mem, eff, load)
     t_mb = sum(terms)
     gpu_mb = terms[0] + terms[1] + terms[3] + terms[4]
     # forward 1, backward 2 (+1 recomputed); the gradients accumulate in the backward

@@ -100,6 +100,7 @@ class Context:
     spec: Spec
     cluster: Cluster
     stage_cache: dict[Any, Any] = field(default_factory=dict, compare=False, repr=False)
+    cost_cache: dict[Any, Any] = field(default_factory=dict, compare=False, repr=False)  # cost.shard.memo
 
     @property
     def world(self) -> int:

@@ -1,0 +1,30 @@
+"""Per-block costs that follow a layout's shard shape alone, worked out once per search.
+
+cost.blocks prices one block on one rank from the layout's tp, cp, sp, ep, etp and micro-batch
+size (and the routed load), never from pp, vpp or dp. A search prices tens of thousands of
+layouts that share far fewer shapes (DeepSeek-V3-style on 1,024 GPUs: 20,214 legal layouts,
+2,100 shapes), so what depends on the shape is computed once and memoised on the Context.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable
+from typing import TypeVar
+
+from megacpp.planner.search.layout import Context, Layout
+
+T = TypeVar("T")
+
+
+def shape(lay: Layout) -> tuple[int, int, bool, int, int, int]:
+    """The layout fields the per-block formulas of cost.blocks read."""
+    return lay.tp, lay.cp, lay.sp, lay.ep, lay.etp, lay.micro_batch_size
+
+
+def memo(ctx: Context, key: Hashable, make: Callable[[], T]) -> T:
+    """`make()`, computed once per `key` on this context."""
+    cache = ctx.cost_cache
+    value = cache.get(key, cache)  # the cache itself stands for "absent": no value is it
+    if value is cache:
+        value = cache[key] = make()
+    return value  # type: ignore[no-any-return]
