@@ -9,6 +9,7 @@ from megacpp.planner.plan import Plan, build_plan, make_context
 from megacpp.planner.search.layout import Context, Layout
 from megacpp.planner.search.rules import applicable, check_layout
 from megacpp.planner.search.stages import assign_stages
+from megacpp.planner.spec.clusters import resolve_cluster
 from megacpp.planner.spec.models import Spec
 
 # a layout that does not tile the world has no data-parallel size: rules past the grid are moot
@@ -25,11 +26,12 @@ def _summary_of_rejection(plan: Plan) -> str:
 
 def validate_spec(spec: Spec) -> dict[str, Any]:
     """Valid when at least one layout (the pinned one, if every axis is pinned) passes every rule."""
-    plan = build_plan(spec, top=1)
+    cluster = resolve_cluster(spec.cluster, purpose="validate")
+    plan = build_plan(spec, top=1, cluster=cluster)
     warnings = [n.message for n in plan.notes]
     if not plan.legal_count:
         if plan.considered == 1 and plan.rejected.examples:  # fully pinned: report every broken rule
-            ctx = make_context(spec)
+            ctx = make_context(spec, cluster)
             return {"valid": False, "errors": broken_rules(ctx, pinned_layout(ctx, plan.rejected.examples[0].layout)),
                     "warnings": warnings, "legal_count": 0}
         return {"valid": False, "errors": [_summary_of_rejection(plan)], "warnings": warnings, "legal_count": 0}
@@ -38,10 +40,15 @@ def validate_spec(spec: Spec) -> dict[str, Any]:
     if not plan.fitting_count:
         warnings.append(f"no legal layout fits in {plan.cluster.gpu_memory_gib:g} GiB per GPU (best peak {best.memory.peak_gib:.1f} GiB)")
     lay = best.layout
-    summary = (
-        f"{plan.legal_count:,} legal layouts of {plan.considered:,}, {plan.fitting_count:,} fit; best "
-        f"tp{lay.tp} pp{lay.pp} cp{lay.cp} dp{lay.dp} ep{lay.ep} etp{lay.etp}"
-    )
+    summary = f"{plan.legal_count:,} legal layouts of {plan.considered:,}"
+    if not cluster.memory_known:
+        summary += " (memory not checked: the inline cluster states no cluster.gpu_memory_gib)"
+    else:
+        summary += f", {plan.fitting_count:,} fit"
+    if cluster.priced:
+        summary += f"; best tp{lay.tp} pp{lay.pp} cp{lay.cp} dp{lay.dp} ep{lay.ep} etp{lay.etp}"
+    else:
+        summary += "; not ranked: the inline cluster states no compute or link numbers (cluster.gpu or cluster.bf16_tflops)"
     return {"valid": True, "errors": [], "warnings": warnings, "legal_count": plan.legal_count, "summary": summary}
 
 

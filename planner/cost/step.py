@@ -114,7 +114,7 @@ def matmul_seconds(ctx: Context, lay: Layout, letter: str, eff: Efficiency, load
         again = 1.0  # the output layer is outside the recomputed blocks
     else:
         gemms = block_gemms(ctx, letter, lay, load)
-    rates = kernel_rates(c.name)
+    rates = kernel_rates(c.kernel_table)
     if rates is None or fp8:
         return 3 * gemms.flops * again / rate
     linears = sum(n * rates.linear_seconds(m, k, nn) for m, k, nn, n in gemms.linears)
@@ -122,6 +122,7 @@ def matmul_seconds(ctx: Context, lay: Layout, letter: str, eff: Efficiency, load
     attention = rates.attention_seconds(*gemms.attention) if gemms.attention else 0.0
     fused = rates.fused_attention_seconds(*gemms.fused_attention) if gemms.fused_attention else None
     attention_again = 4 / 3 if recompute != "none" else 1.0  # selective recompute repeats core attention
+    priced = 0.0  # FLOPs at MAMF, which already follows a stated compute peak
     if gemms.recurrence:
         other = rates.recurrence_seconds(*gemms.recurrence)
     elif gemms.ssd and (scan := rates.ssd_seconds(*gemms.ssd)) is not None:
@@ -129,8 +130,9 @@ def matmul_seconds(ctx: Context, lay: Layout, letter: str, eff: Efficiency, load
     elif fused is not None:  # TE's fused core attention, timed instead of priced by its FLOPs
         other, attention = 0.0, fused
     else:  # a table without SSD or fused-attention rows
-        other = 3 * gemms.other_flops / rate
-    return (linears + other) * again + attention * attention_again
+        other, priced = 0.0, 3 * gemms.other_flops / rate
+    # a stated compute peak (cluster.bf16_tflops) scales the measured GPU's kernel times
+    return ((linears + other) * again + attention * attention_again) / c.compute_scale + priced * again
 
 
 def softmax_seconds(ctx: Context, lay: Layout, eff: Efficiency) -> float:
@@ -141,7 +143,7 @@ def softmax_seconds(ctx: Context, lay: Layout, eff: Efficiency) -> float:
     if not scores:
         return 0.0
     forwards = 1 if ctx.spec.training.recompute == "none" else 2  # selective and full recompute repeat it
-    rates = kernel_rates(ctx.cluster.name)
+    rates = kernel_rates(ctx.cluster.kernel_table)
     if rates is not None:
         heads = ctx.spec.model.attention.num_heads  # type: ignore[union-attr]
         return rates.softmax_seconds(lay.micro_batch_size * heads // lay.tp, ctx.seq // lay.cp, forwards)

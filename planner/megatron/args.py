@@ -272,15 +272,15 @@ def megatron_args(ctx: Context, cand: Candidate, opts: TrainOptions) -> list[str
 
 def environment(ctx: Context, cand: Candidate) -> dict[str, str]:
     """Environment for the job: Megatron's own requirements plus NCCL defaults for the cluster."""
-    lay, name = cand.layout, ctx.cluster.name
+    lay, gpu = cand.layout, ctx.cluster.gpu
     env = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}  # recommended in the MoE README [R28]
     if ctx.spec.training.offload_modules is not None:
         # with TE 2.10 or later Megatron-LM asserts this, "to avoid offloading weights" (arguments.py:1222-1227)
         env["NVTE_CPU_OFFLOAD_V1"] = "1"
-    pre_blackwell = name in {"h100-sxm-8", "h200-sxm-8", "inline"}
+    pre_blackwell = gpu in {"h100", "h200", None}
     if pre_blackwell and (lay.tp > 1 or lay.cp > 1):
         env["CUDA_DEVICE_MAX_CONNECTIONS"] = "1"  # Megatron-LM arguments.py:1453-1481
-    if name == "gb10-spark":
+    if gpu == "gb10":
         # both PCIe halves of the ConnectX-7 port, or NCCL reaches half the link [R13]
         env["NCCL_IB_HCA"] = "rocep1s0f0,roceP2p1s0f0"
     return env

@@ -305,8 +305,12 @@ class ClusterSpec(_Frozen):
     """A preset name, optionally with inline overrides, or a fully inline cluster."""
 
     preset: str | None = None
+    # an inline cluster's GPU kind (h100, h200, b200, gb200, gb10): its compute, link and memory
+    # numbers are that GPU's preset's (spec.clusters.GPU_KINDS)
+    gpu: str | None = None
     nodes: Count = 1
     gpus_per_node: Annotated[int, Field(ge=1, le=1024)] | None = None
+    # the card's memory (GiB, as nvidia-smi reports it); a plan keeps the presets' headroom below it
     gpu_memory_gib: Annotated[float, Field(gt=0, le=1 << 16)] | None = None
     nvlink_domain: Annotated[int, Field(ge=1, le=1 << 16)] | None = None
     bf16_tflops: Annotated[float, Field(gt=0, le=1e6)] | None = None

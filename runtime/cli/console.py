@@ -59,13 +59,19 @@ def _decided(term: str | None) -> str:
 HOST_BOUND_ADVICE = f"such steps came within ±{HOST_BOUND_ERROR:.0%} on the runtime's measured runs and move with the host; `megacpp calibrate` fits this cluster"
 
 
+def _capacity(plan: Plan) -> str:
+    """The memory a layout plans for per GPU, and the card it keeps headroom below."""
+    c = plan.cluster
+    if c.gpu_memory_total_gib is None or c.gpu_memory_total_gib <= c.gpu_memory_gib:
+        return f"{c.gpu_memory_gib:g} GiB planned per GPU"
+    room = c.gpu_memory_total_gib - c.gpu_memory_gib
+    return f"{c.gpu_memory_gib:g} of {c.gpu_memory_total_gib:g} GiB planned per GPU, {room:.3g} GiB headroom"
+
+
 def plan_table(plan: Plan, top: int) -> None:
     """Ranked candidates, then why the rest were rejected."""
     c, spec = plan.cluster, plan.spec_model
-    out.print(
-        f"[bold]{spec.name}[/]  {spec.model.pattern}  on {c.nodes} x {c.name} "
-        f"({plan.world_size} GPUs, {c.gpu_memory_gib:g} GiB planned per GPU)"
-    )
+    out.print(f"[bold]{spec.name}[/]  {spec.model.pattern}  on {c.nodes} x {c.name} ({plan.world_size} GPUs, {_capacity(plan)})")
     for note in plan.notes:
         out.print(f"[yellow]note[/] {note.message}  [dim]({note.rule})[/]")
     table = Table(show_lines=False, header_style="bold")
