@@ -60,6 +60,9 @@ SPEC_KEY_FLAGS = {
     "--weight-decay": "training.weight_decay", "--start-weight-decay": "training.weight_decay",
     "--end-weight-decay": "training.weight_decay", "--weight-decay-incr-style": "training.weight_decay",
     "--clip-grad": "training.clip_grad",
+    "--lr-wsd-decay-style": "training.lr_wsd_decay_style", "--lr-wsd-decay-iters": "training.lr_wsd_decay_iters",
+    "--lr-wsd-decay-samples": "training.lr_wsd_decay_iters",
+    "--adam-beta1": "training.adam_beta1", "--adam-beta2": "training.adam_beta2", "--adam-eps": "training.adam_eps",
     "--data-path": "data.blend or data.paths", "--train-data-path": "data.blend or data.paths",
     "--valid-data-path": "data.blend or data.paths", "--test-data-path": "data.blend or data.paths",
     "--data-args-path": "data.blend or data.paths", "--per-split-data-args-path": "data.blend or data.paths",
@@ -108,6 +111,10 @@ def schedule_flags(training: TrainingSpec, sched: Schedule) -> list[str]:
         a += ["--lr-warmup-iters", str(sched.warmup_iters)]
     if sched.decay_iters != sched.iters:  # a short run of a longer schedule
         a += ["--lr-decay-iters", str(sched.decay_iters)]
+    if sched.wsd_decay_iters is not None:
+        a += ["--lr-wsd-decay-style", str(sched.wsd_decay_style), "--lr-wsd-decay-iters", str(sched.wsd_decay_iters)]
+    # Adam's, always: Megatron-LM's own beta2 default (0.999) is not what the runtime worker trains with
+    a += ["--adam-beta1", _number(sched.adam_beta1), "--adam-beta2", _number(sched.adam_beta2), "--adam-eps", _number(sched.adam_eps)]
     return [*a, "--weight-decay", _number(sched.weight_decay), "--clip-grad", _number(sched.clip_grad),
             "--log-interval", str(training.log_interval), "--eval-iters", str(training.eval_iters),
             "--eval-interval", str(training.eval_interval or sched.iters)]
