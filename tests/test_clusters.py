@@ -108,3 +108,8 @@ def test_an_overridden_link_rate_replaces_the_measured_pair_rates():
     c = resolve_cluster(ClusterSpec(preset="h200-sxm-8", intra_node_busbw_gbps=100))
     assert c.nvlink(("all-reduce"), 2)[0] == 100 and c.nvlink("all-to-all", 8)[0] == 100
     assert any("pair rates" in n for n in c.notes)
+
+
+def test_a_hostile_gpu_kind_is_refused_before_anything_renders():
+    with pytest.raises(SpecError, match=r"cluster.gpu: unknown GPU kind '\$\(touch PWNED\)'; choose one of h100"):
+        resolve_cluster(ClusterSpec(gpu="$(touch PWNED)", gpus_per_node=8))

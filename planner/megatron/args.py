@@ -146,8 +146,9 @@ def _memory_flags(ctx: Context) -> list[str]:
     return a
 
 
-def megatron_args(ctx: Context, cand: Candidate, opts: TrainOptions) -> list[str]:
-    """The complete Megatron-LM argument list (unquoted) for one candidate of a plan."""
+def megatron_args(ctx: Context, cand: Candidate, opts: TrainOptions, extra: bool = True) -> list[str]:
+    """The complete Megatron-LM argument list (unquoted) for one candidate of a plan; without
+    `extra`, megacpp's own flags alone (those launch.extra_args are checked against)."""
     spec, model, lay = ctx.spec, ctx.spec.model, cand.layout
     tr = spec.training
     a: list[str] = [
@@ -267,7 +268,7 @@ def megatron_args(ctx: Context, cand: Candidate, opts: TrainOptions) -> list[str
     unknown = sorted({x for x in a if x.startswith("--")} - known_flags(ctx.dialect))
     if unknown:
         raise LaunchError(f"Megatron-LM {ctx.dialect} does not accept {', '.join(unknown)}")
-    return with_extra_args(ctx, a, known_flags(ctx.dialect))
+    return with_extra_args(ctx, a, known_flags(ctx.dialect)) if extra else a
 
 
 def environment(ctx: Context, cand: Candidate) -> dict[str, str]:
