@@ -175,6 +175,8 @@ class PlannedCluster(_Doc):
     nvlink_domain: int
     gpu_memory_gib: float
     description: str
+    # the card's memory, of which gpu_memory_gib is planned (the rest is headroom); absent from older plans
+    gpu_memory_total_gib: float | None = None
 
 
 # Efficiency's factors by name, and whether each is a table (per block letter) or one number
@@ -351,15 +353,15 @@ def _candidate(ctx: Context, lay: Layout, est: Estimate, high: Estimate | None, 
     )
 
 
-def build_plan(spec: Spec, top: int = 10, profile: Profile = DEFAULTS) -> Plan:
+def build_plan(spec: Spec, top: int = 10, profile: Profile = DEFAULTS, cluster: Cluster | None = None) -> Plan:
     """Search the layout space of `spec`, estimate every legal layout with the factors of
-    `profile`, and rank them.
+    `profile`, and rank them (on `cluster`, default the spec's as resolve_cluster builds it).
 
     Ranking: layouts that fit in memory first, then by estimated step time.
     """
     if top < 1:
         raise PlanError(f"--top {top}: must be at least 1")
-    ctx = make_context(spec, profile=profile)
+    ctx = make_context(spec, cluster, profile=profile)
     result = search(ctx)
     rules = applicable(ctx)
     warnings = [r for r in rules if r.severity == "warning" and r.axes]
@@ -368,6 +370,7 @@ def build_plan(spec: Spec, top: int = 10, profile: Profile = DEFAULTS) -> Plan:
         Note(rule="unused-sub-block", message=f"model.{k} is given but the pattern has no {SUB_BLOCK_LETTERS[k]} block; it is ignored")
         for k in spec.model.unused_sub_blocks()
     ]
+    spec_notes += [Note(rule="cluster-numbers", message=m) for m in ctx.cluster.notes]
     capacity = ctx.cluster.gpu_memory_gib
     load = routed_load(ctx, imbalanced=True)
     eff = profile.efficiency
@@ -419,7 +422,8 @@ def build_plan(spec: Spec, top: int = 10, profile: Profile = DEFAULTS) -> Plan:
         schema_=SCHEMA,
         spec=spec.model_dump(mode="json"),
         cluster=PlannedCluster(name=c.name, nodes=c.nodes, gpus_per_node=c.gpus_per_node, nvlink_domain=c.nvlink_domain,
-                               gpu_memory_gib=c.gpu_memory_gib, description=c.description),
+                               gpu_memory_gib=c.gpu_memory_gib, description=c.description,
+                               gpu_memory_total_gib=c.gpu_memory_total_gib if c.memory_known else None),
         profile=profile,
         world_size=ctx.world,
         considered=result.considered,

@@ -4,15 +4,75 @@ from __future__ import annotations
 
 from typing import Any
 
-from megacpp.planner.errors import MegacppError, PlanError
-from megacpp.planner.plan import Plan, build_plan, make_context
+from megacpp.planner.errors import LaunchError, MegacppError, PlanError
+from megacpp.planner.megatron.args import TrainOptions, known_flags, megatron_args
+from megacpp.planner.megatron.job_args import extra_arg_problems, extra_arg_warnings
+from megacpp.planner.plan import Candidate, Note, Plan, build_plan, make_context
 from megacpp.planner.search.layout import Context, Layout
 from megacpp.planner.search.rules import applicable, check_layout
 from megacpp.planner.search.stages import assign_stages
+from megacpp.planner.spec.clusters import resolve_cluster
 from megacpp.planner.spec.models import Spec
 
 # a layout that does not tile the world has no data-parallel size: rules past the grid are moot
 GRID_LEVEL = 3
+
+# what runs the job: stock Megatron-LM (the default verdict) or megacpp's runtime on megatron-core
+ENGINES = ("megatron-lm", "megacpp")
+# spec-wide warning rules that say what one engine cannot build: the rule and that engine
+ENGINE_RULES = {"mamba-needs-te": "megatron-lm", "recurrent-runtime-only": "megatron-lm",
+                "memory-features-need-megatron-lm": "megacpp"}
+
+
+def engine_gaps(ctx: Context, notes: list[Note], best: Candidate | None) -> dict[str, list[str]]:
+    """What of the spec each engine cannot run, as messages: Megatron-LM's missing layers and its
+    parser's verdict on launch.extra_args, the runtime's missing features."""
+    gaps: dict[str, list[str]] = {engine: [] for engine in ENGINES}
+    for note in notes:
+        if note.rule in ENGINE_RULES:
+            gaps[ENGINE_RULES[note.rule]].append(f"{note.rule}: {note.message}")
+    spec = ctx.spec
+    moe = spec.model.moe
+    # runtime/worker/megatron_config.py refuses these: its schedule builds neither TE's userbuffers
+    # nor Megatron's combined 1F1B
+    for key, on in (("training.tp_comm_overlap", spec.training.tp_comm_overlap),
+                    ("model.moe.overlap_communication", moe is not None and moe.overlap_communication)):
+        if on:
+            gaps["megacpp"].append(f"{key}: the megacpp runtime does not overlap these collectives")
+    if spec.launch.extra_args:
+        try:  # megacpp's own flags for the best layout, which the extra flags must not restate
+            ours = megatron_args(ctx, best, TrainOptions(), extra=False) if best is not None else []
+        except LaunchError:
+            ours = []  # an engine gap above already says why Megatron-LM cannot take this spec
+        gaps["megatron-lm"] += extra_arg_problems(ctx, ours, known_flags(ctx.dialect))
+    return gaps
+
+
+def engine_ignores(ctx: Context) -> dict[str, list[str]]:
+    """What of the spec an engine runs without, as warnings (the job runs, but not all of it)."""
+    spec = ctx.spec
+    unused = [key for key, given in (("data", spec.data is not None), ("checkpoint", spec.checkpoint is not None),
+                                     ("launch.extra_args", bool(spec.launch.extra_args)),
+                                     ("training.cuda_graphs", spec.training.cuda_graphs != "none")) if given]
+    runtime = [f"{', '.join(unused)}: read by Megatron-LM only; the megacpp runtime trains on synthetic tokens, "
+               "saves no checkpoint and captures no CUDA graphs"] if unused else []
+    return {"megatron-lm": [], "megacpp": runtime}
+
+
+def _engine_verdict(result: dict[str, Any], ctx: Context, notes: list[Note], best: Candidate | None, engine: str) -> dict[str, Any]:
+    """`result` (the rules' verdict) judged for `engine`, with every engine's verdict beside it."""
+    if engine not in ENGINES:
+        raise PlanError(f"--engine {engine!r}: choose one of {', '.join(ENGINES)}")
+    gaps, ignores = engine_gaps(ctx, notes, best), engine_ignores(ctx)
+    engine_notes = {n.message for n in notes if n.rule in ENGINE_RULES}  # now the engines' verdicts
+    verdicts: dict[str, dict[str, Any]] = {e: {"valid": result["valid"] and not gaps[e], "errors": gaps[e], "warnings": ignores[e]} for e in ENGINES}
+    warnings = [w for w in result["warnings"] if w not in engine_notes] + ignores[engine] + extra_arg_warnings(ctx.spec)
+    for other in ENGINES:
+        if other != engine and verdicts[other]["valid"] != verdicts[engine]["valid"]:
+            why = f": {verdicts[other]['errors'][0]}" if verdicts[other]["errors"] else ""
+            warnings.append(f"under --engine {other} this is {'valid' if verdicts[other]['valid'] else 'invalid'}{why}")
+    errors = result["errors"] + [f"--engine {engine}: {g}" for g in gaps[engine]]
+    return {**result, "valid": not errors, "errors": errors, "warnings": warnings, "engine": engine, "engines": verdicts}
 
 
 def _summary_of_rejection(plan: Plan) -> str:
@@ -23,13 +83,20 @@ def _summary_of_rejection(plan: Plan) -> str:
     return f"no legal layout among {plan.considered:,}; most rejected by {top_rule}: {example.message}"
 
 
-def validate_spec(spec: Spec) -> dict[str, Any]:
-    """Valid when at least one layout (the pinned one, if every axis is pinned) passes every rule."""
-    plan = build_plan(spec, top=1)
+def validate_spec(spec: Spec, engine: str = "megatron-lm") -> dict[str, Any]:
+    """Valid when at least one layout (the pinned one, if every axis is pinned) passes every rule
+    and `engine` can run what the spec asks for."""
+    cluster = resolve_cluster(spec.cluster, purpose="validate")
+    plan = build_plan(spec, top=1, cluster=cluster)
+    ctx = make_context(spec, cluster)
+    return _engine_verdict(_rules_verdict(plan, ctx), ctx, plan.notes, plan.candidates[0] if plan.candidates else None, engine)
+
+
+def _rules_verdict(plan: Plan, ctx: Context) -> dict[str, Any]:
+    cluster = ctx.cluster
     warnings = [n.message for n in plan.notes]
     if not plan.legal_count:
         if plan.considered == 1 and plan.rejected.examples:  # fully pinned: report every broken rule
-            ctx = make_context(spec)
             return {"valid": False, "errors": broken_rules(ctx, pinned_layout(ctx, plan.rejected.examples[0].layout)),
                     "warnings": warnings, "legal_count": 0}
         return {"valid": False, "errors": [_summary_of_rejection(plan)], "warnings": warnings, "legal_count": 0}
@@ -38,10 +105,15 @@ def validate_spec(spec: Spec) -> dict[str, Any]:
     if not plan.fitting_count:
         warnings.append(f"no legal layout fits in {plan.cluster.gpu_memory_gib:g} GiB per GPU (best peak {best.memory.peak_gib:.1f} GiB)")
     lay = best.layout
-    summary = (
-        f"{plan.legal_count:,} legal layouts of {plan.considered:,}, {plan.fitting_count:,} fit; best "
-        f"tp{lay.tp} pp{lay.pp} cp{lay.cp} dp{lay.dp} ep{lay.ep} etp{lay.etp}"
-    )
+    summary = f"{plan.legal_count:,} legal layouts of {plan.considered:,}"
+    if not cluster.memory_known:
+        summary += " (memory not checked: the inline cluster states no cluster.gpu_memory_gib)"
+    else:
+        summary += f", {plan.fitting_count:,} fit"
+    if cluster.priced:
+        summary += f"; best tp{lay.tp} pp{lay.pp} cp{lay.cp} dp{lay.dp} ep{lay.ep} etp{lay.etp}"
+    else:
+        summary += "; not ranked: the inline cluster states no compute or link numbers (cluster.gpu or cluster.bf16_tflops)"
     return {"valid": True, "errors": [], "warnings": warnings, "legal_count": plan.legal_count, "summary": summary}
 
 
@@ -110,12 +182,15 @@ def check_consistent(plan: Plan) -> None:
         raise PlanError(f"inconsistent plan: {errors[0]}{more}")
 
 
-def validate_plan(plan: Plan) -> dict[str, Any]:
+def validate_plan(plan: Plan, engine: str = "megatron-lm") -> dict[str, Any]:
     """Re-check every candidate of a plan file against its embedded spec (Plan.from_json_dict has
-    checked that each layout is well formed)."""
+    checked that each layout is well formed), and whether `engine` can run it."""
     errors = consistency_errors(plan)
     summary = f"{len(plan.candidates)} candidate layouts re-checked against the embedded spec"
-    return {"valid": not errors, "errors": errors, "warnings": [], "legal_count": len(plan.candidates), "summary": summary}
+    result = {"valid": not errors, "errors": errors, "warnings": [n.message for n in plan.notes],
+              "legal_count": len(plan.candidates), "summary": summary}
+    best = plan.candidates[0] if plan.candidates and not errors else None
+    return _engine_verdict(result, plan.context, plan.notes, best, engine)
 
 
 def validation_error(exc: MegacppError) -> dict[str, Any]:

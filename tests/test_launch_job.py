@@ -167,7 +167,7 @@ def test_a_warmup_longer_than_the_run_is_refused():
         _spec(training={**TINY_DENSE["training"], "train_iters": 50, "warmup_iters": 50})
 
 
-@pytest.mark.parametrize("style", ["cosine", "linear", "constant", "inverse-square-root"])
+@pytest.mark.parametrize("style", ["cosine", "linear", "constant", "inverse-square-root", "WSD"])
 def test_both_engines_train_with_one_schedule(style):
     """The worker's scheduler follows the curve Megatron-LM builds from the rendered flags
     (training.py get_optimizer_param_scheduler counts samples, the worker optimizer steps)."""
@@ -178,6 +178,8 @@ def test_both_engines_train_with_one_schedule(style):
 
     training = {**TINY_DENSE["training"], "train_iters": 60, "warmup_iters": 7, "lr": 1e-3, "min_lr": 1e-5,
                 "lr_decay_style": style, "weight_decay": 0.05}
+    if style == "WSD":
+        training |= {"lr_wsd_decay_iters": 20, "lr_wsd_decay_style": "cosine"}
     plan = _plan(training=training)
     flags = _flags(_megatron_words(_render(plan)))
     gbs, iters = training["global_batch_size"], int(flags["--train-iters"][0])
@@ -193,13 +195,43 @@ def test_both_engines_train_with_one_schedule(style):
         lr_warmup_steps=int(flags.get("--lr-warmup-iters", ["0"])[0]) * gbs,
         lr_decay_steps=int(flags.get("--lr-decay-iters", [str(iters)])[0]) * gbs,
         lr_decay_style=flags["--lr-decay-style"][0], start_wd=wd, end_wd=wd, wd_incr_steps=iters * gbs,
-        wd_incr_style="constant")
+        wd_incr_style="constant", lr_wsd_decay_style=flags.get("--lr-wsd-decay-style", [None])[0],
+        wsd_decay_steps=int(flags["--lr-wsd-decay-iters"][0]) * gbs if "--lr-wsd-decay-iters" in flags else None)
     ours = OptimizerParamScheduler(worker, **scheduler_options(run_schedule(plan.spec_model.training, iters)))
     for _ in range(iters):
         assert worker.param_groups[0]["lr"] == pytest.approx(megatron_lm.param_groups[0]["lr"], rel=1e-12, abs=1e-18)
         assert worker.param_groups[0]["weight_decay"] == megatron_lm.param_groups[0]["weight_decay"] == 0.05
         lm.step(increment=gbs)
         ours.step(increment=1)
+
+
+def test_wsd_needs_its_decay_iters_and_fits_the_schedule():
+    with pytest.raises(SpecError, match="lr_decay_style WSD needs lr_wsd_decay_iters"):
+        _spec(training={**TINY_DENSE["training"], "lr_decay_style": "WSD"})
+    with pytest.raises(SpecError, match="lr_wsd_decay_iters is used only with lr_decay_style WSD"):
+        _spec(training={**TINY_DENSE["training"], "lr_wsd_decay_iters": 5})
+    with pytest.raises(SpecError, match="warmup_iters=10 plus lr_wsd_decay_iters=50 exceed the 50 iterations"):
+        _spec(training={**TINY_DENSE["training"], "train_iters": 50, "warmup_iters": 10, "lr_decay_style": "WSD",
+                        "lr_wsd_decay_iters": 50})
+    plan = _plan(training={**TINY_DENSE["training"], "lr_decay_style": "WSD", "lr_wsd_decay_iters": 150})
+    with pytest.raises(LaunchError, match="lr_wsd_decay_iters=150.*100 iterations launched"):
+        _render(plan)
+    words = " ".join(_megatron_words(_render(plan, steps=500)))
+    assert "--lr-wsd-decay-style exponential --lr-wsd-decay-iters 150" in words
+
+
+def test_adam_betas_and_eps_are_stated_once_for_both_engines():
+    """Megatron-LM's own --adam-beta2 default is 0.999; the spec's betas go to both engines."""
+    def words(plan) -> str:
+        return " ".join(_megatron_words(_render(plan)))
+
+    assert "--adam-beta1 0.9 --adam-beta2 0.95 --adam-eps 1e-08" in words(_plan())
+    training = {**TINY_DENSE["training"], "adam_beta2": 0.999, "adam_eps": 1e-6}
+    sched = run_schedule(_spec(training=training).training)
+    assert (sched.adam_beta1, sched.adam_beta2, sched.adam_eps) == (0.9, 0.999, 1e-6)
+    assert "--adam-beta2 0.999 --adam-eps 1e-06" in words(_plan(training=training))
+    with pytest.raises(SpecError, match="training.adam_beta2"):
+        _spec(training={**TINY_DENSE["training"], "adam_beta2": 1.0})
 
 
 @pytest.mark.parametrize("extra,message", [
@@ -210,6 +242,8 @@ def test_both_engines_train_with_one_schedule(style):
     (["--num-layers=8"], "--num-layers would change"),
     (["--no-create-attention-mask-in-dataloader"], "would change"),
     (["--lr", "1e-3"], "--lr is set from training.lr"),
+    (["--adam-beta2", "0.999"], "--adam-beta2 is set from training.adam_beta2"),
+    (["--lr-wsd-decay-iters", "10"], "training.lr_wsd_decay_iters"),
     (["--data-path", "/d/x"], "--data-path is set from data.blend or data.paths"),
     (["--save-interval", "5"], "checkpoint.interval"),
     (["--no-rope-fusion"], "backend.fusions"),

@@ -26,7 +26,7 @@ model:
   attention: {num_heads: 4}
   moe: {num_experts: 4, top_k: 2, ffn_hidden_size: 64}
 training: {seq_length: 64, global_batch_size: 4, micro_batch_size: 1}
-cluster: {gpus_per_node: 2, gpu_memory_gib: 80, bf16_tflops: 100, nodes: 1}
+cluster: {gpu: h100, gpus_per_node: 2, nodes: 1}
 backend: {transformer_engine: false}
 parallel: {tp: 1, pp: 1, vpp: 1, cp: 1, ep: 2, etp: 1}
 """

@@ -32,7 +32,7 @@ model:
   attention: {num_heads: 4}
   mlp: {ffn_hidden_size: 128}
 training: {seq_length: 64, global_batch_size: 4, micro_batch_size: 1}
-cluster: {gpus_per_node: 2, gpu_memory_gib: 80, bf16_tflops: 100, nodes: 1}
+cluster: {gpu: h100, gpus_per_node: 2, nodes: 1}
 backend: {transformer_engine: false}
 parallel: {tp: 2, pp: 1, vpp: 1, cp: 1, dp: 1, sp: false}
 """

@@ -30,7 +30,7 @@ def _nam56r(pins: dict[str, Any], nodes: int, gbs: int) -> dict[str, Any]:
 
 def test_pinned_spec_is_checked_with_its_real_micro_batch_count() -> None:
     spec = _nam56r({"tp": 4, "pp": 4, "vpp": 2, "cp": 1, "dp": 16, "ep": 8, "etp": 1}, nodes=32, gbs=768)
-    result = validate_spec(spec_from_dict(spec))
+    result = validate_spec(spec_from_dict(spec), engine="megacpp")  # the engine that runs R blocks on core_v0.16
     assert not result["valid"]
     assert [e.split(":")[0] for e in result["errors"]] == ["hybrid-no-vpp"]  # 48 micro-batches divide by pp=4
 
@@ -85,3 +85,64 @@ def test_launch_and_explain_refuse_a_hand_edited_plan(tmp_path: Path, saved: dic
         assert result.returncode == 1, args
         assert result.stderr.startswith("error: inconsistent plan") and "Traceback" not in result.stderr
     assert not out.exists()
+
+
+# --- one verdict per engine: stock Megatron-LM (the default) or megacpp's runtime ---
+
+def _tiny(**changes: Any):
+    from tests.conftest import make_spec
+
+    return make_spec(TINY_DENSE, **changes)
+
+
+def test_each_engine_gets_its_own_verdict() -> None:
+    recurrent = _tiny(**{"model.pattern": "(AD)*2 R", "model.recurrent": {"num_heads": 4, "head_dim": 16}})
+    stock = validate_spec(recurrent)
+    assert not stock["valid"] and stock["engine"] == "megatron-lm"
+    assert stock["errors"][0].startswith("--engine megatron-lm: recurrent-runtime-only: R blocks have no Megatron layer")
+    assert any(w.startswith("under --engine megacpp this is valid") for w in stock["warnings"])
+    ours = validate_spec(recurrent, engine="megacpp")
+    assert ours["valid"] and ours["engines"]["megatron-lm"]["valid"] is False and ours["engines"]["megacpp"]["valid"]
+
+    offloaded = _tiny(**{"training.offload_modules": ["core_attn"], "backend.transformer_engine": True})
+    assert validate_spec(offloaded)["valid"]
+    runtime = validate_spec(offloaded, engine="megacpp")
+    assert not runtime["valid"] and "memory-features-need-megatron-lm" in runtime["errors"][0]
+    overlap = validate_spec(_tiny(**{"training.tp_comm_overlap": True, "backend.transformer_engine": True}), engine="megacpp")
+    assert any("training.tp_comm_overlap: the megacpp runtime does not overlap" in e for e in overlap["errors"])
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--exit-signal-handlr"], "--exit-signal-handlr is not a flag of Megatron-LM core_v0.16 (did you mean '--exit-signal-handler'?)"),
+    (["--tensor-model-parallel-size", "2"], "--tensor-model-parallel-size would change what megacpp renders"),
+    (["--micro-batch-size", "4"], "--micro-batch-size would change what megacpp renders"),
+    (["--lr", "1e-3"], "--lr is set from training.lr"),
+    (["--adam-beta2", "0.999"], "--adam-beta2 is set from training.adam_beta2"),
+    (["--log-interval", "5", "--log-interval", "6"], "--log-interval is given twice"),
+])
+def test_validate_checks_the_extra_megatron_flags(extra: list[str], message: str) -> None:
+    spec = _tiny(**{"launch.extra_args": extra})
+    result = validate_spec(spec)
+    assert not result["valid"] and any(message in e for e in result["errors"]), result["errors"]
+    # the runtime does not read them: valid there, with a warning that says so
+    ours = validate_spec(spec, engine="megacpp")
+    assert ours["valid"] and any("launch.extra_args: read by Megatron-LM only" in w for w in ours["warnings"])
+
+
+@pytest.mark.parametrize("value", ["$(touch PWNED)", "`id`", "x; rm -rf /", "l1\nl2", "${IFS}"])
+def test_validate_flags_shell_syntax_in_extra_args(value: str) -> None:
+    result = validate_spec(_tiny(**{"launch.extra_args": ["--tensorboard-dir", value]}))
+    assert result["valid"]
+    assert any("holds shell syntax or a control character" in w and "nothing runs" in w for w in result["warnings"])
+    assert not any("shell syntax" in w for w in validate_spec(_tiny(**{"launch.extra_args": ["--tensorboard-dir", "/logs/x"]}))["warnings"])
+
+
+def test_validate_cli_takes_the_engine(tmp_path: Path) -> None:
+    spec = tmp_path / "r.yaml"
+    data = copy.deepcopy(TINY_DENSE)
+    data["model"] |= {"pattern": "(AD)*2 R", "recurrent": {"num_heads": 4, "head_dim": 16}}
+    spec.write_text(yaml.safe_dump(data))
+    stock = subprocess.run([*CLI, "validate", str(spec), "--format", "json"], capture_output=True, text=True, timeout=120)
+    assert stock.returncode == 1 and json.loads(stock.stdout)[0]["engines"]["megacpp"]["valid"] is True
+    ours = subprocess.run([*CLI, "validate", str(spec), "--engine", "megacpp"], capture_output=True, text=True, timeout=120)
+    assert ours.returncode == 0 and "valid" in ours.stdout

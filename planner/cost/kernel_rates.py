@@ -169,8 +169,8 @@ def _grid(rows: list[dict], keys: tuple[str, ...], growth: tuple[int, ...]) -> G
 
 
 @cache
-def kernel_rates(cluster_name: str) -> KernelRates | None:
-    """The measured table for a preset, or None where none was measured."""
+def kernel_rates(cluster_name: str | None) -> KernelRates | None:
+    """The measured table for a preset (Cluster.kernel_table), or None where none was measured."""
     if cluster_name not in TABLES:
         return None
     doc = json.loads((RATES_DIR / TABLES[cluster_name]).read_text())

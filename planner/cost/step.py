@@ -124,7 +124,7 @@ def _priced_matmul_seconds(ctx: Context, lay: Layout, letter: str, eff: Efficien
         again = 1.0  # the output layer is outside the recomputed blocks
     else:
         gemms = block_gemms(ctx, letter, lay, load)
-    rates = kernel_rates(c.name)
+    rates = kernel_rates(c.kernel_table)
     if rates is None or (recipe is not None and not rates.has_fp8(recipe)):
         return 3 * gemms.flops * again / rate
     linears = sum(n * rates.linear_seconds(m, k, nn, recipe) for m, k, nn, n in gemms.linears)
@@ -134,6 +134,7 @@ def _priced_matmul_seconds(ctx: Context, lay: Layout, letter: str, eff: Efficien
     if fused is not None:  # a sliding window shortens the measured full causal kernel's work
         fused *= gemms.attention_share
     attention_again = 4 / 3 if recompute != "none" else 1.0  # selective recompute repeats core attention
+    priced = 0.0  # FLOPs at MAMF, which already follows a stated compute peak
     if gemms.recurrence:
         other = rates.recurrence_seconds(*gemms.recurrence)
     elif gemms.ssd and (scan := rates.ssd_seconds(*gemms.ssd)) is not None:
@@ -141,8 +142,9 @@ def _priced_matmul_seconds(ctx: Context, lay: Layout, letter: str, eff: Efficien
     elif fused is not None:  # TE's fused core attention, timed instead of priced by its FLOPs
         other, attention = 0.0, fused
     else:  # a table without SSD or fused-attention rows
-        other = 3 * gemms.other_flops / rate
-    return (linears + other) * again + attention * attention_again
+        other, priced = 0.0, 3 * gemms.other_flops / rate
+    # a stated compute peak (cluster.bf16_tflops) scales the measured GPU's kernel times
+    return ((linears + other) * again + attention * attention_again) / c.compute_scale + priced * again
 
 
 def ring_attention_seconds(ctx: Context, lay: Layout, eff: Efficiency) -> float:
@@ -156,10 +158,10 @@ def ring_attention_seconds(ctx: Context, lay: Layout, eff: Efficiency) -> float:
     gemms = block_gemms(ctx, "A", lay)
     if gemms.fused_attention is None:
         return 0.0
-    rates = kernel_rates(ctx.cluster.name)
+    rates = kernel_rates(ctx.cluster.kernel_table)
     timed = rates.fused_attention_seconds(*gemms.fused_attention) if rates is not None else None
-    if timed is not None:
-        return timed
+    if timed is not None:  # as matmul_seconds prices it: a window's share, at a stated compute peak
+        return timed * gemms.attention_share / ctx.cluster.compute_scale
     return 3 * gemms.other_flops / (ctx.cluster.mamf_bf16_tflops * 1e12 * eff.matmul)
 
 
@@ -192,7 +194,7 @@ def softmax_seconds(ctx: Context, lay: Layout, eff: Efficiency) -> float:
     if not scores:
         return 0.0
     forwards = 1 if ctx.spec.training.recompute == "none" else 2  # selective and full recompute repeat it
-    rates = kernel_rates(ctx.cluster.name)
+    rates = kernel_rates(ctx.cluster.kernel_table)
     if rates is not None:
         heads = ctx.spec.model.attention.num_heads  # type: ignore[union-attr]
         return rates.softmax_seconds(lay.micro_batch_size * heads // lay.tp, ctx.seq // lay.cp, forwards)

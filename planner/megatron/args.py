@@ -193,8 +193,9 @@ def _memory_flags(ctx: Context) -> list[str]:
     return a
 
 
-def megatron_args(ctx: Context, cand: Candidate, opts: TrainOptions) -> list[str]:
-    """The complete Megatron-LM argument list (unquoted) for one candidate of a plan."""
+def megatron_args(ctx: Context, cand: Candidate, opts: TrainOptions, extra: bool = True) -> list[str]:
+    """The complete Megatron-LM argument list (unquoted) for one candidate of a plan; without
+    `extra`, megacpp's own flags alone (those launch.extra_args are checked against)."""
     spec, model, lay = ctx.spec, ctx.spec.model, cand.layout
     tr = spec.training
     a: list[str] = [
@@ -321,23 +322,23 @@ def megatron_args(ctx: Context, cand: Candidate, opts: TrainOptions) -> list[str
     unknown = sorted({x for x in a if x.startswith("--")} - known_flags(ctx.dialect))
     if unknown:
         raise LaunchError(f"Megatron-LM {ctx.dialect} does not accept {', '.join(unknown)}")
-    return with_extra_args(ctx, a, known_flags(ctx.dialect))
+    return with_extra_args(ctx, a, known_flags(ctx.dialect)) if extra else a
 
 
 def environment(ctx: Context, cand: Candidate) -> dict[str, str]:
     """Environment for the job: Megatron's own requirements plus NCCL defaults for the cluster."""
-    lay, name = cand.layout, ctx.cluster.name
+    lay, gpu = cand.layout, ctx.cluster.gpu
     env = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}  # recommended in the MoE README [R28]
     if ctx.spec.training.offload_modules is not None:
         # with TE 2.10 or later Megatron-LM asserts this, "to avoid offloading weights" (arguments.py:1222-1227)
         env["NVTE_CPU_OFFLOAD_V1"] = "1"
-    pre_blackwell = name in {"h100-sxm-8", "h200-sxm-8", "inline"}
+    pre_blackwell = gpu in {"h100", "h200", None}
     # Megatron-FSDP asserts the variable is not 1 and only warns about TP/CP without it (arguments.py:
     # 687-688, 930-938 in core_v0.16.1; rule fsdp-tp-cp-before-blackwell)
     fsdp = ctx.spec.training.data_parallel_sharding == "fsdp"
     if pre_blackwell and (lay.tp > 1 or lay.cp > 1) and not fsdp:
         env["CUDA_DEVICE_MAX_CONNECTIONS"] = "1"  # Megatron-LM arguments.py:1453-1481
-    if name == "gb10-spark":
+    if gpu == "gb10":
         # both PCIe halves of the ConnectX-7 port, or NCCL reaches half the link [R13]
         env["NCCL_IB_HCA"] = "rocep1s0f0,roceP2p1s0f0"
     return env

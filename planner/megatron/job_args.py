@@ -6,6 +6,8 @@ render quotes.
 
 from __future__ import annotations
 
+import re
+
 from megacpp.planner.errors import LaunchError, did_you_mean
 from megacpp.planner.search.layout import Context
 from megacpp.planner.spec.models import Spec, TokenizerSpec, TrainingSpec
@@ -61,6 +63,9 @@ SPEC_KEY_FLAGS = {
     "--weight-decay": "training.weight_decay", "--start-weight-decay": "training.weight_decay",
     "--end-weight-decay": "training.weight_decay", "--weight-decay-incr-style": "training.weight_decay",
     "--clip-grad": "training.clip_grad",
+    "--lr-wsd-decay-style": "training.lr_wsd_decay_style", "--lr-wsd-decay-iters": "training.lr_wsd_decay_iters",
+    "--lr-wsd-decay-samples": "training.lr_wsd_decay_iters",
+    "--adam-beta1": "training.adam_beta1", "--adam-beta2": "training.adam_beta2", "--adam-eps": "training.adam_eps",
     "--data-path": "data.blend or data.paths", "--train-data-path": "data.blend or data.paths",
     "--valid-data-path": "data.blend or data.paths", "--test-data-path": "data.blend or data.paths",
     "--data-args-path": "data.blend or data.paths", "--per-split-data-args-path": "data.blend or data.paths",
@@ -109,6 +114,10 @@ def schedule_flags(training: TrainingSpec, sched: Schedule) -> list[str]:
         a += ["--lr-warmup-iters", str(sched.warmup_iters)]
     if sched.decay_iters != sched.iters:  # a short run of a longer schedule
         a += ["--lr-decay-iters", str(sched.decay_iters)]
+    if sched.wsd_decay_iters is not None:
+        a += ["--lr-wsd-decay-style", str(sched.wsd_decay_style), "--lr-wsd-decay-iters", str(sched.wsd_decay_iters)]
+    # Adam's, always: Megatron-LM's own beta2 default (0.999) is not what the runtime worker trains with
+    a += ["--adam-beta1", _number(sched.adam_beta1), "--adam-beta2", _number(sched.adam_beta2), "--adam-eps", _number(sched.adam_eps)]
     return [*a, "--weight-decay", _number(sched.weight_decay), "--clip-grad", _number(sched.clip_grad),
             "--log-interval", str(training.log_interval), "--eval-iters", str(training.eval_iters),
             "--eval-interval", str(training.eval_interval or sched.iters)]
@@ -155,35 +164,56 @@ def _flag(token: str) -> str:
     return token.split("=", 1)[0]
 
 
+def extra_arg_problems(ctx: Context, rendered: list[str], known: frozenset[str]) -> list[str]:
+    """Every reason the spec's launch.extra_args cannot follow `rendered` (megacpp's own flags):
+    a flag unknown to the dialect's parser, given twice, or one megacpp sets from the plan or a spec key."""
+    training = ctx.spec.training
+    ours = {_flag(g[0]) for g in _groups(rendered)}
+    seen: set[str] = set()
+    problems = []
+    for group in _groups(list(ctx.spec.launch.extra_args)):
+        flag = _flag(group[0])
+        where = f"launch.extra_args: {flag[:80]}"
+        if flag not in known:
+            problems.append(f"{where} is not a flag of Megatron-LM {ctx.dialect}{did_you_mean(flag, known)}")
+        elif flag in seen:
+            problems.append(f"{where} is given twice; keep one")
+        elif flag in SPEC_KEY_FLAGS:
+            problems.append(f"{where} is set from {SPEC_KEY_FLAGS[flag]} in the spec; set it there")
+        elif flag in RESTATABLE:
+            key = RESTATABLE[flag]
+            if getattr(training, key) != TrainingSpec.model_fields[key].default:
+                problems.append(f"{where} restates training.{key}={getattr(training, key)}; keep one of them")
+        else:
+            positive = "--" + flag[len("--no-"):] if flag.startswith("--no-") else flag
+            if flag in ours or flag in PLAN_FLAGS or positive in ours or positive in PLAN_FLAGS:
+                problems.append(f"{where} would change what megacpp renders from the plan (its layout, model, batch "
+                                "and precision); change the spec instead (parallel: pins the layout)")
+        seen.add(flag)
+    return problems
+
+
+# what a shell would read as code or a line break: the scripts quote every word, so such text reaches
+# Megatron-LM literally, but in a flag's value it is more likely an attempt or a mistake than meant
+SHELL_SYNTAX = re.compile(r"[\x00-\x1f\x7f`;&|<>]|\$[({A-Za-z_]")
+
+
+def extra_arg_warnings(spec: Spec) -> list[str]:
+    """Values of launch.extra_args that hold shell syntax or control characters."""
+    return [f"launch.extra_args: {word[:60]!r} holds shell syntax or a control character; the scripts quote it, "
+            "so Megatron-LM receives it literally and nothing runs; check it is meant"
+            for word in spec.launch.extra_args if SHELL_SYNTAX.search(word)]
+
+
 def with_extra_args(ctx: Context, rendered: list[str], known: frozenset[str]) -> list[str]:
     """`rendered` followed by the spec's launch.extra_args, each flag checked: known to the
     dialect's parser, given once, and not one megacpp sets from the plan or a spec key."""
     extra = ctx.spec.launch.extra_args
     if not extra:
         return rendered
-    training = ctx.spec.training
-    ours = {_flag(g[0]) for g in _groups(rendered)}
-    seen: set[str] = set()
-    replaced: set[str] = set()
-    for group in _groups(list(extra)):
-        flag = _flag(group[0])
-        where = f"launch.extra_args: {flag}"
-        if flag not in known:
-            raise LaunchError(f"{where} is not a flag of Megatron-LM {ctx.dialect}{did_you_mean(flag, known)}")
-        if flag in seen:
-            raise LaunchError(f"{where} is given twice; keep one")
-        seen.add(flag)
-        if flag in SPEC_KEY_FLAGS:
-            raise LaunchError(f"{where} is set from {SPEC_KEY_FLAGS[flag]} in the spec; set it there")
-        if flag in RESTATABLE:
-            key = RESTATABLE[flag]
-            if getattr(training, key) != TrainingSpec.model_fields[key].default:
-                raise LaunchError(f"{where} restates training.{key}={getattr(training, key)}; keep one of them")
-            replaced.add(flag)
-            continue
-        positive = "--" + flag[len("--no-"):] if flag.startswith("--no-") else flag
-        if flag in ours or flag in PLAN_FLAGS or positive in ours or positive in PLAN_FLAGS:
-            raise LaunchError(f"{where} would change what megacpp renders from the plan (its layout, model, batch "
-                              "and precision); change the spec instead (parallel: pins the layout)")
+    problems = extra_arg_problems(ctx, rendered, known)
+    if problems:
+        raise LaunchError(problems[0])
+    replaced = {_flag(g[0]) for g in _groups(list(extra))} & set(RESTATABLE)
     kept = [tok for g in _groups(rendered) if _flag(g[0]) not in replaced for tok in g]
     return [*kept, *extra]

@@ -89,6 +89,19 @@ class Cluster(BaseModel):
     # of the system's own measured runs sets it (`megacpp calibrate`, planner/calibrate/cluster_fit.py)
     matmul_rate_scale: float = 1.0
     unified_memory: bool = False
+    # the GPU kind (GPU_KINDS), None for an inline cluster that names none
+    gpu: str | None = None
+    # the preset whose measured kernel-rate table (cost.kernel_rates) prices the matmuls, None: FLOPs at MAMF
+    kernel_table: str | None = None
+    # a stated compute peak over the measured GPU's: the kernel-rate table's times are divided by it
+    compute_scale: float = 1.0
+    # what the numbers were built from that a plan should say (an override replacing a measurement,
+    # numbers taken from another GPU)
+    notes: tuple[str, ...] = ()
+    # False where an inline cluster gave only its world shape (validate): step times are not meaningful,
+    # and without memory_known memory is not checked (gpu_memory_gib is infinite)
+    priced: bool = True
+    memory_known: bool = True
     sources: dict[str, str] = {}
 
     @property
@@ -132,9 +145,10 @@ _H100 = dict(
 )
 
 PRESETS: dict[str, dict] = {
-    "h100-sxm-8": {**_H100, "grad_accumulation_tbps": H100_GRAD_ACCUMULATION_TBPS},  # MEASURED
+    "h100-sxm-8": {**_H100, "grad_accumulation_tbps": H100_GRAD_ACCUMULATION_TBPS, "kernel_table": "h100-sxm-8"},  # MEASURED
     "h200-sxm-8": {
         **_H100,
+        "kernel_table": "h200-sxm-8",  # MEASURED (cost.kernel_rates)
         "grad_accumulation_tbps": H200_GRAD_ACCUMULATION_TBPS,  # MEASURED
         "description": "HGX/DGX H200 SXM, 8 GPUs per node on NVSwitch, 1x400G NIC per GPU",
         "gpu_memory_gib": 135.0,  # ASSUMPTION: 140.4 GiB total [R51] minus headroom
@@ -310,47 +324,118 @@ SOURCES = {
     "R59": "public NVML profile table: 'NVIDIA GB300 NVL' memoryBytes 298500227072",
 }
 
-_INLINE_REQUIRED = ("gpus_per_node", "gpu_memory_gib", "bf16_tflops")
+# an inline cluster's `gpu` kind and the preset whose per-GPU numbers it takes
+GPU_KINDS = {"h100": "h100-sxm-8", "h200": "h200-sxm-8", "b200": "b200-sxm-8", "b300": "b300-sxm-8", "gb200": "gb200-nvl72",
+             "gb300": "gb300-nvl72", "gb10": "gb10-spark"}
+# ASSUMPTION: planning headroom below a card of no known kind, as the share of the card the most
+# cautious preset keeps (h100-sxm-8: 4.65 of 79.65 GiB for the CUDA context, NCCL and fragmentation)
+UNKNOWN_GPU_HEADROOM = 1 - 75.0 / 79.65
+# what a cluster of no known GPU kind takes, stated in its notes: per-GPU numbers no inline key sets
+_GENERIC_FROM = "h100-sxm-8"
 
 
-def resolve_cluster(spec: ClusterSpec, nodes: int | None = None) -> Cluster:
-    """Merge a preset with inline overrides; an inline cluster needs at least the core numbers."""
+def headroom_gib(card_gib: float, preset: str | None) -> float:
+    """Memory kept free below a card of `card_gib`: the preset's own headroom (its card minus its
+    planning capacity), or UNKNOWN_GPU_HEADROOM of the card where no preset knows the GPU."""
+    if preset is None:
+        return card_gib * UNKNOWN_GPU_HEADROOM
+    known = PRESETS[preset]
+    return known["gpu_memory_total_gib"] - known["gpu_memory_gib"]
+
+
+def resolve_cluster(spec: ClusterSpec, nodes: int | None = None, purpose: str = "plan") -> Cluster:
+    """Merge a preset, or an inline cluster's GPU kind, with the spec's explicit numbers.
+
+    `purpose` is what the caller needs: "plan" prices layouts (compute and link numbers, memory),
+    "validate" checks rules, which need only the world shape; there an inline cluster's missing
+    numbers stay unpriced (Cluster.priced, Cluster.memory_known)."""
+    if spec.preset is not None and spec.preset not in PRESETS:
+        raise SpecError(
+            f"cluster.preset: unknown preset {spec.preset!r}{did_you_mean(spec.preset, PRESETS)}; "
+            f"choose one of {', '.join(PRESETS)} (see `megacpp clusters`)"
+        )
+    if spec.gpu is not None and spec.gpu not in GPU_KINDS:
+        raise SpecError(f"cluster.gpu: unknown GPU kind {spec.gpu!r}{did_you_mean(spec.gpu, GPU_KINDS)}; "
+                        f"choose one of {', '.join(GPU_KINDS)}")
+    kind_preset = spec.preset or (GPU_KINDS[spec.gpu] if spec.gpu else None)
+    if spec.preset is not None and spec.gpu is not None and GPU_KINDS[spec.gpu] != spec.preset:
+        raise SpecError(f"cluster.gpu: {spec.gpu!r} contradicts cluster.preset {spec.preset!r}, which has its own GPU; "
+                        f"drop cluster.gpu, or drop cluster.preset for an inline cluster of {spec.gpu} GPUs")
+    notes: list[str] = []
     if spec.preset is not None:
-        if spec.preset not in PRESETS:
-            raise SpecError(
-                f"cluster.preset: unknown preset {spec.preset!r}{did_you_mean(spec.preset, PRESETS)}; "
-                f"choose one of {', '.join(PRESETS)} (see `megacpp clusters`)"
-            )
-        base = dict(PRESETS[spec.preset])
-        name = spec.preset
+        base, name = dict(PRESETS[spec.preset]), spec.preset
     else:
-        missing = [k for k in _INLINE_REQUIRED if getattr(spec, k) is None]
-        if missing:
-            raise SpecError(
-                f"cluster: an inline cluster needs {', '.join('cluster.' + k for k in missing)}; "
-                f"or set cluster.preset to one of {', '.join(PRESETS)}"
-            )
-        base = dict(PRESETS["h100-sxm-8"], description="inline cluster (link numbers from h100-sxm-8)")
-        base["gpu_memory_total_gib"] = spec.gpu_memory_gib
-        name = "inline"
+        base, name = _inline(spec, purpose, notes), "inline"
+    card = spec.gpu_memory_gib if spec.gpu_memory_gib is not None else base["gpu_memory_total_gib"]
+    if spec.gpu_memory_gib is not None:
+        room = headroom_gib(card, kind_preset)
+        if card <= room:
+            raise SpecError(f"cluster.gpu_memory_gib: {card:g} GiB is the card's memory and leaves nothing after "
+                            f"the {room:.3g} GiB headroom plans keep; give the card's total (e.g. 80 for an H100)")
+        base.update(gpu_memory_total_gib=card, gpu_memory_gib=round(card - room, 2))
     overrides = {
         "gpus_per_node": spec.gpus_per_node,
-        "gpu_memory_gib": spec.gpu_memory_gib,
         "nvlink_domain": spec.nvlink_domain,
-        "bf16_tflops": spec.bf16_tflops,
         "nic_busbw_gbps": spec.inter_node_busbw_gbps,
         "host_launch_us": spec.host_launch_us,
     }
     base.update({k: v for k, v in overrides.items() if v is not None})
     if spec.bf16_tflops is not None:
-        # ASSUMPTION: keep the preset's achievable/peak ratio (MAMF is 72-80% of peak [R4]).
-        ratio = PRESETS.get(spec.preset or "h100-sxm-8", _H100)
-        base["mamf_bf16_tflops"] = spec.bf16_tflops * ratio["mamf_bf16_tflops"] / ratio["bf16_tflops"]
+        _state_compute(base, spec.bf16_tflops, kind_preset, notes)
     if spec.intra_node_busbw_gbps is not None:
         for field in NVLINK_BUSBW_FIELDS.values():
             base[field] = spec.intra_node_busbw_gbps
+        if base.get("nvlink_pair_gbps"):
+            notes.append(f"cluster.intra_node_busbw_gbps prices every NVLink collective at {spec.intra_node_busbw_gbps:g} GB/s, "
+                         "groups of two included (the preset's measured pair rates are not used)")
         base["nvlink_pair_gbps"] = {}  # the stated rate holds for every group size
     if spec.nvlink_domain is None and spec.preset is None:
         base["nvlink_domain"] = base["gpus_per_node"]
     base["nodes"] = nodes if nodes is not None else spec.nodes
-    return Cluster(name=name, sources=SOURCES, **base)
+    gpu = spec.gpu or next((k for k, p in GPU_KINDS.items() if p == spec.preset), None)
+    return Cluster(name=name, gpu=gpu, notes=tuple(notes), sources=SOURCES, **base)
+
+
+def _inline(spec: ClusterSpec, purpose: str, notes: list[str]) -> dict:
+    """An inline cluster's numbers before the spec's explicit ones: its GPU kind's preset, or for a
+    cluster of no known kind the explicit keys a plan needs, the rest stated in `notes`."""
+    if spec.gpus_per_node is None:
+        raise SpecError("cluster: an inline cluster needs cluster.gpus_per_node (and cluster.nodes, default 1); "
+                        f"or set cluster.preset to one of {', '.join(PRESETS)}")
+    if spec.gpu is not None:
+        kind = GPU_KINDS[spec.gpu]
+        return dict(PRESETS[kind], description=f"inline cluster of {spec.gpu} GPUs (their numbers from the {kind} preset)")
+    domain = spec.nvlink_domain or spec.gpus_per_node
+    needed = {"gpu_memory_gib": True, "bf16_tflops": True, "intra_node_busbw_gbps": domain > 1,
+              "inter_node_busbw_gbps": spec.nodes * spec.gpus_per_node > domain}
+    missing = [k for k, used in needed.items() if used and getattr(spec, k) is None]
+    base = dict(PRESETS[_GENERIC_FROM], kernel_table=None, grad_accumulation_tbps=None, nvlink_pair_gbps={},
+                nvlink_pair_alpha_us=None, description="inline cluster")
+    if missing and purpose == "plan":
+        raise SpecError(
+            f"cluster: an inline cluster without cluster.gpu needs {', '.join('cluster.' + k for k in missing)} to plan; "
+            f"or set cluster.gpu to one of {', '.join(GPU_KINDS)} to take that GPU's numbers"
+        )
+    if missing:  # validate: rules need only the world shape
+        base.update(priced=False, memory_known=spec.gpu_memory_gib is not None)
+        if spec.gpu_memory_gib is None:
+            base["gpu_memory_gib"] = base["gpu_memory_total_gib"] = float("inf")
+        return base
+    notes.append(f"cluster: an inline cluster of no known GPU kind takes HBM bandwidth, FP8 rate, collective latencies "
+                 f"and the host class from {_GENERIC_FROM}; set cluster.gpu ({', '.join(GPU_KINDS)}) to use its GPU's")
+    return base
+
+
+def _state_compute(base: dict, bf16_tflops: float, kind_preset: str | None, notes: list[str]) -> None:
+    """A stated dense BF16 peak drives every compute rate: the achievable matmul rate and the FP8
+    rates keep their ratio to it (ASSUMPTION: MAMF is 72-80% of peak [R4], FP8 is twice BF16 on
+    Hopper and Blackwell [R4]), and a measured kernel-rate table's times scale by it."""
+    was = base["bf16_tflops"]
+    scale = bf16_tflops / was
+    for key in ("bf16_tflops", "mamf_bf16_tflops", "fp8_tflops", "mamf_fp8_tflops"):
+        base[key] = base[key] * scale
+    base["compute_scale"] = scale
+    if kind_preset is not None and scale != 1.0:
+        table = " and its measured kernel times" if base.get("kernel_table") else ""
+        notes.append(f"cluster.bf16_tflops {bf16_tflops:g} replaces {kind_preset}'s {was:g}: its matmul and FP8 rates{table} "
+                     f"are scaled by {scale:.3g}, so the step time follows the stated peak")

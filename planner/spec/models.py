@@ -303,16 +303,25 @@ class TrainingSpec(_Frozen):
     lr: Annotated[float, Field(gt=0, le=1)] = 3e-4
     min_lr: Annotated[float, Field(ge=0, le=1)] | None = None  # None: lr / 10
     warmup_iters: Annotated[int, Field(ge=0, le=1 << 40)] = 0
-    lr_decay_style: Literal["constant", "linear", "cosine", "inverse-square-root"] = "cosine"
+    lr_decay_style: Literal["constant", "linear", "cosine", "inverse-square-root", "WSD"] = "cosine"
     lr_decay_iters: Annotated[int, Field(ge=1, le=1 << 40)] | None = None  # None: the run's length
+    # WSD (warmup-stable-decay): lr holds until the last lr_wsd_decay_iters of the decay, which fall
+    # to min_lr in this style (megatron/core/optimizer_param_scheduler.py get_lr)
+    lr_wsd_decay_style: Literal["exponential", "linear", "cosine", "minus_sqrt"] = "exponential"
+    lr_wsd_decay_iters: Annotated[int, Field(ge=1, le=1 << 40)] | None = None  # required with WSD
     weight_decay: Annotated[float, Field(ge=0, le=1e3)] = 0.1
     clip_grad: Annotated[float, Field(ge=0, le=1e6)] = 1.0  # 0: no clipping
+    # Adam, stated once for both engines: Megatron-LM's own default beta2 is 0.999, megacpp's runtime
+    # and Megatron's GPT-3 175B example (examples/gpt3/train_gpt3_175b_distributed.sh:42-46) use 0.95
+    adam_beta1: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    adam_beta2: Annotated[float, Field(ge=0, lt=1)] = 0.95
+    adam_eps: Annotated[float, Field(gt=0, le=1)] = 1e-8
     # Megatron-LM's logging and evaluation (the runtime worker reports every step and evaluates nothing)
     log_interval: Annotated[int, Field(ge=1, le=1 << 40)] = 1
     eval_interval: Annotated[int, Field(ge=1, le=1 << 40)] | None = None  # None: the run's length
     eval_iters: Annotated[int, Field(ge=0, le=1 << 40)] = 0
 
-    @field_validator("lr", "min_lr", "weight_decay", "clip_grad", mode="before")
+    @field_validator("lr", "min_lr", "weight_decay", "clip_grad", "adam_beta1", "adam_beta2", "adam_eps", mode="before")
     @classmethod
     def _number_text(cls, value: object) -> object:
         return number_from_yaml_text(value)
@@ -335,6 +344,15 @@ class TrainingSpec(_Frozen):
         if length is not None and self.warmup_iters >= length:
             raise ValueError(f"warmup_iters={self.warmup_iters} must be below the {length} iterations the "
                              "learning rate decays over (lr_decay_iters, else the run's length)")
+        if self.lr_decay_style == "WSD" and self.lr_wsd_decay_iters is None:
+            raise ValueError("lr_decay_style WSD needs lr_wsd_decay_iters: the iterations at the end of the decay "
+                             "in which the learning rate falls to min_lr (e.g. a tenth of the run)")
+        if self.lr_wsd_decay_iters is not None and self.lr_decay_style != "WSD":
+            raise ValueError(f"lr_wsd_decay_iters is used only with lr_decay_style WSD (it is {self.lr_decay_style!r}); "
+                             "drop it or set lr_decay_style: WSD")
+        if length is not None and self.lr_wsd_decay_iters is not None and self.warmup_iters + self.lr_wsd_decay_iters > length:
+            raise ValueError(f"warmup_iters={self.warmup_iters} plus lr_wsd_decay_iters={self.lr_wsd_decay_iters} exceed "
+                             f"the {length} iterations the learning rate decays over; shorten the WSD decay")
         return self
 
 
@@ -342,8 +360,12 @@ class ClusterSpec(_Frozen):
     """A preset name, optionally with inline overrides, or a fully inline cluster."""
 
     preset: str | None = None
+    # an inline cluster's GPU kind (h100, h200, b200, gb200, gb10): its compute, link and memory
+    # numbers are that GPU's preset's (spec.clusters.GPU_KINDS)
+    gpu: str | None = None
     nodes: Count = 1
     gpus_per_node: Annotated[int, Field(ge=1, le=1024)] | None = None
+    # the card's memory (GiB, as nvidia-smi reports it); a plan keeps the presets' headroom below it
     gpu_memory_gib: Annotated[float, Field(gt=0, le=1 << 16)] | None = None
     nvlink_domain: Annotated[int, Field(ge=1, le=1 << 16)] | None = None
     bf16_tflops: Annotated[float, Field(gt=0, le=1e6)] | None = None

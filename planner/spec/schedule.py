@@ -19,7 +19,8 @@ BENCHMARK_ITERS = 100
 @dataclass(frozen=True)
 class Schedule:
     """Linear warm-up from 0 to `lr` over `warmup_iters`, then `decay_style` down to `min_lr` at
-    `decay_iters` (megatron/core/optimizer_param_scheduler.py get_lr); weight decay constant."""
+    `decay_iters` (megatron/core/optimizer_param_scheduler.py get_lr); weight decay constant; and
+    Adam's betas and epsilon, which both engines' optimizers take from here."""
 
     iters: int  # optimizer steps this run takes
     lr: float
@@ -29,6 +30,11 @@ class Schedule:
     decay_style: str
     weight_decay: float
     clip_grad: float
+    adam_beta1: float
+    adam_beta2: float
+    adam_eps: float
+    wsd_decay_iters: int | None = None  # WSD: the last iterations of the decay, in `wsd_decay_style`
+    wsd_decay_style: str | None = None
 
 
 def run_schedule(training: TrainingSpec, iters: int | None = None) -> Schedule:
@@ -41,6 +47,10 @@ def run_schedule(training: TrainingSpec, iters: int | None = None) -> Schedule:
     if training.warmup_iters >= decay:
         raise LaunchError(f"training.warmup_iters={training.warmup_iters} needs a schedule longer than the {decay} "
                           "iterations launched; set training.lr_decay_iters or train_iters, or launch more --steps")
+    wsd = training.lr_wsd_decay_iters
+    if wsd is not None and training.warmup_iters + wsd > decay:
+        raise LaunchError(f"training.lr_wsd_decay_iters={wsd} (after warmup_iters={training.warmup_iters}) needs a schedule "
+                          f"longer than the {decay} iterations launched; set training.lr_decay_iters or train_iters, or launch more --steps")
     return Schedule(
         iters=steps,
         lr=training.lr,
@@ -51,4 +61,9 @@ def run_schedule(training: TrainingSpec, iters: int | None = None) -> Schedule:
         decay_style=training.lr_decay_style,
         weight_decay=training.weight_decay,
         clip_grad=training.clip_grad,
+        adam_beta1=training.adam_beta1,
+        adam_beta2=training.adam_beta2,
+        adam_eps=training.adam_eps,
+        wsd_decay_iters=wsd,
+        wsd_decay_style=training.lr_wsd_decay_style if wsd is not None else None,
     )

@@ -40,6 +40,14 @@ class Format(str, Enum):
     github = "github"
 
 
+class Engine(str, Enum):
+    megatron_lm = "megatron-lm"
+    megacpp = "megacpp"
+
+
+EngineOpt = Annotated[Engine, typer.Option("--engine", help="megatron-lm (stock Megatron-LM, needs $MEGATRON_LM to launch) or megacpp's runtime worker.")]
+
+
 def _spec_or_plan(spec: str | None, sets: list[str], cluster: str | None, nodes: int | None):
     from megacpp.runtime.cli.inputs import cli_overrides, read_input
 
@@ -85,8 +93,9 @@ def plan(
 def validate(
     files: Annotated[list[Path], typer.Argument(help="Spec YAML or PLAN.json files.")],
     fmt: Annotated[Format, typer.Option("--format", help="text, json, or github (::error annotations).")] = Format.text,
+    engine: EngineOpt = Engine.megatron_lm,
 ) -> None:
-    """Check specs and plans; exit 0 when all are valid, 1 when any is not."""
+    """Check specs and plans for the engine that will run them; exit 0 when all are valid, 1 when any is not."""
     from megacpp.planner.plan import Plan
     from megacpp.planner.validation import validate_plan, validate_spec, validation_error
     from megacpp.runtime.cli import console
@@ -96,7 +105,7 @@ def validate(
     for path in files:
         try:
             loaded = read_input(str(path))
-            result = validate_plan(loaded) if isinstance(loaded, Plan) else validate_spec(loaded)
+            result = validate_plan(loaded, engine.value) if isinstance(loaded, Plan) else validate_spec(loaded, engine.value)
         except MegacppError as exc:
             result = validation_error(exc)
         results.append({"file": str(path), **result})
@@ -187,16 +196,11 @@ class Target(str, Enum):
     slurm = "slurm"
 
 
-class Engine(str, Enum):
-    megatron_lm = "megatron-lm"
-    megacpp = "megacpp"
-
-
 @app.command()
 def launch(
     spec: Annotated[str, typer.Argument(help="Spec YAML, PLAN.json or recipe name.")],
     target: Annotated[Target, typer.Option("--target", help="torchrun (local or multi-node) or slurm (sbatch + srun).")] = Target.torchrun,
-    engine: Annotated[Engine, typer.Option("--engine", help="megatron-lm (needs $MEGATRON_LM) or megacpp's runtime worker.")] = Engine.megatron_lm,
+    engine: EngineOpt = Engine.megatron_lm,
     candidate: Annotated[int, typer.Option("--candidate", min=0, help="Which ranked candidate of the plan to launch.")] = 0,
     steps: Annotated[int | None, typer.Option("--steps", min=1, help="Training iterations, for a short run of the spec's schedule (default: training.train_iters or train_tokens, else 100).")] = None,
     construct_only: Annotated[bool, typer.Option("--construct-only", help="megacpp engine: build the model and report, no training.")] = False,

@@ -5,8 +5,10 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from megacpp.planner.cost.coefficients import HOST_BOUND_ERROR
 from megacpp.planner.cost.step import HOST_TERM, deciding_term, host_bound
@@ -21,6 +23,45 @@ def _layer_range(layers: list[int]) -> str:
     """Megatron layers [start, stop) as "3-5"; "none" for a stage that holds only the embedding or the loss."""
     start, stop = layers
     return f"{start}-{stop - 1}" if stop > start else "none"
+
+
+def fitted_table(columns: list[tuple[str, str, bool]], rows: list[list[str]], title: str | None = None) -> Table:
+    """A table whose numbers are never cut. `columns` are (header, justify, number); a number
+    column keeps its widest cell whole on one line. Where the terminal is narrower than the table,
+    the borders go and the text columns share what is left, folding their cells over lines (and
+    where even the numbers cannot fit, every column folds: nothing is cut off)."""
+    widths = [max([_cell_width(r[i]) for r in rows] + [max(map(len, name.split()))]) for i, (name, _, _) in enumerate(columns)]
+    full = [max(w, len(name)) for w, (name, _, _) in zip(widths, columns, strict=True)]
+    kw: dict[str, Any] = {"header_style": "bold", "title": title, "title_justify": "left"}
+    # rich's bordered table wraps text columns down to their longest word, and past that cuts every column
+    least = [w if number else max([_longest_word(r[i]) for r in rows] + [max(map(len, name.split()))])
+             for i, (w, (name, _, number)) in enumerate(zip(widths, columns, strict=True))]
+    narrow = sum(least) + 3 * len(columns) + 1 > out.width
+    if narrow:  # no borders: columns apart by two spaces, or one where the numbers need it
+        numbers = sum(w for w, (_, _, number) in zip(widths, columns, strict=True) if number)
+        gap = 2 if numbers + 2 * (len(columns) - 1) <= out.width else 1
+        kw |= {"box": box.SIMPLE_HEAD, "show_edge": False, "pad_edge": False, "padding": (0, gap - 1), "collapse_padding": True}
+        text = [i for i, (_, _, number) in enumerate(columns) if not number]
+        left = out.width - gap * (len(columns) - 1) - numbers
+        start = {i: min(full[i], 8) for i in text}  # each a few characters, the rest shared by what each still lacks
+        given = sum(start.values()) or 1
+        spare, lacking = left - given, sum(full[i] - start[i] for i in text) or 1
+        for i in text:
+            widths[i] = start[i] + spare * (full[i] - start[i]) // lacking if spare >= 0 else max(3, start[i] * left // given)
+    table = Table(**kw)
+    for (name, justify, _), width in zip(columns, widths, strict=True):
+        table.add_column(name, justify=justify, overflow="fold", width=width if narrow else None)  # type: ignore[arg-type]
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+def _longest_word(cell: str) -> int:
+    return max((Text(word).cell_len for word in Text.from_markup(cell).plain.split()), default=0)
+
+
+def _cell_width(cell: str) -> int:
+    return max(Text(line).cell_len for line in Text.from_markup(cell).plain.split("\n"))
 
 
 def error(message: str) -> None:
@@ -78,22 +119,27 @@ def _decided(term: str | None) -> str:
 HOST_BOUND_ADVICE = f"such steps came within ±{HOST_BOUND_ERROR:.0%} on the runtime's measured runs and move with the host; `megacpp calibrate` fits this cluster"
 
 
+def _capacity(plan: Plan) -> str:
+    """The memory a layout plans for per GPU, and the card it keeps headroom below."""
+    c = plan.cluster
+    if c.gpu_memory_total_gib is None or c.gpu_memory_total_gib <= c.gpu_memory_gib:
+        return f"{c.gpu_memory_gib:g} GiB planned per GPU"
+    room = c.gpu_memory_total_gib - c.gpu_memory_gib
+    return f"{c.gpu_memory_gib:g} of {c.gpu_memory_total_gib:g} GiB planned per GPU, {room:.3g} GiB headroom"
+
+
 def plan_table(plan: Plan, top: int) -> None:
     """Ranked candidates, then why the rest were rejected."""
     c, spec = plan.cluster, plan.spec_model
-    out.print(
-        f"[bold]{spec.name}[/]  {spec.model.pattern}  on {c.nodes} x {c.name} "
-        f"({plan.world_size} GPUs, {c.gpu_memory_gib:g} GiB planned per GPU)"
-    )
+    out.print(f"[bold]{spec.name}[/]  {spec.model.pattern}  on {c.nodes} x {c.name} ({plan.world_size} GPUs, {_capacity(plan)})")
     for note in plan.notes:
         out.print(f"[yellow]note[/] {note.message}  [dim]({note.rule})[/]")
-    table = Table(show_lines=False, header_style="bold")
-    for name, justify in [
-        ("#", "right"), ("layout", "left"), ("mbs", "right"), ("M", "right"), ("stages", "left"),
-        ("peak GiB", "right"), ("step s", "right"), ("tok/s", "right"), ("MFU", "right"),
-        ("bubble", "right"), ("fits", "center"), ("warnings", "left"),
-    ]:
-        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    columns = [
+        ("#", "right", True), ("layout", "left", False), ("mbs", "right", True), ("M", "right", True),
+        ("stages", "left", False), ("peak GiB", "right", True), ("step s", "right", True), ("tok/s", "right", True),
+        ("MFU", "right", True), ("bubble", "right", True), ("fits", "center", True), ("warnings", "left", False),
+    ]
+    rows = []
     any_host_bound = False
     for cand in plan.candidates[:top]:
         lay, t = cand.layout, cand.time
@@ -103,14 +149,14 @@ def plan_table(plan: Plan, top: int) -> None:
             any_host_bound = True
         sizes = cand.split.sizes
         stages = "-" if len(sizes) == 1 else "/".join(map(str, sizes))
-        table.add_row(
+        rows.append([
             str(cand.rank), lay.short(mbs=False), str(lay.micro_batch_size), str(lay.num_microbatches), stages,
             _band(cand.memory.peak_gib, cand.memory.peak_gib_high, 1),
             _band(t.step_seconds, t.step_seconds_high, 2), f"{t.tokens_per_second:,.0f}",
             f"{t.mfu:.0%}", f"{t.bubble_fraction:.1%}",
             "[green]yes[/]" if cand.fits else "[red]no[/]", ", ".join(flags),
-        )
-    out.print(table)
+        ])
+    out.print(fitted_table(columns, rows))
     if any_host_bound:
         out.print(f"[yellow]host-bound[/]: the host's time beyond the GPU's work is the largest term of the step; {HOST_BOUND_ADVICE}")
     rej = plan.rejected
@@ -175,20 +221,19 @@ def _bar(value: float, capacity: float, width: int = 30) -> str:
 
 def _ranks_text(ranks: list[dict[str, int]], gpus_per_node: int, max_nodes: int = 8) -> None:
     nodes = sorted({r["node"] for r in ranks})
-    table = Table(title="rank map (Megatron order tp-cp-ep-dp-pp; cell: rank tp.cp.dp.pp | ep.etp.edp)", header_style="bold", title_justify="left")
-    table.add_column("node")
-    for g in range(gpus_per_node):
-        table.add_column(f"gpu{g}")
     shown = nodes if len(nodes) <= max_nodes else nodes[: max_nodes // 2] + nodes[-max_nodes // 2 :]
+    parts = {r["rank"]: (f"r{r['rank']}", f"{r['tp']}.{r['cp']}.{r['dp']}.{r['pp']}", f"{r['ep']}.{r['etp']}.{r['edp']}")
+             for r in ranks if r["node"] in shown}
+    widest = max((len(f"{a} {b}|{c}") for a, b, c in parts.values()), default=0)
+    # a narrow terminal gets each cell on three lines rather than cut
+    sep = ("\n", "\n") if 5 + gpus_per_node * (widest + 3) > out.width else (" ", "|")
+    rows = []
     for node in shown:
-        cells = [
-            f"r{r['rank']} {r['tp']}.{r['cp']}.{r['dp']}.{r['pp']}|{r['ep']}.{r['etp']}.{r['edp']}"
-            for r in ranks if r["node"] == node
-        ]
-        table.add_row(str(node), *cells)
+        rows.append([str(node), *(f"{a}{sep[0]}{b}{sep[1]}{c}" for a, b, c in (parts[r["rank"]] for r in ranks if r["node"] == node))])
         if len(nodes) > max_nodes and node == shown[max_nodes // 2 - 1]:
-            table.add_row("…", *["…"] * gpus_per_node)
-    out.print(table)
+            rows.append(["…", *["…"] * gpus_per_node])
+    columns = [("node", "left", True), *((f"gpu{g}", "left", True) for g in range(gpus_per_node))]
+    out.print(fitted_table(columns, rows, "rank map (Megatron order tp-cp-ep-dp-pp; cell: rank tp.cp.dp.pp | ep.etp.edp)"))
     if len(nodes) > max_nodes:
         out.print(f"[dim]{len(nodes) - max_nodes} of {len(nodes)} nodes elided; `--json` lists every rank, `--rank R` focuses one[/]")
 
@@ -240,24 +285,24 @@ def explain_text(doc: dict[str, Any]) -> None:
     elif share >= 0.005 and breakdown.get(HOST_TERM, 0.0) < 0.005 * t["step_seconds"]:
         out.print(f"[dim]per-block host time is {share:.0%} of the step; the GPU's work hides it[/]")
 
-    axes = Table(title="axes: what each split partitions here, what it costs, what it cannot fix", header_style="bold", title_justify="left")
-    for col in ("axis", "degree", "partitions", "collectives (link)", "GB/step", "s/step", "cannot fix"):
-        axes.add_column(col)
+    rows = []
     for a in doc["axes"]:
         mark = " [bold red]← costliest[/]" if a["axis"] == doc["costliest_axis"] else ""
         coll = ", ".join(dict.fromkeys(a["collectives"])) or "-"
-        axes.add_row(a["axis"], str(a["degree"]), a["partitions"], f"{coll} ({a['link']})", _gb(a["bytes_per_step"]),
-                     f"{a['seconds_per_step']:.3f}{mark}", a["cannot_fix"])
-    out.print(axes)
+        rows.append([a["axis"], str(a["degree"]), a["partitions"], f"{coll} ({a['link']})", _gb(a["bytes_per_step"]),
+                     f"{a['seconds_per_step']:.3f}{mark}", a["cannot_fix"]])
+    columns = [("axis", "left", True), ("degree", "left", True), ("partitions", "left", False), ("collectives (link)", "left", False),
+               ("GB/step", "left", True), ("s/step", "left", True), ("cannot fix", "left", False)]
+    out.print(fitted_table(columns, rows, "axes: what each split partitions here, what it costs, what it cannot fix"))
 
-    stages = Table(title="stage ownership", header_style="bold", title_justify="left")
-    for col in ("pp", "vp", "layers", "blocks", "owns", "notes"):
-        stages.add_column(col)
+    rows = []
     for s in doc["stages"]:
         owns = ", ".join(x for x, on in (("embedding", s["embedding"]), ("head + loss", s["output_head"])) if on) or "-"
         blocks = s["blocks"] if len(s["blocks"]) <= 40 else s["blocks"][:37] + "…"
-        stages.add_row(str(s["pp_rank"]), str(s["vp_stage"]), _layer_range(s["layers"]), blocks, owns, "; ".join(s["notes"]))
-    out.print(stages)
+        rows.append([str(s["pp_rank"]), str(s["vp_stage"]), _layer_range(s["layers"]), blocks, owns, "; ".join(s["notes"])])
+    columns = [("pp", "left", True), ("vp", "left", True), ("layers", "left", True), ("blocks", "left", False),
+               ("owns", "left", False), ("notes", "left", False)]
+    out.print(fitted_table(columns, rows, "stage ownership"))
 
     mem = doc["memory"]
     out.print(f"[bold]memory per stage[/] (capacity {mem['capacity_gib']:g} GiB; predicts torch.cuda.max_memory_allocated)")
@@ -280,18 +325,17 @@ def explain_text(doc: dict[str, Any]) -> None:
         if len(doc["experts"]) > 6:
             out.print(f"  … {len(doc['experts']) - 6} more E blocks; `--json` lists all")
 
-    why = Table(title="why not: each axis moved to its neighbours", header_style="bold", title_justify="left")
-    for col in ("change", "verdict", "rule / cost"):
-        why.add_column(col)
+    rows = []
     for w in doc["why_not"]:
         if w["verdict"] == "rejected":
-            why.add_row(f"{w['axis']}={w['value']}", "[red]rejected[/]", f"{w['rule']}: {w['message']}")
+            rows.append([f"{w['axis']}={w['value']}", "[red]rejected[/]", f"{w['rule']}: {w['message']}"])
         else:
             fits = "" if w["verdict"] == "legal" else " [red](does not fit)[/]"
-            why.add_row(f"{w['axis']}={w['value']}", "[green]legal[/]" + fits,
-                        f"step {w['step_delta']:+.1%} ({w['step_seconds']:.2f} s), peak {w['peak_gib']:.1f} GiB"
-                        + _decided(w.get("decided_by")))
-    out.print(why)
+            rows.append([f"{w['axis']}={w['value']}", "[green]legal[/]" + fits,
+                         f"step {w['step_delta']:+.1%} ({w['step_seconds']:.2f} s), peak {w['peak_gib']:.1f} GiB"
+                         + _decided(w.get("decided_by"))])
+    columns = [("change", "left", True), ("verdict", "left", False), ("rule / cost", "left", False)]
+    out.print(fitted_table(columns, rows, "why not: each axis moved to its neighbours"))
     if doc["runners_up"]:
         out.print("[bold]runners-up[/]: " + "; ".join(
             f"#{r['candidate']} {_layout_cell(r['layout'])} {r['step_delta']:+.1%}{_decided(r.get('decided_by'))}"

@@ -34,8 +34,6 @@ from megacpp.runtime.worker.measure.host import host_probe
 from megacpp.runtime.worker.measure.memory import memory_peak_sites
 from megacpp.runtime.worker.measure.profile import kernel_profile
 
-# Megatron-LM core_v0.16.1 examples/gpt3/train_gpt3_175b_distributed.sh:42-46
-ADAM_BETAS = (0.9, 0.95)
 DDP_MIN_BUCKET = 40_000_000  # Megatron-LM get_model: max(4e7, 1e6 * dp_cp) elements
 GIB = float(1 << 30)
 
@@ -117,7 +115,8 @@ def scheduler_options(sched: Schedule) -> dict:
     counts in samples where the worker counts optimizer steps: the same curve."""
     return {"init_lr": 0.0, "max_lr": sched.lr, "min_lr": sched.min_lr, "lr_warmup_steps": sched.warmup_iters,
             "lr_decay_steps": sched.decay_iters, "lr_decay_style": sched.decay_style, "start_wd": sched.weight_decay,
-            "end_wd": sched.weight_decay, "wd_incr_steps": sched.iters, "wd_incr_style": "constant"}
+            "end_wd": sched.weight_decay, "wd_incr_steps": sched.iters, "wd_incr_style": "constant",
+            "wsd_decay_steps": sched.wsd_decay_iters, "lr_wsd_decay_style": sched.wsd_decay_style}
 
 
 def wrap_for_training(chunks: list[torch.nn.Module], config, job: Job, sched: Schedule):
@@ -134,8 +133,8 @@ def wrap_for_training(chunks: list[torch.nn.Module], config, job: Job, sched: Sc
         for index, chunk in enumerate(model)
     ]
     opt_config = OptimizerConfig(
-        optimizer="adam", lr=sched.lr, min_lr=sched.min_lr, weight_decay=sched.weight_decay, adam_beta1=ADAM_BETAS[0],
-        adam_beta2=ADAM_BETAS[1], clip_grad=sched.clip_grad, bf16=config.bf16, params_dtype=config.params_dtype,
+        optimizer="adam", lr=sched.lr, min_lr=sched.min_lr, weight_decay=sched.weight_decay, adam_beta1=sched.adam_beta1,
+        adam_beta2=sched.adam_beta2, adam_eps=sched.adam_eps, clip_grad=sched.clip_grad, bf16=config.bf16, params_dtype=config.params_dtype,
         use_distributed_optimizer=ddp_config.use_distributed_optimizer, overlap_param_gather=ddp_config.overlap_param_gather,
     )
     optimizer = get_megatron_optimizer(opt_config, model, config_overrides=get_standard_config_overrides(opt_config))
