@@ -82,6 +82,8 @@ def block_linears(ctx: Context, letter: str, lay: Layout) -> Linears:
     """The linear weights of one block held by one rank (tp / etp / ep from the layout)."""
     model = ctx.spec.model
     h, tp = model.hidden_size, lay.tp
+    if letter == "A" and model.latent:
+        return Linears(latent.latent_linears(ctx, lay), [])
     if letter == "A":
         d, heads, groups = model.head_dim, model.attention.num_heads, model.query_groups  # type: ignore[union-attr]
         # linear_qkv: h -> (heads + 2*groups)*d, linear_proj: heads*d -> h (attention.py)
@@ -113,7 +115,7 @@ def block_params(ctx: Context, letter: str, lay: Layout) -> BlockParams:
     """Parameters of one block held by one rank: its linears (block_linears) and the rest."""
     model = ctx.spec.model
     linears = block_linears(ctx, letter, lay)
-    rest = norm_params(ctx)
+    rest = latent.latent_norm_params(ctx) if letter == "A" and model.latent else norm_params(ctx)
     if letter == "M":
         d_inner, heads, groups, state, kernel = _mamba_dims(ctx)
         conv_dim = (d_inner + 2 * groups * state) // lay.tp
@@ -139,6 +141,8 @@ def block_param_tensors(ctx: Context, letter: str, lay: Layout) -> int:
     if letter == "E":
         linears = block_linears(ctx, letter, lay)
         return norm_tensors(ctx) + len(linears.dense) + len(linears.expert) * linears.local
+    if letter == "A" and ctx.spec.model.latent:
+        return latent.latent_norm_tensors(ctx)
     return norm_tensors(ctx) + {"A": 2, "D": 2, "M": 8, "R": 3}[letter]
 
 
@@ -192,6 +196,8 @@ def block_flops(ctx: Context, letter: str, load: float = 1.0) -> float:
     `load` scales the routed experts' share (see routed_load)."""
     model = ctx.spec.model
     h, s = model.hidden_size, ctx.seq
+    if letter == "A" and model.latent:
+        return latent.latent_flops(ctx)
     if letter == "A":
         d, heads, groups = model.head_dim, model.attention.num_heads, model.query_groups  # type: ignore[union-attr]
         # projections + QK^T and PV over a causal (half) context, Korthikanti et al. [R36]
@@ -259,6 +265,8 @@ def block_gemms(ctx: Context, letter: str, lay: Layout, load: float = 1.0) -> Ge
     model = ctx.spec.model
     h, tp = model.hidden_size, lay.tp
     t = micro_batch_tokens(ctx, lay)
+    if letter == "A" and model.latent:
+        return latent.latent_gemms(ctx, lay)
     if letter == "A":
         d, heads, groups = model.head_dim, model.attention.num_heads, model.query_groups  # type: ignore[union-attr]
         linears = ((t, h, (heads + 2 * groups) * d // tp, 1), (t, heads * d // tp, h, 1))
@@ -506,6 +514,8 @@ def _attention_parts(ctx: Context, lay: Layout, modules: frozenset[str], fp8: bo
     linear_qkv, input_layernorm an IdentityOp untouched by layernorm recompute), the unfused
     rotary tables, what core attention keeps of q, k and v, its scores (unfused), and its output."""
     model = ctx.spec.model
+    if model.latent:
+        return latent.latent_parts(ctx, lay, modules, fp8)
     h, t = model.hidden_size, lay.tp
     outside = 1 / t if lay.sp else 1.0
     cast = 1.0 if fp8 else float(BF16)
@@ -588,3 +598,7 @@ def offload_bytes(ctx: Context, letter: str, lay: Layout, load: float = 1.0) -> 
     elif letter == "E":
         out["mlp_norm"] = BF16 * h * outside
     return {m: b for m, b in out.items() if m in listed and b > 0}
+
+
+# multi-latent attention's formulas (latent.py builds on the helpers above)
+from megacpp.planner.cost import latent  # noqa: E402

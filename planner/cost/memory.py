@@ -33,6 +33,7 @@ from megacpp.planner.cost.blocks import (
     weight_gradient_bytes,
 )
 from megacpp.planner.cost.coefficients import RESERVED_OVER_ALLOCATED, Efficiency
+from megacpp.planner.cost.latent import mtp_blocks, mtp_own_activation_bytes, mtp_own_params, mtp_own_tensors
 from megacpp.planner.search.layout import Context, Layout
 from megacpp.planner.search.stages import Stage
 from megacpp.planner.spec.pattern import BLOCK_LETTERS
@@ -213,8 +214,13 @@ def stage_memory(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency
                 # the vocab-parallel loss's fp32 logits (softmax and its gradient are computed in
                 # place in them) next to the bf16 logits
                 loss = (BF16 + FP32) * tokens * padded_vocab(ctx, lay.tp) / lay.tp
+        mtp = mtp_memory(ctx, lay, kept, tokens) if any(st.output_head for st in mine) else None
+        if mtp is not None:
+            dense, expert, tensors = dense + mtp.dense, expert + mtp.expert, tensors + mtp.tensors
+            act_per_mb += mtp.activations
+            loss *= 1 + ctx.spec.model.mtp_num_layers  # each depth's logits beside the model's
         scores = unfused_scores(ctx, lay) if has_attention else 0.0
-        blocks = "".join(st.blocks for st in mine)
+        blocks = "".join(st.blocks for st in mine) + (mtp_blocks(ctx) if mtp is not None else "")
         # the gradients a block's backward holds beside what it kept: the score gradients of an
         # unfused attention, and the routed tokens' gradients of an expert block; a block whose
         # modules are recomputed holds what they rebuild as well
@@ -287,6 +293,32 @@ def stage_memory(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency
             )
         )
     return out
+
+
+@dataclass(frozen=True)
+class MTPMemory:
+    """What the MTP layers add to one rank of the last pipeline stage (Megatron builds them there,
+    multi_token_prediction.py mtp_on_this_rank): parameters and tensors, and the bytes they keep per
+    micro-batch (their transformer layers as the model's, under the same recompute)."""
+
+    dense: int
+    expert: int
+    tensors: int
+    activations: float
+
+
+def mtp_memory(ctx: Context, lay: Layout, kept: dict[str, float], tokens: float) -> MTPMemory | None:
+    """The MTP layers on the last stage's rank, None without them."""
+    if not ctx.spec.model.mtp_num_layers:
+        return None
+    dense = expert = tensors = 0
+    activations = mtp_own_activation_bytes(ctx, lay) * tokens
+    for letter, n in Counter(mtp_blocks(ctx)).items():
+        bp = block_params(ctx, letter, lay)
+        dense, expert = dense + n * bp.dense, expert + n * bp.expert
+        tensors += n * block_param_tensors(ctx, letter, lay)
+        activations += n * kept[letter]
+    return MTPMemory(dense + mtp_own_params(ctx, lay, lay.pp), expert, tensors + mtp_own_tensors(ctx, lay.pp), activations)
 
 
 def _partial_full_recompute(ctx: Context, units: list[str], rebuilt: dict[str, float], layer_input: float) -> tuple[float, list[list[str]]]:

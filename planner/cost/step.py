@@ -37,6 +37,7 @@ from megacpp.planner.cost.coefficients import (
 )
 from megacpp.planner.cost.communication import Comm, communication
 from megacpp.planner.cost.kernel_rates import kernel_rates
+from megacpp.planner.cost.latent import mtp_blocks, mtp_flops, mtp_proj_gemms
 from megacpp.planner.cost.memory import GIB, StageMemory, rank_stages, stage_memory
 from megacpp.planner.search.layout import Context, Layout
 from megacpp.planner.search.stages import Stage
@@ -112,6 +113,8 @@ def matmul_seconds(ctx: Context, lay: Layout, letter: str, eff: Efficiency, load
     if letter == "head":
         gemms = head_gemms(ctx, lay)
         again = 1.0  # the output layer is outside the recomputed blocks
+    elif letter == "mtp_proj":
+        gemms = mtp_proj_gemms(ctx, lay)
     else:
         gemms = block_gemms(ctx, letter, lay, load)
     rates = kernel_rates(c.name)
@@ -279,16 +282,19 @@ def estimate(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency = D
     precision = ctx.spec.training.precision
     c = ctx.cluster
     per_letter = {letter: block_flops(ctx, letter, load) for letter in ctx.letters}
-    matmul = {letter: matmul_seconds(ctx, lay, letter, eff, load) for letter in [*ctx.letters, "head"]}
+    mtp = ctx.spec.model.mtp_num_layers
+    matmul = {letter: matmul_seconds(ctx, lay, letter, eff, load) for letter in [*ctx.letters, "head", *["mtp_proj"] * bool(mtp)]}
     softmax = softmax_seconds(ctx, lay, eff)
     # (matmul, softmax, exposed block overhead, small kernels, gradient accumulation, host, the
     # local experts' host) per micro-batch on each pipeline rank
     per_rank = []
     for p in range(lay.pp):
         mine = rank_stages(stages, p)
-        blocks = "".join(st.blocks for st in mine)
         head = any(st.output_head for st in mine)
-        gemm = sum(matmul[letter] for letter in blocks) + (matmul["head"] if head else 0.0)
+        # the MTP layers run on the last stage after the model's, each with one more output-layer pass
+        blocks = "".join(st.blocks for st in mine) + (mtp_blocks(ctx) if head else "")
+        gemm = sum(matmul[letter] for letter in blocks) + (matmul["head"] * (1 + mtp) if head else 0.0)
+        gemm += matmul["mtp_proj"] if head and mtp else 0.0
         units = host_units(ctx, lay, blocks)
         repeats = host_repeats(ctx.spec.training.recompute, ctx.te)
         host = sum(n * eff.overhead(key, ctx.te) for key, n in units.items()) * repeats
@@ -327,7 +333,8 @@ def estimate(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency = D
     )
     gbs_tokens = ctx.spec.training.global_batch_size * ctx.seq
     useful = per_letter if load == 1 else {letter: block_flops(ctx, letter) for letter in ctx.letters}
-    model_flops = 3 * gbs_tokens * (sum(n * useful[b] for b, n in Counter(ctx.pattern.blocks).items()) + head_flops(ctx))
+    model_flops = 3 * gbs_tokens * (sum(n * useful[b] for b, n in Counter(ctx.pattern.blocks).items()) + head_flops(ctx)
+                                    + mtp_flops(ctx))
     peak = (c.fp8_tflops if precision == "fp8" else c.bf16_tflops) * 1e12
     return Estimate(
         memory=mem,
