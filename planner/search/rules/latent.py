@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from megacpp.planner.axes import Axis
 from megacpp.planner.search.layout import Context, Layout
-from megacpp.planner.search.rules import divisors, options, rule
+from megacpp.planner.search.rules import rule
 
 
 def _latent(ctx: Context) -> bool:
@@ -34,25 +34,20 @@ def mla_needs_gpt_stack(ctx: Context, lay: Layout) -> str | None:
 
 
 @rule(
-    "mla-local-down-proj-vs-tp",
-    axes=(Axis.TP,),
-    where="[V] megatron/core/models/gpt/gpt_layer_specs.py:377,379 (local spec: down projections are "
-          "ColumnParallelLinear); tensor_parallel/layers.py:842 (divide)",
+    "mla-needs-te",
+    axes=(),
+    where="[V] megatron/core/transformer/multi_latent_attention.py:155-165 (core attention built with k_channels, "
+          "v_channels); dot_product_attention.py:42-52 (the local DotProductAttention takes neither)",
     applies=lambda ctx: _latent(ctx) and not ctx.te,
-    fails="attention.mla.kv_lora_rank=500, rope_head_dim=64, tp=8, backend.transformer_engine=false",
-    passes="tp=4, or backend.transformer_engine=true (whole down projections on every rank)",
+    fails="attention.mla with backend.transformer_engine=false",
+    passes="backend.transformer_engine=true",
 )
-def mla_local_down_proj_vs_tp(ctx: Context, lay: Layout) -> str | None:
-    """Without Transformer Engine the latents' down projections are column-parallel: TP must divide
-    q_lora_rank and kv_lora_rank + rope_head_dim (TE's duplicated TELinear keeps them whole)."""
-    m = ctx.spec.model.latent
-    assert m is not None
-    for what, width in (("attention.mla.q_lora_rank", m.q_lora_rank),
-                        ("attention.mla.kv_lora_rank + rope_head_dim", m.kv_lora_rank + m.rope_head_dim)):
-        if width and width % lay.tp:
-            return (f"tp={lay.tp} does not divide {what}={width} (local spec: column-parallel down projection); "
-                    f"try tp in {options(divisors(width))} or backend.transformer_engine: true")
-    return None
+def mla_needs_te(ctx: Context, lay: Layout) -> str | None:
+    """Multi-latent attention gives its core attention separate key and value widths; only Transformer
+    Engine's TEDotProductAttention accepts them, and megatron-core 0.16.1's local spec fails at model
+    build (TypeError, seen on CPU by tests/test_megatron_parity.py)."""
+    return ("attention.mla needs Transformer Engine: megatron-core's local core attention has no separate key and "
+            "value widths; set backend.transformer_engine: true")
 
 
 @rule(
