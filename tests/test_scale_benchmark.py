@@ -59,9 +59,20 @@ def test_unexpressible_rows_are_skipped_with_their_reason(row_id: int, reason: s
 def test_approximations_are_named_and_still_planned() -> None:
     conv = convert(row(39))  # DeepSeek-V3, 1024 x H100: MLA, MTP, layout "Et|(tt|)*30mL"
     assert conv.status == "approximated"
-    assert {"mla-as-gqa", "mtp-dropped", "pp-layout-balanced"} <= set(conv.approximations)
+    assert conv.approximations == ("pp-layout-balanced",)  # only the MTP-only virtual stage remains
     assert set(conv.approximations) <= set(truth.APPROXIMATIONS)
     spec_from_dict(conv.spec)
+
+
+def test_multi_latent_attention_and_mtp_are_mapped_exactly() -> None:
+    conv = convert(row(159))  # DeepSeek-V3 (w/ MTP) on 256 x B200, selective [mla_up_proj]
+    assert conv.status == "exact" and conv.approximations == ()
+    spec = spec_from_dict(conv.spec)
+    assert spec.model.latent is not None and spec.model.latent.q_lora_rank == 1536
+    assert (spec.model.latent.kv_lora_rank, spec.model.latent.rope_head_dim) == (512, 64)
+    assert spec.model.mtp_num_layers == 1
+    assert spec.training.recompute_modules == ("mla_up_proj",)
+    assert "QK layernorm" not in conv.not_modelled  # MLA's latent norms are planned
 
 
 def test_a_layout_with_layers_on_every_stage_is_pinned_as_cuts() -> None:

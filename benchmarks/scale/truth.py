@@ -34,14 +34,13 @@ HELD_OUT_MODULUS = 3  # one third of the configurations is held out
 HYBRID_LETTERS = {"M": "M", "*": "A", "-": "D", "E": "E"}
 
 APPROXIMATIONS = {
-    "mla-as-gqa": "multi-latent attention planned as grouped-query attention with the same heads, query "
-                  "groups and head dim (no q/kv low-rank projections, no rope sub-head)",
-    "mtp-dropped": "multi-token-prediction layers and their extra output heads are not planned",
+    "mtp-dropped": "multi-token-prediction layers and their extra output heads are not planned (a hybrid "
+                   "model's MTP, which megacpp does not render: rule mtp-needs-gpt-stack)",
     "fsdp-as-distributed-optimizer": "Megatron-FSDP planned as DDP with the distributed optimizer: weights "
                                      "and gradients unsharded, no per-layer parameter all-gathers",
     "recompute-modules": "selective recompute modules the spec cannot pass to this run planned without them: "
-                         "mla_up_proj (the spec has no multi-latent attention), and moe_act and layernorm under "
-                         "FP8 (megacpp renders delayed scaling, which Megatron refuses them with)",
+                         "moe_act and layernorm under FP8 (megacpp renders delayed scaling, which Megatron "
+                         "refuses them with)",
     "pp-layout-balanced": "the published pipeline layout leaves a virtual stage without transformer layers "
                           "(MTP and loss only), which a pattern cannot pin; megacpp's own split over the same "
                           "pp x vpp stages is used",
@@ -248,13 +247,13 @@ def read_cuda_graphs(settings: str) -> str | tuple[str, ...]:
     return "none"
 
 
-def expressible_recompute_modules(recipe: Recipe, precision: str) -> tuple[str, ...]:
-    """The run's selective recompute modules that its spec can carry: not mla_up_proj (the spec
-    has no multi-latent attention, rule mla-up-proj-recompute-needs-mla), and under FP8 not moe_act
-    or layernorm (the spec's fp8 renders delayed scaling, rule fp8-delayed-recompute-modules)."""
+def expressible_recompute_modules(recipe: Recipe, precision: str, mla: bool = True) -> tuple[str, ...]:
+    """The run's selective recompute modules that its spec can carry: mla_up_proj only with
+    multi-latent attention (rule mla-up-proj-recompute-needs-mla), and under FP8 not moe_act or
+    layernorm (the spec's fp8 renders delayed scaling, rule fp8-delayed-recompute-modules)."""
     if recipe.recompute != "selective":
         return ()
-    dropped = {"mla_up_proj"} | ({"moe_act", "layernorm"} if precision.startswith("fp8") else set())
+    dropped = (set() if mla else {"mla_up_proj"}) | ({"moe_act", "layernorm"} if precision.startswith("fp8") else set())
     return tuple(m for m in recipe.recompute_modules or ("core_attn",) if m not in dropped)
 
 
@@ -335,6 +334,17 @@ def _gpt_pattern(pairs: list[str], stage_layers: list[int] | None) -> str:
     return " | ".join(stages)
 
 
+def _attention(m: dict[str, Any]) -> dict[str, Any]:
+    """The spec's attention: multi-latent attention with its ranks and head widths, or GQA."""
+    if m.get("multi_latent_attention"):
+        mla = {"kv_lora_rank": m["kv_lora_rank"], "qk_head_dim": m["qk_head_dim"],
+               "rope_head_dim": m["qk_pos_emb_head_dim"], "v_head_dim": m["v_head_dim"]}
+        if m.get("q_lora_rank"):
+            mla["q_lora_rank"] = m["q_lora_rank"]
+        return {"num_heads": m["num_attention_heads"], "mla": mla}
+    return {"num_heads": m["num_attention_heads"], "num_query_groups": m["num_query_groups"], "head_dim": m["kv_channels"]}
+
+
 def _model(m: dict[str, Any], recipe: Recipe, stage_layers: list[int] | None) -> tuple[dict[str, Any], str]:
     """The spec's model block and its pattern without pipeline cuts."""
     if "hybrid_override_pattern" in m:
@@ -350,8 +360,7 @@ def _model(m: dict[str, Any], recipe: Recipe, stage_layers: list[int] | None) ->
         "normalization": "layernorm" if m["normalization"].lower().startswith("layernorm") else "rmsnorm",
         "position_embedding": "none" if m["position_embedding"] == "none" else "rope",
         "tie_embeddings": bool(m["tied_embeddings"]),
-        "attention": {"num_heads": m["num_attention_heads"], "num_query_groups": m["num_query_groups"],
-                      "head_dim": m["kv_channels"]},
+        "attention": _attention(m),
     }
     if "D" in plain:
         model["mlp"] = {"ffn_hidden_size": m["ffn_hidden_size"], "gated": bool(m["gated_linear_unit"])}
@@ -397,15 +406,14 @@ def convert(row: dict[str, Any], models: dict[str, Any] | None = None) -> Conver
     approx: list[str] = []
     assume: list[str] = []
     details: list[str] = list(recipe.runtime)
-    if m.get("multi_latent_attention"):
-        approx.append("mla-as-gqa")
-    if (m.get("mtp_num_layers") or 0) > 0 and "w/o MTP" not in row["model"]:
+    mtp = (m.get("mtp_num_layers") or 0) if "w/o MTP" not in row["model"] else 0
+    if mtp and "hybrid_override_pattern" in m:
         approx.append("mtp-dropped")
     if m.get("sliding_window"):
         approx.append("sliding-window-as-full")
     if recipe.fsdp:
         approx.append("fsdp-as-distributed-optimizer")
-    modules = expressible_recompute_modules(recipe, row["precision"])
+    modules = expressible_recompute_modules(recipe, row["precision"], bool(m.get("multi_latent_attention")))
     if recipe.recompute == "selective" and set(modules) != set(recipe.recompute_modules or ("core_attn",)):
         approx.append("recompute-modules")
     if recipe.padded and (recipe.capacity_factor or 1.0) > 1.0:
@@ -434,12 +442,14 @@ def convert(row: dict[str, Any], models: dict[str, Any] | None = None) -> Conver
         assume.append("dispatcher not stated: alltoall assumed (DeepEP / HybridEP would send fewer bytes across nodes)")
     if moe and row["etp"] is None:
         assume.append("etp not published: Megatron's default etp = tp pinned")
-    if m.get("qk_layernorm"):
+    if m.get("qk_layernorm") and not m.get("multi_latent_attention"):  # MLA: its latents' norms, modelled
         details.append("QK layernorm")
     if m.get("add_bias_linear"):
         details.append("linear biases")
 
     model, plain = _model(m, recipe, stage_layers)
+    if mtp and "hybrid_override_pattern" not in m:
+        model["mtp_num_layers"] = mtp
     parallel: dict[str, Any] = {"tp": tp, "pp": pp, "cp": cp, "dp": row["num_gpus"] // (tp * pp * cp)}
     parallel["vpp"] = vpp  # vp null is no interleaving: pinned too, or the search would pick one
     parallel["ep"] = row["ep"] or 1
