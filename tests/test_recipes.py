@@ -9,7 +9,8 @@ from megacpp.planner.spec.loading import load_spec_text
 from megacpp.planner.validation import validate_spec
 from megacpp.recipes import DEFAULT_RECIPE, recipe_names, recipe_text
 
-EXPECTED = {"nam56r", "mixtral-8x7b", "deepseek-v3-style", "qwen-moe-style", "llama-8b-dense", "gb10-hybrid-small"}
+EXPECTED = {"nam56r", "mixtral-8x7b", "deepseek-v3-style", "deepseek-v3", "kimi-k2", "qwen-moe-style", "llama-8b-dense",
+            "gb10-hybrid-small"}
 
 
 def test_all_recipes_are_bundled():

@@ -97,3 +97,26 @@ def ep_overlap_mtp(ctx: Context, lay: Layout) -> str | None:
     if lay.pp == 1:
         return "moe.overlap_communication with an MTP layer needs pp > 1 (Megatron asserts it); raise pp"
     return None
+
+
+def runtime_missing(ctx: Context) -> list[str]:
+    """The model keys a spec sets that megacpp's runtime does not build."""
+    model = ctx.spec.model
+    return [key for key, given in (("model.attention.mla", model.latent is not None),
+                                   ("model.mtp_num_layers", model.mtp_num_layers > 0)) if given]
+
+
+@rule(
+    "latent-and-mtp-need-megatron-lm",
+    axes=(),
+    severity="warning",
+    where="runtime/worker/blocks.py (the layers megacpp's runtime builds: GQA attention, no MTP block)",
+    applies=lambda ctx: bool(runtime_missing(ctx)),
+    fails="model.attention.mla set, launched with --engine megacpp",
+    passes="launched with --engine megatron-lm",
+)
+def latent_and_mtp_need_megatron_lm(ctx: Context, lay: Layout) -> str | None:
+    """megacpp's runtime builds its own stage modules from megatron-core's layers: grouped-query
+    attention and no multi-token prediction. A spec with MLA or MTP is planned and rendered for
+    Megatron-LM, and `launch --engine megacpp` refuses it rather than train another model."""
+    return f"{', '.join(runtime_missing(ctx))}: Megatron-LM builds them; `megacpp launch --engine megacpp` refuses them"
