@@ -11,7 +11,13 @@ from collections import Counter
 import pytest
 import yaml
 
-from megacpp.planner.cost.blocks import block_flops, block_linears, head_flops
+from megacpp.planner.cost.blocks import (
+    block_flops,
+    block_gemms,
+    block_linears,
+    head_flops,
+    micro_batch_tokens,
+)
 from megacpp.planner.cost.coefficients import DEFAULT_EFFICIENCY
 from megacpp.planner.cost.latent import mtp_flops
 from megacpp.planner.cost.memory import stage_memory
@@ -120,6 +126,13 @@ def test_down_projections_are_whole_on_every_tp_rank_with_te_and_split_without()
     assert block_linears(local, "A", lay).dense[0] == q_down // 2
 
 
+@pytest.mark.parametrize(("te", "lay"), [(True, Layout(tp=2, sp=True)), (False, Layout(tp=2)), (True, Layout(cp=2, micro_batch_size=2))])
+def test_mla_gemm_shapes_add_up_to_its_flops(te, lay):
+    ctx = make_context(make_spec(TINY_DENSE, **{"model.attention": MLA, "backend.transformer_engine": te}))
+    tokens = micro_batch_tokens(ctx, lay)
+    assert block_gemms(ctx, "A", lay).flops == pytest.approx(block_flops(ctx, "A") * tokens / lay.tp, rel=1e-9)
+
+
 def test_deepseek_v3_flops_per_token_equal_megatron_bridges():
     """models.json: the published DeepSeek-V3 rows imply 260.0 GFLOP per token for a training step
     with one MTP layer and 249.7 without (Megatron-Bridge's flop_utils, its vocabulary padded)."""
@@ -189,3 +202,12 @@ def test_recipes_plan_validate_and_render_with_the_mla_flags(name, dialect):
         assert flag["--pipeline-model-parallel-layout"].endswith("m" * mtp + "L")
     with pytest.raises(LaunchError, match="--engine megacpp does not build model.attention.mla"):
         render_launch(plan, RenderOptions(engine="megacpp"))
+
+
+def test_the_runtime_worker_refuses_a_plan_with_mtp(tmp_path):
+    from megacpp.runtime.worker.job import load_job
+
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(build_plan(make_spec(TINY_DENSE, **{"model.mtp_num_layers": 1}), top=1).to_json_dict()))
+    with pytest.raises(LaunchError, match="runtime does not build model.mtp_num_layers; launch it with --engine megatron-lm"):
+        load_job(path)
