@@ -5,13 +5,17 @@ recipes against their published sizes."""
 from __future__ import annotations
 
 import json
+import os
 import shlex
+import subprocess
+import sys
 from collections import Counter
 
 import pytest
 import yaml
 
 from megacpp.planner.cost.blocks import (
+    BF16,
     block_flops,
     block_gemms,
     block_linears,
@@ -19,7 +23,7 @@ from megacpp.planner.cost.blocks import (
     micro_batch_tokens,
 )
 from megacpp.planner.cost.coefficients import DEFAULT_EFFICIENCY
-from megacpp.planner.cost.latent import mtp_flops
+from megacpp.planner.cost.latent import latent_parts, mtp_flops
 from megacpp.planner.cost.memory import stage_memory
 from megacpp.planner.errors import LaunchError, SpecError
 from megacpp.planner.megatron.render import RenderOptions, render_launch
@@ -211,3 +215,28 @@ def test_the_runtime_worker_refuses_a_plan_with_mtp(tmp_path):
     path.write_text(json.dumps(build_plan(make_spec(TINY_DENSE, **{"model.mtp_num_layers": 1}), top=1).to_json_dict()))
     with pytest.raises(LaunchError, match="runtime does not build model.mtp_num_layers; launch it with --engine megatron-lm"):
         load_job(path)
+
+
+@pytest.mark.parametrize(("modules", "over"), [((), 0.0), (("core_attn",), 0.0), (("mla_up_proj",), 64.0)])
+def test_mla_activations_match_what_megatron_core_keeps(modules, over):
+    """megatron-core 0.16.1's own MLA layer on CPU (tests/parity/mla_activations.py): what its
+    attention keeps beside its norms equals latent_parts' core attention inputs, scores, output,
+    rotary tables and the linears' inputs the norms write; under mla_up_proj the formula counts
+    the rotary tables where the checkpoint keeps the rotary frequencies (64 B per token here)."""
+    pytest.importorskip("megatron.core")
+    dims = {"hidden_size": 256, "num_attention_heads": 8, "q_lora_rank": 96, "kv_lora_rank": 64, "qk_head_dim": 32,
+            "qk_pos_emb_head_dim": 16, "v_head_dim": 32, "seq_length": 128, "micro_batch_size": 1,
+            "recompute_modules": list(modules)}
+    env = {**os.environ, "MASTER_PORT": str(29600 + len(modules) * 7 + len("".join(modules)))}
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "parity" / "mla_activations.py"), json.dumps(dims)],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    measured = json.loads(proc.stdout.strip().splitlines()[-1])["bytes_per_token"]
+    changes = {"model.hidden_size": 256, "training.seq_length": 128, "model.attention": {  # the local (unfused) path
+        "num_heads": 8, "mla": {"q_lora_rank": 96, "kv_lora_rank": 64, "qk_head_dim": 32, "rope_head_dim": 16, "v_head_dim": 32}}}
+    if modules:
+        changes.update({"training.recompute": "selective", "training.recompute_modules": list(modules)})
+    ctx = make_context(make_spec(TINY_DENSE, **changes))
+    parts = latent_parts(ctx, Layout(), frozenset(modules), False)
+    written_by_norms = BF16 * (256 + 96 + 64)  # the input norm's and the latents' outputs, the linears' inputs
+    assert parts["rope"] + parts["core"] + parts["output"] + written_by_norms == pytest.approx(measured + over, abs=0.1)

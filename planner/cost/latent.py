@@ -92,11 +92,17 @@ def latent_parts(ctx: Context, lay: Layout, modules: frozenset[str], fp8: bool) 
     blocks._attention_parts). norm: the input norm (a module of its own under either spec) and its
     output, which both down projections read; the latents: each one's bf16 projection, its norm's
     statistics and normalised output (the up projection's input), along the SP shard like the
-    layer's input; the shared rotary key (gathered under SP). core: core attention's inputs, the
+    layer's input. core: core attention's inputs, the
     query (heads x (qk + rope)), the key (the same) and the value (heads x v), new tensors after the
     rotary concatenation and .contiguous() (the up projections' outputs are freed); selective
     recompute of mla_up_proj drops them and rebuilds them from the latents (CheckpointWithoutOutput,
-    multi_latent_attention.py qkv_up_checkpoint). The unfused softmax keeps its scores as GQA's."""
+    multi_latent_attention.py qkv_up_checkpoint). The unfused softmax keeps its scores as GQA's.
+    Checked on CPU against what autograd keeps in megatron-core 0.16.1's local MLA layer (its core
+    attention told the widths, as tests/test_megatron_parity.py builds it; h 256, 8 heads, ranks 96
+    and 64, widths 32 + 16 and 32): core attention's inputs, scores, output and the rotary tables
+    to the byte without recompute and with core_attn recompute; with mla_up_proj the formula is 64 B
+    per token over (the checkpoint keeps the rotary frequencies, not the tables); the norms follow
+    Transformer Engine's, which MLA needs (the local torch norm keeps fp32 copies besides)."""
     h, heads, qk, v, rope = _widths(ctx)
     m, t = _mla(ctx), lay.tp
     outside = 1 / t if lay.sp else 1.0
@@ -104,9 +110,11 @@ def latent_parts(ctx: Context, lay: Layout, modules: frozenset[str], fp8: bool) 
     layernorm = "layernorm" in modules
     stats = norm_stats_bytes(ctx)
     norm = (BF16 * h if layernorm else BF16 * h + cast * h + stats) * outside
-    latents = sum(BF16 * r + stats + cast * r for r in (m.q_lora_rank, m.kv_lora_rank) if r) * outside + BF16 * rope
+    latents = sum(BF16 * r + stats + cast * r for r in (m.q_lora_rank, m.kv_lora_rank) if r) * outside
     heads_r = heads / t
-    kept = 0.0 if "mla_up_proj" in modules else BF16 * heads_r * (2 * qk + v)
+    # under mla_up_proj the checkpoint keeps its inputs instead: the latents, and the key's rotary
+    # part, a view that holds the whole key/value down projection's output
+    kept = BF16 * (m.kv_lora_rank + rope) * outside if "mla_up_proj" in modules else BF16 * heads_r * (2 * qk + v)
     scores = 0.0
     if not ctx.te and "core_attn" not in modules:
         scores = blocks.UNFUSED_KEPT_BYTES * heads_r * ctx.seq / lay.cp
