@@ -240,3 +240,15 @@ def test_mla_activations_match_what_megatron_core_keeps(modules, over):
     parts = latent_parts(ctx, Layout(), frozenset(modules), False)
     written_by_norms = BF16 * (256 + 96 + 64)  # the input norm's and the latents' outputs, the linears' inputs
     assert parts["rope"] + parts["core"] + parts["output"] + written_by_norms == pytest.approx(measured + over, abs=0.1)
+
+
+@pytest.mark.parametrize("preset", ["h200-sxm-8", "b200-sxm-8"])  # a kernel-rate table, and FLOPs at MAMF
+def test_mla_up_proj_recompute_runs_the_up_projections_again(preset):
+    from megacpp.planner.cost.step import matmul_seconds
+
+    base = {"model.attention": MLA, **TE, "cluster.preset": preset, "training.recompute": "selective"}
+    plain, again = (make_context(make_spec(TINY_DENSE, **base, **{"training.recompute_modules": modules}))
+                    for modules in (["core_attn"], ["core_attn", "mla_up_proj"]))
+    lay = Layout(tp=2, sp=True)
+    assert matmul_seconds(again, lay, "A", DEFAULT_EFFICIENCY) > matmul_seconds(plain, lay, "A", DEFAULT_EFFICIENCY)
+    assert matmul_seconds(again, lay, "D", DEFAULT_EFFICIENCY) == matmul_seconds(plain, lay, "D", DEFAULT_EFFICIENCY)

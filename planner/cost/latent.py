@@ -87,6 +87,18 @@ def latent_gemms(ctx: Context, lay: Layout) -> Gemms:
     return Gemms(linears, attention=(lay.micro_batch_size * heads // tp, ctx.seq // lay.cp, d))
 
 
+def recomputed_up_projections(ctx: Context, lay: Layout) -> Gemms:
+    """The MLA block's up projections, whose forward selective recompute of mla_up_proj runs again
+    in the backward (multi_latent_attention.py qkv_up_checkpoint); none otherwise."""
+    m = ctx.spec.model.latent
+    if m is None or "mla_up_proj" not in blocks.recompute_modules(ctx):
+        return Gemms()
+    h, heads, qk, v, rope = _widths(ctx)
+    t = micro_batch_tokens(ctx, lay)
+    queries = ((t, m.q_lora_rank, heads * qk // lay.tp, 1),) if m.q_lora_rank else ()
+    return Gemms((*queries, (t, m.kv_lora_rank, heads * (qk - rope + v) // lay.tp, 1)))
+
+
 def latent_parts(ctx: Context, lay: Layout, modules: frozenset[str], fp8: bool) -> dict[str, float]:
     """What an MLA block keeps per local token for its backward, by where it is kept (the parts of
     blocks._attention_parts). norm: the input norm (a module of its own under either spec) and its

@@ -37,7 +37,7 @@ from megacpp.planner.cost.coefficients import (
 )
 from megacpp.planner.cost.communication import Comm, communication
 from megacpp.planner.cost.kernel_rates import kernel_rates
-from megacpp.planner.cost.latent import mtp_blocks, mtp_flops, mtp_proj_gemms
+from megacpp.planner.cost.latent import mtp_blocks, mtp_flops, mtp_proj_gemms, recomputed_up_projections
 from megacpp.planner.cost.memory import GIB, StageMemory, rank_stages, stage_memory
 from megacpp.planner.search.layout import Context, Layout
 from megacpp.planner.search.stages import Stage
@@ -117,10 +117,12 @@ def matmul_seconds(ctx: Context, lay: Layout, letter: str, eff: Efficiency, load
         gemms = mtp_proj_gemms(ctx, lay)
     else:
         gemms = block_gemms(ctx, letter, lay, load)
+    up = recomputed_up_projections(ctx, lay) if letter == "A" else None  # a forward again (mla_up_proj)
     rates = kernel_rates(c.name)
     if rates is None or fp8:
-        return 3 * gemms.flops * again / rate
+        return 3 * gemms.flops * again / rate + (up.flops / rate if up else 0.0)
     linears = sum(n * rates.linear_seconds(m, k, nn) for m, k, nn, n in gemms.linears)
+    linears += sum(n * rates.linear_seconds(m, k, nn) for m, k, nn, n in up.linears) / 3 if up else 0.0
     linears += sum(rates.grouped_linear_seconds(g, m, k, n) for m, k, n, g in gemms.grouped)
     attention = rates.attention_seconds(*gemms.attention) if gemms.attention else 0.0
     fused = rates.fused_attention_seconds(*gemms.fused_attention) if gemms.fused_attention else None
