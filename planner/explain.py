@@ -10,6 +10,7 @@ from typing import Any
 
 from megacpp.planner.axes import Axis
 from megacpp.planner.cost.coefficients import Efficiency
+from megacpp.planner.cost.latent import mtp_blocks
 from megacpp.planner.cost.step import deciding_term, estimate, host_bound
 from megacpp.planner.errors import PlanError
 from megacpp.planner.plan import Candidate, Plan
@@ -62,7 +63,8 @@ def _axis_rows(ctx: Context, lay: Layout, cand: Candidate) -> list[dict[str, Any
     return rows
 
 
-def _stage_rows(lay: Layout, cand: Candidate) -> list[dict[str, Any]]:
+def _stage_rows(lay: Layout, cand: Candidate, mtp: str = "") -> list[dict[str, Any]]:
+    """The stages with notes on what holds state or crosses them; `mtp` is the MTP layers' blocks."""
     rows = []
     for st in cand.stages:
         notes = []
@@ -73,6 +75,9 @@ def _stage_rows(lay: Layout, cand: Candidate) -> list[dict[str, Any]]:
             notes.append(f"{blocks.count('R')} R block(s): recurrent state stays on this stage; cp must be 1")
         if lay.pp > 1 and not st.output_head and blocks[-1:] in ("M", "R"):
             notes.append(f"stage ends on an {blocks[-1]} block: its state is consumed inside the stage, only activations cross")
+        if st.output_head and mtp:
+            notes.append(f"{mtp} after the layers: multi-token prediction with the output head"
+                         + (", and a copy of the word embeddings" if lay.pp > 1 else ""))
         rows.append({**st.model_dump(mode="json"), "notes": notes})
     return rows
 
@@ -262,7 +267,7 @@ def explain_layout(plan: Plan, candidate: int = 0, rank: int | None = None, agai
         "decided_by": deciding_term(cand.step_breakdown),
         "host_bound": host_bound(cand.step_breakdown),
         "ranks": coords,
-        "stages": _stage_rows(lay, cand),
+        "stages": _stage_rows(lay, cand, mtp_blocks(ctx)),
         "axes": axes,
         "costliest_axis": costliest["axis"] if costliest and costliest["seconds_per_step"] > 0 else None,
         "memory": cand.memory.model_dump(mode="json"),

@@ -59,7 +59,19 @@ def cases() -> list[tuple[str, Spec, Layout]]:
     qk_layernorm = make_spec(d, **{"model.normalization": "layernorm", "model.attention.qk_layernorm": True})
     moe_bias = make_spec(m, **{"model.linear_bias": True})
     shared_bias = make_spec(m, **{"model.linear_bias": True, "model.moe.shared_expert_ffn_hidden_size": 96})
+    latent = {"num_heads": 8, "mla": {"q_lora_rank": 32, "kv_lora_rank": 20, "qk_head_dim": 16, "rope_head_dim": 8, "v_head_dim": 12}}
+    mla = make_spec(d, **{"model.attention": latent})
+    mla_moe = make_spec(m, **{"model.attention": latent, "model.pattern": "AD (AE)*3",
+                              "model.mlp": {"ffn_hidden_size": 128, "gated": True}})
+    mtp = make_spec(d, **{"model.mtp_num_layers": 1})
+    mtp_tied = make_spec(d, **{"model.mtp_num_layers": 1, "model.tie_embeddings": True, "model.pattern": "(AD)*5"})
     return [
+        ("mla-local-tp1", mla, L()),  # the local spec's core attention refuses MLA (rule mla-needs-te)
+        ("mla-moe-local-ep2", mla_moe, L(ep=2)),
+        ("mtp-pp1", mtp, L()),
+        ("mtp-pp2", mtp, L(pp=2)),
+        ("mtp-tp2-pp2-vpp2", mtp, L(tp=2, pp=2, vpp=2)),
+        ("mtp-tied-uneven-pp2", mtp_tied, L(pp=2)),
         ("dense-tp1", dense, L()),
         ("dense-tp2", dense, L(tp=2)),
         ("dense-tp4-groups-replicated", dense, L(tp=4)),
@@ -116,6 +128,30 @@ def cases() -> list[tuple[str, Spec, Layout]]:
     ]
 
 
+def mla_param_cases() -> list[tuple[str, Spec, Layout]]:
+    """MLA layouts whose parameters are compared with megatron-core's own build. Its local spec
+    cannot build MLA (rule mla-needs-te), so the probe gives the core attention, which holds no
+    parameters, the key and value widths' keywords (mla_core_attention_shim); what these count is
+    the local spec's linears and norms: the down projections column-parallel, as megacpp prices
+    them without Transformer Engine (with it they are whole on every TP rank, latent.latent_linears)."""
+    d, m = TINY_DENSE, TINY_MOE
+    latent = {"num_heads": 8, "mla": {"q_lora_rank": 32, "kv_lora_rank": 24, "qk_head_dim": 16, "rope_head_dim": 8, "v_head_dim": 12}}
+    mla = make_spec(d, **{"model.attention": latent})
+    no_q = make_spec(d, **{"model.attention": {"num_heads": 4, "mla": {"kv_lora_rank": 16, "rope_head_dim": 8,
+                                                                           "qk_head_dim": 8, "v_head_dim": 8}},
+                           "model.normalization": "layernorm"})
+    moe_mtp = make_spec(m, **{"model.attention": latent, "model.pattern": "AD (AE)*4", "model.mtp_num_layers": 2,
+                              "model.mlp": {"ffn_hidden_size": 128, "gated": True}})
+    return [
+        ("mla-params-tp1", mla, L()),
+        ("mla-params-tp2", mla, L(tp=2)),
+        ("mla-params-tp2-pp2-vpp2", mla, L(tp=2, pp=2, vpp=2)),
+        ("mla-params-no-q-latent-layernorm-tp4", no_q, L(tp=4)),
+        ("mla-params-moe-mtp2-pp2-ep2", moe_mtp, L(pp=2, ep=2)),
+        ("mla-params-moe-mtp2-pp4-ep2", moe_mtp, L(pp=4, ep=2)),
+    ]
+
+
 def probe_case(case_id: str, spec: Spec, lay: Layout) -> dict[str, Any]:
     model = spec.model
     ctx = make_context(spec)
@@ -126,7 +162,7 @@ def probe_case(case_id: str, spec: Spec, lay: Layout) -> dict[str, Any]:
         "hidden_size": model.hidden_size,
         "num_attention_heads": model.attention.num_heads,  # type: ignore[union-attr]
         "num_query_groups": model.query_groups,
-        "kv_channels": model.head_dim,
+        "kv_channels": model.latent.v_head_dim if model.latent else model.head_dim,
         "ffn_hidden_size": model.mlp.ffn_hidden_size if model.mlp else model.moe.ffn_hidden_size,  # type: ignore[union-attr]
         "gated_linear_unit": gated,
         "vocab_size": model.vocab_size,
@@ -135,12 +171,18 @@ def probe_case(case_id: str, spec: Spec, lay: Layout) -> dict[str, Any]:
         "share_embeddings_and_output_weights": model.tie_embeddings,
         "seq_length": spec.training.seq_length,
         "add_bias_linear": model.linear_bias,
+        "mtp_num_layers": model.mtp_num_layers or None,
     }
     attention = model.attention
     if attention is not None:
         m.update(qk_layernorm=attention.qk_layernorm, softmax_type="learnable" if attention.sinks else "vanilla",
                  window_size=[attention.window_size, 0] if attention.window_size else None,
                  window_attn_skip_freq=attention.window_full_every)
+    if model.latent:  # rendered as Megatron-LM does (args._latent_attention_flags)
+        mla = model.latent
+        m.update(multi_latent_attention=True, q_lora_rank=mla.q_lora_rank, kv_lora_rank=mla.kv_lora_rank,
+                 qk_head_dim=mla.qk_head_dim, qk_pos_emb_head_dim=mla.rope_head_dim, v_head_dim=mla.v_head_dim,
+                 qk_layernorm=True)
     if model.moe:
         m.update(
             num_moe_experts=model.moe.num_experts,
@@ -151,12 +193,15 @@ def probe_case(case_id: str, spec: Spec, lay: Layout) -> dict[str, Any]:
             moe_layer_freq=[1 if u == "AE" else 0 for u in units],
         )
     pipeline: dict[str, Any] = {}
-    if not check_layout(ctx, lay) or all(v.severity != "error" for v in check_layout(ctx, lay)):
+    # the stage split where megacpp finds the layout legal (its MLA without Transformer Engine aside:
+    # mla_param_cases builds it with the core attention shimmed)
+    if all(v.severity != "error" or v.rule == "mla-needs-te" for v in check_layout(ctx, lay)):
         split, _ = assign_stages(ctx, lay.pp, lay.vpp)
         if split.kind == "layout":
             last = len(split.sizes) - 1
             pipeline["pipeline_model_parallel_layout"] = "|".join(
-                ("E" if k == 0 else "") + "t" * n + ("L" if k == last else "") for k, n in enumerate(split.sizes)
+                ("E" if k == 0 else "") + "t" * n + ("m" * model.mtp_num_layers + "L" if k == last else "")
+                for k, n in enumerate(split.sizes)
             )
     layout = {"tp": lay.tp, "pp": lay.pp, "vpp": lay.vpp, "cp": lay.cp, "ep": lay.ep, "etp": lay.etp, "sp": lay.sp}
     batch = {"global_batch_size": spec.training.global_batch_size, "micro_batch_size": lay.micro_batch_size}
@@ -166,7 +211,10 @@ def probe_case(case_id: str, spec: Spec, lay: Layout) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def megatron_results(tmp_path_factory) -> dict[str, dict[str, Any]]:
     tmp = tmp_path_factory.mktemp("parity")
-    (tmp / "cases.json").write_text(json.dumps([probe_case(*c) for c in cases()]))
+    shimmed = [probe_case(*c) for c in mla_param_cases()]
+    for case in shimmed:
+        case["model"]["mla_core_attention_shim"] = True
+    (tmp / "cases.json").write_text(json.dumps([probe_case(*c) for c in cases()] + shimmed))
     proc = subprocess.run(
         [sys.executable, str(PROBE), str(tmp / "cases.json"), str(tmp / "out.json"), "--world", str(WORLD)],
         capture_output=True, text=True, timeout=900,
@@ -197,6 +245,11 @@ def test_params_per_rank_match_megatron(megatron_results, case_id, spec, lay):
     result = megatron_results[case_id]
     if not result["ok"]:
         pytest.skip("Megatron rejects this layout")
+    assert_params_match(result, spec, lay)
+
+
+def assert_params_match(result: dict[str, Any], spec: Spec, lay: Layout) -> None:
+    """Each rank's parameters, routed-expert parameters and parameter tensors as megacpp predicts them."""
     ctx = make_context(spec)
     _, stages = assign_stages(ctx, lay.pp, lay.vpp)
     predicted = stage_memory(ctx, lay, stages, DEFAULT_EFFICIENCY)
@@ -205,6 +258,14 @@ def test_params_per_rank_match_megatron(megatron_results, case_id, spec, lay):
         assert (rank["params"], rank["params_routed_expert"]) == (stage.params, stage.params_expert), f"rank {rank['rank']}"
         # the tensors the optimizer step does host work for (Efficiency.optimizer_tensor_s)
         assert rank["param_tensors"] == stage.param_tensors, f"rank {rank['rank']}"
+
+
+@pytest.mark.parametrize("case_id,spec,lay", mla_param_cases(), ids=[c[0] for c in mla_param_cases()])
+def test_mla_params_per_rank_match_megatron(megatron_results, case_id, spec, lay):
+    """Every rank's MLA (and MTP) parameters equal megatron-core's instantiated ones (see mla_param_cases)."""
+    assert any(v.rule == "mla-needs-te" for v in check_layout(make_context(spec), lay))
+    assert megatron_results[case_id]["ok"], megatron_results[case_id]["error"]
+    assert_params_match(megatron_results[case_id], spec, lay)
 
 
 @pytest.mark.parametrize("case_id,spec,lay", cases(), ids=[c[0] for c in cases()])

@@ -14,7 +14,8 @@ from megacpp.recipes import DEFAULT_RECIPE, recipe_names, recipe_text
 
 # the published architectures (scale_truth/models.json), with their published parameter totals
 PUBLISHED = {"qwen3-30b-a3b", "qwen3-235b-a22b", "gpt-oss-120b", "nemotron-3-nano", "nemotron-3-super"}
-EXPECTED = {"nam56r", "mixtral-8x7b", "deepseek-v3-style", "qwen-moe-style", "llama-8b-dense", "gb10-hybrid-small", *PUBLISHED}
+EXPECTED = {"nam56r", "mixtral-8x7b", "deepseek-v3-style", "deepseek-v3", "kimi-k2", "qwen-moe-style", "llama-8b-dense",
+            "gb10-hybrid-small", *PUBLISHED}
 
 
 def test_all_recipes_are_bundled():

@@ -42,11 +42,10 @@ PRECISION_ASSUMED = {"fp8": "FP8 recipe not published: delayed scaling (NeMo 25.
 HYBRID_LETTERS = {"M": "M", "*": "A", "-": "D", "E": "E"}
 
 APPROXIMATIONS = {
-    "mla-as-gqa": "multi-latent attention planned as grouped-query attention with the same heads, query "
-                  "groups and head dim (no q/kv low-rank projections, no rope sub-head)",
-    "mtp-dropped": "multi-token-prediction layers and their extra output heads are not planned",
+    "mtp-dropped": "multi-token-prediction layers and their extra output heads are not planned (a hybrid "
+                   "model's MTP, which megacpp does not render: rule mtp-needs-gpt-stack)",
     "recompute-modules": "selective recompute modules the spec cannot pass to this run planned without them: "
-                         "mla_up_proj (the spec has no multi-latent attention)",
+                         "moe_act and layernorm under FP8 delayed scaling (which Megatron refuses them with)",
     "pp-layout-balanced": "the published pipeline layout leaves a virtual stage of a hybrid stack without "
                           "layers, which `|` cuts cannot pin; megacpp's own split over the same pp x vpp "
                           "stages is used",
@@ -257,15 +256,15 @@ def read_cuda_graphs(settings: str) -> str | tuple[str, ...]:
     return "none"
 
 
-def expressible_recompute_modules(recipe: Recipe, precision: str) -> tuple[str, ...]:
-    """The run's selective recompute modules that its spec can carry: not mla_up_proj (the spec
-    has no multi-latent attention, rule mla-up-proj-recompute-needs-mla), and under FP8 with delayed
+def expressible_recompute_modules(recipe: Recipe, precision: str, mla: bool = True) -> tuple[str, ...]:
+    """The run's selective recompute modules that its spec can carry: mla_up_proj only with
+    multi-latent attention (rule mla-up-proj-recompute-needs-mla), and under FP8 with delayed
     scaling not moe_act or layernorm (rule fp8-delayed-recompute-modules; the current-scaling, MXFP8
     and blockwise recipes keep them)."""
     if recipe.recompute != "selective":
         return ()
     delayed = PRECISIONS.get(precision, ("bf16", None))[1] == "delayed"
-    dropped = {"mla_up_proj"} | ({"moe_act", "layernorm"} if delayed else set())
+    dropped = (set() if mla else {"mla_up_proj"}) | ({"moe_act", "layernorm"} if delayed else set())
     return tuple(m for m in recipe.recompute_modules or ("core_attn",) if m not in dropped)
 
 
@@ -389,12 +388,18 @@ def _model(m: dict[str, Any], recipe: Recipe, stage_layers: list[int] | None) ->
 
 
 def _attention(m: dict[str, Any]) -> dict[str, Any]:
-    """The attention block: heads, groups, head dim, QK layernorm, and a sliding window (Megatron's
-    window_size (W, 0) and window_attn_skip_freq) with the learnable softmax sink its note names."""
+    """The attention block: multi-latent attention with its ranks and head widths; or GQA's heads,
+    groups, head dim, QK layernorm, and a sliding window (Megatron's window_size (W, 0) and
+    window_attn_skip_freq) with the learnable softmax sink its note names."""
+    if m.get("multi_latent_attention"):
+        mla = {"kv_lora_rank": m["kv_lora_rank"], "qk_head_dim": m["qk_head_dim"],
+               "rope_head_dim": m["qk_pos_emb_head_dim"], "v_head_dim": m["v_head_dim"]}
+        if m.get("q_lora_rank"):
+            mla["q_lora_rank"] = m["q_lora_rank"]
+        return {"num_heads": m["num_attention_heads"], "mla": mla}
     attention: dict[str, Any] = {"num_heads": m["num_attention_heads"], "num_query_groups": m["num_query_groups"],
                                  "head_dim": m["kv_channels"]}
-    if m.get("qk_layernorm") and not m.get("multi_latent_attention"):
-        # under MLA, Megatron's qk_layernorm norms the q and kv latents (planned as mla-as-gqa), not GQA heads
+    if m.get("qk_layernorm"):
         attention["qk_layernorm"] = True
     window = m.get("sliding_window")
     if window:
@@ -427,11 +432,10 @@ def convert(row: dict[str, Any], models: dict[str, Any] | None = None) -> Conver
     approx: list[str] = []
     assume: list[str] = []
     details: list[str] = list(recipe.runtime)
-    if m.get("multi_latent_attention"):
-        approx.append("mla-as-gqa")
-    if (m.get("mtp_num_layers") or 0) > 0 and "w/o MTP" not in row["model"]:
+    mtp = (m.get("mtp_num_layers") or 0) if "w/o MTP" not in row["model"] else 0
+    if mtp and "hybrid_override_pattern" in m:
         approx.append("mtp-dropped")
-    modules = expressible_recompute_modules(recipe, row["precision"])
+    modules = expressible_recompute_modules(recipe, row["precision"], bool(m.get("multi_latent_attention")))
     if recipe.recompute == "selective" and set(modules) != set(recipe.recompute_modules or ("core_attn",)):
         approx.append("recompute-modules")
     if recipe.padded and (recipe.capacity_factor or 1.0) > 1.0:
@@ -449,8 +453,8 @@ def convert(row: dict[str, Any], models: dict[str, Any] | None = None) -> Conver
         elif "hybrid_override_pattern" in m:
             approx.append("pp-layout-balanced")
         else:
-            # a stage without decoder layers: pinned as the layout string itself, MTP layers dropped
-            # with the rest of MTP (mtp-dropped)
+            # a stage without decoder layers: pinned as the layout string itself, without its `m`:
+            # megacpp places the MTP layers on the last stage, where the string puts them
             pipeline_layout = recipe.pp_layout.replace("m", "")
     precision, fp8_recipe = PRECISIONS[row["precision"]]
     if row["precision"] in PRECISION_ASSUMED:
@@ -469,6 +473,8 @@ def convert(row: dict[str, Any], models: dict[str, Any] | None = None) -> Conver
         assume.append("etp not published: Megatron's default etp = tp pinned")
 
     model, plain = _model(m, recipe, stage_layers)
+    if mtp and "hybrid_override_pattern" not in m:
+        model["mtp_num_layers"] = mtp
     parallel: dict[str, Any] = {"tp": tp, "pp": pp, "cp": cp, "dp": row["num_gpus"] // (tp * pp * cp)}
     parallel["vpp"] = vpp  # vp null is no interleaving: pinned too, or the search would pick one
     parallel["ep"] = row["ep"] or 1

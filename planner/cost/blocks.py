@@ -82,6 +82,8 @@ def block_linears(ctx: Context, letter: str, lay: Layout) -> Linears:
     """The linear weights of one block held by one rank (tp / etp / ep from the layout)."""
     model = ctx.spec.model
     h, tp = model.hidden_size, lay.tp
+    if letter == "A" and model.latent:
+        return Linears(latent.latent_linears(ctx, lay), [])
     if letter == "A":
         d, heads, groups = model.head_dim, model.attention.num_heads, model.query_groups  # type: ignore[union-attr]
         # linear_qkv: h -> (heads + 2*groups)*d, linear_proj: heads*d -> h (attention.py)
@@ -98,8 +100,8 @@ def block_linears(ctx: Context, letter: str, lay: Layout) -> Linears:
         width = expert_width(ctx)
         # latent MoE: fc1_latent_proj h -> latent and fc2_latent_proj latent -> h, TELinear with
         # parallel_mode="duplicated" (whole on every TP rank), experts latent -> f -> latent (moe_layer.py:170-192, experts.py:544-567)
-        latent = [h * width, width * h] if moe.latent_size else []
-        return Linears([router, *shared, *latent], _mlp(width, moe.ffn_hidden_size, moe.gated, lay.etp), moe.num_experts // lay.ep)
+        projections = [h * width, width * h] if moe.latent_size else []
+        return Linears([router, *shared, *projections], _mlp(width, moe.ffn_hidden_size, moe.gated, lay.etp), moe.num_experts // lay.ep)
     if letter == "M":
         d_inner, heads, groups, state, _ = _mamba_dims(ctx)
         in_proj = h * (2 * d_inner + 2 * groups * state + heads) // tp  # mamba_mixer.py:268-280
@@ -117,7 +119,7 @@ def block_params(ctx: Context, letter: str, lay: Layout) -> BlockParams:
     """Parameters of one block held by one rank: its linears (block_linears) and the rest."""
     model = ctx.spec.model
     linears = block_linears(ctx, letter, lay)
-    rest = norm_params(ctx)
+    rest = latent.latent_norm_params(ctx) if letter == "A" and model.latent else norm_params(ctx)
     if letter == "M":
         d_inner, heads, groups, state, kernel = _mamba_dims(ctx)
         conv_dim = (d_inner + 2 * groups * state) // lay.tp
@@ -197,6 +199,8 @@ def block_param_tensors(ctx: Context, letter: str, lay: Layout) -> int:
     if letter == "E":
         linears = block_linears(ctx, letter, lay)
         return norm_tensors(ctx) + len(linears.dense) + len(linears.expert) * linears.local + biases
+    if letter == "A" and ctx.spec.model.latent:  # MLA takes no QK layernorm, window or sinks (AttentionSpec)
+        return latent.latent_norm_tensors(ctx) + biases
     extras = len(_attention_extras(ctx, lay)) if letter == "A" else 0
     return norm_tensors(ctx) + {"A": 2, "D": 2, "M": 8, "R": 3}[letter] + biases + extras
 
@@ -284,6 +288,8 @@ def block_flops(ctx: Context, letter: str, load: float = 1.0) -> float:
     `load` scales the routed experts' share (see routed_load)."""
     model = ctx.spec.model
     h, s = model.hidden_size, ctx.seq
+    if letter == "A" and model.latent:
+        return latent.latent_flops(ctx)
     if letter == "A":
         d, heads, groups = model.head_dim, model.attention.num_heads, model.query_groups  # type: ignore[union-attr]
         # projections + QK^T and PV over a causal (half) context, Korthikanti et al. [R36]; a
@@ -298,8 +304,8 @@ def block_flops(ctx: Context, letter: str, load: float = 1.0) -> float:
         assert moe is not None
         per_expert = 2 * expert_width(ctx) * moe.ffn_hidden_size * (3 if moe.gated else 2)
         shared = 2 * h * (moe.shared_expert_ffn_hidden_size or 0) * (3 if moe.gated else 2)
-        latent = 4 * h * moe.latent_size if moe.latent_size else 0  # the down- and up-projection
-        return 2 * h * moe.num_experts + moe.top_k * per_expert * load + shared + latent
+        projections = 4 * h * moe.latent_size if moe.latent_size else 0  # the down- and up-projection
+        return 2 * h * moe.num_experts + moe.top_k * per_expert * load + shared + projections
     if letter == "M":
         d_inner, heads, groups, state, kernel = _mamba_dims(ctx)
         proj = 2 * h * (2 * d_inner + 2 * groups * state + heads) + 2 * d_inner * h
@@ -355,6 +361,8 @@ def block_gemms(ctx: Context, letter: str, lay: Layout, load: float = 1.0) -> Ge
     model = ctx.spec.model
     h, tp = model.hidden_size, lay.tp
     t = micro_batch_tokens(ctx, lay)
+    if letter == "A" and model.latent:
+        return latent.latent_gemms(ctx, lay)
     if letter == "A":
         d, heads, groups = model.head_dim, model.attention.num_heads, model.query_groups  # type: ignore[union-attr]
         linears = ((t, h, (heads + 2 * groups) * d // tp, 1), (t, heads * d // tp, h, 1))
@@ -576,8 +584,8 @@ def block_activation_bytes(ctx: Context, letter: str, lay: Layout, load: float =
         factor = 1 / t if lay.sp else 1.0  # routed tokens per rank follow the SP shard
         # latent MoE: fc2_latent_proj keeps its input, the combined latent output (bf16; fc1_latent_proj's
         # input is the norm's output above)
-        latent = BF16 * w if moe.latent_size else 0.0
-        return norm + (routed * load + router + latent) * factor + shared
+        projected = BF16 * w if moe.latent_size else 0.0
+        return norm + (routed * load + router + projected) * factor + shared
     if letter == "M":
         d_inner, heads, groups, state, _ = _mamba_dims(ctx)
         # what autograd keeps in MambaMixer's training path (mamba_split_conv1d_scan_combined, the
@@ -614,6 +622,8 @@ def _attention_parts(ctx: Context, lay: Layout, modules: frozenset[str], fp8: bo
     linear_qkv, input_layernorm an IdentityOp untouched by layernorm recompute), the unfused
     rotary tables, what core attention keeps of q, k and v, its scores (unfused), and its output."""
     model = ctx.spec.model
+    if model.latent:
+        return latent.latent_parts(ctx, lay, modules, fp8)
     h, t = model.hidden_size, lay.tp
     outside = 1 / t if lay.sp else 1.0
     cast = 1.0 if fp8 else float(BF16)
@@ -705,3 +715,7 @@ def offload_bytes(ctx: Context, letter: str, lay: Layout, load: float = 1.0) -> 
     elif letter == "E":
         out["mlp_norm"] = BF16 * h * outside
     return {m: b for m, b in out.items() if m in listed and b > 0}
+
+
+# multi-latent attention's formulas (latent.py builds on the helpers above)
+from megacpp.planner.cost import latent  # noqa: E402

@@ -35,6 +35,7 @@ from megacpp.planner.cost.blocks import (
     weight_gradient_bytes,
 )
 from megacpp.planner.cost.coefficients import RESERVED_OVER_ALLOCATED, Efficiency
+from megacpp.planner.cost.latent import mtp_blocks, mtp_own_activation_bytes, mtp_own_params, mtp_own_tensors
 from megacpp.planner.cost.shard import memo, shape
 from megacpp.planner.search.layout import Context, Layout
 from megacpp.planner.search.stages import Stage
@@ -320,9 +321,14 @@ def _held(ctx: Context, lay: Layout, mine: RankStages, t: _Letters) -> _Held:
         # the vocab-parallel loss's fp32 logits (softmax and its gradient are computed in
         # place in them) next to the bf16 logits
         loss = (BF16 + FP32) * tokens * padded_vocab(ctx, lay.tp) / lay.tp
+    mtp = mtp_memory(ctx, lay, kept, tokens) if mine.output_head else None
+    if mtp is not None:
+        dense, expert, tensors = dense + mtp.dense, expert + mtp.expert, tensors + mtp.tensors
+        act_per_mb += mtp.activations
+        loss *= 1 + ctx.spec.model.mtp_num_layers  # each depth's logits beside the model's
     has_attention = "A" in mine.blocks
     scores = t.scores if has_attention else 0.0
-    blocks = mine.blocks
+    blocks = mine.blocks + (mtp_blocks(ctx) if mtp is not None else "")
     # the gradients a block's backward holds beside what it kept: the score gradients of an
     # unfused attention, and the routed tokens' gradients of an expert block; a block whose
     # modules are recomputed holds what they rebuild as well
@@ -330,9 +336,13 @@ def _held(ctx: Context, lay: Layout, mine: RankStages, t: _Letters) -> _Held:
              "E": t.expert_backward}
     for letter, extra in t.again.items():
         grads[letter] = grads.get(letter, 0.0) + extra
-    here = mine.here
     # the last block of a kind is back-propagated first, after the blocks behind it freed theirs
-    freed_behind = {letter: sum(n * kept[x] for x, n in mine.behind[letter]) for letter in here}
+    if mtp is None:
+        here = mine.here
+        freed_behind = {letter: sum(n * kept[x] for x, n in mine.behind[letter]) for letter in here}
+    else:  # the MTP layers run after the stage's own blocks
+        here = sorted(set(blocks))
+        freed_behind = {letter: sum(kept[x] for x in blocks[blocks.rindex(letter) + 1:]) for letter in here}
     # what the transient is, in words (StageMemory.transient_from), by size
     candidates = [(loss, "the loss's logits")]
     if recompute == "full" and not partial:
@@ -445,6 +455,32 @@ def _partial(ctx: Context) -> bool:
     """Whether full recompute checkpoints only some layers (_partial_full_recompute)."""
     training = ctx.spec.training
     return training.recompute == "full" and (training.recompute_method == "block" or (training.recompute_num_layers or 1) > 1)
+
+
+@dataclass(frozen=True)
+class MTPMemory:
+    """What the MTP layers add to one rank of the last pipeline stage (Megatron builds them there,
+    multi_token_prediction.py mtp_on_this_rank): parameters and tensors, and the bytes they keep per
+    micro-batch (their transformer layers as the model's, under the same recompute)."""
+
+    dense: int
+    expert: int
+    tensors: int
+    activations: float
+
+
+def mtp_memory(ctx: Context, lay: Layout, kept: dict[str, float], tokens: float) -> MTPMemory | None:
+    """The MTP layers on the last stage's rank, None without them."""
+    if not ctx.spec.model.mtp_num_layers:
+        return None
+    dense = expert = tensors = 0
+    activations = mtp_own_activation_bytes(ctx, lay) * tokens
+    for letter, n in Counter(mtp_blocks(ctx)).items():
+        bp = block_params(ctx, letter, lay)
+        dense, expert = dense + n * bp.dense, expert + n * bp.expert
+        tensors += n * block_param_tensors(ctx, letter, lay)
+        activations += n * kept[letter]
+    return MTPMemory(dense + mtp_own_params(ctx, lay, lay.pp), expert, tensors + mtp_own_tensors(ctx, lay.pp), activations)
 
 
 def _partial_full_recompute(ctx: Context, units: list[str], rebuilt: dict[str, float], layer_input: float) -> tuple[float, list[list[str]]]:

@@ -37,6 +37,7 @@ from megacpp.planner.cost.coefficients import (
 )
 from megacpp.planner.cost.communication import Comm, communication
 from megacpp.planner.cost.kernel_rates import kernel_rates
+from megacpp.planner.cost.latent import mtp_blocks, mtp_flops, mtp_proj_gemms, recomputed_up_projections
 from megacpp.planner.cost.memory import GIB, StageMemory, ranks, stage_memory
 from megacpp.planner.cost.shard import memo, shape
 from megacpp.planner.search.layout import Context, Layout
@@ -122,12 +123,16 @@ def _priced_matmul_seconds(ctx: Context, lay: Layout, letter: str, eff: Efficien
     if letter == "head":
         gemms = head_gemms(ctx, lay)
         again = 1.0  # the output layer is outside the recomputed blocks
+    elif letter == "mtp_proj":
+        gemms = mtp_proj_gemms(ctx, lay)
     else:
         gemms = block_gemms(ctx, letter, lay, load)
+    up = recomputed_up_projections(ctx, lay) if letter == "A" else None  # a forward again (mla_up_proj)
     rates = kernel_rates(c.kernel_table)
     if rates is None or (recipe is not None and not rates.has_fp8(recipe)):
-        return 3 * gemms.flops * again / rate
+        return 3 * gemms.flops * again / rate + (up.flops / rate if up else 0.0)
     linears = sum(n * rates.linear_seconds(m, k, nn, recipe) for m, k, nn, n in gemms.linears)
+    linears += sum(n * rates.linear_seconds(m, k, nn, recipe) for m, k, nn, n in up.linears) / 3 if up else 0.0
     linears += sum(rates.grouped_linear_seconds(g, m, k, n, recipe) for m, k, n, g in gemms.grouped)
     attention = rates.attention_seconds(*gemms.attention) if gemms.attention else 0.0
     fused = rates.fused_attention_seconds(*gemms.fused_attention) if gemms.fused_attention else None
@@ -327,9 +332,10 @@ def grad_accumulation_seconds(ctx: Context, stage: StageMemory, eff: Efficiency)
 
 
 def _matmul(ctx: Context, lay: Layout, eff: Efficiency, load: float) -> dict[str, float]:
-    """matmul_seconds of each block letter and the head, once per shard shape (cost.shard)."""
+    """matmul_seconds of each block letter, the head and the MTP projection, once per shard shape (cost.shard)."""
+    keys = [*ctx.letters, "head", *["mtp_proj"] * bool(ctx.spec.model.mtp_num_layers)]
     return memo(ctx, ("matmul", shape(lay), eff, load),
-                lambda: {letter: precision_matmul_seconds(ctx, lay, letter, eff, load) for letter in [*ctx.letters, "head"]})
+                lambda: {letter: precision_matmul_seconds(ctx, lay, letter, eff, load) for letter in keys})
 
 
 def _rank_work(ctx: Context, lay: Layout, blocks: str, head: bool, eff: Efficiency,
@@ -337,7 +343,11 @@ def _rank_work(ctx: Context, lay: Layout, blocks: str, head: bool, eff: Efficien
     """One pipeline rank's (matmul, softmax, small kernels, host, the local experts' host, the
     host's synchronised share) per micro-batch, from its blocks and whether it has the head."""
     matmul = _matmul(ctx, lay, eff, load)
-    gemm = sum(matmul[letter] for letter in blocks) + (matmul["head"] if head else 0.0)
+    mtp = ctx.spec.model.mtp_num_layers
+    # the MTP layers run on the last stage after the model's, each with one more output-layer pass
+    blocks += mtp_blocks(ctx) if head else ""
+    gemm = sum(matmul[letter] for letter in blocks) + (matmul["head"] * (1 + mtp) if head else 0.0)
+    gemm += matmul["mtp_proj"] if head and mtp else 0.0
     units = host_units(ctx, lay, blocks)
     repeats = host_repeats(ctx.spec.training.recompute, ctx.te)
     host = sum(n * eff.overhead(key, ctx.te) for key, n in units.items()) * repeats
@@ -429,7 +439,8 @@ def estimate(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency = D
     )
     gbs_tokens = ctx.spec.training.global_batch_size * ctx.seq
     useful = per_letter if load == 1 else {letter: block_flops(ctx, letter) for letter in ctx.letters}
-    model_flops = 3 * gbs_tokens * (sum(n * useful[b] for b, n in Counter(ctx.pattern.blocks).items()) + head_flops(ctx))
+    model_flops = 3 * gbs_tokens * (sum(n * useful[b] for b, n in Counter(ctx.pattern.blocks).items()) + head_flops(ctx)
+                                    + mtp_flops(ctx))
     peak = peak_tflops(ctx) * 1e12
     return Estimate(
         memory=mem,

@@ -74,7 +74,8 @@ def _pipeline_flags(ctx: Context, cand: Candidate) -> list[str]:
     if split.kind == "layout":
         last = len(split.sizes) - 1
         layout = "|".join(
-            ("E" if k == 0 else "") + "t" * n + ("L" if k == last else "") for k, n in enumerate(split.sizes)
+            ("E" if k == 0 else "") + "t" * n + ("m" * ctx.spec.model.mtp_num_layers + "L" if k == last else "")
+            for k, n in enumerate(split.sizes)
         )
         return ["--pipeline-model-parallel-layout", layout]
     if split.kind == "account":  # the embedding and/or the loss counted as a layer (pinned_split)
@@ -166,6 +167,21 @@ def _attention_feature_flags(ctx: Context) -> list[str]:
     return a
 
 
+def _latent_attention_flags(ctx: Context) -> list[str]:
+    """Multi-latent attention (arguments.py _add_mla_args; core_transformer_config_from_args builds an
+    MLATransformerConfig). --qk-layernorm gives the latents their norms (gpt_layer_specs.py: q/kv
+    layernorm, fused into the up projections with TE). --kv-channels is the value head width, which
+    the local spec's DotProductAttention shapes its output by (dot_product_attention.py projection_size).
+    The rotary type stays Megatron's MLA default (yarn, scaling factor 1: plain rotary at the trained
+    length), the one its fused MLA rotary kernel supports (transformer_config.py MLATransformerConfig)."""
+    m = ctx.spec.model.latent
+    assert m is not None
+    q = ["--q-lora-rank", str(m.q_lora_rank)] if m.q_lora_rank else []
+    return ["--multi-latent-attention", *q, "--kv-lora-rank", str(m.kv_lora_rank), "--qk-head-dim", str(m.qk_head_dim),
+            "--qk-pos-emb-head-dim", str(m.rope_head_dim), "--v-head-dim", str(m.v_head_dim),
+            "--kv-channels", str(m.v_head_dim), "--qk-layernorm"]
+
+
 def _memory_flags(ctx: Context) -> list[str]:
     """Recompute, activation offloading and the precision-aware optimizer (the spec's training
     keys; transformer_config.py recompute_*, offload_modules, activation_offload_fraction;
@@ -216,7 +232,9 @@ def megatron_args(ctx: Context, cand: Candidate, opts: TrainOptions, extra: bool
               "--spec", "megatron.core.models.hybrid.hybrid_layer_specs", "hybrid_stack_spec"]
     a += ["--hidden-size", str(model.hidden_size), "--seq-length", str(tr.seq_length),
           "--max-position-embeddings", str(tr.seq_length)]
-    if model.attention:
+    if model.attention and model.latent:
+        a += ["--num-attention-heads", str(model.attention.num_heads), *_latent_attention_flags(ctx)]
+    elif model.attention:
         a += ["--num-attention-heads", str(model.attention.num_heads), "--kv-channels", str(model.head_dim)]
         if model.query_groups != model.attention.num_heads:
             a += ["--group-query-attention", "--num-query-groups", str(model.query_groups)]
@@ -238,6 +256,8 @@ def megatron_args(ctx: Context, cand: Candidate, opts: TrainOptions, extra: bool
           "--hidden-dropout", "0.0", "--attention-dropout", "0.0"]
     if not model.tie_embeddings:
         a.append("--untie-embeddings-and-output-weights")
+    if model.mtp_num_layers:
+        a += ["--mtp-num-layers", str(model.mtp_num_layers)]
     if model.mamba and "M" in ctx.letters:
         m = model.mamba
         a += ["--mamba-num-heads", str(model.mamba_heads), "--mamba-head-dim", str(m.head_dim),

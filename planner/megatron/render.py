@@ -21,6 +21,7 @@ from megacpp.planner.megatron.args import TrainOptions, entry_point, environment
 from megacpp.planner.megatron.job_args import CHECKPOINT_TRACKER, LOAD_VARIABLE, ShellWord, resumes_from_save
 from megacpp.planner.plan import Plan
 from megacpp.planner.search.layout import Layout
+from megacpp.planner.search.rules.latent import runtime_missing
 from megacpp.planner.search.rules.memory import megatron_lm_only
 from megacpp.planner.spec.models import Spec
 from megacpp.planner.spec.schedule import run_schedule
@@ -168,6 +169,10 @@ def render_launch(plan: Plan, opts: RenderOptions) -> dict[str, str]:
         preamble += _resume_lines(ctx.spec)
         notes = []
     else:
+        missing = runtime_missing(ctx)
+        if missing:
+            raise LaunchError(f"--engine megacpp does not build {', '.join(missing)} (its runtime's layers are "
+                              "grouped-query attention without MTP); launch with --engine megatron-lm")
         unsupported = megatron_lm_only(ctx)
         if unsupported:
             raise LaunchError(f"--engine megacpp does not run {', '.join(unsupported)} (its runtime keeps Megatron's default "

@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from megacpp.planner.cost.blocks import block_flops, head_flops
+from megacpp.planner.cost.latent import mtp_flops
 from megacpp.planner.search.layout import Context
 from megacpp.planner.spec.pipeline_layout import stage_layers
 
@@ -198,7 +199,7 @@ def choose_split(ctx: Context, pp: int, vpp: int) -> Split:
     if chunks == 1:
         return Split("even", (n,))
     weights = unit_weights(ctx)
-    head = head_flops(ctx)
+    head = head_flops(ctx) + mtp_flops(ctx)  # the MTP layers sit with the output head on the last stage
     if not ctx.plain_transformer and ctx.dialect == "core_v0.16":
         return _first_last_split(weights, pp, head)
     sizes = _partition(weights, chunks, head)

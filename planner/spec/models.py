@@ -50,8 +50,22 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True, allow_inf_nan=False)
 
 
+class LatentAttentionSpec(_Frozen):
+    """Multi-latent attention (DeepSeek-V2/V3, arXiv:2405.04434 section 2.1): keys and values
+    come up from one low-rank latent per token, queries from another (or straight from the hidden
+    state), and each head's query and key carry a rotary part beside the content part, the key's
+    shared by every head. Defaults are Megatron-LM's (arguments.py _add_mla_args), DeepSeek-V3's widths.
+    The latents are RMS-normalised, as in every published MLA model."""
+
+    kv_lora_rank: Dim  # the key/value latent's width
+    q_lora_rank: Dim | None = None  # the query latent's width; None: queries projected from the hidden state
+    qk_head_dim: Dim = 128  # a head's query/key content width (without the rotary part)
+    rope_head_dim: Dim = 64  # the rotary width of a head's query and of the shared key part
+    v_head_dim: Dim = 128  # a head's value width
+
+
 class AttentionSpec(_Frozen):
-    """Self-attention (A): grouped-query attention. MLA is not modelled yet."""
+    """Self-attention (A): grouped-query attention, or multi-latent attention with `mla`."""
 
     num_heads: Dim
     num_query_groups: Dim | None = None  # None: one group per head (MHA)
@@ -65,6 +79,22 @@ class AttentionSpec(_Frozen):
     window_full_every: Annotated[int, Field(ge=2, le=1 << 20)] | None = None
     # a learnable softmax offset per head, the "attention sink" of GPT-OSS (--softmax-type learnable)
     sinks: bool = False
+    mla: LatentAttentionSpec | None = None  # None: grouped-query attention
+
+    @model_validator(mode="after")
+    def _latent_attention_has_no_groups(self) -> AttentionSpec:
+        """Megatron-LM: --group-query-attention is mutually exclusive with MLA (arguments.py:1265-1266
+        [V]); MLA's head widths are its own (qk_head_dim, rope_head_dim, v_head_dim), not kv_channels."""
+        if self.mla is not None:
+            for key in ("num_query_groups", "head_dim"):
+                if getattr(self, key) is not None:
+                    raise ValueError(f"{key}={getattr(self, key)} does not apply to multi-latent attention (attention.mla "
+                                     "sets every head's keys and values and their widths); drop it")
+            for key in ("qk_layernorm", "window_size", "sinks"):
+                if getattr(self, key):
+                    raise ValueError(f"{key} is not planned with multi-latent attention (its latents carry their own "
+                                     "norms; windows and sinks are GQA features here); drop it")
+        return self
 
     @model_validator(mode="after")
     def _groups_divide_heads(self) -> AttentionSpec:
@@ -148,6 +178,9 @@ class ModelSpec(_Frozen):
     moe: MoESpec | None = None
     mlp: MLPSpec | None = None
     recurrent: RecurrentSpec | None = None
+    # multi-token prediction (DeepSeek-V3, arXiv:2412.19437 section 2.2): layers after the last
+    # one, each predicting one token further, on the last pipeline stage with the output head
+    mtp_num_layers: Annotated[int, Field(ge=0, le=64)] = 0
 
     @cached_property
     def parsed(self) -> Pattern:
@@ -159,7 +192,8 @@ class ModelSpec(_Frozen):
         for key, letter in SUB_BLOCK_LETTERS.items():
             if letter in parsed.letters and getattr(self, key) is None:
                 raise ValueError(f"the pattern uses {letter} blocks, so model.{key} is required")
-        if self.attention and self.attention.head_dim is None and self.hidden_size % self.attention.num_heads:
+        if self.attention and self.attention.head_dim is None and self.attention.mla is None \
+                and self.hidden_size % self.attention.num_heads:
             raise ValueError(
                 f"hidden_size={self.hidden_size} is not divisible by attention.num_heads="
                 f"{self.attention.num_heads}; set attention.head_dim"
@@ -175,9 +209,18 @@ class ModelSpec(_Frozen):
 
     @property
     def head_dim(self) -> int:
+        """A head's width; under MLA the mean of its key (content and rotary) and value widths,
+        so that 2 x heads x head_dim is a token's keys and values as attention exchanges them."""
         a = self.attention
         assert a is not None
+        if a.mla is not None:
+            return (a.mla.qk_head_dim + a.mla.rope_head_dim + a.mla.v_head_dim) // 2
         return a.head_dim or self.hidden_size // a.num_heads
+
+    @property
+    def latent(self) -> LatentAttentionSpec | None:
+        """The multi-latent attention's widths, or None for grouped-query attention."""
+        return self.attention.mla if self.attention is not None else None
 
     @property
     def query_groups(self) -> int:

@@ -9,6 +9,7 @@ from pathlib import Path
 from megacpp.planner.errors import LaunchError, MegacppError
 from megacpp.planner.plan import Candidate, Plan, PlannedStage
 from megacpp.planner.search.layout import Context, Layout
+from megacpp.planner.search.rules.latent import runtime_missing
 from megacpp.planner.spec.models import Spec
 
 
@@ -67,4 +68,7 @@ def load_job(path: str | Path, candidate: int = 0) -> Job:
         raise LaunchError(f"{path}: the plan has no candidate layout; see its \"rejected\" section or `megacpp plan SPEC`")
     if not 0 <= candidate < count:
         raise LaunchError(f"--candidate {candidate}: {path} holds candidates 0..{count - 1}")
+    missing = runtime_missing(plan.context)
+    if missing:  # as `launch --engine megacpp` refuses them (planner/megatron/render.py)
+        raise LaunchError(f"{path}: the runtime does not build {', '.join(missing)}; launch it with --engine megatron-lm")
     return Job(plan=plan, candidate_index=candidate)

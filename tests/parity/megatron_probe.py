@@ -55,8 +55,10 @@ apart.
 
 CPU shims (CUDA unavailable), construction-only: ``torch.Tensor.cuda`` is a no-op
 (megatron-core does ``weight.data.cuda()`` before all-reducing the tied embedding
-between first and last pipeline stage) and ``torch.cuda.Stream`` is a dummy
-(MoEAlltoAllTokenDispatcher.__init__ creates a side stream).  No CUDA RNG seeding
+between first and last pipeline stage), ``torch.cuda.Stream`` is a dummy
+(MoEAlltoAllTokenDispatcher.__init__ creates a side stream) and
+``torch.cuda.current_device()`` answers "cpu" (multi-latent attention builds its rotary
+table on the current device).  No CUDA RNG seeding
 (use_cpu_initialization=True never touches the CUDA RNG tracker);
 perform_initialization=False since only shapes matter.
 """
@@ -99,6 +101,18 @@ MODEL_DEFAULTS = {
     "softmax_type": "vanilla",
     "window_size": None,
     "window_attn_skip_freq": None,
+    # multi-latent attention (MLATransformerConfig) and multi-token prediction
+    "multi_latent_attention": False,
+    "q_lora_rank": None,
+    "kv_lora_rank": None,
+    "qk_head_dim": None,
+    "qk_pos_emb_head_dim": None,
+    "v_head_dim": None,
+    "mtp_num_layers": None,
+    # parameters only: megatron-core 0.16.1's local DotProductAttention refuses MLA's k_channels /
+    # v_channels (it holds no parameters); with this set it is given a subclass that drops them,
+    # and MLA's isinstance check against Transformer Engine's TELinear is kept from failing without TE
+    "mla_core_attention_shim": False,
 }
 PIPELINE_DEFAULTS = {
     "num_layers_in_first_pipeline_stage": None,
@@ -168,14 +182,16 @@ def _import_megatron():
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_decoder_block_spec,
+        get_gpt_decoder_layer_specs,
         get_gpt_layer_local_spec,
+        get_gpt_mtp_block_spec,
     )
     from megatron.core.tensor_parallel import random as tp_random
     from megatron.core.transformer.moe.moe_layer import MoELayer
     from megatron.core.transformer.pipeline_parallel_layer_layout import (
         PipelineParallelLayerLayout,
     )
-    from megatron.core.transformer.transformer_config import TransformerConfig
+    from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
     try:
         from megatron.core import num_microbatches_calculator as nmc
@@ -191,6 +207,8 @@ def _import_megatron():
         PipelineParallelLayerLayout,
         TransformerConfig,
     )
+    c.MLATransformerConfig, c.mtp_block_spec = MLATransformerConfig, get_gpt_mtp_block_spec
+    c.layer_specs = get_gpt_decoder_layer_specs
     c.nmc = nmc
     return c
 
@@ -201,6 +219,11 @@ def _install_cpu_shims(torch):
         # `weight.data = weight.data.cuda()` before all-reducing the shared
         # embedding over the embedding group (pp > 1 and tied embeddings).
         torch.Tensor.cuda = lambda self, *a, **k: self  # type: ignore[assignment]
+
+        # MultiLatentAttention builds its RotaryEmbedding without use_cpu_initialization
+        # (multi_latent_attention.py), so the rotary table asks for
+        # torch.cuda.current_device(); on CPU the table lives on the CPU.
+        torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment]
 
         # MoEAlltoAllTokenDispatcher.__init__ creates a side stream
         # (`torch.cuda.Stream()`), which raises on a CPU-only torch build.  It
@@ -335,7 +358,34 @@ def _stage_config(c, case, st):
     )
     if kw["ffn_hidden_size"] is None:
         kw.pop("ffn_hidden_size")  # TransformerConfig defaults it to 4*hidden
+    kw.update(qk_layernorm=bool(m["qk_layernorm"]), mtp_num_layers=m["mtp_num_layers"])
+    if m["multi_latent_attention"]:
+        kw.update({k: m[k] for k in ("q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim")},
+                  rope_type="rope")
+        kw.pop("num_query_groups")
+        st["config"] = c.MLATransformerConfig(**kw)
+        return
     st["config"] = c.TransformerConfig(**kw)
+
+
+def _shim_mla_core_attention(spec):
+    """Give every layer spec's MLA a local core attention that accepts (and drops) the key and
+    value widths, for parameter counts only (see MODEL_DEFAULTS mla_core_attention_shim)."""
+    from megatron.core.transformer import multi_latent_attention
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    if not isinstance(multi_latent_attention.TELinear, type):
+        # without Transformer Engine installed, megatron.core.extensions.transformer_engine
+        # stands TELinear in with a MagicMock, on which MLASelfAttention's
+        # isinstance(linear_proj, TELinear) (multi_latent_attention.py:183-185) raises TypeError
+        multi_latent_attention.TELinear = type("NoTELinear", (), {})
+
+    class WidthsDropped(DotProductAttention):
+        def __init__(self, *args, k_channels=None, v_channels=None, **kwargs):
+            super().__init__(*args, **kwargs)
+
+    for layer in getattr(spec, "layer_specs", None) or [spec]:
+        layer.submodules.self_attention.submodules.core_attention = WidthsDropped
 
 
 def _stage_model(c, case, st):
@@ -356,8 +406,19 @@ def _stage_model(c, case, st):
         else:
             spec = c.layer_spec(
                 num_experts=None, moe_grouped_gemm=False, normalization=m["normalization"],
-                qk_layernorm=bool(m["qk_layernorm"]),
+                qk_layernorm=bool(m["qk_layernorm"]), multi_latent_attention=bool(m["multi_latent_attention"]),
             )
+        if m["mla_core_attention_shim"]:
+            _shim_mla_core_attention(spec)
+        mtp = None
+        if m["mtp_num_layers"]:
+            # gpt_builders.py: the MTP layer is the last decoder layer's spec, built where
+            # get_mtp_num_layers_to_build says (the last stage, or the layout's `m`)
+            last = spec if not m["num_moe_experts"] else c.layer_specs(
+                cfg, use_transformer_engine=False, normalization=m["normalization"])[-1]
+            if m["mla_core_attention_shim"]:
+                _shim_mla_core_attention(last)
+            mtp = c.mtp_block_spec(cfg, last, use_transformer_engine=False, vp_stage=vp_stage)
         chunks.append(
             c.GPTModel(
                 config=cfg,
@@ -372,6 +433,7 @@ def _stage_model(c, case, st):
                 ),
                 position_embedding_type=m["position_embedding_type"],
                 rotary_percent=1.0,
+                mtp_block_spec=mtp,
                 vp_stage=vp_stage,
             )
         )

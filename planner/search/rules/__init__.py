@@ -109,4 +109,4 @@ def options(values: list[int], limit: int = 8) -> str:
 
 # Importing the rule modules registers them, in this order.
 from megacpp.planner.search.rules import backend, grid, dims, sequence, pipeline, experts, batch, memory, features  # noqa: E402,F401,I001
-from megacpp.planner.search.rules import precision, sharding  # noqa: E402,F401,I001
+from megacpp.planner.search.rules import latent, precision, sharding  # noqa: E402,F401,I001

@@ -29,15 +29,15 @@ def moe_act_needs_grouped_gemm(ctx: Context, lay: Layout) -> str | None:
     "mla-up-proj-recompute-needs-mla",
     axes=(),
     where="[V] megatron/core/transformer/transformer_config.py:1218-1222",
-    applies=lambda ctx: "mla_up_proj" in recompute_modules(ctx),
+    applies=lambda ctx: "mla_up_proj" in recompute_modules(ctx) and ctx.spec.model.latent is None,
     fails="recompute_modules [mla_up_proj] with grouped-query attention",
-    passes="recompute_modules [core_attn]",
+    passes="model.attention.mla set, or recompute_modules [core_attn]",
 )
 def mla_up_proj_needs_mla(ctx: Context, lay: Layout) -> str | None:
     """mla_up_proj recomputes multi-latent attention's up projections; Megatron refuses it without
-    MLA, which model.attention does not express."""
-    return ("training.recompute_modules: mla_up_proj needs multi-latent attention, which model.attention "
-            "does not express (it is grouped-query attention); drop mla_up_proj")
+    MLA (model.attention.mla)."""
+    return ("training.recompute_modules: mla_up_proj needs multi-latent attention (model.attention.mla); "
+            "set attention.mla or drop mla_up_proj")
 
 
 @rule(
