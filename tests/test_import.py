@@ -44,8 +44,22 @@ def _megatron_words(script: str) -> list[str]:
     return words[start:]
 
 
+# recipes with model features the importer does not read yet, and the features it lists instead
+UNREAD = {"deepseek-v3": ("MLA", "QK layernorm", "multi-token prediction"), "kimi-k2": ("MLA", "QK layernorm"),
+          "qwen3-30b-a3b": ("QK layernorm",), "qwen3-235b-a22b": ("QK layernorm",),
+          "gpt-oss-120b": ("linear biases", "sliding-window attention"), "nemotron-3-super": ("latent MoE",)}
+
+
+@pytest.mark.parametrize("recipe", sorted(UNREAD))
+def test_recipes_with_features_import_cannot_read_yet_list_them(recipe):
+    plan = _original(recipe)
+    script = render_launch(plan, RenderOptions(target="torchrun", engine="megatron-lm"))["launch.sh"]
+    listed = " ".join(import_launch(script, ImportOptions(cluster=plan.spec_model.cluster.preset)).unsupported)
+    assert all(feature in listed for feature in UNREAD[recipe]), listed
+
+
 @pytest.mark.parametrize("target", ["torchrun", "slurm"])
-@pytest.mark.parametrize("recipe", recipe_names())
+@pytest.mark.parametrize("recipe", sorted(set(recipe_names()) - set(UNREAD)))
 def test_every_recipe_round_trips_through_its_rendered_launch(recipe, target):
     plan = _original(recipe)
     script = render_launch(plan, RenderOptions(target=target, engine="megatron-lm"))[SCRIPT[target]]
@@ -134,7 +148,8 @@ def test_a_hand_written_script_with_variables_arrays_and_srun():
     imported = import_launch(USER_SCRIPT, ImportOptions(cluster="h100-sxm-8"), "user")
     spec = imported.spec
     assert spec.name == "user"
-    assert spec.parallel.model_dump() == {"tp": 2, "pp": 4, "vpp": 1, "cp": 1, "dp": 4, "ep": 8, "etp": 1, "sp": True}
+    assert spec.parallel.model_dump(exclude_defaults=True) == {"tp": 2, "pp": 4, "vpp": 1, "cp": 1, "dp": 4, "ep": 8, "etp": 1,
+                                                               "sp": True}
     assert spec.cluster.nodes == 4 and spec.cluster.preset == "h100-sxm-8"
     assert spec.pattern.blocks == "AD" * 2 + "AE" * 14
     assert spec.model.moe.dispatcher == "allgather"  # Megatron-LM's default, stated
@@ -144,7 +159,8 @@ def test_a_hand_written_script_with_variables_arrays_and_srun():
     assert spec.training.weight_decay == 0.01 and spec.training.eval_iters == 100  # Megatron-LM's defaults
     assert spec.data.paths == ("/data/pile_text_document",) and spec.data.split == "949,50,1"
     assert spec.checkpoint.save == "/ckpt/moe" and spec.checkpoint.interval == 500
-    assert spec.launch.extra_args == ["--adam-beta2", "0.95"]
+    assert spec.launch.extra_args == [] and (spec.training.adam_beta1, spec.training.adam_beta2) == (0.9, 0.95)
+    assert spec.training.adam_eps == 1e-08  # Megatron-LM's default, stated
     assert spec.launch.env == {"NCCL_SOCKET_IFNAME": "ib0"}
     assert spec.launch.slurm.container_mounts == ["/data:/data", "/ckpt:/ckpt"]
     assert spec.launch.slurm.time == "2-00:00:00"
@@ -247,8 +263,8 @@ def test_published_run_argument_lists(name):
 
 def test_published_runs_keep_what_a_launch_can_carry_and_plan():
     llama = import_launch(LLAMA3_70B.split(), ImportOptions(cluster="h100-sxm-8", nodes=8)).spec
-    assert llama.training.precision == "fp8" and llama.training.tp_comm_overlap
-    assert llama.launch.extra_args == ["--rotary-base", "500000", "--fp8-recipe", "tensorwise"]
+    assert llama.training.precision == "fp8" and llama.training.fp8_recipe == "tensorwise" and llama.training.tp_comm_overlap
+    assert llama.launch.extra_args == ["--rotary-base", "500000"]
     plan = build_plan(llama, top=1)
     assert plan.legal_count == 1 and plan.candidates[0].layout.vpp == 5
     qwen = import_launch(QWEN3_30B_A3B.split(), ImportOptions(cluster="h100-sxm-8", nodes=2)).spec
@@ -420,10 +436,9 @@ def test_the_world_from_srun_and_torchrun_without_a_preset(launcher, gpus):
     assert (imported.spec.cluster.nodes, imported.spec.cluster.gpus_per_node, imported.spec.cluster.preset) == (2, gpus, None)
     assert imported.spec.parallel.dp == gpus  # 2 nodes x gpus / tp 2
     assert any("does not name its GPU: pass --cluster PRESET" in n for n in imported.notes)
-    with pytest.raises(SpecError, match="cluster.gpu_memory_gib, cluster.bf16_tflops"):
-        validate_spec(imported.spec)
-    gpu = ["cluster.gpu_memory_gib=75", "cluster.bf16_tflops=989"]
-    assert validate_spec(import_launch(f"{launcher} {args}", ImportOptions(overrides=gpu)).spec)["valid"]
+    # the world shape alone validates (memory unchecked); the GPU's kind makes it a plan
+    assert validate_spec(imported.spec)["valid"]
+    assert validate_spec(import_launch(f"{launcher} {args}", ImportOptions(overrides=["cluster.gpu=h100"])).spec)["valid"]
 
 
 def test_launch_dry_run_then_import_then_plan_on_the_command_line(tmp_path):

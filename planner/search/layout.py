@@ -99,8 +99,10 @@ class Context:
 
     spec: Spec
     cluster: Cluster
-    stage_cache: dict[Any, Any] = field(default_factory=dict, compare=False, repr=False)
-    cost_cache: dict[Any, Any] = field(default_factory=dict, compare=False, repr=False)  # cost.shard.memo
+    # caches of what follows from the spec and cluster; not init fields, so that dataclasses.replace
+    # with another cluster (calibrate's fits) starts empty ones instead of sharing stale costs
+    stage_cache: dict[Any, Any] = field(default_factory=dict, init=False, compare=False, repr=False)
+    cost_cache: dict[Any, Any] = field(default_factory=dict, init=False, compare=False, repr=False)  # cost.shard.memo
 
     @property
     def world(self) -> int:

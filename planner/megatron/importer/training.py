@@ -11,12 +11,14 @@ from megacpp.planner.megatron.importer.flags import Reader, is_number
 
 # differs from the spec's (megatron/training/arguments.py)
 MEGATRON_SCHEDULE_DEFAULTS = {"lr_decay_style": "linear", "min_lr": 0.0, "weight_decay": 0.01,
-                              "log_interval": 100, "eval_iters": 100, "eval_interval": 1000}
+                              "log_interval": 100, "eval_iters": 100, "eval_interval": 1000,
+                              "adam_beta1": 0.9, "adam_beta2": 0.999, "adam_eps": 1e-08}
 TOKENIZER_TYPES = ("GPT2BPETokenizer", "SentencePieceTokenizer", "GPTSentencePieceTokenizer", "HuggingFaceTokenizer",
                    "Llama2Tokenizer", "TikTokenizer", "NullTokenizer")
 # the schedule's keys in the order the spec reference lists them
-SCHEDULE_ORDER = ("train_iters", "lr", "min_lr", "warmup_iters", "lr_decay_style", "lr_decay_iters", "weight_decay",
-                  "clip_grad", "log_interval", "eval_interval", "eval_iters")
+SCHEDULE_ORDER = ("train_iters", "lr", "min_lr", "warmup_iters", "lr_decay_style", "lr_decay_iters", "lr_wsd_decay_iters",
+                  "lr_wsd_decay_style", "weight_decay", "clip_grad", "adam_beta1", "adam_beta2", "adam_eps", "log_interval",
+                  "eval_interval", "eval_iters")
 RECOMPUTE_DEFAULTS = ("uniform", 1)  # what args.py renders for a full recompute without method and count
 
 
@@ -43,6 +45,11 @@ class TrainingReader(Reader):
         training: dict[str, Any] = {"seq_length": seq, "global_batch_size": gbs, "micro_batch_size": mbs}
         if f.has("--fp8-format"):
             training["precision"] = "fp8"
+            recipe = f.text("--fp8-recipe")
+            if recipe in ("tensorwise", "mxfp8", "blockwise"):
+                training["fp8_recipe"] = recipe
+            elif recipe not in (None, "delayed"):
+                self.lost("--fp8-recipe", f"{recipe} is not a spec fp8 recipe")
             if f.groups["--fp8-format"] != ["hybrid"]:
                 self.unsupported.append(f"--fp8-format {' '.join(f.groups['--fp8-format'])}: megacpp renders hybrid")
         if not f.has("--bf16"):
@@ -132,19 +139,24 @@ class TrainingReader(Reader):
         elif samples is not None:
             self.lost("--train-samples", "a run counted in samples; give training.train_iters or train_tokens")
         for key, flag in (("lr", "--lr"), ("min_lr", "--min-lr"), ("weight_decay", "--weight-decay"),
-                          ("clip_grad", "--clip-grad")):
+                          ("clip_grad", "--clip-grad"), ("adam_beta1", "--adam-beta1"), ("adam_beta2", "--adam-beta2"),
+                          ("adam_eps", "--adam-eps")):
             value = f.number(flag)
             if value is not None:
                 out[key] = value
         for key, flag in (("warmup_iters", "--lr-warmup-iters"), ("lr_decay_iters", "--lr-decay-iters"),
+                          ("lr_wsd_decay_iters", "--lr-wsd-decay-iters"),
                           ("log_interval", "--log-interval"), ("eval_iters", "--eval-iters"),
                           ("eval_interval", "--eval-interval")):
             value = f.integer(flag)
             if value is not None:
                 out[key] = value
         style = f.text("--lr-decay-style")
-        if style in ("constant", "linear", "cosine", "inverse-square-root"):
+        wsd = f.text("--lr-wsd-decay-style")
+        if style in ("constant", "linear", "cosine", "inverse-square-root", "WSD"):
             out["lr_decay_style"] = style
+            if style == "WSD":
+                out["lr_wsd_decay_style"] = wsd or "exponential"  # Megatron-LM's default
         elif style is not None:
             self.lost("--lr-decay-style", f"{style} is not a spec decay style")
         if "lr" not in out:
