@@ -44,22 +44,8 @@ def _megatron_words(script: str) -> list[str]:
     return words[start:]
 
 
-# recipes with model features the importer does not read yet, and the features it lists instead
-UNREAD = {"deepseek-v3": ("MLA", "QK layernorm", "multi-token prediction"), "kimi-k2": ("MLA", "QK layernorm"),
-          "qwen3-30b-a3b": ("QK layernorm",), "qwen3-235b-a22b": ("QK layernorm",),
-          "gpt-oss-120b": ("linear biases", "sliding-window attention"), "nemotron-3-super": ("latent MoE",)}
-
-
-@pytest.mark.parametrize("recipe", sorted(UNREAD))
-def test_recipes_with_features_import_cannot_read_yet_list_them(recipe):
-    plan = _original(recipe)
-    script = render_launch(plan, RenderOptions(target="torchrun", engine="megatron-lm"))["launch.sh"]
-    listed = " ".join(import_launch(script, ImportOptions(cluster=plan.spec_model.cluster.preset)).unsupported)
-    assert all(feature in listed for feature in UNREAD[recipe]), listed
-
-
 @pytest.mark.parametrize("target", ["torchrun", "slurm"])
-@pytest.mark.parametrize("recipe", sorted(set(recipe_names()) - set(UNREAD)))
+@pytest.mark.parametrize("recipe", recipe_names())
 def test_every_recipe_round_trips_through_its_rendered_launch(recipe, target):
     plan = _original(recipe)
     script = render_launch(plan, RenderOptions(target=target, engine="megatron-lm"))[SCRIPT[target]]
@@ -165,10 +151,12 @@ def test_a_hand_written_script_with_variables_arrays_and_srun():
     assert spec.launch.slurm.container_mounts == ["/data:/data", "/ckpt:/ckpt"]
     assert spec.launch.slurm.time == "2-00:00:00"
     listed = "\n".join(imported.unsupported)
-    assert "--multi-latent-attention: multi-latent attention (MLA) is not modelled yet" in listed
+    # MLA, read with Megatron-LM's default latent rank; its GQA flags are Megatron's error, listed
+    assert spec.model.attention.mla is not None and spec.model.attention.mla.kv_lora_rank == 32
+    assert "--group-query-attention" in listed and "--num-query-groups 4" in listed
     assert "--my-custom-flag 3: unknown to Megatron-LM core_v0.16's argument parser" in listed
     assert "WANDB_PROJECT" in listed and "--mail-user" in listed
-    assert len(imported.unsupported) == 4
+    assert len(imported.unsupported) == 5
     text = imported.to_yaml("user.sh")
     assert all(f"#   {line}" in text for line in imported.unsupported)
     assert load_spec_text(text) == spec
@@ -188,7 +176,8 @@ def test_megatron_defaults_stand_where_the_script_leaves_flags_out():
     assert imported.spec.parallel.sp is False and imported.spec.parallel.dp == 4
     assert imported.spec.training.lr_decay_style == "linear" and imported.spec.training.min_lr == 0.0
     listed = "\n".join(imported.unsupported)
-    for missing in ("linear biases", "--hidden-dropout 0.1", "--attention-dropout 0.1", "no --overlap-grad-reduce",
+    assert model.linear_bias  # Megatron-LM's default without --disable-bias-linear
+    for missing in ("--hidden-dropout 0.1", "--attention-dropout 0.1", "no --overlap-grad-reduce",
                     "--max-position-embeddings 2048"):  # a learned table of 2048 rows, not 512
         assert missing in listed
     assert any("no --data-path" in n for n in imported.notes)
@@ -240,11 +229,9 @@ PUBLISHED = {
     # name: (arguments, cluster, nodes, the pins, what must be listed as not represented)
     "llama3-70b": (LLAMA3_70B, "h100-sxm-8", 8, dict(tp=4, pp=8, vpp=5, cp=1, dp=2, sp=True), []),
     "qwen3-30b-a3b": (QWEN3_30B_A3B, "h100-sxm-8", 2, dict(tp=1, pp=1, ep=16, etp=1, dp=16),
-                      ["--moe-aux-loss-coeff 1e-3", "--qk-layernorm"]),
+                      ["--moe-aux-loss-coeff 1e-3"]),
     "deepseek-v3": (DEEPSEEK_V3, "h100-sxm-8", 128, dict(tp=2, pp=8, vpp=4, ep=64, dp=64, sp=True),
-                    ["--multi-latent-attention", "--q-lora-rank", "--kv-lora-rank", "--qk-head-dim",
-                     "--qk-pos-emb-head-dim", "--v-head-dim", "--qk-layernorm", "--mtp-num-layers",
-                     "--pipeline-model-parallel-layout Et|(tt|)*30mL", "no --overlap-param-gather"]),
+                    ["--pipeline-model-parallel-layout Et|(tt|)*30mL", "no --overlap-param-gather"]),
     "nemotron-h-8b": (NEMOTRON_H_8B, "h100-sxm-8", 1, dict(tp=2, pp=1, dp=4, sp=True), ["--squared-relu"]),
 }
 

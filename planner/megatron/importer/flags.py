@@ -15,12 +15,8 @@ from megacpp.planner.megatron.job_args import PLAN_FLAGS, RESTATABLE, SPEC_KEY_F
 # Flags of model features megacpp does not model yet: carried as extra arguments they would
 # launch a model the plan does not describe, so they are listed instead.
 UNMODELLED = {
-    "--multi-latent-attention": "multi-latent attention (MLA)", "--q-lora-rank": "MLA", "--kv-lora-rank": "MLA",
-    "--qk-head-dim": "MLA", "--qk-pos-emb-head-dim": "MLA", "--v-head-dim": "MLA",
-    "--mtp-num-layers": "multi-token prediction (MTP)", "--mtp-loss-scaling-factor": "MTP",
-    "--mtp-use-repeated-layer": "MTP", "--mtp-hybrid-override-pattern": "MTP",
-    "--window-size": "sliding-window attention", "--window-attn-skip-freq": "sliding-window attention",
-    "--moe-latent-size": "latent MoE", "--add-qkv-bias": "attention biases", "--qk-layernorm": "QK layernorm",
+    "--mtp-loss-scaling-factor": "MTP", "--mtp-use-repeated-layer": "MTP", "--mtp-hybrid-override-pattern": "a hybrid's MTP",
+    "--add-qkv-bias": "attention biases",
     "--squared-relu": "a squared-ReLU MLP", "--quick-geglu": "a quick-GeGLU MLP", "--fp4-format": "FP4 training",
     "--hybrid-attention-ratio": "a hybrid pattern by ratio", "--hybrid-mlp-ratio": "a hybrid pattern by ratio",
     "--moe-layer-recompute": "MoE layer recompute",

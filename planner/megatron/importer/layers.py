@@ -115,11 +115,12 @@ def hybrid_letters(text: str, flag: str) -> tuple[str, list[int]]:
 def pipeline_layout(text: str) -> tuple[list[int], bool]:
     """Decoder layers per chunk of `--pipeline-model-parallel-layout` (`E` embedding, `L` loss,
     `t` a layer, `m` an MTP layer, `|` between chunks, `X*N` and `(...)*N` repeats), and whether it
-    places anything megacpp does not model (an MTP layer, the embedding or loss off their stages)."""
+    places anything megacpp does not model (an MTP layer off the last stage, where megacpp places
+    them, or the embedding or loss off their stages)."""
     expanded = _expand_layout(_bounded(text, "--pipeline-model-parallel-layout").replace(" ", ""), 0)
     chunks = expanded.split("|")
     sizes = [c.count("t") for c in chunks]
-    standard = (chunks[0].startswith("E") and chunks[-1].endswith("L") and "m" not in expanded
+    standard = (chunks[0].startswith("E") and chunks[-1].endswith("L") and "m" not in "|".join(chunks[:-1])
                 and expanded.count("E") == 1 and expanded.count("L") == 1 and all(sizes))
     return sizes, not standard
 

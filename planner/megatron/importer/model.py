@@ -18,6 +18,8 @@ from megacpp.planner.megatron.importer.layers import (
 GPT2_VOCAB = 50257  # GPT2BPETokenizer's vocabulary (megatron/core/tokenizers, gpt2 vocab.json)
 
 
+MEGATRON_KV_LORA_RANK = 32  # Megatron-LM's --kv-lora-rank default (arguments.py _add_mla_args)
+
 class ModelReader(Reader):
     """model: and parallel: of the spec."""
 
@@ -52,10 +54,10 @@ class ModelReader(Reader):
             self.lost("--position-embedding-type", f"{position} positions are planned as rope")
             model["position_embedding"] = "rope"
         model["tie_embeddings"] = not f.has("--untie-embeddings-and-output-weights")
+        # Megatron-LM's linears carry biases unless --disable-bias-linear (model.linear_bias)
+        f.has("--add-bias-linear")
         if not f.has("--disable-bias-linear"):
-            self.unsupported.append("linear biases (Megatron's default without --disable-bias-linear): the spec plans none")
-        if f.has("--add-bias-linear"):
-            self.lost("--add-bias-linear", "the spec plans linear layers without bias")
+            model["linear_bias"] = True
         gated = f.has("--swiglu")
         ffn = f.integer("--ffn-hidden-size")
         if ffn is None:  # Megatron-LM's default (arguments.py: 4h, or 2/3 of it rounded to 64 with SwiGLU)
@@ -64,14 +66,7 @@ class ModelReader(Reader):
             heads = f.integer("--num-attention-heads")
             if heads is None:
                 raise SpecError("no --num-attention-heads for the attention layers")
-            attention: dict[str, Any] = {"num_heads": heads}
-            groups = f.integer("--num-query-groups")
-            if f.has("--group-query-attention"):  # without it Megatron-LM ignores the groups (MHA)
-                attention["num_query_groups"] = groups or 1  # Megatron-LM's default: one group
-            kv = f.integer("--kv-channels")
-            if kv is not None:
-                attention["head_dim"] = kv
-            model["attention"] = attention
+            model["attention"] = self._latent_attention(heads) if f.has("--multi-latent-attention") else self._attention(heads)
         else:
             for flag in ("--num-attention-heads", "--kv-channels", "--num-query-groups", "--group-query-attention"):
                 f.has(flag)  # Megatron needs a head count without attention layers; it shapes nothing
@@ -88,8 +83,57 @@ class ModelReader(Reader):
             self._moe(experts, ffn, gated)  # read, so its flags are not listed; no E block uses them
         if "D" in letters:
             model["mlp"] = {"ffn_hidden_size": ffn, "gated": gated}
+        mtp = f.integer("--mtp-num-layers")
+        if mtp:
+            model["mtp_num_layers"] = mtp
         model["pattern"] = pattern
         return model, layout, pipeline
+
+    def _attention(self, heads: int) -> dict[str, Any]:
+        """Grouped-query attention with its QK layernorm, sliding window and sinks (args._attention_feature_flags)."""
+        f = self.f
+        attention: dict[str, Any] = {"num_heads": heads}
+        groups = f.integer("--num-query-groups")
+        if f.has("--group-query-attention"):  # without it Megatron-LM ignores the groups (MHA)
+            attention["num_query_groups"] = groups or 1  # Megatron-LM's default: one group
+        kv = f.integer("--kv-channels")
+        if kv is not None:
+            attention["head_dim"] = kv
+        if f.has("--qk-layernorm"):
+            attention["qk_layernorm"] = True
+        window = f.text("--window-size")
+        if window is not None:
+            left, _, right = window.partition(",")
+            if not left.isdigit() or right.strip() not in ("", "0"):
+                self.lost("--window-size", f"{window} is not a causal window W,0")
+            else:
+                attention["window_size"] = int(left)
+                full = f.integer("--window-attn-skip-freq")
+                if full is not None:
+                    attention["window_full_every"] = full
+        softmax = f.text("--softmax-type")
+        if softmax == "learnable":
+            attention["sinks"] = True
+        elif softmax not in (None, "vanilla"):
+            self.lost("--softmax-type", f"{softmax} softmax is not planned")
+        return attention
+
+    def _latent_attention(self, heads: int) -> dict[str, Any]:
+        """Multi-latent attention (args._latent_attention_flags): its ranks and head widths; the
+        --kv-channels and --qk-layernorm megacpp renders with it are its value width and latent norms."""
+        f = self.f
+        kv_rank = f.integer("--kv-lora-rank")
+        if kv_rank is None:
+            kv_rank = MEGATRON_KV_LORA_RANK
+            self.notes.append(f"--multi-latent-attention without --kv-lora-rank: Megatron-LM's default {kv_rank} stands")
+        mla: dict[str, Any] = {"kv_lora_rank": kv_rank}
+        for key, flag in (("q_lora_rank", "--q-lora-rank"), ("qk_head_dim", "--qk-head-dim"),
+                          ("rope_head_dim", "--qk-pos-emb-head-dim"), ("v_head_dim", "--v-head-dim")):
+            if (value := f.integer(flag)) is not None:
+                mla[key] = value
+        f.integer("--kv-channels")
+        f.has("--qk-layernorm")
+        return {"num_heads": heads, "mla": mla}
 
     def _pattern(self, entry_point: str) -> tuple[str, list[int] | None, dict[str, int]]:
         """The block pattern, the stage sizes in Megatron layers (None: Megatron's even split),
@@ -190,6 +234,9 @@ class ModelReader(Reader):
             self.f.taken.discard("--moe-flex-dispatcher-backend")
         if f.has("--overlap-moe-expert-parallel-comm"):
             moe["overlap_communication"] = True
+        latent = f.integer("--moe-latent-size")
+        if latent:
+            moe["latent_size"] = latent
         if moe["top_k"] == 1:
             f.has("--moe-router-pre-softmax")
         f.has("--moe-grouped-gemm")

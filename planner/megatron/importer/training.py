@@ -174,6 +174,10 @@ class TrainingReader(Reader):
         if impl not in ("transformer_engine", "local"):
             self.lost("--transformer-impl", "neither transformer_engine nor local")
         unfused = [flag for flag in ("--no-bias-swiglu-fusion", "--no-bias-dropout-fusion") if f.has(flag)]
+        # megacpp renders --no-bias-dropout-fusion for TE's grouped experts with biases (experts.py:529-531)
+        if self.te and unfused == ["--no-bias-dropout-fusion"] and f.integer("--num-experts") is not None \
+                and not f.has("--disable-bias-linear"):
+            unfused = []
         rope = f.has("--no-rope-fusion")
         if not self.te:  # megacpp renders these for every local launch (args.py)
             for flag in ("--no-persist-layer-norm", "--no-gradient-accumulation-fusion", "--no-masked-softmax-fusion",
