@@ -404,7 +404,7 @@ def _memory(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency, loa
         else:
             sharded = (dense / dense_shard, expert / expert_shard)
         shards = sharded[0] + sharded[1]
-        resident = fsdp_resident_params(ctx, lay, stages_p.stages, shards) if training.data_parallel_sharding == "fsdp" else total
+        resident = fsdp_resident_params(ctx, letters.params, stages_p.stages, shards) if training.data_parallel_sharding == "fsdp" else total
         # what the optimizer step allocates beside the state: the fp32 copy of the larger shard
         # without TE (OPTIMIZER_STEP_BYTES), and fp32 copies of every bf16 gradient shard unless
         # the precision-aware optimizer reads them as they are (distrib_optimizer.py
@@ -435,18 +435,15 @@ def _memory(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency, loa
     return out
 
 
-def fsdp_resident_params(ctx: Context, lay: Layout, mine: list[Stage], shards: float) -> float:
+def fsdp_resident_params(ctx: Context, params: dict[str, BlockParams], mine: list[Stage], shards: float) -> float:
     """Parameters whose weights (and gradients) a rank holds under Megatron-FSDP (optim_grads_params):
     its shard of every weight and gradient, sharded over DP x CP (experts over EDP) as the
     distributed optimizer shards its state, plus the unsharded layers in flight: the layer computing
     and the next one whose all-gather is prefetched (and, in the backward, the layer whose gradient
     waits for its reduce-scatter). megatron/core/distributed/fsdp/src/README.md: parameters are
     all-gathered per module before its forward and backward and freed after; gradients are
-    reduce-scattered per module."""
-    per_letter = {}
-    for letter in {x for st in mine for x in st.blocks}:
-        bp = block_params(ctx, letter, lay)
-        per_letter[letter] = bp.dense + bp.expert
+    reduce-scattered per module. `params`: each block letter's parameters on the rank (_Letters.params)."""
+    per_letter = {letter: bp.dense + bp.expert for letter, bp in params.items()}
     largest = max((sum(per_letter[x] for x in unit) for st in mine for unit in _units(ctx, st.blocks)), default=0)
     return shards + FSDP_LAYERS_IN_FLIGHT * largest
 

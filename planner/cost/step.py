@@ -417,7 +417,7 @@ def estimate(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency = D
     # forward 1, backward 2 (+1 recomputed); the gradients accumulate in the backward
     forward = (gpu_mb - terms[4]) / (3 * gpu_repeats(ctx.spec.training.recompute))
     comms = communication(ctx, lay, stages, mem, eff, load, window=(forward, gpu_mb - forward),
-                          ring=ring_attention_seconds(ctx, lay, eff))
+                          ring=memo(ctx, ("ring", shape(lay), eff), lambda: ring_attention_seconds(ctx, lay, eff)))
     m = lay.num_microbatches
     pipeline_units = m + (lay.pp - 1) / lay.vpp
     compute = pipeline_units * t_mb
