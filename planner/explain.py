@@ -19,7 +19,7 @@ from megacpp.planner.search.ranks import process_groups, rank_coordinates
 from megacpp.planner.search.rules import check_layout, divisors
 from megacpp.planner.search.space import searched_vpps
 from megacpp.planner.search.stages import assign_stages
-from megacpp.planner.validation import broken_rules, check_consistent
+from megacpp.planner.validation import broken_rules, check_consistent, complete_layout
 
 # The split taxonomy (DESIGN.md): what each axis partitions, its main traffic, what it cannot fix.
 TAXONOMY = {
@@ -202,15 +202,11 @@ def versus_layout(ctx: Context, text: str, micro_batch_size: int) -> Layout:
     tp, cp, pp = d.get("tp", 1), d.get("cp", 1), d.get("pp", 1)
     if ctx.world % (tp * cp * pp):
         raise PlanError(f"--versus {text!r}: tp x cp x pp = {tp * cp * pp} does not divide the {ctx.world} GPUs")
-    dp = ctx.world // (tp * cp * pp)
-    if d.get("dp", dp) != dp:
-        raise PlanError(f"--versus {text!r}: dp is {dp} on {ctx.world} GPUs at tp x cp x pp = {tp * cp * pp}, not {d['dp']}")
-    mbs = d.get("micro_batch_size", micro_batch_size)
-    gbs = ctx.spec.training.global_batch_size
-    sp = ctx.spec.parallel.sp
-    return Layout(tp=tp, cp=cp, pp=pp, dp=dp, vpp=d.get("vpp", 1), ep=d.get("ep", 1), etp=d.get("etp", tp),
-                  sp=(tp > 1 and ctx.te) if sp is None else sp, micro_batch_size=mbs,
-                  num_microbatches=gbs // (mbs * dp) if gbs % (mbs * dp) == 0 else 0)
+    lay = complete_layout(ctx, tp=tp, cp=cp, pp=pp, vpp=d.get("vpp", 1), ep=d.get("ep", 1), etp=d.get("etp"),
+                          mbs=d.get("micro_batch_size", micro_batch_size))
+    if d.get("dp", lay.dp) != lay.dp:
+        raise PlanError(f"--versus {text!r}: dp is {lay.dp} on {ctx.world} GPUs at tp x cp x pp = {tp * cp * pp}, not {d['dp']}")
+    return lay
 
 
 def versus(plan: Plan, cand: Candidate, text: str) -> dict[str, Any]:

@@ -120,21 +120,25 @@ def _rules_verdict(plan: Plan, ctx: Context) -> dict[str, Any]:
 def pinned_layout(ctx: Context, seed: Layout) -> Layout:
     """The one layout a fully pinned spec names, every field derived as the search derives it
     (`seed` is the search's rejected example, whose axes past the rejecting rule are unbound)."""
-    pins, world = ctx.spec.parallel, ctx.world
-    tp = pins.tp if pins.tp is not None else seed.tp
-    cp = pins.cp if pins.cp is not None else seed.cp
-    pp = pins.pp if pins.pp is not None else seed.pp
+    pins = ctx.spec.parallel
+    mbs = ctx.spec.training.micro_batch_size
+    return complete_layout(
+        ctx, tp=pins.tp if pins.tp is not None else seed.tp, cp=pins.cp if pins.cp is not None else seed.cp,
+        pp=pins.pp if pins.pp is not None else seed.pp, vpp=pins.vpp if pins.vpp is not None else seed.vpp,
+        ep=pins.ep if pins.ep is not None else seed.ep, etp=pins.etp, mbs=seed.micro_batch_size if mbs == "auto" else mbs)
+
+
+def complete_layout(ctx: Context, *, tp: int, cp: int, pp: int, vpp: int, ep: int, etp: int | None, mbs: int) -> Layout:
+    """A layout of these degrees with the fields the search derives: dp from the world (0 where
+    tp x cp x pp does not tile it), the micro-batch count from the batch (0 where it does not
+    divide), etp = tp unless given, and SP as the spec pins it or the search sets it."""
+    sp, world = ctx.spec.parallel.sp, ctx.world
     size = tp * cp * pp
     dp = world // size if world % size == 0 else 0
-    mbs = ctx.spec.training.micro_batch_size
-    mbs = seed.micro_batch_size if mbs == "auto" else mbs
     gbs = ctx.spec.training.global_batch_size
     m = gbs // (mbs * dp) if dp and gbs % (mbs * dp) == 0 else 0
-    return Layout(
-        tp=tp, cp=cp, pp=pp, dp=dp, vpp=pins.vpp if pins.vpp is not None else seed.vpp,
-        ep=pins.ep if pins.ep is not None else seed.ep, etp=pins.etp if pins.etp is not None else tp,
-        sp=pins.sp if pins.sp is not None else (tp > 1 and ctx.te), micro_batch_size=mbs, num_microbatches=m,
-    )
+    return Layout(tp=tp, cp=cp, pp=pp, dp=dp, vpp=vpp, ep=ep, etp=tp if etp is None else etp,
+                  sp=(tp > 1 and ctx.te) if sp is None else sp, micro_batch_size=mbs, num_microbatches=m)
 
 
 def broken_rules(ctx: Context, lay: Layout) -> list[str]:
