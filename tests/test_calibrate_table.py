@@ -15,7 +15,7 @@ import pytest
 from megacpp.planner.calibrate.cluster_fit import calibrate_table, step_seconds
 from megacpp.planner.calibrate.profile import cluster_from_profile, efficiency_from_profile
 from megacpp.planner.calibrate.table import MAX_TABLE_ROWS
-from megacpp.planner.cost.coefficients import DEFAULT_EFFICIENCY
+from megacpp.planner.cost.coefficients import DEFAULT_EFFICIENCY, DGX_HOST_LAUNCH_US
 from megacpp.planner.errors import PlanError
 from megacpp.runtime.cli.inputs import read_table
 from tests.conftest import ROOT
@@ -45,7 +45,9 @@ def test_a_table_measured_at_known_coefficients_gives_them_back(tmp_path):
     for name, value in TRUTH.items():
         assert profile["cluster_coefficients"][name] == pytest.approx(value, rel=2e-3)
     moved = {c["name"]: c for c in profile["coefficients"]}
-    assert moved["host_launch_us"]["before"] == 3.9 and moved["host_launch_us"]["moved"] == pytest.approx(1.0, abs=0.01)
+    before = DGX_HOST_LAUNCH_US  # the h100-sxm-8 preset's host class
+    assert moved["host_launch_us"]["before"] == before
+    assert moved["host_launch_us"]["moved"] == pytest.approx(TRUTH["host_launch_us"] / before - 1, abs=0.01)
     assert all(abs(r["error_after"]) < 1e-3 and abs(r["error_left_out"]) < 5e-3 for r in profile["rows"])
     assert profile["median_abs_error"]["before"] > 0.1  # the preset's coefficients were off
     assert profile["median_abs_error"]["after"] < 1e-3
@@ -84,7 +86,8 @@ def test_a_profile_from_a_table_moves_plan_as_fitted(tmp_path):
     done = subprocess.run([*cli, "calibrate", str(table), "--out", str(prof)], capture_output=True, text=True, cwd=ROOT,
                           env={**os.environ, "COLUMNS": "200"})
     assert done.returncode == 0, done.stderr
-    assert "host_launch_us" in done.stdout and "+100.0%" in done.stdout and "left-out error" in done.stdout
+    moved = f"{TRUTH['host_launch_us'] / DGX_HOST_LAUNCH_US - 1:+.1%}"  # from the preset's host class
+    assert "host_launch_us" in done.stdout and moved in done.stdout and "left-out error" in done.stdout
     doc = json.loads(prof.read_text())
     assert efficiency_from_profile(doc) == DEFAULT_EFFICIENCY  # a table's profile sets no overheads
     assert cluster_from_profile(doc) == pytest.approx(TRUTH, rel=2e-3)
@@ -187,6 +190,6 @@ def test_a_plan_records_the_profile_s_cluster_coefficients_and_prices_with_them(
     doc = json.loads(json.dumps(tuned.to_json_dict()))
     assert doc["profile"] == {"source": "mine.json", "factors": {}, "cluster": {"host_launch_us": 7.8}}
     again = Plan.from_json_dict(doc)
-    assert again.context.cluster.host_launch_us == 7.8 and plain.context.cluster.host_launch_us == 3.9
+    assert again.context.cluster.host_launch_us == 7.8 and plain.context.cluster.host_launch_us == DGX_HOST_LAUNCH_US
     with pytest.raises(PlanError, match="unknown cluster field 'nvlink'"):
         Plan.from_json_dict({**doc, "profile": {**doc["profile"], "cluster": {"nvlink": 1.0}}})

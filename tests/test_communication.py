@@ -8,9 +8,10 @@ import pytest
 
 from benchmarks.scale.truth import convert, load_runs, read_recipe
 from megacpp.planner.axes import Axis
-from megacpp.planner.cost.coefficients import FLEX_LINK_SHARE
+from megacpp.planner.cost.coefficients import DEFAULT_EFFICIENCY, FLEX_LINK_SHARE
 from megacpp.planner.cost.communication import (
     Placement,
+    communication,
     ep_overlap_unpaired,
     expert_sends,
     group_seconds,
@@ -18,11 +19,13 @@ from megacpp.planner.cost.communication import (
     placement,
     ring_exposed,
 )
+from megacpp.planner.cost.memory import stage_memory
 from megacpp.planner.errors import SpecError
 from megacpp.planner.megatron.args import TrainOptions, megatron_args
 from megacpp.planner.plan import build_plan, estimate_run, make_context
 from megacpp.planner.search.layout import Layout
 from megacpp.planner.search.rules import check_layout
+from megacpp.planner.search.stages import assign_stages
 from megacpp.planner.spec.loading import spec_from_dict
 from tests.conftest import TINY_DENSE, TINY_MOE, make_spec
 
@@ -237,3 +240,20 @@ def test_the_context_parallel_ring_hides_behind_the_attention_it_feeds():
                                     "training.seq_length": 32768, "training.global_batch_size": 8})
     cp = _comms(spec, tp=1, pp=1, cp=8, dp=1, micro_batch_size=1)[Axis.CP]
     assert 0 <= cp.exposed_seconds < 0.5 * cp.seconds
+
+
+def test_expert_all_to_alls_are_those_of_the_rank_the_step_times():
+    """With dense first layers the stage holding them can have the most blocks but the fewest E
+    blocks: the step times the MoE stage, so its exposed all-to-alls are that stage's."""
+    spec = make_spec(TINY_MOE, **{**H100_NODES, **BIG_MOE, "model.pattern": "(AD)*4 (AE)*4",
+                                  "model.mlp": {"ffn_hidden_size": 512, "gated": True}})
+    lay = Layout(tp=1, pp=2, vpp=1, cp=1, dp=4, ep=4, etp=1, sp=False, micro_batch_size=1, num_microbatches=64)
+    ctx = make_context(spec)
+    stages = assign_stages(ctx, lay.pp, lay.vpp)[1]
+    most_blocks = max(range(2), key=lambda p: len(stages[p].blocks))
+    most_experts = max(range(2), key=lambda p: stages[p].blocks.count("E"))
+    assert most_blocks != most_experts
+    mem = stage_memory(ctx, lay, stages, DEFAULT_EFFICIENCY)
+    ep = [{c.axis: c for c in communication(ctx, lay, stages, mem, rank=p)}[Axis.EP].bytes_per_step for p in (0, 1)]
+    timed = {c.axis: c for c in estimate_run(spec, lay).communication}[Axis.EP].bytes_per_step
+    assert timed == pytest.approx(ep[most_experts]) and ep[most_experts] > ep[most_blocks]

@@ -43,9 +43,9 @@ MEASURED_TE_SMALL_KERNEL_TRAFFIC = 18.35
 # overheads hold (5.2-15.2 us per op on every rank; notes, "Host class")
 REFERENCE_HOST_LAUNCH_US = 8.21
 # a DGX H100 / H200 / B200 host (bare-metal two-socket Xeon) running Megatron-Bridge, in the same
-# unit: FITTED, the median over the 12 tuning rows of the scale benchmark whose host matters of
-# the value that plans each exactly (python -m benchmarks.scale.fit_host; notes, "Host class")
-DGX_HOST_LAUNCH_US = 3.9
+# unit: FITTED, the value that gives the scale benchmark's 36 tuning rows their least median
+# |error| (python -m benchmarks.scale.fit_host; notes, "Host class")
+DGX_HOST_LAUNCH_US = 4.2
 # the share of an E block's own host time (not its local experts') that Megatron's "moe_router" and
 # "moe_preprocess" CUDA-graph modules capture (the pre-MLP norm, the router and the dispatcher's
 # preprocess, up to the routed-token counts' copy to the host): about 30 of the 110 kernels an E

@@ -181,7 +181,7 @@ def ring_exposed(hop: float, cp: int, attention: float) -> float:
 
 def communication(
     ctx: Context, lay: Layout, stages: list[Stage], mem: list[StageMemory], eff: Efficiency = DEFAULT_EFFICIENCY,
-    load: float = 1.0, window: tuple[float, float] = (math.inf, math.inf), ring: float = 0.0,
+    load: float = 1.0, window: tuple[float, float] = (math.inf, math.inf), ring: float = 0.0, rank: int | None = None,
 ) -> list[Comm]:
     """Per-axis traffic of the busiest pipeline rank in one step; `window` is the (forward,
     backward) GPU seconds of one micro-batch there, under which collectives overlap, and `ring` one
@@ -192,7 +192,8 @@ def communication(
     m = lay.num_microbatches
     tokens = micro_batch_tokens(ctx, lay)
     passes = 3 if spec.training.recompute == "full" else 2  # fwd, bwd (+ recompute fwd)
-    busiest = max(range(lay.pp), key=lambda p: sum(len(s.blocks) for s in rank_stages(stages, p)))
+    # the rank whose micro-batches the step prices (step.busiest_rank), else the one with most blocks
+    busiest = rank if rank is not None else max(range(lay.pp), key=lambda p: sum(len(s.blocks) for s in rank_stages(stages, p)))
     blocks = "".join(s.blocks for s in rank_stages(stages, busiest))
     blocks += mtp_blocks(ctx) if busiest == lay.pp - 1 else ""  # the MTP layers sit with the output head
     forward, backward = window

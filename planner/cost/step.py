@@ -363,6 +363,12 @@ def busiest_rank(ctx: Context, lay: Layout, stages: list[Stage], mem: list[Stage
                  load: float = 1.0) -> tuple[float, ...]:
     """(matmul, softmax, exposed block overhead, small kernels, gradient accumulation, host, the
     local experts' host) per micro-batch on the pipeline rank whose first five add up to the most."""
+    return _busiest(ctx, lay, stages, mem, eff, load)[1]
+
+
+def _busiest(ctx: Context, lay: Layout, stages: list[Stage], mem: list[StageMemory], eff: Efficiency,
+             load: float) -> tuple[int, tuple[float, ...]]:
+    """busiest_rank with that rank's pipeline index."""
     per_rank = []
     work = memo(ctx, ("rank work", shape(lay), eff, load), dict)  # _rank_work by the rank's blocks
     for p, rank in enumerate(ranks(ctx, stages, lay.pp)):
@@ -372,7 +378,8 @@ def busiest_rank(ctx: Context, lay: Layout, stages: list[Stage], mem: list[Stage
         accumulate = grad_accumulation_seconds(ctx, mem[p], eff)
         per_rank.append((gemm, scores, exposed_host_seconds(gemm + scores + small + accumulate, host, ctx.te, synced), small, accumulate,
                          host, experts))
-    return max(per_rank, key=lambda r: sum(r[:5]))
+    p = max(range(len(per_rank)), key=lambda i: sum(per_rank[i][:5]))
+    return p, per_rank[p]
 
 
 # relative margin of step_floor under the step, for sums taken in another order
@@ -411,13 +418,13 @@ def estimate(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency = D
     expert-parallel rank under routing imbalance (blocks.routed_load)."""
     mem = stage_memory(ctx, lay, stages, eff, load)
     per_letter = {letter: block_flops(ctx, letter, load) for letter in ctx.letters}
-    *terms, host, experts = busiest_rank(ctx, lay, stages, mem, eff, load)
+    rank, (*terms, host, experts) = _busiest(ctx, lay, stages, mem, eff, load)
     t_mb = sum(terms)
     gpu_mb = terms[0] + terms[1] + terms[3] + terms[4]
     # forward 1, backward 2 (+1 recomputed); the gradients accumulate in the backward
     forward = (gpu_mb - terms[4]) / (3 * gpu_repeats(ctx.spec.training.recompute))
     comms = communication(ctx, lay, stages, mem, eff, load, window=(forward, gpu_mb - forward),
-                          ring=memo(ctx, ("ring", shape(lay), eff), lambda: ring_attention_seconds(ctx, lay, eff)))
+                          ring=memo(ctx, ("ring", shape(lay), eff), lambda: ring_attention_seconds(ctx, lay, eff)), rank=rank)
     m = lay.num_microbatches
     pipeline_units = m + (lay.pp - 1) / lay.vpp
     compute = pipeline_units * t_mb
