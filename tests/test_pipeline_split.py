@@ -7,13 +7,14 @@ import shlex
 
 import pytest
 
+from megacpp.planner.cost.blocks import head_flops
 from megacpp.planner.errors import SpecError
 from megacpp.planner.megatron.render import RenderOptions, render_launch
 from megacpp.planner.plan import build_plan, make_context
 from megacpp.planner.search.layout import Layout
 from megacpp.planner.search.rules import check_layout
 from megacpp.planner.search.space import vpp_choices
-from megacpp.planner.search.stages import assign_stages
+from megacpp.planner.search.stages import assign_stages, unit_weights
 from megacpp.planner.spec.pipeline_layout import stage_layers
 from tests.conftest import TINY_DENSE, make_spec
 
@@ -128,3 +129,21 @@ def test_an_empty_stage_reads_as_holding_no_layers():
     doc = {"stages": [{"pp_rank": 0, "vp_stage": 0, "layers": [0, 0], "blocks": "", "embedding": True, "output_head": False},
                       {"pp_rank": 0, "vp_stage": 1, "layers": [3, 4], "blocks": "AD", "embedding": False, "output_head": False}]}
     assert _stage_label(doc, 0).startswith("pp0: L3") and "--1" not in _stage_label(doc, 0)
+
+
+
+@pytest.mark.parametrize("pp,vpp", [(8, 5), (4, 5), (2, 12)])
+def test_interleaved_splits_balance_the_ranks_not_the_chunks(pp, vpp):
+    """A rank runs all its chunks per micro-batch, so the split is judged by its heaviest rank:
+    Llama-3-70B's 80 layers split evenly (as Megatron does) keep every rank at 80 / pp layers plus
+    the output head on one, and the split megacpp picks loads no rank more. Balancing the heaviest
+    chunk against the output head instead put 12 layers on one of pp 8's ranks."""
+    spec = make_spec(LLAMA_405B, **{"model.pattern": "(AD)*80", "model.hidden_size": 8192,
+                                    "model.attention": {"num_heads": 64, "num_query_groups": 8, "head_dim": 128},
+                                    "model.mlp": {"ffn_hidden_size": 28672}, "parallel": {}})
+    ctx = make_context(spec)
+    weights, head = unit_weights(ctx), head_flops(ctx)
+    loads = [0.0] * pp
+    for stage in assign_stages(ctx, pp, vpp)[1]:
+        loads[stage.pp_rank] += sum(weights[stage.start:stage.stop]) + (head if stage.output_head else 0.0)
+    assert max(loads) <= (80 // pp) * weights[0] + head + 1e-9 * max(loads)

@@ -456,6 +456,14 @@ def convert(row: dict[str, Any], models: dict[str, Any] | None = None) -> Conver
             # a stage without decoder layers: pinned as the layout string itself, without its `m`:
             # megacpp places the MTP layers on the last stage, where the string puts them
             pipeline_layout = recipe.pp_layout.replace("m", "")
+    elif pp * vpp > 1 and m["num_layers"] % (pp * vpp) == 0:
+        # no layout published: Megatron splits the layers evenly, where megacpp's own balancing
+        # would weigh the output head; pinned as Megatron's layout string, `|` cuts on hybrids
+        per = m["num_layers"] // (pp * vpp)
+        if "hybrid_override_pattern" in m:
+            stage_layers = [per] * (pp * vpp)
+        else:
+            pipeline_layout = f"E(t*{per}|)*{pp * vpp - 1}t*{per}L"
     precision, fp8_recipe = PRECISIONS[row["precision"]]
     if row["precision"] in PRECISION_ASSUMED:
         assume.append(PRECISION_ASSUMED[row["precision"]])

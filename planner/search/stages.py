@@ -108,19 +108,57 @@ def _prefix(weights: list[float]) -> list[float]:
     return out
 
 
-def _cost(weights: list[float], sizes: tuple[int, ...], head: float) -> float:
-    prefix = _prefix(weights)
-    return _cost_prefix(prefix, sizes, head)
+def _cost(weights: list[float], sizes: tuple[int, ...], head: float, pp: int) -> float:
+    return _cost_prefix(_prefix(weights), sizes, head, pp)
 
 
-def _cost_prefix(prefix: list[float], sizes: tuple[int, ...], head: float) -> float:
-    """The heaviest stage of a split, from prefix sums (head added to the last stage)."""
-    worst, start = 0.0, 0
-    for i, size in enumerate(sizes):
-        stop = start + size
-        worst = max(worst, prefix[stop] - prefix[start] + (head if i == len(sizes) - 1 else 0.0))
-        start = stop
-    return worst
+def _cost_prefix(prefix: list[float], sizes: tuple[int, ...], head: float, pp: int) -> float:
+    """The heaviest pipeline rank of a split, from prefix sums (head on the last chunk's rank): a
+    rank runs every one of its chunks per micro-batch, so under the interleaved schedule its
+    chunks' sum, not the heaviest chunk, sets the pace."""
+    loads, start = [0.0] * pp, 0
+    for k, size in enumerate(sizes):
+        loads[k % pp] += prefix[start + size] - prefix[start]
+        start += size
+    loads[(len(sizes) - 1) % pp] += head
+    return max(loads)
+
+
+def _rank_partition(weights: list[float], pp: int, vpp: int, head: float) -> tuple[int, ...] | None:
+    """A split into pp x vpp non-empty chunks that balances the ranks' sums (_cost_prefix): the
+    least per-rank budget (by bisection) under which each chunk, in order, takes units up to an
+    even share of its rank's budget left over its chunks left."""
+    n, chunks = len(weights), pp * vpp
+
+    def fill(budget: float) -> tuple[int, ...] | None:
+        loads, sizes, i = [0.0] * pp, [], 0
+        for k in range(chunks):
+            r, left = k % pp, vpp - k // pp
+            extra = head if k == chunks - 1 else 0.0
+            allowance = (budget - loads[r] - (head if r == (chunks - 1) % pp else 0.0)) / left
+            must_leave = chunks - k - 1  # a unit for each chunk after this one
+            take, acc = 0, 0.0
+            while i + take < n - must_leave and (take == 0 or acc + weights[i + take] <= allowance):
+                acc += weights[i + take]
+                take += 1
+            if k == chunks - 1:
+                take, acc = n - i, sum(weights[i:])
+            if take == 0 or loads[r] + acc + extra > budget * (1 + 1e-12):
+                return None
+            loads[r] += acc
+            sizes.append(take)
+            i += take
+        return tuple(sizes)
+
+    if n < chunks:
+        return None
+    lo, hi = (sum(weights) + head) / pp, sum(weights) + head
+    if fill(hi) is None:
+        return None
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if fill(mid) is not None else (mid, hi)
+    return fill(hi)
 
 
 def _first_last_split(weights: list[float], pp: int, head: float) -> Split:
@@ -152,10 +190,10 @@ def _first_last_split(weights: list[float], pp: int, head: float) -> Split:
             if not 1 <= first <= rest - 1:
                 continue
             sizes = (first, *(middle,) * (pp - 2), rest - first)
-            cost = _cost_prefix(prefix, sizes, head)
+            cost = _cost_prefix(prefix, sizes, head, pp)
             if best is None or cost < best[0] - 1e-9:
                 best = (cost, 1, Split("first_last", sizes, first, rest - first))
-    if even is not None and (best is None or _cost_prefix(prefix, even.sizes, head) <= best[0] * (1 + EVEN_TOLERANCE)):
+    if even is not None and (best is None or _cost_prefix(prefix, even.sizes, head, pp) <= best[0] * (1 + EVEN_TOLERANCE)):
         return even
     assert best is not None
     return best[2]
@@ -203,8 +241,10 @@ def choose_split(ctx: Context, pp: int, vpp: int) -> Split:
     if not ctx.plain_transformer and ctx.dialect == "core_v0.16":
         return _first_last_split(weights, pp, head)
     sizes = _partition(weights, chunks, head)
+    if vpp > 1 and (by_rank := _rank_partition(weights, pp, vpp, head)) is not None:
+        sizes = min(sizes, by_rank, key=lambda s: _cost(weights, s, head, pp))
     even = (n // chunks,) * chunks if n % chunks == 0 else None
-    if even and _cost(weights, even, head) <= _cost(weights, sizes, head) * (1 + EVEN_TOLERANCE):
+    if even and _cost(weights, even, head, pp) <= _cost(weights, sizes, head, pp) * (1 + EVEN_TOLERANCE):
         return Split("even", even)
     return Split("pipes" if not ctx.plain_transformer else "layout", sizes)
 
