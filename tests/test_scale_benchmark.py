@@ -192,3 +192,27 @@ def test_only_writes_a_partial_report(tmp_path) -> None:
     assert {r["model_key"] for r in data["rows"]} == {"llama3_8b"}
     md = (tmp_path / "scale.md").read_text()
     assert "Filtered to llama3_8b" in md and "## Every configuration" in md
+
+
+@pytest.mark.parametrize("row_id", [0, 2, 4, 34])
+def test_bridge_perf_recipes_reduce_gradients_in_bf16(row_id: int) -> None:
+    """Megatron-Bridge's perf_recipes pass through _benchmark_common (grad_reduce_in_fp32 = False):
+    the verification cards' runs keep bf16 gradient buffers, where an older summary row without the
+    setting keeps fp32."""
+    assert spec_from_dict(convert(row(row_id)).spec).training.grad_reduce_dtype == "bf16"
+    assert spec_from_dict(convert(row(39)).spec).training.grad_reduce_dtype == "fp32"  # DeepSeek-V3, 25.09
+
+
+def test_nemotron_3_super_h100_holds_its_recipes_optimizer_state() -> None:
+    """Row 2 (Super, 64 H100, TP1 PP2 EP32): the library recipe's precision-aware Adam (fp16 master,
+    bf16 moments: 6 bytes a parameter), bf16 gradients, and experts whose state is not sharded, as
+    EDP = 64 / (EP 32 x PP 2) = 1. How close the peak comes to the card's is the benchmark's to say."""
+    spec = spec_from_dict(convert(row(2)).spec)
+    opt = spec.training.optimizer
+    assert (opt.main_params_dtype, opt.exp_avg_dtype, opt.exp_avg_sq_dtype) == ("fp16", "bf16", "bf16")
+    cand = build_plan(spec, top=1).to_json_dict()["candidates"][0]
+    assert cand["layout"]["edp"] == 1 and cand["layout"]["dp"] == 32
+    first = cand["memory"]["per_stage"][0]
+    dense = first["params"] - first["params_expert"]
+    assert first["optimizer_gib"] == pytest.approx(6 * (first["params_expert"] + dense / 32) / 2**30, rel=1e-3)
+    assert first["gradients_gib"] == pytest.approx(first["weights_gib"])

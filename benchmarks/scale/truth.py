@@ -157,9 +157,22 @@ class Recipe:
     recompute_method: str | None = None  # full recompute of some layers: uniform | block
     offload_modules: tuple[str, ...] = ()  # fine-grained activation offloading
     offload_fraction: float = 1.0
+    optimizer: tuple[tuple[str, str], ...] = ()  # Adam's dtypes the recipe's source sets (RECIPE_OPTIMIZERS)
 
 
 NEMO_TP_OVERLAP = ("nemotron4_340b", "llama3_70b", "llama31_405b")
+# Megatron-Bridge's flat performance recipes (src/megatron/bridge/perf_recipes/) all pass through
+# _benchmark_common, which sets ddp.grad_reduce_in_fp32 = False, and _perf_precision, which sets it
+# again on the mixed-precision config (perf_recipes/_common.py): their gradient buffers are bf16
+PERF_RECIPES = "perf_recipes/"
+# Adam's state of library recipes whose settings_compact does not name it, as their source sets it
+# (dtypes of the spec's training.optimizer). Nemotron 3 Super on 64 H100: Megatron-Bridge
+# recipes/nemotronh/h100/nemotron_3_super.py _nemotron_3_super_pretrain_64gpu_h100_bf16_config sets
+# use_precision_aware_optimizer with main_params_dtype fp16, main_grads_dtype bf16 and bf16 moments
+RECIPE_OPTIMIZERS = {
+    "_nemotron_3_super_pretrain_64gpu_h100_bf16_config": {
+        "exp_avg_dtype": "bf16", "exp_avg_sq_dtype": "bf16", "main_params_dtype": "fp16"},
+}
 
 
 def _modules(text: str | None) -> tuple[str, ...]:
@@ -224,6 +237,9 @@ def read_recipe(row: dict[str, Any]) -> Recipe:
     nemo = row["source_type"].startswith("nemo_framework")
     tp_overlap = tp_overlap or (nemo and row["tp"] > 1 and row["model_key"] in NEMO_TP_OVERLAP)
 
+    function = rc.get("function") or ""
+    optimizer = next((tuple(dtypes.items()) for name, dtypes in RECIPE_OPTIMIZERS.items() if name in function), ())
+
     # "activation_offload=expert_fc1 (fraction 1.0)": fine-grained activation offloading
     offload = re.search(r"activation_offload=([a-z0-9_,]+)(?: \(fraction ([\d.]+)\))?", sc)
     return Recipe(
@@ -233,9 +249,10 @@ def read_recipe(row: dict[str, Any]) -> Recipe:
         activation_offload="activation_offload=" in sc, bf16_moments="BF16 Adam moments" in sc,
         fsdp=bool(row["fsdp"]) or "megatron_fsdp=on" in sc, runtime=tuple(runtime),
         ep_overlap="ep_a2a_overlap=on" in sc or "EP A2A overlap (" in sc, tp_comm_overlap=tp_overlap,
-        grad_reduce_bf16="grad_reduce_in_fp32 = False" in family or nemo, cuda_graphs=read_cuda_graphs(sc),
+        grad_reduce_bf16="grad_reduce_in_fp32 = False" in family or nemo or PERF_RECIPES in function, cuda_graphs=read_cuda_graphs(sc),
         recompute_method="block" if stated and stated[3] else None,
         offload_modules=_modules(offload[1]) if offload else (), offload_fraction=float(offload[2]) if offload and offload[2] else 1.0,
+        optimizer=optimizer,
     )
 
 
@@ -286,6 +303,8 @@ def memory_settings(recipe: Recipe, modules: tuple[str, ...]) -> dict[str, Any]:
             out["activation_offload_fraction"] = recipe.offload_fraction
     if recipe.bf16_moments:
         out["optimizer"] = {"exp_avg_dtype": "bf16", "exp_avg_sq_dtype": "bf16"}
+    if recipe.optimizer:
+        out["optimizer"] = dict(recipe.optimizer)
     return out
 
 
@@ -349,6 +368,9 @@ def _model(m: dict[str, Any], recipe: Recipe, stage_layers: list[int] | None) ->
     """The spec's model block and its pattern without pipeline cuts."""
     if "hybrid_override_pattern" in m:
         pattern = plain = "".join(HYBRID_LETTERS[c] for c in m["hybrid_override_pattern"])
+        if stage_layers:  # one letter per Megatron layer
+            cuts = [sum(stage_layers[:i]) for i in range(len(stage_layers) + 1)]
+            pattern = " | ".join(plain[a:b] for a, b in zip(cuts, cuts[1:], strict=False))
     else:
         moe_layers = m["num_layers"] - (m.get("first_k_dense") or 0) if m.get("num_moe_experts") else 0
         pairs = ["AD"] * (m["num_layers"] - moe_layers) + ["AE"] * moe_layers
