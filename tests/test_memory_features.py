@@ -8,7 +8,7 @@ import pytest
 from megacpp.planner import build_plan
 from megacpp.planner.cost.blocks import BF16, block_activation_bytes, micro_batch_tokens, norm_stats_bytes
 from megacpp.planner.cost.coefficients import DEFAULT_EFFICIENCY
-from megacpp.planner.cost.memory import GIB, stage_memory
+from megacpp.planner.cost.memory import GIB, recomputed_blocks, stage_memory
 from megacpp.planner.errors import LaunchError, SpecError
 from megacpp.planner.megatron.args import TrainOptions, environment, known_flags, megatron_args
 from megacpp.planner.megatron.render import RenderOptions, render_launch
@@ -101,6 +101,24 @@ def test_uniform_checkpoints_of_n_layers_keep_one_input_each():
     assert one.activations_gib - embedding == pytest.approx(8 * BF16 * h * tokens / GIB)  # 8 layers, 8 inputs
     assert two.activations_gib - embedding == pytest.approx(4 * BF16 * h * tokens / GIB)  # 4 checkpoints of 2
     assert "2 recomputed layers" in two.transient_from
+
+
+def test_block_method_runs_again_only_the_layers_it_recomputes():
+    """The step prices the forward again only for the first recompute_num_layers layers of each
+    chunk: its GPU work lies between no recompute and full recompute."""
+    from megacpp.planner.plan import estimate_run
+
+    def gpu(spec) -> float:
+        est = estimate_run(spec, ONE)
+        return sum(seconds for term, seconds in est.breakdown if term in ("matmul", "small_kernels"))
+
+    none, full = gpu(make_spec(HYBRID, **TE)), gpu(_full(None, None))
+    three = gpu(_full("block", 3))  # 3 of the 8 layers (AEMEAEME, one letter a layer)
+    assert none < three < full
+    ctx = make_context(_full("block", 3))
+    again = recomputed_blocks(ctx, assign_stages(ctx, 1, 1)[1])
+    assert again == "AEM"
+    assert gpu(_full("block", 8)) == pytest.approx(full)
 
 
 def test_block_method_recomputes_the_first_layers_and_keeps_the_rest():

@@ -32,7 +32,7 @@ from megacpp.planner.axes import Axis
 from megacpp.planner.cost.blocks import BF16, FP32, expert_width, micro_batch_tokens
 from megacpp.planner.cost.coefficients import DEFAULT_EFFICIENCY, FLEX_LINK_SHARE, Efficiency
 from megacpp.planner.cost.latent import mtp_blocks
-from megacpp.planner.cost.memory import StageMemory, rank_stages
+from megacpp.planner.cost.memory import StageMemory, rank_stages, recomputed_blocks
 from megacpp.planner.search.layout import Context, Layout
 from megacpp.planner.search.stages import Stage
 from megacpp.planner.spec.models import MoESpec
@@ -191,11 +191,19 @@ def communication(
     h = spec.model.hidden_size
     m = lay.num_microbatches
     tokens = micro_batch_tokens(ctx, lay)
-    passes = 3 if spec.training.recompute == "full" else 2  # fwd, bwd (+ recompute fwd)
     # the rank whose micro-batches the step prices (step.busiest_rank), else the one with most blocks
     busiest = rank if rank is not None else max(range(lay.pp), key=lambda p: sum(len(s.blocks) for s in rank_stages(stages, p)))
     blocks = "".join(s.blocks for s in rank_stages(stages, busiest))
     blocks += mtp_blocks(ctx) if busiest == lay.pp - 1 else ""  # the MTP layers sit with the output head
+    again = recomputed_blocks(ctx, rank_stages(stages, busiest))
+
+    def passes(letters: str | None = None) -> int:
+        """Forward and backward passes of a micro-batch over the rank's blocks of `letters` (all: None),
+        with the forwards full recompute runs again."""
+        def count(b: str) -> int:
+            return len(b) if letters is None else sum(b.count(x) for x in letters)
+
+        return 2 * count(blocks) + count(again)
     forward, backward = window
     compute = m * (forward + backward)  # the step's GPU work on the rank, outside the pipeline bubble
     out: list[Comm] = []
@@ -216,7 +224,7 @@ def communication(
         # LinearWithGradAccumulationAndAsyncCommunication.backward, TE's Linear alike; profiled:
         # 3 all-gathers and 2 reduce-scatters per block per micro-batch, gpu_runs_h200x2_te_blind5.json)
         tp = placement(ctx, lay.tp, 1)
-        n = len(blocks) * m * passes
+        n = m * passes()
         if lay.sp:
             gather = group_seconds(ctx, "all-gather", tp, act)
             regathers = len(blocks) * m
@@ -244,7 +252,7 @@ def communication(
             out.append(Comm(Axis.CP, "send-recv", cp.size, kv * count * 3 * (lay.cp - 1), cp.link,
                             count * 3 * (lay.cp - 1) * hop, shown))
         if "M" in blocks:
-            add(Axis.CP, "all-to-all", cp, act / lay.tp * 2, blocks.count("M") * m * 2 * passes)
+            add(Axis.CP, "all-to-all", cp, act / lay.tp * 2, m * 2 * passes("M"))
     moe = spec.model.moe
     if moe is not None and "E" in blocks:
         # one copy of the rank's routed tokens, in the experts' width (latent MoE dispatches latents)
@@ -259,7 +267,7 @@ def communication(
                 one = alpha * 1e-6 + nvlink * token / (bw * share[0] * 1e9)
             else:
                 one = _split_seconds(ctx, ep, "all-to-all", nvlink * token, nic * token, share)
-            count = blocks.count("E") * m * 2 * passes  # dispatch + combine in forward and again in backward
+            count = m * 2 * passes("E")  # dispatch + combine in forward and again in backward
             sec = count * one
             shown = sec
             if moe.overlap_communication:
@@ -269,8 +277,8 @@ def communication(
             # expert TP gathers the routed tokens before the experts and reduce-scatters after
             etp = placement(ctx, lay.etp, 1)
             routed = token * moe.top_k * lay.etp
-            add(Axis.ETP, "all-gather", etp, routed, blocks.count("E") * m * passes)
-            add(Axis.ETP, "reduce-scatter", etp, routed, blocks.count("E") * m * passes)
+            add(Axis.ETP, "all-gather", etp, routed, m * passes("E"))
+            add(Axis.ETP, "reduce-scatter", etp, routed, m * passes("E"))
     if lay.pp > 1:
         # neighbouring stages are world/pp ranks apart: one NVLink domain only if it holds the world
         pp = Placement(2, 2, 1) if ctx.world <= ctx.cluster.nvlink_domain else Placement(2, 1, 2)

@@ -448,6 +448,20 @@ def fsdp_resident_params(ctx: Context, params: dict[str, BlockParams], mine: lis
     return shards + FSDP_LAYERS_IN_FLIGHT * largest
 
 
+def recomputed_blocks(ctx: Context, mine: list[Stage]) -> str:
+    """The blocks of one rank's stages whose forward full recompute runs again in the backward:
+    every block, or under the block method only the first recompute_num_layers layers of each
+    model chunk (transformer_block.py _checkpointed_forward), the MTP layers with the output
+    head's rank unless the block method leaves them out; none without full recompute."""
+    training = ctx.spec.training
+    if training.recompute != "full":
+        return ""
+    if training.recompute_method != "block":
+        return "".join(st.blocks for st in mine) + (mtp_blocks(ctx) if any(st.output_head for st in mine) else "")
+    n = training.recompute_num_layers or 1
+    return "".join("".join(_units(ctx, st.blocks)[:n]) for st in mine)
+
+
 def _partial(ctx: Context) -> bool:
     """Whether full recompute checkpoints only some layers (_partial_full_recompute)."""
     training = ctx.spec.training

@@ -38,7 +38,7 @@ from megacpp.planner.cost.coefficients import (
 from megacpp.planner.cost.communication import Comm, communication
 from megacpp.planner.cost.kernel_rates import kernel_rates
 from megacpp.planner.cost.latent import mtp_blocks, mtp_flops, mtp_proj_gemms, recomputed_up_projections
-from megacpp.planner.cost.memory import GIB, StageMemory, ranks, stage_memory
+from megacpp.planner.cost.memory import GIB, StageMemory, ranks, recomputed_blocks, stage_memory
 from megacpp.planner.cost.shard import memo, shape
 from megacpp.planner.search.layout import Context, Layout
 from megacpp.planner.search.stages import Stage
@@ -102,23 +102,25 @@ def host_bound(breakdown: Mapping[str, float]) -> bool:
 PER_MICRO_BATCH_AXES = (Axis.TP, Axis.CP, Axis.EP, Axis.ETP, Axis.PP)
 
 
-def matmul_seconds(ctx: Context, lay: Layout, letter: str, eff: Efficiency, load: float = 1.0) -> float:
+def matmul_seconds(ctx: Context, lay: Layout, letter: str, eff: Efficiency, load: float = 1.0,
+                   recompute: str | None = None) -> float:
     """GPU seconds of one block's matmuls ("head": the output layer) per micro-batch on one rank,
     forward and backward plus what recompute repeats: from the preset's measured kernel-rate table
     (planner/cost/kernel_rates.py), under fp8 its Linear and GroupedLinear rows of the spec's fp8
     recipe (core attention stays bf16 under TE's fp8 recipes), else FLOPs at MAMF x
     Efficiency.matmul; either over the system's Cluster.matmul_rate_scale (1 unless a cluster
-    profile fitted it)."""
-    return _priced_matmul_seconds(ctx, lay, letter, eff, load) / ctx.cluster.matmul_rate_scale
+    profile fitted it). `recompute` prices the block under that mode instead of the spec's."""
+    return _priced_matmul_seconds(ctx, lay, letter, eff, load, recompute) / ctx.cluster.matmul_rate_scale
 
 
-def _priced_matmul_seconds(ctx: Context, lay: Layout, letter: str, eff: Efficiency, load: float) -> float:
+def _priced_matmul_seconds(ctx: Context, lay: Layout, letter: str, eff: Efficiency, load: float,
+                           recompute: str | None = None) -> float:
     """matmul_seconds at the preset's rates."""
     c = ctx.cluster
     fp8 = ctx.spec.training.precision == "fp8"
     recipe = ctx.spec.training.fp8_recipe if fp8 else None
     rate = (c.mamf_fp8_tflops if fp8 else c.mamf_bf16_tflops) * 1e12 * eff.matmul
-    recompute = ctx.spec.training.recompute
+    recompute = recompute or ctx.spec.training.recompute
     again = gpu_repeats(recompute)
     if letter == "head":
         gemms = head_gemms(ctx, lay)
@@ -127,7 +129,7 @@ def _priced_matmul_seconds(ctx: Context, lay: Layout, letter: str, eff: Efficien
         gemms = mtp_proj_gemms(ctx, lay)
     else:
         gemms = block_gemms(ctx, letter, lay, load)
-    up = recomputed_up_projections(ctx, lay) if letter == "A" else None  # a forward again (mla_up_proj)
+    up = recomputed_up_projections(ctx, lay) if letter == "A" and recompute != "none" else None  # a forward again (mla_up_proj)
     rates = kernel_rates(c.kernel_table)
     if rates is None or (recipe is not None and not rates.has_fp8(recipe)):
         return 3 * gemms.flops * again / rate + (up.flops / rate if up else 0.0)
@@ -170,13 +172,14 @@ def ring_attention_seconds(ctx: Context, lay: Layout, eff: Efficiency) -> float:
     return 3 * gemms.other_flops / (ctx.cluster.mamf_bf16_tflops * 1e12 * eff.matmul)
 
 
-def precision_matmul_seconds(ctx: Context, lay: Layout, letter: str, eff: Efficiency, load: float = 1.0) -> float:
+def precision_matmul_seconds(ctx: Context, lay: Layout, letter: str, eff: Efficiency, load: float = 1.0,
+                             recompute: str | None = None) -> float:
     """matmul_seconds at the training precision's rate. bf16 and every FP8 recipe are priced there
     (FP8 at the preset's MAMF FP8 rate, whatever the recipe); NVFP4 runs the same GEMMs at the
     preset's FP4 rate: matmul_seconds' bf16 price (FLOPs at MAMF on the Blackwell presets, which
     have no kernel table) scaled by mamf_bf16 / mamf_fp4. Like FP8's, the scale covers core
     attention too, which NVFP4 leaves in bf16 (NVFP4BlockScaling: fp8_dpa off)."""
-    seconds = matmul_seconds(ctx, lay, letter, eff, load)
+    seconds = matmul_seconds(ctx, lay, letter, eff, load, recompute)
     c = ctx.cluster
     if ctx.spec.training.precision != "fp4" or not c.mamf_fp4_tflops:
         return seconds
@@ -331,29 +334,48 @@ def grad_accumulation_seconds(ctx: Context, stage: StageMemory, eff: Efficiency)
     return moved / (rate * 1e12)
 
 
-def _matmul(ctx: Context, lay: Layout, eff: Efficiency, load: float) -> dict[str, float]:
-    """matmul_seconds of each block letter, the head and the MTP projection, once per shard shape (cost.shard)."""
+def repeats_of(ctx: Context, blocks: str, again: str | None) -> float:
+    """gpu_repeats of a rank whose `again` blocks of `blocks` full recompute runs again (None: as
+    the spec's recompute mode runs them all)."""
+    if again is None or ctx.spec.training.recompute != "full" or not blocks:
+        return gpu_repeats(ctx.spec.training.recompute)
+    return 1 + min(len(again), len(blocks)) / len(blocks) / 3
+
+
+def _matmul(ctx: Context, lay: Layout, eff: Efficiency, load: float, recompute: str | None = None) -> dict[str, float]:
+    """matmul_seconds of each block letter, the head and the MTP projection, once per shard shape
+    (cost.shard); `recompute` as matmul_seconds takes it."""
     keys = [*ctx.letters, "head", *["mtp_proj"] * bool(ctx.spec.model.mtp_num_layers)]
-    return memo(ctx, ("matmul", shape(lay), eff, load),
-                lambda: {letter: precision_matmul_seconds(ctx, lay, letter, eff, load) for letter in keys})
+    return memo(ctx, ("matmul", shape(lay), eff, load, recompute),
+                lambda: {letter: precision_matmul_seconds(ctx, lay, letter, eff, load, recompute) for letter in keys})
 
 
 def _rank_work(ctx: Context, lay: Layout, blocks: str, head: bool, eff: Efficiency,
-               load: float) -> tuple[float, float, float, float, float, float]:
+               load: float, again: str | None = None) -> tuple[float, float, float, float, float, float]:
     """One pipeline rank's (matmul, softmax, small kernels, host, the local experts' host, the
-    host's synchronised share) per micro-batch, from its blocks and whether it has the head."""
+    host's synchronised share) per micro-batch, from its blocks, whether it has the head, and the
+    blocks full recompute runs again (memory.recomputed_blocks; None: as many as the spec's
+    recompute mode runs again of `blocks`)."""
+    recompute = ctx.spec.training.recompute
     matmul = _matmul(ctx, lay, eff, load)
     mtp = ctx.spec.model.mtp_num_layers
     # the MTP layers run on the last stage after the model's, each with one more output-layer pass
     blocks += mtp_blocks(ctx) if head else ""
-    gemm = sum(matmul[letter] for letter in blocks) + (matmul["head"] * (1 + mtp) if head else 0.0)
-    gemm += matmul["mtp_proj"] if head and mtp else 0.0
-    units = host_units(ctx, lay, blocks)
-    repeats = host_repeats(ctx.spec.training.recompute, ctx.te)
-    host = sum(n * eff.overhead(key, ctx.te) for key, n in units.items()) * repeats
-    experts = units[EXPERT] * eff.overhead(EXPERT, ctx.te) * repeats
+    gemm = matmul["head"] * (1 + mtp) + (matmul["mtp_proj"] if mtp else 0.0) if head else 0.0
     traffic = eff.traffic(ctx.te)
-    small = traffic * small_kernel_seconds(ctx, lay, blocks, load) * gpu_repeats(ctx.spec.training.recompute) if traffic else 0.0
+    small = traffic * small_kernel_seconds(ctx, lay, blocks, load) if traffic else 0.0
+    if recompute == "full" and again is not None and len(again) < len(blocks):
+        # partial full recompute: the other blocks run once, and so do their small kernels
+        once, rest = _matmul(ctx, lay, eff, load, "none"), Counter(blocks) - Counter(again)
+        gemm += sum(matmul[letter] for letter in again) + sum(n * once[letter] for letter, n in rest.items())
+        small += traffic * small_kernel_seconds(ctx, lay, again, load) / 3 if traffic and again else 0.0
+    else:
+        gemm += sum(matmul[letter] for letter in blocks)
+        small *= gpu_repeats(recompute)
+    units = host_units(ctx, lay, blocks)
+    host_again = 1.0 if ctx.te else repeats_of(ctx, blocks, again)
+    host = sum(n * eff.overhead(key, ctx.te) for key, n in units.items()) * host_again
+    experts = units[EXPERT] * eff.overhead(EXPERT, ctx.te) * host_again
     scores = blocks.count("A") * softmax_seconds(ctx, lay, eff)
     synced = eff.te_sync_exposed if units["E"] else 0.0  # a captured MoE layer waits for nothing
     return gemm, scores, small, host, experts, synced
@@ -372,9 +394,10 @@ def _busiest(ctx: Context, lay: Layout, stages: list[Stage], mem: list[StageMemo
     per_rank = []
     work = memo(ctx, ("rank work", shape(lay), eff, load), dict)  # _rank_work by the rank's blocks
     for p, rank in enumerate(ranks(ctx, stages, lay.pp)):
-        if (rank.blocks, rank.output_head) not in work:
-            work[rank.blocks, rank.output_head] = _rank_work(ctx, lay, rank.blocks, rank.output_head, eff, load)
-        gemm, scores, small, host, experts, synced = work[rank.blocks, rank.output_head]
+        again = recomputed_blocks(ctx, rank.stages)
+        if (rank.blocks, rank.output_head, again) not in work:
+            work[rank.blocks, rank.output_head, again] = _rank_work(ctx, lay, rank.blocks, rank.output_head, eff, load, again)
+        gemm, scores, small, host, experts, synced = work[rank.blocks, rank.output_head, again]
         accumulate = grad_accumulation_seconds(ctx, mem[p], eff)
         per_rank.append((gemm, scores, exposed_host_seconds(gemm + scores + small + accumulate, host, ctx.te, synced), small, accumulate,
                          host, experts))
@@ -395,7 +418,9 @@ def step_floor(ctx: Context, lay: Layout, eff: Efficiency = DEFAULT_EFFICIENCY, 
     communication, the optimizer) only add to it."""
 
     def whole_model() -> float:
-        gemm, scores, small, host, *_ = _rank_work(ctx, lay, ctx.pattern.blocks, True, eff, load)
+        # under partial full recompute every block running once is the bound
+        again = "" if ctx.spec.training.recompute_method == "block" else None
+        gemm, scores, small, host, *_ = _rank_work(ctx, lay, ctx.pattern.blocks, True, eff, load, again)
         return max(gemm + scores + small, host) if ctx.te else gemm + scores + small + host
 
     work = memo(ctx, ("floor", shape(lay), eff, load), whole_model)
@@ -422,7 +447,8 @@ def estimate(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency = D
     t_mb = sum(terms)
     gpu_mb = terms[0] + terms[1] + terms[3] + terms[4]
     # forward 1, backward 2 (+1 recomputed); the gradients accumulate in the backward
-    forward = (gpu_mb - terms[4]) / (3 * gpu_repeats(ctx.spec.training.recompute))
+    mine = ranks(ctx, stages, lay.pp)[rank]
+    forward = (gpu_mb - terms[4]) / (3 * repeats_of(ctx, mine.blocks, recomputed_blocks(ctx, mine.stages)))
     comms = communication(ctx, lay, stages, mem, eff, load, window=(forward, gpu_mb - forward),
                           ring=memo(ctx, ("ring", shape(lay), eff), lambda: ring_attention_seconds(ctx, lay, eff)), rank=rank)
     m = lay.num_microbatches
