@@ -167,6 +167,33 @@ def _headline(result: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
+# a claimed speedup over the published layout above this is explained term by term
+EXPLAINED_CLAIM = 1.15
+
+
+def _claims(records: list[dict[str, Any]], above: float = EXPLAINED_CLAIM) -> list[str]:
+    """Each claimed speedup above `above`, the step's terms on the published layout against the
+    top pick's (`megacpp explain layout SPEC --versus LAYOUT` prints the same, term by term)."""
+    lines = [f"### Claims above {above:.2f}x, term by term", "",
+             "Seconds per step on the busiest pipeline rank, published layout -> top pick, the terms that moved "
+             "most first.", ""]
+    rows = []
+    for r in records:
+        s = r["search"]
+        if not s or s["outcome"] != "searched" or (s["claimed_speedup"] or 0) <= above:
+            continue
+        pick = next(c for c in s["top"] if c["fits"])
+        mine, theirs = r["pinned"]["step_breakdown"], pick["step_breakdown"]
+        moved = sorted(mine, key=lambda k: -abs(mine[k] - theirs.get(k, 0.0)))
+        terms = "; ".join(f"{k.replace('_', ' ')} {mine[k]:.2f} -> {theirs.get(k, 0.0):.2f}" for k in moved[:4]
+                          if abs(mine[k] - theirs.get(k, 0.0)) > 0.005)
+        rows.append([r["row_id"], r["model_key"], _layout(r["published"]), _search_layout(pick["layout"]),
+                     _times(s["claimed_speedup"]), terms])
+    if not rows:
+        return lines[:2] + ["None.", ""]
+    return lines + _table(["row", "model", "published layout", "top pick", "claimed speedup", "terms"], rows)
+
+
 def render_markdown(result: dict[str, Any]) -> str:
     s = result["summary"]
     records = result["rows"]
@@ -210,6 +237,7 @@ def render_markdown(result: dict[str, Any]) -> str:
                   for r in records if r["search"] and r["search"]["outcome"] == "searched"]
         lines += _table(["row", "model", "system", "GPUs", "published layout", "rank", "top pick", "claimed speedup",
                          "search s"], detail)
+        lines += _claims(records)
 
     lines += [f"## The {WORST} worst rows", "",
               "Each with the plan's own step breakdown on its busiest pipeline rank "

@@ -97,7 +97,7 @@ def search(spec: dict[str, Any], pinned: dict[str, Any]) -> dict[str, Any]:
         return {"outcome": "error", "message": str(exc), "plan_seconds": round(time.perf_counter() - start, 3)}
     seconds = round(time.perf_counter() - start, 3)
     top = [{"layout": c["layout"], "step_seconds": c["time"]["step_seconds"], "fits": c["fits"],
-            "peak_gib": c["memory"]["peak_gib"]} for c in plan["candidates"]]
+            "peak_gib": c["memory"]["peak_gib"], "step_breakdown": c["step_breakdown"]} for c in plan["candidates"]]
     fitting = [c for c in top if c["fits"]]
     out: dict[str, Any] = {"outcome": "searched", "considered": plan["considered"], "legal": plan["legal_count"],
                            "fitting": plan["fitting_count"], "top": top, "plan_seconds": seconds}
