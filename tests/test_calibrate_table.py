@@ -120,7 +120,7 @@ def test_the_example_table_reads_specs_recipes_and_inline_models():
     ({"tokens_per_s_per_gpu": 10}, r"give the measured tokens_per_s_per_gpu or the measured step_s \(exactly one\)"),
     ({"step_s": -1}, r"'step_s': must be a positive number, got -1"),
     ({"step_s": float("nan")}, r"'step_s': must be a positive number"),
-    ({"precision": "fp4"}, r"'precision': must be one of bf16, fp8, got 'fp4'"),
+    ({"precision": "fp6"}, r"'precision': must be one of bf16, fp8, fp4, got 'fp6'"),
     ({"ep": 3}, r"'layout': tp1 pp1 cp1 vpp1 ep3 .* is not legal \(ep-divides-experts"),
     ({"tp": 16}, r"'tp': tp x pp x cp = 16 does not divide the 8 GPUs of 1 nodes"),
     ({"spec": "missing.yaml"}, r"row 1 \(bad\): spec 'missing.yaml': no such file"),

@@ -24,14 +24,14 @@ import csv
 import io
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, get_args
 
 from megacpp.planner.errors import MegacppError, PlanError, did_you_mean
 from megacpp.planner.plan import build_plan, make_context
 from megacpp.planner.search.layout import Context, Layout
 from megacpp.planner.search.stages import Stage, assign_stages
 from megacpp.planner.spec.loading import apply_override, one_line, parse_yaml, spec_from_dict
-from megacpp.planner.spec.models import Spec
+from megacpp.planner.spec.models import Spec, TrainingSpec
 
 # a table of a few dozen runs is a few KB; each row is planned dozens of times by the fit
 MAX_TABLE_BYTES = 1 << 20
@@ -39,7 +39,8 @@ MAX_TABLE_ROWS = 200
 
 LAYOUT_KEYS = ("tp", "pp", "vpp", "cp", "ep", "etp")
 TRAINING_KEYS = {"mbs": "micro_batch_size", "gbs": "global_batch_size", "seq": "seq_length"}
-CHOICES = {"precision": ("bf16", "fp8"), "recompute": ("none", "selective", "full")}
+# the spec's own choices, so a table takes every precision and recompute mode a spec does
+CHOICES = {key: get_args(TrainingSpec.model_fields[key].annotation) for key in ("precision", "recompute")}
 MEASURED_KEYS = ("tokens_per_s_per_gpu", "step_s")
 KEYS = ("name", "spec", "model", "cluster", "nodes", *LAYOUT_KEYS, *TRAINING_KEYS, *CHOICES, *MEASURED_KEYS,
         "peak_gib", "set")
