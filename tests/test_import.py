@@ -230,8 +230,14 @@ PUBLISHED = {
     "llama3-70b": (LLAMA3_70B, "h100-sxm-8", 8, dict(tp=4, pp=8, vpp=5, cp=1, dp=2, sp=True), []),
     "qwen3-30b-a3b": (QWEN3_30B_A3B, "h100-sxm-8", 2, dict(tp=1, pp=1, ep=16, etp=1, dp=16),
                       ["--moe-aux-loss-coeff 1e-3"]),
-    "deepseek-v3": (DEEPSEEK_V3, "h100-sxm-8", 128, dict(tp=2, pp=8, vpp=4, ep=64, dp=64, sp=True),
-                    ["--pipeline-model-parallel-layout Et|(tt|)*30mL", "no --overlap-param-gather"]),
+    "deepseek-v3": (DEEPSEEK_V3, "h100-sxm-8", 128, dict(tp=2, pp=8, vpp=4, ep=64, dp=64, sp=True,
+                                                         pipeline_layout="Et|(tt|)*30mL"), ["no --overlap-param-gather"]),
+    # the docs' layout: the MTP layer alone in rank 14's last virtual stage, the loss alone after it
+    "deepseek-v3-mtp-standalone": (
+        DEEPSEEK_V3.replace("--pipeline-model-parallel-size 8 --pipeline-model-parallel-layout Et|(tt|)*30mL",
+                            "--pipeline-model-parallel-size 16 --pipeline-model-parallel-layout Et*3|(tt|)*29m|L"),
+        "h100-sxm-8", 128, dict(tp=2, pp=16, vpp=2, ep=64, dp=32, pipeline_layout="Et*3|(tt|)*29m|L"),
+        ["no --overlap-param-gather"]),
     "nemotron-h-8b": (NEMOTRON_H_8B, "h100-sxm-8", 1, dict(tp=2, pp=1, dp=4, sp=True), ["--squared-relu"]),
 }
 
@@ -260,7 +266,9 @@ def test_published_runs_keep_what_a_launch_can_carry_and_plan():
     assert qwen.training.cuda_graphs == ("moe_router", "moe_preprocess")
     assert qwen.launch.extra_args == ["--moe-router-load-balancing-type", "aux_loss", "--moe-permute-fusion"]
     deepseek = import_launch(DEEPSEEK_V3.split(), ImportOptions(cluster="h100-sxm-8", nodes=128)).spec
-    assert deepseek.model.pattern == "(AD)*3 (AE)*58"  # the MTP stage's split is left to megacpp
+    assert deepseek.model.pattern == "(AD)*3 (AE)*58"  # the layout string pins the stages, empty ones included
+    stages = build_plan(deepseek, top=1).candidates[0].stages
+    assert [len(s.blocks) // 2 for s in sorted(stages, key=lambda s: s.start)] == [1, *[2] * 30, 0]
     hybrid = import_launch(NEMOTRON_H_8B.split(), ImportOptions(cluster="h100-sxm-8")).spec
     assert hybrid.backend.megatron == "core_v0.16" and hybrid.model.position_embedding == "none"
     assert hybrid.pattern.blocks.count("A") == 4 and len(hybrid.pattern) == 52

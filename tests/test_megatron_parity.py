@@ -65,6 +65,12 @@ def cases() -> list[tuple[str, Spec, Layout]]:
                               "model.mlp": {"ffn_hidden_size": 128, "gated": True}})
     mtp = make_spec(d, **{"model.mtp_num_layers": 1})
     mtp_tied = make_spec(d, **{"model.mtp_num_layers": 1, "model.tie_embeddings": True, "model.pattern": "(AD)*5"})
+    # the MTP layers in a stage of their own on rank 2, the loss alone after them (mtp_standalone);
+    # and `m` in rank 1's first virtual stage, which Megatron refuses
+    standalone = make_spec(d, **{"model.mtp_num_layers": 1, "model.pattern": "(AD)*6",
+                                 "parallel.pipeline_layout": "Et*2|t*4|m|L"})
+    mtp_early = make_spec(d, **{"model.mtp_num_layers": 1, "model.pattern": "(AD)*6",
+                                "parallel.pipeline_layout": "Et*2|t*4m||L"})
     return [
         ("mla-local-tp1", mla, L()),  # the local spec's core attention refuses MLA (rule mla-needs-te)
         ("mla-moe-local-ep2", mla_moe, L(ep=2)),
@@ -72,6 +78,9 @@ def cases() -> list[tuple[str, Spec, Layout]]:
         ("mtp-pp2", mtp, L(pp=2)),
         ("mtp-tp2-pp2-vpp2", mtp, L(tp=2, pp=2, vpp=2)),
         ("mtp-tied-uneven-pp2", mtp_tied, L(pp=2)),
+        ("mtp-standalone-pp4", standalone, L(pp=4)),
+        ("mtp-standalone-tp2-pp4", standalone, L(tp=2, pp=4)),
+        ("mtp-not-last-virtual-stage", mtp_early, L(pp=2, vpp=2)),
         ("dense-tp1", dense, L()),
         ("dense-tp2", dense, L(tp=2)),
         ("dense-tp4-groups-replicated", dense, L(tp=4)),
@@ -195,12 +204,14 @@ def probe_case(case_id: str, spec: Spec, lay: Layout) -> dict[str, Any]:
     pipeline: dict[str, Any] = {}
     # the stage split where megacpp finds the layout legal (its MLA without Transformer Engine aside:
     # mla_param_cases builds it with the core attention shimmed)
-    if all(v.severity != "error" or v.rule == "mla-needs-te" for v in check_layout(ctx, lay)):
-        split, _ = assign_stages(ctx, lay.pp, lay.vpp)
+    if spec.parallel.pipeline_layout is not None:  # pinned: rendered as it is, legal or not
+        pipeline["pipeline_model_parallel_layout"] = spec.parallel.pipeline_layout
+    elif all(v.severity != "error" or v.rule == "mla-needs-te" for v in check_layout(ctx, lay)):
+        split, stages = assign_stages(ctx, lay.pp, lay.vpp)
         if split.kind == "layout":
-            last = len(split.sizes) - 1
+            last, mtp = len(split.sizes) - 1, {s.vp_stage * lay.pp + s.pp_rank for s in stages if s.mtp}
             pipeline["pipeline_model_parallel_layout"] = "|".join(
-                ("E" if k == 0 else "") + "t" * n + ("m" * model.mtp_num_layers + "L" if k == last else "")
+                ("E" if k == 0 else "") + "t" * n + "m" * model.mtp_num_layers * (k in mtp) + ("L" if k == last else "")
                 for k, n in enumerate(split.sizes)
             )
     layout = {"tp": lay.tp, "pp": lay.pp, "vpp": lay.vpp, "cp": lay.cp, "ep": lay.ep, "etp": lay.etp, "sp": lay.sp}

@@ -31,7 +31,7 @@ from functools import cache
 from megacpp.planner.axes import Axis
 from megacpp.planner.cost.blocks import BF16, FP32, expert_width, micro_batch_tokens
 from megacpp.planner.cost.coefficients import DEFAULT_EFFICIENCY, FLEX_LINK_SHARE, Efficiency
-from megacpp.planner.cost.latent import mtp_blocks
+from megacpp.planner.cost.latent import rank_blocks
 from megacpp.planner.cost.memory import StageMemory, rank_stages
 from megacpp.planner.search.layout import Context, Layout
 from megacpp.planner.search.stages import Stage
@@ -193,8 +193,8 @@ def communication(
     tokens = micro_batch_tokens(ctx, lay)
     passes = 3 if spec.training.recompute == "full" else 2  # fwd, bwd (+ recompute fwd)
     busiest = max(range(lay.pp), key=lambda p: sum(len(s.blocks) for s in rank_stages(stages, p)))
-    blocks = "".join(s.blocks for s in rank_stages(stages, busiest))
-    blocks += mtp_blocks(ctx) if busiest == lay.pp - 1 else ""  # the MTP layers sit with the output head
+    mine = rank_stages(stages, busiest)
+    blocks = rank_blocks(ctx, "".join(s.blocks for s in mine), any(s.mtp for s in mine))
     forward, backward = window
     compute = m * (forward + backward)  # the step's GPU work on the rank, outside the pipeline bubble
     out: list[Comm] = []

@@ -37,7 +37,7 @@ from megacpp.planner.cost.coefficients import (
 )
 from megacpp.planner.cost.communication import Comm, communication
 from megacpp.planner.cost.kernel_rates import kernel_rates
-from megacpp.planner.cost.latent import mtp_blocks, mtp_flops, mtp_proj_gemms, recomputed_up_projections
+from megacpp.planner.cost.latent import mtp_flops, mtp_proj_gemms, rank_blocks, recomputed_up_projections
 from megacpp.planner.cost.memory import GIB, StageMemory, ranks, stage_memory
 from megacpp.planner.cost.shard import memo, shape
 from megacpp.planner.search.layout import Context, Layout
@@ -338,16 +338,18 @@ def _matmul(ctx: Context, lay: Layout, eff: Efficiency, load: float) -> dict[str
                 lambda: {letter: precision_matmul_seconds(ctx, lay, letter, eff, load) for letter in keys})
 
 
-def _rank_work(ctx: Context, lay: Layout, blocks: str, head: bool, eff: Efficiency,
+def _rank_work(ctx: Context, lay: Layout, blocks: str, head: bool, mtp: bool, eff: Efficiency,
                load: float) -> tuple[float, float, float, float, float, float]:
     """One pipeline rank's (matmul, softmax, small kernels, host, the local experts' host, the
-    host's synchronised share) per micro-batch, from its blocks and whether it has the head."""
+    host's synchronised share) per micro-batch, from its blocks, whether it has the head and
+    whether it runs the MTP layers."""
     matmul = _matmul(ctx, lay, eff, load)
-    mtp = ctx.spec.model.mtp_num_layers
-    # the MTP layers run on the last stage after the model's, each with one more output-layer pass
-    blocks += mtp_blocks(ctx) if head else ""
-    gemm = sum(matmul[letter] for letter in blocks) + (matmul["head"] * (1 + mtp) if head else 0.0)
-    gemm += matmul["mtp_proj"] if head and mtp else 0.0
+    depths = ctx.spec.model.mtp_num_layers
+    # the MTP layers run after the rank's own blocks; the rank with the loss passes every depth's
+    # hidden states through the output layer (gpt_model.py _postprocess)
+    blocks = rank_blocks(ctx, blocks, mtp)
+    gemm = sum(matmul[letter] for letter in blocks) + (matmul["head"] * (1 + depths) if head else 0.0)
+    gemm += matmul["mtp_proj"] if mtp else 0.0
     units = host_units(ctx, lay, blocks)
     repeats = host_repeats(ctx.spec.training.recompute, ctx.te)
     host = sum(n * eff.overhead(key, ctx.te) for key, n in units.items()) * repeats
@@ -366,9 +368,10 @@ def busiest_rank(ctx: Context, lay: Layout, stages: list[Stage], mem: list[Stage
     per_rank = []
     work = memo(ctx, ("rank work", shape(lay), eff, load), dict)  # _rank_work by the rank's blocks
     for p, rank in enumerate(ranks(ctx, stages, lay.pp)):
-        if (rank.blocks, rank.output_head) not in work:
-            work[rank.blocks, rank.output_head] = _rank_work(ctx, lay, rank.blocks, rank.output_head, eff, load)
-        gemm, scores, small, host, experts, synced = work[rank.blocks, rank.output_head]
+        key = (rank.blocks, rank.output_head, rank.mtp)
+        if key not in work:
+            work[key] = _rank_work(ctx, lay, rank.blocks, rank.output_head, rank.mtp, eff, load)
+        gemm, scores, small, host, experts, synced = work[key]
         accumulate = grad_accumulation_seconds(ctx, mem[p], eff)
         per_rank.append((gemm, scores, exposed_host_seconds(gemm + scores + small + accumulate, host, ctx.te, synced), small, accumulate,
                          host, experts))
@@ -388,7 +391,7 @@ def step_floor(ctx: Context, lay: Layout, eff: Efficiency = DEFAULT_EFFICIENCY, 
     communication, the optimizer) only add to it."""
 
     def whole_model() -> float:
-        gemm, scores, small, host, *_ = _rank_work(ctx, lay, ctx.pattern.blocks, True, eff, load)
+        gemm, scores, small, host, *_ = _rank_work(ctx, lay, ctx.pattern.blocks, True, bool(ctx.spec.model.mtp_num_layers), eff, load)
         return max(gemm + scores + small, host) if ctx.te else gemm + scores + small + host
 
     work = memo(ctx, ("floor", shape(lay), eff, load), whole_model)
