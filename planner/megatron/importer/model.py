@@ -303,8 +303,11 @@ class ModelReader(Reader):
             pins["dp"] = world // size
         elif world is not None:
             self.notes.append(f"tp x pp x cp = {size} does not divide the world of {world} GPUs; `megacpp validate` says why")
-        # without the flag Megatron-LM sets ETP to TP (arguments.py)
-        pins.update(ep=ep, etp=(etp if etp is not None else tp) if self.has_moe else 1)
+        # without the flag Megatron-LM sets ETP to TP (arguments.py); a model without experts
+        # leaves it to the plan, which takes TP as Megatron-LM does
+        pins["ep"] = ep
+        if self.has_moe:
+            pins["etp"] = etp if etp is not None else tp
         pins["sp"] = f.has("--sequence-parallel") and tp > 1
         if self.layout_pin is not None:
             pins["pipeline_layout"] = self.layout_pin
