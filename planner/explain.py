@@ -75,9 +75,10 @@ def _stage_rows(lay: Layout, cand: Candidate, mtp: str = "") -> list[dict[str, A
             notes.append(f"{blocks.count('R')} R block(s): recurrent state stays on this stage; cp must be 1")
         if lay.pp > 1 and not st.output_head and blocks[-1:] in ("M", "R"):
             notes.append(f"stage ends on an {blocks[-1]} block: its state is consumed inside the stage, only activations cross")
-        if st.output_head and mtp:
-            notes.append(f"{mtp} after the layers: multi-token prediction with the output head"
-                         + (", and a copy of the word embeddings" if lay.pp > 1 else ""))
+        if st.mtp and mtp:
+            where = "with the output head" if st.output_head else "before the stage with the output head and the loss"
+            notes.append(f"{mtp} after the layers: multi-token prediction {where}"
+                         + (", and a copy of the word embeddings" if not st.embedding else ""))
         rows.append({**st.model_dump(mode="json"), "notes": notes})
     return rows
 

@@ -74,6 +74,7 @@ class PlannedStage(_Doc):
     blocks: str
     embedding: bool
     output_head: bool
+    mtp: bool | None = None  # True where the model's MTP layers run (with the output head unless a layout moves them)
 
     @property
     def start(self) -> int:
@@ -343,7 +344,7 @@ def _candidate(ctx: Context, lay: Layout, est: Estimate, high: Estimate | None, 
         layout=lay,
         split=PlannedSplit(kind=split.kind, sizes=list(split.sizes), first=split.first, last=split.last),
         stages=[PlannedStage(pp_rank=s.pp_rank, vp_stage=s.vp_stage, layers=(s.start, s.stop), blocks=s.blocks,
-                             embedding=s.embedding, output_head=s.output_head) for s in stages],
+                             embedding=s.embedding, output_head=s.output_head, mtp=s.mtp or None) for s in stages],
         memory=memory,
         communication=[PlannedComm(**c.to_dict()) for c in est.communication],
         time=timing,

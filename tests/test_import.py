@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 from megacpp.planner.errors import LaunchError, SpecError
 from megacpp.planner.megatron.importer import ImportOptions, import_launch
@@ -62,6 +63,38 @@ def test_every_recipe_round_trips_through_its_rendered_launch(recipe, target):
     assert _megatron_words(rendered) == _megatron_words(script)
 
 
+def _published_specs() -> dict[str, object]:
+    from benchmarks.scale.truth import convert, load_runs, select_newest
+
+    specs = {}
+    for sel in select_newest(load_runs()):
+        conv = convert(sel.row)
+        if conv.spec is not None:
+            specs[f"row{sel.row['row_id']}-{sel.row['model_key']}"] = conv.spec
+    return specs
+
+
+PUBLISHED_SPECS = _published_specs()
+
+
+@pytest.mark.parametrize("name", list(PUBLISHED_SPECS))
+def test_every_published_scale_run_round_trips_through_its_rendered_launch(name):
+    """The scale benchmark's specs (NVIDIA's published runs, layout pinned: MLA, MTP placed by a
+    layout string, hybrid MTP, FP4, Megatron-FSDP, virtual stages...) render to a Megatron-LM
+    launch that imports back to the same plan and renders the same command."""
+    spec = load_spec_text(yaml.safe_dump(PUBLISHED_SPECS[name]))
+    plan = build_plan(spec, top=1)
+    script = render_launch(plan, RenderOptions(engine="megatron-lm"))["launch.sh"]
+    imported = import_launch(script, ImportOptions(cluster=spec.cluster.preset))
+    assert imported.unsupported == []
+    again = build_plan(load_spec_text(imported.to_yaml("launch.sh")), top=1)
+    before, after = plan.candidates[0], again.candidates[0]
+    assert (after.layout, after.split, after.stages) == (before.layout, before.split, before.stages)
+    assert (after.memory, after.time) == (before.memory, before.time)
+    rendered = render_launch(again, RenderOptions(engine="megatron-lm"))["launch.sh"]
+    assert _megatron_words(rendered) == _megatron_words(script)
+
+
 def test_the_real_job_round_trips_with_its_data_checkpoints_and_slurm_settings():
     from tests.conftest import ROOT
 
@@ -71,7 +104,8 @@ def test_the_real_job_round_trips_with_its_data_checkpoints_and_slurm_settings()
     imported = import_launch(script, ImportOptions(cluster="h100-sxm-8"))
     got = imported.spec
     assert imported.unsupported == []
-    assert got.name == "real-job" and got.parallel == spec.parallel
+    # a dense model's launch carries no expert TP: its etp pin is left to the plan (Megatron-LM's = tp)
+    assert got.name == "real-job" and got.parallel == spec.parallel.model_copy(update={"etp": None})
     assert got.data == spec.data and got.checkpoint == spec.checkpoint
     assert got.launch == spec.launch.model_copy(update={"extra_args": [str(a) for a in spec.launch.extra_args]})
     assert got.training.run_iters == spec.training.run_iters and got.training.lr == spec.training.lr
@@ -230,8 +264,14 @@ PUBLISHED = {
     "llama3-70b": (LLAMA3_70B, "h100-sxm-8", 8, dict(tp=4, pp=8, vpp=5, cp=1, dp=2, sp=True), []),
     "qwen3-30b-a3b": (QWEN3_30B_A3B, "h100-sxm-8", 2, dict(tp=1, pp=1, ep=16, etp=1, dp=16),
                       ["--moe-aux-loss-coeff 1e-3"]),
-    "deepseek-v3": (DEEPSEEK_V3, "h100-sxm-8", 128, dict(tp=2, pp=8, vpp=4, ep=64, dp=64, sp=True),
-                    ["--pipeline-model-parallel-layout Et|(tt|)*30mL", "no --overlap-param-gather"]),
+    "deepseek-v3": (DEEPSEEK_V3, "h100-sxm-8", 128, dict(tp=2, pp=8, vpp=4, ep=64, dp=64, sp=True,
+                                                         pipeline_layout="Et|(tt|)*30mL"), ["no --overlap-param-gather"]),
+    # the docs' layout: the MTP layer alone in rank 14's last virtual stage, the loss alone after it
+    "deepseek-v3-mtp-standalone": (
+        DEEPSEEK_V3.replace("--pipeline-model-parallel-size 8 --pipeline-model-parallel-layout Et|(tt|)*30mL",
+                            "--pipeline-model-parallel-size 16 --pipeline-model-parallel-layout Et*3|(tt|)*29m|L"),
+        "h100-sxm-8", 128, dict(tp=2, pp=16, vpp=2, ep=64, dp=32, pipeline_layout="Et*3|(tt|)*29m|L"),
+        ["no --overlap-param-gather"]),
     "nemotron-h-8b": (NEMOTRON_H_8B, "h100-sxm-8", 1, dict(tp=2, pp=1, dp=4, sp=True), ["--squared-relu"]),
 }
 
@@ -260,7 +300,9 @@ def test_published_runs_keep_what_a_launch_can_carry_and_plan():
     assert qwen.training.cuda_graphs == ("moe_router", "moe_preprocess")
     assert qwen.launch.extra_args == ["--moe-router-load-balancing-type", "aux_loss", "--moe-permute-fusion"]
     deepseek = import_launch(DEEPSEEK_V3.split(), ImportOptions(cluster="h100-sxm-8", nodes=128)).spec
-    assert deepseek.model.pattern == "(AD)*3 (AE)*58"  # the MTP stage's split is left to megacpp
+    assert deepseek.model.pattern == "(AD)*3 (AE)*58"  # the layout string pins the stages, empty ones included
+    stages = build_plan(deepseek, top=1).candidates[0].stages
+    assert [len(s.blocks) // 2 for s in sorted(stages, key=lambda s: s.start)] == [1, *[2] * 30, 0]
     hybrid = import_launch(NEMOTRON_H_8B.split(), ImportOptions(cluster="h100-sxm-8")).spec
     assert hybrid.backend.megatron == "core_v0.16" and hybrid.model.position_embedding == "none"
     assert hybrid.pattern.blocks.count("A") == 4 and len(hybrid.pattern) == 52
@@ -441,3 +483,21 @@ def test_launch_dry_run_then_import_then_plan_on_the_command_line(tmp_path):
     before = json.loads((run / "plan.json").read_text())["candidates"][0]
     after = json.loads(planned.stdout)["candidates"][0]
     assert {k: after[k] for k in ("layout", "split", "memory", "time")} == {k: before[k] for k in ("layout", "split", "memory", "time")}
+
+
+SMALL = HEAD + "--num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 64 --vocab-size 256 --bf16 "
+
+
+@pytest.mark.parametrize(("args", "key", "value", "listed"), [
+    ("--fp4-format e2m1 --fp4-recipe nvfp4", "precision", "fp4", []),
+    ("--fp4-format e2m1 --fp4-recipe mxfp4", "precision", "bf16", ["--fp4-format e2m1"]),
+    ("--use-megatron-fsdp --data-parallel-sharding-strategy optim_grads_params --ckpt-format fsdp_dtensor",
+     "data_parallel_sharding", "fsdp", []),
+    ("--use-megatron-fsdp --data-parallel-sharding-strategy optim_grads", "data_parallel_sharding", "optimizer",
+     ["--use-megatron-fsdp"]),
+])
+def test_fp4_and_megatron_fsdp_import_as_their_training_keys(args, key, value, listed):
+    imported = import_launch(SMALL + args, ImportOptions(cluster="h100-sxm-8"))
+    assert getattr(imported.spec.training, key) == value
+    assert [u.split(":")[0] for u in imported.unsupported if u.startswith(("--fp4", "--use-megatron-fsdp", "--ckpt"))] == listed
+    assert "--ckpt-format" not in imported.spec.launch.extra_args

@@ -93,7 +93,9 @@ def _errors(spec: Spec, lay: Layout = Layout()) -> list[str]:
 @pytest.mark.parametrize(("base", "change", "rule"), [
     (TINY_DENSE, {"model.attention": MLA}, "mla-needs-te"),
     (TINY_DENSE, {"model.attention": MLA, "model.pattern": "ADAMD", "model.mamba": {"num_groups": 1}, **TE}, "mla-needs-gpt-stack"),
-    (TINY_MOE, {"model.mtp_num_layers": 1, "model.pattern": "AEMAE", "model.mamba": {"num_groups": 1}, **TE}, "mtp-needs-gpt-stack"),
+    (TINY_MOE, {"model.mtp_num_layers": 1, "model.mtp_pattern": "AE", "model.pattern": "AEMAE", "model.mamba": {"num_groups": 1},
+                **TE}, "mtp-needs-gpt-stack"),
+    (TINY_DENSE, {"model.mtp_num_layers": 2, "model.mtp_shared_weights": True, **TE}, "mtp-shared-weights-needs-main"),
     (TINY_DENSE, {"model.mtp_num_layers": 1, "model.position_embedding": "learned"}, "mtp-needs-rope-or-none"),
     (TINY_MOE, {"model.mtp_num_layers": 2, "model.moe.overlap_communication": True, **TE}, "ep-overlap-mtp"),
     (TINY_DENSE, {"training.recompute": "selective", "training.recompute_modules": ["mla_up_proj"], **TE},

@@ -65,6 +65,12 @@ def cases() -> list[tuple[str, Spec, Layout]]:
                               "model.mlp": {"ffn_hidden_size": 128, "gated": True}})
     mtp = make_spec(d, **{"model.mtp_num_layers": 1})
     mtp_tied = make_spec(d, **{"model.mtp_num_layers": 1, "model.tie_embeddings": True, "model.pattern": "(AD)*5"})
+    # the MTP layers in a stage of their own on rank 2, the loss alone after them (mtp_standalone);
+    # and `m` in rank 1's first virtual stage, which Megatron refuses
+    standalone = make_spec(d, **{"model.mtp_num_layers": 1, "model.pattern": "(AD)*6",
+                                 "parallel.pipeline_layout": "Et*2|t*4|m|L"})
+    mtp_early = make_spec(d, **{"model.mtp_num_layers": 1, "model.pattern": "(AD)*6",
+                                "parallel.pipeline_layout": "Et*2|t*4m||L"})
     return [
         ("mla-local-tp1", mla, L()),  # the local spec's core attention refuses MLA (rule mla-needs-te)
         ("mla-moe-local-ep2", mla_moe, L(ep=2)),
@@ -72,6 +78,9 @@ def cases() -> list[tuple[str, Spec, Layout]]:
         ("mtp-pp2", mtp, L(pp=2)),
         ("mtp-tp2-pp2-vpp2", mtp, L(tp=2, pp=2, vpp=2)),
         ("mtp-tied-uneven-pp2", mtp_tied, L(pp=2)),
+        ("mtp-standalone-pp4", standalone, L(pp=4)),
+        ("mtp-standalone-tp2-pp4", standalone, L(tp=2, pp=4)),
+        ("mtp-not-last-virtual-stage", mtp_early, L(pp=2, vpp=2)),
         ("dense-tp1", dense, L()),
         ("dense-tp2", dense, L(tp=2)),
         ("dense-tp4-groups-replicated", dense, L(tp=4)),
@@ -191,21 +200,42 @@ def probe_case(case_id: str, spec: Spec, lay: Layout) -> dict[str, Any]:
             moe_shared_expert_intermediate_size=model.moe.shared_expert_ffn_hidden_size,
             moe_token_dispatcher_type=model.moe.dispatcher,
             moe_layer_freq=[1 if u == "AE" else 0 for u in units],
+            moe_latent_size=model.moe.latent_size,
         )
     pipeline: dict[str, Any] = {}
     # the stage split where megacpp finds the layout legal (its MLA without Transformer Engine aside:
     # mla_param_cases builds it with the core attention shimmed)
-    if all(v.severity != "error" or v.rule == "mla-needs-te" for v in check_layout(ctx, lay)):
-        split, _ = assign_stages(ctx, lay.pp, lay.vpp)
+    if spec.parallel.pipeline_layout is not None:  # pinned: rendered as it is, legal or not
+        pipeline["pipeline_model_parallel_layout"] = spec.parallel.pipeline_layout
+    elif all(v.severity != "error" or v.rule in ("mla-needs-te", "moe-latent-needs-te") for v in check_layout(ctx, lay)):
+        split, stages = assign_stages(ctx, lay.pp, lay.vpp)
         if split.kind == "layout":
-            last = len(split.sizes) - 1
+            last, mtp = len(split.sizes) - 1, {s.vp_stage * lay.pp + s.pp_rank for s in stages if s.mtp}
             pipeline["pipeline_model_parallel_layout"] = "|".join(
-                ("E" if k == 0 else "") + "t" * n + ("m" * model.mtp_num_layers + "L" if k == last else "")
+                ("E" if k == 0 else "") + "t" * n + "m" * model.mtp_num_layers * (k in mtp) + ("L" if k == last else "")
                 for k, n in enumerate(split.sizes)
             )
     layout = {"tp": lay.tp, "pp": lay.pp, "vpp": lay.vpp, "cp": lay.cp, "ep": lay.ep, "etp": lay.etp, "sp": lay.sp}
     batch = {"global_batch_size": spec.training.global_batch_size, "micro_batch_size": lay.micro_batch_size}
     return {"id": case_id, "layout": layout, "model": m, "pipeline": pipeline, "batch": batch}
+
+
+def latent_moe_param_cases() -> list[tuple[str, Spec, Layout]]:
+    """Latent MoE layouts whose parameters are compared with megatron-core's own build. Its local
+    spec cannot build the latent projections (rule moe-latent-needs-te: they are TELinear), so the
+    probe stands a duplicated torch linear of the same shape in for them (moe_latent_te_linear_shim);
+    what this checks is the experts' latent widths, the router and shared expert beside them, and
+    where each lands under EP, ETP and PP, all megatron-core's own (TP > 1 with MoE needs sequence
+    parallelism, which the local spec's torch norm refuses: the probe runs without TE)."""
+    m = TINY_MOE
+    latent = make_spec(m, **{"model.moe.latent_size": 32})
+    shared = make_spec(m, **{"model.moe.latent_size": 16, "model.moe.shared_expert_ffn_hidden_size": 96,
+                             "model.pattern": "AD (AE)*3", "model.mlp": {"ffn_hidden_size": 128, "gated": True}})
+    return [
+        ("latent-moe-params-ep2", latent, L(ep=2)),
+        ("latent-moe-params-ep2-etp4", latent, L(ep=2, etp=4)),
+        ("latent-moe-params-shared-pp2-ep2-etp2", shared, L(pp=2, ep=2, etp=2)),
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -214,6 +244,9 @@ def megatron_results(tmp_path_factory) -> dict[str, dict[str, Any]]:
     shimmed = [probe_case(*c) for c in mla_param_cases()]
     for case in shimmed:
         case["model"]["mla_core_attention_shim"] = True
+    for case in (latent := [probe_case(*c) for c in latent_moe_param_cases()]):
+        case["model"]["moe_latent_te_linear_shim"] = True
+    shimmed += latent
     (tmp / "cases.json").write_text(json.dumps([probe_case(*c) for c in cases()] + shimmed))
     proc = subprocess.run(
         [sys.executable, str(PROBE), str(tmp / "cases.json"), str(tmp / "out.json"), "--world", str(WORLD)],
@@ -264,6 +297,14 @@ def assert_params_match(result: dict[str, Any], spec: Spec, lay: Layout) -> None
 def test_mla_params_per_rank_match_megatron(megatron_results, case_id, spec, lay):
     """Every rank's MLA (and MTP) parameters equal megatron-core's instantiated ones (see mla_param_cases)."""
     assert any(v.rule == "mla-needs-te" for v in check_layout(make_context(spec), lay))
+    assert megatron_results[case_id]["ok"], megatron_results[case_id]["error"]
+    assert_params_match(megatron_results[case_id], spec, lay)
+
+
+@pytest.mark.parametrize("case_id,spec,lay", latent_moe_param_cases(), ids=[c[0] for c in latent_moe_param_cases()])
+def test_latent_moe_params_per_rank_match_megatron(megatron_results, case_id, spec, lay):
+    """Every rank's latent-MoE parameters equal megatron-core's instantiated ones (see latent_moe_param_cases)."""
+    assert any(v.rule == "moe-latent-needs-te" for v in check_layout(make_context(spec), lay))
     assert megatron_results[case_id]["ok"], megatron_results[case_id]["error"]
     assert_params_match(megatron_results[case_id], spec, lay)
 

@@ -107,7 +107,11 @@ def test_pipeline_layout_stage_count_must_be_pp_times_vpp():
 
 @pytest.mark.parametrize("changes,message", [
     ({"parallel.pipeline_layout": "Et*5|L"}, r"has 5 decoder layers \(t\) but the pattern has 6"),
-    ({"parallel.pipeline_layout": "Et*3|t*3m|L"}, "MTP layers are not planned; drop m"),
+    ({"parallel.pipeline_layout": "Et*3|t*3m|L"}, r"places 1 MTP layer\(s\) \(m\) but model.mtp_num_layers is 0; drop m"),
+    ({"parallel.pipeline_layout": "Et*3|t*3mm|L", "model.mtp_num_layers": 1}, "write m 1 times"),
+    ({"parallel.pipeline_layout": "Et*3|t*2mt|L", "model.mtp_num_layers": 1}, "every decoder layer t must come before"),
+    ({"parallel.pipeline_layout": "Et*3|t*3m|mL", "model.mtp_num_layers": 2}, "all MTP layers m must sit in one stage"),
+    ({"parallel.pipeline_layout": "Et*3|t*3x|L"}, r"unknown symbols 'x'; use E, t, m, L"),
     ({"parallel.pipeline_layout": "t*3E|t*3L"}, "the embedding E must open the first stage"),
     ({"parallel.pipeline_layout": "Et*3|t*3L", "parallel.account_for_loss": True},
      "places the embedding and the loss itself; drop account_for_embedding and account_for_loss"),

@@ -5,9 +5,12 @@ from __future__ import annotations
 import pytest
 
 from megacpp.planner.cost.blocks import block_params, embedding_params, head_params
+from megacpp.planner.cost.coefficients import DEFAULT_EFFICIENCY
+from megacpp.planner.cost.memory import stage_memory
 from megacpp.planner.megatron.render import RenderOptions, render_launch
 from megacpp.planner.plan import build_plan, make_context
 from megacpp.planner.search.layout import Layout
+from megacpp.planner.search.stages import assign_stages
 from megacpp.planner.spec.loading import load_spec_text
 from megacpp.planner.validation import validate_spec
 from megacpp.recipes import DEFAULT_RECIPE, recipe_names, recipe_text
@@ -86,17 +89,17 @@ def test_published_totals(name, published, rounding):
     assert abs(total_params(name) - published) <= rounding
 
 
-def test_nemotron_3_super_is_its_verified_tensor_count_without_mtp():
-    """NVIDIA's verification card counts 123,611,033,088 elements: the model, one shared
+def test_nemotron_3_super_is_its_verified_tensor_count():
+    """NVIDIA's verification card counts 123,611,033,088 elements: the model, its one shared
     multi-token-prediction layer (*E: an attention and a latent-MoE block, the eh_proj 2h -> h and
-    three norms) and the router's expert-bias tensor of each of the 41 MoE layers (a buffer in
-    Megatron, not a parameter). The recipe plans the model without the MTP layer."""
+    three norms, built once for both depths) and the router's expert-bias tensor of each of the 41
+    MoE layers (a buffer in Megatron, not a parameter)."""
     spec = load_spec_text(recipe_text("nemotron-3-super"))
     ctx = make_context(spec)
     one = Layout(tp=1, pp=1, vpp=1, cp=1, dp=1, ep=1, etp=1, sp=False, micro_batch_size=1, num_microbatches=1)
-    h, experts = spec.model.hidden_size, 512
-    mtp = sum(p.dense + p.expert for p in (block_params(ctx, b, one) for b in "AE")) + 2 * h * h + 3 * h
-    assert total_params("nemotron-3-super") + mtp + 41 * experts == 123_611_033_088
+    held = stage_memory(ctx, one, assign_stages(ctx, 1, 1)[1], DEFAULT_EFFICIENCY)[0].params
+    assert held + 41 * 512 == 123_611_033_088
+    assert (spec.model.mtp_num_layers, spec.model.mtp_shared_weights) == (2, True)
     assert spec.model.moe is not None and spec.model.moe.latent_size == 1024
 
 

@@ -12,6 +12,7 @@ import pytest
 from benchmarks.scale import run, truth
 from benchmarks.scale.truth import convert, load_runs, select_newest
 from megacpp.planner import spec_from_dict
+from megacpp.planner.megatron.render import RenderOptions, render_launch
 from megacpp.planner.plan import build_plan
 
 
@@ -76,8 +77,8 @@ def test_latent_moe_and_windowed_attention_are_mapped_exactly() -> None:
 
 
 def test_approximations_are_named_and_still_planned() -> None:
-    conv = convert(row(0))  # Nemotron 3.5 Lightning, 16 x H100: a hybrid's MTP, which megacpp does not render
-    assert conv.status == "approximated" and "mtp-dropped" in conv.approximations
+    conv = convert(row(2))  # Nemotron 3 Super, 64 x H100: experts padded to a capacity factor above 1
+    assert conv.status == "approximated" and conv.approximations == ("capacity-padding",)
     assert set(conv.approximations) <= set(truth.APPROXIMATIONS)
     spec_from_dict(conv.spec)
     deepseek = convert(row(39))  # DeepSeek-V3, 1024 x H100: MLA, MTP and the layout "Et|(tt|)*30mL", all exact
@@ -85,12 +86,29 @@ def test_approximations_are_named_and_still_planned() -> None:
 
 
 def test_a_layout_with_an_empty_stage_is_pinned_as_the_layout_string() -> None:
-    conv = convert(row(39))  # "Et|(tt|)*30mL" on pp8 x vp4: the MTP-and-loss stage is empty once MTP is dropped
+    conv = convert(row(39))  # "Et|(tt|)*30mL" on pp8 x vp4: the last stage holds only the MTP layer and the loss
     assert "pp-layout-balanced" not in conv.approximations
-    assert conv.spec["parallel"]["pipeline_layout"] == "Et|(tt|)*30L"
+    assert conv.spec["parallel"]["pipeline_layout"] == "Et|(tt|)*30mL"
+    stages = build_plan(spec_from_dict(conv.spec), top=1).candidates[0].stages
+    last = next(s for s in stages if s.output_head)
+    assert (last.blocks, last.mtp, last.pp_rank, last.vp_stage) == ("", True, 7, 3)
     plan = build_plan(spec_from_dict(conv.spec), top=1)
     assert plan.candidates[0].split.sizes == [1] + [2] * 30 + [0]
     assert "pipeline_layout" not in conv.search_spec["parallel"]
+
+
+@pytest.mark.parametrize("row_id", [0, 2, 138, 284])
+def test_hybrid_mtp_rows_are_mapped_exactly(row_id: int) -> None:
+    """Nemotron 3 Super and 3.5 Lightning train two MTP depths of one shared `*E` layer (models.json
+    mtp_hybrid_override_pattern, mtp_use_repeated_layer), which only main's hybrid stack builds."""
+    conv = convert(row(row_id))
+    assert "mtp-dropped" not in conv.approximations
+    spec = spec_from_dict(conv.spec)
+    assert (spec.model.mtp_num_layers, spec.model.mtp_pattern, spec.model.mtp_shared_weights) == (2, "AE", True)
+    assert spec.backend.megatron == "main"
+    plan = build_plan(spec, top=1)
+    words = render_launch(plan, RenderOptions(engine="megatron-lm"))["launch.sh"]
+    assert "/*E/*E" in words and "--mtp-use-repeated-layer" in words
 
 
 @pytest.mark.parametrize(("row_id", "precision", "recipe"), [

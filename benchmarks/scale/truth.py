@@ -42,8 +42,6 @@ PRECISION_ASSUMED = {"fp8": "FP8 recipe not published: delayed scaling (NeMo 25.
 HYBRID_LETTERS = {"M": "M", "*": "A", "-": "D", "E": "E"}
 
 APPROXIMATIONS = {
-    "mtp-dropped": "multi-token-prediction layers and their extra output heads are not planned (a hybrid "
-                   "model's MTP, which megacpp does not render: rule mtp-needs-gpt-stack)",
     "recompute-modules": "selective recompute modules the spec cannot pass to this run planned without them: "
                          "moe_act and layernorm under FP8 delayed scaling (which Megatron refuses them with)",
     "pp-layout-balanced": "the published pipeline layout leaves a virtual stage of a hybrid stack without "
@@ -364,13 +362,19 @@ def _gpt_pattern(pairs: list[str], stage_layers: list[int] | None) -> str:
     return " | ".join(stages)
 
 
-def _model(m: dict[str, Any], recipe: Recipe, stage_layers: list[int] | None) -> tuple[dict[str, Any], str]:
+def _mtp_letters(m: dict[str, Any]) -> str:
+    """One MTP layer of a hybrid model in block letters: Megatron's mtp_hybrid_override_pattern
+    (models.json may follow it with a note in parentheses)."""
+    return "".join(HYBRID_LETTERS[c] for c in m["mtp_hybrid_override_pattern"].split()[0])
+
+
+def _model(m: dict[str, Any], recipe: Recipe, stage_layers: list[int] | None, mtp: int = 0) -> tuple[dict[str, Any], str]:
     """The spec's model block and its pattern without pipeline cuts."""
     if "hybrid_override_pattern" in m:
         pattern = plain = "".join(HYBRID_LETTERS[c] for c in m["hybrid_override_pattern"])
-        if stage_layers:  # one letter per Megatron layer
-            cuts = [sum(stage_layers[:i]) for i in range(len(stage_layers) + 1)]
-            pattern = " | ".join(plain[a:b] for a, b in zip(cuts, cuts[1:], strict=False))
+        if stage_layers is not None:
+            bounds = [sum(stage_layers[:k]) for k in range(len(stage_layers) + 1)]
+            pattern = " | ".join(plain[a:b] for a, b in zip(bounds, bounds[1:], strict=False))
     else:
         moe_layers = m["num_layers"] - (m.get("first_k_dense") or 0) if m.get("num_moe_experts") else 0
         pairs = ["AD"] * (m["num_layers"] - moe_layers) + ["AE"] * moe_layers
@@ -386,9 +390,10 @@ def _model(m: dict[str, Any], recipe: Recipe, stage_layers: list[int] | None) ->
     }
     if m.get("add_bias_linear"):
         model["linear_bias"] = True
-    if "D" in plain:
+    letters = plain + (_mtp_letters(m) if mtp and "hybrid_override_pattern" in m else "")  # the sub-blocks the MTP layers use too
+    if "D" in letters:
         model["mlp"] = {"ffn_hidden_size": m["ffn_hidden_size"], "gated": bool(m["gated_linear_unit"])}
-    if "E" in plain:
+    if "E" in letters:
         moe: dict[str, Any] = {
             "num_experts": m["num_moe_experts"], "top_k": m["moe_router_topk"],
             "ffn_hidden_size": m["moe_ffn_hidden_size"], "gated": bool(m["gated_linear_unit"]),
@@ -403,7 +408,7 @@ def _model(m: dict[str, Any], recipe: Recipe, stage_layers: list[int] | None) ->
         if m.get("moe_latent_size"):
             moe["latent_size"] = m["moe_latent_size"]
         model["moe"] = moe
-    if "M" in plain:
+    if "M" in letters:
         model["mamba"] = {"num_heads": m["mamba_num_heads"], "head_dim": m["mamba_head_dim"],
                           "state_dim": m["mamba_state_dim"], "num_groups": m["mamba_num_groups"]}
     return model, plain
@@ -455,8 +460,6 @@ def convert(row: dict[str, Any], models: dict[str, Any] | None = None) -> Conver
     assume: list[str] = []
     details: list[str] = list(recipe.runtime)
     mtp = (m.get("mtp_num_layers") or 0) if "w/o MTP" not in row["model"] else 0
-    if mtp and "hybrid_override_pattern" in m:
-        approx.append("mtp-dropped")
     modules = expressible_recompute_modules(recipe, row["precision"], bool(m.get("multi_latent_attention")))
     if recipe.recompute == "selective" and set(modules) != set(recipe.recompute_modules or ("core_attn",)):
         approx.append("recompute-modules")
@@ -475,9 +478,9 @@ def convert(row: dict[str, Any], models: dict[str, Any] | None = None) -> Conver
         elif "hybrid_override_pattern" in m:
             approx.append("pp-layout-balanced")
         else:
-            # a stage without decoder layers: pinned as the layout string itself, without its `m`:
-            # megacpp places the MTP layers on the last stage, where the string puts them
-            pipeline_layout = recipe.pp_layout.replace("m", "")
+            # a stage without decoder layers: pinned as the layout string itself, its MTP layers (m)
+            # where it puts them (a run without them drops its m)
+            pipeline_layout = recipe.pp_layout if mtp else recipe.pp_layout.replace("m", "")
     elif pp * vpp > 1 and m["num_layers"] % (pp * vpp) == 0:
         # no layout published: Megatron splits the layers evenly, where megacpp's own balancing
         # would weigh the output head; pinned as Megatron's layout string, `|` cuts on hybrids
@@ -485,7 +488,7 @@ def convert(row: dict[str, Any], models: dict[str, Any] | None = None) -> Conver
         if "hybrid_override_pattern" in m:
             stage_layers = [per] * (pp * vpp)
         else:
-            pipeline_layout = f"E(t*{per}|)*{pp * vpp - 1}t*{per}L"
+            pipeline_layout = f"E(t*{per}|)*{pp * vpp - 1}t*{per}{'m' * mtp}L"
     precision, fp8_recipe = PRECISIONS[row["precision"]]
     if row["precision"] in PRECISION_ASSUMED:
         assume.append(PRECISION_ASSUMED[row["precision"]])
@@ -502,9 +505,19 @@ def convert(row: dict[str, Any], models: dict[str, Any] | None = None) -> Conver
     if moe and row["etp"] is None:
         assume.append("etp not published: Megatron's default etp = tp pinned")
 
-    model, plain = _model(m, recipe, stage_layers)
-    if mtp and "hybrid_override_pattern" not in m:
+    hybrid_main = bool(mtp) and "hybrid_override_pattern" in m
+    if hybrid_main and stage_layers is None and pp > 1 and vpp == 1 and m["num_layers"] % pp == 0:
+        # main builds a hybrid pattern without `|` in equal stages (hybrid_layer_allocation.py
+        # select_pipeline_segment); pinned, or megacpp's own split would stand in for it
+        stage_layers = [m["num_layers"] // pp] * pp
+        assume.append("stage split not published: Megatron's even split of a hybrid pattern without `|` pinned")
+    model, plain = _model(m, recipe, stage_layers, mtp)
+    if mtp:
         model["mtp_num_layers"] = mtp
+        if "hybrid_override_pattern" in m:
+            model["mtp_pattern"] = _mtp_letters(m)
+        if m.get("mtp_use_repeated_layer"):
+            model["mtp_shared_weights"] = True
     parallel: dict[str, Any] = {"tp": tp, "pp": pp, "cp": cp, "dp": row["num_gpus"] // (tp * pp * cp)}
     parallel["vpp"] = vpp  # vp null is no interleaving: pinned too, or the search would pick one
     parallel["ep"] = row["ep"] or 1
@@ -523,6 +536,10 @@ def convert(row: dict[str, Any], models: dict[str, Any] | None = None) -> Conver
         "cluster": {"preset": PRESETS[row["system"]], "nodes": row["num_gpus"] // GPUS_PER_NODE},
         "parallel": parallel,
     }
+    if mtp and ("hybrid_override_pattern" in m or m.get("mtp_use_repeated_layer")):
+        # a hybrid model's MTP layers and one MTP layer shared by every depth are newer than
+        # megatron-core 0.16 (rules mtp-needs-gpt-stack, mtp-shared-weights-needs-main)
+        spec["backend"] = {"megatron": "main"}
     if fp8_recipe not in (None, "delayed"):
         spec["training"]["fp8_recipe"] = fp8_recipe
     if recipe.fsdp:

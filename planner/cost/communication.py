@@ -31,7 +31,7 @@ from functools import cache
 from megacpp.planner.axes import Axis
 from megacpp.planner.cost.blocks import BF16, FP32, expert_width, micro_batch_tokens
 from megacpp.planner.cost.coefficients import DEFAULT_EFFICIENCY, FLEX_LINK_SHARE, Efficiency
-from megacpp.planner.cost.latent import mtp_blocks
+from megacpp.planner.cost.latent import rank_blocks
 from megacpp.planner.cost.memory import StageMemory, rank_stages, recomputed_blocks
 from megacpp.planner.search.layout import Context, Layout
 from megacpp.planner.search.stages import Stage
@@ -193,9 +193,9 @@ def communication(
     tokens = micro_batch_tokens(ctx, lay)
     # the rank whose micro-batches the step prices (step.busiest_rank), else the one with most blocks
     busiest = rank if rank is not None else max(range(lay.pp), key=lambda p: sum(len(s.blocks) for s in rank_stages(stages, p)))
-    blocks = "".join(s.blocks for s in rank_stages(stages, busiest))
-    blocks += mtp_blocks(ctx) if busiest == lay.pp - 1 else ""  # the MTP layers sit with the output head
-    again = recomputed_blocks(ctx, rank_stages(stages, busiest))
+    mine = rank_stages(stages, busiest)
+    blocks = rank_blocks(ctx, "".join(s.blocks for s in mine), any(s.mtp for s in mine))
+    again = recomputed_blocks(ctx, mine)
 
     def passes(letters: str | None = None) -> int:
         """Forward and backward passes of a micro-batch over the rank's blocks of `letters` (all: None),

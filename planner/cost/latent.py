@@ -141,29 +141,48 @@ def latent_parts(ctx: Context, lay: Layout, modules: frozenset[str], fp8: bool) 
 
 
 def mtp_blocks(ctx: Context) -> str:
-    """The blocks of the MTP layers: each is a copy of the model's last Megatron layer (gpt_builders.py:
-    the MTP layer's spec is the last decoder layer's, attention with its MLP or MoE)."""
-    return ctx.units[-1] * ctx.spec.model.mtp_num_layers
+    """The blocks the MTP layers run, every depth's: model.mtp_pattern's on a hybrid stack
+    (multi_token_prediction.py MultiTokenPredictionLayer builds a HybridStack of it), else a copy
+    of the model's last Megatron layer (gpt_builders.py: attention with its MLP or MoE)."""
+    return ctx.spec.model.mtp_layer * ctx.spec.model.mtp_num_layers
 
 
-def mtp_own_params(ctx: Context, lay: Layout, pp: int) -> int:
-    """What the MTP layers hold beyond their transformer layers, on one rank of the last stage
+def mtp_weight_layers(ctx: Context) -> int:
+    """MTP layers whose weights a rank holds: one under model.mtp_shared_weights, which Megatron builds
+    once and applies at every depth (MultiTokenPredictionBlock._build_layers, mtp_use_repeated_layer)."""
+    n = ctx.spec.model.mtp_num_layers
+    return min(n, 1) if ctx.spec.model.mtp_shared_weights else n
+
+
+def mtp_weight_blocks(ctx: Context) -> str:
+    """The blocks whose weights the MTP layers hold (mtp_blocks without the shared depths' repeats)."""
+    return ctx.spec.model.mtp_layer * mtp_weight_layers(ctx)
+
+
+def rank_blocks(ctx: Context, blocks: str, mtp: bool) -> str:
+    """A pipeline rank's blocks in the order it runs them: the MTP layers' after its own where it holds
+    them (mtp_on_this_rank: the last stage, or the chunk a pipeline layout puts `m` in)."""
+    return blocks + mtp_blocks(ctx) if mtp else blocks
+
+
+def mtp_own_params(ctx: Context, lay: Layout, embedding_copy: bool) -> int:
+    """What the MTP layers hold beyond their transformer layers, on one rank of their stage
     (multi_token_prediction.py MultiTokenPredictionLayer): per layer enorm and hnorm over the
     embedding and the hidden state, eh_proj 2h -> h (column parallel, split by TP) and a final
-    norm; and, with PP > 1, a copy of the word embeddings, which the MTP layers look the next
-    tokens up in (gpt_model.py: the embedding is built where pre_process or mtp_process)."""
-    n = ctx.spec.model.mtp_num_layers
+    norm; and, on a stage other than the first, a copy of the word embeddings, which the MTP layers
+    look the next tokens up in (gpt_model.py: the embedding is built where pre_process or mtp_process)."""
+    n = mtp_weight_layers(ctx)
     if not n:
         return 0
     h = ctx.spec.model.hidden_size
     per_layer = 3 * norm_params(ctx) + 2 * h * h // lay.tp
-    return n * per_layer + (blocks.padded_vocab(ctx, lay.tp) // lay.tp * h if pp > 1 else 0)
+    return n * per_layer + (blocks.padded_vocab(ctx, lay.tp) // lay.tp * h if embedding_copy else 0)
 
 
-def mtp_own_tensors(ctx: Context, pp: int) -> int:
+def mtp_own_tensors(ctx: Context, embedding_copy: bool) -> int:
     """Parameter tensors of mtp_own_params: three norms and eh_proj per layer, the embedding copy."""
-    n = ctx.spec.model.mtp_num_layers
-    return n * (3 * blocks.norm_tensors(ctx) + 1) + (1 if n and pp > 1 else 0) if n else 0
+    n = mtp_weight_layers(ctx)
+    return n * (3 * blocks.norm_tensors(ctx) + 1) + (1 if embedding_copy else 0) if n else 0
 
 
 def mtp_own_flops(ctx: Context) -> float:

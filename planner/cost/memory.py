@@ -28,6 +28,8 @@ from megacpp.planner.cost.blocks import (
     head_param_tensors,
     head_params,
     micro_batch_tokens,
+    norm_params,
+    norm_tensors,
     offload_bytes,
     padded_vocab,
     recompute_modules,
@@ -35,7 +37,14 @@ from megacpp.planner.cost.blocks import (
     weight_gradient_bytes,
 )
 from megacpp.planner.cost.coefficients import RESERVED_OVER_ALLOCATED, Efficiency
-from megacpp.planner.cost.latent import mtp_blocks, mtp_own_activation_bytes, mtp_own_params, mtp_own_tensors
+from megacpp.planner.cost.latent import (
+    mtp_blocks,
+    mtp_own_activation_bytes,
+    mtp_own_params,
+    mtp_own_tensors,
+    mtp_weight_blocks,
+    rank_blocks,
+)
 from megacpp.planner.cost.shard import memo, shape
 from megacpp.planner.search.layout import Context, Layout
 from megacpp.planner.search.stages import Stage
@@ -184,17 +193,25 @@ class RankStages:
     behind: dict[str, tuple[tuple[str, int], ...]]  # the blocks behind the last block of each letter, counted
     embedding: bool
     output_head: bool
+    mtp: bool  # it runs the MTP layers (Stage.mtp)
+    mtp_first: bool  # they sit in the chunk with the embedding, which they share (no copy)
+    final_norm: bool  # it holds the decoder's final norm
     first: bool = True  # no rank before it holds the same (the same key)
 
 
 def _rank_stages(ctx: Context, mine: list[Stage], pp: int) -> RankStages:
     blocks = "".join(st.blocks for st in mine)
     embedding, head = any(st.embedding for st in mine), any(st.output_head for st in mine)
+    mtp, mtp_first = any(st.mtp for st in mine), any(st.mtp and st.embedding for st in mine)
+    # with MTP layers the final norm moves from the loss's stage to the last decoder layer's
+    # (transformer_block.py has_final_layernorm_in_this_stage)
+    norm = any(st.stop == ctx.num_layers > st.start for st in mine) if ctx.spec.model.mtp_num_layers else head
     # the stages' bounds matter only to a partial full recompute (its checkpoints stay in a stage);
     # head_params, to whether pp is 1
-    key = (pp == 1, embedding, head, tuple(st.blocks for st in mine) if _partial(ctx) else blocks)
+    key = (pp == 1, embedding, head, mtp, mtp_first, norm, tuple(st.blocks for st in mine) if _partial(ctx) else blocks)
     behind = {letter: tuple(Counter(blocks[blocks.rindex(letter) + 1:]).items()) for letter in set(blocks)}
-    return RankStages(mine, key, blocks, tuple(Counter(blocks).items()), sorted(set(blocks)), behind, embedding, head)
+    return RankStages(mine, key, blocks, tuple(Counter(blocks).items()), sorted(set(blocks)), behind, embedding, head,
+                      mtp, mtp_first, norm)
 
 
 def ranks(ctx: Context, stages: list[Stage], pp: int) -> list[RankStages]:
@@ -315,20 +332,22 @@ def _held(ctx: Context, lay: Layout, mine: RankStages, t: _Letters) -> _Held:
         dense += embedding_params(ctx, lay)
         tensors += embedding_param_tensors(ctx)
         act_per_mb += h_in * tokens
-    if mine.output_head:
-        dense += head_params(ctx, lay)
-        tensors += head_param_tensors(ctx, lay)
+    if mine.output_head:  # head_params and head_param_tensors count the final norm, held where final_norm says
+        dense += head_params(ctx, lay) - norm_params(ctx)
+        tensors += head_param_tensors(ctx, lay) - norm_tensors(ctx)
         # the vocab-parallel loss's fp32 logits (softmax and its gradient are computed in
-        # place in them) next to the bf16 logits
-        loss = (BF16 + FP32) * tokens * padded_vocab(ctx, lay.tp) / lay.tp
-    mtp = mtp_memory(ctx, lay, kept, tokens) if mine.output_head else None
+        # place in them) next to the bf16 logits; each MTP depth's loss ran first and keeps its
+        # fp32 softmax for the backward, its bf16 logits freed (multi_token_prediction.py process_mtp_loss)
+        loss = (BF16 + FP32 * (1 + ctx.spec.model.mtp_num_layers)) * tokens * padded_vocab(ctx, lay.tp) / lay.tp
+    if mine.final_norm:
+        dense += norm_params(ctx)
+        tensors += norm_tensors(ctx)
+    mtp = mtp_memory(ctx, lay, kept, tokens, not mine.mtp_first) if mine.mtp else None
     if mtp is not None:
         dense, expert, tensors = dense + mtp.dense, expert + mtp.expert, tensors + mtp.tensors
         act_per_mb += mtp.activations
-        loss *= 1 + ctx.spec.model.mtp_num_layers  # each depth's logits beside the model's
-    has_attention = "A" in mine.blocks
-    scores = t.scores if has_attention else 0.0
-    blocks = mine.blocks + (mtp_blocks(ctx) if mtp is not None else "")
+    blocks = rank_blocks(ctx, mine.blocks, mtp is not None)
+    scores = t.scores if "A" in blocks else 0.0
     # the gradients a block's backward holds beside what it kept: the score gradients of an
     # unfused attention, and the routed tokens' gradients of an expert block; a block whose
     # modules are recomputed holds what they rebuild as well
@@ -451,13 +470,13 @@ def fsdp_resident_params(ctx: Context, params: dict[str, BlockParams], mine: lis
 def recomputed_blocks(ctx: Context, mine: list[Stage]) -> str:
     """The blocks of one rank's stages whose forward full recompute runs again in the backward:
     every block, or under the block method only the first recompute_num_layers layers of each
-    model chunk (transformer_block.py _checkpointed_forward), the MTP layers with the output
-    head's rank unless the block method leaves them out; none without full recompute."""
+    model chunk (transformer_block.py _checkpointed_forward), the MTP layers with the rank that
+    runs them unless the block method leaves them out; none without full recompute."""
     training = ctx.spec.training
     if training.recompute != "full":
         return ""
     if training.recompute_method != "block":
-        return "".join(st.blocks for st in mine) + (mtp_blocks(ctx) if any(st.output_head for st in mine) else "")
+        return rank_blocks(ctx, "".join(st.blocks for st in mine), any(st.mtp for st in mine))
     n = training.recompute_num_layers or 1
     return "".join("".join(_units(ctx, st.blocks)[:n]) for st in mine)
 
@@ -480,18 +499,19 @@ class MTPMemory:
     activations: float
 
 
-def mtp_memory(ctx: Context, lay: Layout, kept: dict[str, float], tokens: float) -> MTPMemory | None:
-    """The MTP layers on the last stage's rank, None without them."""
+def mtp_memory(ctx: Context, lay: Layout, kept: dict[str, float], tokens: float, embedding_copy: bool) -> MTPMemory | None:
+    """The MTP layers on the rank that runs them, None without them: the weights of the layers it
+    builds (one under model.mtp_shared_weights), the activations of every depth it runs."""
     if not ctx.spec.model.mtp_num_layers:
         return None
     dense = expert = tensors = 0
-    activations = mtp_own_activation_bytes(ctx, lay) * tokens
-    for letter, n in Counter(mtp_blocks(ctx)).items():
+    for letter, n in Counter(mtp_weight_blocks(ctx)).items():
         bp = block_params(ctx, letter, lay)
         dense, expert = dense + n * bp.dense, expert + n * bp.expert
         tensors += n * block_param_tensors(ctx, letter, lay)
-        activations += n * kept[letter]
-    return MTPMemory(dense + mtp_own_params(ctx, lay, lay.pp), expert, tensors + mtp_own_tensors(ctx, lay.pp), activations)
+    activations = mtp_own_activation_bytes(ctx, lay) * tokens + sum(kept[letter] for letter in mtp_blocks(ctx))
+    return MTPMemory(dense + mtp_own_params(ctx, lay, embedding_copy), expert,
+                     tensors + mtp_own_tensors(ctx, embedding_copy), activations)
 
 
 def _partial_full_recompute(ctx: Context, units: list[str], rebuilt: dict[str, float], layer_input: float) -> tuple[float, list[list[str]]]:

@@ -37,7 +37,7 @@ from megacpp.planner.cost.coefficients import (
 )
 from megacpp.planner.cost.communication import Comm, communication
 from megacpp.planner.cost.kernel_rates import kernel_rates
-from megacpp.planner.cost.latent import mtp_blocks, mtp_flops, mtp_proj_gemms, recomputed_up_projections
+from megacpp.planner.cost.latent import mtp_flops, mtp_proj_gemms, rank_blocks, recomputed_up_projections
 from megacpp.planner.cost.memory import GIB, StageMemory, ranks, recomputed_blocks, stage_memory
 from megacpp.planner.cost.shard import memo, shape
 from megacpp.planner.search.layout import Context, Layout
@@ -350,18 +350,19 @@ def _matmul(ctx: Context, lay: Layout, eff: Efficiency, load: float, recompute: 
                 lambda: {letter: precision_matmul_seconds(ctx, lay, letter, eff, load, recompute) for letter in keys})
 
 
-def _rank_work(ctx: Context, lay: Layout, blocks: str, head: bool, eff: Efficiency,
+def _rank_work(ctx: Context, lay: Layout, blocks: str, head: bool, mtp: bool, eff: Efficiency,
                load: float, again: str | None = None) -> tuple[float, float, float, float, float, float]:
     """One pipeline rank's (matmul, softmax, small kernels, host, the local experts' host, the
-    host's synchronised share) per micro-batch, from its blocks, whether it has the head, and the
-    blocks full recompute runs again (memory.recomputed_blocks; None: as many as the spec's
-    recompute mode runs again of `blocks`)."""
+    host's synchronised share) per micro-batch, from its blocks, whether it has the head, whether
+    it runs the MTP layers, and the blocks full recompute runs again (memory.recomputed_blocks;
+    None: as many as the spec's recompute mode runs again)."""
     recompute = ctx.spec.training.recompute
     matmul = _matmul(ctx, lay, eff, load)
-    mtp = ctx.spec.model.mtp_num_layers
-    # the MTP layers run on the last stage after the model's, each with one more output-layer pass
-    blocks += mtp_blocks(ctx) if head else ""
-    gemm = matmul["head"] * (1 + mtp) + (matmul["mtp_proj"] if mtp else 0.0) if head else 0.0
+    depths = ctx.spec.model.mtp_num_layers
+    # the MTP layers run after the rank's own blocks; the rank with the loss passes every depth's
+    # hidden states through the output layer (gpt_model.py _postprocess)
+    blocks = rank_blocks(ctx, blocks, mtp)
+    gemm = (matmul["head"] * (1 + depths) if head else 0.0) + (matmul["mtp_proj"] if mtp else 0.0)
     traffic = eff.traffic(ctx.te)
     small = traffic * small_kernel_seconds(ctx, lay, blocks, load) if traffic else 0.0
     if recompute == "full" and again is not None and len(again) < len(blocks):
@@ -395,9 +396,10 @@ def _busiest(ctx: Context, lay: Layout, stages: list[Stage], mem: list[StageMemo
     work = memo(ctx, ("rank work", shape(lay), eff, load), dict)  # _rank_work by the rank's blocks
     for p, rank in enumerate(ranks(ctx, stages, lay.pp)):
         again = recomputed_blocks(ctx, rank.stages)
-        if (rank.blocks, rank.output_head, again) not in work:
-            work[rank.blocks, rank.output_head, again] = _rank_work(ctx, lay, rank.blocks, rank.output_head, eff, load, again)
-        gemm, scores, small, host, experts, synced = work[rank.blocks, rank.output_head, again]
+        key = (rank.blocks, rank.output_head, rank.mtp, again)
+        if key not in work:
+            work[key] = _rank_work(ctx, lay, rank.blocks, rank.output_head, rank.mtp, eff, load, again)
+        gemm, scores, small, host, experts, synced = work[key]
         accumulate = grad_accumulation_seconds(ctx, mem[p], eff)
         per_rank.append((gemm, scores, exposed_host_seconds(gemm + scores + small + accumulate, host, ctx.te, synced), small, accumulate,
                          host, experts))
@@ -420,7 +422,8 @@ def step_floor(ctx: Context, lay: Layout, eff: Efficiency = DEFAULT_EFFICIENCY, 
     def whole_model() -> float:
         # under partial full recompute every block running once is the bound
         again = "" if ctx.spec.training.recompute_method == "block" else None
-        gemm, scores, small, host, *_ = _rank_work(ctx, lay, ctx.pattern.blocks, True, eff, load, again)
+        gemm, scores, small, host, *_ = _rank_work(ctx, lay, ctx.pattern.blocks, True, bool(ctx.spec.model.mtp_num_layers),
+                                                   eff, load, again)
         return max(gemm + scores + small, host) if ctx.te else gemm + scores + small + host
 
     work = memo(ctx, ("floor", shape(lay), eff, load), whole_model)

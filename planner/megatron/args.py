@@ -46,7 +46,7 @@ def entry_point(ctx: Context) -> str:
 
 def _hybrid_pattern(ctx: Context, cand: Candidate) -> str:
     blocks = ctx.pattern.blocks
-    if "M" in blocks and not ctx.te:
+    if "M" in ctx.letters and not ctx.te:
         raise LaunchError(
             "M blocks without Transformer Engine: Megatron-LM's mamba_stack_spec needs TE; "
             "launch with --engine megacpp, or set backend.transformer_engine: true"
@@ -58,23 +58,23 @@ def _hybrid_pattern(ctx: Context, cand: Candidate) -> str:
                 "or set backend.megatron: main (R renders as G, gated delta net)"
             )
         return "".join(HYBRID_SYMBOLS[b] for b in blocks)
-    sizes = cand.split.sizes
-    if len(sizes) == 1:
-        return "".join(HYBRID_SYMBOLS[b] for b in blocks)
     # `|` segments in chunk order; Megatron assigns segment k to pp_rank k % PP, vp_stage k // PP
     segments, start = [], 0
-    for size in sizes:
+    for size in cand.split.sizes:
         segments.append("".join(HYBRID_SYMBOLS[b] for b in blocks[start : start + size]))
         start += size
-    return "|".join(segments)
+    # each MTP depth as one `/` part after the main pattern (hybrid_layer_allocation.py parse_hybrid_pattern)
+    mtp = "".join(HYBRID_SYMBOLS[b] for b in ctx.spec.model.mtp_layer)
+    return "|".join(segments) + "".join(f"/{mtp}" for _ in range(ctx.spec.model.mtp_num_layers))
 
 
 def _pipeline_flags(ctx: Context, cand: Candidate) -> list[str]:
     split, lay = cand.split, cand.layout
     if split.kind == "layout":
         last = len(split.sizes) - 1
+        mtp = {st.vp_stage * lay.pp + st.pp_rank for st in cand.stages if st.mtp}
         layout = "|".join(
-            ("E" if k == 0 else "") + "t" * n + ("m" * ctx.spec.model.mtp_num_layers + "L" if k == last else "")
+            ("E" if k == 0 else "") + "t" * n + "m" * ctx.spec.model.mtp_num_layers * (k in mtp) + ("L" if k == last else "")
             for k, n in enumerate(split.sizes)
         )
         return ["--pipeline-model-parallel-layout", layout]
@@ -258,6 +258,8 @@ def megatron_args(ctx: Context, cand: Candidate, opts: TrainOptions, extra: bool
         a.append("--untie-embeddings-and-output-weights")
     if model.mtp_num_layers:
         a += ["--mtp-num-layers", str(model.mtp_num_layers)]
+        if model.mtp_shared_weights:  # main only (rule mtp-shared-weights-needs-main)
+            a.append("--mtp-use-repeated-layer")
     if model.mamba and "M" in ctx.letters:
         m = model.mamba
         a += ["--mamba-num-heads", str(model.mamba_heads), "--mamba-head-dim", str(m.head_dim),

@@ -114,7 +114,8 @@ class Context:
 
     @cached_property
     def letters(self) -> frozenset[str]:
-        return self.pattern.letters
+        """The block letters the model builds, its MTP layers' included (they obey the same rules)."""
+        return self.spec.model.letters
 
     @property
     def dialect(self) -> str:

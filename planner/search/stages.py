@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from megacpp.planner.cost.blocks import block_flops, head_flops
 from megacpp.planner.cost.latent import mtp_flops
 from megacpp.planner.search.layout import Context
-from megacpp.planner.spec.pipeline_layout import stage_layers
+from megacpp.planner.spec.pipeline_layout import mtp_stage, stage_layers
 
 # Megatron's plain even split is kept unless a custom split shortens the slowest stage by more than
 # this: it needs no extra flags and does not pile layers onto the memory-heavy first stages.
@@ -36,6 +36,8 @@ class Split:
     sizes: tuple[int, ...]  # units per global chunk, in chunk order (chunk k -> pp_rank k % pp)
     first: int = 0
     last: int = 0
+    # the chunk a pipeline layout puts the MTP layers in (`m`); None: the last, with the output head
+    mtp_chunk: int | None = None
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,7 @@ class Stage:
     blocks: str
     embedding: bool
     output_head: bool
+    mtp: bool = False  # the model's MTP layers run here (Split.mtp_chunk)
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -56,6 +59,7 @@ class Stage:
             "blocks": self.blocks,
             "embedding": self.embedding,
             "output_head": self.output_head,
+            **({"mtp": True} if self.mtp and not self.output_head else {}),
         }
 
 
@@ -209,7 +213,7 @@ def pinned_split(ctx: Context, pp: int, vpp: int) -> Split | None:
     may leave them empty (Llama-3.1-405B, 126 layers on pp 16 x vp 8, as NVIDIA runs it)."""
     pins = ctx.spec.parallel
     if pins.pipeline_layout is not None:
-        return Split("layout", stage_layers(pins.pipeline_layout))
+        return Split("layout", stage_layers(pins.pipeline_layout), mtp_chunk=mtp_stage(pins.pipeline_layout))
     if not (pins.account_for_embedding or pins.account_for_loss):
         return None
     chunks = pp * vpp
@@ -261,6 +265,8 @@ def _assign(ctx: Context, pp: int, vpp: int) -> tuple[Split, list[Stage]]:
     split = choose_split(ctx, pp, vpp)
     step = 2 if ctx.plain_transformer else 1
     blocks = ctx.pattern.blocks
+    last = len(split.sizes) - 1
+    mtp = (last if split.mtp_chunk is None else split.mtp_chunk) if ctx.spec.model.mtp_num_layers else -1
     stages, start = [], 0
     for k, size in enumerate(split.sizes):
         stop = start + size
@@ -272,7 +278,8 @@ def _assign(ctx: Context, pp: int, vpp: int) -> tuple[Split, list[Stage]]:
                 stop=stop,
                 blocks=blocks[start * step : stop * step],
                 embedding=k == 0,
-                output_head=k == len(split.sizes) - 1,
+                output_head=k == last,
+                mtp=k == mtp,
             )
         )
         start = stop

@@ -20,8 +20,9 @@ from pydantic import (
     model_validator,
 )
 
+from megacpp.planner.errors import SpecError
 from megacpp.planner.spec.pattern import Pattern, parse_pattern
-from megacpp.planner.spec.pipeline_layout import stage_layers
+from megacpp.planner.spec.pipeline_layout import mtp_layers, stage_layers
 
 # Bounds keep absurd values out with a message naming the key. They are generous: the
 # largest published models are well inside them.
@@ -181,10 +182,58 @@ class ModelSpec(_Frozen):
     # multi-token prediction (DeepSeek-V3, arXiv:2412.19437 section 2.2): layers after the last
     # one, each predicting one token further, on the last pipeline stage with the output head
     mtp_num_layers: Annotated[int, Field(ge=0, le=64)] = 0
+    # the blocks of one MTP layer of a hybrid stack (Nemotron 3: "AE", Megatron's `/*E/*E`); an
+    # AD/AE stack's MTP layer is a copy of its last layer, which is the default
+    mtp_pattern: Annotated[str, Field(min_length=1, max_length=256)] | None = None
+    # one MTP layer's weights applied at every depth (Megatron's --mtp-use-repeated-layer; Nemotron 3)
+    mtp_shared_weights: bool = False
 
     @cached_property
     def parsed(self) -> Pattern:
         return parse_pattern(self.pattern)
+
+    @cached_property
+    def mtp_layer(self) -> str:
+        """The blocks of one MTP layer: model.mtp_pattern, else a copy of the last Megatron layer
+        (gpt_builders.py: the MTP layer's spec is the last decoder layer's); "" without MTP."""
+        if not self.mtp_num_layers:
+            return ""
+        if self.mtp_pattern is not None:
+            return parse_pattern(self.mtp_pattern).blocks
+        parsed = self.parsed
+        return parsed.blocks[-2:] if parsed.is_plain_transformer else parsed.blocks[-1:]
+
+    @property
+    def letters(self) -> frozenset[str]:
+        """The block letters the model builds: its pattern's and its MTP layers'."""
+        return self.parsed.letters | frozenset(self.mtp_layer)
+
+    @model_validator(mode="after")
+    def _mtp_layer_is_expressible(self) -> ModelSpec:
+        """One MTP pattern repeated per depth is what Megatron's hybrid stack builds (hybrid_layer_allocation.py
+        parse_hybrid_pattern: every `/` part identical, no `|`); its GPT stack copies the last layer."""
+        if not self.mtp_num_layers:
+            for key in ("mtp_pattern", "mtp_shared_weights"):
+                if getattr(self, key):
+                    raise ValueError(f"model.{key} describes MTP layers, but model.mtp_num_layers is 0; "
+                                     f"set mtp_num_layers or drop {key}")
+            return self
+        parsed = parse_pattern(self.pattern)
+        if self.mtp_pattern is None:
+            if not parsed.is_plain_transformer:
+                raise ValueError("model.mtp_num_layers on a hybrid pattern needs model.mtp_pattern, the blocks of one "
+                                 "MTP layer (Nemotron 3: \"AE\")")
+            return self
+        try:
+            mtp = parse_pattern(self.mtp_pattern)
+        except SpecError as exc:
+            raise ValueError(str(exc).replace("model.pattern", "model.mtp_pattern", 1)) from None
+        if mtp.cuts:
+            raise ValueError(f"model.mtp_pattern {self.mtp_pattern!r}: no '|' cuts, one MTP layer sits on one stage")
+        if parsed.is_plain_transformer and mtp.blocks != parsed.blocks[-2:]:
+            raise ValueError(f"model.mtp_pattern {self.mtp_pattern!r} on an AD/AE stack: Megatron's GPT model builds each "
+                             f"MTP layer as a copy of the last layer ({parsed.blocks[-2:]}); drop mtp_pattern")
+        return self
 
     @model_validator(mode="after")
     def _sub_blocks_match_pattern(self) -> ModelSpec:
@@ -192,6 +241,8 @@ class ModelSpec(_Frozen):
         for key, letter in SUB_BLOCK_LETTERS.items():
             if letter in parsed.letters and getattr(self, key) is None:
                 raise ValueError(f"the pattern uses {letter} blocks, so model.{key} is required")
+            if letter in self.mtp_layer and getattr(self, key) is None:
+                raise ValueError(f"model.mtp_pattern uses {letter} blocks, so model.{key} is required")
         if self.attention and self.attention.head_dim is None and self.attention.mla is None \
                 and self.hidden_size % self.attention.num_heads:
             raise ValueError(
@@ -199,7 +250,7 @@ class ModelSpec(_Frozen):
                 f"{self.attention.num_heads}; set attention.head_dim"
             )
         m = self.mamba
-        if m and "M" in parsed.letters:
+        if m and "M" in self.letters:
             heads = self.mamba_heads
             if m.num_heads is None and (2 * self.hidden_size) % m.head_dim:
                 raise ValueError(f"2*hidden_size={2 * self.hidden_size} is not divisible by mamba.head_dim={m.head_dim}")
@@ -235,7 +286,7 @@ class ModelSpec(_Frozen):
         return m.num_heads or (2 * self.hidden_size) // m.head_dim
 
     def unused_sub_blocks(self) -> list[str]:
-        letters = self.parsed.letters
+        letters = self.letters
         return [k for k, letter in SUB_BLOCK_LETTERS.items() if getattr(self, k) is not None and letter not in letters]
 
 
@@ -725,6 +776,13 @@ class Spec(_Frozen):
             if layers != len(parsed.blocks) // 2:
                 raise ValueError(f"parallel.pipeline_layout has {layers} decoder layers (t) but the pattern has "
                                  f"{len(parsed.blocks) // 2}; list every layer once")
+            mtp, want = mtp_layers(pins.pipeline_layout), self.model.mtp_num_layers
+            if mtp and not want:
+                raise ValueError(f"parallel.pipeline_layout places {mtp} MTP layer(s) (m) but model.mtp_num_layers is 0; "
+                                 "drop m or set mtp_num_layers")
+            if mtp and mtp != want:
+                raise ValueError(f"parallel.pipeline_layout places {mtp} MTP layer(s) (m) but model.mtp_num_layers is "
+                                 f"{want}; write m {want} times, or none to keep them with the loss")
         return self
 
     @property

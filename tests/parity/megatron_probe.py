@@ -113,6 +113,12 @@ MODEL_DEFAULTS = {
     # v_channels (it holds no parameters); with this set it is given a subclass that drops them,
     # and MLA's isinstance check against Transformer Engine's TELinear is kept from failing without TE
     "mla_core_attention_shim": False,
+    # latent MoE (moe_latent_size): megatron-core 0.16.1 builds its two projections only as
+    # Transformer Engine's TELinear(parallel_mode="duplicated") and asserts HAVE_TE
+    # (moe/moe_layer.py:170-192); with the shim set a torch stand-in of the same shape takes its
+    # place, for parameter counts only, and the experts are megatron-core's own
+    "moe_latent_size": None,
+    "moe_latent_te_linear_shim": False,
 }
 PIPELINE_DEFAULTS = {
     "num_layers_in_first_pipeline_stage": None,
@@ -359,6 +365,8 @@ def _stage_config(c, case, st):
     if kw["ffn_hidden_size"] is None:
         kw.pop("ffn_hidden_size")  # TransformerConfig defaults it to 4*hidden
     kw.update(qk_layernorm=bool(m["qk_layernorm"]), mtp_num_layers=m["mtp_num_layers"])
+    if m["moe_latent_size"]:
+        kw["moe_latent_size"] = m["moe_latent_size"]
     if m["multi_latent_attention"]:
         kw.update({k: m[k] for k in ("q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim")},
                   rope_type="rope")
@@ -366,6 +374,23 @@ def _stage_config(c, case, st):
         st["config"] = c.MLATransformerConfig(**kw)
         return
     st["config"] = c.TransformerConfig(**kw)
+
+
+def _shim_moe_latent_projections():
+    """Stand a duplicated linear in for TELinear in MoELayer's latent projections: a weight
+    [output, input] whole on every rank, and a bias where asked (see moe_latent_te_linear_shim)."""
+    import torch
+    from megatron.core.transformer.moe import moe_layer
+
+    class DuplicatedLinear(torch.nn.Module):
+        def __init__(self, input_size, output_size, *, parallel_mode, bias, **_):
+            assert parallel_mode == "duplicated", parallel_mode
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.empty(output_size, input_size))
+            if bias:
+                self.bias = torch.nn.Parameter(torch.empty(output_size))
+
+    moe_layer.HAVE_TE, moe_layer.TELinear = True, DuplicatedLinear
 
 
 def _shim_mla_core_attention(spec):
@@ -410,6 +435,8 @@ def _stage_model(c, case, st):
             )
         if m["mla_core_attention_shim"]:
             _shim_mla_core_attention(spec)
+        if m["moe_latent_te_linear_shim"]:
+            _shim_moe_latent_projections()
         mtp = None
         if m["mtp_num_layers"]:
             # gpt_builders.py: the MTP layer is the last decoder layer's spec, built where

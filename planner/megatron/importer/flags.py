@@ -15,7 +15,7 @@ from megacpp.planner.megatron.job_args import PLAN_FLAGS, RESTATABLE, SPEC_KEY_F
 # Flags of model features megacpp does not model yet: carried as extra arguments they would
 # launch a model the plan does not describe, so they are listed instead.
 UNMODELLED = {
-    "--mtp-loss-scaling-factor": "MTP", "--mtp-use-repeated-layer": "MTP", "--mtp-hybrid-override-pattern": "a hybrid's MTP",
+    "--mtp-loss-scaling-factor": "MTP's loss scale",
     "--add-qkv-bias": "attention biases",
     "--squared-relu": "a squared-ReLU MLP", "--quick-geglu": "a quick-GeGLU MLP", "--fp4-format": "FP4 training",
     "--hybrid-attention-ratio": "a hybrid pattern by ratio", "--hybrid-mlp-ratio": "a hybrid pattern by ratio",

@@ -14,16 +14,20 @@ from megacpp.planner.megatron.importer.layers import (
     moe_layer_flags,
     pipeline_layout,
 )
+from megacpp.planner.spec.pipeline_layout import stage_layers
 
 GPT2_VOCAB = 50257  # GPT2BPETokenizer's vocabulary (megatron/core/tokenizers, gpt2 vocab.json)
 
 
+MAX_LAYOUT_TEXT = 4096  # parallel.pipeline_layout's length limit (spec/models.py ParallelPins)
 MEGATRON_KV_LORA_RANK = 32  # Megatron-LM's --kv-lora-rank default (arguments.py _add_mla_args)
 
 class ModelReader(Reader):
     """model: and parallel: of the spec."""
 
     has_moe = False
+    mtp_parts: list[str] = []  # a hybrid pattern's MTP parts (after `/`), as pattern text
+    layout_pin: str | None = None  # --pipeline-model-parallel-layout kept as parallel.pipeline_layout
 
     def model(self, entry_point: str) -> tuple[dict[str, Any], dict[str, int], list[int] | None]:
         f = self.f
@@ -33,7 +37,8 @@ class ModelReader(Reader):
         experts = f.integer("--num-experts")
         self.has_moe = experts is not None
         pattern, pipeline, layout = self._pattern(entry_point)
-        letters = set(pattern.replace("|", ""))
+        mtp = self._mtp(entry_point)
+        letters = set(pattern.replace("|", "")) | set(mtp.get("mtp_pattern", ""))
         model: dict[str, Any] = {"pattern": "", "hidden_size": hidden}
         vocab = f.integer("--vocab-size")
         tokenizer = f.groups.get("--tokenizer-type", [""])[0]
@@ -83,11 +88,41 @@ class ModelReader(Reader):
             self._moe(experts, ffn, gated)  # read, so its flags are not listed; no E block uses them
         if "D" in letters:
             model["mlp"] = {"ffn_hidden_size": ffn, "gated": gated}
-        mtp = f.integer("--mtp-num-layers")
-        if mtp:
-            model["mtp_num_layers"] = mtp
+        model.update(mtp)
         model["pattern"] = pattern
         return model, layout, pipeline
+
+    def _mtp(self, entry_point: str) -> dict[str, Any]:
+        """The MTP keys: the depth, a hybrid model's MTP pattern (the `/` parts _pattern split off, or
+        the deprecated --mtp-hybrid-override-pattern repeated per depth, arguments.py:774-784) and
+        whether one layer's weights serve every depth."""
+        f = self.f
+        depths = f.integer("--mtp-num-layers") or 0
+        legacy = f.text("--mtp-hybrid-override-pattern")
+        out: dict[str, Any] = {}
+        if entry_point == "pretrain_gpt.py":
+            if legacy is not None:
+                self.lost("--mtp-hybrid-override-pattern", "Megatron ignores it for GPT models, whose MTP layer "
+                          "copies the last layer")
+        elif self.mtp_parts:
+            if depths and depths != len(self.mtp_parts):
+                self.notes.append(f"--mtp-num-layers {depths} but the hybrid pattern has {len(self.mtp_parts)} MTP "
+                                  "parts: Megatron-LM uses the pattern's count")
+            depths = len(self.mtp_parts)
+            out["mtp_pattern"] = self.mtp_parts[0]
+            if legacy is not None:
+                self.lost("--mtp-hybrid-override-pattern", "the hybrid pattern's `/` parts take its place")
+        elif legacy is not None and depths:
+            out["mtp_pattern"] = compact_pattern(hybrid_letters(legacy, "--mtp-hybrid-override-pattern")[0])
+        elif depths:
+            self.lost("--mtp-num-layers", "a hybrid model without an MTP pattern builds no MTP layers "
+                      "(Megatron-LM warns); add `/` parts to the pattern")
+            depths = 0
+        if depths:
+            out["mtp_num_layers"] = depths
+            if f.has("--mtp-use-repeated-layer"):
+                out["mtp_shared_weights"] = True
+        return out
 
     def _attention(self, heads: int) -> dict[str, Any]:
         """Grouped-query attention with its QK layernorm, sliding window and sinks (args._attention_feature_flags)."""
@@ -158,6 +193,14 @@ class ModelReader(Reader):
                                 "needs the layer pattern itself (a pattern by --hybrid-*-ratio is not read)")
             f.has("--is-hybrid-model")
             f.has("--spec")  # the hybrid stack spec megacpp renders for every hybrid launch
+            text, *parts = text.split("/")
+            if any(part != parts[0] for part in parts):
+                raise SpecError(f"{flag}: every MTP part after '/' must be the same pattern (Megatron's "
+                                f"parse_hybrid_pattern refuses {'/'.join(parts)[:60]!r})")
+            if parts and parts[0]:
+                if "|" in parts[0]:
+                    raise SpecError(f"{flag}: '|' in an MTP part {parts[0][:60]!r}; pipeline cuts belong before the first '/'")
+                self.mtp_parts = [compact_pattern(hybrid_letters(parts[0], flag)[0])] * len(parts)
             blocks, cuts = hybrid_letters(text, flag)
             if layers is not None and layers != len(blocks):
                 raise SpecError(f"--num-layers {layers} but {flag} has {len(blocks)} layers")
@@ -172,15 +215,19 @@ class ModelReader(Reader):
         layout_text = f.text("--pipeline-model-parallel-layout")
         first, last = f.integer("--decoder-first-pipeline-num-layers"), f.integer("--decoder-last-pipeline-num-layers")
         own_split = False  # the script's split has a stage without decoder layers: megacpp splits them itself
+        self.layout_pin = None
         if layout_text is not None:
             sizes, odd = pipeline_layout(layout_text)
             vpp = len(sizes) // pp
+            if odd and entry_point == "pretrain_gpt.py" and _pinnable(layout_text):
+                # empty stages or MTP layers off the loss's stage: the string itself is the pin
+                self.layout_pin, odd = layout_text.strip(), False
             if odd:
                 own_split = 0 in sizes
                 why = "megacpp's own split of the decoder layers" if own_split else "the decoder layers' split"
-                self.lost("--pipeline-model-parallel-layout", "MTP layers or the embedding/loss off the first/last "
-                          f"stage are not modelled; planned with {why}")
-            if own_split:
+                self.lost("--pipeline-model-parallel-layout", "a hybrid stack's layers, or the embedding/loss off the "
+                          f"first/last stage, cannot be pinned as a layout string; planned with {why}")
+            if own_split or self.layout_pin is not None:
                 sizes = None
         elif first is not None or last is not None:
             if pp < 2 or (vpp or 1) > 1:
@@ -197,7 +244,7 @@ class ModelReader(Reader):
                 raise SpecError(f"--num-layers-per-virtual-pipeline-stage {per_virtual} does not divide "
                                 f"{units} layers over {pp} stages")
         chunks = pp * (vpp or 1)
-        if sizes is None and chunks > 1 and not own_split:
+        if sizes is None and chunks > 1 and not own_split and self.layout_pin is None:
             if units % chunks:
                 raise SpecError(f"{units} layers do not split evenly over {pp} stages x {vpp or 1} virtual stages, "
                                 "and the script sets no uneven split")
@@ -256,7 +303,22 @@ class ModelReader(Reader):
             pins["dp"] = world // size
         elif world is not None:
             self.notes.append(f"tp x pp x cp = {size} does not divide the world of {world} GPUs; `megacpp validate` says why")
-        # without the flag Megatron-LM sets ETP to TP (arguments.py)
-        pins.update(ep=ep, etp=(etp if etp is not None else tp) if self.has_moe else 1)
+        # without the flag Megatron-LM sets ETP to TP (arguments.py); a model without experts
+        # leaves it to the plan, which takes TP as Megatron-LM does
+        pins["ep"] = ep
+        if self.has_moe:
+            pins["etp"] = etp if etp is not None else tp
         pins["sp"] = f.has("--sequence-parallel") and tp > 1
+        if self.layout_pin is not None:
+            pins["pipeline_layout"] = self.layout_pin
         return pins
+
+
+def _pinnable(text: str) -> bool:
+    """Whether a layout string is one parallel.pipeline_layout takes (the embedding first, the loss last,
+    MTP layers after the decoder layers in one stage): then the spec keeps it as it is."""
+    try:
+        stage_layers(text)
+    except ValueError:
+        return False
+    return len(text) <= MAX_LAYOUT_TEXT

@@ -52,6 +52,24 @@ class TrainingReader(Reader):
                 self.lost("--fp8-recipe", f"{recipe} is not a spec fp8 recipe")
             if f.groups["--fp8-format"] != ["hybrid"]:
                 self.unsupported.append(f"--fp8-format {' '.join(f.groups['--fp8-format'])}: megacpp renders hybrid")
+        fp4 = f.text("--fp4-format")
+        if fp4 is not None:  # NVFP4, as args._precision_flags renders training.precision: fp4
+            recipe = f.text("--fp4-recipe") or "nvfp4"
+            if (fp4, recipe) == ("e2m1", "nvfp4") and "precision" not in training:
+                training["precision"] = "fp4"
+            else:
+                self.lost("--fp4-format", f"{fp4} with the {recipe} recipe is not the spec's fp4 (e2m1, nvfp4)")
+        if f.has("--use-megatron-fsdp"):
+            # Megatron-FSDP sharding weights, gradients and optimizer state, with the checkpoint
+            # format it asserts (args._fsdp_flags); another strategy is not a spec key
+            strategy = f.text("--data-parallel-sharding-strategy") or "no_shard"  # Megatron-LM's default
+            if strategy == "optim_grads_params":
+                training["data_parallel_sharding"] = "fsdp"
+                if f.groups.get("--ckpt-format") == ["fsdp_dtensor"]:
+                    f.has("--ckpt-format")
+            else:
+                self.lost("--use-megatron-fsdp", f"Megatron-FSDP with --data-parallel-sharding-strategy {strategy}; "
+                          "the spec's fsdp is optim_grads_params")
         if not f.has("--bf16"):
             if f.has("--fp16"):
                 self.lost("--fp16", "fp16 training; planned as bf16")
@@ -93,7 +111,8 @@ class TrainingReader(Reader):
     def _optimizer(self) -> dict[str, Any]:
         f = self.f
         out: dict[str, Any] = {}
-        if not f.has("--use-distributed-optimizer"):
+        # Megatron-FSDP turns the distributed optimizer on itself (arguments.py, --megatron-fsdp-version 1)
+        if not f.has("--use-distributed-optimizer") and "--use-megatron-fsdp" not in f.groups:
             out["distributed_optimizer"] = False
         if f.has("--use-precision-aware-optimizer"):
             dtypes = {key: v for key, flag in (("exp_avg_dtype", "--exp-avg-dtype"), ("exp_avg_sq_dtype", "--exp-avg-sq-dtype"),

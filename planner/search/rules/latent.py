@@ -54,17 +54,32 @@ def mla_needs_te(ctx: Context, lay: Layout) -> str | None:
     "mtp-needs-gpt-stack",
     axes=(),
     where="[V] megatron/core/models/mamba/mamba_model.py (no MTP block); [M] --hybrid-layer-pattern `/` parts "
-          "(arguments.py:868-880), which megacpp does not render",
-    applies=lambda ctx: _mtp(ctx) and not ctx.plain_transformer,
-    fails="pattern AEME with model.mtp_num_layers=1",
-    passes="an AD/AE pattern, or mtp_num_layers=0",
+          "(arguments.py:864-880; hybrid_layer_allocation.py parse_hybrid_pattern)",
+    applies=lambda ctx: _mtp(ctx) and not ctx.plain_transformer and ctx.dialect == "core_v0.16",
+    fails="pattern AEME with model.mtp_num_layers=1, mtp_pattern AE, backend.megatron=core_v0.16",
+    passes="an AD/AE pattern, or backend.megatron=main (the MTP layers as `/` parts of the hybrid pattern)",
 )
 def mtp_needs_gpt_stack(ctx: Context, lay: Layout) -> str | None:
-    """megatron-core 0.16.1 builds MTP layers in GPTModel only (a copy of the last decoder layer,
-    gpt_builders.py); its MambaModel has none, and main's hybrid MTP is written as `/` parts of the
-    pattern, which megacpp does not render yet."""
-    return ("model.mtp_num_layers needs a plain AD/AE pattern: Megatron's hybrid stack on core_v0.16 has no MTP "
-            "layers; use an AD/AE pattern or set mtp_num_layers: 0")
+    """On core_v0.16 Megatron builds MTP layers in GPTModel only (a copy of the last decoder layer,
+    gpt_builders.py); its MambaModel has none. main's hybrid stack builds them from the `/` parts of
+    --hybrid-layer-pattern, which megacpp renders from model.mtp_pattern."""
+    return ("model.mtp_num_layers on a hybrid pattern: megatron-core 0.16's hybrid (Mamba) model has no MTP layers; "
+            "set backend.megatron: main, or mtp_num_layers: 0")
+
+
+@rule(
+    "mtp-shared-weights-needs-main",
+    axes=(),
+    where="[M] megatron/core/transformer/multi_token_prediction.py MultiTokenPredictionBlock._build_layers "
+          "(mtp_use_repeated_layer); core_v0.16's parser has no --mtp-use-repeated-layer",
+    applies=lambda ctx: _mtp(ctx) and ctx.spec.model.mtp_shared_weights and ctx.dialect == "core_v0.16",
+    fails="model.mtp_shared_weights=true with backend.megatron=core_v0.16",
+    passes="backend.megatron=main",
+)
+def mtp_shared_weights_needs_main(ctx: Context, lay: Layout) -> str | None:
+    """One MTP layer applied at every depth (--mtp-use-repeated-layer) is newer than megatron-core 0.16."""
+    return ("model.mtp_shared_weights: megatron-core 0.16 builds one MTP layer per depth; set backend.megatron: main "
+            "or mtp_shared_weights: false")
 
 
 @rule(

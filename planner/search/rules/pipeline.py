@@ -5,7 +5,7 @@ from __future__ import annotations
 from megacpp.planner.axes import Axis
 from megacpp.planner.search.layout import Context, Layout
 from megacpp.planner.search.rules import divisors, options, rule
-from megacpp.planner.spec.pipeline_layout import stage_layers
+from megacpp.planner.spec.pipeline_layout import mtp_stage, stage_layers
 
 
 @rule(
@@ -86,6 +86,34 @@ def pipeline_layout_stages(ctx: Context, lay: Layout) -> str | None:
     if stages != lay.pp * lay.vpp:
         return (f"parallel.pipeline_layout has {stages} stages but pp*vpp = {lay.pp}*{lay.vpp} = {lay.pp * lay.vpp}; "
                 f"pick pp in {options(divisors(stages))} with vpp = {stages}/pp")
+    return None
+
+
+@rule(
+    "pipeline-layout-mtp",
+    axes=(Axis.PP, Axis.VPP),
+    where="[V] megatron/core/transformer/pipeline_parallel_layer_layout.py:115-132 (MTP only in a rank's last "
+          "virtual stage, not on the first pp rank); multi_token_prediction.py MultiTokenPredictionBlock "
+          "(asserts is_vp_last_stage)",
+    applies=lambda ctx: ctx.spec.parallel.pipeline_layout is not None
+    and mtp_stage(ctx.spec.parallel.pipeline_layout) is not None,
+    fails="layout Et*3|(tt|)*29m|L (m in stage 30) with pp=8, vpp=4; Et*3|t*3|m|L with pp=2, vpp=2 (rank 0)",
+    passes="pp=16, vpp=2 (stage 30 is rank 14's last virtual stage)",
+)
+def pipeline_layout_mtp(ctx: Context, lay: Layout) -> str | None:
+    """Megatron builds the MTP layers only in the last virtual stage of a pipeline rank: the layout's
+    chunk k that holds `m` sits on pp_rank k % pp as virtual stage k // pp, which must be vpp - 1.
+    Nor on the first pp rank when there are others: its layout check says so, checks it only for the
+    other virtual stages, and megatron-core 0.16.1 then hangs at model build (the embedding copy's
+    all-reduce runs twice on rank 0; tests/test_megatron_parity.py saw the gloo timeout)."""
+    k = mtp_stage(ctx.spec.parallel.pipeline_layout or "")
+    assert k is not None
+    where = f"parallel.pipeline_layout puts the MTP layers (m) in stage {k}, virtual stage {k // lay.pp} of pp_rank {k % lay.pp}"
+    if k // lay.pp != lay.vpp - 1:
+        return (f"{where}, but Megatron builds them only in a rank's last virtual stage ({lay.vpp - 1}); "
+                f"move m to one of the last {lay.pp} stages")
+    if lay.pp > 1 and k % lay.pp == 0:
+        return f"{where}, but Megatron does not place them on the first pipeline rank; move m to a later rank's stage"
     return None
 
 
