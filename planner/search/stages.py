@@ -203,6 +203,11 @@ def _first_last_split(weights: list[float], pp: int, head: float) -> Split:
     return best[2]
 
 
+def _even(sizes: tuple[int, ...]) -> bool:
+    """Whether a split is Megatron's default one: every chunk the same number of layers."""
+    return len(sizes) > 1 and len(set(sizes)) == 1 and sizes[0] > 0
+
+
 def pinned_split(ctx: Context, pp: int, vpp: int) -> Split | None:
     """The split parallel.pipeline_layout or the account flags fix, if the spec sets either.
 
@@ -213,7 +218,10 @@ def pinned_split(ctx: Context, pp: int, vpp: int) -> Split | None:
     may leave them empty (Llama-3.1-405B, 126 layers on pp 16 x vp 8, as NVIDIA runs it)."""
     pins = ctx.spec.parallel
     if pins.pipeline_layout is not None:
-        return Split("layout", stage_layers(pins.pipeline_layout), mtp_chunk=mtp_stage(pins.pipeline_layout))
+        sizes, mtp = stage_layers(pins.pipeline_layout), mtp_stage(pins.pipeline_layout)
+        if _even(sizes) and mtp in (None, len(sizes) - 1):
+            return Split("even", sizes)  # Megatron's own split: no layout flag needed
+        return Split("layout", sizes, mtp_chunk=mtp)
     if not (pins.account_for_embedding or pins.account_for_loss):
         return None
     chunks = pp * vpp
@@ -233,6 +241,8 @@ def choose_split(ctx: Context, pp: int, vpp: int) -> Split:
     if ctx.unit_cuts:
         bounds = [0, *ctx.unit_cuts, n]
         sizes = tuple(b - a for a, b in zip(bounds, bounds[1:], strict=False))
+        if _even(sizes):  # Megatron's own split: neither a layout flag nor `|` segments needed
+            return Split("even", sizes)
         kind = "pipes" if not ctx.plain_transformer and ctx.dialect == "main" else "layout"
         if not ctx.plain_transformer and ctx.dialect == "core_v0.16":
             kind = "even" if len(set(sizes)) == 1 else "first_last"

@@ -148,15 +148,22 @@ def _validated(doc: dict[str, Any]) -> Spec:
 
 def _pin_uneven_split(spec: Spec, doc: dict[str, Any], pipeline: list[int] | None, overrides: list[str]) -> tuple[Spec, dict[str, Any]]:
     """Pin the script's stage split with `|` cuts where megacpp would split the pinned layout
-    otherwise (an even split, or the one the plan picks itself, needs none)."""
+    otherwise (the one the plan picks itself needs none). A script that states no split runs
+    Megatron's even one, which is pinned alike where the layers divide."""
     pins = spec.parallel
     chunks = (pins.pp or 1) * (pins.vpp or 1)
-    if pipeline is None or len(pipeline) != chunks or chunks < 2 or any(o.startswith("model.pattern") for o in overrides):
+    if chunks < 2 or any(o.startswith("model.pattern") for o in overrides):
         return spec, doc  # no split to pin, or --set changed the stages or the pattern
+    if pipeline is None and (pins.pipeline_layout is not None or pins.account_for_embedding or pins.account_for_loss):
+        return spec, doc  # the spec pins the split itself
     try:
         ctx = make_context(spec)
     except SpecError:  # an inline cluster without compute numbers: the split needs only FLOPs
         ctx = make_context(spec, resolve_cluster(ClusterSpec(preset="h100-sxm-8", nodes=spec.cluster.nodes)))
+    if pipeline is None and ctx.num_layers % chunks == 0:
+        pipeline = [ctx.num_layers // chunks] * chunks
+    if pipeline is None or len(pipeline) != chunks:
+        return spec, doc
     if sum(pipeline) != ctx.num_layers:
         raise SpecError(f"the script's pipeline stages hold {sum(pipeline)} layers, the model has {ctx.num_layers}")
     if list(choose_split(ctx, pins.pp or 1, pins.vpp or 1).sizes) == pipeline:
