@@ -29,7 +29,7 @@ def audit(spec: dict[str, Any], cuda: bool = False) -> dict[str, Any]:
     from megatron.core import parallel_state as ps
     from megatron.core.transformer.module import Float16Module
 
-    from megacpp.planner.cost.blocks import block_activation_bytes
+    from megacpp.planner.cost.activations import block_activation_bytes
     from megacpp.planner.plan import build_plan
     from megacpp.planner.spec.loading import spec_from_dict
     from megacpp.runtime.worker.data import SyntheticChain, microbatches

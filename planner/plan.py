@@ -18,13 +18,13 @@ from pydantic import (
 )
 
 from megacpp.planner.axes import Axis
-from megacpp.planner.cost.blocks import routed_load
 from megacpp.planner.cost.coefficients import (
     DEFAULT_EFFICIENCY,
     MEASURED_LAYER_ROUTED_LOAD,
     MEASURED_ROUTED_LOAD,
     Efficiency,
 )
+from megacpp.planner.cost.flops import routed_load
 from megacpp.planner.cost.memory import peak_gib
 from megacpp.planner.cost.step import Estimate, compute_floor, estimate, step_floor
 from megacpp.planner.errors import PlanError, did_you_mean

@@ -10,7 +10,8 @@ import pytest
 
 from benchmarks.gpu.compare import compare, host_label, in_flight_load, markdown, routing_pairs
 from megacpp.planner.calibrate.reports import run_spec
-from megacpp.planner.cost.blocks import expert_backward_bytes, micro_batch_tokens, unfused_scores
+from megacpp.planner.cost.activations import expert_backward_bytes
+from megacpp.planner.cost.blocks import unfused_scores
 from megacpp.planner.cost.coefficients import (
     DEFAULT_EFFICIENCY,
     EXPERT,
@@ -18,6 +19,7 @@ from megacpp.planner.cost.coefficients import (
     REFERENCE_HOST_LAUNCH_US,
 )
 from megacpp.planner.cost.communication import _collective_seconds
+from megacpp.planner.cost.flops import micro_batch_tokens
 from megacpp.planner.cost.memory import (
     GIB,
     OPTIMIZER_STEP_BYTES,

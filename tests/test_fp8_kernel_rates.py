@@ -9,8 +9,8 @@ import json
 import pytest
 
 from megacpp.planner.cost import step
-from megacpp.planner.cost.blocks import block_gemms
 from megacpp.planner.cost.coefficients import DEFAULT_EFFICIENCY
+from megacpp.planner.cost.flops import block_gemms
 from megacpp.planner.cost.kernel_rates import RATES_DIR, TABLES, kernel_rates
 from megacpp.planner.plan import make_context
 from megacpp.planner.search.layout import Layout

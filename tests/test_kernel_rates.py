@@ -9,8 +9,8 @@ import statistics
 import pytest
 
 from megacpp.planner.calibrate.reports import run_spec
-from megacpp.planner.cost.blocks import block_flops, block_gemms, micro_batch_tokens
 from megacpp.planner.cost.coefficients import DEFAULT_EFFICIENCY
+from megacpp.planner.cost.flops import block_flops, block_gemms, micro_batch_tokens
 from megacpp.planner.cost.kernel_rates import RATES_DIR, TABLES, kernel_rates
 from megacpp.planner.cost.step import (
     UNFUSED_SOFTMAX_BYTES_BACKWARD,

@@ -14,15 +14,9 @@ from collections import Counter
 import pytest
 import yaml
 
-from megacpp.planner.cost.blocks import (
-    BF16,
-    block_flops,
-    block_gemms,
-    block_linears,
-    head_flops,
-    micro_batch_tokens,
-)
+from megacpp.planner.cost.blocks import BF16, block_linears
 from megacpp.planner.cost.coefficients import DEFAULT_EFFICIENCY
+from megacpp.planner.cost.flops import block_flops, block_gemms, head_flops, micro_batch_tokens
 from megacpp.planner.cost.latent import latent_parts, mtp_flops
 from megacpp.planner.cost.memory import stage_memory
 from megacpp.planner.errors import LaunchError, SpecError

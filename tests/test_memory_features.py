@@ -6,8 +6,10 @@ from __future__ import annotations
 import pytest
 
 from megacpp.planner import build_plan
-from megacpp.planner.cost.blocks import BF16, block_activation_bytes, micro_batch_tokens, norm_stats_bytes
+from megacpp.planner.cost.activations import block_activation_bytes, norm_stats_bytes
+from megacpp.planner.cost.blocks import BF16
 from megacpp.planner.cost.coefficients import DEFAULT_EFFICIENCY
+from megacpp.planner.cost.flops import micro_batch_tokens
 from megacpp.planner.cost.memory import GIB, recomputed_blocks, stage_memory
 from megacpp.planner.errors import LaunchError, SpecError
 from megacpp.planner.megatron.args import TrainOptions, environment, known_flags, megatron_args

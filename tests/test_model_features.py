@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from megacpp.planner.cost.blocks import attention_share, block_flops, block_gemms, windowed_layers
 from megacpp.planner.cost.coefficients import DEFAULT_EFFICIENCY
 from megacpp.planner.cost.communication import communication
+from megacpp.planner.cost.flops import attention_share, block_flops, block_gemms, windowed_layers
 from megacpp.planner.cost.memory import stage_memory
 from megacpp.planner.cost.step import matmul_seconds
 from megacpp.planner.errors import SpecError

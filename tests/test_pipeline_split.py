@@ -7,7 +7,7 @@ import shlex
 
 import pytest
 
-from megacpp.planner.cost.blocks import head_flops
+from megacpp.planner.cost.flops import head_flops
 from megacpp.planner.errors import SpecError
 from megacpp.planner.megatron.render import RenderOptions, render_launch
 from megacpp.planner.plan import build_plan, make_context

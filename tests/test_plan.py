@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 
 from megacpp.planner.axes import Axis
-from megacpp.planner.cost.blocks import routed_load
 from megacpp.planner.cost.coefficients import DEFAULT_EFFICIENCY
+from megacpp.planner.cost.flops import routed_load
 from megacpp.planner.cost.step import compute_floor, estimate, step_floor
 from megacpp.planner.errors import PlanError
 from megacpp.planner.explain import explain_layout

@@ -29,8 +29,9 @@ from dataclasses import dataclass
 from functools import cache
 
 from megacpp.planner.axes import Axis
-from megacpp.planner.cost.blocks import BF16, FP32, expert_width, micro_batch_tokens
+from megacpp.planner.cost.blocks import BF16, FP32, expert_width
 from megacpp.planner.cost.coefficients import DEFAULT_EFFICIENCY, FLEX_LINK_SHARE, Efficiency
+from megacpp.planner.cost.flops import micro_batch_tokens
 from megacpp.planner.cost.latent import rank_blocks
 from megacpp.planner.cost.memory import StageMemory, rank_stages, recomputed_blocks
 from megacpp.planner.search.layout import Context, Layout

@@ -2,14 +2,13 @@
 (model.mtp_num_layers): their parameters, FLOPs, matmuls and activations, as megatron-core 0.16.1
 builds them (megatron/core/transformer/multi_latent_attention.py, multi_token_prediction.py).
 
-blocks.py hands an A block to these functions when the attention is latent; memory.py and step.py
-add the MTP layers to the last pipeline stage, where Megatron builds them.
+blocks.py, flops.py and activations.py hand an A block to these functions when the attention is
+latent; memory.py and step.py add the MTP layers to the stage where Megatron builds them.
 """
 
 from __future__ import annotations
 
-from megacpp.planner.cost import blocks
-from megacpp.planner.cost.blocks import BF16, Gemms, micro_batch_tokens, norm_params, norm_stats_bytes
+from megacpp.planner.cost import activations, blocks, flops
 from megacpp.planner.search.layout import Context, Layout
 from megacpp.planner.spec.models import LatentAttentionSpec
 
@@ -49,8 +48,8 @@ def latent_norm_params(ctx: Context) -> int:
     """The input norm and the latents' norms (q_layernorm over q_lora_rank, kv_layernorm over
     kv_lora_rank: Megatron builds them with --qk-layernorm, which MLA renders), whole on every rank."""
     m = _mla(ctx)
-    per_width = norm_params(ctx) // ctx.spec.model.hidden_size  # 1 (RMSNorm) or 2 (LayerNorm) per element
-    return norm_params(ctx) + per_width * ((m.q_lora_rank or 0) + m.kv_lora_rank)
+    per_width = blocks.norm_params(ctx) // ctx.spec.model.hidden_size  # 1 (RMSNorm) or 2 (LayerNorm) per element
+    return blocks.norm_params(ctx) + per_width * ((m.q_lora_rank or 0) + m.kv_lora_rank)
 
 
 def latent_norm_tensors(ctx: Context) -> int:
@@ -67,13 +66,13 @@ def latent_flops(ctx: Context) -> float:
     return 2.0 * projections + heads * (qk + v) * ctx.seq
 
 
-def latent_gemms(ctx: Context, lay: Layout) -> Gemms:
+def latent_gemms(ctx: Context, lay: Layout) -> flops.Gemms:
     """The MLA block's forward matmuls on one rank. The duplicated down projections of Transformer
     Engine read the rank's sequence shard under SP (whole weights, t / TP tokens), the local
     column-parallel ones the gathered sequence (t tokens, weights split by TP)."""
     h, heads, qk, v, rope = _widths(ctx)
     m, tp = _mla(ctx), lay.tp
-    t = micro_batch_tokens(ctx, lay)
+    t = flops.micro_batch_tokens(ctx, lay)
     down_t, down_split = (t / tp if lay.sp else t, 1) if ctx.te else (t, tp)
     queries: tuple[tuple[float, int, int, int], ...] = ((t, h, heads * qk // tp, 1),)
     if m.q_lora_rank:
@@ -83,25 +82,25 @@ def latent_gemms(ctx: Context, lay: Layout) -> Gemms:
     core = heads * (qk + v) * ctx.seq * t / tp  # causal QK^T and PV, as latent_flops counts them
     d = ctx.spec.model.head_dim  # the mean of the key and value widths
     if ctx.te:
-        return Gemms(linears, fused_attention=(lay.micro_batch_size * heads // tp, ctx.seq, d, lay.cp), other_flops=core)
-    return Gemms(linears, attention=(lay.micro_batch_size * heads // tp, ctx.seq // lay.cp, d))
+        return flops.Gemms(linears, fused_attention=(lay.micro_batch_size * heads // tp, ctx.seq, d, lay.cp), other_flops=core)
+    return flops.Gemms(linears, attention=(lay.micro_batch_size * heads // tp, ctx.seq // lay.cp, d))
 
 
-def recomputed_up_projections(ctx: Context, lay: Layout) -> Gemms:
+def recomputed_up_projections(ctx: Context, lay: Layout) -> flops.Gemms:
     """The MLA block's up projections, whose forward selective recompute of mla_up_proj runs again
     in the backward (multi_latent_attention.py qkv_up_checkpoint); none otherwise."""
     m = ctx.spec.model.latent
-    if m is None or "mla_up_proj" not in blocks.recompute_modules(ctx):
-        return Gemms()
+    if m is None or "mla_up_proj" not in activations.recompute_modules(ctx):
+        return flops.Gemms()
     h, heads, qk, v, rope = _widths(ctx)
-    t = micro_batch_tokens(ctx, lay)
+    t = flops.micro_batch_tokens(ctx, lay)
     queries = ((t, m.q_lora_rank, heads * qk // lay.tp, 1),) if m.q_lora_rank else ()
-    return Gemms((*queries, (t, m.kv_lora_rank, heads * (qk - rope + v) // lay.tp, 1)))
+    return flops.Gemms((*queries, (t, m.kv_lora_rank, heads * (qk - rope + v) // lay.tp, 1)))
 
 
 def latent_parts(ctx: Context, lay: Layout, modules: frozenset[str], fp8: bool) -> dict[str, float]:
     """What an MLA block keeps per local token for its backward, by where it is kept (the parts of
-    blocks._attention_parts). norm: the input norm (a module of its own under either spec) and its
+    activations._attention_parts). norm: the input norm (a module of its own under either spec) and its
     output, which both down projections read; the latents: each one's bf16 projection, its norm's
     statistics and normalised output (the up projection's input), along the SP shard like the
     layer's input. core: core attention's inputs, the
@@ -118,22 +117,22 @@ def latent_parts(ctx: Context, lay: Layout, modules: frozenset[str], fp8: bool) 
     h, heads, qk, v, rope = _widths(ctx)
     m, t = _mla(ctx), lay.tp
     outside = 1 / t if lay.sp else 1.0
-    cast = 1.0 if fp8 else float(BF16)
+    cast = 1.0 if fp8 else float(blocks.BF16)
     layernorm = "layernorm" in modules
-    stats = norm_stats_bytes(ctx)
-    norm = (BF16 * h if layernorm else BF16 * h + cast * h + stats) * outside
-    latents = sum(BF16 * r + stats + cast * r for r in (m.q_lora_rank, m.kv_lora_rank) if r) * outside
+    stats = activations.norm_stats_bytes(ctx)
+    norm = (blocks.BF16 * h if layernorm else blocks.BF16 * h + cast * h + stats) * outside
+    latents = sum(blocks.BF16 * r + stats + cast * r for r in (m.q_lora_rank, m.kv_lora_rank) if r) * outside
     heads_r = heads / t
     # under mla_up_proj the checkpoint keeps its inputs instead: the latents, and the key's rotary
     # part, a view that holds the whole key/value down projection's output
-    kept = BF16 * (m.kv_lora_rank + rope) * outside if "mla_up_proj" in modules else BF16 * heads_r * (2 * qk + v)
+    kept = blocks.BF16 * (m.kv_lora_rank + rope) * outside if "mla_up_proj" in modules else blocks.BF16 * heads_r * (2 * qk + v)
     scores = 0.0
     if not ctx.te and "core_attn" not in modules:
         scores = blocks.UNFUSED_KEPT_BYTES * heads_r * ctx.seq / lay.cp
     unfused_rope = ctx.spec.model.position_embedding == "rope" and not (ctx.te and ctx.fused)
-    rope_tables = 4 * BF16 * rope / lay.micro_batch_size if unfused_rope else 0.0
+    rope_tables = 4 * blocks.BF16 * rope / lay.micro_batch_size if unfused_rope else 0.0
     width = heads_r * v
-    output = BF16 * width if not fp8 else width * (1.0 + (0.0 if "core_attn" in modules else BF16))
+    output = blocks.BF16 * width if not fp8 else width * (1.0 + (0.0 if "core_attn" in modules else blocks.BF16))
     return {"norm": norm + latents, "rope": rope_tables, "core": kept + scores, "output": output}
 
 
@@ -175,7 +174,7 @@ def mtp_own_params(ctx: Context, lay: Layout, embedding_copy: bool) -> int:
     if not n:
         return 0
     h = ctx.spec.model.hidden_size
-    per_layer = 3 * norm_params(ctx) + 2 * h * h // lay.tp
+    per_layer = 3 * blocks.norm_params(ctx) + 2 * h * h // lay.tp
     return n * per_layer + (blocks.padded_vocab(ctx, lay.tp) // lay.tp * h if embedding_copy else 0)
 
 
@@ -189,21 +188,21 @@ def mtp_own_flops(ctx: Context) -> float:
     """Forward FLOPs per token of the MTP layers beyond their transformer layers: eh_proj and one
     more pass of the output layer per layer (gpt_model.py _postprocess: mtp_logits per depth)."""
     h = ctx.spec.model.hidden_size
-    return ctx.spec.model.mtp_num_layers * (2.0 * 2 * h * h + blocks.head_flops(ctx))
+    return ctx.spec.model.mtp_num_layers * (2.0 * 2 * h * h + flops.head_flops(ctx))
 
 
 def mtp_flops(ctx: Context) -> float:
     """Forward FLOPs per token of all MTP layers, their transformer layers included."""
     if not ctx.spec.model.mtp_num_layers:
         return 0.0
-    return mtp_own_flops(ctx) + sum(blocks.block_flops(ctx, letter) for letter in mtp_blocks(ctx))
+    return mtp_own_flops(ctx) + sum(flops.block_flops(ctx, letter) for letter in mtp_blocks(ctx))
 
 
-def mtp_proj_gemms(ctx: Context, lay: Layout) -> Gemms:
+def mtp_proj_gemms(ctx: Context, lay: Layout) -> flops.Gemms:
     """eh_proj of every MTP layer on one rank: the tokens, 2h -> h / TP."""
     h = ctx.spec.model.hidden_size
-    t = micro_batch_tokens(ctx, lay)
-    return Gemms(((t, 2 * h, h // lay.tp, ctx.spec.model.mtp_num_layers),))
+    t = flops.micro_batch_tokens(ctx, lay)
+    return flops.Gemms(((t, 2 * h, h // lay.tp, ctx.spec.model.mtp_num_layers),))
 
 
 def mtp_own_activation_bytes(ctx: Context, lay: Layout) -> float:
@@ -212,6 +211,6 @@ def mtp_own_activation_bytes(ctx: Context, lay: Layout) -> float:
     2h input; the layer's own final norm input and statistics; along the SP shard."""
     h = ctx.spec.model.hidden_size
     outside = 1 / lay.tp if lay.sp else 1.0
-    stats = norm_stats_bytes(ctx)
-    per_layer = (2 * (BF16 * h + stats) + BF16 * 2 * h + BF16 * h + stats) * outside
+    stats = activations.norm_stats_bytes(ctx)
+    per_layer = (2 * (blocks.BF16 * h + stats) + blocks.BF16 * 2 * h + blocks.BF16 * h + stats) * outside
     return ctx.spec.model.mtp_num_layers * per_layer

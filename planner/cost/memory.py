@@ -13,30 +13,32 @@ from collections import Counter
 from collections.abc import Hashable
 from dataclasses import dataclass, field, replace
 
+from megacpp.planner.cost.activations import (
+    block_activation_bytes,
+    expert_backward_bytes,
+    fp8_casts,
+    fp8_recipe,
+    offload_bytes,
+    recompute_modules,
+)
 from megacpp.planner.cost.blocks import (
     BF16,
     FP32,
     BlockParams,
-    block_activation_bytes,
     block_param_tensors,
     block_params,
     embedding_param_tensors,
     embedding_params,
-    expert_backward_bytes,
-    fp8_casts,
-    fp8_recipe,
     head_param_tensors,
     head_params,
-    micro_batch_tokens,
     norm_params,
     norm_tensors,
-    offload_bytes,
     padded_vocab,
-    recompute_modules,
     unfused_scores,
     weight_gradient_bytes,
 )
 from megacpp.planner.cost.coefficients import RESERVED_OVER_ALLOCATED, Efficiency
+from megacpp.planner.cost.flops import micro_batch_tokens
 from megacpp.planner.cost.latent import (
     mtp_blocks,
     mtp_own_activation_bytes,

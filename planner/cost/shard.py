@@ -1,6 +1,6 @@
 """Per-block costs that follow a layout's shard shape alone, worked out once per search.
 
-cost.blocks prices one block on one rank from the layout's tp, cp, sp, ep, etp and micro-batch
+cost.blocks, cost.flops and cost.activations price one block on one rank from the layout's tp, cp, sp, ep, etp and micro-batch
 size (and the routed load), never from pp, vpp or dp. A search prices tens of thousands of
 layouts that share far fewer shapes (DeepSeek-V3-style on 1,024 GPUs: 20,214 legal layouts,
 2,100 shapes), so what depends on the shape is computed once and memoised on the Context.
@@ -17,7 +17,7 @@ T = TypeVar("T")
 
 
 def shape(lay: Layout) -> tuple[int, int, bool, int, int, int]:
-    """The layout fields the per-block formulas of cost.blocks read."""
+    """The layout fields the per-block formulas (cost.blocks, cost.flops, cost.activations) read."""
     return lay.tp, lay.cp, lay.sp, lay.ep, lay.etp, lay.micro_batch_size
 
 

@@ -17,16 +17,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from megacpp.planner.axes import Axis
-from megacpp.planner.cost.blocks import (
-    BF16,
-    block_activation_bytes,
-    block_flops,
-    block_gemms,
-    head_flops,
-    head_gemms,
-    micro_batch_tokens,
-    unfused_scores,
-)
+from megacpp.planner.cost.activations import block_activation_bytes
+from megacpp.planner.cost.blocks import BF16, unfused_scores
 from megacpp.planner.cost.coefficients import (
     CP_STEP,
     DEFAULT_EFFICIENCY,
@@ -36,6 +28,7 @@ from megacpp.planner.cost.coefficients import (
     Efficiency,
 )
 from megacpp.planner.cost.communication import Comm, communication
+from megacpp.planner.cost.flops import block_flops, block_gemms, head_flops, head_gemms, micro_batch_tokens
 from megacpp.planner.cost.kernel_rates import kernel_rates
 from megacpp.planner.cost.latent import mtp_flops, mtp_proj_gemms, rank_blocks, recomputed_up_projections
 from megacpp.planner.cost.memory import GIB, StageMemory, ranks, recomputed_blocks, stage_memory

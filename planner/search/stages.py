@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from megacpp.planner.cost.blocks import block_flops, head_flops
+from megacpp.planner.cost.flops import block_flops, head_flops
 from megacpp.planner.cost.latent import mtp_flops
 from megacpp.planner.search.layout import Context
 from megacpp.planner.spec.pipeline_layout import mtp_stage, stage_layers

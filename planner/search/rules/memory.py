@@ -3,7 +3,7 @@ fine-grained activation offloading and the precision-aware optimizer."""
 
 from __future__ import annotations
 
-from megacpp.planner.cost.blocks import fp8_recipe, offload_modules, recompute_modules
+from megacpp.planner.cost.activations import fp8_recipe, offload_modules, recompute_modules
 from megacpp.planner.search.layout import Context, Layout
 from megacpp.planner.search.rules import rule
 
