@@ -31,7 +31,8 @@ from megacpp.planner.plan import build_plan, make_context
 from megacpp.planner.search.layout import Context, Layout
 from megacpp.planner.search.stages import Stage, assign_stages
 from megacpp.planner.spec.loading import apply_override, one_line, parse_yaml, spec_from_dict
-from megacpp.planner.spec.models import Spec, TrainingSpec
+from megacpp.planner.spec.models import Spec
+from megacpp.planner.spec.training import TrainingSpec
 
 # a table of a few dozen runs is a few KB; each row is planned dozens of times by the fit
 MAX_TABLE_BYTES = 1 << 20

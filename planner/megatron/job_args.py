@@ -10,8 +10,10 @@ import re
 
 from megacpp.planner.errors import LaunchError, did_you_mean
 from megacpp.planner.search.layout import Context
-from megacpp.planner.spec.models import Spec, TokenizerSpec, TrainingSpec
+from megacpp.planner.spec.job import TokenizerSpec
+from megacpp.planner.spec.models import Spec
 from megacpp.planner.spec.schedule import Schedule
+from megacpp.planner.spec.training import TrainingSpec
 
 
 class ShellWord(str):

@@ -1,4 +1,6 @@
-"""Frozen pydantic models for every key of the spec YAML contract (DESIGN.md "Spec YAML").
+"""Frozen pydantic models for the spec YAML contract (DESIGN.md "Spec YAML"): the model, cluster,
+backend and parallel keys and the Spec itself; training keys are in training.py, data, checkpoint
+and launch keys in job.py.
 
 Specs are inputs: nothing derived is ever written back into them. Cross-field checks that
 depend only on the spec (not on a layout) live here; layout legality lives in `rules/`.
@@ -6,49 +8,24 @@ depend only on the spec (not on a layout) live here; layout legality lives in `r
 
 from __future__ import annotations
 
-import re
 from functools import cached_property
 from typing import Annotated, Literal
 
 from pydantic import (
-    AfterValidator,
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
     Field,
-    field_validator,
     model_validator,
 )
 
 from megacpp.planner.errors import SpecError
+from megacpp.planner.spec.base import Count, Dim, Vocab
+from megacpp.planner.spec.base import Frozen as _Frozen
+from megacpp.planner.spec.job import CheckpointSpec, DataSpec, LaunchSpec
 from megacpp.planner.spec.pattern import Pattern, parse_pattern
 from megacpp.planner.spec.pipeline_layout import mtp_layers, stage_layers
-
-# Bounds keep absurd values out with a message naming the key. They are generous: the
-# largest published models are well inside them.
-Count = Annotated[int, Field(ge=1, le=1 << 20)]
-Dim = Annotated[int, Field(ge=1, le=1 << 20)]
-Tokens = Annotated[int, Field(ge=1, le=1 << 24)]
-Vocab = Annotated[int, Field(ge=1, le=1 << 24)]
-
-
-# The per-layer modules Megatron's CUDA graphs capture (--cuda-graph-scope, megatron/core/transformer/enums.py CudaGraphScope).
-CudaGraphModule = Literal["attn", "mlp", "moe", "moe_router", "moe_preprocess", "mamba"]
-
-# What selective recompute can drop (--recompute-modules) and what fine-grained activation
-# offloading can move to the host (--offload-modules): transformer_config.py recompute_modules,
-# offload_modules (megatron-core 0.16.1).
-RecomputeModule = Literal["core_attn", "moe_act", "layernorm", "mla_up_proj", "mlp", "moe", "shared_experts"]
-OffloadModule = Literal["attn_norm", "qkv_linear", "core_attn", "attn_proj", "mlp_norm", "expert_fc1", "moe_act"]
-# Adam moment dtypes Megatron-LM accepts (--exp-avg-dtype, --exp-avg-sq-dtype)
-StateDtype = Literal["fp32", "bf16", "fp16", "fp8"]
+from megacpp.planner.spec.training import TrainingSpec
 
 # Each sub-block key of model and the pattern letter that needs it.
 SUB_BLOCK_LETTERS = {"attention": "A", "mamba": "M", "moe": "E", "mlp": "D", "recurrent": "R"}
-
-
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class LatentAttentionSpec(_Frozen):
@@ -290,166 +267,6 @@ class ModelSpec(_Frozen):
         return [k for k, letter in SUB_BLOCK_LETTERS.items() if getattr(self, k) is not None and letter not in letters]
 
 
-class OptimizerSpec(_Frozen):
-    """Adam's state held by the distributed optimizer. A dtype other than fp32 is Megatron's
-    precision-aware optimizer (Transformer Engine's FusedAdam; optimizer_config.py)."""
-
-    exp_avg_dtype: StateDtype = "fp32"  # first moment
-    exp_avg_sq_dtype: StateDtype = "fp32"  # second moment
-    main_params_dtype: Literal["fp32", "fp16"] = "fp32"  # the master copy of the weights
-
-    @property
-    def precision_aware(self) -> bool:
-        return (self.exp_avg_dtype, self.exp_avg_sq_dtype, self.main_params_dtype) != ("fp32",) * 3
-
-
-class TrainingSpec(_Frozen):
-    seq_length: Tokens
-    global_batch_size: Annotated[int, Field(ge=1, le=1 << 24)]
-    micro_batch_size: Annotated[int, Field(ge=1, le=1 << 16)] | Literal["auto"] = 1
-    # fp8: Transformer Engine's FP8 GEMMs with the scaling recipe fp8_recipe; fp4: NVFP4 (Blackwell)
-    precision: Literal["bf16", "fp8", "fp4"] = "bf16"
-    # delayed (amax history), tensorwise (current scaling), mxfp8 (32-element blocks, Blackwell),
-    # blockwise (1x128 / 128x128 blocks): Megatron's --fp8-recipe
-    fp8_recipe: Literal["delayed", "tensorwise", "mxfp8", "blockwise"] = "delayed"
-    # how data parallelism shards the training state: optimizer (the distributed optimizer shards
-    # the optimizer state, as distributed_optimizer says) or fsdp (Megatron-FSDP shards weights,
-    # gradients and optimizer state: optim_grads_params)
-    data_parallel_sharding: Literal["optimizer", "fsdp"] = "optimizer"
-    recompute: Literal["none", "selective", "full"] = "none"
-    # selective: what is recomputed (None: Megatron's default, core_attn); full: which layers
-    # (uniform: checkpoints of recompute_num_layers layers each, default 1; block: only the first
-    # recompute_num_layers layers of each stage)
-    recompute_modules: Annotated[tuple[RecomputeModule, ...], Field(strict=False, min_length=1, max_length=7)] | None = None
-    recompute_method: Literal["uniform", "block"] | None = None
-    recompute_num_layers: Annotated[int, Field(ge=1, le=1 << 16)] | None = None
-    # fine-grained activation offloading: the modules whose saved inputs go to host memory during
-    # the forward and come back for the backward, and the share of their layers that do
-    offload_modules: Annotated[tuple[OffloadModule, ...], Field(strict=False, min_length=1, max_length=7)] | None = None
-    activation_offload_fraction: Annotated[float, Field(ge=0, le=1)] = 1.0
-    optimizer: OptimizerSpec = OptimizerSpec()
-    distributed_optimizer: bool = True
-    # the dtype gradients are reduced in across data-parallel ranks: fp32 (Megatron-LM's default for
-    # bf16 training) or bf16 (--grad-reduce-in-bf16; Megatron-Bridge's performance recipes), half the bytes
-    grad_reduce_dtype: Literal["fp32", "bf16"] = "fp32"
-    # overlap the TP all-gathers and reduce-scatters with the GEMMs beside them (--tp-comm-overlap,
-    # Transformer Engine's userbuffers); it applies to layouts with TP > 1 and sequence parallelism
-    tp_comm_overlap: bool = False
-    # CUDA graphs, as Megatron captures them: "layers" (every transformer layer whole),
-    # "full_iteration" (the whole forward-backward of a step), or a list of the per-layer modules
-    # Megatron names (attn, mlp, moe, moe_router, moe_preprocess, mamba); a captured module replays
-    # without the host's per-kernel work
-    cuda_graphs: Literal["none", "layers", "full_iteration"] | Annotated[
-        tuple[CudaGraphModule, ...], Field(strict=False, min_length=1, max_length=6)] = "none"
-
-    @model_validator(mode="after")
-    def _graph_modules(self) -> TrainingSpec:
-        modules = self.cuda_graphs
-        if isinstance(modules, tuple):
-            if len(set(modules)) < len(modules):
-                raise ValueError(f"cuda_graphs lists a module twice: {list(modules)}")
-            if "moe_preprocess" in modules and "moe_router" not in modules:
-                raise ValueError("cuda_graphs: moe_preprocess must be listed with moe_router (Megatron captures "
-                                 "the preprocess after the router); add moe_router")
-            if "moe" in modules and "moe_router" in modules:  # transformer_config.py: "must not contain both moe and moe_router"
-                raise ValueError("cuda_graphs: moe captures the whole MoE layer; drop moe_router and moe_preprocess")
-        return self
-
-    @model_validator(mode="after")
-    def _precision_and_sharding(self) -> TrainingSpec:
-        if self.fp8_recipe != "delayed" and self.precision != "fp8":
-            raise ValueError(f"training.fp8_recipe={self.fp8_recipe} applies to precision: fp8, not {self.precision}; "
-                             "set precision: fp8 or drop fp8_recipe")
-        if self.data_parallel_sharding == "fsdp" and not self.distributed_optimizer:
-            raise ValueError("training.data_parallel_sharding: fsdp shards the optimizer state too (Megatron-FSDP "
-                             "runs with the distributed optimizer); set distributed_optimizer: true")
-        return self
-
-    @model_validator(mode="after")
-    def _memory_features(self) -> TrainingSpec:
-        """Each recompute, offload and optimizer key only where Megatron-LM reads it
-        (arguments.py: no recompute method under selective; optimizer_config.py: the
-        precision-aware optimizer only with the distributed optimizer)."""
-        for key in ("recompute_modules", "offload_modules"):
-            listed = getattr(self, key)
-            if listed is not None and len(set(listed)) < len(listed):
-                raise ValueError(f"training.{key} lists a module twice: {list(listed)}")
-        if self.recompute_modules is not None and self.recompute != "selective":
-            raise ValueError(f"training.recompute_modules applies to recompute: selective, not {self.recompute}; "
-                             "set recompute: selective or drop recompute_modules")
-        for key in ("recompute_method", "recompute_num_layers"):
-            if getattr(self, key) is not None and self.recompute != "full":
-                raise ValueError(f"training.{key} applies to recompute: full, not {self.recompute}; "
-                                 f"set recompute: full or drop {key}")
-        if self.offload_modules is None and self.activation_offload_fraction != 1.0:
-            raise ValueError(f"training.activation_offload_fraction={self.activation_offload_fraction:g} needs "
-                             "training.offload_modules (what to offload); list them or drop the fraction")
-        if self.optimizer.precision_aware and not self.distributed_optimizer:
-            raise ValueError("training.optimizer dtypes other than fp32 need distributed_optimizer: true "
-                             "(Megatron's precision-aware optimizer shards its state); set it or keep fp32")
-        return self
-
-    # The run and its learning-rate schedule, one for both engines: Megatron-LM gets them as flags
-    # (planner/megatron/args.py) and megacpp's runtime worker builds the same OptimizerParamScheduler
-    # (planner/spec/schedule.py). Without a length, `launch --steps` (100) sets it.
-    train_iters: Annotated[int, Field(ge=1, le=1 << 40)] | None = None
-    train_tokens: Annotated[int, Field(ge=1, le=1 << 60)] | None = None  # rounded up to whole global batches
-    lr: Annotated[float, Field(gt=0, le=1)] = 3e-4
-    min_lr: Annotated[float, Field(ge=0, le=1)] | None = None  # None: lr / 10
-    warmup_iters: Annotated[int, Field(ge=0, le=1 << 40)] = 0
-    lr_decay_style: Literal["constant", "linear", "cosine", "inverse-square-root", "WSD"] = "cosine"
-    lr_decay_iters: Annotated[int, Field(ge=1, le=1 << 40)] | None = None  # None: the run's length
-    # WSD (warmup-stable-decay): lr holds until the last lr_wsd_decay_iters of the decay, which fall
-    # to min_lr in this style (megatron/core/optimizer_param_scheduler.py get_lr)
-    lr_wsd_decay_style: Literal["exponential", "linear", "cosine", "minus_sqrt"] = "exponential"
-    lr_wsd_decay_iters: Annotated[int, Field(ge=1, le=1 << 40)] | None = None  # required with WSD
-    weight_decay: Annotated[float, Field(ge=0, le=1e3)] = 0.1
-    clip_grad: Annotated[float, Field(ge=0, le=1e6)] = 1.0  # 0: no clipping
-    # Adam, stated once for both engines: Megatron-LM's own default beta2 is 0.999, megacpp's runtime
-    # and Megatron's GPT-3 175B example (examples/gpt3/train_gpt3_175b_distributed.sh:42-46) use 0.95
-    adam_beta1: Annotated[float, Field(ge=0, lt=1)] = 0.9
-    adam_beta2: Annotated[float, Field(ge=0, lt=1)] = 0.95
-    adam_eps: Annotated[float, Field(gt=0, le=1)] = 1e-8
-    # Megatron-LM's logging and evaluation (the runtime worker reports every step and evaluates nothing)
-    log_interval: Annotated[int, Field(ge=1, le=1 << 40)] = 1
-    eval_interval: Annotated[int, Field(ge=1, le=1 << 40)] | None = None  # None: the run's length
-    eval_iters: Annotated[int, Field(ge=0, le=1 << 40)] = 0
-
-    @field_validator("lr", "min_lr", "weight_decay", "clip_grad", "adam_beta1", "adam_beta2", "adam_eps", mode="before")
-    @classmethod
-    def _number_text(cls, value: object) -> object:
-        return number_from_yaml_text(value)
-
-    @property
-    def run_iters(self) -> int | None:
-        """The run's length in optimizer steps, as the spec gives it (None: it does not)."""
-        if self.train_tokens is not None:
-            return -(-self.train_tokens // (self.global_batch_size * self.seq_length))
-        return self.train_iters
-
-    @model_validator(mode="after")
-    def _one_schedule(self) -> TrainingSpec:
-        if self.train_iters is not None and self.train_tokens is not None:
-            raise ValueError("give train_iters or train_tokens, not both")
-        if self.min_lr is not None and self.min_lr > self.lr:
-            raise ValueError(f"min_lr={self.min_lr:g} is above lr={self.lr:g}; the schedule decays "
-                             "from lr down to min_lr")
-        length = self.lr_decay_iters or self.run_iters
-        if length is not None and self.warmup_iters >= length:
-            raise ValueError(f"warmup_iters={self.warmup_iters} must be below the {length} iterations the "
-                             "learning rate decays over (lr_decay_iters, else the run's length)")
-        if self.lr_decay_style == "WSD" and self.lr_wsd_decay_iters is None:
-            raise ValueError("lr_decay_style WSD needs lr_wsd_decay_iters: the iterations at the end of the decay "
-                             "in which the learning rate falls to min_lr (e.g. a tenth of the run)")
-        if self.lr_wsd_decay_iters is not None and self.lr_decay_style != "WSD":
-            raise ValueError(f"lr_wsd_decay_iters is used only with lr_decay_style WSD (it is {self.lr_decay_style!r}); "
-                             "drop it or set lr_decay_style: WSD")
-        if length is not None and self.lr_wsd_decay_iters is not None and self.warmup_iters + self.lr_wsd_decay_iters > length:
-            raise ValueError(f"warmup_iters={self.warmup_iters} plus lr_wsd_decay_iters={self.lr_wsd_decay_iters} exceed "
-                             f"the {length} iterations the learning rate decays over; shorten the WSD decay")
-        return self
-
-
 class ClusterSpec(_Frozen):
     """A preset name, optionally with inline overrides, or a fully inline cluster."""
 
@@ -505,198 +322,6 @@ class ParallelPins(_Frozen):
                 raise ValueError("parallel.pipeline_layout places the embedding and the loss itself; "
                                  "drop account_for_embedding and account_for_loss")
             stage_layers(self.pipeline_layout)
-        return self
-
-
-# ---- What a real training job reads, writes and where it runs: data, checkpoint, launch ----
-# Every value here is user text that ends up in a script: the render quotes each one (shlex.quote)
-# and executes none; #SBATCH values, which sbatch parses itself, are held to plain characters.
-
-TokenizerType = Literal["GPT2BPETokenizer", "SentencePieceTokenizer", "GPTSentencePieceTokenizer",
-                        "HuggingFaceTokenizer", "Llama2Tokenizer", "TikTokenizer", "NullTokenizer"]
-# the tokenizer files each type reads, and the ones it cannot do without (megatron/core/tokenizers/
-# text/utils/build_tokenizer.py)
-TOKENIZER_READS = {
-    "GPT2BPETokenizer": ({"vocab_file", "merge_file"}, {"vocab_file", "merge_file"}),
-    "HuggingFaceTokenizer": ({"model", "vocab_file", "merge_file"}, {"model"}),
-    "NullTokenizer": (set(), set()),
-    **{t: ({"model"}, {"model"}) for t in ("SentencePieceTokenizer", "GPTSentencePieceTokenizer",
-                                            "Llama2Tokenizer", "TikTokenizer")},
-}
-ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-# What sbatch accepts in each #SBATCH value, without quoting: its own parser reads quotes,
-# backslashes and `#`, and a newline would start a line of the script.
-SLURM_VALUE = {
-    "partition": re.compile(r"[A-Za-z0-9._-]+(,[A-Za-z0-9._-]+)*"),
-    "account": re.compile(r"[A-Za-z0-9._-]+"),
-    "qos": re.compile(r"[A-Za-z0-9._-]+(,[A-Za-z0-9._-]+)*"),
-    "reservation": re.compile(r"[A-Za-z0-9._-]+(,[A-Za-z0-9._-]+)*"),
-    "time": re.compile(r"\d+(-\d+)?(:\d+){0,2}|UNLIMITED|INFINITE|unlimited|infinite"),
-    "constraint": re.compile(r"[A-Za-z0-9._&|,*\[\]()!:=-]+"),
-    "nodelist": re.compile(r"[A-Za-z0-9._,\[\]-]+"),
-    "exclude": re.compile(r"[A-Za-z0-9._,\[\]-]+"),
-}
-
-
-def number_from_yaml_text(value: object) -> object:
-    """YAML 1.1 reads `3e-4` (an exponent without a dot) as text; take it as the number it spells."""
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return value
-    return value
-
-
-def _text_from_number(value: object) -> object:
-    """An environment value or an extra argument written as a bare number (NCCL_IB_DISABLE: 1)."""
-    return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
-
-
-def _quoted_time(value: object) -> object:
-    if isinstance(value, int) and not isinstance(value, bool):
-        raise ValueError(f"got the number {value}: YAML reads an unquoted 4:00:00 as 14400; quote the time, "
-                         "e.g. time: \"04:00:00\"")
-    return value
-
-
-def _tuples(value: object) -> object:
-    """YAML lists as tuples, which the frozen spec keeps."""
-    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
-
-
-def _no_nul(text: str) -> str:
-    if "\x00" in text:
-        raise ValueError("contains a NUL character, which no argument or variable can carry")
-    return text
-
-
-def _megatron_value(text: str) -> str:
-    _no_nul(text)
-    if text.startswith("-"):
-        raise ValueError(f"{text[:60]!r} starts with '-', which Megatron-LM would read as a flag; write ./{text[:60]}")
-    return text
-
-
-Text = Annotated[str, BeforeValidator(_text_from_number), AfterValidator(_no_nul), Field(max_length=4096)]
-PathText = Annotated[str, AfterValidator(_megatron_value), Field(min_length=1, max_length=4096)]
-Weight = Annotated[float, BeforeValidator(number_from_yaml_text), Field(gt=0, le=1e12)]
-
-
-class TokenizerSpec(_Frozen):
-    """The tokenizer Megatron-LM builds (--tokenizer-type) and the files it reads."""
-
-    type: TokenizerType = "NullTokenizer"  # NullTokenizer: pre-tokenized ids below model.vocab_size
-    model: PathText | None = None  # --tokenizer-model: a SentencePiece/TikToken file, or a HuggingFace name or folder
-    vocab_file: PathText | None = None
-    merge_file: PathText | None = None
-
-    @model_validator(mode="after")
-    def _files_the_type_reads(self) -> TokenizerSpec:
-        reads, needs = TOKENIZER_READS[self.type]
-        given = {k for k in ("model", "vocab_file", "merge_file") if getattr(self, k) is not None}
-        if needs - given:
-            raise ValueError(f"a {self.type} needs {' and '.join(sorted(needs - given))}")
-        if given - reads:
-            raise ValueError(f"a {self.type} reads no {' or '.join(sorted(given - reads))}; drop it or change type")
-        return self
-
-
-class DataSpec(_Frozen):
-    """What Megatron-LM trains on: Megatron indexed datasets (the prefix of each .bin/.idx pair),
-    as a weighted blend or a list, split into train/validation/test, read with one tokenizer."""
-
-    blend: Annotated[tuple[tuple[Weight, PathText], ...], BeforeValidator(_tuples), Field(min_length=1, max_length=100_000)] | None = None
-    paths: Annotated[tuple[PathText, ...], BeforeValidator(_tuples), Field(min_length=1, max_length=100_000)] | None = None
-    split: Annotated[str, Field(max_length=100)] = "99,1,0"
-    tokenizer: TokenizerSpec = TokenizerSpec()
-    mock: bool = False  # Megatron-LM's synthetic data with this tokenizer (a benchmark)
-
-    @model_validator(mode="after")
-    def _one_source(self) -> DataSpec:
-        given = [k for k in ("blend", "paths") if getattr(self, k) is not None]
-        if self.mock and given:
-            raise ValueError(f"mock trains on synthetic tokens; drop {given[0]} or mock")
-        if not self.mock and len(given) != 1:
-            raise ValueError("needs blend ([[weight, prefix], ...]) or paths ([prefix, ...])"
-                             if not given else "blend and paths both given; keep one")
-        if not re.fullmatch(r"\d+(\.\d+)?([,/]\d+(\.\d+)?){0,2}", self.split) or not any(
-                float(x) for x in re.split("[,/]", self.split)):
-            raise ValueError(f"split {self.split[:40]!r} is not train,validation,test proportions such as \"98,1,1\"")
-        return self
-
-
-class CheckpointSpec(_Frozen):
-    """Megatron-LM's checkpoints. A job loads from `save` when it holds a checkpoint (a restarted
-    or requeued job continues where it stopped), else from `load`."""
-
-    save: PathText | None = None
-    load: PathText | None = None  # None: save
-    interval: Annotated[int, Field(ge=1, le=1 << 40)] | None = None  # iterations; None: at the end only
-    load_optimizer: bool = True  # false: --no-load-optim
-    load_rng: bool = True  # false: --no-load-rng
-
-    @model_validator(mode="after")
-    def _somewhere(self) -> CheckpointSpec:
-        if self.save is None and self.load is None:
-            raise ValueError("needs save, load or both")
-        if self.interval is not None and self.save is None:
-            raise ValueError(f"interval={self.interval} saves to checkpoint.save, which is not set")
-        return self
-
-
-class SlurmSpec(_Frozen):
-    """#SBATCH settings of the job, and the pyxis container its srun runs in."""
-
-    partition: str | None = None
-    account: str | None = None
-    time: Annotated[str, BeforeValidator(_quoted_time)] | None = None  # minutes, or [D-]HH:MM:SS
-    qos: str | None = None
-    reservation: str | None = None
-    constraint: str | None = None
-    nodelist: str | None = None
-    exclude: str | None = None
-    container_image: Annotated[str, AfterValidator(_no_nul), Field(min_length=1, max_length=4096)] | None = None
-    container_mounts: Annotated[list[Annotated[str, AfterValidator(_no_nul), Field(min_length=1, max_length=4096)]],
-                                Field(max_length=1000)] = []
-    container_workdir: Annotated[str, AfterValidator(_no_nul), Field(min_length=1, max_length=4096)] | None = None
-
-    @model_validator(mode="after")
-    def _plain_sbatch_values(self) -> SlurmSpec:
-        for key, allowed in SLURM_VALUE.items():
-            value = getattr(self, key)
-            if value is not None and (len(value) > 1000 or not allowed.fullmatch(value)):
-                raise ValueError(f"{key}: {value[:60]!r} is not a Slurm {key} "
-                                 "(letters, digits and . _ - , only; no spaces, quotes or #)")
-        for mount in self.container_mounts:
-            if "," in mount:
-                raise ValueError(f"container_mounts: {mount[:60]!r} holds a comma; give each "
-                                 "SRC:DST[:FLAGS] as its own list item")
-        if (self.container_mounts or self.container_workdir) and self.container_image is None:
-            raise ValueError("container_mounts and container_workdir need container_image")
-        return self
-
-
-class LaunchSpec(_Frozen):
-    """How the job is started: more Megatron-LM flags, its environment, and Slurm's settings."""
-
-    # appended to the Megatron-LM command after megacpp's own flags; each flag is checked against
-    # the dialect's parser, and one that restates what the spec decides is refused
-    extra_args: Annotated[list[Text], Field(max_length=1000)] = []
-    env: Annotated[dict[str, Text], Field(max_length=1000)] = {}
-    slurm: SlurmSpec = SlurmSpec()
-
-    @model_validator(mode="after")
-    def _args_and_names(self) -> LaunchSpec:
-        args = self.extra_args
-        if args and not args[0].startswith("--"):
-            raise ValueError(f"extra_args must start with a --flag, not {args[0][:60]!r}")
-        if "--" in args:
-            raise ValueError("extra_args: a bare '--' would end Megatron-LM's options; drop it")
-        for name in self.env:
-            if not ENV_NAME.fullmatch(name):
-                raise ValueError(f"env: {name[:60]!r} is not an environment variable name "
-                                 "(letters, digits and _, not starting with a digit)")
         return self
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from megacpp.planner.errors import LaunchError
-from megacpp.planner.spec.models import TrainingSpec
+from megacpp.planner.spec.training import TrainingSpec
 
 # A launch's length when neither `launch --steps` nor the spec gives one: a short benchmark.
 BENCHMARK_ITERS = 100

@@ -9,7 +9,7 @@ from typing import Any
 from megacpp.planner.errors import SpecError
 from megacpp.planner.megatron.importer.script import LaunchCommand
 from megacpp.planner.spec.clusters import PRESETS
-from megacpp.planner.spec.models import ENV_NAME, SLURM_VALUE
+from megacpp.planner.spec.job import ENV_NAME, SLURM_VALUE
 
 # Options of torchrun (and python -m torch.distributed.run), srun and #SBATCH, long and short.
 NODES = ("--nnodes", "--nodes", "-N")
