@@ -80,3 +80,35 @@ def test_latent_window_and_bias_messages_name_the_key():
     assert [v.rule for v in check_layout(bias, L(ep=2, etp=2, tp=2, dp=4, sp=True)) if v.severity == "error"][-1:] == ["moe-bias-needs-etp1"]
     shared = make_context(make_spec(TINY_MOE, **{"model.linear_bias": True, "model.moe.shared_expert_ffn_hidden_size": 32}))
     assert "shared-expert-no-bias" in [v.rule for v in check_layout(shared, L())]
+
+
+def test_experts_padded_to_capacity_run_the_capacity_and_render_the_flag():
+    """--moe-pad-expert-input-to-capacity: every expert runs capacity_factor x its balanced share
+    (GEMMs, saved activations, dispatched bytes), which is work but not model FLOPs."""
+    from megacpp.planner.cost.activations import block_activation_bytes
+    from megacpp.planner.megatron.args import TrainOptions, megatron_args
+    from megacpp.planner.plan import build_plan
+
+    te = {"backend.transformer_engine": True, "model.moe.capacity_factor": 1.5}
+    dropping, padded = make_spec(TINY_MOE, **te), make_spec(TINY_MOE, **te, **{"model.moe.pad_to_capacity": True})
+    lay = L(ep=4)
+    (m, k, n, g), (m2, k2, n2, g2) = (block_gemms(make_context(s), "E", lay).grouped[0] for s in (dropping, padded))
+    assert (m2, k2, n2, g2) == (m * 1.5, k, n, g)
+    assert block_activation_bytes(make_context(padded), "E", lay) > block_activation_bytes(make_context(dropping), "E", lay)
+    assert block_flops(make_context(padded), "E") == block_flops(make_context(dropping), "E")
+    def args(spec) -> list[str]:
+        plan = build_plan(spec, top=1)
+        return megatron_args(plan.context, plan.candidates[0], TrainOptions())
+
+    assert "--moe-pad-expert-input-to-capacity" in args(padded)
+    assert "--moe-pad-expert-input-to-capacity" not in args(dropping)
+
+
+@pytest.mark.parametrize(("moe", "message"), [
+    ({"pad_to_capacity": True}, "pad_to_capacity pads to the capacity model.moe.capacity_factor sets"),
+    ({"pad_to_capacity": True, "capacity_factor": 1.0, "dispatcher": "flex", "flex_backend": "deepep"},
+     "does not run with the flex dispatcher's deepep backend"),
+])
+def test_padding_to_capacity_needs_a_capacity_and_no_deepep(moe, message):
+    with pytest.raises(SpecError, match=message):
+        make_spec(TINY_MOE, **{f"model.moe.{k}": v for k, v in moe.items()})

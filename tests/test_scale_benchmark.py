@@ -76,11 +76,12 @@ def test_latent_moe_and_windowed_attention_are_mapped_exactly() -> None:
     assert deepseek.attention is not None and not deepseek.attention.qk_layernorm
 
 
-def test_approximations_are_named_and_still_planned() -> None:
-    conv = convert(row(2))  # Nemotron 3 Super, 64 x H100: experts padded to a capacity factor above 1
-    assert conv.status == "approximated" and conv.approximations == ("capacity-padding",)
-    assert set(conv.approximations) <= set(truth.APPROXIMATIONS)
-    spec_from_dict(conv.spec)
+def test_every_published_run_maps_exactly() -> None:
+    conv = convert(row(2))  # Nemotron 3 Super, 64 x H100: experts padded to a capacity factor of 1.1
+    assert conv.status == "exact" and conv.approximations == ()
+    moe = spec_from_dict(conv.spec).model.moe
+    assert moe is not None and (moe.capacity_factor, moe.pad_to_capacity) == (1.1, True)
+    assert all(convert(sel.row).status == "exact" for sel in truth.select_newest(truth.load_runs()))
     deepseek = convert(row(39))  # DeepSeek-V3, 1024 x H100: MLA, MTP and the layout "Et|(tt|)*30mL", all exact
     assert deepseek.status == "exact", deepseek.approximations
 

@@ -47,7 +47,6 @@ APPROXIMATIONS = {
     "pp-layout-balanced": "the published pipeline layout leaves a virtual stage of a hybrid stack without "
                           "layers, which `|` cuts cannot pin; megacpp's own split over the same pp x vpp "
                           "stages is used",
-    "capacity-padding": "expert inputs padded to a capacity factor above 1 planned at the routed load",
 }
 
 SKIPS = {
@@ -405,6 +404,8 @@ def _model(m: dict[str, Any], recipe: Recipe, stage_layers: list[int] | None, mt
             moe["flex_backend"] = recipe.flex_backend
         if recipe.capacity_factor is not None:
             moe["capacity_factor"] = recipe.capacity_factor
+            if recipe.padded:
+                moe["pad_to_capacity"] = True
         if m.get("moe_latent_size"):
             moe["latent_size"] = m["moe_latent_size"]
         model["moe"] = moe
@@ -463,8 +464,6 @@ def convert(row: dict[str, Any], models: dict[str, Any] | None = None) -> Conver
     modules = expressible_recompute_modules(recipe, row["precision"], bool(m.get("multi_latent_attention")))
     if recipe.recompute == "selective" and set(modules) != set(recipe.recompute_modules or ("core_attn",)):
         approx.append("recompute-modules")
-    if recipe.padded and (recipe.capacity_factor or 1.0) > 1.0:
-        approx.append("capacity-padding")
 
     stage_layers, pipeline_layout = None, None
     if recipe.pp_layout:

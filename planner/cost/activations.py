@@ -9,6 +9,7 @@ from megacpp.planner.cost.blocks import (
     FP32,
     RECURRENT_CHUNK,
     UNFUSED_KEPT_BYTES,
+    expert_load,
     expert_width,
     mamba_dims,
 )
@@ -46,7 +47,7 @@ def expert_backward_bytes(ctx: Context, lay: Layout, load: float = 1.0) -> float
     f = moe.ffn_hidden_size / lay.etp
     factor = 1 / lay.tp if lay.sp else 1.0  # routed tokens per rank follow the SP shard
     at_once = 1.0 if ctx.te else lay.ep / moe.num_experts
-    return moe.top_k * lay.etp * BF16 * 7 * f * load * factor * at_once
+    return moe.top_k * lay.etp * BF16 * 7 * f * expert_load(ctx, load) * factor * at_once
 
 
 def recompute_modules(ctx: Context) -> frozenset[str]:
@@ -181,7 +182,7 @@ def block_activation_bytes(ctx: Context, letter: str, lay: Layout, load: float =
         # latent MoE: fc2_latent_proj keeps its input, the combined latent output (bf16; fc1_latent_proj's
         # input is the norm's output above)
         projected = BF16 * w if moe.latent_size else 0.0
-        return norm + (routed * load + router + projected) * factor + shared
+        return norm + (routed * expert_load(ctx, load) + router + projected) * factor + shared
     if letter == "M":
         d_inner, heads, groups, state, _ = mamba_dims(ctx)
         # what autograd keeps in MambaMixer's training path (mamba_split_conv1d_scan_combined, the
@@ -304,7 +305,7 @@ def offload_bytes(ctx: Context, letter: str, lay: Layout, load: float = 1.0) -> 
     elif letter == "E" and model.moe is not None and "moe" not in modules:
         moe = model.moe
         f = moe.ffn_hidden_size / lay.etp
-        per_routed = moe.top_k * lay.etp * load * (1 / t if lay.sp else 1.0)
+        per_routed = moe.top_k * lay.etp * expert_load(ctx, load) * (1 / t if lay.sp else 1.0)
         out["mlp_norm"] = BF16 * h * outside
         out["expert_fc1"] = per_routed * BF16 * expert_width(ctx)
         out["moe_act"] = per_routed * _expert_act_bytes(ctx, f, "moe_act" in modules, cast)[0]

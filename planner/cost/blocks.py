@@ -140,6 +140,15 @@ def expert_width(ctx: Context) -> int:
     return moe.latent_size if moe is not None and moe.latent_size else ctx.spec.model.hidden_size
 
 
+def expert_load(ctx: Context, load: float) -> float:
+    """The rows each routed expert runs over its balanced share: the routed `load`, or with inputs
+    padded to capacity (moe.pad_to_capacity) the capacity factor, however the tokens were routed
+    (token_dispatcher.py pads each expert's rows before the all-to-all). The padding is work, not
+    model FLOPs: block_flops leaves it out."""
+    moe = ctx.spec.model.moe
+    return moe.capacity_factor if moe is not None and moe.pad_to_capacity and moe.capacity_factor else load
+
+
 def _attention_extras(ctx: Context, lay: Layout) -> list[int]:
     """An A block's parameters besides its linears and input norm, one entry per tensor: the query
     and key norms over one head's width (q_layernorm, k_layernorm: gpt_layer_specs.py qk_layernorm;

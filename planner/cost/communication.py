@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from functools import cache
 
 from megacpp.planner.axes import Axis
-from megacpp.planner.cost.blocks import BF16, FP32, expert_width
+from megacpp.planner.cost.blocks import BF16, FP32, expert_load, expert_width
 from megacpp.planner.cost.coefficients import DEFAULT_EFFICIENCY, FLEX_LINK_SHARE, Efficiency
 from megacpp.planner.cost.flops import micro_batch_tokens
 from megacpp.planner.cost.latent import rank_blocks
@@ -257,7 +257,7 @@ def communication(
     moe = spec.model.moe
     if moe is not None and "E" in blocks:
         # one copy of the rank's routed tokens, in the experts' width (latent MoE dispatches latents)
-        token = BF16 * tokens / (lay.tp if lay.sp else 1) * expert_width(ctx) * load
+        token = BF16 * tokens / (lay.tp if lay.sp else 1) * expert_width(ctx) * expert_load(ctx, load)
         if lay.ep > 1:
             ep = placement(ctx, lay.ep, lay.etp)
             sent, nvlink, nic = expert_sends(moe, ep)

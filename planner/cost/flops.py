@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from megacpp.planner.cost.blocks import SSD_CHUNK, expert_width, mamba_dims, padded_vocab
+from megacpp.planner.cost.blocks import SSD_CHUNK, expert_load, expert_width, mamba_dims, padded_vocab
 from megacpp.planner.search.layout import Context, Layout
 
 
@@ -152,7 +152,7 @@ def block_gemms(ctx: Context, letter: str, lay: Layout, load: float = 1.0) -> Ge
         assert moe is not None
         f, g, w = moe.ffn_hidden_size, 2 if moe.gated else 1, expert_width(ctx)
         local = moe.num_experts // lay.ep
-        per_expert = t / tp * moe.top_k * lay.ep * lay.etp / moe.num_experts * load
+        per_expert = t / tp * moe.top_k * lay.ep * lay.etp / moe.num_experts * expert_load(ctx, load)
         router: tuple[tuple[float, int, int, int], ...] = ((t / tp, h, moe.num_experts, 1),)
         if moe.latent_size:  # duplicated on every TP rank, over the rank's sequence-parallel shard
             router += ((t / tp, h, w, 1), (t / tp, w, h, 1))

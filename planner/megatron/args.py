@@ -284,6 +284,8 @@ def megatron_args(ctx: Context, cand: Candidate, opts: TrainOptions, extra: bool
             a += ["--moe-latent-size", str(moe.latent_size)]
         if moe.capacity_factor is not None:
             a += ["--moe-expert-capacity-factor", f"{moe.capacity_factor:g}"]
+        if moe.pad_to_capacity:
+            a.append("--moe-pad-expert-input-to-capacity")
         # the router in fp32 (transformer_config.py:3118-3127 warns without it from 32 experts on)
         # and a load-balancing loss: Megatron-LM's --moe-aux-loss-coeff defaults to 0, which leaves
         # routing unbalanced (megacpp's runtime trains with the same two)

@@ -43,7 +43,7 @@ PLAN_FLAGS = frozenset({
     "--position-embedding-type", "--no-position-embedding", "--untie-embeddings-and-output-weights", "--disable-bias-linear", "--add-bias-linear",
     "--hidden-dropout", "--attention-dropout",
     "--num-experts", "--moe-router-topk", "--moe-ffn-hidden-size", "--moe-shared-expert-intermediate-size",
-    "--moe-expert-capacity-factor", "--moe-token-dispatcher-type", "--moe-layer-freq",
+    "--moe-expert-capacity-factor", "--moe-pad-expert-input-to-capacity", "--moe-token-dispatcher-type", "--moe-layer-freq",
     "--mamba-num-heads", "--mamba-head-dim", "--mamba-state-dim", "--mamba-num-groups",
     "--micro-batch-size", "--global-batch-size", "--rampup-batch-size", "--bf16", "--fp16", "--fp8-format",
     "--recompute-granularity", "--recompute-method", "--recompute-num-layers", "--recompute-modules",

@@ -105,6 +105,9 @@ class MoESpec(_Frozen):
     gated: bool = True
     shared_expert_ffn_hidden_size: Dim | None = None
     capacity_factor: Annotated[float, Field(gt=0, le=1024)] | None = None  # None: dropless
+    # pad every expert's input up to its capacity (--moe-pad-expert-input-to-capacity): static
+    # shapes, and each expert runs capacity_factor times its balanced share of the tokens
+    pad_to_capacity: bool = False
     dispatcher: Literal["allgather", "alltoall", "flex"] = "alltoall"
     flex_backend: Literal["deepep", "hybridep"] = "deepep"  # used when dispatcher is flex
     # routed tokens on the busiest expert-parallel rank over the mean; above 1 the plan gives the
@@ -121,6 +124,12 @@ class MoESpec(_Frozen):
     def _topk_within_experts(self) -> MoESpec:
         if self.top_k > self.num_experts:
             raise ValueError(f"top_k={self.top_k} exceeds num_experts={self.num_experts}")
+        if self.pad_to_capacity and self.capacity_factor is None:
+            raise ValueError("pad_to_capacity pads to the capacity model.moe.capacity_factor sets "
+                             "(transformer_config.py:1131-1134); set capacity_factor")
+        if self.pad_to_capacity and self.dispatcher == "flex" and self.flex_backend == "deepep":
+            raise ValueError("pad_to_capacity does not run with the flex dispatcher's deepep backend "
+                             "(transformer_config.py:1074-1081); use flex_backend: hybridep or dispatcher: alltoall")
         if self.overlap_communication and self.dispatcher == "allgather":
             raise ValueError("overlap_communication needs the alltoall or flex dispatcher, not allgather "
                              "(transformer_config.py:3016-3019); set dispatcher: alltoall")

@@ -272,6 +272,8 @@ class ModelReader(Reader):
         capacity = f.number("--moe-expert-capacity-factor")
         if capacity is not None:
             moe["capacity_factor"] = capacity
+        if f.has("--moe-pad-expert-input-to-capacity"):
+            moe["pad_to_capacity"] = True
         dispatcher = f.text("--moe-token-dispatcher-type") or "allgather"  # Megatron-LM's default
         moe["dispatcher"] = dispatcher
         backend = f.text("--moe-flex-dispatcher-backend")
