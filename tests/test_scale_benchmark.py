@@ -12,6 +12,7 @@ import pytest
 from benchmarks.scale import run, truth
 from benchmarks.scale.truth import convert, load_runs, select_newest
 from megacpp.planner import spec_from_dict
+from megacpp.planner.megatron.args import TrainOptions, known_flags, megatron_args
 from megacpp.planner.megatron.render import RenderOptions, render_launch
 from megacpp.planner.plan import build_plan
 
@@ -235,3 +236,17 @@ def test_nemotron_3_super_h100_holds_its_recipes_optimizer_state() -> None:
     dense = first["params"] - first["params_expert"]
     assert first["optimizer_gib"] == pytest.approx(6 * (first["params_expert"] + dense / 32) / 2**30, rel=1e-3)
     assert first["gradients_gib"] == pytest.approx(first["weights_gib"])
+
+
+PUBLISHED = {f"row{sel.row['row_id']}": convert(sel.row).spec for sel in select_newest(load_runs())}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_every_published_run_renders_flags_mains_parser_takes(name: str) -> None:
+    """Each published run's pinned plan renders a Megatron-LM launch whose every flag the main
+    dialect's parser accepts (megatron_lm_flags.txt)."""
+    doc = {**PUBLISHED[name], "backend": {**PUBLISHED[name].get("backend", {}), "megatron": "main"}}
+    plan = build_plan(spec_from_dict(doc), top=1)
+    args = megatron_args(plan.context, plan.candidates[0], TrainOptions())
+    flags = {a for a in args if a.startswith("--")}
+    assert flags and flags <= known_flags("main"), flags - known_flags("main")
