@@ -4,8 +4,10 @@ priced them, as typed models that write exactly that JSON and read it back; and 
 from __future__ import annotations
 
 from bisect import insort
+from collections.abc import Iterator
 from dataclasses import fields, replace
 from functools import cached_property
+from itertools import chain
 from typing import Any, Literal
 
 from pydantic import (
@@ -25,7 +27,7 @@ from megacpp.planner.cost.coefficients import (
     MEASURED_ROUTED_LOAD,
     Efficiency,
 )
-from megacpp.planner.cost.memory import peak_gib
+from megacpp.planner.cost.fits import fits
 from megacpp.planner.cost.step import Estimate, compute_floor, estimate, step_floor
 from megacpp.planner.errors import PlanError, did_you_mean
 from megacpp.planner.search.layout import Context, Layout
@@ -378,20 +380,25 @@ def build_plan(spec: Spec, top: int = 10, profile: Profile = DEFAULTS, cluster: 
     # it ranks in the top. Steps are priced in the order of a floor under them (cost.step.step_floor)
     # until the next floor is slower than the top-th step, and a layout whose step without its
     # communication (compute_floor) is already slower is not priced further; a floor never
-    # exceeds the step, nor does its rounding
-    bounded = []
-    for i, lay in enumerate(result.legal):
+    # exceeds the step, nor does its rounding. Layouts that fit rank before those that do not, so
+    # the misfits' floors are worked out only where fewer than `top` layouts fit
+    legal = result.legal
+    fitting: list[int] = []
+    misfits: list[int] = []
+    for i, lay in enumerate(legal):
         stages = assign_stages(ctx, lay.pp, lay.vpp)[1]
         # the busiest expert-parallel rank under moe.imbalance: the band's top, which must fit
         imbalanced = load > 1 and lay.ep > 1
-        misfit = peak_gib(ctx, lay, stages, eff, load if imbalanced else 1.0) > capacity
-        bounded.append((misfit, round(step_floor(ctx, lay, eff), 9), i))
-    bounded.sort()
+        (fitting if fits(ctx, lay, stages, eff, capacity, load if imbalanced else 1.0) else misfits).append(i)
+
+    def by_floor(misfit: bool, group: list[int]) -> Iterator[tuple[bool, float, int]]:
+        yield from ((misfit, floor, i) for floor, i in sorted((round(step_floor(ctx, legal[i], eff), 9), i) for i in group))
+
     scored: list[tuple[Any, ...]] = []
-    for misfit, floor, i in bounded:
+    for misfit, floor, i in chain(by_floor(False, fitting), by_floor(True, misfits)):
         if len(scored) >= top and (misfit, floor) > scored[top - 1][:2]:
             break
-        lay = result.legal[i]
+        lay = legal[i]
         stages = assign_stages(ctx, lay.pp, lay.vpp)[1]
         if len(scored) >= top and (misfit, round(compute_floor(ctx, lay, stages, eff), 9)) > scored[top - 1][:2]:
             continue
@@ -428,7 +435,7 @@ def build_plan(spec: Spec, top: int = 10, profile: Profile = DEFAULTS, cluster: 
         world_size=ctx.world,
         considered=result.considered,
         legal_count=len(result.legal),
-        fitting_count=sum(1 for misfit, *_ in bounded if not misfit),
+        fitting_count=len(fitting),
         notes=spec_notes,
         candidates=chosen,
         rejected=Rejected(

@@ -251,7 +251,7 @@ class _Held(NamedTuple):
 
 
 @dataclass(frozen=True)
-class _Letters:
+class ShapeLetters:
     """What stage_memory sums per block letter on a rank of one shard shape (cost.shard): bytes
     per micro-batch, parameters and parameter tensors."""
 
@@ -278,9 +278,15 @@ class _Letters:
     held: dict[Hashable, _Held] = field(default_factory=dict)
     transients: dict[Hashable, tuple[float, str, float]] = field(default_factory=dict)
     ends: dict[bool, _Ends] = field(default_factory=dict)  # _ends by whether pp is 1
+    ceilings: dict[bool, tuple[float, float] | None] = field(default_factory=dict)  # cost.fits' by whether pp is 1
 
 
-def _letters(ctx: Context, lay: Layout, load: float) -> _Letters:
+def shape_letters(ctx: Context, lay: Layout, load: float) -> ShapeLetters:
+    """What stage_memory sums per block letter on `lay`'s shard shape, worked out once per shape."""
+    return memo(ctx, ("letters", shape(lay), load), lambda: _letters(ctx, lay, load))
+
+
+def _letters(ctx: Context, lay: Layout, load: float) -> ShapeLetters:
     training = ctx.spec.training
     tokens = micro_batch_tokens(ctx, lay)
     fp8 = fp8_casts(ctx)
@@ -296,7 +302,7 @@ def _letters(ctx: Context, lay: Layout, load: float) -> _Letters:
              for letter in ctx.letters} if modules - {"core_attn"} else {}
     offloaded = {letter: {m: b * tokens for m, b in offload_bytes(ctx, letter, lay, load).items()}
                  for letter in ctx.letters} if training.offload_modules else {}
-    return _Letters(
+    return ShapeLetters(
         tokens=tokens,
         h_in=BF16 * ctx.spec.model.hidden_size / (lay.tp if lay.sp else 1),
         kept=kept,
@@ -329,7 +335,15 @@ class _Ends(NamedTuple):
     mtp: MTPMemory | None
 
 
-def _ends(ctx: Context, lay: Layout, t: _Letters) -> _Ends:
+def ends(ctx: Context, lay: Layout, t: ShapeLetters) -> _Ends:
+    """_Ends of `lay`'s shard shape (`t`, its letters), worked out once per shape and whether pp is 1."""
+    known = t.ends.get(lay.pp == 1)
+    if known is None:
+        known = t.ends[lay.pp == 1] = _ends(ctx, lay, t)
+    return known
+
+
+def _ends(ctx: Context, lay: Layout, t: ShapeLetters) -> _Ends:
     # the vocab-parallel loss's fp32 logits (softmax and its gradient are computed in place in
     # them) next to the bf16 logits
     loss = (BF16 + FP32) * t.tokens * padded_vocab(ctx, lay.tp) / lay.tp
@@ -340,7 +354,7 @@ def _ends(ctx: Context, lay: Layout, t: _Letters) -> _Ends:
                  head_params(ctx, lay), head_param_tensors(ctx, lay), loss, mtp)
 
 
-def _held(ctx: Context, lay: Layout, mine: RankStages, t: _Letters) -> _Held:
+def _held(ctx: Context, lay: Layout, mine: RankStages, t: ShapeLetters) -> _Held:
     """What one rank holding the stages `mine` keeps (stage_memory), from its shape's letters."""
     partial, kept = t.partial, t.kept
     params, tensors_of = t.params, t.tensors
@@ -360,17 +374,15 @@ def _held(ctx: Context, lay: Layout, mine: RankStages, t: _Letters) -> _Held:
             recomputed += chunks
     loss, mtp = 0.0, None
     if mine.embedding or mine.output_head:
-        ends = t.ends.get(lay.pp == 1)
-        if ends is None:
-            ends = t.ends[lay.pp == 1] = _ends(ctx, lay, t)
+        outer = ends(ctx, lay, t)
         if mine.embedding:
-            dense += ends.embedding_params
-            tensors += ends.embedding_tensors
-            act_per_mb += ends.embedding_activations
+            dense += outer.embedding_params
+            tensors += outer.embedding_tensors
+            act_per_mb += outer.embedding_activations
         if mine.output_head:
-            dense += ends.head_params
-            tensors += ends.head_tensors
-            loss, mtp = ends.loss, ends.mtp
+            dense += outer.head_params
+            tensors += outer.head_tensors
+            loss, mtp = outer.loss, outer.mtp
     if mtp is not None:
         dense, expert, tensors = dense + mtp.dense, expert + mtp.expert, tensors + mtp.tensors
         act_per_mb += mtp.activations
@@ -385,22 +397,28 @@ def _held(ctx: Context, lay: Layout, mine: RankStages, t: _Letters) -> _Held:
     return _Held(dense, expert, tensors, act_per_mb, *known)
 
 
-def _transient(ctx: Context, mine: RankStages, t: _Letters, loss: float, mtp: MTPMemory | None,
+def backward_gradients(t: ShapeLetters, scores: float) -> dict[str, float]:
+    """The bytes a block's backward holds beside what it kept, by letter, on a rank of `t`'s shape
+    whose unfused attention has `scores` elements: the score gradients of an unfused attention, and
+    the routed tokens' gradients of an expert block; a block whose modules are recomputed holds
+    what they rebuild as well."""
+    grads = {"A": (SELECTIVE_BACKWARD_BYTES if "core_attn" in t.modules else UNFUSED_BACKWARD_BYTES) * scores,
+             "E": t.expert_backward}
+    for letter, extra in t.again.items():
+        grads[letter] = grads.get(letter, 0.0) + extra
+    return grads
+
+
+def _transient(ctx: Context, mine: RankStages, t: ShapeLetters, loss: float, mtp: MTPMemory | None,
                recomputed: list[list[str]]) -> tuple[float, str, float]:
     """(transient bytes, what it is, buffers in GiB) of one rank (_Held), given its loss's logits
     bytes, its MTP layers and the units each checkpoint of a partial full recompute rebuilds."""
     recompute = ctx.spec.training.recompute
-    modules, partial, kept, rebuilt = t.modules, t.partial, t.kept, t.rebuilt
+    partial, kept, rebuilt = t.partial, t.kept, t.rebuilt
     has_attention = "A" in mine.blocks
     scores = t.scores if has_attention else 0.0
     blocks = mine.blocks + (mtp_blocks(ctx) if mtp is not None else "")
-    # the gradients a block's backward holds beside what it kept: the score gradients of an
-    # unfused attention, and the routed tokens' gradients of an expert block; a block whose
-    # modules are recomputed holds what they rebuild as well
-    grads = {"A": (SELECTIVE_BACKWARD_BYTES if "core_attn" in modules else UNFUSED_BACKWARD_BYTES) * scores,
-             "E": t.expert_backward}
-    for letter, extra in t.again.items():
-        grads[letter] = grads.get(letter, 0.0) + extra
+    grads = backward_gradients(t, scores)
     # the last block of a kind is back-propagated first, after the blocks behind it freed theirs
     if mtp is None:
         here = mine.here
@@ -476,7 +494,7 @@ def _rank_terms(ctx: Context, lay: Layout, stages: list[Stage], load: float,
     bytes and activation bytes, with the bytes per parameter of the gradients and the optimizer state."""
     training = ctx.spec.training
     distopt, fsdp, te = training.distributed_optimizer, training.data_parallel_sharding == "fsdp", ctx.te
-    letters = memo(ctx, ("letters", shape(lay), load), lambda: _letters(ctx, lay, load))
+    letters = shape_letters(ctx, lay, load)
     grad_bytes, state_bytes, held = letters.grad_bytes, letters.state_bytes, letters.held
     dense_shard = lay.dp * lay.cp if distopt else 1
     expert_shard = max(lay.edp, 1) if distopt else 1
@@ -516,7 +534,7 @@ def fsdp_resident_params(ctx: Context, params: dict[str, BlockParams], mine: lis
     and the next one whose all-gather is prefetched (and, in the backward, the layer whose gradient
     waits for its reduce-scatter). megatron/core/distributed/fsdp/src/README.md: parameters are
     all-gathered per module before its forward and backward and freed after; gradients are
-    reduce-scattered per module. `params`: each block letter's parameters on the rank (_Letters.params)."""
+    reduce-scattered per module. `params`: each block letter's parameters on the rank (ShapeLetters.params)."""
     per_letter = {letter: bp.dense + bp.expert for letter, bp in params.items()}
     largest = max((sum(per_letter[x] for x in unit) for st in mine for unit in _units(ctx, st.blocks)), default=0)
     return shards + FSDP_LAYERS_IN_FLIGHT * largest
