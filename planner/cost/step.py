@@ -400,18 +400,31 @@ def compute_floor(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficienc
                   load: float = 1.0) -> float:
     """estimate()'s step_seconds without its communication, a lower bound of it (exposed
     collectives only add) in far fewer steps: the busiest rank's micro-batches and the optimizer."""
-    mem = stage_memory(ctx, lay, stages, eff, load)
+    mem, busiest = _memory_and_busiest_rank(ctx, lay, stages, eff, load)
     slots = lay.num_microbatches + (lay.pp - 1) / lay.vpp
-    return slots * sum(busiest_rank(ctx, lay, stages, mem, eff, load)[:5]) + max(optimizer_seconds(ctx, st, eff) for st in mem)
+    return slots * sum(busiest[:5]) + max(optimizer_seconds(ctx, st, eff) for st in mem)
+
+
+def _memory_and_busiest_rank(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency,
+                             load: float) -> tuple[list[StageMemory], tuple[float, ...]]:
+    """stage_memory and busiest_rank of one layout. The last layout's are kept: the search bounds
+    a layout's step with compute_floor right before estimate prices the same layout."""
+    last = ctx.cost_cache.get("last busiest rank")
+    if last is not None and last[0] is lay and last[1] is stages and last[2] is eff and last[3] == load:
+        return last[4]  # type: ignore[no-any-return]
+    mem = stage_memory(ctx, lay, stages, eff, load)
+    priced = mem, busiest_rank(ctx, lay, stages, mem, eff, load)
+    ctx.cost_cache["last busiest rank"] = (lay, stages, eff, load, priced)
+    return priced
 
 
 def estimate(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency = DEFAULT_EFFICIENCY,
              load: float = 1.0) -> Estimate:
     """Memory, communication and step time of one legal layout; `load` > 1 prices the busiest
     expert-parallel rank under routing imbalance (blocks.routed_load)."""
-    mem = stage_memory(ctx, lay, stages, eff, load)
+    mem, busiest = _memory_and_busiest_rank(ctx, lay, stages, eff, load)
     per_letter = {letter: block_flops(ctx, letter, load) for letter in ctx.letters}
-    *terms, host, experts = busiest_rank(ctx, lay, stages, mem, eff, load)
+    *terms, host, experts = busiest
     t_mb = sum(terms)
     gpu_mb = terms[0] + terms[1] + terms[3] + terms[4]
     # forward 1, backward 2 (+1 recomputed); the gradients accumulate in the backward
