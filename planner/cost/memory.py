@@ -452,6 +452,17 @@ def _transient(ctx: Context, mine: RankStages, t: ShapeLetters, loss: float, mtp
 def stage_memory(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency, load: float = 1.0) -> list[StageMemory]:
     """Memory of one rank of each pipeline stage; `load` > 1 prices the busiest expert-parallel
     rank under routing imbalance (blocks.routed_load)."""
+    return _stage_memory(ctx, lay, stages, eff, load, peaks_only=False)
+
+
+def first_ranks_memory(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency, load: float = 1.0) -> list[StageMemory]:
+    """stage_memory of the first rank of each kind (first_ranks) alone: a rank that holds the same
+    as one before it differs from it only in its activations."""
+    return _stage_memory(ctx, lay, stages, eff, load, peaks_only=True)
+
+
+def _stage_memory(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency, load: float,
+                  peaks_only: bool) -> list[StageMemory]:
     return [
         StageMemory(
             pp_rank=p,
@@ -469,7 +480,7 @@ def stage_memory(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency
             param_tensors=rank.tensors,
         )
         for p, rank, params, resident, shards, step, activations, grad_bytes, state_bytes
-        in _rank_terms(ctx, lay, stages, load, peaks_only=False)
+        in _rank_terms(ctx, lay, stages, load, peaks_only)
     ]
 
 

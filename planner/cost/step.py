@@ -38,7 +38,7 @@ from megacpp.planner.cost.coefficients import (
 from megacpp.planner.cost.communication import Comm, communication
 from megacpp.planner.cost.kernel_rates import kernel_rates
 from megacpp.planner.cost.latent import mtp_blocks, mtp_flops, mtp_proj_gemms, recomputed_up_projections
-from megacpp.planner.cost.memory import GIB, StageMemory, ranks, stage_memory
+from megacpp.planner.cost.memory import GIB, StageMemory, first_ranks, first_ranks_memory, ranks, stage_memory
 from megacpp.planner.cost.shard import memo, shape
 from megacpp.planner.search.layout import Context, Layout
 from megacpp.planner.search.stages import Stage
@@ -362,14 +362,18 @@ def _rank_work(ctx: Context, lay: Layout, blocks: str, head: bool, eff: Efficien
 def busiest_rank(ctx: Context, lay: Layout, stages: list[Stage], mem: list[StageMemory], eff: Efficiency,
                  load: float = 1.0) -> tuple[float, ...]:
     """(matmul, softmax, exposed block overhead, small kernels, gradient accumulation, host, the
-    local experts' host) per micro-batch on the pipeline rank whose first five add up to the most."""
+    local experts' host) per micro-batch on the pipeline rank whose first five add up to the most,
+    of the ranks in `mem` (stage_memory's, or first_ranks_memory's: a rank that holds the same as
+    one before it has the same terms, so the first of them decides)."""
     per_rank = []
     work = memo(ctx, ("rank work", shape(lay), eff, load), dict)  # _rank_work by the rank's blocks
-    for p, rank in enumerate(ranks(ctx, stages, lay.pp)):
+    held = ranks(ctx, stages, lay.pp)
+    for stage in mem:
+        rank = held[stage.pp_rank]
         if (rank.blocks, rank.output_head) not in work:
             work[rank.blocks, rank.output_head] = _rank_work(ctx, lay, rank.blocks, rank.output_head, eff, load)
         gemm, scores, small, host, experts, synced = work[rank.blocks, rank.output_head]
-        accumulate = grad_accumulation_seconds(ctx, mem[p], eff)
+        accumulate = grad_accumulation_seconds(ctx, stage, eff)
         per_rank.append((gemm, scores, exposed_host_seconds(gemm + scores + small + accumulate, host, ctx.te, synced), small, accumulate,
                          host, experts))
     return max(per_rank, key=lambda r: sum(r[:5]))
@@ -399,32 +403,32 @@ def step_floor(ctx: Context, lay: Layout, eff: Efficiency = DEFAULT_EFFICIENCY, 
 def compute_floor(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency = DEFAULT_EFFICIENCY,
                   load: float = 1.0) -> float:
     """estimate()'s step_seconds without its communication, a lower bound of it (exposed
-    collectives only add) in far fewer steps: the busiest rank's micro-batches and the optimizer."""
-    mem, busiest = _memory_and_busiest_rank(ctx, lay, stages, eff, load)
+    collectives only add) in far fewer steps: the busiest rank's micro-batches and the optimizer,
+    both decided by the first rank of each kind (first_ranks_memory)."""
+    mem = first_ranks_memory(ctx, lay, stages, eff, load)
+    busiest = busiest_rank(ctx, lay, stages, mem, eff, load)
+    # estimate() prices the same layout next, where it is not slower than the top-th step yet
+    ctx.cost_cache["last busiest rank"] = (lay, stages, eff, load, busiest)
     slots = lay.num_microbatches + (lay.pp - 1) / lay.vpp
     return slots * sum(busiest[:5]) + max(optimizer_seconds(ctx, st, eff) for st in mem)
 
 
-def _memory_and_busiest_rank(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency,
-                             load: float) -> tuple[list[StageMemory], tuple[float, ...]]:
-    """stage_memory and busiest_rank of one layout. The last layout's are kept: the search bounds
-    a layout's step with compute_floor right before estimate prices the same layout."""
+def _busiest_rank(ctx: Context, lay: Layout, stages: list[Stage], mem: list[StageMemory], eff: Efficiency,
+                  load: float) -> tuple[float, ...]:
+    """busiest_rank of one layout, as compute_floor left it where it just priced the same layout."""
     last = ctx.cost_cache.get("last busiest rank")
     if last is not None and last[0] is lay and last[1] is stages and last[2] is eff and last[3] == load:
         return last[4]  # type: ignore[no-any-return]
-    mem = stage_memory(ctx, lay, stages, eff, load)
-    priced = mem, busiest_rank(ctx, lay, stages, mem, eff, load)
-    ctx.cost_cache["last busiest rank"] = (lay, stages, eff, load, priced)
-    return priced
+    return busiest_rank(ctx, lay, stages, [mem[p] for p, _ in first_ranks(ctx, stages, lay.pp)], eff, load)
 
 
 def estimate(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency = DEFAULT_EFFICIENCY,
              load: float = 1.0) -> Estimate:
     """Memory, communication and step time of one legal layout; `load` > 1 prices the busiest
     expert-parallel rank under routing imbalance (blocks.routed_load)."""
-    mem, busiest = _memory_and_busiest_rank(ctx, lay, stages, eff, load)
+    mem = stage_memory(ctx, lay, stages, eff, load)
     per_letter = {letter: block_flops(ctx, letter, load) for letter in ctx.letters}
-    *terms, host, experts = busiest
+    *terms, host, experts = _busiest_rank(ctx, lay, stages, mem, eff, load)
     t_mb = sum(terms)
     gpu_mb = terms[0] + terms[1] + terms[3] + terms[4]
     # forward 1, backward 2 (+1 recomputed); the gradients accumulate in the backward
