@@ -378,10 +378,10 @@ def build_plan(spec: Spec, top: int = 10, profile: Profile = DEFAULTS, cluster: 
     eff = profile.efficiency
     # every legal layout's memory decides whether it fits (fitting_count); its step, only whether
     # it ranks in the top. Steps are priced in the order of a floor under them (cost.step.step_floor)
-    # until the next floor is slower than the top-th step, and a layout whose step without its
-    # communication (compute_floor) is already slower is not priced further; a floor never
-    # exceeds the step, nor does its rounding. Layouts that fit rank before those that do not, so
-    # the misfits' floors are worked out only where fewer than `top` layouts fit
+    # until the next floor is slower than the top-th step, and a layout whose step without the
+    # communication that may hide (compute_floor) is already slower is not priced further; a floor
+    # never exceeds the step, nor does its rounding. Layouts that fit rank before those that do
+    # not, so the misfits' floors are worked out only where fewer than `top` layouts fit
     legal = result.legal
     fitting: list[int] = []
     misfits: list[int] = []
@@ -391,12 +391,15 @@ def build_plan(spec: Spec, top: int = 10, profile: Profile = DEFAULTS, cluster: 
         imbalanced = load > 1 and lay.ep > 1
         (fitting if fits(ctx, lay, stages, eff, capacity, load if imbalanced else 1.0) else misfits).append(i)
 
+    def floor(lay: Layout) -> float:
+        return round(step_floor(ctx, lay, eff, stages=assign_stages(ctx, lay.pp, lay.vpp)[1]), 9)
+
     def by_floor(misfit: bool, group: list[int]) -> Iterator[tuple[bool, float, int]]:
-        yield from ((misfit, floor, i) for floor, i in sorted((round(step_floor(ctx, legal[i], eff), 9), i) for i in group))
+        yield from ((misfit, bound, i) for bound, i in sorted((floor(legal[i]), i) for i in group))
 
     scored: list[tuple[Any, ...]] = []
-    for misfit, floor, i in chain(by_floor(False, fitting), by_floor(True, misfits)):
-        if len(scored) >= top and (misfit, floor) > scored[top - 1][:2]:
+    for misfit, bound, i in chain(by_floor(False, fitting), by_floor(True, misfits)):
+        if len(scored) >= top and (misfit, bound) > scored[top - 1][:2]:
             break
         lay = legal[i]
         stages = assign_stages(ctx, lay.pp, lay.vpp)[1]

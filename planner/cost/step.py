@@ -35,7 +35,7 @@ from megacpp.planner.cost.coefficients import (
     REFERENCE_HOST_LAUNCH_US,
     Efficiency,
 )
-from megacpp.planner.cost.communication import Comm, communication
+from megacpp.planner.cost.communication import Comm, communication, micro_batch_floor
 from megacpp.planner.cost.kernel_rates import kernel_rates
 from megacpp.planner.cost.latent import mtp_blocks, mtp_flops, mtp_proj_gemms, recomputed_up_projections
 from megacpp.planner.cost.memory import GIB, StageMemory, first_ranks, first_ranks_memory, ranks, stage_memory
@@ -383,13 +383,15 @@ def busiest_rank(ctx: Context, lay: Layout, stages: list[Stage], mem: list[Stage
 FLOOR_MARGIN = 1e-9
 
 
-def step_floor(ctx: Context, lay: Layout, eff: Efficiency = DEFAULT_EFFICIENCY, load: float = 1.0) -> float:
+def step_floor(ctx: Context, lay: Layout, eff: Efficiency = DEFAULT_EFFICIENCY, load: float = 1.0,
+               stages: list[Stage] | None = None) -> float:
     """A lower bound of estimate()'s step_seconds from the layout's shard shape alone: the
     pipeline's micro-batch slots times the mean pipeline rank's GPU work of one micro-batch
     (matmuls, softmax, small kernels) or its per-block host time, whichever is longer (with TE a
     micro-batch takes the longer of the two, without it their sum; exposed_host_seconds). The
     busiest rank takes at least the mean, and the step's other terms (gradient accumulation,
-    communication, the optimizer) only add to it."""
+    communication, the optimizer) only add to it. Given the layout's stages, the collectives every
+    micro-batch runs that cannot hide are added (communication.micro_batch_floor)."""
 
     def whole_model() -> float:
         gemm, scores, small, host, *_ = _rank_work(ctx, lay, ctx.pattern.blocks, True, eff, load)
@@ -397,20 +399,24 @@ def step_floor(ctx: Context, lay: Layout, eff: Efficiency = DEFAULT_EFFICIENCY, 
 
     work = memo(ctx, ("floor", shape(lay), eff, load), whole_model)
     slots = lay.num_microbatches + (lay.pp - 1) / lay.vpp
-    return slots * work / lay.pp * (1 - FLOOR_MARGIN)
+    per_micro_batch = work / lay.pp + (micro_batch_floor(ctx, lay, stages, load) if stages is not None else 0.0)
+    return slots * per_micro_batch * (1 - FLOOR_MARGIN)
 
 
 def compute_floor(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency = DEFAULT_EFFICIENCY,
                   load: float = 1.0) -> float:
     """estimate()'s step_seconds without its communication, a lower bound of it (exposed
     collectives only add) in far fewer steps: the busiest rank's micro-batches and the optimizer,
-    both decided by the first rank of each kind (first_ranks_memory)."""
+    both decided by the first rank of each kind (first_ranks_memory), with the collectives every
+    micro-batch runs that cannot hide (communication.micro_batch_floor, less FLOOR_MARGIN for
+    sums taken in another order)."""
     mem = first_ranks_memory(ctx, lay, stages, eff, load)
     busiest = busiest_rank(ctx, lay, stages, mem, eff, load)
     # estimate() prices the same layout next, where it is not slower than the top-th step yet
     ctx.cost_cache["last busiest rank"] = (lay, stages, eff, load, busiest)
     slots = lay.num_microbatches + (lay.pp - 1) / lay.vpp
-    return slots * sum(busiest[:5]) + max(optimizer_seconds(ctx, st, eff) for st in mem)
+    communicating = micro_batch_floor(ctx, lay, stages, load) * (1 - FLOOR_MARGIN)
+    return slots * (sum(busiest[:5]) + communicating) + max(optimizer_seconds(ctx, st, eff) for st in mem)
 
 
 def _busiest_rank(ctx: Context, lay: Layout, stages: list[Stage], mem: list[StageMemory], eff: Efficiency,
