@@ -7,7 +7,8 @@ and a few counts of the stage split, without working out any rank's transient:
 - above every rank's peak: one rank holding the largest count of each letter that any rank of
   the split holds, with the embedding, the head and the MTP layers, the first rank's micro-batches
   in flight, and the largest transient, buffers and optimizer-step copies of any rank;
-- below the first pipeline rank's peak: its weights, gradients, optimizer state and activations.
+- below the first and the last pipeline rank's peaks: their weights, gradients, optimizer state
+  and activations, and the last rank's loss logits.
 
 A layout between them is priced exactly (cost.memory.peak_gib). The bounds leave out what they
 do not cover (activation offloading, Megatron-FSDP, partial full recompute): those are priced.
@@ -43,10 +44,11 @@ FIT_MARGIN = 1e-9
 
 @dataclass(frozen=True)
 class _Spread:
-    """What a stage split puts on its ranks: each letter's largest count on one rank, and the first rank."""
+    """What a stage split puts on its ranks: each letter's largest count on one rank, and the first and last ranks."""
 
     most: tuple[tuple[str, int], ...]
     first: RankStages
+    last: RankStages
 
 
 def _spread(ctx: Context, stages: list[Stage], pp: int) -> _Spread:
@@ -59,7 +61,7 @@ def _spread(ctx: Context, stages: list[Stage], pp: int) -> _Spread:
         for rank in held:
             for letter, n in rank.counts:
                 most[letter] = max(most.get(letter, 0), n)
-        cache[key] = (stages, _Spread(tuple(most.items()), held[0]))
+        cache[key] = (stages, _Spread(tuple(most.items()), held[0], held[-1]))
     return cache[key][1]  # type: ignore[no-any-return]
 
 
@@ -123,13 +125,22 @@ def fits(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency, capaci
              + max(activations * flight + transient / GIB, step / GIB))
     if above * (1 + FIT_MARGIN) <= capacity:
         return True
-    # below: the first rank's weights, gradients, optimizer state and activations alone
-    dense, expert, activations = _held_at_most(t, spread.first.counts)
-    if spread.first.embedding:
-        dense += outer.embedding_params
-        activations += outer.embedding_activations
-    sharded = ((dense + expert) / dense_shard, 0.0) if ep1 else (dense / dense_shard, expert / expert_shard)
-    below = per_param * (dense + expert) + per_shard * (sharded[0] + sharded[1]) + eff.overhead_gib + activations * flight
-    if below * (1 - FIT_MARGIN) > capacity:
-        return False
+    # below: the first rank's, then the last rank's weights, gradients, optimizer state and
+    # activations alone, the last rank's with the loss's logits (a transient at least that large)
+    for p, rank in ((0, spread.first), (lay.pp - 1, spread.last)):
+        dense, expert, activations = _held_at_most(t, rank.counts)
+        logits = 0.0
+        if rank.embedding:
+            dense += outer.embedding_params
+            activations += outer.embedding_activations
+        if rank.output_head:
+            dense += outer.head_params
+            logits = outer.loss
+            if outer.mtp is not None:
+                dense, expert, activations = dense + outer.mtp.dense, expert + outer.mtp.expert, activations + outer.mtp.activations
+        sharded = ((dense + expert) / dense_shard, 0.0) if ep1 else (dense / dense_shard, expert / expert_shard)
+        below = (per_param * (dense + expert) + per_shard * (sharded[0] + sharded[1]) + eff.overhead_gib
+                 + activations * in_flight(lay, p) / GIB + logits / GIB)
+        if below * (1 - FIT_MARGIN) > capacity:
+            return False
     return not peak_gib(ctx, lay, stages, eff, load) > capacity
