@@ -4,8 +4,10 @@ priced them, as typed models that write exactly that JSON and read it back; and 
 from __future__ import annotations
 
 from bisect import insort
+from collections.abc import Iterator
 from dataclasses import fields, replace
 from functools import cached_property
+from itertools import chain
 from typing import Any, Literal
 
 from pydantic import (
@@ -24,8 +26,8 @@ from megacpp.planner.cost.coefficients import (
     MEASURED_ROUTED_LOAD,
     Efficiency,
 )
+from megacpp.planner.cost.fits import fits
 from megacpp.planner.cost.flops import routed_load
-from megacpp.planner.cost.memory import peak_gib
 from megacpp.planner.cost.step import Estimate, compute_floor, estimate, step_floor
 from megacpp.planner.errors import PlanError, did_you_mean
 from megacpp.planner.search.layout import Context, Layout
@@ -377,22 +379,30 @@ def build_plan(spec: Spec, top: int = 10, profile: Profile = DEFAULTS, cluster: 
     eff = profile.efficiency
     # every legal layout's memory decides whether it fits (fitting_count); its step, only whether
     # it ranks in the top. Steps are priced in the order of a floor under them (cost.step.step_floor)
-    # until the next floor is slower than the top-th step, and a layout whose step without its
-    # communication (compute_floor) is already slower is not priced further; a floor never
-    # exceeds the step, nor does its rounding
-    bounded = []
-    for i, lay in enumerate(result.legal):
+    # until the next floor is slower than the top-th step, and a layout whose step without the
+    # communication that may hide (compute_floor) is already slower is not priced further; a floor
+    # never exceeds the step, nor does its rounding. Layouts that fit rank before those that do
+    # not, so the misfits' floors are worked out only where fewer than `top` layouts fit
+    legal = result.legal
+    fitting: list[int] = []
+    misfits: list[int] = []
+    for i, lay in enumerate(legal):
         stages = assign_stages(ctx, lay.pp, lay.vpp)[1]
         # the busiest expert-parallel rank under moe.imbalance: the band's top, which must fit
         imbalanced = load > 1 and lay.ep > 1
-        misfit = peak_gib(ctx, lay, stages, eff, load if imbalanced else 1.0) > capacity
-        bounded.append((misfit, round(step_floor(ctx, lay, eff), 9), i))
-    bounded.sort()
+        (fitting if fits(ctx, lay, stages, eff, capacity, load if imbalanced else 1.0) else misfits).append(i)
+
+    def floor(lay: Layout) -> float:
+        return round(step_floor(ctx, lay, eff, stages=assign_stages(ctx, lay.pp, lay.vpp)[1]), 9)
+
+    def by_floor(misfit: bool, group: list[int]) -> Iterator[tuple[bool, float, int]]:
+        yield from ((misfit, bound, i) for bound, i in sorted((floor(legal[i]), i) for i in group))
+
     scored: list[tuple[Any, ...]] = []
-    for misfit, floor, i in bounded:
-        if len(scored) >= top and (misfit, floor) > scored[top - 1][:2]:
+    for misfit, bound, i in chain(by_floor(False, fitting), by_floor(True, misfits)):
+        if len(scored) >= top and (misfit, bound) > scored[top - 1][:2]:
             break
-        lay = result.legal[i]
+        lay = legal[i]
         stages = assign_stages(ctx, lay.pp, lay.vpp)[1]
         if len(scored) >= top and (misfit, round(compute_floor(ctx, lay, stages, eff), 9)) > scored[top - 1][:2]:
             continue
@@ -429,7 +439,7 @@ def build_plan(spec: Spec, top: int = 10, profile: Profile = DEFAULTS, cluster: 
         world_size=ctx.world,
         considered=result.considered,
         legal_count=len(result.legal),
-        fitting_count=sum(1 for misfit, *_ in bounded if not misfit),
+        fitting_count=len(fitting),
         notes=spec_notes,
         candidates=chosen,
         rejected=Rejected(

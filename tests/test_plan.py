@@ -133,9 +133,27 @@ def test_the_ranking_is_the_one_pricing_every_layout_in_full_gives(recipe, overr
         stages = assign_stages(ctx, lay.pp, lay.vpp)[1]
         est = estimate(ctx, lay, stages)
         high = estimate(ctx, lay, stages, load=load) if load > 1 and lay.ep > 1 else None
-        assert step_floor(ctx, lay) <= est.step_seconds and compute_floor(ctx, lay, stages) <= est.step_seconds
+        assert step_floor(ctx, lay) <= step_floor(ctx, lay, stages=stages) <= est.step_seconds
+        assert compute_floor(ctx, lay, stages) <= est.step_seconds
         scored.append(((high or est).peak_gib > ctx.cluster.gpu_memory_gib, round(est.step_seconds, 9), round(est.peak_gib, 3),
                        lay.short(), lay))
     scored.sort(key=lambda t: t[:4])
     assert [c.layout for c in plan.candidates] == [t[-1] for t in scored[:5]]
     assert plan.fitting_count == sum(not t[0] for t in scored)
+
+
+@pytest.mark.parametrize("recipe,overrides", [
+    ("qwen-moe-style", ("cluster.nodes=4", "training.tp_comm_overlap=true")),
+    ("mixtral-8x7b", ("cluster.nodes=4", "model.moe.overlap_communication=true", "training.recompute=none")),
+    ("qwen-moe-style", ("cluster.nodes=4", "model.moe.dispatcher=flex")),
+    ("deepseek-v3", ("cluster.nodes=16",)),
+])
+def test_no_floor_is_above_its_step_where_collectives_overlap(recipe, overrides):
+    """The floors count the collectives inside every micro-batch only as far as they cannot hide:
+    under TP's userbuffers and MoE's overlapped all-to-alls too, they stay under the step."""
+    ctx = make_context(load_spec_text(recipe_text(recipe), overrides=list(overrides)))
+    legal = search(ctx).legal
+    for lay in legal[:: max(1, len(legal) // 200)]:
+        stages = assign_stages(ctx, lay.pp, lay.vpp)[1]
+        step = estimate(ctx, lay, stages).step_seconds
+        assert step_floor(ctx, lay, stages=stages) <= step and compute_floor(ctx, lay, stages) <= step, lay.short()

@@ -33,7 +33,8 @@ from megacpp.planner.cost.blocks import BF16, FP32, expert_load, expert_width
 from megacpp.planner.cost.coefficients import DEFAULT_EFFICIENCY, FLEX_LINK_SHARE, Efficiency
 from megacpp.planner.cost.flops import micro_batch_tokens
 from megacpp.planner.cost.latent import rank_blocks
-from megacpp.planner.cost.memory import StageMemory, rank_stages, recomputed_blocks
+from megacpp.planner.cost.memory import StageMemory, rank_stages, ranks, recomputed_blocks
+from megacpp.planner.cost.shard import memo, shape
 from megacpp.planner.search.layout import Context, Layout
 from megacpp.planner.search.stages import Stage
 from megacpp.planner.spec.models import MoESpec
@@ -187,12 +188,12 @@ def communication(
     """Per-axis traffic of the busiest pipeline rank in one step; `window` is the (forward,
     backward) GPU seconds of one micro-batch there, under which collectives overlap, and `ring` one
     A block's core attention seconds per micro-batch there (step.ring_attention_seconds), under
-    which the context-parallel ring overlaps."""
+    which the context-parallel ring overlaps; `rank` the pipeline rank the step prices
+    (step.busiest_rank), else the one with the most blocks."""
     spec = ctx.spec
     h = spec.model.hidden_size
     m = lay.num_microbatches
     tokens = micro_batch_tokens(ctx, lay)
-    # the rank whose micro-batches the step prices (step.busiest_rank), else the one with most blocks
     busiest = rank if rank is not None else max(range(lay.pp), key=lambda p: sum(len(s.blocks) for s in rank_stages(stages, p)))
     mine = rank_stages(stages, busiest)
     blocks = rank_blocks(ctx, "".join(s.blocks for s in mine), any(s.mtp for s in mine))
@@ -256,18 +257,9 @@ def communication(
             add(Axis.CP, "all-to-all", cp, act / lay.tp * 2, m * 2 * passes("M"))
     moe = spec.model.moe
     if moe is not None and "E" in blocks:
-        # one copy of the rank's routed tokens, in the experts' width (latent MoE dispatches latents)
-        token = BF16 * tokens / (lay.tp if lay.sp else 1) * expert_width(ctx) * expert_load(ctx, load)
+        token = _routed_token_bytes(ctx, lay, load)
         if lay.ep > 1:
-            ep = placement(ctx, lay.ep, lay.etp)
-            sent, nvlink, nic = expert_sends(moe, ep)
-            # a flex backend without published rates (FLEX_LINK_SHARE) runs at the links' rates
-            share = FLEX_LINK_SHARE.get(moe.flex_backend, (1.0, 1.0)) if moe.dispatcher == "flex" else (1.0, 1.0)
-            if ep.domains == 1:
-                bw, alpha = ctx.cluster.nvlink("all-to-all", ep.size)
-                one = alpha * 1e-6 + nvlink * token / (bw * share[0] * 1e9)
-            else:
-                one = _split_seconds(ctx, ep, "all-to-all", nvlink * token, nic * token, share)
+            ep, sent, one = _dispatch(ctx, lay, moe, token)
             count = m * 2 * passes("E")  # dispatch + combine in forward and again in backward
             sec = count * one
             shown = sec
@@ -281,8 +273,7 @@ def communication(
             add(Axis.ETP, "all-gather", etp, routed, m * passes("E"))
             add(Axis.ETP, "reduce-scatter", etp, routed, m * passes("E"))
     if lay.pp > 1:
-        # neighbouring stages are world/pp ranks apart: one NVLink domain only if it holds the world
-        pp = Placement(2, 2, 1) if ctx.world <= ctx.cluster.nvlink_domain else Placement(2, 1, 2)
+        pp = _pp_pair(ctx)
         # 1F1B blocks on each send/recv. The interleaved schedule posts the next chunk's transfer
         # before computing the current one (overlap_p2p_comm, Megatron-LM's default with VPP), yet
         # the committed PP2 x VPP2 runs on 2 x H200 (gpu_runs_h200x2_te_fused.json, _te_heldout,
@@ -317,3 +308,98 @@ def communication(
             else:
                 add(axis, "all-reduce", group, grad * params, 1, eff.grad_reduce_exposed, backward * chunks)
     return out
+
+
+def _passes(ctx: Context) -> int:
+    """The passes per micro-batch that communicate that every block of every rank runs: forward
+    and backward, and the forward again where full recompute recomputes every layer."""
+    training = ctx.spec.training
+    return 3 if training.recompute == "full" and training.recompute_method != "block" else 2
+
+
+def _fewest(ctx: Context, stages: list[Stage], pp: int) -> tuple[int, int]:
+    """The fewest blocks and the fewest E blocks any pipeline rank runs (the MTP layers with the
+    rank that runs them): whichever rank the step prices runs at least these; memoised per stage
+    list as memory.ranks is."""
+    key = ("fewest blocks", id(stages), pp)
+    cache = ctx.cost_cache
+    if key not in cache or cache[key][0] is not stages:
+        runs = [rank_blocks(ctx, r.blocks, r.mtp) for r in ranks(ctx, stages, pp)]
+        cache[key] = (stages, (min(len(b) for b in runs), min(b.count("E") for b in runs)))
+    return cache[key][1]  # type: ignore[no-any-return]
+
+
+def _routed_token_bytes(ctx: Context, lay: Layout, load: float) -> float:
+    """One copy of the rank's routed tokens, in the experts' width (latent MoE dispatches latents)."""
+    return BF16 * micro_batch_tokens(ctx, lay) / (lay.tp if lay.sp else 1) * expert_width(ctx) * expert_load(ctx, load)
+
+
+def _dispatch(ctx: Context, lay: Layout, moe: MoESpec, token: float) -> tuple[Placement, float, float]:
+    """The expert-parallel group, the copies of a token it sends (expert_sends) and the seconds
+    of one all-to-all of `token` bytes of routed tokens."""
+    ep = placement(ctx, lay.ep, lay.etp)
+    sent, nvlink, nic = expert_sends(moe, ep)
+    # a flex backend without published rates (FLEX_LINK_SHARE) runs at the links' rates
+    share = FLEX_LINK_SHARE.get(moe.flex_backend, (1.0, 1.0)) if moe.dispatcher == "flex" else (1.0, 1.0)
+    if ep.domains == 1:
+        bw, alpha = ctx.cluster.nvlink("all-to-all", ep.size)
+        one = alpha * 1e-6 + nvlink * token / (bw * share[0] * 1e9)
+    else:
+        one = _split_seconds(ctx, ep, "all-to-all", nvlink * token, nic * token, share)
+    return ep, sent, one
+
+
+def _pp_pair(ctx: Context) -> Placement:
+    """Two neighbouring stages, world/pp ranks apart: in one NVLink domain only if it holds the world."""
+    return Placement(2, 2, 1) if ctx.world <= ctx.cluster.nvlink_domain else Placement(2, 1, 2)
+
+
+def micro_batch_floor(ctx: Context, lay: Layout, stages: list[Stage], load: float = 1.0) -> float:
+    """A lower bound of what communication() exposes per micro-batch on the axes inside every
+    micro-batch (TP, CP, EP, ETP, PP), whatever the compute it may hide behind: TP's and EP's
+    collectives at least their unpaired share where they overlap (all of them where they do not),
+    ETP's and PP's whole, CP's none. Per shard shape and stage split, without pricing the step."""
+    tp_block, ep_block, etp_block, pp_hop = memo(ctx, ("micro-batch floor", shape(lay), load), lambda: _per_block_seconds(ctx, lay, load))
+    fewest, experts = _fewest(ctx, stages, lay.pp)
+    passes = _passes(ctx)
+    floor = 0.0
+    if tp_block:
+        share = 1 / (2 * lay.tp) if ctx.spec.training.tp_comm_overlap and lay.sp and ctx.te else 1.0
+        floor += share * fewest * tp_block
+    if ep_block and experts:
+        moe = ctx.spec.model.moe
+        share = ep_overlap_unpaired(lay) if moe is not None and moe.overlap_communication else 1.0
+        floor += share * experts * 2 * passes * ep_block
+    if etp_block and experts:
+        floor += experts * passes * etp_block
+    if lay.pp > 1:
+        floor += 2 * lay.vpp * pp_hop
+    return floor
+
+
+def _per_block_seconds(ctx: Context, lay: Layout, load: float) -> tuple[float, float, float, float]:
+    """micro_batch_floor's seconds of one shard shape: TP's per block per micro-batch (its passes
+    and, under SP, the backward's gather again), one EP all-to-all, ETP's gather and
+    reduce-scatter per block pass, and one PP send-recv; 0 where the axis is 1."""
+    h, passes = ctx.spec.model.hidden_size, _passes(ctx)
+    act = BF16 * micro_batch_tokens(ctx, lay) * h
+    tp_block = ep_block = etp_block = pp_hop = 0.0
+    if lay.tp > 1:
+        tp = placement(ctx, lay.tp, 1)
+        if lay.sp:
+            gather = group_seconds(ctx, "all-gather", tp, act)
+            tp_block = passes * (gather + group_seconds(ctx, "reduce-scatter", tp, act)) + gather
+        else:
+            tp_block = passes * group_seconds(ctx, "all-reduce", tp, act)
+    moe = ctx.spec.model.moe
+    if moe is not None:
+        token = _routed_token_bytes(ctx, lay, load)
+        if lay.ep > 1:
+            ep_block = _dispatch(ctx, lay, moe, token)[2]
+        if lay.etp > 1:
+            etp = placement(ctx, lay.etp, 1)
+            routed = token * moe.top_k * lay.etp
+            etp_block = group_seconds(ctx, "all-gather", etp, routed) + group_seconds(ctx, "reduce-scatter", etp, routed)
+    if lay.pp > 1:
+        pp_hop = group_seconds(ctx, "send-recv", _pp_pair(ctx), act / (lay.tp if lay.sp else 1))
+    return tp_block, ep_block, etp_block, pp_hop

@@ -156,14 +156,24 @@ def _grid(rows: list[dict], keys: tuple[str, ...], growth: tuple[int, ...]) -> G
     nearest smaller measured point along one axis, grown by that axis's exponent."""
     axes = tuple(tuple(sorted({float(r[k]) for r in rows})) for k in keys)
     log_seconds = {tuple(float(r[k]) for k in keys): math.log(r["seconds"]) for r in rows}
+    # per axis, the values along it of the points known so far, by their other coordinates
+    lines: list[dict[tuple[float, ...], list[float]]] = [{} for _ in keys]
+
+    def know(point: tuple[float, ...]) -> None:
+        for i, line in enumerate(lines):
+            line.setdefault(point[:i] + point[i + 1:], []).append(point[i])
+
+    for point in log_seconds:
+        know(point)
     for point in product(*axes):
         if point in log_seconds:
             continue
         for i, power in enumerate(growth):
-            below = [p for p in log_seconds if p[:i] + p[i + 1:] == point[:i] + point[i + 1:] and p[i] < point[i]]
+            below = [v for v in lines[i].get(point[:i] + point[i + 1:], ()) if v < point[i]]
             if below:
-                near = max(below, key=lambda p: p[i])
+                near = (*point[:i], max(below), *point[i + 1:])
                 log_seconds[point] = log_seconds[near] + power * math.log(point[i] / near[i])
+                know(point)
                 break
     return Grid(axes, log_seconds, growth)
 

@@ -10,8 +10,9 @@ benchmarks/evidence/cost_model_notes.md, "Memory terms".
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 from megacpp.planner.cost.activations import (
     block_activation_bytes,
@@ -108,7 +109,8 @@ class StageMemory:
     @property
     def total_gib(self) -> float:
         """Peak allocated: the larger of the forward+backward peak and the optimizer-step peak."""
-        return self.resident_gib + max(self.activations_gib + self.transient_gib, self.optimizer_step_gib)
+        return _total_gib(self.weights_gib, self.gradients_gib, self.optimizer_gib, self.buffers_gib, self.overhead_gib,
+                          self.activations_gib, self.transient_gib, self.optimizer_step_gib)
 
     def to_dict(self) -> dict[str, float | int]:
         r = lambda x: round(x, 3)  # noqa: E731
@@ -130,6 +132,13 @@ class StageMemory:
             "total_gib": r(self.total_gib),
             "reserved_gib": r(self.total_gib * RESERVED_OVER_ALLOCATED),
         }
+
+
+def _total_gib(weights: float, gradients: float, optimizer: float, buffers: float, overhead: float,
+               activations: float, transient: float, optimizer_step: float) -> float:
+    """StageMemory.total_gib from its terms: what stays allocated, and above it the larger of the
+    forward+backward peak and the optimizer-step peak."""
+    return weights + gradients + optimizer + buffers + overhead + max(activations + transient, optimizer_step)
 
 
 def rank_stages(stages: list[Stage], pp_rank: int) -> list[Stage]:
@@ -198,7 +207,19 @@ class RankStages:
     mtp: bool  # it runs the MTP layers (Stage.mtp)
     mtp_first: bool  # they sit in the chunk with the embedding, which they share (no copy)
     final_norm: bool  # it holds the decoder's final norm
+    # what _transient depends on: whether it has the head, and the blocks behind its last block of
+    # each letter; None under a partial full recompute, whose checkpoints follow the stages' bounds
+    transient_key: Hashable = None
     first: bool = True  # no rank before it holds the same (the same key)
+
+
+def first_ranks(ctx: Context, stages: list[Stage], pp: int) -> list[tuple[int, RankStages]]:
+    """(pp_rank, RankStages) of the ranks of `ranks` that no rank before holds the same as (RankStages.first)."""
+    key = ("first ranks", id(stages), pp)
+    cache = ctx.cost_cache
+    if key not in cache or cache[key][0] is not stages:
+        cache[key] = (stages, [(p, rank) for p, rank in enumerate(ranks(ctx, stages, pp)) if rank.first])
+    return cache[key][1]  # type: ignore[no-any-return]
 
 
 def _rank_stages(ctx: Context, mine: list[Stage], pp: int) -> RankStages:
@@ -212,8 +233,10 @@ def _rank_stages(ctx: Context, mine: list[Stage], pp: int) -> RankStages:
     # head_params, to whether pp is 1
     key = (pp == 1, embedding, head, mtp, mtp_first, norm, tuple(st.blocks for st in mine) if _partial(ctx) else blocks)
     behind = {letter: tuple(Counter(blocks[blocks.rindex(letter) + 1:]).items()) for letter in set(blocks)}
-    return RankStages(mine, key, blocks, tuple(Counter(blocks).items()), sorted(set(blocks)), behind, embedding, head,
-                      mtp, mtp_first, norm)
+    here = sorted(set(blocks))
+    transient_key = None if _partial(ctx) else (head, tuple((letter, behind[letter]) for letter in here))
+    return RankStages(mine, key, blocks, tuple(Counter(blocks).items()), here, behind, embedding, head, mtp, mtp_first,
+                      norm, transient_key)
 
 
 def ranks(ctx: Context, stages: list[Stage], pp: int) -> list[RankStages]:
@@ -233,9 +256,9 @@ def ranks(ctx: Context, stages: list[Stage], pp: int) -> list[RankStages]:
     return cache[key][1]  # type: ignore[no-any-return]
 
 
-@dataclass(frozen=True)
-class _Held:
-    """What one pipeline rank holds whatever the data-parallel sharding and the schedule."""
+class _Held(NamedTuple):
+    """What one pipeline rank holds whatever the data-parallel sharding and the schedule (a tuple:
+    a search makes one per shard shape and rank it prices)."""
 
     dense: int
     expert: int
@@ -247,7 +270,7 @@ class _Held:
 
 
 @dataclass(frozen=True)
-class _Letters:
+class ShapeLetters:
     """What stage_memory sums per block letter on a rank of one shard shape (cost.shard): bytes
     per micro-batch, parameters and parameter tensors."""
 
@@ -270,11 +293,20 @@ class _Letters:
     grad_bytes: int
     state_bytes: float
     grad_copies: bool
-    # _held by what a rank holds (RankStages.key)
+    # _held by what a rank holds (RankStages.key), and _transient by RankStages.transient_key
     held: dict[Hashable, _Held] = field(default_factory=dict)
+    transients: dict[Hashable, tuple[float, str, float]] = field(default_factory=dict)
+    ends: dict[bool, _Ends] = field(default_factory=dict)  # _ends by whether pp is 1
+    mtps: dict[bool, MTPMemory | None] = field(default_factory=dict)  # mtp_of by whether they copy the embedding
+    ceilings: dict[bool, tuple[float, float] | None] = field(default_factory=dict)  # cost.fits' by whether pp is 1
 
 
-def _letters(ctx: Context, lay: Layout, load: float) -> _Letters:
+def shape_letters(ctx: Context, lay: Layout, load: float) -> ShapeLetters:
+    """What stage_memory sums per block letter on `lay`'s shard shape, worked out once per shape."""
+    return memo(ctx, ("letters", shape(lay), load), lambda: _letters(ctx, lay, load))
+
+
+def _letters(ctx: Context, lay: Layout, load: float) -> ShapeLetters:
     training = ctx.spec.training
     tokens = micro_batch_tokens(ctx, lay)
     fp8 = fp8_casts(ctx)
@@ -290,7 +322,7 @@ def _letters(ctx: Context, lay: Layout, load: float) -> _Letters:
              for letter in ctx.letters} if modules - {"core_attn"} else {}
     offloaded = {letter: {m: b * tokens for m, b in offload_bytes(ctx, letter, lay, load).items()}
                  for letter in ctx.letters} if training.offload_modules else {}
-    return _Letters(
+    return ShapeLetters(
         tokens=tokens,
         h_in=BF16 * ctx.spec.model.hidden_size / (lay.tp if lay.sp else 1),
         kept=kept,
@@ -310,53 +342,113 @@ def _letters(ctx: Context, lay: Layout, load: float) -> _Letters:
     )
 
 
-def _held(ctx: Context, lay: Layout, mine: RankStages, t: _Letters) -> _Held:
+class _Ends(NamedTuple):
+    """What the embedding, the output head and the final norm add to the ranks that hold them, on
+    one shard shape (and whether pp is 1: a tied head keeps its own copy only beyond one stage)."""
+
+    embedding_params: int
+    embedding_tensors: int
+    embedding_activations: float  # bytes per micro-batch: the embedding's output
+    head_params: int  # without the final norm, held where RankStages.final_norm says
+    head_tensors: int
+    norm_params: int
+    norm_tensors: int
+    loss: float  # bytes of the loss's logits
+
+
+def ends(ctx: Context, lay: Layout, t: ShapeLetters) -> _Ends:
+    """_Ends of `lay`'s shard shape (`t`, its letters), worked out once per shape and whether pp is 1."""
+    known = t.ends.get(lay.pp == 1)
+    if known is None:
+        known = t.ends[lay.pp == 1] = _ends(ctx, lay, t)
+    return known
+
+
+def _ends(ctx: Context, lay: Layout, t: ShapeLetters) -> _Ends:
+    # the vocab-parallel loss's fp32 logits (softmax and its gradient are computed in place in
+    # them) next to the bf16 logits; each MTP depth's loss ran first and keeps its fp32 softmax
+    # for the backward, its bf16 logits freed (multi_token_prediction.py process_mtp_loss)
+    loss = (BF16 + FP32 * (1 + ctx.spec.model.mtp_num_layers)) * t.tokens * padded_vocab(ctx, lay.tp) / lay.tp
+    norm, norm_t = norm_params(ctx), norm_tensors(ctx)
+    return _Ends(embedding_params(ctx, lay), embedding_param_tensors(ctx), t.h_in * t.tokens,
+                 head_params(ctx, lay) - norm, head_param_tensors(ctx, lay) - norm_t, norm, norm_t, loss)
+
+
+def mtp_of(ctx: Context, lay: Layout, t: ShapeLetters, embedding_copy: bool) -> MTPMemory | None:
+    """mtp_memory on `lay`'s shard shape, worked out once per shape and whether it copies the embedding."""
+    if embedding_copy not in t.mtps:
+        t.mtps[embedding_copy] = mtp_memory(ctx, lay, t.kept, t.tokens, embedding_copy)
+    return t.mtps[embedding_copy]
+
+
+def _held(ctx: Context, lay: Layout, mine: RankStages, t: ShapeLetters) -> _Held:
     """What one rank holding the stages `mine` keeps (stage_memory), from its shape's letters."""
-    recompute = ctx.spec.training.recompute
-    modules, partial = t.modules, t.partial
-    kept, rebuilt, tokens, h_in = t.kept, t.rebuilt, t.tokens, t.h_in
+    partial, kept = t.partial, t.kept
+    params, tensors_of = t.params, t.tensors
     dense = expert = tensors = 0
     act_per_mb = 0.0
-    loss = 0.0
     recomputed: list[list[str]] = []  # the units each checkpoint of a partial full recompute rebuilds
     for letter, n in mine.counts:
-        bp = t.params[letter]
+        bp = params[letter]
         dense += n * bp.dense
         expert += n * bp.expert
-        tensors += n * t.tensors[letter]
+        tensors += n * tensors_of[letter]
         act_per_mb += 0.0 if partial else n * kept[letter]
     if partial:
         for st in mine.stages:
-            act, chunks = _partial_full_recompute(ctx, _units(ctx, st.blocks), rebuilt, h_in * tokens)
+            act, chunks = _partial_full_recompute(ctx, _units(ctx, st.blocks), t.rebuilt, t.h_in * t.tokens)
             act_per_mb += act
             recomputed += chunks
-    if mine.embedding:
-        dense += embedding_params(ctx, lay)
-        tensors += embedding_param_tensors(ctx)
-        act_per_mb += h_in * tokens
-    if mine.output_head:  # head_params and head_param_tensors count the final norm, held where final_norm says
-        dense += head_params(ctx, lay) - norm_params(ctx)
-        tensors += head_param_tensors(ctx, lay) - norm_tensors(ctx)
-        # the vocab-parallel loss's fp32 logits (softmax and its gradient are computed in
-        # place in them) next to the bf16 logits; each MTP depth's loss ran first and keeps its
-        # fp32 softmax for the backward, its bf16 logits freed (multi_token_prediction.py process_mtp_loss)
-        loss = (BF16 + FP32 * (1 + ctx.spec.model.mtp_num_layers)) * tokens * padded_vocab(ctx, lay.tp) / lay.tp
-    if mine.final_norm:
-        dense += norm_params(ctx)
-        tensors += norm_tensors(ctx)
-    mtp = mtp_memory(ctx, lay, kept, tokens, not mine.mtp_first) if mine.mtp else None
+    loss = 0.0
+    if mine.embedding or mine.output_head or mine.final_norm:
+        outer = ends(ctx, lay, t)
+        if mine.embedding:
+            dense += outer.embedding_params
+            tensors += outer.embedding_tensors
+            act_per_mb += outer.embedding_activations
+        if mine.output_head:
+            dense += outer.head_params
+            tensors += outer.head_tensors
+            loss = outer.loss
+        if mine.final_norm:
+            dense += outer.norm_params
+            tensors += outer.norm_tensors
+    mtp = mtp_of(ctx, lay, t, not mine.mtp_first) if mine.mtp else None
     if mtp is not None:
         dense, expert, tensors = dense + mtp.dense, expert + mtp.expert, tensors + mtp.tensors
         act_per_mb += mtp.activations
-    blocks = rank_blocks(ctx, mine.blocks, mtp is not None)
-    scores = t.scores if "A" in blocks else 0.0
-    # the gradients a block's backward holds beside what it kept: the score gradients of an
-    # unfused attention, and the routed tokens' gradients of an expert block; a block whose
-    # modules are recomputed holds what they rebuild as well
-    grads = {"A": (SELECTIVE_BACKWARD_BYTES if "core_attn" in modules else UNFUSED_BACKWARD_BYTES) * scores,
+    # the rest follows the rank's letters and what lies behind the last of each (transient_key),
+    # which far fewer ranks differ in than in their blocks
+    key = mine.transient_key if mtp is None else None
+    known = t.transients.get(key) if key is not None else None
+    if known is None:
+        known = _transient(ctx, mine, t, loss, mtp, recomputed)
+        if key is not None:
+            t.transients[key] = known
+    return _Held(dense, expert, tensors, act_per_mb, *known)
+
+
+def backward_gradients(t: ShapeLetters, scores: float) -> dict[str, float]:
+    """The bytes a block's backward holds beside what it kept, by letter, on a rank of `t`'s shape
+    whose unfused attention has `scores` elements: the score gradients of an unfused attention, and
+    the routed tokens' gradients of an expert block; a block whose modules are recomputed holds
+    what they rebuild as well."""
+    grads = {"A": (SELECTIVE_BACKWARD_BYTES if "core_attn" in t.modules else UNFUSED_BACKWARD_BYTES) * scores,
              "E": t.expert_backward}
     for letter, extra in t.again.items():
         grads[letter] = grads.get(letter, 0.0) + extra
+    return grads
+
+
+def _transient(ctx: Context, mine: RankStages, t: ShapeLetters, loss: float, mtp: MTPMemory | None,
+               recomputed: list[list[str]]) -> tuple[float, str, float]:
+    """(transient bytes, what it is, buffers in GiB) of one rank (_Held), given its loss's logits
+    bytes, its MTP layers and the units each checkpoint of a partial full recompute rebuilds."""
+    recompute = ctx.spec.training.recompute
+    partial, kept, rebuilt = t.partial, t.kept, t.rebuilt
+    blocks = rank_blocks(ctx, mine.blocks, mtp is not None)
+    scores = t.scores if "A" in blocks else 0.0
+    grads = backward_gradients(t, scores)
     # the last block of a kind is back-propagated first, after the blocks behind it freed theirs
     if mtp is None:
         here = mine.here
@@ -384,40 +476,77 @@ def _held(ctx: Context, lay: Layout, mine: RankStages, t: _Letters) -> _Held:
     if transient <= 0:
         transient, transient_from = 0.0, "nothing beyond the activations"
     buffers = SCORE_BUFFER_BYTES * scores + (TE_GROUPED_GEMM_WORKSPACE_BYTES if ctx.te and "E" in blocks else 0)
-    return _Held(dense, expert, tensors, act_per_mb, transient, transient_from, buffers / GIB)
+    return transient, transient_from, buffers / GIB
 
 
 def stage_memory(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency, load: float = 1.0) -> list[StageMemory]:
     """Memory of one rank of each pipeline stage; `load` > 1 prices the busiest expert-parallel
     rank under routing imbalance (blocks.routed_load)."""
-    return _memory(ctx, lay, stages, eff, load, peaks_only=False)
+    return _stage_memory(ctx, lay, stages, eff, load, peaks_only=False)
+
+
+def first_ranks_memory(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency, load: float = 1.0) -> list[StageMemory]:
+    """stage_memory of the first rank of each kind (first_ranks) alone: a rank that holds the same
+    as one before it differs from it only in its activations."""
+    return _stage_memory(ctx, lay, stages, eff, load, peaks_only=True)
+
+
+def _stage_memory(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency, load: float,
+                  peaks_only: bool) -> list[StageMemory]:
+    return [
+        StageMemory(
+            pp_rank=p,
+            params=params,
+            params_expert=rank.expert,
+            weights_gib=BF16 * resident / GIB,
+            gradients_gib=grad_bytes * resident / GIB,
+            optimizer_gib=state_bytes * shards / GIB,
+            activations_gib=activations / GIB,
+            buffers_gib=rank.buffers_gib,
+            overhead_gib=eff.overhead_gib,
+            transient_gib=rank.transient / GIB,
+            transient_from=rank.transient_from,
+            optimizer_step_gib=step / GIB,
+            param_tensors=rank.tensors,
+        )
+        for p, rank, params, resident, shards, step, activations, grad_bytes, state_bytes
+        in _rank_terms(ctx, lay, stages, load, peaks_only)
+    ]
 
 
 def peak_gib(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency, load: float = 1.0) -> float:
     """The largest total_gib of stage_memory, from the ranks that can hold it: a rank has no fewer
     micro-batches in flight than the ranks after it (in_flight), so of the ranks that hold the same
     blocks the first peaks highest. With activation offloading, which moves more of them the more
-    there are, every rank is priced."""
-    return max(m.total_gib for m in _memory(ctx, lay, stages, eff, load, peaks_only=not ctx.spec.training.offload_modules))
+    there are, every rank is priced. The search asks it of every legal layout, so it adds up the
+    terms of StageMemory.total_gib without making one."""
+    return max(
+        _total_gib(BF16 * resident / GIB, grad_bytes * resident / GIB, state_bytes * shards / GIB, rank.buffers_gib,
+                   eff.overhead_gib, activations / GIB, rank.transient / GIB, step / GIB)
+        for _, rank, _, resident, shards, step, activations, grad_bytes, state_bytes
+        in _rank_terms(ctx, lay, stages, load, peaks_only=not ctx.spec.training.offload_modules)
+    )
 
 
-def _memory(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency, load: float, peaks_only: bool) -> list[StageMemory]:
-    out = []
+def _rank_terms(ctx: Context, lay: Layout, stages: list[Stage], load: float,
+                peaks_only: bool) -> Iterator[tuple[int, _Held, int, float, float, float, float, int, float]]:
+    """Per pipeline rank (only the first of those that hold the same, with `peaks_only`): its
+    pp_rank, _Held, parameters, resident parameters, optimizer-sharded parameters, optimizer-step
+    bytes and activation bytes, with the bytes per parameter of the gradients and the optimizer state."""
     training = ctx.spec.training
-    distopt = training.distributed_optimizer
-    letters = memo(ctx, ("letters", shape(lay), load), lambda: _letters(ctx, lay, load))
-    grad_bytes, state_bytes = letters.grad_bytes, letters.state_bytes
+    distopt, fsdp, te = training.distributed_optimizer, training.data_parallel_sharding == "fsdp", ctx.te
+    letters = shape_letters(ctx, lay, load)
+    grad_bytes, state_bytes, held = letters.grad_bytes, letters.state_bytes, letters.held
     dense_shard = lay.dp * lay.cp if distopt else 1
     expert_shard = max(lay.edp, 1) if distopt else 1
-    for p, stages_p in enumerate(ranks(ctx, stages, lay.pp)):
-        if peaks_only and not stages_p.first:
-            continue
-        rank = letters.held.get(stages_p.key)
+    ep1 = lay.ep == 1
+    for p, stages_p in first_ranks(ctx, stages, lay.pp) if peaks_only else enumerate(ranks(ctx, stages, lay.pp)):
+        rank = held.get(stages_p.key)
         if rank is None:
-            rank = letters.held[stages_p.key] = _held(ctx, lay, stages_p, letters)
+            rank = held[stages_p.key] = _held(ctx, lay, stages_p, letters)
         dense, expert = rank.dense, rank.expert
         total = dense + expert
-        if lay.ep == 1:
+        if ep1:
             # with EP=1 megatron-core flags expert weights allreduce=True (tensor_parallel/layers.py
             # ColumnParallelLinear: "allreduce", not (is_expert and expert_parallel)), so DDP and
             # the distributed optimizer treat them as dense: one buffer, sharded over DP*CP
@@ -425,35 +554,18 @@ def _memory(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency, loa
         else:
             sharded = (dense / dense_shard, expert / expert_shard)
         shards = sharded[0] + sharded[1]
-        resident = fsdp_resident_params(ctx, letters.params, stages_p.stages, shards) if training.data_parallel_sharding == "fsdp" else total
+        resident = fsdp_resident_params(ctx, letters.params, stages_p.stages, shards) if fsdp else total
         # what the optimizer step allocates beside the state: the fp32 copy of the larger shard
         # without TE (OPTIMIZER_STEP_BYTES), and fp32 copies of every bf16 gradient shard unless
         # the precision-aware optimizer reads them as they are (distrib_optimizer.py
         # _copy_model_grads_to_main_grads: shard_model_grad.float())
-        step = 0.0 if ctx.te else OPTIMIZER_STEP_BYTES * max(sharded)
+        step = 0.0 if te else OPTIMIZER_STEP_BYTES * max(sharded)
         if letters.grad_copies:
             step += FP32 * shards
         activations = rank.act_per_mb * in_flight(lay, p)
         if letters.offloaded:
             activations -= offloaded_bytes(ctx, stages_p.stages, letters.offloaded, in_flight(lay, p))
-        out.append(
-            StageMemory(
-                pp_rank=p,
-                params=total,
-                params_expert=expert,
-                weights_gib=BF16 * resident / GIB,
-                gradients_gib=grad_bytes * resident / GIB,
-                optimizer_gib=state_bytes * shards / GIB,
-                activations_gib=activations / GIB,
-                buffers_gib=rank.buffers_gib,
-                overhead_gib=eff.overhead_gib,
-                transient_gib=rank.transient / GIB,
-                transient_from=rank.transient_from,
-                optimizer_step_gib=step / GIB,
-                param_tensors=rank.tensors,
-            )
-        )
-    return out
+        yield p, rank, total, resident, shards, step, activations, grad_bytes, state_bytes
 
 
 def fsdp_resident_params(ctx: Context, params: dict[str, BlockParams], mine: list[Stage], shards: float) -> float:
@@ -463,7 +575,7 @@ def fsdp_resident_params(ctx: Context, params: dict[str, BlockParams], mine: lis
     and the next one whose all-gather is prefetched (and, in the backward, the layer whose gradient
     waits for its reduce-scatter). megatron/core/distributed/fsdp/src/README.md: parameters are
     all-gathered per module before its forward and backward and freed after; gradients are
-    reduce-scattered per module. `params`: each block letter's parameters on the rank (_Letters.params)."""
+    reduce-scattered per module. `params`: each block letter's parameters on the rank (ShapeLetters.params)."""
     per_letter = {letter: bp.dense + bp.expert for letter, bp in params.items()}
     largest = max((sum(per_letter[x] for x in unit) for st in mine for unit in _units(ctx, st.blocks)), default=0)
     return shards + FSDP_LAYERS_IN_FLIGHT * largest

@@ -27,11 +27,19 @@ from megacpp.planner.cost.coefficients import (
     REFERENCE_HOST_LAUNCH_US,
     Efficiency,
 )
-from megacpp.planner.cost.communication import Comm, communication
+from megacpp.planner.cost.communication import Comm, communication, micro_batch_floor
 from megacpp.planner.cost.flops import block_flops, block_gemms, head_flops, head_gemms, micro_batch_tokens
 from megacpp.planner.cost.kernel_rates import kernel_rates
 from megacpp.planner.cost.latent import mtp_flops, mtp_proj_gemms, rank_blocks, recomputed_up_projections
-from megacpp.planner.cost.memory import GIB, StageMemory, ranks, recomputed_blocks, stage_memory
+from megacpp.planner.cost.memory import (
+    GIB,
+    StageMemory,
+    first_ranks,
+    first_ranks_memory,
+    ranks,
+    recomputed_blocks,
+    stage_memory,
+)
 from megacpp.planner.cost.shard import memo, shape
 from megacpp.planner.search.layout import Context, Layout
 from megacpp.planner.search.stages import Stage
@@ -378,7 +386,9 @@ def _rank_work(ctx: Context, lay: Layout, blocks: str, head: bool, mtp: bool, ef
 def busiest_rank(ctx: Context, lay: Layout, stages: list[Stage], mem: list[StageMemory], eff: Efficiency,
                  load: float = 1.0) -> tuple[float, ...]:
     """(matmul, softmax, exposed block overhead, small kernels, gradient accumulation, host, the
-    local experts' host) per micro-batch on the pipeline rank whose first five add up to the most."""
+    local experts' host) per micro-batch on the pipeline rank whose first five add up to the most,
+    of the ranks in `mem` (stage_memory's, or first_ranks_memory's: a rank that holds the same as
+    one before it has the same terms, so the first of them decides)."""
     return _busiest(ctx, lay, stages, mem, eff, load)[1]
 
 
@@ -387,30 +397,34 @@ def _busiest(ctx: Context, lay: Layout, stages: list[Stage], mem: list[StageMemo
     """busiest_rank with that rank's pipeline index."""
     per_rank = []
     work = memo(ctx, ("rank work", shape(lay), eff, load), dict)  # _rank_work by the rank's blocks
-    for p, rank in enumerate(ranks(ctx, stages, lay.pp)):
+    held = ranks(ctx, stages, lay.pp)
+    for stage in mem:
+        rank = held[stage.pp_rank]
         again = recomputed_blocks(ctx, rank.stages)
         key = (rank.blocks, rank.output_head, rank.mtp, again)
         if key not in work:
             work[key] = _rank_work(ctx, lay, rank.blocks, rank.output_head, rank.mtp, eff, load, again)
         gemm, scores, small, host, experts, synced = work[key]
-        accumulate = grad_accumulation_seconds(ctx, mem[p], eff)
+        accumulate = grad_accumulation_seconds(ctx, stage, eff)
         per_rank.append((gemm, scores, exposed_host_seconds(gemm + scores + small + accumulate, host, ctx.te, synced), small, accumulate,
                          host, experts))
     p = max(range(len(per_rank)), key=lambda i: sum(per_rank[i][:5]))
-    return p, per_rank[p]
+    return mem[p].pp_rank, per_rank[p]
 
 
 # relative margin of step_floor under the step, for sums taken in another order
 FLOOR_MARGIN = 1e-9
 
 
-def step_floor(ctx: Context, lay: Layout, eff: Efficiency = DEFAULT_EFFICIENCY, load: float = 1.0) -> float:
+def step_floor(ctx: Context, lay: Layout, eff: Efficiency = DEFAULT_EFFICIENCY, load: float = 1.0,
+               stages: list[Stage] | None = None) -> float:
     """A lower bound of estimate()'s step_seconds from the layout's shard shape alone: the
     pipeline's micro-batch slots times the mean pipeline rank's GPU work of one micro-batch
     (matmuls, softmax, small kernels) or its per-block host time, whichever is longer (with TE a
     micro-batch takes the longer of the two, without it their sum; exposed_host_seconds). The
     busiest rank takes at least the mean, and the step's other terms (gradient accumulation,
-    communication, the optimizer) only add to it."""
+    communication, the optimizer) only add to it. Given the layout's stages, the collectives every
+    micro-batch runs that cannot hide are added (communication.micro_batch_floor)."""
 
     def whole_model() -> float:
         # under partial full recompute every block running once is the bound
@@ -421,16 +435,33 @@ def step_floor(ctx: Context, lay: Layout, eff: Efficiency = DEFAULT_EFFICIENCY, 
 
     work = memo(ctx, ("floor", shape(lay), eff, load), whole_model)
     slots = lay.num_microbatches + (lay.pp - 1) / lay.vpp
-    return slots * work / lay.pp * (1 - FLOOR_MARGIN)
+    per_micro_batch = work / lay.pp + (micro_batch_floor(ctx, lay, stages, load) if stages is not None else 0.0)
+    return slots * per_micro_batch * (1 - FLOOR_MARGIN)
 
 
 def compute_floor(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency = DEFAULT_EFFICIENCY,
                   load: float = 1.0) -> float:
     """estimate()'s step_seconds without its communication, a lower bound of it (exposed
-    collectives only add) in far fewer steps: the busiest rank's micro-batches and the optimizer."""
-    mem = stage_memory(ctx, lay, stages, eff, load)
+    collectives only add) in far fewer steps: the busiest rank's micro-batches and the optimizer,
+    both decided by the first rank of each kind (first_ranks_memory), with the collectives every
+    micro-batch runs that cannot hide (communication.micro_batch_floor, less FLOOR_MARGIN for
+    sums taken in another order)."""
+    mem = first_ranks_memory(ctx, lay, stages, eff, load)
+    rank, busiest = _busiest(ctx, lay, stages, mem, eff, load)
+    # estimate() prices the same layout next, where it is not slower than the top-th step yet
+    ctx.cost_cache["last busiest rank"] = (lay, stages, eff, load, (rank, busiest))
     slots = lay.num_microbatches + (lay.pp - 1) / lay.vpp
-    return slots * sum(busiest_rank(ctx, lay, stages, mem, eff, load)[:5]) + max(optimizer_seconds(ctx, st, eff) for st in mem)
+    communicating = micro_batch_floor(ctx, lay, stages, load) * (1 - FLOOR_MARGIN)
+    return slots * (sum(busiest[:5]) + communicating) + max(optimizer_seconds(ctx, st, eff) for st in mem)
+
+
+def _busiest_rank(ctx: Context, lay: Layout, stages: list[Stage], mem: list[StageMemory], eff: Efficiency,
+                  load: float) -> tuple[int, tuple[float, ...]]:
+    """_busiest of one layout, as compute_floor left it where it just priced the same layout."""
+    last = ctx.cost_cache.get("last busiest rank")
+    if last is not None and last[0] is lay and last[1] is stages and last[2] is eff and last[3] == load:
+        return last[4]  # type: ignore[no-any-return]
+    return _busiest(ctx, lay, stages, [mem[p] for p, _ in first_ranks(ctx, stages, lay.pp)], eff, load)
 
 
 def estimate(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency = DEFAULT_EFFICIENCY,
@@ -439,12 +470,12 @@ def estimate(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency = D
     expert-parallel rank under routing imbalance (blocks.routed_load)."""
     mem = stage_memory(ctx, lay, stages, eff, load)
     per_letter = {letter: block_flops(ctx, letter, load) for letter in ctx.letters}
-    rank, (*terms, host, experts) = _busiest(ctx, lay, stages, mem, eff, load)
+    rank, (*terms, host, experts) = _busiest_rank(ctx, lay, stages, mem, eff, load)
     t_mb = sum(terms)
     gpu_mb = terms[0] + terms[1] + terms[3] + terms[4]
     # forward 1, backward 2 (+1 recomputed); the gradients accumulate in the backward
     mine = ranks(ctx, stages, lay.pp)[rank]
-    forward = (gpu_mb - terms[4]) / (3 * repeats_of(ctx, mine.blocks, recomputed_blocks(ctx, mine.stages)))
+    forward = (gpu_mb - terms[4]) / (3 * repeats_of(ctx, rank_blocks(ctx, mine.blocks, mine.mtp), recomputed_blocks(ctx, mine.stages)))
     comms = communication(ctx, lay, stages, mem, eff, load, window=(forward, gpu_mb - forward),
                           ring=memo(ctx, ("ring", shape(lay), eff), lambda: ring_attention_seconds(ctx, lay, eff)), rank=rank)
     m = lay.num_microbatches

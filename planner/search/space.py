@@ -16,7 +16,9 @@ virtual stage. The interleaved schedule's micro-batch rule and the rest are rule
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any
 
 from megacpp.planner.search.layout import Context, Layout
@@ -152,6 +154,7 @@ def _first_failure(rules: list[Rule], ctx: Context, lay: Layout) -> tuple[Rule, 
 
 
 Failure = tuple[Rule, str] | None
+_UNSEEN = object()  # a memo's "not checked yet" (a node that passes is memoised as None)
 
 
 class _Level:
@@ -163,16 +166,19 @@ class _Level:
     def __init__(self, rules: list[Rule]) -> None:
         self.rules = rules
         self.fields = tuple(sorted({str(a) for r in rules for a in r.axes}))
-        self.memo: dict[tuple[Any, ...], Failure] = {}
+        # the memo's key: the values of those fields (one field's value alone, where there is one)
+        self.key: Callable[[Values], Any] = itemgetter(*self.fields) if self.fields else (lambda values: ())
+        self.memo: dict[Any, Failure] = {}
 
     def check(self, ctx: Context, values: Values) -> Failure:
         """The first rule that rejects the node of `values` (a Layout's fields), with its message."""
         if not self.rules:
             return None
-        key = tuple(values[f] for f in self.fields)
-        if key not in self.memo:
-            self.memo[key] = _first_failure(self.rules, ctx, Layout(**values))
-        return self.memo[key]
+        key = self.key(values)
+        failure = self.memo.get(key, _UNSEEN)
+        if failure is _UNSEEN:
+            failure = self.memo[key] = _first_failure(self.rules, ctx, Layout(**values))
+        return failure  # type: ignore[return-value]
 
 
 def search(ctx: Context) -> SearchResult:

@@ -67,7 +67,7 @@ def plan(
 ) -> None:
     """Solve a spec into every legal layout and rank them."""
     from megacpp.planner.plan import DEFAULTS, Plan, build_plan
-    from megacpp.runtime.cli import console, executors
+    from megacpp.runtime.cli import executors, stdout
 
     loaded = _spec_or_plan(spec, set_, cluster, nodes)
     if isinstance(loaded, Plan):
@@ -80,8 +80,10 @@ def plan(
         except OSError as exc:
             raise PlanError(f"--out {out}: cannot write ({exc.strerror})") from None
     if as_json:
-        console.print_json(text)
+        stdout.print_json(text)
         return
+    from megacpp.runtime.cli import console
+
     console.plan_table(result, top)
     if not result.legal_count:
         raise PlanError("no legal layout; the counts above name the rules that rejected them (`megacpp explain rule RULE`)")
@@ -98,7 +100,7 @@ def validate(
     """Check specs and plans for the engine that will run them; exit 0 when all are valid, 1 when any is not."""
     from megacpp.planner.plan import Plan
     from megacpp.planner.validation import validate_plan, validate_spec, validation_error
-    from megacpp.runtime.cli import console
+    from megacpp.runtime.cli import console, stdout
     from megacpp.runtime.cli.inputs import read_input
 
     results = []
@@ -110,7 +112,7 @@ def validate(
             result = validation_error(exc)
         results.append({"file": str(path), **result})
     if fmt == Format.json:
-        console.print_json(json.dumps(results, indent=2))
+        stdout.print_json(json.dumps(results, indent=2))
     else:
         console.validate_report(results, fmt.value)
     if not all(r["valid"] for r in results):
@@ -219,7 +221,7 @@ def launch(
     from megacpp.planner.megatron.args import TrainOptions
     from megacpp.planner.megatron.render import SCRIPT_NAMES, RenderOptions, render_launch
     from megacpp.planner.plan import Plan, build_plan
-    from megacpp.runtime.cli import console, executors
+    from megacpp.runtime.cli import console, executors, stdout
 
     loaded = _spec_or_plan(spec, set_, cluster, nodes)
     plan_doc = loaded if isinstance(loaded, Plan) else build_plan(loaded, top=max(10, candidate + 1))
@@ -232,7 +234,7 @@ def launch(
     executors.write_files(out, files)
     script = out / SCRIPT_NAMES[target.value]
     if dry_run:
-        console.print_json(files[script.name].rstrip("\n"))
+        stdout.print_json(files[script.name].rstrip("\n"))
         console.err.print(f"wrote {script} and {out / 'plan.json'} (dry run: nothing started)")
         return
     try:
@@ -263,7 +265,7 @@ def import_script(
 ) -> None:
     """Read an existing Megatron-LM launch into a spec with its layout pinned; list every flag the spec cannot carry."""
     from megacpp.planner.megatron.importer import ImportOptions, import_launch
-    from megacpp.runtime.cli import console, executors
+    from megacpp.runtime.cli import console, executors, stdout
     from megacpp.runtime.cli.inputs import read_launch
 
     text, name = read_launch(source)
@@ -271,7 +273,7 @@ def import_script(
     shown = source[0] if isinstance(text, str) else "Megatron-LM arguments"
     console.import_report(result.unsupported, result.notes)
     if out is None:
-        console.print_text(result.to_yaml(shown))
+        stdout.print_text(result.to_yaml(shown))
         return
     try:
         executors.write_atomically(out, result.to_yaml(shown))
@@ -326,21 +328,24 @@ def explain_layout_cmd(
     """The rank map, who owns what, what each split cannot fix, and why the others lost."""
     from megacpp.planner.explain import explain_layout
     from megacpp.planner.plan import Plan, build_plan
-    from megacpp.runtime.cli import console
+    from megacpp.runtime.cli import stdout
 
     loaded = _spec_or_plan(spec, set_, cluster, nodes)
     plan_doc = loaded if isinstance(loaded, Plan) else build_plan(loaded, top=max(10, candidate + 1))
     doc = explain_layout(plan_doc, candidate=candidate, rank=rank, against=versus)
     if svg is not None or png is not None:
+        from megacpp.runtime.cli import console
         from megacpp.runtime.cli.picture import draw_layout
 
         for path in (p for p in (svg, png) if p is not None):
             draw_layout(doc, path)
             console.err.print(f"wrote {path}")
     if as_json:
-        console.print_json(json.dumps(doc, indent=2))
-    else:
-        console.explain_text(doc)
+        stdout.print_json(json.dumps(doc, indent=2))
+        return
+    from megacpp.runtime.cli import console
+
+    console.explain_text(doc)
 
 
 @explain_app.command("rule")

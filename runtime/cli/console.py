@@ -68,15 +68,6 @@ def error(message: str) -> None:
     err.print(f"[bold red]error:[/] {message}", markup=True, highlight=False) if err.is_terminal else print(f"error: {message}", file=sys.stderr)
 
 
-def print_json(text: str) -> None:
-    sys.stdout.write(text + "\n")
-
-
-def print_text(text: str) -> None:
-    """Plain text on stdout, as it is (a spec YAML): no markup, no wrapping."""
-    sys.stdout.write(text)
-
-
 def import_report(unsupported: list[str], notes: list[str]) -> None:
     """What `megacpp import` could not carry into the spec, and what it assumed, on stderr."""
     for line in unsupported:
