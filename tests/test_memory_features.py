@@ -10,7 +10,8 @@ from megacpp.planner.cost.activations import block_activation_bytes, norm_stats_
 from megacpp.planner.cost.blocks import BF16
 from megacpp.planner.cost.coefficients import DEFAULT_EFFICIENCY
 from megacpp.planner.cost.flops import micro_batch_tokens
-from megacpp.planner.cost.memory import GIB, recomputed_blocks, stage_memory
+from megacpp.planner.cost.memory import GIB, stage_memory
+from megacpp.planner.cost.ranks import recomputed_blocks
 from megacpp.planner.errors import LaunchError, SpecError
 from megacpp.planner.megatron.args import TrainOptions, environment, known_flags, megatron_args
 from megacpp.planner.megatron.render import RenderOptions, render_launch

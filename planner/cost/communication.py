@@ -33,7 +33,8 @@ from megacpp.planner.cost.blocks import BF16, FP32, expert_load, expert_width
 from megacpp.planner.cost.coefficients import DEFAULT_EFFICIENCY, FLEX_LINK_SHARE, Efficiency
 from megacpp.planner.cost.flops import micro_batch_tokens
 from megacpp.planner.cost.latent import rank_blocks
-from megacpp.planner.cost.memory import StageMemory, rank_stages, ranks, recomputed_blocks
+from megacpp.planner.cost.memory import StageMemory
+from megacpp.planner.cost.ranks import rank_stages, ranks, recomputed_blocks
 from megacpp.planner.cost.shard import memo, shape
 from megacpp.planner.search.layout import Context, Layout
 from megacpp.planner.search.stages import Stage

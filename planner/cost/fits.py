@@ -25,16 +25,15 @@ from megacpp.planner.cost.memory import (
     OPTIMIZER_STEP_BYTES,
     SCORE_BUFFER_BYTES,
     TE_GROUPED_GEMM_WORKSPACE_BYTES,
-    RankStages,
     ShapeLetters,
     backward_gradients,
     ends,
     in_flight,
     mtp_of,
     peak_gib,
-    ranks,
     shape_letters,
 )
+from megacpp.planner.cost.ranks import RankStages, ranks
 from megacpp.planner.search.layout import Context, Layout
 from megacpp.planner.search.stages import Stage
 

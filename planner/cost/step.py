@@ -31,15 +31,8 @@ from megacpp.planner.cost.communication import Comm, communication, micro_batch_
 from megacpp.planner.cost.flops import block_flops, block_gemms, head_flops, head_gemms, micro_batch_tokens
 from megacpp.planner.cost.kernel_rates import kernel_rates
 from megacpp.planner.cost.latent import mtp_flops, mtp_proj_gemms, rank_blocks, recomputed_up_projections
-from megacpp.planner.cost.memory import (
-    GIB,
-    StageMemory,
-    first_ranks,
-    first_ranks_memory,
-    ranks,
-    recomputed_blocks,
-    stage_memory,
-)
+from megacpp.planner.cost.memory import GIB, StageMemory, first_ranks_memory, stage_memory
+from megacpp.planner.cost.ranks import first_ranks, ranks, recomputed_blocks
 from megacpp.planner.cost.shard import memo, shape
 from megacpp.planner.search.layout import Context, Layout
 from megacpp.planner.search.stages import Stage
