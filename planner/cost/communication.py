@@ -321,7 +321,7 @@ def _passes(ctx: Context) -> int:
 def _fewest(ctx: Context, stages: list[Stage], pp: int) -> tuple[int, int]:
     """The fewest blocks and the fewest E blocks any pipeline rank runs (the MTP layers with the
     rank that runs them): whichever rank the step prices runs at least these; memoised per stage
-    list as memory.ranks is."""
+    list as ranks.ranks is."""
     key = ("fewest blocks", id(stages), pp)
     cache = ctx.cost_cache
     if key not in cache or cache[key][0] is not stages:

@@ -1,7 +1,7 @@
 """Whether a layout fits in memory, decided from bounds where they decide it.
 
 A search asks it of every legal layout, tens of thousands of them, and most are far from the
-card's capacity either way. Two bounds follow the shard shape's per-letter terms (cost.memory)
+card's capacity either way. Two bounds follow the shard shape's per-letter terms (cost.shape_memory)
 and a few counts of the stage split, without working out any rank's transient:
 
 - above every rank's peak: one rank holding the largest count of each letter that any rank of
@@ -25,15 +25,11 @@ from megacpp.planner.cost.memory import (
     OPTIMIZER_STEP_BYTES,
     SCORE_BUFFER_BYTES,
     TE_GROUPED_GEMM_WORKSPACE_BYTES,
-    ShapeLetters,
-    backward_gradients,
-    ends,
     in_flight,
-    mtp_of,
     peak_gib,
-    shape_letters,
 )
 from megacpp.planner.cost.ranks import RankStages, ranks
+from megacpp.planner.cost.shape_memory import ShapeLetters, backward_gradients, ends, mtp_of, shape_letters
 from megacpp.planner.search.layout import Context, Layout
 from megacpp.planner.search.stages import Stage
 
@@ -52,7 +48,7 @@ class _Spread:
 
 
 def _spread(ctx: Context, stages: list[Stage], pp: int) -> _Spread:
-    """_Spread of a stage list, memoised as cost.memory.ranks is (its id, kept alive by the entry)."""
+    """_Spread of a stage list, memoised as cost.ranks.ranks is (its id, kept alive by the entry)."""
     key = ("spread", id(stages), pp)
     cache = ctx.cost_cache
     if key not in cache or cache[key][0] is not stages:
@@ -70,7 +66,7 @@ def _ceiling(ctx: Context, lay: Layout, t: ShapeLetters) -> tuple[float, float] 
     exceeds: every candidate of cost.memory._transient before the blocks behind it are freed, and
     the score buffer with the grouped GEMMs' workspaces; None where a term is negative and the
     bounds would not hold."""
-    key = lay.pp == 1  # as cost.memory.ends keeps the loss's logits
+    key = lay.pp == 1  # as cost.shape_memory.ends keeps the loss's logits
     if key not in t.ceilings:
         if min(*t.kept.values(), *t.rebuilt.values(), *t.weight_gradient.values(), t.scores, t.expert_backward) < 0:
             t.ceilings[key] = None
