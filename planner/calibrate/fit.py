@@ -16,7 +16,7 @@ per-letter overheads and the small kernels' traffic comes from the tables, the h
 the formulas; the overheads (host work, kernel launches, the MoE dispatcher's synchronisation)
 and the small kernels' GPU time are what a run measures beyond them. The local modules' overheads
 also hold their small kernels (their traffic is 0); under TE the small kernels are a term of
-their own and the host runs ahead of the GPU (cost.step.exposed_host_seconds). `fit` solves them by
+their own and the host runs ahead of the GPU (cost.host.exposed_host_seconds). `fit` solves them by
 least squares on relative error, keeping them non-negative; `leave_one_out` reports how well each
 run is predicted by a fit that did not see it.
 """
@@ -31,7 +31,7 @@ from megacpp.planner.calibrate.lstsq import separable, solve
 from megacpp.planner.calibrate.profile import profile_document
 from megacpp.planner.calibrate.reports import Observation, observe
 from megacpp.planner.cost.coefficients import DEFAULT_EFFICIENCY, Efficiency
-from megacpp.planner.cost.step import exposed_host_seconds
+from megacpp.planner.cost.host import exposed_host_seconds
 from megacpp.planner.errors import PlanError
 
 SMALL = ("small kernels",)  # the fit's column for Efficiency.traffic, beside the letters' groups
@@ -125,7 +125,7 @@ def _fit_added(observations: list[Observation], base: Efficiency) -> Efficiency:
 
 
 def host_bound(o: Observation, eff: Efficiency) -> bool:
-    """Whether the run's host time exceeds its GPU time (cost.step.exposed_host_seconds)."""
+    """Whether the run's host time exceeds its GPU time (cost.host.exposed_host_seconds)."""
     return _host_seconds(o, eff) > _gpu_seconds(o, eff)
 
 

@@ -35,9 +35,9 @@ def profile_document(cluster: str, te: bool, eff: Efficiency, share: float | Non
         "transformer_engine": te,
         "block_overhead_s": {letter: round(v, 6) for letter, v in (eff.te_block_overhead_s if te else eff.block_overhead_s)},
         "small_kernel_traffic": round(eff.traffic(te), 4),
-        # how host time and GPU time compose (cost.step.exposed_host_seconds)
+        # how host time and GPU time compose (cost.host.exposed_host_seconds)
         "composition": "longer of host and GPU" if te else "added",
-        # the share of the shorter that adds on ranks with E blocks (cost.step.exposed_host_seconds),
+        # the share of the shorter that adds on ranks with E blocks (cost.host.exposed_host_seconds),
         # chosen by the runs left out one at a time (calibrate.fit.sync_share)
         **({"synchronised_share": share} if share is not None else {}),
         "tied": tied,

@@ -12,7 +12,8 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from megacpp.planner.cost.coefficients import DEFAULT_EFFICIENCY, REFERENCE_HOST_LAUNCH_US
-from megacpp.planner.cost.step import estimate, gpu_repeats, host_repeats, host_units, small_kernel_seconds
+from megacpp.planner.cost.host import gpu_repeats, host_repeats, host_units
+from megacpp.planner.cost.step import estimate, small_kernel_seconds
 from megacpp.planner.errors import PlanError
 from megacpp.planner.plan import make_context, with_backend
 from megacpp.planner.search.layout import Layout
@@ -32,7 +33,7 @@ class Observation:
     cluster: str
     te: bool  # the run used Transformer Engine modules
     base_seconds: float  # the model's step time with no block overhead
-    units: dict[str, float]  # block x micro-batch slots per letter on the busiest rank (x cost.step.host_repeats)
+    units: dict[str, float]  # block x micro-batch slots per letter on the busiest rank (x cost.host.host_repeats)
     measured_seconds: float
     small_units: float = 0.0  # cost.step.small_kernel_seconds of the busiest rank's blocks, x the same slots
     compute_seconds: float = 0.0  # the matmul and softmax part of base_seconds (the rest is communication)

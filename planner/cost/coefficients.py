@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# Keys of the host-time tables beside the block letters (cost.step.host_units).
+# Keys of the host-time tables beside the block letters (cost.host.host_units).
 EXPERT = "expert"  # one local expert of an E block, per micro-batch
 CP_STEP = "cp_step"  # one more context-parallel ring step of an A block's attention
 

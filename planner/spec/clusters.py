@@ -82,7 +82,7 @@ class Cluster(BaseModel):
     nic_alpha_us: float
     # the host class: the host's time per tiny CUDA op (us), in the unit of the runtime's host probe
     # (runtime/worker/measure/host.py). The per-block host time under Transformer Engine was measured
-    # on hosts of REFERENCE_HOST_LAUNCH_US and scales with it (cost.step.host_scale)
+    # on hosts of REFERENCE_HOST_LAUNCH_US and scales with it (cost.host.host_scale)
     host_launch_us: float = REFERENCE_HOST_LAUNCH_US
     # this system's sustained matmul rate over what the preset prices (its kernel-rate table's
     # times, or MAMF x Efficiency.matmul): 1 on every preset; a cluster profile fitted to a table
