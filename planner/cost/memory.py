@@ -23,6 +23,7 @@ from megacpp.planner.cost.latent import (
 )
 from megacpp.planner.cost.ranks import (
     RankStages,
+    checkpoints,
     first_ranks,
     layer_units,
     ranks,
@@ -325,13 +326,10 @@ def _partial_full_recompute(ctx: Context, units: list[str], rebuilt: dict[str, f
     layers (transformer_block.py _checkpointed_forward), and the layers each checkpoint rebuilds:
     uniform, one input per recompute_num_layers layers; block, the input of the chunk's first
     recompute_num_layers layers and everything the others keep without recompute."""
-    training = ctx.spec.training
-    n = training.recompute_num_layers or 1
-    if training.recompute_method == "block":
-        head, rest = units[:n], units[n:]
-        return len(head) * layer_input + sum(rebuilt[x] for unit in rest for x in unit), [[unit] for unit in head]
-    chunks = [units[i : i + n] for i in range(0, len(units), n)]
-    return len(chunks) * layer_input, chunks
+    chunks = checkpoints(ctx, units)
+    # the block method keeps the layers after its checkpoints whole
+    rest = units[len(chunks):] if ctx.spec.training.recompute_method == "block" else []
+    return len(chunks) * layer_input + sum(rebuilt[x] for unit in rest for x in unit), chunks
 
 
 def offloaded_bytes(ctx: Context, mine: list[Stage], per_token: dict[str, dict[str, float]], micro_batches: float) -> float:

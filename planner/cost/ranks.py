@@ -96,10 +96,19 @@ def recomputed_blocks(ctx: Context, mine: list[Stage]) -> str:
     training = ctx.spec.training
     if training.recompute != "full":
         return ""
-    if training.recompute_method != "block":
-        return rank_blocks(ctx, "".join(st.blocks for st in mine), any(st.mtp for st in mine))
+    again = "".join(unit for st in mine for chunk in checkpoints(ctx, layer_units(ctx, st.blocks)) for unit in chunk)
+    return again if training.recompute_method == "block" else rank_blocks(ctx, again, any(st.mtp for st in mine))
+
+
+def checkpoints(ctx: Context, units: list[str]) -> list[list[str]]:
+    """The layers each checkpoint of full recompute rebuilds in one model chunk (its Megatron
+    layers, `units`; transformer_block.py _checkpointed_forward): uniform, consecutive runs of
+    recompute_num_layers layers; block, each of the chunk's first recompute_num_layers layers."""
+    training = ctx.spec.training
     n = training.recompute_num_layers or 1
-    return "".join("".join(layer_units(ctx, st.blocks)[:n]) for st in mine)
+    if training.recompute_method == "block":
+        return [[unit] for unit in units[:n]]
+    return [units[i : i + n] for i in range(0, len(units), n)]
 
 
 def partial_recompute(ctx: Context) -> bool:
