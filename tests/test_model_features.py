@@ -64,7 +64,7 @@ def test_latent_moe_dispatches_latents_and_prices_its_projections():
     def ep_bytes(spec):
         ctx = make_context(spec)
         mem = stage_memory(ctx, lay, stages, DEFAULT_EFFICIENCY)
-        return next(c.bytes_per_step for c in communication(ctx, lay, stages, mem) if c.axis == "ep")
+        return next(c.bytes_per_step for c in communication(ctx, lay, stages, mem, rank=0) if c.axis == "ep")
 
     assert ep_bytes(latent) == pytest.approx(ep_bytes(base) * 16 / 64)
     h, f, k, e = 64, 128, 2, 8

@@ -184,19 +184,18 @@ def ring_exposed(hop: float, cp: int, attention: float) -> float:
 
 def communication(
     ctx: Context, lay: Layout, stages: list[Stage], mem: list[StageMemory], eff: Efficiency = DEFAULT_EFFICIENCY,
-    load: float = 1.0, window: tuple[float, float] = (math.inf, math.inf), ring: float = 0.0, rank: int | None = None,
+    load: float = 1.0, window: tuple[float, float] = (math.inf, math.inf), ring: float = 0.0, *, rank: int,
 ) -> list[Comm]:
-    """Per-axis traffic of the busiest pipeline rank in one step; `window` is the (forward,
+    """Per-axis traffic of one pipeline rank in one step; `window` is the (forward,
     backward) GPU seconds of one micro-batch there, under which collectives overlap, and `ring` one
     A block's core attention seconds per micro-batch there (step.ring_attention_seconds), under
     which the context-parallel ring overlaps; `rank` the pipeline rank the step prices
-    (step.busiest_rank), else the one with the most blocks."""
+    (step.busiest_rank), whose compute that window is."""
     spec = ctx.spec
     h = spec.model.hidden_size
     m = lay.num_microbatches
     tokens = micro_batch_tokens(ctx, lay)
-    busiest = rank if rank is not None else max(range(lay.pp), key=lambda p: sum(len(s.blocks) for s in rank_stages(stages, p)))
-    mine = rank_stages(stages, busiest)
+    mine = rank_stages(stages, rank)
     blocks = rank_blocks(ctx, "".join(s.blocks for s in mine), any(s.mtp for s in mine))
     again = recomputed_blocks(ctx, mine)
 
@@ -281,7 +280,7 @@ def communication(
         # _etp, _megatronlm) came out no closer with it hidden (-0.7% to +0.7% each; the TE runs
         # further under), so the whole transfer stays on the step
         add(Axis.PP, "send-recv", pp, act / (lay.tp if lay.sp else 1), 2 * m * lay.vpp)
-    big = mem[busiest]
+    big = mem[rank]
     dense, expert = big.params - big.params_expert, big.params_expert
     grad = FP32 if spec.training.grad_reduce_dtype == "fp32" else BF16
     # Under the interleaved schedule rank 0's model chunks other than the first finish their last
