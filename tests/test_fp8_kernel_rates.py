@@ -80,7 +80,7 @@ def test_a_table_without_fp8_rows_keeps_the_mamf_price_for_fp8(monkeypatch):
         assert step.matmul_seconds(ctx, lay, letter, DEFAULT_EFFICIENCY) == pytest.approx(mamf_price(ctx, lay, letter))
 
 
-def test_a_preset_without_a_table_keeps_the_mamf_price_for_fp8():
+def test_a_preset_without_a_table_prices_a_large_fp8_gemm_at_mamf():
     ctx = context("b200-sxm-8", "fp8")
     lay = Layout(tp=1, dp=8, num_microbatches=64)
     assert kernel_rates("b200-sxm-8") is None

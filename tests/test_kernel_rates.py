@@ -10,19 +10,21 @@ import pytest
 
 from megacpp.planner.calibrate.reports import run_spec
 from megacpp.planner.cost.coefficients import DEFAULT_EFFICIENCY
-from megacpp.planner.cost.flops import block_flops, block_gemms, micro_batch_tokens
+from megacpp.planner.cost.flops import Gemms, block_flops, block_gemms, micro_batch_tokens
 from megacpp.planner.cost.kernel_rates import RATES_DIR, TABLES, kernel_rates
 from megacpp.planner.cost.step import (
     UNFUSED_SOFTMAX_BYTES_BACKWARD,
     UNFUSED_SOFTMAX_BYTES_FORWARD,
     matmul_seconds,
+    untabled_matmul_seconds,
 )
 from megacpp.planner.plan import make_context, with_backend
 from megacpp.planner.search.layout import Layout
 from megacpp.planner.search.stages import assign_stages
-from megacpp.planner.spec.clusters import resolve_cluster
+from megacpp.planner.spec.clusters import PRESETS, resolve_cluster
+from megacpp.planner.spec.loading import load_spec
 from megacpp.planner.spec.models import ClusterSpec
-from tests.conftest import committed_gpu_runs
+from tests.conftest import ROOT, committed_gpu_runs
 
 
 def test_block_gemm_shapes_add_up_to_the_block_flops():
@@ -66,6 +68,55 @@ def test_table_reproduces_its_measurements_and_extrapolates_by_work(preset):
 
 def test_presets_without_a_table_price_matmuls_at_mamf():
     assert kernel_rates("b200-sxm-8") is None and kernel_rates("h200-sxm-8") is not None
+
+
+def _deepseek_on(preset: str, *overrides: str):
+    spec = load_spec(ROOT / "recipes" / "deepseek-v3.yaml", [f"cluster.preset={preset}", "cluster.nodes=32", *overrides])
+    ctx = make_context(spec)
+    return ctx, Layout(tp=1, pp=8, dp=32, cp=1, ep=1, etp=1, vpp=1, micro_batch_size=1, num_microbatches=16)
+
+
+BF16, MXFP8, FP8_CURRENT = (), ("training.precision=fp8", "training.fp8_recipe=mxfp8"), \
+    ("training.precision=fp8", "training.fp8_recipe=tensorwise")
+
+
+@pytest.mark.parametrize(("preset", "precision"), [("b200-sxm-8", BF16), ("b200-sxm-8", MXFP8), ("h200-sxm-8", FP8_CURRENT)])
+def test_gemms_without_table_rows_run_at_the_h100s_share_of_mamf_at_their_shape(preset, precision):
+    """Where a preset's own table cannot price a GEMM (the Blackwell presets have none, the H200's
+    has no FP8 rows) a large GEMM runs at MAMF x Efficiency.matmul, and a grouped GEMM of 128 tokens
+    per expert (DeepSeek-V3 without expert parallelism: well under 0.7 of MAMF on an H100) as much
+    faster than the H100's measured time as the preset's MAMF is over the H100's."""
+    ctx, lay = _deepseek_on(preset, *precision)
+    c, eff = ctx.cluster, DEFAULT_EFFICIENCY
+    assert c.shape_table == "h100-sxm-8"
+    recipe = ctx.spec.training.fp8_recipe if precision else None
+    own = kernel_rates(c.kernel_table)
+    assert own is None or (recipe is not None and not own.has_fp8(recipe))
+    fp8 = "tensorwise" if precision else None  # MXFP8 reads current scaling's rows
+    mamf = c.mamf_fp8_tflops if precision else c.mamf_bf16_tflops
+    h100 = PRESETS["h100-sxm-8"]["mamf_fp8_tflops" if precision else "mamf_bf16_tflops"]
+    rate = mamf * 1e12 * eff.matmul
+    dense = block_gemms(ctx, "D", lay)
+    assert untabled_matmul_seconds(ctx, dense, eff, rate, recipe) == pytest.approx(3 * dense.flops / rate, rel=1e-9)
+    experts = block_gemms(ctx, "E", lay)
+    (m, k, n, g), *_ = experts.grouped
+    assert m == pytest.approx(128)
+    alone = Gemms(grouped=experts.grouped[:1])
+    measured = kernel_rates("h100-sxm-8").grouped_linear_seconds(g, m, k, n, fp8)
+    assert 6 * m * k * n * g / measured / (h100 * 1e12) < eff.matmul
+    priced = untabled_matmul_seconds(ctx, alone, eff, rate, recipe)
+    assert priced == pytest.approx(measured * h100 / mamf, rel=1e-9)
+    assert priced > 1.5 * 3 * alone.flops / rate
+    # and the block's matmul time is priced so
+    assert matmul_seconds(ctx, lay, "E", eff) > 3 * experts.flops / rate
+
+
+def test_a_preset_without_a_shape_table_prices_every_gemm_at_mamf():
+    ctx, lay = _deepseek_on("gb10-spark", "cluster.nodes=1")
+    assert ctx.cluster.shape_table is None
+    rate = ctx.cluster.mamf_bf16_tflops * 1e12 * DEFAULT_EFFICIENCY.matmul
+    experts = block_gemms(ctx, "E", lay)
+    assert untabled_matmul_seconds(ctx, experts, DEFAULT_EFFICIENCY, rate, None) == pytest.approx(3 * experts.flops / rate, rel=1e-12)
 
 
 @pytest.mark.parametrize("preset", sorted(TABLES))

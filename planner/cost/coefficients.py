@@ -45,7 +45,7 @@ REFERENCE_HOST_LAUNCH_US = 8.21
 # a DGX H100 / H200 / B200 host (bare-metal two-socket Xeon) running Megatron-Bridge, in the same
 # unit: FITTED, the value that gives the scale benchmark's 36 tuning rows their least median
 # |error| (python -m benchmarks.scale.fit_host; notes, "Host class")
-DGX_HOST_LAUNCH_US = 4.2
+DGX_HOST_LAUNCH_US = 4.15
 # the share of an E block's own host time (not its local experts') that Megatron's "moe_router" and
 # "moe_preprocess" CUDA-graph modules capture (the pre-MLP norm, the router and the dispatcher's
 # preprocess, up to the routed-token counts' copy to the host): about 30 of the 110 kernels an E

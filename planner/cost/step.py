@@ -25,7 +25,14 @@ from megacpp.planner.cost.coefficients import (
     Efficiency,
 )
 from megacpp.planner.cost.communication import Comm, communication, micro_batch_floor
-from megacpp.planner.cost.flops import block_flops, block_gemms, head_flops, head_gemms, micro_batch_tokens
+from megacpp.planner.cost.flops import (
+    Gemms,
+    block_flops,
+    block_gemms,
+    head_flops,
+    head_gemms,
+    micro_batch_tokens,
+)
 from megacpp.planner.cost.host import exposed_host_seconds, gpu_repeats, host_scale, host_units
 from megacpp.planner.cost.kernel_rates import kernel_rates
 from megacpp.planner.cost.latent import mtp_flops, mtp_proj_gemms, rank_blocks, recomputed_up_projections
@@ -34,6 +41,7 @@ from megacpp.planner.cost.ranks import first_ranks, ranks, recomputed_blocks
 from megacpp.planner.cost.shard import memo, shape
 from megacpp.planner.search.layout import Context, Layout
 from megacpp.planner.search.stages import Stage
+from megacpp.planner.spec.clusters import PRESETS
 
 # HBM traffic of the unfused softmax path per attention score, for presets without a kernel-rate
 # table: the torch ops of megatron-core's FusedScaleMaskSoftmax.forward_torch_softmax as
@@ -124,7 +132,7 @@ def _priced_matmul_seconds(ctx: Context, lay: Layout, letter: str, eff: Efficien
     up = recomputed_up_projections(ctx, lay) if letter == "A" and recompute != "none" else None  # a forward again (mla_up_proj)
     rates = kernel_rates(c.kernel_table)
     if rates is None or (recipe is not None and not rates.has_fp8(recipe)):
-        return 3 * gemms.flops * again / rate + (up.flops / rate if up else 0.0)
+        return untabled_matmul_seconds(ctx, gemms, eff, rate, recipe) * again + (up.flops / rate if up else 0.0)
     linears = sum(n * rates.linear_seconds(m, k, nn, recipe) for m, k, nn, n in gemms.linears)
     linears += sum(n * rates.linear_seconds(m, k, nn, recipe) for m, k, nn, n in up.linears) / 3 if up else 0.0
     linears += sum(rates.grouped_linear_seconds(g, m, k, n, recipe) for m, k, n, g in gemms.grouped)
@@ -144,6 +152,33 @@ def _priced_matmul_seconds(ctx: Context, lay: Layout, letter: str, eff: Efficien
         other, priced = 0.0, 3 * gemms.other_flops / rate
     # a stated compute peak (cluster.bf16_tflops) scales the measured GPU's kernel times
     return ((linears + other) * again + attention * attention_again) / c.compute_scale + priced * again
+
+
+# an FP8 recipe the shape table has no rows of, read from the rows of one that casts alike: MXFP8
+# (Blackwell only) and current scaling each cast every operand in one pass before the GEMM
+SHAPE_RECIPES = {"mxfp8": "tensorwise"}
+
+
+def untabled_matmul_seconds(ctx: Context, gemms: Gemms, eff: Efficiency, rate: float, recipe: str | None) -> float:
+    """Forward and backward seconds of one block's GEMMs on a preset whose kernel-rate table cannot
+    price them (none, or no FP8 rows of the recipe):
+    3 x their FLOPs at `rate` (MAMF x Efficiency.matmul), each Linear and GroupedLinear at no more
+    than the share of MAMF its shape runs at on the preset's shape table (Cluster.shape_table): a
+    grouped GEMM of 128 tokens per expert runs at a fifth to a quarter of MAMF on an H100, not 0.7."""
+    name = ctx.cluster.shape_table
+    table = kernel_rates(name)
+    fp8 = SHAPE_RECIPES.get(recipe, recipe) if recipe else None
+    if name is None or table is None or (fp8 is not None and not table.has_fp8(fp8)):
+        return 3 * gemms.flops / rate
+    reference = PRESETS[name]
+    mamf = (reference["mamf_fp8_tflops"] if fp8 else reference["mamf_bf16_tflops"]) * 1e12
+    # (forward-and-backward FLOPs, the share of MAMF the table measured at the shape)
+    shapes = [(6.0 * m * k * n * count, 6.0 * m * k * n / table.linear_seconds(m, k, n, fp8) / mamf)
+              for m, k, n, count in gemms.linears if m * k * n]
+    shapes += [(6.0 * m * k * n * g, 6.0 * m * k * n * g / table.grouped_linear_seconds(g, m, k, n, fp8) / mamf)
+               for m, k, n, g in gemms.grouped if m * k * n]
+    slower = sum(flops * max(eff.matmul / share - 1.0, 0.0) for flops, share in shapes)
+    return (3 * gemms.flops + slower) / rate
 
 
 def ring_attention_seconds(ctx: Context, lay: Layout, eff: Efficiency) -> float:

@@ -93,6 +93,10 @@ class Cluster(BaseModel):
     gpu: str | None = None
     # the preset whose measured kernel-rate table (cost.kernel_rates) prices the matmuls, None: FLOPs at MAMF
     kernel_table: str | None = None
+    # where kernel_table cannot price a GEMM (none, or no FP8 rows of the recipe): the preset whose
+    # measured table says how far below its MAMF a GEMM of each shape runs
+    # (cost.step.untabled_matmul_seconds); None: every such GEMM at MAMF x Efficiency.matmul
+    shape_table: str | None = None
     # a stated compute peak over the measured GPU's: the kernel-rate table's times are divided by it
     compute_scale: float = 1.0
     # what the numbers were built from that a plan should say (an override replacing a measurement,
@@ -144,11 +148,18 @@ _H100 = dict(
     host_launch_us=DGX_HOST_LAUNCH_US,
 )
 
+# The Blackwell presets have no kernel table of their own: their GEMMs run at no more than the share
+# of MAMF the H100 measured at each shape (the same cuBLAS and TE grouped kernels; Blackwell's larger
+# tiles fill its SMs at no smaller shapes, so this errs fast, not slow)
+BLACKWELL_SHAPE_TABLE = "h100-sxm-8"
+
 PRESETS: dict[str, dict] = {
     "h100-sxm-8": {**_H100, "grad_accumulation_tbps": H100_GRAD_ACCUMULATION_TBPS, "kernel_table": "h100-sxm-8"},  # MEASURED
     "h200-sxm-8": {
         **_H100,
         "kernel_table": "h200-sxm-8",  # MEASURED (cost.kernel_rates)
+        # its FP8 GEMMs, not in its table: the same GH100 die's measured FP8 rows
+        "shape_table": "h100-sxm-8",
         "grad_accumulation_tbps": H200_GRAD_ACCUMULATION_TBPS,  # MEASURED
         "description": "HGX/DGX H200 SXM, 8 GPUs per node on NVSwitch, 1x400G NIC per GPU",
         "gpu_memory_gib": 135.0,  # ASSUMPTION: 140.4 GiB total [R51] minus headroom
@@ -166,6 +177,7 @@ PRESETS: dict[str, dict] = {
     },
     "b200-sxm-8": {
         **_H100,
+        "shape_table": BLACKWELL_SHAPE_TABLE,
         "description": "HGX/DGX B200, 8 GPUs per node on NVLink5 switches, 1x400G NIC per GPU",
         "gpu_memory_gib": 172.0,  # ASSUMPTION: 179.06 GiB total [R51] minus headroom
         "gpu_memory_total_gib": 179.06,  # [R51]
@@ -185,6 +197,7 @@ PRESETS: dict[str, dict] = {
     },
     "gb200-nvl72": {
         **_H100,
+        "shape_table": BLACKWELL_SHAPE_TABLE,
         "description": "GB200 NVL72 rack: 4 GPUs per compute tray, one 72-GPU NVLink5 domain",
         "gpus_per_node": 4,  # compute tray [R10][R2]
         "nvlink_domain": 72,  # [R7]
@@ -211,6 +224,7 @@ PRESETS: dict[str, dict] = {
     # beyond B300's BF16 matmul [R4] (MAMF 1,769 TFLOPS).
     "b300-sxm-8": {
         **_H100,
+        "shape_table": BLACKWELL_SHAPE_TABLE,
         "description": "HGX/DGX B300, 8 GPUs per node on NVLink5 switches, 1x800G NIC per GPU",
         "gpu_memory_gib": 262.0,  # ASSUMPTION: 270 GiB total [R58] minus headroom, as on B200
         "gpu_memory_total_gib": 270.0,  # [R58] (288 GB HBM3e on the datasheet [R57])
@@ -237,6 +251,7 @@ PRESETS: dict[str, dict] = {
     },
     "gb300-nvl72": {
         **_H100,
+        "shape_table": BLACKWELL_SHAPE_TABLE,
         "description": "GB300 NVL72 rack: 4 GPUs per compute tray, one 72-GPU NVLink5 domain, 1x800G NIC per GPU",
         "gpus_per_node": 4,  # compute tray: 2 Grace + 4 Blackwell Ultra [R57]
         "nvlink_domain": 72,  # [R57]
@@ -409,7 +424,9 @@ def _inline(spec: ClusterSpec, purpose: str, notes: list[str]) -> dict:
     needed = {"gpu_memory_gib": True, "bf16_tflops": True, "intra_node_busbw_gbps": domain > 1,
               "inter_node_busbw_gbps": spec.nodes * spec.gpus_per_node > domain}
     missing = [k for k, used in needed.items() if used and getattr(spec, k) is None]
-    base = dict(PRESETS[_GENERIC_FROM], kernel_table=None, grad_accumulation_tbps=None, nvlink_pair_gbps={},
+    # its GEMMs' shapes run as on the GPU the numbers come from (Cluster.shape_table)
+    base = dict(PRESETS[_GENERIC_FROM], kernel_table=None, shape_table=PRESETS[_GENERIC_FROM]["kernel_table"],
+                grad_accumulation_tbps=None, nvlink_pair_gbps={},
                 nvlink_pair_alpha_us=None, description="inline cluster")
     if missing and purpose == "plan":
         raise SpecError(
