@@ -9,7 +9,7 @@ import json
 import pytest
 
 from megacpp.planner.cost import step
-from megacpp.planner.cost.coefficients import DEFAULT_EFFICIENCY
+from megacpp.planner.cost.coefficients import BLACKWELL_MATMUL_RATE_SCALE, DEFAULT_EFFICIENCY
 from megacpp.planner.cost.flops import block_gemms
 from megacpp.planner.cost.kernel_rates import RATES_DIR, TABLES, kernel_rates
 from megacpp.planner.plan import make_context
@@ -84,4 +84,7 @@ def test_a_preset_without_a_table_prices_a_large_fp8_gemm_at_mamf():
     ctx = context("b200-sxm-8", "fp8")
     lay = Layout(tp=1, dp=8, num_microbatches=64)
     assert kernel_rates("b200-sxm-8") is None
-    assert step.matmul_seconds(ctx, lay, "D", DEFAULT_EFFICIENCY) == pytest.approx(mamf_price(ctx, lay, "D"))
+    # at the preset's fitted Blackwell matmul rate (cost.coefficients.BLACKWELL_MATMUL_RATE_SCALE)
+    assert ctx.cluster.matmul_rate_scale == BLACKWELL_MATMUL_RATE_SCALE
+    assert step.matmul_seconds(ctx, lay, "D", DEFAULT_EFFICIENCY) == pytest.approx(
+        mamf_price(ctx, lay, "D") / BLACKWELL_MATMUL_RATE_SCALE)

@@ -1,16 +1,18 @@
-"""Fit the DGX host class (cost.coefficients.DGX_HOST_LAUNCH_US) on the tuning half of the scale
-benchmark, and nothing else: the held-out rows are not read.
+"""Fit the scale benchmark's two coefficients on its tuning half, and nothing else (the held-out
+rows are not read): the DGX host class (cost.coefficients.DGX_HOST_LAUNCH_US) and the Blackwell
+presets' matmul rate scale (cost.coefficients.BLACKWELL_MATMUL_RATE_SCALE).
 
-    python -m benchmarks.scale.fit_host [--share 0.25] [--step 0.05]
+    python -m benchmarks.scale.fit_host [--share 0.25]
 
-The fit is the host class (us per op, on a grid of `step`) that gives the tuning half its least
-median |error| of tokens/s/GPU, the number the benchmark is judged by, and where that is flat the
-least |median bias|: every tuning row counts,
-since a faster or slower host moves every step that the host does not hide. For reading, each
-tuning row whose exposed host time (step_breakdown.block_overhead) is at least `share` of its
-planned step on the reference hosts (REFERENCE_HOST_LAUNCH_US) is listed with the host class that
-plans it exactly (bisection: the step grows with it), or why none does; their spread says how much
-the rows' other terms disagree.
+The fit is the pair that gives the tuning half its least median |error| of tokens/s/GPU, the
+number the benchmark is judged by, and where that is flat the least |median bias|: every tuning
+row counts, since a faster or slower host moves every step the host does not hide, and the scale
+every B200 row. It is found one coefficient at a time until neither moves: the host class on a
+grid of 0.05 us (coarse 0.5 us first), then the scale on a grid of 0.01 (coarse 0.05 first), each
+with the other held. For reading, each tuning row whose exposed host time
+(step_breakdown.block_overhead) is at least `share` of its planned step on the reference hosts
+(REFERENCE_HOST_LAUNCH_US) is listed with the host class that plans it exactly (bisection: the step
+grows with it), or why none does; their spread says how much the rows' other terms disagree.
 """
 
 from __future__ import annotations
@@ -19,20 +21,31 @@ import argparse
 import copy
 import statistics
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from benchmarks.scale.run import plan_pinned
 from benchmarks.scale.truth import convert, load_runs, select_newest
-from megacpp.planner.cost.coefficients import REFERENCE_HOST_LAUNCH_US
+from megacpp.planner.cost.coefficients import (
+    BLACKWELL_MATMUL_RATE_SCALE,
+    DGX_HOST_LAUNCH_US,
+    REFERENCE_HOST_LAUNCH_US,
+)
 from megacpp.planner.cost.step import HOST_TERM
+from megacpp.planner.spec.clusters import BLACKWELL_PRESETS
 
 BOUNDS = (0.5, 30.0)  # us per op: well outside every host probe reading (5.2-15.2 us)
+SCALE_BOUNDS = (0.5, 1.5)  # the profile's bounds of matmul_rate_scale (clusters.PROFILE_FIELDS)
+
+Row = tuple[dict[str, Any], dict[str, Any], float]
 
 
-def error_at(spec: dict[str, Any], measured: float, launch_us: float) -> float:
+def error_at(spec: dict[str, Any], measured: float, launch_us: float, scale: float = BLACKWELL_MATMUL_RATE_SCALE) -> float:
+    """The row's error with the host class `launch_us` and, on a Blackwell preset, the matmul rate `scale`."""
     at = copy.deepcopy(spec)
     at["cluster"]["host_launch_us"] = launch_us
-    return float(plan_pinned(at, measured)["error"])
+    blackwell = spec["cluster"].get("preset") in BLACKWELL_PRESETS
+    return float(plan_pinned(at, measured, {"matmul_rate_scale": scale} if blackwell else None)["error"])
 
 
 def implied_host_class(spec: dict[str, Any], measured: float, steps: int = 40) -> float | None:
@@ -46,7 +59,7 @@ def implied_host_class(spec: dict[str, Any], measured: float, steps: int = 40) -
     return round((lo + hi) / 2, 3)
 
 
-def tuning_rows() -> list[tuple[dict[str, Any], dict[str, Any], float]]:
+def tuning_rows() -> list[Row]:
     """(published row, spec, measured tokens/s/GPU) of every mapped tuning row."""
     out = []
     for sel in select_newest(load_runs()):
@@ -56,16 +69,38 @@ def tuning_rows() -> list[tuple[dict[str, Any], dict[str, Any], float]]:
     return out
 
 
-def score(rows: list[tuple[dict[str, Any], dict[str, Any], float]], launch_us: float) -> tuple[float, float]:
-    """(median |error| to 0.1%, |median bias|): the second decides where the median is flat."""
-    errors = [error_at(spec, measured, launch_us) for _, spec, measured in rows]
-    return round(statistics.median(abs(e) for e in errors), 3), abs(statistics.median(errors))
+class Scores:
+    """(median |error| to 0.1%, |median bias|) of the tuning rows at a (host class, scale) pair:
+    the second decides where the median is flat. Each row's error is kept per pair it depends on
+    (an H100 row's does not follow the scale)."""
+
+    def __init__(self, rows: list[Row]) -> None:
+        self.rows, self.errors = rows, {}  # type: ignore[var-annotated]
+
+    def __call__(self, launch_us: float, scale: float) -> tuple[float, float]:
+        errors = []
+        for i, (_, spec, measured) in enumerate(self.rows):
+            key = (i, launch_us, scale if spec["cluster"].get("preset") in BLACKWELL_PRESETS else None)
+            if key not in self.errors:
+                self.errors[key] = error_at(spec, measured, launch_us, scale)
+            errors.append(self.errors[key])
+        return round(statistics.median(abs(e) for e in errors), 3), abs(statistics.median(errors))
+
+
+def best_on_grid(score: Callable[[float], tuple[float, float]], bounds: tuple[float, float], step: float, near: float | None) -> float:
+    """The least-scoring point of a grid of `step` within `bounds`: a coarse pass at 10 steps finds
+    the basin (or `near`, the value now, starts there), a fine pass within 10 steps of it."""
+    lo, hi = bounds
+    grid = [round(lo + i * step, 6) for i in range(int(round((hi - lo) / step)) + 1)]
+    centre = near if near is not None else min(grid[::10], key=score)
+    fine = [x for x in grid if abs(x - centre) <= 10 * step + 1e-9]
+    return min(fine, key=lambda x: (score(x), x))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.scale.fit_host", description=__doc__.split("\n\n")[0])
     parser.add_argument("--share", type=float, default=0.25, help="least exposed host share of the step for a row to be listed")
-    parser.add_argument("--step", type=float, default=0.05, help="grid step of the fit, us per op")
+    parser.add_argument("--rounds", type=int, default=4, help="most rounds of one coefficient at a time")
     args = parser.parse_args(argv)
     rows = tuning_rows()
     for row, spec, measured in rows:
@@ -81,16 +116,19 @@ def main(argv: list[str] | None = None) -> int:
         label = f"row {row['row_id']:>3} {row['model_key']:<18} {row['system']} x{row['num_gpus']:<5}"
         print(f"{label} exposed host {share:.0%} of the step on the reference hosts: "
               + (f"planned exactly at {value} us" if value else "no host class plans it (other terms decide its error)"))
-    lo, hi = BOUNDS
-    grid = [round(lo + i * args.step, 6) for i in range(int((hi - lo) / args.step) + 1)]
-    # the median |error| is flat away from the rows the host moves; the coarse pass finds the basin
-    coarse = min(grid[::10], key=lambda us: score(rows, us))
-    near = [us for us in grid if abs(us - coarse) <= 10 * args.step]
-    scored = {us: score(rows, us) for us in near}
-    best = min(scored, key=lambda us: (scored[us], us))
-    print(f"DGX_HOST_LAUNCH_US = {best:.2f} (tuning median |error| {scored[best][0]:.1%}, |median bias| "
-          f"{scored[best][1]:.1%} over {len(rows)} rows; median |error| {scored[near[0]][0]:.1%} at {near[0]:.2f}, "
-          f"{scored[near[-1]][0]:.1%} at {near[-1]:.2f})")
+    score = Scores(rows)
+    host, scale, first = DGX_HOST_LAUNCH_US, BLACKWELL_MATMUL_RATE_SCALE, True
+    for _ in range(args.rounds):
+        was = (host, scale)
+        host = best_on_grid(lambda us, x=scale: score(us, x), BOUNDS, 0.05, None if first else host)
+        scale = best_on_grid(lambda x, us=host: score(us, x), SCALE_BOUNDS, 0.01, None if first else scale)
+        first = False
+        median, bias = score(host, scale)
+        print(f"host class {host:.2f} us, Blackwell matmul rate scale {scale:.2f}: tuning median |error| {median:.1%}, "
+              f"|median bias| {bias:.1%} over {len(rows)} rows")
+        if (host, scale) == was:
+            break
+    print(f"DGX_HOST_LAUNCH_US = {host:.2f}, BLACKWELL_MATMUL_RATE_SCALE = {scale:.2f}")
     return 0
 
 

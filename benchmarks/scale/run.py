@@ -20,6 +20,7 @@ from benchmarks.scale.report import render_markdown, summarise
 from benchmarks.scale.truth import HERE, Conversion, Selected, convert, load_runs, select_newest
 from megacpp.planner import MegacppError, build_plan, spec_from_dict
 from megacpp.planner.cost.step import deciding_term, host_bound
+from megacpp.planner.spec.clusters import resolve_cluster
 
 RESULTS = HERE / "results"
 # A run is searched with its layout unpinned from this many GPUs up: below it the published
@@ -43,11 +44,14 @@ def _published(row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def plan_pinned(spec: dict[str, Any], measured: float) -> dict[str, Any]:
-    """The pinned layout's estimate, or the rule and message that reject it."""
+def plan_pinned(spec: dict[str, Any], measured: float, cluster_fields: dict[str, float] | None = None) -> dict[str, Any]:
+    """The pinned layout's estimate, or the rule and message that reject it; `cluster_fields`
+    replace those of the spec's resolved cluster (a fit trying coefficients a spec cannot state)."""
     start = time.perf_counter()
     try:
-        plan = build_plan(spec_from_dict(spec, source=spec["name"]), top=1).to_json_dict()
+        parsed = spec_from_dict(spec, source=spec["name"])
+        cluster = resolve_cluster(parsed.cluster).model_copy(update=cluster_fields) if cluster_fields else None
+        plan = build_plan(parsed, top=1, cluster=cluster).to_json_dict()
     except MegacppError as exc:
         return {"outcome": "error", "rule": type(exc).__name__, "message": str(exc),
                 "plan_seconds": round(time.perf_counter() - start, 3)}

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict
 
 from megacpp.planner.cost.coefficients import (
+    BLACKWELL_MATMUL_RATE_SCALE,
     DGX_HOST_LAUNCH_US,
     H100_GRAD_ACCUMULATION_TBPS,
     H200_GRAD_ACCUMULATION_TBPS,
@@ -85,7 +86,8 @@ class Cluster(BaseModel):
     # on hosts of REFERENCE_HOST_LAUNCH_US and scales with it (cost.host.host_scale)
     host_launch_us: float = REFERENCE_HOST_LAUNCH_US
     # this system's sustained matmul rate over what the preset prices (its kernel-rate table's
-    # times, or MAMF x Efficiency.matmul): 1 on every preset; a cluster profile fitted to a table
+    # times, or MAMF x Efficiency.matmul): 1 on the measured presets, BLACKWELL_MATMUL_RATE_SCALE on
+    # the Blackwell ones; a cluster profile fitted to a table
     # of the system's own measured runs sets it (`megacpp calibrate`, planner/calibrate/cluster_fit.py)
     matmul_rate_scale: float = 1.0
     unified_memory: bool = False
@@ -152,6 +154,7 @@ _H100 = dict(
 # of MAMF the H100 measured at each shape (the same cuBLAS and TE grouped kernels; Blackwell's larger
 # tiles fill its SMs at no smaller shapes, so this errs fast, not slow)
 BLACKWELL_SHAPE_TABLE = "h100-sxm-8"
+BLACKWELL_PRESETS = ("b200-sxm-8", "gb200-nvl72", "b300-sxm-8", "gb300-nvl72")
 
 PRESETS: dict[str, dict] = {
     "h100-sxm-8": {**_H100, "grad_accumulation_tbps": H100_GRAD_ACCUMULATION_TBPS, "kernel_table": "h100-sxm-8"},  # MEASURED
@@ -178,6 +181,7 @@ PRESETS: dict[str, dict] = {
     "b200-sxm-8": {
         **_H100,
         "shape_table": BLACKWELL_SHAPE_TABLE,
+        "matmul_rate_scale": BLACKWELL_MATMUL_RATE_SCALE,  # FITTED on the B200 rows (cost.coefficients)
         "description": "HGX/DGX B200, 8 GPUs per node on NVLink5 switches, 1x400G NIC per GPU",
         "gpu_memory_gib": 172.0,  # ASSUMPTION: 179.06 GiB total [R51] minus headroom
         "gpu_memory_total_gib": 179.06,  # [R51]
@@ -198,6 +202,7 @@ PRESETS: dict[str, dict] = {
     "gb200-nvl72": {
         **_H100,
         "shape_table": BLACKWELL_SHAPE_TABLE,
+        "matmul_rate_scale": BLACKWELL_MATMUL_RATE_SCALE,  # FITTED on the B200 rows (cost.coefficients)
         "description": "GB200 NVL72 rack: 4 GPUs per compute tray, one 72-GPU NVLink5 domain",
         "gpus_per_node": 4,  # compute tray [R10][R2]
         "nvlink_domain": 72,  # [R7]
@@ -225,6 +230,7 @@ PRESETS: dict[str, dict] = {
     "b300-sxm-8": {
         **_H100,
         "shape_table": BLACKWELL_SHAPE_TABLE,
+        "matmul_rate_scale": BLACKWELL_MATMUL_RATE_SCALE,  # FITTED on the B200 rows (cost.coefficients)
         "description": "HGX/DGX B300, 8 GPUs per node on NVLink5 switches, 1x800G NIC per GPU",
         "gpu_memory_gib": 262.0,  # ASSUMPTION: 270 GiB total [R58] minus headroom, as on B200
         "gpu_memory_total_gib": 270.0,  # [R58] (288 GB HBM3e on the datasheet [R57])
@@ -252,6 +258,7 @@ PRESETS: dict[str, dict] = {
     "gb300-nvl72": {
         **_H100,
         "shape_table": BLACKWELL_SHAPE_TABLE,
+        "matmul_rate_scale": BLACKWELL_MATMUL_RATE_SCALE,  # FITTED on the B200 rows (cost.coefficients)
         "description": "GB300 NVL72 rack: 4 GPUs per compute tray, one 72-GPU NVLink5 domain, 1x800G NIC per GPU",
         "gpus_per_node": 4,  # compute tray: 2 Grace + 4 Blackwell Ultra [R57]
         "nvlink_domain": 72,  # [R57]
