@@ -120,6 +120,16 @@ def test_a_preset_without_a_shape_table_prices_every_gemm_at_mamf():
 
 
 @pytest.mark.parametrize("preset", sorted(TABLES))
+def test_attention_beyond_its_measured_head_dims_grows_with_the_head_dim(preset):
+    """MLA's keys are 192 wide and its values 128 (priced at their mean, 160): the attention is
+    the nearest measured head dim's (128) time in proportion, not the same time."""
+    rates = kernel_rates(preset)
+    assert rates.fused_attention_seconds(32, 4096, 160) == pytest.approx(1.25 * rates.fused_attention_seconds(32, 4096, 128))
+    assert rates.attention_seconds(32, 4096, 160) == pytest.approx(1.25 * rates.attention_seconds(32, 4096, 128))
+    assert rates.fused_attention_seconds(32, 4096, 64) < rates.fused_attention_seconds(32, 4096, 128)
+
+
+@pytest.mark.parametrize("preset", sorted(TABLES))
 def test_softmax_bytes_at_the_fallback_bandwidth_match_the_measured_softmax(preset):
     """Presets without a table price the unfused softmax by its torch ops' HBM traffic at
     Efficiency.hbm; on the measured GPUs that agrees with the timed chain at >= 1 G scores."""

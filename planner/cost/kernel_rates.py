@@ -108,7 +108,9 @@ class KernelRates:
         return self.fp8_linear[fp8]
 
     def attention_seconds(self, batch_heads: int, tokens: int, head_dim: int) -> float:
-        return _nearest(self.attention, head_dim).seconds((batch_heads, tokens))
+        """The unfused attention matmuls' forward and backward, from the nearest measured head dim
+        and in proportion to the head dim beyond it (their work is linear in it)."""
+        return _per_head_dim_seconds(self.attention, head_dim, (batch_heads, tokens))
 
     def softmax_seconds(self, batch_heads: int, tokens: int, forwards: int = 1) -> float:
         """The unfused softmax's forward and backward, plus the forwards that recompute repeats."""
@@ -133,7 +135,7 @@ class KernelRates:
         time (checked against the profiled attention kernels of gpu_runs_h200x2_te.json)."""
         if not self.fused_attention:
             return None
-        return _nearest(self.fused_attention, head_dim).seconds((batch_heads, tokens)) / cp
+        return _per_head_dim_seconds(self.fused_attention, head_dim, (batch_heads, tokens)) / cp
 
     def recurrence_seconds(self, batch_heads: int, tokens: int, head_dim: int) -> float:
         return _nearest(self.recurrence, head_dim).seconds((batch_heads, tokens))
@@ -144,6 +146,14 @@ class KernelRates:
         if not self.ssd:
             return None
         return _nearest(self.ssd, state).seconds((heads * head_dim / 64, tokens))
+
+
+def _per_head_dim_seconds(grids: dict[int, Grid], head_dim: int, point: tuple[float, ...]) -> float:
+    """Attention seconds at `point` from the grid of the nearest measured head dim, scaled by the
+    head dim over it: QK^T and PV do work linear in it (MLA's mean of 192-wide keys and 128-wide
+    values is 160, beyond the measured 128)."""
+    measured = min(grids, key=lambda d: abs(math.log(d / head_dim)))
+    return grids[measured].seconds(point) * head_dim / measured
 
 
 def _nearest(grids: dict[int, Grid], size: int) -> Grid:
