@@ -10,7 +10,7 @@ import pytest
 
 from megacpp.planner.cost import step
 from megacpp.planner.cost.coefficients import BLACKWELL_MATMUL_RATE_SCALE, DEFAULT_EFFICIENCY
-from megacpp.planner.cost.flops import block_gemms
+from megacpp.planner.cost.flops import Gemms, block_gemms
 from megacpp.planner.cost.kernel_rates import RATES_DIR, TABLES, kernel_rates
 from megacpp.planner.plan import make_context
 from megacpp.planner.search.layout import Layout
@@ -65,9 +65,9 @@ def test_fp8_rows_reproduce_their_measurements(preset):
         assert {"command", "device", "torch", "cuda", "transformer_engine"} <= set(doc["fp8_source"])
 
 
-def test_a_table_without_fp8_rows_keeps_the_mamf_price_for_fp8(monkeypatch):
-    """A preset whose table has no fp8 rows prices fp8 matmuls as before: FLOPs at the fp8 MAMF;
-    bf16 still comes from the table."""
+def test_a_table_without_fp8_rows_prices_fp8_linears_at_the_mamf_and_core_attention_from_its_bf16_rows(monkeypatch):
+    """A preset whose table has no fp8 rows prices the fp8 Linears at the fp8 MAMF; core attention,
+    which TE's fp8 recipes leave in bf16, still comes from the table's bf16 fused-attention rows."""
     rates = kernel_rates("h100-sxm-8")
     bare = dataclasses.replace(rates, fp8_linear={}, fp8_grouped_linear={})
     assert not bare.has_fp8("tensorwise")
@@ -76,8 +76,15 @@ def test_a_table_without_fp8_rows_keeps_the_mamf_price_for_fp8(monkeypatch):
     monkeypatch.setattr(step, "kernel_rates", lambda name: bare)
     lay = Layout(tp=1, dp=8, num_microbatches=64)
     ctx = context("h100-sxm-8", "fp8")
-    for letter in ("A", "D"):
-        assert step.matmul_seconds(ctx, lay, letter, DEFAULT_EFFICIENCY) == pytest.approx(mamf_price(ctx, lay, letter))
+    assert step.matmul_seconds(ctx, lay, "D", DEFAULT_EFFICIENCY) == pytest.approx(mamf_price(ctx, lay, "D"))
+    attention = block_gemms(ctx, "A", lay)
+    core = bare.fused_attention_seconds(*attention.fused_attention) * attention.attention_share
+    core *= 4 / 3 if ctx.spec.training.recompute != "none" else 1.0  # selective recompute repeats it
+    linears = Gemms(linears=attention.linears)
+    rate = ctx.cluster.mamf_fp8_tflops * 1e12 * DEFAULT_EFFICIENCY.matmul
+    expected = 3 * linears.flops * step.gpu_repeats(ctx.spec.training.recompute) / rate + core
+    assert step.matmul_seconds(ctx, lay, "A", DEFAULT_EFFICIENCY) == pytest.approx(expected)
+    assert core > 3 * attention.other_flops / rate  # at the fp8 MAMF it would have been faster
 
 
 def test_a_preset_without_a_table_prices_a_large_fp8_gemm_at_mamf():

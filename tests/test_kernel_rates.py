@@ -16,7 +16,7 @@ from megacpp.planner.cost.step import (
     UNFUSED_SOFTMAX_BYTES_BACKWARD,
     UNFUSED_SOFTMAX_BYTES_FORWARD,
     matmul_seconds,
-    untabled_matmul_seconds,
+    untabled_linear_seconds,
 )
 from megacpp.planner.plan import make_context, with_backend
 from megacpp.planner.search.layout import Layout
@@ -97,14 +97,14 @@ def test_gemms_without_table_rows_run_at_the_h100s_share_of_mamf_at_their_shape(
     h100 = PRESETS["h100-sxm-8"]["mamf_fp8_tflops" if precision else "mamf_bf16_tflops"]
     rate = mamf * 1e12 * eff.matmul
     dense = block_gemms(ctx, "D", lay)
-    assert untabled_matmul_seconds(ctx, dense, eff, rate, recipe) == pytest.approx(3 * dense.flops / rate, rel=1e-9)
+    assert untabled_linear_seconds(ctx, dense, eff, rate, recipe) == pytest.approx(3 * dense.flops / rate, rel=1e-9)
     experts = block_gemms(ctx, "E", lay)
     (m, k, n, g), *_ = experts.grouped
     assert m == pytest.approx(128)
     alone = Gemms(grouped=experts.grouped[:1])
     measured = kernel_rates("h100-sxm-8").grouped_linear_seconds(g, m, k, n, fp8)
     assert 6 * m * k * n * g / measured / (h100 * 1e12) < eff.matmul
-    priced = untabled_matmul_seconds(ctx, alone, eff, rate, recipe)
+    priced = untabled_linear_seconds(ctx, alone, eff, rate, recipe)
     assert priced == pytest.approx(measured * h100 / mamf, rel=1e-9)
     assert priced > 1.5 * 3 * alone.flops / rate
     # and the block's matmul time is priced so
@@ -116,7 +116,7 @@ def test_a_preset_without_a_shape_table_prices_every_gemm_at_mamf():
     assert ctx.cluster.shape_table is None
     rate = ctx.cluster.mamf_bf16_tflops * 1e12 * DEFAULT_EFFICIENCY.matmul
     experts = block_gemms(ctx, "E", lay)
-    assert untabled_matmul_seconds(ctx, experts, DEFAULT_EFFICIENCY, rate, None) == pytest.approx(3 * experts.flops / rate, rel=1e-12)
+    assert untabled_linear_seconds(ctx, experts, DEFAULT_EFFICIENCY, rate, None) == pytest.approx(3 * experts.flops / rate, rel=1e-12)
 
 
 @pytest.mark.parametrize("preset", sorted(TABLES))

@@ -9,7 +9,7 @@ import pytest
 
 from megacpp.planner.cost.coefficients import DEFAULT_EFFICIENCY
 from megacpp.planner.cost.memory import stage_memory
-from megacpp.planner.cost.step import precision_matmul_seconds
+from megacpp.planner.cost.step import matmul_seconds
 from megacpp.planner.errors import SpecError
 from megacpp.planner.megatron.args import environment
 from megacpp.planner.megatron.render import RenderOptions, render_launch
@@ -193,7 +193,7 @@ def test_nvfp4_prices_matmuls_at_the_fp4_rate_on_blackwell():
     fp4 = make_context(make_spec(LLAMA_8B, **base, **{"training.precision": "fp4"}))
     bf16 = make_context(make_spec(LLAMA_8B, **base))
     lay = Layout(dp=8, num_microbatches=16)
-    seconds = {name: precision_matmul_seconds(ctx, lay, "D", DEFAULT_EFFICIENCY)
+    seconds = {name: matmul_seconds(ctx, lay, "D", DEFAULT_EFFICIENCY)
                for name, ctx in (("bf16", bf16), ("fp8", fp8), ("fp4", fp4))}
     c = fp4.cluster
     assert seconds["fp4"] == pytest.approx(seconds["bf16"] * c.mamf_bf16_tflops / c.mamf_fp4_tflops)

@@ -7,9 +7,8 @@ presets' matmul rate scale (cost.coefficients.BLACKWELL_MATMUL_RATE_SCALE).
 The fit is the pair that gives the tuning half its least median |error| of tokens/s/GPU, the
 number the benchmark is judged by, and where that is flat the least |median bias|: every tuning
 row counts, since a faster or slower host moves every step the host does not hide, and the scale
-every B200 row. It is found one coefficient at a time until neither moves: the host class on a
-grid of 0.05 us (coarse 0.5 us first), then the scale on a grid of 0.01 (coarse 0.05 first), each
-with the other held. For reading, each tuning row whose exposed host time
+every B200 row. The median has more than one basin, so the pair is searched on a grid of both: 2
+to 6 us by 0.5 and 0.85 to 1.15 by 0.05, then 0.05 us and 0.01 around the best. For reading, each tuning row whose exposed host time
 (step_breakdown.block_overhead) is at least `share` of its planned step on the reference hosts
 (REFERENCE_HOST_LAUNCH_US) is listed with the host class that plans it exactly (bisection: the step
 grows with it), or why none does; their spread says how much the rows' other terms disagree.
@@ -28,7 +27,6 @@ from benchmarks.scale.run import plan_pinned
 from benchmarks.scale.truth import convert, load_runs, select_newest
 from megacpp.planner.cost.coefficients import (
     BLACKWELL_MATMUL_RATE_SCALE,
-    DGX_HOST_LAUNCH_US,
     REFERENCE_HOST_LAUNCH_US,
 )
 from megacpp.planner.cost.step import HOST_TERM
@@ -87,20 +85,19 @@ class Scores:
         return round(statistics.median(abs(e) for e in errors), 3), abs(statistics.median(errors))
 
 
-def best_on_grid(score: Callable[[float], tuple[float, float]], bounds: tuple[float, float], step: float, near: float | None) -> float:
-    """The least-scoring point of a grid of `step` within `bounds`: a coarse pass at 10 steps finds
-    the basin (or `near`, the value now, starts there), a fine pass within 10 steps of it."""
-    lo, hi = bounds
-    grid = [round(lo + i * step, 6) for i in range(int(round((hi - lo) / step)) + 1)]
-    centre = near if near is not None else min(grid[::10], key=score)
-    fine = [x for x in grid if abs(x - centre) <= 10 * step + 1e-9]
-    return min(fine, key=lambda x: (score(x), x))
+def best_on_grid(score: Callable[[float, float], tuple[float, float]], host: tuple[float, float, float],
+                 scale: tuple[float, float, float]) -> tuple[float, float]:
+    """The least-scoring (host class, scale) of a grid, each axis given as (low, high, step)."""
+    def axis(lo: float, hi: float, step: float) -> list[float]:
+        return [round(lo + i * step, 6) for i in range(int(round((hi - lo) / step)) + 1)]
+
+    points = [(us, x) for us in axis(*host) for x in axis(*scale)]
+    return min(points, key=lambda p: (score(*p), p))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.scale.fit_host", description=__doc__.split("\n\n")[0])
     parser.add_argument("--share", type=float, default=0.25, help="least exposed host share of the step for a row to be listed")
-    parser.add_argument("--rounds", type=int, default=4, help="most rounds of one coefficient at a time")
     args = parser.parse_args(argv)
     rows = tuning_rows()
     for row, spec, measured in rows:
@@ -117,18 +114,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{label} exposed host {share:.0%} of the step on the reference hosts: "
               + (f"planned exactly at {value} us" if value else "no host class plans it (other terms decide its error)"))
     score = Scores(rows)
-    host, scale, first = DGX_HOST_LAUNCH_US, BLACKWELL_MATMUL_RATE_SCALE, True
-    for _ in range(args.rounds):
-        was = (host, scale)
-        host = best_on_grid(lambda us, x=scale: score(us, x), BOUNDS, 0.05, None if first else host)
-        scale = best_on_grid(lambda x, us=host: score(us, x), SCALE_BOUNDS, 0.01, None if first else scale)
-        first = False
-        median, bias = score(host, scale)
-        print(f"host class {host:.2f} us, Blackwell matmul rate scale {scale:.2f}: tuning median |error| {median:.1%}, "
-              f"|median bias| {bias:.1%} over {len(rows)} rows")
-        if (host, scale) == was:
-            break
-    print(f"DGX_HOST_LAUNCH_US = {host:.2f}, BLACKWELL_MATMUL_RATE_SCALE = {scale:.2f}")
+    # the median |error| has more than one basin: a coarse grid of both finds it, a fine one settles it
+    host, scale = best_on_grid(score, (2.0, 6.0, 0.5), (0.85, 1.15, 0.05))
+    host, scale = best_on_grid(score, (max(host - 0.25, BOUNDS[0]), host + 0.25, 0.05), (scale - 0.03, scale + 0.03, 0.01))
+    median, bias = score(host, scale)
+    print(f"DGX_HOST_LAUNCH_US = {host:.2f}, BLACKWELL_MATMUL_RATE_SCALE = {scale:.2f} (tuning median |error| {median:.1%}, "
+          f"|median bias| {bias:.1%} over {len(rows)} rows)")
     return 0
 
 

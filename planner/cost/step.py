@@ -107,19 +107,24 @@ def matmul_seconds(ctx: Context, lay: Layout, letter: str, eff: Efficiency, load
     """GPU seconds of one block's matmuls ("head": the output layer) per micro-batch on one rank,
     forward and backward plus what recompute repeats: from the preset's measured kernel-rate table
     (planner/cost/kernel_rates.py), under fp8 its Linear and GroupedLinear rows of the spec's fp8
-    recipe (core attention stays bf16 under TE's fp8 recipes), else FLOPs at MAMF x
-    Efficiency.matmul; either over the system's Cluster.matmul_rate_scale (1 unless a cluster
-    profile fitted it). `recompute` prices the block under that mode instead of the spec's."""
+    recipe, else FLOPs at the precision's MAMF x Efficiency.matmul shaped by the shape table
+    (untabled_linear_seconds); the core work in bf16 under every precision (core_seconds); all
+    over the system's Cluster.matmul_rate_scale. `recompute` prices the block under that mode
+    instead of the spec's."""
     return _priced_matmul_seconds(ctx, lay, letter, eff, load, recompute) / ctx.cluster.matmul_rate_scale
 
 
 def _priced_matmul_seconds(ctx: Context, lay: Layout, letter: str, eff: Efficiency, load: float,
                            recompute: str | None = None) -> float:
-    """matmul_seconds at the preset's rates."""
+    """matmul_seconds at the preset's rates: the Linears at the training precision's, the core work
+    (attention, the SSD scan, the R recurrence) in bf16 under every precision (TE's FP8 and NVFP4
+    recipes leave core attention in bf16: fp8_dpa off)."""
     c = ctx.cluster
-    fp8 = ctx.spec.training.precision == "fp8"
-    recipe = ctx.spec.training.fp8_recipe if fp8 else None
-    rate = (c.mamf_fp8_tflops if fp8 else c.mamf_bf16_tflops) * 1e12 * eff.matmul
+    precision = ctx.spec.training.precision
+    fp4 = precision == "fp4" and bool(c.mamf_fp4_tflops)
+    recipe = ctx.spec.training.fp8_recipe if precision == "fp8" else None
+    mamf = c.mamf_fp4_tflops if fp4 else c.mamf_fp8_tflops if recipe else c.mamf_bf16_tflops
+    rate = mamf * 1e12 * eff.matmul  # type: ignore[operator]
     recompute = recompute or ctx.spec.training.recompute
     again = gpu_repeats(recompute)
     if letter == "head":
@@ -131,27 +136,57 @@ def _priced_matmul_seconds(ctx: Context, lay: Layout, letter: str, eff: Efficien
         gemms = block_gemms(ctx, letter, lay, load)
     up = recomputed_up_projections(ctx, lay) if letter == "A" and recompute != "none" else None  # a forward again (mla_up_proj)
     rates = kernel_rates(c.kernel_table)
-    if rates is None or (recipe is not None and not rates.has_fp8(recipe)):
-        return untabled_matmul_seconds(ctx, gemms, eff, rate, recipe) * again + (up.flops / rate if up else 0.0)
+    core = core_seconds(ctx, gemms, eff, recompute, again)
+    if rates is None or fp4 or (recipe is not None and not rates.has_fp8(recipe)):
+        return untabled_linear_seconds(ctx, gemms, eff, rate, recipe) * again + (up.flops / rate if up else 0.0) + core
     linears = sum(n * rates.linear_seconds(m, k, nn, recipe) for m, k, nn, n in gemms.linears)
     linears += sum(n * rates.linear_seconds(m, k, nn, recipe) for m, k, nn, n in up.linears) / 3 if up else 0.0
     linears += sum(rates.grouped_linear_seconds(g, m, k, n, recipe) for m, k, n, g in gemms.grouped)
-    attention = rates.attention_seconds(*gemms.attention) if gemms.attention else 0.0
-    fused = rates.fused_attention_seconds(*gemms.fused_attention) if gemms.fused_attention else None
-    if fused is not None:  # a sliding window shortens the measured full causal kernel's work
-        fused *= gemms.attention_share
-    attention_again = 4 / 3 if recompute != "none" else 1.0  # selective recompute repeats core attention
-    priced = 0.0  # FLOPs at MAMF, which already follows a stated compute peak
-    if gemms.recurrence:
-        other = rates.recurrence_seconds(*gemms.recurrence)
-    elif gemms.ssd and (scan := rates.ssd_seconds(*gemms.ssd)) is not None:
-        other = scan
-    elif fused is not None:  # TE's fused core attention, timed instead of priced by its FLOPs
-        other, attention = 0.0, fused
-    else:  # a table without SSD or fused-attention rows
-        other, priced = 0.0, 3 * gemms.other_flops / rate
     # a stated compute peak (cluster.bf16_tflops) scales the measured GPU's kernel times
-    return ((linears + other) * again + attention * attention_again) / c.compute_scale + priced * again
+    return linears * again / c.compute_scale + core
+
+
+def core_seconds(ctx: Context, gemms: Gemms, eff: Efficiency, recompute: str, again: float) -> float:
+    """Forward and backward seconds of one block's work outside its Linears, in bf16, with what
+    recompute repeats (`again`; core attention is repeated under selective recompute too): from the
+    preset's kernel-rate table where it has the kernel (the R scan, the SSD scan, fused or unfused
+    attention), else its FLOPs at the bf16 MAMF x Efficiency.matmul, TE's fused attention at no
+    more than the share of MAMF it runs at on the shape table (Cluster.shape_table)."""
+    c = ctx.cluster
+    rates = kernel_rates(c.kernel_table)
+    attention_again = 4 / 3 if recompute != "none" else 1.0  # selective recompute repeats core attention
+    if rates is not None:
+        if gemms.recurrence:
+            return rates.recurrence_seconds(*gemms.recurrence) * again / c.compute_scale
+        if gemms.ssd and (scan := rates.ssd_seconds(*gemms.ssd)) is not None:
+            return scan * again / c.compute_scale
+        if gemms.attention:
+            return rates.attention_seconds(*gemms.attention) * attention_again / c.compute_scale
+        if gemms.fused_attention and (fused := rates.fused_attention_seconds(*gemms.fused_attention)) is not None:
+            # a sliding window shortens the measured full causal kernel's work
+            return fused * gemms.attention_share * attention_again / c.compute_scale
+    bf16 = c.mamf_bf16_tflops * 1e12
+    if gemms.fused_attention:
+        return fused_attention_seconds(ctx, gemms, eff) * attention_again
+    if gemms.attention:
+        unfused = gemms.flops - 2.0 * sum(m * k * n * count for m, k, n, count in gemms.linears + gemms.grouped)
+        return 3 * unfused / (bf16 * eff.matmul) * attention_again
+    return 3 * gemms.other_flops / (bf16 * eff.matmul) * again
+
+
+def fused_attention_seconds(ctx: Context, gemms: Gemms, eff: Efficiency) -> float:
+    """TE's fused core attention of one A block forward and backward on a preset without a
+    fused-attention table: its FLOPs (gemms.other_flops) at the bf16 MAMF x the lower of
+    Efficiency.matmul and the share of MAMF the shape table's GPU measured at its shape (its rows
+    hold a window's share of the full causal kernel as the tabled price does)."""
+    c = ctx.cluster
+    rate = c.mamf_bf16_tflops * 1e12 * eff.matmul
+    table = kernel_rates(c.shape_table)
+    measured = table.fused_attention_seconds(*gemms.fused_attention) if table and gemms.fused_attention else None
+    if not measured or not gemms.other_flops:
+        return 3 * gemms.other_flops / rate
+    share = 3 * gemms.other_flops / (measured * gemms.attention_share) / (PRESETS[c.shape_table]["mamf_bf16_tflops"] * 1e12)
+    return 3 * gemms.other_flops / rate * max(eff.matmul / share, 1.0)
 
 
 # an FP8 recipe the shape table has no rows of, read from the rows of one that casts alike: MXFP8
@@ -159,17 +194,19 @@ def _priced_matmul_seconds(ctx: Context, lay: Layout, letter: str, eff: Efficien
 SHAPE_RECIPES = {"mxfp8": "tensorwise"}
 
 
-def untabled_matmul_seconds(ctx: Context, gemms: Gemms, eff: Efficiency, rate: float, recipe: str | None) -> float:
-    """Forward and backward seconds of one block's GEMMs on a preset whose kernel-rate table cannot
-    price them (none, or no FP8 rows of the recipe):
-    3 x their FLOPs at `rate` (MAMF x Efficiency.matmul), each Linear and GroupedLinear at no more
-    than the share of MAMF its shape runs at on the preset's shape table (Cluster.shape_table): a
-    grouped GEMM of 128 tokens per expert runs at a fifth to a quarter of MAMF on an H100, not 0.7."""
+def untabled_linear_seconds(ctx: Context, gemms: Gemms, eff: Efficiency, rate: float, recipe: str | None) -> float:
+    """Forward and backward seconds of one block's Linears and GroupedLinears on a preset whose
+    kernel-rate table cannot price them (none, no FP8 rows of the recipe, or NVFP4): 3 x their
+    FLOPs at `rate` (the precision's MAMF x Efficiency.matmul), each at no more than the share of
+    MAMF its shape runs at on the preset's shape table (Cluster.shape_table; NVFP4 reads its bf16
+    rows): a grouped GEMM of 128 tokens per expert runs at a fifth to a quarter of MAMF on an H100,
+    not 0.7."""
+    flops = 2.0 * sum(m * k * n * count for m, k, n, count in gemms.linears + gemms.grouped)
     name = ctx.cluster.shape_table
     table = kernel_rates(name)
     fp8 = SHAPE_RECIPES.get(recipe, recipe) if recipe else None
     if name is None or table is None or (fp8 is not None and not table.has_fp8(fp8)):
-        return 3 * gemms.flops / rate
+        return 3 * flops / rate
     reference = PRESETS[name]
     mamf = (reference["mamf_fp8_tflops"] if fp8 else reference["mamf_bf16_tflops"]) * 1e12
     # (forward-and-backward FLOPs, the share of MAMF the table measured at the shape)
@@ -178,7 +215,7 @@ def untabled_matmul_seconds(ctx: Context, gemms: Gemms, eff: Efficiency, rate: f
     shapes += [(6.0 * m * k * n * g, 6.0 * m * k * n * g / table.grouped_linear_seconds(g, m, k, n, fp8) / mamf)
                for m, k, n, g in gemms.grouped if m * k * n]
     slower = sum(flops * max(eff.matmul / share - 1.0, 0.0) for flops, share in shapes)
-    return (3 * gemms.flops + slower) / rate
+    return (3 * flops + slower) / rate
 
 
 def ring_attention_seconds(ctx: Context, lay: Layout, eff: Efficiency) -> float:
@@ -196,21 +233,7 @@ def ring_attention_seconds(ctx: Context, lay: Layout, eff: Efficiency) -> float:
     timed = rates.fused_attention_seconds(*gemms.fused_attention) if rates is not None else None
     if timed is not None:  # as matmul_seconds prices it: a window's share, at a stated compute peak
         return timed * gemms.attention_share / ctx.cluster.compute_scale
-    return 3 * gemms.other_flops / (ctx.cluster.mamf_bf16_tflops * 1e12 * eff.matmul)
-
-
-def precision_matmul_seconds(ctx: Context, lay: Layout, letter: str, eff: Efficiency, load: float = 1.0,
-                             recompute: str | None = None) -> float:
-    """matmul_seconds at the training precision's rate. bf16 and every FP8 recipe are priced there
-    (FP8 at the preset's MAMF FP8 rate, whatever the recipe); NVFP4 runs the same GEMMs at the
-    preset's FP4 rate: matmul_seconds' bf16 price (FLOPs at MAMF on the Blackwell presets, which
-    have no kernel table) scaled by mamf_bf16 / mamf_fp4. Like FP8's, the scale covers core
-    attention too, which NVFP4 leaves in bf16 (NVFP4BlockScaling: fp8_dpa off)."""
-    seconds = matmul_seconds(ctx, lay, letter, eff, load, recompute)
-    c = ctx.cluster
-    if ctx.spec.training.precision != "fp4" or not c.mamf_fp4_tflops:
-        return seconds
-    return seconds * c.mamf_bf16_tflops / c.mamf_fp4_tflops
+    return fused_attention_seconds(ctx, gemms, eff)
 
 
 def peak_tflops(ctx: Context) -> float:
@@ -285,7 +308,7 @@ def _matmul(ctx: Context, lay: Layout, eff: Efficiency, load: float, recompute: 
     (cost.shard); `recompute` as matmul_seconds takes it."""
     keys = [*ctx.letters, "head", *["mtp_proj"] * bool(ctx.spec.model.mtp_num_layers)]
     return memo(ctx, ("matmul", shape(lay), eff, load, recompute),
-                lambda: {letter: precision_matmul_seconds(ctx, lay, letter, eff, load, recompute) for letter in keys})
+                lambda: {letter: matmul_seconds(ctx, lay, letter, eff, load, recompute) for letter in keys})
 
 
 def _rank_work(ctx: Context, lay: Layout, blocks: str, head: bool, mtp: bool, eff: Efficiency,
