@@ -123,8 +123,8 @@ def _priced_matmul_seconds(ctx: Context, lay: Layout, letter: str, eff: Efficien
     precision = ctx.spec.training.precision
     fp4 = precision == "fp4" and bool(c.mamf_fp4_tflops)
     recipe = ctx.spec.training.fp8_recipe if precision == "fp8" else None
-    mamf = c.mamf_fp4_tflops if fp4 else c.mamf_fp8_tflops if recipe else c.mamf_bf16_tflops
-    rate = mamf * 1e12 * eff.matmul  # type: ignore[operator]
+    mamf = (c.mamf_fp4_tflops or 0.0) if fp4 else c.mamf_fp8_tflops if recipe else c.mamf_bf16_tflops
+    rate = mamf * 1e12 * eff.matmul
     recompute = recompute or ctx.spec.training.recompute
     again = gpu_repeats(recompute)
     if letter == "head":
@@ -167,14 +167,14 @@ def core_seconds(ctx: Context, gemms: Gemms, eff: Efficiency, recompute: str, ag
             return fused * gemms.attention_share * attention_again / c.compute_scale
     bf16 = c.mamf_bf16_tflops * 1e12
     if gemms.fused_attention:
-        return fused_attention_seconds(ctx, gemms, eff) * attention_again
+        return untabled_attention_seconds(ctx, gemms, eff) * attention_again
     if gemms.attention:
         unfused = gemms.flops - 2.0 * sum(m * k * n * count for m, k, n, count in gemms.linears + gemms.grouped)
         return 3 * unfused / (bf16 * eff.matmul) * attention_again
     return 3 * gemms.other_flops / (bf16 * eff.matmul) * again
 
 
-def fused_attention_seconds(ctx: Context, gemms: Gemms, eff: Efficiency) -> float:
+def untabled_attention_seconds(ctx: Context, gemms: Gemms, eff: Efficiency) -> float:
     """TE's fused core attention of one A block forward and backward on a preset without a
     fused-attention table: its FLOPs (gemms.other_flops) at the bf16 MAMF x the lower of
     Efficiency.matmul and the share of MAMF the shape table's GPU measured at its shape (its rows
@@ -233,7 +233,7 @@ def ring_attention_seconds(ctx: Context, lay: Layout, eff: Efficiency) -> float:
     timed = rates.fused_attention_seconds(*gemms.fused_attention) if rates is not None else None
     if timed is not None:  # as matmul_seconds prices it: a window's share, at a stated compute peak
         return timed * gemms.attention_share / ctx.cluster.compute_scale
-    return fused_attention_seconds(ctx, gemms, eff)
+    return untabled_attention_seconds(ctx, gemms, eff)
 
 
 def peak_tflops(ctx: Context) -> float:

@@ -97,7 +97,7 @@ class Cluster(BaseModel):
     kernel_table: str | None = None
     # where kernel_table cannot price a GEMM (none, or no FP8 rows of the recipe): the preset whose
     # measured table says how far below its MAMF a GEMM of each shape runs
-    # (cost.step.untabled_linear_seconds, fused_attention_seconds); None: every such GEMM at MAMF x Efficiency.matmul
+    # (cost.step.untabled_linear_seconds, untabled_attention_seconds); None: every such GEMM at MAMF x Efficiency.matmul
     shape_table: str | None = None
     # a stated compute peak over the measured GPU's: the kernel-rate table's times are divided by it
     compute_scale: float = 1.0
