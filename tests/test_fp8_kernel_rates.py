@@ -10,7 +10,7 @@ import pytest
 
 from megacpp.planner.cost import step
 from megacpp.planner.cost.coefficients import BLACKWELL_MATMUL_RATE_SCALE, DEFAULT_EFFICIENCY
-from megacpp.planner.cost.flops import Gemms, block_gemms
+from megacpp.planner.cost.flops import block_gemms
 from megacpp.planner.cost.kernel_rates import RATES_DIR, TABLES, kernel_rates
 from megacpp.planner.plan import make_context
 from megacpp.planner.search.layout import Layout
@@ -80,9 +80,8 @@ def test_a_table_without_fp8_rows_prices_fp8_linears_at_the_mamf_and_core_attent
     attention = block_gemms(ctx, "A", lay)
     core = bare.fused_attention_seconds(*attention.fused_attention) * attention.attention_share
     core *= 4 / 3 if ctx.spec.training.recompute != "none" else 1.0  # selective recompute repeats it
-    linears = Gemms(linears=attention.linears)
     rate = ctx.cluster.mamf_fp8_tflops * 1e12 * DEFAULT_EFFICIENCY.matmul
-    expected = 3 * linears.flops * step.gpu_repeats(ctx.spec.training.recompute) / rate + core
+    expected = 3 * attention.linear_flops * step.gpu_repeats(ctx.spec.training.recompute) / rate + core
     assert step.matmul_seconds(ctx, lay, "A", DEFAULT_EFFICIENCY) == pytest.approx(expected)
     assert core > 3 * attention.other_flops / rate  # at the fp8 MAMF it would have been faster
 

@@ -8,10 +8,11 @@ The fit is the pair that gives the tuning half its least median |error| of token
 number the benchmark is judged by, and where that is flat the least |median bias|: every tuning
 row counts, since a faster or slower host moves every step the host does not hide, and the scale
 every B200 row. The median has more than one basin, so the pair is searched on a grid of both: 2
-to 6 us by 0.5 and 0.85 to 1.15 by 0.05, then 0.05 us and 0.01 around the best. For reading, each tuning row whose exposed host time
-(step_breakdown.block_overhead) is at least `share` of its planned step on the reference hosts
-(REFERENCE_HOST_LAUNCH_US) is listed with the host class that plans it exactly (bisection: the step
-grows with it), or why none does; their spread says how much the rows' other terms disagree.
+to 6 us by 0.5 and 0.85 to 1.15 by 0.05, then 0.05 us and 0.01 around the best. For reading, each
+tuning row whose exposed host time (step_breakdown.block_overhead) is at least `share` of its
+planned step on the reference hosts (REFERENCE_HOST_LAUNCH_US) is listed with the host class that
+plans it exactly (bisection: the step grows with it), or why none does; their spread says how much
+the rows' other terms disagree.
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ from megacpp.planner.cost.step import HOST_TERM
 from megacpp.planner.spec.clusters import BLACKWELL_PRESETS
 
 BOUNDS = (0.5, 30.0)  # us per op: well outside every host probe reading (5.2-15.2 us)
-SCALE_BOUNDS = (0.5, 1.5)  # the profile's bounds of matmul_rate_scale (clusters.PROFILE_FIELDS)
 
 Row = tuple[dict[str, Any], dict[str, Any], float]
 

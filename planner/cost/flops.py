@@ -110,10 +110,15 @@ class Gemms:
     attention_share: float = 1.0
 
     @property
+    def linear_flops(self) -> float:
+        """Forward FLOPs of the Linears and GroupedLinears alone."""
+        return 2.0 * sum(m * k * n * count for m, k, n, count in self.linears + self.grouped)
+
+    @property
     def flops(self) -> float:
         """Forward FLOPs, the unfused attention counted causal (half its s x s) as block_flops does."""
         core = 2.0 * self.attention[0] * self.attention[1] ** 2 * self.attention[2] if self.attention else 0.0
-        return 2.0 * sum(m * k * n * count for m, k, n, count in self.linears + self.grouped) + core + self.other_flops
+        return self.linear_flops + core + self.other_flops
 
 
 def micro_batch_tokens(ctx: Context, lay: Layout) -> float:

@@ -152,13 +152,18 @@ def _per_head_dim_seconds(grids: dict[int, Grid], head_dim: int, point: tuple[fl
     """Attention seconds at `point` from the grid of the nearest measured head dim, scaled by the
     head dim over it: QK^T and PV do work linear in it (MLA's mean of 192-wide keys and 128-wide
     values is 160, beyond the measured 128)."""
-    measured = min(grids, key=lambda d: abs(math.log(d / head_dim)))
+    measured = _nearest_size(grids, head_dim)
     return grids[measured].seconds(point) * head_dim / measured
 
 
+def _nearest_size(grids: dict[int, Grid], size: int) -> int:
+    """The size (head dim, SSD state) measured closest to `size` on a log scale."""
+    return min(grids, key=lambda d: abs(math.log(d / size)))
+
+
 def _nearest(grids: dict[int, Grid], size: int) -> Grid:
-    """The grid measured at the size (head dim, SSD state) closest to `size` on a log scale."""
-    return grids[min(grids, key=lambda d: abs(math.log(d / size)))]
+    """The grid measured at the size closest to `size` (_nearest_size)."""
+    return grids[_nearest_size(grids, size)]
 
 
 def _grid(rows: list[dict], keys: tuple[str, ...], growth: tuple[int, ...]) -> Grid:

@@ -169,8 +169,7 @@ def core_seconds(ctx: Context, gemms: Gemms, eff: Efficiency, recompute: str, ag
     if gemms.fused_attention:
         return untabled_attention_seconds(ctx, gemms, eff) * attention_again
     if gemms.attention:
-        unfused = gemms.flops - 2.0 * sum(m * k * n * count for m, k, n, count in gemms.linears + gemms.grouped)
-        return 3 * unfused / (bf16 * eff.matmul) * attention_again
+        return 3 * (gemms.flops - gemms.linear_flops) / (bf16 * eff.matmul) * attention_again
     return 3 * gemms.other_flops / (bf16 * eff.matmul) * again
 
 
@@ -201,12 +200,11 @@ def untabled_linear_seconds(ctx: Context, gemms: Gemms, eff: Efficiency, rate: f
     MAMF its shape runs at on the preset's shape table (Cluster.shape_table; NVFP4 reads its bf16
     rows): a grouped GEMM of 128 tokens per expert runs at a fifth to a quarter of MAMF on an H100,
     not 0.7."""
-    flops = 2.0 * sum(m * k * n * count for m, k, n, count in gemms.linears + gemms.grouped)
     name = ctx.cluster.shape_table
     table = kernel_rates(name)
     fp8 = SHAPE_RECIPES.get(recipe, recipe) if recipe else None
     if name is None or table is None or (fp8 is not None and not table.has_fp8(fp8)):
-        return 3 * flops / rate
+        return 3 * gemms.linear_flops / rate
     reference = PRESETS[name]
     mamf = (reference["mamf_fp8_tflops"] if fp8 else reference["mamf_bf16_tflops"]) * 1e12
     # (forward-and-backward FLOPs, the share of MAMF the table measured at the shape)
@@ -214,8 +212,7 @@ def untabled_linear_seconds(ctx: Context, gemms: Gemms, eff: Efficiency, rate: f
               for m, k, n, count in gemms.linears if m * k * n]
     shapes += [(6.0 * m * k * n * g, 6.0 * m * k * n * g / table.grouped_linear_seconds(g, m, k, n, fp8) / mamf)
                for m, k, n, g in gemms.grouped if m * k * n]
-    slower = sum(flops * max(eff.matmul / share - 1.0, 0.0) for flops, share in shapes)
-    return (3 * flops + slower) / rate
+    return sum(flops * max(eff.matmul / share, 1.0) for flops, share in shapes) / rate
 
 
 def ring_attention_seconds(ctx: Context, lay: Layout, eff: Efficiency) -> float:

@@ -154,7 +154,11 @@ _H100 = dict(
 # of MAMF the H100 measured at each shape (the same cuBLAS and TE grouped kernels; Blackwell's larger
 # tiles fill its SMs at no smaller shapes, so this errs fast, not slow)
 BLACKWELL_SHAPE_TABLE = "h100-sxm-8"
-BLACKWELL_PRESETS = ("b200-sxm-8", "gb200-nvl72", "b300-sxm-8", "gb300-nvl72")
+# what every Blackwell preset takes beside its datasheet numbers
+_BLACKWELL = dict(
+    shape_table=BLACKWELL_SHAPE_TABLE,
+    matmul_rate_scale=BLACKWELL_MATMUL_RATE_SCALE,  # FITTED on the B200 rows (cost.coefficients)
+)
 
 PRESETS: dict[str, dict] = {
     "h100-sxm-8": {**_H100, "grad_accumulation_tbps": H100_GRAD_ACCUMULATION_TBPS, "kernel_table": "h100-sxm-8"},  # MEASURED
@@ -180,8 +184,7 @@ PRESETS: dict[str, dict] = {
     },
     "b200-sxm-8": {
         **_H100,
-        "shape_table": BLACKWELL_SHAPE_TABLE,
-        "matmul_rate_scale": BLACKWELL_MATMUL_RATE_SCALE,  # FITTED on the B200 rows (cost.coefficients)
+        **_BLACKWELL,
         "description": "HGX/DGX B200, 8 GPUs per node on NVLink5 switches, 1x400G NIC per GPU",
         "gpu_memory_gib": 172.0,  # ASSUMPTION: 179.06 GiB total [R51] minus headroom
         "gpu_memory_total_gib": 179.06,  # [R51]
@@ -201,8 +204,7 @@ PRESETS: dict[str, dict] = {
     },
     "gb200-nvl72": {
         **_H100,
-        "shape_table": BLACKWELL_SHAPE_TABLE,
-        "matmul_rate_scale": BLACKWELL_MATMUL_RATE_SCALE,  # FITTED on the B200 rows (cost.coefficients)
+        **_BLACKWELL,
         "description": "GB200 NVL72 rack: 4 GPUs per compute tray, one 72-GPU NVLink5 domain",
         "gpus_per_node": 4,  # compute tray [R10][R2]
         "nvlink_domain": 72,  # [R7]
@@ -229,8 +231,7 @@ PRESETS: dict[str, dict] = {
     # beyond B300's BF16 matmul [R4] (MAMF 1,769 TFLOPS).
     "b300-sxm-8": {
         **_H100,
-        "shape_table": BLACKWELL_SHAPE_TABLE,
-        "matmul_rate_scale": BLACKWELL_MATMUL_RATE_SCALE,  # FITTED on the B200 rows (cost.coefficients)
+        **_BLACKWELL,
         "description": "HGX/DGX B300, 8 GPUs per node on NVLink5 switches, 1x800G NIC per GPU",
         "gpu_memory_gib": 262.0,  # ASSUMPTION: 270 GiB total [R58] minus headroom, as on B200
         "gpu_memory_total_gib": 270.0,  # [R58] (288 GB HBM3e on the datasheet [R57])
@@ -257,8 +258,7 @@ PRESETS: dict[str, dict] = {
     },
     "gb300-nvl72": {
         **_H100,
-        "shape_table": BLACKWELL_SHAPE_TABLE,
-        "matmul_rate_scale": BLACKWELL_MATMUL_RATE_SCALE,  # FITTED on the B200 rows (cost.coefficients)
+        **_BLACKWELL,
         "description": "GB300 NVL72 rack: 4 GPUs per compute tray, one 72-GPU NVLink5 domain, 1x800G NIC per GPU",
         "gpus_per_node": 4,  # compute tray: 2 Grace + 4 Blackwell Ultra [R57]
         "nvlink_domain": 72,  # [R57]
@@ -307,6 +307,8 @@ PRESETS: dict[str, dict] = {
         "unified_memory": True,
     },
 }
+# the presets that take the Blackwell numbers (_BLACKWELL)
+BLACKWELL_PRESETS = tuple(name for name, preset in PRESETS.items() if preset.items() >= _BLACKWELL.items())
 
 SOURCES = {
     "R2": "stas00/ml-engineering network/README.md (NVLink and SHARP measurements)",
