@@ -43,6 +43,24 @@ def test_dense_row_becomes_a_spec_with_the_published_layout_pinned() -> None:
     assert free.parallel.tp is None and free.training == spec.training
 
 
+@pytest.mark.parametrize(("row_id", "field", "table", "ran"), [(11, "mbs", 4, 1), (16, "ep", 8, 64), (59, "mbs", 2, 1)])
+def test_a_field_the_table_and_its_recipe_file_disagree_on_is_planned_as_the_file_ran_it(
+        row_id: int, field: str, table: int, ran: int) -> None:
+    published = row(row_id)
+    assert published[field] == table
+    spec = spec_from_dict(convert(published).spec)
+    planned = {"mbs": spec.training.micro_batch_size, "ep": spec.parallel.ep}[field]
+    assert planned == ran
+    assert any(f"table's {field} {table}" in note for note in convert(published).assumptions)
+    # selection and the held-out split still key on the published row
+    assert truth.config_key(published)[truth.CONFIG_FIELDS.index(field)] == table
+
+
+def test_a_row_that_agrees_with_its_recipe_file_is_planned_as_published() -> None:
+    ran, notes = truth.as_run(row(86))
+    assert ran == row(86) and notes == []
+
+
 def test_hybrid_pattern_maps_megatron_symbols_to_block_letters() -> None:
     conv = convert(row(121))  # Nemotron 3 Nano, 8 x B200
     spec = spec_from_dict(conv.spec)

@@ -45,7 +45,7 @@ def write_tables(system: str, out: Path) -> dict[str, Path]:
         rows[sel.half].append({
             "name": name, "spec": f"specs/{name}.yaml", "cluster": spec["cluster"]["preset"], "nodes": spec["cluster"]["nodes"],
             "tp": p["tp"], "pp": p["pp"], "vpp": p["vpp"], "cp": p["cp"], "ep": p["ep"], "etp": p.get("etp", ""),
-            "mbs": row["mbs"], "gbs": row["gbs"], "seq": row["seq_length"], "precision": spec["training"]["precision"],
+            "mbs": spec["training"]["micro_batch_size"], "gbs": spec["training"]["global_batch_size"], "seq": row["seq_length"], "precision": spec["training"]["precision"],
             "recompute": spec["training"]["recompute"], "tokens_per_s_per_gpu": row["tokens_per_sec_per_gpu"],
             "peak_gib": row.get("peak_allocated_memory_gib") or "",
         })

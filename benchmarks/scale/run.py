@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.scale.report import render_markdown, summarise
-from benchmarks.scale.truth import HERE, Conversion, Selected, convert, load_runs, select_newest
+from benchmarks.scale.truth import HERE, Conversion, Selected, as_run, convert, load_runs, select_newest
 from megacpp.planner import MegacppError, build_plan, spec_from_dict
 from megacpp.planner.cost.step import deciding_term, host_bound
 from megacpp.planner.spec.clusters import resolve_cluster
@@ -33,6 +33,8 @@ HOST_BOUND = "the exposed per-block host time (step_breakdown.block_overhead) is
 
 
 def _published(row: dict[str, Any]) -> dict[str, Any]:
+    """The run as planned: its row with the recipe file's value where the table disagrees (as_run)."""
+    row, _ = as_run(row)
     tp, pp, cp = row["tp"], row["pp"], row["cp"]
     return {
         "layout": {"tp": tp, "pp": pp, "cp": cp, "vp": row["vp"], "ep": row["ep"], "etp": row["etp"],

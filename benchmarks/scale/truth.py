@@ -445,9 +445,36 @@ def _skip(reason: str, recipe_runtime: tuple[str, ...] = ()) -> Conversion:
     return Conversion("skipped", None, None, skip_reason=reason, not_modelled=recipe_runtime)
 
 
+# A table field -> the recipe file's key for it (workload_base_config)
+RECIPE_FIELDS = {"tp": "tensor_model_parallel_size", "pp": "pipeline_model_parallel_size",
+                 "cp": "context_parallel_size", "vp": "virtual_pipeline_model_parallel_size",
+                 "ep": "expert_model_parallel_size", "etp": "expert_tensor_parallel_size",
+                 "gbs": "global_batch_size", "mbs": "micro_batch_size"}
+
+
+def as_run(row: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """The row as its release's recipe file ran it, and a note per field where the table disagrees.
+    The tables are typed from the runs of those files, and the three disagreements (all in the
+    revised 25.11 table) side with the file: GPT-OSS on 64 H100 at the table's mbs 4 needs ~99 GiB
+    per GPU, and GPT-OSS on 64 B200 measured 8,213 tokens/s/GPU at the table's ep 8, where the
+    file's ep 64 measured 8,047 in 26.02 and ep 8 13,568 in 26.04.01."""
+    recipe = row["recipe"]
+    base = recipe.get("workload_base_config") or {}
+    ran, notes = dict(row), []
+    for field in recipe.get("mismatched_fields") or ():
+        key = RECIPE_FIELDS.get(field)
+        if key is None or key not in base:
+            continue
+        ran[field] = base[key]
+        notes.append(f"the table's {field} {row[field]} disagrees with its release's recipe file "
+                     f"({recipe.get('config_name')}: {field} {base[key]}); the file's value is planned")
+    return ran, notes
+
+
 def convert(row: dict[str, Any], models: dict[str, Any] | None = None) -> Conversion:
     """The spec of one published run with its layout pinned, or the named reason it is skipped."""
     models = load_models() if models is None else models
+    row, ran_notes = as_run(row)
     recipe = read_recipe(row)
     m = models.get(row["model_key"], {})
     if "hidden_size" not in m:
@@ -458,7 +485,7 @@ def convert(row: dict[str, Any], models: dict[str, Any] | None = None) -> Conver
     vpp = row["vp"] or 1
 
     approx: list[str] = []
-    assume: list[str] = []
+    assume: list[str] = list(ran_notes)
     details: list[str] = list(recipe.runtime)
     mtp = (m.get("mtp_num_layers") or 0) if "w/o MTP" not in row["model"] else 0
     modules = expressible_recompute_modules(recipe, row["precision"], bool(m.get("multi_latent_attention")))
