@@ -78,7 +78,7 @@ def test_a_table_without_fp8_rows_prices_fp8_linears_at_the_mamf_and_core_attent
     ctx = context("h100-sxm-8", "fp8")
     assert step.matmul_seconds(ctx, lay, "D", DEFAULT_EFFICIENCY) == pytest.approx(mamf_price(ctx, lay, "D"))
     attention = block_gemms(ctx, "A", lay)
-    core = bare.fused_attention_seconds(*attention.fused_attention) * attention.attention_share
+    core = bare.fused_attention_seconds(*attention.fused_attention) * attention.attention_time_share
     core *= 4 / 3 if ctx.spec.training.recompute != "none" else 1.0  # selective recompute repeats it
     rate = ctx.cluster.mamf_fp8_tflops * 1e12 * DEFAULT_EFFICIENCY.matmul
     expected = 3 * attention.linear_flops * step.gpu_repeats(ctx.spec.training.recompute) / rate + core

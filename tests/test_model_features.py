@@ -49,10 +49,28 @@ def test_te_fused_attention_time_follows_the_window_and_the_local_softmax_does_n
     full = make_context(make_spec(TINY_DENSE, **te, **{"training.seq_length": 4096}))
     ctx = make_context(make_spec(TINY_DENSE, **te, **{"training.seq_length": 4096, "model.attention.window_size": 128}))
     lay = L()
-    assert block_gemms(ctx, "A", lay).attention_share == pytest.approx(attention_share(ctx)) and attention_share(ctx) < 0.1
+    # a 128-key window does 6% of the causal FLOPs at 4k tokens, and its measured kernel takes
+    # several times that share: still well under the full kernel's time
+    timed = block_gemms(ctx, "A", lay).attention_time_share
+    assert attention_share(ctx) < 0.1 and 2 * attention_share(ctx) < timed < 0.5
+    assert block_gemms(full, "A", lay).attention_time_share == 1.0
     assert matmul_seconds(ctx, lay, "A", DEFAULT_EFFICIENCY) < matmul_seconds(full, lay, "A", DEFAULT_EFFICIENCY)
     local = make_context(make_spec(TINY_DENSE, **{"training.seq_length": 4096, "model.attention.window_size": 128}))
     assert block_gemms(local, "A", lay).attention == block_gemms(make_context(make_spec(TINY_DENSE, **{"training.seq_length": 4096})), "A", lay).attention
+
+
+def test_learnable_softmax_offsets_make_the_fused_kernel_slower_as_measured():
+    """GPT-OSS's sinks (softmax_type learnable): the measured H100 kernel is 10-35% slower than the
+    plain causal one, with or without a window; their FLOPs are the same."""
+    te = {"backend.transformer_engine": True, "training.seq_length": 4096}
+    plain, sinks = (make_context(make_spec(TINY_DENSE, **te, **extra)) for extra in ({}, {"model.attention.sinks": True}))
+    lay = L()
+    assert block_flops(sinks, "A") == block_flops(plain, "A")
+    assert 1.05 < block_gemms(sinks, "A", lay).attention_time_share < 1.4
+    assert matmul_seconds(sinks, lay, "A", DEFAULT_EFFICIENCY) > matmul_seconds(plain, lay, "A", DEFAULT_EFFICIENCY)
+    window = {"model.attention.window_size": 128, "model.attention.window_full_every": 2}
+    both, windowed_only = (make_context(make_spec(TINY_DENSE, **te, **window, **extra)) for extra in ({"model.attention.sinks": True}, {}))
+    assert block_gemms(both, "A", lay).attention_time_share > block_gemms(windowed_only, "A", lay).attention_time_share
 
 
 def test_latent_moe_dispatches_latents_and_prices_its_projections():

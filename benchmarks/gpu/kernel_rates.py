@@ -27,6 +27,9 @@ left out; the median of five replays):
   bf16, sequence-first, 4 query heads per KV group as in the GQA recipes; only with Transformer
   Engine installed) for B batch x heads, S tokens and head dim D, the core attention that
   megatron-core's TE layer spec runs instead of the unfused matmuls and softmax;
+- `fused_attention_variants`: the same kernel with a sliding window (Megatron's window_size (W, 0),
+  W in 128 and 1024) and with GPT-OSS's learnable softmax offset per head (softmax_type
+  "learnable"), each beside the plain causal kernel timed on the same tensors (`over_causal`);
 - `grouped_linear`: forward plus backward of Transformer Engine's GroupedLinear (bf16, no bias,
   only with Transformer Engine installed), G GEMMs of M tokens each with weights [N, K], 6 G M K N
   FLOPs: the routed experts of an E block as megatron-core's TEGroupedMLP runs them (fc1 and fc2
@@ -300,6 +303,51 @@ def fused_attention_rows() -> list[dict]:
     return rows
 
 
+# sliding windows (Megatron's window_size (W, 0)) and GPT-OSS's learnable softmax offset per head
+# (--softmax-type learnable), against the plain causal kernel in the same run
+VARIANT_B = (16, 64, 256)
+VARIANT_S = (2048, 4096, 8192)
+VARIANT_WINDOWS = (None, 128, 1024)
+
+
+def fused_attention_variant_rows() -> list[dict]:
+    import transformer_engine.pytorch as te
+
+    rows = []
+    for d in FUSED_D:
+        for b in VARIANT_B:
+            groups = max(1, b // FUSED_QUERY_PER_GROUP)
+            for s in VARIANT_S:
+                q = torch.randn(s, 1, b, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                k, v = (torch.randn(s, 1, groups, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+                g = torch.randn(s, 1, b * d, device="cuda", dtype=torch.bfloat16)
+                timings = {}
+                for window in VARIANT_WINDOWS:
+                    for sinks in (False, True):
+                        extra = {"window_size": (window, 0)} if window else {}
+                        if sinks:
+                            extra["softmax_type"] = "learnable"
+                        attention = te.DotProductAttention(b, d, num_gqa_groups=groups, attn_mask_type="causal",
+                                                           qkv_format="sbhd", **extra).cuda()
+
+                        def step(q=q, k=k, v=v, g=g, attention=attention) -> None:
+                            attention(q, k, v).backward(g)
+                            q.grad = k.grad = v.grad = None
+
+                        try:
+                            timings[window, sinks] = timed_or_eagerly(step)
+                        except Exception as exc:  # a variant this TE / cuDNN cannot run is recorded as such
+                            torch.cuda.synchronize()
+                            timings[window, sinks] = (None, f"failed: {type(exc).__name__}: {str(exc)[:160]}")
+                plain = timings[None, False][0]
+                for (window, sinks), (seconds, timer) in timings.items():
+                    rows.append({"b": b, "s": s, "d": d, "window": window, "sinks": sinks, "seconds": seconds,
+                                 "timer": timer, "over_causal": round(seconds / plain, 4) if seconds and plain else None})
+                del q, k, v, g
+                torch.cuda.empty_cache()
+    return rows
+
+
 GROUPED_G = (1, 4, 16, 64, 256)
 GROUPED_M = (128, 512, 2048, 8192)
 GROUPED_KN = (512, 1024, 2048, 4096, 8192, 16384)
@@ -520,7 +568,8 @@ def elementwise_rows() -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
-    alone = {"ssd": ssd_rows, "fused_attention": fused_attention_rows, "grouped_linear": grouped_linear_rows}  # tables that can be measured into an existing file
+    alone = {"ssd": ssd_rows, "fused_attention": fused_attention_rows, "grouped_linear": grouped_linear_rows,
+             "fused_attention_variants": fused_attention_variant_rows}  # tables that can be measured into an existing file
     fp8_tables = {"fp8": ("fp8_linear", "fp8_grouped_linear"), "fp8_linear": ("fp8_linear",),
                   "fp8_grouped_linear": ("fp8_grouped_linear",)}
     ap.add_argument("--only", choices=sorted(alone | fp8_tables), help="measure this table alone and merge it into --out")

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from megacpp.planner.cost.blocks import SSD_CHUNK, expert_load, expert_width, mamba_dims, padded_vocab
+from megacpp.planner.cost.kernel_rates import attention_over_flops, window_share
 from megacpp.planner.search.layout import Context, Layout
 
 
@@ -47,9 +48,28 @@ def attention_share(ctx: Context) -> float:
     windowed = windowed_layers(ctx)
     if not any(windowed):
         return 1.0
-    w, s = a.window_size, ctx.seq
-    short = min(1.0, ((w + 1) - w * (w + 1) / (2 * s)) / (s / 2)) if w < s else 1.0
+    short = window_share(a.window_size, ctx.seq)
     return sum(short if on else 1.0 for on in windowed) / len(windowed)
+
+
+def attention_time_share(ctx: Context, batch_heads: int, head_dim: int) -> float:
+    """TE's fused attention time of the model's A blocks over the full causal kernel's at their
+    shape, averaged over them: each block's FLOP share (window_share) times how much longer than it
+    the measured kernel runs with the block's window and sinks (kernel_rates.attention_over_flops);
+    the FLOP share (attention_share) where the blocks have neither or nothing was measured."""
+    a = ctx.spec.model.attention
+    if a is None or (a.window_size is None and not a.sinks):
+        return attention_share(ctx)
+    s = ctx.seq
+    window = a.window_size if a.window_size is not None and a.window_size < s else None
+    times = []
+    for on in windowed_layers(ctx):
+        w = window if on else None
+        over = attention_over_flops(batch_heads, s, head_dim, w, a.sinks)
+        if over is None:
+            return attention_share(ctx)
+        times.append(window_share(w, s) * over)
+    return sum(times) / len(times)
 
 
 def block_flops(ctx: Context, letter: str, load: float = 1.0) -> float:
@@ -106,8 +126,8 @@ class Gemms:
     ssd: tuple[int, int, int, int] | None = None  # M: (heads, tokens, head dim, state) on one rank
     fused_attention: tuple[int, int, int, int] | None = None  # A with TE: (batch x heads, sequence, head dim, CP)
     other_flops: float = 0.0
-    # the share of full causal attention's work TE's fused attention does (attention_share)
-    attention_share: float = 1.0
+    # TE's fused attention time over the full causal kernel's at its shape (attention_time_share)
+    attention_time_share: float = 1.0
 
     @property
     def linear_flops(self) -> float:
@@ -140,11 +160,11 @@ def block_gemms(ctx: Context, letter: str, lay: Layout, load: float = 1.0) -> Ge
     if letter == "A":
         d, heads, groups = model.head_dim, model.attention.num_heads, model.query_groups  # type: ignore[union-attr]
         linears = ((t, h, (heads + 2 * groups) * d // tp, 1), (t, heads * d // tp, h, 1))
-        share = attention_share(ctx)
-        core = 2 * heads * d * ctx.seq * t / tp * share  # causal QK^T and PV, as block_flops counts them
+        core = 2 * heads * d * ctx.seq * t / tp * attention_share(ctx)  # causal QK^T and PV, as block_flops counts them
         if ctx.te:
-            return Gemms(linears, fused_attention=(lay.micro_batch_size * heads // tp, ctx.seq, d, lay.cp), other_flops=core,
-                         attention_share=share)
+            batch_heads = lay.micro_batch_size * heads // tp
+            return Gemms(linears, fused_attention=(batch_heads, ctx.seq, d, lay.cp), other_flops=core,
+                         attention_time_share=attention_time_share(ctx, batch_heads, d))
         # the local softmax masks a window inside the whole s x s scores (fused_softmax.py window_size): no saving
         return Gemms(linears, attention=(lay.micro_batch_size * heads // tp, ctx.seq // lay.cp, d))
     if letter == "D":

@@ -193,6 +193,46 @@ def _grid(rows: list[dict], keys: tuple[str, ...], growth: tuple[int, ...]) -> G
     return Grid(axes, log_seconds, growth)
 
 
+# TE's fused attention with sliding windows and learnable softmax offsets (sinks), measured against
+# the plain causal kernel on the same tensors on an H100 (cuDNN's kernels on Hopper); every preset
+# reads these ratios, there being no other GPU's
+ATTENTION_VARIANTS_TABLE = "h100.json"
+
+
+def window_share(window: int | None, tokens: int) -> float:
+    """The FLOPs of causal attention through a sliding window of `window` keys over those of full
+    causal attention on `tokens` tokens: a query at position i reads min(i, w) + 1 keys,
+    (w + 1) - w(w + 1)/2s on average against s/2 (None: no window)."""
+    if window is None or window >= tokens:
+        return 1.0
+    return min(1.0, ((window + 1) - window * (window + 1) / (2 * tokens)) / (tokens / 2))
+
+
+@cache
+def _variant_rows() -> tuple[dict, ...]:
+    return tuple(json.loads((RATES_DIR / ATTENTION_VARIANTS_TABLE).read_text()).get("fused_attention_variants", ()))
+
+
+@cache
+def attention_over_flops(batch_heads: int, tokens: int, head_dim: int, window: int | None, sinks: bool) -> float | None:
+    """How much longer than its FLOP share of the full causal kernel (window_share) TE's fused
+    attention runs with a sliding window and learnable softmax offsets, at the nearest measured
+    shape and window (log distance), or None where none was measured. A 128-key window moves a
+    query tile's keys in two partly masked tiles and spends per tile what a long context spreads:
+    it ran at 4-5 times its FLOP share; a learnable offset added 10-35%."""
+    rows = [r for r in _variant_rows() if r["sinks"] == sinks]
+    if not rows:
+        return None
+
+    def distance(r: dict) -> tuple[float, ...]:
+        same = r["window"] == window
+        far = 0.0 if same else abs(math.log(r["window"] / window)) if r["window"] and window else math.inf
+        return far, abs(math.log(r["d"] / head_dim)), abs(math.log(r["b"] / batch_heads)), abs(math.log(r["s"] / tokens))
+
+    nearest = min(rows, key=distance)
+    return nearest["over_causal"] / window_share(nearest["window"], nearest["s"])
+
+
 @cache
 def kernel_rates(cluster_name: str | None) -> KernelRates | None:
     """The measured table for a preset (Cluster.kernel_table), or None where none was measured."""

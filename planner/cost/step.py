@@ -163,8 +163,8 @@ def core_seconds(ctx: Context, gemms: Gemms, eff: Efficiency, recompute: str, ag
         if gemms.attention:
             return rates.attention_seconds(*gemms.attention) * attention_again / c.compute_scale
         if gemms.fused_attention and (fused := rates.fused_attention_seconds(*gemms.fused_attention)) is not None:
-            # a sliding window shortens the measured full causal kernel's work
-            return fused * gemms.attention_share * attention_again / c.compute_scale
+            # a sliding window and sinks change the measured full causal kernel's time
+            return fused * gemms.attention_time_share * attention_again / c.compute_scale
     bf16 = c.mamf_bf16_tflops * 1e12
     if gemms.fused_attention:
         return untabled_attention_seconds(ctx, gemms, eff) * attention_again
@@ -176,15 +176,15 @@ def core_seconds(ctx: Context, gemms: Gemms, eff: Efficiency, recompute: str, ag
 def untabled_attention_seconds(ctx: Context, gemms: Gemms, eff: Efficiency) -> float:
     """TE's fused core attention of one A block forward and backward on a preset without a
     fused-attention table: its FLOPs (gemms.other_flops) at the bf16 MAMF x the lower of
-    Efficiency.matmul and the share of MAMF the shape table's GPU measured at its shape (its rows
-    hold a window's share of the full causal kernel as the tabled price does)."""
+    Efficiency.matmul and the share of MAMF the shape table's GPU measured at its shape, windows
+    and sinks as measured (Gemms.attention_time_share) as the tabled price takes them."""
     c = ctx.cluster
     rate = c.mamf_bf16_tflops * 1e12 * eff.matmul
     table = kernel_rates(c.shape_table)
     measured = table.fused_attention_seconds(*gemms.fused_attention) if table and gemms.fused_attention else None
     if not measured or not gemms.other_flops:
         return 3 * gemms.other_flops / rate
-    share = 3 * gemms.other_flops / (measured * gemms.attention_share) / (PRESETS[c.shape_table]["mamf_bf16_tflops"] * 1e12)
+    share = 3 * gemms.other_flops / (measured * gemms.attention_time_share) / (PRESETS[c.shape_table]["mamf_bf16_tflops"] * 1e12)
     return 3 * gemms.other_flops / rate * max(eff.matmul / share, 1.0)
 
 
@@ -228,8 +228,8 @@ def ring_attention_seconds(ctx: Context, lay: Layout, eff: Efficiency) -> float:
         return 0.0
     rates = kernel_rates(ctx.cluster.kernel_table)
     timed = rates.fused_attention_seconds(*gemms.fused_attention) if rates is not None else None
-    if timed is not None:  # as matmul_seconds prices it: a window's share, at a stated compute peak
-        return timed * gemms.attention_share / ctx.cluster.compute_scale
+    if timed is not None:  # as matmul_seconds prices it: windows and sinks as measured, at a stated compute peak
+        return timed * gemms.attention_time_share / ctx.cluster.compute_scale
     return untabled_attention_seconds(ctx, gemms, eff)
 
 
