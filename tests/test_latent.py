@@ -133,6 +133,18 @@ def test_mla_gemm_shapes_add_up_to_its_flops(te, lay):
     assert block_gemms(ctx, "A", lay).flops == pytest.approx(block_flops(ctx, "A") * tokens / lay.tp, rel=1e-9)
 
 
+def test_mla_attention_is_priced_at_its_measured_widths():
+    """DeepSeek-V3's core attention (192-wide keys, 128-wide values, a key per head): the measured
+    H100 kernel over the tables' d=128 one (1.30-1.38), more than the mean width's 160/128; widths
+    not measured keep the mean width's proportion."""
+    ctx, lay = make_context(recipe("deepseek-v3")), Layout(tp=8, sp=True)
+    gemms = block_gemms(ctx, "A", lay)
+    assert gemms.fused_attention is not None and gemms.fused_attention[2] == 128
+    assert 1.3 <= gemms.attention_time_share <= 1.38
+    tiny = block_gemms(make_context(make_spec(TINY_DENSE, **{"model.attention": MLA, **TE})), "A", Layout())
+    assert tiny.attention_time_share == 1.0 and tiny.fused_attention[2] == (16 + 8 + 12) // 2
+
+
 def test_deepseek_v3_flops_per_token_equal_megatron_bridges():
     """models.json: the published DeepSeek-V3 rows imply 260.0 GFLOP per token for a training step
     with one MTP layer and 249.7 without (Megatron-Bridge's flop_utils, its vocabulary padded)."""

@@ -30,6 +30,9 @@ left out; the median of five replays):
 - `fused_attention_variants`: the same kernel with a sliding window (Megatron's window_size (W, 0),
   W in 128 and 1024) and with GPT-OSS's learnable softmax offset per head (softmax_type
   "learnable"), each beside the plain causal kernel timed on the same tensors (`over_causal`);
+- `fused_attention_mla`: the same kernel as multi-latent attention runs it (192-wide queries and
+  keys, 128-wide values, one key and value per head), beside the table's d=128 GQA kernel timed at
+  the same heads and tokens (`over_d128`);
 - `grouped_linear`: forward plus backward of Transformer Engine's GroupedLinear (bf16, no bias,
   only with Transformer Engine installed), G GEMMs of M tokens each with weights [N, K], 6 G M K N
   FLOPs: the routed experts of an E block as megatron-core's TEGroupedMLP runs them (fc1 and fc2
@@ -348,6 +351,48 @@ def fused_attention_variant_rows() -> list[dict]:
     return rows
 
 
+# multi-latent attention's core (DeepSeek-V3, Kimi K2): 192-wide queries and keys (128 + the 64-wide
+# rotary part), 128-wide values, a key and value per head, against the table's d=128 GQA kernel
+MLA_B = (16, 32, 64, 128)
+MLA_S = (2048, 4096, 8192)
+MLA_WIDTHS = ((192, 128),)
+
+
+def fused_attention_mla_rows() -> list[dict]:
+    import transformer_engine.pytorch as te
+
+    rows = []
+    for d_qk, d_v in MLA_WIDTHS:
+        for b in MLA_B:
+            groups = max(1, b // FUSED_QUERY_PER_GROUP)
+            mla = te.DotProductAttention(b, (d_qk, d_v), num_gqa_groups=b, attn_mask_type="causal", qkv_format="sbhd")
+            plain = te.DotProductAttention(b, 128, num_gqa_groups=groups, attn_mask_type="causal", qkv_format="sbhd")
+            for s in MLA_S:
+                q = torch.randn(s, 1, b, d_qk, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                k = torch.randn(s, 1, b, d_qk, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                v = torch.randn(s, 1, b, d_v, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                g = torch.randn(s, 1, b * d_v, device="cuda", dtype=torch.bfloat16)
+                q0 = torch.randn(s, 1, b, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                k0, v0 = (torch.randn(s, 1, groups, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+                g0 = torch.randn(s, 1, b * 128, device="cuda", dtype=torch.bfloat16)
+
+                def step(q=q, k=k, v=v, g=g, mla=mla) -> None:
+                    mla(q, k, v).backward(g)
+                    q.grad = k.grad = v.grad = None
+
+                def reference(q=q0, k=k0, v=v0, g=g0, plain=plain) -> None:
+                    plain(q, k, v).backward(g)
+                    q.grad = k.grad = v.grad = None
+
+                seconds, timer = timed_or_eagerly(step)
+                base, _ = timed_or_eagerly(reference)
+                rows.append({"b": b, "s": s, "d_qk": d_qk, "d_v": d_v, "seconds": seconds, "timer": timer,
+                             "d128_gqa_seconds": base, "over_d128": round(seconds / base, 4)})
+                del q, k, v, g, q0, k0, v0, g0
+                torch.cuda.empty_cache()
+    return rows
+
+
 GROUPED_G = (1, 4, 16, 64, 256)
 GROUPED_M = (128, 512, 2048, 8192)
 GROUPED_KN = (512, 1024, 2048, 4096, 8192, 16384)
@@ -569,7 +614,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
     alone = {"ssd": ssd_rows, "fused_attention": fused_attention_rows, "grouped_linear": grouped_linear_rows,
-             "fused_attention_variants": fused_attention_variant_rows}  # tables that can be measured into an existing file
+             "fused_attention_variants": fused_attention_variant_rows, "fused_attention_mla": fused_attention_mla_rows}  # tables that can be measured into an existing file
     fp8_tables = {"fp8": ("fp8_linear", "fp8_grouped_linear"), "fp8_linear": ("fp8_linear",),
                   "fp8_grouped_linear": ("fp8_grouped_linear",)}
     ap.add_argument("--only", choices=sorted(alone | fp8_tables), help="measure this table alone and merge it into --out")

@@ -126,7 +126,8 @@ class Gemms:
     ssd: tuple[int, int, int, int] | None = None  # M: (heads, tokens, head dim, state) on one rank
     fused_attention: tuple[int, int, int, int] | None = None  # A with TE: (batch x heads, sequence, head dim, CP)
     other_flops: float = 0.0
-    # TE's fused attention time over the full causal kernel's at its shape (attention_time_share)
+    # TE's fused attention time over the tables' full causal kernel at fused_attention's shape:
+    # windows and sinks (attention_time_share), multi-latent widths (latent.latent_gemms)
     attention_time_share: float = 1.0
 
     @property

@@ -193,9 +193,9 @@ def _grid(rows: list[dict], keys: tuple[str, ...], growth: tuple[int, ...]) -> G
     return Grid(axes, log_seconds, growth)
 
 
-# TE's fused attention with sliding windows and learnable softmax offsets (sinks), measured against
-# the plain causal kernel on the same tensors on an H100 (cuDNN's kernels on Hopper); every preset
-# reads these ratios, there being no other GPU's
+# TE's fused attention with sliding windows and learnable softmax offsets (sinks), and with
+# multi-latent attention's widths, measured against the plain causal kernel on an H100 (cuDNN's
+# kernels on Hopper); every preset reads these ratios, there being no other GPU's
 ATTENTION_VARIANTS_TABLE = "h100.json"
 
 
@@ -209,8 +209,9 @@ def window_share(window: int | None, tokens: int) -> float:
 
 
 @cache
-def _variant_rows() -> tuple[dict, ...]:
-    return tuple(json.loads((RATES_DIR / ATTENTION_VARIANTS_TABLE).read_text()).get("fused_attention_variants", ()))
+def _variant_rows(table: str) -> tuple[dict, ...]:
+    """The rows of one of ATTENTION_VARIANTS_TABLE's variant tables (empty where not measured)."""
+    return tuple(json.loads((RATES_DIR / ATTENTION_VARIANTS_TABLE).read_text()).get(table, ()))
 
 
 @cache
@@ -220,7 +221,7 @@ def attention_over_flops(batch_heads: int, tokens: int, head_dim: int, window: i
     shape and window (log distance), or None where none was measured. A 128-key window moves a
     query tile's keys in two partly masked tiles and spends per tile what a long context spreads:
     it ran at 4-5 times its FLOP share; a learnable offset added 10-35%."""
-    rows = [r for r in _variant_rows() if r["sinks"] == sinks]
+    rows = [r for r in _variant_rows("fused_attention_variants") if r["sinks"] == sinks]
     if not rows:
         return None
 
@@ -231,6 +232,20 @@ def attention_over_flops(batch_heads: int, tokens: int, head_dim: int, window: i
 
     nearest = min(rows, key=distance)
     return nearest["over_causal"] / window_share(nearest["window"], nearest["s"])
+
+
+@cache
+def mla_over_d128(batch_heads: int, tokens: int, qk_width: int, v_width: int) -> float | None:
+    """TE's fused attention with multi-latent attention's widths (queries and keys `qk_width` wide
+    with their rotary part, values `v_width`, a key and value per head) over the tables' d=128 GQA
+    kernel at the same heads and tokens, at the nearest measured point (log distance), or None
+    where these widths were not measured. 192/128 ran at 1.30-1.38 of it on an H100, where the
+    mean width's proportion would say 1.25."""
+    rows = [r for r in _variant_rows("fused_attention_mla") if (r["d_qk"], r["d_v"]) == (qk_width, v_width)]
+    if not rows:
+        return None
+    nearest = min(rows, key=lambda r: (abs(math.log(r["b"] / batch_heads)), abs(math.log(r["s"] / tokens))))
+    return float(nearest["over_d128"])
 
 
 @cache

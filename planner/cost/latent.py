@@ -9,6 +9,7 @@ latent; memory.py and step.py add the MTP layers to the stage where Megatron bui
 from __future__ import annotations
 
 from megacpp.planner.cost import activations, blocks, flops
+from megacpp.planner.cost.kernel_rates import mla_over_d128
 from megacpp.planner.search.layout import Context, Layout
 from megacpp.planner.spec.models import LatentAttentionSpec
 
@@ -82,7 +83,12 @@ def latent_gemms(ctx: Context, lay: Layout) -> flops.Gemms:
     core = heads * (qk + v) * ctx.seq * t / tp  # causal QK^T and PV, as latent_flops counts them
     d = ctx.spec.model.head_dim  # the mean of the key and value widths
     if ctx.te:
-        return flops.Gemms(linears, fused_attention=(lay.micro_batch_size * heads // tp, ctx.seq, d, lay.cp), other_flops=core)
+        batch_heads = lay.micro_batch_size * heads // tp
+        over = mla_over_d128(batch_heads, ctx.seq, qk, v)
+        if over is not None:  # the measured kernel at these widths, over the d=128 one at its heads and tokens
+            return flops.Gemms(linears, fused_attention=(batch_heads, ctx.seq, 128, lay.cp), other_flops=core,
+                               attention_time_share=over)
+        return flops.Gemms(linears, fused_attention=(batch_heads, ctx.seq, d, lay.cp), other_flops=core)
     return flops.Gemms(linears, attention=(lay.micro_batch_size * heads // tp, ctx.seq // lay.cp, d))
 
 
