@@ -13,9 +13,9 @@ from megacpp.planner.cost.coefficients import DEFAULT_EFFICIENCY
 from megacpp.planner.cost.flops import Gemms, block_flops, block_gemms, micro_batch_tokens
 from megacpp.planner.cost.kernel_rates import RATES_DIR, TABLES, kernel_rates
 from megacpp.planner.cost.step import (
+    SSD_SHAPE_TABLE,
     UNFUSED_SOFTMAX_BYTES_BACKWARD,
     UNFUSED_SOFTMAX_BYTES_FORWARD,
-    SSD_SHAPE_TABLE,
     core_seconds,
     matmul_seconds,
     untabled_linear_seconds,

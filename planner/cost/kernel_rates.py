@@ -14,6 +14,9 @@ which the step model prices separately, is left out):
   over batch x heads and sequence length, where the table has it;
 - Transformer Engine's GroupedLinear (the routed experts' fc1 or fc2 under TE, forward plus
   backward) over local experts x tokens per expert x K x N, where the table has it;
+- TE's fused attention with sliding windows and learnable softmax offsets, and with multi-latent
+  attention's widths, each over the plain kernel timed beside it (the H100's table; every preset
+  prices its attention by these ratios: attention_over_flops, mla_over_d128);
 - the same Linear and GroupedLinear grids in fp8 through TE's Linear and GroupedLinear under
   `te.autocast`, one set of rows per recipe (Megatron's names: tensorwise, delayed, blockwise),
   the amax, cast and transpose kernels TE runs around the fp8 GEMMs included, where the table has
