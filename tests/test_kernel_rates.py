@@ -13,7 +13,6 @@ from megacpp.planner.cost.coefficients import DEFAULT_EFFICIENCY
 from megacpp.planner.cost.flops import Gemms, block_flops, block_gemms, micro_batch_tokens
 from megacpp.planner.cost.kernel_rates import RATES_DIR, TABLES, kernel_rates
 from megacpp.planner.cost.step import (
-    SSD_SHAPE_TABLE,
     UNFUSED_SOFTMAX_BYTES_BACKWARD,
     UNFUSED_SOFTMAX_BYTES_FORWARD,
     core_seconds,
@@ -113,18 +112,19 @@ def test_gemms_without_table_rows_run_at_the_h100s_share_of_mamf_at_their_shape(
     assert matmul_seconds(ctx, lay, "E", eff) > 3 * experts.flops / rate
 
 
-@pytest.mark.parametrize("preset", ["h100-sxm-8", "b200-sxm-8"])
-def test_the_ssd_scan_without_its_own_rows_runs_at_the_h200s_measured_share_of_mamf(preset):
-    """The M block's conv and SSD scan ran at a few percent of an H200's MAMF, not 0.70: a preset
-    without SSD rows (the H100's table, the Blackwell presets) prices it at that share of its own
-    MAMF, the H200's measured time over their MAMF ratio."""
+@pytest.mark.parametrize("preset", ["b200-sxm-8", "b300-sxm-8"])
+def test_the_ssd_scan_without_its_own_rows_runs_at_the_shape_tables_measured_share_of_mamf(preset):
+    """The M block's conv and SSD scan ran at a few percent of an H100's MAMF, not 0.70: a preset
+    without SSD rows (the Blackwell presets) prices it at that share of its own MAMF, the H100's
+    measured time over their MAMF ratio."""
     spec = load_spec(ROOT / "recipes" / "nemotron-3-nano.yaml", [f"cluster.preset={preset}", "cluster.nodes=1"])
     ctx, lay, eff = make_context(spec), Layout(dp=8, micro_batch_size=1, num_microbatches=8), DEFAULT_EFFICIENCY
     gemms = block_gemms(ctx, "M", lay)
     assert kernel_rates(ctx.cluster.kernel_table) is None or kernel_rates(ctx.cluster.kernel_table).ssd_seconds(*gemms.ssd) is None
-    h200 = kernel_rates(SSD_SHAPE_TABLE).ssd_seconds(*gemms.ssd)
-    ratio = PRESETS[SSD_SHAPE_TABLE]["mamf_bf16_tflops"] / ctx.cluster.mamf_bf16_tflops
-    assert core_seconds(ctx, gemms, eff, "none", 1.0) == pytest.approx(h200 * ratio, rel=1e-9)
+    shape = ctx.cluster.shape_table
+    measured = kernel_rates(shape).ssd_seconds(*gemms.ssd)
+    ratio = PRESETS[shape]["mamf_bf16_tflops"] / ctx.cluster.mamf_bf16_tflops
+    assert core_seconds(ctx, gemms, eff, "none", 1.0) == pytest.approx(measured * ratio, rel=1e-9)
     at_mamf = 3 * gemms.other_flops / (ctx.cluster.mamf_bf16_tflops * 1e12 * eff.matmul)
     assert core_seconds(ctx, gemms, eff, "none", 1.0) > 5 * at_mamf
 

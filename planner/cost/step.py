@@ -151,8 +151,7 @@ def core_seconds(ctx: Context, gemms: Gemms, eff: Efficiency, recompute: str, ag
     recompute repeats (`again`; core attention is repeated under selective recompute too): from the
     preset's kernel-rate table where it has the kernel (the R scan, the SSD scan, fused or unfused
     attention), else its FLOPs at the bf16 MAMF x Efficiency.matmul, TE's fused attention and the
-    SSD scan at no more than the share of MAMF they run at on a table that has them
-    (Cluster.shape_table, SSD_SHAPE_TABLE)."""
+    SSD scan at no more than the share of MAMF they run at on the shape table (Cluster.shape_table)."""
     c = ctx.cluster
     rates = kernel_rates(c.kernel_table)
     attention_again = 4 / 3 if recompute != "none" else 1.0  # selective recompute repeats core attention
@@ -176,23 +175,19 @@ def core_seconds(ctx: Context, gemms: Gemms, eff: Efficiency, recompute: str, ag
     return 3 * gemms.other_flops / (bf16 * eff.matmul) * again
 
 
-# the table whose SSD rows price the M block's scan on presets without them: the only GPU it was
-# measured on (mamba-ssm's kernels need a build the other tables' hosts did not have)
-SSD_SHAPE_TABLE = "h200-sxm-8"
-
-
 def untabled_ssd_seconds(ctx: Context, gemms: Gemms, eff: Efficiency) -> float:
     """The M block's conv and SSD scan forward and backward on a preset without SSD rows: their
     FLOPs (gemms.other_flops) at the bf16 MAMF x the lower of Efficiency.matmul and the share of
-    MAMF SSD_SHAPE_TABLE's GPU ran them at at this shape. The chunked scan is small matmuls and
-    state traffic: it ran at 3-6% of an H200's MAMF, where 0.70 priced it a dozen times too fast."""
+    MAMF the shape table's GPU ran them at at this shape (Cluster.shape_table). The chunked scan is
+    small matmuls and state traffic: it ran at 3-6% of an H100's or H200's MAMF, where 0.70 priced
+    it a dozen times too fast."""
     c = ctx.cluster
     rate = c.mamf_bf16_tflops * 1e12 * eff.matmul
-    table = kernel_rates(SSD_SHAPE_TABLE)
+    table = kernel_rates(c.shape_table)
     measured = table.ssd_seconds(*gemms.ssd) if table and gemms.ssd else None
     if not measured or not gemms.other_flops:
         return 3 * gemms.other_flops / rate
-    share = 3 * gemms.other_flops / measured / (PRESETS[SSD_SHAPE_TABLE]["mamf_bf16_tflops"] * 1e12)
+    share = 3 * gemms.other_flops / measured / (PRESETS[c.shape_table]["mamf_bf16_tflops"] * 1e12)
     return 3 * gemms.other_flops / rate * max(eff.matmul / share, 1.0)
 
 
