@@ -176,34 +176,35 @@ def core_seconds(ctx: Context, gemms: Gemms, eff: Efficiency, recompute: str, ag
 
 
 def untabled_ssd_seconds(ctx: Context, gemms: Gemms, eff: Efficiency) -> float:
-    """The M block's conv and SSD scan forward and backward on a preset without SSD rows: their
-    FLOPs (gemms.other_flops) at the bf16 MAMF x the lower of Efficiency.matmul and the share of
-    MAMF the shape table's GPU ran them at at this shape (Cluster.shape_table). The chunked scan is
+    """The M block's conv and SSD scan forward and backward on a preset without SSD rows, at the
+    share of MAMF the shape table's GPU ran them at (shape_share_seconds). The chunked scan is
     small matmuls and state traffic: it ran at 3-6% of an H100's or H200's MAMF, where 0.70 priced
     it a dozen times too fast."""
-    c = ctx.cluster
-    rate = c.mamf_bf16_tflops * 1e12 * eff.matmul
-    table = kernel_rates(c.shape_table)
-    measured = table.ssd_seconds(*gemms.ssd) if table and gemms.ssd else None
-    if not measured or not gemms.other_flops:
-        return 3 * gemms.other_flops / rate
-    share = 3 * gemms.other_flops / measured / (PRESETS[c.shape_table]["mamf_bf16_tflops"] * 1e12)
-    return 3 * gemms.other_flops / rate * max(eff.matmul / share, 1.0)
+    table = kernel_rates(ctx.cluster.shape_table)
+    return shape_share_seconds(ctx, gemms.other_flops, table.ssd_seconds(*gemms.ssd) if table and gemms.ssd else None, eff)
 
 
 def untabled_attention_seconds(ctx: Context, gemms: Gemms, eff: Efficiency) -> float:
     """TE's fused core attention of one A block forward and backward on a preset without a
-    fused-attention table: its FLOPs (gemms.other_flops) at the bf16 MAMF x the lower of
-    Efficiency.matmul and the share of MAMF the shape table's GPU measured at its shape, windows
-    and sinks as measured (Gemms.attention_time_share) as the tabled price takes them."""
+    fused-attention table, at the share of MAMF the shape table's GPU ran it at
+    (shape_share_seconds), windows and sinks as measured (Gemms.attention_time_share) as the
+    tabled price takes them."""
+    table = kernel_rates(ctx.cluster.shape_table)
+    measured = table.fused_attention_seconds(*gemms.fused_attention) if table and gemms.fused_attention else None
+    return shape_share_seconds(ctx, gemms.other_flops, measured * gemms.attention_time_share if measured else None, eff)
+
+
+def shape_share_seconds(ctx: Context, flops: float, measured: float | None, eff: Efficiency) -> float:
+    """Forward and backward seconds of core work of `flops` forward FLOPs that the shape table's
+    GPU (Cluster.shape_table) ran in `measured` seconds: at the bf16 MAMF x the lower of
+    Efficiency.matmul and the share of its MAMF that GPU reached; at Efficiency.matmul where
+    nothing was measured."""
     c = ctx.cluster
     rate = c.mamf_bf16_tflops * 1e12 * eff.matmul
-    table = kernel_rates(c.shape_table)
-    measured = table.fused_attention_seconds(*gemms.fused_attention) if table and gemms.fused_attention else None
-    if not measured or not gemms.other_flops:
-        return 3 * gemms.other_flops / rate
-    share = 3 * gemms.other_flops / (measured * gemms.attention_time_share) / (PRESETS[c.shape_table]["mamf_bf16_tflops"] * 1e12)
-    return 3 * gemms.other_flops / rate * max(eff.matmul / share, 1.0)
+    if not measured or not flops:
+        return 3 * flops / rate
+    share = 3 * flops / measured / (PRESETS[c.shape_table]["mamf_bf16_tflops"] * 1e12)
+    return 3 * flops / rate * max(eff.matmul / share, 1.0)
 
 
 # an FP8 recipe the shape table has no rows of, read from the rows of one that casts alike: MXFP8
