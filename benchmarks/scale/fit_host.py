@@ -9,11 +9,11 @@ the acceptance's order: the most rows within 15% of the measured tokens/s/GPU, t
 median |error|, then the least |median bias|. Every tuning row counts, since a faster or slower
 host moves every step the host does not hide, and the scale every B200 row. The median alone has
 basins that buy a lower median with rows pushed past 15%, so the count leads. The pair is searched
-on a grid of both: 2 to 6 us by 0.5 and 0.85 to 1.15 by 0.05, then 0.05 us and 0.01 around the best. For reading, each
-tuning row whose exposed host time (step_breakdown.block_overhead) is at least `share` of its
-planned step on the reference hosts (REFERENCE_HOST_LAUNCH_US) is listed with the host class that
-plans it exactly (bisection: the step grows with it), or why none does; their spread says how much
-the rows' other terms disagree.
+on a grid of both: 2 to 6 us by 0.5 and 0.85 to 1.15 by 0.05, then 0.05 us and 0.01 around the
+best. For reading, each tuning row whose exposed host time (step_breakdown.block_overhead) is at
+least `share` of its planned step on the reference hosts (REFERENCE_HOST_LAUNCH_US) is listed with
+the host class that plans it exactly (bisection: the step grows with it), or why none does; their
+spread says how much the rows' other terms disagree.
 """
 
 from __future__ import annotations

@@ -43,8 +43,9 @@ MEASURED_TE_SMALL_KERNEL_TRAFFIC = 18.35
 # overheads hold (5.2-15.2 us per op on every rank; notes, "Host class")
 REFERENCE_HOST_LAUNCH_US = 8.21
 # a DGX H100 / H200 / B200 host (bare-metal two-socket Xeon) running Megatron-Bridge, in the same
-# unit: FITTED, the value that gives the scale benchmark's 36 tuning rows their least median
-# |error| (python -m benchmarks.scale.fit_host; notes, "Host class")
+# unit: FITTED with BLACKWELL_MATMUL_RATE_SCALE on the scale benchmark's 36 tuning rows, the pair
+# with the most rows within 15%, then the least median |error| (python -m benchmarks.scale.fit_host;
+# notes, "Host class")
 DGX_HOST_LAUNCH_US = 3.55
 # the Blackwell presets' sustained matmul rate over MAMF x Efficiency.matmul (whose 0.70 was
 # measured on an H200; no Blackwell GPU has been profiled here): FITTED with DGX_HOST_LAUNCH_US on

@@ -212,9 +212,14 @@ def window_share(window: int | None, tokens: int) -> float:
 
 
 @cache
+def _rates_file(name: str) -> dict:
+    """One committed rates file, read once: the variant tables and a preset's grids share it."""
+    return json.loads((RATES_DIR / name).read_text())
+
+
 def _variant_rows(table: str) -> tuple[dict, ...]:
     """The rows of one of ATTENTION_VARIANTS_TABLE's variant tables (empty where not measured)."""
-    return tuple(json.loads((RATES_DIR / ATTENTION_VARIANTS_TABLE).read_text()).get(table, ()))
+    return tuple(_rates_file(ATTENTION_VARIANTS_TABLE).get(table, ()))
 
 
 @cache
@@ -256,7 +261,7 @@ def kernel_rates(cluster_name: str | None) -> KernelRates | None:
     """The measured table for a preset (Cluster.kernel_table), or None where none was measured."""
     if cluster_name not in TABLES:
         return None
-    doc = json.loads((RATES_DIR / TABLES[cluster_name]).read_text())
+    doc = _rates_file(TABLES[cluster_name])
     return KernelRates(
         linear=_grid(doc["linear"], ("m", "k", "n"), (1, 1, 1)),
         attention=_per_head_dim(doc["attention"], "b", 2),
