@@ -135,7 +135,7 @@ def test_calibrate_the_committed_te_runs_reproduces_the_shipped_te_defaults(h200
     which pin the per-local-expert host time (EXPERT): host time is the host's, whichever GPU the
     step runs on; with the synchronised share of host and GPU time on MoE ranks at its shipped
     0.4, and the context-parallel ring's host time per A block (CP_STEP). Left out one at a time,
-    59 of the 81 within 15%, median 5.6%; the worst is a probe on the slower of the two hosts
+    59 of the 81 within 15%, median 5.8%; the worst is a probe on the slower of the two hosts
     (-40%)."""
     assert h200["transformer_engine"] is True and len(h200["fitted_on"]) == len(_te_runs(TE_RUNS)) and h200["determined"]
     assert h200["composition"] == "longer of host and GPU"
@@ -150,7 +150,7 @@ def test_calibrate_the_committed_te_runs_reproduces_the_shipped_te_defaults(h200
     assert DEFAULT_EFFICIENCY.overhead("E", te=True) != DEFAULT_EFFICIENCY.overhead("E")  # its own table
     assert DEFAULT_EFFICIENCY.overhead(EXPERT) == 0.0 < DEFAULT_EFFICIENCY.overhead(EXPERT, te=True)
     errors = sorted(abs(r["error"]) for r in leave_one_out(observations))
-    assert errors[len(errors) // 2] < 0.057 and sum(e <= 0.15 for e in errors) >= 0.72 * len(errors) and errors[-1] < 0.41
+    assert errors[len(errors) // 2] < 0.059 and sum(e <= 0.15 for e in errors) >= 0.72 * len(errors) and errors[-1] < 0.41
 
 
 @pytest.mark.evidence
@@ -158,20 +158,20 @@ def test_calibrate_fits_the_cluster_s_synchronisation_share(h200):
     """Per cluster, calibrate picks the synchronised share of host and GPU time on MoE ranks whose
     fit predicts the runs left out one at a time best. On the 63 H200 runs that is the shipped
     0.4 (left out, a median 4.1% off, 50 within 15%, 34 within 5%). On the 32 TE runs on H100
-    hosts that are not host probes it is 1.0: left out, a median 6.6% off (27 within 15%), against
-    8.3% (25) at the shipped 0.4. A profile carries the share into `plan --profile`; local-module
+    hosts that are not host probes it is 0.6: left out, a median 6.3% off (25 within 15%), against
+    8.2% (24) at the shipped 0.4. A profile carries the share into `plan --profile`; local-module
     profiles carry none (host time adds whole)."""
     assert h200["synchronised_share"] == DEFAULT_EFFICIENCY.te_sync_exposed == 0.4
     fitted = sorted(abs(r["error"]) for r in h200["leave_one_out"])
     assert fitted[len(fitted) // 2] < 0.042 and sum(e <= 0.15 for e in fitted) >= 0.79 * len(fitted)
     h100_runs = _te_runs(H100_TE)
     h100 = calibrate(h100_runs)
-    assert len(h100["fitted_on"]) == len(h100_runs) and h100["synchronised_share"] == 1.0
+    assert len(h100["fitted_on"]) == len(h100_runs) and h100["synchronised_share"] == 0.6
     fitted = sorted(abs(r["error"]) for r in h100["leave_one_out"])
     shipped = sorted(abs(r["error"]) for r in leave_one_out([observe(r) for r in h100_runs]))
     assert fitted[len(fitted) // 2] < 0.07 < 0.08 < shipped[len(shipped) // 2]
-    assert sum(e <= 0.15 for e in fitted) >= 0.84 * len(fitted) and sum(e <= 0.15 for e in fitted) > sum(e <= 0.15 for e in shipped)
-    assert efficiency_from_profile(h100).te_sync_exposed == 1.0
+    assert sum(e <= 0.15 for e in fitted) >= 0.78 * len(fitted) and sum(e <= 0.15 for e in fitted) > sum(e <= 0.15 for e in shipped)
+    assert efficiency_from_profile(h100).te_sync_exposed == 0.6
     local = calibrate([r for path in GPU_RUNS for r in json.loads(path.read_text())["runs"]])
     assert "synchronised_share" not in local and efficiency_from_profile(local).te_sync_exposed == DEFAULT_EFFICIENCY.te_sync_exposed
     with pytest.raises(PlanError, match="synchronised_share"):

@@ -215,7 +215,7 @@ def test_explain_says_what_the_memory_sums_leave_out():
     copy = next(k for k in notes if k.startswith("the optimizer step's fp32 copy"))
     assert notes[copy] == [0]
     text = (ROOT / "tests" / "golden" / "explain" / "llama-8b-dense.txt").read_text()
-    assert "pp0: transient: the loss's logits" in text  # one stage holds the head (tp1 pp1 cp2 on two nodes)
+    assert "pp1: transient: the loss's logits" in text  # the last stage alone holds the head (tp1 pp2 vpp8)
     text = (ROOT / "tests" / "golden" / "explain" / "mixtral-8x7b.txt").read_text()
     assert "pp0-1: transient: the gradients of the last MoE FFN block's backward" in text
 

@@ -166,10 +166,19 @@ PERF_RECIPES = "perf_recipes/"
 # (dtypes of the spec's training.optimizer). Nemotron 3 Super on 64 H100: Megatron-Bridge
 # recipes/nemotronh/h100/nemotron_3_super.py _nemotron_3_super_pretrain_64gpu_h100_bf16_config sets
 # use_precision_aware_optimizer with main_params_dtype fp16, main_grads_dtype bf16 and bf16 moments
+# DeepSeek-V3 on 1,024 H100 (the card's perf_recipes/deepseek/h100/deepseek_v3.py builds on
+# deepseek_v3_pretrain_config, at the card's commit an alias of recipes/deepseek/h100/deepseek_v3.py
+# deepseek_v3_pretrain_1024gpu_h100_bf16_config): bf16 moments, fp32 master weights
 RECIPE_OPTIMIZERS = {
     "_nemotron_3_super_pretrain_64gpu_h100_bf16_config": {
         "exp_avg_dtype": "bf16", "exp_avg_sq_dtype": "bf16", "main_params_dtype": "fp16"},
+    "deepseek_v3_pretrain_1024gpu_h100_bf16_config (perf_recipes/": {"exp_avg_dtype": "bf16", "exp_avg_sq_dtype": "bf16"},
 }
+# The dispatcher of library recipes whose settings_compact does not name it, as their source sets
+# it: that DeepSeek-V3 library recipe sets moe_flex_dispatcher_backend = "hybridep" and calls
+# apply_flex_dispatcher_backend, which turns the flex dispatcher on for Hopper and Blackwell
+# (training/flex_dispatcher_backend.py)
+RECIPE_DISPATCHERS = {"deepseek_v3_pretrain_1024gpu_h100_bf16_config (perf_recipes/": ("flex", "hybridep")}
 
 
 def _modules(text: str | None) -> tuple[str, ...]:
@@ -209,6 +218,9 @@ def read_recipe(row: dict[str, Any]) -> Recipe:
         dispatcher, backend = "flex", "deepep"
     elif "alltoall dispatcher" in sc:
         dispatcher = "alltoall"
+    else:
+        dispatcher, backend = next((pair for name, pair in RECIPE_DISPATCHERS.items()
+                                    if name in (rc.get("function") or "")), (None, None))
 
     factor = re.search(r"capacity_factor=([\d.]+)", sc)
     token_drop = bool(re.search(r"token-drop|apply_moe_token_drop", sc + family)) or "(tokendrop)" in row["model"]

@@ -32,9 +32,9 @@ MEASURED_BLOCK_OVERHEAD_S = (("A", 0.0), ("D", 2.93e-3), ("E", 12.86e-3), ("M", 
 # Transformer Engine, host time alone, with the small kernels' traffic per byte of saved
 # activations: the pooled fit on 81 TE runs, 63 on H200 and 18 on H100 hosts (the files: notes,
 # "Host time and overheads")
-MEASURED_TE_BLOCK_OVERHEAD_S = (("A", 5.26e-3), ("D", 2.12e-3), ("E", 8.99e-3), ("M", 8.18e-3), ("R", 2.78e-3),
-                                (CP_STEP, 2.18e-3), (EXPERT, 0.247e-3))
-MEASURED_TE_SMALL_KERNEL_TRAFFIC = 18.35
+MEASURED_TE_BLOCK_OVERHEAD_S = (("A", 5.12e-3), ("D", 2.25e-3), ("E", 9.03e-3), ("M", 8.18e-3), ("R", 2.92e-3),
+                                (CP_STEP, 2.18e-3), (EXPERT, 0.248e-3))
+MEASURED_TE_SMALL_KERNEL_TRAFFIC = 18.63
 
 # --- the host class: how fast a host issues GPU work (Cluster.host_launch_us)
 
@@ -46,12 +46,12 @@ REFERENCE_HOST_LAUNCH_US = 8.21
 # unit: FITTED with BLACKWELL_MATMUL_RATE_SCALE on the scale benchmark's 36 tuning rows, the pair
 # with the most rows within 15%, then the least median |error| (python -m benchmarks.scale.fit_host;
 # notes, "Host class")
-DGX_HOST_LAUNCH_US = 3.55
+DGX_HOST_LAUNCH_US = 3.35
 # the Blackwell presets' sustained matmul rate over MAMF x Efficiency.matmul (whose 0.70 was
 # measured on an H200; no Blackwell GPU has been profiled here): FITTED with DGX_HOST_LAUNCH_US on
 # the scale benchmark's B200 tuning rows (python -m benchmarks.scale.fit_host; notes, "Blackwell
 # matmul rate"), carried unfitted to GB200, B300 and GB300
-BLACKWELL_MATMUL_RATE_SCALE = 1.06
+BLACKWELL_MATMUL_RATE_SCALE = 0.98
 # the share of an E block's own host time (not its local experts') that Megatron's "moe_router" and
 # "moe_preprocess" CUDA-graph modules capture (the pre-MLP norm, the router and the dispatcher's
 # preprocess, up to the routed-token counts' copy to the host): about 30 of the 110 kernels an E

@@ -174,6 +174,22 @@ def ep_overlap_unpaired(lay: Layout) -> float:
     return min(1.0, warmup / (lay.num_microbatches * lay.vpp))
 
 
+def pp_overlap_unpaired(lay: Layout) -> float:
+    """Share of a rank's pipeline transfers that no compute hides: all of them under 1F1B, which
+    blocks on each; under the interleaved schedule the pp - 1 hops of the fill and of the drain,
+    which the next stage waits on, of the 2 m vpp the rank sends."""
+    return 1.0 if lay.vpp == 1 else min(1.0, (lay.pp - 1) / (lay.num_microbatches * lay.vpp))
+
+
+def interleaved_p2p_exposed(lay: Layout, hop: float, forward: float, backward: float) -> float:
+    """What shows of one rank's pipeline transfers in a step under the interleaved schedule, each
+    `hop` seconds, with `forward` and `backward` the rank's GPU seconds of one micro-batch: each
+    transfer runs beside the next chunk's pass (1/vpp of the micro-batch's), but the unpaired ones."""
+    m, vpp, unpaired = lay.num_microbatches, lay.vpp, pp_overlap_unpaired(lay)
+    beside = max(hop - forward / vpp, 0.0) + max(hop - backward / vpp, 0.0)
+    return unpaired * 2 * m * vpp * hop + (1 - unpaired) * m * vpp * beside
+
+
 def ring_exposed(hop: float, cp: int, attention: float) -> float:
     """What shows of one A block's K/V ring per micro-batch under TE's context parallelism (its
     p2p ring, Megatron's default --cp-comm-type): each of the cp - 1 hops of K,V (forward) and of
@@ -274,12 +290,17 @@ def communication(
             add(Axis.ETP, "reduce-scatter", etp, routed, m * passes("E"))
     if lay.pp > 1:
         pp = _pp_pair(ctx)
-        # 1F1B blocks on each send/recv. The interleaved schedule posts the next chunk's transfer
-        # before computing the current one (overlap_p2p_comm, Megatron-LM's default with VPP), yet
-        # the committed PP2 x VPP2 runs on 2 x H200 (gpu_runs_h200x2_te_fused.json, _te_heldout,
-        # _etp, _megatronlm) came out no closer with it hidden (-0.7% to +0.7% each; the TE runs
-        # further under), so the whole transfer stays on the step
-        add(Axis.PP, "send-recv", pp, act / (lay.tp if lay.sp else 1), 2 * m * lay.vpp)
+        size, count = act / (lay.tp if lay.sp else 1), 2 * m * lay.vpp
+        if lay.vpp == 1:
+            # 1F1B blocks on each send/recv (batch_p2p_comm)
+            add(Axis.PP, "send-recv", pp, size, count)
+        else:
+            # the interleaved schedule posts each chunk's transfer and computes the next chunk
+            # before waiting on it (overlap_p2p_comm: Megatron-LM's default, and what
+            # Megatron-Bridge's CommOverlapConfig sets, under VPP)
+            hop = group_seconds(ctx, "send-recv", pp, size)
+            out.append(Comm(Axis.PP, "send-recv", pp.size, size * count, pp.link, count * hop,
+                            interleaved_p2p_exposed(lay, hop, forward, backward)))
     big = mem[rank]
     dense, expert = big.params - big.params_expert, big.params_expert
     grad = FP32 if spec.training.grad_reduce_dtype == "fp32" else BF16
@@ -358,7 +379,8 @@ def micro_batch_floor(ctx: Context, lay: Layout, stages: list[Stage], load: floa
     """A lower bound of what communication() exposes per micro-batch on the axes inside every
     micro-batch (TP, CP, EP, ETP, PP), whatever the compute it may hide behind: TP's and EP's
     collectives at least their unpaired share where they overlap (all of them where they do not),
-    ETP's and PP's whole, CP's none. Per shard shape and stage split, without pricing the step."""
+    ETP's whole, PP's unpaired share, CP's none. Per shard shape and stage split, without pricing
+    the step."""
     tp_block, ep_block, etp_block, pp_hop = memo(ctx, ("micro-batch floor", shape(lay), load), lambda: _per_block_seconds(ctx, lay, load))
     fewest, experts = _fewest(ctx, stages, lay.pp)
     passes = _passes(ctx)
@@ -373,7 +395,7 @@ def micro_batch_floor(ctx: Context, lay: Layout, stages: list[Stage], load: floa
     if etp_block and experts:
         floor += experts * passes * etp_block
     if lay.pp > 1:
-        floor += 2 * lay.vpp * pp_hop
+        floor += pp_overlap_unpaired(lay) * 2 * lay.vpp * pp_hop
     return floor
 
 
