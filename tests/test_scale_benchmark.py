@@ -256,6 +256,17 @@ def test_nemotron_3_super_h100_holds_its_recipes_optimizer_state() -> None:
     assert first["gradients_gib"] == pytest.approx(first["weights_gib"])
 
 
+def test_a_card_row_takes_the_dispatcher_and_adam_state_its_library_recipe_sets() -> None:
+    """DeepSeek-V3's card run on 1,024 H100 names no dispatcher: its perf recipe builds on the
+    library recipe, which sets HybridEP and bf16 Adam moments. An older summary row that states
+    its dispatcher keeps its own."""
+    conv = convert(row(4))
+    spec = spec_from_dict(conv.spec)
+    assert (spec.model.moe.dispatcher, spec.model.moe.flex_backend) == ("flex", "hybridep")
+    assert (spec.training.optimizer.exp_avg_dtype, spec.training.optimizer.exp_avg_sq_dtype) == ("bf16", "bf16")
+    assert not any("dispatcher not stated" in a for a in conv.assumptions)
+    assert spec_from_dict(convert(row(39)).spec).model.moe.flex_backend == "deepep"  # 25.09, stated
+
 PUBLISHED = {f"row{sel.row['row_id']}": convert(sel.row).spec for sel in select_newest(load_runs())}
 
 
