@@ -267,6 +267,14 @@ def test_a_card_row_takes_the_dispatcher_and_adam_state_its_library_recipe_sets(
     assert not any("dispatcher not stated" in a for a in conv.assumptions)
     assert spec_from_dict(convert(row(39)).spec).model.moe.flex_backend == "deepep"  # 25.09, stated
 
+def test_the_cards_peaks_are_read_as_the_gb_megatron_bridge_prints() -> None:
+    """Megatron-Bridge's memory report prints bytes / 1e9 ("memory (GB)"), which the verification
+    cards copy under a GiB label: Super's 59.000 is 54.95 GiB. A row without a peak has none."""
+    assert truth.published_peak_gib(row(2)) == pytest.approx(59.0e9 / 2**30, abs=1e-3)
+    assert truth.published_peak_gib(row(86)) is None
+    published = run._published(row(2))
+    assert published["peak_allocated_reported_gb"] == 59.0 and published["peak_allocated_gib"] == pytest.approx(54.948)
+
 PUBLISHED = {f"row{sel.row['row_id']}": convert(sel.row).spec for sel in select_newest(load_runs())}
 
 

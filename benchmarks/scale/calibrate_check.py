@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from benchmarks.scale.truth import convert, load_runs, select_newest
+from benchmarks.scale.truth import convert, load_runs, published_peak_gib, select_newest
 from megacpp.planner.calibrate.cluster_fit import calibrate_table, step_seconds
 from megacpp.runtime.cli.inputs import read_table
 
@@ -47,7 +47,7 @@ def write_tables(system: str, out: Path) -> dict[str, Path]:
             "tp": p["tp"], "pp": p["pp"], "vpp": p["vpp"], "cp": p["cp"], "ep": p["ep"], "etp": p.get("etp", ""),
             "mbs": spec["training"]["micro_batch_size"], "gbs": spec["training"]["global_batch_size"], "seq": row["seq_length"], "precision": spec["training"]["precision"],
             "recompute": spec["training"]["recompute"], "tokens_per_s_per_gpu": row["tokens_per_sec_per_gpu"],
-            "peak_gib": row.get("peak_allocated_memory_gib") or "",
+            "peak_gib": published_peak_gib(row) or "",
         })
     paths = {}
     for half, table in rows.items():

@@ -258,11 +258,16 @@ def render_markdown(result: dict[str, Any]) -> str:
             + f". Breakdown: {terms}.")
     lines.append("")
 
-    mem = [[r["row_id"], r["model_key"], r["num_gpus"], r["published"]["peak_allocated_gib"], r["pinned"]["peak_gib"],
-            r["status"]] for r in _planned(records) if r["published"]["peak_allocated_gib"]]
+    mem = [[r["row_id"], r["model_key"], r["num_gpus"], r["published"]["peak_allocated_reported_gb"],
+            r["published"]["peak_allocated_gib"], r["pinned"]["peak_gib"],
+            f"{r['pinned']['peak_gib'] / r['published']['peak_allocated_gib'] - 1:+.1%}", r["status"]]
+           for r in _planned(records) if r["published"]["peak_allocated_gib"]]
     if mem:
-        lines += ["## Memory where the run's peak is published", ""]
-        lines += _table(["row", "model", "GPUs", "measured peak allocated GiB", "planned peak GiB", "mapping"], mem)
+        lines += ["## Memory where the run's peak is published", "",
+                  "The cards print Megatron-Bridge's memory report, bytes / 1e9 (\"memory (GB)\"), under a GiB "
+                  "label; the measured peak is that figure in GiB.", ""]
+        lines += _table(["row", "model", "GPUs", "reported peak allocated GB", "measured peak allocated GiB",
+                         "planned peak GiB", "error", "mapping"], mem)
 
     lines += ["## Every configuration", ""]
     every = []

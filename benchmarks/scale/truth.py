@@ -65,6 +65,18 @@ def load_models() -> dict[str, Any]:
     return json.loads(MODELS_FILE.read_text())
 
 
+# Megatron-Bridge's report_memory (src/megatron/bridge/training/utils/train_utils.py) prints torch's
+# peak allocated bytes / 1e9, rounded to 5 significant digits, as "memory (GB)"; the verification
+# cards copy those figures under a GiB label (each has 5 significant digits: 59.000, 158.220, ...)
+REPORTED_MEMORY_UNIT = 1e9
+
+
+def published_peak_gib(row: dict[str, Any]) -> float | None:
+    """The run's published peak allocated memory in GiB, from the card's figure in GB."""
+    value = row.get("peak_allocated_memory_gib")
+    return None if value is None else round(value * REPORTED_MEMORY_UNIT / 2**30, 3)
+
+
 # ---------------------------------------------------------------------------------------------
 # selection and split
 
