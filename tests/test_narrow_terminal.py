@@ -54,6 +54,7 @@ def test_explain_keeps_its_numbers(screen, mixtral):
     text = "\n".join(_lines(screen))
     for a in doc["axes"]:
         assert f"{a['seconds_per_step']:.3f}" in text and f"{a['bytes_per_step'] / 1e9:,.1f}" in text
+        assert f"{a['exposed_seconds_per_step']:.3f}" in text
     for r in doc["ranks"]:
         if r["node"] in (0, 7):  # the nodes shown (the rest are elided)
             assert f"r{r['rank']}" in text and f"{r['tp']}.{r['cp']}.{r['dp']}.{r['pp']}" in text

@@ -281,9 +281,9 @@ def explain_text(doc: dict[str, Any]) -> None:
         mark = " [bold red]← costliest[/]" if a["axis"] == doc["costliest_axis"] else ""
         coll = ", ".join(dict.fromkeys(a["collectives"])) or "-"
         rows.append([a["axis"], str(a["degree"]), a["partitions"], f"{coll} ({a['link']})", _gb(a["bytes_per_step"]),
-                     f"{a['seconds_per_step']:.3f}{mark}", a["cannot_fix"]])
+                     f"{a['seconds_per_step']:.3f}", f"{a['exposed_seconds_per_step']:.3f}{mark}", a["cannot_fix"]])
     columns = [("axis", "left", True), ("degree", "left", True), ("partitions", "left", False), ("collectives (link)", "left", False),
-               ("GB/step", "left", True), ("s/step", "left", True), ("cannot fix", "left", False)]
+               ("GB/step", "left", True), ("s/step", "left", True), ("on the step", "left", True), ("cannot fix", "left", False)]
     out.print(fitted_table(columns, rows, "axes: what each split partitions here, what it costs, what it cannot fix"))
 
     rows = []
