@@ -181,10 +181,11 @@ def pp_overlap_unpaired(lay: Layout) -> float:
     return 1.0 if lay.vpp == 1 else min(1.0, (lay.pp - 1) / (lay.num_microbatches * lay.vpp))
 
 
-def interleaved_p2p_exposed(lay: Layout, hop: float, forward: float, backward: float) -> float:
-    """What shows of one rank's pipeline transfers in a step under the interleaved schedule, each
-    `hop` seconds, with `forward` and `backward` the rank's GPU seconds of one micro-batch: each
-    transfer runs beside the next chunk's pass (1/vpp of the micro-batch's), but the unpaired ones."""
+def pipeline_p2p_exposed(lay: Layout, hop: float, forward: float, backward: float) -> float:
+    """What shows of one rank's 2 m vpp pipeline transfers in a step, each `hop` seconds, with
+    `forward` and `backward` the rank's GPU seconds of one micro-batch: all of them under 1F1B;
+    under the interleaved schedule each runs beside the next chunk's pass (1/vpp of the
+    micro-batch's), but the unpaired ones (pp_overlap_unpaired)."""
     m, vpp, unpaired = lay.num_microbatches, lay.vpp, pp_overlap_unpaired(lay)
     beside = max(hop - forward / vpp, 0.0) + max(hop - backward / vpp, 0.0)
     return unpaired * 2 * m * vpp * hop + (1 - unpaired) * m * vpp * beside
@@ -290,17 +291,13 @@ def communication(
             add(Axis.ETP, "reduce-scatter", etp, routed, m * passes("E"))
     if lay.pp > 1:
         pp = _pp_pair(ctx)
+        # 1F1B blocks on each send/recv (batch_p2p_comm); the interleaved schedule posts each
+        # chunk's transfer and computes the next chunk before waiting on it (overlap_p2p_comm:
+        # Megatron-LM's default, and what Megatron-Bridge's CommOverlapConfig sets, under VPP)
         size, count = act / (lay.tp if lay.sp else 1), 2 * m * lay.vpp
-        if lay.vpp == 1:
-            # 1F1B blocks on each send/recv (batch_p2p_comm)
-            add(Axis.PP, "send-recv", pp, size, count)
-        else:
-            # the interleaved schedule posts each chunk's transfer and computes the next chunk
-            # before waiting on it (overlap_p2p_comm: Megatron-LM's default, and what
-            # Megatron-Bridge's CommOverlapConfig sets, under VPP)
-            hop = group_seconds(ctx, "send-recv", pp, size)
-            out.append(Comm(Axis.PP, "send-recv", pp.size, size * count, pp.link, count * hop,
-                            interleaved_p2p_exposed(lay, hop, forward, backward)))
+        hop = group_seconds(ctx, "send-recv", pp, size)
+        out.append(Comm(Axis.PP, "send-recv", pp.size, size * count, pp.link, count * hop,
+                        pipeline_p2p_exposed(lay, hop, forward, backward)))
     big = mem[rank]
     dense, expert = big.params - big.params_expert, big.params_expert
     grad = FP32 if spec.training.grad_reduce_dtype == "fp32" else BF16
