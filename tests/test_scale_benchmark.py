@@ -275,6 +275,18 @@ def test_the_cards_peaks_are_read_as_the_gb_megatron_bridge_prints() -> None:
     published = run._published(row(2))
     assert published["peak_allocated_reported_gb"] == 59.0 and published["peak_allocated_gib"] == pytest.approx(54.948)
 
+def test_the_deep_rank_counts_the_vpp_variants_of_a_layout_once() -> None:
+    """Llama-3-70B on 64 H100 (row 86): many of the layouts the plan puts ahead of the published
+    one are VPP variants of a few, which the distinct rank counts once; a pinned step faster than
+    every candidate is first either way."""
+    conv = convert(row(86))
+    pinned = run.plan_pinned(conv.spec, row(86)["tokens_per_sec_per_gpu"])
+    ranks = run.deep_rank(conv.search_spec, pinned)
+    assert 1 < ranks["rank_distinct"] < ranks["rank_deep"] <= run.RANK_DEPTH
+    assert ranks["in_top_distinct"] == (ranks["rank_distinct"] <= run.SEARCH_TOP)
+    assert run.deep_rank(conv.search_spec, {**pinned, "step_seconds": 0.0}) == {
+        "rank_deep": 1, "rank_distinct": 1, "in_top_distinct": True}
+
 PUBLISHED = {f"row{sel.row['row_id']}": convert(sel.row).spec for sel in select_newest(load_runs())}
 
 

@@ -36,6 +36,8 @@ RESULTS = HERE / "results"
 # layouts are one or two nodes, where the space is small and the comparison says little.
 SEARCH_MIN_GPUS = 64
 SEARCH_TOP = 5
+# how deep the published layout's rank is read (rank_deep, rank_distinct), in a second, untimed plan
+RANK_DEPTH = 300
 # The planner's host-bound flag (cost.step.host_bound, as `megacpp plan` and `explain layout` say it):
 # the host's time beyond the GPU's work is the largest term of the step breakdown.
 HOST_BOUND = "the exposed per-block host time (step_breakdown.block_overhead) is the largest term of the step"
@@ -126,7 +128,27 @@ def search(spec: dict[str, Any], pinned: dict[str, Any]) -> dict[str, Any]:
     else:
         out.update(rank=None, in_top=False, rank_note=f"more than {SEARCH_TOP - 1} fitting layouts are faster")
     out["claimed_speedup"] = round(step / fitting[0]["step_seconds"], 4) if fitting else None
+    if pinned["fits"]:
+        out.update(deep_rank(spec, pinned))
     return out
+
+
+def _base(lay: dict[str, Any]) -> tuple[Any, ...]:
+    """A layout up to its VPP (and the DP that follows tp, pp and cp)."""
+    return lay["tp"], lay["pp"], lay["cp"], lay.get("ep") or 1, lay.get("etp")
+
+
+def deep_rank(spec: dict[str, Any], pinned: dict[str, Any]) -> dict[str, Any]:
+    """The published layout's rank with the top RANK_DEPTH candidates in hand (None beyond), and
+    its rank when the layouts that differ only in VPP count once: 1 + the other layouts of which
+    some VPP is estimated strictly faster than the pinned estimate."""
+    plan = build_plan(spec_from_dict(spec, source=spec["name"]), top=RANK_DEPTH).to_json_dict()
+    step, mine = pinned["step_seconds"], _base(pinned["layout"])
+    faster = [c["layout"] for c in plan["candidates"] if c["fits"] and c["time"]["step_seconds"] < step]
+    deep = 1 + len(faster) if len(faster) < RANK_DEPTH else None
+    others = {_base(lay) for lay in faster} - {mine}
+    distinct = 1 + len(others) if deep is not None else None
+    return {"rank_deep": deep, "rank_distinct": distinct, "in_top_distinct": distinct is not None and distinct <= SEARCH_TOP}
 
 
 def evaluate(sel: Selected, conv: Conversion, with_search: bool) -> dict[str, Any]:
@@ -192,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
                    + "".join(f" --only {k}" for k in args.only or []),
         "truth_rows": len(load_runs()),
         "only": args.only,
-        "search": {"enabled": args.search, "min_gpus": SEARCH_MIN_GPUS, "top": SEARCH_TOP},
+        "search": {"enabled": args.search, "min_gpus": SEARCH_MIN_GPUS, "top": SEARCH_TOP, "rank_depth": RANK_DEPTH},
         "host_bound": HOST_BOUND,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
         "wall_seconds": round(wall, 1),
