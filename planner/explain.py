@@ -37,10 +37,12 @@ NEIGHBOUR_AXES = (Axis.TP, Axis.PP, Axis.CP, Axis.EP, Axis.ETP, Axis.VPP)
 
 def _axis_rows(ctx: Context, lay: Layout, cand: Candidate) -> list[dict[str, Any]]:
     groups = process_groups(lay)
+    def empty() -> dict[str, Any]:
+        return {"collectives": [], "bytes_per_step": 0, "seconds": 0.0, "exposed": 0.0, "links": set()}
+
     comm: dict[Axis, dict[str, Any]] = {}
     for c in cand.communication:
-        row = comm.setdefault(c.axis, {"collectives": [], "bytes_per_step": 0, "seconds": 0.0, "exposed": 0.0,
-                                       "links": set()})
+        row = comm.setdefault(c.axis, empty())
         row["collectives"].append(c.collective)
         row["bytes_per_step"] += c.bytes_per_step
         row["seconds"] += c.seconds
@@ -50,7 +52,7 @@ def _axis_rows(ctx: Context, lay: Layout, cand: Candidate) -> list[dict[str, Any
     for axis, (partitions, cannot_fix) in TAXONOMY.items():
         if axis in (Axis.EP, Axis.ETP, Axis.EDP) and not ctx.has_moe:
             continue
-        c = comm.get(axis, {"collectives": [], "bytes_per_step": 0, "seconds": 0.0, "exposed": 0.0, "links": set()})
+        c = comm.get(axis) or empty()
         rows.append({
             "axis": axis.value,
             "degree": lay.degree(axis),

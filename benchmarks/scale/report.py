@@ -109,17 +109,13 @@ def _times(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}x"
 
 
-def _rank(r: dict[str, Any], top: int) -> str:
-    if r["search"]["rank"] is not None:
-        return str(r["search"]["rank"])
-    return f"> {top}" if r["pinned"]["fits"] else "does not fit"
-
-
-def _deep(r: dict[str, Any], key: str, depth: int) -> str:
-    if not r["pinned"]["fits"]:
-        return "does not fit"
+def _rank(r: dict[str, Any], key: str, known_to: int) -> str:
+    """One of the search's ranks of the published layout ("rank", "rank_deep", "rank_distinct"),
+    known up to `known_to`."""
     value = r["search"].get(key)
-    return str(value) if value is not None else f"> {depth}"
+    if value is not None:
+        return str(value)
+    return f"> {known_to}" if r["pinned"]["fits"] else "does not fit"
 
 
 def _layout(p: dict[str, Any]) -> str:
@@ -247,7 +243,7 @@ def render_markdown(result: dict[str, Any]) -> str:
                   f"VPP is estimated faster): counted so, the published layout is in the top {top} on "
                   f"{s['search']['all']['in_top_distinct']} of {s['search']['all']['rows']}.", ""]
         detail = [[r["row_id"], r["model_key"], r["system"], r["num_gpus"], _layout(r["published"]),
-                   _rank(r, top), _deep(r, "rank_deep", depth), _deep(r, "rank_distinct", depth),
+                   _rank(r, "rank", top), _rank(r, "rank_deep", depth), _rank(r, "rank_distinct", depth),
                    _search_layout(r["search"]["top"][0]["layout"]) if r["search"]["top"] else "-",
                    _times(r["search"]["claimed_speedup"]), f"{r['search']['plan_seconds']:.1f}"]
                   for r in records if r["search"] and r["search"]["outcome"] == "searched"]

@@ -193,6 +193,11 @@ RECIPE_OPTIMIZERS = {
 RECIPE_DISPATCHERS = {"deepseek_v3_pretrain_1024gpu_h100_bf16_config (perf_recipes/": ("flex", "hybridep")}
 
 
+def _from_source(table: dict[str, Any], function: str) -> Any:
+    """The entry of a RECIPE_* table whose recipe function the row's names, or None."""
+    return next((value for name, value in table.items() if name in function), None)
+
+
 def _modules(text: str | None) -> tuple[str, ...]:
     return tuple(m.strip(" '\"") for m in (text or "").split(",") if m.strip(" '\""))
 
@@ -231,8 +236,7 @@ def read_recipe(row: dict[str, Any]) -> Recipe:
     elif "alltoall dispatcher" in sc:
         dispatcher = "alltoall"
     else:
-        dispatcher, backend = next((pair for name, pair in RECIPE_DISPATCHERS.items()
-                                    if name in (rc.get("function") or "")), (None, None))
+        dispatcher, backend = _from_source(RECIPE_DISPATCHERS, rc.get("function") or "") or (None, None)
 
     factor = re.search(r"capacity_factor=([\d.]+)", sc)
     token_drop = bool(re.search(r"token-drop|apply_moe_token_drop", sc + family)) or "(tokendrop)" in row["model"]
@@ -259,7 +263,7 @@ def read_recipe(row: dict[str, Any]) -> Recipe:
     tp_overlap = tp_overlap or (nemo and row["tp"] > 1 and row["model_key"] in NEMO_TP_OVERLAP)
 
     function = rc.get("function") or ""
-    optimizer = next((tuple(dtypes.items()) for name, dtypes in RECIPE_OPTIMIZERS.items() if name in function), ())
+    optimizer = tuple((_from_source(RECIPE_OPTIMIZERS, function) or {}).items())
 
     # "activation_offload=expert_fc1 (fraction 1.0)": fine-grained activation offloading
     offload = re.search(r"activation_offload=([a-z0-9_,]+)(?: \(fraction ([\d.]+)\))?", sc)
