@@ -356,11 +356,13 @@ def _candidate(ctx: Context, lay: Layout, est: Estimate, high: Estimate | None, 
     )
 
 
-def build_plan(spec: Spec, top: int = 10, profile: Profile = DEFAULTS, cluster: Cluster | None = None) -> Plan:
+def build_plan(spec: Spec, top: int = 10, profile: Profile = DEFAULTS, cluster: Cluster | None = None,
+               every_vpp: bool = False) -> Plan:
     """Search the layout space of `spec`, estimate every legal layout with the factors of
     `profile`, and rank them (on `cluster`, default the spec's as resolve_cluster builds it).
 
-    Ranking: layouts that fit in memory first, then by estimated step time.
+    Ranking: layouts that fit in memory first, then by estimated step time. A layout ranks once,
+    at its best VPP (VPP changes the schedule, not the groups), unless `every_vpp`.
     """
     if top < 1:
         raise PlanError(f"--top {top}: must be at least 1")
@@ -399,6 +401,7 @@ def build_plan(spec: Spec, top: int = 10, profile: Profile = DEFAULTS, cluster: 
         yield from ((misfit, bound, i) for bound, i in sorted((floor(legal[i]), i) for i in group))
 
     scored: list[tuple[Any, ...]] = []
+    kept: dict[tuple[int | bool, ...], tuple[Any, ...]] = {}  # the best VPP of each layout in `scored`
     for misfit, bound, i in chain(by_floor(False, fitting), by_floor(True, misfits)):
         if len(scored) >= top and (misfit, bound) > scored[top - 1][:2]:
             break
@@ -409,8 +412,15 @@ def build_plan(spec: Spec, top: int = 10, profile: Profile = DEFAULTS, cluster: 
         est = estimate(ctx, lay, stages, eff)
         high = estimate(ctx, lay, stages, eff, load) if load > 1 and lay.ep > 1 else None
         # fitting layouts first, then faster, then lighter on memory
-        insort(scored, (misfit, round(est.step_seconds, 9), round(est.peak_gib, 3), lay.short(), lay, est, high),
-               key=lambda t: t[:4])
+        entry = (misfit, round(est.step_seconds, 9), round(est.peak_gib, 3), lay.short(), lay, est, high)
+        if not every_vpp:
+            other = kept.get(lay.but_vpp())
+            if other is not None and other[:4] <= entry[:4]:
+                continue
+            if other is not None:
+                scored.remove(other)
+            kept[lay.but_vpp()] = entry
+        insort(scored, entry, key=lambda t: t[:4])
     chosen = [
         _candidate(ctx, lay, est, high, warnings).model_copy(update={"rank": i})
         for i, (*_, lay, est, high) in enumerate(scored[:top])

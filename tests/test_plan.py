@@ -138,7 +138,13 @@ def test_the_ranking_is_the_one_pricing_every_layout_in_full_gives(recipe, overr
         scored.append(((high or est).peak_gib > ctx.cluster.gpu_memory_gib, round(est.step_seconds, 9), round(est.peak_gib, 3),
                        lay.short(), lay))
     scored.sort(key=lambda t: t[:4])
-    assert [c.layout for c in plan.candidates] == [t[-1] for t in scored[:5]]
+    assert [c.layout for c in build_plan(spec, top=5, every_vpp=True).candidates] == [t[-1] for t in scored[:5]]
+    # by default each layout ranks once, at its best VPP
+    best: dict = {}
+    for t in scored:
+        best.setdefault(t[-1].but_vpp(), t)
+    assert [c.layout for c in plan.candidates] == [t[-1] for t in list(best.values())[:5]]
+    assert len({c.layout.but_vpp() for c in plan.candidates}) == len(plan.candidates)
     assert plan.fitting_count == sum(not t[0] for t in scored)
 
 

@@ -83,6 +83,10 @@ class Layout(BaseModel):
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump()
 
+    def but_vpp(self) -> tuple[int | bool, ...]:
+        """The layout up to its VPP: the same groups on the same ranks, whatever the chunks."""
+        return self.tp, self.pp, self.cp, self.dp, self.ep, self.etp, self.sp, self.micro_batch_size
+
     def short(self, mbs: bool = True, compact: bool = False) -> str:
         """"tp2 pp1 dp4 ep2 etp1 sp mbs1": tp, pp and dp always, vpp, cp and ep above 1, etp where
         it differs from tp. `compact` drops every axis of size 1 ("1 GPU" when nothing is left)."""

@@ -61,6 +61,8 @@ def plan(
     nodes: NodesOpt = None,
     set_: SetOpt = [],  # noqa: B006
     top: Annotated[int, typer.Option("--top", min=1, help="How many ranked layouts to show/keep.")] = 10,
+    every_vpp: Annotated[bool, typer.Option(
+        "--every-vpp", help="Rank each VPP of a layout on its own (default: each layout once, at its best VPP).")] = False,
     as_json: JsonOpt = False,
     out: Annotated[Path | None, typer.Option("--out", help="Write the plan document to this file.")] = None,
     profile: Annotated[Path | None, typer.Option("--profile", help="Cluster profile from `megacpp calibrate`.")] = None,
@@ -72,7 +74,8 @@ def plan(
     loaded = _spec_or_plan(spec, set_, cluster, nodes)
     if isinstance(loaded, Plan):
         raise PlanError(f"{spec}: is already a plan; pass the spec YAML to re-plan, or use `megacpp explain layout {spec}`")
-    result = build_plan(loaded, top=top, profile=_read_profile(profile, loaded) if profile is not None else DEFAULTS)
+    result = build_plan(loaded, top=top, profile=_read_profile(profile, loaded) if profile is not None else DEFAULTS,
+                        every_vpp=every_vpp)
     text = json.dumps(result.to_json_dict(), indent=2)
     if out is not None:
         try:
