@@ -277,15 +277,18 @@ def test_the_cards_peaks_are_read_as_the_gb_megatron_bridge_prints() -> None:
 
 def test_the_deep_rank_counts_the_vpp_variants_of_a_layout_once() -> None:
     """Llama-3-70B on 64 H100 (row 86): many of the layouts the plan puts ahead of the published
-    one are VPP variants of a few, which the distinct rank counts once; a pinned step faster than
-    every candidate is first either way."""
+    one are VPP variants of a few, which the distinct rank counts once, as `megacpp plan` ranks;
+    a pinned step faster than every candidate is first either way."""
     conv = convert(row(86))
     pinned = run.plan_pinned(conv.spec, row(86)["tokens_per_sec_per_gpu"])
     ranks = run.deep_rank(conv.search_spec, pinned)
     assert 1 < ranks["rank_distinct"] < ranks["rank_deep"] <= run.RANK_DEPTH
-    assert ranks["in_top_distinct"] == (ranks["rank_distinct"] <= run.SEARCH_TOP)
+    assert ranks["in_top_every_vpp"] == (ranks["rank_deep"] <= run.SEARCH_TOP)
     assert run.deep_rank(conv.search_spec, {**pinned, "step_seconds": 0.0}) == {
-        "rank_deep": 1, "rank_distinct": 1, "in_top_distinct": True}
+        "rank_deep": 1, "rank_distinct": 1, "in_top_every_vpp": True}
+    # the plan's own top, each layout once, agrees with the distinct rank read deeper
+    found = run.search(conv.search_spec, pinned)
+    assert found["rank"] == ranks["rank_distinct"] if ranks["rank_distinct"] <= run.SEARCH_TOP else found["rank"] is None
 
 PUBLISHED = {f"row{sel.row['row_id']}": convert(sel.row).spec for sel in select_newest(load_runs())}
 
@@ -299,3 +302,42 @@ def test_every_published_run_renders_flags_mains_parser_takes(name: str) -> None
     args = megatron_args(plan.context, plan.candidates[0], TrainOptions())
     flags = {a for a in args if a.startswith("--")}
     assert flags and flags <= known_flags("main"), flags - known_flags("main")
+
+
+# ---------------------------------------------------------------------------------------------
+# the independent check: GB200, GB300 and B300 runs, which nothing is fitted to
+
+
+@pytest.mark.parametrize("nodes, segment", [(2, 2), (16, 16), (18, 18), (32, 16), (64, 16), (20, 10), (19, 1)])
+def test_an_nvl72_run_gets_megatron_bridges_slurm_segment(nodes: int, segment: int) -> None:
+    assert truth.nvl72_segment(nodes) == segment
+
+
+def test_an_nvl72_run_plans_on_its_segments_nvlink_domain() -> None:
+    # 256 GPUs are 64 trays, given as 4 segments of 16 trays: 64 GPUs share NVLink, not 72
+    assert truth.cluster("GB200", 256) == {"preset": "gb200-nvl72", "nodes": 64, "nvlink_domain": 64}
+    assert truth.cluster("GB300", 8) == {"preset": "gb300-nvl72", "nodes": 2, "nvlink_domain": 8}
+    assert truth.cluster("B300", 64) == {"preset": "b300-sxm-8", "nodes": 8}
+    assert truth.cluster("H100", 64) == {"preset": "h100-sxm-8", "nodes": 8}
+
+
+def test_the_independent_runs_are_kept_apart_from_the_runs_the_model_is_fitted_to() -> None:
+    independent = load_runs(truth.INDEPENDENT_FILE)
+    assert independent and all(r["system"] in truth.INDEPENDENT_SYSTEMS and r["source_url"] for r in independent)
+    assert not any(r["system"] in truth.INDEPENDENT_SYSTEMS for r in load_runs())
+    assert not {r["row_id"] for r in independent} & {r["row_id"] for r in load_runs()}
+    selected = select_newest(independent)
+    assert {s.half for s in selected} == {"independent"}
+    # the fits read load_runs() alone: published H100 and B200 rows
+    assert {s.row["system"] for s in select_newest(load_runs())} == {"H100", "B200"}
+
+
+def test_the_independent_check_writes_its_own_report(tmp_path) -> None:
+    assert run.main(["--truth", "independent", "--only", "llama3_8b", "--no-search", "--out", str(tmp_path)]) == 0
+    assert not (tmp_path / "scale.json").exists()
+    data = json.loads((tmp_path / "independent.json").read_text())
+    assert data["truth"]["name"] == "independent" and set(data["summary"]["accuracy"]) == {"all"}
+    assert data["rows"] and {r["system"] for r in data["rows"]} <= set(truth.INDEPENDENT_SYSTEMS)
+    assert all(r["half"] == "independent" for r in data["rows"])
+    md = (tmp_path / "independent.md").read_text()
+    assert md.startswith("# Independent check") and "GB200, GB300 and B300" in md

@@ -2,7 +2,7 @@
 tokens/s/GPU; for runs on 64 GPUs or more, also search the layout space and rank the published
 layout. Writes results/scale.json and results/scale.md (README.md says how to read them).
 
-    python -m benchmarks.scale.run [--out DIR] [--search/--no-search] [--only MODEL_KEY]
+    python -m benchmarks.scale.run [--out DIR] [--search/--no-search] [--only MODEL_KEY] [--truth SET]
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from typing import Any
 from benchmarks.scale.report import render_markdown, summarise
 from benchmarks.scale.truth import (
     HERE,
+    INDEPENDENT_FILE,
+    RUNS_FILE,
     Conversion,
     Selected,
     as_run,
@@ -32,6 +34,11 @@ from megacpp.planner.cost.step import deciding_term, host_bound
 from megacpp.planner.spec.clusters import resolve_cluster
 
 RESULTS = HERE / "results"
+# each truth set: its rows, the report's file stem, the systems it covers and the halves it reports
+TRUTHS = {
+    "published": (RUNS_FILE, "scale", "H100 and B200", ("tuning", "held-out", "all")),
+    "independent": (INDEPENDENT_FILE, "independent", "GB200, GB300 and B300", ("all",)),
+}
 # A run is searched with its layout unpinned from this many GPUs up: below it the published
 # layouts are one or two nodes, where the space is small and the comparison says little.
 SEARCH_MIN_GPUS = 64
@@ -105,9 +112,10 @@ def plan_pinned(spec: dict[str, Any], measured: float, cluster_fields: dict[str,
 
 def search(spec: dict[str, Any], pinned: dict[str, Any]) -> dict[str, Any]:
     """The full search with the layout free (micro-batch size, batch, precision, recompute and
-    cluster as published). The published layout's rank among fitting layouts is 1 + the fitting
-    candidates strictly faster than its pinned estimate; with the top SEARCH_TOP candidates in
-    hand it is known up to SEARCH_TOP, beyond that it is "> SEARCH_TOP"."""
+    cluster as published), as `megacpp plan` ranks it: each layout once, at its best VPP. The
+    published layout's rank among fitting layouts is 1 + the other layouts the plan shows strictly
+    faster than its pinned estimate; with the top SEARCH_TOP candidates in hand it is known up to
+    SEARCH_TOP, beyond that it is "> SEARCH_TOP"."""
     start = time.perf_counter()
     try:
         plan = build_plan(spec_from_dict(spec, source=spec["name"]), top=SEARCH_TOP).to_json_dict()
@@ -119,14 +127,14 @@ def search(spec: dict[str, Any], pinned: dict[str, Any]) -> dict[str, Any]:
     fitting = [c for c in top if c["fits"]]
     out: dict[str, Any] = {"outcome": "searched", "considered": plan["considered"], "legal": plan["legal_count"],
                            "fitting": plan["fitting_count"], "top": top, "plan_seconds": seconds}
-    step = pinned["step_seconds"]
-    faster = [c for c in fitting if c["step_seconds"] < step]
+    step, mine = pinned["step_seconds"], _base(pinned["layout"])
+    faster = [c for c in fitting if c["step_seconds"] < step and _base(c["layout"]) != mine]
     if not pinned["fits"]:
         out.update(rank=None, in_top=False, rank_note="the pinned layout does not fit in the plan's memory")
     elif len(faster) < SEARCH_TOP:
         out.update(rank=1 + len(faster), in_top=True)
     else:
-        out.update(rank=None, in_top=False, rank_note=f"more than {SEARCH_TOP - 1} fitting layouts are faster")
+        out.update(rank=None, in_top=False, rank_note=f"more than {SEARCH_TOP - 1} other fitting layouts are faster")
     out["claimed_speedup"] = round(step / fitting[0]["step_seconds"], 4) if fitting else None
     if pinned["fits"]:
         out.update(deep_rank(spec, pinned))
@@ -139,16 +147,17 @@ def _base(lay: dict[str, Any]) -> tuple[Any, ...]:
 
 
 def deep_rank(spec: dict[str, Any], pinned: dict[str, Any]) -> dict[str, Any]:
-    """The published layout's rank with the top RANK_DEPTH candidates in hand (None beyond), and
-    its rank when the layouts that differ only in VPP count once: 1 + the other layouts of which
-    some VPP is estimated strictly faster than the pinned estimate."""
-    plan = build_plan(spec_from_dict(spec, source=spec["name"]), top=RANK_DEPTH).to_json_dict()
+    """The published layout's rank with the top RANK_DEPTH candidates in hand, every VPP of a
+    layout ranked on its own (None beyond): whether its VPP is in the top SEARCH_TOP too; and
+    again with each layout counted once (1 + the other layouts of which some VPP is estimated
+    strictly faster than the pinned estimate), the plan's own ranking read deeper."""
+    plan = build_plan(spec_from_dict(spec, source=spec["name"]), top=RANK_DEPTH, every_vpp=True).to_json_dict()
     step, mine = pinned["step_seconds"], _base(pinned["layout"])
     faster = [c["layout"] for c in plan["candidates"] if c["fits"] and c["time"]["step_seconds"] < step]
     deep = 1 + len(faster) if len(faster) < RANK_DEPTH else None
     others = {_base(lay) for lay in faster} - {mine}
     distinct = 1 + len(others) if deep is not None else None
-    return {"rank_deep": deep, "rank_distinct": distinct, "in_top_distinct": distinct is not None and distinct <= SEARCH_TOP}
+    return {"rank_deep": deep, "rank_distinct": distinct, "in_top_every_vpp": deep is not None and deep <= SEARCH_TOP}
 
 
 def evaluate(sel: Selected, conv: Conversion, with_search: bool) -> dict[str, Any]:
@@ -186,49 +195,62 @@ def _line(r: dict[str, Any]) -> str:
             f"{p['predicted_tokens_per_sec_per_gpu']:>8.0f} ({p['error']:+.1%}){found}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.scale.run", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, help=f"where scale.json and scale.md go (default {RESULTS}; "
-                                                 "with --only nothing is written unless --out is given)")
-    parser.add_argument("--search", action=argparse.BooleanOptionalAction, default=True,
-                        help=f"also search the unpinned layout space for runs on {SEARCH_MIN_GPUS}+ GPUs")
-    parser.add_argument("--only", action="append", metavar="MODEL_KEY", help="only these models (repeatable)")
-    args = parser.parse_args(argv)
-
+def run_truth(name: str, only: list[str] | None, with_search: bool, out: Path | None) -> int:
+    """Plan one truth set's newest configurations and write its report to `out` (None: nothing)."""
+    path, stem, systems, halves = TRUTHS[name]
     start = time.perf_counter()
-    selected = select_newest(load_runs())
-    if args.only:
-        known = {s.row["model_key"] for s in selected}
-        unknown = sorted(set(args.only) - known)
-        if unknown:
-            parser.error(f"unknown model key(s) {', '.join(unknown)}; choose from {', '.join(sorted(known))}")
-        selected = [s for s in selected if s.row["model_key"] in args.only]
+    selected = select_newest(load_runs(path))
+    if only:
+        selected = [s for s in selected if s.row["model_key"] in only]
     records = []
     for sel in selected:
-        records.append(evaluate(sel, convert(sel.row), args.search))
+        records.append(evaluate(sel, convert(sel.row), with_search))
         print(_line(records[-1]), flush=True)
     wall = time.perf_counter() - start
     result = {
         "schema": "megacpp.scale-benchmark/1",
-        "command": "python -m benchmarks.scale.run" + (" --no-search" if not args.search else "")
-                   + "".join(f" --only {k}" for k in args.only or []),
-        "truth_rows": len(load_runs()),
-        "only": args.only,
-        "search": {"enabled": args.search, "min_gpus": SEARCH_MIN_GPUS, "top": SEARCH_TOP, "rank_depth": RANK_DEPTH},
+        "command": "python -m benchmarks.scale.run" + (" --no-search" if not with_search else "")
+                   + "".join(f" --only {k}" for k in only or []),
+        "truth": {"name": name, "file": path.name, "systems": systems, "halves": list(halves)},
+        "truth_rows": len(load_runs(path)),
+        "only": only,
+        "search": {"enabled": with_search, "min_gpus": SEARCH_MIN_GPUS, "top": SEARCH_TOP, "rank_depth": RANK_DEPTH},
         "host_bound": HOST_BOUND,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
         "wall_seconds": round(wall, 1),
-        "summary": summarise(records),
+        "summary": summarise(records, halves),
         "rows": records,
     }
-    out = args.out if args.out is not None else (None if args.only else RESULTS)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "scale.json").write_text(json.dumps(result, indent=1) + "\n")
-        (out / "scale.md").write_text(render_markdown(result))
-        print(f"wrote {out / 'scale.json'} and {out / 'scale.md'} ({wall:.0f} s)")
+        (out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
+        (out / f"{stem}.md").write_text(render_markdown(result))
+        print(f"wrote {out / f'{stem}.json'} and {out / f'{stem}.md'} ({wall:.0f} s)")
     else:
         print(f"{len(records)} rows in {wall:.0f} s; nothing written (pass --out DIR)")
+    return len(records)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.scale.run", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, help=f"where the reports go (default {RESULTS}; "
+                                                 "with --only nothing is written unless --out is given)")
+    parser.add_argument("--search", action=argparse.BooleanOptionalAction, default=True,
+                        help=f"also search the unpinned layout space for runs on {SEARCH_MIN_GPUS}+ GPUs")
+    parser.add_argument("--only", action="append", metavar="MODEL_KEY", help="only these models (repeatable)")
+    parser.add_argument("--truth", choices=[*TRUTHS, "all"], default="all",
+                        help="the published H100/B200 runs (scale.md), the GB200/GB300/B300 runs nothing is "
+                             "fitted to (independent.md), or both")
+    args = parser.parse_args(argv)
+    names = list(TRUTHS) if args.truth == "all" else [args.truth]
+    if args.only:
+        known = {row["model_key"] for name in names for row in load_runs(TRUTHS[name][0])}
+        unknown = sorted(set(args.only) - known)
+        if unknown:
+            parser.error(f"unknown model key(s) {', '.join(unknown)}; choose from {', '.join(sorted(known))}")
+    out = args.out if args.out is not None else (None if args.only else RESULTS)
+    for name in names:
+        run_truth(name, args.only, args.search, out)
     return 0
 
 

@@ -22,10 +22,19 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 RUNS_FILE = HERE / "published_runs.json"
+# the runs on systems nothing is fitted to: the independent check (README, "The independent check")
+INDEPENDENT_FILE = HERE / "independent_runs.json"
 MODELS_FILE = HERE / "models.json"
 
-PRESETS = {"H100": "h100-sxm-8", "B200": "b200-sxm-8"}
-GPUS_PER_NODE = 8  # DGX H100 and DGX B200
+PRESETS = {"H100": "h100-sxm-8", "B200": "b200-sxm-8", "B300": "b300-sxm-8", "GB200": "gb200-nvl72",
+           "GB300": "gb300-nvl72"}
+INDEPENDENT_SYSTEMS = ("GB200", "GB300", "B300")
+# a DGX node holds 8 GPUs; an NVL72 compute tray 4 (the presets' gpus_per_node)
+GPUS_PER_NODE = {"H100": 8, "B200": 8, "B300": 8, "GB200": 4, "GB300": 4}
+# Megatron-Bridge asks Slurm for a --segment of NVL72 trays, all in one rack: every node up to 18,
+# else the largest divisor of the node count up to 18 (scripts/performance/utils/executors.py,
+# "add --segment flag to sbatch if job uses GB200"). A run's NVLink domain is that segment.
+NVL72_MAX_SEGMENT = 18
 CONFIG_FIELDS = ("model_key", "system", "num_gpus", "precision", "gbs", "mbs", "seq_length",
                  "tp", "pp", "cp", "vp", "ep", "etp", "fsdp")
 HELD_OUT_MODULUS = 3  # one third of the configurations is held out
@@ -42,6 +51,9 @@ PRECISION_ASSUMED = {"fp8": "FP8 recipe not published: delayed scaling (NeMo 25.
 HYBRID_LETTERS = {"M": "M", "*": "A", "-": "D", "E": "E"}
 
 APPROXIMATIONS = {
+    "fused-group-mlp-offload": "offloading of the fused grouped MLP's saved inputs (`fused_group_mlp`, under TE's op "
+                               "fuser) planned as offloading the expert FC1 and activation inputs (`expert_fc1`, "
+                               "`moe_act`), the tensors that MLP saves for its backward",
     "recompute-modules": "selective recompute modules the spec cannot pass to this run planned without them: "
                          "moe_act and layernorm under FP8 delayed scaling (which Megatron refuses them with)",
     "pp-layout-balanced": "the published pipeline layout leaves a virtual stage of a hybrid stack without "
@@ -56,8 +68,8 @@ SKIPS = {
 
 
 @cache
-def load_runs() -> tuple[dict[str, Any], ...]:
-    return tuple(json.loads(RUNS_FILE.read_text()))
+def load_runs(path: Path = RUNS_FILE) -> tuple[dict[str, Any], ...]:
+    return tuple(json.loads(path.read_text()))
 
 
 @cache
@@ -119,6 +131,8 @@ class Selected:
 
     @property
     def half(self) -> str:
+        if self.row["system"] in INDEPENDENT_SYSTEMS:
+            return "independent"
         return "held-out" if self.held_out else "tuning"
 
 
@@ -191,6 +205,25 @@ RECIPE_OPTIMIZERS = {
 # apply_flex_dispatcher_backend, which turns the flex dispatcher on for Hopper and Blackwell
 # (training/flex_dispatcher_backend.py)
 RECIPE_DISPATCHERS = {"deepseek_v3_pretrain_1024gpu_h100_bf16_config (perf_recipes/": ("flex", "hybridep")}
+
+
+# Megatron-Bridge's Llama 3.1 405B library recipe counts the embedding and the loss as one pipeline
+# layer each (account_for_embedding_in_pipeline_split and account_for_loss_in_pipeline_split =
+# True, recipes/llama/llama3.py llama31_405b_pretrain_config from v0.2.0 on, e.g. v0.5.0 lines
+# 1146-1147; v0.1.0rc3 has neither), and its perf configs build on that recipe: 126 layers + 2
+# units over pp x vp virtual stages. The release from which the recipes set it, by model.
+SPLIT_COUNTS_EMBEDDING_AND_LOSS = {"llama31_405b": "25.11"}
+
+
+def embedding_and_loss_layout(layers: int, stages: int) -> str | None:
+    """Megatron's layout string when the embedding and the loss count as a layer each: `layers` + 2
+    units, the same number in every virtual stage (None where they do not divide)."""
+    if stages < 2 or (layers + 2) % stages:
+        return None
+    per = (layers + 2) // stages
+    middle = _runs(f"t*{per}|" if per > 1 else "t|", stages - 2)
+    edge = "t" * (per - 1) if per <= 2 else f"t*{per - 1}"
+    return f"E{edge}|{middle}{edge}L"
 
 
 def _from_source(table: dict[str, Any], function: str) -> Any:
@@ -310,6 +343,10 @@ def expressible_recompute_modules(recipe: Recipe, precision: str, mla: bool = Tr
     return tuple(m for m in recipe.recompute_modules or ("core_attn",) if m not in dropped)
 
 
+# offload modules of Megatron's fused grouped MLP -> the spec's (fused-group-mlp-offload)
+FUSED_OFFLOAD_MODULES = {"fused_group_mlp": ("expert_fc1", "moe_act")}
+
+
 def memory_settings(recipe: Recipe, modules: tuple[str, ...]) -> dict[str, Any]:
     """The spec's training keys for the run's recompute modules and layers, activation offloading
     and Adam moments (what read_recipe found)."""
@@ -323,7 +360,8 @@ def memory_settings(recipe: Recipe, modules: tuple[str, ...]) -> dict[str, Any]:
         out["recompute_method"] = recipe.recompute_method or "uniform"
         out["recompute_num_layers"] = recipe.recompute_layers
     if recipe.offload_modules:
-        out["offload_modules"] = list(recipe.offload_modules)
+        out["offload_modules"] = list(dict.fromkeys(
+            m for name in recipe.offload_modules for m in FUSED_OFFLOAD_MODULES.get(name, (name,))))
         if recipe.offload_fraction != 1.0:
             out["activation_offload_fraction"] = recipe.offload_fraction
     if recipe.bf16_moments:
@@ -496,7 +534,28 @@ def as_run(row: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
         ran[field] = base[key]
         notes.append(f"the table's {field} {row[field]} disagrees with its release's recipe file "
                      f"({recipe.get('config_name')}: {field} {base[key]}); the file's value is planned")
+    if row["etp"] is None and base.get(RECIPE_FIELDS["etp"]) is not None:
+        ran["etp"] = base[RECIPE_FIELDS["etp"]]
+        notes.append(f"etp not published in the table: the recipe file's etp {ran['etp']} is planned")
     return ran, notes
+
+
+def nvl72_segment(nodes: int) -> int:
+    """The trays of one rack a Megatron-Bridge run on `nodes` NVL72 trays is given (NVL72_MAX_SEGMENT)."""
+    if nodes <= NVL72_MAX_SEGMENT:
+        return nodes
+    return next(s for s in range(NVL72_MAX_SEGMENT, 0, -1) if nodes % s == 0)
+
+
+def cluster(system: str, num_gpus: int) -> dict[str, Any]:
+    """The spec's cluster of a run: its system's preset, and on NVL72 the NVLink domain the run's
+    segment spans (on 256 GPUs, 16 trays = 64 GPUs a rack, not 72)."""
+    per_node = GPUS_PER_NODE[system]
+    nodes = num_gpus // per_node
+    out: dict[str, Any] = {"preset": PRESETS[system], "nodes": nodes}
+    if PRESETS[system].endswith("nvl72"):
+        out["nvlink_domain"] = nvl72_segment(nodes) * per_node
+    return out
 
 
 def convert(row: dict[str, Any], models: dict[str, Any] | None = None) -> Conversion:
@@ -520,6 +579,11 @@ def convert(row: dict[str, Any], models: dict[str, Any] | None = None) -> Conver
     if recipe.recompute == "selective" and set(modules) != set(recipe.recompute_modules or ("core_attn",)):
         approx.append("recompute-modules")
 
+    if set(recipe.offload_modules) & set(FUSED_OFFLOAD_MODULES):
+        approx.append("fused-group-mlp-offload")
+    counted_from = SPLIT_COUNTS_EMBEDDING_AND_LOSS.get(row["model_key"])
+    counts_edges = (counted_from is not None and recipe.published and row["source_type"].startswith("megatron_bridge")
+                    and release_order(row["release"]) >= release_order(counted_from))
     stage_layers, pipeline_layout = None, None
     if recipe.pp_layout:
         stages = expand_pp_layout(recipe.pp_layout)
@@ -535,6 +599,10 @@ def convert(row: dict[str, Any], models: dict[str, Any] | None = None) -> Conver
             # a stage without decoder layers: pinned as the layout string itself, its MTP layers (m)
             # where it puts them (a run without them drops its m)
             pipeline_layout = recipe.pp_layout if mtp else recipe.pp_layout.replace("m", "")
+    elif counts_edges and embedding_and_loss_layout(m["num_layers"], pp * vpp) is not None:
+        pipeline_layout = embedding_and_loss_layout(m["num_layers"], pp * vpp)
+        if mtp:
+            pipeline_layout = pipeline_layout[:-1] + "m" * mtp + "L"
     elif pp * vpp > 1 and m["num_layers"] % (pp * vpp) == 0:
         # no layout published: Megatron splits the layers evenly, where megacpp's own balancing
         # would weigh the output head; pinned as Megatron's layout string, `|` cuts on hybrids
@@ -587,7 +655,7 @@ def convert(row: dict[str, Any], models: dict[str, Any] | None = None) -> Conver
             "precision": precision,
             "recompute": recipe.recompute or "none",
         },
-        "cluster": {"preset": PRESETS[row["system"]], "nodes": row["num_gpus"] // GPUS_PER_NODE},
+        "cluster": cluster(row["system"], row["num_gpus"]),
         "parallel": parallel,
     }
     if mtp and ("hybrid_override_pattern" in m or m.get("mtp_use_repeated_layer")):
