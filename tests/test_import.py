@@ -417,6 +417,10 @@ def _variants():
             "data": {"mock": True, "tokenizer": {"type": "HuggingFaceTokenizer", "model": "/models/tok"}},
             "checkpoint": {"save": "/ckpt/x", "interval": 100, "load_optimizer": False},
             "parallel": {"tp": 2, "pp": 1, "vpp": 1, "cp": 1, "ep": 2, "etp": 1, "sp": True}}),
+        "layer-offload": _variant(TINY_DENSE, **{
+            "backend": {"transformer_engine": True, "megatron": "core_v0.16"},
+            "training": {"seq_length": 64, "global_batch_size": 16, "offload_layers": 2},
+            "parallel": {"tp": 1, "pp": 1, "vpp": 1, "cp": 1}}),
         "local-full-recompute": _variant(TINY_MOE, **{
             "training": {"seq_length": 64, "global_batch_size": 16, "recompute": "full", "recompute_method": "block",
                          "recompute_num_layers": 2, "distributed_optimizer": False, "cuda_graphs": "full_iteration"},

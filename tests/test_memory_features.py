@@ -167,6 +167,18 @@ def test_offloading_a_norm_te_fuses_moves_nothing():
     assert _memory(spec)[0].activations_gib == _memory(make_spec(TINY_DENSE, **TE))[0].activations_gib
 
 
+def test_offloading_whole_layers_moves_all_but_the_last_of_them():
+    """TINY_DENSE has 4 layers (AD pairs): offloading 3 moves the first two's activations; the
+    third's reload runs ahead of its backward, the fourth never leaves."""
+    base = _memory(make_spec(TINY_DENSE, **TE))[0]
+    per_layer = (_bytes(make_spec(TINY_DENSE, **TE), "A") + _bytes(make_spec(TINY_DENSE, **TE), "D")) \
+        * micro_batch_tokens(make_context(make_spec(TINY_DENSE, **TE)), ONE)
+    off = _memory(make_spec(TINY_DENSE, **TE, **{"training.offload_layers": 3}))[0]
+    assert base.activations_gib - off.activations_gib == pytest.approx(2 * per_layer / GIB)
+    one = _memory(make_spec(TINY_DENSE, **TE, **{"training.offload_layers": 1}))[0]
+    assert one.activations_gib == pytest.approx(base.activations_gib)
+
+
 # --- optimizer state and gradients
 
 
@@ -198,6 +210,8 @@ def test_bf16_gradients_halve_the_buffer_and_the_step_copies_them_to_fp32():
     ({"training.activation_offload_fraction": 0.5}, "training.activation_offload_fraction"),
     ({"training.optimizer.exp_avg_dtype": "bf16", "training.distributed_optimizer": False}, "training.optimizer"),
     ({"training.offload_modules": ["expert_fc1", "expert_fc1"]}, "training.offload_modules"),
+    ({"training.offload_layers": 2, "training.offload_modules": ["expert_fc1"]}, "training.offload_layers"),
+    ({"training.offload_layers": 2, "training.recompute": "selective"}, "training.offload_layers"),
 ])
 def test_misplaced_keys_are_one_line_errors_naming_them(changes, key):
     with pytest.raises(SpecError, match=key.replace(".", r"\.")) as err:
@@ -220,9 +234,26 @@ def _errors(spec) -> dict[str, str]:
      "offload-inside-recomputed-moe"),
     ({"training.offload_modules": ["expert_fc1"], "training.activation_offload_fraction": 0.5, **TE}, "offload-fraction-needs-main"),
     ({"training.optimizer.exp_avg_dtype": "bf16"}, "precision-aware-optimizer-needs-te"),
+    ({"training.offload_layers": 2}, "offload-layers-needs-te"),
+    ({"training.offload_layers": 4, **TE}, "offload-layers-below-num-layers"),
+    ({"training.offload_layers": 2, "training.cuda_graphs": ["attn"], **TE}, "offload-layers-cuda-graphs"),
 ])
 def test_what_megatron_refuses_is_rejected(changes, rule):
     assert rule in _errors(make_spec(TINY_MOE, **changes))
+
+
+def test_whole_layer_offloading_takes_pp1_a_transformer_stack_and_main_for_a_graph():
+    spec = make_spec(TINY_DENSE, **TE, **{"training.offload_layers": 2})
+    assert set(_errors(spec)) == {"memory-features-need-megatron-lm"}  # megacpp's runtime does not offload
+    assert "offload-layers-needs-pp1" in {v.rule for v in check_layout(make_context(spec), Layout(pp=2, dp=4, num_microbatches=4))}
+    assert "offload-layers-transformer-stack" in _errors(make_spec(HYBRID, **TE, **{"training.offload_layers": 2}))
+    graphed = {"training.offload_layers": 2, "training.cuda_graphs": "full_iteration", **TE}
+    assert "offload-layers-cuda-graphs" in _errors(make_spec(TINY_DENSE, **graphed))
+    assert "offload-layers-cuda-graphs" not in _errors(make_spec(TINY_DENSE, **graphed, **{"backend.megatron": "main"}))
+    plan = build_plan(spec, top=1)
+    assert plan.candidates[0].layout.pp == 1
+    args = megatron_args(plan.context, plan.candidates[0], TrainOptions())
+    assert " ".join(args).count("--cpu-offloading-num-layers 2") == 1 and "--fine-grained-activation-offloading" not in args
 
 
 def test_hybrid_full_recompute_on_core_v016_warns_that_megatron_lm_ignores_it():

@@ -23,6 +23,7 @@ from megacpp.planner.errors import MegacppError
 from megacpp.planner.plan import Plan, build_plan, make_context
 from megacpp.planner.search.layout import Layout
 from megacpp.planner.search.rules import check_layout
+from megacpp.planner.search.space import search
 from megacpp.planner.spec.clusters import PRESETS
 from megacpp.planner.spec.loading import apply_override, load_spec_bytes, load_spec_text, spec_from_dict
 from megacpp.planner.spec.models import Spec
@@ -188,7 +189,7 @@ def _chunk_order(stages: list[dict[str, Any]], pp: int) -> list[dict[str, Any]]:
 @given(valid_spec_dicts())
 def test_every_candidate_is_legal_and_covers_the_pattern(data: dict[str, Any]) -> None:
     spec = _spec(data)
-    plan = build_plan(spec, top=ALL_CANDIDATES)
+    plan = build_plan(spec, top=ALL_CANDIDATES, every_vpp=True)
     ctx = make_context(spec)
     world = ctx.world
     gbs = spec.training.global_batch_size
@@ -197,6 +198,9 @@ def test_every_candidate_is_legal_and_covers_the_pattern(data: dict[str, Any]) -
 
     assert plan.world_size == world
     assert len(plan.candidates) == plan.legal_count
+    # the default ranking keeps each layout once, at its best VPP
+    once = build_plan(spec, top=ALL_CANDIDATES).candidates
+    assert [c.layout.but_vpp() for c in once] == list(dict.fromkeys(c.layout.but_vpp() for c in plan.candidates))
     assert plan.fitting_count == sum(c.fits for c in plan.candidates)
     assert [c.rank for c in plan.candidates] == list(range(len(plan.candidates)))
     for cand in plan.candidates:
@@ -266,7 +270,8 @@ def test_rejection_accounting_adds_up(data: dict[str, Any], top: int) -> None:
     assert rej.count + plan.legal_count == plan.considered
     assert sum(rej.by_rule.values()) == rej.count
     assert all(n > 0 for n in rej.by_rule.values())
-    assert len(plan.candidates) == min(top, plan.legal_count)
+    distinct = len({lay.but_vpp() for lay in search(make_context(_spec(data))).legal})
+    assert len(plan.candidates) == min(top, distinct)  # each layout once, at its best VPP
     assert plan.fitting_count <= plan.legal_count
     # every example names a rule that is counted, with its message
     for ex in rej.examples:

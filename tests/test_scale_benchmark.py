@@ -341,3 +341,47 @@ def test_the_independent_check_writes_its_own_report(tmp_path) -> None:
     assert all(r["half"] == "independent" for r in data["rows"])
     md = (tmp_path / "independent.md").read_text()
     assert md.startswith("# Independent check") and "GB200, GB300 and B300" in md
+
+
+def independent_row(row_id: int) -> dict:
+    return next(r for r in load_runs(truth.INDEPENDENT_FILE) if r["row_id"] == row_id)
+
+
+def test_deepseek_runs_keep_the_bf16_moments_of_their_library_recipe() -> None:
+    for row_id in (39, 155, 159):
+        assert convert(row(row_id)).spec["training"]["optimizer"] == {"exp_avg_dtype": "bf16", "exp_avg_sq_dtype": "bf16"}
+    assert "optimizer" not in convert(row(86)).spec["training"]  # Llama-3 keeps Megatron's fp32 state
+
+
+def test_a_v0_2_0_module_list_without_a_granularity_recomputes_nothing() -> None:
+    assert convert(row(16)).spec["training"]["recompute"] == "none"  # GPT-OSS on 64 B200, 25.11
+    later = convert(row(15)).spec["training"]  # the same recipe in 26.02 pairs the list with selective
+    assert later["recompute"] == "selective" and later["recompute_modules"] == ["layernorm", "moe_act"]
+    assert convert(row(159)).spec["training"]["recompute"] == "selective"  # DeepSeek-V3's family sets it
+
+
+@pytest.mark.parametrize("layers, stages, layout", [
+    (126, 128, "E|(t|)*126L"), (126, 64, "Et|(t*2|)*62tL"), (126, 32, "Et*3|(t*4|)*30t*3L"),
+    (126, 2, "Et*63|t*63L"), (126, 12, None), (126, 1, None)])
+def test_counting_embedding_and_loss_as_layers_gives_megatrons_layout(layers, stages, layout) -> None:
+    assert truth.embedding_and_loss_layout(layers, stages) == layout
+    if layout is not None:
+        parts = truth.expand_pp_layout(layout)
+        assert len(parts) == stages and sum(p.count("t") for p in parts) == layers
+
+
+def test_llama_405b_runs_split_as_their_recipe_counts_embedding_and_loss() -> None:
+    assert convert(row(63)).spec["parallel"]["pipeline_layout"] == "Et|(t*2|)*62tL"  # 25.11 onward
+    assert "pipeline_layout" not in convert(row(70)).spec["parallel"]  # NeMo 25.02: no recipe published
+    gb200 = convert(independent_row(1036))  # PP16 x VP8 = 128 stages for 126 layers
+    assert gb200.spec["parallel"]["pipeline_layout"] == "E|(t|)*126L"
+    assert run.plan_pinned(gb200.spec, 1.0)["outcome"] == "planned"
+
+
+def test_independent_rows_carry_their_recipes_offloading() -> None:
+    fsdp = convert(independent_row(1063)).spec["training"]  # Llama-3 70B, Megatron-FSDP, 40 layers to the CPU
+    assert fsdp["offload_layers"] == 40 and fsdp["data_parallel_sharding"] == "fsdp"
+    ultra = convert(independent_row(1016))  # Nemotron 3 Ultra offloads its fused grouped MLP
+    assert ultra.spec["training"]["offload_modules"] == ["expert_fc1", "moe_act"]
+    assert ultra.approximations == ("fused-group-mlp-offload",)
+    assert convert(independent_row(1014)).spec["parallel"]["etp"] == 1  # the recipe file's etp, the table has none

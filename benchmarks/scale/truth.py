@@ -180,6 +180,7 @@ class Recipe:
     recompute_method: str | None = None  # full recompute of some layers: uniform | block
     offload_modules: tuple[str, ...] = ()  # fine-grained activation offloading
     offload_fraction: float = 1.0
+    offload_layers: int | None = None  # whole-layer CPU offloading (cpu_offloading_num_layers)
     optimizer: tuple[tuple[str, str], ...] = ()  # Adam's dtypes the recipe's source sets (RECIPE_OPTIMIZERS)
 
 
@@ -226,6 +227,18 @@ def embedding_and_loss_layout(layers: int, stages: int) -> str | None:
     return f"E{edge}|{middle}{edge}L"
 
 
+# At v0.2.0 the perf scripts' set_recompute_overrides (scripts/performance/utils/helpers.py:163-179)
+# set recompute_modules without recompute_granularity (v0.3.0 sets "selective" beside them,
+# utils/overrides.py:141-143), and under granularity None Megatron recomputes nothing: a module list
+# of that release that neither the family nor the model overrides pair with a granularity ran none
+MODULES_WITHOUT_GRANULARITY = ("v0.2.0",)
+# Megatron-Bridge's DeepSeek-V3 library recipe, which every DeepSeek-V3 perf config builds on, keeps
+# Adam's moments in bf16 under the precision-aware optimizer (recipes/deepseek/deepseek_v3.py,
+# r0.1.0:240-243 to v0.5.0; perf_recipes/deepseek/common.py at v0.6.0); the perf scripts undo it
+# only for Megatron-FSDP (scripts/performance/utils/overrides.py, "cannot work with FSDP together")
+LIBRARY_BF16_MOMENTS = ("deepseek_v3",)
+
+
 def _from_source(table: dict[str, Any], function: str) -> Any:
     """The entry of a RECIPE_* table whose recipe function the row's names, or None."""
     return next((value for name, value in table.items() if name in function), None)
@@ -258,6 +271,9 @@ def read_recipe(row: dict[str, Any]) -> Recipe:
         recompute, modules = "selective", _modules(listed[1] if listed else None)
     elif published:
         recompute = "none"  # the recipe sets no recompute: Megatron's default
+    if recompute == "selective" and rc.get("ref") in MODULES_WITHOUT_GRANULARITY \
+            and "recompute_granularity" not in family and "recompute_granularity" not in overrides:
+        recompute, modules = "none", ()
 
     dispatcher, backend = None, None
     named = re.search(r"dispatcher=(flex/hybridep|flex/deepep|alltoall)", sc)
@@ -298,19 +314,23 @@ def read_recipe(row: dict[str, Any]) -> Recipe:
     function = rc.get("function") or ""
     optimizer = tuple((_from_source(RECIPE_OPTIMIZERS, function) or {}).items())
 
+    fsdp = bool(row["fsdp"]) or "megatron_fsdp=on" in sc
     # "activation_offload=expert_fc1 (fraction 1.0)": fine-grained activation offloading
     offload = re.search(r"activation_offload=([a-z0-9_,]+)(?: \(fraction ([\d.]+)\))?", sc)
+    layers_offloaded = re.search(r"cpu_offloading_num_layers=(\d+)", sc)
     return Recipe(
         published=published, recompute=recompute, recompute_modules=modules, recompute_layers=layers,
         dispatcher=dispatcher, flex_backend=backend, capacity_factor=capacity, padded=padded,
         pp_layout=pp_layout, pp_layout_mentioned=pp_layout is None and "PP layout" in sc,
-        activation_offload="activation_offload=" in sc, bf16_moments="BF16 Adam moments" in sc,
-        fsdp=bool(row["fsdp"]) or "megatron_fsdp=on" in sc, runtime=tuple(runtime),
+        activation_offload="activation_offload=" in sc,
+        bf16_moments="BF16 Adam moments" in sc or (row["model_key"] in LIBRARY_BF16_MOMENTS and published and fsdp is False
+                                                   and row["source_type"].startswith("megatron_bridge")),
+        fsdp=fsdp, runtime=tuple(runtime),
         ep_overlap="ep_a2a_overlap=on" in sc or "EP A2A overlap (" in sc, tp_comm_overlap=tp_overlap,
         grad_reduce_bf16="grad_reduce_in_fp32 = False" in family or nemo or PERF_RECIPES in function, cuda_graphs=read_cuda_graphs(sc),
         recompute_method="block" if stated and stated[3] else None,
         offload_modules=_modules(offload[1]) if offload else (), offload_fraction=float(offload[2]) if offload and offload[2] else 1.0,
-        optimizer=optimizer,
+        optimizer=optimizer, offload_layers=int(layers_offloaded[1]) if layers_offloaded else None,
     )
 
 
@@ -364,6 +384,8 @@ def memory_settings(recipe: Recipe, modules: tuple[str, ...]) -> dict[str, Any]:
             m for name in recipe.offload_modules for m in FUSED_OFFLOAD_MODULES.get(name, (name,))))
         if recipe.offload_fraction != 1.0:
             out["activation_offload_fraction"] = recipe.offload_fraction
+    if recipe.offload_layers:
+        out["offload_layers"] = recipe.offload_layers
     if recipe.bf16_moments:
         out["optimizer"] = {"exp_avg_dtype": "bf16", "exp_avg_sq_dtype": "bf16"}
     if recipe.optimizer:

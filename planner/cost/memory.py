@@ -305,6 +305,8 @@ def _rank_terms(ctx: Context, lay: Layout, stages: list[Stage], load: float,
         activations = rank.act_per_mb * in_flight(lay, p)
         if letters.offloaded:
             activations -= offloaded_bytes(ctx, stages_p.stages, letters.offloaded, in_flight(lay, p))
+        if training.offload_layers:
+            activations -= offloaded_layer_bytes(ctx, stages_p.stages, letters.kept, training.offload_layers)
         yield p, rank, total, resident, shards, step, activations, grad_bytes, state_bytes
 
 
@@ -330,6 +332,16 @@ def _partial_full_recompute(ctx: Context, units: list[str], rebuilt: dict[str, f
     # the block method keeps the layers after its checkpoints whole
     rest = units[len(chunks):] if ctx.spec.training.recompute_method == "block" else []
     return len(chunks) * layer_input + sum(rebuilt[x] for unit in rest for x in unit), chunks
+
+
+def offloaded_layer_bytes(ctx: Context, mine: list[Stage], kept: dict[str, float], layers: int) -> float:
+    """Bytes of activations whole-layer CPU offloading holds on the host at the peak, the end of a
+    micro-batch's forward (one in flight: it needs PP 1): what the first `layers` layers keep, but
+    the last of them, whose reload runs ahead of its backward (Transformer Engine's
+    get_cpu_offload_context with num_layers of model_layers, transformer_block.py)."""
+    units = [unit for st in mine for unit in layer_units(ctx, st.blocks)][:layers]
+    per_layer = [sum(kept[letter] for letter in unit) for unit in units]
+    return sum(per_layer) - (per_layer[-1] if per_layer else 0.0)
 
 
 def offloaded_bytes(ctx: Context, mine: list[Stage], per_token: dict[str, dict[str, float]], micro_batches: float) -> float:

@@ -195,6 +195,8 @@ def _memory_flags(ctx: Context) -> list[str]:
     elif tr.recompute == "full":
         a += ["--recompute-granularity", "full", "--recompute-method", tr.recompute_method or "uniform",
               "--recompute-num-layers", str(tr.recompute_num_layers or 1)]
+    if tr.offload_layers is not None:
+        a += ["--cpu-offloading-num-layers", str(tr.offload_layers)]
     if tr.offload_modules is not None:
         a += ["--fine-grained-activation-offloading", "--offload-modules", *tr.offload_modules]
         if tr.activation_offload_fraction != 1.0:  # main only (rule offload-fraction-needs-main)

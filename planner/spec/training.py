@@ -50,6 +50,10 @@ class TrainingSpec(_Frozen):
     # the forward and come back for the backward, and the share of their layers that do
     offload_modules: Annotated[tuple[OffloadModule, ...], Field(strict=False, min_length=1, max_length=7)] | None = None
     activation_offload_fraction: Annotated[float, Field(ge=0, le=1)] = 1.0
+    # whole-layer CPU offloading (--cpu-offloading-num-layers): the saved activations of the first
+    # offload_layers transformer layers go to host memory during the forward (Transformer Engine's
+    # cpu offload context, transformer_block.py)
+    offload_layers: Annotated[int, Field(ge=1, le=1 << 16)] | None = None
     optimizer: OptimizerSpec = OptimizerSpec()
     distributed_optimizer: bool = True
     # the dtype gradients are reduced in across data-parallel ranks: fp32 (Megatron-LM's default for
@@ -107,6 +111,12 @@ class TrainingSpec(_Frozen):
         if self.offload_modules is None and self.activation_offload_fraction != 1.0:
             raise ValueError(f"training.activation_offload_fraction={self.activation_offload_fraction:g} needs "
                              "training.offload_modules (what to offload); list them or drop the fraction")
+        if self.offload_layers is not None and self.offload_modules is not None:
+            raise ValueError("training.offload_layers and training.offload_modules are two kinds of activation offloading "
+                             "Megatron will not combine (transformer_config.py); keep one")
+        if self.offload_layers is not None and self.recompute != "none":
+            raise ValueError(f"training.offload_layers does not work with recompute: {self.recompute} (Megatron refuses CPU "
+                             "offloading with activation recomputation, transformer_config.py); set recompute: none or drop offload_layers")
         if self.optimizer.precision_aware and not self.distributed_optimizer:
             raise ValueError("training.optimizer dtypes other than fp32 need distributed_optimizer: true "
                              "(Megatron's precision-aware optimizer shards its state); set it or keep fp32")

@@ -100,6 +100,9 @@ class TrainingReader(Reader):
                 out.update({k: v for k, v in (("recompute_method", method), ("recompute_num_layers", count)) if v is not None})
         elif granularity is not None:
             self.lost("--recompute-granularity", "not selective or full")
+        layers = f.integer("--cpu-offloading-num-layers")
+        if layers:
+            out["offload_layers"] = layers
         offload = f.values("--offload-modules")
         if f.has("--fine-grained-activation-offloading") and offload:
             out["offload_modules"] = offload

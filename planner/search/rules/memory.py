@@ -3,6 +3,7 @@ fine-grained activation offloading and the precision-aware optimizer."""
 
 from __future__ import annotations
 
+from megacpp.planner.axes import Axis
 from megacpp.planner.cost.activations import fp8_recipe, offload_modules, recompute_modules
 from megacpp.planner.search.layout import Context, Layout
 from megacpp.planner.search.rules import rule
@@ -119,6 +120,89 @@ def offload_fraction_needs_main(ctx: Context, lay: Layout) -> str | None:
             "every layer); set backend.megatron: main or the fraction to 1")
 
 
+def _offload_layers(ctx: Context) -> int:
+    return ctx.spec.training.offload_layers or 0
+
+
+@rule(
+    "offload-layers-needs-te",
+    axes=(),
+    where="[V] megatron/core/transformer/transformer_block.py:303-321 (Transformer Engine's get_cpu_offload_context)",
+    applies=lambda ctx: bool(_offload_layers(ctx)),
+    fails="training.offload_layers=8, backend.transformer_engine=false",
+    passes="backend.transformer_engine=true",
+)
+def offload_layers_needs_te(ctx: Context, lay: Layout) -> str | None:
+    """Whole-layer CPU offloading is Transformer Engine's offload context; without TE Megatron
+    asserts that CPU offloading is off."""
+    if not ctx.te:
+        return "training.offload_layers needs Transformer Engine's CPU offload context; set backend.transformer_engine: true"
+    return None
+
+
+@rule(
+    "offload-layers-transformer-stack",
+    axes=(),
+    where="[V] megatron/core/transformer/transformer_block.py:303-321; megatron/core/ssm/mamba_block.py (no offload context)",
+    applies=lambda ctx: bool(_offload_layers(ctx)) and not ctx.plain_transformer,
+    fails="training.offload_layers=8 with a Mamba hybrid pattern",
+    passes="a transformer pattern, or training.offload_modules",
+)
+def offload_layers_transformer_stack(ctx: Context, lay: Layout) -> str | None:
+    """Only the transformer block builds the CPU offload context; a hybrid (Mamba) stack ignores
+    --cpu-offloading-num-layers and keeps every layer's activations, which a plan would count as offloaded."""
+    return ("training.offload_layers: a hybrid stack has no whole-layer CPU offloading (only TransformerBlock builds it); "
+            "use training.offload_modules or drop offload_layers")
+
+
+@rule(
+    "offload-layers-below-num-layers",
+    axes=(),
+    where="[V] megatron/core/transformer/transformer_config.py:1137-1142",
+    applies=lambda ctx: _offload_layers(ctx) >= ctx.num_layers,
+    fails="training.offload_layers=32 with 32 layers",
+    passes="training.offload_layers=16",
+)
+def offload_layers_below_num_layers(ctx: Context, lay: Layout) -> str | None:
+    """CPU offloading takes fewer layers than the model has: Megatron refuses num_layers or more."""
+    return (f"training.offload_layers={_offload_layers(ctx)}: Megatron offloads fewer layers than the model's "
+            f"{ctx.num_layers}; set it to at most {ctx.num_layers - 1}")
+
+
+@rule(
+    "offload-layers-needs-pp1",
+    axes=(Axis.PP,),
+    where="[V] megatron/core/transformer/transformer_config.py:1144-1147",
+    applies=lambda ctx: bool(_offload_layers(ctx)),
+    fails="training.offload_layers=8, pp=2",
+    passes="pp=1",
+)
+def offload_layers_needs_pp1(ctx: Context, lay: Layout) -> str | None:
+    """Megatron has no CPU offloading under pipeline parallelism."""
+    if lay.pp > 1:
+        return f"pp={lay.pp} with training.offload_layers: Megatron offloads layers to the CPU only without pipeline parallelism; use pp=1"
+    return None
+
+
+@rule(
+    "offload-layers-cuda-graphs",
+    axes=(),
+    where="[V] megatron/core/transformer/transformer_config.py:1722-1723; [M] allows full_iteration",
+    applies=lambda ctx: bool(_offload_layers(ctx)) and ctx.spec.training.cuda_graphs != "none",
+    fails="training.offload_layers=8, training.cuda_graphs=layers",
+    passes="training.cuda_graphs=none (or full_iteration on backend.megatron: main)",
+)
+def offload_layers_cuda_graphs(ctx: Context, lay: Layout) -> str | None:
+    """CPU offloading and CUDA graphs do not mix: core_v0.16 refuses any graph, main every graph
+    but the whole iteration's."""
+    graphs = ctx.spec.training.cuda_graphs
+    if graphs == "full_iteration" and ctx.dialect != "core_v0.16":
+        return None
+    shown = graphs if isinstance(graphs, str) else list(graphs)
+    return (f"training.cuda_graphs={shown} with training.offload_layers: Megatron captures no graph around CPU "
+            "offloading (main: only full_iteration); set cuda_graphs: none")
+
+
 @rule(
     "precision-aware-optimizer-needs-te",
     axes=(),
@@ -155,7 +239,7 @@ def full_recompute_ignored(ctx: Context, lay: Layout) -> str | None:
 def megatron_lm_only(ctx: Context) -> list[str]:
     """The memory-feature keys a spec sets that megacpp's runtime does not run."""
     training = ctx.spec.training
-    keys = [key for key in ("recompute_modules", "recompute_method", "recompute_num_layers", "offload_modules")
+    keys = [key for key in ("recompute_modules", "recompute_method", "recompute_num_layers", "offload_modules", "offload_layers")
             if getattr(training, key) is not None]
     if training.recompute_modules == ("core_attn",):
         keys.remove("recompute_modules")  # the runtime's selective recompute
