@@ -179,6 +179,27 @@ def test_offloading_whole_layers_moves_all_but_the_last_of_them():
     assert one.activations_gib == pytest.approx(base.activations_gib)
 
 
+def test_offloading_costs_the_host_link_time_the_compute_does_not_hide():
+    """Each micro-batch sends the offloaded activations out during its forward and back during
+    its backward; on a link slow enough that neither hides, the step carries the difference."""
+    from megacpp.planner.cost.memory import offload_traffic
+    from megacpp.planner.spec.clusters import resolve_cluster
+
+    spec = make_spec(TINY_DENSE, **TE, **{"training.offload_layers": 3})
+    quick = build_plan(spec, top=1).candidates[0]
+    assert quick.step_breakdown["offload"] == 0.0  # the H200's PCIe link hides a tiny model's copies
+    assert "offload" not in build_plan(make_spec(TINY_DENSE, **TE), top=1).candidates[0].step_breakdown
+    rate = 1e-3  # GB/s
+    slow = build_plan(spec, top=1, cluster=resolve_cluster(spec.cluster).model_copy(update={"host_link_gbps": rate}))
+    cand, ctx = slow.candidates[0], slow.context
+    lay = cand.layout
+    moved = offload_traffic(ctx, lay, assign_stages(ctx, lay.pp, lay.vpp)[1]) / (rate * 1e9)
+    gpu = sum(cand.step_breakdown[k] for k in ("matmul", "softmax", "small_kernels", "grad_accumulation"))
+    # forward and backward of every micro-batch, less the compute they overlap
+    assert cand.step_breakdown["offload"] == pytest.approx(2 * lay.num_microbatches * moved - gpu, rel=1e-6)
+    assert cand.time.step_seconds > quick.time.step_seconds
+
+
 # --- optimizer state and gradients
 
 

@@ -334,6 +334,21 @@ def _partial_full_recompute(ctx: Context, units: list[str], rebuilt: dict[str, f
     return len(chunks) * layer_input + sum(rebuilt[x] for unit in rest for x in unit), chunks
 
 
+def offload_traffic(ctx: Context, lay: Layout, mine: list[Stage], load: float = 1.0) -> float:
+    """Bytes one rank's activation offloading sends to the host per micro-batch, and brings back
+    for its backward: the saved inputs of every listed module (of the activation_offload_fraction
+    of them), or the first offload_layers layers' activations whole."""
+    training = ctx.spec.training
+    if not (training.offload_layers or training.offload_modules):
+        return 0.0
+    t = shape_letters(ctx, lay, load)
+    if training.offload_layers:
+        units = [unit for st in mine for unit in layer_units(ctx, st.blocks)][:training.offload_layers]
+        return sum(t.kept[letter] for unit in units for letter in unit)
+    blocks = "".join(st.blocks for st in mine)
+    return sum(sum(t.offloaded[letter].values()) for letter in blocks) * training.activation_offload_fraction
+
+
 def offloaded_layer_bytes(ctx: Context, mine: list[Stage], kept: dict[str, float], layers: int) -> float:
     """Bytes of activations whole-layer CPU offloading holds on the host at the peak, the end of a
     micro-batch's forward (one in flight: it needs PP 1): what the first `layers` layers keep, but

@@ -36,7 +36,7 @@ from megacpp.planner.cost.flops import (
 from megacpp.planner.cost.host import exposed_host_seconds, gpu_repeats, host_scale, host_units
 from megacpp.planner.cost.kernel_rates import kernel_rates
 from megacpp.planner.cost.latent import mtp_flops, mtp_proj_gemms, rank_blocks, recomputed_up_projections
-from megacpp.planner.cost.memory import GIB, StageMemory, first_ranks_memory, stage_memory
+from megacpp.planner.cost.memory import GIB, StageMemory, first_ranks_memory, offload_traffic, stage_memory
 from megacpp.planner.cost.ranks import first_ranks, ranks, recomputed_blocks
 from megacpp.planner.cost.shard import memo, shape
 from megacpp.planner.search.layout import Context, Layout
@@ -440,6 +440,22 @@ def _busiest_rank(ctx: Context, lay: Layout, stages: list[Stage], mem: list[Stag
     return _busiest(ctx, lay, stages, [mem[p] for p, _ in first_ranks(ctx, stages, lay.pp)], eff, load)
 
 
+def offloads(ctx: Context) -> bool:
+    training = ctx.spec.training
+    return bool(training.offload_layers or training.offload_modules)
+
+
+def offload_seconds(ctx: Context, lay: Layout, mine: list[Stage], load: float, forward: float, backward: float) -> float:
+    """Per micro-batch, the host-link time of activation offloading that the compute beside it
+    does not hide: the offloaded tensors go out during the forward and come back during the
+    backward on streams of their own (Megatron's offload managers), each way over
+    Cluster.host_link_gbps; what outlasts the forward or the backward is on the step."""
+    if not offloads(ctx):
+        return 0.0
+    each_way = offload_traffic(ctx, lay, mine, load) / (ctx.cluster.host_link_gbps * 1e9)
+    return max(0.0, each_way - forward) + max(0.0, each_way - backward)
+
+
 def estimate(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency = DEFAULT_EFFICIENCY,
              load: float = 1.0) -> Estimate:
     """Memory, communication and step time of one legal layout; `load` > 1 prices the busiest
@@ -458,6 +474,8 @@ def estimate(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency = D
     pipeline_units = m + (lay.pp - 1) / lay.vpp
     compute = pipeline_units * t_mb
     per_mb_comm = sum(x.exposed_seconds for x in comms if x.axis in PER_MICRO_BATCH_AXES) / m
+    offload = offload_seconds(ctx, lay, mine.stages, load, forward, gpu_mb - forward)
+    per_mb_comm += offload
     data_parallel = sum(x.exposed_seconds for x in comms if x.axis in (Axis.DP, Axis.EDP))
     optimizer = max(optimizer_seconds(ctx, stage, eff) for stage in mem)  # the stages step at once
     step = pipeline_units * (t_mb + per_mb_comm) + data_parallel + optimizer
@@ -468,10 +486,11 @@ def estimate(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency = D
         ("block_overhead", m * terms[2]),
         ("small_kernels", m * terms[3]),
         ("grad_accumulation", m * terms[4]),
-        ("communication", m * per_mb_comm),
+        ("communication", m * (per_mb_comm - offload)),
         ("bubble", (pipeline_units - m) * (t_mb + per_mb_comm)),
         ("data_parallel", data_parallel),
         ("optimizer", optimizer),
+        *((("offload", m * offload),) if offloads(ctx) else ()),
     )
     gbs_tokens = ctx.spec.training.global_batch_size * ctx.seq
     useful = per_letter if load == 1 else {letter: block_flops(ctx, letter) for letter in ctx.letters}

@@ -85,6 +85,9 @@ class Cluster(BaseModel):
     # (runtime/worker/measure/host.py). The per-block host time under Transformer Engine was measured
     # on hosts of REFERENCE_HOST_LAUNCH_US and scales with it (cost.host.host_scale)
     host_launch_us: float = REFERENCE_HOST_LAUNCH_US
+    # sustained copy rate (GB/s) between a GPU and its host's memory, each direction with both busy:
+    # what activation offloading moves its tensors over (cost.step.offload_seconds)
+    host_link_gbps: float
     # this system's sustained matmul rate over what the preset prices (its kernel-rate table's
     # times, or MAMF x Efficiency.matmul): 1 on the measured presets, BLACKWELL_MATMUL_RATE_SCALE on
     # the Blackwell ones; a cluster profile fitted to a table
@@ -148,6 +151,10 @@ _H100 = dict(
     # DGX H100 / H200 / B200: bare-metal two-socket Xeon hosts (DGX B200: Xeon 8570 [R6]), not the
     # cloud VMs the per-block host time was measured on (FITTED)
     host_launch_us=DGX_HOST_LAUNCH_US,
+    # PCIe Gen5 x16 to the host [R11][R9], and on DGX B200 and B300 too [R6][R58] (ASSUMPTION: the same
+    # rate there): 49-50 GB/s a direction with both directions copying at once, 55 alone, measured on
+    # an H100 (benchmarks/evidence/host-link-h100) [R60]
+    host_link_gbps=49.0,
 )
 
 # The Blackwell presets have no kernel table of their own: their GEMMs run at no more than the share
@@ -224,6 +231,9 @@ PRESETS: dict[str, dict] = {
         "nvlink_alltoall_gbps": 550.0,  # HybridEP dispatch algbw upper range [R24]
         "nvlink_p2p_gbps": 680.0,  # ASSUMPTION
         "host_launch_us": DGX_HOST_LAUNCH_US,  # ASSUMPTION: a Grace host [R7] issues work as a DGX host does
+        # NVLink-C2C to Grace, 450 GB/s a direction [R2]; ASSUMPTION: the share of its line rate PCIe
+        # Gen5 sustained with both directions busy (49 of 64 GB/s [R60])
+        "host_link_gbps": 450.0 * 49.0 / 64.0,
     },
     # Blackwell Ultra. Per GPU: dense BF16 / FP8 / FP4 from NVIDIA's published rack and HGX figures
     # (GB300 NVL72: 1.1 EF dense FP4 and 360 PF FP8 over 72 GPUs, 20 TB HBM3e at 576 TB/s, 72
@@ -280,6 +290,7 @@ PRESETS: dict[str, dict] = {
         "nvlink_p2p_gbps": 680.0,
         "nic_busbw_gbps": 94.0,  # 72 ConnectX-8 800 Gb/s, one per GPU [R57]; ASSUMPTION as b300-sxm-8
         "host_launch_us": DGX_HOST_LAUNCH_US,  # ASSUMPTION: a Grace host, as gb200-nvl72's
+        "host_link_gbps": 450.0 * 49.0 / 64.0,  # NVLink-C2C as on gb200-nvl72 [R57]; ASSUMPTION as there
     },
     "gb10-spark": {
         "description": "NVIDIA DGX Spark (GB10): one GPU per box, 128 GB unified memory, boxes linked at 200 GbE",
@@ -304,6 +315,7 @@ PRESETS: dict[str, dict] = {
         "nic_busbw_gbps": 22.0,  # NCCL all_gather busbw 20-24 GB/s over one 200G QSFP link [R13]
         "nic_alpha_us": 30.0,  # ASSUMPTION: not published [R14]
         "host_launch_us": REFERENCE_HOST_LAUNCH_US,  # ASSUMPTION: not measured; the reference hosts'
+        "host_link_gbps": 300.0 * 49.0 / 64.0,  # NVLink-C2C 600 GB/s both ways [R17]; ASSUMPTION as gb200-nvl72's
         "unified_memory": True,
     },
 }
@@ -317,6 +329,7 @@ SOURCES = {
     "R5": "NVIDIA DGX BasePOD reference architecture, core components",
     "R6": "NVIDIA DGX B200 user guide, introduction (8 x ConnectX-7 400 Gb/s, NVLink5 switches)",
     "R7": "NVIDIA DGX GB200 user guide, networking",
+    "R9": "MLCommons inference v4.1 H200-SXM-141GB system description (PCIe Gen5 x16)",
     "R10": "MLCommons inference v6.1 GB200-NVL72 system description",
     "R11": "nvidia-smi capture of H100 SXM (thamada/nvidia-smi)",
     "R12": "NVIDIA dgx-spark-playbooks cutile-kernels README (GB10 sm_121, 273 GB/s)",
@@ -346,6 +359,8 @@ SOURCES = {
            "BF16 2.5; B300: 14 / 4.5 / 2.25; GB300 279 GB, B300 270 GB); DGX B300 hosts on Xeon 6776P "
            "(aiwiki DGX B300 page)",
     "R59": "public NVML profile table: 'NVIDIA GB300 NVL' memoryBytes 298500227072",
+    "R60": "benchmarks/evidence/host-link-h100: pinned host <-> H100 copies over PCIe Gen5 x16, 55 GB/s a "
+           "direction alone, 49-50 with both directions busy (benchmarks/gpu/host_link.py)",
 }
 
 # an inline cluster's `gpu` kind and the preset whose per-GPU numbers it takes

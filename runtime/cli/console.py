@@ -99,6 +99,7 @@ TERM_WORDS = {
     "bubble": "the pipeline bubble",
     "data_parallel": "the data-parallel gradient and parameter collectives",
     "optimizer": "the optimizer step",
+    "offload": "activation offloading's copies the compute does not hide (host link)",
 }
 def _decided(term: str | None) -> str:
     """", decided by TERM" for a why-not or runner-up row, the host's term named as host-bound."""
