@@ -323,7 +323,7 @@ def read_recipe(row: dict[str, Any]) -> Recipe:
         dispatcher=dispatcher, flex_backend=backend, capacity_factor=capacity, padded=padded,
         pp_layout=pp_layout, pp_layout_mentioned=pp_layout is None and "PP layout" in sc,
         activation_offload="activation_offload=" in sc,
-        bf16_moments="BF16 Adam moments" in sc or (row["model_key"] in LIBRARY_BF16_MOMENTS and published and fsdp is False
+        bf16_moments="BF16 Adam moments" in sc or (row["model_key"] in LIBRARY_BF16_MOMENTS and published and not fsdp
                                                    and row["source_type"].startswith("megatron_bridge")),
         fsdp=fsdp, runtime=tuple(runtime),
         ep_overlap="ep_a2a_overlap=on" in sc or "EP A2A overlap (" in sc, tp_comm_overlap=tp_overlap,
