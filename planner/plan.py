@@ -415,9 +415,9 @@ def build_plan(spec: Spec, top: int = 10, profile: Profile = DEFAULTS, cluster: 
         entry = (misfit, round(est.step_seconds, 9), round(est.peak_gib, 3), lay.short(), lay, est, high)
         if not every_vpp:
             other = kept.get(lay.but_vpp())
-            if other is not None and other[:4] <= entry[:4]:
-                continue
             if other is not None:
+                if other[:4] <= entry[:4]:
+                    continue
                 scored.remove(other)
             kept[lay.but_vpp()] = entry
         insort(scored, entry, key=lambda t: t[:4])

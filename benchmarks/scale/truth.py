@@ -621,8 +621,8 @@ def convert(row: dict[str, Any], models: dict[str, Any] | None = None) -> Conver
             # a stage without decoder layers: pinned as the layout string itself, its MTP layers (m)
             # where it puts them (a run without them drops its m)
             pipeline_layout = recipe.pp_layout if mtp else recipe.pp_layout.replace("m", "")
-    elif counts_edges and embedding_and_loss_layout(m["num_layers"], pp * vpp) is not None:
-        pipeline_layout = embedding_and_loss_layout(m["num_layers"], pp * vpp)
+    elif counts_edges and (counted := embedding_and_loss_layout(m["num_layers"], pp * vpp)) is not None:
+        pipeline_layout = counted
         if mtp:
             pipeline_layout = pipeline_layout[:-1] + "m" * mtp + "L"
     elif pp * vpp > 1 and m["num_layers"] % (pp * vpp) == 0:

@@ -26,6 +26,7 @@ from megacpp.planner.cost.memory import (
     SCORE_BUFFER_BYTES,
     TE_GROUPED_GEMM_WORKSPACE_BYTES,
     in_flight,
+    offloads,
     peak_gib,
 )
 from megacpp.planner.cost.ranks import RankStages, ranks
@@ -96,7 +97,7 @@ def fits(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency, capaci
     """Whether `lay` fits in `capacity` GiB: not peak_gib(ctx, lay, stages, eff, load) > capacity,
     from the bounds (module docstring) where one decides it, else from peak_gib."""
     training = ctx.spec.training
-    if training.offload_modules or training.offload_layers or training.data_parallel_sharding == "fsdp":
+    if offloads(ctx) or training.data_parallel_sharding == "fsdp":
         return not peak_gib(ctx, lay, stages, eff, load) > capacity
     t = shape_letters(ctx, lay, load)
     ceiling = None if t.partial else _ceiling(ctx, lay, t)

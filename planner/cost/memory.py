@@ -334,17 +334,28 @@ def _partial_full_recompute(ctx: Context, units: list[str], rebuilt: dict[str, f
     return len(chunks) * layer_input + sum(rebuilt[x] for unit in rest for x in unit), chunks
 
 
+def offloads(ctx: Context) -> bool:
+    """Whether the spec offloads activations, by module or by whole layers."""
+    training = ctx.spec.training
+    return bool(training.offload_layers or training.offload_modules)
+
+
+def _offloaded_layers(ctx: Context, mine: list[Stage], kept: dict[str, float], layers: int) -> list[float]:
+    """What each of the rank's first `layers` layers keeps per micro-batch: whole-layer CPU offloading's share."""
+    units = [unit for st in mine for unit in layer_units(ctx, st.blocks)][:layers]
+    return [sum(kept[letter] for letter in unit) for unit in units]
+
+
 def offload_traffic(ctx: Context, lay: Layout, mine: list[Stage], load: float = 1.0) -> float:
     """Bytes one rank's activation offloading sends to the host per micro-batch, and brings back
     for its backward: the saved inputs of every listed module (of the activation_offload_fraction
     of them), or the first offload_layers layers' activations whole."""
-    training = ctx.spec.training
-    if not (training.offload_layers or training.offload_modules):
+    if not offloads(ctx):
         return 0.0
+    training = ctx.spec.training
     t = shape_letters(ctx, lay, load)
     if training.offload_layers:
-        units = [unit for st in mine for unit in layer_units(ctx, st.blocks)][:training.offload_layers]
-        return sum(t.kept[letter] for unit in units for letter in unit)
+        return sum(_offloaded_layers(ctx, mine, t.kept, training.offload_layers))
     blocks = "".join(st.blocks for st in mine)
     return sum(sum(t.offloaded[letter].values()) for letter in blocks) * training.activation_offload_fraction
 
@@ -354,8 +365,7 @@ def offloaded_layer_bytes(ctx: Context, mine: list[Stage], kept: dict[str, float
     micro-batch's forward (one in flight: it needs PP 1): what the first `layers` layers keep, but
     the last of them, whose reload runs ahead of its backward (Transformer Engine's
     get_cpu_offload_context with num_layers of model_layers, transformer_block.py)."""
-    units = [unit for st in mine for unit in layer_units(ctx, st.blocks)][:layers]
-    per_layer = [sum(kept[letter] for letter in unit) for unit in units]
+    per_layer = _offloaded_layers(ctx, mine, kept, layers)
     return sum(per_layer) - (per_layer[-1] if per_layer else 0.0)
 
 

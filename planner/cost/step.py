@@ -36,7 +36,14 @@ from megacpp.planner.cost.flops import (
 from megacpp.planner.cost.host import exposed_host_seconds, gpu_repeats, host_scale, host_units
 from megacpp.planner.cost.kernel_rates import kernel_rates
 from megacpp.planner.cost.latent import mtp_flops, mtp_proj_gemms, rank_blocks, recomputed_up_projections
-from megacpp.planner.cost.memory import GIB, StageMemory, first_ranks_memory, offload_traffic, stage_memory
+from megacpp.planner.cost.memory import (
+    GIB,
+    StageMemory,
+    first_ranks_memory,
+    offload_traffic,
+    offloads,
+    stage_memory,
+)
 from megacpp.planner.cost.ranks import first_ranks, ranks, recomputed_blocks
 from megacpp.planner.cost.shard import memo, shape
 from megacpp.planner.search.layout import Context, Layout
@@ -440,11 +447,6 @@ def _busiest_rank(ctx: Context, lay: Layout, stages: list[Stage], mem: list[Stag
     return _busiest(ctx, lay, stages, [mem[p] for p, _ in first_ranks(ctx, stages, lay.pp)], eff, load)
 
 
-def offloads(ctx: Context) -> bool:
-    training = ctx.spec.training
-    return bool(training.offload_layers or training.offload_modules)
-
-
 def offload_seconds(ctx: Context, lay: Layout, mine: list[Stage], load: float, forward: float, backward: float) -> float:
     """Per micro-batch, the host-link time of activation offloading that the compute beside it
     does not hide: the offloaded tensors go out during the forward and come back during the
@@ -475,10 +477,9 @@ def estimate(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency = D
     compute = pipeline_units * t_mb
     per_mb_comm = sum(x.exposed_seconds for x in comms if x.axis in PER_MICRO_BATCH_AXES) / m
     offload = offload_seconds(ctx, lay, mine.stages, load, forward, gpu_mb - forward)
-    per_mb_comm += offload
     data_parallel = sum(x.exposed_seconds for x in comms if x.axis in (Axis.DP, Axis.EDP))
     optimizer = max(optimizer_seconds(ctx, stage, eff) for stage in mem)  # the stages step at once
-    step = pipeline_units * (t_mb + per_mb_comm) + data_parallel + optimizer
+    step = pipeline_units * (t_mb + per_mb_comm + offload) + data_parallel + optimizer
     bubble = (lay.pp - 1) / lay.vpp / pipeline_units
     breakdown = (
         ("matmul", m * terms[0]),
@@ -486,8 +487,8 @@ def estimate(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency = D
         ("block_overhead", m * terms[2]),
         ("small_kernels", m * terms[3]),
         ("grad_accumulation", m * terms[4]),
-        ("communication", m * (per_mb_comm - offload)),
-        ("bubble", (pipeline_units - m) * (t_mb + per_mb_comm)),
+        ("communication", m * per_mb_comm),
+        ("bubble", (pipeline_units - m) * (t_mb + per_mb_comm + offload)),
         ("data_parallel", data_parallel),
         ("optimizer", optimizer),
         *((("offload", m * offload),) if offloads(ctx) else ()),
