@@ -97,6 +97,50 @@ def test_the_flex_dispatcher_sends_a_token_once_per_rank_and_once_per_node():
     assert f_nic < nic / 3 and f_sent < sent and f_nvlink < nvlink
 
 
+def test_node_limited_routing_sends_a_token_to_fewer_nodes_under_flex_only():
+    """DeepSeek-V3's routing (256 experts in 8 groups, each token's top 8 from 4 of them) on EP64
+    over 8 nodes, a group a node: the flex dispatcher sends a token to the 3.5 remote nodes of its
+    4 groups on average, not the 4.6 an unlimited top 8 reaches; the alltoall dispatcher still
+    sends a copy per expert. A limit that leaves every group open changes nothing."""
+    base = {"num_experts": 256, "top_k": 8, "ffn_hidden_size": 2048, "dispatcher": "flex"}
+    free = spec_from_dict({**TINY_MOE, "model": {**TINY_MOE["model"], "moe": base}}).model.moe
+    limited = free.model_copy(update={"router_num_groups": 8, "router_group_topk": 4})
+    eight_nodes = Placement(64, 8, 8)
+    assert expert_sends(free, eight_nodes)[2] == pytest.approx(7 * (1 - math.comb(224, 8) / math.comb(256, 8)))
+    assert expert_sends(limited, eight_nodes)[2] == pytest.approx(7 * 4 / 8)
+    # a rank (4 experts) gets the token when its group is chosen and one of the group's ~2 picks is its
+    ranks = 64 * 4 / 8 * (1 - math.comb(28, 2) / math.comb(32, 2))
+    assert expert_sends(limited, eight_nodes)[0] == pytest.approx(ranks)
+    open_limit = free.model_copy(update={"router_num_groups": 8, "router_group_topk": 8})
+    assert expert_sends(open_limit, eight_nodes) == expert_sends(free, eight_nodes)
+    alltoall = (free.model_copy(update={"dispatcher": "alltoall"}), limited.model_copy(update={"dispatcher": "alltoall"}))
+    assert expert_sends(alltoall[0], eight_nodes) == expert_sends(alltoall[1], eight_nodes) == (8, 8 * 7 / 64, 8 * 7 / 8)
+
+
+@pytest.mark.parametrize(("moe", "message"), [
+    ({"router_num_groups": 8}, "router_num_groups and router_group_topk go together"),
+    ({"router_group_topk": 2}, "router_num_groups and router_group_topk go together"),
+    ({"router_num_groups": 5, "router_group_topk": 1}, "router_num_groups=5 must divide num_experts=48"),
+    ({"router_num_groups": 4, "router_group_topk": 5}, "router_group_topk=5 exceeds router_num_groups=4"),
+    ({"router_num_groups": 16, "router_group_topk": 2, "top_k": 8}, "router_group_topk=2 groups of 3 experts hold fewer than top_k=8"),
+])
+def test_group_limited_routing_follows_megatrons_rules(moe, message):
+    spec = {**TINY_MOE["model"]["moe"], "num_experts": 48, **moe}
+    with pytest.raises(SpecError, match=message):
+        spec_from_dict({**TINY_MOE, "model": {**TINY_MOE["model"], "moe": spec}})
+
+
+def test_group_limited_routing_renders_megatrons_flags():
+    spec = make_spec(TINY_MOE, **{"model.moe.num_experts": 16, "model.moe.router_num_groups": 4,
+                                  "model.moe.router_group_topk": 2})
+    plan = build_plan(spec, top=1)
+    args = megatron_args(plan.context, plan.candidates[0], TrainOptions())
+    at = args.index("--moe-router-num-groups")
+    assert args[at:at + 4] == ["--moe-router-num-groups", "4", "--moe-router-group-topk", "2"]
+    plain = build_plan(make_spec(TINY_MOE, **{"model.moe.num_experts": 16}), top=1)
+    assert "--moe-router-num-groups" not in megatron_args(plain.context, plain.candidates[0], TrainOptions())
+
+
 def test_ep_across_nodes_is_priced_by_its_nic_share_and_flex_by_its_own_bytes():
     """Qwen3-30B-A3B-like EP16 on 2 x 8 H100: the all-to-all costs what its NIC share costs, far
     below every byte at NIC speed; the flex dispatcher (one copy per node) less again."""

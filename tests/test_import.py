@@ -408,7 +408,8 @@ def _variants():
         "moe-everything": _variant(TINY_MOE, **{
             "backend": {"transformer_engine": True, "megatron": "core_v0.16", "fusions": False},
             "model.moe": {"num_experts": 8, "top_k": 1, "ffn_hidden_size": 64, "capacity_factor": 1.25,
-                          "shared_expert_ffn_hidden_size": 128, "dispatcher": "flex", "flex_backend": "hybridep"},
+                          "shared_expert_ffn_hidden_size": 128, "dispatcher": "flex", "flex_backend": "hybridep",
+                          "router_num_groups": 4, "router_group_topk": 2},
             "model.normalization": "layernorm", "model.position_embedding": "learned", "model.tie_embeddings": True,
             "training": {"seq_length": 64, "global_batch_size": 32, "micro_batch_size": 2, "precision": "fp8",
                          "optimizer": {"exp_avg_dtype": "bf16"}, "grad_reduce_dtype": "bf16", "tp_comm_overlap": True,

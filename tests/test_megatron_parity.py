@@ -201,6 +201,8 @@ def probe_case(case_id: str, spec: Spec, lay: Layout) -> dict[str, Any]:
             moe_token_dispatcher_type=model.moe.dispatcher,
             moe_layer_freq=[1 if u == "AE" else 0 for u in units],
             moe_latent_size=model.moe.latent_size,
+            moe_router_num_groups=model.moe.router_num_groups,
+            moe_router_group_topk=model.moe.router_group_topk,
         )
     pipeline: dict[str, Any] = {}
     # the stage split where megacpp finds the layout legal (its MLA without Transformer Engine aside:

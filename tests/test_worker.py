@@ -85,7 +85,9 @@ CASES: dict[str, tuple[int, dict[str, Any]]] = {
                                         attention={**ATTENTION, "qk_layernorm": True, "window_size": 16,
                                                    "window_full_every": 2, "sinks": True})),
     # biases on the router and every expert under EP2
-    "moe-bias-ep2": (2, spec_dict("(AE)*2", 2, {"ep": 2}, linear_bias=True, moe=MOE)),
+    # with node-limited routing: each token's two experts from one of two groups
+    "moe-bias-ep2": (2, spec_dict("(AE)*2", 2, {"ep": 2}, linear_bias=True,
+                                  moe={**MOE, "router_num_groups": 2, "router_group_topk": 1})),
     # no A blocks under TP2: megatron still checks its (unused) head count against TP
     "recurrent-tp2-no-attention": (2, spec_dict("(RD)*2", 2, {"tp": 2}, attention=None, mlp=MLP, recurrent=RECURRENT)),
 }
@@ -481,6 +483,12 @@ def test_megatron_fsdp_is_an_error_that_names_the_key_and_the_engine(tmp_path):
     job = _job(tmp_path, spec)
     with pytest.raises(LaunchError, match=r"training.data_parallel_sharding: fsdp: .*--engine megatron-lm"):
         transformer_config(job, select_backend(job), cuda=False, construct_only=True)
+
+
+def test_group_limited_routing_reaches_the_router(tmp_path):
+    job = _job(tmp_path, spec_dict("(AE)*2", 2, {"ep": 2}, moe={**MOE, "router_num_groups": 2, "router_group_topk": 1}))
+    config = transformer_config(job, select_backend(job), cuda=False, construct_only=True)
+    assert (config.moe_router_num_groups, config.moe_router_group_topk) == (2, 1)
 
 
 @pytest.mark.parametrize("vpp", [1, 2])

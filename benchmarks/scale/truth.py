@@ -496,6 +496,8 @@ def _model(m: dict[str, Any], recipe: Recipe, stage_layers: list[int] | None, mt
                 moe["pad_to_capacity"] = True
         if m.get("moe_latent_size"):
             moe["latent_size"] = m["moe_latent_size"]
+        if m.get("moe_router_group_topk"):
+            moe.update(router_num_groups=m["moe_router_num_groups"], router_group_topk=m["moe_router_group_topk"])
         model["moe"] = moe
     if "M" in letters:
         model["mamba"] = {"num_heads": m["mamba_num_heads"], "head_dim": m["mamba_head_dim"],

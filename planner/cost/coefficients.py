@@ -46,12 +46,12 @@ REFERENCE_HOST_LAUNCH_US = 8.21
 # unit: FITTED with BLACKWELL_MATMUL_RATE_SCALE on the scale benchmark's 36 tuning rows, the pair
 # with the most rows within 15%, then the least median |error| (python -m benchmarks.scale.fit_host;
 # notes, "Host class")
-DGX_HOST_LAUNCH_US = 3.35
+DGX_HOST_LAUNCH_US = 3.30
 # the Blackwell presets' sustained matmul rate over MAMF x Efficiency.matmul (whose 0.70 was
 # measured on an H200; no Blackwell GPU has been profiled here): FITTED with DGX_HOST_LAUNCH_US on
 # the scale benchmark's B200 tuning rows (python -m benchmarks.scale.fit_host; notes, "Blackwell
 # matmul rate"), carried unfitted to GB200, B300 and GB300
-BLACKWELL_MATMUL_RATE_SCALE = 1.01
+BLACKWELL_MATMUL_RATE_SCALE = 0.93
 # the share of an E block's own host time (not its local experts') that Megatron's "moe_router" and
 # "moe_preprocess" CUDA-graph modules capture (the pre-MLP norm, the router and the dispatcher's
 # preprocess, up to the routed-token counts' copy to the host): about 30 of the 110 kernels an E

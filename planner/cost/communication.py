@@ -142,6 +142,23 @@ def _untouched(experts: int, top_k: int, parts: int) -> float:
     return math.comb(experts - experts // parts, top_k) / math.comb(experts, top_k)
 
 
+@cache
+def _untouched_grouped(experts: int, top_k: int, parts: int, groups: int, chosen: int) -> float:
+    """_untouched under group-limited routing: Megatron picks a token's `chosen` of `groups` equal
+    expert groups by their best experts' scores, then its top_k within them
+    (moe_utils.group_limited_topk), so each chosen group gets about top_k / chosen of them. Where a
+    part holds whole groups or lies inside one (node- and device-limited routing); other splits,
+    and a limit that leaves every group open, as without it."""
+    if chosen >= groups or (groups % parts and parts % groups):
+        return _untouched(experts, top_k, parts)
+    if parts % groups == 0:  # inside one group: missed unless that group is chosen and hits the part
+        size, each = experts // groups, max(1, top_k // chosen)
+        hit = chosen / groups
+        return 1 - hit + hit * math.comb(size - experts // parts, each) / math.comb(size, each)
+    mine = groups // parts  # whole groups: missed when none of them is chosen
+    return math.comb(groups - mine, chosen) / math.comb(groups, chosen)
+
+
 def expert_sends(moe: MoESpec, group: Placement) -> tuple[float, float, float]:
     """Copies of one token an expert-parallel rank dispatches: (sent, over NVLink, across the NIC).
 
@@ -149,13 +166,15 @@ def expert_sends(moe: MoESpec, group: Placement) -> tuple[float, float, float]:
     ranks (Megatron's MoEAlltoAllTokenDispatcher permutes by expert, then all-to-alls). The flex
     dispatcher (DeepEP, HybridEP) sends a token once to each rank that holds one of its experts,
     and across domains once to each domain, where NVLink forwards it (DeepEP's internode normal
-    kernels, RDMA then NVLink [R20][R21]; HybridEP alike, without redundant traffic [R24])."""
+    kernels, RDMA then NVLink [R20][R21]; HybridEP alike, without redundant traffic [R24]), so
+    group-limited routing, which keeps a token's experts within a few groups, sends fewer."""
     n, g, k = group.size, group.per_domain, group.domains
     e, top = moe.num_experts, moe.top_k
     if moe.dispatcher != "flex":
         return top, top * (g - 1) / n, top * (k - 1) / k
-    ranks = n * (1 - _untouched(e, top, n))
-    domains = (k - 1) * (1 - _untouched(e, top, k)) if k > 1 else 0.0
+    limit = (moe.router_num_groups, moe.router_group_topk) if moe.router_group_topk else (1, 1)
+    ranks = n * (1 - _untouched_grouped(e, top, n, *limit))
+    domains = (k - 1) * (1 - _untouched_grouped(e, top, k, *limit)) if k > 1 else 0.0
     return ranks, ranks * (g - 1) / n, domains
 
 

@@ -284,6 +284,8 @@ def megatron_args(ctx: Context, cand: Candidate, opts: TrainOptions, extra: bool
             a += ["--moe-shared-expert-intermediate-size", str(moe.shared_expert_ffn_hidden_size)]
         if moe.latent_size:  # rule moe-latent-needs-te holds the backend
             a += ["--moe-latent-size", str(moe.latent_size)]
+        if moe.router_num_groups:
+            a += ["--moe-router-num-groups", str(moe.router_num_groups), "--moe-router-group-topk", str(moe.router_group_topk)]
         if moe.capacity_factor is not None:
             a += ["--moe-expert-capacity-factor", f"{moe.capacity_factor:g}"]
         if moe.pad_to_capacity:

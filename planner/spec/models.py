@@ -119,11 +119,17 @@ class MoESpec(_Frozen):
     # latent MoE (Nemotron 3 Super; --moe-latent-size): the routed experts and their dispatch work in
     # this narrower width, with a down- and an up-projection (hidden <-> latent) around them
     latent_size: Dim | None = None
+    # group-limited routing (--moe-router-num-groups, --moe-router-group-topk): the experts in
+    # router_num_groups equal groups, each token's top_k drawn from router_group_topk of them;
+    # node-limited when the groups are the EP group's nodes (DeepSeek-V3: 8 and 4)
+    router_num_groups: Dim | None = None
+    router_group_topk: Dim | None = None
 
     @model_validator(mode="after")
     def _topk_within_experts(self) -> MoESpec:
         if self.top_k > self.num_experts:
             raise ValueError(f"top_k={self.top_k} exceeds num_experts={self.num_experts}")
+        self._check_groups()
         if self.pad_to_capacity and self.capacity_factor is None:
             raise ValueError("pad_to_capacity pads to the capacity model.moe.capacity_factor sets "
                              "(transformer_config.py:1131-1134); set capacity_factor")
@@ -134,6 +140,24 @@ class MoESpec(_Frozen):
             raise ValueError("overlap_communication needs the alltoall or flex dispatcher, not allgather "
                              "(transformer_config.py:3016-3019); set dispatcher: alltoall")
         return self
+
+    def _check_groups(self) -> None:
+        """Megatron's group-limited routing rules (transformer_config.py:1643-1661), and a pool of
+        experts in the chosen groups no smaller than top_k (moe_utils.group_limited_topk would pick
+        masked-out experts)."""
+        groups, chosen = self.router_num_groups, self.router_group_topk
+        if groups is None and chosen is None:
+            return
+        if groups is None or chosen is None:
+            raise ValueError("router_num_groups and router_group_topk go together (group-limited routing); "
+                             "set both or neither")
+        if self.num_experts % groups:
+            raise ValueError(f"router_num_groups={groups} must divide num_experts={self.num_experts}")
+        if chosen > groups:
+            raise ValueError(f"router_group_topk={chosen} exceeds router_num_groups={groups}")
+        if chosen * (self.num_experts // groups) < self.top_k:
+            raise ValueError(f"router_group_topk={chosen} groups of {self.num_experts // groups} experts hold fewer "
+                             f"than top_k={self.top_k}; raise router_group_topk or lower router_num_groups")
 
 
 class MLPSpec(_Frozen):

@@ -200,6 +200,8 @@ def transformer_config(job: Job, backend: Backend, *, cuda: bool, construct_only
             moe_expert_capacity_factor=moe.capacity_factor,
             moe_grouped_gemm=backend.use_te,
             moe_latent_size=moe.latent_size,
+            moe_router_num_groups=moe.router_num_groups,
+            moe_router_group_topk=moe.router_group_topk,
         )
     if model.mamba is not None and "M" in letters:
         kw.update(

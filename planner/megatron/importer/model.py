@@ -283,6 +283,9 @@ class ModelReader(Reader):
             self.f.taken.discard("--moe-flex-dispatcher-backend")
         if f.has("--overlap-moe-expert-parallel-comm"):
             moe["overlap_communication"] = True
+        groups, chosen = f.integer("--moe-router-num-groups"), f.integer("--moe-router-group-topk")
+        if chosen:  # Megatron limits routing only with a group top-k (transformer_config.py:1643)
+            moe.update(router_num_groups=groups, router_group_topk=chosen)
         latent = f.integer("--moe-latent-size")
         if latent:
             moe["latent_size"] = latent
