@@ -267,6 +267,23 @@ def test_a_card_row_takes_the_dispatcher_and_adam_state_its_library_recipe_sets(
     assert not any("dispatcher not stated" in a for a in conv.assumptions)
     assert spec_from_dict(convert(row(39)).spec).model.moe.flex_backend == "deepep"  # 25.09, stated
 
+def test_the_nemo_rows_take_what_nemo_2_2_0s_performance_scripts_set() -> None:
+    """The NeMo 25.02 page's Mixtral runs: token dropping at capacity 1.0, padded
+    (MegatronTokenDropCallback in the recipes' performance mode), the alltoall dispatcher, no
+    recompute; 8x22B at the recommended config's etp 1, 8x7B on B200 with each layer captured in a
+    CUDA graph; FP8 weights named where the spec cannot carry them."""
+    big, small = (spec_from_dict(convert(row(i)).spec) for i in (42, 44))
+    for spec in (big, small):
+        moe = spec.model.moe
+        assert (moe.capacity_factor, moe.pad_to_capacity, moe.dispatcher) == (1.0, True, "alltoall")
+        assert spec.training.recompute == "none"
+    assert (big.parallel.tp, big.parallel.etp) == (2, 1)
+    assert (big.training.cuda_graphs, small.training.cuda_graphs) == ("none", "layers")
+    conv = convert(row(42))
+    assert not any("not published for this row" in a or "etp = tp" in a for a in conv.assumptions)
+    assert any("FP8 weights" in n for n in conv.not_modelled)
+
+
 def test_the_cards_peaks_are_read_as_the_gb_megatron_bridge_prints() -> None:
     """Megatron-Bridge's memory report prints bytes / 1e9 ("memory (GB)"), which the verification
     cards copy under a GiB label: Super's 59.000 is 54.95 GiB. A row without a peak has none."""

@@ -39,13 +39,14 @@ CONFIG_FIELDS = ("model_key", "system", "num_gpus", "precision", "gbs", "mbs", "
                  "tp", "pp", "cp", "vp", "ep", "etp", "fsdp")
 HELD_OUT_MODULUS = 3  # one third of the configurations is held out
 # The precision label of a published row -> the spec's training.precision and fp8_recipe (truth
-# README: fp8-cs = FP8 current scaling, fp8-mx = MXFP8). The NeMo 25.02 rows' plain "fp8" publish no
-# recipe: NeMo's default of that release, delayed scaling, is assumed (PRECISION_ASSUMED).
+# README: fp8-cs = FP8 current scaling, fp8-mx = MXFP8). The NeMo 25.02 rows' plain "fp8" is NeMo
+# 2.2.0's bf16_with_fp8_mixed: delayed scaling ("hybrid", amax history 1024), with FP8 weights
+# (fp8_params=True), which the spec does not carry (NEMO_FP8_PARAMS, a detail of the row).
 PRECISIONS = {
     "bf16": ("bf16", None), "fp8": ("fp8", "delayed"), "fp8-cs": ("fp8", "tensorwise"),
     "fp8-mx": ("fp8", "mxfp8"), "fp8-blockwise": ("fp8", "blockwise"), "nvfp4": ("fp4", None),
 }
-PRECISION_ASSUMED = {"fp8": "FP8 recipe not published: delayed scaling (NeMo 25.02's default) assumed"}
+NEMO_FP8_PARAMS = "FP8 weights (NeMo's bf16_with_fp8_mixed: fp8_params=True); planned with bf16 weights"
 
 # Hybrid-pattern symbols of Megatron (models.json _meta.hybrid_pattern_legend) -> megacpp letters.
 HYBRID_LETTERS = {"M": "M", "*": "A", "-": "D", "E": "E"}
@@ -156,8 +157,9 @@ def select_newest(rows: tuple[dict[str, Any], ...] | list[dict[str, Any]]) -> li
 @dataclass(frozen=True)
 class Recipe:
     """The settings of a published run that the spec can carry, read from its settings_compact
-    text and its recipe record. `published` is False for rows whose recipe was not matched (the
-    NeMo 25.02 page): their recompute and dispatcher are assumptions."""
+    text and its recipe record, or for the NeMo 25.02 page's rows from NeMo 2.2.0's performance
+    scripts (NEMO_*). `published` is False where neither says anything: recompute and dispatcher
+    are then assumptions."""
 
     published: bool
     recompute: str | None  # none | selective | full; None: not stated
@@ -185,6 +187,17 @@ class Recipe:
 
 
 NEMO_TP_OVERLAP = ("nemotron4_340b", "llama3_70b", "llama31_405b")
+# The NeMo 25.02 rows ran NeMo 2.2.0's scripts/llm/performance/pretrain_*.py (tag v2.2.0), each
+# calling its model's pretrain_recipe(performance_mode=True): no recipe sets recompute, Mixtral's
+# config dispatches with alltoall (nemo/collections/llm/gpt/model/mixtral.py), and both Mixtral
+# recipes' pretrain_performance_optimizations add MegatronTokenDropCallback, whose defaults drop
+# tokens at capacity factor 1.0 and pad every expert to it (callbacks/moe_token_drop.py)
+NEMO_TOKEN_DROP = ("mixtral_8x7b", "mixtral_8x22b")
+# pretrain_mixtral_8x7b.py: enable_cuda_graph = gpu in ["b200"] (megatron-core's capture of each layer)
+NEMO_CUDA_GRAPHS = {("mixtral_8x7b", "B200"): "layers"}
+# recommended_model_configs/model_configs_b200.csv, the row with the published layout (tp 2, pp 4,
+# cp 8, vp 14, ep 8 on 256 GPUs at sequence 65,536): etp_size 1
+NEMO_ETP = {("mixtral_8x22b", "B200"): 1}
 # Megatron-Bridge's flat performance recipes (src/megatron/bridge/perf_recipes/) all pass through
 # _benchmark_common, which sets ddp.grad_reduce_in_fp32 = False, and _perf_precision, which sets it
 # again on the mixed-precision config (perf_recipes/_common.py): their gradient buffers are bf16
@@ -254,7 +267,8 @@ def read_recipe(row: dict[str, Any]) -> Recipe:
     summary = rc.get("settings_summary") or {}
     overrides = rc.get("model_overrides") or {}
     family = " ".join(line for lines in (rc.get("family_settings") or {}).values() for line in lines)
-    published = bool(summary or overrides or rc.get("function"))
+    nemo = row["source_type"].startswith("nemo_framework")
+    published = bool(summary or overrides or rc.get("function")) or nemo  # NeMo's: its 2.2.0 scripts (NEMO_*)
 
     recompute, modules, layers = None, (), None
     stated = re.search(r"recompute=(none|selective|full)(?:\[([^\]]*)\])?(?:/block x(\d+))?", sc)
@@ -282,13 +296,14 @@ def read_recipe(row: dict[str, Any]) -> Recipe:
         backend = flex or None
     elif "DeepEP flex dispatcher" in sc:
         dispatcher, backend = "flex", "deepep"
-    elif "alltoall dispatcher" in sc:
+    elif "alltoall dispatcher" in sc or (nemo and row["model_key"] in NEMO_TOKEN_DROP):  # Mixtral's config
         dispatcher = "alltoall"
     else:
         dispatcher, backend = _from_source(RECIPE_DISPATCHERS, rc.get("function") or "") or (None, None)
 
     factor = re.search(r"capacity_factor=([\d.]+)", sc)
-    token_drop = bool(re.search(r"token-drop|apply_moe_token_drop", sc + family)) or "(tokendrop)" in row["model"]
+    token_drop = (bool(re.search(r"token-drop|apply_moe_token_drop", sc + family)) or "(tokendrop)" in row["model"]
+                  or (nemo and row["model_key"] in NEMO_TOKEN_DROP))
     # Megatron-Bridge's apply_moe_token_drop: capacity factor 1.0, inputs padded to capacity
     capacity = float(factor[1]) if factor else (1.0 if token_drop else None)
     padded = "padded" in sc or token_drop
@@ -308,7 +323,6 @@ def read_recipe(row: dict[str, Any]) -> Recipe:
     # their shared set_primary_perf_configs reduces gradients in bf16 (grad_reduce_in_fp32 = False),
     # and the recipes' pretrain_performance_optimizations turn TP overlap on for these models
     # (nemo/collections/llm/recipes/{nemotron4_340b,llama3_70b,llama31_405b}.py: tp_comm_overlap=True)
-    nemo = row["source_type"].startswith("nemo_framework")
     tp_overlap = tp_overlap or (nemo and row["tp"] > 1 and row["model_key"] in NEMO_TP_OVERLAP)
 
     function = rc.get("function") or ""
@@ -327,7 +341,8 @@ def read_recipe(row: dict[str, Any]) -> Recipe:
                                                    and row["source_type"].startswith("megatron_bridge")),
         fsdp=fsdp, runtime=tuple(runtime),
         ep_overlap="ep_a2a_overlap=on" in sc or "EP A2A overlap (" in sc, tp_comm_overlap=tp_overlap,
-        grad_reduce_bf16="grad_reduce_in_fp32 = False" in family or nemo or PERF_RECIPES in function, cuda_graphs=read_cuda_graphs(sc),
+        grad_reduce_bf16="grad_reduce_in_fp32 = False" in family or nemo or PERF_RECIPES in function,
+        cuda_graphs=NEMO_CUDA_GRAPHS.get((row["model_key"], row["system"]), "none") if nemo else read_cuda_graphs(sc),
         recompute_method="block" if stated and stated[3] else None,
         offload_modules=_modules(offload[1]) if offload else (), offload_fraction=float(offload[2]) if offload and offload[2] else 1.0,
         optimizer=optimizer, offload_layers=int(layers_offloaded[1]) if layers_offloaded else None,
@@ -340,7 +355,7 @@ def read_cuda_graphs(settings: str) -> str | tuple[str, ...]:
     `full_iteration` (the whole forward-backward), and the 25.09 perf matrix's `cuda_graphs=True`,
     which set the deprecated enable_cuda_graph (megatron-core's own capture, default scope: every
     transformer layer whole; Megatron-Bridge r0.1.0 scripts/performance/utils/helpers.py
-    set_cuda_graph_overrides). Rows that name none ran without (`off`, the NeMo 25.02 pages)."""
+    set_cuda_graph_overrides). Rows that name none ran without (`off`)."""
     modules = re.search(r"cuda_graph=transformer_engine\[([^\]]*)\]", settings)
     if modules:
         return _modules(modules[1]) or "layers"
@@ -561,6 +576,9 @@ def as_run(row: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     if row["etp"] is None and base.get(RECIPE_FIELDS["etp"]) is not None:
         ran["etp"] = base[RECIPE_FIELDS["etp"]]
         notes.append(f"etp not published in the table: the recipe file's etp {ran['etp']} is planned")
+    elif row["etp"] is None and (row["model_key"], row["system"]) in NEMO_ETP:
+        ran["etp"] = NEMO_ETP[row["model_key"], row["system"]]
+        notes.append(f"etp not published in the table: NeMo 2.2.0's recommended config's etp {ran['etp']} is planned")
     return ran, notes
 
 
@@ -636,14 +654,12 @@ def convert(row: dict[str, Any], models: dict[str, Any] | None = None) -> Conver
         else:
             pipeline_layout = f"E(t*{per}|)*{pp * vpp - 1}t*{per}{'m' * mtp}L"
     precision, fp8_recipe = PRECISIONS[row["precision"]]
-    if row["precision"] in PRECISION_ASSUMED:
-        assume.append(PRECISION_ASSUMED[row["precision"]])
+    if row["source_type"].startswith("nemo_framework") and precision == "fp8":
+        details.append(NEMO_FP8_PARAMS)
     if recipe.pp_layout_mentioned:
         assume.append("the run script names a DeepSeek pipeline layout that the table's pp/vp does not show; "
                       "the table's layout is planned")
-    if not recipe.published:
-        assume.append("recipe settings not published for this row: no recompute and the alltoall dispatcher assumed")
-    elif recipe.recompute is None:
+    if recipe.recompute is None:
         assume.append("recompute not stated: none assumed")
     moe = bool(m.get("num_moe_experts"))
     if moe and recipe.published and recipe.dispatcher is None:

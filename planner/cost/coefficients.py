@@ -51,7 +51,7 @@ DGX_HOST_LAUNCH_US = 3.30
 # measured on an H200; no Blackwell GPU has been profiled here): FITTED with DGX_HOST_LAUNCH_US on
 # the scale benchmark's B200 tuning rows (python -m benchmarks.scale.fit_host; notes, "Blackwell
 # matmul rate"), carried unfitted to GB200, B300 and GB300
-BLACKWELL_MATMUL_RATE_SCALE = 0.93
+BLACKWELL_MATMUL_RATE_SCALE = 0.88
 # the share of an E block's own host time (not its local experts') that Megatron's "moe_router" and
 # "moe_preprocess" CUDA-graph modules capture (the pre-MLP norm, the router and the dispatcher's
 # preprocess, up to the routed-token counts' copy to the host): about 30 of the 110 kernels an E
