@@ -414,12 +414,13 @@ def build_plan(spec: Spec, top: int = 10, profile: Profile = DEFAULTS, cluster: 
         # fitting layouts first, then faster, then lighter on memory
         entry = (misfit, round(est.step_seconds, 9), round(est.peak_gib, 3), lay.short(), lay, est, high)
         if not every_vpp:
-            other = kept.get(lay.but_vpp())
+            base = lay.but_vpp()
+            other = kept.get(base)
             if other is not None:
                 if other[:4] <= entry[:4]:
                     continue
                 scored.remove(other)
-            kept[lay.but_vpp()] = entry
+            kept[base] = entry
         insort(scored, entry, key=lambda t: t[:4])
     chosen = [
         _candidate(ctx, lay, est, high, warnings).model_copy(update={"rank": i})

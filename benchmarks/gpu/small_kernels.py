@@ -23,6 +23,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+from benchmarks.gpu.compare import committed_results
 from megacpp.planner.calibrate.lstsq import solve
 from megacpp.planner.calibrate.reports import NO_OVERHEAD, run_spec
 from megacpp.planner.cost.coefficients import DEFAULT_EFFICIENCY
@@ -33,7 +34,6 @@ from megacpp.planner.plan import make_context
 from megacpp.planner.search.layout import Layout
 from megacpp.planner.search.stages import assign_stages
 
-EVIDENCE = Path(__file__).resolve().parents[1] / "evidence"
 LETTERS = "ADEMR"
 MIN_HIDDEN = 1024  # narrower probes are host-bound: their small kernels are launch-sized
 
@@ -41,7 +41,7 @@ MIN_HIDDEN = 1024  # narrower probes are host-bound: their small kernels are lau
 def observations() -> list[dict]:
     """Per profiled TE run on one stage: its small-kernel seconds and the model's units per letter."""
     out = []
-    for path in sorted(EVIDENCE.glob("*/results/gpu_runs_*.json")):
+    for path in committed_results():
         for run in json.loads(path.read_text())["runs"]:
             profiles = [p["kernel_seconds"] for p in run.get("per_rank_profile") or () if p]
             if not profiles or run.get("spec") is None:

@@ -662,7 +662,7 @@ def convert(row: dict[str, Any], models: dict[str, Any] | None = None) -> Conver
     if recipe.recompute is None:
         assume.append("recompute not stated: none assumed")
     moe = bool(m.get("num_moe_experts"))
-    if moe and recipe.published and recipe.dispatcher is None:
+    if moe and recipe.dispatcher is None:
         assume.append("dispatcher not stated: alltoall assumed (DeepEP / HybridEP would send fewer bytes across nodes)")
     if moe and row["etp"] is None:
         assume.append("etp not published: Megatron's default etp = tp pinned")
