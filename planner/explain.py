@@ -5,6 +5,7 @@ Pure: builds one document (the `--json` output) from a plan; the console and the
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Any
 
@@ -220,6 +221,10 @@ def versus(plan: Plan, cand: Candidate, text: str) -> dict[str, Any]:
     """Another layout priced beside the candidate, term by term: where a claimed speedup comes
     from (or the rules that reject it)."""
     ctx = plan.context
+    if ctx.spec.parallel.dp is not None:
+        # the other layout names its own degrees; the spec's dp pin is the candidate's, not its
+        spec = ctx.spec.model_copy(update={"parallel": ctx.spec.parallel.model_copy(update={"dp": None})})
+        ctx = dataclasses.replace(ctx, spec=spec)
     lay = versus_layout(ctx, text, cand.layout.micro_batch_size)
     out: dict[str, Any] = {"text": text, "layout": lay.model_dump()}
     if broken := broken_rules(ctx, lay):

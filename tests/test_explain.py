@@ -276,6 +276,17 @@ def test_versus_names_the_rules_that_reject_it_and_bad_words_in_one_line():
         assert "--versus" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
+
+def test_versus_is_priced_when_the_spec_pins_dp():
+    """A spec with every axis pinned, dp among them (as a job's own spec is), is still asked
+    "why not that one?": the other layout's dp follows its own tp x cp x pp, not the pin."""
+    pinned = ("--set", "parallel.tp=1", "--set", "parallel.pp=1", "--set", "parallel.dp=16")
+    assert _doc("llama-8b-dense", *pinned)["layout"]["dp"] == 16
+    v = _doc("llama-8b-dense", *pinned, "--versus", "tp2 pp2")["versus"]
+    assert v["verdict"] == "legal" and v["layout"]["dp"] == 4, v
+    proc = _run("llama-8b-dense", *pinned, "--versus", "tp2 pp2 dp8")
+    assert proc.returncode == 1 and "dp is 4" in proc.stderr, proc.stderr
+
 def test_why_not_offers_the_interleaved_depths_the_search_tries():
     """NVIDIA's recipes run vp 5 to 24: a candidate at pp 2 vpp 8 (16 layers a rank) is asked
     about the searched virtual stage counts just around its own, not only 2 and 4."""
