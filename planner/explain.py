@@ -20,6 +20,7 @@ from megacpp.planner.search.ranks import process_groups, rank_coordinates
 from megacpp.planner.search.rules import check_layout, divisors
 from megacpp.planner.search.space import searched_vpps
 from megacpp.planner.search.stages import assign_stages
+from megacpp.planner.spec.pipeline_layout import expand
 from megacpp.planner.validation import broken_rules, check_consistent, complete_layout
 
 # The split taxonomy (DESIGN.md): what each axis partitions, its main traffic, what it cannot fix.
@@ -217,16 +218,32 @@ def versus_layout(ctx: Context, text: str, micro_batch_size: int) -> Layout:
     return lay
 
 
+def _versus_context(ctx: Context, degrees: dict[str, int]) -> tuple[Context, list[str]]:
+    """The context the other layout is judged in: the spec's pins that belong to the candidate's
+    grid let go (dp follows the other layout's tp x cp x pp; a pipeline layout string of another
+    stage count gives way to megacpp's own split), each named."""
+    pins, drop, notes = ctx.spec.parallel, {}, []
+    if pins.dp is not None:
+        drop["dp"] = None
+    if pins.pipeline_layout is not None:
+        stages = len(expand(pins.pipeline_layout))
+        wanted = degrees.get("pp", 1) * degrees.get("vpp", 1)
+        if stages != wanted:
+            drop["pipeline_layout"] = None
+            notes.append(f"the spec's parallel.pipeline_layout names {stages} stages, not pp x vpp = {wanted}: "
+                         f"priced on megacpp's own split")
+    if not drop:
+        return ctx, notes
+    spec = ctx.spec.model_copy(update={"parallel": pins.model_copy(update=drop)})
+    return dataclasses.replace(ctx, spec=spec), notes
+
+
 def versus(plan: Plan, cand: Candidate, text: str) -> dict[str, Any]:
     """Another layout priced beside the candidate, term by term: where a claimed speedup comes
     from (or the rules that reject it)."""
-    ctx = plan.context
-    if ctx.spec.parallel.dp is not None:
-        # the other layout names its own degrees; the spec's dp pin is the candidate's, not its
-        spec = ctx.spec.model_copy(update={"parallel": ctx.spec.parallel.model_copy(update={"dp": None})})
-        ctx = dataclasses.replace(ctx, spec=spec)
+    ctx, notes = _versus_context(plan.context, parse_versus(text))
     lay = versus_layout(ctx, text, cand.layout.micro_batch_size)
-    out: dict[str, Any] = {"text": text, "layout": lay.model_dump()}
+    out: dict[str, Any] = {"text": text, "layout": lay.model_dump(), "notes": notes}
     if broken := broken_rules(ctx, lay):
         return {**out, "verdict": "rejected", "rules": broken}
     _, stages = assign_stages(ctx, lay.pp, lay.vpp)

@@ -287,6 +287,19 @@ def test_versus_is_priced_when_the_spec_pins_dp():
     proc = _run("llama-8b-dense", *pinned, "--versus", "tp2 pp2 dp8")
     assert proc.returncode == 1 and "dp is 4" in proc.stderr, proc.stderr
 
+
+def test_versus_of_another_stage_count_lets_a_pinned_pipeline_layout_go_and_says_so():
+    """A pipeline layout string pins the candidate's pp x vpp stages; the other layout, of another
+    stage count, is priced on megacpp's own split and the document names it. One of the same stage
+    count keeps the string."""
+    pinned = ("--set", "parallel.pp=2", "--set", "parallel.pipeline_layout=E(t*4|)*7t*4L")
+    v = _doc("llama-8b-dense", *pinned, "--versus", "pp4")["versus"]
+    assert v["verdict"] == "legal" and v["layout"]["pp"] == 4, v
+    assert any("pipeline_layout names 8 stages" in note for note in v["notes"])
+    kept = _doc("llama-8b-dense", *pinned, "--versus", "pp4 vpp2")["versus"]
+    assert kept["verdict"] == "legal" and kept["notes"] == []
+    assert "priced on megacpp's own split" in _explain("llama-8b-dense", *pinned, "--versus", "pp4").stdout
+
 def test_why_not_offers_the_interleaved_depths_the_search_tries():
     """NVIDIA's recipes run vp 5 to 24: a candidate at pp 2 vpp 8 (16 layers a rank) is asked
     about the searched virtual stage counts just around its own, not only 2 and 4."""

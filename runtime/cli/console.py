@@ -235,12 +235,14 @@ def _versus_text(v: dict[str, Any]) -> None:
     head = f"[bold]versus {_layout_cell(v['layout'])}[/]"
     if v["verdict"] == "rejected":
         out.print(f"{head}: [red]rejected[/]")
-        for rule in v["rules"]:
-            out.print(f"  {rule}")
+        for line in [*v.get("notes", []), *v["rules"]]:
+            out.print(f"  {line}")
         return
     fits = "" if v["verdict"] == "legal" else " [red](does not fit)[/]"
     out.print(f"{head}: step {v['step_seconds']:.2f} s ({v['step_delta']:+.1%} against this candidate), "
               f"peak {v['peak_gib']:.1f} GiB{fits}{_decided(v.get('decided_by'))}")
+    for note in v.get("notes", []):
+        out.print(f"  {note}")
     terms = Table(header_style="bold")
     for col in ("term", "this candidate s", "versus s", "difference s"):
         terms.add_column(col, justify="left" if col == "term" else "right")
