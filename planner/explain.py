@@ -222,7 +222,8 @@ def _versus_context(ctx: Context, degrees: dict[str, int]) -> tuple[Context, lis
     """The context the other layout is judged in: the spec's pins that belong to the candidate's
     grid let go (dp follows the other layout's tp x cp x pp; a pipeline layout string of another
     stage count gives way to megacpp's own split), each named."""
-    pins, drop, notes = ctx.spec.parallel, {}, []
+    pins, notes = ctx.spec.parallel, []
+    drop: dict[str, None] = {}
     if pins.dp is not None:
         drop["dp"] = None
     if pins.pipeline_layout is not None:
