@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from benchmarks.scale import run, truth
+from benchmarks.scale import report, run, truth
 from benchmarks.scale.truth import convert, load_runs, select_newest
 from megacpp.planner import spec_from_dict
 from megacpp.planner.megatron.args import TrainOptions, known_flags, megatron_args
@@ -402,3 +402,26 @@ def test_independent_rows_carry_their_recipes_offloading() -> None:
     assert ultra.spec["training"]["offload_modules"] == ["expert_fc1", "moe_act"]
     assert ultra.approximations == ("fused-group-mlp-offload",)
     assert convert(independent_row(1014)).spec["parallel"]["etp"] == 1  # the recipe file's etp, the table has none
+
+
+def _record(row_id: int, layout: dict, gbs: int, measured: float, planned: float) -> dict:
+    """A planned record as run.evaluate writes it, reduced to what report.side_by_side reads."""
+    return {"row_id": row_id, "model_key": "m", "system": "B200", "precision": "bf16", "num_gpus": 64,
+            "published": {"layout": {"tp": 1, "pp": 1, "cp": 1, "vp": None, "dp": 64, "etp": 1, "fsdp": 0, **layout},
+                          "seq_length": 4096, "gbs": gbs, "mbs": 1, "tokens_per_sec_per_gpu": measured},
+            "pinned": {"outcome": "planned", "predicted_tokens_per_sec_per_gpu": planned}}
+
+
+def test_side_by_side_pairs_two_layouts_of_one_job_and_says_whether_the_plan_orders_them() -> None:
+    """EP 8 against EP 64 of one job is a pair; the same layout at another batch is not; an
+    ordering is right when the plan's ratio is on the measured side of 1."""
+    records = [_record(1, {"ep": 8}, 1280, 13568, 15000),
+               _record(2, {"ep": 64}, 1280, 8047, 9000),  # slower, and planned slower: ordered
+               _record(3, {"ep": 32}, 1280, 9000, 8000),  # faster than EP 64, planned slower: not
+               _record(4, {"ep": 8}, 512, 8213, 8700)]  # another batch: no pair with the others
+    report_ = report.side_by_side(records)
+    by_rows = {tuple(p["rows"]): p for p in report_["pairs"]}
+    assert set(by_rows) == {(1, 2), (1, 3), (2, 3)}
+    assert by_rows[(1, 2)]["ordered"] and by_rows[(1, 3)]["ordered"] and not by_rows[(2, 3)]["ordered"]
+    assert by_rows[(1, 2)]["measured_ratio"] == pytest.approx(13568 / 8047, abs=1e-3)
+    assert report_["ordered"] == 2 and report_["clear"] == 3 and report_["clear_ordered"] == 2

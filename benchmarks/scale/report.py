@@ -62,6 +62,39 @@ def search_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+# pairs measured at least this far apart are the ones an ordering must get right
+CLEAR_GAP = 0.10
+
+
+def side_by_side(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Every pair of planned configurations of one job (model, system, precision, sequence, GPU
+    count and global batch) in two layouts (as run, micro-batch size included): the measured and
+    the planned ratio of their tokens/s/GPU, and whether the plan orders them as measured. The
+    releases of a pair may differ, and so may the software that ran them."""
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for r in _planned(records):
+        pub = r["published"]
+        key = (r["model_key"], r["system"], r["precision"], pub["seq_length"], r["num_gpus"], pub["gbs"])
+        groups.setdefault(key, []).append(r)
+    pairs = []
+    for group in groups.values():
+        for i, a in enumerate(group):
+            for b in group[i + 1:]:
+                if _layout(a["published"]) == _layout(b["published"]) and a["published"]["mbs"] == b["published"]["mbs"]:
+                    continue
+                measured = a["published"]["tokens_per_sec_per_gpu"] / b["published"]["tokens_per_sec_per_gpu"]
+                planned = a["pinned"]["predicted_tokens_per_sec_per_gpu"] / b["pinned"]["predicted_tokens_per_sec_per_gpu"]
+                pairs.append({"rows": [a["row_id"], b["row_id"]], "measured_ratio": round(measured, 3),
+                              "planned_ratio": round(planned, 3), "ordered": (measured > 1) == (planned > 1)})
+    clear = [p for p in pairs if abs(p["measured_ratio"] - 1) >= CLEAR_GAP]
+    return {
+        "pairs": pairs,
+        "ordered": sum(p["ordered"] for p in pairs),
+        "clear": len(clear),
+        "clear_ordered": sum(p["ordered"] for p in clear),
+    }
+
+
 def summarise(records: list[dict[str, Any]], halves: tuple[str, ...] = HALVES) -> dict[str, Any]:
     groups: dict[str, dict[str, dict[str, Any]]] = {}
     for name, key in GROUPINGS:
@@ -79,6 +112,7 @@ def summarise(records: list[dict[str, Any]], halves: tuple[str, ...] = HALVES) -
         "accuracy": {h: accuracy(_half(records, h)) for h in halves},
         "groups": groups,
         "search": {h: search_summary(_half(records, h)) for h in halves},
+        "side_by_side": side_by_side(records),
         "worst_rows": [r["row_id"] for r in worst],
     }
 
@@ -181,6 +215,12 @@ def _headline(result: dict[str, Any]) -> list[str]:
             f"at the published VPP, with every VPP ranked on its own); the top "
             f"pick claims a median speedup of {_times(se['median_claimed_speedup'])} over it "
             f"(largest {_times(se['worst_claimed_speedup'])}, row {se['worst_row']}).")
+    pairs = s["side_by_side"]
+    if pairs["pairs"]:
+        lines.append(
+            f"- Measured side by side: {len(pairs['pairs'])} pairs of runs of one job (model, system, precision, "
+            f"sequence, GPUs, batch) in two layouts; the plan orders {pairs['ordered']} as measured, "
+            f"{pairs['clear_ordered']} of the {pairs['clear']} measured at least {CLEAR_GAP:.0%} apart.")
     m = result["machine"]
     lines.append(f"- Wall time {result['wall_seconds']:.0f} s on {m['cpus']} CPUs (Python {m['python']}).")
     return lines + [""]
@@ -211,6 +251,28 @@ def _claims(records: list[dict[str, Any]], above: float = EXPLAINED_CLAIM) -> li
     if not rows:
         return lines[:2] + ["None.", ""]
     return lines + _table(["row", "model", "published layout", "top pick", "claimed speedup", "terms"], rows)
+
+
+def _side_by_side(pairs: dict[str, Any], by_id: dict[Any, dict[str, Any]]) -> list[str]:
+    """The pairs NVIDIA measured of one job in two configurations, and how the plan orders them."""
+    if not pairs["pairs"]:
+        return []
+    lines = ["## Measured side by side", "",
+             "One job (model, system, precision, sequence, GPU count and global batch) in two layouts, micro-batch "
+             "size included, each the newest run of its configuration: does the plan order them as NVIDIA measured them? A test of "
+             "the ranking on layouts that ran, where the search's rank asks only whether the published layout is "
+             "NVIDIA's best. The two runs may come from different releases, whose software differs too. Ratio = first "
+             "row's tokens/s/GPU over the second's.", ""]
+    rows = []
+    for p in pairs["pairs"]:
+        a, b = (by_id[i] for i in p["rows"])
+        rows.append([a["model_key"], a["system"], a["precision"], a["num_gpus"],
+                     f"{a['row_id']} ({a['release'].split(' ')[0]}): {_layout(a['published'])}, gbs {a['published']['gbs']} mbs {a['published']['mbs']}",
+                     f"{b['row_id']} ({b['release'].split(' ')[0]}): {_layout(b['published'])}, gbs {b['published']['gbs']} mbs {b['published']['mbs']}",
+                     f"{p['measured_ratio']:.2f}", f"{p['planned_ratio']:.2f}", "yes" if p["ordered"] else "no"])
+    lines += _table(["model", "system", "precision", "GPUs", "first", "second", "measured ratio", "planned ratio",
+                     "ordered"], rows)
+    return lines
 
 
 def render_markdown(result: dict[str, Any]) -> str:
@@ -268,6 +330,8 @@ def render_markdown(result: dict[str, Any]) -> str:
         lines += _table(["row", "model", "system", "GPUs", "published layout", "rank", f"rank in {depth}",
                          f"rank in {depth}, every VPP", "top pick", "claimed speedup", "search s"], detail)
         lines += _claims(records)
+
+    lines += _side_by_side(s["side_by_side"], by_id)
 
     lines += [f"## The {WORST} worst rows", "",
               "Each with the plan's own step breakdown on its busiest pipeline rank "
