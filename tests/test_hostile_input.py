@@ -17,7 +17,7 @@ import yaml
 
 from megacpp.planner.errors import SpecError
 from megacpp.planner.spec.loading import MAX_MESSAGE_CHARS, load_spec_bytes, load_spec_text
-from megacpp.planner.spec.pattern import parse_pattern
+from megacpp.planner.spec.pattern import MAX_BLOCKS, parse_pattern
 from tests.conftest import TINY_DENSE
 
 CLI = [sys.executable, "-m", "megacpp.runtime.cli"]
@@ -59,16 +59,31 @@ def test_non_ascii_digits_in_a_pattern_are_refused(pattern: str) -> None:
         parse_pattern(pattern)
 
 
-@pytest.mark.parametrize("pattern", ["((A)*30000)*20000", "((A)*99999)*99999", "(((AD)*999)*999)*999"])
+@pytest.mark.parametrize("pattern", ["((A)*4000)*4000", "((A)*4096)*4096", "(((AD)*999)*999)*999"])
 def test_huge_repeats_are_refused_before_they_are_built(pattern: str) -> None:
     tracemalloc.start()
     try:
-        with pytest.raises(SpecError, match="more than 100000 blocks"):
+        with pytest.raises(SpecError, match=f"more than {MAX_BLOCKS} blocks"):
             parse_pattern(pattern)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
     assert peak < 16 << 20
+
+
+@pytest.mark.parametrize("layout", ["Et*2000000000|L", "E(t)*2000000000|L", "Et*99999999999|L", "Et*" + "9" * 30 + "|L",
+                                    "E((t|)*1000)*1000|L"])
+def test_huge_pipeline_layout_repeats_are_refused_before_they_are_built(layout: str) -> None:
+    """A repeat count in parallel.pipeline_layout is a number a user types: ten digits of it must
+    not build gigabytes (or overflow) before the layout is refused."""
+    tracemalloc.start()
+    try:
+        message = _refused(TINY_YAML + f"parallel:\n  pp: 2\n  pipeline_layout: '{layout}'\n")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert "expands beyond" in message and "repeat counts" in message
+    assert peak < 64 << 20
 
 
 def test_long_pattern_error_stays_one_short_line() -> None:
@@ -183,6 +198,35 @@ def test_out_is_replaced_whole_while_a_reader_reads(tmp_path: Path) -> None:
     reader.join()
     assert seen <= {len(v) for v in versions}
     assert [p.name for p in tmp_path.iterdir()] == ["plan.json"]
+
+
+def test_out_writes_into_a_pipe_and_through_a_symlink_without_replacing_them(tmp_path: Path) -> None:
+    """`--out` on what is not a regular file (a pipe, /dev/stdout) writes into it; on a symlink it
+    replaces the file the link names and keeps the link."""
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(TINY_YAML)
+    real, link = tmp_path / "real.json", tmp_path / "link.json"
+    link.symlink_to(real)
+    assert _cli("plan", str(spec), "--out", str(link)).returncode == 0
+    assert link.is_symlink() and json.loads(real.read_text())["candidates"]
+
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    received: list[str] = []
+    reader = threading.Thread(target=lambda: received.append(pipe.read_text()), daemon=True)
+    reader.start()
+    result = _cli("plan", str(spec), "--out", str(pipe))
+    reader.join(timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert pipe.is_fifo() and json.loads(received[0])["candidates"]
+
+
+def test_out_on_a_folder_is_one_line(tmp_path: Path) -> None:
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(TINY_YAML)
+    result = _cli("plan", str(spec), "--out", str(tmp_path))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"--out {tmp_path}: cannot write (Is a directory)" in result.stderr
 
 
 def test_sigterm_to_megacpp_ends_the_whole_local_job(tmp_path: Path) -> None:

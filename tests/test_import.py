@@ -325,6 +325,9 @@ HOSTILE = {
     "a layout of a million layers": (HEAD + "--pipeline-model-parallel-size 2 --num-layers 2 --hidden-size 8 "
                                      "--pipeline-model-parallel-layout '((t)*999999)*999999|L'", "more than"),
     "a value the script never assigns": (HEAD + "--num-layers $LAYERS --hidden-size 8", "never assigns LAYERS"),
+    "a billion layers": (HEAD + "--num-layers 1000000000 --hidden-size 8", "--num-layers 1000000000: must be 1 to 2048"),
+    "no layers": (HEAD + "--num-layers 0 --hidden-size 8", "--num-layers 0: must be 1 to"),
+    "a superscript array index": ("A=(16 32)\n" + HEAD + "--num-layers 2 --hidden-size ${A[\u00b2]}", "--hidden-size"),
 }
 
 
@@ -338,6 +341,15 @@ def test_hostile_scripts_end_in_one_line_quickly(case):
         import_launch(text, ImportOptions(cluster="h100-sxm-8"))
     assert time.perf_counter() - start < 5
     assert "\n" not in str(err.value) and len(str(err.value)) < 400
+
+
+def test_a_window_that_is_no_whole_number_is_listed_as_lost():
+    """str.isdigit takes a superscript two; the window must be ASCII digits or be named as lost."""
+    text = (HEAD + "--num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 128 --vocab-size 100 "
+            "--micro-batch-size 1 --window-size \u00b2,0")
+    result = import_launch(text, ImportOptions(cluster="h100-sxm-8"))
+    assert result.spec.model.attention.window_size is None
+    assert any("--window-size" in item for item in result.unsupported), result.unsupported
 
 
 def test_odd_bytes_and_arithmetic_nothing_is_run(tmp_path):

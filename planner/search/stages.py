@@ -15,6 +15,7 @@ empty stages allowed) or `parallel.account_for_embedding` / `account_for_loss` (
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass
 
 from megacpp.planner.cost.flops import block_flops, head_flops
@@ -98,11 +99,21 @@ def _partition(weights: list[float], k: int, head: float) -> tuple[int, ...]:
             lo = mid
         else:
             hi = mid
-    sizes = parts_for(hi) or [n]
-    while len(sizes) < k:  # split the largest part until there are k (front-most on ties)
-        i = max(range(len(sizes)), key=lambda j: (sizes[j], j))
-        sizes[i : i + 1] = [sizes[i] // 2, sizes[i] - sizes[i] // 2]
-    return tuple(sizes[::-1])
+    return tuple(_halve_largest(parts_for(hi) or [n], k)[::-1])
+
+
+def _halve_largest(sizes: list[int], k: int) -> list[int]:
+    """`sizes` with the largest part (the back-most of equals) halved, its halves in its place,
+    until there are k parts. A heap of (-size, place): a place is the path of halvings from an
+    original part, negated so that the back-most of equal sizes comes first."""
+    heap: list[tuple[int, tuple[int, ...]]] = [(-size, (-j,)) for j, size in enumerate(sizes)]
+    heapq.heapify(heap)
+    for _ in range(k - len(sizes)):
+        negative, place = heapq.heappop(heap)
+        half = -negative // 2
+        heapq.heappush(heap, (-half, (*place, 0)))
+        heapq.heappush(heap, (-(-negative - half), (*place, -1)))
+    return [-negative for negative, place in sorted(heap, key=lambda part: tuple(-x for x in part[1]))]
 
 
 def _prefix(weights: list[float]) -> list[float]:

@@ -20,7 +20,9 @@ BLOCK_LETTERS = {
     "D": "dense MLP",
     "R": "recurrent (gated linear recurrence)",
 }
-MAX_BLOCKS = 100_000
+# the deepest published stacks hold a few hundred blocks; the stage splits a search tries grow
+# with the square of the depth, so a deeper pattern would keep `plan` busy for minutes
+MAX_BLOCKS = 4096
 DIGITS = "0123456789"  # ASCII only: str.isdigit() also takes fullwidth and Arabic-Indic digits
 
 

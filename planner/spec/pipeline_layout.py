@@ -19,6 +19,7 @@ _SYMBOLS = re.compile(r"[EtLm|(),*0-9\s]*")
 _GROUP = re.compile(r"\(([^()]*)\)\*(\d+)")
 _REPEAT = re.compile(r"([EtLm])\*(\d+)")
 MAX_STAGES = 1 << 14
+MAX_SYMBOLS = 1 << 20
 
 
 def expand(text: str) -> list[str]:
@@ -30,18 +31,32 @@ def expand(text: str) -> list[str]:
     for _ in range(64):
         if "(" not in flat:
             break
-        flat = _GROUP.sub(lambda m: m[1] * int(m[2]), flat)
-        if len(flat) > 1 << 20:
-            raise ValueError(f"pipeline layout {text[:60]!r} expands beyond {1 << 20} symbols")
+        flat = _bounded_sub(_GROUP, flat, text)
     if "(" in flat or ")" in flat:
-        raise ValueError(f"pipeline layout {text!r}: unbalanced or unrepeated parentheses; write (...)*N")
-    flat = _REPEAT.sub(lambda m: m[1] * int(m[2]), flat)
+        raise ValueError(f"pipeline layout {text[:60]!r}: unbalanced or unrepeated parentheses; write (...)*N")
+    flat = _bounded_sub(_REPEAT, flat, text)
     if "*" in flat or re.search(r"\d", flat):
         raise ValueError(f"pipeline layout {text!r}: a repeat count must follow a symbol or (...)")
     stages = flat.split("|")
     if len(stages) > MAX_STAGES:
         raise ValueError(f"pipeline layout {text[:60]!r} has {len(stages)} stages; at most {MAX_STAGES}")
     return stages
+
+
+def _bounded_sub(pattern: re.Pattern[str], flat: str, text: str) -> str:
+    """`flat` with each `unit*N` of `pattern` repeated out, refused before the result would pass
+    MAX_SYMBOLS: a repeat count of ten digits must not build gigabytes first."""
+    size = len(flat)
+
+    def repeat(m: re.Match[str]) -> str:
+        nonlocal size
+        count = int(m[2]) if len(m[2]) <= 7 else MAX_SYMBOLS + 1
+        size += len(m[1]) * count - len(m[0])
+        if size > MAX_SYMBOLS:
+            raise ValueError(f"pipeline layout {text[:60]!r} expands beyond {MAX_SYMBOLS} symbols; check the repeat counts")
+        return m[1] * count
+
+    return pattern.sub(repeat, flat)
 
 
 def stage_layers(text: str) -> tuple[int, ...]:

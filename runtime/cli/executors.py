@@ -24,7 +24,17 @@ from megacpp.planner.errors import LaunchError
 
 def write_atomically(path: Path, text: str, mode: int = 0o644) -> None:
     """Write `text` to a temporary file beside `path` and rename it into place, so that a reader
-    sees the old file or the whole new one, never a partial one."""
+    sees the old file or the whole new one, never a partial one. What is not a regular file
+    (/dev/stdout, a pipe) is written into, not replaced, and a symlink's target is replaced, not
+    the link."""
+    if path.exists() and not path.is_file():
+        if path.is_dir():
+            raise IsADirectoryError(21, "Is a directory", str(path))
+        with path.open("w", encoding="utf-8") as sink:
+            sink.write(text)
+        return
+    if path.is_symlink():
+        path = Path(os.path.realpath(path))
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         tmp.write_text(text, encoding="utf-8")

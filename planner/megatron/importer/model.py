@@ -4,6 +4,7 @@ pinned parallel axes, with Megatron-LM's defaults where a flag is absent."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from megacpp.planner.errors import SpecError
@@ -14,6 +15,7 @@ from megacpp.planner.megatron.importer.layers import (
     moe_layer_flags,
     pipeline_layout,
 )
+from megacpp.planner.spec.pattern import MAX_BLOCKS
 from megacpp.planner.spec.pipeline_layout import stage_layers
 
 GPT2_VOCAB = 50257  # GPT2BPETokenizer's vocabulary (megatron/core/tokenizers, gpt2 vocab.json)
@@ -139,7 +141,7 @@ class ModelReader(Reader):
         window = f.text("--window-size")
         if window is not None:
             left, _, right = window.partition(",")
-            if not left.isdigit() or right.strip() not in ("", "0"):
+            if not re.fullmatch(r"[0-9]{1,9}", left) or right.strip() not in ("", "0"):
                 self.lost("--window-size", f"{window} is not a causal window W,0")
             else:
                 attention["window_size"] = int(left)
@@ -182,6 +184,8 @@ class ModelReader(Reader):
         if entry_point == "pretrain_gpt.py":
             if layers is None:
                 raise SpecError("no --num-layers: the script does not say how deep the model is")
+            if not 1 <= layers <= MAX_BLOCKS // 2:  # two blocks a layer; refused before a list of them is built
+                raise SpecError(f"--num-layers {layers}: must be 1 to {MAX_BLOCKS // 2} (a pattern holds at most {MAX_BLOCKS} blocks)")
             freq = f.text("--moe-layer-freq")
             moe = moe_layer_flags(freq, layers) if self.has_moe and freq is not None else [int(self.has_moe)] * layers
             blocks = "".join("AE" if m else "AD" for m in moe)

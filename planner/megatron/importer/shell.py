@@ -233,7 +233,8 @@ class Shell:
                     return self._insert(" ".join(items), quote)
                 return '"' + " ".join(shlex.quote(x) for x in items) + '"' if items else ""
             position = index[1:-1].strip()
-            return self._insert(items[int(position)], quote) if position.isdigit() and int(position) < len(items) else ""
+            whole_number = re.fullmatch(r"[0-9]{1,9}", position) is not None  # str.isdigit takes '²', int() does not
+            return self._insert(items[int(position)], quote) if whole_number and int(position) < len(items) else ""
         value = self.value(name)
         if length:
             return str(len(value)) if value is not None else self._literal(whole, quote)
