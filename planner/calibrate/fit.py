@@ -28,7 +28,7 @@ from dataclasses import replace
 from typing import Any
 
 from megacpp.planner.calibrate.lstsq import separable, solve
-from megacpp.planner.calibrate.profile import profile_document
+from megacpp.planner.calibrate.profile import check_written, profile_document
 from megacpp.planner.calibrate.reports import Observation, observe
 from megacpp.planner.cost.coefficients import DEFAULT_EFFICIENCY, Efficiency
 from megacpp.planner.cost.host import exposed_host_seconds
@@ -217,6 +217,9 @@ def leave_one_out(observations: list[Observation], base: Efficiency = DEFAULT_EF
 
 # the synchronised shares (Efficiency.te_sync_exposed) calibrate tries for a cluster's MoE runs
 SYNC_SHARES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+# the shares' leave-one-out refits grow as the square of the runs (63 TE runs take 9 s, 252 take 95 s);
+# the committed campaigns hold at most 116 runs of one cluster and backend
+MAX_RUNS = 256
 
 
 def sync_share(observations: list[Observation]) -> tuple[float | None, list[dict[str, Any]]]:
@@ -238,13 +241,18 @@ def sync_share(observations: list[Observation]) -> tuple[float | None, list[dict
     return best[1], best[2]
 
 
-def calibrate(runs: list[dict[str, Any]]) -> dict[str, Any]:
+def calibrate(runs: list[dict[str, Any]], sources: list[str] | None = None) -> dict[str, Any]:
     """The profile document: fitted overheads (and, for MoE runs under TE, the synchronised
-    share), fit residuals and leave-one-out errors."""
+    share), fit residuals and leave-one-out errors. `sources[i]`, where given, names the file
+    runs[i] came from, for errors about it."""
     if len(runs) < 2:
         raise PlanError(f"calibrate needs at least two measured runs, got {len(runs)}; pass run reports "
                         "(report.json from `megacpp launch --engine megacpp`, or a gpu_runs file)")
-    observations = [observe(r) for r in runs]
+    if len(runs) > MAX_RUNS:
+        raise PlanError(f"calibrate fits at most {MAX_RUNS} runs at a time, got {len(runs)}; pass one cluster's reports")
+    if sources is not None and len(sources) != len(runs):
+        raise ValueError(f"{len(sources)} sources for {len(runs)} runs")
+    observations = [observe(r, sources[i] if sources else None, i) for i, r in enumerate(runs)]
     clusters = sorted({o.cluster for o in observations})
     if len(clusters) > 1:
         raise PlanError(f"calibrate one cluster at a time; these runs span {', '.join(clusters)}")
@@ -258,5 +266,5 @@ def calibrate(runs: list[dict[str, Any]]) -> dict[str, Any]:
          "uncalibrated_s": round(predict(o, DEFAULT_EFFICIENCY), 4), **({"host_bound": b} if te else {})}
         for o, b in zip(observations, bound, strict=True)
     ]
-    return profile_document(clusters[0], te, eff, share, tied=["".join(g) for g in tied(fitted_runs) if len(g) > 1],
-                            determined=determined(observations, eff), fitted_on=fitted_on, leave_one_out=held_out)
+    return check_written(profile_document(clusters[0], te, eff, share, tied=["".join(g) for g in tied(fitted_runs) if len(g) > 1],
+                                          determined=determined(observations, eff), fitted_on=fitted_on, leave_one_out=held_out))

@@ -47,6 +47,29 @@ def profile_document(cluster: str, te: bool, eff: Efficiency, share: float | Non
     }
 
 
+def _non_finite(value: Any, path: str) -> str | None:
+    """The path of the first number in `value` that strict JSON cannot hold (NaN, infinity)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return path
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
+    return next((p for k, v in items if (p := _non_finite(v, f"{path}.{k}" if path else str(k))) is not None), None)
+
+
+def check_written(profile: dict[str, Any]) -> dict[str, Any]:
+    """`profile` if it is strict JSON that `megacpp plan --profile` reads back; a fit of runs whose
+    steps the model cannot reproduce can yield NaN or absurd overheads, which no plan should read."""
+    bad = _non_finite(profile, "")
+    if bad is not None:
+        raise PlanError(f"calibrate: the fit gave a non-finite {bad}; the runs' measured_step_seconds are not steps "
+                        "the model can reproduce: check them, or calibrate without the odd runs")
+    try:
+        efficiency_from_profile(profile)
+    except PlanError as exc:
+        raise PlanError(f"calibrate: the fitted profile would be refused by `plan --profile` ({exc}); check the runs' "
+                        "measured_step_seconds, or calibrate without the odd runs") from None
+    return profile
+
+
 def efficiency_from_profile(profile: dict[str, Any]) -> Efficiency:
     """The default factors with a profile's overheads, traffic and synchronised share in place."""
     if not isinstance(profile, dict) or profile.get("schema") != PROFILE_SCHEMA:

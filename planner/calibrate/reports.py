@@ -3,23 +3,29 @@
 A report (`megacpp launch --engine megacpp`'s report.json, or one run of a gpu_runs file) carries
 its spec, layout, the backend that actually ran and the measured step time; an Observation is
 that run priced with no per-block overhead and no small-kernel traffic, beside the units those
-are counted in, so a fit can solve for them.
+are counted in, so a fit can solve for them. A report is checked here, where it is read: a field
+a fit cannot use or a layout its spec's GPUs could not have run is refused in one line naming the
+run and the field.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Any
+
+from pydantic import ValidationError
 
 from megacpp.planner.cost.coefficients import DEFAULT_EFFICIENCY, REFERENCE_HOST_LAUNCH_US
 from megacpp.planner.cost.host import gpu_repeats, host_repeats, host_units
 from megacpp.planner.cost.step import estimate, small_kernel_seconds
 from megacpp.planner.errors import PlanError
 from megacpp.planner.plan import make_context, with_backend
-from megacpp.planner.search.layout import Layout
+from megacpp.planner.search.layout import Context, Layout
 from megacpp.planner.search.stages import assign_stages
-from megacpp.planner.spec.loading import spec_from_dict
+from megacpp.planner.spec.loading import one_line, spec_from_dict
 from megacpp.planner.spec.models import Spec
+from megacpp.planner.validation import broken_rules, complete_layout
 
 NO_OVERHEAD = replace(DEFAULT_EFFICIENCY, block_overhead_s=(), te_block_overhead_s=(), small_kernel_traffic=0.0,
                       te_small_kernel_traffic=0.0)
@@ -39,13 +45,67 @@ class Observation:
     compute_seconds: float = 0.0  # the matmul and softmax part of base_seconds (the rest is communication)
 
 
-def run_spec(run: dict[str, Any]) -> Spec:
+# a training step longer than a day is a unit slip or corruption, not a measurement; one under
+# 100 us too: a step launches hundreds of kernels, each some microseconds of host time
+MIN_STEP_SECONDS, MAX_STEP_SECONDS = 1e-4, 86400.0
+# rules the megacpp runtime's adapters lift (runtime/worker/adapters.py), keyed by the adapter's
+# name in the report's "adapters": such a run ran although stock megatron-core refuses its layout
+LIFTED_BY_ADAPTER = {"sequence_parallel_norm": "sp-needs-te-norm"}
+LAYOUT_DEGREES = ("tp", "pp", "vpp", "cp", "dp", "ep", "etp", "micro_batch_size", "num_microbatches")
+
+
+def report_name(run: Any, source: str | None = None, index: int | None = None) -> str:
+    """How errors name a run: its file (where known), then its name, else its position."""
+    name = run.get("name") if isinstance(run, dict) else None
+    run_id = repr(one_line(name, 60)) if isinstance(name, str) and name else f"#{index + 1}" if index is not None else "?"
+    return f"{source}: run {run_id}" if source else f"run {run_id}"
+
+
+def _shown(value: Any) -> str:
+    return one_line(repr(value), 40)
+
+
+def _refuse(where: str, field: str, problem: str) -> PlanError:
+    return PlanError(f"{where}: {field} {problem}")
+
+
+def check_report(run: Any, where: str) -> None:
+    """Refuse a run report whose fields a fit cannot use (`where` names it): the wrong types, a
+    step time that is not a positive finite number of seconds, a backend record of non-booleans."""
+    if not isinstance(run, dict):
+        raise PlanError(f"{where}: not a run report: expected a JSON object with spec, layout and measured_step_seconds, "
+                        f"got {_shown(run)}")
+    for key in ("spec", "layout", "measured_step_seconds"):
+        if run.get(key) is None:
+            raise _refuse(where, key, "is missing; reports from `megacpp launch --engine megacpp` carry it")
+    for key in ("name", "engine"):
+        if run.get(key) is not None and not isinstance(run[key], str):
+            raise _refuse(where, key, f"must be a string, got {_shown(run[key])}")
+    step = run["measured_step_seconds"]
+    if (not isinstance(step, (int, float)) or isinstance(step, bool) or not math.isfinite(step)
+            or not MIN_STEP_SECONDS <= step <= MAX_STEP_SECONDS):
+        raise _refuse(where, "measured_step_seconds", f"must be a positive finite number of seconds (from "
+                      f"{MIN_STEP_SECONDS:g} to {MAX_STEP_SECONDS:g}), got {_shown(step)}; remove the run or re-measure it")
+    backend = run.get("backend")
+    if backend is not None and not isinstance(backend, dict):
+        raise _refuse(where, "backend", f"must be an object such as {{\"transformer_engine_used\": true}}, got {_shown(backend)}")
+    for key, value in (backend or {}).items():
+        if key in ("transformer_engine_used", "fusions_used") and value is not None and not isinstance(value, bool):
+            raise _refuse(where, f"backend.{key}", f"must be true or false, got {_shown(value)}")
+    adapters = run.get("adapters")
+    if adapters is not None and not (isinstance(adapters, list) and all(isinstance(a, str) for a in adapters)):
+        raise _refuse(where, "adapters", f"must be a list of adapter names, got {_shown(adapters)}")
+    if not isinstance(run["layout"], dict):
+        raise _refuse(where, "layout", f"must be an object of degrees such as {{\"tp\": 2, \"pp\": 1}}, got {_shown(run['layout'])}")
+
+
+def run_spec(run: dict[str, Any], where: str | None = None) -> Spec:
     """A run report's spec with the backend that actually ran (its "backend" record). Reports
     without `fusions_used` predate backend.fusions: megacpp's runtime ran without Megatron's
     fusions then, and Megatron-LM's launches (engine "megatron-lm") with its defaults. A spec that
     names no host class (cluster.host_launch_us) ran on the hosts the per-block host time was
     measured on, REFERENCE_HOST_LAUNCH_US: the runtime's committed runs."""
-    spec = spec_from_dict(run["spec"], source=f"run {run.get('name', '?')} spec")
+    spec = spec_from_dict(run["spec"], source=f"{where or report_name(run)} spec")
     if spec.cluster.host_launch_us is None:
         spec = spec.model_copy(update={"cluster": spec.cluster.model_copy(update={"host_launch_us": REFERENCE_HOST_LAUNCH_US})})
     backend = run.get("backend") or {}
@@ -54,16 +114,44 @@ def run_spec(run: dict[str, Any]) -> Spec:
     return with_backend(spec, transformer_engine=bool(te), fusions=bool(fused))
 
 
-def observe(run: dict[str, Any]) -> Observation:
-    """Decompose one run report (with its spec) into the model's terms, for the backend that ran."""
-    if not isinstance(run, dict):
-        raise PlanError(f"not a run report: expected a JSON object with spec, layout and measured_step_seconds, got {str(run)[:60]!r}")
-    for key in ("spec", "layout", "measured_step_seconds"):
-        if run.get(key) is None:
-            raise PlanError(f"run report {run.get('name', '?')}: missing '{key}'; reports from `megacpp launch --engine megacpp` carry it")
-    spec = run_spec(run)
+def run_layout(run: dict[str, Any], ctx: Context, where: str) -> Layout:
+    """The report's layout, refused unless it is one its spec's world could have run: well formed,
+    the planner's rules passed (but those the run's adapters lift), dp and the micro-batch count
+    those its degrees give on the spec's GPUs and batch (validation.complete_layout)."""
+    try:
+        lay = Layout.from_dict(run["layout"])
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(["layout", *map(str, first["loc"])])
+        raise _refuse(where, field, f"is refused ({one_line(first['msg'], 80).lower()}), got {_shown(first.get('input'))}; "
+                      f"a layout holds the whole numbers {', '.join(LAYOUT_DEGREES)} (at least 1) and sp (true or false)") from None
+    derived = complete_layout(ctx, tp=lay.tp, cp=lay.cp, pp=lay.pp, vpp=lay.vpp, ep=lay.ep, etp=lay.etp,
+                              mbs=lay.micro_batch_size).model_copy(update={"sp": lay.sp})
+    lifted = {LIFTED_BY_ADAPTER[a] for a in run.get("adapters") or () if a in LIFTED_BY_ADAPTER}
+    broken = [b for b in broken_rules(ctx, derived) if b.split(":", 1)[0] not in lifted]
+    if broken:
+        more = f" (and {len(broken) - 1} more)" if len(broken) > 1 else ""
+        raise _refuse(where, "layout", f"{one_line(lay.short(), 60)} is not a layout of its spec on {ctx.world} GPU(s): "
+                      f"{one_line(broken[0], 200)}{more}; fix the report's layout or spec")
+    gbs = ctx.spec.training.global_batch_size
+    if lay.dp != derived.dp:
+        raise _refuse(where, "layout.dp", f"is {lay.dp}, but tp x cp x pp = {lay.tp * lay.cp * lay.pp} on the spec's "
+                      f"{ctx.world} GPUs gives dp {derived.dp}; fix the report's layout or spec")
+    if lay.num_microbatches != derived.num_microbatches:
+        raise _refuse(where, "layout.num_microbatches", f"is {lay.num_microbatches}, but global_batch_size {gbs} over "
+                      f"micro_batch_size {lay.micro_batch_size} x dp {lay.dp} gives {derived.num_microbatches}; "
+                      "fix the report's layout or spec")
+    return lay
+
+
+def observe(run: Any, source: str | None = None, index: int | None = None) -> Observation:
+    """Decompose one run report (with its spec) into the model's terms, for the backend that ran;
+    a report a fit cannot use is refused, naming `source` (its file), the run and the field."""
+    where = report_name(run, source, index)
+    check_report(run, where)
+    spec = run_spec(run, where)
     ctx = make_context(spec)
-    lay = Layout.from_dict(run["layout"])
+    lay = run_layout(run, ctx, where)
     _, stages = assign_stages(ctx, lay.pp, lay.vpp)
     est = estimate(ctx, lay, stages, NO_OVERHEAD)
     slots = lay.num_microbatches + (lay.pp - 1) / lay.vpp
