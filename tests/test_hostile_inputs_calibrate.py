@@ -15,7 +15,7 @@ import pytest
 from megacpp.planner.calibrate.fit import MAX_RUNS, calibrate
 from megacpp.planner.calibrate.profile import PROFILE_SCHEMA, check_written
 from megacpp.planner.calibrate.reports import observe
-from megacpp.planner.errors import PlanError
+from megacpp.planner.errors import MAX_ERROR_CHARS, PlanError
 from tests.conftest import ROOT, committed_gpu_runs, evidence_file
 
 CLI = [sys.executable, "-m", "megacpp.runtime.cli"]
@@ -82,7 +82,7 @@ def test_a_malformed_report_is_one_line_naming_the_run_and_the_field(tmp_path: P
     out = tmp_path / "profile.json"
     run = "run #2" if field == "name" else "run 'moe-1gpu'"  # a run without a usable name by its place
     message = _refused(_calibrate(str(_report(tmp_path, change)), "--out", str(out)), f" {field} ", f"{run}: ")
-    assert len(message) < 400
+    assert len(message) <= len("error: \n") + MAX_ERROR_CHARS
     assert not out.exists()
 
 
@@ -142,3 +142,14 @@ def test_a_good_report_still_calibrates_to_strict_json(tmp_path: Path) -> None:
 
     profile = json.loads(out.read_text(), parse_constant=no_constant)
     assert len(profile["fitted_on"]) == 8 and all(v >= 0 for v in profile["block_overhead_s"].values())
+
+
+def test_the_error_names_the_file_the_run_came_from(tmp_path: Path) -> None:
+    path = _report(tmp_path, _set("measured_step_seconds", -5))
+    _refused(_calibrate(str(REPORT), str(path)), f"{path}: run ", "measured_step_seconds")
+
+
+def test_a_report_with_a_number_of_thousands_of_digits_is_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "big.json"
+    path.write_text('{"runs": [' + "1" * 5000 + "]}")
+    _refused(_calibrate(str(path)), str(path), "digits")

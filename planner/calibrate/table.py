@@ -26,11 +26,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, get_args
 
-from megacpp.planner.errors import MegacppError, PlanError, did_you_mean
+from megacpp.planner.errors import MegacppError, PlanError, did_you_mean, printable
 from megacpp.planner.plan import build_plan, make_context
 from megacpp.planner.search.layout import Context, Layout
 from megacpp.planner.search.stages import Stage, assign_stages
-from megacpp.planner.spec.loading import apply_override, one_line, parse_yaml, spec_from_dict
+from megacpp.planner.spec.loading import apply_override, one_line, parse_yaml, shown, spec_from_dict
 from megacpp.planner.spec.models import Spec
 from megacpp.planner.spec.training import TrainingSpec
 
@@ -95,7 +95,7 @@ def _yaml_rows(text: str, source: str) -> list[dict[str, Any]]:
     _check_count(len(data), source)
     for i, row in enumerate(data, 1):
         if not isinstance(row, dict):
-            raise PlanError(f"{source} row {i}: expected a mapping of keys ({', '.join(KEYS[:6])}, ...), got {one_line(repr(row), 40)}")
+            raise PlanError(f"{source} row {i}: expected a mapping of keys ({', '.join(KEYS[:6])}, ...), got {shown(row, 40)}")
     return data
 
 
@@ -139,7 +139,7 @@ class _Row:
         if value is None:
             return None
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise self.fail(key, f"must be text, got {one_line(repr(value), 40)}")
+            raise self.fail(key, f"must be text, got {shown(value, 40)}")
         return str(value)
 
     def integer(self, key: str) -> int | None:
@@ -151,7 +151,7 @@ class _Row:
         except ValueError:
             number = None
         if number is None or not 1 <= number <= 1 << 24:
-            raise self.fail(key, f"must be a positive integer, got {one_line(repr(value), 40)}")
+            raise self.fail(key, f"must be a positive integer, got {shown(value, 40)}")
         return number
 
     def number(self, key: str) -> float | None:
@@ -163,13 +163,13 @@ class _Row:
         except ValueError:
             number = None
         if number is None or not 0 < number < 1e15:
-            raise self.fail(key, f"must be a positive number, got {one_line(repr(value), 40)}")
+            raise self.fail(key, f"must be a positive number, got {shown(value, 40)}")
         return number
 
     def choice(self, key: str) -> str | None:
         value = self.text(key)
         if value is not None and value not in CHOICES[key]:
-            raise self.fail(key, f"must be one of {', '.join(CHOICES[key])}, got {one_line(repr(value), 40)}")
+            raise self.fail(key, f"must be one of {', '.join(CHOICES[key])}, got {shown(value, 40)}")
         return value
 
     def sets(self) -> list[str]:
@@ -189,14 +189,19 @@ class _Row:
         return items
 
 
+def _name_text(name: Any) -> str:
+    """A row's name as text; one that is not text (a list, a mapping) is shown, bounded."""
+    return name if isinstance(name, str) else shown(name, 200)
+
+
 def measured_run(row: dict[str, Any], index: int, source: str, load: SpecLoader) -> MeasuredRun:
     """One table row as a priced run: its spec with the layout pinned, checked by the planner's rules."""
     name = row.get("name")
-    where = f"{source} row {index}" + (f" ({one_line(str(name), 40)})" if name is not None else "")
+    where = f"{source} row {index}" + (f" ({one_line(_name_text(name), 40)})" if name is not None else "")
     r = _Row(row, where)
     unknown = [k for k in row if k not in KEYS]
     if unknown:
-        key = str(unknown[0])
+        key = printable(str(unknown[0]), 60)  # a CSV header or YAML key, as typed: control characters escaped
         raise r.fail(key, f"unknown key{did_you_mean(key, list(KEYS))}; a row has {', '.join(KEYS)}")
     overrides = _overrides(r)
     spec = _spec(r, overrides, load)
@@ -211,7 +216,7 @@ def measured_run(row: dict[str, Any], index: int, source: str, load: SpecLoader)
     assert value is not None
     tokens = spec.training.global_batch_size * ctx.seq / ctx.world
     step = value if measured[0] == "step_s" else tokens / value
-    return MeasuredRun(name=str(name) if name is not None else f"row {index}", ctx=ctx, layout=layout,
+    return MeasuredRun(name=_name_text(name) if name is not None else f"row {index}", ctx=ctx, layout=layout,
                        stages=assign_stages(ctx, layout.pp, layout.vpp)[1], measured_step_s=step,
                        measured_peak_gib=r.number("peak_gib"))
 
@@ -247,7 +252,7 @@ def _spec(r: _Row, overrides: list[str], load: SpecLoader) -> Spec:
         if r.row.get("cluster") is None or r.row.get("seq") is None or r.row.get("gbs") is None:
             missing = next(k for k in ("cluster", "seq", "gbs") if r.row.get(k) is None)
             raise r.fail(missing, "a row with an inline model needs cluster, nodes, seq and gbs")
-        data: dict[str, Any] = {"name": str(r.row.get("name") or "table-row"), "model": model, "training": {}, "cluster": {}}
+        data: dict[str, Any] = {"name": _name_text(r.row.get("name") or "table-row"), "model": model, "training": {}, "cluster": {}}
         for item in overrides:
             apply_override(data, item)
         spec = spec_from_dict(data, source=r.where)
@@ -290,7 +295,7 @@ def measured_runs(rows: list[dict[str, Any]], source: str, load: SpecLoader) -> 
     for i, row in enumerate(rows, 1):
         run = measured_run(row, i, source, load)
         if any(x.name == run.name for x in runs):
-            raise PlanError(f"{source} row {i}: 'name': {run.name!r} is used by an earlier row; names must be unique")
+            raise PlanError(f"{source} row {i}: 'name': {shown(run.name)} is used by an earlier row; names must be unique")
         runs.append(run)
     systems = sorted({run.ctx.cluster.name for run in runs})
     if len(systems) > 1:

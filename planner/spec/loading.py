@@ -8,26 +8,27 @@ from __future__ import annotations
 import math
 import os
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, get_args
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from megacpp.planner.errors import SpecError, did_you_mean
+from megacpp.planner.errors import MAX_MESSAGE_CHARS as MAX_MESSAGE_CHARS
+from megacpp.planner.errors import SpecError, did_you_mean, one_line, printable
 from megacpp.planner.spec.models import Spec
 
 MAX_SPEC_BYTES = 1 << 20
 # A YAML alias may stand for a whole subtree; a spec is a few hundred values, so a document that
-# expands to more is an alias bomb, refused before anything walks the expanded tree.
+# expands to more is an alias bomb, refused before anything walks the expanded tree. One long
+# string repeated by aliases is as large as many values, so its characters are counted too.
 MAX_SPEC_VALUES = 100_000
-MAX_MESSAGE_CHARS = 300
-
-
-def one_line(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
-    """`text` as one readable line of at most `limit` characters."""
-    flat = " ".join(text.split())
-    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+MAX_SPEC_CHARS = MAX_SPEC_BYTES
+# no spec value needs more digits; Python refuses to convert past 4300, and slowly before that
+MAX_INT_CHARS = 100
+INT_TAG = "tag:yaml.org,2002:int"
+MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
 def read_capped(path: str | Path, cap: int, what: str) -> bytes:
@@ -100,41 +101,68 @@ def parse_yaml(text: str, source: str) -> Any:
     except RecursionError:
         raise SpecError(f"{source}: invalid YAML: nested too deeply") from None
     except (ValueError, OverflowError) as exc:  # PyYAML's own, e.g. an out-of-range \U escape
-        raise SpecError(f"{source}: invalid YAML: {str(exc).splitlines()[0][:120]}") from None
+        raise SpecError(f"{source}: invalid YAML: {one_line(str(exc), 120)}") from None
+
+
+def _line(node: yaml.Node) -> int:
+    return int(node.start_mark.line) + 1
+
+
+def _long_int(node: yaml.Node) -> bool:
+    return isinstance(node, yaml.ScalarNode) and node.tag == INT_TAG and len(node.value) > MAX_INT_CHARS
 
 
 class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last silently),
+    merge keys, and integers longer than any spec value."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[Any] = set()
-        for key_node, _ in node.value:
+        for key_node, value_node in node.value:
+            if key_node.tag == MERGE_TAG:
+                raise SpecError(f"line {_line(key_node)}: YAML merge keys (<<) are not supported; "
+                                "write the keys out in the mapping")
             key = self.construct_object(key_node, deep=True)  # type: ignore[no-untyped-call]
+            if _long_int(value_node):
+                raise SpecError(f"{one_line(str(key), 60)}: an integer of {len(value_node.value)} characters "
+                                f"at line {_line(value_node)} is too large; no spec value needs more than {MAX_INT_CHARS}")
             if not isinstance(key, (str, int, float, bool)):
                 continue
             if key in seen:
-                mark = key_node.start_mark
-                raise SpecError(f"duplicate key {one_line(str(key), 60)!r} at line {mark.line + 1}; "
+                raise SpecError(f"duplicate key {one_line(str(key), 60)!r} at line {_line(key_node)}; "
                                 "each key may appear once in a mapping")
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
 
+    def construct_bounded_int(self, node: yaml.ScalarNode) -> int:
+        """An integer outside a mapping's value (a list item, a key), its length checked too."""
+        if _long_int(node):
+            raise SpecError(f"line {_line(node)}: an integer of {len(node.value)} characters is too large; "
+                            f"no spec value needs more than {MAX_INT_CHARS}")
+        return self.construct_yaml_int(node)
 
-def _expanded_size(node: yaml.Node, sizes: dict[int, int]) -> int:
-    """How many values `node` stands for once every alias is expanded; each node is counted once
-    (memoized by identity), so an alias bomb is measured in time linear in its text."""
+
+_StrictLoader.add_constructor(INT_TAG, _StrictLoader.construct_bounded_int)
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, tuple[int, int]]) -> tuple[int, int]:
+    """How many values, and characters of scalar text, `node` stands for once every alias is
+    expanded; each node is counted once (memoized by identity), so an alias bomb is measured in
+    time linear in its text."""
     known = sizes.get(id(node))
     if known is not None:
         return known
-    sizes[id(node)] = 1  # an alias loop counts once and is reported later as a loop
+    sizes[id(node)] = (1, 0)  # an alias loop counts once and is reported later as a loop
     if isinstance(node, yaml.MappingNode):
-        total = 1 + sum(_expanded_size(k, sizes) + _expanded_size(v, sizes) for k, v in node.value)
+        parts = [_expanded_size(n, sizes) for pair in node.value for n in pair]
     elif isinstance(node, yaml.SequenceNode):
-        total = 1 + sum(_expanded_size(v, sizes) for v in node.value)
+        parts = [_expanded_size(n, sizes) for n in node.value]
     else:
-        total = 1
-    sizes[id(node)] = min(total, MAX_SPEC_VALUES + 1)
-    return sizes[id(node)]
+        parts = [(0, len(node.value))]
+    values = min(1 + sum(v for v, _ in parts), MAX_SPEC_VALUES + 1)
+    chars = min(sum(c for _, c in parts), MAX_SPEC_CHARS + 1)
+    sizes[id(node)] = (values, chars)
+    return values, chars
 
 
 def _load_yaml(text: str) -> Any:
@@ -144,19 +172,40 @@ def _load_yaml(text: str) -> Any:
         root = loader.get_single_node()
         if root is None:
             return None
-        if _expanded_size(root, {}) > MAX_SPEC_VALUES:
+        values, chars = _expanded_size(root, {})
+        if values > MAX_SPEC_VALUES:
             raise SpecError(f"YAML aliases expand to more than {MAX_SPEC_VALUES} values; "
                             "a spec needs a few hundred, so write the values out")
+        if chars > MAX_SPEC_CHARS:
+            raise SpecError(f"YAML aliases expand to more than {MAX_SPEC_CHARS} characters of text; "
+                            "a spec needs a few KB, so write the values out")
         return loader.construct_document(root)
     finally:
         loader.dispose()
+
+
+def _override_value(key: str, value: str) -> Any:
+    """An override's value parsed as YAML under the spec file's guards; text that is not YAML
+    stays the text itself."""
+    if not value.strip():
+        return None
+    try:
+        return _load_yaml(value)
+    except yaml.YAMLError:
+        return value
+    except SpecError as exc:
+        raise SpecError(f"--set {one_line(key, 60)}: {exc}") from None
+    except RecursionError:
+        raise SpecError(f"--set {one_line(key, 60)}: the value is nested too deeply") from None
+    except (ValueError, OverflowError) as exc:  # PyYAML's own, e.g. an out-of-range \U escape
+        raise SpecError(f"--set {one_line(key, 60)}: invalid YAML: {one_line(str(exc), 120)}") from None
 
 
 def apply_override(data: dict[str, Any], item: str) -> None:
     """Apply one `dotted.key=value` override in place; the value is parsed as YAML."""
     key, sep, value = item.partition("=")
     if not sep or not key.strip():
-        raise SpecError(f"--set {item!r}: expected key=value, e.g. --set parallel.tp=2")
+        raise SpecError(f"--set {shown(item)}: expected key=value, e.g. --set parallel.tp=2")
     parts = key.strip().split(".")
     node = data
     for part in parts[:-1]:
@@ -164,12 +213,9 @@ def apply_override(data: dict[str, Any], item: str) -> None:
         if child is None:
             child = node[part] = {}
         if not isinstance(child, dict):
-            raise SpecError(f"--set {item!r}: {part} is not a mapping")
+            raise SpecError(f"--set {shown(item)}: {one_line(part, 60)} is not a mapping")
         node = child
-    try:
-        node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
-    except yaml.YAMLError:
-        node[parts[-1]] = value
+    node[parts[-1]] = _override_value(key.strip(), value)
 
 
 def spec_from_dict(data: dict[str, Any], source: str = "<spec>") -> Spec:
@@ -230,9 +276,42 @@ def _clean_loc(loc: tuple[Any, ...], kind: str) -> tuple[list[str], type[BaseMod
     return path, owner
 
 
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+def shown(value: Any, limit: int = 60) -> str:
+    """repr() of `value` cut to `limit` characters, built a piece at a time and stopped there, so a
+    value that aliases made huge or deep costs no more than its first few items."""
+    pieces: list[str] = []
+    size = 0
+    for piece in _repr_pieces(value, limit):
+        pieces.append(piece)
+        size += len(piece)
+        if size > limit:
+            break
+    text = "".join(pieces)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _repr_pieces(value: Any, limit: int) -> Iterator[str]:
+    """repr() of `value` in pieces, lazily; strings and bytes cut to `limit` before repr()."""
+    if isinstance(value, dict):
+        yield "{"
+        for i, (k, v) in enumerate(value.items()):
+            yield ", " if i else ""
+            yield from _repr_pieces(k, limit)
+            yield ": "
+            yield from _repr_pieces(v, limit)
+        yield "}"
+    elif isinstance(value, (list, tuple)):
+        yield "["
+        for i, v in enumerate(value):
+            yield ", " if i else ""
+            yield from _repr_pieces(v, limit)
+        yield "]"
+    elif isinstance(value, (str, bytes)):
+        yield repr(value[: limit + 1])
+    elif isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 4 * limit:
+        yield f"<an integer of {value.bit_length()} bits>"  # str() of a huge int is slow, or refused
+    else:
+        yield repr(value)
 
 
 EXPECTED = {"training.micro_batch_size": 'a positive integer or "auto"'}
@@ -241,11 +320,9 @@ EXPECTED = {"training.micro_batch_size": 'a positive integer or "auto"'}
 def _describe(err: dict[str, Any]) -> str:
     kind, value, ctx = err["type"], err.get("input"), err.get("ctx") or {}
     path, owner = _clean_loc(tuple(err["loc"]), kind)
-    key = ".".join(path) or "spec"
-    if not key.isprintable():
-        key = repr(key)[1:-1]
+    key = printable(".".join(path), 120) or "spec"
     if key in EXPECTED and kind != "missing":
-        return f"{key}: expected {EXPECTED[key]}, got {_short(value)}"
+        return f"{key}: expected {EXPECTED[key]}, got {shown(value)}"
     if kind == "extra_forbidden":
         fields = list(owner.model_fields) if owner else []
         hint = did_you_mean(path[-1], fields) or (f"; valid keys: {', '.join(fields)}" if fields else "")
@@ -253,27 +330,27 @@ def _describe(err: dict[str, Any]) -> str:
     if kind == "missing":
         return f"{key}: required key is missing"
     if kind in {"int_type", "int_parsing", "int_from_float"}:
-        return f"{key}: expected an integer, got {_short(value)}"
+        return f"{key}: expected an integer, got {shown(value)}"
     if kind in {"float_type", "float_parsing", "finite_number"}:
-        return f"{key}: expected a finite number, got {_short(value)}"
+        return f"{key}: expected a finite number, got {shown(value)}"
     if kind in {"bool_type", "bool_parsing"}:
-        return f"{key}: expected true or false, got {_short(value)}"
+        return f"{key}: expected true or false, got {shown(value)}"
     if kind in {"string_type"}:
-        return f"{key}: expected text, got {_short(value)}"
+        return f"{key}: expected text, got {shown(value)}"
     if kind in {"model_type", "model_attributes_type", "dict_type"}:
-        return f"{key}: expected a mapping of keys, got {_short(value)}"
+        return f"{key}: expected a mapping of keys, got {shown(value)}"
     if kind == "literal_error":
-        return f"{key}: {_short(value)} is not one of {ctx.get('expected')}"
+        return f"{key}: {shown(value)} is not one of {ctx.get('expected')}"
     if kind in {"greater_than_equal", "greater_than"}:
         bound = ctx.get("ge", ctx.get("gt"))
         op = ">=" if kind == "greater_than_equal" else ">"
-        return f"{key}: must be {op} {bound}, got {_short(value)}"
+        return f"{key}: must be {op} {bound}, got {shown(value)}"
     if kind in {"less_than_equal", "less_than"}:
         bound = ctx.get("le", ctx.get("lt"))
-        return f"{key}: {_short(value)} is absurdly large (limit {bound})"
+        return f"{key}: {shown(value)} is absurdly large (limit {bound})"
     if kind == "value_error":
         msg = str(ctx.get("error", err["msg"]))
         return f"{key}: {msg}" if key != "spec" else msg
     if kind == "union_tag_invalid" or kind.startswith("union"):
-        return f"{key}: invalid value {_short(value)}"
-    return f"{key}: {err['msg']} (got {_short(value)})"
+        return f"{key}: invalid value {shown(value)}"
+    return f"{key}: {err['msg']} (got {shown(value)})"

@@ -180,12 +180,14 @@ def calibrate(
 
         profile = calibrate_table(read_table(tables[0]))
     else:
-        runs = []
+        runs, sources = [], []
         for path in reports:
             doc = _read_json(path, "run report")
-            runs.extend(doc["runs"] if isinstance(doc, dict) and isinstance(doc.get("runs"), list)
-                        else doc if isinstance(doc, list) else [doc])
-        profile = fit_profile(runs)
+            found = (doc["runs"] if isinstance(doc, dict) and isinstance(doc.get("runs"), list)
+                     else doc if isinstance(doc, list) else [doc])
+            runs.extend(found)
+            sources.extend([str(path)] * len(found))
+        profile = fit_profile(runs, sources)
     if out is not None:
         try:
             executors.write_atomically(out, json.dumps(profile, indent=2) + "\n")

@@ -7,6 +7,7 @@ from typing import Any
 
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -65,7 +66,8 @@ def _cell_width(cell: str) -> int:
 
 
 def error(message: str) -> None:
-    err.print(f"[bold red]error:[/] {message}", markup=True, highlight=False) if err.is_terminal else print(f"error: {message}", file=sys.stderr)
+    # the message quotes user input, which must not be read as rich markup ("[/x]" would raise)
+    err.print(f"[bold red]error:[/] {escape(message)}", markup=True, highlight=False) if err.is_terminal else print(f"error: {message}", file=sys.stderr)
 
 
 def import_report(unsupported: list[str], notes: list[str]) -> None:
@@ -172,15 +174,17 @@ def validate_report(results: list[dict[str, Any]], fmt: str) -> None:
     def strip(message: str, file: str) -> str:  # errors from loading already name the file
         return message.removeprefix(f"{file}: ")
 
+    # file names and messages quote user input, which must not be read as rich markup
     for r in results:
+        file = escape(r["file"])
         if r["valid"]:
-            out.print(f"[green]valid[/]   {r['file']}: {r['summary']}", soft_wrap=True)
+            out.print(f"[green]valid[/]   {file}: {escape(r['summary'])}", soft_wrap=True)
         else:
-            out.print(f"[red]invalid[/] {r['file']}: {strip(r['errors'][0], r['file'])}", soft_wrap=True)
+            out.print(f"[red]invalid[/] {file}: {escape(strip(r['errors'][0], r['file']))}", soft_wrap=True)
             for e in r["errors"][1:]:
-                out.print(f"        {e}", soft_wrap=True)
+                out.print(f"        {escape(e)}", soft_wrap=True)
         for w in r["warnings"]:
-            out.print(f"[yellow]warning[/] {r['file']}: {w}", soft_wrap=True)
+            out.print(f"[yellow]warning[/] {file}: {escape(w)}", soft_wrap=True)
 
 
 def simple_table(title: str, columns: list[str], rows: list[list[str]]) -> None:

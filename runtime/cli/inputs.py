@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,8 @@ def parse_json(raw: bytes, failure: str) -> Any:
         return json.loads(raw.removeprefix(BOM))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise PlanError(f"{failure} ({one_line(str(exc), 120)})") from None
+    except ValueError:  # an integer of more digits than Python converts (sys.get_int_max_str_digits)
+        raise PlanError(f"{failure} (a number of more than {sys.get_int_max_str_digits()} digits)") from None
     except RecursionError:
         raise PlanError(f"{failure} (nested too deeply)") from None
 
