@@ -352,6 +352,17 @@ def test_a_window_that_is_no_whole_number_is_listed_as_lost():
     assert any("--window-size" in item for item in result.unsupported), result.unsupported
 
 
+def test_an_escaped_dollar_or_backtick_in_double_quotes_is_read_as_bash_reads_it():
+    """Inside double quotes bash drops the backslash before $ and `: "/ckpt/\\$USER" saves to a
+    folder named $USER, not to one with a backslash in its name."""
+    text = (HEAD + "--num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 128 --vocab-size 100 "
+            '--micro-batch-size 1 --save "/ckpt/\\$USER/run" --data-path "/d/\\`x\\`/a" --load \'/k/\\$HOME\'')
+    document = import_launch(text, ImportOptions(cluster="h100-sxm-8")).document
+    assert document["checkpoint"]["save"] == "/ckpt/$USER/run"
+    assert document["data"]["paths"] == ["/d/`x`/a"]
+    assert document["checkpoint"]["load"] == "/k/\\$HOME"  # single quotes keep every backslash
+
+
 def test_odd_bytes_and_arithmetic_nothing_is_run(tmp_path):
     marker = tmp_path / "ran"
     script = tmp_path / "odd.sh"

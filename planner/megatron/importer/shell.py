@@ -165,7 +165,9 @@ class Shell:
                     quote = ""
                 piece, i = c, i + 1
             elif c == "\\":
-                piece, i = text[i : i + 2], i + 2
+                # bash drops the backslash before $ and ` inside double quotes; shlex keeps it there
+                escaped = quote == '"' and text[i + 1 : i + 2] in ("$", "`")
+                piece, i = text[i + 1 : i + 2] if escaped else text[i : i + 2], i + 2
             elif c in "'\"":
                 if quote == c:
                     quote = ""
