@@ -192,3 +192,13 @@ def test_huge_integer_in_a_set_list_is_one_line() -> None:
     message = _one_line_error("plan", RECIPE, "--set", f"model.hidden_size=[{'9' * 5000}]")
     assert "--set model.hidden_size:" in message and "set_int_max_str_digits" not in message
 
+
+
+@pytest.mark.parametrize(("typed", "written"), [("8e1", "8.0e+1"), ("8.0e1", "8.0e+1"), ("80E0", "80.0e+0")])
+def test_a_number_yaml_reads_as_text_is_named_with_how_to_write_it(typed: str, written: str) -> None:
+    """YAML 1.1 floats need a dot and a signed exponent: 8e1 is text to it, which a user never
+    meant; the message says how to write it, and written so it loads."""
+    with pytest.raises(SpecError) as err:
+        load_spec_text(recipe_text("llama-8b-dense"), overrides=[f"cluster.gpu_memory_gib={typed}"])
+    assert f"got '{typed}' (YAML reads {typed} as text: write {written})" in str(err.value)
+    load_spec_text(recipe_text("llama-8b-dense"), overrides=[f"cluster.gpu_memory_gib={written}"])
