@@ -202,3 +202,10 @@ def test_a_number_yaml_reads_as_text_is_named_with_how_to_write_it(typed: str, w
         load_spec_text(recipe_text("llama-8b-dense"), overrides=[f"cluster.gpu_memory_gib={typed}"])
     assert f"got '{typed}' (YAML reads {typed} as text: write {written})" in str(err.value)
     load_spec_text(recipe_text("llama-8b-dense"), overrides=[f"cluster.gpu_memory_gib={written}"])
+
+
+@pytest.mark.parametrize("item", [".=1", "a..b=1", "parallel.=2"])
+def test_a_set_key_with_an_empty_part_is_named_as_such(item: str) -> None:
+    """`--set .=1` once reported "unknown key 'spec'"; the key itself is what is wrong."""
+    with pytest.raises(SpecError, match="has an empty part; write a dotted key such as parallel.tp"):
+        load_spec_text(recipe_text("llama-8b-dense"), overrides=[item])

@@ -207,6 +207,8 @@ def apply_override(data: dict[str, Any], item: str) -> None:
     if not sep or not key.strip():
         raise SpecError(f"--set {shown(item)}: expected key=value, e.g. --set parallel.tp=2")
     parts = key.strip().split(".")
+    if not all(part.strip() for part in parts):
+        raise SpecError(f"--set {shown(item)}: {shown(key.strip())} has an empty part; write a dotted key such as parallel.tp")
     node = data
     for part in parts[:-1]:
         child = node.get(part)
