@@ -205,9 +205,8 @@ def parse_versus(text: str) -> dict[str, int]:
     return degrees
 
 
-def versus_layout(ctx: Context, text: str, micro_batch_size: int) -> Layout:
-    """The layout `--versus` names, its other fields derived as the search derives them."""
-    d = parse_versus(text)
+def versus_layout(ctx: Context, text: str, d: dict[str, int], micro_batch_size: int) -> Layout:
+    """The layout `--versus` names (`text`, parsed as `d`), its other fields derived as the search derives them."""
     tp, cp, pp = d.get("tp", 1), d.get("cp", 1), d.get("pp", 1)
     if ctx.world % (tp * cp * pp):
         raise PlanError(f"--versus {text!r}: tp x cp x pp = {tp * cp * pp} does not divide the {ctx.world} GPUs")
@@ -226,6 +225,7 @@ def _versus_context(ctx: Context, degrees: dict[str, int]) -> tuple[Context, lis
     drop: dict[str, None] = {}
     if pins.dp is not None:
         drop["dp"] = None
+        notes.append(f"the spec's parallel.dp={pins.dp} is the candidate's: dp follows this layout's tp x cp x pp")
     if pins.pipeline_layout is not None:
         stages = len(expand(pins.pipeline_layout))
         wanted = degrees.get("pp", 1) * degrees.get("vpp", 1)
@@ -242,8 +242,9 @@ def _versus_context(ctx: Context, degrees: dict[str, int]) -> tuple[Context, lis
 def versus(plan: Plan, cand: Candidate, text: str) -> dict[str, Any]:
     """Another layout priced beside the candidate, term by term: where a claimed speedup comes
     from (or the rules that reject it)."""
-    ctx, notes = _versus_context(plan.context, parse_versus(text))
-    lay = versus_layout(ctx, text, cand.layout.micro_batch_size)
+    degrees = parse_versus(text)
+    ctx, notes = _versus_context(plan.context, degrees)
+    lay = versus_layout(ctx, text, degrees, cand.layout.micro_batch_size)
     out: dict[str, Any] = {"text": text, "layout": lay.model_dump(), "notes": notes}
     if broken := broken_rules(ctx, lay):
         return {**out, "verdict": "rejected", "rules": broken}

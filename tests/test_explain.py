@@ -276,7 +276,6 @@ def test_versus_names_the_rules_that_reject_it_and_bad_words_in_one_line():
         assert "--versus" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
-
 def test_versus_is_priced_when_the_spec_pins_dp():
     """A spec with every axis pinned, dp among them (as a job's own spec is), is still asked
     "why not that one?": the other layout's dp follows its own tp x cp x pp, not the pin."""

@@ -221,6 +221,20 @@ def test_out_writes_into_a_pipe_and_through_a_symlink_without_replacing_them(tmp
     assert pipe.is_fifo() and json.loads(received[0])["candidates"]
 
 
+def test_out_to_dev_stdout_appends_where_the_shell_appends(tmp_path: Path) -> None:
+    """`--out /dev/stdout >> log` adds the plan to the log: it neither truncates nor replaces it."""
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(TINY_YAML)
+    log = tmp_path / "log.txt"
+    log.write_text("first line\n")
+    with log.open("a") as sink:
+        result = subprocess.run([*CLI, "plan", str(spec), "--out", "/dev/stdout"], stdout=sink, stderr=subprocess.PIPE,
+                                text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    text = log.read_text()
+    assert text.startswith("first line\n{") and json.loads(text[len("first line\n"):text.index("\n}\n") + 2])["candidates"]
+
+
 def test_out_on_a_folder_is_one_line(tmp_path: Path) -> None:
     spec = tmp_path / "tiny.yaml"
     spec.write_text(TINY_YAML)

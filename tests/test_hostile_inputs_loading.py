@@ -68,7 +68,7 @@ def _plan_file(tmp_path: Path, extra_key: str) -> str:
     return str(path)
 
 
-# D2: aliases that expand a small file to gigabytes of text
+# aliases that expand a small file to gigabytes of text
 
 
 @pytest.mark.parametrize("command", ["plan", "validate"])
@@ -109,7 +109,7 @@ def test_shown_values_are_bounded_however_large_or_deep() -> None:
     assert shown({"a": [1, "b"]}) == repr({"a": [1, "b"]})
 
 
-# D3: nesting deeper than Python's recursion limit
+# nesting deeper than Python's recursion limit
 
 
 def test_deeply_nested_set_value_is_one_line() -> None:
@@ -123,7 +123,7 @@ def test_deeply_nested_set_column_of_a_csv_table_is_one_line(tmp_path: Path) -> 
     assert "row 1" in message and "--set x:" in message and "nested too deeply" in message
 
 
-# D8: control characters, markup and length in what errors quote
+# control characters, markup and length in what errors quote
 
 
 def test_plan_file_key_with_control_characters_is_escaped(tmp_path: Path) -> None:
@@ -173,7 +173,7 @@ def test_error_messages_are_printable_and_bounded() -> None:
     assert message.isprintable() and len(message) <= MAX_ERROR_CHARS
 
 
-# minor: merge keys, integers longer than Python converts
+# merge keys, integers longer than Python converts
 
 
 def test_merge_key_is_refused_by_name(tmp_path: Path) -> None:
@@ -194,18 +194,44 @@ def test_huge_integer_in_a_set_list_is_one_line() -> None:
 
 
 
-@pytest.mark.parametrize(("typed", "written"), [("8e1", "8.0e+1"), ("8.0e1", "8.0e+1"), ("80E0", "80.0e+0")])
-def test_a_number_yaml_reads_as_text_is_named_with_how_to_write_it(typed: str, written: str) -> None:
-    """YAML 1.1 floats need a dot and a signed exponent: 8e1 is text to it, which a user never
-    meant; the message says how to write it, and written so it loads."""
-    with pytest.raises(SpecError) as err:
-        load_spec_text(recipe_text("llama-8b-dense"), overrides=[f"cluster.gpu_memory_gib={typed}"])
-    assert f"got '{typed}' (YAML reads {typed} as text: write {written})" in str(err.value)
-    load_spec_text(recipe_text("llama-8b-dense"), overrides=[f"cluster.gpu_memory_gib={written}"])
+@pytest.mark.parametrize(("key", "typed", "number"), [("cluster.gpu_memory_gib", "8e1", 80.0),
+                                                     ("cluster.gpu_memory_gib", "8.0e1", 80.0),
+                                                     ("model.moe.capacity_factor", "125e-2", 1.25),
+                                                     ("training.lr", "3e-4", 3e-4)])
+def test_every_number_key_reads_an_exponent_yaml_leaves_as_text(key: str, typed: str, number: float) -> None:
+    """YAML 1.1 floats need a dot and a signed exponent, so 8e1 reaches the spec as text; every
+    number key takes it as the number it spells, as training.lr always did."""
+    spec = load_spec_text(recipe_text("mixtral-8x7b"), overrides=[f"{key}={typed}"])
+    value: object = spec
+    for part in key.split("."):
+        value = getattr(value, part)
+    assert value == number
 
 
 @pytest.mark.parametrize("item", [".=1", "a..b=1", "parallel.=2"])
 def test_a_set_key_with_an_empty_part_is_named_as_such(item: str) -> None:
-    """`--set .=1` once reported "unknown key 'spec'"; the key itself is what is wrong."""
+    """The message names the key as written and says what is wrong with it, not an unknown key."""
     with pytest.raises(SpecError, match="has an empty part; write a dotted key such as parallel.tp"):
         load_spec_text(recipe_text("llama-8b-dense"), overrides=[item])
+
+
+def test_a_name_that_looks_like_markup_is_printed_as_written(tmp_path: Path) -> None:
+    """Tables and headings use rich markup; a spec named "[/x] [bold]y" is text, not markup."""
+    spec = tmp_path / "named.yaml"
+    spec.write_text(recipe_text(RECIPE).replace("name: llama-8b-dense", 'name: "[/x] [bold]y"'))
+    for command in (("plan", str(spec)), ("explain", "layout", str(spec), "--versus", "tp2 pp2")):
+        result = _run(*command)
+        assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
+        assert "[/x] [bold]y" in result.stdout
+
+
+def test_validate_github_lines_escape_what_the_file_name_holds(tmp_path: Path) -> None:
+    """A newline, a colon or a comma in a file name must not end or split the ::error line."""
+    spec = tmp_path / "a\nb:c,d.yaml"
+    spec.write_text(recipe_text(RECIPE).replace('pattern: "(AD)*32"', 'pattern: "(AX)*2"'))
+    result = _run("validate", "--format", "github", str(spec))
+    assert result.returncode == 1
+    lines = result.stdout.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("::error file=") and "a%0Ab%3Ac%2Cd.yaml::" in lines[0], result.stdout
+    text = _run("validate", str(spec)).stdout
+    assert text.count("b:c,d.yaml") == 1 and "unknown block letter 'X'" in text, text

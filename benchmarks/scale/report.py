@@ -86,7 +86,7 @@ def side_by_side(records: list[dict[str, Any]]) -> dict[str, Any]:
                 planned = a["pinned"]["predicted_tokens_per_sec_per_gpu"] / b["pinned"]["predicted_tokens_per_sec_per_gpu"]
                 pairs.append({"rows": [a["row_id"], b["row_id"]], "measured_ratio": round(measured, 3),
                               "planned_ratio": round(planned, 3), "ordered": (measured > 1) == (planned > 1)})
-    clear = [p for p in pairs if abs(p["measured_ratio"] - 1) >= CLEAR_GAP]
+    clear = [p for p in pairs if max(p["measured_ratio"], 1 / p["measured_ratio"]) - 1 >= CLEAR_GAP]
     return {
         "pairs": pairs,
         "ordered": sum(p["ordered"] for p in pairs),

@@ -19,11 +19,11 @@ from pydantic import ValidationError
 from megacpp.planner.cost.coefficients import DEFAULT_EFFICIENCY, REFERENCE_HOST_LAUNCH_US
 from megacpp.planner.cost.host import gpu_repeats, host_repeats, host_units
 from megacpp.planner.cost.step import estimate, small_kernel_seconds
-from megacpp.planner.errors import PlanError
+from megacpp.planner.errors import PlanError, one_line
 from megacpp.planner.plan import make_context, with_backend
 from megacpp.planner.search.layout import Context, Layout
 from megacpp.planner.search.stages import assign_stages
-from megacpp.planner.spec.loading import one_line, spec_from_dict
+from megacpp.planner.spec.loading import shown, spec_from_dict
 from megacpp.planner.spec.models import Spec
 from megacpp.planner.validation import broken_rules, complete_layout
 
@@ -61,10 +61,6 @@ def report_name(run: Any, source: str | None = None, index: int | None = None) -
     return f"{source}: run {run_id}" if source else f"run {run_id}"
 
 
-def _shown(value: Any) -> str:
-    return one_line(repr(value), 40)
-
-
 def _refuse(where: str, field: str, problem: str) -> PlanError:
     return PlanError(f"{where}: {field} {problem}")
 
@@ -74,29 +70,29 @@ def check_report(run: Any, where: str) -> None:
     step time that is not a positive finite number of seconds, a backend record of non-booleans."""
     if not isinstance(run, dict):
         raise PlanError(f"{where}: not a run report: expected a JSON object with spec, layout and measured_step_seconds, "
-                        f"got {_shown(run)}")
+                        f"got {shown(run, 40)}")
     for key in ("spec", "layout", "measured_step_seconds"):
         if run.get(key) is None:
             raise _refuse(where, key, "is missing; reports from `megacpp launch --engine megacpp` carry it")
     for key in ("name", "engine"):
         if run.get(key) is not None and not isinstance(run[key], str):
-            raise _refuse(where, key, f"must be a string, got {_shown(run[key])}")
+            raise _refuse(where, key, f"must be a string, got {shown(run[key], 40)}")
     step = run["measured_step_seconds"]
     if (not isinstance(step, (int, float)) or isinstance(step, bool) or not math.isfinite(step)
             or not MIN_STEP_SECONDS <= step <= MAX_STEP_SECONDS):
         raise _refuse(where, "measured_step_seconds", f"must be a positive finite number of seconds (from "
-                      f"{MIN_STEP_SECONDS:g} to {MAX_STEP_SECONDS:g}), got {_shown(step)}; remove the run or re-measure it")
+                      f"{MIN_STEP_SECONDS:g} to {MAX_STEP_SECONDS:g}), got {shown(step, 40)}; remove the run or re-measure it")
     backend = run.get("backend")
     if backend is not None and not isinstance(backend, dict):
-        raise _refuse(where, "backend", f"must be an object such as {{\"transformer_engine_used\": true}}, got {_shown(backend)}")
+        raise _refuse(where, "backend", f"must be an object such as {{\"transformer_engine_used\": true}}, got {shown(backend, 40)}")
     for key, value in (backend or {}).items():
         if key in ("transformer_engine_used", "fusions_used") and value is not None and not isinstance(value, bool):
-            raise _refuse(where, f"backend.{key}", f"must be true or false, got {_shown(value)}")
+            raise _refuse(where, f"backend.{key}", f"must be true or false, got {shown(value, 40)}")
     adapters = run.get("adapters")
     if adapters is not None and not (isinstance(adapters, list) and all(isinstance(a, str) for a in adapters)):
-        raise _refuse(where, "adapters", f"must be a list of adapter names, got {_shown(adapters)}")
+        raise _refuse(where, "adapters", f"must be a list of adapter names, got {shown(adapters, 40)}")
     if not isinstance(run["layout"], dict):
-        raise _refuse(where, "layout", f"must be an object of degrees such as {{\"tp\": 2, \"pp\": 1}}, got {_shown(run['layout'])}")
+        raise _refuse(where, "layout", f"must be an object of degrees such as {{\"tp\": 2, \"pp\": 1}}, got {shown(run['layout'], 40)}")
 
 
 def run_spec(run: dict[str, Any], where: str | None = None) -> Spec:
@@ -123,7 +119,7 @@ def run_layout(run: dict[str, Any], ctx: Context, where: str) -> Layout:
     except ValidationError as exc:
         first = exc.errors()[0]
         field = ".".join(["layout", *map(str, first["loc"])])
-        raise _refuse(where, field, f"is refused ({one_line(first['msg'], 80).lower()}), got {_shown(first.get('input'))}; "
+        raise _refuse(where, field, f"is refused ({one_line(first['msg'], 80).lower()}), got {shown(first.get('input'), 40)}; "
                       f"a layout holds the whole numbers {', '.join(LAYOUT_DEGREES)} (at least 1) and sp (true or false)") from None
     derived = complete_layout(ctx, tp=lay.tp, cp=lay.cp, pp=lay.pp, vpp=lay.vpp, ep=lay.ep, etp=lay.etp,
                               mbs=lay.micro_batch_size).model_copy(update={"sp": lay.sp})

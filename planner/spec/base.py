@@ -3,13 +3,45 @@ types several of them share."""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import types
+from functools import cache
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+def number_from_yaml_text(value: object) -> object:
+    """YAML 1.1 reads `3e-4` (an exponent without a dot) as text; take it as the number it spells."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 class Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _yaml_exponents(cls, data: Any) -> Any:
+        """Every number field takes `3e-4` as the number YAML 1.1 would not read it as."""
+        numbers = _number_fields(cls)
+        if not numbers or not isinstance(data, dict):
+            return data
+        return {key: number_from_yaml_text(value) if key in numbers else value for key, value in data.items()}
+
+
+@cache
+def _number_fields(model: type[BaseModel]) -> frozenset[str]:
+    """The fields of `model` that hold a float (or nothing) and never text."""
+    def numeric(annotation: Any) -> bool:
+        members = get_args(annotation) if get_origin(annotation) in (Union, types.UnionType) else (annotation,)
+        bare = [get_args(m)[0] if get_origin(m) is Annotated else m for m in members]
+        return float in bare and all(m in (float, int, type(None)) for m in bare)
+
+    return frozenset(name for name, field in model.model_fields.items() if numeric(field.annotation))
 
 
 # Bounds keep absurd values out with a message naming the key. They are generous: the

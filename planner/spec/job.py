@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BeforeValidator, Field, model_validator
 
 from megacpp.planner.spec.base import Frozen as _Frozen
+from megacpp.planner.spec.base import number_from_yaml_text
 
 TokenizerType = Literal["GPT2BPETokenizer", "SentencePieceTokenizer", "GPTSentencePieceTokenizer",
                         "HuggingFaceTokenizer", "Llama2Tokenizer", "TikTokenizer", "NullTokenizer"]
@@ -37,16 +38,6 @@ SLURM_VALUE = {
     "nodelist": re.compile(r"[A-Za-z0-9._,\[\]-]+"),
     "exclude": re.compile(r"[A-Za-z0-9._,\[\]-]+"),
 }
-
-
-def number_from_yaml_text(value: object) -> object:
-    """YAML 1.1 reads `3e-4` (an exponent without a dot) as text; take it as the number it spells."""
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return value
-    return value
 
 
 def _text_from_number(value: object) -> object:

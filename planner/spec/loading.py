@@ -319,21 +319,6 @@ def _repr_pieces(value: Any, limit: int) -> Iterator[str]:
 EXPECTED = {"training.micro_batch_size": 'a positive integer or "auto"'}
 
 
-def _exponent_hint(value: Any) -> str:
-    """YAML 1.1 reads 1e-3 and 1.0e3 as text (its floats need a dot and a signed exponent): say
-    how to write the number."""
-    if not isinstance(value, str) or len(value) > 40 or "e" not in value.lower():
-        return ""
-    try:
-        number = float(value)
-    except ValueError:
-        return ""
-    mantissa, _, exponent = value.lower().partition("e")
-    mantissa = mantissa if "." in mantissa else f"{mantissa}.0"
-    written = f"{mantissa}e{exponent if exponent[:1] in '+-' else '+' + exponent}"
-    return f" (YAML reads {value} as text: write {written})" if yaml.safe_load(written) == number else ""
-
-
 def _describe(err: dict[str, Any]) -> str:
     kind, value, ctx = err["type"], err.get("input"), err.get("ctx") or {}
     path, owner = _clean_loc(tuple(err["loc"]), kind)
@@ -349,7 +334,7 @@ def _describe(err: dict[str, Any]) -> str:
     if kind in {"int_type", "int_parsing", "int_from_float"}:
         return f"{key}: expected an integer, got {shown(value)}"
     if kind in {"float_type", "float_parsing", "finite_number"}:
-        return f"{key}: expected a finite number, got {shown(value)}{_exponent_hint(value)}"
+        return f"{key}: expected a finite number, got {shown(value)}"
     if kind in {"bool_type", "bool_parsing"}:
         return f"{key}: expected true or false, got {shown(value)}"
     if kind in {"string_type"}:

@@ -50,7 +50,8 @@ def _bounded_sub(pattern: re.Pattern[str], flat: str, text: str) -> str:
 
     def repeat(m: re.Match[str]) -> str:
         nonlocal size
-        count = int(m[2]) if len(m[2]) <= 7 else MAX_SYMBOLS + 1
+        digits = m[2].lstrip("0") or "0"
+        count = int(digits) if len(digits) <= 7 else MAX_SYMBOLS + 1
         size += len(m[1]) * count - len(m[0])
         if size > MAX_SYMBOLS:
             raise ValueError(f"pipeline layout {text[:60]!r} expands beyond {MAX_SYMBOLS} symbols; check the repeat counts")

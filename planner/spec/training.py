@@ -6,11 +6,10 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from megacpp.planner.spec.base import CudaGraphModule, OffloadModule, RecomputeModule, StateDtype, Tokens
 from megacpp.planner.spec.base import Frozen as _Frozen
-from megacpp.planner.spec.job import number_from_yaml_text
 
 
 class OptimizerSpec(_Frozen):
@@ -147,11 +146,6 @@ class TrainingSpec(_Frozen):
     log_interval: Annotated[int, Field(ge=1, le=1 << 40)] = 1
     eval_interval: Annotated[int, Field(ge=1, le=1 << 40)] | None = None  # None: the run's length
     eval_iters: Annotated[int, Field(ge=0, le=1 << 40)] = 0
-
-    @field_validator("lr", "min_lr", "weight_decay", "clip_grad", "adam_beta1", "adam_beta2", "adam_eps", mode="before")
-    @classmethod
-    def _number_text(cls, value: object) -> object:
-        return number_from_yaml_text(value)
 
     @property
     def run_iters(self) -> int | None:

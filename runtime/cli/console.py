@@ -13,6 +13,7 @@ from rich.text import Text
 
 from megacpp.planner.cost.coefficients import HOST_BOUND_ERROR
 from megacpp.planner.cost.step import HOST_TERM, deciding_term, host_bound
+from megacpp.planner.errors import MAX_ERROR_CHARS, one_line, printable
 from megacpp.planner.plan import Plan
 from megacpp.planner.search.layout import Layout
 
@@ -125,9 +126,9 @@ def _capacity(plan: Plan) -> str:
 def plan_table(plan: Plan, top: int) -> None:
     """Ranked candidates, then why the rest were rejected."""
     c, spec = plan.cluster, plan.spec_model
-    out.print(f"[bold]{spec.name}[/]  {spec.model.pattern}  on {c.nodes} x {c.name} ({plan.world_size} GPUs, {_capacity(plan)})")
+    out.print(f"[bold]{escape(spec.name)}[/]  {spec.model.pattern}  on {c.nodes} x {escape(c.name)} ({plan.world_size} GPUs, {_capacity(plan)})")
     for note in plan.notes:
-        out.print(f"[yellow]note[/] {note.message}  [dim]({note.rule})[/]")
+        out.print(f"[yellow]note[/] {escape(note.message)}  [dim]({note.rule})[/]")
     columns = [
         ("#", "right", True), ("layout", "left", False), ("mbs", "right", True), ("M", "right", True),
         ("stages", "left", False), ("peak GiB", "right", True), ("step s", "right", True), ("tok/s", "right", True),
@@ -163,20 +164,28 @@ def plan_table(plan: Plan, top: int) -> None:
         out.print("[dim]next: `megacpp explain rule RULE` for a rejection, `megacpp plan ... --out plan.json` to save[/]")
 
 
+def _github(text: str, value: bool = False) -> str:
+    """Text escaped for a GitHub workflow command: its message, or (`value`) a property's value."""
+    text = text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+    return text.replace(":", "%3A").replace(",", "%2C") if value else text
+
+
 def validate_report(results: list[dict[str, Any]], fmt: str) -> None:
     if fmt == "github":
         for r in results:
             for e in r["errors"]:
-                print(f"::error file={r['file']}::{e}")
+                print(f"::error file={_github(r['file'], value=True)}::{_github(e)}")
             for w in r["warnings"]:
-                print(f"::warning file={r['file']}::{w}")
+                print(f"::warning file={_github(r['file'], value=True)}::{_github(w)}")
         return
-    def strip(message: str, file: str) -> str:  # errors from loading already name the file
-        return message.removeprefix(f"{file}: ")
+    def strip(message: str, file: str) -> str:  # errors from loading already name the file, as one line
+        for named in (file, one_line(file, MAX_ERROR_CHARS), printable(file, MAX_ERROR_CHARS)):
+            message = message.removeprefix(f"{named}: ")
+        return message
 
     # file names and messages quote user input, which must not be read as rich markup
     for r in results:
-        file = escape(r["file"])
+        file = escape(printable(r["file"], MAX_ERROR_CHARS))
         if r["valid"]:
             out.print(f"[green]valid[/]   {file}: {escape(r['summary'])}", soft_wrap=True)
         else:
@@ -240,13 +249,13 @@ def _versus_text(v: dict[str, Any]) -> None:
     if v["verdict"] == "rejected":
         out.print(f"{head}: [red]rejected[/]")
         for line in [*v.get("notes", []), *v["rules"]]:
-            out.print(f"  {line}")
+            out.print(f"  {escape(line)}")
         return
     fits = "" if v["verdict"] == "legal" else " [red](does not fit)[/]"
     out.print(f"{head}: step {v['step_seconds']:.2f} s ({v['step_delta']:+.1%} against this candidate), "
               f"peak {v['peak_gib']:.1f} GiB{fits}{_decided(v.get('decided_by'))}")
     for note in v.get("notes", []):
-        out.print(f"  {note}")
+        out.print(f"  {escape(note)}")
     terms = Table(header_style="bold")
     for col in ("term", "this candidate s", "versus s", "difference s"):
         terms.add_column(col, justify="left" if col == "term" else "right")
@@ -259,7 +268,7 @@ def _versus_text(v: dict[str, Any]) -> None:
 def explain_text(doc: dict[str, Any]) -> None:
     """Human-readable explain document."""
     lay = doc["layout"]
-    out.print(f"[bold]{doc['spec']}[/]  {doc['pattern']}  on {doc['world_size']} GPUs ({doc['cluster']['name']}) — candidate {doc['candidate']}: {_layout_cell(lay)}")
+    out.print(f"[bold]{escape(doc['spec'])}[/]  {doc['pattern']}  on {doc['world_size']} GPUs ({escape(doc['cluster']['name'])}) — candidate {doc['candidate']}: {_layout_cell(lay)}")
     t = doc["time"]
     out.print(f"step {t['step_seconds']:.2f} s, {t['tokens_per_second']:,.0f} tokens/s, MFU {t['mfu']:.0%}, bubble {t['bubble_fraction']:.1%}, "
               f"{lay['num_microbatches']} micro-batches of {lay['micro_batch_size']}")
@@ -385,7 +394,7 @@ def _band(value: float, high: float | None, digits: int) -> str:
 
 def calibration_table(profile: dict[str, Any]) -> None:
     per_block = ", ".join(f"{letter} {v * 1e3:.2f} ms" for letter, v in profile["block_overhead_s"].items())
-    out.print(f"[bold]{profile['cluster']}[/]: overhead per block per micro-batch (forward + backward): {per_block}; "
+    out.print(f"[bold]{escape(profile['cluster'])}[/]: overhead per block per micro-batch (forward + backward): {per_block}; "
               f"small kernels' traffic {profile.get('small_kernel_traffic', 0.0):g} x the saved activations")
     if profile.get("synchronised_share") is not None:
         out.print(f"on ranks with MoE blocks {profile['synchronised_share']:.0%} of the shorter of host and GPU time adds to the longer "
@@ -420,7 +429,7 @@ def _percent(value: float | None) -> str:
 def table_calibration(profile: dict[str, Any]) -> None:
     """What `megacpp calibrate TABLE` fitted: each coefficient before and after, each row's error."""
     rows = profile["rows"]
-    out.print(f"[bold]{profile['cluster']}[/]: {len(rows)} measured runs; {profile['fit']}")
+    out.print(f"[bold]{escape(profile['cluster'])}[/]: {len(rows)} measured runs; {escape(profile['fit'])}")
     coefficients = Table(header_style="bold")
     for col in ("coefficient", "unit", "before", "after", "moved", "left-out fits", "note"):
         coefficients.add_column(col, justify="right" if col in ("before", "after", "moved", "left-out fits") else "left")

@@ -9,6 +9,7 @@ through scancel.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -27,6 +28,10 @@ def write_atomically(path: Path, text: str, mode: int = 0o644) -> None:
     sees the old file or the whole new one, never a partial one. What is not a regular file
     (/dev/stdout, a pipe) is written into, not replaced, and a symlink's target is replaced, not
     the link."""
+    if (fd := _open_descriptor(path)) is not None:  # reopening it would truncate what the shell appends to
+        with open(fd, "w", encoding="utf-8", closefd=False) as sink:
+            sink.write(text)
+        return
     if path.exists() and not path.is_file():
         if path.is_dir():
             raise IsADirectoryError(21, "Is a directory", str(path))
@@ -42,6 +47,14 @@ def write_atomically(path: Path, text: str, mode: int = 0o644) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _open_descriptor(path: Path) -> int | None:
+    """The descriptor of this process that `path` names (/dev/stdout, /dev/fd/3, /proc/self/fd/1), if any."""
+    found = re.fullmatch(r"/dev/(stdout|stderr|fd/(\d{1,6}))|/proc/self/fd/(\d{1,6})", str(path))
+    if found is None:
+        return None
+    return {"stdout": 1, "stderr": 2}.get(found[1]) or int(found[2] or found[3])
 
 
 def write_files(out_dir: Path, files: dict[str, str]) -> list[Path]:
