@@ -323,7 +323,7 @@ HOSTILE = {
     "a deep list expression": (HEAD + "--num-layers 2 --hidden-size 8 --num-experts 2 --moe-layer-freq '"
                                + "(" * 3000 + "[1]" + ")" * 3000 + "'", "--moe-layer-freq"),
     "a layout of a million layers": (HEAD + "--pipeline-model-parallel-size 2 --num-layers 2 --hidden-size 8 "
-                                     "--pipeline-model-parallel-layout '((t)*999999)*999999|L'", "more than"),
+                                     "--pipeline-model-parallel-layout '((t)*999999)*999999|L'", "expands beyond"),
     "a value the script never assigns": (HEAD + "--num-layers $LAYERS --hidden-size 8", "never assigns LAYERS"),
     "a billion layers": (HEAD + "--num-layers 1000000000 --hidden-size 8", "--num-layers 1000000000: must be 1 to 2048"),
     "no layers": (HEAD + "--num-layers 0 --hidden-size 8", "--num-layers 0: must be 1 to"),

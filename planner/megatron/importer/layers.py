@@ -12,6 +12,7 @@ import re
 from megacpp.planner.errors import SpecError
 from megacpp.planner.megatron.args import HYBRID_SYMBOLS
 from megacpp.planner.spec.pattern import MAX_BLOCKS
+from megacpp.planner.spec.pipeline_layout import expand
 
 LETTERS = {symbol: letter for letter, symbol in HYBRID_SYMBOLS.items()}
 
@@ -117,30 +118,15 @@ def pipeline_layout(text: str) -> tuple[list[int], bool]:
     `t` a layer, `m` an MTP layer, `|` between chunks, `X*N` and `(...)*N` repeats), and whether it
     places anything megacpp does not model (an MTP layer off the last stage, where megacpp places
     them, or the embedding or loss off their stages)."""
-    expanded = _expand_layout(_bounded(text, "--pipeline-model-parallel-layout").replace(" ", ""), 0)
-    chunks = expanded.split("|")
+    try:  # the one expander of the layout grammar, with the spec's bounds
+        chunks = expand(_bounded(text, "--pipeline-model-parallel-layout"))
+    except ValueError as exc:
+        raise SpecError(f"--pipeline-model-parallel-layout: {exc}") from None
+    expanded = "|".join(chunks)
     sizes = [c.count("t") for c in chunks]
     standard = (chunks[0].startswith("E") and chunks[-1].endswith("L") and "m" not in "|".join(chunks[:-1])
                 and expanded.count("E") == 1 and expanded.count("L") == 1 and all(sizes))
     return sizes, not standard
-
-
-def _expand_layout(text: str, depth: int) -> str:
-    if depth > 32 or not re.fullmatch(r"[EtLm|()*0-9,]*", text):
-        raise SpecError(f"--pipeline-model-parallel-layout {text[:60]!r}: not a layout such as Ettt|tttL")
-    text = text.replace(",", "")
-    while "(" in text:
-        match = re.search(r"\(([^()]*)\)\*(\d{1,6})", text)
-        if match is None:
-            raise SpecError(f"--pipeline-model-parallel-layout {text[:60]!r}: a group (...) needs a count such as *4")
-        inner = _repeat([match.group(1)], int(match.group(2)), "--pipeline-model-parallel-layout")
-        text = text[: match.start()] + "".join(inner) + text[match.end() :]
-        if len(text) > 4 * MAX_BLOCKS:
-            raise SpecError(f"--pipeline-model-parallel-layout: more than {MAX_BLOCKS} layers")
-    out = re.sub(r"([EtLm])\*(\d{1,6})", lambda m: "".join(_repeat([m.group(1)], int(m.group(2)), "layout")), text)
-    if "*" in out or len(out) > 4 * MAX_BLOCKS:
-        raise SpecError(f"--pipeline-model-parallel-layout {text[:60]!r}: not a layout such as Ettt|tttL")
-    return out
 
 
 def compact_pattern(blocks: str, cuts: list[int] = ()) -> str:  # type: ignore[assignment]
