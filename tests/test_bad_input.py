@@ -233,8 +233,10 @@ def test_plan_with_no_legal_layout_is_a_user_error(tmp_path: Path) -> None:
         ["validate"],
         ["validate", "--format", "xml", str(VALID_RECIPES[0])],
         ["plna"],
+        ["launch", "llama-8b-dense", "--dry-run", "--steps", str(1 << 41)],
     ],
-    ids=["unknown-option", "top-zero", "nodes-not-int", "nodes-zero", "validate-no-files", "bad-format", "unknown-command"],
+    ids=["unknown-option", "top-zero", "nodes-not-int", "nodes-zero", "validate-no-files", "bad-format", "unknown-command",
+         "steps-beyond-train-iters-bound"],
 )
 def test_usage_errors_exit_2(args: list[str]) -> None:
     result = megacpp(*args)

@@ -209,7 +209,7 @@ def launch(
     target: Annotated[Target, typer.Option("--target", help="torchrun (local or multi-node) or slurm (sbatch + srun).")] = Target.torchrun,
     engine: EngineOpt = Engine.megatron_lm,
     candidate: Annotated[int, typer.Option("--candidate", min=0, help="Which ranked candidate of the plan to launch.")] = 0,
-    steps: Annotated[int | None, typer.Option("--steps", min=1, help="Training iterations, for a short run of the spec's schedule (default: training.train_iters or train_tokens, else 100).")] = None,
+    steps: Annotated[int | None, typer.Option("--steps", min=1, max=1 << 40, help="Training iterations, for a short run of the spec's schedule (default: training.train_iters or train_tokens, else 100).")] = None,
     construct_only: Annotated[bool, typer.Option("--construct-only", help="megacpp engine: build the model and report, no training.")] = False,
     profile: Annotated[bool, typer.Option("--profile", help="megacpp engine: time one extra step's kernels by kind into the report.")] = False,
     trace: Annotated[bool, typer.Option("--trace", help="megacpp engine: with --profile, also write each rank's profiled step as a Chrome trace under OUT/traces.")] = False,
