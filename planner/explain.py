@@ -193,7 +193,7 @@ def parse_versus(text: str) -> dict[str, int]:
         raise PlanError(f"--versus: {len(text)} characters; {VERSUS_HINT}")
     degrees: dict[str, int] = {}
     for word in filter(None, re.split(r"[\s,]+", text.strip().lower())):
-        found = re.fullmatch(r"([a-z]+)=?(\d{1,6})", word)
+        found = re.fullmatch(r"([a-z]+)=?([0-9]{1,6})", word)
         if not found or found[1] not in VERSUS_AXES or int(found[2]) < 1:
             raise PlanError(f"--versus {word!r}: not an axis and a degree of at least 1; {VERSUS_HINT}")
         key = VERSUS_AXES[found[1]]

@@ -153,3 +153,13 @@ def test_a_report_with_a_number_of_thousands_of_digits_is_one_line(tmp_path: Pat
     path = tmp_path / "big.json"
     path.write_text('{"runs": [' + "1" * 5000 + "]}")
     _refused(_calibrate(str(path)), str(path), "digits")
+
+
+def test_tied_overheads_are_named_by_their_keys(tmp_path: Path) -> None:
+    """One H100's TE runs cannot tell A, E and the experts' overheads apart: the report names those
+    three keys, and the profile keeps them as a list of keys."""
+    out = tmp_path / "profile.json"
+    result = _calibrate(str(ROOT / "benchmarks/evidence/blind-te-step/results/gpu_runs_h100x1_te_blind.json"), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "A, E, expert come in the same proportion in every run" in result.stdout
+    assert ["A", "E", "expert"] in json.loads(out.read_text())["tied"]

@@ -235,3 +235,24 @@ def test_validate_github_lines_escape_what_the_file_name_holds(tmp_path: Path) -
     assert len(lines) == 1 and lines[0].startswith("::error file=") and "a%0Ab%3Ac%2Cd.yaml::" in lines[0], result.stdout
     text = _run("validate", str(spec)).stdout
     assert text.count("b:c,d.yaml") == 1 and "unknown block letter 'X'" in text, text
+
+
+def test_digits_of_other_scripts_are_not_read_as_numbers() -> None:
+    """float() reads '٣' as 3; a spec's number must be written in ASCII digits."""
+    with pytest.raises(SpecError, match="cluster.gpu_memory_gib: expected a finite number"):
+        load_spec_text(recipe_text(RECIPE), overrides=["cluster.gpu_memory_gib=\u0663"])
+    assert "not an axis and a degree" in _one_line_error("explain", "layout", RECIPE, "--versus", "tp\u0662")
+
+
+def test_what_a_script_or_a_path_holds_reaches_the_terminal_as_one_printable_line(tmp_path: Path) -> None:
+    """A flag value megacpp cannot carry, and an --out path, are quoted with control characters escaped."""
+    value = "v\nparallel: {tp: 8}\n\x1b[2J"
+    result = _run("import", "--cluster", "h100-sxm-8", "--", "pretrain_gpt.py", "--num-layers", "2", "--hidden-size", "64",
+                  "--num-attention-heads", "4", "--seq-length", "128", "--vocab-size", "100", "--unknown-flag-zz", value)
+    assert result.returncode == 0 and "\x1b" not in result.stderr, result.stderr
+    assert [line for line in result.stderr.splitlines() if "--unknown-flag-zz" in line] == [
+        line for line in result.stderr.splitlines() if line.startswith("not represented: --unknown-flag-zz v\\nparallel")]
+    out = tmp_path / "a\nb\x1b[31m.json"
+    result = _run("plan", RECIPE, "--top", "1", "--out", str(out))
+    assert result.returncode == 0 and out.exists()
+    assert "\x1b" not in result.stderr and "wrote " in result.stderr and "a\\nb\\x1b[31m.json" in result.stderr, result.stderr

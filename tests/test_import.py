@@ -529,3 +529,14 @@ def test_fp4_and_megatron_fsdp_import_as_their_training_keys(args, key, value, l
     assert getattr(imported.spec.training, key) == value
     assert [u.split(":")[0] for u in imported.unsupported if u.startswith(("--fp4", "--use-megatron-fsdp", "--ckpt"))] == listed
     assert "--ckpt-format" not in imported.spec.launch.extra_args
+
+
+def test_a_layout_the_rules_refuse_is_imported_as_written_with_a_note_naming_the_rule():
+    """The spec is the script's job as written; the note says at once why validate will refuse it."""
+    text = (HEAD + "--num-layers 4 --hidden-size 64 --num-attention-heads 4 --seq-length 128 --vocab-size 100 "
+            "--micro-batch-size 1 --pipeline-model-parallel-size 2 --pipeline-model-parallel-layout 'E|t*4|L'")
+    imported = import_launch(text, ImportOptions(cluster="h100-sxm-8"))
+    assert imported.document["parallel"]["pipeline_layout"] == "E|t*4|L"
+    assert any(n.startswith("the layout as the script writes it breaks pipeline-layout-stages") for n in imported.notes), imported.notes
+    legal = import_launch(text.replace(" --pipeline-model-parallel-layout 'E|t*4|L'", ""), ImportOptions(cluster="h100-sxm-8"))
+    assert not any("breaks" in n for n in legal.notes), legal.notes

@@ -266,5 +266,5 @@ def calibrate(runs: list[dict[str, Any]], sources: list[str] | None = None) -> d
          "uncalibrated_s": round(predict(o, DEFAULT_EFFICIENCY), 4), **({"host_bound": b} if te else {})}
         for o, b in zip(observations, bound, strict=True)
     ]
-    return check_written(profile_document(clusters[0], te, eff, share, tied=["".join(g) for g in tied(fitted_runs) if len(g) > 1],
+    return check_written(profile_document(clusters[0], te, eff, share, tied=[list(g) for g in tied(fitted_runs) if len(g) > 1],
                                           determined=determined(observations, eff), fitted_on=fitted_on, leave_one_out=held_out))

@@ -25,7 +25,7 @@ def _number(value: Any, low: float, high: float) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and low <= value <= high
 
 
-def profile_document(cluster: str, te: bool, eff: Efficiency, share: float | None, *, tied: list[str], determined: bool,
+def profile_document(cluster: str, te: bool, eff: Efficiency, share: float | None, *, tied: list[list[str]], determined: bool,
                      fitted_on: list[dict[str, Any]], leave_one_out: list[dict[str, Any]]) -> dict[str, Any]:
     """The profile of a fit `eff` of one cluster's runs: what a plan reads back (the overheads, the
     small kernels' traffic, the synchronised share where one was chosen) and the fit's report."""

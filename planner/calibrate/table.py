@@ -260,8 +260,8 @@ def _spec(r: _Row, overrides: list[str], load: SpecLoader) -> Spec:
         return spec
     except PlanError:
         raise
-    except MegacppError as exc:
-        raise PlanError(f"{r.where}: {one_line(str(exc), 240)}") from None
+    except MegacppError as exc:  # an inline model's errors already name the row (spec_from_dict's source)
+        raise PlanError(f"{r.where}: {one_line(str(exc).removeprefix(f'{r.where}: '), 240)}") from None
 
 
 def _pinned_layout(r: _Row, spec: Spec) -> Layout:

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 def number_from_yaml_text(value: object) -> object:
     """YAML 1.1 reads `3e-4` (an exponent without a dot) as text; take it as the number it spells."""
-    if isinstance(value, str):
+    if isinstance(value, str) and value.isascii():  # float() also reads other scripts' digits
         try:
             return float(value)
         except ValueError:

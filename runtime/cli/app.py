@@ -91,7 +91,7 @@ def plan(
     if not result.legal_count:
         raise PlanError("no legal layout; the counts above name the rules that rejected them (`megacpp explain rule RULE`)")
     if out is not None:
-        console.out.print(f"wrote {out}")
+        console.wrote(out)
 
 
 @app.command()
@@ -195,7 +195,7 @@ def calibrate(
             raise PlanError(f"--out {out}: cannot write ({exc.strerror})") from None
     (console.table_calibration if tables else console.calibration_table)(profile)
     if out is not None:
-        console.err.print(f"wrote {out}; use it with `megacpp plan SPEC --profile {out}`")
+        console.wrote(out, then=f"; use it with `megacpp plan SPEC --profile {console.text(out)}`")
 
 
 class Target(str, Enum):
@@ -240,7 +240,7 @@ def launch(
     script = out / SCRIPT_NAMES[target.value]
     if dry_run:
         stdout.print_json(files[script.name].rstrip("\n"))
-        console.err.print(f"wrote {script} and {out / 'plan.json'} (dry run: nothing started)")
+        console.wrote(script, out / "plan.json", then=" (dry run: nothing started)")
         return
     try:
         code = executors.run_torchrun(script) if target == Target.torchrun else executors.submit_slurm(script)
@@ -284,7 +284,7 @@ def import_script(
         executors.write_atomically(out, result.to_yaml(shown))
     except OSError as exc:
         raise SpecError(f"--out {out}: cannot write ({exc.strerror})") from None
-    console.err.print(f"wrote {out}; next: megacpp validate {out}, megacpp explain layout {out}", markup=False)
+    console.wrote(out, then=f"; next: megacpp validate {console.text(out)}, megacpp explain layout {console.text(out)}")
 
 
 @app.command()
@@ -344,7 +344,7 @@ def explain_layout_cmd(
 
         for path in (p for p in (svg, png) if p is not None):
             draw_layout(doc, path)
-            console.err.print(f"wrote {path}")
+            console.wrote(path)
     if as_json:
         stdout.print_json(json.dumps(doc, indent=2))
         return

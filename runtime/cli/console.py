@@ -71,12 +71,22 @@ def error(message: str) -> None:
     err.print(f"[bold red]error:[/] {escape(message)}", markup=True, highlight=False) if err.is_terminal else print(f"error: {message}", file=sys.stderr)
 
 
+def text(value: object) -> str:
+    """User text (a name, a path, a flag's value) for a rich line: one printable line, markup escaped."""
+    return escape(printable(str(value), MAX_ERROR_CHARS))
+
+
+def wrote(*paths: object, then: str = "") -> None:
+    """The "wrote PATH" line on stderr: the paths as user text, `then` (rich markup) after them."""
+    err.print(f"wrote {' and '.join(text(p) for p in paths)}{then}")
+
+
 def import_report(unsupported: list[str], notes: list[str]) -> None:
     """What `megacpp import` could not carry into the spec, and what it assumed, on stderr."""
     for line in unsupported:
-        err.print(f"not represented: {line}", markup=False)
+        err.print(f"not represented: {printable(line, MAX_ERROR_CHARS)}", markup=False)
     for line in notes:
-        err.print(f"note: {line}", markup=False)
+        err.print(f"note: {printable(line, MAX_ERROR_CHARS)}", markup=False)
 
 
 def _layout_cell(layout: dict[str, Any]) -> str:
@@ -164,10 +174,12 @@ def plan_table(plan: Plan, top: int) -> None:
         out.print("[dim]next: `megacpp explain rule RULE` for a rejection, `megacpp plan ... --out plan.json` to save[/]")
 
 
-def _github(text: str, value: bool = False) -> str:
-    """Text escaped for a GitHub workflow command: its message, or (`value`) a property's value."""
-    text = text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
-    return text.replace(":", "%3A").replace(",", "%2C") if value else text
+def _github(line: str, value: bool = False) -> str:
+    """Text escaped for a GitHub workflow command: its message, or (`value`) a property's value;
+    other control characters written as repr writes them."""
+    line = line.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+    line = printable(line, 10 * MAX_ERROR_CHARS)
+    return line.replace(":", "%3A").replace(",", "%2C") if value else line
 
 
 def validate_report(results: list[dict[str, Any]], fmt: str) -> None:
@@ -415,7 +427,7 @@ def calibration_table(profile: dict[str, Any]) -> None:
         table.add_column(col, justify="left" if col in ("run", "bound by") else "right")
     for r in profile["fitted_on"]:
         held = loo.get(r["name"])
-        table.add_row(r["name"], *([("host" if r["host_bound"] else "GPU")] if bound else []),
+        table.add_row(text(r["name"]), *([("host" if r["host_bound"] else "GPU")] if bound else []),
                       f"{r['measured_s']:.3f}", f"{r['uncalibrated_s']:.3f}", f"{r['fitted_s']:.3f}",
                       f"{held['predicted_s']:.3f}" if held and held["predicted_s"] is not None else "-",
                       f"{held['error']:+.1%}" if held and held["error"] is not None else "-")
@@ -450,7 +462,7 @@ def table_calibration(profile: dict[str, Any]) -> None:
                 *(["peak GiB measured / planned"] if peaks else [])):
         table.add_column(col, justify="left" if col in ("run", "layout") else "right")
     for r in rows:
-        table.add_row(r["name"], str(r["nodes"]), r["layout"], f"{r['measured_tokens_per_s_per_gpu']:,.0f}",
+        table.add_row(text(r["name"]), str(r["nodes"]), r["layout"], f"{r['measured_tokens_per_s_per_gpu']:,.0f}",
                       _percent(r["error_before"]), _percent(r["error_after"]), _percent(r["error_left_out"]),
                       *([f"{r['measured_peak_gib']:.1f} / {r['planned_peak_gib']:.1f}" if "measured_peak_gib" in r else "-"] if peaks else []))
     out.print(table)

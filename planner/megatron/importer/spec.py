@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from megacpp.planner.errors import SpecError
+from megacpp.planner.errors import MegacppError, SpecError
 from megacpp.planner.megatron.args import known_flags
 from megacpp.planner.megatron.importer.flags import Flags
 from megacpp.planner.megatron.importer.launcher import cluster_keys, launch_keys
@@ -27,6 +27,7 @@ from megacpp.planner.search.stages import choose_split
 from megacpp.planner.spec.clusters import PRESETS, resolve_cluster
 from megacpp.planner.spec.loading import apply_override, one_line, spec_from_dict
 from megacpp.planner.spec.models import ClusterSpec, Spec
+from megacpp.planner.validation import broken_rules, complete_layout
 
 DIALECTS = ("core_v0.16", "main")
 
@@ -130,7 +131,27 @@ def import_command(cmd: LaunchCommand, opts: ImportOptions, script_name: str | N
         apply_override(doc, item)
     spec = _validated(doc)
     spec, doc = _pin_uneven_split(spec, doc, pipeline, opts.overrides)
+    notes += _broken_layout(spec)
     return Imported(spec=spec, document=doc, unsupported=unsupported, notes=notes)
+
+
+def _broken_layout(spec: Spec) -> list[str]:
+    """A note naming the first of the planner's rules the imported layout breaks: the spec is the
+    script's job as written, and `megacpp validate` on it will refuse it for the same reason."""
+    try:
+        ctx = make_context(spec)
+    except MegacppError:
+        return []  # an unknown cluster: the notes already ask for one
+    p, mbs = spec.parallel, spec.training.micro_batch_size
+    if p.tp is None or p.pp is None or p.cp is None:
+        return []
+    lay = complete_layout(ctx, tp=p.tp, cp=p.cp, pp=p.pp, vpp=p.vpp or 1, ep=p.ep or 1, etp=p.etp,
+                          mbs=mbs if isinstance(mbs, int) else 1)
+    # a grid that does not tile the world is noted where the pins are read (ModelReader.parallel)
+    broken = [b for b in broken_rules(ctx, lay) if not b.startswith("model-parallel-divides-world")]
+    if not broken:
+        return []
+    return [f"the layout as the script writes it breaks {broken[0]}; `megacpp validate` on this spec refuses it"]
 
 
 def cluster_world(cluster: dict[str, Any]) -> int | None:
