@@ -195,7 +195,7 @@ def calibrate(
             raise PlanError(f"--out {out}: cannot write ({exc.strerror})") from None
     (console.table_calibration if tables else console.calibration_table)(profile)
     if out is not None:
-        console.wrote(out, then=f"; use it with `megacpp plan SPEC --profile {console.text(out)}`")
+        console.wrote(out, then=f"; use it with `megacpp plan SPEC --profile {console.user_text(out)}`")
 
 
 class Target(str, Enum):
@@ -284,7 +284,7 @@ def import_script(
         executors.write_atomically(out, result.to_yaml(shown))
     except OSError as exc:
         raise SpecError(f"--out {out}: cannot write ({exc.strerror})") from None
-    console.wrote(out, then=f"; next: megacpp validate {console.text(out)}, megacpp explain layout {console.text(out)}")
+    console.wrote(out, then=f"; next: megacpp validate {console.user_text(out)}, megacpp explain layout {console.user_text(out)}")
 
 
 @app.command()

@@ -71,14 +71,14 @@ def error(message: str) -> None:
     err.print(f"[bold red]error:[/] {escape(message)}", markup=True, highlight=False) if err.is_terminal else print(f"error: {message}", file=sys.stderr)
 
 
-def text(value: object) -> str:
+def user_text(value: object) -> str:
     """User text (a name, a path, a flag's value) for a rich line: one printable line, markup escaped."""
     return escape(printable(str(value), MAX_ERROR_CHARS))
 
 
 def wrote(*paths: object, then: str = "") -> None:
     """The "wrote PATH" line on stderr: the paths as user text, `then` (rich markup) after them."""
-    err.print(f"wrote {' and '.join(text(p) for p in paths)}{then}")
+    err.print(f"wrote {' and '.join(user_text(p) for p in paths)}{then}")
 
 
 def import_report(unsupported: list[str], notes: list[str]) -> None:
@@ -427,7 +427,7 @@ def calibration_table(profile: dict[str, Any]) -> None:
         table.add_column(col, justify="left" if col in ("run", "bound by") else "right")
     for r in profile["fitted_on"]:
         held = loo.get(r["name"])
-        table.add_row(text(r["name"]), *([("host" if r["host_bound"] else "GPU")] if bound else []),
+        table.add_row(user_text(r["name"]), *([("host" if r["host_bound"] else "GPU")] if bound else []),
                       f"{r['measured_s']:.3f}", f"{r['uncalibrated_s']:.3f}", f"{r['fitted_s']:.3f}",
                       f"{held['predicted_s']:.3f}" if held and held["predicted_s"] is not None else "-",
                       f"{held['error']:+.1%}" if held and held["error"] is not None else "-")
@@ -462,7 +462,7 @@ def table_calibration(profile: dict[str, Any]) -> None:
                 *(["peak GiB measured / planned"] if peaks else [])):
         table.add_column(col, justify="left" if col in ("run", "layout") else "right")
     for r in rows:
-        table.add_row(text(r["name"]), str(r["nodes"]), r["layout"], f"{r['measured_tokens_per_s_per_gpu']:,.0f}",
+        table.add_row(user_text(r["name"]), str(r["nodes"]), r["layout"], f"{r['measured_tokens_per_s_per_gpu']:,.0f}",
                       _percent(r["error_before"]), _percent(r["error_after"]), _percent(r["error_left_out"]),
                       *([f"{r['measured_peak_gib']:.1f} / {r['planned_peak_gib']:.1f}" if "measured_peak_gib" in r else "-"] if peaks else []))
     out.print(table)
