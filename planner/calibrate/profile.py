@@ -12,8 +12,9 @@ from dataclasses import replace
 from typing import Any
 
 from megacpp.planner.cost.coefficients import DEFAULT_EFFICIENCY, Efficiency
-from megacpp.planner.errors import PlanError, did_you_mean
+from megacpp.planner.errors import PlanError, SpecError, did_you_mean
 from megacpp.planner.spec.clusters import PROFILE_FIELDS
+from megacpp.planner.spec.loading import reject_non_finite
 
 PROFILE_SCHEMA = "megacpp.profile/2"
 # a block's host time per micro-batch is milliseconds; beyond this a profile is corrupt, not slow
@@ -47,21 +48,14 @@ def profile_document(cluster: str, te: bool, eff: Efficiency, share: float | Non
     }
 
 
-def _non_finite(value: Any, path: str) -> str | None:
-    """The path of the first number in `value` that strict JSON cannot hold (NaN, infinity)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return path
-    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
-    return next((p for k, v in items if (p := _non_finite(v, f"{path}.{k}" if path else str(k))) is not None), None)
-
-
 def check_written(profile: dict[str, Any]) -> dict[str, Any]:
     """`profile` if it is strict JSON that `megacpp plan --profile` reads back; a fit of runs whose
     steps the model cannot reproduce can yield NaN or absurd overheads, which no plan should read."""
-    bad = _non_finite(profile, "")
-    if bad is not None:
-        raise PlanError(f"calibrate: the fit gave a non-finite {bad}; the runs' measured_step_seconds are not steps "
-                        "the model can reproduce: check them, or calibrate without the odd runs")
+    try:
+        reject_non_finite(profile, (), set())  # strict JSON holds no NaN or infinity
+    except SpecError as exc:
+        raise PlanError(f"calibrate: the fit gave {exc}; the runs' measured_step_seconds are not steps the model "
+                        "can reproduce: check them, or calibrate without the odd runs") from None
     try:
         efficiency_from_profile(profile)
     except PlanError as exc:

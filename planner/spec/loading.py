@@ -90,14 +90,21 @@ def parse_yaml(text: str, source: str) -> Any:
     """YAML text into Python values (duplicate keys and alias bombs refused), or one SpecError line
     "`source`: invalid YAML at line L, column C: what"."""
     try:
-        return _load_yaml(text)
-    except SpecError as exc:
-        raise SpecError(f"{source}: {exc}") from None
+        return _guarded_yaml(text, source)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise SpecError(f"{source}: invalid YAML{where}: {one_line(problem)}") from None
+
+
+def _guarded_yaml(text: str, source: str) -> Any:
+    """_load_yaml, its refusals, deep nesting and PyYAML's ValueErrors as one SpecError line naming
+    `source`; a yaml.YAMLError (text that is not YAML) is left to the caller."""
+    try:
+        return _load_yaml(text)
+    except SpecError as exc:
+        raise SpecError(f"{source}: {exc}") from None
     except RecursionError:
         raise SpecError(f"{source}: invalid YAML: nested too deeply") from None
     except (ValueError, OverflowError) as exc:  # PyYAML's own, e.g. an out-of-range \U escape
@@ -190,15 +197,9 @@ def _override_value(key: str, value: str) -> Any:
     if not value.strip():
         return None
     try:
-        return _load_yaml(value)
+        return _guarded_yaml(value, f"--set {one_line(key, 60)}")
     except yaml.YAMLError:
         return value
-    except SpecError as exc:
-        raise SpecError(f"--set {one_line(key, 60)}: {exc}") from None
-    except RecursionError:
-        raise SpecError(f"--set {one_line(key, 60)}: the value is nested too deeply") from None
-    except (ValueError, OverflowError) as exc:  # PyYAML's own, e.g. an out-of-range \U escape
-        raise SpecError(f"--set {one_line(key, 60)}: invalid YAML: {one_line(str(exc), 120)}") from None
 
 
 def apply_override(data: dict[str, Any], item: str) -> None:
@@ -222,7 +223,7 @@ def apply_override(data: dict[str, Any], item: str) -> None:
 
 def spec_from_dict(data: dict[str, Any], source: str = "<spec>") -> Spec:
     try:
-        _reject_non_finite(data, (), set())
+        reject_non_finite(data, (), set())
         return Spec.model_validate(data)
     except ValidationError as exc:
         # an unknown key explains a "missing" one next to it (a typo), so report unknown keys first
@@ -235,7 +236,7 @@ def spec_from_dict(data: dict[str, Any], source: str = "<spec>") -> Spec:
         raise SpecError(f"{source}: nested too deeply") from None
 
 
-def _reject_non_finite(node: Any, path: tuple[str, ...], seen: set[int], done: set[int] | None = None) -> None:
+def reject_non_finite(node: Any, path: tuple[str, ...], seen: set[int], done: set[int] | None = None) -> None:
     """Refuse NaN/inf anywhere and alias loops; a subtree shared by aliases is walked once (`done`)."""
     done = set() if done is None else done
     if isinstance(node, float) and not math.isfinite(node):
@@ -248,7 +249,7 @@ def _reject_non_finite(node: Any, path: tuple[str, ...], seen: set[int], done: s
         seen.add(id(node))
         items = node.items() if isinstance(node, dict) else enumerate(node)
         for k, v in items:
-            _reject_non_finite(v, (*path, str(k)), seen, done)
+            reject_non_finite(v, (*path, str(k)), seen, done)
         seen.discard(id(node))
         done.add(id(node))
 

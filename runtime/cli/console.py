@@ -136,7 +136,7 @@ def _capacity(plan: Plan) -> str:
 def plan_table(plan: Plan, top: int) -> None:
     """Ranked candidates, then why the rest were rejected."""
     c, spec = plan.cluster, plan.spec_model
-    out.print(f"[bold]{escape(spec.name)}[/]  {spec.model.pattern}  on {c.nodes} x {escape(c.name)} ({plan.world_size} GPUs, {_capacity(plan)})")
+    out.print(f"[bold]{user_text(spec.name)}[/]  {spec.model.pattern}  on {c.nodes} x {user_text(c.name)} ({plan.world_size} GPUs, {_capacity(plan)})")
     for note in plan.notes:
         out.print(f"[yellow]note[/] {escape(note.message)}  [dim]({note.rule})[/]")
     columns = [
@@ -197,7 +197,7 @@ def validate_report(results: list[dict[str, Any]], fmt: str) -> None:
 
     # file names and messages quote user input, which must not be read as rich markup
     for r in results:
-        file = escape(printable(r["file"], MAX_ERROR_CHARS))
+        file = user_text(r["file"])
         if r["valid"]:
             out.print(f"[green]valid[/]   {file}: {escape(r['summary'])}", soft_wrap=True)
         else:
@@ -280,7 +280,7 @@ def _versus_text(v: dict[str, Any]) -> None:
 def explain_text(doc: dict[str, Any]) -> None:
     """Human-readable explain document."""
     lay = doc["layout"]
-    out.print(f"[bold]{escape(doc['spec'])}[/]  {doc['pattern']}  on {doc['world_size']} GPUs ({escape(doc['cluster']['name'])}) — candidate {doc['candidate']}: {_layout_cell(lay)}")
+    out.print(f"[bold]{user_text(doc['spec'])}[/]  {doc['pattern']}  on {doc['world_size']} GPUs ({user_text(doc['cluster']['name'])}) — candidate {doc['candidate']}: {_layout_cell(lay)}")
     t = doc["time"]
     out.print(f"step {t['step_seconds']:.2f} s, {t['tokens_per_second']:,.0f} tokens/s, MFU {t['mfu']:.0%}, bubble {t['bubble_fraction']:.1%}, "
               f"{lay['num_microbatches']} micro-batches of {lay['micro_batch_size']}")
@@ -406,7 +406,7 @@ def _band(value: float, high: float | None, digits: int) -> str:
 
 def calibration_table(profile: dict[str, Any]) -> None:
     per_block = ", ".join(f"{letter} {v * 1e3:.2f} ms" for letter, v in profile["block_overhead_s"].items())
-    out.print(f"[bold]{escape(profile['cluster'])}[/]: overhead per block per micro-batch (forward + backward): {per_block}; "
+    out.print(f"[bold]{user_text(profile['cluster'])}[/]: overhead per block per micro-batch (forward + backward): {per_block}; "
               f"small kernels' traffic {profile.get('small_kernel_traffic', 0.0):g} x the saved activations")
     if profile.get("synchronised_share") is not None:
         out.print(f"on ranks with MoE blocks {profile['synchronised_share']:.0%} of the shorter of host and GPU time adds to the longer "
@@ -441,7 +441,7 @@ def _percent(value: float | None) -> str:
 def table_calibration(profile: dict[str, Any]) -> None:
     """What `megacpp calibrate TABLE` fitted: each coefficient before and after, each row's error."""
     rows = profile["rows"]
-    out.print(f"[bold]{escape(profile['cluster'])}[/]: {len(rows)} measured runs; {escape(profile['fit'])}")
+    out.print(f"[bold]{user_text(profile['cluster'])}[/]: {len(rows)} measured runs; {escape(profile['fit'])}")
     coefficients = Table(header_style="bold")
     for col in ("coefficient", "unit", "before", "after", "moved", "left-out fits", "note"):
         coefficients.add_column(col, justify="right" if col in ("before", "after", "moved", "left-out fits") else "left")
