@@ -54,6 +54,20 @@ def test_a_table_measured_at_known_coefficients_gives_them_back(tmp_path):
     assert profile["median_abs_error"]["after"] < 1e-3
 
 
+def test_a_trial_of_other_rates_prices_as_a_fresh_plan_on_that_cluster(tmp_path):
+    """calibrate's trials share what does not follow from the rates (Context.with_rates): each
+    must still price a row as a context made anew on the changed cluster does."""
+    from megacpp.planner.cost.step import estimate
+    from megacpp.planner.search.layout import Context
+
+    for run in read_table(_table(tmp_path, ROWS, TRUTH)):
+        for values in ({}, TRUTH, {"host_launch_us": 20.0, "matmul_rate_scale": 0.6, "nic_busbw_gbps": 5.0}):
+            fresh = Context(run.ctx.spec, run.ctx.cluster.model_copy(update=values))
+            assert step_seconds(run, values) == estimate(fresh, run.layout, run.stages).step_seconds
+    with pytest.raises(ValueError, match="hbm_tbps"):
+        run.ctx.with_rates({"hbm_tbps": 1.0})
+
+
 def test_a_long_table_is_left_out_in_folds(tmp_path, monkeypatch):
     """Beyond MAX_FOLDS rows each row is predicted by a fit of the other folds: MAX_FOLDS fits, not one per row."""
     from megacpp.planner.calibrate import cluster_fit

@@ -23,7 +23,6 @@ pin the coefficients down beyond their other errors.
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 from typing import Any
 
 from megacpp.planner.calibrate.lstsq import solve
@@ -50,8 +49,10 @@ SCALE = 0.05  # log errors below this weigh as in least squares, above it as in 
 
 def step_seconds(run: MeasuredRun, values: dict[str, float]) -> float:
     """The row's planned step with the cluster coefficients `values` in place of its own."""
-    ctx = replace(run.ctx, cluster=run.ctx.cluster.model_copy(update=values))
-    return estimate(ctx, run.layout, run.stages).step_seconds
+    key = tuple(sorted(values.items()))
+    if key not in run.planned:
+        run.planned[key] = estimate(run.ctx.with_rates(values), run.layout, run.stages).step_seconds
+    return run.planned[key]
 
 
 def effects(runs: list[MeasuredRun], at: dict[str, float]) -> dict[str, list[float]]:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import csv
 import io
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, get_args
 
 from megacpp.planner.errors import MegacppError, PlanError, did_you_mean, printable
@@ -58,6 +58,9 @@ class MeasuredRun:
     stages: list[Stage]
     measured_step_s: float
     measured_peak_gib: float | None
+    # the planned step by the cluster coefficients tried (cluster_fit.step_seconds): a fit's
+    # leave-one-out folds try many of the same
+    planned: dict[tuple[tuple[str, float], ...], float] = field(default_factory=dict, init=False, compare=False, repr=False)
 
     @property
     def tokens_per_step_per_gpu(self) -> float:
@@ -229,9 +232,9 @@ def _overrides(r: _Row) -> list[str]:
         out.append(f"cluster.preset={cluster}")
     if nodes is not None:
         out.append(f"cluster.nodes={nodes}")
-    for key, field in TRAINING_KEYS.items():
+    for key, spec_key in TRAINING_KEYS.items():
         if (value := r.integer(key)) is not None:
-            out.append(f"training.{field}={value}")
+            out.append(f"training.{spec_key}={value}")
     for key in CHOICES:
         if (choice := r.choice(key)) is not None:
             out.append(f"training.{key}={choice}")

@@ -48,7 +48,7 @@ class RankStages:
 def first_ranks(ctx: Context, stages: list[Stage], pp: int) -> list[tuple[int, RankStages]]:
     """(pp_rank, RankStages) of the ranks of `ranks` that no rank before holds the same as (RankStages.first)."""
     key = ("first ranks", id(stages), pp)
-    cache = ctx.cost_cache
+    cache = ctx.rate_free_cache
     if key not in cache or cache[key][0] is not stages:
         cache[key] = (stages, [(p, rank) for p, rank in enumerate(ranks(ctx, stages, pp)) if rank.first])
     return cache[key][1]  # type: ignore[no-any-return]
@@ -75,7 +75,7 @@ def ranks(ctx: Context, stages: list[Stage], pp: int) -> list[RankStages]:
     """Each pipeline rank's stages (RankStages) in pp_rank order, memoised per stage list: a search's come from
     assign_stages' cache, and the entry keeps its list alive, so the id stays its own."""
     key = ("ranks", id(stages), pp)
-    cache = ctx.cost_cache
+    cache = ctx.rate_free_cache
     if key not in cache or cache[key][0] is not stages:
         mine: list[list[Stage]] = [[] for _ in range(pp)]
         for st in stages:

@@ -134,7 +134,7 @@ class ShapeLetters:
 
 def shape_letters(ctx: Context, lay: Layout, load: float) -> ShapeLetters:
     """What stage_memory sums per block letter on `lay`'s shard shape, worked out once per shape."""
-    return memo(ctx, ("letters", shape(lay), load), lambda: _letters(ctx, lay, load))
+    return memo(ctx, ("letters", shape(lay), load), lambda: _letters(ctx, lay, load), rate_free=True)
 
 
 def _letters(ctx: Context, lay: Layout, load: float) -> ShapeLetters:

@@ -21,9 +21,10 @@ def shape(lay: Layout) -> tuple[int, int, bool, int, int, int]:
     return lay.tp, lay.cp, lay.sp, lay.ep, lay.etp, lay.micro_batch_size
 
 
-def memo(ctx: Context, key: Hashable, make: Callable[[], T]) -> T:
-    """`make()`, computed once per `key` on this context."""
-    cache = ctx.cost_cache
+def memo(ctx: Context, key: Hashable, make: Callable[[], T], rate_free: bool = False) -> T:
+    """`make()`, computed once per `key` on this context; with `rate_free` (it reads no rate of
+    the cluster), once for every context Context.with_rates makes of it too."""
+    cache = ctx.rate_free_cache if rate_free else ctx.cost_cache
     value = cache.get(key, cache)  # the cache itself stands for "absent": no value is it
     if value is cache:
         value = cache[key] = make()

@@ -289,7 +289,8 @@ def small_kernel_seconds(ctx: Context, lay: Layout, blocks: str, load: float = 1
     bandwidth. Those kernels read and write tensors of the activations' sizes, so their time
     follows the tokens of a micro-batch, not the micro-batch count."""
     per_token = memo(ctx, ("saved", shape(lay), load),
-                     lambda: {letter: block_activation_bytes(ctx, letter, lay, load, recompute="none") for letter in ctx.letters})
+                     lambda: {letter: block_activation_bytes(ctx, letter, lay, load, recompute="none") for letter in ctx.letters},
+                     rate_free=True)
     saved = sum(n * per_token[letter] for letter, n in Counter(blocks).items())
     return saved * micro_batch_tokens(ctx, lay) / (ctx.cluster.hbm_tbps * 1e12)
 

@@ -16,7 +16,7 @@ from pydantic import (
 )
 
 from megacpp.planner.axes import Axis
-from megacpp.planner.spec.clusters import Cluster
+from megacpp.planner.spec.clusters import PROFILE_FIELDS, Cluster
 from megacpp.planner.spec.models import Spec
 from megacpp.planner.spec.pattern import Pattern
 
@@ -107,6 +107,18 @@ class Context:
     # with another cluster (calibrate's fits) starts empty ones instead of sharing stale costs
     stage_cache: dict[Any, Any] = field(default_factory=dict, init=False, compare=False, repr=False)
     cost_cache: dict[Any, Any] = field(default_factory=dict, init=False, compare=False, repr=False)  # cost.shard.memo
+    # what follows from the spec and a shard shape alone, never from the cluster's rates (memory
+    # per block letter, a stage list's ranks): with_rates shares it
+    rate_free_cache: dict[Any, Any] = field(default_factory=dict, init=False, compare=False, repr=False)
+
+    def with_rates(self, rates: dict[str, float]) -> Context:
+        """This spec on this cluster with other values of its rate coefficients (PROFILE_FIELDS;
+        calibrate's trials), sharing the costs that do not follow from them."""
+        if not rates.keys() <= PROFILE_FIELDS.keys():
+            raise ValueError(f"not rate coefficients: {sorted(rates.keys() - PROFILE_FIELDS.keys())}")
+        ctx = Context(self.spec, self.cluster.model_copy(update=rates))
+        object.__setattr__(ctx, "rate_free_cache", self.rate_free_cache)  # frozen: set as __init__ does
+        return ctx
 
     @property
     def world(self) -> int:
