@@ -228,7 +228,9 @@ PRESETS: dict[str, dict] = {
         "nvlink_allreduce_gbps": 680.0,  # NVL72 ring all-reduce, GTC25 slide via [R2]
         "nvlink_allgather_gbps": 680.0,  # ASSUMPTION: ring rate as all-reduce [R2]
         "nvlink_reducescatter_gbps": 680.0,  # ASSUMPTION: as above
-        "nvlink_alltoall_gbps": 550.0,  # HybridEP dispatch algbw upper range [R24]
+        # ASSUMPTION: the ring rate, as on b200-sxm-8; the flex dispatcher's share of it
+        # (FLEX_LINK_SHARE) gives HybridEP 537, the top of its 442-550 measured on GB200 EP8-36 [R24]
+        "nvlink_alltoall_gbps": 680.0,
         "nvlink_p2p_gbps": 680.0,  # ASSUMPTION
         "host_launch_us": DGX_HOST_LAUNCH_US,  # ASSUMPTION: a Grace host [R7] issues work as a DGX host does
         # NVLink-C2C to Grace, 450 GB/s a direction [R2]; ASSUMPTION: the share of its line rate PCIe
@@ -286,7 +288,7 @@ PRESETS: dict[str, dict] = {
         "nvlink_allreduce_gbps": 680.0,
         "nvlink_allgather_gbps": 680.0,
         "nvlink_reducescatter_gbps": 680.0,
-        "nvlink_alltoall_gbps": 550.0,
+        "nvlink_alltoall_gbps": 680.0,
         "nvlink_p2p_gbps": 680.0,
         "nic_busbw_gbps": 94.0,  # 72 ConnectX-8 800 Gb/s, one per GPU [R57]; ASSUMPTION as b300-sxm-8
         "host_launch_us": DGX_HOST_LAUNCH_US,  # ASSUMPTION: a Grace host, as gb200-nvl72's
