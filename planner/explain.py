@@ -151,9 +151,13 @@ def _vpp_neighbours(ctx: Context, lay: Layout) -> list[int]:
 
 def why_not(ctx: Context, lay: Layout, chosen_step: float, eff: Efficiency) -> list[dict[str, Any]]:
     """Each axis moved to its neighbouring values: the first rule that rejects it, or its cost
-    difference, priced with `eff`, the factors that priced the plan."""
+    difference, priced with `eff`, the factors that priced the plan. The spec's pins of the
+    candidate's dp and stage split give way as under `--versus` (_pins_let_go), named in `notes`."""
     out = []
+    contexts: dict[tuple[str, ...], Context] = {(): ctx}  # one per set of pins let go, its costs memoised
     for axis in NEIGHBOUR_AXES:
+        if axis == Axis.ETP and not ctx.has_moe:
+            continue  # no expert to split
         current = lay.degree(axis)
         values = sorted({v for v in divisors(ctx.world) if v != current and (v in (current * 2, current // 2) or axis == Axis.TP)})
         if axis == Axis.VPP:
@@ -162,13 +166,16 @@ def why_not(ctx: Context, lay: Layout, chosen_step: float, eff: Efficiency) -> l
             variant = _variant(ctx, lay, axis, value)
             if variant is None:
                 continue
-            errors = [v for v in check_layout(ctx, variant) if v.severity == "error"]
-            row: dict[str, Any] = {"axis": axis.value, "value": value, "layout": variant.model_dump()}
+            drop, notes = _pins_let_go(ctx, variant.dp, variant.pp * variant.vpp)
+            mine = contexts.get(drop) or contexts.setdefault(drop, _without_pins(ctx, drop))
+            errors = [v for v in check_layout(mine, variant) if v.severity == "error"]
+            row: dict[str, Any] = {"axis": axis.value, "value": value, "layout": variant.model_dump(),
+                                   **({"notes": notes} if notes else {})}
             if errors:
                 row.update(verdict="rejected", rule=errors[0].rule, message=errors[0].message, also=[e.rule for e in errors[1:]])
             else:
-                _, stages = assign_stages(ctx, variant.pp, variant.vpp)
-                est = estimate(ctx, variant, stages, eff)
+                _, stages = assign_stages(mine, variant.pp, variant.vpp)
+                est = estimate(mine, variant, stages, eff)
                 fits = est.peak_gib <= ctx.cluster.gpu_memory_gib
                 row.update(
                     verdict="legal" if fits else "does-not-fit",
@@ -217,33 +224,39 @@ def versus_layout(ctx: Context, text: str, d: dict[str, int], micro_batch_size: 
     return lay
 
 
-def _versus_context(ctx: Context, degrees: dict[str, int]) -> tuple[Context, list[str]]:
-    """The context the other layout is judged in: the spec's pins that belong to the candidate's
-    grid let go (dp follows the other layout's tp x cp x pp; a pipeline layout string of another
-    stage count gives way to megacpp's own split), each named."""
-    pins, notes = ctx.spec.parallel, []
-    drop: dict[str, None] = {}
-    if pins.dp is not None:
-        drop["dp"] = None
+def _pins_let_go(ctx: Context, dp: int, stages: int) -> tuple[tuple[str, ...], list[str]]:
+    """The spec's pins that belong to the candidate's grid and not to another layout of `dp` and
+    pp x vpp = `stages` (its dp follows its own tp x cp x pp; a pipeline layout string of another
+    stage count gives way to megacpp's own split), each with a note naming it."""
+    pins, drop, notes = ctx.spec.parallel, [], []
+    if pins.dp is not None and pins.dp != dp:
+        drop.append("dp")
         notes.append(f"the spec's parallel.dp={pins.dp} is the candidate's: dp follows this layout's tp x cp x pp")
-    if pins.pipeline_layout is not None:
-        stages = len(expand(pins.pipeline_layout))
-        wanted = degrees.get("pp", 1) * degrees.get("vpp", 1)
-        if stages != wanted:
-            drop["pipeline_layout"] = None
-            notes.append(f"the spec's parallel.pipeline_layout names {stages} stages, not pp x vpp = {wanted}: "
-                         f"priced on megacpp's own split")
+    if pins.pipeline_layout is not None and len(expand(pins.pipeline_layout)) != stages:
+        drop.append("pipeline_layout")
+        notes.append(f"the spec's parallel.pipeline_layout names {len(expand(pins.pipeline_layout))} stages, not "
+                     f"pp x vpp = {stages}: priced on megacpp's own split")
+    return tuple(drop), notes
+
+
+def _without_pins(ctx: Context, drop: tuple[str, ...]) -> Context:
+    """`ctx` with the spec's parallel pins `drop` let go."""
     if not drop:
-        return ctx, notes
-    spec = ctx.spec.model_copy(update={"parallel": pins.model_copy(update=drop)})
-    return dataclasses.replace(ctx, spec=spec), notes
+        return ctx
+    pins = ctx.spec.parallel
+    spec = ctx.spec.model_copy(update={"parallel": pins.model_copy(update=dict.fromkeys(drop))})
+    return dataclasses.replace(ctx, spec=spec)
 
 
 def versus(plan: Plan, cand: Candidate, text: str) -> dict[str, Any]:
     """Another layout priced beside the candidate, term by term: where a claimed speedup comes
     from (or the rules that reject it)."""
     degrees = parse_versus(text)
-    ctx, notes = _versus_context(plan.context, degrees)
+    ctx = plan.context
+    size = degrees.get("tp", 1) * degrees.get("cp", 1) * degrees.get("pp", 1)
+    drop, notes = _pins_let_go(ctx, ctx.world // size if ctx.world % size == 0 else 0,
+                               degrees.get("pp", 1) * degrees.get("vpp", 1))
+    ctx = _without_pins(ctx, drop)
     lay = versus_layout(ctx, text, degrees, cand.layout.micro_batch_size)
     out: dict[str, Any] = {"text": text, "layout": lay.model_dump(), "notes": notes}
     if broken := broken_rules(ctx, lay):

@@ -287,6 +287,18 @@ def test_versus_is_priced_when_the_spec_pins_dp():
     assert proc.returncode == 1 and "dp is 4" in proc.stderr, proc.stderr
 
 
+def test_why_not_prices_the_neighbours_of_a_spec_that_pins_dp():
+    """A pinned dp is the candidate's, as under --versus: tp 2 beside a pinned tp 1 dp 16 is
+    priced at dp 8 and says so once, not refused by the pin; a dense model offers no etp."""
+    pinned = ("--set", "parallel.tp=1", "--set", "parallel.pp=1", "--set", "parallel.dp=16")
+    rows = {(w["axis"], w["value"]): w for w in _doc("llama-8b-dense", *pinned)["why_not"]}
+    tp2 = rows[("tp", 2)]
+    assert tp2["verdict"] != "rejected" and tp2["layout"]["dp"] == 8, tp2
+    assert any("parallel.dp=16 is the candidate's" in note for note in tp2["notes"])
+    assert "notes" not in rows[("vpp", 2)] and not any(axis == "etp" for axis, _ in rows)
+    assert _explain("llama-8b-dense", *pinned).stdout.count("dp follows this layout's tp x cp x pp") == 1
+
+
 def test_versus_of_another_stage_count_lets_a_pinned_pipeline_layout_go_and_says_so():
     """A pipeline layout string pins the candidate's pp x vpp stages; the other layout, of another
     stage count, is priced on megacpp's own split and the document names it. One of the same stage

@@ -355,6 +355,8 @@ def explain_text(doc: dict[str, Any]) -> None:
                          + _decided(w.get("decided_by"))])
     columns = [("change", "left", True), ("verdict", "left", False), ("rule / cost", "left", False)]
     out.print(fitted_table(columns, rows, "why not: each axis moved to its neighbours"))
+    for note in dict.fromkeys(n for w in doc["why_not"] for n in w.get("notes", ())):
+        out.print(f"  {note}")
     if doc["runners_up"]:
         out.print("[bold]runners-up[/]: " + "; ".join(
             f"#{r['candidate']} {_layout_cell(r['layout'])} {r['step_delta']:+.1%}{_decided(r.get('decided_by'))}"
