@@ -20,11 +20,11 @@ import yaml
 
 from megacpp.planner.errors import LaunchError, SpecError
 from megacpp.planner.megatron.args import TrainOptions, known_flags
-from megacpp.planner.megatron.render import RenderOptions, render_launch
+from megacpp.planner.megatron.render import TE_IMPORT_CHECK, RenderOptions, render_launch
 from megacpp.planner.plan import build_plan
 from megacpp.planner.spec.loading import load_spec, spec_from_dict
 from megacpp.planner.spec.schedule import run_schedule
-from tests.conftest import ROOT, TINY_DENSE, make_spec
+from tests.conftest import ROOT, TINY_DENSE, TINY_MOE, make_spec
 
 GOLDEN = ROOT / "tests" / "golden" / "launch"
 REAL_JOB = GOLDEN / "real-job.yaml"
@@ -338,6 +338,41 @@ def _run(plan, target: str, tmp: Path, engine: str = "megatron-lm") -> list[str]
     proc = subprocess.run(["bash", str(script)], cwd=script.parent, env=env, capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0, proc.stderr
     return (tmp / "argv").read_text().split("\0")[:-1]
+
+
+def test_only_local_module_jobs_that_call_te_anyway_check_for_it():
+    """megatron-core 0.16's MoE router and the layernorm recompute call Transformer Engine even with
+    local modules (seen on an H100 without TE: NameError in the first step); other jobs do not ask."""
+    def checks(base: dict[str, Any], **keys: Any) -> bool:
+        return TE_IMPORT_CHECK in _render(build_plan(make_spec(base, **keys), top=1))
+
+    assert checks(TINY_MOE)
+    assert checks(TINY_DENSE, **{"training.recompute": "selective", "training.recompute_modules": ["layernorm", "mlp"]})
+    assert not checks(TINY_DENSE)
+    assert not checks(TINY_DENSE, **{"training.recompute": "selective", "training.recompute_modules": ["mlp"]})
+    assert not checks(TINY_MOE, **{"backend.megatron": "main"})  # main defines the router's GEMM without TE
+    assert not checks(TINY_MOE, **{"backend.transformer_engine": True})  # TE's modules import it anyway
+
+
+@pytest.mark.parametrize("te_imports", [False, True])
+def test_a_job_that_needs_te_stops_before_torchrun_where_it_does_not_import(te_imports, tmp_path):
+    """Where Transformer Engine does not import, the launch stops at once with one line saying why
+    and what to change, instead of a NameError after the model is built; where it does, it starts."""
+    bin_dir = _fake_bin(tmp_path)
+    python = bin_dir / "python3"  # stands in for the host's Python: `import transformer_engine` passes or fails
+    python.write_text(f"#!/usr/bin/env bash\nexit {0 if te_imports else 1}\n")
+    python.chmod(python.stat().st_mode | stat.S_IEXEC)
+    script = tmp_path / "run" / "launch.sh"
+    script.parent.mkdir()
+    script.write_text(_render(build_plan(make_spec(TINY_MOE), top=1)))
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "ARGV_OUT": str(tmp_path / "argv"),
+           "ENV_OUT": str(tmp_path / "env"), "MEGATRON_LM": str(tmp_path / "mlm")}
+    proc = subprocess.run(["bash", str(script)], cwd=script.parent, env=env, capture_output=True, text=True, timeout=30)
+    if te_imports:
+        assert proc.returncode == 0 and (tmp_path / "argv").exists(), proc.stderr
+    else:
+        assert proc.returncode == 1 and not (tmp_path / "argv").exists()
+        assert proc.stderr.count("\n") == 1 and "te_general_gemm" in proc.stderr and "backend.megatron: main" in proc.stderr
 
 
 @pytest.mark.parametrize("engine", ["megatron-lm", "megacpp"])

@@ -55,6 +55,24 @@ def _template(name: str) -> jinja2.Template:
 
 
 APEX_PROBE = "NO_APEX_FUSION"
+# the first words of the line that stops a Megatron-LM job at once where Transformer Engine does
+# not import but a code path of megatron-core calls it even with local modules (te_import_reasons)
+TE_IMPORT_CHECK = 'python3 -c "import transformer_engine" 2>/dev/null ||'
+
+
+def te_import_reasons(spec: Spec, letters: frozenset[str]) -> list[tuple[str, str]]:
+    """Why a Megatron-LM job of local modules still needs Transformer Engine importable, each with
+    the other way out: code paths of megatron-core that call it unconditionally and fail with
+    NameError without it."""
+    reasons = []
+    if spec.backend.megatron == "core_v0.16" and "E" in letters:
+        reasons.append(("megatron-core 0.16's MoE router calls its te_general_gemm (moe_utils.py:22-39, 1192)",
+                        "set backend.megatron: main (which defines it without TE) or launch with --engine megacpp"))
+    if "layernorm" in (spec.training.recompute_modules or ()):
+        reasons.append(("recompute of layernorm runs CheckpointWithoutOutput's FP8 path, which reads TE's "
+                        "FP8GlobalStateManager (tensor_parallel/random.py: fp8=False still sets self.fp8)",
+                        "drop layernorm from training.recompute_modules"))
+    return reasons
 
 
 def _arg_lines(args: list[str]) -> list[str]:
@@ -166,6 +184,10 @@ def render_launch(plan: Plan, opts: RenderOptions) -> dict[str, str]:
             preamble.append(f'{APEX_PROBE}=""; python3 -c "import fused_weight_gradient_mlp_cuda" 2>/dev/null '
                             f'|| {APEX_PROBE}="--no-gradient-accumulation-fusion"')
             command.append(f"${APEX_PROBE}")  # unquoted on purpose: empty, or the one fixed flag
+        elif reasons := te_import_reasons(ctx.spec, ctx.letters):
+            why = shlex.quote(f"launch.sh: {'; '.join(c for c, _ in reasons)}: install transformer_engine on every "
+                              f"host (the job still runs local modules), or {'; or '.join(r for _, r in reasons)}")
+            preamble.append(f"{TE_IMPORT_CHECK} {{ echo {why} >&2; exit 1; }}")
         preamble += _resume_lines(ctx.spec)
         notes = []
     else:
