@@ -167,7 +167,9 @@ def why_not(ctx: Context, lay: Layout, chosen_step: float, eff: Efficiency) -> l
             if variant is None:
                 continue
             drop, notes = _pins_let_go(ctx, variant.dp, variant.pp * variant.vpp)
-            mine = contexts.get(drop) or contexts.setdefault(drop, _without_pins(ctx, drop))
+            if drop not in contexts:
+                contexts[drop] = _without_pins(ctx, drop)
+            mine = contexts[drop]
             errors = [v for v in check_layout(mine, variant) if v.severity == "error"]
             row: dict[str, Any] = {"axis": axis.value, "value": value, "layout": variant.model_dump(),
                                    **({"notes": notes} if notes else {})}
@@ -251,13 +253,9 @@ def _without_pins(ctx: Context, drop: tuple[str, ...]) -> Context:
 def versus(plan: Plan, cand: Candidate, text: str) -> dict[str, Any]:
     """Another layout priced beside the candidate, term by term: where a claimed speedup comes
     from (or the rules that reject it)."""
-    degrees = parse_versus(text)
-    ctx = plan.context
-    size = degrees.get("tp", 1) * degrees.get("cp", 1) * degrees.get("pp", 1)
-    drop, notes = _pins_let_go(ctx, ctx.world // size if ctx.world % size == 0 else 0,
-                               degrees.get("pp", 1) * degrees.get("vpp", 1))
-    ctx = _without_pins(ctx, drop)
-    lay = versus_layout(ctx, text, degrees, cand.layout.micro_batch_size)
+    lay = versus_layout(plan.context, text, parse_versus(text), cand.layout.micro_batch_size)  # no pin is read
+    drop, notes = _pins_let_go(plan.context, lay.dp, lay.pp * lay.vpp)
+    ctx = _without_pins(plan.context, drop)
     out: dict[str, Any] = {"text": text, "layout": lay.model_dump(), "notes": notes}
     if broken := broken_rules(ctx, lay):
         return {**out, "verdict": "rejected", "rules": broken}

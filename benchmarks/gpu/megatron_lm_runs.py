@@ -189,10 +189,10 @@ def main() -> int:
         profile = ["--profile", "--use-pytorch-profiler", "--profile-ranks", "0", "--tensorboard-dir", str(trace_dir),
                    "--profile-step-start", str(args.steps - 1), "--profile-step-end", str(args.steps)]
         script = rundir / "launch.sh"
-        text = script.read_text()
+        lines = script.read_text().splitlines(keepends=True)
         if args.bridge_te_gaps:  # the launch's own stop where TE does not import: bridged instead
-            text = "".join(line for line in text.splitlines(keepends=True) if not line.startswith(TE_IMPORT_CHECK))
-        script.write_text(append_arguments(text, extra + profile * args.profile))
+            lines = [line for line in lines if not line.startswith(TE_IMPORT_CHECK)]
+        script.write_text(append_arguments("".join(lines), extra + profile * args.profile))
         code = run(["env", f"PYTHONPATH={env_path}", "bash", str(script)], log, args.timeout)
         text = "\n".join(p.read_text(errors="replace") for p in sorted((rundir / "logs").rglob("*")) if p.is_file())
         plan = json.loads((rundir / "plan.json").read_text())

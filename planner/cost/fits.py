@@ -31,6 +31,7 @@ from megacpp.planner.cost.memory import (
 )
 from megacpp.planner.cost.ranks import RankStages, ranks
 from megacpp.planner.cost.shape_memory import ShapeLetters, backward_gradients, ends, mtp_of, shape_letters
+from megacpp.planner.cost.shard import memo_stages
 from megacpp.planner.search.layout import Context, Layout
 from megacpp.planner.search.stages import Stage
 
@@ -49,17 +50,16 @@ class _Spread:
 
 
 def _spread(ctx: Context, stages: list[Stage], pp: int) -> _Spread:
-    """_Spread of a stage list, memoised as cost.ranks.ranks is (its id, kept alive by the entry)."""
-    key = ("spread", id(stages), pp)
-    cache = ctx.cost_cache
-    if key not in cache or cache[key][0] is not stages:
+    """_Spread of a stage list, memoised as cost.ranks.ranks is."""
+    def make() -> _Spread:
         held = ranks(ctx, stages, pp)
         most: dict[str, int] = {}
         for rank in held:
             for letter, n in rank.counts:
                 most[letter] = max(most.get(letter, 0), n)
-        cache[key] = (stages, _Spread(tuple(most.items()), held[0], held[-1]))
-    return cache[key][1]  # type: ignore[no-any-return]
+        return _Spread(tuple(most.items()), held[0], held[-1])
+
+    return memo_stages(ctx, "spread", stages, pp, make)
 
 
 def _ceiling(ctx: Context, lay: Layout, t: ShapeLetters) -> tuple[float, float] | None:

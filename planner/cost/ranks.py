@@ -10,6 +10,7 @@ from collections.abc import Hashable
 from dataclasses import dataclass, replace
 
 from megacpp.planner.cost.latent import rank_blocks
+from megacpp.planner.cost.shard import memo_stages
 from megacpp.planner.search.layout import Context
 from megacpp.planner.search.stages import Stage
 
@@ -47,11 +48,7 @@ class RankStages:
 
 def first_ranks(ctx: Context, stages: list[Stage], pp: int) -> list[tuple[int, RankStages]]:
     """(pp_rank, RankStages) of the ranks of `ranks` that no rank before holds the same as (RankStages.first)."""
-    key = ("first ranks", id(stages), pp)
-    cache = ctx.rate_free_cache
-    if key not in cache or cache[key][0] is not stages:
-        cache[key] = (stages, [(p, rank) for p, rank in enumerate(ranks(ctx, stages, pp)) if rank.first])
-    return cache[key][1]  # type: ignore[no-any-return]
+    return memo_stages(ctx, "first ranks", stages, pp, lambda: [(p, rank) for p, rank in enumerate(ranks(ctx, stages, pp)) if rank.first])
 
 
 def _rank_stages(ctx: Context, mine: list[Stage], pp: int) -> RankStages:
@@ -72,11 +69,9 @@ def _rank_stages(ctx: Context, mine: list[Stage], pp: int) -> RankStages:
 
 
 def ranks(ctx: Context, stages: list[Stage], pp: int) -> list[RankStages]:
-    """Each pipeline rank's stages (RankStages) in pp_rank order, memoised per stage list: a search's come from
-    assign_stages' cache, and the entry keeps its list alive, so the id stays its own."""
-    key = ("ranks", id(stages), pp)
-    cache = ctx.rate_free_cache
-    if key not in cache or cache[key][0] is not stages:
+    """Each pipeline rank's stages (RankStages) in pp_rank order, memoised per stage list (a search's come from
+    assign_stages' cache)."""
+    def make() -> list[RankStages]:
         mine: list[list[Stage]] = [[] for _ in range(pp)]
         for st in stages:
             mine[st.pp_rank].append(st)
@@ -84,8 +79,9 @@ def ranks(ctx: Context, stages: list[Stage], pp: int) -> list[RankStages]:
         for m in mine:
             rank = _rank_stages(ctx, m, pp)
             out.append(replace(rank, first=all(r.key != rank.key for r in out)))
-        cache[key] = (stages, out)
-    return cache[key][1]  # type: ignore[no-any-return]
+        return out
+
+    return memo_stages(ctx, "ranks", stages, pp, make)
 
 
 def recomputed_blocks(ctx: Context, mine: list[Stage]) -> str:

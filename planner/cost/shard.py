@@ -12,6 +12,7 @@ from collections.abc import Callable, Hashable
 from typing import TypeVar
 
 from megacpp.planner.search.layout import Context, Layout
+from megacpp.planner.search.stages import Stage
 
 T = TypeVar("T")
 
@@ -29,3 +30,14 @@ def memo(ctx: Context, key: Hashable, make: Callable[[], T], rate_free: bool = F
     if value is cache:
         value = cache[key] = make()
     return value  # type: ignore[no-any-return]
+
+
+def memo_stages(ctx: Context, name: str, stages: list[Stage], pp: int, make: Callable[[], T]) -> T:
+    """`make()`, computed once per stage list and pipeline depth: what a stage split puts on its
+    ranks follows from the spec alone, so it is kept with Context.rate_free_cache. Keyed by the
+    list's identity; the entry keeps the list alive, so the id stays its own."""
+    key = (name, id(stages), pp)
+    entry = ctx.rate_free_cache.get(key)
+    if entry is None or entry[0] is not stages:
+        entry = ctx.rate_free_cache[key] = (stages, make())
+    return entry[1]  # type: ignore[no-any-return]
