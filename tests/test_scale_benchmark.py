@@ -4,6 +4,7 @@ held-out split is stable. Accuracy numbers are the benchmark's output, not asser
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 
@@ -425,3 +426,18 @@ def test_side_by_side_pairs_two_layouts_of_one_job_and_says_whether_the_plan_ord
     assert by_rows[(1, 2)]["ordered"] and by_rows[(1, 3)]["ordered"] and not by_rows[(2, 3)]["ordered"]
     assert by_rows[(1, 2)]["measured_ratio"] == pytest.approx(13568 / 8047, abs=1e-3)
     assert report_["ordered"] == 2 and report_["clear"] == 3 and report_["clear_ordered"] == 2
+
+
+def test_calibrating_on_an_independent_system_splits_its_own_runs_by_the_same_hash(tmp_path) -> None:
+    # what a GB300 user with runs of their own would do: fit on one part, check on the rest
+    from benchmarks.scale.calibrate_check import write_tables
+
+    paths = write_tables("GB300", tmp_path)
+    halves = {half: list(csv.DictReader(path.open())) for half, path in paths.items()}
+    assert halves["tuning"] and halves["held-out"]
+    names = {r["name"] for rows in halves.values() for r in rows}
+    assert all(r["cluster"] == "gb300-nvl72" for rows in halves.values() for r in rows)
+    expected = {f"row{s.row['row_id']}-{s.row['model_key']}-x{s.row['num_gpus']}": s.held_out
+                for s in select_newest(load_runs(truth.INDEPENDENT_FILE)) if s.row["system"] == "GB300"}
+    assert names <= set(expected)
+    assert all(expected[r["name"]] for r in halves["held-out"]) and not any(expected[r["name"]] for r in halves["tuning"])

@@ -21,7 +21,15 @@ from typing import Any
 
 import yaml
 
-from benchmarks.scale.truth import convert, load_runs, published_peak_gib, select_newest
+from benchmarks.scale.truth import (
+    INDEPENDENT_FILE,
+    INDEPENDENT_SYSTEMS,
+    RUNS_FILE,
+    convert,
+    load_runs,
+    published_peak_gib,
+    select_newest,
+)
 from megacpp.planner.calibrate.cluster_fit import calibrate_table, step_seconds
 from megacpp.runtime.cli.inputs import read_table
 
@@ -33,7 +41,7 @@ def write_tables(system: str, out: Path) -> dict[str, Path]:
     """One table per half of the system's plannable rows, each row's spec beside it."""
     (out / "specs").mkdir(parents=True, exist_ok=True)
     rows: dict[str, list[dict[str, Any]]] = {"tuning": [], "held-out": []}
-    for sel in select_newest(load_runs()):
+    for sel in select_newest(load_runs(INDEPENDENT_FILE if system in INDEPENDENT_SYSTEMS else RUNS_FILE)):
         row = sel.row
         conv = convert(row)
         if row["system"] != system or conv.spec is None:
@@ -42,7 +50,8 @@ def write_tables(system: str, out: Path) -> dict[str, Path]:
         name = f"row{row['row_id']}-{row['model_key']}-x{row['num_gpus']}"
         (out / "specs" / f"{name}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
         p = spec["parallel"]
-        rows[sel.half].append({
+        # the independent systems' rows split by the same hash as the tuning set's
+        rows["held-out" if sel.held_out else "tuning"].append({
             "name": name, "spec": f"specs/{name}.yaml", "cluster": spec["cluster"]["preset"], "nodes": spec["cluster"]["nodes"],
             "tp": p["tp"], "pp": p["pp"], "vpp": p["vpp"], "cp": p["cp"], "ep": p["ep"], "etp": p.get("etp", ""),
             "mbs": spec["training"]["micro_batch_size"], "gbs": spec["training"]["global_batch_size"], "seq": row["seq_length"], "precision": spec["training"]["precision"],
@@ -61,7 +70,7 @@ def write_tables(system: str, out: Path) -> dict[str, Path]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.scale.calibrate_check", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--system", default="H100", choices=("H100", "B200"))
+    parser.add_argument("--system", default="H100", choices=("H100", "B200", *INDEPENDENT_SYSTEMS))
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     paths = write_tables(args.system, args.out)
