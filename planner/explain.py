@@ -10,7 +10,7 @@ import re
 from typing import Any
 
 from megacpp.planner.axes import Axis
-from megacpp.planner.cost.coefficients import Efficiency
+from megacpp.planner.cost.coefficients import LAYOUT_RATIO_ERROR, Efficiency
 from megacpp.planner.cost.latent import mtp_blocks
 from megacpp.planner.cost.step import deciding_term, estimate, host_bound
 from megacpp.planner.errors import PlanError
@@ -269,6 +269,8 @@ def versus(plan: Plan, cand: Candidate, text: str) -> dict[str, Any]:
         "verdict": "legal" if est.peak_gib <= ctx.cluster.gpu_memory_gib else "does-not-fit",
         "step_seconds": round(est.step_seconds, 4),
         "step_delta": round(est.step_seconds / cand.time.step_seconds - 1, 4),
+        # within the plan's measured error between two layouts of one job, the order is not settled
+        "settled": abs(est.step_seconds / cand.time.step_seconds - 1) > LAYOUT_RATIO_ERROR,
         "peak_gib": round(est.peak_gib, 2),
         "decided_by": est.decided_by,
         "terms": sorted(terms, key=lambda row: -abs(row["delta"])),

@@ -15,6 +15,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
+from megacpp.planner.cost.coefficients import LAYOUT_RATIO_ERROR
 from megacpp.planner.spec.loading import load_spec_text
 from megacpp.recipes import recipe_names, recipe_text
 from tests.conftest import ROOT
@@ -265,6 +266,16 @@ def test_versus_prices_my_layout_beside_the_candidate_term_by_term():
     assert v["step_delta"] == pytest.approx(v["step_seconds"] / step - 1, abs=1e-3)
     text = _explain("llama-8b-dense", "--versus", "tp2 pp2").stdout
     assert "versus tp2 pp2 dp4" in text and "difference s" in text
+
+
+def test_versus_says_whether_the_gap_is_beyond_the_plans_error_between_two_layouts():
+    """A gap inside the plan's measured error between two layouts of one job is not settled: the
+    user is told to time both; a wider one is."""
+    close, far = (_doc("llama-8b-dense", "--versus", text)["versus"] for text in ("tp2 pp2", "tp4"))
+    assert abs(close["step_delta"]) <= LAYOUT_RATIO_ERROR < abs(far["step_delta"])
+    assert not close["settled"] and far["settled"]
+    assert "time both before choosing" in _explain("llama-8b-dense", "--versus", "tp2 pp2").stdout
+    assert "time both" not in _explain("llama-8b-dense", "--versus", "tp4").stdout
 
 
 def test_versus_names_the_rules_that_reject_it_and_bad_words_in_one_line():

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import statistics
 
 import pytest
 
@@ -441,3 +442,12 @@ def test_calibrating_on_an_independent_system_splits_its_own_runs_by_the_same_ha
                 for s in select_newest(load_runs(truth.INDEPENDENT_FILE)) if s.row["system"] == "GB300"}
     assert names <= set(expected)
     assert all(expected[r["name"]] for r in halves["held-out"]) and not any(expected[r["name"]] for r in halves["tuning"])
+
+
+def test_the_error_explain_quotes_between_two_layouts_is_the_committed_pairs_median() -> None:
+    from megacpp.planner.cost.coefficients import LAYOUT_RATIO_ERROR
+
+    pairs = [p for name in ("scale", "independent")
+             for p in json.loads((run.RESULTS / f"{name}.json").read_text())["summary"]["side_by_side"]["pairs"]]
+    assert len(pairs) >= 10
+    assert round(statistics.median(abs(p["planned_ratio"] / p["measured_ratio"] - 1) for p in pairs), 2) == LAYOUT_RATIO_ERROR

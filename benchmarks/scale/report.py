@@ -85,13 +85,16 @@ def side_by_side(records: list[dict[str, Any]]) -> dict[str, Any]:
                 measured = a["published"]["tokens_per_sec_per_gpu"] / b["published"]["tokens_per_sec_per_gpu"]
                 planned = a["pinned"]["predicted_tokens_per_sec_per_gpu"] / b["pinned"]["predicted_tokens_per_sec_per_gpu"]
                 pairs.append({"rows": [a["row_id"], b["row_id"]], "measured_ratio": round(measured, 3),
-                              "planned_ratio": round(planned, 3), "ordered": (measured > 1) == (planned > 1)})
+                              "planned_ratio": round(planned, 3), "ratio_error": round(planned / measured - 1, 4),
+                              "ordered": (measured > 1) == (planned > 1)})
     clear = [p for p in pairs if max(p["measured_ratio"], 1 / p["measured_ratio"]) - 1 >= CLEAR_GAP]
     return {
         "pairs": pairs,
         "ordered": sum(p["ordered"] for p in pairs),
         "clear": len(clear),
         "clear_ordered": sum(p["ordered"] for p in clear),
+        # what cost.coefficients.LAYOUT_RATIO_ERROR reads, pooled over both truth sets
+        "median_abs_ratio_error": round(statistics.median(abs(p["ratio_error"]) for p in pairs), 4) if pairs else None,
     }
 
 
@@ -220,7 +223,8 @@ def _headline(result: dict[str, Any]) -> list[str]:
         lines.append(
             f"- Measured side by side: {len(pairs['pairs'])} pairs of runs of one job (model, system, precision, "
             f"sequence, GPUs, batch) in two layouts; the plan orders {pairs['ordered']} as measured, "
-            f"{pairs['clear_ordered']} of the {pairs['clear']} measured at least {CLEAR_GAP:.0%} apart.")
+            f"{pairs['clear_ordered']} of the {pairs['clear']} measured at least {CLEAR_GAP:.0%} apart; its ratio is "
+            f"off by a median {pairs['median_abs_ratio_error']:.1%}.")
     m = result["machine"]
     lines.append(f"- Wall time {result['wall_seconds']:.0f} s on {m['cpus']} CPUs (Python {m['python']}).")
     return lines + [""]

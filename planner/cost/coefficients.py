@@ -64,6 +64,13 @@ MOE_ROUTER_HOST_SHARE = 0.3
 # b7-h100-te-moe-e8-top1-plain-mbs4 (gpu_runs_h100x1_te_blind7.json)
 HOST_BOUND_ERROR = 0.66
 
+# --- how far the plan's order of two layouts holds
+
+# median |planned ratio / measured ratio - 1| between two layouts of one job (model, system,
+# precision, GPUs, batch) that NVIDIA ran both of: the 12 pairs of the scale benchmark and its
+# independent check (benchmarks/scale/results, "Measured side by side"); a smaller gap is not settled
+LAYOUT_RATIO_ERROR = 0.10
+
 # --- rates measured on the presets' GPUs (planner/spec/clusters.py)
 
 # fp32 main_grad adds (CUDAFunctor_add<float>), median of 8 profiled runs on one H100

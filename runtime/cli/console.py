@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from megacpp.planner.cost.coefficients import HOST_BOUND_ERROR
+from megacpp.planner.cost.coefficients import HOST_BOUND_ERROR, LAYOUT_RATIO_ERROR
 from megacpp.planner.cost.step import HOST_TERM, deciding_term, host_bound
 from megacpp.planner.errors import MAX_ERROR_CHARS, one_line, printable
 from megacpp.planner.plan import Plan
@@ -268,6 +268,9 @@ def _versus_text(v: dict[str, Any]) -> None:
               f"peak {v['peak_gib']:.1f} GiB{fits}{_decided(v.get('decided_by'))}")
     for note in v.get("notes", []):
         out.print(f"  {escape(note)}")
+    where = "beyond" if v["settled"] else "inside"
+    out.print(f"  {where} the plan's median error between two layouts of one job (±{LAYOUT_RATIO_ERROR:.0%}, over the pairs "
+              f"NVIDIA ran: benchmarks/scale){'' if v['settled'] else ': time both before choosing'}")
     terms = Table(header_style="bold")
     for col in ("term", "this candidate s", "versus s", "difference s"):
         terms.add_column(col, justify="left" if col == "term" else "right")
