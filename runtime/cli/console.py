@@ -364,6 +364,9 @@ def explain_text(doc: dict[str, Any]) -> None:
         out.print("[bold]runners-up[/]: " + "; ".join(
             f"#{r['candidate']} {_layout_cell(r['layout'])} {r['step_delta']:+.1%}{_decided(r.get('decided_by'))}"
             for r in doc["runners_up"][:3]))
+        if close := [f"#{r['candidate']}" for r in doc["runners_up"][:3] if abs(r["step_delta"]) <= LAYOUT_RATIO_ERROR]:
+            out.print(f"  {', '.join(close)} within the plan's median error between two layouts of one job "
+                      f"(±{LAYOUT_RATIO_ERROR:.0%}): time {'them' if len(close) > 1 else 'it'} beside this one before choosing")
     if "versus" in doc:
         _versus_text(doc["versus"])
     if "focus" in doc:
