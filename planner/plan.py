@@ -20,6 +20,7 @@ from pydantic import (
 )
 
 from megacpp.planner.axes import Axis
+from megacpp.planner.cost.activations import recompute_modules
 from megacpp.planner.cost.coefficients import (
     DEFAULT_EFFICIENCY,
     MEASURED_LAYER_ROUTED_LOAD,
@@ -434,6 +435,11 @@ def build_plan(spec: Spec, top: int = 10, profile: Profile = DEFAULTS, cluster: 
             "model.moe.imbalance is 1 (balanced routing): expert-parallel ranks are planned for the mean routed tokens, "
             f"but on the measured runs the busiest rank took up to {load:g}x the mean in {where} "
             f"early in training; set model.moe.imbalance (e.g. {load:g}) to plan for it")))
+    if spec.training.recompute == "selective" and recompute_modules(ctx) != {"core_attn"}:
+        spec_notes.append(Note(rule="recompute-modules-step", message=(
+            "training.recompute_modules: memory drops what each listed module drops, but the step is priced as "
+            "selective recompute of core attention alone, not the modules listed (Megatron-LM's own steps of "
+            "such lists came within ±15% of it: benchmarks/evidence/memory-features-h100)")))
     examples = [
         RejectedExample(layout=lay, rule=rule_id, message=msg)
         for rule_id, shown in result.rejections.examples.items()

@@ -348,3 +348,16 @@ def test_fp8_runs_keep_the_modules_their_recipe_allows():
     assert build_plan(make_spec(nano.spec), top=1).candidates
     delayed = {**nano.spec, "training": {**nano.spec["training"], "fp8_recipe": "delayed"}}
     assert not build_plan(make_spec(delayed), top=1).candidates  # fp8-delayed-recompute-modules
+
+
+def test_a_recompute_module_list_is_pointed_out_where_the_step_does_not_follow_it():
+    def notes(modules: list[str] | None) -> set[str]:
+        training = {**TINY_MOE["training"], "recompute": "selective"}
+        if modules is not None:
+            training["recompute_modules"] = modules
+        return {n.rule for n in build_plan(make_spec({**TINY_MOE, "training": training}), top=1).notes}
+
+    assert "recompute-modules-step" in notes(["mlp"])
+    assert "recompute-modules-step" in notes(["moe", "core_attn"])
+    assert "recompute-modules-step" not in notes(["core_attn"])  # what the step prices
+    assert "recompute-modules-step" not in notes(None)  # Megatron's default list is core_attn
