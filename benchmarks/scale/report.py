@@ -11,6 +11,7 @@ from collections import Counter
 from typing import Any
 
 from benchmarks.scale.truth import APPROXIMATIONS, SKIPS
+from megacpp.planner.cost.coefficients import LAYOUT_RATIO_ERROR
 
 WITHIN = 0.15
 HALVES = ("tuning", "held-out", "all")
@@ -56,6 +57,10 @@ def search_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
         # the same with every VPP of a layout ranked on its own (run.deep_rank)
         "in_top_every_vpp": sum(r["search"].get("in_top_every_vpp", False) for r in searched),
         "median_claimed_speedup": round(statistics.median(s for s, _ in speedups), 3) if speedups else None,
+        # rows outside the top whose top pick claims no more than the plan's median error between
+        # two layouts of one job (cost.coefficients.LAYOUT_RATIO_ERROR): an order the plan cannot settle
+        "outside_top_within_error": sum(not r["search"]["in_top"] and r["pinned"]["fits"] and r["search"]["claimed_speedup"] is not None
+                                        and r["search"]["claimed_speedup"] <= 1 + LAYOUT_RATIO_ERROR for r in searched),
         "worst_claimed_speedup": worst[0] if worst else None,
         "worst_row": worst[1] if worst else None,
         "search_seconds": round(sum(r["search"]["plan_seconds"] for r in searched), 1),
@@ -217,7 +222,9 @@ def _headline(result: dict[str, Any]) -> list[str]:
             f"{se['in_top']} (each layout once, at its best VPP, as `megacpp plan` ranks; {se['in_top_every_vpp']} "
             f"at the published VPP, with every VPP ranked on its own); the top "
             f"pick claims a median speedup of {_times(se['median_claimed_speedup'])} over it "
-            f"(largest {_times(se['worst_claimed_speedup'])}, row {se['worst_row']}).")
+            f"(largest {_times(se['worst_claimed_speedup'])}, row {se['worst_row']}); of the {se['rows'] - se['in_top']} "
+            f"outside the top {result['search']['top']}, {se['outside_top_within_error']} by a claim within the plan's "
+            f"{LAYOUT_RATIO_ERROR:.0%} median error between two layouts of one job.")
     pairs = s["side_by_side"]
     if pairs["pairs"]:
         lines.append(
