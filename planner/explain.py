@@ -10,7 +10,7 @@ import re
 from typing import Any
 
 from megacpp.planner.axes import Axis
-from megacpp.planner.cost.coefficients import LAYOUT_RATIO_ERROR, Efficiency
+from megacpp.planner.cost.coefficients import Efficiency, within_layout_error
 from megacpp.planner.cost.latent import mtp_blocks
 from megacpp.planner.cost.step import deciding_term, estimate, host_bound
 from megacpp.planner.errors import PlanError
@@ -262,15 +262,15 @@ def versus(plan: Plan, cand: Candidate, text: str) -> dict[str, Any]:
     _, stages = assign_stages(ctx, lay.pp, lay.vpp)
     est = estimate(ctx, lay, stages, plan.efficiency)
     theirs, mine = dict(est.breakdown), cand.step_breakdown
+    delta = est.step_seconds / cand.time.step_seconds - 1
     terms = [{"term": t, "candidate": round(mine.get(t, 0.0), 4), "versus": round(theirs.get(t, 0.0), 4),
               "delta": round(theirs.get(t, 0.0) - mine.get(t, 0.0), 4)} for t in dict.fromkeys([*mine, *theirs])]
     return {
         **out,
         "verdict": "legal" if est.peak_gib <= ctx.cluster.gpu_memory_gib else "does-not-fit",
         "step_seconds": round(est.step_seconds, 4),
-        "step_delta": round(est.step_seconds / cand.time.step_seconds - 1, 4),
-        # within the plan's measured error between two layouts of one job, the order is not settled
-        "settled": abs(est.step_seconds / cand.time.step_seconds - 1) > LAYOUT_RATIO_ERROR,
+        "step_delta": round(delta, 4),
+        "settled": not within_layout_error(delta),
         "peak_gib": round(est.peak_gib, 2),
         "decided_by": est.decided_by,
         "terms": sorted(terms, key=lambda row: -abs(row["delta"])),

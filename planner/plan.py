@@ -435,7 +435,7 @@ def build_plan(spec: Spec, top: int = 10, profile: Profile = DEFAULTS, cluster: 
             "model.moe.imbalance is 1 (balanced routing): expert-parallel ranks are planned for the mean routed tokens, "
             f"but on the measured runs the busiest rank took up to {load:g}x the mean in {where} "
             f"early in training; set model.moe.imbalance (e.g. {load:g}) to plan for it")))
-    if spec.training.recompute == "selective" and recompute_modules(ctx) != {"core_attn"}:
+    if recompute_modules(ctx) - {"core_attn"}:  # a module the step does not price
         spec_notes.append(Note(rule="recompute-modules-step", message=(
             "training.recompute_modules: memory drops what each listed module drops, but the step is priced as "
             "selective recompute of core attention alone, not the modules listed (Megatron-LM's own steps of "

@@ -11,7 +11,7 @@ from collections import Counter
 from typing import Any
 
 from benchmarks.scale.truth import APPROXIMATIONS, SKIPS
-from megacpp.planner.cost.coefficients import LAYOUT_RATIO_ERROR
+from megacpp.planner.cost.coefficients import LAYOUT_RATIO_ERROR, within_layout_error
 
 WITHIN = 0.15
 HALVES = ("tuning", "held-out", "all")
@@ -60,7 +60,7 @@ def search_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
         # rows outside the top whose top pick claims no more than the plan's median error between
         # two layouts of one job (cost.coefficients.LAYOUT_RATIO_ERROR): an order the plan cannot settle
         "outside_top_within_error": sum(not r["search"]["in_top"] and r["pinned"]["fits"] and r["search"]["claimed_speedup"] is not None
-                                        and r["search"]["claimed_speedup"] <= 1 + LAYOUT_RATIO_ERROR for r in searched),
+                                        and within_layout_error(r["search"]["claimed_speedup"] - 1) for r in searched),
         "worst_claimed_speedup": worst[0] if worst else None,
         "worst_row": worst[1] if worst else None,
         "search_seconds": round(sum(r["search"]["plan_seconds"] for r in searched), 1),

@@ -71,6 +71,12 @@ HOST_BOUND_ERROR = 0.66
 # independent check (benchmarks/scale/results, "Measured side by side"); a smaller gap is not settled
 LAYOUT_RATIO_ERROR = 0.10
 
+
+def within_layout_error(delta: float) -> bool:
+    """Whether two layouts' planned steps `delta` apart (relative) are within LAYOUT_RATIO_ERROR:
+    an order the plan cannot settle."""
+    return abs(delta) <= LAYOUT_RATIO_ERROR
+
 # --- rates measured on the presets' GPUs (planner/spec/clusters.py)
 
 # fp32 main_grad adds (CUDAFunctor_add<float>), median of 8 profiled runs on one H100

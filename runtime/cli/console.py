@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from megacpp.planner.cost.coefficients import HOST_BOUND_ERROR, LAYOUT_RATIO_ERROR
+from megacpp.planner.cost.coefficients import HOST_BOUND_ERROR, LAYOUT_RATIO_ERROR, within_layout_error
 from megacpp.planner.cost.step import HOST_TERM, deciding_term, host_bound
 from megacpp.planner.errors import MAX_ERROR_CHARS, one_line, printable
 from megacpp.planner.plan import Plan
@@ -364,7 +364,7 @@ def explain_text(doc: dict[str, Any]) -> None:
         out.print("[bold]runners-up[/]: " + "; ".join(
             f"#{r['candidate']} {_layout_cell(r['layout'])} {r['step_delta']:+.1%}{_decided(r.get('decided_by'))}"
             for r in doc["runners_up"][:3]))
-        if close := [f"#{r['candidate']}" for r in doc["runners_up"][:3] if abs(r["step_delta"]) <= LAYOUT_RATIO_ERROR]:
+        if close := [f"#{r['candidate']}" for r in doc["runners_up"][:3] if within_layout_error(r["step_delta"])]:
             out.print(f"  {', '.join(close)} within the plan's median error between two layouts of one job "
                       f"(±{LAYOUT_RATIO_ERROR:.0%}): time {'them' if len(close) > 1 else 'it'} beside this one before choosing")
     if "versus" in doc:
