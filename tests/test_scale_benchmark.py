@@ -182,6 +182,22 @@ def test_selection_keeps_the_newest_release_of_each_configuration() -> None:
     assert truth.release_order("26.02.01") > truth.release_order("26.02") > truth.release_order("25.11")
 
 
+def test_a_configuration_run_in_several_releases_is_compared_with_the_run_before_its_newest() -> None:
+    rows = [synthetic(1, "26.02", tokens_per_sec_per_gpu=1000.0), synthetic(2, "25.11", tokens_per_sec_per_gpu=900.0),
+            synthetic(3, "26.04", tokens_per_sec_per_gpu=1250.0), synthetic(4, "25.11", gbs=128)]
+    picked = {s.row["row_id"]: s for s in select_newest(rows)}
+    assert [r[0] for r in picked[3].releases] == [2, 1, 3] and len(picked[4].releases) == 1
+    records = [{"row_id": rid, "releases": [{"row_id": i, "release": rel, "tokens_per_sec_per_gpu": tps}
+                                            for i, rel, tps in sel.releases],
+                "pinned": {"outcome": "planned", "predicted_tokens_per_sec_per_gpu": 1100.0, "error": 1100 / 1250 - 1}}
+               for rid, sel in picked.items()]
+    spread = report.release_spread(records)
+    (only,) = spread["configurations"]  # the configuration run once has nothing to compare
+    assert only["row"] == 3 and only["previous_row"] == 1
+    assert only["change"] == pytest.approx(0.25) and only["error_previous"] == pytest.approx(0.10)
+    assert spread["beyond_15"] == 1 and spread["median_abs_change"] == pytest.approx(0.25)
+
+
 def test_nulls_that_mean_the_default_name_one_configuration() -> None:
     a = synthetic(1, "25.11", vp=1, ep=1, fsdp=0)
     b = synthetic(2, "26.02", vp=1, ep=None, fsdp=None)

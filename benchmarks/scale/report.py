@@ -103,6 +103,31 @@ def side_by_side(records: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def release_spread(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The configurations NVIDIA ran in more than one release, each unchanged but for the software:
+    how far the newest run's tokens/s/GPU lies from the run before it, and the plan's error
+    against each. The truth's own spread, which no plan of one layout can follow."""
+    changes = []
+    for r in _planned(records):
+        runs = r.get("releases", [])
+        if len(runs) < 2:
+            continue
+        before, newest = runs[-2], runs[-1]
+        planned = r["pinned"]["predicted_tokens_per_sec_per_gpu"]
+        changes.append({"row": r["row_id"], "previous_row": before["row_id"],
+                        "change": round(newest["tokens_per_sec_per_gpu"] / before["tokens_per_sec_per_gpu"] - 1, 4),
+                        "error": r["pinned"]["error"],
+                        "error_previous": round(planned / before["tokens_per_sec_per_gpu"] - 1, 4)})
+    moves = [c["change"] for c in changes]
+    return {
+        "configurations": changes,
+        "median_abs_change": round(statistics.median(abs(x) for x in moves), 4) if moves else None,
+        "beyond_15": sum(abs(x) > 0.15 for x in moves),
+        "least_change": min(moves, default=None),
+        "largest_change": max(moves, default=None),
+    }
+
+
 def summarise(records: list[dict[str, Any]], halves: tuple[str, ...] = HALVES) -> dict[str, Any]:
     groups: dict[str, dict[str, dict[str, Any]]] = {}
     for name, key in GROUPINGS:
@@ -121,6 +146,7 @@ def summarise(records: list[dict[str, Any]], halves: tuple[str, ...] = HALVES) -
         "groups": groups,
         "search": {h: search_summary(_half(records, h)) for h in halves},
         "side_by_side": side_by_side(records),
+        "releases": release_spread(records),
         "worst_rows": [r["row_id"] for r in worst],
     }
 
@@ -232,6 +258,13 @@ def _headline(result: dict[str, Any]) -> list[str]:
             f"sequence, GPUs, batch) in two layouts; the plan orders {pairs['ordered']} as measured, "
             f"{pairs['clear_ordered']} of the {pairs['clear']} measured at least {CLEAR_GAP:.0%} apart; its ratio is "
             f"off by a median {pairs['median_abs_ratio_error']:.1%}.")
+    spread = s["releases"]
+    if spread["configurations"]:
+        lines.append(
+            f"- Releases of one configuration: {len(spread['configurations'])} configurations ran in more than one "
+            f"release; the newest run lies a median {spread['median_abs_change']:.1%} from the run before it "
+            f"({spread['beyond_15']} beyond 15%, from {_pct(spread['least_change'], True)} to "
+            f"{_pct(spread['largest_change'], True)}): the measured truth's own spread between software releases.")
     m = result["machine"]
     lines.append(f"- Wall time {result['wall_seconds']:.0f} s on {m['cpus']} CPUs (Python {m['python']}).")
     return lines + [""]
@@ -284,6 +317,25 @@ def _side_by_side(pairs: dict[str, Any], by_id: dict[Any, dict[str, Any]]) -> li
     lines += _table(["model", "system", "precision", "GPUs", "first", "second", "measured ratio", "planned ratio",
                      "ordered"], rows)
     return lines
+
+
+def _releases(spread: dict[str, Any], by_id: dict[Any, dict[str, Any]]) -> list[str]:
+    """The configurations run in more than one release: the newest against the run before it."""
+    if not spread["configurations"]:
+        return []
+    lines = ["## Releases of one configuration", "",
+             "The same configuration (model, system, GPUs, precision, batch, sequence and layout) measured again in a "
+             "later release, the software alone changed: the newest run, which the accuracy above is measured "
+             "against, beside the run before it. Change = newest tokens/s/GPU over the previous run's, less 1; the "
+             "plan's error against each.", ""]
+    rows = []
+    for c in sorted(spread["configurations"], key=lambda c: -abs(c["change"])):
+        r = by_id[c["row"]]
+        runs = " -> ".join(f"{x['release']}: {x['tokens_per_sec_per_gpu']:.0f}" for x in r["releases"])
+        rows.append([c["row"], r["model_key"], r["system"], r["num_gpus"], r["precision"], runs,
+                     _pct(c["change"], True), _pct(c["error"], True), _pct(c["error_previous"], True)])
+    return lines + _table(["row", "model", "system", "GPUs", "precision", "runs (release: tokens/s/GPU)",
+                           "change", "error (newest)", "error (previous)"], rows)
 
 
 def render_markdown(result: dict[str, Any]) -> str:
@@ -343,6 +395,7 @@ def render_markdown(result: dict[str, Any]) -> str:
         lines += _claims(records)
 
     lines += _side_by_side(s["side_by_side"], by_id)
+    lines += _releases(s["releases"], by_id)
 
     lines += [f"## The {WORST} worst rows", "",
               "Each with the plan's own step breakdown on its busiest pipeline rank "

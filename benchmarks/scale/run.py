@@ -168,6 +168,7 @@ def evaluate(sel: Selected, conv: Conversion, with_search: bool) -> dict[str, An
         "model": row["model"], "model_key": row["model_key"], "family": row["model_family"],
         "system": row["system"], "num_gpus": row["num_gpus"], "precision": row["precision"],
         "config_key": sel.key_text, "half": sel.half, "superseded_rows": list(sel.superseded),
+        "releases": [{"row_id": i, "release": rel, "tokens_per_sec_per_gpu": tps} for i, rel, tps in sel.releases],
         "status": conv.status, "approximations": list(conv.approximations), "assumptions": list(conv.assumptions),
         "skip_reason": conv.skip_reason, "not_modelled": list(conv.not_modelled),
         "published": _published(row), "spec": conv.spec, "pinned": None, "search": None,
