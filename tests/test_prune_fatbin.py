@@ -64,3 +64,11 @@ def test_a_file_that_is_not_a_cuda_library_is_refused(tmp_path, capsys) -> None:
     path.write_bytes(b"plain text, not an ELF file")
     assert prune_fatbin.main([str(path), "--keep", "90"]) == 1
     assert "not a 64-bit little-endian ELF" in capsys.readouterr().err
+
+
+def test_a_truncated_library_is_refused_without_a_traceback(tmp_path, capsys) -> None:
+    whole = _library(_fatbin(_entry(90, b"H" * 32)))
+    path = tmp_path / "lib.so"
+    path.write_bytes(whole[:0x30])  # cut inside the ELF header, before the section table
+    assert prune_fatbin.main([str(path), "--keep", "90"]) == 1
+    assert capsys.readouterr().err.startswith(f"error: {path}:")

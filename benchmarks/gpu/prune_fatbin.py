@@ -24,7 +24,7 @@ FATBIN_MAGIC = 0xBA55ED50
 
 def _section(data: bytes | bytearray, name: str) -> tuple[int, int]:
     """(file offset, size) of an ELF64 little-endian section by name."""
-    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
+    if len(data) < 64 or data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
         raise ValueError("not a 64-bit little-endian ELF file")
     shoff = struct.unpack_from("<Q", data, 0x28)[0]
     shentsize, shnum, shstrndx = struct.unpack_from("<HHH", data, 0x3A)
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     data = bytearray(args.library.read_bytes())
     try:
         found = prune(data, args.keep)
-    except ValueError as exc:
+    except (ValueError, struct.error) as exc:  # struct.error: a header runs past the end of the file
         print(f"error: {args.library}: {exc}", file=sys.stderr)
         return 1
     if args.keep not in found:
