@@ -21,7 +21,7 @@ from megacpp.planner.cost.coefficients import (
 from megacpp.planner.cost.step import HOST_TERM, deciding_term, host_bound
 from megacpp.planner.errors import SpecError
 from megacpp.planner.explain import explain_layout
-from megacpp.planner.megatron.args import TrainOptions, known_flags, megatron_args
+from megacpp.planner.megatron.args import TrainOptions, environment, known_flags, megatron_args
 from megacpp.planner.plan import estimate_run, make_context
 from megacpp.planner.spec.clusters import resolve_cluster
 from megacpp.planner.spec.loading import spec_from_dict
@@ -158,12 +158,30 @@ def test_cuda_graphs_render_as_the_dialect_spells_them(dialect: str):
                                 "attn", "moe_router", "moe_preprocess"]
     whole = render("full_iteration")
     assert "--no-check-for-nan-in-loss-and-grad" in whole
+    # core_v0.16.1 asserts the pad flag for its "local" capture under expert parallelism (arguments.py:1158-1160)
+    assert ("--moe-pad-experts-for-cuda-graph-inference" in whole) == core
     assert (["--cuda-graph-impl", "local", "--cuda-graph-scope", "full_iteration"] if core else ["--cuda-graph-impl", "full_iteration"]) \
         == whole[whole.index("--cuda-graph-impl"):][:4 if core else 2]
     layers = render("layers", **{"model.moe.capacity_factor": 1.0})
     assert layers[layers.index("--cuda-graph-impl") + 1] == "local"
     assert ("--moe-pad-experts-for-cuda-graph-inference" in layers) == core
     assert "--cuda-graph-impl" not in render("none")
+
+
+@pytest.mark.parametrize("graphs", [["attn"], ["attn", "moe_router", "moe_preprocess"], "full_iteration", "none"])
+def test_a_transformer_engine_capture_launches_with_the_environment_megatron_lm_asserts(graphs: Any):
+    """Megatron-LM stops at start-up when Transformer Engine captures modules beside expandable
+    segments unless NCCL_GRAPH_REGISTER=0 (arguments.py:1247-1254 in core_v0.16.1, alike on main)."""
+    s = spec(**{"training.cuda_graphs": graphs, "cluster.gpus_per_node": 8, "cluster.nvlink_domain": 8, "parallel.ep": 2})
+    cand = build_plan(s, top=1).candidates[0]
+    ctx = make_context(s)
+    args, env = megatron_args(ctx, cand, TrainOptions()), environment(ctx, cand)
+    te_capture = "transformer_engine" in args[args.index("--cuda-graph-impl") + 1:][:1] if "--cuda-graph-impl" in args else False
+    assert te_capture == isinstance(graphs, list)
+    if te_capture:
+        assert "expandable_segments:True" not in env.get("PYTORCH_CUDA_ALLOC_CONF", "") or env.get("NCCL_GRAPH_REGISTER") == "0"
+    else:
+        assert "NCCL_GRAPH_REGISTER" not in env
 
 
 @pytest.mark.parametrize(("changes", "message"), [

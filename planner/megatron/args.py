@@ -116,12 +116,12 @@ def _cuda_graph_flags(ctx: Context, cand: Candidate) -> list[str]:
     graphs, main = ctx.spec.training.cuda_graphs, ctx.dialect == "main"
     if graphs == "none":
         return []
+    pad = ["--moe-pad-experts-for-cuda-graph-inference"] * (not main and cand.layout.ep > 1)  # the "local" impl's assert
     if graphs == "full_iteration":
-        whole = ["--cuda-graph-impl", "full_iteration"] if main else ["--cuda-graph-impl", "local", "--cuda-graph-scope", "full_iteration"]
+        whole = ["--cuda-graph-impl", "full_iteration"] if main else ["--cuda-graph-impl", "local", "--cuda-graph-scope", "full_iteration", *pad]
         return [*whole, "--no-check-for-nan-in-loss-and-grad"]
     if graphs == "layers":
-        pad = not main and ctx.has_moe and cand.layout.ep > 1
-        return ["--cuda-graph-impl", "local", *["--moe-pad-experts-for-cuda-graph-inference"] * pad]
+        return ["--cuda-graph-impl", "local", *pad]
     return ["--cuda-graph-impl", "transformer_engine", "--cuda-graph-modules" if main else "--cuda-graph-scope", *graphs]
 
 
@@ -360,6 +360,10 @@ def environment(ctx: Context, cand: Candidate) -> dict[str, str]:
     if ctx.spec.training.offload_modules is not None:
         # with TE 2.10 or later Megatron-LM asserts this, "to avoid offloading weights" (arguments.py:1222-1227)
         env["NVTE_CPU_OFFLOAD_V1"] = "1"
+    if isinstance(ctx.spec.training.cuda_graphs, tuple):
+        # Transformer Engine's capture beside expandable segments asserts this, "to avoid illegal
+        # memory access" (arguments.py:1247-1254 in core_v0.16.1, alike on main)
+        env["NCCL_GRAPH_REGISTER"] = "0"
     pre_blackwell = gpu in {"h100", "h200", None}
     # Megatron-FSDP asserts the variable is not 1 and only warns about TP/CP without it (arguments.py:
     # 687-688, 930-938 in core_v0.16.1; rule fsdp-tp-cp-before-blackwell)

@@ -25,7 +25,8 @@ CONTAINER = {"--container-image": "container_image", "--container-mounts": "cont
              "--container-workdir": "container_workdir"}
 # The environment megacpp's scripts export themselves (args.environment, render.py), per value
 OWN_ENV = {("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True"), ("NCCL_NVLS_ENABLE", "0"),
-           ("CUDA_DEVICE_MAX_CONNECTIONS", "1"), ("NVTE_CPU_OFFLOAD_V1", "1"), ("NCCL_IB_HCA", "rocep1s0f0,roceP2p1s0f0")}
+           ("CUDA_DEVICE_MAX_CONNECTIONS", "1"), ("NVTE_CPU_OFFLOAD_V1", "1"), ("NCCL_IB_HCA", "rocep1s0f0,roceP2p1s0f0"),
+           ("NCCL_GRAPH_REGISTER", "0")}
 # the program srun starts, which ends its options
 PROGRAM = re.compile(r"torchrun|python[0-9.]*|bash|sh|env|numactl|nsys|apptainer|singularity|docker")
 # Variables of the script's own plumbing, which megacpp's script sets its own way

@@ -142,10 +142,10 @@ class TrainingReader(Reader):
         if impl in (None, "none"):
             return {}
         f.has("--no-check-for-nan-in-loss-and-grad")
+        f.has("--moe-pad-experts-for-cuda-graph-inference")  # the local capture's assert under EP; decoding only
         if impl == "full_iteration" or (impl == "local" and scope == ["full_iteration"]):
             return {"cuda_graphs": "full_iteration"}
         if impl == "local" and not scope:
-            f.has("--moe-pad-experts-for-cuda-graph-inference")
             return {"cuda_graphs": "layers"}
         if impl == "transformer_engine" and (scope or modules):
             return {"cuda_graphs": modules or scope}
