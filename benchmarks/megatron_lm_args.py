@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(args.megatron_lm))
     import megatron.training.arguments as megatron  # the checkout's, ahead of any installed copy
     import torch
+    from megatron.core import package_info
     from packaging.version import Version
 
     megatron.is_te_min_version = lambda version, check_equality=True: Version(TE_VERSION) >= Version(version)
@@ -101,10 +102,11 @@ def main(argv: list[str] | None = None) -> int:
         if v["verdict"] != "accepted":
             print(f"{v['spec']}: {v['verdict']}: {v['why']}")
     counts = {k: sum(v["verdict"] == k for v in verdicts) for k in ("accepted", "refused", "not planned")}
-    print(f"Megatron-LM {args.dialect} at {args.megatron_lm}: {counts['accepted']} launches accepted, "
+    print(f"Megatron-LM {args.dialect} ({package_info.__version__}) at {args.megatron_lm}: {counts['accepted']} launches accepted, "
           f"{counts['refused']} refused, {counts['not planned']} specs not planned or rendered in this dialect")
     if args.out:
-        args.out.write_text(json.dumps({"dialect": args.dialect, "te_version": TE_VERSION, "counts": counts,
+        args.out.write_text(json.dumps({"dialect": args.dialect, "megatron_core": package_info.__version__,
+                                        "te_version": TE_VERSION, "counts": counts,
                                         "verdicts": verdicts}, indent=1) + "\n")
     return 1 if counts["refused"] else 0
 
