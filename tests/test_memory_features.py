@@ -316,6 +316,11 @@ def test_the_megacpp_engine_refuses_what_its_runtime_does_not_run():
     # the runtime's own recompute stays launchable
     plain = build_plan(make_spec(TINY_MOE, **TE, **{"training.recompute": "selective", "training.recompute_modules": ["core_attn"]}), top=1)
     assert "megacpp.runtime.worker" in render_launch(plain, RenderOptions(engine="megacpp"))["launch.sh"]
+    # the runtime captures no CUDA graph: a spec that asks for them is Megatron-LM's to run
+    graphed = build_plan(make_spec(TINY_MOE, **TE, **{"training.cuda_graphs": ["attn"]}), top=1)
+    assert "memory-features-need-megatron-lm" in {n.rule for n in graphed.notes}
+    with pytest.raises(LaunchError, match="--engine megacpp does not run training.cuda_graphs"):
+        render_launch(graphed, RenderOptions(engine="megacpp"))
 
 
 

@@ -198,7 +198,7 @@ def render_launch(plan: Plan, opts: RenderOptions) -> dict[str, str]:
         unsupported = megatron_lm_only(ctx)
         if unsupported:
             raise LaunchError(f"--engine megacpp does not run {', '.join(unsupported)} (its runtime keeps Megatron's default "
-                              "recompute, no offloading and fp32 optimizer state); launch with --engine megatron-lm")
+                              "recompute, no offloading, fp32 optimizer state and no CUDA graphs); launch with --engine megatron-lm")
         preamble = []
         worker = ["-m", "megacpp.runtime.worker", "--plan", "plan.json", "--candidate", str(opts.candidate),
                   "--report", "report.json"]

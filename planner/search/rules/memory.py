@@ -237,7 +237,7 @@ def full_recompute_ignored(ctx: Context, lay: Layout) -> str | None:
 
 
 def megatron_lm_only(ctx: Context) -> list[str]:
-    """The memory-feature keys a spec sets that megacpp's runtime does not run."""
+    """The memory-feature keys, and CUDA graphs, a spec sets that megacpp's runtime does not run."""
     training = ctx.spec.training
     keys = [key for key in ("recompute_modules", "recompute_method", "recompute_num_layers", "offload_modules", "offload_layers")
             if getattr(training, key) is not None]
@@ -247,6 +247,8 @@ def megatron_lm_only(ctx: Context) -> list[str]:
         keys = [k for k in keys if k not in ("recompute_method", "recompute_num_layers")]  # the runtime's full recompute
     if training.optimizer.precision_aware:
         keys.append("optimizer")
+    if training.cuda_graphs != "none":
+        keys.append("cuda_graphs")  # the runtime captures none, which the plan's host time would not show
     return [f"training.{key}" for key in keys]
 
 
@@ -261,7 +263,7 @@ def megatron_lm_only(ctx: Context) -> list[str]:
 )
 def memory_features_need_megatron_lm(ctx: Context, lay: Layout) -> str | None:
     """megacpp's runtime trains with Megatron's default recompute modules, one layer per full
-    recompute checkpoint, no activation offloading and fp32 optimizer state; a spec that sets
+    recompute checkpoint, no activation offloading, fp32 optimizer state and no CUDA graphs; a spec that sets
     these keys otherwise is planned and rendered for Megatron-LM, and `launch --engine megacpp`
     refuses it rather than run something else."""
     return f"{', '.join(megatron_lm_only(ctx))}: Megatron-LM runs them; `megacpp launch --engine megacpp` refuses them"
