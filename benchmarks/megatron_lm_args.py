@@ -3,11 +3,11 @@
     MEGATRON_LM=/path/to/Megatron-LM python benchmarks/megatron_lm_args.py --dialect core_v0.16 [--out FILE]
 
 Every bundled recipe and every configuration of the scale benchmark's published runs
-(benchmarks/scale, both truth sets) is planned, its top layout rendered as `megacpp launch
---engine megatron-lm` renders it (the arguments and the job's environment), and handed to the
-checkout's `parse_args` and `validate_args`: what `pretrain_gpt.py` checks before it builds
-anything. A launch they refuse would stop at start-up on the cluster. Specs the dialect cannot
-plan or render (megacpp says why) are counted apart.
+(benchmarks/scale, both truth sets; as run, and with the layout free) is planned, its top --top
+layouts rendered as `megacpp launch --engine megatron-lm` renders them (the arguments and the
+job's environment), and each handed to the checkout's `parse_args` and `validate_args`: what
+`pretrain_gpt.py` checks before it builds anything. A launch they refuse would stop at start-up
+on the cluster. Specs the dialect cannot plan or render (megacpp says why) are counted apart.
 
 The checkout must be of the dialect (core_v0.16: tag core_v0.16.1 on Python 3.11 or later, beside
 megatron-core 0.16.1; main: its own megatron/core, Python 3.12) and import on a CPU: its imports
@@ -40,24 +40,33 @@ HOPPER = {"h100", "h200"}
 
 
 def specs() -> list[tuple[str, dict[str, Any]]]:
-    """(name, spec document) of every bundled recipe and published configuration."""
+    """(name, spec document) of every bundled recipe, and every published configuration as run
+    and with its layout free."""
     out = [(f"recipe {name}", parse_yaml(recipe_text(name), name)) for name in recipe_names()]
     for path in (truth.RUNS_FILE, truth.INDEPENDENT_FILE):
         for sel in truth.select_newest(truth.load_runs(path)):
             conv = truth.convert(sel.row)
-            if conv.spec is not None:
-                out.append((f"row {sel.row['row_id']} {sel.row['model_key']} {sel.row['system']}", conv.spec))
+            if conv.spec is not None and conv.search_spec is not None:
+                name = f"row {sel.row['row_id']} {sel.row['model_key']} {sel.row['system']}"
+                out += [(name, conv.spec), (f"{name} (layout free)", conv.search_spec)]
     return out
 
 
-def check(megatron: Any, torch: Any, name: str, doc: dict[str, Any], dialect: str) -> dict[str, Any]:
-    """One spec's verdict: planned and rendered in `dialect`, then Megatron-LM's checks."""
+def check(megatron: Any, torch: Any, name: str, doc: dict[str, Any], dialect: str, top: int = 1) -> list[dict[str, Any]]:
+    """The verdicts of one spec's top `top` layouts: planned and rendered in `dialect`, then
+    Megatron-LM's checks (one "not planned" verdict where there is nothing to render)."""
     doc = {**doc, "backend": {**doc.get("backend", {}), "megatron": dialect}}
     try:
-        plan = build_plan(spec_from_dict(doc, source=name), top=1)
-        if not plan.candidates:
-            return {"spec": name, "verdict": "not planned", "why": f"no legal layout under {dialect}"}
-        cand = plan.candidates[0]
+        plan = build_plan(spec_from_dict(doc, source=name), top=top)
+    except MegacppError as exc:
+        return [{"spec": name, "verdict": "not planned", "why": str(exc)}]
+    if not plan.candidates:
+        return [{"spec": name, "verdict": "not planned", "why": f"no legal layout under {dialect}"}]
+    return [_launch(megatron, torch, name, plan, cand) for cand in plan.candidates]
+
+
+def _launch(megatron: Any, torch: Any, name: str, plan: Any, cand: Any) -> dict[str, Any]:
+    try:
         argv = megatron_args(plan.context, cand, TrainOptions())
     except MegacppError as exc:
         return {"spec": name, "verdict": "not planned", "why": str(exc)}
@@ -85,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dialect", choices=["core_v0.16", "main"], required=True)
     ap.add_argument("--megatron-lm", type=Path, default=os.environ.get("MEGATRON_LM"),
                     help="a Megatron-LM checkout of the dialect (default: $MEGATRON_LM)")
+    ap.add_argument("--top", type=int, default=5, help="layouts checked per spec (default 5)")
     ap.add_argument("--out", type=Path, help="write the verdicts as JSON")
     args = ap.parse_args(argv)
     if args.megatron_lm is None or not (args.megatron_lm / "megatron" / "training" / "arguments.py").is_file():
@@ -97,16 +107,18 @@ def main(argv: list[str] | None = None) -> int:
     from packaging.version import Version
 
     megatron.is_te_min_version = lambda version, check_equality=True: Version(TE_VERSION) >= Version(version)
-    verdicts = [check(megatron, torch, name, doc, args.dialect) for name, doc in specs()]
+    verdicts = [v for name, doc in specs() for v in check(megatron, torch, name, doc, args.dialect, args.top)]
     for v in verdicts:
         if v["verdict"] != "accepted":
             print(f"{v['spec']}: {v['verdict']}: {v['why']}")
     counts = {k: sum(v["verdict"] == k for v in verdicts) for k in ("accepted", "refused", "not planned")}
     print(f"Megatron-LM {args.dialect} ({package_info.__version__}) at {args.megatron_lm}: {counts['accepted']} launches accepted, "
-          f"{counts['refused']} refused, {counts['not planned']} specs not planned or rendered in this dialect")
+          f"{counts['refused']} refused, {counts['not planned']} specs not planned or rendered in this dialect "
+          f"(the top {args.top} layouts of {len(specs_checked := {v['spec'] for v in verdicts})} specs)")
     if args.out:
         args.out.write_text(json.dumps({"dialect": args.dialect, "megatron_core": package_info.__version__,
-                                        "te_version": TE_VERSION, "counts": counts,
+                                        "te_version": TE_VERSION, "top": args.top, "specs": len(specs_checked),
+                                        "counts": counts,
                                         "verdicts": verdicts}, indent=1) + "\n")
     return 1 if counts["refused"] else 0
 

@@ -35,10 +35,10 @@ def test_a_launch_is_checked_with_its_environment_which_is_then_restored(monkeyp
     seen: list = []
     before_env, before_argv = dict(os.environ), list(sys.argv)
     monkeypatch.setattr(torch.cuda, "get_device_capability", torch.cuda.get_device_capability)
-    verdict = megatron_lm_args.check(_checker(seen), torch, "graphed", doc, "main")
-    assert verdict["verdict"] == "accepted", verdict
-    (argv, register), = seen
-    assert "--cuda-graph-impl" in argv and register == "0"
+    verdicts = megatron_lm_args.check(_checker(seen), torch, "graphed", doc, "main", top=3)
+    assert [v["verdict"] for v in verdicts] == ["accepted"] * 3, verdicts
+    assert len({v["layout"] for v in verdicts}) == 3 and len(seen) == 3  # each layout checked as launched
+    assert all("--cuda-graph-impl" in argv and register == "0" for argv, register in seen)
     assert dict(os.environ) == before_env and sys.argv == before_argv
 
 
@@ -47,11 +47,11 @@ def test_a_refused_launch_names_megatron_lms_reason(monkeypatch) -> None:
     doc["training"]["cuda_graphs"] = ["attn"]
     monkeypatch.setattr(megatron_lm_args, "environment", lambda ctx, cand: {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"})
     monkeypatch.setattr(torch.cuda, "get_device_capability", torch.cuda.get_device_capability)
-    verdict = megatron_lm_args.check(_checker([]), torch, "graphed", doc, "main")
+    (verdict,) = megatron_lm_args.check(_checker([]), torch, "graphed", doc, "main")
     assert verdict["verdict"] == "refused" and "NCCL_GRAPH_REGISTER=0" in verdict["why"]
 
 
 def test_a_spec_the_dialect_cannot_render_is_counted_apart() -> None:
     doc = yaml.safe_load(recipe_text("nam56r"))  # R blocks have no Megatron layer in core_v0.16
-    verdict = megatron_lm_args.check(_checker([]), torch, "nam56r", doc, "core_v0.16")
+    (verdict,) = megatron_lm_args.check(_checker([]), torch, "nam56r", doc, "core_v0.16")
     assert verdict["verdict"] == "not planned" and "R blocks" in verdict["why"]
