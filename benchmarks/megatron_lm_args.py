@@ -71,9 +71,9 @@ def _launch(megatron: Any, torch: Any, name: str, plan: Any, cand: Any) -> dict[
     except MegacppError as exc:
         return {"spec": name, "verdict": "not planned", "why": str(exc)}
     arch = 9 if plan.context.cluster.gpu in HOPPER else 10
+    saved_env, saved_argv, saved_capability = dict(os.environ), sys.argv, torch.cuda.get_device_capability
     megatron.get_device_arch_version = lambda: arch
     torch.cuda.get_device_capability = lambda *a, **k: (arch, 0)
-    saved_env, saved_argv = dict(os.environ), sys.argv
     os.environ.update(environment(plan.context, cand), RANK="0", LOCAL_RANK="0", WORLD_SIZE=str(plan.world_size))
     sys.argv = ["pretrain_gpt.py", *argv]
     try:
@@ -86,7 +86,7 @@ def _launch(megatron: Any, torch: Any, name: str, plan: Any, cand: Any) -> dict[
     finally:
         os.environ.clear()
         os.environ.update(saved_env)
-        sys.argv = saved_argv
+        sys.argv, torch.cuda.get_device_capability = saved_argv, saved_capability
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,14 +112,14 @@ def main(argv: list[str] | None = None) -> int:
         if v["verdict"] != "accepted":
             print(f"{v['spec']}: {v['verdict']}: {v['why']}")
     counts = {k: sum(v["verdict"] == k for v in verdicts) for k in ("accepted", "refused", "not planned")}
-    print(f"Megatron-LM {args.dialect} ({package_info.__version__}) at {args.megatron_lm}: {counts['accepted']} launches accepted, "
-          f"{counts['refused']} refused, {counts['not planned']} specs not planned or rendered in this dialect "
-          f"(the top {args.top} layouts of {len(specs_checked := {v['spec'] for v in verdicts})} specs)")
+    checked = len({v["spec"] for v in verdicts})
+    print(f"Megatron-LM {args.dialect} ({package_info.__version__}) at {args.megatron_lm}, the top {args.top} layouts "
+          f"of {checked} specs: {counts['accepted']} launches accepted, {counts['refused']} refused, "
+          f"{counts['not planned']} not planned or rendered in this dialect")
     if args.out:
         args.out.write_text(json.dumps({"dialect": args.dialect, "megatron_core": package_info.__version__,
-                                        "te_version": TE_VERSION, "top": args.top, "specs": len(specs_checked),
-                                        "counts": counts,
-                                        "verdicts": verdicts}, indent=1) + "\n")
+                                        "te_version": TE_VERSION, "top": args.top, "specs": checked,
+                                        "counts": counts, "verdicts": verdicts}, indent=1) + "\n")
     return 1 if counts["refused"] else 0
 
 

@@ -29,24 +29,23 @@ def _checker(seen: list[tuple[list[str], str | None]]) -> types.SimpleNamespace:
     return types.SimpleNamespace(parse_args=parse_args, validate_args=validate_args)
 
 
-def test_a_launch_is_checked_with_its_environment_which_is_then_restored(monkeypatch) -> None:
+def test_a_launch_is_checked_with_its_environment_which_is_then_restored() -> None:
     doc = yaml.safe_load(recipe_text("llama-8b-dense"))
     doc["training"]["cuda_graphs"] = ["attn"]
     seen: list = []
     before_env, before_argv = dict(os.environ), list(sys.argv)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", torch.cuda.get_device_capability)
+    capability = torch.cuda.get_device_capability
     verdicts = megatron_lm_args.check(_checker(seen), torch, "graphed", doc, "main", top=3)
     assert [v["verdict"] for v in verdicts] == ["accepted"] * 3, verdicts
     assert len({v["layout"] for v in verdicts}) == 3 and len(seen) == 3  # each layout checked as launched
     assert all("--cuda-graph-impl" in argv and register == "0" for argv, register in seen)
-    assert dict(os.environ) == before_env and sys.argv == before_argv
+    assert dict(os.environ) == before_env and sys.argv == before_argv and torch.cuda.get_device_capability is capability
 
 
 def test_a_refused_launch_names_megatron_lms_reason(monkeypatch) -> None:
     doc = yaml.safe_load(recipe_text("llama-8b-dense"))
     doc["training"]["cuda_graphs"] = ["attn"]
     monkeypatch.setattr(megatron_lm_args, "environment", lambda ctx, cand: {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"})
-    monkeypatch.setattr(torch.cuda, "get_device_capability", torch.cuda.get_device_capability)
     (verdict,) = megatron_lm_args.check(_checker([]), torch, "graphed", doc, "main")
     assert verdict["verdict"] == "refused" and "NCCL_GRAPH_REGISTER=0" in verdict["why"]
 
