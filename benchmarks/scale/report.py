@@ -109,7 +109,7 @@ def release_spread(records: list[dict[str, Any]]) -> dict[str, Any]:
     against each. The truth's own spread, which no plan of one layout can follow."""
     changes = []
     for r in _planned(records):
-        runs = r.get("releases", [])
+        runs = r["releases"]
         if len(runs) < 2:
             continue
         before, newest = runs[-2], runs[-1]

@@ -128,9 +128,13 @@ class Selected:
     row: dict[str, Any]
     key_text: str
     held_out: bool
-    superseded: tuple[int, ...]  # row ids of older releases of the same configuration
     # (row id, release, measured tokens/s/GPU) of every run of the configuration, oldest first
-    releases: tuple[tuple[int, str, float], ...] = ()
+    releases: tuple[tuple[int, str, float], ...]
+
+    @property
+    def superseded(self) -> tuple[int, ...]:
+        """Row ids of the configuration's older releases."""
+        return tuple(sorted(row_id for row_id, _, _ in self.releases[:-1]))
 
     @property
     def half(self) -> str:
@@ -146,11 +150,9 @@ def select_newest(rows: tuple[dict[str, Any], ...] | list[dict[str, Any]]) -> li
         groups.setdefault(config_key_text(row), []).append(row)
     out = []
     for key, group in groups.items():
-        newest = max(group, key=lambda r: (release_order(r["release"]), -r["row_id"]))
-        older = tuple(sorted(r["row_id"] for r in group if r is not newest))
         runs = sorted(group, key=lambda r: (release_order(r["release"]), -r["row_id"]))
         releases = tuple((r["row_id"], r["release"].split(" ")[0], r["tokens_per_sec_per_gpu"]) for r in runs)
-        out.append(Selected(newest, key, held_out(key), older, releases))
+        out.append(Selected(runs[-1], key, held_out(key), releases))
     return sorted(out, key=lambda s: s.row["row_id"])
 
 
