@@ -11,7 +11,9 @@ from megacpp.planner.axes import Axis
 from megacpp.planner.cost.coefficients import DEFAULT_EFFICIENCY, FLEX_LINK_SHARE
 from megacpp.planner.cost.communication import (
     Placement,
+    combined_1f1b_seconds,
     communication,
+    ep_overlap_layers,
     ep_overlap_unpaired,
     expert_sends,
     group_seconds,
@@ -173,6 +175,39 @@ def test_ep_overlap_hides_the_all_to_alls_but_the_unpaired_steps():
     on = _comms(make_spec(TINY_MOE, **base, **{"model.moe.overlap_communication": True}), **lay)["ep"]
     assert on.seconds == off.seconds and off.exposed_seconds == off.seconds
     assert off.seconds / 16 <= on.exposed_seconds < off.seconds / 2
+
+
+def test_combined_1f1b_overlaps_each_all_to_all_with_the_compute_beside_it():
+    """Megatron pairs a forward layer with a backward layer on two streams: combine_bwd beside
+    the attention's forward, the dispatches beside the MLP's backward and forward, combine_fwd
+    beside the attention's backward. A layer's compute (3 x (attention + MLP) forward seconds)
+    hides all-to-alls shorter than each piece beside them, and not one longer than the attention's
+    forward, however long the MLP: the whole step's compute is not one pool to hide in."""
+    dense = [(1.0, 2.0, 0.0)] * 4
+    assert combined_1f1b_seconds(dense) == pytest.approx(4 * 3 * (1.0 + 2.0))
+    assert combined_1f1b_seconds([(1.0, 2.0, 0.5)] * 4) == pytest.approx(4 * 9.0)
+    # the all-to-alls (4 x 1.5 s a layer) are shorter than the layer's 9 s, yet each waits on a
+    # 0.5 s attention forward or the dispatch before it
+    short_attention = combined_1f1b_seconds([(0.5, 2.5, 1.5)] * 4)
+    assert short_attention > 4 * 9.0 + 0.5
+    assert short_attention - 4 * 9.0 < 4 * (4 * 1.5)
+    # all-to-alls longer than all the compute beside them decide: the comm stream runs end to end
+    assert combined_1f1b_seconds([(1.0, 1.0, 10.0)] * 4) == pytest.approx(4 * 4 * 10.0, rel=0.1)
+    # a plain stack's AD and AE pairs are layers; a hybrid's blocks each one
+    seconds = {"A": 3.0, "D": 6.0, "E": 9.0, "M": 12.0}
+    assert ep_overlap_layers("ADAEAE", seconds, 0.4, True) == [(1.0, 2.0, 0.0), (1.0, 3.0, 0.4), (1.0, 3.0, 0.4)]
+    assert ep_overlap_layers("MEAE", seconds, 0.4, False) == [(4.0, 0.0, 0.0), (0.0, 3.0, 0.4), (1.0, 0.0, 0.0),
+                                                             (0.0, 3.0, 0.4)]
+
+
+def test_the_step_prices_the_expert_overlap_layer_by_layer():
+    """Through the step, the overlapped all-to-alls show at least what the aggregate would (their
+    time beyond the step's compute, and the unpaired steps) and never more than without the overlap."""
+    lay = {"dp": 16, "ep": 16, "num_microbatches": 16}
+    base = {**H100_NODES, **BIG_MOE, "cluster.nodes": 2}
+    off = _comms(make_spec(TINY_MOE, **base), **lay)["ep"]
+    on = _comms(make_spec(TINY_MOE, **base, **{"model.moe.overlap_communication": True}), **lay)["ep"]
+    assert off.seconds / 16 <= on.exposed_seconds <= off.exposed_seconds
 
 
 def test_tp_overlap_leaves_the_last_reduce_scatter_chunk_and_needs_sp_and_te():

@@ -25,6 +25,7 @@ backward GPU seconds of one micro-batch):
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
 
@@ -184,6 +185,56 @@ def overlapped(seconds: float, unpaired: float, hidden: float) -> float:
     return unpaired * seconds + max((1 - unpaired) * seconds - hidden, 0.0)
 
 
+def combined_1f1b_seconds(layers: list[tuple[float, float, float]]) -> float:
+    """Seconds of one forward micro-batch paired with one backward micro-batch over a rank's
+    `layers`, each (attention, MLP, one all-to-all): the attention's and the MLP's forward GPU
+    seconds (the backward takes as long for the input gradient and again for the weights') and one
+    dispatch or combine (0 for a layer without experts). Megatron's combined 1F1B
+    (model_chunk_schedule_plan.py TransformerLayerSchedulePlan.run) pairs forward layer i with
+    backward layer L-1-i on two streams, each waiting on what it consumes:
+        comm: combine_bwd | dispatch_fwd -> dispatch_bwd         | combine_fwd
+        comp: attn_fwd    | mlp_bwd -> mlp_bwd_dw -> mlp_fwd     | attn_bwd -> attn_bwd_dw
+    so an all-to-all shows where the compute beside it is shorter, however much compute the whole
+    step has."""
+    comp = comm = f_ready = b_ready = 0.0  # when each stream is free; each chain's input is ready
+
+    def send(after: float, seconds: float) -> float:
+        """An all-to-all on the comm stream once `after`; a layer without experts sends nothing."""
+        nonlocal comm
+        if not seconds:
+            return after
+        comm = max(comm, after) + seconds
+        return comm
+
+    n = len(layers)
+    for i in range(n):
+        fa, fm, fc = layers[i]
+        ba, bm, bc = layers[n - 1 - i]
+        combined_bwd = send(b_ready, bc)
+        comp = max(comp, f_ready) + fa
+        dispatched_fwd = send(comp, fc)
+        comp = max(comp, combined_bwd) + bm
+        dispatched_bwd = send(comp, bc)
+        comp = max(comp + bm, dispatched_fwd) + fm  # after the MLP's weight gradients
+        f_ready = send(comp, fc)
+        b_ready = comp = max(comp, dispatched_bwd) + ba
+        comp += ba  # the attention's weight gradients
+    return max(comp, comm)
+
+
+def ep_overlap_layers(blocks: str, seconds: Mapping[str, float], one: float, paired: bool) -> list[tuple[float, float, float]]:
+    """combined_1f1b_seconds' layers of a rank's `blocks`, each block's forward a third of its GPU
+    seconds per micro-batch in `seconds`: in a plain transformer stack (`paired`) each AD or AE
+    pair is one layer, its attention and its MLP; in a hybrid stack each block is a layer of its
+    own, a mixer without an MLP or an MLP without a mixer."""
+    def layer(mixer: str | None, mlp: str | None) -> tuple[float, float, float]:
+        return (seconds[mixer] / 3 if mixer else 0.0, seconds[mlp] / 3 if mlp else 0.0, one if mlp == "E" else 0.0)
+
+    if paired:
+        return [layer(blocks[i], blocks[i + 1]) for i in range(0, len(blocks) - 1, 2)]
+    return [layer(None, b) if b in "DE" else layer(b, None) for b in blocks]
+
+
 def ep_overlap_unpaired(lay: Layout) -> float:
     """Share of the expert all-to-alls without a partner micro-batch under Megatron's combined
     1F1B: without a pipeline the first forward and the last backward; with the interleaved
@@ -221,12 +272,15 @@ def ring_exposed(hop: float, cp: int, attention: float) -> float:
 def communication(
     ctx: Context, lay: Layout, stages: list[Stage], mem: list[StageMemory], eff: Efficiency = DEFAULT_EFFICIENCY,
     load: float = 1.0, window: tuple[float, float] = (math.inf, math.inf), ring: float = 0.0, *, rank: int,
+    block_seconds: Mapping[str, float] | None = None,
 ) -> list[Comm]:
     """Per-axis traffic of one pipeline rank in one step; `window` is the (forward,
     backward) GPU seconds of one micro-batch there, under which collectives overlap, and `ring` one
     A block's core attention seconds per micro-batch there (step.ring_attention_seconds), under
     which the context-parallel ring overlaps; `rank` the pipeline rank the step prices
-    (step.busiest_rank), whose compute that window is."""
+    (step.busiest_rank), whose compute that window is; `block_seconds` each block letter's GPU
+    seconds per micro-batch there, which the expert all-to-alls overlap layer by layer under
+    Megatron's combined 1F1B (combined_1f1b_seconds; None: behind the window's compute as a whole)."""
     spec = ctx.spec
     h = spec.model.hidden_size
     m = lay.num_microbatches
@@ -300,7 +354,12 @@ def communication(
             sec = count * one
             shown = sec
             if moe.overlap_communication:
-                shown = overlapped(sec, ep_overlap_unpaired(lay), compute)
+                unpaired = ep_overlap_unpaired(lay)
+                shown = overlapped(sec, unpaired, compute)
+                if block_seconds is not None:
+                    layers = ep_overlap_layers(blocks, block_seconds, one, ctx.plain_transformer)
+                    beside = combined_1f1b_seconds(layers) - 3 * sum(a + b for a, b, _ in layers)
+                    shown = unpaired * sec + (1 - unpaired) * m * max(beside, 0.0)
             out.append(Comm(Axis.EP, "all-to-all", ep.size, sent * token * count, ep.link, sec, shown))
         if lay.etp > 1:
             # expert TP gathers the routed tokens before the experts and reduce-scatters after

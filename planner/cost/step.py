@@ -335,6 +335,20 @@ def _matmul(ctx: Context, lay: Layout, eff: Efficiency, load: float, recompute: 
                 lambda: {letter: matmul_seconds(ctx, lay, letter, eff, load, recompute) for letter in keys})
 
 
+def block_seconds(ctx: Context, lay: Layout, eff: Efficiency, load: float) -> dict[str, float]:
+    """Each block letter's GPU seconds of one micro-batch (forward and backward, as the recompute
+    mode runs them): its matmuls, its small kernels and, for A, the unfused softmax; once per
+    shard shape."""
+    def price() -> dict[str, float]:
+        matmul, traffic = _matmul(ctx, lay, eff, load), eff.traffic(ctx.te)
+        repeats = gpu_repeats(ctx.spec.training.recompute)
+        return {letter: matmul[letter] + (softmax_seconds(ctx, lay, eff) if letter == "A" else 0.0)
+                + (traffic * repeats * small_kernel_seconds(ctx, lay, letter, load) if traffic else 0.0)
+                for letter in ctx.letters}
+
+    return memo(ctx, ("block seconds", shape(lay), eff, load), price)  # type: ignore[no-any-return]
+
+
 def _rank_work(ctx: Context, lay: Layout, blocks: str, head: bool, mtp: bool, eff: Efficiency,
                load: float, again: str | None = None) -> tuple[float, float, float, float, float, float]:
     """One pipeline rank's (matmul, softmax, small kernels, host, the local experts' host, the
@@ -472,7 +486,8 @@ def estimate(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency = D
     mine = ranks(ctx, stages, lay.pp)[rank]
     forward = (gpu_mb - terms[4]) / (3 * repeats_of(ctx, rank_blocks(ctx, mine.blocks, mine.mtp), recomputed_blocks(ctx, mine.stages)))
     comms = communication(ctx, lay, stages, mem, eff, load, window=(forward, gpu_mb - forward),
-                          ring=memo(ctx, ("ring", shape(lay), eff), lambda: ring_attention_seconds(ctx, lay, eff)), rank=rank)
+                          ring=memo(ctx, ("ring", shape(lay), eff), lambda: ring_attention_seconds(ctx, lay, eff)), rank=rank,
+                          block_seconds=block_seconds(ctx, lay, eff, load))
     m = lay.num_microbatches
     pipeline_units = m + (lay.pp - 1) / lay.vpp
     compute = pipeline_units * t_mb
