@@ -114,17 +114,19 @@ def search(spec: dict[str, Any], pinned: dict[str, Any]) -> dict[str, Any]:
     """The full search with the layout free (micro-batch size, batch, precision, recompute and
     cluster as published), as `megacpp plan` ranks it: each layout once, at its best VPP. The
     published layout's rank among fitting layouts is 1 + the other layouts the plan shows strictly
-    faster than its pinned estimate; with the top SEARCH_TOP candidates in hand it is known up to
-    SEARCH_TOP, beyond that it is "> SEARCH_TOP"."""
+    faster than its pinned estimate; with the top SEARCH_TOP + 1 candidates in hand (the published
+    layout itself may be one of them, at the plan's own split) it is known up to SEARCH_TOP, beyond
+    that it is "> SEARCH_TOP"."""
     start = time.perf_counter()
     try:
-        plan = build_plan(spec_from_dict(spec, source=spec["name"]), top=SEARCH_TOP).to_json_dict()
+        plan = build_plan(spec_from_dict(spec, source=spec["name"]), top=SEARCH_TOP + 1).to_json_dict()
     except MegacppError as exc:
         return {"outcome": "error", "message": str(exc), "plan_seconds": round(time.perf_counter() - start, 3)}
     seconds = round(time.perf_counter() - start, 3)
     top = [{"layout": c["layout"], "step_seconds": c["time"]["step_seconds"], "fits": c["fits"],
             "peak_gib": c["memory"]["peak_gib"], "step_breakdown": c["step_breakdown"]} for c in plan["candidates"]]
     fitting = [c for c in top if c["fits"]]
+    top = top[:SEARCH_TOP]
     out: dict[str, Any] = {"outcome": "searched", "considered": plan["considered"], "legal": plan["legal_count"],
                            "fitting": plan["fitting_count"], "top": top, "plan_seconds": seconds}
     step, mine = pinned["step_seconds"], _base(pinned["layout"])

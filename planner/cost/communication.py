@@ -222,17 +222,12 @@ def combined_1f1b_seconds(layers: list[tuple[float, float, float]]) -> float:
     return max(comp, comm)
 
 
-def ep_overlap_layers(blocks: str, seconds: Mapping[str, float], one: float, paired: bool) -> list[tuple[float, float, float]]:
-    """combined_1f1b_seconds' layers of a rank's `blocks`, each block's forward a third of its GPU
-    seconds per micro-batch in `seconds`: in a plain transformer stack (`paired`) each AD or AE
-    pair is one layer, its attention and its MLP; in a hybrid stack each block is a layer of its
-    own, a mixer without an MLP or an MLP without a mixer."""
-    def layer(mixer: str | None, mlp: str | None) -> tuple[float, float, float]:
-        return (seconds[mixer] / 3 if mixer else 0.0, seconds[mlp] / 3 if mlp else 0.0, one if mlp == "E" else 0.0)
-
-    if paired:
-        return [layer(blocks[i], blocks[i + 1]) for i in range(0, len(blocks) - 1, 2)]
-    return [layer(None, b) if b in "DE" else layer(b, None) for b in blocks]
+def ep_overlap_layers(blocks: str, seconds: Mapping[str, float], one: float) -> list[tuple[float, float, float]]:
+    """combined_1f1b_seconds' layers of a rank's `blocks`, a plain AD/AE stack (the overlap runs
+    on no other, models.ModelSpec): each pair is one layer, its attention and its MLP, each
+    forward a third of the block's GPU seconds per micro-batch in `seconds`."""
+    return [(seconds[blocks[i]] / 3, seconds[blocks[i + 1]] / 3, one if blocks[i + 1] == "E" else 0.0)
+            for i in range(0, len(blocks) - 1, 2)]
 
 
 def ep_overlap_unpaired(lay: Layout) -> float:
@@ -357,8 +352,9 @@ def communication(
                 unpaired = ep_overlap_unpaired(lay)
                 shown = overlapped(sec, unpaired, compute)
                 if block_seconds is not None:
-                    layers = ep_overlap_layers(blocks, block_seconds, one, ctx.plain_transformer)
-                    beside = combined_1f1b_seconds(layers) - 3 * sum(a + b for a, b, _ in layers)
+                    # Megatron pairs the layers of one model chunk's forward with those of a chunk's backward
+                    chunks = [ep_overlap_layers(rank_blocks(ctx, s.blocks, s.mtp), block_seconds, one) for s in mine]
+                    beside = sum(combined_1f1b_seconds(c) - 3 * sum(a + b for a, b, _ in c) for c in chunks)
                     shown = unpaired * sec + (1 - unpaired) * m * max(beside, 0.0)
             out.append(Comm(Axis.EP, "all-to-all", ep.size, sent * token * count, ep.link, sec, shown))
         if lay.etp > 1:
