@@ -40,6 +40,18 @@ def test_plan_default_recipe_prints_ranked_table():
     assert "recurrent-no-cp" in out  # why CP never shows up
 
 
+def test_plan_names_the_layouts_within_its_error_of_the_best():
+    """The ranked table says which runners-up lie within the plan's median error between two
+    layouts of one job (10%) of the best fitting one: those a user should time, not trust the order of."""
+    doc = json.loads(run("plan", "mixtral-8x7b", "--json", "--top", "5").stdout)
+    fitting = [c for c in doc["candidates"] if c["fits"]]
+    best = fitting[0]["time"]["step_seconds"]
+    close = [f"#{c['rank']}" for c in fitting[1:] if c["time"]["step_seconds"] / best - 1 <= 0.10]
+    assert close, "mixtral-8x7b's top 5 has runners-up within 10% of its best"
+    out = " ".join(run("plan", "mixtral-8x7b", "--top", "5").stdout.split())
+    assert f"{', '.join(close)} within 10% of #{fitting[0]['rank']}'s step" in out
+
+
 def test_plan_json_follows_the_contract(tmp_path):
     doc = json.loads(run("plan", "mixtral-8x7b", "--json", "--top", "2").stdout)
     assert doc["schema"] == "megacpp.plan/1" and doc["world_size"] == 64

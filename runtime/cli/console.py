@@ -162,6 +162,13 @@ def plan_table(plan: Plan, top: int) -> None:
             "[green]yes[/]" if cand.fits else "[red]no[/]", ", ".join(flags),
         ])
     out.print(fitted_table(columns, rows))
+    fitting = [c for c in plan.candidates[:top] if c.fits]
+    if len(fitting) > 1:
+        best = fitting[0].time.step_seconds
+        if close := [f"#{c.rank}" for c in fitting[1:] if within_layout_error(c.time.step_seconds / best - 1)]:
+            out.print(f"{', '.join(close)} within {LAYOUT_RATIO_ERROR:.0%} of #{fitting[0].rank}'s step, inside the plan's median "
+                      f"error between two layouts of one job: time {'them' if len(close) > 1 else 'it'} beside it before "
+                      "choosing (`explain layout --versus` prices two term by term)")
     if any_host_bound:
         out.print(f"[yellow]host-bound[/]: the host's time beyond the GPU's work is the largest term of the step; {HOST_BOUND_ADVICE}")
     rej = plan.rejected
