@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from megacpp.planner.errors import LaunchError, SpecError
+from megacpp.planner.megatron.args import TrainOptions, megatron_args
 from megacpp.planner.megatron.importer import ImportOptions, import_launch
 from megacpp.planner.megatron.render import RenderOptions, render_launch
 from megacpp.planner.plan import build_plan
@@ -288,6 +289,18 @@ def test_published_run_argument_lists(name):
     assert load_spec_text(imported.to_yaml(name)) == imported.spec
 
 
+def test_an_moe_script_without_the_permute_fusion_is_told_the_launch_adds_it():
+    """A TE MoE script that leaves --moe-permute-fusion off keeps backend.fusions, whose launch
+    renders it: the import says so; with the flag there is nothing to say."""
+    words = QWEN3_30B_A3B.split()
+    assert "--moe-permute-fusion" in words
+    said = import_launch(words, ImportOptions(cluster="h100-sxm-8", nodes=2)).notes
+    assert not any("--moe-permute-fusion" in n for n in said)
+    without = [w for w in words if w != "--moe-permute-fusion"]
+    said = import_launch(without, ImportOptions(cluster="h100-sxm-8", nodes=2)).notes
+    assert any(n.startswith("no --moe-permute-fusion in the script") for n in said)
+
+
 def test_published_runs_keep_what_a_launch_can_carry_and_plan():
     llama = import_launch(LLAMA3_70B.split(), ImportOptions(cluster="h100-sxm-8", nodes=8)).spec
     assert llama.training.precision == "fp8" and llama.training.fp8_recipe == "tensorwise" and llama.training.tp_comm_overlap
@@ -298,7 +311,11 @@ def test_published_runs_keep_what_a_launch_can_carry_and_plan():
     moe = qwen.model.moe
     assert (moe.dispatcher, moe.flex_backend, moe.overlap_communication) == ("flex", "hybridep", True)
     assert qwen.training.cuda_graphs == ("moe_router", "moe_preprocess")
-    assert qwen.launch.extra_args == ["--moe-router-load-balancing-type", "aux_loss", "--moe-permute-fusion"]
+    # the permute fusion is the spec's (backend.fusions): the launch renders it once, not as an extra
+    assert qwen.launch.extra_args == ["--moe-router-load-balancing-type", "aux_loss"] and qwen.backend.fusions
+    plan = build_plan(qwen, top=1)
+    words = megatron_args(plan.context, plan.candidates[0], TrainOptions())
+    assert words.count("--moe-permute-fusion") == 1
     deepseek = import_launch(DEEPSEEK_V3.split(), ImportOptions(cluster="h100-sxm-8", nodes=128)).spec
     assert deepseek.model.pattern == "(AD)*3 (AE)*58"  # the layout string pins the stages, empty ones included
     stages = build_plan(deepseek, top=1).candidates[0].stages

@@ -140,6 +140,17 @@ def test_fusions_off_render_megatron_lm_unfused(te, fusions):
         assert args.count(flag) == expected, flag
 
 
+@pytest.mark.parametrize("te", [False, True])
+@pytest.mark.parametrize("fusions", [False, True])
+def test_te_moe_launch_fuses_the_token_permutation(te, fusions):
+    """With TE and the fusions on, an MoE launch runs TE's fused token permutation, as
+    Megatron-Bridge's MoE recipes do (Megatron-LM leaves it off); never without TE, which
+    provides the kernels, nor with the fusions off, nor without experts."""
+    plan = build_plan(make_spec(TINY_MOE, **{"backend.transformer_engine": te, "backend.fusions": fusions}))
+    assert _megatron_lm_words(plan).count("--moe-permute-fusion") == (1 if te and fusions else 0)
+    assert "--moe-permute-fusion" not in _megatron_lm_words(build_plan(make_spec(TINY_DENSE)))
+
+
 def test_moe_launch_balances_routing_as_the_runtime_trains():
     """Megatron-LM's aux-loss coefficient defaults to 0 (no load balancing); the render passes the
     runtime's, and an fp32 router as the runtime runs it, for any expert count."""

@@ -324,6 +324,10 @@ def megatron_args(ctx: Context, cand: Candidate, opts: TrainOptions, extra: bool
         # TEGroupedMLP asserts bias_dropout_fusion off when its experts carry biases
         # ([V] megatron/core/transformer/moe/experts.py:529-531), as Megatron-Bridge's GPT-OSS runs it
         a.append("--no-bias-dropout-fusion")
+    if spec.backend.fusions and ctx.te and ctx.has_moe:
+        # TE's fused token permutation (moe_utils.fused_permute, TE >= 2.1), off by default in
+        # Megatron-LM and on in Megatron-Bridge's MoE recipes, whose runs the step is checked against
+        a.append("--moe-permute-fusion")
     if ctx.te:
         a += ["--transformer-impl", "transformer_engine"]
     else:

@@ -208,11 +208,19 @@ class TrainingReader(Reader):
         else:
             f.has("--no-gradient-accumulation-fusion")  # the script's Apex probe adds it where Apex is missing
         out: dict[str, Any] = {"transformer_engine": self.te, "megatron": dialect}
+        moe = self.te and f.integer("--num-experts") is not None
+        permute = f.has("--moe-permute-fusion")
         if unfused or (rope and self.te):
             out["fusions"] = False
             if len(unfused) < 2:
                 self.unsupported.append(f"{' '.join(unfused + ['--no-rope-fusion'] * rope)} alone: backend.fusions "
                                         "false turns all of Megatron's fusions off")
+            if permute:
+                self.unsupported.append("--moe-permute-fusion with the other fusions off: backend.fusions false "
+                                        "turns it off too")
+        elif moe and not permute:
+            self.notes.append("no --moe-permute-fusion in the script: the launch adds it with backend.fusions, "
+                              "TE's fused token permutation as Megatron-Bridge's MoE recipes run it")
         return out
 
     def job(self) -> dict[str, Any]:
