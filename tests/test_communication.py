@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -22,6 +23,7 @@ from megacpp.planner.cost.communication import (
     ring_exposed,
 )
 from megacpp.planner.cost.memory import stage_memory
+from megacpp.planner.cost.step import block_seconds
 from megacpp.planner.errors import SpecError
 from megacpp.planner.megatron.args import TrainOptions, megatron_args
 from megacpp.planner.plan import build_plan, estimate_run, make_context
@@ -346,6 +348,8 @@ def test_expert_all_to_alls_are_those_of_the_rank_the_step_times():
     most_experts = max(range(2), key=lambda p: stages[p].blocks.count("E"))
     assert most_blocks != most_experts
     mem = stage_memory(ctx, lay, stages, DEFAULT_EFFICIENCY)
-    ep = [{c.axis: c for c in communication(ctx, lay, stages, mem, rank=p)}[Axis.EP].bytes_per_step for p in (0, 1)]
+    seconds = functools.partial(block_seconds, ctx, lay, DEFAULT_EFFICIENCY, 1.0)
+    ep = [{c.axis: c for c in communication(ctx, lay, stages, mem, rank=p, block_seconds=seconds)}[Axis.EP].bytes_per_step
+          for p in (0, 1)]
     timed = {c.axis: c for c in estimate_run(spec, lay).communication}[Axis.EP].bytes_per_step
     assert timed == pytest.approx(ep[most_experts]) and ep[most_experts] > ep[most_blocks]

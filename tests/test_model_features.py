@@ -9,7 +9,7 @@ from megacpp.planner.cost.coefficients import DEFAULT_EFFICIENCY
 from megacpp.planner.cost.communication import communication
 from megacpp.planner.cost.flops import attention_share, block_flops, block_gemms, windowed_layers
 from megacpp.planner.cost.memory import stage_memory
-from megacpp.planner.cost.step import matmul_seconds
+from megacpp.planner.cost.step import block_seconds, matmul_seconds
 from megacpp.planner.errors import SpecError
 from megacpp.planner.plan import make_context
 from megacpp.planner.search.layout import Layout
@@ -82,7 +82,8 @@ def test_latent_moe_dispatches_latents_and_prices_its_projections():
     def ep_bytes(spec):
         ctx = make_context(spec)
         mem = stage_memory(ctx, lay, stages, DEFAULT_EFFICIENCY)
-        return next(c.bytes_per_step for c in communication(ctx, lay, stages, mem, rank=0) if c.axis == "ep")
+        comms = communication(ctx, lay, stages, mem, rank=0, block_seconds=lambda: block_seconds(ctx, lay, DEFAULT_EFFICIENCY, 1.0))
+        return next(c.bytes_per_step for c in comms if c.axis == "ep")
 
     assert ep_bytes(latent) == pytest.approx(ep_bytes(base) * 16 / 64)
     h, f, k, e = 64, 128, 2, 8

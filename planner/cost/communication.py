@@ -16,7 +16,8 @@ backward GPU seconds of one micro-batch):
 - TP under `training.tp_comm_overlap` (Transformer Engine's userbuffers): each all-gather and
   reduce-scatter is cut into TP chunks pipelined with the GEMM beside it;
 - EP under `model.moe.overlap_communication` (Megatron's combined 1F1B): one micro-batch's
-  all-to-alls run under another micro-batch's compute, except in the steps that have no partner;
+  all-to-alls run beside the compute of another micro-batch's layers, each only as long as the
+  piece beside it (combined_1f1b_seconds), except in the steps that have no partner;
 - CP: TE's ring hides each K/V hop behind the attention of the chunk already received
   (ring_exposed);
 - PP send/recv stays on the step (see communication()).
@@ -25,7 +26,7 @@ backward GPU seconds of one micro-batch):
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import cache
 
@@ -267,15 +268,15 @@ def ring_exposed(hop: float, cp: int, attention: float) -> float:
 def communication(
     ctx: Context, lay: Layout, stages: list[Stage], mem: list[StageMemory], eff: Efficiency = DEFAULT_EFFICIENCY,
     load: float = 1.0, window: tuple[float, float] = (math.inf, math.inf), ring: float = 0.0, *, rank: int,
-    block_seconds: Mapping[str, float] | None = None,
+    block_seconds: Callable[[], Mapping[str, float]],
 ) -> list[Comm]:
     """Per-axis traffic of one pipeline rank in one step; `window` is the (forward,
     backward) GPU seconds of one micro-batch there, under which collectives overlap, and `ring` one
     A block's core attention seconds per micro-batch there (step.ring_attention_seconds), under
     which the context-parallel ring overlaps; `rank` the pipeline rank the step prices
-    (step.busiest_rank), whose compute that window is; `block_seconds` each block letter's GPU
-    seconds per micro-batch there, which the expert all-to-alls overlap layer by layer under
-    Megatron's combined 1F1B (combined_1f1b_seconds; None: behind the window's compute as a whole)."""
+    (step.busiest_rank), whose compute that window is; `block_seconds` gives each block letter's
+    GPU seconds per micro-batch there, which the expert all-to-alls overlap layer by layer under
+    Megatron's combined 1F1B (combined_1f1b_seconds), priced only where the spec overlaps them."""
     spec = ctx.spec
     h = spec.model.hidden_size
     m = lay.num_microbatches
@@ -349,13 +350,12 @@ def communication(
             sec = count * one
             shown = sec
             if moe.overlap_communication:
+                # Megatron pairs the layers of one model chunk's forward with those of a chunk's backward
+                seconds = block_seconds()
+                chunks = [ep_overlap_layers(rank_blocks(ctx, s.blocks, s.mtp), seconds, one) for s in mine]
+                beside = sum(combined_1f1b_seconds(c) - 3 * sum(a + b for a, b, _ in c) for c in chunks)
                 unpaired = ep_overlap_unpaired(lay)
-                shown = overlapped(sec, unpaired, compute)
-                if block_seconds is not None:
-                    # Megatron pairs the layers of one model chunk's forward with those of a chunk's backward
-                    chunks = [ep_overlap_layers(rank_blocks(ctx, s.blocks, s.mtp), block_seconds, one) for s in mine]
-                    beside = sum(combined_1f1b_seconds(c) - 3 * sum(a + b for a, b, _ in c) for c in chunks)
-                    shown = unpaired * sec + (1 - unpaired) * m * max(beside, 0.0)
+                shown = unpaired * sec + (1 - unpaired) * m * max(beside, 0.0)
             out.append(Comm(Axis.EP, "all-to-all", ep.size, sent * token * count, ep.link, sec, shown))
         if lay.etp > 1:
             # expert TP gathers the routed tokens before the experts and reduce-scatters after

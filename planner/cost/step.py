@@ -487,7 +487,7 @@ def estimate(ctx: Context, lay: Layout, stages: list[Stage], eff: Efficiency = D
     forward = (gpu_mb - terms[4]) / (3 * repeats_of(ctx, rank_blocks(ctx, mine.blocks, mine.mtp), recomputed_blocks(ctx, mine.stages)))
     comms = communication(ctx, lay, stages, mem, eff, load, window=(forward, gpu_mb - forward),
                           ring=memo(ctx, ("ring", shape(lay), eff), lambda: ring_attention_seconds(ctx, lay, eff)), rank=rank,
-                          block_seconds=block_seconds(ctx, lay, eff, load))
+                          block_seconds=lambda: block_seconds(ctx, lay, eff, load))
     m = lay.num_microbatches
     pipeline_units = m + (lay.pp - 1) / lay.vpp
     compute = pipeline_units * t_mb
